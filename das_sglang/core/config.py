@@ -1,0 +1,64 @@
+"""Frozen, self-validating configuration. Every default lives here, once.
+
+CLI flags (`das ...`) and the SGLang plugin's options map onto these fields one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+def _check(cond: bool, name: str, value: object, why: str) -> None:
+    if not cond:
+        raise ValueError(f"invalid {name}={value!r}: {why}")
+
+
+@dataclass(frozen=True, slots=True)
+class DrafterConfig:
+    """Suffix drafter settings.
+
+    window_steps   training steps of history kept per problem (the sliding window W);
+                   the current step's live and finished rollouts are always included.
+    step_decay     weight of a history step ``a`` steps old is ``step_decay ** a``
+                   (the current step has weight 1): older policies' text counts less.
+    max_depth      depth bound of the suffix index: longest substring counted; a match
+                   plus its draft never exceeds it.
+    max_match_len  longest context suffix used for matching.
+    max_budget     most draft nodes ever proposed for one request in one step.
+    min_token_prob a node is proposed only if its estimated acceptance probability
+                   (product of conditional frequencies along its path) is at least this.
+    tree           False proposes a chain (the 1-wide tree).
+    global_shard   also index every problem's rollouts in one shared index, used for
+                   problems that have no history of their own yet.
+    """
+
+    window_steps: int = 4
+    step_decay: float = 0.5
+    max_depth: int = 64
+    max_match_len: int = 32
+    max_budget: int = 32
+    min_token_prob: float = 0.05
+    tree: bool = True
+    global_shard: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.window_steps >= 0, "window_steps", self.window_steps, "must be >= 0")
+        _check(0.0 < self.step_decay <= 1.0, "step_decay", self.step_decay, "must be in (0, 1]")
+        _check(2 <= self.max_depth <= 256, "max_depth", self.max_depth, "must be in [2, 256]")
+        _check(
+            1 <= self.max_match_len < self.max_depth,
+            "max_match_len",
+            self.max_match_len,
+            f"must be in [1, max_depth={self.max_depth})",
+        )
+        _check(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
+        _check(
+            0.0 <= self.min_token_prob <= 1.0,
+            "min_token_prob",
+            self.min_token_prob,
+            "must be in [0, 1]",
+        )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
