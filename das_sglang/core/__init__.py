@@ -1,0 +1,1 @@
+"""Pure algorithm core: numpy + the native index only (no torch, sglang or flashinfer)."""
