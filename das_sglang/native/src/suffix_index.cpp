@@ -1,0 +1,1 @@
+#include "suffix_index.h"
