@@ -1,0 +1,292 @@
+"""Crash-safe snapshots of the drafter's per-problem history window.
+
+The history is what `SuffixDrafter.history()` returns and `load_history(...)` takes:
+``{problem_id: {step: [int32 token array, ...]}}`` (finished rollouts only). A snapshot
+is one file, ``<dir>/history.dassnap``, laid out as::
+
+    magic    8 bytes   b"DASHIST\\0"
+    version  u32 LE    FORMAT_VERSION
+    index_n  u64 LE    bytes of the JSON index
+    payload  u64 LE    bytes of the token payload (a multiple of 4)
+    index    JSON      {"meta": ..., "problems": [[problem_id, [[step, [len, ...]], ...]], ...]}
+    tokens   int32 LE  every sequence, concatenated in index order
+    sha256   32 bytes  over everything above
+
+Writes are atomic: a temp file in the same directory is written, flushed and fsynced,
+renamed over the old snapshot, and the directory is fsynced. A writer killed at any point
+therefore leaves either the previous snapshot or the new one, never a torn file; stray
+temp files are ignored by readers and removed by the next save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+MAGIC = b"DASHIST\0"
+FORMAT_VERSION = 1
+SNAPSHOT_NAME = "history.dassnap"
+_HEADER = struct.Struct("<8sIQQ")
+_DIGEST_BYTES = 32
+_TMP_PREFIX = ".history-"
+_INT32 = np.dtype("<i4")
+
+History = dict[str, dict[int, list[np.ndarray]]]
+_log = logging.getLogger(__name__)
+
+
+class SnapshotError(ValueError):
+    """A snapshot file that cannot be used: the message names the file and the defect."""
+
+
+def snapshot_file(path: str | os.PathLike[str]) -> Path:
+    """The snapshot file inside directory ``path``."""
+    return Path(path) / SNAPSHOT_NAME
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_history(
+    path: str | os.PathLike[str],
+    history: Mapping[str, Mapping[int, Sequence[Any]]],
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Atomically write ``history`` (and JSON-able ``meta``) to directory ``path``.
+
+    Returns the snapshot file. Raises ValueError for a history that is not
+    ``{str: {int: [int32-compatible 1-D arrays]}}`` or meta that is not JSON.
+    """
+    index, arrays = _encode_index(history, meta)
+    payload_len = sum(a.nbytes for a in arrays)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(index), payload_len)
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(directory)
+    target = directory / SNAPSHOT_NAME
+    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_all(f, _chunks(header, index, arrays))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    return target
+
+
+def _encode_index(
+    history: Mapping[str, Mapping[int, Sequence[Any]]], meta: Mapping[str, Any] | None
+) -> tuple[bytes, list[np.ndarray]]:
+    if not isinstance(history, Mapping):
+        raise ValueError(f"history must be a mapping problem_id -> {{step: [tokens]}}, got {type(history).__name__}")
+    problems: list[list[Any]] = []
+    arrays: list[np.ndarray] = []
+    for problem_id, steps in history.items():
+        if not isinstance(problem_id, str):
+            raise ValueError(f"history problem_id {problem_id!r}: must be a str")
+        if not isinstance(steps, Mapping):
+            raise ValueError(f"history[{problem_id!r}] must map step -> [tokens], got {type(steps).__name__}")
+        step_rows = []
+        for step, seqs in steps.items():
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+                raise ValueError(f"history[{problem_id!r}] step {step!r}: must be an int")
+            tokens = [_as_int32(t, problem_id, int(step), i) for i, t in enumerate(seqs)]
+            arrays.extend(tokens)
+            step_rows.append([int(step), [len(t) for t in tokens]])
+        problems.append([problem_id, step_rows])
+    try:
+        index = json.dumps({"meta": dict(meta or {}), "problems": problems}, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"snapshot meta is not JSON-serialisable: {e}") from None
+    return index.encode(), arrays
+
+
+def _as_int32(tokens: Any, problem_id: str, step: int, i: int) -> np.ndarray:
+    arr = np.asarray(tokens)
+    where = f"history[{problem_id!r}][{step}][{i}]"
+    if arr.ndim != 1:
+        raise ValueError(f"{where}: token array must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{where}: token array must hold integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype != _INT32:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < np.iinfo(np.int32).min or hi > np.iinfo(np.int32).max:
+            raise ValueError(f"{where}: token ids [{lo}, {hi}] do not fit int32")
+    return np.ascontiguousarray(arr, dtype=_INT32)
+
+
+def _chunks(header: bytes, index: bytes, arrays: Iterable[np.ndarray]) -> Iterable[bytes]:
+    """File content in order, ending with the sha256 of everything before it."""
+    digest = hashlib.sha256()
+    for part in _body(header, index, arrays):
+        digest.update(part)
+        yield part
+    yield digest.digest()
+
+
+def _body(header: bytes, index: bytes, arrays: Iterable[np.ndarray]) -> Iterable[bytes]:
+    yield header
+    yield index
+    for a in arrays:
+        yield memoryview(a).cast("B")
+
+
+def _write_all(f: BinaryIO, chunks: Iterable[bytes]) -> None:
+    # A module-level seam: the kill-mid-save test replaces it with a slow writer.
+    for chunk in chunks:
+        f.write(chunk)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX: the directory entry lives in the dir)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Temp files of writers that died midway; never the live snapshot."""
+    for stale in directory.glob(f"{_TMP_PREFIX}*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_history(path: str | os.PathLike[str]) -> tuple[History, dict[str, Any]]:
+    """Read the snapshot in directory ``path`` -> (history, meta).
+
+    Raises FileNotFoundError when there is no snapshot, SnapshotError when it is corrupt,
+    truncated, or of another format version.
+    """
+    file = snapshot_file(path)
+    with open(file, "rb") as f:
+        buf = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(buf)
+    return _decode(file, buf)
+
+
+def _decode(file: Path, buf: bytearray) -> tuple[History, dict[str, Any]]:
+    if len(buf) < _HEADER.size:
+        raise SnapshotError(f"{file}: truncated: {len(buf)} bytes is shorter than the {_HEADER.size}-byte header")
+    magic, version, index_n, payload_n = _HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise SnapshotError(f"{file}: not a das-sglang history snapshot (magic {bytes(magic)!r}, want {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise SnapshotError(f"{file}: unsupported format version {version} (this build reads {FORMAT_VERSION})")
+    expected = _HEADER.size + index_n + payload_n + _DIGEST_BYTES
+    if len(buf) != expected:
+        what = "truncated" if len(buf) < expected else "trailing bytes"
+        raise SnapshotError(f"{file}: {what}: {len(buf)} bytes, header says {expected}")
+    body = memoryview(buf)[: expected - _DIGEST_BYTES]
+    if hashlib.sha256(body).digest() != bytes(buf[expected - _DIGEST_BYTES :]):
+        raise SnapshotError(f"{file}: checksum mismatch (sha256): the file is corrupt")
+    index = _parse_index(file, bytes(buf[_HEADER.size : _HEADER.size + index_n]))
+    tokens = np.frombuffer(buf, dtype=_INT32, count=payload_n // 4, offset=_HEADER.size + index_n)
+    return _split(file, index["problems"], tokens), index["meta"]
+
+
+def _parse_index(file: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        index = json.loads(raw)
+        if not isinstance(index, dict) or not isinstance(index["problems"], list):
+            raise TypeError("index is not an object with a 'problems' list")
+        return index
+    except (ValueError, KeyError, TypeError) as e:
+        # The checksum passed, so this is a writer bug, not disk corruption; still say where.
+        raise SnapshotError(f"{file}: malformed index: {e}") from None
+
+
+def _split(file: Path, problems: list[Any], tokens: np.ndarray) -> History:
+    history: History = {}
+    pos = 0
+    try:
+        for problem_id, step_rows in problems:
+            steps = history.setdefault(str(problem_id), {})
+            for step, lengths in step_rows:
+                seqs = steps.setdefault(int(step), [])
+                for n in lengths:
+                    seqs.append(tokens[pos : pos + n])
+                    pos += n
+    except (TypeError, ValueError) as e:
+        raise SnapshotError(f"{file}: malformed index: {e}") from None
+    if pos != len(tokens):
+        raise SnapshotError(f"{file}: index lists {pos} tokens but the payload holds {len(tokens)}")
+    return history
+
+
+def load_history_or_empty(
+    path: str | os.PathLike[str],
+    strict: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[History, dict[str, Any]]:
+    """Start-up loading: a missing snapshot is a fresh start; a bad one is logged and
+    ignored (empty history) so the engine still starts, unless ``strict``."""
+    warn = log or _log.warning
+    try:
+        return load_history(path)
+    except FileNotFoundError:
+        return {}, {}
+    except (SnapshotError, OSError) as e:
+        if strict:
+            raise
+        warn(f"ignoring unusable DAS history snapshot, starting with empty history: {e}")
+        return {}, {}
+
+
+# ---------------------------------------------------------------- periodic saving
+
+
+@dataclass
+class PeriodicSnapshot:
+    """Saves ``get_history()`` to ``path`` every ``every_n`` finished requests and on close.
+
+    The SGLang worker calls `note_finished()` per finished request and `close()` at
+    shutdown; ``every_n=0`` saves only on close.
+    """
+
+    path: Path
+    get_history: Callable[[], Mapping[str, Mapping[int, Sequence[Any]]]]
+    every_n: int = 0
+    get_meta: Callable[[], Mapping[str, Any]] | None = None
+    _since_save: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every_n < 0:
+            raise ValueError(f"invalid every_n={self.every_n!r}: must be >= 0")
+        self.path = Path(self.path)
+
+    def note_finished(self, count: int = 1) -> bool:
+        """Count finished requests; returns True when this call saved a snapshot."""
+        self._since_save += count
+        if self.every_n and self._since_save >= self.every_n:
+            self.save()
+            return True
+        return False
+
+    def save(self) -> Path:
+        meta = self.get_meta() if self.get_meta else None
+        out = save_history(self.path, self.get_history(), meta)
+        self._since_save = 0
+        return out
+
+    def close(self) -> Path:
+        return self.save()

@@ -1,0 +1,316 @@
+"""History snapshots: exact round trip, crash safety, corruption detection."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from das_sglang.core import snapshot
+from das_sglang.core.snapshot import (
+    FORMAT_VERSION,
+    PeriodicSnapshot,
+    SnapshotError,
+    load_history,
+    load_history_or_empty,
+    save_history,
+    snapshot_file,
+)
+
+
+def _history(seed: int = 0, problems: int = 3, steps: int = 3, per_step: int = 4) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        f"p{p}": {
+            s: [rng.integers(0, 151_000, rng.integers(0, 50), dtype=np.int32) for _ in range(per_step)]
+            for s in range(steps)
+        }
+        for p in range(problems)
+    }
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for pid in a:
+        assert list(a[pid]) == list(b[pid])
+        for step in a[pid]:
+            assert len(a[pid][step]) == len(b[pid][step])
+            for x, y in zip(a[pid][step], b[pid][step]):
+                assert y.dtype == np.int32
+                np.testing.assert_array_equal(x, y)
+
+
+class TestRoundTrip:
+    def test_arrays_and_meta_survive(self, tmp_path: Path) -> None:
+        hist = _history()
+        save_history(tmp_path, hist, meta={"step": 2, "config": {"window_steps": 4}})
+        got, meta = load_history(tmp_path)
+        _assert_same(hist, got)
+        assert meta == {"step": 2, "config": {"window_steps": 4}}
+
+    def test_empty_history_and_empty_sequences(self, tmp_path: Path) -> None:
+        save_history(tmp_path, {})
+        assert load_history(tmp_path) == ({}, {})
+        save_history(tmp_path, {"x": {5: [np.zeros(0, np.int32)]}})
+        got, _ = load_history(tmp_path)
+        assert list(got["x"]) == [5] and len(got["x"][5]) == 1 and got["x"][5][0].size == 0
+
+    def test_lists_and_int64_are_accepted_as_int32(self, tmp_path: Path) -> None:
+        save_history(tmp_path, {"q": {1: [[1, 2, 3], np.array([7, 8], dtype=np.int64)]}})
+        got, _ = load_history(tmp_path)
+        np.testing.assert_array_equal(got["q"][1][0], [1, 2, 3])
+        np.testing.assert_array_equal(got["q"][1][1], [7, 8])
+
+    def test_loaded_arrays_are_writable(self, tmp_path: Path) -> None:
+        # The drafter may keep and mutate what it loads; views of a read-only buffer would break it.
+        save_history(tmp_path, {"q": {1: [[1, 2, 3]]}})
+        got, _ = load_history(tmp_path)
+        got["q"][1][0][0] = 9
+        assert got["q"][1][0][0] == 9
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        st.dictionaries(
+            st.text(min_size=1, max_size=8),
+            st.dictionaries(
+                st.integers(-5, 10**6),
+                st.lists(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=20), max_size=4),
+                max_size=3,
+            ),
+            max_size=4,
+        )
+    )
+    def test_property_round_trip(self, tmp_path_factory: pytest.TempPathFactory, hist: dict) -> None:
+        d = tmp_path_factory.mktemp("snap")
+        save_history(d, hist)
+        got, _ = load_history(d)
+        assert {p: {s: [a.tolist() for a in seqs] for s, seqs in st_.items()} for p, st_ in got.items()} == hist
+
+    def test_overwrite_replaces_previous(self, tmp_path: Path) -> None:
+        save_history(tmp_path, _history(seed=1))
+        save_history(tmp_path, _history(seed=2))
+        got, _ = load_history(tmp_path)
+        _assert_same(_history(seed=2), got)
+        assert [p.name for p in tmp_path.iterdir()] == [snapshot.SNAPSHOT_NAME]
+
+
+class TestDraftsPreserved:
+    def test_drafter_from_loaded_history_speculates_identically(self, tmp_path: Path) -> None:
+        drafter_mod = pytest.importorskip("das_sglang.core.drafter")
+        from das_sglang.core.config import DrafterConfig
+
+        def build(hist: dict):
+            d = drafter_mod.SuffixDrafter(DrafterConfig())
+            d.advance_step(3)
+            d.load_history(hist)
+            return d
+
+        rng = np.random.default_rng(7)
+        base = rng.integers(0, 50, 200, dtype=np.int32)
+        hist = {"p0": {s: [np.concatenate([base[: 40 + 10 * i], rng.integers(0, 50, 30, dtype=np.int32)])
+                           for i in range(4)] for s in range(3)}}
+        original = build(hist)
+        save_history(tmp_path, original.history())
+        restored = build(load_history(tmp_path)[0])
+        for d in (original, restored):
+            d.start_request("r", "p0", base[:45])
+        a, b = original.speculate("r", 16), restored.speculate("r", 16)
+        assert len(a) > 0
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.parents, b.parents)
+        np.testing.assert_array_equal(a.probs, b.probs)
+
+
+def _corrupt(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+class TestCorruption:
+    @pytest.fixture
+    def snap(self, tmp_path: Path) -> Path:
+        save_history(tmp_path, _history())
+        return snapshot_file(tmp_path)
+
+    def test_flipped_payload_byte_is_a_checksum_error(self, snap: Path) -> None:
+        raw = snap.read_bytes()
+        _corrupt(snap, len(raw) - 100, bytes([raw[-100] ^ 0xFF]))
+        with pytest.raises(SnapshotError, match=r"checksum mismatch") as e:
+            load_history(snap.parent)
+        assert str(snap) in str(e.value)
+
+    def test_every_single_byte_flip_is_detected(self, tmp_path: Path) -> None:
+        save_history(tmp_path, {"a": {0: [[1, 2, 3]]}}, meta={"k": 1})
+        snap = snapshot_file(tmp_path)
+        raw = snap.read_bytes()
+        for i in range(len(raw)):
+            _corrupt(snap, i, bytes([raw[i] ^ 0x01]))
+            with pytest.raises(SnapshotError):
+                load_history(tmp_path)
+            snap.write_bytes(raw)
+
+    def test_truncated(self, snap: Path) -> None:
+        snap.write_bytes(snap.read_bytes()[:-7])
+        with pytest.raises(SnapshotError, match=r"truncated"):
+            load_history(snap.parent)
+
+    def test_shorter_than_header(self, snap: Path) -> None:
+        snap.write_bytes(b"DAS")
+        with pytest.raises(SnapshotError, match=r"truncated.*header"):
+            load_history(snap.parent)
+
+    def test_wrong_magic(self, snap: Path) -> None:
+        _corrupt(snap, 0, b"NOTASNAP")
+        with pytest.raises(SnapshotError, match=r"not a das-sglang history snapshot"):
+            load_history(snap.parent)
+
+    def test_wrong_version(self, snap: Path) -> None:
+        _corrupt(snap, 8, (FORMAT_VERSION + 1).to_bytes(4, "little"))
+        with pytest.raises(SnapshotError, match=rf"unsupported format version {FORMAT_VERSION + 1}"):
+            load_history(snap.parent)
+
+    def test_missing_is_file_not_found(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError):
+            load_history(tmp_path / "nope")
+
+
+class TestLoadOrEmpty:
+    def test_missing_snapshot_is_a_silent_fresh_start(self, tmp_path: Path) -> None:
+        msgs: list[str] = []
+        assert load_history_or_empty(tmp_path, log=msgs.append) == ({}, {})
+        assert msgs == []
+
+    def test_corrupt_snapshot_warns_and_starts_empty(self, tmp_path: Path) -> None:
+        save_history(tmp_path, _history())
+        _corrupt(snapshot_file(tmp_path), 8, (99).to_bytes(4, "little"))
+        msgs: list[str] = []
+        assert load_history_or_empty(tmp_path, log=msgs.append) == ({}, {})
+        assert len(msgs) == 1 and "version 99" in msgs[0] and "empty history" in msgs[0]
+
+    def test_strict_raises(self, tmp_path: Path) -> None:
+        save_history(tmp_path, _history())
+        snapshot_file(tmp_path).write_bytes(b"garbage" * 10)
+        with pytest.raises(SnapshotError):
+            load_history_or_empty(tmp_path, strict=True)
+
+    def test_good_snapshot_loads(self, tmp_path: Path) -> None:
+        save_history(tmp_path, _history(), meta={"step": 4})
+        hist, meta = load_history_or_empty(tmp_path)
+        _assert_same(_history(), hist)
+        assert meta == {"step": 4}
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        "hist, match",
+        [
+            ([1, 2], r"history must be a mapping"),
+            ({1: {0: [[1]]}}, r"problem_id 1: must be a str"),
+            ({"p": [[1]]}, r"history\['p'\] must map step"),
+            ({"p": {"0": [[1]]}}, r"step '0': must be an int"),
+            ({"p": {0: [[[1, 2]]]}}, r"history\['p'\]\[0\]\[0\]: token array must be 1-D"),
+            ({"p": {0: [[1.5]]}}, r"must hold integers, got dtype float64"),
+            ({"p": {0: [np.array([2**40])]}}, r"do not fit int32"),
+        ],
+    )
+    def test_bad_history_names_the_value(self, tmp_path: Path, hist, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            save_history(tmp_path, hist)
+        assert not snapshot_file(tmp_path).exists()
+
+    def test_bad_meta(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match=r"meta is not JSON"):
+            save_history(tmp_path, {}, meta={"x": object()})
+
+
+_SLOW_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from das_sglang.core import snapshot
+
+    def slow_write_all(f, chunks):
+        for i, chunk in enumerate(chunks):
+            f.write(chunk)
+            if i == 2:
+                f.flush()
+                print("MIDWAY", flush=True)
+                time.sleep(60)  # the parent kills us here
+
+    snapshot._write_all = slow_write_all
+    hist = {"new": {9: [np.arange(1000, dtype=np.int32)] * 8}}
+    snapshot.save_history(sys.argv[1], hist)
+    print("FINISHED", flush=True)
+    """
+)
+
+
+class TestCrashSafety:
+    def test_sigkill_mid_save_leaves_previous_snapshot_loadable(self, tmp_path: Path) -> None:
+        old = _history(seed=3)
+        save_history(tmp_path, old, meta={"gen": "old"})
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "MIDWAY"
+            # The half-written temp file is on disk next to the live snapshot.
+            assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+            child.send_signal(signal.SIGKILL)
+            assert child.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        got, meta = load_history(tmp_path)
+        _assert_same(old, got)
+        assert meta == {"gen": "old"}
+        # The next save sweeps the dead writer's temp file.
+        save_history(tmp_path, {"n": {0: [[1]]}})
+        assert sorted(p.name for p in tmp_path.iterdir()) == [snapshot.SNAPSHOT_NAME]
+
+    def test_exception_mid_save_keeps_previous_and_cleans_up(self, tmp_path: Path, monkeypatch) -> None:
+        save_history(tmp_path, {"a": {0: [[1, 2]]}})
+
+        def failing_write_all(f, chunks):
+            next(iter(chunks))
+            raise OSError("disk full")
+
+        monkeypatch.setattr(snapshot, "_write_all", failing_write_all)
+        with pytest.raises(OSError, match="disk full"):
+            save_history(tmp_path, {"b": {0: [[3]]}})
+        assert sorted(p.name for p in tmp_path.iterdir()) == [snapshot.SNAPSHOT_NAME]
+        assert list(load_history(tmp_path)[0]) == ["a"]
+
+
+class TestPeriodicSnapshot:
+    def test_saves_every_n_and_on_close(self, tmp_path: Path) -> None:
+        state = {"p": {0: [[1]]}}
+        saver = PeriodicSnapshot(tmp_path, lambda: state, every_n=3, get_meta=lambda: {"n": len(state["p"])})
+        assert [saver.note_finished() for _ in range(3)] == [False, False, True]
+        assert load_history(tmp_path)[1] == {"n": 1}
+        state["p"][1] = [[2]]
+        assert saver.note_finished() is False
+        saver.close()
+        hist, meta = load_history(tmp_path)
+        assert list(hist["p"]) == [0, 1] and meta == {"n": 2}
+
+    def test_every_zero_saves_only_on_close(self, tmp_path: Path) -> None:
+        saver = PeriodicSnapshot(tmp_path, lambda: {}, every_n=0)
+        assert not any(saver.note_finished() for _ in range(10))
+        assert not snapshot_file(tmp_path).exists()
+        saver.close()
+        assert snapshot_file(tmp_path).exists()
+
+    def test_negative_every_n(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match=r"every_n=-1"):
+            PeriodicSnapshot(tmp_path, lambda: {}, every_n=-1)
