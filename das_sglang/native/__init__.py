@@ -1,5 +1,13 @@
-"""Native suffix index (C++17, nanobind): see docs/design.md "Native index"."""
+"""Native suffix index (C++17, nanobind): see docs/design.md "Native index".
 
-from das_sglang.native._suffix import SuffixIndex
+``SuffixIndex`` methods raise ValueError naming the bad seq_id / step / array dtype.
+``draft_batch(indices, seq_ids, budgets, min_prob, steps, weights, chain, max_match_len)``
+drafts one tree per row (``indices[r]``, ``seq_ids[r]``, ``budgets[r]``) in one call with the
+GIL released and returns ``(tokens, parents, probs, offsets, match_lens)``: row ``r``'s
+tree is ``[offsets[r], offsets[r+1])`` of the flat arrays. ``MAX_STEPS`` is how many
+distinct steps one index can hold at once.
+"""
 
-__all__ = ["SuffixIndex"]
+from das_sglang.native._suffix import MAX_STEPS, SuffixIndex, draft_batch
+
+__all__ = ["MAX_STEPS", "SuffixIndex", "draft_batch"]

@@ -1,8 +1,202 @@
+// Thin nanobind bindings: array conversion and argument checks only. Errors that name a
+// bad value come out as ValueError (std::invalid_argument / nb::value_error).
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <string>
+
 #include "suffix_index.h"
+
 namespace nb = nanobind;
+using das::Draft;
+using das::DraftParams;
+using das::SuffixIndex;
+
+namespace {
+
+using Tokens = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using I64 = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using F64 = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+std::string describe(nb::handle h) {
+  std::string d = nb::str(h.type().attr("__name__")).c_str();
+  if (nb::hasattr(h, "dtype")) d += " dtype=" + std::string(nb::repr(h.attr("dtype")).c_str());
+  if (nb::hasattr(h, "shape")) d += " shape=" + std::string(nb::repr(h.attr("shape")).c_str());
+  return d;
+}
+
+// No implicit conversion: a silent int64 -> int32 copy would hide a caller bug and cost time.
+template <typename A>
+A as_array(nb::handle h, const char* name, const char* want) {
+  A a;
+  if (!nb::try_cast(h, a, false))
+    throw nb::value_error((std::string("invalid ") + name + ": expected a 1-D contiguous " +
+                           want + " numpy array, got " + describe(h))
+                              .c_str());
+  return a;
+}
+
+Tokens tokens_arg(nb::handle h, const char* name) { return as_array<Tokens>(h, name, "int32"); }
+
+template <typename T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy(const std::vector<T>& v) {
+  T* data = new T[v.size() ? v.size() : 1];
+  if (!v.empty()) std::memcpy(data, v.data(), v.size() * sizeof(T));
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return nb::ndarray<nb::numpy, T, nb::ndim<1>>(data, {v.size()}, owner);
+}
+
+DraftParams params(const SuffixIndex& idx, int budget, double min_prob, nb::dict step_weights,
+                   bool chain, int max_match_len) {
+  if (budget < 0) throw nb::value_error(("invalid budget=" + std::to_string(budget) + ": must be >= 0").c_str());
+  DraftParams p;
+  p.budget = budget;
+  p.min_prob = min_prob;
+  p.chain = chain;
+  p.max_match_len = max_match_len;
+  std::vector<int64_t> steps;
+  std::vector<double> weights;
+  for (auto kv : step_weights) {
+    steps.push_back(nb::cast<int64_t>(kv.first));
+    weights.push_back(nb::cast<double>(kv.second));
+  }
+  idx.slot_weights(steps.data(), weights.data(), steps.size(), p.slot_weight);
+  return p;
+}
+
+nb::tuple draft_tuple(const Draft& d) {
+  return nb::make_tuple(to_numpy(d.tokens), to_numpy(d.parents), to_numpy(d.probs), d.match_len);
+}
+
+// One call per decode batch: rows (index, seq_id, budget) -> concatenated trees + offsets.
+nb::tuple draft_batch(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_h,
+                      double min_prob, nb::handle steps_h, nb::handle weights_h, bool chain,
+                      int max_match_len) {
+  I64 seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
+  auto budgets = as_array<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
+      budgets_h, "budgets", "int32");
+  I64 steps = as_array<I64>(steps_h, "steps", "int64");
+  F64 weights = as_array<F64>(weights_h, "weights", "float64");
+  const size_t n = seq_ids.shape(0);
+  if (nb::len(indices) != n || budgets.shape(0) != n)
+    throw nb::value_error(("draft_batch: indices, seq_ids and budgets differ in length: " +
+                           std::to_string(nb::len(indices)) + ", " + std::to_string(n) + ", " +
+                           std::to_string(budgets.shape(0)))
+                              .c_str());
+  if (steps.shape(0) != weights.shape(0))
+    throw nb::value_error("draft_batch: steps and weights differ in length");
+  std::vector<const SuffixIndex*> idx(n);
+  for (size_t r = 0; r < n; ++r) {
+    idx[r] = nb::cast<const SuffixIndex*>(indices[r]);
+    if (budgets(r) < 0)
+      throw nb::value_error(("invalid budget=" + std::to_string(budgets(r)) + " in row " +
+                             std::to_string(r) + ": must be >= 0")
+                                .c_str());
+    if (!idx[r]->has_sequence(seq_ids(r)))
+      throw nb::value_error(("unknown seq_id=" + std::to_string(seq_ids(r)) + " in row " +
+                             std::to_string(r))
+                                .c_str());
+  }
+  Draft all, one;
+  std::vector<int64_t> offsets(n + 1, 0);
+  std::vector<int32_t> match(n, 0);
+  {
+    nb::gil_scoped_release release;
+    DraftParams p;
+    p.min_prob = min_prob;
+    p.chain = chain;
+    p.max_match_len = max_match_len;
+    for (size_t r = 0; r < n; ++r) {
+      p.budget = budgets(r);
+      idx[r]->slot_weights(steps.data(), weights.data(), steps.shape(0), p.slot_weight);
+      idx[r]->draft_for_sequence(seq_ids(r), p, one);
+      all.tokens.insert(all.tokens.end(), one.tokens.begin(), one.tokens.end());
+      all.parents.insert(all.parents.end(), one.parents.begin(), one.parents.end());
+      all.probs.insert(all.probs.end(), one.probs.begin(), one.probs.end());
+      offsets[r + 1] = int64_t(all.tokens.size());
+      match[r] = one.match_len;
+    }
+  }
+  return nb::make_tuple(to_numpy(all.tokens), to_numpy(all.parents), to_numpy(all.probs),
+                        to_numpy(offsets), to_numpy(match));
+}
+
+}  // namespace
+
 NB_MODULE(_suffix, m) {
-  nb::class_<das::SuffixIndex>(m, "SuffixIndex")
+  m.attr("MAX_STEPS") = das::kSlots;
+  nb::class_<SuffixIndex>(m, "SuffixIndex")
       .def(nb::init<int>(), nb::arg("max_depth") = 64)
-      .def_prop_ro("max_depth", &das::SuffixIndex::max_depth);
+      .def_prop_ro("max_depth", &SuffixIndex::max_depth)
+      .def(
+          "add_sequence",
+          [](SuffixIndex& s, int64_t seq_id, nb::handle tokens, int64_t step) {
+            Tokens t = tokens_arg(tokens, "tokens");
+            s.add_sequence(seq_id, t.data(), t.shape(0), step);
+          },
+          nb::arg("seq_id"), nb::arg("tokens"), nb::arg("step"))
+      .def(
+          "extend",
+          [](SuffixIndex& s, int64_t seq_id, nb::handle tokens) {
+            Tokens t = tokens_arg(tokens, "tokens");
+            s.extend(seq_id, t.data(), t.shape(0));
+          },
+          nb::arg("seq_id"), nb::arg("tokens"))
+      .def(
+          "append",  // one token, no array: the per-decode-step path
+          [](SuffixIndex& s, int64_t seq_id, int32_t token) { s.extend(seq_id, &token, 1); },
+          nb::arg("seq_id"), nb::arg("token"))
+      .def("remove_sequence", &SuffixIndex::remove_sequence, nb::arg("seq_id"))
+      .def(
+          "match_length",
+          [](const SuffixIndex& s, nb::handle ctx) {
+            Tokens t = tokens_arg(ctx, "context");
+            return s.match_length(t.data(), t.shape(0));
+          },
+          nb::arg("context"))
+      .def(
+          "draft",
+          [](const SuffixIndex& s, nb::handle ctx, int budget, double min_prob,
+             nb::dict step_weights, bool chain, int max_match_len) {
+            Tokens t = tokens_arg(ctx, "context");
+            DraftParams p = params(s, budget, min_prob, step_weights, chain, max_match_len);
+            Draft d;
+            s.draft(t.data(), t.shape(0), p, d);
+            return draft_tuple(d);
+          },
+          nb::arg("context"), nb::arg("budget"), nb::arg("min_prob"), nb::arg("step_weights"),
+          nb::arg("chain"), nb::arg("max_match_len"))
+      .def(
+          "draft_for_sequence",
+          [](const SuffixIndex& s, int64_t seq_id, int budget, double min_prob,
+             nb::dict step_weights, bool chain, int max_match_len) {
+            DraftParams p = params(s, budget, min_prob, step_weights, chain, max_match_len);
+            Draft d;
+            s.draft_for_sequence(seq_id, p, d);
+            return draft_tuple(d);
+          },
+          nb::arg("seq_id"), nb::arg("budget"), nb::arg("min_prob"), nb::arg("step_weights"),
+          nb::arg("chain"), nb::arg("max_match_len"))
+      .def_prop_ro("num_nodes", &SuffixIndex::num_nodes)
+      .def_prop_ro("num_sequences", &SuffixIndex::num_sequences)
+      .def_prop_ro("num_tokens", &SuffixIndex::num_tokens)
+      .def_prop_ro("num_orphans", &SuffixIndex::num_orphans)
+      .def("memory_bytes", &SuffixIndex::memory_bytes)
+      .def("check_integrity", &SuffixIndex::check_integrity)
+      .def("steps", &SuffixIndex::steps)
+      .def("has_sequence", &SuffixIndex::has_sequence, nb::arg("seq_id"))
+      .def("sequence_step", &SuffixIndex::sequence_step, nb::arg("seq_id"))
+      .def("sequence_ids", &SuffixIndex::sequence_ids)
+      .def(
+          "sequence_tokens",
+          [](const SuffixIndex& s, int64_t seq_id) { return to_numpy(s.sequence_tokens(seq_id)); },
+          nb::arg("seq_id"));
+  m.def("draft_batch", &draft_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("budgets"),
+        nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
+        nb::arg("max_match_len"),
+        "Draft for many (index, seq_id, budget) rows in one call; returns (tokens, parents, "
+        "probs, offsets int64[n+1], match_lens int32[n]).");
 }

@@ -1,1 +1,795 @@
+// Suffix index implementation. Invariants and the storage-lifetime scheme: suffix_index.h.
 #include "suffix_index.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cstring>
+#include <queue>
+
+namespace das {
+
+namespace {
+constexpr uint64_t kEmpty = ~uint64_t(0);  // no real key: parent ids are < kNil
+
+uint64_t mix(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  return k;
+}
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+[[noreturn]] void broken(const std::string& inv, const std::string& detail) {
+  throw std::runtime_error("check_integrity: invariant '" + inv + "' violated: " + detail);
+}
+}  // namespace
+
+// ---------------------------------------------------------------- ChildMap
+
+ChildMap::ChildMap() : keys_(16, kEmpty), vals_(16, kNil), mask_(15) {}
+
+size_t ChildMap::slot_of(uint64_t k) const {
+  size_t i = mix(k) & mask_;
+  while (keys_[i] != k && keys_[i] != kEmpty) i = (i + 1) & mask_;
+  return i;
+}
+
+uint32_t ChildMap::find(uint32_t parent, int32_t token) const {
+  size_t i = slot_of(key(parent, token));
+  return keys_[i] == kEmpty ? kNil : vals_[i];
+}
+
+void ChildMap::insert(uint32_t parent, int32_t token, uint32_t child) {
+  if ((size_ + 1) * 2 > keys_.size()) grow();
+  uint64_t k = key(parent, token);
+  size_t i = slot_of(k);
+  assert(keys_[i] == kEmpty);
+  keys_[i] = k;
+  vals_[i] = child;
+  ++size_;
+}
+
+void ChildMap::assign(uint32_t parent, int32_t token, uint32_t child) {
+  size_t i = slot_of(key(parent, token));
+  assert(keys_[i] != kEmpty);
+  vals_[i] = child;
+}
+
+void ChildMap::erase(uint32_t parent, int32_t token) {
+  size_t i = slot_of(key(parent, token));
+  assert(keys_[i] != kEmpty);
+  // Backward-shift deletion: pull later entries of the probe run into the hole when their
+  // home slot does not lie cyclically in (hole, j], so no tombstones accumulate.
+  size_t j = i;
+  for (;;) {
+    j = (j + 1) & mask_;
+    if (keys_[j] == kEmpty) break;
+    size_t h = mix(keys_[j]) & mask_;
+    bool stays = (i <= j) ? (i < h && h <= j) : (i < h || h <= j);
+    if (!stays) {
+      keys_[i] = keys_[j];
+      vals_[i] = vals_[j];
+      i = j;
+    }
+  }
+  keys_[i] = kEmpty;
+  --size_;
+}
+
+void ChildMap::grow() {
+  std::vector<uint64_t> old_k;
+  std::vector<uint32_t> old_v;
+  old_k.swap(keys_);
+  old_v.swap(vals_);
+  keys_.assign(old_k.size() * 2, kEmpty);
+  vals_.assign(old_k.size() * 2, kNil);
+  mask_ = keys_.size() - 1;
+  for (size_t i = 0; i < old_k.size(); ++i) {
+    if (old_k[i] == kEmpty) continue;
+    size_t s = slot_of(old_k[i]);
+    keys_[s] = old_k[i];
+    vals_[s] = old_v[i];
+  }
+}
+
+// ---------------------------------------------------------------- bookkeeping
+
+SuffixIndex::SuffixIndex(int max_depth) : max_depth_(max_depth) {
+  if (max_depth < 2 || max_depth > 4096)
+    bad("invalid max_depth=" + std::to_string(max_depth) + ": must be in [2, 4096]");
+  Node root{};
+  root.parent = kNil;
+  root.first_child = root.next_sibling = root.prev_sibling = kNil;
+  root.label_storage = kNil;
+  nodes_.push_back(root);
+  for (int s = 0; s < kSlots; ++s) {
+    slot_step_[s] = 0;
+    slot_seqs_[s] = 0;
+  }
+}
+
+uint32_t SuffixIndex::storage_of(int64_t seq_id) const {
+  auto it = by_id_.find(seq_id);
+  if (it == by_id_.end()) bad("unknown seq_id=" + std::to_string(seq_id));
+  return it->second;
+}
+
+int SuffixIndex::acquire_slot(int64_t step) {
+  int free_slot = -1;
+  for (int s = 0; s < kSlots; ++s) {
+    if (slot_seqs_[s] && slot_step_[s] == step) return s;
+    if (!slot_seqs_[s] && free_slot < 0) free_slot = s;
+  }
+  if (free_slot < 0)
+    bad("step=" + std::to_string(step) + " would be the " + std::to_string(kSlots + 1) +
+        "th distinct step in this index (at most " + std::to_string(kSlots) +
+        "); remove older steps first");
+  slot_step_[free_slot] = step;
+  return free_slot;
+}
+
+void SuffixIndex::release_slot(int slot) {
+  assert(slot_seqs_[slot] > 0);
+  --slot_seqs_[slot];
+}
+
+uint32_t SuffixIndex::new_storage() {
+  uint32_t s;
+  if (!free_storages_.empty()) {
+    s = free_storages_.back();
+    free_storages_.pop_back();
+  } else {
+    s = uint32_t(storages_.size());
+    storages_.emplace_back();
+  }
+  Storage& st = storages_[s];
+  st.refs = 0;
+  st.slot = -1;
+  st.registered = false;
+  st.in_use = true;
+  return s;
+}
+
+void SuffixIndex::unref_storage(uint32_t s) {
+  Storage& st = storages_[s];
+  assert(st.refs > 0);
+  if (--st.refs == 0 && !st.registered) {
+    --num_orphans_;  // an unregistered storage with labels is an orphan
+    free_storage(s);
+  }
+}
+
+void SuffixIndex::free_storage(uint32_t s) {
+  Storage& st = storages_[s];
+  st.tokens = std::vector<int32_t>();  // give the memory back, not just the size
+  st.cursors = std::vector<uint32_t>();
+  st.in_use = false;
+  st.registered = false;
+  st.slot = -1;
+  free_storages_.push_back(s);
+}
+
+uint32_t SuffixIndex::new_node() {
+  uint32_t n;
+  if (!free_nodes_.empty()) {
+    n = free_nodes_.back();
+    free_nodes_.pop_back();
+  } else {
+    n = uint32_t(nodes_.size());
+    nodes_.emplace_back();
+  }
+  Node& x = nodes_[n];
+  std::memset(&x, 0, sizeof(Node));
+  x.parent = x.first_child = x.next_sibling = x.prev_sibling = kNil;
+  x.label_storage = kNil;
+  return n;
+}
+
+void SuffixIndex::free_node(uint32_t n) {
+  Node& x = nodes_[n];
+  if (x.label_storage != kNil) unref_storage(x.label_storage);
+  x.label_storage = kNil;
+  x.total = 0;
+  x.parent = kNil;  // marks "free" for check_integrity
+  free_nodes_.push_back(n);
+}
+
+void SuffixIndex::set_label(uint32_t n, uint32_t storage, uint32_t start, uint32_t len) {
+  Node& x = nodes_[n];
+  if (x.label_storage != storage) {
+    ++storages_[storage].refs;
+    if (x.label_storage != kNil) unref_storage(x.label_storage);
+    x.label_storage = storage;
+  }
+  x.label_start = start;
+  x.label_len = len;
+}
+
+void SuffixIndex::link_child(uint32_t parent, uint32_t child) {
+  Node& c = nodes_[child];
+  Node& p = nodes_[parent];
+  c.parent = parent;
+  c.prev_sibling = kNil;
+  c.next_sibling = p.first_child;
+  if (p.first_child != kNil) nodes_[p.first_child].prev_sibling = child;
+  p.first_child = child;
+  children_.insert(parent, c.token, child);
+}
+
+void SuffixIndex::unlink_child(uint32_t child) {
+  Node& c = nodes_[child];
+  if (c.prev_sibling != kNil)
+    nodes_[c.prev_sibling].next_sibling = c.next_sibling;
+  else
+    nodes_[c.parent].first_child = c.next_sibling;
+  if (c.next_sibling != kNil) nodes_[c.next_sibling].prev_sibling = c.prev_sibling;
+  children_.erase(c.parent, c.token);
+}
+
+// new_child takes old_child's place (same parent, same first token, same list position).
+void SuffixIndex::replace_child(uint32_t old_child, uint32_t new_child) {
+  Node& o = nodes_[old_child];
+  Node& c = nodes_[new_child];
+  c.parent = o.parent;
+  c.prev_sibling = o.prev_sibling;
+  c.next_sibling = o.next_sibling;
+  if (o.prev_sibling != kNil)
+    nodes_[o.prev_sibling].next_sibling = new_child;
+  else
+    nodes_[o.parent].first_child = new_child;
+  if (o.next_sibling != kNil) nodes_[o.next_sibling].prev_sibling = new_child;
+  children_.assign(o.parent, o.token, new_child);
+}
+
+bool SuffixIndex::is_pass_through(uint32_t n) const {
+  const Node& x = nodes_[n];
+  if (n == kRoot || x.first_child == kNil) return false;
+  const Node& c = nodes_[x.first_child];
+  return c.next_sibling == kNil && c.total == x.total;
+}
+
+// ---------------------------------------------------------------- insertion
+
+void SuffixIndex::add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, int64_t step) {
+  if (by_id_.count(seq_id)) bad("duplicate seq_id=" + std::to_string(seq_id));
+  int slot = acquire_slot(step);
+  uint32_t s = new_storage();
+  Storage& st = storages_[s];
+  st.seq_id = seq_id;
+  st.slot = slot;
+  st.registered = true;
+  st.cursors.assign(max_depth_, kRoot);
+  ++slot_seqs_[slot];
+  by_id_.emplace(seq_id, s);
+  storages_[s].tokens.reserve(n);
+  for (size_t i = 0; i < n; ++i) append_token(s, tokens[i]);
+}
+
+void SuffixIndex::extend(int64_t seq_id, const int32_t* tokens, size_t n) {
+  uint32_t s = storage_of(seq_id);
+  for (size_t i = 0; i < n; ++i) append_token(s, tokens[i]);
+}
+
+// Appending token t at position L extends the active suffixes X[i:L], i in
+// [max(0, L-D+1), L], by one; suffix X[L-D+1:] reaches depth D and retires, its ring slot
+// is reused by the new empty suffix starting at L+1.
+void SuffixIndex::append_token(uint32_t s, int32_t t) {
+  const uint32_t D = uint32_t(max_depth_);
+  uint32_t L = uint32_t(storages_[s].tokens.size());
+  storages_[s].tokens.push_back(t);  // labels of new nodes point at it
+  uint32_t lo = L + 1 >= D ? L + 1 - D : 0;
+  for (uint32_t i = lo; i <= L; ++i) {
+    uint32_t& cur = storages_[s].cursors[i % D];
+    cur = step_suffix(s, cur, t, L);
+  }
+  storages_[s].cursors[(L + 1) % D] = kRoot;
+  ++num_tokens_;
+}
+
+// Move one suffix end from node c (at depth L - i) one token deeper; returns the new end.
+uint32_t SuffixIndex::step_suffix(uint32_t s, uint32_t c, int32_t t, uint32_t pos) {
+  const int slot = storages_[s].slot;
+  Node* x = &nodes_[c];
+  // A leaf that only this suffix reaches: grow its edge in place (the common case for
+  // new text). Re-point the label into our own storage first so it can grow.
+  if (c != kRoot && x->first_child == kNil && x->total == 1) {
+    set_label(c, s, pos - x->label_len, x->label_len + 1);
+    ++nodes_[c].depth;
+    return c;
+  }
+  uint32_t ch = children_.find(c, t);
+  uint32_t end;
+  if (ch == kNil) {
+    end = new_node();
+    Node& e = nodes_[end];
+    e.token = t;
+    e.depth = nodes_[c].depth + 1;
+    set_label(end, s, pos, 1);
+    link_child(c, end);
+  } else if (nodes_[ch].label_len == 1) {
+    end = ch;
+  } else {
+    end = split(ch);
+  }
+  ++nodes_[end].count[slot];
+  ++nodes_[end].total;
+  if (is_pass_through(c)) merge_into_child(c);  // c lost its only end: ours
+  return end;
+}
+
+// Cut ch's edge after its first token; the new upper node takes ch's counts.
+uint32_t SuffixIndex::split(uint32_t ch) {
+  uint32_t m = new_node();
+  Node& up = nodes_[m];
+  Node& lo = nodes_[ch];
+  up.token = lo.token;
+  up.depth = nodes_[lo.parent].depth + 1;
+  up.total = lo.total;
+  std::memcpy(up.count, lo.count, sizeof(up.count));
+  set_label(m, lo.label_storage, lo.label_start, 1);
+  replace_child(ch, m);
+  Node& low = nodes_[ch];
+  low.label_start += 1;
+  low.label_len -= 1;
+  low.token = label_token(low, 0);
+  low.prev_sibling = low.next_sibling = kNil;
+  nodes_[m].first_child = kNil;
+  link_child(m, ch);
+  return m;
+}
+
+// n has one child and no ends: fold n's edge into the child's (anchoring guarantees the
+// child's storage holds n's label just before the child's own).
+void SuffixIndex::merge_into_child(uint32_t n) {
+  uint32_t ch = nodes_[n].first_child;
+  children_.erase(n, nodes_[ch].token);
+  Node& c = nodes_[ch];
+  const Node& x = nodes_[n];
+  assert(c.label_start >= x.label_len);
+  c.label_start -= x.label_len;
+  c.label_len += x.label_len;
+  c.token = x.token;
+  replace_child(n, ch);
+  free_node(n);
+}
+
+// ---------------------------------------------------------------- removal
+
+void SuffixIndex::remove_sequence(int64_t seq_id) {
+  const uint32_t X = storage_of(seq_id);
+  const int slot = storages_[X].slot;
+  const std::vector<int32_t>& tok = storages_[X].tokens;
+  const uint32_t L = uint32_t(tok.size()), D = uint32_t(max_depth_);
+  // Phase A: decrement along every truncated suffix path; remember each touched node once,
+  // bucketed by depth so phase B can go deepest first.
+  std::vector<std::vector<uint32_t>> by_depth(D + 1);
+  std::vector<uint8_t> seen(nodes_.size(), 0);
+  for (uint32_t i = 0; i < L; ++i) {
+    uint32_t end = std::min(L, i + D), j = i, cur = kRoot;
+    while (j < end) {
+      cur = children_.find(cur, tok[j]);
+      assert(cur != kNil);
+      Node& x = nodes_[cur];
+      j += x.label_len;
+      assert(j <= end);
+      --x.count[slot];
+      --x.total;
+      if (!seen[cur]) {
+        seen[cur] = 1;
+        by_depth[x.depth].push_back(cur);
+      }
+    }
+  }
+  // Phase B: children before parents, so a node's children are final when it is fixed.
+  for (uint32_t d = D; d >= 1; --d)
+    for (uint32_t n : by_depth[d]) fix_after_removal(n, X);
+  num_tokens_ -= L;
+  release_slot(slot);
+  by_id_.erase(seq_id);
+  // Every label that referenced X was re-pointed or orphaned in phase B.
+  assert(storages_[X].refs == 0);
+  free_storage(X);
+}
+
+void SuffixIndex::fix_after_removal(uint32_t n, uint32_t removed) {
+  Node& x = nodes_[n];
+  if (x.total == 0) {  // children (deeper) are already gone
+    assert(x.first_child == kNil);
+    unlink_child(n);
+    free_node(n);
+    return;
+  }
+  if (is_pass_through(n)) {
+    merge_into_child(n);
+    return;
+  }
+  if (x.label_storage != removed) return;
+  if (x.first_child != kNil) {
+    const Node& c = nodes_[x.first_child];  // fixed already: not `removed`
+    set_label(n, c.label_storage, c.label_start - x.label_len, x.label_len);
+  } else {
+    make_orphan_label(n);
+  }
+}
+
+// Copy n's whole path into a private storage so n's label survives its sequence.
+void SuffixIndex::make_orphan_label(uint32_t n) {
+  const uint32_t depth = nodes_[n].depth;
+  std::vector<int32_t> path(depth);
+  uint32_t end = depth;
+  for (uint32_t a = n; a != kRoot; a = nodes_[a].parent) {
+    const Node& x = nodes_[a];
+    const int32_t* src = storages_[x.label_storage].tokens.data() + x.label_start;
+    std::copy(src, src + x.label_len, path.begin() + (end - x.label_len));
+    end -= x.label_len;
+  }
+  uint32_t o = new_storage();  // may reallocate storages_: `path` was copied first
+  storages_[o].tokens = std::move(path);
+  ++num_orphans_;
+  set_label(n, o, depth - nodes_[n].label_len, nodes_[n].label_len);
+}
+
+// ---------------------------------------------------------------- queries
+
+bool SuffixIndex::walk(const int32_t* s, size_t n, Pos& pos) const {
+  uint32_t node = kRoot, off = 0;
+  for (size_t k = 0; k < n; ++k) {
+    const Node& x = nodes_[node];
+    if (off < x.label_len) {
+      if (label_token(x, off) != s[k]) return false;
+      ++off;
+    } else {
+      uint32_t ch = children_.find(node, s[k]);
+      if (ch == kNil) return false;
+      node = ch;
+      off = 1;
+    }
+  }
+  pos = Pos{node, off};
+  return true;
+}
+
+bool SuffixIndex::has_continuation(const Pos& pos) const {
+  const Node& x = nodes_[pos.node];
+  return pos.off < x.label_len || x.first_child != kNil;
+}
+
+// Longest m <= max_match_len such that ctx[-m:] is present with a continuation. That
+// property is monotone in m (if x.c occurs, so does suffix(x).c), so binary search.
+int SuffixIndex::longest_match(const int32_t* ctx, size_t n, int max_match_len,
+                               Pos& pos) const {
+  int hi = int(std::min<size_t>(n, size_t(std::max(0, std::min(max_match_len, max_depth_ - 1)))));
+  int lo = 0;
+  Pos best{kRoot, 0};
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    Pos p;
+    if (walk(ctx + n - mid, size_t(mid), p) && has_continuation(p)) {
+      lo = mid;
+      best = p;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  pos = best;
+  return lo;
+}
+
+int SuffixIndex::match_length(const int32_t* ctx, size_t n) const {
+  int hi = int(std::min<size_t>(n, size_t(max_depth_))), lo = 0;
+  while (lo < hi) {  // presence is monotone in the suffix length too
+    int mid = (lo + hi + 1) / 2;
+    Pos p;
+    if (walk(ctx + n - mid, size_t(mid), p))
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+double SuffixIndex::weight_of(const Node& x, const double* w) const {
+  double sum = 0.0;
+  for (int s = 0; s < kSlots; ++s) sum += w[s] * double(x.count[s]);
+  return sum;
+}
+
+void SuffixIndex::slot_weights(const int64_t* steps, const double* weights, size_t n,
+                               double out[kSlots]) const {
+  for (int s = 0; s < kSlots; ++s) {
+    out[s] = 0.0;
+    if (!slot_seqs_[s]) continue;
+    for (size_t k = 0; k < n; ++k)
+      if (steps[k] == slot_step_[s]) out[s] = weights[k];
+  }
+}
+
+void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draft& out) const {
+  out.tokens.clear();
+  out.parents.clear();
+  out.probs.clear();
+  Pos pos;
+  out.match_len = longest_match(ctx, n, p.max_match_len, pos);
+  if (out.match_len == 0) return;
+  if (p.chain)
+    expand_chain(pos, p, out);
+  else
+    expand(pos, p, out);
+}
+
+// Same result as draft(sequence tokens): the live cursors already sit at the ends of the
+// sequence's own suffixes, so no walk is needed.
+void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft& out) const {
+  const Storage& st = storages_[storage_of(seq_id)];
+  out.tokens.clear();
+  out.parents.clear();
+  out.probs.clear();
+  out.match_len = 0;
+  const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
+  int m = int(std::min<uint32_t>(L, D - 1));
+  m = std::min(m, std::max(0, p.max_match_len));
+  for (; m >= 1; --m) {
+    uint32_t c = st.cursors[(L - uint32_t(m)) % D];
+    if (nodes_[c].first_child != kNil) {
+      out.match_len = m;
+      Pos pos{c, nodes_[c].label_len};
+      if (p.chain)
+        expand_chain(pos, p, out);
+      else
+        expand(pos, p, out);
+      return;
+    }
+  }
+}
+
+namespace {
+struct Cand {
+  double prob;
+  int32_t token;
+  int32_t parent;  // output index of the parent, -1 = root
+  uint32_t node;
+  uint32_t off;
+};
+// Best first: higher prob, then smaller token, then earlier parent (a total order:
+// siblings differ in token).
+struct Worse {
+  bool operator()(const Cand& a, const Cand& b) const {
+    if (a.prob != b.prob) return a.prob < b.prob;
+    if (a.token != b.token) return a.token > b.token;
+    return a.parent > b.parent;
+  }
+};
+}  // namespace
+
+void SuffixIndex::expand(const Pos& start, const DraftParams& p, Draft& out) const {
+  thread_local std::vector<Cand> heap;
+  heap.clear();
+  Worse worse;
+  auto push_children = [&](const Pos& at, double prob, int32_t parent) {
+    const Node& x = nodes_[at.node];
+    if (at.off < x.label_len) {  // inside an edge: one continuation, conditional 1
+      if (weight_of(x, p.slot_weight) > 0.0 && prob >= p.min_prob) {
+        heap.push_back({prob, label_token(x, at.off), parent, at.node, at.off + 1});
+        std::push_heap(heap.begin(), heap.end(), worse);
+      }
+      return;
+    }
+    double sum = 0.0;
+    for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling)
+      sum += weight_of(nodes_[c], p.slot_weight);
+    if (sum <= 0.0) return;
+    for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling) {
+      double w = weight_of(nodes_[c], p.slot_weight);
+      if (w <= 0.0) continue;
+      double q = prob * (w / sum);
+      if (q < p.min_prob) continue;  // never proposed; keeps the heap small
+      heap.push_back({q, nodes_[c].token, parent, c, 1});
+      std::push_heap(heap.begin(), heap.end(), worse);
+    }
+  };
+  push_children(start, 1.0, -1);
+  while (!heap.empty() && int(out.tokens.size()) < p.budget) {
+    std::pop_heap(heap.begin(), heap.end(), worse);
+    Cand c = heap.back();
+    heap.pop_back();
+    int32_t idx = int32_t(out.tokens.size());
+    out.tokens.push_back(c.token);
+    out.parents.push_back(c.parent);
+    out.probs.push_back(c.prob);
+    push_children(Pos{c.node, c.off}, c.prob, idx);
+  }
+}
+
+void SuffixIndex::expand_chain(const Pos& start, const DraftParams& p, Draft& out) const {
+  Pos at = start;
+  double prob = 1.0;
+  while (int(out.tokens.size()) < p.budget) {
+    const Node& x = nodes_[at.node];
+    int32_t tok;
+    Pos next;
+    if (at.off < x.label_len) {
+      if (weight_of(x, p.slot_weight) <= 0.0) return;
+      tok = label_token(x, at.off);
+      next = Pos{at.node, at.off + 1};
+    } else {
+      double sum = 0.0, best_w = 0.0;
+      uint32_t best = kNil;
+      for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling) {
+        double w = weight_of(nodes_[c], p.slot_weight);
+        sum += w;
+        if (w > best_w || (w == best_w && w > 0.0 && nodes_[c].token < nodes_[best].token)) {
+          best_w = w;
+          best = c;
+        }
+      }
+      if (best == kNil) return;
+      prob = prob * (best_w / sum);
+      tok = nodes_[best].token;
+      next = Pos{best, 1};
+    }
+    if (prob < p.min_prob) return;
+    out.parents.push_back(int32_t(out.tokens.size()) - 1);
+    out.tokens.push_back(tok);
+    out.probs.push_back(prob);
+    at = next;
+  }
+}
+
+// ---------------------------------------------------------------- introspection
+
+size_t SuffixIndex::memory_bytes() const {
+  size_t b = nodes_.capacity() * sizeof(Node) + free_nodes_.capacity() * 4 +
+             children_.memory_bytes() + storages_.capacity() * sizeof(Storage) +
+             free_storages_.capacity() * 4 + by_id_.size() * 32;
+  for (const Storage& st : storages_)
+    b += st.tokens.capacity() * 4 + st.cursors.capacity() * 4;
+  return b;
+}
+
+std::vector<int64_t> SuffixIndex::steps() const {
+  std::vector<int64_t> v;
+  for (int s = 0; s < kSlots; ++s)
+    if (slot_seqs_[s]) v.push_back(slot_step_[s]);
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+int64_t SuffixIndex::sequence_step(int64_t seq_id) const {
+  return slot_step_[storages_[storage_of(seq_id)].slot];
+}
+
+const std::vector<int32_t>& SuffixIndex::sequence_tokens(int64_t seq_id) const {
+  return storages_[storage_of(seq_id)].tokens;
+}
+
+std::vector<int64_t> SuffixIndex::sequence_ids() const {
+  std::vector<int64_t> v;
+  v.reserve(by_id_.size());
+  for (const auto& kv : by_id_) v.push_back(kv.first);
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+void SuffixIndex::check_integrity() const {
+  const uint32_t D = uint32_t(max_depth_);
+  const size_t N = nodes_.size();
+  std::vector<uint8_t> is_free(N, 0);
+  for (uint32_t f : free_nodes_) {
+    if (f >= N || f == kRoot || is_free[f]) broken("free list", "bad entry " + std::to_string(f));
+    is_free[f] = 1;
+  }
+  // Expected ends per node and slot, recomputed from the registered sequences.
+  std::vector<uint32_t> ends(N * kSlots, 0);
+  uint32_t slot_count[kSlots] = {};
+  size_t tokens = 0;
+  for (const auto& kv : by_id_) {
+    const Storage& st = storages_[kv.second];
+    if (!st.in_use || !st.registered || st.seq_id != kv.first || st.slot < 0 ||
+        !slot_seqs_[st.slot])
+      broken("sequence table", "seq_id=" + std::to_string(kv.first));
+    ++slot_count[st.slot];
+    const uint32_t L = uint32_t(st.tokens.size());
+    tokens += L;
+    for (uint32_t i = 0; i < L; ++i) {
+      uint32_t end = std::min(L, i + D), j = i, cur = kRoot;
+      while (j < end) {
+        cur = children_.find(cur, st.tokens[j]);
+        if (cur == kNil || is_free[cur])
+          broken("suffix paths", "seq_id=" + std::to_string(kv.first) + " start " +
+                                     std::to_string(i) + " falls off the tree at " +
+                                     std::to_string(j));
+        j += nodes_[cur].label_len;
+      }
+      if (j != end)
+        broken("boundary", "suffix end of seq_id=" + std::to_string(kv.first) + " start " +
+                               std::to_string(i) + " is inside an edge");
+      ++ends[size_t(cur) * kSlots + st.slot];
+      if (L - i < D && st.cursors[i % D] != cur)  // active suffix: its cursor
+        broken("cursors", "seq_id=" + std::to_string(kv.first) + " start " + std::to_string(i));
+    }
+    if (st.cursors[L % D] != kRoot) broken("cursors", "empty suffix not at root");
+  }
+  if (tokens != num_tokens_) broken("num_tokens", std::to_string(tokens));
+  for (int s = 0; s < kSlots; ++s)
+    if (slot_count[s] != slot_seqs_[s]) broken("slot bookkeeping", "slot " + std::to_string(s));
+  // Walk the tree from the root, checking structure, labels, anchoring and counts.
+  std::vector<uint32_t> refs(storages_.size(), 0);
+  size_t reached = 1, edges = 0;
+  std::vector<uint32_t> stack{kRoot};
+  while (!stack.empty()) {
+    uint32_t n = stack.back();
+    stack.pop_back();
+    const Node& x = nodes_[n];
+    uint64_t child_sum[kSlots] = {};
+    size_t n_children = 0;
+    uint32_t prev = kNil;
+    for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling) {
+      const std::string where = "node " + std::to_string(c);
+      if (c >= N || is_free[c]) broken("free list", "free " + where + " is linked");
+      const Node& y = nodes_[c];
+      if (y.parent != n || y.prev_sibling != prev) broken("parent links", where);
+      if (children_.find(n, y.token) != c) broken("child map", where);
+      if (y.label_storage >= storages_.size() || !storages_[y.label_storage].in_use ||
+          y.label_len == 0 ||
+          size_t(y.label_start) + y.label_len > storages_[y.label_storage].tokens.size())
+        broken("labels readable", where);
+      if (label_token(y, 0) != y.token) broken("labels consistent", where);
+      if (y.depth != x.depth + y.label_len || y.depth > D) broken("depth", where);
+      // Anchoring by induction: y's storage must hold x's (anchored) path right before
+      // y's label.
+      if (y.label_start < x.depth) broken("anchored labels", where);
+      const int32_t* ys = storages_[y.label_storage].tokens.data() + y.label_start - x.depth;
+      if (n != kRoot) {
+        const int32_t* xs = storages_[x.label_storage].tokens.data() + x.label_start +
+                            x.label_len - x.depth;
+        for (uint32_t k = 0; k < x.depth; ++k)
+          if (ys[k] != xs[k]) broken("anchored labels", where);
+      }
+      ++refs[y.label_storage];
+      uint32_t total = 0;
+      for (int s = 0; s < kSlots; ++s) {
+        child_sum[s] += y.count[s];
+        total += y.count[s];
+      }
+      if (total != y.total || total == 0) broken("counts", "total of " + where);
+      ++n_children;
+      ++reached;
+      prev = c;
+      stack.push_back(c);
+    }
+    if (n == kRoot) {
+      edges += n_children;
+      continue;
+    }
+    const uint32_t f_node = n;
+    edges += n_children;
+    bool has_ends = false;
+    for (int s = 0; s < kSlots; ++s) {
+      uint64_t e = ends[size_t(f_node) * kSlots + s];
+      if (x.count[s] != child_sum[s] + e)
+        broken("counts", "node " + std::to_string(f_node) + " slot " + std::to_string(s) +
+                             ": count " + std::to_string(x.count[s]) + " != children " +
+                             std::to_string(child_sum[s]) + " + ends " + std::to_string(e));
+      has_ends |= e > 0;
+    }
+    if (n_children == 1 && !has_ends) broken("canonical", "pass-through node " + std::to_string(f_node));
+  }
+  if (reached + free_nodes_.size() != N) broken("free list", "unreachable live nodes");
+  if (edges != children_.size()) broken("child map", "size");
+  size_t orphans = 0;
+  for (size_t s = 0; s < storages_.size(); ++s) {
+    const Storage& st = storages_[s];
+    if (!st.in_use) {
+      if (refs[s]) broken("storage refs", "free storage referenced");
+      continue;
+    }
+    if (st.refs != refs[s]) broken("storage refs", "storage " + std::to_string(s));
+    if (!st.registered) {
+      ++orphans;
+      if (st.refs == 0) broken("storage refs", "unreferenced orphan");
+    }
+  }
+  if (orphans != num_orphans_) broken("storage refs", "orphan count");
+}
+
+}  // namespace das

@@ -1,11 +1,184 @@
+// Depth-bounded, path-compressed, incrementally updated suffix tree over int32 token
+// sequences, counting occurrences per training-step slot. Semantics: docs/design.md,
+// "Native index". Reference (slow, obvious) implementation: tests/oracle/.
+//
+// What is counted. For every stored sequence X (length L) and every start i < L, the
+// truncated suffix X[i : min(i + max_depth, L)] is inserted; every tree position on its
+// path counts it once. So count(x) = number of occurrences of string x (|x| <= max_depth).
+// The root counts nothing.
+//
+// Shape invariants (check_integrity() verifies each one and names the one that fails):
+//  - canonical: every non-root node has total > 0 and is not a pass-through (exactly one
+//    child and no suffix ending at it). Hence the node set is a function of the stored
+//    strings alone: removing a sequence returns num_nodes to what it was before it was
+//    added, with no garbage collection pass.
+//  - boundary: every suffix end (in particular every live sequence's cursor) is a node.
+//  - counts: count_s(n) = ends_s(n) + sum over children count_s(child), per slot s.
+//  - anchored labels: a node's edge label is (storage, start, len) and
+//    storage[start + len - depth : start + len] equals the node's whole path string. This
+//    is what makes re-pointing and merging cheap: the parent's label is the `len` tokens
+//    just before a child's label start in the child's storage.
+//
+// Storage lifetime (why labels of removed sequences never dangle):
+//  remove_sequence(X) walks X's suffix paths (every node whose label references X lies on
+//  one of them, by anchoring), decrements, then fixes the touched nodes deepest first:
+//  zero-count nodes are freed, pass-throughs merged into their child, and a surviving node
+//  whose label still references X is re-pointed into its first child's storage (children
+//  were fixed first, so that storage is not X). A surviving leaf has no child to borrow
+//  from: its path (<= max_depth tokens) is copied into a small private "orphan" storage.
+//  Afterwards no label references X, so X's storage is released at once. Orphans are
+//  reference counted by the labels using them and freed when the last one goes.
 #pragma once
+
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
 namespace das {
+
+constexpr int kSlots = 8;               // distinct live steps per index (window + current)
+constexpr uint32_t kNil = 0xFFFFFFFFu;  // "no node" / "no storage"
+constexpr uint32_t kRoot = 0;
+
+struct Node {
+  uint32_t parent;        // for unlinking and merging without a search
+  uint32_t first_child;   // children list: iteration for draft expansion and integrity
+  uint32_t next_sibling;  // doubly linked so unlinking a child is O(1)
+  uint32_t prev_sibling;
+  uint32_t label_storage; // edge label = storages_[label_storage].tokens[label_start, +label_len)
+  uint32_t label_start;
+  uint32_t label_len;     // > 0 except for the root
+  uint32_t depth;         // string depth at the end of this edge (<= max_depth)
+  int32_t token;          // first label token: the key under which the parent finds us
+  uint32_t total;         // sum of count[]: pass-through / in-place-extension tests
+  uint32_t count[kSlots]; // occurrences per step slot (see slot_step_)
+};
+
+// Token storage of one sequence (or an orphaned path copy, see header comment).
+struct Storage {
+  std::vector<int32_t> tokens;
+  std::vector<uint32_t> cursors;  // registered sequences: node where suffix i ends, at i % D
+  int64_t seq_id = 0;
+  uint32_t refs = 0;      // labels pointing here
+  int slot = -1;          // step slot of a registered sequence, -1 for orphans / free
+  bool registered = false;// a live (not removed) sequence; false for orphans
+  bool in_use = false;    // false while on the free list
+};
+
+// Open-addressing map (parent, token) -> child, linear probing, backward-shift deletion.
+// One flat table instead of per-node maps: O(1) child lookup at high-fanout nodes (the
+// root has one child per distinct token) without a heap object per node.
+class ChildMap {
+ public:
+  ChildMap();
+  uint32_t find(uint32_t parent, int32_t token) const;
+  void insert(uint32_t parent, int32_t token, uint32_t child);  // key must be absent
+  void assign(uint32_t parent, int32_t token, uint32_t child);  // key must be present
+  void erase(uint32_t parent, int32_t token);                   // key must be present
+  size_t size() const { return size_; }
+  size_t memory_bytes() const { return keys_.capacity() * 12; }
+
+ private:
+  static uint64_t key(uint32_t p, int32_t t) { return (uint64_t(p) << 32) | uint32_t(t); }
+  size_t slot_of(uint64_t k) const;
+  void grow();
+  std::vector<uint64_t> keys_;  // kEmpty marks a free slot
+  std::vector<uint32_t> vals_;
+  size_t size_ = 0;
+  size_t mask_ = 0;
+};
+
+// One draft tree, flat, best-first (docs/design.md "Draft tree").
+struct Draft {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> parents;
+  std::vector<double> probs;
+  int match_len = 0;
+};
+
+struct DraftParams {
+  int budget = 0;
+  double min_prob = 0.0;
+  bool chain = false;
+  int max_match_len = 0;
+  double slot_weight[kSlots] = {};  // weight of each slot (0 for unused / unweighted)
+};
+
 class SuffixIndex {
  public:
-  explicit SuffixIndex(int max_depth) : max_depth_(max_depth) {}
+  explicit SuffixIndex(int max_depth);
+
+  void add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, int64_t step);
+  void extend(int64_t seq_id, const int32_t* tokens, size_t n);
+  void remove_sequence(int64_t seq_id);
+
+  int match_length(const int32_t* ctx, size_t n) const;
+  void draft(const int32_t* ctx, size_t n, const DraftParams& p, Draft& out) const;
+  void draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft& out) const;
+
+  // Slot weights from a step -> weight table (steps absent from the table weigh 0).
+  void slot_weights(const int64_t* steps, const double* weights, size_t n,
+                    double out[kSlots]) const;
+
   int max_depth() const { return max_depth_; }
+  size_t num_nodes() const { return nodes_.size() - free_nodes_.size(); }
+  size_t num_sequences() const { return by_id_.size(); }
+  size_t num_tokens() const { return num_tokens_; }
+  size_t num_orphans() const { return num_orphans_; }
+  size_t memory_bytes() const;
+  std::vector<int64_t> steps() const;
+  bool has_sequence(int64_t seq_id) const { return by_id_.count(seq_id) != 0; }
+  int64_t sequence_step(int64_t seq_id) const;
+  const std::vector<int32_t>& sequence_tokens(int64_t seq_id) const;
+  std::vector<int64_t> sequence_ids() const;
+  void check_integrity() const;  // throws std::runtime_error naming the invariant
+
  private:
+  uint32_t storage_of(int64_t seq_id) const;  // throws std::invalid_argument naming seq_id
+  int acquire_slot(int64_t step);
+  void release_slot(int slot);
+  uint32_t new_storage();
+  void unref_storage(uint32_t s);
+  void free_storage(uint32_t s);
+  uint32_t new_node();
+  void free_node(uint32_t n);
+  void set_label(uint32_t n, uint32_t storage, uint32_t start, uint32_t len);
+  int32_t label_token(const Node& n, uint32_t off) const {
+    return storages_[n.label_storage].tokens[n.label_start + off];
+  }
+  void link_child(uint32_t parent, uint32_t child);
+  void unlink_child(uint32_t child);
+  void replace_child(uint32_t old_child, uint32_t new_child);
+  bool is_pass_through(uint32_t n) const;
+
+  void append_token(uint32_t s, int32_t t);
+  uint32_t step_suffix(uint32_t s, uint32_t c, int32_t t, uint32_t pos);
+  uint32_t split(uint32_t ch);
+  void merge_into_child(uint32_t n);
+  void fix_after_removal(uint32_t n, uint32_t removed);
+  void make_orphan_label(uint32_t n);
+
+  struct Pos { uint32_t node; uint32_t off; };  // off == label_len: at the node itself
+  bool walk(const int32_t* s, size_t n, Pos& pos) const;
+  bool has_continuation(const Pos& pos) const;
+  int longest_match(const int32_t* ctx, size_t n, int max_match_len, Pos& pos) const;
+  double weight_of(const Node& n, const double* w) const;
+  void expand(const Pos& start, const DraftParams& p, Draft& out) const;
+  void expand_chain(const Pos& start, const DraftParams& p, Draft& out) const;
+
   int max_depth_;
+  std::vector<Node> nodes_;             // nodes_[kRoot] is the root
+  std::vector<uint32_t> free_nodes_;    // freed node ids, reused first
+  ChildMap children_;
+  std::vector<Storage> storages_;
+  std::vector<uint32_t> free_storages_;
+  std::unordered_map<int64_t, uint32_t> by_id_;  // seq_id -> storage
+  int64_t slot_step_[kSlots];           // step held by each slot
+  uint32_t slot_seqs_[kSlots];          // registered sequences per slot; 0 = slot free
+  size_t num_tokens_ = 0;               // tokens of registered sequences
+  size_t num_orphans_ = 0;
 };
+
 }  // namespace das
