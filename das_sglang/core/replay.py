@@ -1,0 +1,287 @@
+"""Lockstep trace replay: what would speculation have done on these recorded rollouts?
+
+With greedy (or seeded) sampling a draft token is accepted iff it equals the token the target
+model actually produced, so replaying recorded responses through the real drafter and policy
+measures acceptance exactly, on any CPU; only the forward-pass *time* is modelled (by the cost
+model, ``t = c_base + c_tok * n_tokens``).
+
+One training step at a time, all its requests decode together, as an RL rollout batch does.
+Each decode iteration:
+
+1. the drafter proposes a max-budget tree per active request;
+2. the policy turns those trees' node probabilities into per-request budgets;
+3. each tree is cut to its budget; accepted = longest tree path equal to the recorded
+   continuation, plus the bonus token (never past the end of the recorded response);
+4. the accepted tokens are fed back (drafter, policy) and the forward pass is charged
+   ``cost.forward_time(tokens)``, where tokens = one per request plus its drafts, padded to
+   the batch width for engines that verify one width per batch (SGLang: ``uniform``).
+
+Finished requests leave the batch; their rollouts stay in the drafter as history of the step.
+Steps before the first replayed step only feed history (start, extend, finish; no verify).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from das_sglang.core.datasets import Rollout
+from das_sglang.core.draft_tree import DraftTree
+
+ENGINES = ("uniform", "ragged")
+SHARED_PROBLEM = "*all*"  # problem id the "global index" ablation gives every rollout
+
+
+class Drafter(Protocol):
+    def advance_step(self, step: int) -> None: ...
+    def start_request(self, req_id: str, problem_id: str, prompt_tokens: np.ndarray) -> None: ...
+    def extend_request(self, req_id: str, tokens: np.ndarray) -> None: ...
+    def finish_request(self, req_id: str, keep: bool = True) -> None: ...
+    def speculate_batch(self, req_ids: Sequence[str], budgets: Sequence[int]) -> list[DraftTree]: ...
+
+
+class Budget(Protocol):
+    """``das_sglang.core.policy.DraftBudget`` (restated so the replay depends on behaviour only)."""
+
+    def plan(self, rows): ...
+    def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None: ...
+    def observe_finished(self, problem_id: str, length: int) -> None: ...
+    def advance_step(self, step: int) -> None: ...
+
+
+class ForwardCost(Protocol):
+    def forward_time(self, n_tokens: int, kv_tokens: int = 0) -> float: ...
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One way of decoding, compared against the others in a replay.
+
+    ``make_drafter=None`` decodes without speculation (and without asking the policy).
+    ``shared_problem`` hands the drafter one problem id for every rollout: one global index
+    instead of one per problem (an ablation); the policy still sees the real problem ids.
+    """
+
+    name: str
+    make_policy: Callable[[], Budget]
+    make_drafter: Callable[[], Drafter] | None = None
+    max_budget: int = 32
+    shared_problem: bool = False
+    description: str = ""
+
+
+@dataclass
+class StepStats:
+    """One training step of one contender. Token counts exclude the bonus token unless named."""
+
+    step: int
+    requests: int
+    forward_passes: int = 0
+    makespan_s: float = 0.0
+    generated_tokens: int = 0  # = accepted drafts + one bonus token per verify step
+    verify_steps: int = 0  # request-iterations: one per request per forward pass it is in
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    padded_tokens: int = 0  # padding to the batch width (uniform engine), never accepted
+    drafter_us: float = 0.0
+    policy_us: float = 0.0
+    batch_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens produced per verify step, bonus included: 1.0 without speculation."""
+        return self.generated_tokens / max(self.verify_steps, 1)
+
+    @property
+    def draft_wasted(self) -> int:
+        return self.draft_proposed - self.draft_accepted
+
+
+@dataclass
+class ContenderResult:
+    name: str
+    description: str
+    steps: list[StepStats]
+
+    def total(self, attr: str) -> float:
+        return sum(getattr(s, attr) for s in self.steps)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.total("generated_tokens") / max(self.total("verify_steps"), 1)
+
+
+@dataclass
+class _Live:
+    """A request being decoded: where it is in its recorded response."""
+
+    rollout: Rollout
+    pos: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.rollout.length - self.pos
+
+
+# ---------------------------------------------------------------------------- public entry
+
+
+def replay(
+    rollouts: Sequence[Rollout],
+    contenders: Sequence[Contender],
+    cost: ForwardCost,
+    engine: str = "uniform",
+    decode_steps: Iterable[int] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> list[ContenderResult]:
+    """Replay ``rollouts`` under every contender; steps not in ``decode_steps`` (default: all)
+    that precede a decoded step only feed history. ``on_progress(name, tokens_done, total)``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: choose one of {ENGINES}")
+    if not rollouts:
+        raise ValueError("nothing to replay: no rollouts")
+    by_step = _group_by_step(rollouts)
+    decode = sorted(by_step) if decode_steps is None else sorted(set(decode_steps))
+    missing = [s for s in decode if s not in by_step]
+    if missing:
+        raise ValueError(f"steps {missing} have no rollouts (steps present: {sorted(by_step)})")
+    return [_replay_one(c, by_step, decode, cost, engine, on_progress) for c in contenders]
+
+
+def _group_by_step(rollouts: Sequence[Rollout]) -> dict[int, list[Rollout]]:
+    out: dict[int, list[Rollout]] = {}
+    for r in rollouts:
+        out.setdefault(r.step, []).append(r)
+    return out
+
+
+def _replay_one(c: Contender, by_step, decode, cost, engine, on_progress) -> ContenderResult:
+    drafter = c.make_drafter() if c.make_drafter is not None else None
+    policy = c.make_policy()
+    total = sum(r.length for s in decode for r in by_step[s])
+    done = 0
+    stats = []
+    for step in sorted(s for s in by_step if s <= decode[-1]):
+        drafter and drafter.advance_step(step)
+        policy.advance_step(step)
+        if step not in decode:
+            _load_history(by_step[step], drafter, policy, c.shared_problem)
+            continue
+        if drafter is None:
+            stats.append(_decode_plain(step, by_step[step], cost))
+        else:
+            stats.append(_decode_step(step, by_step[step], drafter, policy, cost, engine, c))
+        done += sum(r.length for r in by_step[step])
+        if on_progress:
+            on_progress(c.name, done, total)
+    return ContenderResult(c.name, c.description, stats)
+
+
+def _load_history(rollouts: list[Rollout], drafter, policy, shared: bool) -> None:
+    """A history-only step goes through the same request lifecycle as a decoded one (minus
+    verification), so every drafter ends up holding exactly what decoding would have left."""
+    for r in rollouts:
+        if drafter is not None:
+            drafter.start_request(r.req_id, SHARED_PROBLEM if shared else r.problem_id, r.prompt_ids)
+            drafter.extend_request(r.req_id, r.response_ids)
+            drafter.finish_request(r.req_id, keep=True)
+        policy.observe_finished(r.problem_id, r.length)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def _decode_plain(step: int, rollouts: list[Rollout], cost: ForwardCost) -> StepStats:
+    """No speculation: one token per request per pass, so the batch shrinks as requests end.
+    Closed form of ``_decode_step`` with empty drafts (same numbers, no per-token loop)."""
+    lengths = np.sort(np.array([r.length for r in rollouts]))
+    iters = int(lengths[-1])
+    # active[i] = requests still decoding at iteration i
+    active = len(lengths) - np.searchsorted(lengths, np.arange(iters), side="right")
+    kv = _plain_kv(rollouts, iters, active)
+    t = sum(cost.forward_time(int(n), int(k)) for n, k in zip(active, kv))
+    n_tok = int(lengths.sum())
+    return StepStats(step, len(rollouts), forward_passes=iters, makespan_s=t, generated_tokens=n_tok,
+                     verify_steps=n_tok, batch_sizes=active.astype(np.int32))
+
+
+def _plain_kv(rollouts: list[Rollout], iters: int, active: np.ndarray) -> np.ndarray:
+    """Tokens in the KV cache of the active requests at each iteration without speculation:
+    request r holds prompt + i tokens at iteration i < r.length."""
+    drop = np.zeros(iters + 1, np.int64)
+    for r in rollouts:
+        drop[r.length] += len(r.prompt_ids)
+    prompts = sum(len(r.prompt_ids) for r in rollouts) - np.cumsum(drop)[:iters]
+    return prompts + np.arange(iters, dtype=np.int64) * active
+
+
+def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender) -> StepStats:
+    from das_sglang.core.policy import BudgetRow  # the policy module defines the row type
+
+    st = StepStats(step, len(rollouts))
+    live = [_Live(r) for r in rollouts]
+    t0 = time.perf_counter()
+    for lv in live:
+        pid = SHARED_PROBLEM if c.shared_problem else lv.rollout.problem_id
+        drafter.start_request(lv.rollout.req_id, pid, lv.rollout.prompt_ids)
+    st.drafter_us += (time.perf_counter() - t0) * 1e6
+    sizes: list[int] = []
+    while live:
+        sizes.append(len(live))
+        t0 = time.perf_counter()
+        trees = drafter.speculate_batch([lv.rollout.req_id for lv in live], [c.max_budget] * len(live))
+        t1 = time.perf_counter()
+        plan = policy.plan([
+            BudgetRow(lv.rollout.req_id, lv.rollout.problem_id, lv.pos, lv.rollout.max_new_tokens, tr.probs)
+            for lv, tr in zip(live, trees)
+        ])
+        t2 = time.perf_counter()
+        st.drafter_us += (t1 - t0) * 1e6
+        st.policy_us += (t2 - t1) * 1e6
+        live = _verify(st, live, trees, plan, drafter, policy, cost, engine)
+    st.batch_sizes = np.asarray(sizes, np.int32)
+    return st
+
+
+def _verify(st: StepStats, live: list[_Live], trees, plan, drafter, policy, cost, engine) -> list[_Live]:
+    """Accept, feed back, charge the forward pass; return the requests still decoding."""
+    width = int(plan.width)
+    n_tokens = kv = 0
+    still = []
+    drafter_s = 0.0
+    for i, lv in enumerate(live):
+        r = lv.rollout
+        tree = trees[i].truncate(int(plan.budgets[i])) if width > 0 else DraftTree.empty()
+        cont = r.response_ids[lv.pos : lv.pos + len(tree)]
+        # the bonus token needs a slot: at most remaining-1 drafts can be used
+        accepted = min(tree.accept_length(cont), lv.remaining - 1)
+        new = r.response_ids[lv.pos : lv.pos + accepted + 1]
+        kv += len(r.prompt_ids) + lv.pos
+        n_tokens += 1 + len(tree)
+        t0 = time.perf_counter()
+        drafter.extend_request(r.req_id, new)
+        drafter_s += time.perf_counter() - t0
+        policy.observe_verify(r.problem_id, len(tree), accepted)
+        lv.pos += len(new)
+        st.draft_proposed += len(tree)
+        st.draft_accepted += accepted
+        st.generated_tokens += len(new)
+        st.verify_steps += 1
+        if lv.remaining > 0:
+            still.append(lv)
+            continue
+        t0 = time.perf_counter()
+        drafter.finish_request(r.req_id, keep=True)
+        drafter_s += time.perf_counter() - t0
+        policy.observe_finished(r.problem_id, r.length)
+    if engine == "uniform" and width > 0:
+        padded = len(live) * (1 + width)
+        st.padded_tokens += padded - n_tokens
+        n_tokens = padded
+    st.forward_passes += 1
+    st.makespan_s += cost.forward_time(n_tokens, kv)
+    st.drafter_us += drafter_s * 1e6
+    return still
