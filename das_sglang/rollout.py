@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from das_sglang.api import tag
 from das_sglang.core.records import RolloutRecord
 
 
@@ -116,11 +117,6 @@ def score(output: str, answer: str | None) -> float | None:
 
 
 # ------------------------------------------------------------------ requests and statistics
-
-
-def tag(problem_id: str, step: int) -> dict[str, Any]:
-    """The ``custom_params`` that tell the DAS worker whose history a request uses."""
-    return {"das_problem_id": str(problem_id), "das_step": int(step)}
 
 
 def request_id(problem_id: str, step: int, sample: int) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from das_sglang.core.records import RolloutRecord, step_file, write_step
-from das_sglang.rollout import RequestStats, Sampling, StepStats, final_answer, sampling_seed, score, tag
+from das_sglang.api import tag
+from das_sglang.rollout import RequestStats, Sampling, StepStats, final_answer, sampling_seed, score
 
 
 class TestCounting:

@@ -1,0 +1,78 @@
+"""The Python API: request tags, model resolution, engine arguments (SGLang stubbed out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import das_sglang
+from das_sglang import api
+
+
+class TestTags:
+    def test_tag(self) -> None:
+        assert das_sglang.tag("gsm8k-17", 3) == {"das_problem_id": "gsm8k-17", "das_step": 3}
+        assert api.tag(17, 0) == {"das_problem_id": "17", "das_step": 0}
+
+    def test_tagged_merges_and_copies(self) -> None:
+        base = {"temperature": 1.0, "custom_params": {"return_top_p_token_ids": True}}
+        got = das_sglang.tagged(base, "p", 2)
+        assert got == {
+            "temperature": 1.0,
+            "custom_params": {"return_top_p_token_ids": True, "das_problem_id": "p", "das_step": 2},
+        }
+        assert base == {"temperature": 1.0, "custom_params": {"return_top_p_token_ids": True}}
+
+    def test_tagged_none(self) -> None:
+        assert api.tagged(None, "p", 0) == {"custom_params": {"das_problem_id": "p", "das_step": 0}}
+
+    @pytest.mark.parametrize("pid, step, match", [("p", -1, "step=-1"), ("p", 1.5, "step=1.5"),
+                                                   ("p", True, "step=True"), ("", 0, "problem_id=''")])
+    def test_bad_tag(self, pid, step, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            api.tag(pid, step)
+
+
+class TestResolveModel:
+    def test_local_hf_dir(self, tmp_path: Path) -> None:
+        (tmp_path / "config.json").write_text("{}")
+        assert api.resolve_model(str(tmp_path)) == (str(tmp_path), {})
+
+    def test_dir_without_config(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match=r"has no config.json"):
+            api.resolve_model(str(tmp_path))
+
+    def test_hub_id_passes_through(self) -> None:
+        assert api.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", {})
+
+    @pytest.mark.parametrize("model", ["/no/such/model", "./missing", "just-a-name", "a/b/c"])
+    def test_missing(self, model: str) -> None:
+        with pytest.raises(ValueError, match=rf"--model {model}: no such directory"):
+            api.resolve_model(model)
+
+
+class TestEngineArguments:
+    @pytest.fixture
+    def calls(self, monkeypatch: pytest.MonkeyPatch) -> list:
+        seen: list = []
+        monkeypatch.setattr(api, "_sglang_engine", lambda path, kwargs: seen.append((path, kwargs)) or "ENGINE")
+        monkeypatch.setattr(api, "das_env", lambda cfg: {"DAS_TEST_CFG": repr(cfg)})
+        monkeypatch.delenv("DAS_TEST_CFG", raising=False)
+        return seen
+
+    def test_engine_selects_das_and_keeps_user_kwargs(self, calls: list) -> None:
+        assert das_sglang.engine("/m", mem_fraction_static=0.8) == "ENGINE"
+        assert calls == [("/m", {"speculative_algorithm": "DAS", "mem_fraction_static": 0.8})]
+
+    def test_das_config_goes_to_the_environment(self, calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+        import os
+
+        das_sglang.engine(Path("/m"), das_config={"window_steps": 2})
+        assert os.environ["DAS_TEST_CFG"] == "{'window_steps': 2}"
+        assert calls[0][0] == "/m"
+
+    def test_plain_rollout_engine_has_no_speculation(self, calls: list, tmp_path: Path) -> None:
+        (tmp_path / "config.json").write_text("{}")
+        api.rollout_engine(str(tmp_path), speculative=False, seed=3)
+        assert calls == [(str(tmp_path), {"random_seed": 3})]
