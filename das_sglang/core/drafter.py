@@ -1,0 +1,293 @@
+"""SuffixDrafter: drafts from earlier rollouts of the same problem (docs/design.md, "Drafter").
+
+Per ``problem_id`` one native :class:`~das_sglang.native.SuffixIndex` holds every sequence
+(prompt + response tokens) of
+
+- finished rollouts of the last ``window_steps`` training steps (history), and
+- the live and finished rollouts of the current step: GRPO siblings feed each other, and
+  a request's own text drafts its own repetitions.
+
+Scores weigh a step ``a`` steps old by ``step_decay ** a``. With ``global_shard`` every
+sequence is also indexed in one shared index, consulted when a problem's own index
+proposes nothing (e.g. a problem seen for the first time).
+
+Worked example (window 1, decay 0.5)::
+
+    d = SuffixDrafter(DrafterConfig(window_steps=1))
+    d.advance_step(0)
+    d.add_history("p", 0, [1, 2, 3, 4])       # a finished step-0 rollout
+    d.advance_step(1)
+    d.start_request("r", "p", [1, 2])          # prompt shares "1 2" with it
+    d.speculate("r", budget=2).tokens           # -> [3, 4]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.draft_tree import DraftTree
+from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch
+
+# problem_id -> step -> finished rollouts (prompt + response), as int32 arrays
+History = dict[str, dict[int, list[np.ndarray]]]
+
+
+@dataclass(slots=True)
+class _Live:
+    """A request being decoded: which index and which sequence in it."""
+
+    problem_id: str
+    seq_id: int
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class DrafterStats:
+    problems: int
+    live_requests: int
+    sequences: int
+    tokens: int
+    nodes: int
+    bytes: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+
+def as_tokens(tokens: object, what: str) -> np.ndarray:
+    """Validated 1-D int32 copy-free view where possible; ValueError names the bad value."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32 and tokens.ndim == 1:
+        arr = tokens
+    else:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError(
+                f"invalid {what}: expected a 1-D sequence of token ids, got "
+                f"dtype={arr.dtype} shape={arr.shape}"
+            )
+        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"invalid {what}: token ids must be in [0, 2**31), got {arr.min()}..{arr.max()}")
+        arr = arr.astype(np.int32)
+    return np.ascontiguousarray(arr)
+
+
+class SuffixDrafter:
+    def __init__(self, config: DrafterConfig | None = None) -> None:
+        self.config = config or DrafterConfig()
+        if self.config.window_steps + 1 > MAX_STEPS:
+            raise ValueError(
+                f"invalid window_steps={self.config.window_steps}: the native index holds at "
+                f"most {MAX_STEPS} steps (window_steps + 1 for the current step)"
+            )
+        self._step = 0
+        self._indices: dict[str, SuffixIndex] = {}
+        self._global = SuffixIndex(self.config.max_depth) if self.config.global_shard else None
+        self._live: dict[str, _Live] = {}
+        self._finished: dict[str, dict[int, list[int]]] = {}  # problem -> step -> seq_ids
+        self._step_seqs: Counter[int] = Counter()  # registered sequences per step
+        self._next_seq_id = 0
+        self._weights = (np.zeros(0, np.int64), np.zeros(0, np.float64))
+        self._refresh_weights()
+
+    # ------------------------------------------------------------------ steps
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def advance_step(self, step: int) -> None:
+        """Start training step ``step``; evict finished rollouts older than the window."""
+        if step < self._step:
+            raise ValueError(f"invalid step={step}: steps only advance (current {self._step})")
+        self._step = step
+        oldest = step - self.config.window_steps
+        for problem_id in list(self._finished):
+            by_step = self._finished[problem_id]
+            for s in [s for s in by_step if s < oldest]:
+                for seq_id in by_step.pop(s):
+                    self._remove(problem_id, seq_id, s)
+            if not by_step:
+                del self._finished[problem_id]
+            self._drop_index_if_empty(problem_id)
+        self._refresh_weights()
+
+    def _refresh_weights(self) -> None:
+        # Every step still present is weighted (live requests of older steps included);
+        # the native side maps steps to slots.
+        steps = sorted(set(self._step_seqs) | {self._step})
+        decay = self.config.step_decay
+        self._weights = (
+            np.asarray(steps, dtype=np.int64),
+            np.asarray([decay ** (self._step - s) for s in steps], dtype=np.float64),
+        )
+        self._weight_dict = dict(zip(steps, self._weights[1].tolist()))
+
+    # ------------------------------------------------------------------ sequences
+
+    def _index(self, problem_id: str) -> SuffixIndex:
+        idx = self._indices.get(problem_id)
+        if idx is None:
+            idx = self._indices[problem_id] = SuffixIndex(self.config.max_depth)
+        return idx
+
+    def _add(self, problem_id: str, tokens: np.ndarray, step: int) -> int:
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        self._index(problem_id).add_sequence(seq_id, tokens, step)
+        if self._global is not None:
+            self._global.add_sequence(seq_id, tokens, step)
+        if self._step_seqs[step] == 0:
+            self._step_seqs[step] = 1
+            self._refresh_weights()
+        else:
+            self._step_seqs[step] += 1
+        return seq_id
+
+    def _remove(self, problem_id: str, seq_id: int, step: int) -> None:
+        self._indices[problem_id].remove_sequence(seq_id)
+        if self._global is not None:
+            self._global.remove_sequence(seq_id)
+        self._step_seqs[step] -= 1
+        if self._step_seqs[step] == 0:
+            del self._step_seqs[step]
+
+    def _drop_index_if_empty(self, problem_id: str) -> None:
+        idx = self._indices.get(problem_id)
+        if idx is not None and idx.num_sequences == 0:
+            del self._indices[problem_id]
+
+    def add_history(self, problem_id: str, step: int, tokens: Sequence[int] | np.ndarray) -> bool:
+        """Add a finished rollout; returns False (not stored) if ``step`` is outside the window."""
+        if step > self._step:
+            raise ValueError(f"invalid step={step}: after the current step {self._step}")
+        if step < self._step - self.config.window_steps:
+            return False
+        seq_id = self._add(problem_id, as_tokens(tokens, f"tokens of problem {problem_id!r}"), step)
+        self._finished.setdefault(problem_id, {}).setdefault(step, []).append(seq_id)
+        return True
+
+    def start_request(self, req_id: str, problem_id: str, prompt_tokens: Sequence[int] | np.ndarray) -> None:
+        if req_id in self._live:
+            raise ValueError(f"duplicate req_id={req_id!r}: already started")
+        tokens = as_tokens(prompt_tokens, f"prompt_tokens of req_id={req_id!r}")
+        self._live[req_id] = _Live(problem_id, self._add(problem_id, tokens, self._step), self._step)
+
+    def _request(self, req_id: str) -> _Live:
+        live = self._live.get(req_id)
+        if live is None:
+            raise ValueError(f"unknown req_id={req_id!r}: not started or already finished")
+        return live
+
+    def extend_request(self, req_id: str, tokens: int | Sequence[int] | np.ndarray) -> None:
+        """Append newly accepted tokens (bonus token included: it is real output)."""
+        live = self._request(req_id)
+        idx = self._indices[live.problem_id]
+        if isinstance(tokens, (int, np.integer)):
+            if not 0 <= tokens <= np.iinfo(np.int32).max:
+                raise ValueError(f"invalid token={tokens} for req_id={req_id!r}: must be in [0, 2**31)")
+            idx.append(live.seq_id, int(tokens))
+            if self._global is not None:
+                self._global.append(live.seq_id, int(tokens))
+            return
+        arr = as_tokens(tokens, f"tokens of req_id={req_id!r}")
+        idx.extend(live.seq_id, arr)
+        if self._global is not None:
+            self._global.extend(live.seq_id, arr)
+
+    def finish_request(self, req_id: str, keep: bool = True) -> None:
+        """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""
+        live = self._request(req_id)
+        del self._live[req_id]
+        in_window = live.step >= self._step - self.config.window_steps
+        if keep and in_window:
+            self._finished.setdefault(live.problem_id, {}).setdefault(live.step, []).append(live.seq_id)
+        else:
+            self._remove(live.problem_id, live.seq_id, live.step)
+            self._drop_index_if_empty(live.problem_id)
+
+    # ------------------------------------------------------------------ drafting
+
+    def _budget(self, budget: int | None, req_id: str) -> int:
+        if budget is None:
+            return self.config.max_budget
+        if budget < 0:
+            raise ValueError(f"invalid budget={budget} for req_id={req_id!r}: must be >= 0")
+        return int(budget)
+
+    def speculate(self, req_id: str, budget: int | None = None) -> DraftTree:
+        """Best-first draft tree (a chain if ``config.tree`` is False) of <= budget nodes."""
+        return self.speculate_batch([req_id], None if budget is None else [budget])[0]
+
+    def speculate_batch(
+        self, req_ids: Sequence[str], budgets: Sequence[int] | np.ndarray | None = None
+    ) -> list[DraftTree]:
+        """One native call for the whole decode batch; ``budgets=None`` asks for max_budget."""
+        n = len(req_ids)
+        if budgets is None:
+            b = np.full(n, self.config.max_budget, dtype=np.int32)
+        else:
+            if len(budgets) != n:
+                raise ValueError(f"budgets has {len(budgets)} entries for {n} req_ids")
+            b = np.asarray(budgets, dtype=np.int32)
+            if n and b.min() < 0:
+                row = int(np.argmin(b))
+                raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
+        lives = [self._request(r) for r in req_ids]
+        indices = [self._indices[lv.problem_id] for lv in lives]
+        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
+        trees = self._draft_rows(indices, seq_ids, b)
+        if self._global is not None:
+            empty = [r for r, t in enumerate(trees) if len(t) == 0 and b[r] > 0]
+            if empty:
+                fallback = self._draft_rows([self._global] * len(empty), seq_ids[empty], b[empty])
+                for r, t in zip(empty, fallback):
+                    trees[r] = t
+        return trees
+
+    def _draft_rows(self, indices: list[SuffixIndex], seq_ids: np.ndarray, budgets: np.ndarray) -> list[DraftTree]:
+        cfg = self.config
+        steps, weights = self._weights
+        tokens, parents, probs, offsets, match = draft_batch(
+            indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len
+        )
+        bounds = offsets.tolist()
+        return [
+            DraftTree(tokens[a:z], parents[a:z], probs[a:z], int(m))
+            for a, z, m in zip(bounds[:-1], bounds[1:], match.tolist())
+        ]
+
+    # ------------------------------------------------------------------ snapshots, stats
+
+    def history(self) -> History:
+        """Finished rollouts per problem per step (what snapshots persist)."""
+        out: History = {}
+        for problem_id, by_step in self._finished.items():
+            idx = self._indices[problem_id]
+            out[problem_id] = {s: [idx.sequence_tokens(q) for q in seqs] for s, seqs in sorted(by_step.items())}
+        return out
+
+    def load_history(self, history: Mapping[str, Mapping[int, Iterable[Sequence[int] | np.ndarray]]]) -> int:
+        """Add every rollout of a :meth:`history` snapshot; returns how many were stored."""
+        stored = 0
+        for problem_id, by_step in history.items():
+            for step, rollouts in by_step.items():
+                for tokens in rollouts:
+                    stored += self.add_history(problem_id, int(step), tokens)
+        return stored
+
+    def stats(self) -> DrafterStats:
+        idxs = list(self._indices.values()) + ([self._global] if self._global is not None else [])
+        return DrafterStats(
+            problems=len(self._indices),
+            live_requests=len(self._live),
+            sequences=sum(i.num_sequences for i in self._indices.values()),
+            tokens=sum(i.num_tokens for i in self._indices.values()),
+            nodes=sum(i.num_nodes for i in idxs),
+            bytes=sum(i.memory_bytes() for i in idxs),
+        )

@@ -1,0 +1,196 @@
+"""SuffixDrafter behaviour: window eviction, siblings, own text, validation, snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.draft_tree import DraftTree
+from das_sglang.core.drafter import SuffixDrafter
+
+ROLLOUT = [7, 8, 9, 10, 11, 12, 13, 14]
+
+
+def drafter(**kw) -> SuffixDrafter:
+    d = SuffixDrafter(DrafterConfig(**kw))
+    d.advance_step(0)
+    return d
+
+
+class TestHistory:
+    def test_history_drafts_the_rest_of_a_rollout(self):
+        d = drafter(window_steps=1)
+        d.add_history("p", 0, [1, 2] + ROLLOUT)
+        d.advance_step(1)
+        d.start_request("r", "p", [1, 2])
+        tree = d.speculate("r", budget=4)
+        assert tree.tokens.tolist() == ROLLOUT[:4]
+        assert tree.parents.tolist() == [-1, 0, 1, 2]
+        assert tree.match_len == 2
+
+    def test_window_evicts_old_steps(self):
+        d = drafter(window_steps=1)
+        d.add_history("p", 0, [1, 2] + ROLLOUT)
+        d.advance_step(1)
+        assert d.stats().sequences == 1
+        d.advance_step(2)  # step 0 is now 2 steps old: outside a 1-step window
+        assert d.stats().sequences == 0 and d.stats().nodes == 0
+        assert d.history() == {}
+
+    def test_history_outside_window_is_not_stored(self):
+        d = drafter(window_steps=1)
+        d.advance_step(5)
+        assert d.add_history("p", 3, [1, 2, 3]) is False
+        assert d.add_history("p", 4, [1, 2, 3]) is True
+
+    def test_older_steps_weigh_less(self):
+        d = drafter(window_steps=2, step_decay=0.5, min_token_prob=0.0)
+        d.add_history("p", 0, [1, 2, 3])  # old: continuation 3
+        d.add_history("p", 0, [1, 2, 3])
+        d.advance_step(2)
+        d.add_history("p", 2, [1, 2, 4])  # current: continuation 4, weight 1 vs 2 * 0.25
+        d.start_request("r", "p", [1, 2])
+        tree = d.speculate("r", budget=2)
+        assert tree.tokens.tolist() == [4, 3]
+        assert tree.probs.tolist() == pytest.approx([1 / 1.5, 0.5 / 1.5])
+
+
+class TestSiblings:
+    def test_siblings_feed_each_other(self):
+        d = drafter()
+        d.start_request("a", "p", [1, 2])
+        d.start_request("b", "p", [1, 2])
+        d.extend_request("a", ROLLOUT)
+        tree = d.speculate("b", budget=8)
+        assert tree.tokens.tolist() == ROLLOUT
+
+    def test_identical_sibling_is_fully_accepted(self):
+        d = drafter(max_budget=16)
+        d.start_request("a", "p", [1, 2])
+        d.extend_request("a", ROLLOUT)
+        d.finish_request("a")
+        d.start_request("b", "p", [1, 2])
+        produced = 0
+        while produced < len(ROLLOUT):
+            tree = d.speculate("b")
+            accepted = tree.accept_length(ROLLOUT[produced:])
+            assert accepted == len(ROLLOUT) - produced  # the whole remainder, first try
+            d.extend_request("b", np.asarray(ROLLOUT[produced : produced + accepted], np.int32))
+            produced += accepted
+
+    def test_own_text_drafts_its_repetition(self):
+        d = drafter()
+        d.start_request("r", "p", [5, 6, 7, 8, 5, 6])
+        assert d.speculate("r", budget=2).tokens.tolist() == [7, 8]
+
+    def test_problems_do_not_mix(self):
+        d = drafter()
+        d.add_history("p", 0, [1, 2, 3])
+        d.start_request("r", "q", [1, 2])
+        assert len(d.speculate("r")) == 0
+
+    def test_global_shard_helps_unseen_problems(self):
+        d = drafter(global_shard=True)
+        d.add_history("p", 0, [1, 2, 3])
+        d.start_request("r", "q", [1, 2])
+        assert d.speculate("r").tokens.tolist() == [3]
+
+    def test_finish_without_keep_drops_the_sequence(self):
+        d = drafter()
+        d.start_request("r", "p", [1, 2, 3])
+        d.finish_request("r", keep=False)
+        assert d.stats().sequences == 0 and d.history() == {}
+
+
+class TestBatch:
+    def test_batch_equals_single_calls(self):
+        d = drafter(min_token_prob=0.0)
+        for k in range(3):
+            d.add_history("p", 0, [1, 2, 3 + k, 9, 9])
+        d.start_request("a", "p", [1, 2])
+        d.start_request("b", "p", [2, 3])
+        batch = d.speculate_batch(["a", "b"], [3, 5])
+        for tree, (rid, budget) in zip(batch, [("a", 3), ("b", 5)]):
+            single = d.speculate(rid, budget)
+            assert tree.tokens.tolist() == single.tokens.tolist()
+            assert tree.parents.tolist() == single.parents.tolist()
+            assert tree.probs.tolist() == single.probs.tolist()
+
+    def test_chain_mode(self):
+        d = drafter(tree=False, min_token_prob=0.0)
+        d.add_history("p", 0, [1, 2, 3, 4])
+        d.add_history("p", 0, [1, 2, 5, 6])
+        d.start_request("r", "p", [1, 2])
+        tree = d.speculate("r", 4)
+        assert tree.tokens.tolist() == [3, 4] and tree.parents.tolist() == [-1, 0]
+
+    def test_budget_zero_and_none(self):
+        d = drafter(max_budget=3, min_token_prob=0.0)
+        d.add_history("p", 0, [1] + ROLLOUT)
+        d.start_request("r", "p", [1])
+        assert len(d.speculate("r", 0)) == 0
+        assert len(d.speculate("r")) == 3
+        assert isinstance(d.speculate("r"), DraftTree)
+
+
+class TestValidation:
+    def test_unknown_req_id(self):
+        d = drafter()
+        with pytest.raises(ValueError, match="unknown req_id='x'"):
+            d.speculate("x")
+        with pytest.raises(ValueError, match="unknown req_id='x'"):
+            d.extend_request("x", [1])
+
+    def test_duplicate_req_id(self):
+        d = drafter()
+        d.start_request("r", "p", [1])
+        with pytest.raises(ValueError, match="duplicate req_id='r'"):
+            d.start_request("r", "p", [1])
+
+    def test_negative_budget(self):
+        d = drafter()
+        d.start_request("r", "p", [1])
+        with pytest.raises(ValueError, match="budget=-1"):
+            d.speculate("r", -1)
+
+    def test_bad_tokens(self):
+        d = drafter()
+        with pytest.raises(ValueError, match="dtype=float64"):
+            d.start_request("r", "p", [1.5, 2.0])
+        with pytest.raises(ValueError, match=r"-3"):
+            d.start_request("r", "p", [-3])
+
+    def test_steps_only_advance(self):
+        d = drafter()
+        d.advance_step(3)
+        with pytest.raises(ValueError, match="step=2"):
+            d.advance_step(2)
+
+    def test_window_larger_than_native_slots(self):
+        with pytest.raises(ValueError, match="window_steps=9"):
+            SuffixDrafter(DrafterConfig(window_steps=9))
+
+
+class TestSnapshots:
+    def test_history_round_trip(self):
+        d = drafter(window_steps=2)
+        d.add_history("p", 0, [1, 2, 3])
+        d.advance_step(1)
+        d.start_request("r", "p", [4, 5])
+        d.extend_request("r", [6])
+        d.finish_request("r")
+        d.start_request("live", "p", [9])  # live requests are not history
+        snap = d.history()
+        assert {s: [t.tolist() for t in ts] for s, ts in snap["p"].items()} == {0: [[1, 2, 3]], 1: [[4, 5, 6]]}
+        e = drafter(window_steps=2)
+        e.advance_step(1)
+        assert e.load_history(snap) == 2
+        assert {s: [t.tolist() for t in ts] for s, ts in e.history()["p"].items()} == {0: [[1, 2, 3]], 1: [[4, 5, 6]]}
+
+    def test_stats(self):
+        d = drafter()
+        d.add_history("p", 0, list(range(100)))
+        st = d.stats()
+        assert st.tokens == 100 and st.sequences == 1 and st.nodes > 0
+        assert 0 < st.bytes_per_token < 2000
