@@ -15,7 +15,9 @@ share the problem id). Nothing here imports sglang until an engine is built.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,24 +44,42 @@ def tagged(sampling_params: Mapping[str, Any] | None, problem_id: str | int, ste
     return params
 
 
-def engine(model_path: str | os.PathLike[str], *, das_config: Any = None, **sglang_kwargs: Any):
+def engine(model_path: str | os.PathLike[str], *, das_config: DasConfig = None, **sglang_kwargs: Any):
     """A started ``sglang.Engine`` that speculates with DAS.
 
-    ``das_config`` (drafter/policy/snapshot options) reaches the DAS worker in SGLang's
-    scheduler process through the documented environment mechanism (docs/sglang.md), so
-    it must be set before the engine spawns its processes; ``sglang_kwargs`` are
-    ``ServerArgs`` fields and override the defaults set here.
+    ``das_config`` is what the env variable ``DAS_CONFIG`` holds (docs/sglang.md): a
+    mapping with sections ``drafter`` / ``policy`` / ``server`` (values: dicts or the
+    config dataclasses themselves), a JSON string, or a path to a JSON file. It is
+    validated here, then exported so SGLang's scheduler processes see it; None keeps
+    whatever ``DAS_CONFIG`` already holds. ``sglang_kwargs`` are ``ServerArgs`` fields
+    (e.g. ``speculative_num_draft_tokens``: verify width = 1 + most draft nodes).
     """
     if das_config is not None:
         os.environ.update(das_env(das_config))
     return _sglang_engine(str(model_path), {"speculative_algorithm": ALGORITHM, **sglang_kwargs})
 
 
-def das_env(das_config: Any) -> dict[str, str]:
-    """Environment variables carrying ``das_config`` to the DAS worker."""
-    from das_sglang.sglang import options
+DasConfig = Mapping[str, Any] | str | os.PathLike[str] | None
 
-    return options.to_env(das_config)
+
+def das_env(das_config: DasConfig) -> dict[str, str]:
+    """``{"DAS_CONFIG": ...}`` for ``das_config``; ValueError (naming the field) if invalid."""
+    from das_sglang.sglang.options import ENV, load_options
+
+    if isinstance(das_config, Mapping):
+        raw = json.dumps({name: _section(name, value) for name, value in das_config.items()})
+    else:
+        raw = os.fspath(das_config)
+    load_options(None, raw)  # fail here, in the caller, not in a scheduler subprocess
+    return {ENV: raw}
+
+
+def _section(name: str, value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"invalid das_config section {name}={value!r}: must be a mapping or a config dataclass")
+    return dict(value)
 
 
 def _sglang_engine(model_path: str, kwargs: dict[str, Any]):
@@ -105,18 +125,43 @@ def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
     return model, {}  # a hub id: SGLang resolves it (from the local HF cache when offline)
 
 
+# Both engines of a `das rollout --compare none` run get the same concurrency (SGLang's
+# speculative set-up would otherwise lower only the DAS engine's to 48).
+ROLLOUT_MAX_RUNNING_REQUESTS = 48
+
+
 def rollout_engine(model: str, *, speculative: bool, history_dir: Path | None = None,
-                   seed: int | None = None, **sglang_kwargs: Any):
+                   strict_history: bool = False, seed: int | None = None, **sglang_kwargs: Any):
     """The engine `das rollout` drives: DAS (with history persisted to ``history_dir``)
     or, for ``--compare none``, the same engine without speculation."""
     model_path, extra = resolve_model(model)
-    kwargs = {**extra, **({"random_seed": seed} if seed is not None else {}), **sglang_kwargs}
+    kwargs = {**extra, "max_running_requests": ROLLOUT_MAX_RUNNING_REQUESTS,
+              **({"random_seed": seed} if seed is not None else {}), **sglang_kwargs}
     if not speculative:
         return _sglang_engine(model_path, kwargs)
-    return engine(model_path, das_config=_rollout_das_config(history_dir), **kwargs)
+    return engine(model_path, das_config=rollout_das_config(history_dir, strict_history), **kwargs)
 
 
-def _rollout_das_config(history_dir: Path | None) -> Any:
-    from das_sglang.sglang import options
+def rollout_das_config(history_dir: Path | None, strict_history: bool = False) -> DasConfig:
+    """`das rollout`'s DAS settings: ``DAS_CONFIG`` as the user set it (or the documented
+    defaults), with ``server.history_path`` set to ``history_dir`` when given (loaded at
+    start, saved at shutdown and periodically). An unusable snapshot is logged and
+    ignored unless ``strict_history``."""
+    from das_sglang.sglang.options import ENV
 
-    return options.DASOptions(history_dir=str(history_dir) if history_dir else None)
+    raw = os.environ.get(ENV, "").strip()
+    if history_dir is None:
+        return raw or {}
+    if raw and not raw.startswith("{"):  # DAS_CONFIG may name a JSON file
+        if not Path(raw).is_file():
+            raise ValueError(f"invalid {ENV}={raw!r}: neither a JSON object nor a file")
+        raw = Path(raw).read_text()
+    try:
+        config = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid {ENV}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("server", {}), dict):
+        raise ValueError(f"invalid {ENV}={raw!r}: must be a JSON object of sections")
+    config["server"] = {**config.get("server", {}), "history_path": str(history_dir),
+                        "strict_snapshot": strict_history}
+    return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,4 +76,51 @@ class TestEngineArguments:
     def test_plain_rollout_engine_has_no_speculation(self, calls: list, tmp_path: Path) -> None:
         (tmp_path / "config.json").write_text("{}")
         api.rollout_engine(str(tmp_path), speculative=False, seed=3)
-        assert calls == [(str(tmp_path), {"random_seed": 3})]
+        assert calls == [(str(tmp_path), {"max_running_requests": api.ROLLOUT_MAX_RUNNING_REQUESTS, "random_seed": 3})]
+
+
+class TestDasConfig:
+    """``das_config`` -> ``DAS_CONFIG``, validated by the SGLang integration's own parser."""
+
+    def test_mapping_with_dataclasses(self) -> None:
+        from das_sglang.core.config import DrafterConfig
+
+        env = api.das_env({"drafter": DrafterConfig(window_steps=2), "server": {"policy": "fixed"}})
+        raw = json.loads(env["DAS_CONFIG"])
+        assert raw["drafter"]["window_steps"] == 2 and raw["server"] == {"policy": "fixed"}
+
+    def test_json_string_passes_through(self) -> None:
+        assert api.das_env('{"drafter": {"step_decay": 0.25}}') == {"DAS_CONFIG": '{"drafter": {"step_decay": 0.25}}'}
+
+    @pytest.mark.parametrize(
+        "cfg, match",
+        [
+            ({"drafter": {"window_steps": -1}}, r"window_steps=-1"),
+            ({"drafter": {"no_such": 1}}, r"no_such"),
+            ({"nonsense": {}}, r"nonsense"),
+            ({"drafter": 3}, r"drafter=3"),
+            ("{not json", r"not valid JSON"),
+        ],
+    )
+    def test_invalid_is_rejected_in_the_caller(self, cfg, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            api.das_env(cfg)
+
+    def test_rollout_config_adds_history(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch.setenv("DAS_CONFIG", '{"server": {"policy": "fixed"}, "drafter": {"window_steps": 3}}')
+        cfg = api.rollout_das_config(tmp_path / "h")
+        assert cfg == {"server": {"policy": "fixed", "history_path": str(tmp_path / "h"), "strict_snapshot": False},
+                       "drafter": {"window_steps": 3}}
+        api.das_env(cfg)  # still valid
+
+    def test_rollout_config_reads_a_config_file(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        f = tmp_path / "das.json"
+        f.write_text('{"drafter": {"window_steps": 1}}')
+        monkeypatch.setenv("DAS_CONFIG", str(f))
+        assert api.rollout_das_config(None) == str(f)
+        cfg = api.rollout_das_config(tmp_path, strict_history=True)
+        assert cfg["drafter"] == {"window_steps": 1} and cfg["server"]["strict_snapshot"] is True
+
+    def test_rollout_config_without_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("DAS_CONFIG", raising=False)
+        assert api.rollout_das_config(None) == {}

@@ -41,9 +41,9 @@ class FakeEngine:
 def engines(monkeypatch: pytest.MonkeyPatch) -> list[tuple[FakeEngine, tuple]]:
     made: list[tuple[FakeEngine, tuple]] = []
 
-    def make(model, speculative, history, seed):
+    def make(spec, speculative):
         eng = FakeEngine(speculative)
-        made.append((eng, (model, speculative, history, seed)))
+        made.append((eng, (spec.model, speculative, spec.history, spec.seed, spec.strict_history)))
         return eng
 
     monkeypatch.setattr(cli_rollout, "make_engine", make)
@@ -99,7 +99,7 @@ class TestHappyPath:
                       "--max-new-tokens", "9")
         assert res.exit_code == 0, res.output
         (eng, args), = engines
-        assert args == ("tiny", True, None, 0) and eng.closed
+        assert args == ("tiny", True, None, 0, False) and eng.closed
         _, params, rid = eng.requests[0]
         assert params["custom_params"] == {"das_problem_id": "a", "das_step": 0}
         assert (params["max_new_tokens"], params["temperature"]) == (9, 0.7)
@@ -117,9 +117,10 @@ class TestHappyPath:
         assert "das/none" in res.output and "0.35x" in res.output  # 44 / 124 forward passes
 
     def test_history_dir_is_passed_to_the_engine(self, engines, prompts: Path, tmp_path: Path) -> None:
-        res = _invoke(*_base(prompts, tmp_path / "o"), "--steps", "1", "--n", "1", "--history", str(tmp_path / "h"))
+        res = _invoke(*_base(prompts, tmp_path / "o"), "--steps", "1", "--n", "1", "--history", str(tmp_path / "h"),
+                      "--strict-history")
         assert res.exit_code == 0, res.output
-        assert engines[0][1][2] == tmp_path / "h"
+        assert engines[0][1][2] == tmp_path / "h" and engines[0][1][4] is True
 
 
 class TestHelp:

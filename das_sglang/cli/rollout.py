@@ -9,6 +9,7 @@ the same steps without speculation and reports the ratio.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -30,11 +31,20 @@ class Compare(str, Enum):
     none = "none"
 
 
-def make_engine(model: str, speculative: bool, history: Path | None, seed: int | None) -> Engine:
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    model: str
+    history: Path | None = None
+    strict_history: bool = False
+    seed: int | None = None
+
+
+def make_engine(spec: EngineSpec, speculative: bool) -> Engine:
     """A started SGLang engine (the seam the CLI tests replace with a stand-in)."""
     from das_sglang import api
 
-    return api.rollout_engine(model, speculative=speculative, history_dir=history, seed=seed)
+    return api.rollout_engine(spec.model, speculative=speculative, history_dir=spec.history,
+                              strict_history=spec.strict_history, seed=spec.seed)
 
 
 def _validate(n: int, steps: int, start_step: int, prompts: Path, out: Path, history: Path | None) -> None:
@@ -72,10 +82,8 @@ def _run_steps(
     return stats
 
 
-def _with_engine(
-    model: str, speculative: bool, history: Path | None, seed: int | None, body: Callable[[Engine], list[StepStats]]
-) -> list[StepStats]:
-    engine = make_engine(model, speculative, history, seed)
+def _with_engine(spec: EngineSpec, speculative: bool, body: Callable[[Engine], list[StepStats]]) -> list[StepStats]:
+    engine = make_engine(spec, speculative)
     try:
         return body(engine)
     finally:
@@ -111,7 +119,7 @@ def _row(s: StepStats, engine: str) -> list[str]:
 
 def rollout(
     model: Annotated[str, typer.Option(help=f"Model path or HF id; '{TINY_MODEL}' builds the tiny CPU test model.")],
-    prompts: Annotated[Path, typer.Option(help="JSONL, one object per line: prompt, [problem_id], [answer].")],
+    prompts: Annotated[Path, typer.Option(help="JSONL, one object per line: prompt (or input), optional problem_id (or id) and answer.")],
     out: Annotated[Path, typer.Option(help="Output dir: <step>.jsonl per step (verl rollout_data_dir) + summary.json.")],
     n: Annotated[int, typer.Option(help="Samples per prompt per step (GRPO group size).")] = 16,
     steps: Annotated[int, typer.Option(help="Number of steps K.")] = 2,
@@ -121,6 +129,7 @@ def rollout(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Base of the per-request sampling seeds.")] = 0,
     history: Annotated[Optional[Path], typer.Option(help="Snapshot dir: DAS history is loaded from and saved to it.")] = None,
+    strict_history: Annotated[bool, typer.Option(help="Fail on an unusable --history snapshot instead of starting empty.")] = False,
 ) -> None:
     """Generate N samples of every prompt for K steps with DAS speculative decoding."""
     console = Console(stderr=True)
@@ -129,14 +138,15 @@ def rollout(
         sampling = Sampling(max_new_tokens, temperature, seed)
         prompt_list = read_prompts(prompts)
         step_range = range(start_step, start_step + steps)
+        spec = EngineSpec(model, history, strict_history, seed)
         das = _with_engine(
-            model, True, history, seed,
+            spec, True,
             lambda eng: _run_steps(console, eng, prompt_list, n, step_range, sampling, out, "das"),
         )
         base = None
         if compare is Compare.none:
             base = _with_engine(
-                model, False, None, seed,
+                EngineSpec(model, seed=seed), False,
                 lambda eng: _run_steps(console, eng, prompt_list, n, step_range, sampling, out / COMPARE_DIR, "none"),
             )
     except ValueError as e:  # bad input anywhere (flags, prompts, model, snapshot): no traceback
