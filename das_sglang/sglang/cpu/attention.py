@@ -1,0 +1,86 @@
+"""torch_native attention with tree-mask TARGET_VERIFY support (CPU development mode).
+
+SGLang's ``TorchNativeAttnBackend`` has no TARGET_VERIFY path: it ignores
+``spec_info.custom_mask``. This subclass handles TARGET_VERIFY with one SDPA per
+request over (committed prefix + verify tokens): the prefix is fully visible, and the
+verify tokens see each other through the request's n x n ancestor mask. Every other
+mode is the parent's code, untouched. Registered under the ``torch_native`` name of
+SGLang's attention registry by :func:`das_sglang.sglang.cpu.activate`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from torch.nn.functional import scaled_dot_product_attention
+
+# Test-only negative control: replace every tree mask by a plain causal mask, so
+# siblings see each other and verification must diverge from the non-speculative run.
+CORRUPT_MASK_ENV = "DAS_SGLANG_CPU_CORRUPT_MASK"
+
+
+class TreeVerifyTorchNativeAttnBackend(TorchNativeAttnBackend):
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        self.corrupt_mask = os.environ.get(CORRUPT_MASK_ENV, "") == "1"
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if not forward_batch.forward_mode.is_target_verify():
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = q.new_empty((q_.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+        self._verify_attention(q_, o, layer, forward_batch)
+        return o.view(o.shape[0], -1)
+
+    def _tree_masks(self, forward_batch, bs: int, n: int) -> torch.Tensor:
+        """[bs, n, n] bool ancestor masks (the trailing n x n block of a full mask)."""
+        mask = forward_batch.spec_info.custom_mask
+        if self.corrupt_mask:
+            causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+            return causal.expand(bs, n, n)
+        if mask.numel() == bs * n * n:
+            return mask.view(bs, n, n).to(torch.bool)
+        # Full-mask layout (prefix columns + tree columns, per request): keep the tree part.
+        out, start = [], 0
+        for prefix in forward_batch.seq_lens.tolist():
+            block = mask[start : start + n * (prefix + n)].view(n, prefix + n)
+            out.append(block[:, prefix:].to(torch.bool))
+            start += n * (prefix + n)
+        return torch.stack(out)
+
+    def _verify_attention(self, q, o, layer, forward_batch) -> None:
+        n = forward_batch.spec_info.draft_token_num
+        seq_lens = forward_batch.seq_lens.tolist()
+        bs = len(seq_lens)
+        trees = self._tree_masks(forward_batch, bs, n)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        req_to_token = self.req_to_token_pool.req_to_token
+        use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
+        for b, prefix in enumerate(seq_lens):
+            slots = req_to_token[forward_batch.req_pool_indices[b], : prefix + n]
+            key = k_cache[slots].movedim(0, 1).to(q.dtype)  # [heads, kv, dim]
+            value = v_cache[slots].movedim(0, 1).to(q.dtype)
+            query = q[b * n : (b + 1) * n].movedim(0, 1)  # [heads, n, dim]
+            allowed = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device)
+            allowed[:, prefix:] = trees[b]
+            out = scaled_dot_product_attention(
+                query.unsqueeze(0),
+                key.unsqueeze(0),
+                value.unsqueeze(0),
+                attn_mask=allowed,
+                scale=layer.scaling,
+                enable_gqa=use_gqa,
+            )
+            o[b * n : (b + 1) * n] = out.squeeze(0).movedim(0, 1)
+
+
+def create_backend(runner):
+    return TreeVerifyTorchNativeAttnBackend(runner)

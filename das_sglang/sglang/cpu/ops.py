@@ -1,0 +1,142 @@
+"""Torch implementations of the ``sgl_kernel`` CPU ops SGLang's tree-verify path calls.
+
+CPU development mode only (served to SGLang through the ``sgl_kernel`` stand-in). Each
+op follows the contract of the compiled op of the same name (argument order included);
+in-place outputs are written into the tensors passed in. Speed is not a goal: clarity
+is, since these ops are part of what the end-to-end tests check.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+
+def assign_extend_cache_locs_cpu(
+    req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len
+) -> None:
+    """Concatenate ``req_to_token[r, start:end]`` of every request into ``out_cache_loc``."""
+    pos = 0
+    for r, s, e in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist()):
+        out_cache_loc[pos : pos + e - s] = req_to_token[r, s:e]
+        pos += e - s
+
+
+def assign_req_to_token_pool_cpu(
+    req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len
+) -> None:
+    """Inverse of :func:`assign_extend_cache_locs_cpu`: write the slots into ``req_to_token``."""
+    pos = 0
+    for r, s, e in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist()):
+        req_to_token[r, s:e] = out_cache_loc[pos : pos + e - s].to(req_to_token.dtype)
+        pos += e - s
+
+
+def copy_all_layer_kv_cache_cpu(data_ptrs, strides, tgt_loc, src_loc) -> None:
+    """For every layer buffer (raw address + row stride in bytes) copy row src -> tgt.
+
+    All source rows are read before any target row is written (moves may overlap).
+    """
+    if tgt_loc.numel() == 0:
+        return
+    src = src_loc.to(torch.int64)
+    tgt = tgt_loc.to(torch.int64)
+    rows = int(torch.maximum(src.max(), tgt.max())) + 1
+    for address, stride in zip(data_ptrs.tolist(), strides.tolist()):
+        raw = (ctypes.c_uint8 * (rows * stride)).from_address(address)
+        buf = torch.frombuffer(raw, dtype=torch.uint8).view(rows, stride)
+        buf[tgt] = buf[src].clone()
+
+
+def reconstruct_indices_from_tree_mask(
+    tree_mask,
+    verified_seq_len,
+    positions,
+    retrieve_index,
+    retrieve_next_token,
+    retrieve_next_sibling,
+    batch_size: int,
+    draft_token_num: int,
+) -> None:
+    """Positions and first-child / next-sibling links from per-request ancestor masks.
+
+    ``tree_mask[b, i, j]`` marks node ``j`` as node ``i`` or one of its ancestors.
+    """
+    n = draft_token_num
+    mask = tree_mask.view(batch_size, n, n).to(torch.bool)
+    for b in range(batch_size):
+        parent = [-1] * n
+        for i in range(n):
+            anc = [j for j in range(i) if bool(mask[b, i, j])]
+            parent[i] = anc[-1] if anc else -1
+            positions[b * n + i] = int(verified_seq_len[b]) + len(anc)
+            retrieve_index[b, i] = b * n + i
+        first_child = [-1] * n
+        next_sibling = [-1] * n
+        last_child: dict[int, int] = {}
+        for i in range(n):
+            p = parent[i]
+            if p < 0:
+                continue
+            if first_child[p] < 0:
+                first_child[p] = i
+            else:
+                next_sibling[last_child[p]] = i
+            last_child[p] = i
+        retrieve_next_token[b] = torch.tensor(first_child, dtype=retrieve_next_token.dtype)
+        retrieve_next_sibling[b] = torch.tensor(next_sibling, dtype=retrieve_next_sibling.dtype)
+
+
+def verify_tree_greedy_cpu(
+    predicts,
+    accept_index,
+    accept_token_num,
+    candidates,
+    retrive_index,
+    retrive_next_token,
+    retrive_next_sibling,
+    target_predict,
+) -> None:
+    """Walk each tree from its root, accepting the child equal to the target's token.
+
+    ``target_predict[b, i]`` is the target's token after verify row ``i``; the walk stops
+    at the first level where no child matches. ``predicts`` (flat) receives the accepted
+    tokens and the bonus token at the accepted rows; ``accept_index[b]`` the flat rows of
+    the root and the accepted nodes; ``accept_token_num[b]`` the accepted draft count.
+    """
+    bs, num_steps = accept_index.shape
+    target = target_predict.reshape(-1).tolist()
+    cand = candidates.tolist()
+    rindex = retrive_index.tolist()
+    next_token = retrive_next_token.tolist()
+    next_sibling = retrive_next_sibling.tolist()
+    for b in range(bs):
+        last = rindex[b][0]
+        accept_index[b, 0] = last
+        accepted, cur = 0, 0
+        for _ in range(1, num_steps):
+            cur = next_token[b][cur]
+            while cur != -1 and cand[b][cur] != target[last]:
+                cur = next_sibling[b][cur]
+            if cur == -1:
+                break
+            predicts[last] = target[last]
+            accepted += 1
+            last = rindex[b][cur]
+            accept_index[b, accepted] = last
+        accept_token_num[b] = accepted
+        predicts[last] = target[last]
+
+
+def fill_accept_out_cache_loc_cpu(accept_index, out_cache_loc, accept_out_cache_loc) -> None:
+    """Compact ``out_cache_loc[accept_index]`` over the non-(-1) entries, in order."""
+    flat = accept_index.reshape(-1)
+    kept = flat[flat != -1].to(torch.int64)
+    accept_out_cache_loc[: kept.numel()] = out_cache_loc[kept]
+
+
+def fill_bonus_tokens_cpu(accept_tokens, accept_lens, bonus_tokens, stride: int) -> None:
+    """``bonus[b] = accept_tokens[b * stride + accept_lens[b] - 1]`` (the last accepted)."""
+    rows = torch.arange(accept_lens.numel(), device=accept_lens.device) * stride
+    bonus_tokens.copy_(accept_tokens.reshape(-1)[rows + accept_lens.to(torch.int64) - 1])

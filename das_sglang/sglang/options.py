@@ -1,0 +1,147 @@
+"""DAS options of the SGLang integration: one documented place, validated up front.
+
+SGLang's own flags are used where they fit: ``--speculative-num-draft-tokens N`` is the
+verify width (root + ``N - 1`` draft nodes), so the most draft nodes a request gets in
+one step is ``N - 1``. Everything else comes from the environment variable
+``DAS_CONFIG``: a JSON object, or a path to a JSON file, with up to three sections that
+map one to one onto frozen config dataclasses::
+
+    {"drafter": {<DrafterConfig fields>},   # das_sglang/core/config.py
+     "policy":  {<PolicyConfig fields>},    # das_sglang/core/policy_config.py
+     "server":  {<ServerConfig fields>}}    # below
+
+Unknown sections or fields, and values a dataclass rejects, raise ValueError naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.policy import POLICIES
+from das_sglang.core.policy_config import PolicyConfig
+
+ENV = "DAS_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Settings of the SGLang worker itself.
+
+    policy            draft-budget policy, by its ``das`` CLI name (core/policy.py
+                      POLICIES): length-aware (default), paper, fixed
+                      (PolicyConfig.fixed_budget per request), unlimited (max_budget for
+                      every request), none (verify the root only: no speculation).
+    history_path      directory of the history snapshot: loaded at worker start when it
+                      holds one, saved every ``snapshot_interval`` finished requests and at
+                      shutdown. None keeps history in memory only.
+    snapshot_interval finished requests between two snapshot saves (0 = only at shutdown).
+    strict_snapshot   a snapshot that cannot be loaded stops the worker (True) or is
+                      logged and ignored (False).
+    """
+
+    policy: str = "length-aware"
+    history_path: str | None = None
+    snapshot_interval: int = 256
+    strict_snapshot: bool = True
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"invalid policy={self.policy!r}: must be one of {sorted(POLICIES)}")
+        if self.snapshot_interval < 0:
+            raise ValueError(f"invalid snapshot_interval={self.snapshot_interval!r}: must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class DasOptions:
+    drafter: DrafterConfig
+    policy: PolicyConfig
+    server: ServerConfig
+    max_nodes: int  # draft nodes per request per step: speculative_num_draft_tokens - 1
+
+
+_SECTIONS = {"drafter": DrafterConfig, "policy": PolicyConfig, "server": ServerConfig}
+
+
+def load_options(num_draft_tokens: int | None, raw: str | None = None) -> DasOptions:
+    """Options from ``raw`` (default: env ``DAS_CONFIG``) and SGLang's verify width.
+
+    ``num_draft_tokens`` None (not resolved yet) skips the width checks.
+    """
+    text = os.environ.get(ENV, "") if raw is None else raw
+    sections = _parse(text)
+    built = {name: _build(name, cls, sections.get(name, {})) for name, cls in _SECTIONS.items()}
+    if num_draft_tokens is None:
+        return DasOptions(**built, max_nodes=built["drafter"].max_budget)
+    if num_draft_tokens < 2:
+        raise ValueError(
+            f"invalid speculative_num_draft_tokens={num_draft_tokens!r}: DAS needs >= 2 "
+            "(the root plus at least one draft node)"
+        )
+    max_nodes = num_draft_tokens - 1
+    drafter = _fit_budget("drafter", built["drafter"], sections.get("drafter", {}), max_nodes)
+    policy = _fit_budget("policy", built["policy"], sections.get("policy", {}), max_nodes)
+    if "uniform_width" not in sections.get("policy", {}):
+        # SGLang's tree verify pads every row to the batch width: the cost model must
+        # charge the padding.
+        policy = replace(policy, uniform_width=True)
+    return DasOptions(drafter=drafter, policy=policy, server=built["server"], max_nodes=max_nodes)
+
+
+def _parse(text: str) -> dict[str, dict[str, Any]]:
+    text = text.strip()
+    if not text:
+        return {}
+    if not text.startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"invalid {ENV}={text!r}: neither a JSON object nor a file")
+        text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid {ENV}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"invalid {ENV}={data!r}: must be a JSON object")
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"invalid {ENV} section(s) {unknown}: known are {sorted(_SECTIONS)}")
+    for name, value in data.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"invalid {ENV} section {name}={value!r}: must be a JSON object")
+    return data
+
+
+def _build(section: str, cls: type, values: dict[str, Any]):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"invalid {ENV} field(s) {section}.{unknown}: {cls.__name__} has {sorted(known)}"
+        )
+    # JSON has no tuples; the dataclasses use them for pairs.
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid {ENV} section {section}: {e}") from None
+
+
+def _fit_budget(section: str, cfg, given: dict[str, Any], max_nodes: int):
+    """Default ``max_budget`` (and fixed_budget) to fit the verify width; reject an
+    explicit ``max_budget`` above it."""
+    if "max_budget" not in given:
+        changes = {"max_budget": min(cfg.max_budget, max_nodes)}
+        if "fixed_budget" in (f.name for f in fields(cfg)) and "fixed_budget" not in given:
+            changes["fixed_budget"] = min(cfg.fixed_budget, max_nodes)
+        return replace(cfg, **changes)
+    if cfg.max_budget > max_nodes:
+        raise ValueError(
+            f"invalid {ENV} {section}.max_budget={cfg.max_budget!r}: exceeds "
+            f"speculative_num_draft_tokens - 1 = {max_nodes}"
+        )
+    return cfg

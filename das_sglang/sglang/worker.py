@@ -1,0 +1,225 @@
+"""The DAS speculative worker: SGLang's NGRAM verify plumbing, DAS drafts.
+
+Per decode step (``forward_batch_generation``):
+
+1. new requests are registered with the drafter (problem id / step from
+   ``custom_params``), the drafter proposes a tree per request, the policy picks
+   per-request budgets and so the batch width (0 = verify the root only);
+2. the trees become SGLang's tree-verify inputs (``tree_inputs.build_layout``) and the
+   target model runs one TARGET_VERIFY forward;
+3. ``verify.target_tokens`` draws the target's token after every row exactly as the
+   non-speculative sampler would, ``verify.walk_trees`` accepts the matching path;
+4. accepted KV is kept (SGLang's mover), and the committed tokens go back to the
+   drafter and the policy.
+
+Finished requests (``note_request_finished``) become history of their problem. History
+is never cleared by SGLang's cache flushes (``clear_cache_pool``), so it survives
+``update_weights_from_*``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+
+import torch
+from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
+from sglang.srt.layers.logprob_processor import compute_spec_logprobs
+from sglang.srt.managers.scheduler import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.runtime_context import get_device, get_schedule, get_spec
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.ngram_info import NgramVerifyInput
+from sglang.srt.speculative.ngram_worker import NGRAMWorker
+from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
+
+from das_sglang.sglang.options import load_options
+from das_sglang.sglang.session import DasSession
+from das_sglang.sglang.tree_inputs import build_layout
+from das_sglang.sglang.verify import target_tokens, walk_trees
+
+_log = logging.getLogger(__name__)
+
+
+class DasWorker(NGRAMWorker):
+    # NGRAMWorker's __init__ builds (and JIT-compiles) its n-gram corpus, which DAS
+    # does not use; BaseSpecWorker's is called instead. The inherited parts are the
+    # memory-pool hookup, the draft-worker-less properties and the verify-result hooks.
+    def __init__(self, server_args, gpu_id, nccl_port, target_worker):
+        BaseSpecWorker.__init__(self)
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self.model_runner = target_worker.model_runner
+        self.device = get_device().device
+        self.page_size = get_schedule().page_size
+        self.enable_overlap = not get_schedule().disable_overlap_schedule
+        self.draft_token_num = get_spec().speculative_num_draft_tokens
+        self.speculative_num_draft_tokens = self.draft_token_num
+        self.adaptive_controller = None
+        self.options = load_options(self.draft_token_num)
+        self.session = DasSession(self.options)
+        self._reqs: dict = {}  # rid -> Req of requests the drafter knows
+        self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0}
+        atexit.register(self.session.close)
+        _log.info("DAS worker: %s", self.options)
+
+    def _init_preallocated_tensors(self):
+        pass  # NGRAM's fixed-width buffers; DAS sizes its verify inputs per step
+
+    def clear_cache_pool(self):
+        # Called on cache flushes (e.g. update_weights_from_*): KV is gone, history is
+        # not -- the rollouts stay valid drafts for the next policy version.
+        pass
+
+    # ---------------------------------------------------------------- decode step
+    def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
+        if not batch.forward_mode.is_decode():
+            return self._forward_extend(batch, on_publish, pp_proxy_tensors)
+        bs = len(batch.reqs)
+        layout, trees = self._prepare_verify(batch)
+        result = self.target_worker.forward_batch_generation(
+            batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
+        )
+        logits_output = result.logits_output
+        spec = batch.spec_info
+        target = target_tokens(
+            logits_output.next_token_logits, batch.sampling_info, spec.positions, layout.n
+        )
+        predict, accept_index, num_correct = walk_trees(
+            (spec.draft_token, spec.retrieve_index, spec.retrieve_next_token,
+             spec.retrieve_next_sibling),
+            target, bs, layout.n, self.draft_token_num,
+        )
+        accept_lens = num_correct + 1
+        new_seq_lens = batch.seq_lens + accept_lens
+        accept_tokens = predict[accept_index.clamp(min=0).long()]
+        move_accept_tokens_to_target_kvcache(
+            batch, accept_index, num_correct, self.token_to_kv_pool_allocator
+        )
+        if batch.return_logprob:
+            compute_spec_logprobs(batch, logits_output, predict, accept_index=accept_index)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        batch.forward_mode = ForwardMode.DECODE
+        self._feed_back(batch, trees, accept_tokens.cpu(), accept_lens.cpu())
+        accept_tokens = accept_tokens.flatten()
+        return GenerationBatchResult(
+            logits_output=logits_output,
+            next_token_ids=accept_tokens,
+            can_run_cuda_graph=result.can_run_cuda_graph,
+            accept_lens=accept_lens,
+            new_seq_lens=new_seq_lens,
+            next_draft_input=self._relay(new_seq_lens, accept_tokens, accept_lens),
+            speculative_num_draft_tokens=self.draft_token_num,
+        )
+
+    def _prepare_verify(self, batch):
+        """Drafts -> TARGET_VERIFY batch (tokens, KV slots, mask, positions, links)."""
+        bs = len(batch.reqs)
+        for req in batch.reqs:
+            self._register(req)
+        rids = [req.rid for req in batch.reqs]
+        trees, width = self.session.plan(rids, self.options.max_nodes)
+        seq_lens = batch.seq_lens_cpu.tolist()
+        roots = [req.output_ids[-1] for req in batch.reqs]
+        layout = build_layout(roots, trees, seq_lens, width)
+        n, dev = layout.n, self.device
+        draft_tokens = torch.from_numpy(layout.tokens).to(dev)
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = draft_tokens
+        batch.out_cache_loc = assign_extend_cache_locs_func(
+            req_pool_indices=batch.req_pool_indices,
+            req_to_token=batch.req_to_token_pool.req_to_token,
+            start_offset=batch.seq_lens,
+            end_offset=batch.seq_lens + n,
+            batch_size=bs,
+            draft_token_num=n,
+            device=dev,
+        )
+        batch.spec_info = NgramVerifyInput(
+            draft_token=draft_tokens,
+            custom_mask=self._custom_mask(layout, seq_lens),
+            positions=torch.from_numpy(layout.positions).to(dev),
+            retrieve_index=torch.from_numpy(layout.retrieve_index).to(dev),
+            retrieve_next_token=torch.from_numpy(layout.next_token).to(dev),
+            retrieve_next_sibling=torch.from_numpy(layout.next_sibling).to(dev),
+            draft_token_num=n,
+        )
+        self.stats["verify_steps"] += 1
+        return layout, trees
+
+    def _custom_mask(self, layout, seq_lens):
+        """Flat bool mask in the layout SGLang's backend expects (as NGRAM builds it):
+        tree blocks only on CPU, [prefix ones | tree block] rows per request elsewhere."""
+        tree = torch.from_numpy(layout.mask)
+        if self.device == "cpu" or str(self.device) == "cpu":
+            return tree.flatten()
+        parts = [
+            torch.cat((torch.ones(layout.n, s, dtype=torch.bool), tree[b]), dim=1).flatten()
+            for b, s in enumerate(seq_lens)
+        ]
+        return torch.cat(parts).to(self.device, non_blocking=True)
+
+    def _register(self, req) -> None:
+        if req.rid in self._reqs:
+            return
+        self.session.start(
+            req.rid,
+            req.sampling_params.custom_params,
+            list(req.origin_input_ids_unpadded),
+            list(req.output_ids),
+            req.sampling_params.max_new_tokens or 1 << 30,
+        )
+        self._reqs[req.rid] = req
+
+    def _feed_back(self, batch, trees, accept_tokens, accept_lens) -> None:
+        for b, req in enumerate(batch.reqs):
+            k = int(accept_lens[b])
+            self.session.committed(req.rid, len(trees[b]), accept_tokens[b, :k].tolist())
+            self.stats["proposed"] += len(trees[b])
+            self.stats["accepted"] += k - 1
+
+    def _relay(self, new_seq_lens, accept_tokens, accept_lens):
+        # Fixed stride (speculative_num_draft_tokens) so SGLang's filter/merge of
+        # batches never mixes widths, whatever width each step used.
+        return NgramVerifyInput(
+            draft_token_num=self.draft_token_num,
+            new_seq_lens=new_seq_lens,
+            accept_tokens=accept_tokens,
+            accept_lens=accept_lens,
+        )
+
+    # ---------------------------------------------------------------- prefill
+    def _forward_extend(self, batch, on_publish, pp_proxy_tensors):
+        result = self.target_worker.forward_batch_generation(
+            batch, pp_proxy_tensors=pp_proxy_tensors
+        )
+        bs = len(batch.reqs)
+        predict = result.next_token_ids
+        new_seq_lens = batch.seq_lens.clone()
+        accept_tokens = torch.zeros(
+            bs, self.draft_token_num, dtype=torch.int32, device=self.device
+        )
+        accept_tokens[:, 0] = predict
+        accept_tokens = accept_tokens.flatten()
+        accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        return GenerationBatchResult(
+            logits_output=result.logits_output,
+            next_token_ids=predict,
+            can_run_cuda_graph=result.can_run_cuda_graph,
+            accept_lens=accept_lens,
+            new_seq_lens=new_seq_lens,
+            next_draft_input=self._relay(new_seq_lens, accept_tokens, accept_lens),
+            speculative_num_draft_tokens=self.draft_token_num,
+        )
+
+    # ---------------------------------------------------------------- finished
+    def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
+        req = self._reqs.pop(rid, None)
+        if req is None:
+            return
+        self.session.finished(
+            rid, list(req.origin_input_ids_unpadded), list(req.output_ids)
+        )
