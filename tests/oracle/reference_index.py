@@ -1,0 +1,179 @@
+"""Slow, obviously-correct reference of the native SuffixIndex (test oracle only).
+
+An uncompressed trie of dicts: every truncated suffix ``X[i : i + max_depth]`` of every
+stored sequence is inserted token by token and every trie node on its path counts it once,
+per step. No compression, no cursors, no slots: ``extend`` re-walks from the root, and
+``draft_for_sequence`` is literally ``draft(sequence tokens)``. Semantics follow
+docs/design.md "Native index"; tie-breaks are spelt out in ``draft``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Node:
+    children: dict[int, "_Node"] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)  # step -> occurrences
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class ReferenceIndex:
+    def __init__(self, max_depth: int = 64) -> None:
+        self.max_depth = max_depth
+        self.root = _Node()
+        self.seqs: dict[int, tuple[list[int], int]] = {}  # seq_id -> (tokens, step)
+
+    # -------------------------------------------------------------- mutation
+
+    def _bump(self, path: list[int], step: int, delta: int) -> None:
+        """Add ``delta`` to the count of the trie node spelling ``path`` (created if new)."""
+        node = self.root
+        for t in path[:-1]:
+            node = node.children[t]
+        child = node.children.setdefault(path[-1], _Node())
+        child.counts[step] = child.counts.get(step, 0) + delta
+        if child.counts[step] == 0:
+            del child.counts[step]
+        if not child.counts:
+            assert not child.children
+            del node.children[path[-1]]
+
+    def add_sequence(self, seq_id: int, tokens: list[int], step: int) -> None:
+        assert seq_id not in self.seqs
+        self.seqs[seq_id] = ([], step)
+        self.extend(seq_id, tokens)
+
+    def extend(self, seq_id: int, tokens: list[int]) -> None:
+        seq, step = self.seqs[seq_id]
+        for t in tokens:
+            seq.append(int(t))
+            end = len(seq)
+            # Every suffix that now ends at `end` and is not longer than max_depth gains
+            # one position: the node one deeper than its old end counts it.
+            for i in range(max(0, end - self.max_depth), end):
+                self._bump(seq[i:end], step, +1)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        seq, step = self.seqs.pop(seq_id)
+        for i in range(len(seq)):
+            # Deepest first so a node is only deleted once its children are gone.
+            for j in range(min(len(seq), i + self.max_depth), i, -1):
+                self._bump(seq[i:j], step, -1)
+
+    # -------------------------------------------------------------- queries
+
+    def _find(self, path: list[int]) -> _Node | None:
+        node = self.root
+        for t in path:
+            node = node.children.get(t)
+            if node is None:
+                return None
+        return node
+
+    def match_length(self, context: list[int]) -> int:
+        for m in range(min(len(context), self.max_depth), 0, -1):
+            if self._find(context[len(context) - m :]) is not None:
+                return m
+        return 0
+
+    @staticmethod
+    def _weight(node: _Node, step_weights: dict[int, float]) -> float:
+        return sum(step_weights.get(s, 0.0) * c for s, c in sorted(node.counts.items()))
+
+    def draft(self, context, budget, min_prob, step_weights, chain, max_match_len):
+        """Returns (tokens, parents, probs, match_len) as lists.
+
+        Match: the longest suffix of ``context`` (<= max_match_len, < max_depth) present
+        with at least one continuation. Expansion: conditional prob = W(child) / sum of W
+        over the children; children with W = 0 are never proposed; nodes below
+        ``min_prob`` are not proposed. Tree: best first by (higher prob, smaller token,
+        smaller parent index). Chain: at each node the child with the largest W (then the
+        smaller token).
+        """
+        context = [int(t) for t in context]
+        top = min(max_match_len, len(context), self.max_depth - 1)
+        for m in range(top, 0, -1):
+            node = self._find(context[len(context) - m :])
+            if node is not None and node.children:
+                break
+        else:
+            return [], [], [], 0
+        expand = self._chain if chain else self._tree
+        tokens, parents, probs = expand(node, budget, min_prob, step_weights)
+        return tokens, parents, probs, m
+
+    def _weighted_children(self, node: _Node, w: dict[int, float]):
+        weights = [(t, c, self._weight(c, w)) for t, c in node.children.items()]
+        total = sum(x for _, _, x in weights)
+        return [(t, c, x) for t, c, x in weights if x > 0.0], total
+
+    def _tree(self, start, budget, min_prob, w):
+        heap: list[tuple[float, int, int, int, _Node]] = []
+        tie = 0  # heap entries are unique by (prob, token, parent) already
+
+        def push(node: _Node, prob: float, parent: int) -> None:
+            nonlocal tie
+            kids, total = self._weighted_children(node, w)
+            for t, c, x in kids:
+                q = prob * (x / total)
+                if q >= min_prob:
+                    heapq.heappush(heap, (-q, t, parent, tie, c))
+                    tie += 1
+
+        tokens, parents, probs = [], [], []
+        push(start, 1.0, -1)
+        while heap and len(tokens) < budget:
+            neg_q, t, parent, _, c = heapq.heappop(heap)
+            tokens.append(t)
+            parents.append(parent)
+            probs.append(-neg_q)
+            push(c, -neg_q, len(tokens) - 1)
+        return tokens, parents, probs
+
+    def _chain(self, start, budget, min_prob, w):
+        tokens, parents, probs = [], [], []
+        node, prob = start, 1.0
+        while len(tokens) < budget:
+            kids, total = self._weighted_children(node, w)
+            if not kids:
+                break
+            t, c, x = min(kids, key=lambda k: (-k[2], k[0]))
+            prob = prob * (x / total)
+            if prob < min_prob:
+                break
+            tokens.append(t)
+            parents.append(len(tokens) - 2)
+            probs.append(prob)
+            node = c
+        return tokens, parents, probs
+
+    def draft_for_sequence(self, seq_id, budget, min_prob, step_weights, chain, max_match_len):
+        return self.draft(self.seqs[seq_id][0], budget, min_prob, step_weights, chain, max_match_len)
+
+    # -------------------------------------------------------------- introspection
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s, _ in self.seqs.values())
+
+    def steps(self) -> list[int]:
+        return sorted({step for _, step in self.seqs.values()})
+
+    def canonical_num_nodes(self) -> int:
+        """Nodes of the path-compressed tree: root + trie nodes that branch, end a suffix
+        (count exceeds the children's), or are leaves. Pass-through nodes are compressed."""
+        n, stack = 1, [self.root]
+        while stack:
+            node = stack.pop()
+            for c in node.children.values():
+                kids = len(c.children)
+                ends = c.total - sum(g.total for g in c.children.values())
+                n += kids != 1 or ends > 0
+                stack.append(c)
+        return n
