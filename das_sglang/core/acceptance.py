@@ -1,0 +1,182 @@
+"""Acceptance statistics: how many draft tokens verification accepts, per problem.
+
+Saturating model (one verify step, bonus token not counted): drafting ``b`` tokens accepts on
+average
+
+    A(b; alpha, k) = k * (1 - exp(-alpha * b / k))
+
+``alpha`` (0..1) is the acceptance rate of the first draft token (the slope at ``b = 0``) and
+``k`` the saturation: however much is drafted, no more than ``k`` tokens get accepted per step
+(text stops matching the history). ``A(b) <= alpha * b <= b`` always. ``alpha = 0`` or
+``k = 0`` means drafts are never accepted.
+
+The paper's closed form uses a *lifetime* parametrisation (``paper_params`` converts): over a
+whole request of ``l`` tokens, drafting ``p`` tokens in total saves
+``(l / k_p) * (1 - exp(-alpha_p * p / l))`` forward steps. Matching the small-draft slope
+(``alpha_p / k_p = alpha``) and the saturated share of accepted tokens
+(``1 / k_p = k / (1 + k)``) gives ``k_p = (1 + k) / k`` and ``alpha_p = alpha * k_p``.
+
+Two estimates are kept per problem, both online from ``observe(proposed, accepted)``:
+
+- ``(alpha, k)`` fitted robustly (Huber loss, grid search) to the recent outcomes, shrunk to
+  a prior by pseudo-observations so few outcomes give a defined, cautious answer;
+- ``calibration``: observed accepted / expected accepted under the drafter's own node
+  probabilities, for the rows the policy planned (``expect``), shrunk to 1.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from das_sglang.core.policy_config import PolicyConfig
+
+
+def saturating_accept(budget, alpha: float, k: float):
+    """Expected accepted draft tokens ``A(b) = k (1 - exp(-alpha b / k))`` (0 when k = 0)."""
+    b = np.asarray(budget, dtype=np.float64)
+    if k <= 0.0 or alpha <= 0.0:
+        out = np.zeros_like(b)
+    else:
+        out = k * -np.expm1(-alpha * b / k)
+    return float(out) if out.ndim == 0 else out
+
+
+def paper_params(alpha: float, k: float) -> tuple[float, float]:
+    """Per-step ``(alpha, k)`` -> the paper's lifetime ``(alpha_p, k_p)`` (module docstring).
+
+    ``k = 0`` maps to ``k_p = inf`` (nothing can be saved), ``alpha = 0`` to ``alpha_p = 0``.
+    """
+    if k <= 0.0 or alpha <= 0.0:
+        return 0.0, float("inf")
+    k_p = (1.0 + k) / k
+    return alpha * k_p, k_p
+
+
+@dataclass(frozen=True)
+class AcceptanceEstimate:
+    alpha: float
+    k: float
+    calibration: float  # multiply the drafter's expected accepted tokens by this
+    n_obs: int
+    mean_accepted: float  # per verify step with drafts, observed (prior mean with no data)
+
+
+# Grids for the robust fit: alpha linear on [0, 1], k geometric up to the largest budget.
+_ALPHA_GRID = np.linspace(0.0, 1.0, 51)
+
+
+def fit_saturating(
+    budgets: np.ndarray,
+    accepted: np.ndarray,
+    prior_alpha: float,
+    prior_k: float,
+    prior_weight: float,
+    k_max: float,
+    huber_delta: float = 2.0,
+) -> tuple[float, float]:
+    """Robust MAP-ish fit of ``(alpha, k)`` to outcomes ``accepted[j]`` of ``budgets[j]``.
+
+    Loss = sum of Huber(A(b_j) - a_j) + ``prior_weight`` pseudo-outcomes of the prior model
+    at budgets 1, 4 and 16. A coarse grid then a local refinement: exact enough for a
+    policy, never diverges, and cheap for a few hundred outcomes.
+    """
+    b = np.asarray(budgets, dtype=np.float64)
+    a = np.asarray(accepted, dtype=np.float64)
+    pb = np.array([1.0, 4.0, 16.0])
+    pa = saturating_accept(pb, prior_alpha, prior_k)
+    xb = np.concatenate([b, pb])
+    xa = np.concatenate([a, pa])
+    w = np.concatenate([np.ones(len(b)), np.full(3, prior_weight / 3.0)])
+    k_hi = max(k_max, 1.0)
+    alphas, ks = _ALPHA_GRID, np.geomspace(0.05, k_hi, 48)
+    for _ in range(3):  # coarse grid, then two zooms around the best cell
+        loss = _huber_loss(alphas, ks, xb, xa, w, huber_delta)
+        i, j = np.unravel_index(int(np.argmin(loss)), loss.shape)
+        best_alpha, best_k = float(alphas[i]), float(ks[j])
+        da = (alphas[1] - alphas[0]) if len(alphas) > 1 else 0.02
+        alphas = np.clip(np.linspace(best_alpha - da, best_alpha + da, 21), 0.0, 1.0)
+        kr = ks[min(j + 1, len(ks) - 1)] / ks[max(j - 1, 0)]
+        ks = np.clip(np.geomspace(best_k / np.sqrt(kr), best_k * np.sqrt(kr), 21), 0.05, k_hi)
+    return best_alpha, best_k
+
+
+def _huber_loss(alphas, ks, b, a, w, delta) -> np.ndarray:
+    al = alphas[:, None, None]
+    kk = ks[None, :, None]
+    pred = kk * -np.expm1(-al * b[None, None, :] / kk)
+    r = np.abs(pred - a[None, None, :])
+    h = np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta))
+    return (h * w).sum(axis=2)
+
+
+class _ProblemStats:
+    __slots__ = ("recent", "n_obs", "sum_accepted", "sum_expected", "sum_matched", "fit", "dirty")
+
+    def __init__(self, memory: int) -> None:
+        self.recent: deque[tuple[int, int]] = deque(maxlen=memory)
+        self.n_obs = 0
+        self.sum_accepted = 0.0
+        self.sum_expected = 0.0  # drafter's expectation, for calibrated outcomes only
+        self.sum_matched = 0.0  # accepted tokens of those outcomes
+        self.fit: tuple[float, float] | None = None
+        self.dirty = 0
+
+
+class AcceptanceTracker:
+    """Per-problem acceptance estimates, updated from verification outcomes."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self._stats: dict[str, _ProblemStats] = {}
+        # (problem_id, budget) -> expected accepted tokens of planned rows awaiting outcome.
+        self._pending: dict[tuple[str, int], deque[float]] = defaultdict(deque)
+
+    def _get(self, problem_id: str) -> _ProblemStats:
+        st = self._stats.get(problem_id)
+        if st is None:
+            st = self._stats[problem_id] = _ProblemStats(self.config.acceptance_memory)
+        return st
+
+    def expect(self, problem_id: str, budget: int, expected: float) -> None:
+        """Record the drafter's expected accepted tokens for a planned row (for calibration)."""
+        q = self._pending[(problem_id, int(budget))]
+        q.append(float(expected))
+        if len(q) > self.config.acceptance_memory:  # rows the engine never reported
+            q.popleft()
+
+    def observe(self, problem_id: str, proposed: int, accepted: int) -> None:
+        if proposed < 0 or accepted < 0 or accepted > proposed:
+            raise ValueError(
+                f"invalid verify outcome for problem {problem_id!r}: proposed={proposed!r}, "
+                f"accepted={accepted!r} (need 0 <= accepted <= proposed)"
+            )
+        if proposed == 0:
+            return  # nothing was drafted: says nothing about acceptance
+        st = self._get(problem_id)
+        st.recent.append((int(proposed), int(accepted)))
+        st.n_obs += 1
+        st.sum_accepted += accepted
+        st.dirty += 1
+        q = self._pending.get((problem_id, int(proposed)))
+        if q:
+            st.sum_expected += q.popleft()
+            st.sum_matched += accepted
+
+    def estimate(self, problem_id: str) -> AcceptanceEstimate:
+        cfg = self.config
+        st = self._stats.get(problem_id)
+        if st is None or st.n_obs == 0:
+            prior_mean = saturating_accept(cfg.fixed_budget, cfg.prior_alpha, cfg.prior_k)
+            return AcceptanceEstimate(cfg.prior_alpha, cfg.prior_k, 1.0, 0, prior_mean)
+        if st.fit is None or st.dirty >= cfg.refit_every:
+            arr = np.asarray(st.recent, dtype=np.float64)
+            st.fit = fit_saturating(arr[:, 0], arr[:, 1], cfg.prior_alpha, cfg.prior_k,
+                                    cfg.prior_weight, k_max=float(cfg.max_budget))
+            st.dirty = 0
+        w = cfg.calibration_prior_tokens
+        calibration = (w + st.sum_matched) / (w + st.sum_expected)
+        return AcceptanceEstimate(st.fit[0], st.fit[1], calibration, st.n_obs,
+                                  st.sum_accepted / st.n_obs)

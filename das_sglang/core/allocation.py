@@ -1,0 +1,247 @@
+"""Draft-budget allocation math: the paper's closed form and the exact per-step allocator.
+
+Both minimise the modeled time to finish the current decode batch,
+
+    T = sum over forwards of cost.forward_time(tokens of the forward)
+      = c_base * N  +  c_tok * (tokens processed by all requests)  [+ c_kv * KV tokens read]
+
+where ``N`` (the makespan in forwards) is set by the request that needs the most forwards.
+Drafting for a request that finishes before the makespan anyway only adds tokens; drafting for
+a critical one shortens ``N``. Hence: short requests get nothing, and budgets shrink as the
+batch grows (``c_base`` is shared, every draft token costs ``c_tok`` per row).
+
+Paper (lifetime) model, request ``i`` of ``l_i`` tokens drafting ``p_i`` tokens in total needs
+``N_i = l_i - (l_i / k_i) (1 - exp(-alpha_i p_i / l_i))`` forwards. For a target ``N`` the
+cheapest budget is the closed form ``paper_budget``; ``paper_optimal_n`` solves
+``dT/dN = 0``:  c_base + c_tok * sum_{l_i > N} (1 - k_i / (alpha_i (1 - k_i (1 - N / l_i)))) = 0.
+
+Per-step model (``optimal_step_budgets``): the batch keeps this step's budgets until it ends
+(stationary plan). Request ``i`` with budget ``b`` accepts ``E_i(b)`` tokens per forward (its
+calibrated draft-tree curve), so it needs ``r_i / (1 + E_i(b))`` more forwards. The optimum
+over integer budgets is found exactly by sweeping the makespan target ``N`` over every
+breakpoint ``r_i / (1 + E_i(b))``, each row taking the least budget that meets ``N``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from das_sglang.core.cost_model import CostModel
+
+
+# ---- the paper's closed form ---------------------------------------------------------------
+def paper_steps(p, length, alpha_p, k_p):
+    """Forwards a request of ``length`` tokens needs when drafting ``p`` tokens in total."""
+    length = np.asarray(length, dtype=np.float64)
+    alpha_p = np.asarray(alpha_p, dtype=np.float64)
+    k_p = np.asarray(k_p, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        saved = (length / k_p) * -np.expm1(-alpha_p * np.asarray(p, dtype=np.float64) / length)
+    return length - np.nan_to_num(saved, nan=0.0, posinf=0.0)
+
+
+def paper_budget(length, n_steps, alpha_p, k_p):
+    """Closed form ``p* = -(l / alpha) ln(1 - k (1 - N / l))``: least total drafts to finish
+    ``length`` tokens in ``n_steps`` forwards.
+
+    0 when ``N >= l`` (the request is not on the critical path); ``inf`` when ``N`` is below
+    what any budget reaches (``N <= l (1 - 1/k)``) or nothing is ever accepted (alpha = 0).
+    """
+    length = np.asarray(length, dtype=np.float64)
+    n = np.asarray(n_steps, dtype=np.float64)
+    alpha_p = np.asarray(alpha_p, dtype=np.float64)
+    k_p = np.asarray(k_p, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inner = 1.0 - k_p * (1.0 - n / np.maximum(length, 1e-300))
+        p = -(length / alpha_p) * np.log(inner)
+    p = np.where((inner <= 0.0) | (alpha_p <= 0.0) | ~np.isfinite(k_p), np.inf, p)
+    p = np.where(n >= length, 0.0, p)
+    return float(p) if p.ndim == 0 else p
+
+
+def paper_objective_n(n_steps: float, length, alpha_p, k_p, cost: CostModel) -> float:
+    """Modeled time ``c_base N + c_tok sum_i (min(l_i, N) + p_i(N))`` for a makespan target N."""
+    length = np.asarray(length, dtype=np.float64)
+    p = paper_budget(length, n_steps, alpha_p, k_p)
+    drafts = float(np.sum(p)) if cost.c_tok_s > 0 else 0.0  # free drafts: any budget costs 0
+    return float(cost.c_base_s * n_steps + cost.c_tok_s * (np.sum(np.minimum(length, n_steps)) + drafts))
+
+
+def paper_objective(p, length, alpha_p, k_p, cost: CostModel) -> float:
+    """Modeled time of total draft budgets ``p`` (one per request): the brute-force target."""
+    steps = paper_steps(p, length, alpha_p, k_p)
+    return float(cost.c_base_s * np.max(steps) + cost.c_tok_s * np.sum(steps + np.asarray(p)))
+
+
+def paper_min_steps(length, alpha_p, k_p) -> float:
+    """Least makespan any budget reaches: ``max_i l_i (1 - 1/k_i)`` (``l_i`` if alpha_i = 0)."""
+    length = np.asarray(length, dtype=np.float64)
+    alpha_p = np.broadcast_to(np.asarray(alpha_p, dtype=np.float64), length.shape)
+    k_p = np.broadcast_to(np.asarray(k_p, dtype=np.float64), length.shape)
+    with np.errstate(divide="ignore"):
+        lb = np.where(alpha_p > 0.0, length * (1.0 - 1.0 / k_p), length)
+    return float(np.max(lb)) if len(lb) else 0.0
+
+
+def paper_optimal_n(length, alpha_p, k_p, cost: CostModel, iters: int = 100) -> float:
+    """Makespan target ``N*`` solving the paper's optimality condition by bisection.
+
+    ``T(N)`` is convex on its feasible range when ``alpha_p <= k_p`` (a draft token saves at
+    most one forward), so ``dT/dN`` is increasing and bisection finds its root. Returns the
+    no-speculation makespan ``max l`` when speculation cannot pay off.
+    """
+    length = np.asarray(length, dtype=np.float64)
+    if length.size == 0:
+        return 0.0
+    alpha_p = np.broadcast_to(np.asarray(alpha_p, dtype=np.float64), length.shape)
+    k_p = np.broadcast_to(np.asarray(k_p, dtype=np.float64), length.shape)
+    top = float(np.max(length))
+    lo = paper_min_steps(length, alpha_p, k_p)
+    if lo >= top or cost.c_base_s <= 0.0:
+        return top
+
+    def slope(n: float) -> float:
+        on = (length > n) & (alpha_p > 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inner = 1.0 - k_p[on] * (1.0 - n / length[on])
+            dp = np.where(inner > 0, -k_p[on] / (alpha_p[on] * inner), -np.inf)
+        return cost.c_base_s + cost.c_tok_s * float(np.sum(1.0 + dp))
+
+    a, b = lo, top
+    for _ in range(iters):
+        mid = 0.5 * (a + b)
+        if slope(mid) < 0.0:
+            a = mid
+        else:
+            b = mid
+    n_star = b
+    # Guard against a non-convex input (alpha_p > k_p): never worse than not speculating.
+    if paper_objective_n(n_star, length, alpha_p, k_p, cost) > paper_objective_n(top, length, alpha_p, k_p, cost):
+        return top
+    return n_star
+
+
+# ---- exact per-step allocator ---------------------------------------------------------------
+@dataclass(frozen=True)
+class StepAllocation:
+    budgets: np.ndarray  # int32 per row
+    width: int  # max budget (0 = no speculation)
+    modeled_s: float  # modeled time to finish the batch with this plan
+    baseline_s: float  # modeled time without speculation
+    makespan_steps: float  # modeled forwards until the last request finishes
+
+
+def step_objective(
+    remaining: np.ndarray,
+    curves: Sequence[np.ndarray],
+    budgets: np.ndarray,
+    kv_tokens: np.ndarray,
+    cost: CostModel,
+    uniform_width: bool,
+) -> tuple[float, float]:
+    """(modeled seconds, makespan in forwards) of keeping ``budgets`` until the batch ends.
+
+    ``curves[i][b]`` = expected accepted tokens per forward of row ``i`` with budget ``b``
+    (budgets beyond the curve accept no more). ``kv_tokens[i]`` = KV entries row ``i`` reads
+    per forward. With ``uniform_width`` every row is charged ``1 + max(budgets)`` tokens.
+    """
+    if len(remaining) == 0:
+        return 0.0, 0.0
+    budgets = np.asarray(budgets, dtype=np.int64)
+    acc = np.array([c[min(int(b), len(c) - 1)] for c, b in zip(curves, budgets)], dtype=np.float64)
+    steps = np.asarray(remaining, dtype=np.float64) / (1.0 + acc)
+    width = int(budgets.max(initial=0))
+    tokens = 1.0 + (width if uniform_width else budgets)
+    per_row = steps * (cost.c_tok_s * tokens + cost.c_kv_s * np.asarray(kv_tokens, dtype=np.float64))
+    makespan = float(steps.max())
+    return float(cost.c_base_s * makespan + per_row.sum()), makespan
+
+
+def optimal_step_budgets(
+    remaining: np.ndarray,
+    curves: Sequence[np.ndarray],
+    kv_tokens: np.ndarray,
+    cost: CostModel,
+    uniform_width: bool = False,
+) -> StepAllocation:
+    """Exact minimiser of ``step_objective`` over integer budgets ``0 <= b_i < len(curves[i])``."""
+    remaining = np.asarray(remaining, dtype=np.float64)
+    kv_tokens = np.asarray(kv_tokens, dtype=np.float64)
+    n = len(remaining)
+    if n == 0:
+        return StepAllocation(np.zeros(0, dtype=np.int32), 0, 0.0, 0.0, 0.0)
+    if uniform_width:
+        return _best_uniform(remaining, curves, kv_tokens, cost)
+    return _best_per_row(remaining, curves, kv_tokens, cost)
+
+
+def _best_per_row(remaining, curves, kv_tokens, cost) -> StepAllocation:
+    n = len(remaining)
+    rows, vals, deltas, choice = [], [], [], []
+    base, no_drafts, n_lo = 0.0, 0.0, 0.0
+    for i, curve in enumerate(curves):
+        b = np.arange(len(curve), dtype=np.float64)
+        steps = remaining[i] / (1.0 + curve)
+        row_cost = steps * (cost.c_tok_s * (1.0 + b) + cost.c_kv_s * kv_tokens[i])
+        # A row may take more than the least budget meeting N when that is cheaper (drafts
+        # that save KV reads), so its cost at least budget b is the suffix minimum.
+        best_from, best_cost = _suffix_argmin(row_cost)
+        choice.append(best_from)
+        base += best_cost[0]
+        no_drafts += row_cost[0]
+        n_lo = max(n_lo, float(steps[-1]))
+        # Event: when the target N drops below steps[b], row i's least budget moves to b + 1.
+        rows.append(np.full(len(curve) - 1, i))
+        vals.append(steps[:-1])
+        deltas.append(np.diff(best_cost))
+    rows_a, vals_a, deltas_a = np.concatenate(rows), np.concatenate(vals), np.concatenate(deltas)
+    top = float(remaining.max())
+    baseline = cost.c_base_s * top + no_drafts
+    order = np.argsort(vals_a, kind="stable")
+    v_sorted, d_sorted = vals_a[order], deltas_a[order]
+    prefix = np.concatenate([[0.0], np.cumsum(d_sorted)])
+    total = prefix[-1]
+    cand = np.unique(np.concatenate([v_sorted[(v_sorted >= n_lo) & (v_sorted < top)], [n_lo, top]]))
+    idx = np.searchsorted(v_sorted, cand, side="right")  # events with value > cand have fired
+    t = cost.c_base_s * cand + base + (total - prefix[idx])
+    best = int(np.flatnonzero(t <= t.min() * (1 + 1e-12))[-1])  # ties: least speculation
+    n_star = float(cand[best])
+    least = np.bincount(rows_a[vals_a > n_star], minlength=n)
+    budgets = np.array([choice[i][least[i]] for i in range(n)], dtype=np.int32)
+    # Rows that took more than their least budget may finish before N*: report the plan's
+    # own time (<= t[best], and optimal: any plan's makespan is one of the candidates).
+    modeled, makespan = step_objective(remaining, curves, budgets, kv_tokens, cost, False)
+    return StepAllocation(budgets, int(budgets.max(initial=0)), modeled, float(baseline), makespan)
+
+
+def _suffix_argmin(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(argmin_{j >= b} values[j], min_{j >= b} values[j])`` for every ``b``; ties: smallest j."""
+    idx = np.empty(len(values), dtype=np.int64)
+    best = len(values) - 1
+    for b in range(len(values) - 1, -1, -1):
+        if values[b] <= values[best]:
+            best = b
+        idx[b] = best
+    return idx, values[idx]
+
+
+def _best_uniform(remaining, curves, kv_tokens, cost) -> StepAllocation:
+    n = len(remaining)
+    width_max = max(len(c) for c in curves) - 1
+    acc = np.zeros((n, width_max + 1))
+    for i, c in enumerate(curves):
+        acc[i, : len(c)] = c
+        acc[i, len(c):] = c[-1]
+    steps = remaining[:, None] / (1.0 + acc)  # rows x widths
+    w = np.arange(width_max + 1, dtype=np.float64)
+    per_row = steps * (cost.c_tok_s * (1.0 + w)[None, :] + cost.c_kv_s * kv_tokens[:, None])
+    makespan = steps.max(axis=0)
+    t = cost.c_base_s * makespan + per_row.sum(axis=0)
+    best = int(np.argmin(t))  # ties: the smallest width
+    lengths = np.array([len(c) - 1 for c in curves])
+    budgets = np.minimum(best, lengths).astype(np.int32)
+    return StepAllocation(budgets, int(budgets.max(initial=0)), float(t[best]), float(t[0]),
+                          float(makespan[best]))

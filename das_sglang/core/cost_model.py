@@ -1,0 +1,223 @@
+"""Forward-pass cost model: ``t = c_base + c_tok * n_tokens + c_kv * kv_tokens``.
+
+``n_tokens`` counts every token the target model processes in one decode forward (one per
+request plus its draft nodes; engines that pad rows to one width count the padding), and
+``kv_tokens`` the context tokens whose KV cache the forward reads. The three constants are
+
+- ``c_base_s``: per-forward cost independent of the batch: reading the weights once from HBM
+  (decode is memory-bound) plus launch / scheduler overhead;
+- ``c_tok_s``: per processed token: its share of the matmul FLOPs (``2 * params``);
+- ``c_kv_s``: per context token read by attention (KV bytes / HBM bandwidth).
+
+A linear model is the sum, not the max, of the roofline's memory and compute terms, so it
+overestimates near the ridge point; that keeps speculation conservative. Presets are derived in
+``docs/cost_model.md``; ``CostModel.fit`` / ``calibrate`` replace them with measurements.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FitInfo:
+    """How well a fitted ``CostModel`` reproduces its samples (seconds and relative)."""
+
+    n_samples: int
+    rmse_s: float
+    max_abs_err_s: float
+    mean_rel_err: float
+    max_rel_err: float
+    r2: float
+
+
+@dataclass(frozen=True)
+class CostModel:
+    c_base_s: float
+    c_tok_s: float
+    c_kv_s: float = 0.0
+    name: str = "custom"
+    fit_info: FitInfo | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for attr in ("c_base_s", "c_tok_s", "c_kv_s"):
+            v = getattr(self, attr)
+            if not (np.isfinite(v) and v >= 0.0):
+                raise ValueError(f"invalid CostModel {attr}={v!r}: must be a finite number >= 0")
+
+    def forward_time(self, n_tokens, kv_tokens=0):
+        """Seconds for one forward over ``n_tokens`` tokens reading ``kv_tokens`` KV entries.
+
+        Accepts scalars or numpy arrays (broadcast); returns a float for scalar input.
+        """
+        t = self.c_base_s + self.c_tok_s * np.asarray(n_tokens, dtype=np.float64)
+        t = t + self.c_kv_s * np.asarray(kv_tokens, dtype=np.float64)
+        return float(t) if t.ndim == 0 else t
+
+    # ---- presets -------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "CostModel":
+        if name not in PRESETS:
+            raise ValueError(f"unknown cost-model preset {name!r}: choose one of {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        return tuple(sorted(PRESETS))
+
+    # ---- fitting -------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, samples: Iterable[Sequence[float]], name: str = "fitted") -> "CostModel":
+        """Non-negative least squares fit of the constants to measured forwards.
+
+        ``samples`` holds ``(n_tokens, seconds)`` or ``(n_tokens, kv_tokens, seconds)`` rows.
+        With only 2-column rows ``c_kv_s`` is 0. The result's ``fit_info`` reports the error.
+        """
+        x, y = _as_samples(samples)
+        coef = _nnls_small(x, y)
+        pred = x @ coef
+        model = cls(float(coef[0]), float(coef[1]), float(coef[2]) if x.shape[1] > 2 else 0.0,
+                    name=name, fit_info=_fit_info(pred, y))
+        return model
+
+
+def _as_samples(samples: Iterable[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    rows = [tuple(float(v) for v in s) for s in samples]
+    if len(rows) < 2:
+        raise ValueError(f"CostModel.fit needs at least 2 samples, got {len(rows)}")
+    widths = {len(r) for r in rows}
+    if widths not in ({2}, {3}):
+        raise ValueError(
+            f"CostModel.fit samples must all be (n_tokens, seconds) or (n_tokens, kv_tokens, "
+            f"seconds); got row lengths {sorted(widths)}"
+        )
+    a = np.asarray(rows)
+    if not np.all(np.isfinite(a)) or np.any(a < 0):
+        bad = a[~np.all(np.isfinite(a) & (a >= 0), axis=1)][0]
+        raise ValueError(f"CostModel.fit sample {tuple(bad)} is negative or not finite")
+    if np.ptp(a[:, 0]) == 0:
+        raise ValueError(f"CostModel.fit needs at least two distinct n_tokens, got only {a[0, 0]}")
+    x = np.column_stack([np.ones(len(a)), a[:, :-1]])
+    return x, a[:, -1]
+
+
+def _nnls_small(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Exact non-negative least squares for a handful of columns by trying every support.
+
+    With at most 3 unknowns there are at most 7 supports, so enumeration is both exact and
+    simpler than an active-set solver (and keeps scipy out of the core).
+    """
+    n = x.shape[1]
+    best, best_err = np.zeros(n), float(np.sum(y * y))
+    for size in range(1, n + 1):
+        for support in itertools.combinations(range(n), size):
+            cols = list(support)
+            sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.any(sol < 0):
+                continue
+            coef = np.zeros(n)
+            coef[cols] = sol
+            err = float(np.sum((x @ coef - y) ** 2))
+            if err < best_err:
+                best, best_err = coef, err
+    return best
+
+
+def _fit_info(pred: np.ndarray, y: np.ndarray) -> FitInfo:
+    err = pred - y
+    rel = np.abs(err) / np.maximum(np.abs(y), 1e-12)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(err**2)) / ss_tot if ss_tot > 0 else 1.0
+    return FitInfo(
+        n_samples=len(y),
+        rmse_s=float(np.sqrt(np.mean(err**2))),
+        max_abs_err_s=float(np.max(np.abs(err))),
+        mean_rel_err=float(np.mean(rel)),
+        max_rel_err=float(np.max(rel)),
+        r2=r2,
+    )
+
+
+def calibrate(
+    forward: Callable[..., object],
+    token_grid: Sequence[int],
+    kv_grid: Sequence[int] | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    timer: Callable[[], float] = time.perf_counter,
+    name: str = "calibrated",
+) -> tuple[CostModel, list[tuple[float, ...]]]:
+    """Time ``forward(n_tokens)`` (or ``forward(n_tokens, kv_tokens)``) over a grid and fit.
+
+    ``forward`` must block until its work is done (on a GPU: synchronise inside it). Each grid
+    point is the median of ``repeats`` timed calls after ``warmup`` untimed ones, which drops
+    one-off stalls. Returns the fitted model and the ``(n_tokens[, kv_tokens], seconds)`` rows.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"invalid repeats={repeats!r}/warmup={warmup!r}: need repeats >= 1, warmup >= 0")
+    points = [(int(n),) for n in token_grid] if kv_grid is None else [
+        (int(n), int(kv)) for n in token_grid for kv in kv_grid
+    ]
+    samples = []
+    for point in points:
+        for _ in range(warmup):
+            forward(*point)
+        times = []
+        for _ in range(repeats):
+            t0 = timer()
+            forward(*point)
+            times.append(timer() - t0)
+        samples.append((*map(float, point), float(np.median(times))))
+    return CostModel.fit(samples, name=name), samples
+
+
+# ---- roofline presets --------------------------------------------------------------------
+# Peak numbers from the vendors' datasheets (dense bf16, SXM parts); efficiencies are what
+# decode kernels typically reach (see docs/cost_model.md for the arithmetic).
+_GPUS = {  # name: (HBM bytes/s, dense bf16 FLOP/s)
+    "a100": (2.039e12, 312e12),
+    "h100": (3.35e12, 989e12),
+    "h200": (4.8e12, 989e12),
+}
+_MODELS = {  # name: (parameters, layers, kv heads, head dim) -- Qwen2.5-7B, Llama-3.1-8B, Qwen2.5-32B
+    "7b": (7.62e9, 28, 4, 128),
+    "8b": (8.03e9, 32, 8, 128),
+    "32b": (32.8e9, 64, 8, 128),
+}
+MEM_EFFICIENCY = 0.8  # fraction of peak HBM bandwidth a decode GEMV / attention kernel sustains
+FLOP_EFFICIENCY = 0.6  # fraction of peak tensor-core FLOPs at decode-sized (<= ~1k rows) GEMMs
+FIXED_OVERHEAD_S = 1.0e-3  # per-forward launch + scheduler + sampling time (CUDA graphs on)
+BYTES_PER_PARAM = 2  # bf16
+
+
+def roofline(gpu: str, model: str) -> CostModel:
+    """Linearised roofline decode cost of ``model`` on one ``gpu`` (bf16 weights and KV)."""
+    if gpu not in _GPUS or model not in _MODELS:
+        raise ValueError(f"no roofline data for gpu={gpu!r} model={model!r}: "
+                         f"gpus {sorted(_GPUS)}, models {sorted(_MODELS)}")
+    bandwidth, flops = _GPUS[gpu]
+    params, layers, kv_heads, head_dim = _MODELS[model]
+    mem_bw = bandwidth * MEM_EFFICIENCY
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * BYTES_PER_PARAM  # K and V
+    return CostModel(
+        c_base_s=params * BYTES_PER_PARAM / mem_bw + FIXED_OVERHEAD_S,
+        c_tok_s=2.0 * params / (flops * FLOP_EFFICIENCY),
+        c_kv_s=kv_bytes_per_token / mem_bw,
+        name=f"{gpu}-{model}",
+    )
+
+
+# cpu-tiny: the 2-layer test Llama on these CPUs. Placeholder from a first timing of
+# benchmarks/calibrate_cost_model.py; refit with ``calibrate`` on the machine at hand.
+_CPU_TINY = CostModel(c_base_s=4.0e-3, c_tok_s=2.0e-5, c_kv_s=0.0, name="cpu-tiny")
+
+PRESETS: dict[str, CostModel] = {
+    **{f"{g}-{m}": roofline(g, m) for g in _GPUS for m in _MODELS},
+    "cpu-tiny": _CPU_TINY,
+}
+DEFAULT_PRESET = "h100-7b"

@@ -1,0 +1,159 @@
+"""Per-problem prediction of how many tokens a running rollout still has to generate.
+
+Following the paper: finished lengths of the last ``length_window_steps`` training steps are
+pooled; class boundaries (Short / Medium / Long) are the pooled lengths' quantiles (or fixed
+thresholds). A problem's *initial class* is the class of its own median length. A request of
+problem ``q`` that has generated ``g`` tokens is re-classified as
+
+    c* = argmax_c P(class = c | length > g, initial class of q)
+
+estimated by counting the pooled rollouts of problems sharing ``q``'s initial class (add-one
+smoothing over the classes still possible), and its predicted remaining length is the mean of
+``length - g`` over those rollouts in class ``c*`` longer than ``g``.
+
+Fallbacks, in order: all problems pooled when the initial class is unknown (no own history)
+or none of its group runs longer than ``g``; ``tail_factor * g`` when nothing in the window
+ran longer than ``g`` (heavy tail: the longer it has run, the longer it keeps running); with no
+history at all, ``max(prior_length - g, tail_factor * g)``. Always clipped to
+``[1, max_new_tokens - g]``.
+
+Worked example (fixed thresholds 100/1000): history lengths 50, 60, 500, 5000, all one
+problem (initial class Medium, median 280). At g = 0, P(S) = P(M) = P(L) shares 3:2:2 with
+smoothing -> Short, remaining mean(50, 60) = 55. At g = 70 only 500 and 5000 remain -> tie
+M:L 2:2 broken towards the shorter class -> Medium, remaining 430. At g = 600 -> Long,
+remaining 4400.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from das_sglang.core.policy_config import PolicyConfig
+
+SHORT, MEDIUM, LONG = 0, 1, 2
+CLASS_NAMES = ("short", "medium", "long")
+_ALL = -1  # group key: every problem pooled
+
+
+@dataclass(frozen=True)
+class LengthPrediction:
+    remaining: float  # predicted tokens still to generate (>= 1)
+    length_class: int | None  # SHORT / MEDIUM / LONG after re-classification; None = no data
+    initial_class: int | None  # the problem's class from its own history; None = unknown
+
+
+class _Group:
+    """Sorted finished lengths per class with suffix sums: O(log n) conditional queries."""
+
+    def __init__(self, lengths: np.ndarray, classes: np.ndarray) -> None:
+        self.sorted = []
+        self.suffix = []
+        for c in (SHORT, MEDIUM, LONG):
+            s = np.sort(lengths[classes == c]).astype(np.float64)
+            self.sorted.append(s)
+            self.suffix.append(np.concatenate([np.cumsum(s[::-1])[::-1], [0.0]]))
+
+    def longer_than(self, g: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per class: count and sum of lengths strictly greater than ``g``."""
+        counts, sums = np.zeros(3), np.zeros(3)
+        for c in range(3):
+            i = int(np.searchsorted(self.sorted[c], g, side="right"))
+            counts[c] = len(self.sorted[c]) - i
+            sums[c] = self.suffix[c][i]
+        return counts, sums
+
+
+class LengthPredictor:
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        self.config = config or PolicyConfig()
+        self._history: dict[str, list[tuple[int, int]]] = defaultdict(list)  # pid -> (step, len)
+        self._step = 0
+        self._cache: tuple[np.ndarray | None, dict[str, int], dict[int, _Group]] | None = None
+
+    # ---- updates ---------------------------------------------------------------------
+    def observe_finished(self, problem_id: str, length: int) -> None:
+        if length < 0:
+            raise ValueError(f"invalid finished length {length!r} for problem {problem_id!r}: must be >= 0")
+        self._history[problem_id].append((self._step, int(length)))
+        self._cache = None
+
+    def advance_step(self, step: int) -> None:
+        if step < self._step:
+            raise ValueError(f"invalid step={step!r}: steps only advance (current {self._step})")
+        self._step = step
+        oldest = step - self.config.length_window_steps
+        for pid in list(self._history):
+            kept = [(s, n) for s, n in self._history[pid] if s >= oldest]
+            if kept:
+                self._history[pid] = kept
+            else:
+                del self._history[pid]
+        self._cache = None
+
+    # ---- queries ---------------------------------------------------------------------
+    def thresholds(self) -> np.ndarray | None:
+        """Short/Medium and Medium/Long boundaries (lengths <= t1 are Short), or None."""
+        return self._index()[0]
+
+    def initial_class(self, problem_id: str) -> int | None:
+        return self._index()[1].get(problem_id)
+
+    def predict(self, problem_id: str, generated_len: int, max_new_tokens: int) -> LengthPrediction:
+        cfg = self.config
+        cap = max(1.0, float(max_new_tokens - generated_len))
+        g = float(max(generated_len, 0))
+        thresholds, initial, groups = self._index()
+        c0 = initial.get(problem_id)
+        if thresholds is None:  # no history anywhere
+            guess = max(cfg.prior_length - g, cfg.tail_factor * g)
+            return LengthPrediction(float(np.clip(guess, 1.0, cap)), None, None)
+        for key in ((c0, _ALL) if c0 is not None else (_ALL,)):
+            group = groups.get(key)
+            if group is None:
+                continue
+            counts, sums = group.longer_than(g)
+            if counts.sum() == 0:
+                continue
+            possible = counts > 0
+            # Add-one smoothing over the classes that still contain longer rollouts; argmax
+            # ties go to the shorter class (first index), which is the cautious choice.
+            c_star = int(np.argmax(np.where(possible, counts + 1.0, -1.0)))
+            remaining = sums[c_star] / counts[c_star] - g
+            return LengthPrediction(float(np.clip(remaining, 1.0, cap)), c_star, c0)
+        return LengthPrediction(float(np.clip(cfg.tail_factor * g, 1.0, cap)), LONG, c0)
+
+    def _index(self):
+        if self._cache is None:
+            self._cache = self._build_index()
+        return self._cache
+
+    def _build_index(self):
+        pids = [p for p, h in self._history.items() if h]
+        if not pids:
+            return None, {}, {}
+        per_pid = {p: np.array([n for _, n in self._history[p]], dtype=np.float64) for p in pids}
+        pooled = np.concatenate(list(per_pid.values()))
+        if self.config.class_thresholds is not None:
+            thresholds = np.asarray(self.config.class_thresholds, dtype=np.float64)
+        else:
+            thresholds = np.quantile(pooled, self.config.class_quantiles)
+        initial = {p: _classify(float(np.median(v)), thresholds) for p, v in per_pid.items()}
+        group_of = np.concatenate([np.full(len(per_pid[p]), initial[p]) for p in pids])
+        classes = _classify_array(pooled, thresholds)
+        groups = {_ALL: _Group(pooled, classes)}
+        for c in (SHORT, MEDIUM, LONG):
+            mask = group_of == c
+            if mask.any():
+                groups[c] = _Group(pooled[mask], classes[mask])
+        return thresholds, initial, groups
+
+
+def _classify_array(lengths: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    return np.searchsorted(thresholds, lengths, side="left").astype(np.int64)
+
+
+def _classify(length: float, thresholds: np.ndarray) -> int:
+    return int(np.searchsorted(thresholds, length, side="left"))

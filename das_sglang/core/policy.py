@@ -1,0 +1,248 @@
+"""Draft-budget policies: how many draft nodes each request of a decode batch gets.
+
+The worker and the replay call every policy the same way (``DraftBudget``): once per decode
+step ``plan(rows)``; after verification ``observe_verify`` per row; ``observe_finished`` when a
+rollout ends; ``advance_step`` when a training step starts.
+
+- ``NoSpeculation``   never drafts (the baseline).
+- ``FixedBudget(k)``  ``min(k, nodes found)`` for every row, every step.
+- ``UnlimitedBudget`` every node the drafter finds, up to ``max_budget``.
+- ``LengthAware``     exact minimiser of the modeled time to finish the batch (see
+                      ``core/allocation.py``): predicted remaining lengths, calibrated draft-tree
+                      acceptance, the cost model; decides whether to speculate, the width, and
+                      each row's budget.
+- ``PaperClosedForm`` the paper's closed form ``p* = -(l/alpha) ln(1 - k (1 - N/l))`` at the
+                      optimal ``N``, spread evenly over the ``N`` forwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from das_sglang.core.acceptance import AcceptanceEstimate, AcceptanceTracker, paper_params
+from das_sglang.core.allocation import (
+    StepAllocation,
+    optimal_step_budgets,
+    paper_budget,
+    paper_optimal_n,
+    step_objective,
+)
+from das_sglang.core.cost_model import CostModel
+from das_sglang.core.length_predictor import LengthPrediction, LengthPredictor
+from das_sglang.core.policy_config import PolicyConfig
+
+__all__ = [
+    "BudgetRow", "BudgetPlan", "DraftBudget", "NoSpeculation", "FixedBudget", "UnlimitedBudget",
+    "LengthAware", "PaperClosedForm", "PolicyConfig", "POLICIES", "make_policy",
+]
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    """One request of the decode batch, as the policy sees it."""
+
+    req_id: str
+    problem_id: str
+    generated_len: int  # response tokens so far
+    max_new_tokens: int
+    node_probs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # best-first DraftTree.probs
+    prompt_len: int = 0  # optional: context the KV term of the cost model counts
+
+    def __post_init__(self) -> None:
+        if self.generated_len < 0 or self.max_new_tokens < 0 or self.prompt_len < 0:
+            raise ValueError(
+                f"invalid BudgetRow for request {self.req_id!r}: generated_len="
+                f"{self.generated_len!r}, max_new_tokens={self.max_new_tokens!r}, "
+                f"prompt_len={self.prompt_len!r} must all be >= 0"
+            )
+        probs = np.asarray(self.node_probs, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
+            raise ValueError(f"invalid node_probs for request {self.req_id!r}: must lie in [0, 1]")
+        object.__setattr__(self, "node_probs", probs)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    budgets: np.ndarray  # int32 per row; 0 = no drafts for that row
+    width: int  # batch draft width (max budget; 0 = don't speculate this step)
+
+    @classmethod
+    def none(cls, n_rows: int) -> "BudgetPlan":
+        return cls(np.zeros(n_rows, dtype=np.int32), 0)
+
+
+@runtime_checkable
+class DraftBudget(Protocol):
+    def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan: ...
+    def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None: ...
+    def observe_finished(self, problem_id: str, length: int) -> None: ...
+    def advance_step(self, step: int) -> None: ...
+
+
+class _Observing:
+    """Shared bookkeeping: every policy keeps length history and acceptance statistics, so a
+    replay can report them whatever policy drives the batch."""
+
+    name = "base"
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        self.config = config or PolicyConfig()
+        self.lengths = LengthPredictor(self.config)
+        self.acceptance = AcceptanceTracker(self.config)
+
+    def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None:
+        self.acceptance.observe(problem_id, proposed, accepted)
+
+    def observe_finished(self, problem_id: str, length: int) -> None:
+        self.lengths.observe_finished(problem_id, length)
+
+    def advance_step(self, step: int) -> None:
+        self.lengths.advance_step(step)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NoSpeculation(_Observing):
+    name = "none"
+
+    def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
+        return BudgetPlan.none(len(rows))
+
+
+class FixedBudget(_Observing):
+    name = "fixed"
+
+    def __init__(self, k: int | None = None, config: PolicyConfig | None = None) -> None:
+        super().__init__(config)
+        self.k = self.config.fixed_budget if k is None else int(k)
+        if self.k < 0:
+            raise ValueError(f"invalid FixedBudget k={k!r}: must be >= 0")
+
+    def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
+        budgets = np.array([min(self.k, len(r.node_probs)) for r in rows], dtype=np.int32)
+        return BudgetPlan(budgets, int(budgets.max(initial=0)))
+
+    def __repr__(self) -> str:
+        return f"FixedBudget(k={self.k})"
+
+
+class UnlimitedBudget(FixedBudget):
+    """Every draft node the drafter finds (up to ``config.max_budget``)."""
+
+    name = "unlimited"
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        cfg = config or PolicyConfig()
+        super().__init__(cfg.max_budget, cfg)
+
+
+class _ModelBased(_Observing):
+    """Policies that plan with predicted lengths, acceptance estimates and a cost model."""
+
+    def __init__(self, cost_model: CostModel | str | None = None,
+                 config: PolicyConfig | None = None) -> None:
+        super().__init__(config)
+        if cost_model is None:
+            cost_model = self.config.cost_preset
+        self.cost = CostModel.preset(cost_model) if isinstance(cost_model, str) else cost_model
+        self.last: StepAllocation | None = None  # the latest plan's modeled numbers
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
+
+    def _usable(self, row: BudgetRow) -> int:
+        """Most drafts worth proposing: nodes found, the budget cap, and the tokens left
+        (accepted drafts plus the bonus token cannot exceed ``max_new_tokens``)."""
+        left = max(0, row.max_new_tokens - row.generated_len - 1)
+        return min(len(row.node_probs), self.config.max_budget, left)
+
+    def inputs(self, rows: Sequence[BudgetRow]):
+        """Per row: predicted remaining tokens, acceptance curve E(b), KV tokens per forward."""
+        estimates: dict[str, AcceptanceEstimate] = {}
+        remaining = np.empty(len(rows))
+        kv = np.empty(len(rows))
+        curves = []
+        preds: list[LengthPrediction] = []
+        for i, row in enumerate(rows):
+            est = estimates.get(row.problem_id)
+            if est is None:
+                est = estimates[row.problem_id] = self.acceptance.estimate(row.problem_id)
+            pred = self.lengths.predict(row.problem_id, row.generated_len, row.max_new_tokens)
+            preds.append(pred)
+            remaining[i] = pred.remaining
+            kv[i] = row.prompt_len + row.generated_len + 0.5 * pred.remaining
+            m = self._usable(row)
+            expected = np.concatenate([[0.0], np.cumsum(row.node_probs[:m])]) * est.calibration
+            curves.append(np.minimum(expected, np.arange(m + 1)))  # never more than drafted
+        return remaining, curves, kv, estimates, preds
+
+    def expected_time(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> float:
+        """Modeled seconds to finish the batch keeping ``budgets`` (the LengthAware objective),
+        used to compare any policy's plan on equal terms."""
+        remaining, curves, kv, _, _ = self.inputs(rows)
+        clipped = np.minimum(np.asarray(budgets), [len(c) - 1 for c in curves])
+        return step_objective(remaining, curves, clipped, kv, self.cost, self.config.uniform_width)[0]
+
+    def _remember(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> None:
+        for row, b in zip(rows, budgets.tolist()):
+            if b > 0:
+                self.acceptance.expect(row.problem_id, b, float(row.node_probs[:b].sum()))
+
+
+class LengthAware(_ModelBased):
+    name = "length-aware"
+
+    def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
+        if not rows:
+            return BudgetPlan.none(0)
+        remaining, curves, kv, _, _ = self.inputs(rows)
+        alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width)
+        self.last = alloc
+        if alloc.width == 0 or alloc.modeled_s > (1.0 - self.config.min_gain) * alloc.baseline_s:
+            return BudgetPlan.none(len(rows))
+        self._remember(rows, alloc.budgets)
+        return BudgetPlan(alloc.budgets, alloc.width)
+
+
+class PaperClosedForm(_ModelBased):
+    name = "paper"
+
+    def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
+        if not rows:
+            return BudgetPlan.none(0)
+        remaining, curves, _, estimates, _ = self.inputs(rows)
+        params = {pid: paper_params(e.alpha, e.k) for pid, e in estimates.items()}
+        alpha_p = np.array([params[r.problem_id][0] for r in rows])
+        k_p = np.array([params[r.problem_id][1] for r in rows])
+        n_star = max(paper_optimal_n(remaining, alpha_p, k_p, self.cost), 1.0)
+        total = paper_budget(remaining, n_star, alpha_p, k_p)
+        per_step = np.where(np.isfinite(total), total / n_star, np.inf)
+        caps = np.array([len(c) - 1 for c in curves])
+        budgets = np.minimum(np.round(np.minimum(per_step, 1e9)), caps).astype(np.int32)
+        self._remember(rows, budgets)
+        return BudgetPlan(budgets, int(budgets.max(initial=0)))
+
+
+POLICIES = {
+    "none": NoSpeculation,
+    "fixed": FixedBudget,
+    "unlimited": UnlimitedBudget,
+    "length-aware": LengthAware,
+    "paper": PaperClosedForm,
+}
+
+
+def make_policy(name: str, cost_model: CostModel | str | None = None,
+                config: PolicyConfig | None = None) -> DraftBudget:
+    """Build a policy by its CLI name (``POLICIES``); cost models only matter to the
+    model-based ones."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}: choose one of {sorted(POLICIES)}")
+    cls = POLICIES[name]
+    if issubclass(cls, _ModelBased):
+        return cls(cost_model, config)
+    return cls(config=config)

@@ -1,0 +1,85 @@
+"""Settings of the draft-budget policies. Every policy default lives here, once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.cost_model import DEFAULT_PRESET, PRESETS
+
+
+def _check(cond: bool, name: str, value: object, why: str) -> None:
+    if not cond:
+        raise ValueError(f"invalid {name}={value!r}: {why}")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Draft-budget policy settings.
+
+    max_budget          most draft nodes one request gets in one step (UnlimitedBudget uses
+                        all of them); the drafter's own cap by default.
+    fixed_budget        FixedBudget's per-request budget.
+    uniform_width       the engine pads every row to the batch width (SGLang tree verify):
+                        the cost model then charges ``rows * (1 + width)`` tokens per forward.
+    cost_preset         CostModel preset used when a policy is built without a cost model.
+    length_window_steps training steps of finished lengths kept per problem for prediction.
+    class_quantiles     Short/Medium/Long boundaries as quantiles of the pooled window ...
+    class_thresholds    ... or fixed boundaries in tokens (overrides the quantiles).
+    prior_length        expected length of a rollout when no history exists at all.
+    tail_factor         a request longer than all its history is predicted to run
+                        ``tail_factor * generated_len`` more tokens (heavy-tail rule).
+    prior_alpha/prior_k acceptance model (see core/acceptance.py) assumed with no outcomes;
+    prior_weight        ... worth this many outcomes when mixed with real ones.
+    calibration_prior_tokens  drafter-expected tokens of pseudo-evidence for "calibration 1".
+    acceptance_memory   recent verify outcomes kept per problem for the (alpha, k) fit.
+    refit_every         refit (alpha, k) after this many new outcomes.
+    min_gain            speculate only when the modeled time saving is at least this share.
+    """
+
+    max_budget: int = DrafterConfig().max_budget
+    fixed_budget: int = 8
+    uniform_width: bool = False
+    cost_preset: str = DEFAULT_PRESET
+    length_window_steps: int = 4
+    class_quantiles: tuple[float, float] = (1.0 / 3.0, 2.0 / 3.0)
+    class_thresholds: tuple[int, int] | None = None
+    prior_length: int = 2048
+    tail_factor: float = 0.5
+    prior_alpha: float = 0.5
+    prior_k: float = 4.0
+    prior_weight: float = 8.0
+    calibration_prior_tokens: float = 8.0
+    acceptance_memory: int = 256
+    refit_every: int = 16
+    min_gain: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
+        _check(0 <= self.fixed_budget <= self.max_budget, "fixed_budget", self.fixed_budget,
+               f"must be in [0, max_budget={self.max_budget}]")
+        _check(self.cost_preset in PRESETS, "cost_preset", self.cost_preset,
+               f"must be one of {sorted(PRESETS)}")
+        _check(self.length_window_steps >= 0, "length_window_steps", self.length_window_steps,
+               "must be >= 0")
+        q1, q2 = self.class_quantiles
+        _check(0.0 < q1 < q2 < 1.0, "class_quantiles", self.class_quantiles,
+               "must satisfy 0 < q1 < q2 < 1")
+        if self.class_thresholds is not None:
+            t1, t2 = self.class_thresholds
+            _check(0 < t1 < t2, "class_thresholds", self.class_thresholds,
+                   "must satisfy 0 < short/medium < medium/long")
+        _check(self.prior_length >= 1, "prior_length", self.prior_length, "must be >= 1")
+        _check(self.tail_factor > 0.0, "tail_factor", self.tail_factor, "must be > 0")
+        _check(0.0 <= self.prior_alpha <= 1.0, "prior_alpha", self.prior_alpha, "must be in [0, 1]")
+        _check(self.prior_k >= 0.0, "prior_k", self.prior_k, "must be >= 0")
+        _check(self.prior_weight > 0.0, "prior_weight", self.prior_weight, "must be > 0")
+        _check(self.calibration_prior_tokens > 0.0, "calibration_prior_tokens",
+               self.calibration_prior_tokens, "must be > 0")
+        _check(self.acceptance_memory >= 1, "acceptance_memory", self.acceptance_memory, "must be >= 1")
+        _check(self.refit_every >= 1, "refit_every", self.refit_every, "must be >= 1")
+        _check(0.0 <= self.min_gain < 1.0, "min_gain", self.min_gain, "must be in [0, 1)")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

@@ -1,0 +1,89 @@
+"""LengthPredictor: classes from the window, re-classification as a request grows."""
+
+import pytest
+
+from das_sglang.core.length_predictor import LONG, MEDIUM, SHORT, LengthPredictor
+from das_sglang.core.policy_config import PolicyConfig
+
+FIXED = PolicyConfig(class_thresholds=(100, 1000))
+
+
+def _predictor(lengths, config=FIXED, problem="q"):
+    p = LengthPredictor(config)
+    for n in lengths:
+        p.observe_finished(problem, n)
+    return p
+
+
+class TestWorkedExample:
+    """The module docstring's example: history 50, 60, 500, 5000 with thresholds 100/1000."""
+
+    def test_initial_class_is_the_median_class(self):
+        assert _predictor([50, 60, 500, 5000]).initial_class("q") == MEDIUM
+
+    @pytest.mark.parametrize(
+        "generated, cls, remaining",
+        [(0, SHORT, 55.0), (70, MEDIUM, 430.0), (600, LONG, 4400.0), (4999, LONG, 1.0)],
+    )
+    def test_reclassified_as_the_request_grows(self, generated, cls, remaining):
+        pred = _predictor([50, 60, 500, 5000]).predict("q", generated, 10**6)
+        assert pred.length_class == cls
+        assert pred.remaining == pytest.approx(remaining)
+        assert pred.initial_class == MEDIUM
+
+    def test_longer_than_everything_uses_the_tail_rule(self):
+        pred = _predictor([50, 60, 500, 5000]).predict("q", 6000, 10**6)
+        assert pred.remaining == pytest.approx(0.5 * 6000)  # tail_factor * g
+        assert pred.length_class == LONG
+
+
+class TestFallbacks:
+    def test_no_history_uses_the_prior(self):
+        p = LengthPredictor(PolicyConfig(prior_length=2048))
+        assert p.predict("q", 0, 10**6).remaining == 2048
+        assert p.predict("q", 2000, 10**6).remaining == 1000  # max(48, 0.5 * 2000)
+        assert p.predict("q", 0, 300).remaining == 300  # capped by max_new_tokens
+        assert p.predict("q", 300, 300).remaining == 1  # at the cap: one more token at most
+        assert p.predict("q", 0, 10**6).length_class is None
+
+    def test_unknown_problem_uses_all_problems(self):
+        p = _predictor([200, 300, 400], problem="a")
+        pred = p.predict("never-seen", 0, 10**6)
+        assert pred.initial_class is None and pred.remaining == pytest.approx(300.0)
+
+    def test_group_of_the_initial_class_is_used(self):
+        p = LengthPredictor(FIXED)
+        for n in (20, 30, 40):
+            p.observe_finished("short-problem", n)
+        for n in (3000, 4000, 5000):
+            p.observe_finished("long-problem", n)
+        assert p.predict("short-problem", 0, 10**6).remaining == pytest.approx(30.0)
+        assert p.predict("long-problem", 0, 10**6).remaining == pytest.approx(4000.0)
+        # a short problem's request past 40 tokens: its group has nothing longer -> all pooled
+        assert p.predict("short-problem", 50, 10**6).remaining == pytest.approx(3950.0)
+
+
+class TestWindowAndQuantiles:
+    def test_quantile_thresholds(self):
+        p = _predictor(range(1, 301), config=PolicyConfig())
+        t = p.thresholds()
+        assert t[0] == pytest.approx(100.67, abs=0.01) and t[1] == pytest.approx(200.33, abs=0.01)
+
+    def test_window_evicts_old_steps(self):
+        p = LengthPredictor(PolicyConfig(length_window_steps=1, class_thresholds=(100, 1000)))
+        p.observe_finished("q", 5000)
+        p.advance_step(1)
+        p.observe_finished("q", 50)
+        assert p.predict("q", 0, 10**6).remaining == pytest.approx(50.0)  # 50 is SHORT, argmax
+        p.advance_step(2)  # step 0 leaves the window
+        assert p.predict("q", 60, 10**6).remaining == pytest.approx(30.0)  # tail rule: 5000 gone
+        p.advance_step(3)
+        assert p.thresholds() is None
+
+    def test_bad_input(self):
+        p = LengthPredictor()
+        with pytest.raises(ValueError, match="-3"):
+            p.observe_finished("q", -3)
+        p.advance_step(5)
+        with pytest.raises(ValueError, match="step=4"):
+            p.advance_step(4)

@@ -1,0 +1,78 @@
+"""Acceptance statistics: the saturating model, its robust fit, calibration of node probs."""
+
+import numpy as np
+import pytest
+
+from das_sglang.core.acceptance import AcceptanceTracker, fit_saturating, paper_params, saturating_accept
+from das_sglang.core.policy_config import PolicyConfig
+
+
+def test_model_worked_numbers():
+    # k (1 - exp(-alpha b / k)) with alpha = .5, k = 4, b = 4: 4 (1 - e^-0.5)
+    assert saturating_accept(4, 0.5, 4.0) == pytest.approx(1.5738774)
+    assert saturating_accept(10**6, 0.5, 4.0) == pytest.approx(4.0)  # saturates at k
+    assert saturating_accept(0, 0.5, 4.0) == 0.0
+    assert saturating_accept(8, 0.0, 4.0) == 0.0 and saturating_accept(8, 0.5, 0.0) == 0.0
+    b = np.arange(0, 64)
+    assert np.all(saturating_accept(b, 0.9, 6.0) <= 0.9 * b + 1e-12)
+
+
+def test_paper_params_worked_numbers():
+    alpha_p, k_p = paper_params(0.5, 4.0)
+    assert k_p == pytest.approx(1.25) and alpha_p == pytest.approx(0.625)
+    assert paper_params(0.0, 4.0) == (0.0, float("inf"))
+
+
+@pytest.mark.parametrize("alpha, k", [(0.7, 6.0), (0.4, 2.0), (0.95, 15.0)])
+def test_recovers_known_alpha_k_from_synthetic_outcomes(alpha, k):
+    rng = np.random.default_rng(7)
+    budgets = rng.integers(1, 33, 3000)
+    # integer outcomes with the model's mean: Binomial(b, A(b) / b)
+    accepted = rng.binomial(budgets, saturating_accept(budgets, alpha, k) / budgets)
+    tracker = AcceptanceTracker(PolicyConfig(acceptance_memory=4096))
+    for b, a in zip(budgets, accepted):
+        tracker.observe("q", int(b), int(a))
+    est = tracker.estimate("q")
+    assert est.alpha == pytest.approx(alpha, abs=0.05)
+    assert est.k == pytest.approx(k, rel=0.1)
+    assert est.n_obs == 3000
+
+
+def test_huber_fit_ignores_a_few_outliers():
+    rng = np.random.default_rng(3)
+    b = rng.integers(1, 33, 400).astype(float)
+    a = saturating_accept(b, 0.6, 5.0)
+    a[:8] = b[:8]  # 2% of steps where a whole long draft matched
+    alpha, k = fit_saturating(b, a, 0.5, 4.0, 8.0, k_max=32.0)
+    assert alpha == pytest.approx(0.6, abs=0.05) and k == pytest.approx(5.0, rel=0.1)
+
+
+def test_no_data_gives_the_prior_and_zero_acceptance_gives_zero():
+    cfg = PolicyConfig()
+    tracker = AcceptanceTracker(cfg)
+    est = tracker.estimate("new")
+    assert (est.alpha, est.k, est.calibration, est.n_obs) == (cfg.prior_alpha, cfg.prior_k, 1.0, 0)
+    for _ in range(200):
+        tracker.observe("dead", 8, 0)
+    dead = tracker.estimate("dead")
+    assert saturating_accept(8, dead.alpha, dead.k) < 0.1
+    assert dead.mean_accepted == 0.0
+    tracker.observe("dead", 0, 0)  # nothing drafted: ignored, no crash
+    assert tracker.estimate("dead").n_obs == 200
+
+
+def test_calibration_of_node_probs():
+    tracker = AcceptanceTracker(PolicyConfig(calibration_prior_tokens=8.0))
+    for _ in range(8):
+        tracker.expect("q", 4, 2.0)  # drafter expected 2 accepted tokens with budget 4
+        tracker.observe("q", 4, 1)  # verification accepted 1
+    # (8 pseudo + 8 accepted) / (8 pseudo + 16 expected)
+    assert tracker.estimate("q").calibration == pytest.approx(16 / 24)
+    tracker.observe("q", 3, 3)  # no plan recorded for budget 3: not used for calibration
+    assert tracker.estimate("q").calibration == pytest.approx(16 / 24)
+
+
+@pytest.mark.parametrize("proposed, accepted", [(-1, 0), (3, 4), (2, -1)])
+def test_bad_outcomes_are_named(proposed, accepted):
+    with pytest.raises(ValueError, match=f"proposed={proposed}"):
+        AcceptanceTracker(PolicyConfig()).observe("q", proposed, accepted)
