@@ -1,0 +1,176 @@
+"""Native SuffixIndex: golden examples, validation, bookkeeping, bounded memory."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch
+
+
+def arr(tokens) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int32)
+
+
+class TestGolden:
+    def test_tree_worked_example(self):
+        # "1 2 3 1 2 4 1 2 3": after "1 2" comes 3 twice and 4 once.
+        ix = SuffixIndex(8)
+        ix.add_sequence(1, arr([1, 2, 3, 1, 2, 4, 1, 2, 3]), 0)
+        tokens, parents, probs, match_len = ix.draft(arr([9, 1, 2]), 3, 0.0, {0: 1.0}, False, 7)
+        assert match_len == 2
+        assert tokens.tolist() == [3, 1, 2] and parents.tolist() == [-1, 0, 1]
+        assert probs.tolist() == pytest.approx([2 / 3] * 3)
+        tokens, parents, probs, _ = ix.draft(arr([1, 2]), 10, 0.3, {0: 1.0}, False, 7)
+        assert (4, -1) in zip(tokens.tolist(), parents.tolist())  # the 1/3 branch
+        assert min(probs) >= 0.3
+
+    def test_tie_breaks_on_smaller_token(self):
+        ix = SuffixIndex(4)
+        ix.add_sequence(0, arr([1, 5]), 0)
+        ix.add_sequence(1, arr([1, 3]), 0)
+        tokens, _, probs, _ = ix.draft(arr([1]), 2, 0.0, {0: 1.0}, False, 3)
+        assert tokens.tolist() == [3, 5] and probs.tolist() == [0.5, 0.5]
+        tokens, _, _, _ = ix.draft(arr([1]), 2, 0.0, {0: 1.0}, True, 3)
+        assert tokens.tolist() == [3]
+
+    def test_steps_missing_from_weights_weigh_zero(self):
+        ix = SuffixIndex(4)
+        ix.add_sequence(0, arr([1, 5]), 0)
+        ix.add_sequence(1, arr([1, 3]), 7)
+        tokens, _, probs, _ = ix.draft(arr([1]), 4, 0.0, {0: 1.0}, False, 3)
+        assert tokens.tolist() == [5] and probs.tolist() == [1.0]
+
+    def test_match_prefers_longest_suffix_with_continuation(self):
+        ix = SuffixIndex(6)
+        ix.add_sequence(0, arr([4, 1, 2, 7]), 0)
+        ix.add_sequence(1, arr([1, 2, 8, 9]), 0)
+        assert ix.match_length(arr([4, 1, 2])) == 3
+        tokens, _, _, m = ix.draft(arr([4, 1, 2]), 1, 0.0, {0: 1.0}, False, 5)
+        assert (m, tokens.tolist()) == (3, [7])
+        _, _, _, m = ix.draft(arr([4, 1, 2]), 1, 0.0, {0: 1.0}, False, 2)
+        assert m == 2
+
+    def test_depth_bound(self):
+        ix = SuffixIndex(3)
+        ix.add_sequence(0, arr([1, 2, 3, 4, 5]), 0)
+        tokens, _, _, m = ix.draft(arr([1]), 10, 0.0, {0: 1.0}, False, 2)
+        assert m == 1 and tokens.tolist() == [2, 3]  # match + draft <= max_depth
+
+
+class TestValidation:
+    def test_errors_name_the_bad_value(self):
+        ix = SuffixIndex(8)
+        with pytest.raises(ValueError, match="dtype=dtype\\('int64'\\)"):
+            ix.add_sequence(1, np.array([1, 2]), 0)
+        with pytest.raises(ValueError, match="got list"):
+            ix.add_sequence(1, [1, 2], 0)
+        with pytest.raises(ValueError, match="unknown seq_id=9"):
+            ix.remove_sequence(9)
+        with pytest.raises(ValueError, match="unknown seq_id=9"):
+            ix.extend(9, arr([1]))
+        ix.add_sequence(1, arr([1]), 0)
+        with pytest.raises(ValueError, match="duplicate seq_id=1"):
+            ix.add_sequence(1, arr([1]), 0)
+        with pytest.raises(ValueError, match="budget=-2"):
+            ix.draft_for_sequence(1, -2, 0.0, {}, False, 4)
+        with pytest.raises(ValueError, match="max_depth=1"):
+            SuffixIndex(1)
+
+    def test_too_many_steps_names_the_step(self):
+        ix = SuffixIndex(4)
+        for s in range(MAX_STEPS):
+            ix.add_sequence(s, arr([1]), 100 + s)
+        with pytest.raises(ValueError, match="step=999"):
+            ix.add_sequence(99, arr([1]), 999)
+        ix.remove_sequence(0)  # frees step 100's slot
+        ix.add_sequence(99, arr([1]), 999)
+        assert 999 in ix.steps() and 100 not in ix.steps()
+        ix.check_integrity()
+
+    def test_batch_validation(self):
+        ix = SuffixIndex(4)
+        ix.add_sequence(0, arr([1, 2]), 0)
+        args = (0.0, np.array([0], np.int64), np.array([1.0]), False, 3)
+        with pytest.raises(ValueError, match="unknown seq_id=5"):
+            draft_batch([ix], np.array([5], np.int64), np.array([1], np.int32), *args)
+        with pytest.raises(ValueError, match="differ in length"):
+            draft_batch([ix, ix], np.array([0], np.int64), np.array([1], np.int32), *args)
+        with pytest.raises(ValueError, match="budget=-1"):
+            draft_batch([ix], np.array([0], np.int64), np.array([-1], np.int32), *args)
+
+
+class TestBookkeeping:
+    def test_introspection(self):
+        ix = SuffixIndex(8)
+        ix.add_sequence(3, arr([1, 2, 3]), 5)
+        ix.extend(3, arr([4]))
+        ix.append(3, 5)
+        assert ix.num_sequences == 1 and ix.num_tokens == 5
+        assert ix.sequence_tokens(3).tolist() == [1, 2, 3, 4, 5]
+        assert ix.sequence_step(3) == 5 and ix.steps() == [5] and ix.sequence_ids() == [3]
+        assert ix.memory_bytes() > 0
+        ix.check_integrity()
+
+    def test_empty_sequences_are_fine(self):
+        ix = SuffixIndex(4)
+        ix.add_sequence(0, arr([]), 0)
+        assert ix.draft_for_sequence(0, 4, 0.0, {0: 1.0}, False, 3)[3] == 0
+        ix.remove_sequence(0)
+        assert ix.num_nodes == 1
+
+
+def _rollout(rng: random.Random, base: list[int]) -> list[int]:
+    """A noisy copy of a base text: RL siblings share most of their text."""
+    out = []
+    for t in base:
+        r = rng.random()
+        if r < 0.05:
+            out.append(rng.randrange(1000))
+        elif r > 0.97:
+            continue
+        else:
+            out.append(t)
+    return out
+
+
+class TestMemory:
+    def test_sliding_window_over_120_steps_is_bounded_and_returns_to_baseline(self):
+        rng = random.Random(0)
+        base = [rng.randrange(200) for _ in range(400)]
+        ix = SuffixIndex(32)
+        baseline_nodes, window, live, sid = ix.num_nodes, 4, [], 0
+        nodes, mem = [], []
+        for step in range(120):
+            for _ in range(4):
+                ix.add_sequence(sid, arr(_rollout(rng, base)), step)
+                live.append((step, sid))
+                sid += 1
+            for s, q in [x for x in live if x[0] < step - window]:
+                ix.remove_sequence(q)
+                live.remove((s, q))
+            if step % 10 == 0:
+                ix.check_integrity()
+            nodes.append(ix.num_nodes)
+            mem.append(ix.memory_bytes())
+        # Steady state: the window holds the same amount of text from step `window` on.
+        assert max(nodes[60:]) <= 1.3 * max(nodes[window + 1 : 30])
+        assert max(mem[60:]) <= 1.3 * max(mem[window + 1 : 30])
+        for _, q in live:
+            ix.remove_sequence(q)
+        ix.check_integrity()
+        assert ix.num_nodes == baseline_nodes and ix.num_orphans == 0 and ix.num_tokens == 0
+
+    def test_remove_restores_node_count_exactly(self):
+        rng = random.Random(1)
+        ix = SuffixIndex(16)
+        for s in range(10):
+            ix.add_sequence(s, arr([rng.randrange(5) for _ in range(200)]), s % 3)
+        before = ix.num_nodes
+        ix.add_sequence(99, arr([rng.randrange(5) for _ in range(300)]), 1)
+        ix.extend(99, arr([rng.randrange(5) for _ in range(50)]))
+        ix.remove_sequence(99)
+        ix.check_integrity()
+        assert ix.num_nodes == before
