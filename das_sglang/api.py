@@ -15,6 +15,7 @@ share the problem id). Nothing here imports sglang until an engine is built.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, is_dataclass
@@ -34,6 +35,12 @@ def tag(problem_id: str | int, step: int) -> dict[str, Any]:
     if problem_id == "" or problem_id is None:
         raise ValueError(f"invalid problem_id={problem_id!r}: must be non-empty")
     return {PROBLEM_KEY: str(problem_id), STEP_KEY: step}
+
+
+def prompt_key(prompt: str) -> str:
+    """A stable problem id for a prompt text: the one `das replay` groups verl dumps by
+    (``core/datasets.py``), so live rollouts and replays name problems alike."""
+    return "p" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
 
 
 def tagged(sampling_params: Mapping[str, Any] | None, problem_id: str | int, step: int) -> dict[str, Any]:

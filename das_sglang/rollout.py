@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from das_sglang.api import tag
+from das_sglang.api import prompt_key, tag
 from das_sglang.core.records import RolloutRecord
 
 
@@ -52,7 +52,8 @@ class Prompt:
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a JSONL file: one object per line with ``prompt`` (or verl's ``input``),
-    optional ``problem_id`` (or ``id``; default ``line<N>``) and optional ``answer``.
+    optional ``problem_id`` (or ``id``; default: a hash of the prompt, as `das replay`
+    groups verl dumps) and optional ``answer``.
 
     Raises ValueError naming the file, line and field of the first problem.
     """
@@ -79,7 +80,7 @@ def _parse_prompt(where: str, obj: Any, lineno: int) -> Prompt:
     text = obj.get("prompt", obj.get("input"))
     if not isinstance(text, str) or not text:
         raise ValueError(f"{where}: field 'prompt' must be a non-empty string, got {text!r}")
-    pid = obj.get("problem_id", obj.get("id", f"line{lineno}"))
+    pid = obj.get("problem_id", obj.get("id", prompt_key(text)))
     if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
         raise ValueError(f"{where}: field 'problem_id' must be a non-empty string or int, got {pid!r}")
     answer = obj.get("answer")

@@ -124,3 +124,12 @@ class TestDasConfig:
     def test_rollout_config_without_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("DAS_CONFIG", raising=False)
         assert api.rollout_das_config(None) == {}
+
+
+def test_prompt_key_matches_replay_grouping(tmp_path: Path) -> None:
+    from das_sglang.core.datasets import load_verl
+    from das_sglang.core.records import RolloutRecord, write_step
+
+    write_step(tmp_path, 0, [RolloutRecord("What is 2+2?", "4", None, 0, "r0")])
+    assert load_verl([tmp_path])[0].problem_id == api.prompt_key("What is 2+2?")
+    assert api.prompt_key("a") != api.prompt_key("b")

@@ -85,6 +85,7 @@ class TestHappyPath:
         assert set(rows[0]) == {"input", "output", "score", "step", "request_id"}
         assert {r["step"] for r in rows} == {6}
         assert rows[0]["request_id"] == "a/s6/0" and rows[3]["request_id"] == "7/s6/0"
+        assert rows[0]["input"] == "1+1?" and rows[0]["output"] == "work #### a"
         assert [r["score"] for r in rows] == [1.0] * 3 + [0.0] * 3  # "#### 7" vs answer "5"
         summary = json.loads((out / "summary.json").read_text())
         assert summary["none"] is None
@@ -152,6 +153,15 @@ class TestBadInput:
         p = tmp_path / "p.jsonl"
         p.write_text('{"question": "x"}\n')
         self._fails(*_base(p, tmp_path / "o"), match="p.jsonl:1: field 'prompt'")
+
+    def test_prompt_without_id_is_keyed_by_its_text(self, engines, tmp_path: Path) -> None:
+        from das_sglang.api import prompt_key
+
+        p = tmp_path / "p.jsonl"
+        p.write_text('{"prompt": "x"}\n')
+        res = _invoke(*_base(p, tmp_path / "o"), "--n", "1", "--steps", "1")
+        assert res.exit_code == 0, res.output
+        assert engines[0][0].requests[0][1]["custom_params"]["das_problem_id"] == prompt_key("x")
 
     def test_duplicate_problem_id(self, engines, tmp_path: Path) -> None:
         p = tmp_path / "p.jsonl"
