@@ -1,0 +1,249 @@
+"""Drafter latency / memory on the bundled SkyThought AIME24 rollouts.
+
+    python benchmarks/bench_drafter.py --json out.json [--png out.png]
+
+Per problem, the native index holds a history of ``--history`` rollouts (the problem's
+outputs at other checkpoints of both runs, each cut to ``--max-tokens``), spread over 4
+past steps; ``--live`` further checkpoints' outputs are then decoded in lockstep, token by
+token: every decode step drafts for every live request (max budget), accepts what the
+recorded continuation confirms (+1 bonus token) and appends it. Measured in one process:
+
+- speculate_us_mean / _p99: one ``draft_for_sequence`` call from Python, per request;
+- batch_us_per_request: ``draft_batch`` over the whole decode batch / rows (the baseline
+  it is compared with is the per-request calls above, same states, same process);
+- update_us_per_token: ``extend`` of the accepted tokens, per token;
+- build_us_per_token, bytes_per_token, nodes_per_token of the full indices;
+- drafter_us_per_request: ``SuffixDrafter.speculate_batch`` (DraftTree objects included);
+- oracle ratio: the pure-Python reference index on a small slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.datasets import load_skythought
+from das_sglang.core.draft_tree import DraftTree
+from das_sglang.core.drafter import SuffixDrafter
+from das_sglang.core.tokenize import TextTokenizer
+from das_sglang.native import SuffixIndex, draft_batch
+
+HISTORY_STEPS = 4  # history rollouts are spread over this many past steps
+
+
+def load_problems(n_problems: int, max_tokens: int, cache_dir: str | None) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
+    """problem_id -> (prompt ids, [response ids of every checkpoint of both runs])."""
+    rollouts = load_skythought("long") + load_skythought("short")
+    pids = sorted({r.problem_id for r in rollouts}, key=lambda p: int(p.split("-")[1]))[:n_problems]
+    chosen = [r for r in rollouts if r.problem_id in pids]
+    tok = TextTokenizer(cache_dir=cache_dir)
+    # Cut the text before tokenising: the long run has 32k-token outputs.
+    texts = [r.response[: max_tokens * 6] for r in chosen]
+    prompts = tok.encode_many(sorted({r.prompt for r in chosen}))
+    prompt_of = dict(zip(sorted({r.prompt for r in chosen}), prompts))
+    ids = tok.encode_many(texts)
+    out: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
+    for r, resp in zip(chosen, ids):
+        entry = out.setdefault(r.problem_id, (prompt_of[r.prompt], []))
+        entry[1].append(np.ascontiguousarray(resp[:max_tokens], dtype=np.int32))
+    return out
+
+
+def build(problems, n_history: int, max_depth: int):
+    indices, build_s, build_tokens = {}, 0.0, 0
+    for pid, (prompt, responses) in problems.items():
+        ix = SuffixIndex(max_depth)
+        for k, resp in enumerate(responses[:n_history]):
+            seq = np.concatenate([prompt, resp])
+            t0 = time.perf_counter()
+            ix.add_sequence(k, seq, k % HISTORY_STEPS)
+            build_s += time.perf_counter() - t0
+            build_tokens += len(seq)
+        indices[pid] = ix
+    return indices, build_s, build_tokens
+
+
+def decode(problems, indices, cfg: DrafterConfig, n_history: int, n_live: int, max_steps: int):
+    """Lockstep decoding of the live requests; returns the timing samples."""
+    step = HISTORY_STEPS
+    weights = {s: cfg.step_decay ** (step - s) for s in range(step + 1)}
+    w_steps = np.asarray(sorted(weights), np.int64)
+    w_vals = np.asarray([weights[s] for s in sorted(weights)])
+    live = []  # (index, seq_id, target response, produced)
+    for pid, (prompt, responses) in problems.items():
+        for k, resp in enumerate(responses[n_history : n_history + n_live]):
+            seq_id = 1000 + k
+            indices[pid].add_sequence(seq_id, prompt, step)
+            live.append([indices[pid], seq_id, resp, 0])
+    single_ns, batch_ns, batch_rows, update_ns, update_tokens, accepted = [], 0, 0, 0, 0, []
+    for _ in range(max_steps):
+        live = [r for r in live if r[3] < len(r[2])]
+        if not live:
+            break
+        for ix, seq_id, _, _ in live:  # per-request calls: the baseline of the batch API
+            t0 = time.perf_counter_ns()
+            ix.draft_for_sequence(seq_id, cfg.max_budget, cfg.min_token_prob, weights, not cfg.tree, cfg.max_match_len)
+            single_ns.append(time.perf_counter_ns() - t0)
+        seq_ids = np.asarray([r[1] for r in live], np.int64)
+        budgets = np.full(len(live), cfg.max_budget, np.int32)
+        t0 = time.perf_counter_ns()
+        toks, parents, probs, offsets, match = draft_batch(
+            [r[0] for r in live], seq_ids, budgets, cfg.min_token_prob, w_steps, w_vals, not cfg.tree, cfg.max_match_len
+        )
+        batch_ns += time.perf_counter_ns() - t0
+        batch_rows += len(live)
+        for r, row in enumerate(live):
+            ix, seq_id, target, pos = row
+            a, z = offsets[r], offsets[r + 1]
+            tree = DraftTree(toks[a:z], parents[a:z], probs[a:z], int(match[r]))
+            n_acc = tree.accept_length(target[pos : pos + cfg.max_budget].tolist())
+            new = target[pos : pos + n_acc + 1]  # accepted drafts + the bonus token
+            t0 = time.perf_counter_ns()
+            ix.extend(seq_id, new)
+            update_ns += time.perf_counter_ns() - t0
+            update_tokens += len(new)
+            accepted.append(n_acc)
+            row[3] = pos + len(new)
+    return dict(single_ns=np.asarray(single_ns), batch_ns=batch_ns, batch_rows=batch_rows,
+                update_ns=update_ns, update_tokens=update_tokens, accepted=np.asarray(accepted))
+
+
+def drafter_level(problems, cfg: DrafterConfig, n_history: int, n_live: int, rounds: int) -> float:
+    """us per request of SuffixDrafter.speculate_batch (Python objects included)."""
+    d = SuffixDrafter(cfg)
+    for s in range(HISTORY_STEPS):
+        d.advance_step(s)
+    d.advance_step(HISTORY_STEPS)
+    rids = []
+    for pid, (prompt, responses) in problems.items():
+        for k, resp in enumerate(responses[:n_history]):
+            d.add_history(pid, k % HISTORY_STEPS, np.concatenate([prompt, resp]))
+        for k, resp in enumerate(responses[n_history : n_history + n_live]):
+            rid = f"{pid}/{k}"
+            d.start_request(rid, pid, np.concatenate([prompt, resp[:200]]))
+            rids.append(rid)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        d.speculate_batch(rids)
+    return (time.perf_counter() - t0) / (rounds * len(rids)) * 1e6
+
+
+def oracle_ratio(problems, cfg: DrafterConfig) -> dict[str, float]:
+    """Native vs the pure-Python reference on a small slice (same queries)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from oracle.reference_index import ReferenceIndex
+
+    prompt, responses = next(iter(problems.values()))
+    depth = 16
+    nat, ref = SuffixIndex(depth), ReferenceIndex(depth)
+    for k, resp in enumerate(responses[:4]):
+        nat.add_sequence(k, resp[:1500], 0)
+        ref.add_sequence(k, resp[:1500].tolist(), 0)
+    queries = [responses[5][:n] for n in range(50, 1050, 50)]
+    args = (cfg.max_budget, cfg.min_token_prob, {0: 1.0}, not cfg.tree, min(cfg.max_match_len, depth - 1))
+    t0 = time.perf_counter()
+    for q in queries:
+        ref.draft(q.tolist(), *args)
+    ref_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(20):
+        for q in queries:
+            nat.draft(q, *args)
+    nat_s = (time.perf_counter() - t0) / 20
+    return {"oracle_us_per_draft": ref_s / len(queries) * 1e6, "native_us_per_draft": nat_s / len(queries) * 1e6,
+            "native_speedup_vs_oracle": ref_s / nat_s}
+
+
+def plot(single_ns: np.ndarray, out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    us = single_ns / 1e3
+    a.hist(np.clip(us, 0, np.percentile(us, 99.9)), bins=80)
+    a.axvline(out["speculate_us_mean"], color="k", ls="--", label=f"mean {out['speculate_us_mean']:.2f} us")
+    a.axvline(out["speculate_us_p99"], color="r", ls=":", label=f"p99 {out['speculate_us_p99']:.2f} us")
+    a.set_xlabel("draft_for_sequence latency per request (us)")
+    a.set_ylabel("calls")
+    a.legend()
+    names = ["per-request\nspeculate", "batch API\nper request", "update\nper req-step", "drafter API\nper request"]
+    vals = [out["speculate_us_mean"], out["batch_us_per_request"], out["update_us_per_request_step"],
+            out["drafter_us_per_request"]]
+    b.bar(names, vals, color=["C0", "C1", "C2", "C3"])
+    b.axhline(10, color="r", ls="--", label="10 us target (speculate+update)")
+    b.set_ylabel("us")
+    b.legend()
+    fig.suptitle(f"SkyThought AIME24: {out['problems']} problems, {out['history_tokens_per_problem']:.0f} history "
+                 f"tokens/problem, depth {out['max_depth']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", required=True, help="write the results here")
+    ap.add_argument("--png", help="also plot latency histogram + bars here")
+    ap.add_argument("--problems", type=int, default=4)
+    ap.add_argument("--history", type=int, default=16, help="history rollouts per problem")
+    ap.add_argument("--live", type=int, default=4, help="live requests per problem")
+    ap.add_argument("--max-tokens", type=int, default=6000, help="tokens kept per rollout")
+    ap.add_argument("--max-steps", type=int, default=1500, help="decode steps simulated")
+    ap.add_argument("--max-depth", type=int, default=DrafterConfig().max_depth)
+    ap.add_argument("--cache-dir", help="token cache (default: $DAS_CACHE_DIR or ~/.cache/das-sglang)")
+    a = ap.parse_args(argv)
+    if a.history + a.live > 22:
+        print(f"error: --history + --live = {a.history + a.live} > 22 rollouts per problem in the data", file=sys.stderr)
+        return 1
+    cfg = DrafterConfig(max_depth=a.max_depth)
+    problems = load_problems(a.problems, a.max_tokens, a.cache_dir)
+    indices, build_s, build_tokens = build(problems, a.history, cfg.max_depth)
+    nodes = sum(ix.num_nodes for ix in indices.values())
+    mem = sum(ix.memory_bytes() for ix in indices.values())
+    orphans = sum(ix.num_orphans for ix in indices.values())
+    sim = decode(problems, indices, cfg, a.history, a.live, a.max_steps)
+    single = sim["single_ns"]
+    steps = len(sim["accepted"])
+    out = {
+        "problems": len(problems),
+        "history_rollouts_per_problem": a.history,
+        "history_tokens_per_problem": build_tokens / len(problems),
+        "live_requests": a.live * len(problems),
+        "request_steps": steps,
+        "max_depth": cfg.max_depth,
+        "max_budget": cfg.max_budget,
+        "speculate_us_mean": float(single.mean() / 1e3),
+        "speculate_us_p50": float(np.percentile(single, 50) / 1e3),
+        "speculate_us_p99": float(np.percentile(single, 99) / 1e3),
+        "batch_us_per_request": sim["batch_ns"] / sim["batch_rows"] / 1e3,
+        "update_us_per_token": sim["update_ns"] / sim["update_tokens"] / 1e3,
+        "update_us_per_request_step": sim["update_ns"] / steps / 1e3,
+        "build_us_per_token": build_s / build_tokens * 1e6,
+        "bytes_per_token": mem / build_tokens,
+        "nodes_per_token": nodes / build_tokens,
+        "orphan_storages_after_build": orphans,
+        "accepted_tokens_per_step_mean": float(sim["accepted"].mean()),
+        "drafter_us_per_request": drafter_level(problems, cfg, a.history, a.live, rounds=200),
+    }
+    out["speculate_plus_update_us_per_request_step"] = out["batch_us_per_request"] + out["update_us_per_request_step"]
+    out["batch_speedup_vs_per_request_calls"] = out["speculate_us_mean"] / out["batch_us_per_request"]
+    out.update(oracle_ratio(problems, cfg))
+    Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    if a.png:
+        plot(single, out, a.png)
+    for k, v in out.items():
+        print(f"{k:45s} {v:.3f}" if isinstance(v, float) else f"{k:45s} {v}")
+    print(f"batch API vs per-request calls (same states, same process): {out['batch_speedup_vs_per_request_calls']:.2f}x; "
+          f"native vs pure-Python oracle: {out['native_speedup_vs_oracle']:.0f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
