@@ -205,6 +205,13 @@ void SuffixIndex::set_label(uint32_t n, uint32_t storage, uint32_t start, uint32
   x.label_len = len;
 }
 
+uint32_t SuffixIndex::find_child(uint32_t n, int32_t token) const {
+  if (indexed(n)) return children_.find(n, token);
+  for (uint32_t c = nodes_[n].first_child; c != kNil; c = nodes_[c].next_sibling)
+    if (nodes_[c].token == token) return c;
+  return kNil;
+}
+
 void SuffixIndex::link_child(uint32_t parent, uint32_t child) {
   Node& c = nodes_[child];
   Node& p = nodes_[parent];
@@ -213,17 +220,30 @@ void SuffixIndex::link_child(uint32_t parent, uint32_t child) {
   c.next_sibling = p.first_child;
   if (p.first_child != kNil) nodes_[p.first_child].prev_sibling = child;
   p.first_child = child;
-  children_.insert(parent, c.token, child);
+  ++p.fanout;
+  if (parent != kRoot && p.fanout == kScanFanout + 1) {  // became wide: index all children
+    for (uint32_t k = p.first_child; k != kNil; k = nodes_[k].next_sibling)
+      children_.insert(parent, nodes_[k].token, k);
+  } else if (indexed(parent)) {
+    children_.insert(parent, c.token, child);
+  }
 }
 
 void SuffixIndex::unlink_child(uint32_t child) {
   Node& c = nodes_[child];
+  const uint32_t parent = c.parent;
   if (c.prev_sibling != kNil)
     nodes_[c.prev_sibling].next_sibling = c.next_sibling;
   else
-    nodes_[c.parent].first_child = c.next_sibling;
+    nodes_[parent].first_child = c.next_sibling;
   if (c.next_sibling != kNil) nodes_[c.next_sibling].prev_sibling = c.prev_sibling;
-  children_.erase(c.parent, c.token);
+  if (indexed(parent)) children_.erase(parent, c.token);
+  Node& p = nodes_[parent];
+  --p.fanout;
+  if (parent != kRoot && p.fanout == kScanFanout) {  // narrow again: back to list scans
+    for (uint32_t k = p.first_child; k != kNil; k = nodes_[k].next_sibling)
+      children_.erase(parent, nodes_[k].token);
+  }
 }
 
 // new_child takes old_child's place (same parent, same first token, same list position).
@@ -238,14 +258,12 @@ void SuffixIndex::replace_child(uint32_t old_child, uint32_t new_child) {
   else
     nodes_[o.parent].first_child = new_child;
   if (o.next_sibling != kNil) nodes_[o.next_sibling].prev_sibling = new_child;
-  children_.assign(o.parent, o.token, new_child);
+  if (indexed(o.parent)) children_.assign(o.parent, o.token, new_child);
 }
 
 bool SuffixIndex::is_pass_through(uint32_t n) const {
   const Node& x = nodes_[n];
-  if (n == kRoot || x.first_child == kNil) return false;
-  const Node& c = nodes_[x.first_child];
-  return c.next_sibling == kNil && c.total == x.total;
+  return n != kRoot && x.fanout == 1 && nodes_[x.first_child].total == x.total;
 }
 
 // ---------------------------------------------------------------- insertion
@@ -297,7 +315,20 @@ uint32_t SuffixIndex::step_suffix(uint32_t s, uint32_t c, int32_t t, uint32_t po
     ++nodes_[c].depth;
     return c;
   }
-  uint32_t ch = children_.find(c, t);
+  uint32_t ch = find_child(c, t);
+  if (ch != kNil && c != kRoot && x->fanout == 1 && nodes_[ch].label_len > 1 &&
+      x->total == nodes_[ch].total + 1) {
+    // c's only end is ours and it has one child: a split would leave c a pass-through to
+    // be merged straight back. Slide c one token down ch's edge instead (same counts).
+    Node& y = nodes_[ch];
+    const uint32_t len = x->label_len + 1;
+    set_label(c, y.label_storage, y.label_start + 1 - len, len);  // anchored via ch
+    ++x->depth;
+    ++y.label_start;
+    --y.label_len;
+    y.token = label_token(y, 0);  // c is not indexed (one child): no map entry to move
+    return c;
+  }
   uint32_t end;
   if (ch == kNil) {
     end = new_node();
@@ -334,6 +365,7 @@ uint32_t SuffixIndex::split(uint32_t ch) {
   low.token = label_token(low, 0);
   low.prev_sibling = low.next_sibling = kNil;
   nodes_[m].first_child = kNil;
+  nodes_[m].fanout = 0;
   link_child(m, ch);
   return m;
 }
@@ -341,8 +373,7 @@ uint32_t SuffixIndex::split(uint32_t ch) {
 // n has one child and no ends: fold n's edge into the child's (anchoring guarantees the
 // child's storage holds n's label just before the child's own).
 void SuffixIndex::merge_into_child(uint32_t n) {
-  uint32_t ch = nodes_[n].first_child;
-  children_.erase(n, nodes_[ch].token);
+  uint32_t ch = nodes_[n].first_child;  // n has one child: not indexed, no map entry
   Node& c = nodes_[ch];
   const Node& x = nodes_[n];
   assert(c.label_start >= x.label_len);
@@ -367,7 +398,7 @@ void SuffixIndex::remove_sequence(int64_t seq_id) {
   for (uint32_t i = 0; i < L; ++i) {
     uint32_t end = std::min(L, i + D), j = i, cur = kRoot;
     while (j < end) {
-      cur = children_.find(cur, tok[j]);
+      cur = find_child(cur, tok[j]);
       assert(cur != kNil);
       Node& x = nodes_[cur];
       j += x.label_len;
@@ -439,7 +470,7 @@ bool SuffixIndex::walk(const int32_t* s, size_t n, Pos& pos) const {
       if (label_token(x, off) != s[k]) return false;
       ++off;
     } else {
-      uint32_t ch = children_.find(node, s[k]);
+      uint32_t ch = find_child(node, s[k]);
       if (ch == kNil) return false;
       node = ch;
       off = 1;
@@ -693,7 +724,7 @@ void SuffixIndex::check_integrity() const {
     for (uint32_t i = 0; i < L; ++i) {
       uint32_t end = std::min(L, i + D), j = i, cur = kRoot;
       while (j < end) {
-        cur = children_.find(cur, st.tokens[j]);
+        cur = find_child(cur, st.tokens[j]);
         if (cur == kNil || is_free[cur])
           broken("suffix paths", "seq_id=" + std::to_string(kv.first) + " start " +
                                      std::to_string(i) + " falls off the tree at " +
@@ -728,7 +759,7 @@ void SuffixIndex::check_integrity() const {
       if (c >= N || is_free[c]) broken("free list", "free " + where + " is linked");
       const Node& y = nodes_[c];
       if (y.parent != n || y.prev_sibling != prev) broken("parent links", where);
-      if (children_.find(n, y.token) != c) broken("child map", where);
+      if (children_.find(n, y.token) != (indexed(n) ? c : kNil)) broken("child map", where);
       if (y.label_storage >= storages_.size() || !storages_[y.label_storage].in_use ||
           y.label_len == 0 ||
           size_t(y.label_start) + y.label_len > storages_[y.label_storage].tokens.size())
@@ -757,12 +788,10 @@ void SuffixIndex::check_integrity() const {
       prev = c;
       stack.push_back(c);
     }
-    if (n == kRoot) {
-      edges += n_children;
-      continue;
-    }
+    if (n != kRoot && x.fanout != n_children) broken("fanout", "node " + std::to_string(n));
+    if (indexed(n)) edges += n_children;
+    if (n == kRoot) continue;
     const uint32_t f_node = n;
-    edges += n_children;
     bool has_ends = false;
     for (int s = 0; s < kSlots; ++s) {
       uint64_t e = ends[size_t(f_node) * kSlots + s];

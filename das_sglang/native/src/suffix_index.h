@@ -41,6 +41,10 @@ namespace das {
 constexpr int kSlots = 8;               // distinct live steps per index (window + current)
 constexpr uint32_t kNil = 0xFFFFFFFFu;  // "no node" / "no storage"
 constexpr uint32_t kRoot = 0;
+// Children of a node with at most kScanFanout children are found by scanning its child
+// list (they are touched anyway; most deep nodes have one or two children); the root and
+// wider nodes keep their children in the ChildMap as well.
+constexpr uint32_t kScanFanout = 4;
 
 struct Node {
   uint32_t parent;        // for unlinking and merging without a search
@@ -51,6 +55,7 @@ struct Node {
   uint32_t label_start;
   uint32_t label_len;     // > 0 except for the root
   uint32_t depth;         // string depth at the end of this edge (<= max_depth)
+  uint32_t fanout;        // number of children: decides list scan vs ChildMap lookup
   int32_t token;          // first label token: the key under which the parent finds us
   uint32_t total;         // sum of count[]: pass-through / in-place-extension tests
   uint32_t count[kSlots]; // occurrences per step slot (see slot_step_)
@@ -69,7 +74,8 @@ struct Storage {
 
 // Open-addressing map (parent, token) -> child, linear probing, backward-shift deletion.
 // One flat table instead of per-node maps: O(1) child lookup at high-fanout nodes (the
-// root has one child per distinct token) without a heap object per node.
+// root has one child per distinct token) without a heap object per node. Holds exactly the
+// children of the root and of nodes with more than kScanFanout children.
 class ChildMap {
  public:
   ChildMap();
@@ -148,6 +154,8 @@ class SuffixIndex {
   int32_t label_token(const Node& n, uint32_t off) const {
     return storages_[n.label_storage].tokens[n.label_start + off];
   }
+  bool indexed(uint32_t n) const { return n == kRoot || nodes_[n].fanout > kScanFanout; }
+  uint32_t find_child(uint32_t n, int32_t token) const;
   void link_child(uint32_t parent, uint32_t child);
   void unlink_child(uint32_t child);
   void replace_child(uint32_t old_child, uint32_t new_child);
