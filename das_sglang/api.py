@@ -138,22 +138,28 @@ ROLLOUT_MAX_RUNNING_REQUESTS = 48
 
 
 def rollout_engine(model: str, *, speculative: bool, history_dir: Path | None = None,
-                   strict_history: bool = False, seed: int | None = None, **sglang_kwargs: Any):
-    """The engine `das rollout` drives: DAS (with history persisted to ``history_dir``)
-    or, for ``--compare none``, the same engine without speculation."""
+                   strict_history: bool = False, snapshot_interval: int | None = None,
+                   seed: int | None = None, **sglang_kwargs: Any):
+    """The engine `das rollout` drives: DAS (with history persisted to ``history_dir``
+    every ``snapshot_interval`` finished requests) or, for ``--compare none``, the same
+    engine without speculation."""
     model_path, extra = resolve_model(model)
     kwargs = {**extra, "max_running_requests": ROLLOUT_MAX_RUNNING_REQUESTS,
               **({"random_seed": seed} if seed is not None else {}), **sglang_kwargs}
     if not speculative:
         return _sglang_engine(model_path, kwargs)
-    return engine(model_path, das_config=rollout_das_config(history_dir, strict_history), **kwargs)
+    das_config = rollout_das_config(history_dir, strict_history, snapshot_interval)
+    return engine(model_path, das_config=das_config, **kwargs)
 
 
-def rollout_das_config(history_dir: Path | None, strict_history: bool = False) -> DasConfig:
+def rollout_das_config(history_dir: Path | None, strict_history: bool = False,
+                       snapshot_interval: int | None = None) -> DasConfig:
     """`das rollout`'s DAS settings: ``DAS_CONFIG`` as the user set it (or the documented
     defaults), with ``server.history_path`` set to ``history_dir`` when given (loaded at
     start, saved at shutdown and periodically). An unusable snapshot is logged and
-    ignored unless ``strict_history``."""
+    ignored unless ``strict_history``. ``snapshot_interval`` (finished requests between
+    saves) overrides the configured one: SGLang's shutdown SIGKILLs the scheduler, so a
+    save "at shutdown" never runs and the periodic save is what persists history."""
     from das_sglang.sglang.options import ENV
 
     raw = os.environ.get(ENV, "").strip()
@@ -171,4 +177,6 @@ def rollout_das_config(history_dir: Path | None, strict_history: bool = False) -
         raise ValueError(f"invalid {ENV}={raw!r}: must be a JSON object of sections")
     config["server"] = {**config.get("server", {}), "history_path": str(history_dir),
                         "strict_snapshot": strict_history}
+    if snapshot_interval is not None:
+        config["server"]["snapshot_interval"] = snapshot_interval
     return config

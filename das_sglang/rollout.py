@@ -37,6 +37,8 @@ class Engine(Protocol):
 
     async def async_generate(self, *, prompt: str, sampling_params: dict, rid: str) -> dict: ...
 
+    def get_server_info(self) -> dict: ...  # a round trip through the scheduler
+
     def shutdown(self) -> None: ...
 
 

@@ -112,6 +112,8 @@ class TestDasConfig:
         assert cfg == {"server": {"policy": "fixed", "history_path": str(tmp_path / "h"), "strict_snapshot": False},
                        "drafter": {"window_steps": 3}}
         api.das_env(cfg)  # still valid
+        cfg = api.rollout_das_config(tmp_path / "h", snapshot_interval=32)
+        assert cfg["server"]["snapshot_interval"] == 32
 
     def test_rollout_config_reads_a_config_file(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         f = tmp_path / "das.json"

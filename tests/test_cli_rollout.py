@@ -32,6 +32,10 @@ class FakeEngine:
             meta |= {"spec_verify_ct": 10, "spec_num_correct_drafts": 20}
         return {"text": f"work #### {sampling_params['custom_params']['das_problem_id']}", "meta_info": meta}
 
+    def get_server_info(self) -> dict:
+        self.synced = True
+        return {}
+
     def shutdown(self) -> None:
         self.closed = True
         self.loop.close()
@@ -43,7 +47,8 @@ def engines(monkeypatch: pytest.MonkeyPatch) -> list[tuple[FakeEngine, tuple]]:
 
     def make(spec, speculative):
         eng = FakeEngine(speculative)
-        made.append((eng, (spec.model, speculative, spec.history, spec.seed, spec.strict_history)))
+        made.append((eng, (spec.model, speculative, spec.history, spec.seed, spec.strict_history,
+                           spec.requests_per_step)))
         return eng
 
     monkeypatch.setattr(cli_rollout, "make_engine", make)
@@ -93,14 +98,14 @@ class TestHappyPath:
         assert (s["step"], s["requests"], s["completion_tokens"]) == (6, 6, 6 * 31)
         assert s["accepted_per_verify"] == 2.0
         assert s["forward_passes"] == 6 * 11  # prefill + 10 verifies per request
-        assert "accepted/verify" in res.output and "2.00" in res.output
+        assert "acc/verify" in res.output and "2.00" in res.output
 
     def test_requests_are_tagged_and_seeded(self, engines, prompts: Path, tmp_path: Path) -> None:
         res = _invoke(*_base(prompts, tmp_path / "o"), "--n", "2", "--steps", "1", "--temperature", "0.7",
                       "--max-new-tokens", "9")
         assert res.exit_code == 0, res.output
         (eng, args), = engines
-        assert args == ("tiny", True, None, 0, False) and eng.closed
+        assert args == ("tiny", True, None, 0, False, 4) and eng.closed and eng.synced
         _, params, rid = eng.requests[0]
         assert params["custom_params"] == {"das_problem_id": "a", "das_step": 0}
         assert (params["max_new_tokens"], params["temperature"]) == (9, 0.7)

@@ -9,6 +9,8 @@ the same steps without speculation and reports the ratio.
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -37,14 +39,20 @@ class EngineSpec:
     history: Path | None = None
     strict_history: bool = False
     seed: int | None = None
+    requests_per_step: int | None = None  # snapshot once per step (see _with_engine)
 
 
 def make_engine(spec: EngineSpec, speculative: bool) -> Engine:
     """A started SGLang engine (the seam the CLI tests replace with a stand-in)."""
     from das_sglang import api
 
+    # SGLang's CPU-only import warnings (AWQ, GGUF, Triton) would bury the progress bars;
+    # the env var silences them in the engine's spawned processes too.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    warnings.filterwarnings("ignore", category=UserWarning)
     return api.rollout_engine(spec.model, speculative=speculative, history_dir=spec.history,
-                              strict_history=spec.strict_history, seed=spec.seed)
+                              strict_history=spec.strict_history, seed=spec.seed,
+                              snapshot_interval=spec.requests_per_step if spec.history else None)
 
 
 def _validate(n: int, steps: int, start_step: int, prompts: Path, out: Path, history: Path | None) -> None:
@@ -85,16 +93,20 @@ def _run_steps(
 def _with_engine(spec: EngineSpec, speculative: bool, body: Callable[[Engine], list[StepStats]]) -> list[StepStats]:
     engine = make_engine(spec, speculative)
     try:
-        return body(engine)
+        stats = body(engine)
+        # The DAS worker saves history when a step's last request finishes, inside the
+        # scheduler loop; a round trip through that loop waits for the save to end
+        # before shutdown SIGKILLs the scheduler.
+        engine.get_server_info()
+        return stats
     finally:
-        engine.shutdown()  # saves the DAS history snapshot when --history is set
+        engine.shutdown()
 
 
 def _table(das: list[StepStats], base: list[StepStats] | None) -> Table:
-    table = Table(title="das rollout")
-    for col in ("step", "engine", "requests", "tokens", "makespan s", "tokens/s",
-                "accepted/verify", "forward passes", "tokens/forward"):
-        table.add_column(col, justify="right")
+    table = Table(title="das rollout", caption=_CAPTION)
+    for col in ("step", "engine", "reqs", "tokens", "time s", "tok/s", "acc/verify", "fwd", "tok/fwd"):
+        table.add_column(col, justify="right", no_wrap=True)
     for i, s in enumerate(das):
         table.add_row(*_row(s, "das"))
         if base:
@@ -107,6 +119,12 @@ def _table(das: list[StepStats], base: list[StepStats] | None) -> Table:
                 end_section=True,
             )
     return table
+
+
+_CAPTION = (
+    "time = step makespan; acc/verify = accepted draft tokens per verify step (no bonus); "
+    "fwd = forward passes summed over requests; das/none rows: ratios"
+)
 
 
 def _row(s: StepStats, engine: str) -> list[str]:
@@ -138,7 +156,7 @@ def rollout(
         sampling = Sampling(max_new_tokens, temperature, seed)
         prompt_list = read_prompts(prompts)
         step_range = range(start_step, start_step + steps)
-        spec = EngineSpec(model, history, strict_history, seed)
+        spec = EngineSpec(model, history, strict_history, seed, requests_per_step=len(prompt_list) * n)
         das = _with_engine(
             spec, True,
             lambda eng: _run_steps(console, eng, prompt_list, n, step_range, sampling, out, "das"),

@@ -55,6 +55,7 @@ def write_step(out_dir: str | os.PathLike[str], step: int, records: Iterable[Rol
     target = step_file(directory, step)
     fd, tmp = tempfile.mkstemp(prefix=f".{step}-", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the dump from other users
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
             f.flush()

@@ -75,6 +75,7 @@ def save_history(
     target = directory / SNAPSHOT_NAME
     fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the snapshot from other users
         with os.fdopen(fd, "wb") as f:
             _write_all(f, _chunks(header, index, arrays))
             f.flush()
