@@ -117,6 +117,17 @@ class TestBatch:
             assert tree.parents.tolist() == single.parents.tolist()
             assert tree.probs.tolist() == single.probs.tolist()
 
+    def test_native_trees_pass_the_validating_constructor(self):
+        d = drafter(min_token_prob=0.0, max_budget=24)
+        for k in range(5):
+            d.add_history("p", 0, [1, 2, k % 3, 9, k, 1, 2, 4, k % 2])
+        d.start_request("r", "p", [1, 2])
+        tree = d.speculate("r")
+        assert len(tree) > 5 and (tree.parents >= 0).any()
+        checked = DraftTree(tree.tokens, tree.parents, tree.probs, tree.match_len)
+        assert checked.parents.tolist() == tree.parents.tolist()
+        assert all(-1 <= p < i for i, p in enumerate(tree.parents.tolist()))
+
     def test_chain_mode(self):
         d = drafter(tree=False, min_token_prob=0.0)
         d.add_history("p", 0, [1, 2, 3, 4])

@@ -60,6 +60,19 @@ class DrafterStats:
         return self.bytes / self.tokens if self.tokens else 0.0
 
 
+def _native_tree(tokens: np.ndarray, parents: np.ndarray, probs: np.ndarray, match_len: int) -> DraftTree:
+    """A DraftTree from native output without ``__post_init__``'s per-node Python check:
+    the native index emits parents best-first (``-1 <= parents[i] < i``) by construction
+    (checked against the validating constructor in tests/test_drafter.py). Saves ~1 us per
+    node on the per-decode-step path."""
+    tree = object.__new__(DraftTree)
+    object.__setattr__(tree, "tokens", tokens)
+    object.__setattr__(tree, "parents", parents)
+    object.__setattr__(tree, "probs", probs)
+    object.__setattr__(tree, "match_len", match_len)
+    return tree
+
+
 def as_tokens(tokens: object, what: str) -> np.ndarray:
     """Validated 1-D int32 copy-free view where possible; ValueError names the bad value."""
     if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32 and tokens.ndim == 1:
@@ -258,7 +271,7 @@ class SuffixDrafter:
         )
         bounds = offsets.tolist()
         return [
-            DraftTree(tokens[a:z], parents[a:z], probs[a:z], int(m))
+            _native_tree(tokens[a:z], parents[a:z], probs[a:z], m)
             for a, z, m in zip(bounds[:-1], bounds[1:], match.tolist())
         ]
 

@@ -557,20 +557,24 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
   out.probs.clear();
   out.match_len = 0;
   const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
-  int m = int(std::min<uint32_t>(L, D - 1));
-  m = std::min(m, std::max(0, p.max_match_len));
-  for (; m >= 1; --m) {
-    uint32_t c = st.cursors[(L - uint32_t(m)) % D];
-    if (nodes_[c].first_child != kNil) {
-      out.match_len = m;
-      Pos pos{c, nodes_[c].label_len};
-      if (p.chain)
-        expand_chain(pos, p, out);
-      else
-        expand(pos, p, out);
-      return;
-    }
+  // The cursor of the length-m suffix sits on a node; "has a continuation" is monotone in
+  // m (see longest_match), so binary search touches ~log2(max_match_len) cursor nodes.
+  int lo = 0, hi = std::min(int(std::min<uint32_t>(L, D - 1)), std::max(0, p.max_match_len));
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (nodes_[st.cursors[(L - uint32_t(mid)) % D]].first_child != kNil)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
+  if (lo == 0) return;
+  out.match_len = lo;
+  const uint32_t c = st.cursors[(L - uint32_t(lo)) % D];
+  const Pos pos{c, nodes_[c].label_len};
+  if (p.chain)
+    expand_chain(pos, p, out);
+  else
+    expand(pos, p, out);
 }
 
 namespace {
@@ -593,7 +597,7 @@ struct Worse {
 }  // namespace
 
 void SuffixIndex::expand(const Pos& start, const DraftParams& p, Draft& out) const {
-  thread_local std::vector<Cand> heap;
+  thread_local std::vector<Cand> heap, kids;
   heap.clear();
   Worse worse;
   auto push_children = [&](const Pos& at, double prob, int32_t parent) {
@@ -605,16 +609,18 @@ void SuffixIndex::expand(const Pos& start, const DraftParams& p, Draft& out) con
       }
       return;
     }
+    // One pass over the (scattered) child nodes; the second pass reads the buffer.
+    kids.clear();
     double sum = 0.0;
-    for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling)
-      sum += weight_of(nodes_[c], p.slot_weight);
-    if (sum <= 0.0) return;
     for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling) {
       double w = weight_of(nodes_[c], p.slot_weight);
-      if (w <= 0.0) continue;
-      double q = prob * (w / sum);
-      if (q < p.min_prob) continue;  // never proposed; keeps the heap small
-      heap.push_back({q, nodes_[c].token, parent, c, 1});
+      sum += w;
+      if (w > 0.0) kids.push_back({w, nodes_[c].token, parent, c, 1});
+    }
+    for (Cand& k : kids) {
+      k.prob = prob * (k.prob / sum);  // k.prob held the weight
+      if (k.prob < p.min_prob) continue;  // never proposed; keeps the heap small
+      heap.push_back(k);
       std::push_heap(heap.begin(), heap.end(), worse);
     }
   };
