@@ -38,13 +38,16 @@ def test_recovers_known_alpha_k_from_synthetic_outcomes(alpha, k):
     assert est.n_obs == 3000
 
 
-def test_huber_fit_ignores_a_few_outliers():
+def test_fit_tracks_the_mean_of_a_geometric_acceptance_process():
+    # chain drafts where each token matches with probability .8 until the first miss: the
+    # accepted count is a truncated geometric with mean 4 (1 - .8^b): in the family (k = 4)
     rng = np.random.default_rng(3)
-    b = rng.integers(1, 33, 400).astype(float)
-    a = saturating_accept(b, 0.6, 5.0)
-    a[:8] = b[:8]  # 2% of steps where a whole long draft matched
+    b = rng.integers(1, 33, 20000)  # the geometric's variance (~20) needs many outcomes
+    a = np.minimum(rng.geometric(0.2, len(b)) - 1, b)
     alpha, k = fit_saturating(b, a, 0.5, 4.0, 8.0, k_max=32.0)
-    assert alpha == pytest.approx(0.6, abs=0.05) and k == pytest.approx(5.0, rel=0.1)
+    for budget in (2, 8, 32):
+        true_mean = 0.8 * (1 - 0.8**budget) / 0.2
+        assert saturating_accept(budget, alpha, k) == pytest.approx(true_mean, rel=0.1)
 
 
 def test_no_data_gives_the_prior_and_zero_acceptance_gives_zero():

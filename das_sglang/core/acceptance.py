@@ -18,7 +18,7 @@ whole request of ``l`` tokens, drafting ``p`` tokens in total saves
 
 Two estimates are kept per problem, both online from ``observe(proposed, accepted)``:
 
-- ``(alpha, k)`` fitted robustly (Huber loss, grid search) to the recent outcomes, shrunk to
+- ``(alpha, k)`` least-squares fitted (grid search) to the recent outcomes, shrunk to
   a prior by pseudo-observations so few outcomes give a defined, cautious answer;
 - ``calibration``: observed accepted / expected accepted under the drafter's own node
   probabilities, for the rows the policy planned (``expect``), shrunk to 1.
@@ -65,7 +65,7 @@ class AcceptanceEstimate:
 
 
 # Grids for the robust fit: alpha linear on [0, 1], k geometric up to the largest budget.
-_ALPHA_GRID = np.linspace(0.0, 1.0, 51)
+_ALPHA_GRID = np.linspace(0.0, 1.0, 41)
 
 
 def fit_saturating(
@@ -75,41 +75,46 @@ def fit_saturating(
     prior_k: float,
     prior_weight: float,
     k_max: float,
-    huber_delta: float = 2.0,
 ) -> tuple[float, float]:
-    """Robust MAP-ish fit of ``(alpha, k)`` to outcomes ``accepted[j]`` of ``budgets[j]``.
+    """Least-squares fit of ``(alpha, k)`` to outcomes ``accepted[j]`` of ``budgets[j]``.
 
-    Loss = sum of Huber(A(b_j) - a_j) + ``prior_weight`` pseudo-outcomes of the prior model
-    at budgets 1, 4 and 16. A coarse grid then a local refinement: exact enough for a
-    policy, never diverges, and cheap for a few hundred outcomes.
+    The allocator needs the *mean* accepted count, so squared loss is the right target; it
+    is computed from per-budget means (the same loss, far fewer terms). Outcomes are bounded (0 <= a <= b), so one odd outcome moves the fit by at
+    most b / n. ``prior_weight`` pseudo-outcomes of the prior model at budgets 1, 4 and 16
+    keep few outcomes from giving a wild answer (each worth a quarter token^2 of variance).
+    Grid search with two zooms: never diverges.
     """
-    b = np.asarray(budgets, dtype=np.float64)
+    b = np.asarray(budgets, dtype=np.int64)
     a = np.asarray(accepted, dtype=np.float64)
+    values, inverse, counts = np.unique(b, return_inverse=True, return_counts=True)
+    means = np.bincount(inverse, weights=a) / counts
+    # Weight = outcomes / variance: long drafts' accepted counts scatter far more than short
+    # ones', so plain counts would let their noise drag alpha around. The variance floor
+    # (a quarter token^2) keeps a budget seen once or always-identical from dominating.
+    var = np.bincount(inverse, weights=(a - means[inverse]) ** 2) / counts
+    xb, xa, w = values.astype(np.float64), means, counts / np.maximum(var, 0.25)
     pb = np.array([1.0, 4.0, 16.0])
-    pa = saturating_accept(pb, prior_alpha, prior_k)
-    xb = np.concatenate([b, pb])
-    xa = np.concatenate([a, pa])
-    w = np.concatenate([np.ones(len(b)), np.full(3, prior_weight / 3.0)])
+    xb = np.concatenate([xb, pb])
+    xa = np.concatenate([xa, saturating_accept(pb, prior_alpha, prior_k)])
+    w = np.concatenate([w, np.full(3, prior_weight / 3.0 / 0.25)])
     k_hi = max(k_max, 1.0)
-    alphas, ks = _ALPHA_GRID, np.geomspace(0.05, k_hi, 48)
+    alphas, ks = _ALPHA_GRID, np.geomspace(0.05, k_hi, 40)
     for _ in range(3):  # coarse grid, then two zooms around the best cell
-        loss = _huber_loss(alphas, ks, xb, xa, w, huber_delta)
+        loss = _squared_loss(alphas, ks, xb, xa, w)
         i, j = np.unravel_index(int(np.argmin(loss)), loss.shape)
         best_alpha, best_k = float(alphas[i]), float(ks[j])
-        da = (alphas[1] - alphas[0]) if len(alphas) > 1 else 0.02
+        da = alphas[1] - alphas[0]
         alphas = np.clip(np.linspace(best_alpha - da, best_alpha + da, 21), 0.0, 1.0)
         kr = ks[min(j + 1, len(ks) - 1)] / ks[max(j - 1, 0)]
         ks = np.clip(np.geomspace(best_k / np.sqrt(kr), best_k * np.sqrt(kr), 21), 0.05, k_hi)
     return best_alpha, best_k
 
 
-def _huber_loss(alphas, ks, b, a, w, delta) -> np.ndarray:
+def _squared_loss(alphas, ks, b, a, w) -> np.ndarray:
     al = alphas[:, None, None]
     kk = ks[None, :, None]
     pred = kk * -np.expm1(-al * b[None, None, :] / kk)
-    r = np.abs(pred - a[None, None, :])
-    h = np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta))
-    return (h * w).sum(axis=2)
+    return (w * (pred - a[None, None, :]) ** 2).sum(axis=2)
 
 
 class _ProblemStats:
@@ -165,18 +170,26 @@ class AcceptanceTracker:
             st.sum_expected += q.popleft()
             st.sum_matched += accepted
 
+    def calibration(self, problem_id: str) -> float:
+        """Observed / drafter-expected accepted tokens, shrunk to 1 (cheap: no fit)."""
+        st = self._stats.get(problem_id)
+        w = self.config.calibration_prior_tokens
+        if st is None:
+            return 1.0
+        return (w + st.sum_matched) / (w + st.sum_expected)
+
     def estimate(self, problem_id: str) -> AcceptanceEstimate:
         cfg = self.config
         st = self._stats.get(problem_id)
         if st is None or st.n_obs == 0:
             prior_mean = saturating_accept(cfg.fixed_budget, cfg.prior_alpha, cfg.prior_k)
             return AcceptanceEstimate(cfg.prior_alpha, cfg.prior_k, 1.0, 0, prior_mean)
-        if st.fit is None or st.dirty >= cfg.refit_every:
+        # Refit after refit_every new outcomes, or a quarter of the memory once it is full,
+        # so the fit's cost per outcome stays flat however often plan() asks.
+        if st.fit is None or st.dirty >= max(cfg.refit_every, len(st.recent) // 4):
             arr = np.asarray(st.recent, dtype=np.float64)
             st.fit = fit_saturating(arr[:, 0], arr[:, 1], cfg.prior_alpha, cfg.prior_k,
                                     cfg.prior_weight, k_max=float(cfg.max_budget))
             st.dirty = 0
-        w = cfg.calibration_prior_tokens
-        calibration = (w + st.sum_matched) / (w + st.sum_expected)
-        return AcceptanceEstimate(st.fit[0], st.fit[1], calibration, st.n_obs,
+        return AcceptanceEstimate(st.fit[0], st.fit[1], self.calibration(problem_id), st.n_obs,
                                   st.sum_accepted / st.n_obs)

@@ -86,7 +86,7 @@ def paper_min_steps(length, alpha_p, k_p) -> float:
     return float(np.max(lb)) if len(lb) else 0.0
 
 
-def paper_optimal_n(length, alpha_p, k_p, cost: CostModel, iters: int = 100) -> float:
+def paper_optimal_n(length, alpha_p, k_p, cost: CostModel, iters: int = 60) -> float:
     """Makespan target ``N*`` solving the paper's optimality condition by bisection.
 
     ``T(N)`` is convex on its feasible range when ``alpha_p <= k_p`` (a draft token saves at
@@ -134,9 +134,20 @@ class StepAllocation:
     makespan_steps: float  # modeled forwards until the last request finishes
 
 
+def pad_curves(curves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """List of per-row curves -> (rows x (max_len) matrix, edge-padded; usable budget per row)."""
+    m = np.array([len(c) - 1 for c in curves], dtype=np.int64)
+    width = int(m.max(initial=0))
+    acc = np.zeros((len(curves), width + 1))
+    for i, c in enumerate(curves):
+        acc[i, : len(c)] = c
+        acc[i, len(c):] = c[-1]
+    return acc, m
+
+
 def step_objective(
     remaining: np.ndarray,
-    curves: Sequence[np.ndarray],
+    curves: Sequence[np.ndarray] | tuple[np.ndarray, np.ndarray],
     budgets: np.ndarray,
     kv_tokens: np.ndarray,
     cost: CostModel,
@@ -145,14 +156,16 @@ def step_objective(
     """(modeled seconds, makespan in forwards) of keeping ``budgets`` until the batch ends.
 
     ``curves[i][b]`` = expected accepted tokens per forward of row ``i`` with budget ``b``
-    (budgets beyond the curve accept no more). ``kv_tokens[i]`` = KV entries row ``i`` reads
-    per forward. With ``uniform_width`` every row is charged ``1 + max(budgets)`` tokens.
+    (budgets beyond the curve accept no more); or the ``pad_curves`` pair. ``kv_tokens[i]`` =
+    KV entries row ``i`` reads per forward. With ``uniform_width`` every row is charged
+    ``1 + max(budgets)`` tokens.
     """
     if len(remaining) == 0:
         return 0.0, 0.0
+    acc, m = curves if isinstance(curves, tuple) else pad_curves(curves)
     budgets = np.asarray(budgets, dtype=np.int64)
-    acc = np.array([c[min(int(b), len(c) - 1)] for c, b in zip(curves, budgets)], dtype=np.float64)
-    steps = np.asarray(remaining, dtype=np.float64) / (1.0 + acc)
+    got = acc[np.arange(len(budgets)), np.minimum(budgets, m)]
+    steps = np.asarray(remaining, dtype=np.float64) / (1.0 + got)
     width = int(budgets.max(initial=0))
     tokens = 1.0 + (width if uniform_width else budgets)
     per_row = steps * (cost.c_tok_s * tokens + cost.c_kv_s * np.asarray(kv_tokens, dtype=np.float64))
@@ -162,86 +175,64 @@ def step_objective(
 
 def optimal_step_budgets(
     remaining: np.ndarray,
-    curves: Sequence[np.ndarray],
+    curves: Sequence[np.ndarray] | tuple[np.ndarray, np.ndarray],
     kv_tokens: np.ndarray,
     cost: CostModel,
     uniform_width: bool = False,
 ) -> StepAllocation:
-    """Exact minimiser of ``step_objective`` over integer budgets ``0 <= b_i < len(curves[i])``."""
+    """Exact minimiser of ``step_objective`` over integer budgets ``0 <= b_i <= m_i``."""
     remaining = np.asarray(remaining, dtype=np.float64)
     kv_tokens = np.asarray(kv_tokens, dtype=np.float64)
-    n = len(remaining)
-    if n == 0:
+    if len(remaining) == 0:
         return StepAllocation(np.zeros(0, dtype=np.int32), 0, 0.0, 0.0, 0.0)
+    acc, m = curves if isinstance(curves, tuple) else pad_curves(curves)
     if uniform_width:
-        return _best_uniform(remaining, curves, kv_tokens, cost)
-    return _best_per_row(remaining, curves, kv_tokens, cost)
+        return _best_uniform(remaining, acc, m, kv_tokens, cost)
+    return _best_per_row(remaining, acc, m, kv_tokens, cost)
 
 
-def _best_per_row(remaining, curves, kv_tokens, cost) -> StepAllocation:
-    n = len(remaining)
-    rows, vals, deltas, choice = [], [], [], []
-    base, no_drafts, n_lo = 0.0, 0.0, 0.0
-    for i, curve in enumerate(curves):
-        b = np.arange(len(curve), dtype=np.float64)
-        steps = remaining[i] / (1.0 + curve)
-        row_cost = steps * (cost.c_tok_s * (1.0 + b) + cost.c_kv_s * kv_tokens[i])
-        # A row may take more than the least budget meeting N when that is cheaper (drafts
-        # that save KV reads), so its cost at least budget b is the suffix minimum.
-        best_from, best_cost = _suffix_argmin(row_cost)
-        choice.append(best_from)
-        base += best_cost[0]
-        no_drafts += row_cost[0]
-        n_lo = max(n_lo, float(steps[-1]))
-        # Event: when the target N drops below steps[b], row i's least budget moves to b + 1.
-        rows.append(np.full(len(curve) - 1, i))
-        vals.append(steps[:-1])
-        deltas.append(np.diff(best_cost))
-    rows_a, vals_a, deltas_a = np.concatenate(rows), np.concatenate(vals), np.concatenate(deltas)
+def _best_per_row(remaining, acc, m, kv_tokens, cost) -> StepAllocation:
+    b = np.arange(acc.shape[1])
+    usable = b[None, :] <= m[:, None]
+    steps = remaining[:, None] / (1.0 + acc)  # rows x budgets, non-increasing along budgets
+    row_cost = steps * (cost.c_tok_s * (1.0 + b)[None, :] + cost.c_kv_s * kv_tokens[:, None])
+    row_cost = np.where(usable, row_cost, np.inf)
+    # A row may take more than the least budget meeting N when that is cheaper (drafts
+    # that save KV reads), so its cost at least budget b is the suffix minimum.
+    best_cost = np.minimum.accumulate(row_cost[:, ::-1], axis=1)[:, ::-1]
+    # Event (i, b): when the target N drops below steps[i, b], row i's least budget -> b + 1.
+    ev = usable[:, 1:]
+    rows_a = np.nonzero(ev)[0]
+    vals_a = steps[:, :-1][ev]
+    with np.errstate(invalid="ignore"):  # inf - inf beyond a row's usable budgets
+        deltas_a = np.diff(best_cost, axis=1)[ev]
+    n_lo = float(steps[np.arange(len(m)), m].max())
     top = float(remaining.max())
-    baseline = cost.c_base_s * top + no_drafts
+    baseline = cost.c_base_s * top + float(row_cost[:, 0].sum())
+    base = float(best_cost[:, 0].sum())
     order = np.argsort(vals_a, kind="stable")
-    v_sorted, d_sorted = vals_a[order], deltas_a[order]
-    prefix = np.concatenate([[0.0], np.cumsum(d_sorted)])
-    total = prefix[-1]
+    v_sorted = vals_a[order]
+    prefix = np.concatenate([[0.0], np.cumsum(deltas_a[order])])
     cand = np.unique(np.concatenate([v_sorted[(v_sorted >= n_lo) & (v_sorted < top)], [n_lo, top]]))
     idx = np.searchsorted(v_sorted, cand, side="right")  # events with value > cand have fired
-    t = cost.c_base_s * cand + base + (total - prefix[idx])
+    t = cost.c_base_s * cand + base + (prefix[-1] - prefix[idx])
     best = int(np.flatnonzero(t <= t.min() * (1 + 1e-12))[-1])  # ties: least speculation
     n_star = float(cand[best])
-    least = np.bincount(rows_a[vals_a > n_star], minlength=n)
-    budgets = np.array([choice[i][least[i]] for i in range(n)], dtype=np.int32)
+    least = np.bincount(rows_a[vals_a > n_star], minlength=len(m))
+    budgets = np.argmin(np.where(b[None, :] >= least[:, None], row_cost, np.inf), axis=1).astype(np.int32)
     # Rows that took more than their least budget may finish before N*: report the plan's
     # own time (<= t[best], and optimal: any plan's makespan is one of the candidates).
-    modeled, makespan = step_objective(remaining, curves, budgets, kv_tokens, cost, False)
-    return StepAllocation(budgets, int(budgets.max(initial=0)), modeled, float(baseline), makespan)
+    modeled, makespan = step_objective(remaining, (acc, m), budgets, kv_tokens, cost, False)
+    return StepAllocation(budgets, int(budgets.max(initial=0)), modeled, baseline, makespan)
 
 
-def _suffix_argmin(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(argmin_{j >= b} values[j], min_{j >= b} values[j])`` for every ``b``; ties: smallest j."""
-    idx = np.empty(len(values), dtype=np.int64)
-    best = len(values) - 1
-    for b in range(len(values) - 1, -1, -1):
-        if values[b] <= values[best]:
-            best = b
-        idx[b] = best
-    return idx, values[idx]
-
-
-def _best_uniform(remaining, curves, kv_tokens, cost) -> StepAllocation:
-    n = len(remaining)
-    width_max = max(len(c) for c in curves) - 1
-    acc = np.zeros((n, width_max + 1))
-    for i, c in enumerate(curves):
-        acc[i, : len(c)] = c
-        acc[i, len(c):] = c[-1]
-    steps = remaining[:, None] / (1.0 + acc)  # rows x widths
-    w = np.arange(width_max + 1, dtype=np.float64)
+def _best_uniform(remaining, acc, m, kv_tokens, cost) -> StepAllocation:
+    steps = remaining[:, None] / (1.0 + acc)  # rows x widths (acc is edge-padded)
+    w = np.arange(acc.shape[1], dtype=np.float64)
     per_row = steps * (cost.c_tok_s * (1.0 + w)[None, :] + cost.c_kv_s * kv_tokens[:, None])
     makespan = steps.max(axis=0)
     t = cost.c_base_s * makespan + per_row.sum(axis=0)
     best = int(np.argmin(t))  # ties: the smallest width
-    lengths = np.array([len(c) - 1 for c in curves])
-    budgets = np.minimum(best, lengths).astype(np.int32)
+    budgets = np.minimum(best, m).astype(np.int32)
     return StepAllocation(budgets, int(budgets.max(initial=0)), float(t[best]), float(t[0]),
                           float(makespan[best]))

@@ -56,13 +56,13 @@ class _Group:
             self.sorted.append(s)
             self.suffix.append(np.concatenate([np.cumsum(s[::-1])[::-1], [0.0]]))
 
-    def longer_than(self, g: float) -> tuple[np.ndarray, np.ndarray]:
-        """Per class: count and sum of lengths strictly greater than ``g``."""
-        counts, sums = np.zeros(3), np.zeros(3)
+    def longer_than(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per query and class: count and sum of lengths strictly greater than ``g``."""
+        counts, sums = np.zeros((len(g), 3)), np.zeros((len(g), 3))
         for c in range(3):
-            i = int(np.searchsorted(self.sorted[c], g, side="right"))
-            counts[c] = len(self.sorted[c]) - i
-            sums[c] = self.suffix[c][i]
+            i = np.searchsorted(self.sorted[c], g, side="right")
+            counts[:, c] = len(self.sorted[c]) - i
+            sums[:, c] = self.suffix[c][i]
         return counts, sums
 
 
@@ -102,28 +102,43 @@ class LengthPredictor:
         return self._index()[1].get(problem_id)
 
     def predict(self, problem_id: str, generated_len: int, max_new_tokens: int) -> LengthPrediction:
+        remaining, cls, c0 = self.predict_many([problem_id], [generated_len], [max_new_tokens])
+        return LengthPrediction(
+            float(remaining[0]),
+            None if cls[0] < 0 else int(cls[0]),
+            None if c0[0] < 0 else int(c0[0]),
+        )
+
+    def predict_many(self, problem_ids, generated_lens, max_new_tokens):
+        """Vectorised ``predict``: (remaining, class or -1, initial class or -1) arrays."""
         cfg = self.config
-        cap = max(1.0, float(max_new_tokens - generated_len))
-        g = float(max(generated_len, 0))
+        g = np.maximum(np.asarray(generated_lens, dtype=np.float64), 0.0)
+        cap = np.maximum(1.0, np.asarray(max_new_tokens, dtype=np.float64) - g)
+        n = len(g)
         thresholds, initial, groups = self._index()
-        c0 = initial.get(problem_id)
+        c0 = np.array([initial.get(p, -1) for p in problem_ids], dtype=np.int64)
         if thresholds is None:  # no history anywhere
-            guess = max(cfg.prior_length - g, cfg.tail_factor * g)
-            return LengthPrediction(float(np.clip(guess, 1.0, cap)), None, None)
-        for key in ((c0, _ALL) if c0 is not None else (_ALL,)):
-            group = groups.get(key)
-            if group is None:
+            guess = np.maximum(cfg.prior_length - g, cfg.tail_factor * g)
+            return np.clip(guess, 1.0, cap), np.full(n, -1), c0
+        remaining = cfg.tail_factor * g  # heavy-tail rule unless a group has longer rollouts
+        cls = np.full(n, LONG, dtype=np.int64)
+        todo = np.ones(n, dtype=bool)
+        for key, rows in ((c, c0 == c) for c in (SHORT, MEDIUM, LONG, _ALL)):
+            sel = todo & (rows if key != _ALL else True)
+            if key not in groups or not sel.any():
                 continue
-            counts, sums = group.longer_than(g)
-            if counts.sum() == 0:
-                continue
-            possible = counts > 0
+            counts, sums = groups[key].longer_than(g[sel])
+            found = counts.sum(axis=1) > 0
             # Add-one smoothing over the classes that still contain longer rollouts; argmax
             # ties go to the shorter class (first index), which is the cautious choice.
-            c_star = int(np.argmax(np.where(possible, counts + 1.0, -1.0)))
-            remaining = sums[c_star] / counts[c_star] - g
-            return LengthPrediction(float(np.clip(remaining, 1.0, cap)), c_star, c0)
-        return LengthPrediction(float(np.clip(cfg.tail_factor * g, 1.0, cap)), LONG, c0)
+            c_star = np.argmax(np.where(counts > 0, counts + 1.0, -1.0), axis=1)
+            pick = np.arange(len(c_star))
+            mean_len = sums[pick, c_star] / np.maximum(counts[pick, c_star], 1.0)
+            idx = np.flatnonzero(sel)[found]
+            remaining[idx] = mean_len[found] - g[idx]
+            cls[idx] = c_star[found]
+            todo[idx] = False
+        return np.clip(remaining, 1.0, cap), cls, c0
 
     def _index(self):
         if self._cache is None:

@@ -22,7 +22,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from das_sglang.core.acceptance import AcceptanceEstimate, AcceptanceTracker, paper_params
+from das_sglang.core.acceptance import AcceptanceTracker, paper_params
 from das_sglang.core.allocation import (
     StepAllocation,
     optimal_step_budgets,
@@ -31,7 +31,7 @@ from das_sglang.core.allocation import (
     step_objective,
 )
 from das_sglang.core.cost_model import CostModel
-from das_sglang.core.length_predictor import LengthPrediction, LengthPredictor
+from das_sglang.core.length_predictor import LengthPredictor
 from das_sglang.core.policy_config import PolicyConfig
 
 __all__ = [
@@ -161,30 +161,32 @@ class _ModelBased(_Observing):
         return min(len(row.node_probs), self.config.max_budget, left)
 
     def inputs(self, rows: Sequence[BudgetRow]):
-        """Per row: predicted remaining tokens, acceptance curve E(b), KV tokens per forward."""
-        estimates: dict[str, AcceptanceEstimate] = {}
-        remaining = np.empty(len(rows))
-        kv = np.empty(len(rows))
-        curves = []
-        preds: list[LengthPrediction] = []
-        for i, row in enumerate(rows):
-            est = estimates.get(row.problem_id)
-            if est is None:
-                est = estimates[row.problem_id] = self.acceptance.estimate(row.problem_id)
-            pred = self.lengths.predict(row.problem_id, row.generated_len, row.max_new_tokens)
-            preds.append(pred)
-            remaining[i] = pred.remaining
-            kv[i] = row.prompt_len + row.generated_len + 0.5 * pred.remaining
-            m = self._usable(row)
-            expected = np.concatenate([[0.0], np.cumsum(row.node_probs[:m])]) * est.calibration
-            curves.append(np.minimum(expected, np.arange(m + 1)))  # never more than drafted
-        return remaining, curves, kv, estimates, preds
+        """Per row: predicted remaining tokens, acceptance curves (``pad_curves`` form: row x
+        budget matrix of expected accepted tokens E(b), usable budget per row), KV tokens per
+        forward, and per-problem node-probability calibration factors."""
+        factors: dict[str, float] = {}
+        for r in rows:
+            if r.problem_id not in factors:
+                factors[r.problem_id] = self.acceptance.calibration(r.problem_id)
+        remaining, _, _ = self.lengths.predict_many(
+            [r.problem_id for r in rows], [r.generated_len for r in rows],
+            [r.max_new_tokens for r in rows])
+        kv = np.array([r.prompt_len + r.generated_len for r in rows], dtype=np.float64)
+        kv += 0.5 * remaining  # mean context over the rest of the request
+        m = np.array([self._usable(r) for r in rows], dtype=np.int64)
+        probs = np.zeros((len(rows), int(m.max(initial=0)) + 1))
+        for i, r in enumerate(rows):
+            probs[i, 1 : m[i] + 1] = r.node_probs[: m[i]]
+        calibration = np.array([factors[r.problem_id] for r in rows])
+        acc = np.cumsum(probs, axis=1) * calibration[:, None]
+        acc = np.minimum(acc, np.arange(probs.shape[1])[None, :])  # never more than drafted
+        return remaining, (acc, m), kv, factors
 
     def expected_time(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> float:
         """Modeled seconds to finish the batch keeping ``budgets`` (the LengthAware objective),
         used to compare any policy's plan on equal terms."""
-        remaining, curves, kv, _, _ = self.inputs(rows)
-        clipped = np.minimum(np.asarray(budgets), [len(c) - 1 for c in curves])
+        remaining, curves, kv, _ = self.inputs(rows)
+        clipped = np.minimum(np.asarray(budgets), curves[1])
         return step_objective(remaining, curves, clipped, kv, self.cost, self.config.uniform_width)[0]
 
     def _remember(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> None:
@@ -199,7 +201,7 @@ class LengthAware(_ModelBased):
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         if not rows:
             return BudgetPlan.none(0)
-        remaining, curves, kv, _, _ = self.inputs(rows)
+        remaining, curves, kv, _ = self.inputs(rows)
         alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width)
         self.last = alloc
         if alloc.width == 0 or alloc.modeled_s > (1.0 - self.config.min_gain) * alloc.baseline_s:
@@ -214,14 +216,16 @@ class PaperClosedForm(_ModelBased):
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         if not rows:
             return BudgetPlan.none(0)
-        remaining, curves, _, estimates, _ = self.inputs(rows)
-        params = {pid: paper_params(e.alpha, e.k) for pid, e in estimates.items()}
+        remaining, (_, caps), _, factors = self.inputs(rows)
+        params = {}
+        for pid in factors:
+            est = self.acceptance.estimate(pid)
+            params[pid] = paper_params(est.alpha, est.k)
         alpha_p = np.array([params[r.problem_id][0] for r in rows])
         k_p = np.array([params[r.problem_id][1] for r in rows])
         n_star = max(paper_optimal_n(remaining, alpha_p, k_p, self.cost), 1.0)
         total = paper_budget(remaining, n_star, alpha_p, k_p)
         per_step = np.where(np.isfinite(total), total / n_star, np.inf)
-        caps = np.array([len(c) - 1 for c in curves])
         budgets = np.minimum(np.round(np.minimum(per_step, 1e9)), caps).astype(np.int32)
         self._remember(rows, budgets)
         return BudgetPlan(budgets, int(budgets.max(initial=0)))
