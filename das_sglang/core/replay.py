@@ -235,7 +235,8 @@ def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender) ->
         trees = drafter.speculate_batch([lv.rollout.req_id for lv in live], [c.max_budget] * len(live))
         t1 = time.perf_counter()
         plan = policy.plan([
-            BudgetRow(lv.rollout.req_id, lv.rollout.problem_id, lv.pos, lv.rollout.max_new_tokens, tr.probs)
+            BudgetRow(lv.rollout.req_id, lv.rollout.problem_id, lv.pos, lv.rollout.max_new_tokens, tr.probs,
+                      len(lv.rollout.prompt_ids))
             for lv, tr in zip(live, trees)
         ])
         t2 = time.perf_counter()

@@ -1,0 +1,111 @@
+"""The contenders a replay compares: no speculation, the SuffixDecoding baseline, DAS, and
+DAS ablations, each a (drafter, policy) pair built fresh per run.
+
+| name             | drafter                                   | policy          |
+|------------------|-------------------------------------------|-----------------|
+| none             | -                                         | NoSpeculation   |
+| suffix-decoding  | SuffixDecodingDrafter (global FIFO + own) | FixedBudget(32) |
+| das              | SuffixDrafter (per problem, window)       | LengthAware     |
+| das-no-window    | all history, no step decay                | LengthAware     |
+| das-fixed        | SuffixDrafter                             | FixedBudget(32) |
+| das-unlimited    | SuffixDrafter                             | UnlimitedBudget |
+| das-chain        | chains instead of trees                   | LengthAware     |
+| das-global       | one index for all problems                | LengthAware     |
+| das-paper        | SuffixDrafter                             | PaperClosedForm |
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Sequence
+
+from das_sglang.core.baselines import SuffixDecodingConfig, SuffixDecodingDrafter
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.cost_model import CostModel
+from das_sglang.core.replay import Contender
+
+
+def _das_drafter(cfg: DrafterConfig, all_history: bool = False) -> Callable[[], object]:
+    def make():
+        from das_sglang.core.drafter import SuffixDrafter
+
+        drafter = SuffixDrafter(cfg)
+        return _AllHistory(drafter) if all_history else drafter
+
+    return make
+
+
+class _AllHistory:
+    """"No window" ablation: the wrapped drafter never leaves step 0, so nothing is evicted
+    and every rollout weighs 1 (the native index holds only a few step slots, so a window
+    spanning all steps is not an option)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def advance_step(self, step: int) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _make_policy(kind: str, cost: CostModel, uniform: bool, budget: int) -> Callable[[], object]:
+    def make():
+        from das_sglang.core.policy import make_policy
+        from das_sglang.core.policy_config import PolicyConfig
+
+        cfg = PolicyConfig(max_budget=budget, fixed_budget=budget, uniform_width=uniform)
+        return make_policy(kind, cost, cfg)
+
+    return make
+
+
+CONTENDER_NAMES = (
+    "none", "suffix-decoding", "das", "das-no-window", "das-fixed", "das-unlimited", "das-chain", "das-global",
+    "das-paper",
+)
+
+# What `das replay` compares unless told otherwise: the baselines, DAS, and one ablation per
+# DAS ingredient (window, length-awareness, trees, per-problem indexes).
+DEFAULT_CONTENDERS = ("none", "suffix-decoding", "das", "das-no-window", "das-fixed", "das-chain", "das-global")
+
+
+def build_contenders(
+    names: Sequence[str],
+    cost: CostModel,
+    engine: str = "uniform",
+    drafter: DrafterConfig = DrafterConfig(),
+    suffix: SuffixDecodingConfig = SuffixDecodingConfig(),
+) -> list[Contender]:
+    unknown = [n for n in names if n not in CONTENDER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}: choose from {list(CONTENDER_NAMES)}")
+    uniform = engine == "uniform"
+    k = drafter.max_budget
+    pol = lambda kind, b=k: _make_policy(kind, cost, uniform, b)  # noqa: E731
+    table = {
+        "none": lambda: Contender("none", pol("none"), None, 0, description="no speculation"),
+        "suffix-decoding": lambda: Contender(
+            "suffix-decoding", pol("fixed", suffix.max_budget),
+            lambda: SuffixDecodingDrafter(suffix), suffix.max_budget,
+            description=f"SuffixDecoding: global FIFO + per-request index, depth {suffix.max_depth}, "
+                        f"<= {suffix.max_budget} drafts capped by match length, min prob {suffix.min_token_prob}"),
+        "das": lambda: Contender("das", pol("length-aware"), _das_drafter(drafter), k,
+                                 description="DAS: per-problem window + LengthAware budgets"),
+        "das-no-window": lambda: Contender(
+            "das-no-window", pol("length-aware"),
+            _das_drafter(drafter, all_history=True), k,
+            description="ablation: all history, no step decay"),
+        "das-fixed": lambda: Contender("das-fixed", pol("fixed"), _das_drafter(drafter), k,
+                                       description=f"ablation: FixedBudget({k}), no length-awareness"),
+        "das-unlimited": lambda: Contender("das-unlimited", pol("unlimited"), _das_drafter(drafter), k,
+                                           description="ablation: UnlimitedBudget"),
+        "das-chain": lambda: Contender("das-chain", pol("length-aware"), _das_drafter(replace(drafter, tree=False)),
+                                       k, description="ablation: chain drafts instead of trees"),
+        "das-paper": lambda: Contender("das-paper", pol("paper"), _das_drafter(drafter), k,
+                                       description="DAS drafter + the paper's closed-form budget"),
+        "das-global": lambda: Contender("das-global", pol("length-aware"), _das_drafter(drafter), k,
+                                        shared_problem=True, description="ablation: one index for all problems"),
+    }
+    return [table[n]() for n in names]
