@@ -1,0 +1,1 @@
+"""The `das` command line: one module per command, joined in ``das_sglang.cli.app``."""
