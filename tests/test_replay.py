@@ -119,6 +119,22 @@ class TestNoHistory:
         assert s.makespan_s == pytest.approx(10 * (1 + 0.2) + 20 * (1 + 0.1))
         assert s.batch_sizes.tolist() == [2] * 10 + [1] * 20
 
+    def test_closed_form_equals_the_loop_with_kv_cost(self):
+        """``none`` skips the per-iteration loop; with zero budgets the loop must agree,
+        KV-cache term included (prompt + tokens so far of every active request)."""
+
+        class KvCost:
+            def forward_time(self, n_tokens, kv_tokens=0):
+                return 1.0 + 0.1 * n_tokens + 0.01 * kv_tokens
+
+        rs = [rollout("a", "p", 0, UNIQUE), rollout("b", "q", 0, UNIQUE[:7]), rollout("c", "q", 0, UNIQUE[:1])]
+        plain, loop = replay(rs, [NONE, contender("zero", 0)], KvCost(), "uniform")
+        assert loop.steps[0].draft_proposed == 0
+        assert plain.steps[0].makespan_s == pytest.approx(loop.steps[0].makespan_s)
+        assert plain.steps[0].batch_sizes.tolist() == loop.steps[0].batch_sizes.tolist()
+        kv0 = 3 * len(PROMPT)
+        assert plain.steps[0].makespan_s > 30 + 0.1 * 38 + 0.01 * kv0  # the KV term is charged
+
 
 class TestIdenticalSiblingHistory:
     """Step 0 = history; step 1 repeats it exactly, so every draft of budget k is accepted."""
