@@ -19,6 +19,22 @@
 //    is what makes re-pointing and merging cheap: the parent's label is the `len` tokens
 //    just before a child's label start in the child's storage.
 //
+// Incremental append (O(max_depth) per token). A registered sequence keeps, in a ring of
+// max_depth slots, the node where each of its active suffixes X[i:L] (L - i < max_depth)
+// ends. Appending token t moves each of those ends one token deeper:
+//  - the end is a leaf only it reaches: grow the leaf's edge in place (new text);
+//  - the end is a node whose only end is ours, with one child, and t continues that child's
+//    multi-token edge: slide the node one token down the edge (copied text);
+//  - otherwise step into child t (count +1), splitting its edge after t if it is longer,
+//    or create a new leaf; the node left behind is merged into its child if it became a
+//    pass-through.
+// Queries: draft() binary-searches the longest context suffix with a continuation (the
+// property is monotone in the length); draft_for_sequence() binary-searches the cursor
+// ring instead, so it never walks from the root.
+//
+// Threads: const methods may run concurrently with each other (draft_batch releases the
+// GIL); a mutation must not overlap any other call on the same index.
+//
 // Storage lifetime (why labels of removed sequences never dangle):
 //  remove_sequence(X) walks X's suffix paths (every node whose label references X lies on
 //  one of them, by anchoring), decrements, then fixes the touched nodes deepest first:
@@ -27,7 +43,8 @@
 //  were fixed first, so that storage is not X). A surviving leaf has no child to borrow
 //  from: its path (<= max_depth tokens) is copied into a small private "orphan" storage.
 //  Afterwards no label references X, so X's storage is released at once. Orphans are
-//  reference counted by the labels using them and freed when the last one goes.
+//  reference counted by the labels using them and freed when the last one goes; there is
+//  at most one per leaf, so storage stays O(stored tokens + leaves * max_depth).
 #pragma once
 
 #include <cstdint>
