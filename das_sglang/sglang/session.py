@@ -134,9 +134,10 @@ class DasSession:
 
         history, meta = load_history_or_empty(server.history_path, strict=server.strict_snapshot)
         if history:
-            self.drafter.load_history(history)
+            # Advance first: the drafter refuses history from steps after its current one.
             self.step = max((s for steps in history.values() for s in steps), default=0)
             self.drafter.advance_step(self.step)
+            self.drafter.load_history(history)
             _log.info("DAS: loaded history of %d problems from %s", len(history),
                       server.history_path)
         return PeriodicSnapshot(

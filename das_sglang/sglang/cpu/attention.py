@@ -17,8 +17,9 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
-# Test-only negative control: replace every tree mask by a plain causal mask, so
-# siblings see each other and verification must diverge from the non-speculative run.
+# Test-only negative control: drop every draft node's ancestors from its mask (it sees
+# the prefix, the root and itself only), so any accepted node below depth 1 was scored
+# on the wrong context and outputs must diverge from the non-speculative run.
 CORRUPT_MASK_ENV = "DAS_SGLANG_CPU_CORRUPT_MASK"
 
 
@@ -43,8 +44,9 @@ class TreeVerifyTorchNativeAttnBackend(TorchNativeAttnBackend):
         """[bs, n, n] bool ancestor masks (the trailing n x n block of a full mask)."""
         mask = forward_batch.spec_info.custom_mask
         if self.corrupt_mask:
-            causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
-            return causal.expand(bs, n, n)
+            wrong = torch.eye(n, dtype=torch.bool, device=mask.device)
+            wrong[:, 0] = True
+            return wrong.expand(bs, n, n)
         if mask.numel() == bs * n * n:
             return mask.view(bs, n, n).to(torch.bool)
         # Full-mask layout (prefix columns + tree columns, per request): keep the tree part.

@@ -1,0 +1,101 @@
+"""Greedy DAS on real SGLang is token-identical to no speculation (CPU, tiny model).
+
+One workload of 223 requests: untagged batches of 1..32 requests, then GRPO-style
+groups (6 siblings x 8 problems) tagged with a problem id in step 1 and again in step 2,
+where the step-1 rollouts are history that drafts the step-2 siblings. A negative
+control (draft-node ancestors dropped from the tree mask) must break the identity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sglang_engines import generate, launch
+
+pytestmark = pytest.mark.sglang
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 32}
+PLAIN_SIZES = (1, 2, 4, 8, 16, 32, 32, 32)
+PROBLEMS, SIBLINGS = 8, 6
+
+
+def workload(seed: int = 0):
+    """[(label, prompts, tags)]; tags None = untagged (prompt-hash problem ids)."""
+    rng = np.random.default_rng(seed)
+
+    def prompt(n):
+        return rng.integers(3, 300, n).tolist()
+
+    batches = [(f"plain-{i}-{s}", [prompt(int(rng.integers(4, 12))) for _ in range(s)], None)
+               for i, s in enumerate(PLAIN_SIZES)]
+    problems = [prompt(8) for _ in range(PROBLEMS)]
+    for step in (1, 2):
+        prompts = [p for p in problems for _ in range(SIBLINGS)]
+        tags = [(f"p{i}", step) for i in range(PROBLEMS) for _ in range(SIBLINGS)]
+        batches.append((f"grpo-step{step}", prompts, tags))
+    return batches
+
+
+def run(engine, batches):
+    return {label: generate(engine, prompts, GREEDY, tags) for label, prompts, tags in batches}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    with launch(tiny_model, None) as engine:
+        return run(engine, workload())
+
+
+@pytest.fixture(scope="module")
+def das(tiny_model):
+    """DAS outputs; then a weight update and a step-3 group (history must survive)."""
+    with launch(tiny_model, "DAS") as engine:
+        results = run(engine, workload())
+        engine.update_weights_from_disk(tiny_model)
+        step3 = [(label.replace("2", "3"), p, [(pid, 3) for pid, _ in tags])
+                 for label, p, tags in workload() if label == "grpo-step2"]
+        results.update(run(engine, step3))
+        return results
+
+
+def mismatches(ref, got) -> int:
+    return sum(a != b for a, b in zip(ref, got))
+
+
+def accept_length(meta) -> float:
+    return float(np.mean([m["spec_accept_length"] for m in meta]))
+
+
+class TestGreedyIdentity:
+    def test_covers_200_requests_and_batch_sizes_1_to_32(self, das):
+        n = sum(len(outs) for label, (outs, _) in das.items() if label != "grpo-step3")
+        assert n >= 200
+        sizes = {len(outs) for label, (outs, _) in das.items() if label.startswith("plain")}
+        assert sizes == {1, 2, 4, 8, 16, 32}
+
+    def test_every_output_token_identical(self, reference, das):
+        for label, (ref, _) in reference.items():
+            outs, _ = das[label]
+            assert mismatches(ref, outs) == 0, label
+
+    def test_grpo_step2_accepts_more_than_one_token_per_step(self, das):
+        for label in ("plain-7-32", "grpo-step1", "grpo-step2"):
+            print(f"{label}: accept length {accept_length(das[label][1]):.2f} tokens/step")
+        assert accept_length(das["grpo-step2"][1]) > 1.5
+
+    def test_history_survives_weight_update(self, reference, das):
+        outs, meta = das["grpo-step3"]
+        print(f"grpo-step3 after update_weights_from_disk: {accept_length(meta):.2f} tokens/step")
+        assert mismatches(reference["grpo-step2"][0], outs) == 0
+        assert accept_length(meta) > 1.5
+
+
+def test_negative_control_corrupted_tree_mask_breaks_identity(tiny_model, reference):
+    batches = [b for b in workload() if b[0].startswith("grpo")]
+    env = {"DAS_SGLANG_CPU_CORRUPT_MASK": "1"}
+    with launch(tiny_model, "DAS", env=env) as engine:
+        bad = run(engine, batches)
+    wrong = sum(mismatches(reference[label][0], bad[label][0]) for label, _, _ in batches)
+    print(f"corrupted mask: {wrong} of {PROBLEMS * SIBLINGS * 2} outputs differ")
+    assert wrong > 0
