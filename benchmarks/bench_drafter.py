@@ -12,7 +12,9 @@ recorded continuation confirms (+1 bonus token) and appends it. Measured in one 
   (fastest of ``--repeats``; ``*_raw``: the first timing, preemptions included);
 - batch_us_per_request: ``draft_batch`` over the whole decode batch / rows (the baseline
   it is compared with is the per-request calls above, same states, same process);
-- update_us_per_token: ``extend`` of the accepted tokens, per token;
+- update_us_per_token / _per_request_step: ``extend`` of the accepted tokens (+ bonus), one
+  call per request (even decode steps); update_batch_*: one ``extend_batch`` per decode
+  step (odd steps), the batch API's counterpart;
 - build_us_per_token, bytes_per_token, nodes_per_token of the full indices;
 - remove_us_per_token, bytes_per_token_after_slide, orphan_storages_after_slide: the
   window slides by one step (each problem's oldest history step is removed);
@@ -35,7 +37,7 @@ from das_sglang.core.datasets import load_skythought
 from das_sglang.core.draft_tree import DraftTree
 from das_sglang.core.drafter import SuffixDrafter
 from das_sglang.core.tokenize import TextTokenizer
-from das_sglang.native import SuffixIndex, draft_batch
+from das_sglang.native import SuffixIndex, draft_batch, extend_batch
 
 HISTORY_STEPS = 4  # history rollouts are spread over this many past steps
 
@@ -89,8 +91,10 @@ def decode(problems, indices, cfg: DrafterConfig, n_history: int, n_live: int, m
             indices[pid].add_sequence(seq_id, prompt, step)
             live.append([indices[pid], seq_id, resp, 0])
     single_ns, raw_ns, batch_ns, batch_raw_ns, batch_rows = [], [], 0, 0, 0
-    update_ns, update_tokens, accepted = 0, 0, []
-    for _ in range(max_steps):
+    update_ns, update_tokens, update_rows, accepted = 0, 0, 0, []
+    upd_batch_ns, upd_batch_tokens, upd_batch_rows = 0, 0, 0
+    upd_batch_step_us_per_token = []  # per decode step: robust to preemptions via the median
+    for step_no in range(max_steps):
         live = [r for r in live if r[3] < len(r[2])]
         if not live:
             break
@@ -115,21 +119,39 @@ def decode(problems, indices, cfg: DrafterConfig, n_history: int, n_live: int, m
         batch_ns += min(times)
         batch_raw_ns += times[0]
         batch_rows += len(live)
+        news = []
         for r, row in enumerate(live):
             ix, seq_id, target, pos = row
             a, z = offsets[r], offsets[r + 1]
             tree = DraftTree(toks[a:z], parents[a:z], probs[a:z], int(match[r]))
             n_acc = tree.accept_length(target[pos : pos + cfg.max_budget].tolist())
-            new = target[pos : pos + n_acc + 1]  # accepted drafts + the bonus token
-            t0 = time.perf_counter_ns()
-            ix.extend(seq_id, new)
-            update_ns += time.perf_counter_ns() - t0
-            update_tokens += len(new)
+            news.append(target[pos : pos + n_acc + 1])  # accepted drafts + the bonus token
             accepted.append(n_acc)
-            row[3] = pos + len(new)
+            row[3] = pos + len(news[-1])
+        if step_no % 2 == 0:  # per-request extend calls: the baseline of extend_batch
+            for (ix, seq_id, _, _), new in zip(live, news):
+                t0 = time.perf_counter_ns()
+                ix.extend(seq_id, new)
+                update_ns += time.perf_counter_ns() - t0
+                update_tokens += len(new)
+            update_rows += len(live)
+        else:
+            flat = np.concatenate(news)
+            offs = np.zeros(len(news) + 1, np.int64)
+            np.cumsum([len(x) for x in news], out=offs[1:])
+            t0 = time.perf_counter_ns()
+            extend_batch(rows, seq_ids, flat, offs)
+            dt = time.perf_counter_ns() - t0
+            upd_batch_ns += dt
+            upd_batch_tokens += len(flat)
+            upd_batch_step_us_per_token.append(dt / 1e3 / max(1, len(flat)))
+            upd_batch_rows += len(live)
     return dict(single_ns=np.asarray(single_ns), raw_ns=np.asarray(raw_ns), batch_ns=batch_ns,
                 batch_raw_ns=batch_raw_ns, batch_rows=batch_rows,
-                update_ns=update_ns, update_tokens=update_tokens, accepted=np.asarray(accepted))
+                update_ns=update_ns, update_tokens=update_tokens, update_rows=update_rows,
+                upd_batch_ns=upd_batch_ns, upd_batch_tokens=upd_batch_tokens, upd_batch_rows=upd_batch_rows,
+                upd_batch_step_us_per_token=np.asarray(upd_batch_step_us_per_token),
+                accepted=np.asarray(accepted))
 
 
 def slide(indices, n_history: int) -> dict[str, float]:
@@ -209,10 +231,12 @@ def plot(single_ns: np.ndarray, out: dict, path: str) -> None:
     a.set_xlabel("draft_for_sequence latency per request (us)")
     a.set_ylabel("calls")
     a.legend()
-    names = ["per-request\nspeculate", "batch API\nper request", "update\nper req-step", "drafter API\nper request"]
+    names = ["speculate\nper request", "speculate\nbatch API", "update\nper request", "update\nbatch API",
+             "batch spec.\n+ update"]
     vals = [out["speculate_us_mean"], out["batch_us_per_request"], out["update_us_per_request_step"],
-            out["drafter_us_per_request"]]
-    b.bar(names, vals, color=["C0", "C1", "C2", "C3"])
+            out["update_batch_us_per_request_step"], out["speculate_plus_update_us_per_request_step"]]
+    b.bar(names, vals, color=["C0", "C1", "C2", "C3", "C4"])
+    b.set_title("us per request per decode step")
     b.axhline(10, color="r", ls="--", label="10 us target (speculate+update)")
     b.set_ylabel("us")
     b.legend()
@@ -264,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch_us_per_request": sim["batch_ns"] / sim["batch_rows"] / 1e3,
         "batch_us_per_request_raw": sim["batch_raw_ns"] / sim["batch_rows"] / 1e3,
         "update_us_per_token": sim["update_ns"] / sim["update_tokens"] / 1e3,
-        "update_us_per_request_step": sim["update_ns"] / steps / 1e3,
+        "update_us_per_request_step": sim["update_ns"] / sim["update_rows"] / 1e3,
+        "update_batch_us_per_token": sim["upd_batch_ns"] / sim["upd_batch_tokens"] / 1e3,
+        "update_batch_us_per_request_step": sim["upd_batch_ns"] / sim["upd_batch_rows"] / 1e3,
+        "update_batch_us_per_token_median_step": float(np.median(sim["upd_batch_step_us_per_token"])),
         "build_us_per_token": build_s / build_tokens * 1e6,
         "bytes_per_token": mem / build_tokens,
         "nodes_per_token": nodes / build_tokens,
@@ -272,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         "accepted_tokens_per_step_mean": float(sim["accepted"].mean()),
         "drafter_us_per_request": drafter_level(problems, cfg, a.history, a.live, rounds=200),
     }
-    out["speculate_plus_update_us_per_request_step"] = out["batch_us_per_request"] + out["update_us_per_request_step"]
+    # The decode-step cost with the batch APIs (one draft_batch + one extend_batch per step).
+    out["speculate_plus_update_us_per_request_step"] = (
+        out["batch_us_per_request"] + out["update_batch_us_per_request_step"])
+    out["speculate_plus_update_us_per_request_step_raw"] = (
+        out["batch_us_per_request_raw"] + out["update_batch_us_per_request_step"])
     out["batch_speedup_vs_per_request_calls"] = out["speculate_us_mean"] / out["batch_us_per_request"]
     out.update(slide(indices, a.history))
     out.update(oracle_ratio(problems, cfg))

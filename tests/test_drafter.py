@@ -128,6 +128,30 @@ class TestBatch:
         assert checked.parents.tolist() == tree.parents.tolist()
         assert all(-1 <= p < i for i, p in enumerate(tree.parents.tolist()))
 
+    def test_extend_batch_equals_per_request_extends(self):
+        a, b = drafter(global_shard=True), drafter(global_shard=True)
+        for d in (a, b):
+            d.start_request("x", "p", [1, 2])
+            d.start_request("y", "q", [3])
+        a.extend_batch(["x", "y"], [[5, 6], np.asarray([7], np.int32)])
+        b.extend_request("x", [5, 6])
+        b.extend_request("y", 7)
+        assert a.history() == b.history() and a.stats() == b.stats()
+        a.finish_request("x")
+        b.finish_request("x")
+        assert [t.tolist() for t in a.history()["p"][0]] == [[1, 2, 5, 6]]
+        assert [t.tolist() for t in b.history()["p"][0]] == [[1, 2, 5, 6]]
+
+    def test_extend_batch_validates_every_row_first(self):
+        d = drafter()
+        d.start_request("x", "p", [1, 2])
+        with pytest.raises(ValueError, match="unknown req_id='nope'"):
+            d.extend_batch(["x", "nope"], [[5], [6]])
+        with pytest.raises(ValueError, match="1 rows for 2 req_ids"):
+            d.extend_batch(["x", "x"], [[5]])
+        d.finish_request("x")
+        assert [t.tolist() for t in d.history()["p"][0]] == [[1, 2]]
+
     def test_chain_mode(self):
         d = drafter(tree=False, min_token_prob=0.0)
         d.add_history("p", 0, [1, 2, 3, 4])

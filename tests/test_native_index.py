@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch
+from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, extend_batch
 
 
 def arr(tokens) -> np.ndarray:
@@ -100,6 +100,25 @@ class TestValidation:
             draft_batch([ix, ix], np.array([0], np.int64), np.array([1], np.int32), *args)
         with pytest.raises(ValueError, match="budget=-1"):
             draft_batch([ix], np.array([0], np.int64), np.array([-1], np.int32), *args)
+
+
+class TestExtendBatch:
+    def test_rows_append_their_slices(self):
+        a, b = SuffixIndex(6), SuffixIndex(6)
+        a.add_sequence(1, arr([1]), 0)
+        b.add_sequence(2, arr([]), 0)
+        extend_batch([a, b, a], np.array([1, 2, 1], np.int64), arr([4, 5, 6, 7]), np.array([0, 2, 2, 4], np.int64))
+        assert a.sequence_tokens(1).tolist() == [1, 4, 5, 6, 7] and b.sequence_tokens(2).tolist() == []
+        a.check_integrity()
+
+    def test_bad_rows_change_nothing(self):
+        a = SuffixIndex(6)
+        a.add_sequence(1, arr([1]), 0)
+        with pytest.raises(ValueError, match="unknown seq_id=9 in row 1"):
+            extend_batch([a, a], np.array([1, 9], np.int64), arr([4, 5]), np.array([0, 1, 2], np.int64))
+        with pytest.raises(ValueError, match="invalid offsets"):
+            extend_batch([a], np.array([1], np.int64), arr([4]), np.array([0, 3], np.int64))
+        assert a.sequence_tokens(1).tolist() == [1]
 
 
 class TestBookkeeping:

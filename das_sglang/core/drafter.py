@@ -31,7 +31,7 @@ import numpy as np
 
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftTree
-from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch
+from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, extend_batch
 
 # problem_id -> step -> finished rollouts (prompt + response), as int32 arrays
 History = dict[str, dict[int, list[np.ndarray]]]
@@ -212,6 +212,21 @@ class SuffixDrafter:
         idx.extend(live.seq_id, arr)
         if self._global is not None:
             self._global.extend(live.seq_id, arr)
+
+    def extend_batch(self, req_ids: Sequence[str], tokens: Sequence[Sequence[int] | np.ndarray]) -> None:
+        """``extend_request`` for a whole decode batch in one native call per index set;
+        every row is validated before any index changes."""
+        if len(tokens) != len(req_ids):
+            raise ValueError(f"tokens has {len(tokens)} rows for {len(req_ids)} req_ids")
+        lives = [self._request(r) for r in req_ids]
+        rows = [as_tokens(t, f"tokens of req_id={r!r}") for r, t in zip(req_ids, tokens)]
+        flat = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(t) for t in rows], out=offsets[1:])
+        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
+        extend_batch([self._indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets)
+        if self._global is not None:
+            extend_batch([self._global] * len(lives), seq_ids, flat, offsets)
 
     def finish_request(self, req_id: str, keep: bool = True) -> None:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""

@@ -124,6 +124,38 @@ nb::tuple draft_batch(nb::list indices, nb::handle seq_ids_h, nb::handle budgets
                         to_numpy(offsets), to_numpy(match));
 }
 
+// One call per decode batch for the updates: row r appends tokens[offsets[r]:offsets[r+1]]
+// to (indices[r], seq_ids[r]). Everything is validated before the first mutation, so a
+// bad row leaves every index untouched.
+void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h) {
+  I64 seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
+  Tokens tokens = tokens_arg(tokens_h, "tokens");
+  I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
+  const size_t n = seq_ids.shape(0);
+  if (nb::len(indices) != n || offsets.shape(0) != n + 1)
+    throw nb::value_error(("extend_batch: need len(indices) == len(seq_ids) == len(offsets) - 1, got " +
+                           std::to_string(nb::len(indices)) + ", " + std::to_string(n) + ", " +
+                           std::to_string(offsets.shape(0)))
+                              .c_str());
+  std::vector<SuffixIndex*> idx(n);
+  for (size_t r = 0; r < n; ++r) {
+    idx[r] = nb::cast<SuffixIndex*>(indices[r]);
+    const int64_t a = offsets(r), z = offsets(r + 1);
+    if (a < 0 || z < a || z > int64_t(tokens.shape(0)))
+      throw nb::value_error(("extend_batch: invalid offsets[" + std::to_string(r) + ":" +
+                             std::to_string(r + 2) + "]=(" + std::to_string(a) + ", " +
+                             std::to_string(z) + ") for " + std::to_string(tokens.shape(0)) +
+                             " tokens")
+                                .c_str());
+    if (!idx[r]->has_sequence(seq_ids(r)))
+      throw nb::value_error(("unknown seq_id=" + std::to_string(seq_ids(r)) + " in row " +
+                             std::to_string(r))
+                                .c_str());
+  }
+  for (size_t r = 0; r < n; ++r)
+    idx[r]->extend(seq_ids(r), tokens.data() + offsets(r), size_t(offsets(r + 1) - offsets(r)));
+}
+
 }  // namespace
 
 NB_MODULE(_suffix, m) {
@@ -199,4 +231,7 @@ NB_MODULE(_suffix, m) {
         nb::arg("max_match_len"),
         "Draft for many (index, seq_id, budget) rows in one call; returns (tokens, parents, "
         "probs, offsets int64[n+1], match_lens int32[n]).");
+  m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),
+        nb::arg("offsets"),
+        "Append tokens[offsets[r]:offsets[r+1]] to (indices[r], seq_ids[r]) for every row.");
 }
