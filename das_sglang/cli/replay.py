@@ -196,9 +196,11 @@ def _info(dataset, label, selected, decode, cost, engine) -> dict:
 def _run(console, selected, contenders, cost, engine, decode, label):
     columns = (TextColumn("{task.description:<40}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        tasks = {c.name: progress.add_task(f"{label}: {c.name}", total=1.0) for c in contenders}
+        tasks = {c.name: progress.add_task(f"{label}: {c.name}", total=1.0, start=False) for c in contenders}
 
         def on_progress(name: str, done: int, total: int) -> None:
+            if done == 0:
+                progress.start_task(tasks[name])  # the clock runs from the contender's start
             progress.update(tasks[name], completed=done / max(total, 1))
 
         t0 = time.perf_counter()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 from das_sglang.cli.options import fail
-from das_sglang.core.replay_report import batch_size_series
 
 
 def _slug(text: str) -> str:
@@ -31,17 +31,27 @@ def write_plots(out_dir: Path, runs) -> list[Path]:
 
 
 def _batch_size_plot(path: Path, summary, results) -> Path:
-    """The long-tail picture: how many requests are still decoding at each iteration."""
+    """The long-tail picture: how many requests are still decoding at each iteration, one
+    panel per replayed training step."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for r in results:
-        ax.plot(batch_size_series(r), label=r.name, lw=1.2)
-    ax.set_xlabel("decode iteration (replayed steps back to back)")
-    ax.set_ylabel("effective batch size (active requests)")
-    ax.set_xscale("symlog", linthresh=1000)
-    ax.set_title(f"{summary['dataset']}, {summary['variant']}: batch size vs iteration")
-    ax.legend(fontsize=8)
+    steps = summary["decoded_steps"]
+    cols = min(len(steps), 4)
+    rows = math.ceil(len(steps) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for k, step in enumerate(steps):
+        ax = axes[k // cols][k % cols]
+        for r in results:
+            s = next((x for x in r.steps if x.step == step), None)
+            if s is not None:
+                ax.step(range(len(s.batch_sizes)), s.batch_sizes, where="post", label=r.name, lw=1.1)
+        ax.set_title(f"step {step}", fontsize=9)
+        ax.set_xlabel("decode iteration")
+    for k in range(len(steps), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].set_ylabel("active requests")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{summary['dataset']}, {summary['variant']}: effective batch size vs iteration")
     return _save(fig, path)
 
 
@@ -66,7 +76,7 @@ def _makespan_plot(path: Path, summary) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(names, ratios, color=["#888" if n == "none" else "#3a7" if n.startswith("das") else "#c63"
                                         for n in names])
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("modelled makespan / no speculation")
     ax.set_title(f"{summary['dataset']}, {summary['variant']} ({summary['cost_model']['name']}, {summary['engine']})")

@@ -163,6 +163,8 @@ def _replay_one(c: Contender, by_step, decode, cost, engine, on_progress) -> Con
     policy = c.make_policy()
     total = sum(r.length for s in decode for r in by_step[s])
     done = 0
+    if on_progress:
+        on_progress(c.name, 0, total)
     stats = []
     for step in sorted(s for s in by_step if s <= decode[-1]):
         drafter and drafter.advance_step(step)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
-
 from das_sglang.core.replay import ContenderResult, StepStats
 
 BASELINE = "none"
@@ -86,7 +84,3 @@ def table_rows(run: dict[str, Any]) -> list[list[str]]:
 
 TABLE_HEADER = ["policy", "tok/step", "fwd passes", "makespan s", "vs none", "drafts wasted", "drafter µs/fwd"]
 
-
-def batch_size_series(r: ContenderResult) -> np.ndarray:
-    """Active requests per decode iteration, the replayed steps one after another."""
-    return np.concatenate([s.batch_sizes for s in r.steps]) if r.steps else np.zeros(0, np.int32)
