@@ -322,7 +322,7 @@ uint32_t SuffixIndex::step_suffix(uint32_t s, uint32_t c, int32_t t, uint32_t po
     // be merged straight back. Slide c one token down ch's edge instead (same counts).
     Node& y = nodes_[ch];
     const uint32_t len = x->label_len + 1;
-    set_label(c, y.label_storage, y.label_start + 1 - len, len);  // anchored via ch
+    set_label(c, s, pos + 1 - len, len);  // our suffix now spells c's path: see below
     ++x->depth;
     ++y.label_start;
     --y.label_len;
@@ -337,10 +337,12 @@ uint32_t SuffixIndex::step_suffix(uint32_t s, uint32_t c, int32_t t, uint32_t po
     e.depth = nodes_[c].depth + 1;
     set_label(end, s, pos, 1);
     link_child(c, end);
-  } else if (nodes_[ch].label_len == 1) {
-    end = ch;
   } else {
-    end = split(ch);
+    end = nodes_[ch].label_len == 1 ? ch : split(ch);
+    // Newest occurrence wins: point the end node's label into this sequence. Windows
+    // evict oldest first, so labels rarely reference the sequence being removed and
+    // removal seldom needs to re-point or orphan (header, "Storage lifetime").
+    set_label(end, s, pos, 1);
   }
   ++nodes_[end].count[slot];
   ++nodes_[end].total;

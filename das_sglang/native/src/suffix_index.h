@@ -35,7 +35,9 @@
 // Threads: const methods may run concurrently with each other (draft_batch releases the
 // GIL); a mutation must not overlap any other call on the same index.
 //
-// Storage lifetime (why labels of removed sequences never dangle):
+// Storage lifetime (why labels of removed sequences never dangle). Appends point the label
+// of every node a suffix end moves to into the appending sequence (newest occurrence
+// wins), so with oldest-first eviction few labels reference a sequence when it goes.
 //  remove_sequence(X) walks X's suffix paths (every node whose label references X lies on
 //  one of them, by anchoring), decrements, then fixes the touched nodes deepest first:
 //  zero-count nodes are freed, pass-throughs merged into their child, and a surviving node
