@@ -129,6 +129,36 @@ class TestHappyPath:
         assert engines[0][1][2] == tmp_path / "h" and engines[0][1][4] is True
 
 
+class TestHistorySnapshot:
+    @pytest.fixture
+    def corrupt(self, tmp_path: Path) -> Path:
+        from das_sglang.core.snapshot import save_history, snapshot_file
+
+        h = tmp_path / "hist"
+        save_history(h, {"a": {0: [[1, 2, 3]]}})
+        raw = bytearray(snapshot_file(h).read_bytes())
+        raw[-1] ^= 0xFF
+        snapshot_file(h).write_bytes(bytes(raw))
+        return h
+
+    def test_corrupt_snapshot_warns_and_runs(self, engines, prompts: Path, tmp_path: Path, corrupt: Path) -> None:
+        res = _invoke(*_base(prompts, tmp_path / "o"), "--n", "1", "--steps", "1", "--history", str(corrupt))
+        assert res.exit_code == 0, res.output
+        assert "warning:" in res.output and "checksum mismatch" in res.output and "empty history" in res.output
+        assert len(engines) == 1
+
+    def test_corrupt_snapshot_with_strict_fails_before_the_engine(self, engines, prompts: Path, tmp_path: Path,
+                                                                  corrupt: Path) -> None:
+        res = _invoke(*_base(prompts, tmp_path / "o"), "--history", str(corrupt), "--strict-history")
+        assert res.exit_code == 1 and "error:" in res.output and "history.dassnap: checksum mismatch" in res.output
+        assert engines == []
+
+    def test_missing_snapshot_is_a_first_run(self, engines, prompts: Path, tmp_path: Path) -> None:
+        res = _invoke(*_base(prompts, tmp_path / "o"), "--n", "1", "--steps", "1", "--history", str(tmp_path / "new"),
+                      "--strict-history")
+        assert res.exit_code == 0 and "warning" not in res.output
+
+
 class TestHelp:
     def test_help_lists_every_option(self) -> None:
         res = _invoke("--help")
@@ -203,6 +233,13 @@ class TestBadInput:
 
         monkeypatch.setattr(cli_rollout, "make_engine", make)
         self._fails(*_base(prompts, tmp_path / "o"), match="/no/such: not a local model directory")
+
+    def test_engine_crash_is_reported(self, monkeypatch, prompts: Path, tmp_path: Path) -> None:
+        def make(*a):
+            raise RuntimeError("Rank 0 scheduler died during initialization (exit code: 1)")
+
+        monkeypatch.setattr(cli_rollout, "make_engine", make)
+        self._fails(*_base(prompts, tmp_path / "o"), match="SGLang engine failed: Rank 0 scheduler died")
 
     def test_non_number_is_a_usage_error(self, prompts: Path, tmp_path: Path) -> None:
         # Unparseable values are click usage errors (exit 2 by click's convention), still no traceback.

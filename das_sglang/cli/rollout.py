@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from das_sglang.core.records import write_step
+from das_sglang.core.snapshot import SnapshotError, load_history
 from das_sglang.rollout import Engine, Prompt, Sampling, StepStats, read_prompts, run_step
 
 TINY_MODEL = "tiny"
@@ -67,6 +68,20 @@ def _validate(n: int, steps: int, start_step: int, prompts: Path, out: Path, his
     for flag, d in (("--out", out), ("--history", history)):
         if d is not None and d.exists() and not d.is_dir():
             raise ValueError(f"{flag} {d}: exists and is not a directory")
+
+
+def _check_history(history: Path, strict: bool) -> None:
+    """Read the snapshot here too, so a bad one is reported by name before an engine
+    starts: an error with ``--strict-history``, else a warning (the worker then starts
+    with empty history and its next save replaces the bad file)."""
+    try:
+        load_history(history)
+    except FileNotFoundError:
+        return  # first run: the worker creates it
+    except SnapshotError as e:
+        if strict:
+            raise
+        typer.echo(f"warning: {e}; starting with empty history", err=True)
 
 
 def _run_steps(
@@ -155,6 +170,8 @@ def rollout(
         _validate(n, steps, start_step, prompts, out, history)
         sampling = Sampling(max_new_tokens, temperature, seed)
         prompt_list = read_prompts(prompts)
+        if history is not None:
+            _check_history(history, strict_history)
         step_range = range(start_step, start_step + steps)
         spec = EngineSpec(model, history, strict_history, seed, requests_per_step=len(prompt_list) * n)
         das = _with_engine(
@@ -169,6 +186,9 @@ def rollout(
             )
     except ValueError as e:  # bad input anywhere (flags, prompts, model, snapshot): no traceback
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except RuntimeError as e:  # SGLang's "scheduler died during initialization" and kin
+        typer.echo(f"error: SGLang engine failed: {e} (its log above names the cause)", err=True)
         raise typer.Exit(1) from None
     summary = {"das": [s.as_dict() for s in das], "none": [s.as_dict() for s in base] if base else None}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
