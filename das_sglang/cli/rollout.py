@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from das_sglang.api import TINY_MODEL
 from das_sglang.core.records import write_step
 from das_sglang.core.snapshot import SnapshotError, load_history
 from das_sglang.rollout import Engine, Prompt, Sampling, StepStats, read_prompts, run_step
 
-TINY_MODEL = "tiny"
 COMPARE_DIR = "compare-none"
 SUMMARY_FILE = "summary.json"
 
@@ -128,12 +128,15 @@ def _table(das: list[StepStats], base: list[StepStats] | None) -> Table:
             b = base[i]
             table.add_row(*_row(b, "none"))
             table.add_row(
-                str(s.step), "das/none", "", "", f"{s.makespan_s / b.makespan_s:.2f}x" if b.makespan_s else "-",
-                f"{s.tokens_per_s / b.tokens_per_s:.2f}x" if b.tokens_per_s else "-", "",
-                f"{s.forward_passes / b.forward_passes:.2f}x" if b.forward_passes else "-", "",
+                str(s.step), "das/none", "", "", _ratio(s.makespan_s, b.makespan_s),
+                _ratio(s.tokens_per_s, b.tokens_per_s), "", _ratio(s.forward_passes, b.forward_passes), "",
                 end_section=True,
             )
     return table
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
 
 
 _CAPTION = (
