@@ -396,7 +396,8 @@ void SuffixIndex::remove_sequence(int64_t seq_id) {
   // Phase A: decrement along every truncated suffix path; remember each touched node once,
   // bucketed by depth so phase B can go deepest first.
   std::vector<std::vector<uint32_t>> by_depth(D + 1);
-  std::vector<uint8_t> seen(nodes_.size(), 0);
+  std::vector<uint8_t>& seen = removal_marks_;  // all zero between removals
+  if (seen.size() < nodes_.size()) seen.resize(nodes_.capacity(), 0);
   for (uint32_t i = 0; i < L; ++i) {
     uint32_t end = std::min(L, i + D), j = i, cur = kRoot;
     while (j < end) {
@@ -415,7 +416,10 @@ void SuffixIndex::remove_sequence(int64_t seq_id) {
   }
   // Phase B: children before parents, so a node's children are final when it is fixed.
   for (uint32_t d = D; d >= 1; --d)
-    for (uint32_t n : by_depth[d]) fix_after_removal(n, X);
+    for (uint32_t n : by_depth[d]) {
+      seen[n] = 0;
+      fix_after_removal(n, X);
+    }
   num_tokens_ -= L;
   release_slot(slot);
   by_id_.erase(seq_id);
@@ -678,6 +682,7 @@ void SuffixIndex::expand_chain(const Pos& start, const DraftParams& p, Draft& ou
 
 size_t SuffixIndex::memory_bytes() const {
   size_t b = nodes_.capacity() * sizeof(Node) + free_nodes_.capacity() * 4 +
+             removal_marks_.capacity() +
              children_.memory_bytes() + storages_.capacity() * sizeof(Storage) +
              free_storages_.capacity() * 4 + by_id_.size() * 32;
   for (const Storage& st : storages_)

@@ -198,6 +198,8 @@ class SuffixIndex {
   int max_depth_;
   std::vector<Node> nodes_;             // nodes_[kRoot] is the root
   std::vector<uint32_t> free_nodes_;    // freed node ids, reused first
+  std::vector<uint8_t> removal_marks_;  // remove_sequence scratch: touched-node marks, kept
+                                        // zeroed so a removal costs O(its paths), not O(nodes)
   ChildMap children_;
   std::vector<Storage> storages_;
   std::vector<uint32_t> free_storages_;
