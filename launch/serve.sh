@@ -13,8 +13,9 @@
 #   DAS_CONFIG      DAS options: JSON object or path to a JSON file with sections
 #                   drafter / policy / server (see docs/sglang.md)
 #   DAS_HISTORY     history snapshot directory: loaded at start, saved every
-#                   server.snapshot_interval finished requests and at shutdown
-#                   (merged into DAS_CONFIG as server.history_path)
+#                   server.snapshot_interval finished requests (merged into
+#                   DAS_CONFIG as server.history_path; SGLang SIGKILLs its scheduler
+#                   on exit, so nothing is saved at shutdown: see launch/README.md)
 #   PYTHON          interpreter with das-sglang installed             (default python)
 #
 # Requests name their problem and training step in custom_params:
@@ -24,7 +25,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   [[ $# -ge 1 ]] && exit 0 || exit 1
 fi
 MODEL="$1"; shift
