@@ -13,9 +13,9 @@
 #   DAS_CONFIG      DAS options: JSON object or path to a JSON file with sections
 #                   drafter / policy / server (see docs/sglang.md)
 #   DAS_HISTORY     history snapshot directory: loaded at start, saved every
-#                   server.snapshot_interval finished requests (merged into
-#                   DAS_CONFIG as server.history_path; SGLang SIGKILLs its scheduler
-#                   on exit, so nothing is saved at shutdown: see launch/README.md)
+#                   server.snapshot_interval finished requests and when the server
+#                   stops on SIGTERM/Ctrl-C (merged into DAS_CONFIG as
+#                   server.history_path)
 #   PYTHON          interpreter with das-sglang installed             (default python)
 #
 # Requests name their problem and training step in custom_params:
