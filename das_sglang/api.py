@@ -158,8 +158,9 @@ def rollout_das_config(history_dir: Path | None, strict_history: bool = False,
     defaults), with ``server.history_path`` set to ``history_dir`` when given (loaded at
     start, saved at shutdown and periodically). An unusable snapshot is logged and
     ignored unless ``strict_history``. ``snapshot_interval`` (finished requests between
-    saves) overrides the configured one: SGLang's shutdown SIGKILLs the scheduler, so a
-    save "at shutdown" never runs and the periodic save is what persists history."""
+    saves) overrides the configured one: ``sglang.Engine.shutdown()`` SIGKILLs the
+    scheduler, so the worker's exit-time save never runs and the periodic save is what
+    persists history."""
     from das_sglang.sglang.options import ENV
 
     raw = os.environ.get(ENV, "").strip()
