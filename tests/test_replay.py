@@ -215,3 +215,5 @@ class TestInputsAndReport:
             p["spec"]["makespan_s"] / p["none"]["makespan_s"])
         assert p["spec"]["makespan_ratio_vs_none"] < 1.0
         assert set(p["spec"]) >= {"tokens_per_step", "forward_passes", "makespan_s", "makespan_ratio_vs_none"}
+        # every verify step yields exactly one bonus token on top of the accepted drafts
+        assert p["spec"]["accepted_drafts_per_step"] == pytest.approx(p["spec"]["tokens_per_step"] - 1)
