@@ -253,32 +253,29 @@ def _verify(st: StepStats, live: list[_Live], trees, plan, drafter, policy, cost
     """Accept, feed back, charge the forward pass; return the requests still decoding."""
     width = int(plan.width)
     n_tokens = kv = 0
-    still = []
-    drafter_s = 0.0
+    news = []
     for i, lv in enumerate(live):
         r = lv.rollout
         tree = trees[i].truncate(int(plan.budgets[i])) if width > 0 else DraftTree.empty()
         cont = r.response_ids[lv.pos : lv.pos + len(tree)]
         # the bonus token needs a slot: at most remaining-1 drafts can be used
         accepted = min(tree.accept_length(cont), lv.remaining - 1)
-        new = r.response_ids[lv.pos : lv.pos + accepted + 1]
+        news.append(r.response_ids[lv.pos : lv.pos + accepted + 1])
         kv += len(r.prompt_ids) + lv.pos
         n_tokens += 1 + len(tree)
-        t0 = time.perf_counter()
-        drafter.extend_request(r.req_id, new)
-        drafter_s += time.perf_counter() - t0
         policy.observe_verify(r.problem_id, len(tree), accepted)
-        lv.pos += len(new)
+        lv.pos += accepted + 1
         st.draft_proposed += len(tree)
         st.draft_accepted += accepted
-        st.generated_tokens += len(new)
+        st.generated_tokens += accepted + 1
         st.verify_steps += 1
-        if lv.remaining > 0:
-            still.append(lv)
-            continue
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    _extend(drafter, [lv.rollout.req_id for lv in live], news)
+    done = [lv.rollout for lv in live if lv.remaining == 0]
+    for r in done:
         drafter.finish_request(r.req_id, keep=True)
-        drafter_s += time.perf_counter() - t0
+    st.drafter_us += (time.perf_counter() - t0) * 1e6
+    for r in done:
         policy.observe_finished(r.problem_id, r.length)
     if engine == "uniform" and width > 0:
         padded = len(live) * (1 + width)
@@ -286,5 +283,14 @@ def _verify(st: StepStats, live: list[_Live], trees, plan, drafter, policy, cost
         n_tokens = padded
     st.forward_passes += 1
     st.makespan_s += cost.forward_time(n_tokens, kv)
-    st.drafter_us += drafter_s * 1e6
-    return still
+    return [lv for lv in live if lv.remaining > 0]
+
+
+def _extend(drafter, req_ids: list[str], news: list[np.ndarray]) -> None:
+    """One update call per batch where the drafter has it (as the SGLang worker does)."""
+    batch = getattr(drafter, "extend_batch", None)
+    if batch is not None:
+        batch(req_ids, news)
+        return
+    for rid, new in zip(req_ids, news):
+        drafter.extend_request(rid, new)
