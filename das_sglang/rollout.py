@@ -53,23 +53,29 @@ class Prompt:
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from a JSONL file: one object per line with ``prompt`` (or verl's ``input``),
+    """Prompts from a JSONL file (or .jsonl.gz, e.g. a verl dump): one object per line with
+    ``prompt`` (or verl's ``input``),
     optional ``problem_id`` (or ``id``; default: a hash of the prompt, as `das replay`
-    groups verl dumps) and optional ``answer``.
+    groups verl dumps) and optional ``answer``. Repeated lines of the same prompt (one
+    per sample in verl dumps) count once.
 
     Raises ValueError naming the file, line and field of the first problem.
     """
     from das_sglang.core.datasets import read_jsonl
 
     prompts: list[Prompt] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, Prompt]] = {}
     for lineno, obj in read_jsonl(Path(path)):
         prompt = _parse_prompt(f"{path}:{lineno}", obj, lineno)
         if prompt.problem_id in seen:
+            first_line, first = seen[prompt.problem_id]
+            if first.text == prompt.text:
+                continue  # a verl dump lists each prompt once per sample: keep one
             raise ValueError(
-                f"{path}:{lineno}: duplicate problem_id {prompt.problem_id!r} (first on line {seen[prompt.problem_id]})"
+                f"{path}:{lineno}: duplicate problem_id {prompt.problem_id!r} with a different prompt "
+                f"(first on line {first_line})"
             )
-        seen[prompt.problem_id] = lineno
+        seen[prompt.problem_id] = (lineno, prompt)
         prompts.append(prompt)
     if not prompts:
         raise ValueError(f"{path}: no prompts (the file is empty)")

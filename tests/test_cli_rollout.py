@@ -201,7 +201,7 @@ class TestBadInput:
     def test_duplicate_problem_id(self, engines, tmp_path: Path) -> None:
         p = tmp_path / "p.jsonl"
         p.write_text('{"prompt": "x", "id": "q"}\n{"prompt": "y", "id": "q"}\n')
-        self._fails(*_base(p, tmp_path / "o"), match="duplicate problem_id 'q'")
+        self._fails(*_base(p, tmp_path / "o"), match="p.jsonl:2: duplicate problem_id 'q' with a different prompt")
 
     def test_empty_file(self, engines, tmp_path: Path) -> None:
         p = tmp_path / "p.jsonl"

@@ -9,7 +9,9 @@ import pytest
 
 from das_sglang.core.records import RolloutRecord, step_file, write_step
 from das_sglang.api import tag
-from das_sglang.rollout import RequestStats, Sampling, StepStats, final_answer, sampling_seed, score
+from das_sglang.rollout import (
+    Prompt, RequestStats, Sampling, StepStats, final_answer, read_prompts, sampling_seed, score,
+)
 
 
 class TestCounting:
@@ -71,6 +73,36 @@ class TestRequests:
         args = {"max_new_tokens": 8, "temperature": 1.0} | kw
         with pytest.raises(ValueError, match=match):
             Sampling(**args)
+
+
+class TestReadPrompts:
+    def test_bundled_verl_dump_reads_as_64_prompts(self) -> None:
+        from das_sglang.api import prompt_key
+        from das_sglang.core.datasets import VERL_SAMPLE
+
+        prompts = read_prompts(VERL_SAMPLE)  # 1024 rows = 64 prompts x 16 samples
+        assert len(prompts) == 64 and len({p.problem_id for p in prompts}) == 64
+        assert prompts[0].problem_id == prompt_key(prompts[0].text) and prompts[0].answer is None
+
+    def test_fields_and_defaults(self, tmp_path: Path) -> None:
+        f = tmp_path / "p.jsonl"
+        f.write_text('{"prompt": "a", "id": 3, "answer": 12}\n\n{"input": "b", "problem_id": "x"}\n')
+        assert read_prompts(f) == [Prompt("3", "a", "12"), Prompt("x", "b", None)]
+
+    @pytest.mark.parametrize(
+        "line, match",
+        [
+            ("[1, 2]", r"p.jsonl:1: expected a JSON object, got list"),
+            ('{"prompt": ""}', r"field 'prompt' must be a non-empty string"),
+            ('{"prompt": "a", "id": true}', r"field 'problem_id' must be a non-empty string or int, got True"),
+            ('{"prompt": "a", "answer": [1]}', r"field 'answer' must be a string or number"),
+        ],
+    )
+    def test_bad_lines(self, tmp_path: Path, line: str, match: str) -> None:
+        f = tmp_path / "p.jsonl"
+        f.write_text(line + "\n")
+        with pytest.raises(ValueError, match=match):
+            read_prompts(f)
 
 
 class TestRecords:
