@@ -1,0 +1,49 @@
+"""DAS_CONFIG parsing and validation (no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from das_sglang.sglang.options import load_options
+
+
+def test_defaults_fit_the_verify_width():
+    opts = load_options(8, "")
+    assert opts.max_nodes == 7
+    assert opts.drafter.max_budget == 7 and opts.policy.max_budget == 7
+    assert opts.policy.uniform_width  # SGLang pads rows to the batch width
+    assert opts.server.policy == "length-aware"
+
+
+def test_sections_map_one_to_one_onto_the_dataclasses(tmp_path):
+    cfg = {"drafter": {"window_steps": 2, "tree": False}, "policy": {"cost_preset": "cpu-tiny"},
+           "server": {"policy": "fixed", "history_path": str(tmp_path), "snapshot_interval": 3}}
+    path = tmp_path / "das.json"
+    path.write_text(json.dumps(cfg))
+    opts = load_options(8, str(path))
+    assert opts.policy.cost_preset == "cpu-tiny"
+    assert opts.drafter.window_steps == 2 and opts.drafter.tree is False
+    assert opts.server.policy == "fixed" and opts.server.snapshot_interval == 3
+
+
+@pytest.mark.parametrize("raw, message", [
+    ('{"x": {}}', "section(s) ['x']"),
+    ('{"drafter": {"window": 3}}', "drafter.['window']"),
+    ('{"drafter": {"window_steps": -1}}', "window_steps=-1"),
+    ('{"policy": {"max_budget": 20}}', "policy.max_budget=20"),
+    ('{"server": {"policy": "nope"}}', "policy='nope'"),
+    ('{"server": []}', "section server"),
+    ("{oops", "not valid JSON"),
+    ("/no/such/file.json", "neither a JSON object nor a file"),
+])
+def test_bad_options_name_the_bad_value(raw, message):
+    with pytest.raises(ValueError) as err:
+        load_options(8, raw)
+    assert message in str(err.value)
+
+
+def test_width_below_two_is_rejected():
+    with pytest.raises(ValueError, match="speculative_num_draft_tokens=1"):
+        load_options(1, "")

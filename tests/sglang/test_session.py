@@ -1,0 +1,55 @@
+"""Request bookkeeping of the worker (DasSession) with the real drafter (no engine)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from das_sglang.sglang.options import load_options
+from das_sglang.sglang.session import DasSession, problem_of
+
+OPTS = load_options(8, '{"server": {"policy": "unlimited"}}')
+
+
+def test_problem_id_from_custom_params_or_prompt_hash():
+    assert problem_of({"das_problem_id": "gsm-1", "das_step": 3}, [1, 2]) == ("gsm-1", 3)
+    pid, step = problem_of(None, [1, 2, 3])
+    assert pid.startswith("prompt-") and step is None
+    assert problem_of({}, [1, 2, 3])[0] == pid != problem_of({}, [1, 2, 4])[0]
+    with pytest.raises(ValueError, match="das_step=-1"):
+        problem_of({"das_step": -1}, [1])
+
+
+def test_finished_sibling_drafts_the_next_one_and_is_trimmed():
+    s = DasSession(OPTS)
+    prompt, text = [5, 6, 7], [10, 11, 12, 13, 14, 15, 16, 17]
+    s.start("a", {"das_problem_id": "p", "das_step": 1}, prompt, text[:1], max_new_tokens=6)
+    s.committed("a", proposed=6, tokens=text[1:])  # ran 2 tokens past max_new_tokens
+    s.finished("a", prompt, text)
+    s.start("b", {"das_problem_id": "p", "das_step": 1}, prompt, text[:1], max_new_tokens=6)
+    (tree,), width = s.plan(["b"], OPTS.max_nodes)
+    assert width == len(tree) > 0
+    assert tree.tokens[: 5].tolist() == text[1:6]  # only what was returned is history
+    assert len(tree) == 5
+    assert s.drafter.history()["p"][1][0].tolist() == prompt + text[:6]
+
+
+def test_newer_step_advances_drafter_and_policy():
+    s = DasSession(OPTS)
+    s.start("a", {"das_problem_id": "p", "das_step": 4}, [1, 2], [3], max_new_tokens=4)
+    assert s.step == 4 and s.drafter.step == 4
+    s.start("b", {"das_problem_id": "p"}, [1, 2], [3], max_new_tokens=4)  # no step: current
+    assert s.live["b"].step == 4
+
+
+def test_history_snapshot_round_trip(tmp_path):
+    raw = '{"server": {"policy": "unlimited", "history_path": "%s", "snapshot_interval": 1}}'
+    opts = load_options(8, raw % tmp_path)
+    s = DasSession(opts)
+    s.start("a", {"das_problem_id": "p", "das_step": 2}, [1, 2], [3], max_new_tokens=8)
+    s.committed("a", 1, [4, 5])
+    s.finished("a", [1, 2], [3, 4, 5])  # interval 1: saved now
+    again = DasSession(opts)
+    assert again.step == 2
+    assert [t.tolist() for t in again.drafter.history()["p"][2]] == [[1, 2, 3, 4, 5]]
+    assert np.array_equal(again.drafter.history()["p"][2][0], s.drafter.history()["p"][2][0])
