@@ -4,7 +4,7 @@ Every match and every draft tree must agree exactly (probs to 1e-9; the step wei
 dyadic so both sides compute bit-identical sums), check_integrity() must hold after every
 mutation, and the native node count must equal the oracle's canonical compressed count.
 Operation totals (lower bounds): default run 200 scenarios x >= 30 operations + 4 streams x
-2,500 = 16,000; the `slow` runs add 1,500 x >= 40 + 10 x 8,000 = 140,000.
+4,000 = 22,000; the `slow` runs add 1,500 x >= 40 + 10 x 10,000 = 160,000.
 """
 
 from __future__ import annotations
@@ -171,9 +171,11 @@ def seeded_ops(rng: random.Random, n: int, alphabet: int):
             rng.random() < 0.3,
             rng.randrange(0, 9),
         )
-        if r < 0.2:
+        # As many adds as removes: the index size does a random walk instead of growing,
+        # so the per-mutation integrity check stays cheap over long streams.
+        if r < 0.15:
             yield ("add", toks, rng.choice(STEPS))
-        elif r < 0.45:
+        elif r < 0.4:
             yield ("extend", rng.randrange(50), toks or [0])
         elif r < 0.55:
             yield ("remove", rng.randrange(50))
@@ -188,14 +190,14 @@ def seeded_ops(rng: random.Random, n: int, alphabet: int):
 @pytest.mark.parametrize("seed", range(4))
 def test_seeded_operation_stream(seed):
     rng = random.Random(seed)
-    assert run(rng.choice([3, 5, 8]), list(seeded_ops(rng, 2500, rng.choice([2, 4, 7])))) >= 2500
+    assert run(rng.choice([3, 5, 8]), list(seeded_ops(rng, 4000, rng.choice([2, 4, 7])))) >= 4000
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(100, 110))
 def test_seeded_operation_stream_long(seed):
     rng = random.Random(seed)
-    assert run(rng.choice([3, 5, 8, 16]), list(seeded_ops(rng, 8000, rng.choice([2, 3, 6, 9])))) >= 8000
+    assert run(rng.choice([3, 5, 8, 16]), list(seeded_ops(rng, 10000, rng.choice([2, 3, 6, 9])))) >= 10000
 
 
 def test_draft_for_sequence_equals_draft_of_its_tokens():
