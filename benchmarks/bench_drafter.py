@@ -19,7 +19,7 @@ recorded continuation confirms (+1 bonus token) and appends it. Measured in one 
 - remove_us_per_token, bytes_per_token_after_slide, orphan_storages_after_slide: the
   window slides by one step (each problem's oldest history step is removed);
 - drafter_us_per_request: ``SuffixDrafter.speculate_batch`` (DraftTree objects included);
-- oracle ratio: the pure-Python reference index on a small slice.
+- oracle ratio: the pure-Python reference index on a small slice (fastest pass of several).
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ def decode(problems, indices, cfg: DrafterConfig, n_history: int, n_live: int, m
     update_ns, update_tokens, update_rows, accepted = 0, 0, 0, []
     upd_batch_ns, upd_batch_tokens, upd_batch_rows = 0, 0, 0
     upd_batch_step_us_per_token = []  # per decode step: robust to preemptions via the median
+    upd_batch_step_us_per_row = []
+    upd_step_us_per_token = []
     for step_no in range(max_steps):
         live = [r for r in live if r[3] < len(r[2])]
         if not live:
@@ -129,12 +131,15 @@ def decode(problems, indices, cfg: DrafterConfig, n_history: int, n_live: int, m
             accepted.append(n_acc)
             row[3] = pos + len(news[-1])
         if step_no % 2 == 0:  # per-request extend calls: the baseline of extend_batch
+            step_ns = 0
             for (ix, seq_id, _, _), new in zip(live, news):
                 t0 = time.perf_counter_ns()
                 ix.extend(seq_id, new)
-                update_ns += time.perf_counter_ns() - t0
-                update_tokens += len(new)
+                step_ns += time.perf_counter_ns() - t0
+            update_ns += step_ns
+            update_tokens += sum(len(x) for x in news)
             update_rows += len(live)
+            upd_step_us_per_token.append(step_ns / 1e3 / sum(len(x) for x in news))
         else:
             flat = np.concatenate(news)
             offs = np.zeros(len(news) + 1, np.int64)
@@ -145,12 +150,15 @@ def decode(problems, indices, cfg: DrafterConfig, n_history: int, n_live: int, m
             upd_batch_ns += dt
             upd_batch_tokens += len(flat)
             upd_batch_step_us_per_token.append(dt / 1e3 / max(1, len(flat)))
+            upd_batch_step_us_per_row.append(dt / 1e3 / len(live))
             upd_batch_rows += len(live)
     return dict(single_ns=np.asarray(single_ns), raw_ns=np.asarray(raw_ns), batch_ns=batch_ns,
                 batch_raw_ns=batch_raw_ns, batch_rows=batch_rows,
                 update_ns=update_ns, update_tokens=update_tokens, update_rows=update_rows,
                 upd_batch_ns=upd_batch_ns, upd_batch_tokens=upd_batch_tokens, upd_batch_rows=upd_batch_rows,
                 upd_batch_step_us_per_token=np.asarray(upd_batch_step_us_per_token),
+                upd_batch_step_us_per_row=np.asarray(upd_batch_step_us_per_row),
+                upd_step_us_per_token=np.asarray(upd_step_us_per_token),
                 accepted=np.asarray(accepted))
 
 
@@ -204,15 +212,18 @@ def oracle_ratio(problems, cfg: DrafterConfig) -> dict[str, float]:
         ref.add_sequence(k, resp[:1500].tolist(), 0)
     queries = [responses[5][:n] for n in range(50, 1050, 50)]
     args = (cfg.max_budget, cfg.min_token_prob, {0: 1.0}, not cfg.tree, min(cfg.max_match_len, depth - 1))
-    t0 = time.perf_counter()
-    for q in queries:
-        ref.draft(q.tolist(), *args)
-    ref_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(20):
-        for q in queries:
-            nat.draft(q, *args)
-    nat_s = (time.perf_counter() - t0) / 20
+
+    def fastest_pass(draft, qs, passes: int) -> float:  # seconds per pass, best of `passes`
+        best = float("inf")
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for q in qs:
+                draft(q, *args)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    ref_s = fastest_pass(ref.draft, [q.tolist() for q in queries], 3)
+    nat_s = fastest_pass(nat.draft, queries, 20)
     return {"oracle_us_per_draft": ref_s / len(queries) * 1e6, "native_us_per_draft": nat_s / len(queries) * 1e6,
             "native_speedup_vs_oracle": ref_s / nat_s}
 
@@ -231,15 +242,14 @@ def plot(single_ns: np.ndarray, out: dict, path: str) -> None:
     a.set_xlabel("draft_for_sequence latency per request (us)")
     a.set_ylabel("calls")
     a.legend()
-    names = ["speculate\nper request", "speculate\nbatch API", "update\nper request", "update\nbatch API",
-             "batch spec.\n+ update"]
-    vals = [out["speculate_us_mean"], out["batch_us_per_request"], out["update_us_per_request_step"],
-            out["update_batch_us_per_request_step"], out["speculate_plus_update_us_per_request_step"]]
-    b.bar(names, vals, color=["C0", "C1", "C2", "C3", "C4"])
-    b.set_title("us per request per decode step")
+    names = ["speculate\nper-request call", "speculate\ndraft_batch", "update\nextend_batch", "draft_batch +\nextend_batch"]
+    vals = [out["speculate_us_mean"], out["batch_us_per_request"], out["update_batch_us_per_request_step_median_step"],
+            out["speculate_plus_update_us_per_request_step"]]
+    b.bar(names, vals, color=["C0", "C1", "C2", "C3"])
     b.axhline(10, color="r", ls="--", label="10 us target (speculate+update)")
     b.set_ylabel("us")
     b.legend()
+    b.set_title("us per request per decode step")
     fig.suptitle(f"SkyThought AIME24: {out['problems']} problems, {out['history_tokens_per_problem']:.0f} history "
                  f"tokens/problem, depth {out['max_depth']}")
     fig.tight_layout()
@@ -291,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         "update_us_per_request_step": sim["update_ns"] / sim["update_rows"] / 1e3,
         "update_batch_us_per_token": sim["upd_batch_ns"] / sim["upd_batch_tokens"] / 1e3,
         "update_batch_us_per_request_step": sim["upd_batch_ns"] / sim["upd_batch_rows"] / 1e3,
+        "update_us_per_token_median_step": float(np.median(sim["upd_step_us_per_token"])),
         "update_batch_us_per_token_median_step": float(np.median(sim["upd_batch_step_us_per_token"])),
+        "update_batch_us_per_request_step_median_step": float(np.median(sim["upd_batch_step_us_per_row"])),
         "build_us_per_token": build_s / build_tokens * 1e6,
         "bytes_per_token": mem / build_tokens,
         "nodes_per_token": nodes / build_tokens,
@@ -299,9 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         "accepted_tokens_per_step_mean": float(sim["accepted"].mean()),
         "drafter_us_per_request": drafter_level(problems, cfg, a.history, a.live, rounds=200),
     }
-    # The decode-step cost with the batch APIs (one draft_batch + one extend_batch per step).
+    # The decode-step cost with the batch APIs (one draft_batch + one extend_batch per step):
+    # headline with preemption filtered (fastest-of-N drafts, median decode step of the
+    # updates), and the plain means of single timings as *_raw.
     out["speculate_plus_update_us_per_request_step"] = (
-        out["batch_us_per_request"] + out["update_batch_us_per_request_step"])
+        out["batch_us_per_request"] + out["update_batch_us_per_request_step_median_step"])
     out["speculate_plus_update_us_per_request_step_raw"] = (
         out["batch_us_per_request_raw"] + out["update_batch_us_per_request_step"])
     out["batch_speedup_vs_per_request_calls"] = out["speculate_us_mean"] / out["batch_us_per_request"]
