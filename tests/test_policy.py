@@ -139,10 +139,26 @@ class TestLengthAware:
         assert plan.width > 2
         np.testing.assert_array_equal(plan.budgets, [plan.width, 2, plan.width])
 
+    @pytest.mark.parametrize("lookahead", ["marginal", "stationary"])
+    def test_modes_agree_on_the_basics(self, lookahead):
+        cfg = PolicyConfig(lookahead=lookahead, class_thresholds=(500, 4000))
+        policy = LengthAware(COST, cfg)
+        history(policy, "short", [100, 120, 150])
+        history(policy, "long", [6000, 8000, 9000])
+        plan = policy.plan([row(i, "short") for i in range(4)] + [row(4 + i, "long") for i in range(4)])
+        np.testing.assert_array_equal(plan.budgets[:4], 0)
+        assert np.all(plan.budgets[4:] > 0)
+        small = LengthAware(COST, cfg)
+        big = LengthAware(COST, cfg)
+        history(small, "long", [6000, 8000])
+        history(big, "long", [6000, 8000])
+        assert small.plan([row(i, "long") for i in range(2)]).width > big.plan([row(i, "long") for i in range(512)]).width
+
     def test_beats_paper_fixed_and_unlimited_on_its_objective(self):
         rng = np.random.default_rng(11)
         for trial in range(5):
-            policy = LengthAware(COST)
+            # the stationary allocator is the exact minimiser of expected_time
+            policy = LengthAware(COST, PolicyConfig(lookahead="stationary"))
             for p in "abcd":
                 history(policy, p, rng.lognormal(7.5, 0.8, 6).astype(int) + 1)
             rows = [row(i, "abcd"[i % 4], int(rng.integers(0, 3000)),
@@ -157,7 +173,7 @@ class TestLengthAware:
                 assert mine <= theirs * (1 + 1e-9), (trial, other)
 
     def test_calibration_learns_from_verify_outcomes(self):
-        policy = LengthAware(COST)
+        policy = LengthAware(COST, PolicyConfig(curve_mode="tree"))
         history(policy, "q", [4000, 5000, 6000])
         first = policy.plan([row(i) for i in range(32)])
         for b in first.budgets.tolist():  # drafts accepted at a third of the drafter's estimate

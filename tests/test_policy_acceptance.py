@@ -69,10 +69,12 @@ def test_calibration_of_node_probs():
     for _ in range(8):
         tracker.expect("q", 4, 2.0)  # drafter expected 2 accepted tokens with budget 4
         tracker.observe("q", 4, 1)  # verification accepted 1
-    # (8 pseudo + 8 accepted) / (8 pseudo + 16 expected)
-    assert tracker.estimate("q").calibration == pytest.approx(16 / 24)
+    # pooled over problems: (8 pseudo x 1 + 8 accepted) / (8 pseudo + 16 expected) = 2/3;
+    # the problem shrinks to the pooled value: (8 x 2/3 + 8) / (8 + 16) = 5/9
+    assert tracker.estimate("q").calibration == pytest.approx(5 / 9)
+    assert tracker.calibration("fresh") == pytest.approx(2 / 3)  # a new problem: the pooled value
     tracker.observe("q", 3, 3)  # no plan recorded for budget 3: not used for calibration
-    assert tracker.estimate("q").calibration == pytest.approx(16 / 24)
+    assert tracker.estimate("q").calibration == pytest.approx(5 / 9)
 
 
 @pytest.mark.parametrize("proposed, accepted", [(-1, 0), (3, 4), (2, -1)])

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from das_sglang.core.allocation import (
+    lookahead_step_budgets,
+    pad_curves,
+    token_values,
     optimal_step_budgets,
     paper_budget,
     paper_min_steps,
@@ -157,3 +160,56 @@ class TestStepAllocator:
         assert zero_acc.width == 0 and np.isfinite(zero_acc.modeled_s)
         no_base = optimal_step_budgets(np.array([5000.0]), [_curve([0.5] * 8)], np.zeros(1), CostModel(0.0, 1e-4))
         assert no_base.width == 0  # no shared cost to amortise: drafts only add tokens
+
+
+class TestLookahead:
+    """The default LengthAware allocator: pay this forward's drafts now, value accepted tokens
+    by what they save later (dT*/dr of the stationary plan)."""
+
+    @pytest.mark.parametrize("uniform", [False, True])
+    @pytest.mark.parametrize("seed", range(6))
+    def test_is_the_exact_maximiser_of_its_one_step_gain(self, seed, uniform):
+        rng = np.random.default_rng(100 + seed)
+        rows = int(rng.integers(1, 5))
+        remaining = rng.uniform(10, 5000, rows)
+        curves = [_curve(np.sort(rng.uniform(0, 1, int(rng.integers(0, 6))))[::-1]) for _ in range(rows)]
+        kv = rng.uniform(0, 4000, rows)
+        cost = CostModel(0.01, float(rng.choice([1e-5, 1e-4, 1e-3])), 1e-7)
+        pair = pad_curves(curves)
+        value, _ = token_values(remaining, pair, kv, cost, uniform, 0.05)
+
+        def gain(b):
+            b = np.asarray(b)
+            paid = len(b) * b.max(initial=0) if uniform else b.sum()
+            return float(np.sum(value * pair[0][np.arange(rows), b]) - cost.c_tok_s * paid)
+
+        choices = itertools.product(*[range(len(c)) for c in curves])
+        if uniform:
+            choices = [np.minimum(w, pair[1]) for w in range(pair[0].shape[1])]
+        best = max(gain(b) for b in choices)
+        alloc = lookahead_step_budgets(remaining, curves, kv, cost, uniform, 0.05)
+        assert gain(alloc.budgets) == pytest.approx(best, rel=1e-9, abs=1e-15)
+
+    def test_token_values_worked_example(self):
+        # one row, nothing drafted later: a token saves one forward of c_base + c_tok
+        value, future = token_values(np.array([100.0]), pad_curves([_curve([])]), np.zeros(1), COST, False, 0.05)
+        assert value[0] == pytest.approx(COST.c_base_s + COST.c_tok_s)
+        # two rows, one far shorter: the long one carries (almost all of) c_base
+        value, _ = token_values(np.array([100.0, 1000.0]), pad_curves([_curve([]), _curve([])]),
+                                np.zeros(2), COST, False, 0.05)
+        assert value[1] == pytest.approx(COST.c_base_s + COST.c_tok_s, rel=1e-6)
+        assert value[0] == pytest.approx(COST.c_tok_s, abs=1e-9)  # + c_base e^-18
+
+    def test_short_rows_get_nothing_and_budgets_shrink_with_batch(self):
+        curve = _curve(0.9 ** np.arange(1, 33))
+        alloc = lookahead_step_budgets(np.array([100.0, 150.0, 5000.0, 6000.0]), [curve] * 4, np.zeros(4), COST)
+        np.testing.assert_array_equal(alloc.budgets[:2], [0, 0])
+        assert np.all(alloc.budgets[2:] > 0)  # 5000 is close enough to 6000 to matter
+        widths = [lookahead_step_budgets(np.full(n, 3000.0), [curve] * n, np.zeros(n), COST, True).width
+                  for n in (1, 8, 32, 128, 512, 2048)]
+        assert widths == sorted(widths, reverse=True) and widths[0] > 0 and widths[-1] == 0
+
+    def test_degenerate(self):
+        assert lookahead_step_budgets(np.zeros(0), [], np.zeros(0), COST).width == 0
+        dead = lookahead_step_budgets(np.array([5000.0]), [_curve([0.0] * 8)], np.zeros(1), COST)
+        assert dead.width == 0 and np.isfinite(dead.modeled_s)

@@ -21,7 +21,10 @@ Two estimates are kept per problem, both online from ``observe(proposed, accepte
 - ``(alpha, k)`` least-squares fitted (grid search) to the recent outcomes, shrunk to
   a prior by pseudo-observations so few outcomes give a defined, cautious answer;
 - ``calibration``: observed accepted / expected accepted under the drafter's own node
-  probabilities, for the rows the policy planned (``expect``), shrunk to 1.
+  probabilities, for the rows the policy planned (``expect``), shrunk to the pooled value.
+
+Both shrink towards the same statistics pooled over all problems (which shrink towards the
+fixed prior), so a new problem starts from what the others showed.
 """
 
 from __future__ import annotations
@@ -130,12 +133,20 @@ class _ProblemStats:
         self.dirty = 0
 
 
+GLOBAL = "*"  # key of the statistics pooled over every problem
+
+
 class AcceptanceTracker:
-    """Per-problem acceptance estimates, updated from verification outcomes."""
+    """Per-problem acceptance estimates, updated from verification outcomes.
+
+    Two levels: every outcome also feeds statistics pooled over all problems, and a
+    problem's estimates shrink towards the pooled ones (not towards the fixed prior), so a
+    problem seen for the first time starts from what the other problems showed.
+    """
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
-        self._stats: dict[str, _ProblemStats] = {}
+        self._stats: dict[str, _ProblemStats] = {GLOBAL: _ProblemStats(4 * config.acceptance_memory)}
         # (problem_id, budget) -> expected accepted tokens of planned rows awaiting outcome.
         self._pending: dict[tuple[str, int], deque[float]] = defaultdict(deque)
 
@@ -160,36 +171,48 @@ class AcceptanceTracker:
             )
         if proposed == 0:
             return  # nothing was drafted: says nothing about acceptance
-        st = self._get(problem_id)
-        st.recent.append((int(proposed), int(accepted)))
-        st.n_obs += 1
-        st.sum_accepted += accepted
-        st.dirty += 1
         q = self._pending.get((problem_id, int(proposed)))
-        if q:
-            st.sum_expected += q.popleft()
-            st.sum_matched += accepted
+        expected = q.popleft() if q else None
+        for st in (self._get(problem_id), self._stats[GLOBAL]):
+            st.recent.append((int(proposed), int(accepted)))
+            st.n_obs += 1
+            st.sum_accepted += accepted
+            st.dirty += 1
+            if expected is not None:
+                st.sum_expected += expected
+                st.sum_matched += accepted
 
     def calibration(self, problem_id: str) -> float:
-        """Observed / drafter-expected accepted tokens, shrunk to 1 (cheap: no fit)."""
-        st = self._stats.get(problem_id)
+        """Observed / drafter-expected accepted tokens, shrunk to the pooled ratio, which is
+        shrunk to 1 (cheap: no fit)."""
         w = self.config.calibration_prior_tokens
-        if st is None:
-            return 1.0
-        return (w + st.sum_matched) / (w + st.sum_expected)
+        pooled = self._stats[GLOBAL]
+        prior = (w + pooled.sum_matched) / (w + pooled.sum_expected)
+        st = self._stats.get(problem_id)
+        if st is None or problem_id == GLOBAL:
+            return prior
+        return (w * prior + st.sum_matched) / (w + st.sum_expected)
 
     def estimate(self, problem_id: str) -> AcceptanceEstimate:
         cfg = self.config
+        pooled = self._fit(GLOBAL, (cfg.prior_alpha, cfg.prior_k))
         st = self._stats.get(problem_id)
         if st is None or st.n_obs == 0:
-            prior_mean = saturating_accept(cfg.fixed_budget, cfg.prior_alpha, cfg.prior_k)
-            return AcceptanceEstimate(cfg.prior_alpha, cfg.prior_k, 1.0, 0, prior_mean)
+            mean = saturating_accept(cfg.fixed_budget, *pooled)
+            return AcceptanceEstimate(*pooled, self.calibration(problem_id), 0, mean)
+        alpha, k = pooled if problem_id == GLOBAL else self._fit(problem_id, pooled)
+        return AcceptanceEstimate(alpha, k, self.calibration(problem_id), st.n_obs,
+                                  st.sum_accepted / st.n_obs)
+
+    def _fit(self, key: str, prior: tuple[float, float]) -> tuple[float, float]:
+        st = self._stats.get(key)
+        if st is None or st.n_obs == 0:
+            return prior
         # Refit after refit_every new outcomes, or a quarter of the memory once it is full,
         # so the fit's cost per outcome stays flat however often plan() asks.
-        if st.fit is None or st.dirty >= max(cfg.refit_every, len(st.recent) // 4):
+        if st.fit is None or st.dirty >= max(self.config.refit_every, len(st.recent) // 4):
             arr = np.asarray(st.recent, dtype=np.float64)
-            st.fit = fit_saturating(arr[:, 0], arr[:, 1], cfg.prior_alpha, cfg.prior_k,
-                                    cfg.prior_weight, k_max=float(cfg.max_budget))
+            st.fit = fit_saturating(arr[:, 0], arr[:, 1], prior[0], prior[1],
+                                    self.config.prior_weight, k_max=float(self.config.max_budget))
             st.dirty = 0
-        return AcceptanceEstimate(st.fit[0], st.fit[1], self.calibration(problem_id), st.n_obs,
-                                  st.sum_accepted / st.n_obs)
+        return st.fit

@@ -236,3 +236,71 @@ def _best_uniform(remaining, acc, m, kv_tokens, cost) -> StepAllocation:
     budgets = np.minimum(best, m).astype(np.int32)
     return StepAllocation(budgets, int(budgets.max(initial=0)), float(t[best]), float(t[0]),
                           float(makespan[best]))
+
+
+# ---- one-step lookahead allocator -----------------------------------------------------------
+def token_values(
+    remaining: np.ndarray,
+    curves: tuple[np.ndarray, np.ndarray],
+    kv_tokens: np.ndarray,
+    cost: CostModel,
+    uniform_width: bool,
+    spread: float,
+) -> tuple[np.ndarray, StepAllocation]:
+    """Seconds one accepted token of each row saves later (``dT/dr_i`` of the stationary plan).
+
+    A token of row ``i`` saves ``1 / (1 + E_i(b_i*))`` of its future forwards: its own share
+    of them (``c_tok`` per processed token, ``c_kv`` per KV entry) and, when the row may be the
+    last to finish, ``c_base``. Which row ends last is uncertain, so ``c_base`` is split by a
+    softmax over the rows' modeled forwards-to-go (temperature ``spread * N*``).
+    """
+    future = optimal_step_budgets(remaining, curves, kv_tokens, cost, uniform_width)
+    acc, m = curves
+    rows = np.arange(len(remaining))
+    got = acc[rows, np.minimum(future.budgets, m)]
+    steps = remaining / (1.0 + got)
+    n_star = max(float(steps.max()), 1e-9)
+    weight = np.exp((steps - n_star) / (max(spread, 1e-9) * n_star))
+    critical = weight / weight.sum()
+    tokens = 1.0 + (future.width if uniform_width else future.budgets)
+    per_row = cost.c_tok_s * tokens + cost.c_kv_s * kv_tokens
+    return (critical * cost.c_base_s + per_row) / (1.0 + got), future
+
+
+def lookahead_step_budgets(
+    remaining: np.ndarray,
+    curves: Sequence[np.ndarray] | tuple[np.ndarray, np.ndarray],
+    kv_tokens: np.ndarray,
+    cost: CostModel,
+    uniform_width: bool = False,
+    spread: float = 0.05,
+) -> StepAllocation:
+    """Budgets for *this* forward only: maximise ``sum_i value_i * E_i(b_i) - c_tok * tokens``.
+
+    The stationary plan prices a draft token by averaging over the batch's whole future, so
+    a width that pays in the short tail also looks good while the batch is still full. Here
+    the draft tokens are paid now, at today's batch size, and each accepted token is worth
+    what it saves later (``token_values``): speculation starts when the batch has shrunk
+    enough, and goes to the rows likely to finish last.
+    """
+    remaining = np.asarray(remaining, dtype=np.float64)
+    kv_tokens = np.asarray(kv_tokens, dtype=np.float64)
+    if len(remaining) == 0:
+        return StepAllocation(np.zeros(0, dtype=np.int32), 0, 0.0, 0.0, 0.0)
+    acc, m = curves if isinstance(curves, tuple) else pad_curves(curves)
+    value, future = token_values(remaining, (acc, m), kv_tokens, cost, uniform_width, spread)
+    b = np.arange(acc.shape[1], dtype=np.float64)
+    if uniform_width:
+        rows = np.arange(len(m))
+        capped = np.minimum(b[None, :].astype(np.int64), m[:, None])
+        gain = (value[:, None] * acc[rows[:, None], capped]).sum(axis=0) - cost.c_tok_s * len(m) * b
+        width = int(np.argmax(gain))  # ties: the smallest width
+        budgets = np.minimum(width, m).astype(np.int32)
+        best_gain = float(gain[width])
+    else:
+        gain = value[:, None] * acc - cost.c_tok_s * b[None, :]
+        gain = np.where(b[None, :] <= m[:, None], gain, -np.inf)
+        budgets = np.argmax(gain, axis=1).astype(np.int32)
+        best_gain = float(gain[np.arange(len(m)), budgets].sum())
+    return StepAllocation(budgets, int(budgets.max(initial=0)), future.baseline_s - best_gain,
+                          future.baseline_s, future.makespan_steps)

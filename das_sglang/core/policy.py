@@ -22,9 +22,10 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from das_sglang.core.acceptance import AcceptanceTracker, paper_params
+from das_sglang.core.acceptance import AcceptanceTracker, paper_params, saturating_accept
 from das_sglang.core.allocation import (
     StepAllocation,
+    lookahead_step_budgets,
     optimal_step_budgets,
     paper_budget,
     paper_optimal_n,
@@ -177,10 +178,24 @@ class _ModelBased(_Observing):
         probs = np.zeros((len(rows), int(m.max(initial=0)) + 1))
         for i, r in enumerate(rows):
             probs[i, 1 : m[i] + 1] = r.node_probs[: m[i]]
+        budgets = np.arange(probs.shape[1], dtype=np.float64)
+        base = np.cumsum(probs, axis=1)  # the drafter's expected accepted tokens
+        if self.config.curve_mode != "tree":
+            # The plan extrapolates this step's curve over the rest of the request; one lucky
+            # tree must not decide a whole batch's width, so temper it with the problem's
+            # fitted mean curve (calibration below then corrects the level of the result).
+            fitted = {pid: saturating_accept(budgets, *self._alpha_k(pid)) for pid in factors}
+            problem = np.array([fitted[r.problem_id] for r in rows]).reshape(base.shape)
+            mixed = np.minimum(base, problem) if self.config.curve_mode == "capped" else 0.5 * (base + problem)
+            base = np.maximum.accumulate(np.where(budgets[None, :] <= m[:, None], mixed, 0.0), axis=1)
+        self._base = base  # what calibration compares outcomes with (see _remember)
         calibration = np.array([factors[r.problem_id] for r in rows])
-        acc = np.cumsum(probs, axis=1) * calibration[:, None]
-        acc = np.minimum(acc, np.arange(probs.shape[1])[None, :])  # never more than drafted
+        acc = np.minimum(base * calibration[:, None], budgets[None, :])  # never more than drafted
         return remaining, (acc, m), kv, factors
+
+    def _alpha_k(self, problem_id: str) -> tuple[float, float]:
+        est = self.acceptance.estimate(problem_id)
+        return est.alpha, est.k
 
     def expected_time(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> float:
         """Modeled seconds to finish the batch keeping ``budgets`` (the LengthAware objective),
@@ -190,9 +205,11 @@ class _ModelBased(_Observing):
         return step_objective(remaining, curves, clipped, kv, self.cost, self.config.uniform_width)[0]
 
     def _remember(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> None:
-        for row, b in zip(rows, budgets.tolist()):
+        """Register each planned row's uncalibrated expectation (the latest ``inputs``)."""
+        base = self._base
+        for i, (row, b) in enumerate(zip(rows, budgets.tolist())):
             if b > 0:
-                self.acceptance.expect(row.problem_id, b, float(row.node_probs[:b].sum()))
+                self.acceptance.expect(row.problem_id, b, float(base[i, min(b, base.shape[1] - 1)]))
 
 
 class LengthAware(_ModelBased):
@@ -202,7 +219,11 @@ class LengthAware(_ModelBased):
         if not rows:
             return BudgetPlan.none(0)
         remaining, curves, kv, _ = self.inputs(rows)
-        alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width)
+        if self.config.lookahead == "stationary":
+            alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width)
+        else:
+            alloc = lookahead_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width,
+                                           self.config.critical_spread)
         self.last = alloc
         if alloc.width == 0 or alloc.modeled_s > (1.0 - self.config.min_gain) * alloc.baseline_s:
             return BudgetPlan.none(len(rows))

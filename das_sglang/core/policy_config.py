@@ -35,6 +35,14 @@ class PolicyConfig:
     acceptance_memory   recent verify outcomes kept per problem for the (alpha, k) fit.
     refit_every         refit (alpha, k) after this many new outcomes.
     min_gain            speculate only when the modeled time saving is at least this share.
+    curve_mode          LengthAware's acceptance curve per row: "tree" (this step's calibrated
+                        node probabilities), "capped" (capped by the problem's fitted mean
+                        curve), "blend" (their average).
+    lookahead           "stationary": LengthAware keeps the budgets that minimise the modeled
+                        time if held until the batch ends; "marginal": pays this forward's
+                        drafts at today's batch size against what each accepted token saves
+                        later (see allocation.lookahead_step_budgets).
+    critical_spread     how uncertain "which row ends last" is, as a share of the makespan.
     """
 
     max_budget: int = DrafterConfig().max_budget
@@ -53,6 +61,9 @@ class PolicyConfig:
     acceptance_memory: int = 256
     refit_every: int = 16
     min_gain: float = 0.0
+    curve_mode: str = "capped"
+    lookahead: str = "marginal"
+    critical_spread: float = 0.05
 
     def __post_init__(self) -> None:
         _check(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
@@ -79,6 +90,11 @@ class PolicyConfig:
         _check(self.acceptance_memory >= 1, "acceptance_memory", self.acceptance_memory, "must be >= 1")
         _check(self.refit_every >= 1, "refit_every", self.refit_every, "must be >= 1")
         _check(0.0 <= self.min_gain < 1.0, "min_gain", self.min_gain, "must be in [0, 1)")
+        _check(self.lookahead in ("stationary", "marginal"), "lookahead", self.lookahead,
+               "must be stationary or marginal")
+        _check(self.critical_spread > 0.0, "critical_spread", self.critical_spread, "must be > 0")
+        _check(self.curve_mode in ("tree", "capped", "blend"), "curve_mode", self.curve_mode,
+               "must be one of tree, capped, blend")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
