@@ -108,6 +108,17 @@ class TestCalibrate:
         assert model.c_kv_s == pytest.approx(1e-8)
         assert model.fit_info.max_rel_err < 1e-9
 
+    def test_explicit_pairs(self):
+        clock = [0.0]
+
+        def forward(n, kv):
+            clock[0] += 0.001 + 2e-5 * n + 1e-7 * kv
+
+        pairs = [(b * (1 + w), b * 256) for b in (1, 4, 16) for w in (0, 3, 7)]
+        model, samples = calibrate(forward, pairs, repeats=1, warmup=0, timer=lambda: clock[0])
+        assert [s[:2] for s in samples] == [tuple(map(float, p)) for p in pairs]
+        assert model.c_kv_s == pytest.approx(1e-7)
+
     def test_bad_repeats(self):
         with pytest.raises(ValueError, match="repeats=0"):
             calibrate(lambda n: None, [1, 2], repeats=0)

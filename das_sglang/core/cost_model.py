@@ -154,15 +154,19 @@ def calibrate(
 ) -> tuple[CostModel, list[tuple[float, ...]]]:
     """Time ``forward(n_tokens)`` (or ``forward(n_tokens, kv_tokens)``) over a grid and fit.
 
+    ``token_grid`` holds token counts (crossed with ``kv_grid`` when given) or explicit
+    ``(n_tokens, kv_tokens)`` pairs (when the two are tied, e.g. kv = batch * context).
+
     ``forward`` must block until its work is done (on a GPU: synchronise inside it). Each grid
     point is the median of ``repeats`` timed calls after ``warmup`` untimed ones, which drops
     one-off stalls. Returns the fitted model and the ``(n_tokens[, kv_tokens], seconds)`` rows.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"invalid repeats={repeats!r}/warmup={warmup!r}: need repeats >= 1, warmup >= 0")
-    points = [(int(n),) for n in token_grid] if kv_grid is None else [
-        (int(n), int(kv)) for n in token_grid for kv in kv_grid
-    ]
+    if kv_grid is not None:
+        points = [(int(n), int(kv)) for n in token_grid for kv in kv_grid]
+    else:  # plain token counts, or explicit (n_tokens, kv_tokens) pairs
+        points = [tuple(int(v) for v in p) if np.ndim(p) else (int(p),) for p in token_grid]
     samples = []
     for point in points:
         for _ in range(warmup):
@@ -212,9 +216,10 @@ def roofline(gpu: str, model: str) -> CostModel:
     )
 
 
-# cpu-tiny: the 2-layer test Llama on these CPUs. Placeholder from a first timing of
-# benchmarks/calibrate_cost_model.py; refit with ``calibrate`` on the machine at hand.
-_CPU_TINY = CostModel(c_base_s=4.0e-3, c_tok_s=2.0e-5, c_kv_s=0.0, name="cpu-tiny")
+# cpu-tiny: the 2-layer test Llama's forward (fp32, one thread, 256-token context) timed by
+# benchmarks/calibrate_cost_model.py on the shared 2-core dev machine while other jobs ran
+# (mean relative fit error 69%: rough). Excludes SGLang's own per-step overhead.
+_CPU_TINY = CostModel(c_base_s=1.4e-3, c_tok_s=4.0e-5, c_kv_s=7.0e-7, name="cpu-tiny")
 
 PRESETS: dict[str, CostModel] = {
     **{f"{g}-{m}": roofline(g, m) for g in _GPUS for m in _MODELS},
