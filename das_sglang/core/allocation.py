@@ -20,6 +20,13 @@ Per-step model (``optimal_step_budgets``): the batch keeps this step's budgets u
 calibrated draft-tree curve), so it needs ``r_i / (1 + E_i(b))`` more forwards. The optimum
 over integer budgets is found exactly by sweeping the makespan target ``N`` over every
 breakpoint ``r_i / (1 + E_i(b))``, each row taking the least budget that meets ``N``.
+
+One-step lookahead (``lookahead_step_budgets``, LengthAware's default): the stationary plan
+averages a width over the batch's whole future, so a width that pays in the short tail also
+looks good while the batch is full. Instead pay this forward's drafts at today's batch size
+and value each accepted token of row ``i`` by ``dT*/dr_i`` of the stationary optimum
+(``token_values``): ``c_base`` shared by the rows likely to finish last, plus the row's own
+per-forward cost, per ``1 + E_i`` tokens.
 """
 
 from __future__ import annotations

@@ -7,10 +7,13 @@ rollout ends; ``advance_step`` when a training step starts.
 - ``NoSpeculation``   never drafts (the baseline).
 - ``FixedBudget(k)``  ``min(k, nodes found)`` for every row, every step.
 - ``UnlimitedBudget`` every node the drafter finds, up to ``max_budget``.
-- ``LengthAware``     exact minimiser of the modeled time to finish the batch (see
-                      ``core/allocation.py``): predicted remaining lengths, calibrated draft-tree
-                      acceptance, the cost model; decides whether to speculate, the width, and
-                      each row's budget.
+- ``LengthAware``     decides whether to speculate, the width, and each row's budget from
+                      predicted remaining lengths, calibrated draft-tree acceptance and the
+                      cost model (``core/allocation.py``). Default ``lookahead="marginal"``:
+                      this forward's drafts are paid at today's batch size and each accepted
+                      token is worth what it saves later (mostly ``c_base`` for the rows likely
+                      to finish last); ``"stationary"``: the exact minimiser of the modeled
+                      time if the budgets were held until the batch ends.
 - ``PaperClosedForm`` the paper's closed form ``p* = -(l/alpha) ln(1 - k (1 - N/l))`` at the
                       optimal ``N``, spread evenly over the ``N`` forwards.
 """
