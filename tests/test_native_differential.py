@@ -4,7 +4,7 @@ Every match and every draft tree must agree exactly (probs to 1e-9; the step wei
 dyadic so both sides compute bit-identical sums), check_integrity() must hold after every
 mutation, and the native node count must equal the oracle's canonical compressed count.
 Operation totals (lower bounds): default run 200 scenarios x >= 30 operations + 4 streams x
-4,000 = 22,000; the `slow` runs add 1,500 x >= 40 + 10 x 10,000 = 160,000.
+4,000 = 22,000; the `slow` runs add 1,000 x >= 40 + 10 x 10,000 = 140,000.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def test_random_operations_agree(scenario):
 
 
 @pytest.mark.slow
-@settings(max_examples=1500, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(max_ops=80))
 def test_random_operations_agree_long(scenario):
     run(*scenario)
