@@ -189,7 +189,6 @@ void SuffixIndex::free_node(uint32_t n) {
   Node& x = nodes_[n];
   if (x.label_storage != kNil) unref_storage(x.label_storage);
   x.label_storage = kNil;
-  x.total = 0;
   x.parent = kNil;  // marks "free" for check_integrity
   free_nodes_.push_back(n);
 }
@@ -263,7 +262,7 @@ void SuffixIndex::replace_child(uint32_t old_child, uint32_t new_child) {
 
 bool SuffixIndex::is_pass_through(uint32_t n) const {
   const Node& x = nodes_[n];
-  return n != kRoot && x.fanout == 1 && nodes_[x.first_child].total == x.total;
+  return n != kRoot && x.fanout == 1 && nodes_[x.first_child].total() == x.total();
 }
 
 // ---------------------------------------------------------------- insertion
@@ -310,14 +309,14 @@ uint32_t SuffixIndex::step_suffix(uint32_t s, uint32_t c, int32_t t, uint32_t po
   Node* x = &nodes_[c];
   // A leaf that only this suffix reaches: grow its edge in place (the common case for
   // new text). Re-point the label into our own storage first so it can grow.
-  if (c != kRoot && x->first_child == kNil && x->total == 1) {
+  if (c != kRoot && x->first_child == kNil && x->total() == 1) {
     set_label(c, s, pos - x->label_len, x->label_len + 1);
     ++nodes_[c].depth;
     return c;
   }
   uint32_t ch = find_child(c, t);
   if (ch != kNil && c != kRoot && x->fanout == 1 && nodes_[ch].label_len > 1 &&
-      x->total == nodes_[ch].total + 1) {
+      x->total() == nodes_[ch].total() + 1) {
     // c's only end is ours and it has one child: a split would leave c a pass-through to
     // be merged straight back. Slide c one token down ch's edge instead (same counts).
     Node& y = nodes_[ch];
@@ -345,7 +344,6 @@ uint32_t SuffixIndex::step_suffix(uint32_t s, uint32_t c, int32_t t, uint32_t po
     set_label(end, s, pos, 1);
   }
   ++nodes_[end].count[slot];
-  ++nodes_[end].total;
   if (is_pass_through(c)) merge_into_child(c);  // c lost its only end: ours
   return end;
 }
@@ -357,7 +355,6 @@ uint32_t SuffixIndex::split(uint32_t ch) {
   Node& lo = nodes_[ch];
   up.token = lo.token;
   up.depth = nodes_[lo.parent].depth + 1;
-  up.total = lo.total;
   std::memcpy(up.count, lo.count, sizeof(up.count));
   set_label(m, lo.label_storage, lo.label_start, 1);
   replace_child(ch, m);
@@ -407,7 +404,6 @@ void SuffixIndex::remove_sequence(int64_t seq_id) {
       j += x.label_len;
       assert(j <= end);
       --x.count[slot];
-      --x.total;
       if (!seen[cur]) {
         seen[cur] = 1;
         by_depth[x.depth].push_back(cur);
@@ -430,7 +426,7 @@ void SuffixIndex::remove_sequence(int64_t seq_id) {
 
 void SuffixIndex::fix_after_removal(uint32_t n, uint32_t removed) {
   Node& x = nodes_[n];
-  if (x.total == 0) {  // children (deeper) are already gone
+  if (x.total() == 0) {  // children (deeper) are already gone
     assert(x.first_child == kNil);
     unlink_child(n);
     free_node(n);
@@ -795,7 +791,7 @@ void SuffixIndex::check_integrity() const {
         child_sum[s] += y.count[s];
         total += y.count[s];
       }
-      if (total != y.total || total == 0) broken("counts", "total of " + where);
+      if (total == 0) broken("counts", "zero total of " + where);
       ++n_children;
       ++reached;
       prev = c;

@@ -57,7 +57,8 @@
 
 namespace das {
 
-constexpr int kSlots = 8;               // distinct live steps per index (window + current)
+// Distinct live steps per index (window + current). 7 makes a Node exactly one cache line.
+constexpr int kSlots = 7;
 constexpr uint32_t kNil = 0xFFFFFFFFu;  // "no node" / "no storage"
 constexpr uint32_t kRoot = 0;
 // Children of a node with at most kScanFanout children are found by scanning its child
@@ -65,20 +66,26 @@ constexpr uint32_t kRoot = 0;
 // wider nodes keep their children in the ChildMap as well.
 constexpr uint32_t kScanFanout = 4;
 
-struct Node {
+struct alignas(64) Node {  // one cache line: an append touches a few nodes per suffix
   uint32_t parent;        // for unlinking and merging without a search
   uint32_t first_child;   // children list: iteration for draft expansion and integrity
   uint32_t next_sibling;  // doubly linked so unlinking a child is O(1)
   uint32_t prev_sibling;
   uint32_t label_storage; // edge label = storages_[label_storage].tokens[label_start, +label_len)
   uint32_t label_start;
-  uint32_t label_len;     // > 0 except for the root
-  uint32_t depth;         // string depth at the end of this edge (<= max_depth)
+  uint16_t label_len;     // > 0 except for the root (<= depth <= max_depth <= 4096)
+  uint16_t depth;         // string depth at the end of this edge
   uint32_t fanout;        // number of children: decides list scan vs ChildMap lookup
   int32_t token;          // first label token: the key under which the parent finds us
-  uint32_t total;         // sum of count[]: pass-through / in-place-extension tests
   uint32_t count[kSlots]; // occurrences per step slot (see slot_step_)
+
+  uint32_t total() const {  // pass-through / in-place-extension tests; the line is loaded
+    uint32_t t = 0;
+    for (int s = 0; s < kSlots; ++s) t += count[s];
+    return t;
+  }
 };
+static_assert(sizeof(Node) == 64, "Node should stay one cache line");
 
 // Token storage of one sequence (or an orphaned path copy, see header comment).
 struct Storage {
