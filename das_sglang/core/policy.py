@@ -62,10 +62,14 @@ class BudgetRow:
                 f"{self.generated_len!r}, max_new_tokens={self.max_new_tokens!r}, "
                 f"prompt_len={self.prompt_len!r} must all be >= 0"
             )
-        probs = np.asarray(self.node_probs, dtype=np.float64).reshape(-1)
-        if not np.all(np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
+        probs = self.node_probs
+        if not (isinstance(probs, np.ndarray) and probs.dtype == np.float64 and probs.ndim == 1):
+            probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+            object.__setattr__(self, "node_probs", probs)
+        # min/max are NaN when any entry is, and NaN fails both comparisons (one row per
+        # request per forward: keep this check to two reductions).
+        if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError(f"invalid node_probs for request {self.req_id!r}: must lie in [0, 1]")
-        object.__setattr__(self, "node_probs", probs)
 
 
 @dataclass(frozen=True)
@@ -158,12 +162,6 @@ class _ModelBased(_Observing):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
 
-    def _usable(self, row: BudgetRow) -> int:
-        """Most drafts worth proposing: nodes found, the budget cap, and the tokens left
-        (accepted drafts plus the bonus token cannot exceed ``max_new_tokens``)."""
-        left = max(0, row.max_new_tokens - row.generated_len - 1)
-        return min(len(row.node_probs), self.config.max_budget, left)
-
     def inputs(self, rows: Sequence[BudgetRow]):
         """Per row: predicted remaining tokens, acceptance curves (``pad_curves`` form: row x
         budget matrix of expected accepted tokens E(b), usable budget per row), KV tokens per
@@ -172,12 +170,15 @@ class _ModelBased(_Observing):
         for r in rows:
             if r.problem_id not in factors:
                 factors[r.problem_id] = self.acceptance.calibration(r.problem_id)
-        remaining, _, _ = self.lengths.predict_many(
-            [r.problem_id for r in rows], [r.generated_len for r in rows],
-            [r.max_new_tokens for r in rows])
-        kv = np.array([r.prompt_len + r.generated_len for r in rows], dtype=np.float64)
+        generated = np.array([r.generated_len for r in rows], dtype=np.int64)
+        max_new = np.array([r.max_new_tokens for r in rows], dtype=np.int64)
+        found = np.array([len(r.node_probs) for r in rows], dtype=np.int64)
+        remaining, _, _ = self.lengths.predict_many([r.problem_id for r in rows], generated, max_new)
+        kv = np.array([r.prompt_len for r in rows], dtype=np.float64) + generated
         kv += 0.5 * remaining  # mean context over the rest of the request
-        m = np.array([self._usable(r) for r in rows], dtype=np.int64)
+        # Most drafts worth proposing: nodes found, the budget cap, and the tokens left
+        # (accepted drafts plus the bonus token cannot exceed max_new_tokens).
+        m = np.minimum(np.minimum(found, self.config.max_budget), np.maximum(max_new - generated - 1, 0))
         probs = np.zeros((len(rows), int(m.max(initial=0)) + 1))
         for i, r in enumerate(rows):
             probs[i, 1 : m[i] + 1] = r.node_probs[: m[i]]
