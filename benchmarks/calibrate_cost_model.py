@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         batches = [int(x) for x in args.batches.split(",")]
         widths = [int(x) for x in args.widths.split(",")]
     except ValueError:
-        print(f"error: --batches/--widths must be comma lists of integers", file=sys.stderr)
+        print(f"error: --batches {args.batches!r} / --widths {args.widths!r} must be comma lists "
+              "of integers", file=sys.stderr)
         return 1
     model = build(args.shape, args.layers, args.device)
     samples = []
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     _plot(args.json.with_suffix(".png"), samples, fit)
     print(f"c_base = {fit.c_base_s * 1e3:.3f} ms, c_tok = {fit.c_tok_s * 1e6:.2f} us, "
           f"c_kv = {fit.c_kv_s * 1e9:.2f} ns, "
-          f"mean rel err {fit.fit_info.mean_rel_err:.1%}, max {fit.fit_info.max_rel_err:.1%}; wrote {args.json}")
+          f"mean rel err {fit.fit_info.mean_rel_err:.1%}, max {fit.fit_info.max_rel_err:.1%}; "
+          f"wrote {args.json}")
     return 0
 
 

@@ -82,9 +82,11 @@ def fit_saturating(
     """Least-squares fit of ``(alpha, k)`` to outcomes ``accepted[j]`` of ``budgets[j]``.
 
     The allocator needs the *mean* accepted count, so squared loss is the right target; it
-    is computed from per-budget means (the same loss, far fewer terms). Outcomes are bounded (0 <= a <= b), so one odd outcome moves the fit by at
-    most b / n. ``prior_weight`` pseudo-outcomes of the prior model at budgets 1, 4 and 16
-    keep few outcomes from giving a wild answer (each worth a quarter token^2 of variance).
+    is computed from per-budget means (the same loss, far fewer terms), weighted by outcomes
+    / variance (long drafts scatter more). Outcomes are bounded (0 <= a <= b), so one odd
+    outcome moves a mean by at most b / n. ``prior_weight`` pseudo-outcomes of the prior
+    model at budgets 1, 4 and 16 keep few outcomes from giving a wild answer (each worth a
+    quarter token^2 of variance).
     Grid search with two zooms: never diverges.
     """
     b = np.asarray(budgets, dtype=np.int64)

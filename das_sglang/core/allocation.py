@@ -126,7 +126,8 @@ def paper_optimal_n(length, alpha_p, k_p, cost: CostModel, iters: int = 60) -> f
             b = mid
     n_star = b
     # Guard against a non-convex input (alpha_p > k_p): never worse than not speculating.
-    if paper_objective_n(n_star, length, alpha_p, k_p, cost) > paper_objective_n(top, length, alpha_p, k_p, cost):
+    t_star = paper_objective_n(n_star, length, alpha_p, k_p, cost)
+    if t_star > paper_objective_n(top, length, alpha_p, k_p, cost):
         return top
     return n_star
 

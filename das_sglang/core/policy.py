@@ -190,7 +190,10 @@ class _ModelBased(_Observing):
             # fitted mean curve (calibration below then corrects the level of the result).
             fitted = {pid: saturating_accept(budgets, *self._alpha_k(pid)) for pid in factors}
             problem = np.array([fitted[r.problem_id] for r in rows]).reshape(base.shape)
-            mixed = np.minimum(base, problem) if self.config.curve_mode == "capped" else 0.5 * (base + problem)
+            if self.config.curve_mode == "capped":
+                mixed = np.minimum(base, problem)
+            else:
+                mixed = 0.5 * (base + problem)
             base = np.maximum.accumulate(np.where(budgets[None, :] <= m[:, None], mixed, 0.0), axis=1)
         self._base = base  # what calibration compares outcomes with (see _remember)
         calibration = np.array([factors[r.problem_id] for r in rows])
