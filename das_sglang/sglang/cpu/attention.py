@@ -1,10 +1,11 @@
 """torch_native attention with tree-mask TARGET_VERIFY support (CPU development mode).
 
 SGLang's ``TorchNativeAttnBackend`` has no TARGET_VERIFY path: it ignores
-``spec_info.custom_mask``. This subclass handles TARGET_VERIFY with one SDPA per
-request over (committed prefix + verify tokens): the prefix is fully visible, and the
-verify tokens see each other through the request's n x n ancestor mask. Every other
-mode is the parent's code, untouched. Registered under the ``torch_native`` name of
+``spec_info.custom_mask``. This subclass handles TARGET_VERIFY with one batched SDPA
+over every request's (committed prefix + verify tokens), keys padded to the longest
+request: the prefix is fully visible, the verify tokens see each other through the
+request's n x n ancestor mask, padding is masked out. Every other mode is the
+parent's code, untouched. Registered under the ``torch_native`` name of
 SGLang's attention registry by :func:`das_sglang.sglang.cpu.activate`.
 """
 
@@ -58,30 +59,29 @@ class TreeVerifyTorchNativeAttnBackend(TorchNativeAttnBackend):
         return torch.stack(out)
 
     def _verify_attention(self, q, o, layer, forward_batch) -> None:
+        """One batched SDPA: keys padded to the longest request, padding masked out."""
         n = forward_batch.spec_info.draft_token_num
-        seq_lens = forward_batch.seq_lens.tolist()
-        bs = len(seq_lens)
+        seq_lens = forward_batch.seq_lens.to(torch.int64)
+        bs = seq_lens.numel()
         trees = self._tree_masks(forward_batch, bs, n)
+        kv_lens = seq_lens + n
+        width = int(kv_lens.max())
+        cols = torch.arange(width, device=q.device)
+        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
+        slots = rows[:, :width].to(torch.int64) * (cols < kv_lens[:, None])  # pad -> slot 0
+        allowed = (cols < seq_lens[:, None])[:, None, :].expand(bs, n, width).clone()
+        tree_cols = seq_lens[:, None] + torch.arange(n, device=q.device)  # [bs, n]
+        allowed.scatter_(2, tree_cols[:, None, :].expand(bs, n, n), trees)
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        req_to_token = self.req_to_token_pool.req_to_token
-        use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
-        for b, prefix in enumerate(seq_lens):
-            slots = req_to_token[forward_batch.req_pool_indices[b], : prefix + n]
-            key = k_cache[slots].movedim(0, 1).to(q.dtype)  # [heads, kv, dim]
-            value = v_cache[slots].movedim(0, 1).to(q.dtype)
-            query = q[b * n : (b + 1) * n].movedim(0, 1)  # [heads, n, dim]
-            allowed = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device)
-            allowed[:, prefix:] = trees[b]
-            out = scaled_dot_product_attention(
-                query.unsqueeze(0),
-                key.unsqueeze(0),
-                value.unsqueeze(0),
-                attn_mask=allowed,
-                scale=layer.scaling,
-                enable_gqa=use_gqa,
-            )
-            o[b * n : (b + 1) * n] = out.squeeze(0).movedim(0, 1)
+        key = k_cache[slots].to(q.dtype).permute(0, 2, 1, 3)  # [bs, heads, kv, dim]
+        value = v_cache[slots].to(q.dtype).permute(0, 2, 1, 3)
+        query = q.view(bs, n, q.shape[1], q.shape[2]).permute(0, 2, 1, 3)
+        out = scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed[:, None], scale=layer.scaling,
+            enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
+        )
+        o.copy_(out.permute(0, 2, 1, 3).reshape(o.shape))
 
 
 def create_backend(runner):

@@ -1,0 +1,158 @@
+"""End-to-end DAS vs NGRAM vs no speculation on real SGLang, CPU development mode.
+
+    python benchmarks/bench_e2e_cpu.py --json out.json [--png out.png]
+
+One workload, three engines with identical settings (tiny random Llama, torch_native
+attention, float32; spec engines verify ``--width`` tokens per request): GRPO-style
+groups (``--problems`` x ``--siblings`` requests sharing a problem id) over ``--steps``
+training steps, greedy, ``--new-tokens`` each (EOS ignored so every request of a batch
+runs equally long). Per engine:
+
+- requests, mismatches (outputs differing from the no-speculation engine's);
+- accept_length_mean: tokens committed per verify forward (bonus included), mean over
+  requests (1.0 for none); accept_length_by_step;
+- forward_passes: decode forwards (per batch the longest request's verify count; for
+  none, new_tokens - 1), forward_passes_ratio_vs_none;
+- step_ms: decode wall time per forward; step_overhead_ms: step_ms - none's step_ms
+  (drafting + larger verify forwards - what speculation costs per forward pass).
+
+A tiny CPU model makes forwards nearly free, so wall-clock speedups here say little
+about a GPU; forward-pass ratios and acceptance are the transferable numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from das_sglang.sglang import cpu
+
+ALGORITHMS = ("none", "NGRAM", "DAS")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", required=True, type=Path, help="write the results here")
+    p.add_argument("--png", type=Path, default=None, help="plot (default: --json with .png)")
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/das-tiny-llama"))
+    p.add_argument("--problems", type=int, default=8)
+    p.add_argument("--siblings", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--width", type=int, default=8, help="--speculative-num-draft-tokens")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("problems", "siblings", "steps", "new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.width < 2:
+        p.error(f"--width must be >= 2, got {args.width}")
+    return args
+
+
+def workload(args):
+    """[(step, prompts, tags)] : one batch per training step."""
+    rng = np.random.default_rng(args.seed)
+    problems = [rng.integers(3, 300, 8).tolist() for _ in range(args.problems)]
+    prompts = [p for p in problems for _ in range(args.siblings)]
+    return [
+        (step, prompts, [(f"p{i}", step) for i in range(args.problems) for _ in range(args.siblings)])
+        for step in range(1, args.steps + 1)
+    ]
+
+
+def run_engine(algorithm, args, batches):
+    import sglang
+
+    spec = {}
+    if algorithm != "none":
+        spec = dict(speculative_algorithm=algorithm, speculative_num_draft_tokens=args.width,
+                    disable_overlap_schedule=True)
+    engine = sglang.Engine(model_path=str(args.model_dir), log_level="error",
+                           max_running_requests=64, random_seed=args.seed,
+                           **cpu.ENGINE_KWARGS, **spec)
+    try:
+        params = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
+        engine.generate(input_ids=[[5, 6, 7]], sampling_params=dict(params, max_new_tokens=4))
+        out = []
+        for step, prompts, tags in batches:
+            sp = [dict(params, custom_params={"das_problem_id": t[0], "das_step": t[1]})
+                  for t in tags]
+            t0 = time.perf_counter()
+            res = engine.generate(input_ids=prompts, sampling_params=sp)
+            out.append((step, time.perf_counter() - t0, res))
+        return out
+    finally:
+        engine.shutdown()
+
+
+def summarize(algorithm, runs, reference, args):
+    outputs = [o["output_ids"] for _, _, res in runs for o in res]
+    ref = [o["output_ids"] for _, _, res in reference for o in res]
+    metas = [[o["meta_info"] for o in res] for _, _, res in runs]
+    if algorithm == "none":
+        passes = [args.new_tokens - 1 for _ in runs]
+        accept = [[1.0] * len(m) for m in metas]
+    else:
+        passes = [max(x["spec_verify_ct"] for x in m) for m in metas]
+        accept = [[x["spec_accept_length"] for x in m] for m in metas]
+    wall = sum(t for _, t, _ in runs)
+    return {
+        "requests": len(outputs),
+        "mismatches": int(sum(a != b for a, b in zip(outputs, ref))),
+        "accept_length_mean": float(np.mean(np.concatenate(accept))),
+        "accept_length_by_step": {str(s): float(np.mean(a)) for (s, _, _), a in zip(runs, accept)},
+        "forward_passes": int(sum(passes)),
+        "wall_s": wall,
+        "step_ms": 1e3 * wall / sum(passes),
+    }
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key, title in zip(axes, ("forward_passes_ratio_vs_none", "accept_length_mean",
+                                     "step_ms"),
+                              ("forward passes / none", "tokens per forward", "ms per forward")):
+        ax.bar(names, [results[n][key] for n in names], color=["grey", "tab:blue", "tab:green"])
+        ax.set_title(title)
+    fig.suptitle("SGLang CPU, tiny Llama: DAS vs NGRAM vs no speculation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cpu.activate()
+    from das_sglang.sglang.cpu.tiny_model import make_tiny_model
+
+    make_tiny_model(args.model_dir)
+    batches = workload(args)
+    runs = {a: run_engine(a, args, batches) for a in ALGORITHMS}
+    results = {a: summarize(a, runs[a], runs["none"], args) for a in ALGORITHMS}
+    none = results["none"]
+    for r in results.values():
+        r["forward_passes_ratio_vs_none"] = r["forward_passes"] / none["forward_passes"]
+        r["step_overhead_ms"] = r["step_ms"] - none["step_ms"]
+    report = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    args.json.write_text(json.dumps(report, indent=2))
+    plot(results, args.png or args.json.with_suffix(".png"))
+    for a, r in results.items():
+        print(f"{a:6s} requests={r['requests']} mismatches={r['mismatches']} "
+              f"accept={r['accept_length_mean']:.2f} passes_ratio="
+              f"{r['forward_passes_ratio_vs_none']:.3f} step_overhead_ms={r['step_overhead_ms']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
