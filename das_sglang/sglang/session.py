@@ -78,6 +78,8 @@ class DasSession:
         self.step = step
         self.drafter.advance_step(step)
         self.policy.advance_step(step)
+        if self.snapshot is not None:
+            self.snapshot.save()  # a step boundary is a natural checkpoint
 
     def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[list[DraftTree], int]:
         """Draft trees truncated to the policy's budgets, and the batch width."""
