@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from das_sglang.sglang import cpu
 from das_sglang.sglang.options import load_options
 
 
@@ -47,3 +48,15 @@ def test_bad_options_name_the_bad_value(raw, message):
 def test_width_below_two_is_rejected():
     with pytest.raises(ValueError, match="speculative_num_draft_tokens=1"):
         load_options(1, "")
+
+
+@pytest.mark.sglang
+def test_engine_start_fails_fast_on_bad_das_config(tiny_model, monkeypatch):
+    """SGLang runs the DAS validator while resolving server args, before any process
+    starts: the user sees the ValueError naming the bad field."""
+    import sglang
+
+    monkeypatch.setenv("DAS_CONFIG", '{"drafter": {"window": 3}}')
+    with pytest.raises(ValueError, match=r"drafter\.\['window'\]"):
+        sglang.Engine(model_path=tiny_model, speculative_algorithm="DAS",
+                      disable_overlap_schedule=True, **cpu.ENGINE_KWARGS)
