@@ -7,7 +7,7 @@ DAS ablations, each a (drafter, policy) pair built fresh per run.
 | suffix-decoding  | SuffixDecodingDrafter (global FIFO + own) | FixedBudget(32) |
 | das              | SuffixDrafter (per problem, window)       | LengthAware     |
 | das-no-window    | all history, no step decay                | LengthAware     |
-| das-fixed        | SuffixDrafter                             | FixedBudget(32) |
+| das-fixed        | SuffixDrafter                             | FixedBudget(8)  |
 | das-unlimited    | SuffixDrafter                             | UnlimitedBudget |
 | das-chain        | chains instead of trees                   | LengthAware     |
 | das-global       | one index for all problems                | LengthAware     |
@@ -50,12 +50,15 @@ class _AllHistory:
         return getattr(self._inner, name)
 
 
-def _make_policy(kind: str, cost: CostModel, uniform: bool, budget: int) -> Callable[[], object]:
+def _make_policy(kind: str, cost: CostModel, uniform: bool, budget: int, fixed: int | None = None):
+    """``fixed`` = FixedBudget's k (default: PolicyConfig's); ``budget`` = the max budget."""
+
     def make():
         from das_sglang.core.policy import make_policy
         from das_sglang.core.policy_config import PolicyConfig
 
-        cfg = PolicyConfig(max_budget=budget, fixed_budget=budget, uniform_width=uniform)
+        k = PolicyConfig().fixed_budget if fixed is None else fixed
+        cfg = PolicyConfig(max_budget=budget, fixed_budget=min(k, budget), uniform_width=uniform)
         return make_policy(kind, cost, cfg)
 
     return make
@@ -83,11 +86,11 @@ def build_contenders(
         raise ValueError(f"unknown policies {unknown}: choose from {list(CONTENDER_NAMES)}")
     uniform = engine == "uniform"
     k = drafter.max_budget
-    pol = lambda kind, b=k: _make_policy(kind, cost, uniform, b)  # noqa: E731
+    pol = lambda kind, b=k, fixed=None: _make_policy(kind, cost, uniform, b, fixed)  # noqa: E731
     table = {
         "none": lambda: Contender("none", pol("none"), None, 0, description="no speculation"),
         "suffix-decoding": lambda: Contender(
-            "suffix-decoding", pol("fixed", suffix.max_budget),
+            "suffix-decoding", pol("fixed", suffix.max_budget, suffix.max_budget),
             lambda: SuffixDecodingDrafter(suffix), suffix.max_budget,
             description=f"SuffixDecoding: global FIFO + per-request index, depth {suffix.max_depth}, "
                         f"<= {suffix.max_budget} drafts capped by match length, min prob {suffix.min_token_prob}"),
@@ -98,7 +101,7 @@ def build_contenders(
             _das_drafter(drafter, all_history=True), k,
             description="ablation: all history, no step decay"),
         "das-fixed": lambda: Contender("das-fixed", pol("fixed"), _das_drafter(drafter), k,
-                                       description=f"ablation: FixedBudget({k}), no length-awareness"),
+                                       description="ablation: FixedBudget (PolicyConfig.fixed_budget), no length-awareness"),
         "das-unlimited": lambda: Contender("das-unlimited", pol("unlimited"), _das_drafter(drafter), k,
                                            description="ablation: UnlimitedBudget"),
         "das-chain": lambda: Contender("das-chain", pol("length-aware"), _das_drafter(replace(drafter, tree=False)),
