@@ -80,6 +80,16 @@ class TestHappyPath:
         assert res.exit_code == 0, res.output
         doc = json.loads(out.read_text())
         assert doc["rollouts_decoded"] == 3 and doc["policies"]["none"]["forward_passes"] > 0
+        assert len(doc["runs"]) == 1  # nothing hit a length cap: no second, identical run
+        assert "no output hit the length cap" in res.output
+
+    def test_verl_defaults_to_the_bundled_dump(self, tmp_path):
+        out = tmp_path / "r.json"
+        res = run("--dataset", "verl", "--problems", "2", "--policies", "none,das-fixed", "--json", str(out),
+                  cache=tmp_path / "c")
+        assert res.exit_code == 0, res.output
+        doc = json.loads(out.read_text())
+        assert doc["rollouts_decoded"] == 32 and doc["decoded_steps"] == [2]  # 2 prompts x 16 samples
 
     def test_app_lists_commands(self):
         res = CliRunner().invoke(app, ["--help"])
@@ -89,6 +99,7 @@ class TestHappyPath:
 class TestBadInput:
     @pytest.mark.parametrize("args, needle", [
         (["--dataset", "jsonl"], "needs --input"),
+        (["--dataset", "verl", "--input", "/nonexistent/dump"], "no such file or directory"),
         (["--dataset", "skythought", "--input", "x.jsonl"], "--input is not used"),
         (["--policies", "none,turbo"], "unknown policies ['turbo']"),
         (["--cost-preset", "tpu-1t"], "unknown cost-model preset 'tpu-1t'"),

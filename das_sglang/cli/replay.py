@@ -100,16 +100,17 @@ def load_texts(dataset: Dataset, inputs: list[Path], fields: dict[str, Optional[
         if inputs:
             raise ValueError(f"--input is not used with --dataset {dataset.value} (bundled data)")
         return ds.load_skythought("long" if dataset is Dataset.skythought else "short")
+    if dataset is Dataset.verl:
+        return ds.load_verl(inputs or [ds.VERL_SAMPLE])  # default: the bundled one-step dump
     if not inputs:
         raise ValueError(f"--dataset {dataset.value} needs --input PATH (file or directory)")
-    if dataset is Dataset.verl:
-        return ds.load_verl(inputs)
     return ds.load_jsonl(inputs, fields["prompt"], fields["response"], fields["group"], fields["step"])
 
 
 def replay(
     dataset: Annotated[Dataset, typer.Option(help="Which rollouts to replay.")] = Dataset.skythought,
-    input: Annotated[Optional[list[Path]], typer.Option("--input", help="verl dump dir/files or JSONL files.")] = None,
+    input: Annotated[Optional[list[Path]], typer.Option(
+        "--input", help="verl dump dir/files (default: the bundled GSM8K dump) or JSONL files.")] = None,
     prompt_field: Annotated[str, typer.Option(help="JSONL: prompt text field.")] = "prompt",
     response_field: Annotated[str, typer.Option(help="JSONL: response field (a string or list of strings).")] = "response",
     group_field: Annotated[Optional[str], typer.Option(help="JSONL: problem/group field (default: same prompt).")] = None,
@@ -149,6 +150,9 @@ def replay(
         variants = _variants(Capped.exclude if exclude_capped else capped)
         runs = []
         for label, excl in variants:
+            if excl and len(variants) > 1 and not any(r.hit_length_cap for r in rollouts):
+                console.print("no output hit the length cap: the second run would repeat the first")
+                continue
             selected = ds.select(rollouts, n_problems, exclude_capped=excl)
             present = [s for s in decode if any(r.step == s for r in selected)]
             if not present:
