@@ -205,6 +205,14 @@ class TestInputsAndReport:
         with pytest.raises(ValueError, match="no rollouts"):
             replay([], [NONE], COST)
 
+    def test_progress_starts_at_zero_and_ends_at_the_total(self):
+        calls = []
+        rs = [rollout("h", "p", 0, UNIQUE), rollout("s", "p", 1, UNIQUE), rollout("t", "p", 2, UNIQUE[:9])]
+        replay(rs, [NONE, contender("spec", 1)], COST, decode_steps=[1, 2], on_progress=lambda *a: calls.append(a))
+        for name in ("none", "spec"):
+            done = [d for n, d, _ in calls if n == name]
+            assert done[0] == 0 and done[-1] == 39 and done == sorted(done)
+
     def test_summary_ratios(self):
         rs = [rollout("h", "p", 0, UNIQUE), rollout("s", "p", 1, UNIQUE)]
         results = replay(rs, [NONE, contender("spec", 4)], COST, "ragged", decode_steps=[1])

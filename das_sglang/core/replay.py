@@ -167,7 +167,8 @@ def _replay_one(c: Contender, by_step, decode, cost, engine, on_progress) -> Con
         on_progress(c.name, 0, total)
     stats = []
     for step in sorted(s for s in by_step if s <= decode[-1]):
-        drafter and drafter.advance_step(step)
+        if drafter is not None:
+            drafter.advance_step(step)
         policy.advance_step(step)
         if step not in decode:
             _load_history(by_step[step], drafter, policy, c.shared_problem)
@@ -175,7 +176,11 @@ def _replay_one(c: Contender, by_step, decode, cost, engine, on_progress) -> Con
         if drafter is None:
             stats.append(_decode_plain(step, by_step[step], cost))
         else:
-            stats.append(_decode_step(step, by_step[step], drafter, policy, cost, engine, c))
+            def tick(n: int, base: int = done) -> None:
+                if on_progress:
+                    on_progress(c.name, base + n, total)
+
+            stats.append(_decode_step(step, by_step[step], drafter, policy, cost, engine, c, tick))
         done += sum(r.length for r in by_step[step])
         if on_progress:
             on_progress(c.name, done, total)
@@ -220,7 +225,10 @@ def _plain_kv(rollouts: list[Rollout], iters: int, active: np.ndarray) -> np.nda
     return prompts + np.arange(iters, dtype=np.int64) * active
 
 
-def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender) -> StepStats:
+PROGRESS_EVERY = 512  # decode iterations between progress reports
+
+
+def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, tick=None) -> StepStats:
     from das_sglang.core.policy import BudgetRow  # the policy module defines the row type
 
     st = StepStats(step, len(rollouts))
@@ -245,6 +253,8 @@ def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender) ->
         st.drafter_us += (t1 - t0) * 1e6
         st.policy_us += (t2 - t1) * 1e6
         live = _verify(st, live, trees, plan, drafter, policy, cost, engine)
+        if tick is not None and len(sizes) % PROGRESS_EVERY == 0:
+            tick(st.generated_tokens)
     st.batch_sizes = np.asarray(sizes, np.int32)
     return st
 
