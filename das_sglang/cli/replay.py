@@ -112,18 +112,24 @@ def replay(
     input: Annotated[Optional[list[Path]], typer.Option(
         "--input", help="verl dump dir/files (default: the bundled GSM8K dump) or JSONL files.")] = None,
     prompt_field: Annotated[str, typer.Option(help="JSONL: prompt text field.")] = "prompt",
-    response_field: Annotated[str, typer.Option(help="JSONL: response field (a string or list of strings).")] = "response",
-    group_field: Annotated[Optional[str], typer.Option(help="JSONL: problem/group field (default: same prompt).")] = None,
-    step_field: Annotated[Optional[str], typer.Option(help="JSONL: training-step field (default: all step 0).")] = None,
+    response_field: Annotated[str, typer.Option(
+        help="JSONL: response field (a string or list of strings).")] = "response",
+    group_field: Annotated[Optional[str], typer.Option(
+        help="JSONL: problem/group field (default: same prompt).")] = None,
+    step_field: Annotated[Optional[str], typer.Option(
+        help="JSONL: training-step field (default: all step 0).")] = None,
     steps: Annotated[Optional[str], typer.Option(help="Steps to decode: all, last:N, or e.g. 7-10; "
                                                       "earlier steps only feed history.")] = None,
     problems: Annotated[Optional[int], typer.Option(help="Replay only the first N problems.")] = None,
     all_problems: Annotated[bool, typer.Option("--all-problems", help="Ignore the dataset's default subset.")] = False,
-    capped: Annotated[Capped, typer.Option(help="Outputs that hit the length cap: both (two runs), include, exclude.")] = Capped.both,
+    capped: Annotated[Capped, typer.Option(
+        help="Outputs that hit the length cap: both (two runs), include, exclude.")] = Capped.both,
     exclude_capped: Annotated[bool, typer.Option("--exclude-capped", help="Same as --capped exclude.")] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation cap (flags capped outputs).")] = None,
-    policies: Annotated[str, typer.Option(help=f"Comma list from: {', '.join(CONTENDER_NAMES)}; or all.")] = ",".join(DEFAULT_CONTENDERS),
-    engine: Annotated[str, typer.Option(help="uniform: rows padded to the batch draft width (SGLang); ragged: ideal.")] = "uniform",
+    policies: Annotated[str, typer.Option(
+        help=f"Comma list from: {', '.join(CONTENDER_NAMES)}; or all.")] = ",".join(DEFAULT_CONTENDERS),
+    engine: Annotated[str, typer.Option(
+        help="uniform: rows padded to the batch draft width (SGLang); ragged: ideal.")] = "uniform",
     cost_preset: CostPreset = None,
     tokenizer: TokenizerPath = None,
     cache_dir: CacheDir = None,

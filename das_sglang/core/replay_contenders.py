@@ -101,7 +101,7 @@ def build_contenders(
             _das_drafter(drafter, all_history=True), k,
             description="ablation: all history, no step decay"),
         "das-fixed": lambda: Contender("das-fixed", pol("fixed"), _das_drafter(drafter), k,
-                                       description="ablation: FixedBudget (PolicyConfig.fixed_budget), no length-awareness"),
+                                       description="ablation: FixedBudget(PolicyConfig.fixed_budget), no length model"),
         "das-unlimited": lambda: Contender("das-unlimited", pol("unlimited"), _das_drafter(drafter), k,
                                            description="ablation: UnlimitedBudget"),
         "das-chain": lambda: Contender("das-chain", pol("length-aware"), _das_drafter(replace(drafter, tree=False)),
