@@ -17,7 +17,11 @@ runs equally long). Per engine:
   (drafting + larger verify forwards - what speculation costs per forward pass).
 
 A tiny CPU model makes forwards nearly free, so wall-clock speedups here say little
-about a GPU; forward-pass ratios and acceptance are the transferable numbers.
+about a GPU; forward-pass ratios and acceptance are the transferable numbers. step_ms
+also differs by attention path (CPU mode's tree-verify attention is one batched SDPA,
+SGLang's torch_native decode loops over requests) and, on a shared machine, by load:
+the engines run one after another (SGLang keeps per-process global state, so one
+process cannot hold several engines at once).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import logging
 import torch
 from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
 from sglang.srt.layers.logprob_processor import compute_spec_logprobs
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.managers.scheduler import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.runtime_context import get_device, get_schedule, get_spec
@@ -219,6 +220,9 @@ class DasWorker(NGRAMWorker):
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
         req = self._reqs.pop(rid, None)
         if req is None:
+            return
+        if isinstance(req.finished_reason, FINISH_ABORT):
+            self.session.drop(rid)  # an aborted rollout is not a sample of the policy
             return
         self.session.finished(
             rid, list(req.origin_input_ids_unpadded), list(req.output_ids)

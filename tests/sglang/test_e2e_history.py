@@ -39,3 +39,17 @@ def test_second_engine_drafts_from_the_first_engines_snapshot(tiny_model, tmp_pa
     print(f"restarted engine, step 2: accept length {accept:.2f} tokens/step")
     assert second == first  # greedy: same prompts, same outputs
     assert accept > 1.5  # drafted from the loaded history
+
+
+def test_policy_none_verifies_the_root_only(tiny_model):
+    """Width 0 ("don't speculate this step") every step: plain decoding through verify."""
+    env = {"DAS_CONFIG": json.dumps({"server": {"policy": "none"}})}
+    prompts, tags = group(1)
+    with launch(tiny_model, None) as engine:
+        reference, _ = generate(engine, prompts[:4], GREEDY)
+    with launch(tiny_model, "DAS", env=env) as engine:
+        generate(engine, prompts, GREEDY, tags)  # history exists, yet nothing is drafted
+        outs, meta = generate(engine, prompts[:4], GREEDY, [(t[0], 2) for t in tags[:4]])
+    assert outs == reference
+    assert [m["spec_num_correct_drafts"] for m in meta] == [0] * 4
+    assert [m["spec_verify_ct"] for m in meta] == [GREEDY["max_new_tokens"] - 1] * 4
