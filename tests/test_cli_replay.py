@@ -19,6 +19,12 @@ def run(*args: str, cache: Path):
     return CliRunner().invoke(app, ["replay", "--cache-dir", str(cache), *args], env={"COLUMNS": "200"})
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One token cache for the module: the bundled series is tokenised once, not per test."""
+    return tmp_path_factory.mktemp("token-cache")
+
+
 @pytest.fixture
 def jsonl(tmp_path) -> Path:
     """Two problems x two steps; step 1 repeats step 0, so drafting from history pays."""
@@ -58,10 +64,10 @@ class TestHappyPath:
             "batch_size_all-outputs.png", "makespan_all-outputs.png", "tokens_per_step_all-outputs.png"]
         assert "das replay" in res.output and "vs none" in res.output
 
-    def test_bundled_short_series_both_variants(self, tmp_path):
+    def test_bundled_short_series_both_variants(self, tmp_path, shared_cache):
         out = tmp_path / "r.json"
         res = run("--dataset", "skythought-short", "--problems", "2", "--steps", "9-10",
-                  "--policies", "none,das", "--json", str(out), cache=tmp_path / "c")
+                  "--policies", "none,das", "--json", str(out), cache=shared_cache)
         assert res.exit_code == 0, res.output
         doc = json.loads(out.read_text())
         assert [r["variant"] for r in doc["runs"]] == ["all outputs", "without capped outputs"]
@@ -109,8 +115,8 @@ class TestBadInput:
         (["--dataset", "skythought-short", "--problems", "0"], "problems=0"),
         (["--tokenizer", "/nonexistent/tokenizer.json"], "does not exist"),
     ])
-    def test_flags(self, tmp_path, args, needle):
-        res = run(*args, cache=tmp_path / "c")
+    def test_flags(self, shared_cache, args, needle):
+        res = run(*args, cache=shared_cache)
         no_traceback(res)
         assert needle in res.output
 
