@@ -8,6 +8,8 @@ control (draft-node ancestors dropped from the tree mask) must break the identit
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -49,14 +51,24 @@ def reference(tiny_model):
 
 @pytest.fixture(scope="module")
 def das(tiny_model):
-    """DAS outputs; then a weight update and a step-3 group (history must survive)."""
+    """DAS outputs; then a weight update + cache flush (what an RL trainer does between
+    steps; the flush reaches the worker's clear_cache_pool) and a step-3 group."""
     with launch(tiny_model, "DAS") as engine:
         results = run(engine, workload())
         engine.update_weights_from_disk(tiny_model)
+        flush_when_idle(engine)
         step3 = [(label.replace("2", "3"), p, [(pid, 3) for pid, _ in tags])
                  for label, p, tags in workload() if label == "grpo-step2"]
         results.update(run(engine, step3))
         return results
+
+
+def flush_when_idle(engine) -> None:
+    for _ in range(40):  # the scheduler may still be retiring the last batch
+        if engine.flush_cache().success:
+            return
+        time.sleep(0.25)
+    pytest.fail("flush_cache never succeeded")
 
 
 def mismatches(ref, got) -> int:
@@ -86,7 +98,7 @@ class TestGreedyIdentity:
 
     def test_history_survives_weight_update(self, reference, das):
         outs, meta = das["grpo-step3"]
-        print(f"grpo-step3 after update_weights_from_disk: {accept_length(meta):.2f} tokens/step")
+        print(f"grpo-step3 after weight update + flush: {accept_length(meta):.2f} tokens/step")
         assert mismatches(reference["grpo-step2"][0], outs) == 0
         assert accept_length(meta) > 1.5
 
