@@ -135,6 +135,17 @@ class _ProblemStats:
         self.dirty = 0
 
 
+def _bin(budget):
+    """Budget bin: 0 for 1, 1 for 2, 2 for 3-4, 3 for 5-8, ... (geometric)."""
+    b = np.maximum(np.asarray(budget, dtype=np.int64), 1)
+    out = np.ceil(np.log2(b)).astype(np.int64)
+    return int(out) if out.ndim == 0 else out
+
+
+def _n_bins(max_budget: int) -> int:
+    return _bin(max(max_budget, 1)) + 1
+
+
 GLOBAL = "*"  # key of the statistics pooled over every problem
 
 
@@ -149,6 +160,11 @@ class AcceptanceTracker:
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
         self._stats: dict[str, _ProblemStats] = {GLOBAL: _ProblemStats(4 * config.acceptance_memory)}
+        # Calibration by budget: per budget bin (1, 2, 3-4, 5-8, ...), pooled over problems,
+        # accepted and drafter-expected tokens. Deep draft nodes are far more overconfident
+        # than shallow ones (a single history continuation gets probability 1), so one
+        # factor for all budgets overstates wide drafts and understates narrow ones.
+        self._by_budget = np.zeros((_n_bins(config.max_budget), 2))
         # (problem_id, budget) -> expected accepted tokens of planned rows awaiting outcome.
         self._pending: dict[tuple[str, int], deque[float]] = defaultdict(deque)
 
@@ -175,6 +191,8 @@ class AcceptanceTracker:
             return  # nothing was drafted: says nothing about acceptance
         q = self._pending.get((problem_id, int(proposed)))
         expected = q.popleft() if q else None
+        if expected is not None:
+            self._by_budget[_bin(proposed)] += (accepted, expected)
         for st in (self._get(problem_id), self._stats[GLOBAL]):
             st.recent.append((int(proposed), int(accepted)))
             st.n_obs += 1
@@ -194,6 +212,22 @@ class AcceptanceTracker:
         if st is None or problem_id == GLOBAL:
             return prior
         return (w * prior + st.sum_matched) / (w + st.sum_expected)
+
+    def budget_shape(self, max_budget: int) -> np.ndarray:
+        """Per budget ``b = 0..max_budget``: how the calibration at ``b`` compares with the
+        pooled calibration (1 with no outcomes). A bin with few outcomes shrinks towards the
+        bin below it, so budgets wider than any seen so far keep the widest measured ratio."""
+        w = self.config.calibration_prior_tokens
+        pooled = self._stats[GLOBAL]
+        ratio = (w + pooled.sum_matched) / (w + pooled.sum_expected)
+        per_bin = np.empty(len(self._by_budget))
+        prior = ratio
+        for k, (matched, expected) in enumerate(self._by_budget):
+            prior = per_bin[k] = (w * prior + matched) / (w + expected)
+        b = np.arange(max_budget + 1)
+        shape = per_bin[np.minimum(_bin(np.maximum(b, 1)), len(per_bin) - 1)] / ratio
+        shape[0] = 1.0
+        return shape
 
     def estimate(self, problem_id: str) -> AcceptanceEstimate:
         cfg = self.config

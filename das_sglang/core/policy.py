@@ -197,7 +197,10 @@ class _ModelBased(_Observing):
             base = np.maximum.accumulate(np.where(budgets[None, :] <= m[:, None], mixed, 0.0), axis=1)
         self._base = base  # what calibration compares outcomes with (see _remember)
         calibration = np.array([factors[r.problem_id] for r in rows])
-        acc = np.minimum(base * calibration[:, None], budgets[None, :])  # never more than drafted
+        acc = base * calibration[:, None]
+        if self.config.budget_calibration:
+            acc = np.maximum.accumulate(acc * self.acceptance.budget_shape(len(budgets) - 1)[None, :], axis=1)
+        acc = np.minimum(acc, budgets[None, :])  # never more than drafted
         return remaining, (acc, m), kv, factors
 
     def _alpha_k(self, problem_id: str) -> tuple[float, float]:

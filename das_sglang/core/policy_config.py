@@ -32,6 +32,8 @@ class PolicyConfig:
     prior_alpha/prior_k acceptance model (see core/acceptance.py) assumed with no outcomes;
     prior_weight        ... worth this many outcomes when mixed with real ones.
     calibration_prior_tokens  drafter-expected tokens of pseudo-evidence for "calibration 1".
+    budget_calibration  scale each budget's calibrated curve by how that budget's own
+                        outcomes compare (``AcceptanceTracker.budget_shape``).
     acceptance_memory   recent verify outcomes kept per problem for the (alpha, k) fit.
     refit_every         refit (alpha, k) after this many new outcomes.
     min_gain            speculate only when the modeled time saving is at least this share.
@@ -58,6 +60,7 @@ class PolicyConfig:
     prior_k: float = 4.0
     prior_weight: float = 8.0
     calibration_prior_tokens: float = 8.0
+    budget_calibration: bool = False
     acceptance_memory: int = 256
     refit_every: int = 16
     min_gain: float = 0.0
