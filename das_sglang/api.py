@@ -156,7 +156,7 @@ def rollout_das_config(history_dir: Path | None, strict_history: bool = False,
                        snapshot_interval: int | None = None) -> DasConfig:
     """`das rollout`'s DAS settings: ``DAS_CONFIG`` as the user set it (or the documented
     defaults), with ``server.history_path`` set to ``history_dir`` when given (loaded at
-    start, saved at shutdown and periodically). An unusable snapshot is logged and
+    start and saved periodically). An unusable snapshot is logged and
     ignored unless ``strict_history``. ``snapshot_interval`` (finished requests between
     saves) overrides the configured one: ``sglang.Engine.shutdown()`` SIGKILLs the
     scheduler, so the worker's exit-time save never runs and the periodic save is what

@@ -41,13 +41,14 @@ class ServerConfig:
                       shutdown. None keeps history in memory only.
     snapshot_interval finished requests between two snapshot saves (0 = only at shutdown).
     strict_snapshot   a snapshot that cannot be loaded stops the worker (True) or is
-                      logged and ignored (False).
+                      logged and ignored, the worker starting with empty history (False,
+                      the default: losing history costs speed, never correctness).
     """
 
     policy: str = "length-aware"
     history_path: str | None = None
     snapshot_interval: int = 256
-    strict_snapshot: bool = True
+    strict_snapshot: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

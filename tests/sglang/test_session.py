@@ -53,3 +53,19 @@ def test_history_snapshot_round_trip(tmp_path):
     assert again.step == 2
     assert [t.tolist() for t in again.drafter.history()["p"][2]] == [[1, 2, 3, 4, 5]]
     assert np.array_equal(again.drafter.history()["p"][2][0], s.drafter.history()["p"][2][0])
+
+
+def test_corrupt_snapshot_starts_empty_unless_strict(tmp_path):
+    raw = '{"server": {"history_path": "%s"%s}}'
+    s = DasSession(load_options(8, raw % (tmp_path, ', "snapshot_interval": 1')))
+    s.start("a", {"das_problem_id": "p", "das_step": 1}, [1, 2], [3], max_new_tokens=8)
+    s.finished("a", [1, 2], [3, 4])
+    for f in tmp_path.iterdir():  # flip one byte of every snapshot file
+        if f.is_file():
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+    lenient = DasSession(load_options(8, raw % (tmp_path, "")))  # default: not strict
+    assert lenient.drafter.history() == {}
+    with pytest.raises(Exception, match=str(tmp_path)):
+        DasSession(load_options(8, raw % (tmp_path, ', "strict_snapshot": true')))
