@@ -19,13 +19,31 @@ uses the same key, and DAS output equals the non-speculative output token for to
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+# Test-only negative control (CPU development mode only): accept a draft when it equals
+# the target's argmax, as SGLang's CPU verify does at any temperature, while the bonus
+# token is still the sampled draw. Only accepted drafts are then wrong (biased towards
+# the mode), so a sampling test that catches it really checks the acceptance path.
+GREEDY_ACCEPT_ENV = "DAS_SGLANG_CPU_GREEDY_ACCEPT"
+
+
+def _greedy_accept() -> bool:
+    return os.environ.get("DAS_SGLANG_CPU") == "1" and os.environ.get(GREEDY_ACCEPT_ENV) == "1"
 
 
 def target_tokens(logits: torch.Tensor, sampling_info, positions: torch.Tensor, n: int):
     """The target's next token after every verify row: int [rows] (rows = bs * n)."""
     _apply_penalties(logits, sampling_info, n)
+    target = _sample(logits, sampling_info, positions, n)
+    if _greedy_accept():
+        target.greedy_accept = torch.argmax(logits, dim=-1)  # read by walk_trees
+    return target
+
+
+def _sample(logits: torch.Tensor, sampling_info, positions: torch.Tensor, n: int):
     if sampling_info.is_all_greedy:
         return torch.argmax(logits, dim=-1)
     from sglang.kernels.ops.sampling import softmax as sampler_softmax
@@ -121,6 +139,9 @@ def walk_trees(layout_tensors, target: torch.Tensor, bs: int, n: int, stride: in
         retrieve_index=retrieve_index,
         retrieve_next_token=next_token,
         retrieve_next_sibling=next_sibling,
-        target_predict=target.view(bs, n),
+        target_predict=getattr(target, "greedy_accept", target).view(bs, n),
     )
+    if hasattr(target, "greedy_accept"):  # negative control: the bonus stays sampled
+        bonus = accept_index.gather(1, num_correct.long()[:, None]).view(-1).long()
+        predict[bonus] = target[bonus].to(predict.dtype)
     return predict, accept_index, num_correct
