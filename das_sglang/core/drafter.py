@@ -73,6 +73,15 @@ def _native_tree(tokens: np.ndarray, parents: np.ndarray, probs: np.ndarray, mat
     return tree
 
 
+def truncate_trusted(tree: DraftTree, k: int) -> DraftTree:
+    """``tree.truncate(k)`` without re-validating the parents: a prefix of a valid
+    best-first tree is valid, and the check is a per-node Python loop (per-step path)."""
+    if k >= len(tree):
+        return tree
+    k = max(k, 0)
+    return _native_tree(tree.tokens[:k], tree.parents[:k], tree.probs[:k], tree.match_len)
+
+
 def as_tokens(tokens: object, what: str) -> np.ndarray:
     """Validated 1-D int32 copy-free view where possible; ValueError names the bad value."""
     if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32 and tokens.ndim == 1:

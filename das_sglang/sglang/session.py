@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from das_sglang.core.draft_tree import DraftTree
+from das_sglang.core.drafter import truncate_trusted
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.sglang.options import DasOptions
 
@@ -93,7 +94,8 @@ class DasSession:
                 prompt_len=live.prompt_len,
             ))
         plan = self.policy.plan(rows)
-        trees = [t.truncate(min(int(b), max_nodes)) for t, b in zip(trees, plan.budgets)]
+        keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes).tolist()
+        trees = [truncate_trusted(t, k) for t, k in zip(trees, keep)]
         width = max((len(t) for t in trees), default=0)
         return trees, width
 
@@ -103,6 +105,16 @@ class DasSession:
         self.drafter.extend_request(req_id, np.asarray(tokens, dtype=np.int32))
         live.generated += len(tokens)
         self.policy.observe_verify(live.problem_id, proposed, len(tokens) - 1)
+
+    def committed_batch(self, req_ids: Sequence[str], proposed: Sequence[int],
+                        tokens: Sequence[Sequence[int]]) -> None:
+        """:meth:`committed` for a whole decode batch."""
+        self.drafter.extend_batch(req_ids, tokens)  # one native call for the batch
+        observe = self.policy.observe_verify
+        for rid, p, t in zip(req_ids, proposed, tokens):
+            live = self.live[rid]
+            live.generated += len(t)
+            observe(live.problem_id, p, len(t) - 1)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.

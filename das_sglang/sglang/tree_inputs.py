@@ -37,10 +37,11 @@ class VerifyLayout:
     n: int
 
 
-def build_layout(
+def build_layout_reference(
     roots: Sequence[int], trees: Sequence[DraftTree], seq_lens: Sequence[int], width: int
 ) -> VerifyLayout:
-    """Verify inputs for one batch: ``trees[b]`` (at most ``width`` nodes) below ``roots[b]``."""
+    """Per-request reference of :func:`build_layout` (the test oracle and the benchmark's
+    baseline): verify inputs for ``trees[b]`` (at most ``width`` nodes) below ``roots[b]``."""
     bs, n = len(trees), width + 1
     if len(roots) != bs or len(seq_lens) != bs:
         raise ValueError(
@@ -79,6 +80,97 @@ def build_layout(
         tokens.reshape(-1), mask, positions.reshape(-1), retrieve_index, next_token,
         next_sibling, n,
     )
+
+
+def build_layout(
+    roots: Sequence[int], trees: Sequence[DraftTree], seq_lens: Sequence[int], width: int
+) -> VerifyLayout:
+    """Verify inputs for one batch: ``trees[b]`` (at most ``width`` nodes) below ``roots[b]``.
+
+    Same result as :func:`build_layout_reference`, vectorised over the batch: the per-node
+    loop becomes one loop over the ``width`` columns (a parent precedes its child, so
+    column ``i`` only reads finished columns ``< i``), and the child/sibling links come
+    from one stable sort of the real nodes by (row, parent)."""
+    bs, n = len(trees), width + 1
+    if len(roots) != bs or len(seq_lens) != bs:
+        raise ValueError(
+            f"build_layout: {bs} trees but {len(roots)} roots and {len(seq_lens)} seq_lens"
+        )
+    lens = np.fromiter((len(t) for t in trees), dtype=np.int64, count=bs)
+    if bs and lens.max(initial=0) > width:
+        b = int(np.argmax(lens > width))
+        raise ValueError(f"build_layout: row {b} has {int(lens[b])} draft nodes > width={width}")
+    total = int(lens.sum())
+    # Flat (row, column) of every real node: column = node index + 1 (root = column 0).
+    rows = np.repeat(np.arange(bs, dtype=np.int64), lens)
+    starts = np.cumsum(lens) - lens
+    cols = np.arange(total, dtype=np.int64) - np.repeat(starts, lens) + 1
+    if total:
+        flat_tokens = np.concatenate([t.tokens for t in trees])
+        flat_parents = np.concatenate([t.parents for t in trees]).astype(np.int64) + 1
+    else:
+        flat_tokens = flat_parents = np.zeros(0, np.int64)
+    tokens = np.repeat(np.asarray(roots, dtype=np.int64)[:, None], n, axis=1)
+    tokens[rows, cols] = flat_tokens  # pad rows keep the root token: never linked
+    parents = np.zeros((bs, n), dtype=np.int64)  # pad rows hang below the root
+    parents[rows, cols] = flat_parents
+    mask = np.zeros((bs, n, n), dtype=bool)
+    mask[:, :, 0] = True
+    idx = np.arange(n)
+    mask[:, idx, idx] = True
+    depth = np.zeros((bs, n), dtype=np.int64)
+    brange = np.arange(bs)
+    for i in range(1, n):
+        p = parents[:, i]
+        mask[:, i] |= mask[brange, p]
+        depth[:, i] = depth[brange, p] + 1
+    next_token = np.full((bs, n), -1, dtype=np.int64)
+    next_sibling = np.full((bs, n), -1, dtype=np.int64)
+    if total:
+        # Nodes are in (row, column) order; a stable sort by (row, parent) keeps siblings
+        # in column order, so each group's first node is the first child and consecutive
+        # nodes of one group are next siblings.
+        order = np.lexsort((flat_parents, rows))
+        r, p, c = rows[order], flat_parents[order], cols[order]
+        first = np.ones(total, dtype=bool)
+        first[1:] = (r[1:] != r[:-1]) | (p[1:] != p[:-1])
+        next_token[r[first], p[first]] = c[first]
+        follows = ~first[1:]
+        next_sibling[r[:-1][follows], c[:-1][follows]] = c[1:][follows]
+    positions = depth + np.asarray(seq_lens, dtype=np.int64)[:, None]
+    retrieve_index = np.arange(bs * n, dtype=np.int64).reshape(bs, n)
+    return VerifyLayout(
+        tokens.reshape(-1), mask, positions.reshape(-1), retrieve_index, next_token,
+        next_sibling, n,
+    )
+
+
+def custom_mask(layout: VerifyLayout, seq_lens: Sequence[int], device, target=None):
+    """Flat bool mask in the layout SGLang's backend expects (as NGRAM builds it): tree
+    blocks only on CPU, ``[prefix ones | tree block]`` rows per request elsewhere.
+
+    The prefix form is mostly ones (``n * seq_len`` per request), so it is made where it
+    is used: a ones tensor on ``target`` into which the small tree blocks are scattered,
+    instead of building and copying the whole mask on the host. ``target`` defaults to
+    ``device`` (benchmarks build the GPU form on the CPU)."""
+    import torch
+
+    target = device if target is None else target
+    tree = torch.from_numpy(layout.mask)
+    if str(device) == "cpu":
+        return tree.flatten().to(target)
+    n, bs = layout.n, layout.mask.shape[0]
+    lens = torch.as_tensor(np.asarray(seq_lens, dtype=np.int64)).to(target, non_blocking=True)
+    row_len = lens + n  # one mask row of request b: seq_len prefix + n tree columns
+    start = torch.cumsum(row_len * n, 0) - row_len * n  # where request b's rows begin
+    i = torch.arange(n, device=target)
+    # flat index of tree column j of row i of request b: start + i * row_len + seq_len + j
+    base = start[:, None] + i[None, :] * row_len[:, None] + lens[:, None]  # [bs, n]
+    index = (base[:, :, None] + i[None, None, :]).reshape(-1)
+    out = torch.ones(int((np.asarray(seq_lens, dtype=np.int64) + n).sum()) * n if bs else 0,
+                     dtype=torch.bool, device=target)
+    out[index] = tree.reshape(-1).to(target, non_blocking=True)
+    return out
 
 
 def accepted_tokens(layout: VerifyLayout, row: int, accept_index: Sequence[int]) -> list[int]:
