@@ -245,3 +245,14 @@ class TestBadInput:
         # Unparseable values are click usage errors (exit 2 by click's convention), still no traceback.
         res = _invoke(*_base(prompts, tmp_path / "o"), "--n", "many")
         assert res.exit_code == 2 and "Invalid value for '--n'" in res.output
+
+
+def test_unparseable_number_exits_1_naming_the_option():
+    from typer.testing import CliRunner
+
+    from das_sglang.cli.app import app
+
+    res = CliRunner().invoke(app, ["rollout", "--model", "tiny", "--prompts", "p.jsonl", "--n", "many"])
+    assert res.exit_code == 1, res.output
+    assert "--n" in res.output and "integer" in res.output
+    assert "Traceback" not in res.output
