@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
+
+from das_sglang.core.atomic import atomic_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +54,6 @@ def write_step(out_dir: str | os.PathLike[str], step: int, records: Iterable[Rol
             raise ValueError(f"record {rec.request_id!r} has step={rec.step}, writing step {step}")
         lines.append(json.dumps(asdict(rec), ensure_ascii=False))
     target = step_file(directory, step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{step}-", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the dump from other users
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target, binary=False, tmp_prefix=f".{step}-") as f:
+        f.write("".join(line + "\n" for line in lines))
     return target

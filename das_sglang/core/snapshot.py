@@ -25,12 +25,13 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from das_sglang.core.atomic import atomic_file
 
 MAGIC = b"DASHIST\0"
 FORMAT_VERSION = 1
@@ -73,18 +74,8 @@ def save_history(
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(directory)
     target = directory / SNAPSHOT_NAME
-    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the snapshot from other users
-        with os.fdopen(fd, "wb") as f:
-            _write_all(f, _chunks(header, index, arrays))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
+    with atomic_file(target, binary=True, tmp_prefix=_TMP_PREFIX) as f:
+        _write_all(f, _chunks(header, index, arrays))
     return target
 
 
@@ -149,18 +140,6 @@ def _write_all(f: BinaryIO, chunks: Iterable[bytes]) -> None:
     # A module-level seam: the kill-mid-save test replaces it with a slow writer.
     for chunk in chunks:
         f.write(chunk)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX: the directory entry lives in the dir)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_temps(directory: Path) -> None:
