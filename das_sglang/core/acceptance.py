@@ -252,3 +252,91 @@ class AcceptanceTracker:
                                     self.config.prior_weight, k_max=float(self.config.max_budget))
             st.dirty = 0
         return st.fit
+
+
+class OutcomeCalibration:
+    """Calibration conditioned on the request's previous verify outcome.
+
+    Acceptance runs in stretches: text that copies history (a repeated derivation, the
+    opening of a response the previous checkpoint also wrote) keeps matching, novel text
+    keeps failing. The tokens a request's last drafts got accepted are the best cheap signal
+    of which stretch it is in (on SkyThought, a request that just accepted 16+ tokens accepts
+    13 of 32 next, one that accepted none 1.5). The policy sees that outcome without extra
+    plumbing: ``generated_len`` grew by accepted + 1 since its last plan.
+
+    States: 0 = no drafted outcome yet, then 1 + bin(accepted + 1) for the latest outcome
+    with drafts (accepted 0, 1, 2-3, 4-7, 8-15, 16+). Per state and node-rank bin
+    (``_bin``: rank 1, 2, 3-4, ...; deep nodes are far more overconfident than shallow ones)
+    it keeps accepted nodes (chain reading: the best ``accepted`` nodes) and their
+    drafter-expected acceptance, pooled over problems; the ratio shrinks to the bin below (the first bin to the state's ratio, which
+    shrinks to the pooled ratio), ``calibration_prior_tokens`` of pseudo-evidence each.
+    """
+
+    N_STATES = 13
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self._cells = np.zeros((self.N_STATES, _n_bins(config.max_budget), 2))  # accepted, expected
+        self._state: dict[str, int] = {}
+        self._pending: dict[str, tuple[int, int, np.ndarray]] = {}  # req -> (generated, budget, per-node p)
+        self._ranks = np.arange(1, config.max_budget + 1)
+        self._rank_bin = _bin(self._ranks)
+
+    @classmethod
+    def state_of(cls, accepted: int, budget: int = 0) -> int:
+        level = min(_bin(accepted + 1), 5)
+        return 1 + level + (6 if accepted == budget else 0)
+
+    def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
+        """Remember each row's budget and uncalibrated expectation until its outcome shows."""
+        self._pending = {}
+        nodes = np.diff(base, axis=1)  # expected acceptance of each node, best first
+        for i, (row, b) in enumerate(zip(rows, budgets.tolist())):
+            b = min(int(b), nodes.shape[1])
+            self._pending[row.req_id] = (row.generated_len, b, nodes[i, :b].copy())
+
+    def update(self, rows) -> None:
+        """Read the previous plan's outcomes off the rows' progress."""
+        for row in rows:
+            prev = self._pending.get(row.req_id)
+            if prev is None or prev[1] == 0:
+                continue
+            generated, budget, nodes = prev
+            accepted = min(max(row.generated_len - generated - 1, 0), budget)
+            state = self._state.get(row.req_id, 0)
+            # Chain reading of the outcome: the best ``accepted`` nodes were the right ones.
+            bins = self._rank_bin[:budget]
+            cells = self._cells[state]
+            cells[:, 0] += np.bincount(bins[:accepted], minlength=len(cells))
+            cells[:, 1] += np.bincount(bins, weights=nodes, minlength=len(cells))
+            self._state[row.req_id] = self.state_of(accepted, budget)
+        live = {row.req_id for row in rows}
+        if len(self._state) > 4 * max(len(live), 1):  # forget finished requests
+            self._state = {k: v for k, v in self._state.items() if k in live}
+
+    def pooled(self, prior: float) -> float:
+        """Accepted / expected over every outcome seen, ``prior`` with none."""
+        w = self.config.calibration_prior_tokens
+        total = self._cells.sum(axis=(0, 1))
+        return (w * prior + total[0]) / (w + total[1])
+
+    def table(self) -> np.ndarray:
+        """(state, rank bin) -> accepted / expected, shrunk as the class docstring says."""
+        w = self.config.calibration_prior_tokens
+        # No outcomes yet: a drafted node counts as accepted prior_alpha times as often as
+        # the drafter claims (its probabilities ignore that text may leave all history).
+        pooled = self.pooled(self.config.prior_alpha)
+        out = np.empty(self._cells.shape[:2])
+        for s in range(self.N_STATES):
+            a, e = self._cells[s].sum(axis=0)
+            prior = (w * pooled + a) / (w + e)
+            for k in range(out.shape[1]):
+                prior = out[s, k] = (w * prior + self._cells[s, k, 0]) / (w + self._cells[s, k, 1])
+        return out
+
+    def ratios(self, req_ids, max_budget: int) -> np.ndarray:
+        """Rows x node ranks ``1..max_budget``: calibration factor of each row's nodes."""
+        table = self.table()
+        cols = np.minimum(_bin(np.arange(1, max_budget + 1)), table.shape[1] - 1)
+        states = np.array([self._state.get(r, 0) for r in req_ids], dtype=np.int64)
+        return table[states][:, cols]

@@ -25,7 +25,12 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from das_sglang.core.acceptance import AcceptanceTracker, paper_params, saturating_accept
+from das_sglang.core.acceptance import (
+    AcceptanceTracker,
+    OutcomeCalibration,
+    paper_params,
+    saturating_accept,
+)
 from das_sglang.core.allocation import (
     StepAllocation,
     lookahead_step_budgets,
@@ -158,6 +163,7 @@ class _ModelBased(_Observing):
             cost_model = self.config.cost_preset
         self.cost = CostModel.preset(cost_model) if isinstance(cost_model, str) else cost_model
         self.last: StepAllocation | None = None  # the latest plan's modeled numbers
+        self.outcomes = OutcomeCalibration(self.config)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
@@ -184,7 +190,7 @@ class _ModelBased(_Observing):
             probs[i, 1 : m[i] + 1] = r.node_probs[: m[i]]
         budgets = np.arange(probs.shape[1], dtype=np.float64)
         base = np.cumsum(probs, axis=1)  # the drafter's expected accepted tokens
-        if self.config.curve_mode != "tree":
+        if self.config.curve_mode in ("capped", "blend"):
             # The plan extrapolates this step's curve over the rest of the request; one lucky
             # tree must not decide a whole batch's width, so temper it with the problem's
             # fitted mean curve (calibration below then corrects the level of the result).
@@ -198,7 +204,15 @@ class _ModelBased(_Observing):
         self._base = base  # what calibration compares outcomes with (see _remember)
         calibration = np.array([factors[r.problem_id] for r in rows])
         acc = base * calibration[:, None]
-        if self.config.budget_calibration:
+        if self.config.curve_mode == "outcome":
+            # Each node's probability times the calibration of its rank bin in the row's
+            # current stretch (its last verify outcome): see acceptance.OutcomeCalibration.
+            shape = self.outcomes.ratios([r.req_id for r in rows], len(budgets) - 1)
+            # The per-problem factor (AcceptanceTracker) sets each row's level, the table its
+            # shape: relative to what the table has seen, prior_alpha before any outcome.
+            nodes = np.diff(acc, axis=1) * shape / self.outcomes.pooled(1.0)
+            acc = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(nodes, axis=1)], axis=1)
+        elif self.config.budget_calibration:
             acc = np.maximum.accumulate(acc * self.acceptance.budget_shape(len(budgets) - 1)[None, :], axis=1)
         acc = np.minimum(acc, budgets[None, :])  # never more than drafted
         return remaining, (acc, m), kv, factors
@@ -214,9 +228,16 @@ class _ModelBased(_Observing):
         clipped = np.minimum(np.asarray(budgets), curves[1])
         return step_objective(remaining, curves, clipped, kv, self.cost, self.config.uniform_width)[0]
 
+    def _read_outcomes(self, rows: Sequence[BudgetRow]) -> None:
+        """What the previous plan's drafts got (call once per plan, before ``inputs``)."""
+        if self.config.curve_mode == "outcome":
+            self.outcomes.update(rows)
+
     def _remember(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> None:
         """Register each planned row's uncalibrated expectation (the latest ``inputs``)."""
         base = self._base
+        if self.config.curve_mode == "outcome":
+            self.outcomes.planned(rows, budgets, base)
         for i, (row, b) in enumerate(zip(rows, budgets.tolist())):
             if b > 0:
                 self.acceptance.expect(row.problem_id, b, float(base[i, min(b, base.shape[1] - 1)]))
@@ -228,6 +249,7 @@ class LengthAware(_ModelBased):
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         if not rows:
             return BudgetPlan.none(0)
+        self._read_outcomes(rows)
         remaining, curves, kv, _ = self.inputs(rows)
         if self.config.lookahead == "stationary":
             alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width)
@@ -236,6 +258,7 @@ class LengthAware(_ModelBased):
                                            self.config.critical_spread)
         self.last = alloc
         if alloc.width == 0 or alloc.modeled_s > (1.0 - self.config.min_gain) * alloc.baseline_s:
+            self._remember(rows, np.zeros(len(rows), dtype=np.int32))
             return BudgetPlan.none(len(rows))
         self._remember(rows, alloc.budgets)
         return BudgetPlan(alloc.budgets, alloc.width)
@@ -247,6 +270,7 @@ class PaperClosedForm(_ModelBased):
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         if not rows:
             return BudgetPlan.none(0)
+        self._read_outcomes(rows)
         remaining, (_, caps), _, factors = self.inputs(rows)
         params = {}
         for pid in factors:

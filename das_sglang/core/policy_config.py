@@ -37,9 +37,11 @@ class PolicyConfig:
     acceptance_memory   recent verify outcomes kept per problem for the (alpha, k) fit.
     refit_every         refit (alpha, k) after this many new outcomes.
     min_gain            speculate only when the modeled time saving is at least this share.
-    curve_mode          LengthAware's acceptance curve per row: "tree" (this step's calibrated
-                        node probabilities), "capped" (capped by the problem's fitted mean
-                        curve), "blend" (their average).
+    curve_mode          LengthAware's acceptance curve per row: "outcome" (this step's node
+                        probabilities calibrated per node-rank bin and the request's last
+                        verify outcome, acceptance.OutcomeCalibration), "tree" (calibrated by
+                        one factor per problem), "capped" (that, capped by the problem's
+                        fitted mean curve), "blend" (tree and fitted curve averaged).
     lookahead           "stationary": LengthAware keeps the budgets that minimise the modeled
                         time if held until the batch ends; "marginal": pays this forward's
                         drafts at today's batch size against what each accepted token saves
@@ -64,7 +66,7 @@ class PolicyConfig:
     acceptance_memory: int = 256
     refit_every: int = 16
     min_gain: float = 0.0
-    curve_mode: str = "capped"
+    curve_mode: str = "outcome"
     lookahead: str = "marginal"
     critical_spread: float = 0.05
 
@@ -96,8 +98,8 @@ class PolicyConfig:
         _check(self.lookahead in ("stationary", "marginal"), "lookahead", self.lookahead,
                "must be stationary or marginal")
         _check(self.critical_spread > 0.0, "critical_spread", self.critical_spread, "must be > 0")
-        _check(self.curve_mode in ("tree", "capped", "blend"), "curve_mode", self.curve_mode,
-               "must be one of tree, capped, blend")
+        _check(self.curve_mode in ("outcome", "tree", "capped", "blend"), "curve_mode", self.curve_mode,
+               "must be one of outcome, tree, capped, blend")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
