@@ -13,7 +13,8 @@ checkpoint's output token by token. Each step runs the worker's host path:
 - layout:    ``tree_inputs.build_layout`` + the torch tensors the worker hands SGLang
              (the GPU-form custom mask included: ``[prefix ones | tree block]`` per row,
              built on the CPU here since this machine may have no GPU);
-- feedback:  ``DasSession.committed_batch`` of the accepted tokens (+ bonus).
+- feedback:  ``DasSession.committed_batch`` of the accepted tokens (+ bonus); its
+             native ``extend_batch`` part is also reported alone (feedback_extend).
 
 Accepted lengths come from ``DraftTree.accept_length`` on the replayed text (not timed).
 A request that reaches the end of its text finishes (becomes history) and a new one
@@ -104,12 +105,14 @@ def run_config(problems, policy, batch, args, gpu_mask: bool, reference_layout: 
     session = DasSession(load_options(args.max_nodes + 1, json.dumps(
         {"drafter": {"max_budget": args.max_nodes}, "server": {"policy": policy}})))
     build_history(session, problems, args.history)
-    acc = dict.fromkeys(PHASES, 0.0)
+    acc = dict.fromkeys(PHASES + ("extend",), 0.0)
     session.drafter.speculate_batch = _Timed(session.drafter.speculate_batch, acc, "speculate")
     session.policy.plan = _Timed(session.policy.plan, acc, "plan")
+    # feedback = the drafter's native extend_batch + the policy's observe_verify per row
+    session.drafter.extend_batch = _Timed(session.drafter.extend_batch, acc, "extend")
     replay = Replay(session, problems, batch, args.history)
     layout_fn = build_layout_reference if reference_layout else build_layout
-    samples = {p: [] for p in PHASES + ("total",)}
+    samples = {p: [] for p in PHASES + ("total", "feedback_extend")}
     widths, accepted = [], []
     for step in range(args.warmup + args.steps):
         replay.recycle()
@@ -151,6 +154,7 @@ def run_config(problems, policy, batch, args, gpu_mask: bool, reference_layout: 
         for name, v in (("speculate", acc["speculate"]), ("plan", acc["plan"]), ("other", other),
                         ("layout", t2 - t1), ("feedback", t4 - t3)):
             samples[name].append(v * 1e3)
+        samples["feedback_extend"].append(acc["extend"] * 1e3)
         samples["total"].append((t2 - t0 + t4 - t3) * 1e3)
     return {
         "ms_per_step_median": {k: statistics.median(v) for k, v in samples.items()},
@@ -217,6 +221,7 @@ def main(argv=None) -> int:
 def _print(r):
     m = r["ms_per_step_median"]
     phases = " ".join(f"{p}={m[p]:.2f}" for p in PHASES)
+    phases += f" [extend {m['feedback_extend']:.2f}]"
     print(f"batch {r['batch']:4d} {r['policy']:13s} {r['layout']:10s} total={m['total']:.2f} ms "
           f"({phases}) width={r['width_mean']:.1f} acc={r['accepted_per_row_mean']:.2f}",
           flush=True)

@@ -152,6 +152,24 @@ class TestBatch:
         d.finish_request("x")
         assert [t.tolist() for t in d.history()["p"][0]] == [[1, 2]]
 
+    def test_extend_batch_of_plain_lists_takes_the_flat_path_and_names_bad_rows(self):
+        a, b = drafter(), drafter()
+        for d in (a, b):
+            d.start_request("x", "p", [1, 2])
+            d.start_request("y", "p", [3])
+        a.extend_batch(["x", "y"], [[5, 6], (7,)])  # list + tuple rows
+        b.extend_request("x", [5, 6])
+        b.extend_request("y", [7])
+        assert a.stats() == b.stats()
+        a.finish_request("x")
+        assert [t.tolist() for t in a.history()["p"][0]] == [[1, 2, 5, 6]]
+        with pytest.raises(ValueError, match="req_id='y'.*got -3"):
+            a.extend_batch(["y", "y"], [[1], [-3]])
+        with pytest.raises(ValueError, match="req_id='y'.*dtype=float64"):
+            a.extend_batch(["y", "y"], [[1], [2.5]])
+        a.finish_request("y")
+        assert [t.tolist() for t in a.history()["p"][0]][1] == [3, 7]  # nothing half-applied
+
     def test_chain_mode(self):
         d = drafter(tree=False, min_token_prob=0.0)
         d.add_history("p", 0, [1, 2, 3, 4])
