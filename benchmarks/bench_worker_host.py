@@ -20,8 +20,10 @@ Accepted lengths come from ``DraftTree.accept_length`` on the replayed text (not
 A request that reaches the end of its text finishes (becomes history) and a new one
 starts in its place (not timed). Each configuration runs ``--warmup`` untimed steps, then
 ``--steps`` timed ones; the median step is reported per phase. The ratio compares each
-policy's total with the ``none`` policy (verify the root only) and the layout with the
-per-request reference builder (``build_layout_reference``), in the same process.
+policy's total with the ``none`` policy (verify the root only), and each phase with the
+host path as it was before the optimisation (``code=before``: per-request layout builder
+``build_layout_reference``, per-request host mask, validating truncation, one
+``committed`` per row), in the same process.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_drafter import HISTORY_STEPS, load_problems  # noqa: E402
 
+from das_sglang.core.policy import BudgetRow  # noqa: E402
 from das_sglang.sglang.options import load_options  # noqa: E402
 from das_sglang.sglang.session import DasSession  # noqa: E402
 from das_sglang.sglang.tree_inputs import (  # noqa: E402
@@ -101,7 +104,38 @@ class Replay:
                 self._start(b)
 
 
-def run_config(problems, policy, batch, args, gpu_mask: bool, reference_layout: bool):
+def _legacy_plan(session, rids, max_nodes):
+    """``DasSession.plan`` as it was before the host-path optimisation (validating
+    ``DraftTree.truncate``), for the same-process before/after ratio."""
+    trees = session.drafter.speculate_batch(list(rids), [max_nodes] * len(rids))
+    rows = []
+    for rid, tree in zip(rids, trees):
+        live = session.live[rid]
+        rows.append(BudgetRow(
+            req_id=rid, problem_id=live.problem_id, generated_len=live.generated,
+            max_new_tokens=live.max_new_tokens, node_probs=tree.probs, prompt_len=live.prompt_len,
+        ))
+    plan = session.policy.plan(rows)
+    trees = [t.truncate(min(int(b), max_nodes)) for t, b in zip(trees, plan.budgets)]
+    return trees, max((len(t) for t in trees), default=0)
+
+
+def _legacy_mask(layout, seq_lens):
+    """The worker's former GPU-form mask: one host ``cat`` per request, then one copy."""
+    tree = torch.from_numpy(layout.mask)
+    return torch.cat([
+        torch.cat((torch.ones(layout.n, s, dtype=torch.bool), tree[b]), dim=1).flatten()
+        for b, s in enumerate(seq_lens)
+    ])
+
+
+def _legacy_feedback(session, rids, proposed, commits):
+    """The worker's former per-row feedback: one ``committed`` (one native extend) per row."""
+    for rid, p, c in zip(rids, proposed, commits):
+        session.committed(rid, p, c.tolist())
+
+
+def run_config(problems, policy, batch, args, gpu_mask: bool, legacy: bool):
     session = DasSession(load_options(args.max_nodes + 1, json.dumps(
         {"drafter": {"max_budget": args.max_nodes}, "server": {"policy": policy}})))
     build_history(session, problems, args.history)
@@ -111,7 +145,8 @@ def run_config(problems, policy, batch, args, gpu_mask: bool, reference_layout: 
     # feedback = the drafter's native extend_batch + the policy's observe_verify per row
     session.drafter.extend_batch = _Timed(session.drafter.extend_batch, acc, "extend")
     replay = Replay(session, problems, batch, args.history)
-    layout_fn = build_layout_reference if reference_layout else build_layout
+    layout_fn = build_layout_reference if legacy else build_layout
+    plan_fn = _legacy_plan if legacy else DasSession.plan
     samples = {p: [] for p in PHASES + ("total", "feedback_extend")}
     widths, accepted = [], []
     for step in range(args.warmup + args.steps):
@@ -121,7 +156,7 @@ def run_config(problems, policy, batch, args, gpu_mask: bool, reference_layout: 
         slots = replay.slots
         rids = [s[0] for s in slots]
         t0 = time.perf_counter()
-        trees, width = session.plan(rids, args.max_nodes)
+        trees, width = plan_fn(session, rids, args.max_nodes)
         t1 = time.perf_counter()
         roots, seq_lens = [], []
         for _, _, prompt, text, pos in slots:
@@ -131,7 +166,10 @@ def run_config(problems, policy, batch, args, gpu_mask: bool, reference_layout: 
         tensors = [torch.from_numpy(a) for a in (
             layout.tokens, layout.positions, layout.retrieve_index, layout.next_token,
             layout.next_sibling)]
-        mask = custom_mask(layout, seq_lens, "cuda" if gpu_mask else "cpu", target="cpu")
+        if legacy:
+            mask = _legacy_mask(layout, seq_lens)
+        else:
+            mask = custom_mask(layout, seq_lens, "cuda" if gpu_mask else "cpu", target="cpu")
         t2 = time.perf_counter()
         # Not timed: what the GPU verify would accept, from the recorded text.
         commits, proposed = [], []
@@ -142,7 +180,10 @@ def run_config(problems, policy, batch, args, gpu_mask: bool, reference_layout: 
             proposed.append(len(tree))
             accepted.append(k)
         t3 = time.perf_counter()
-        session.committed_batch(rids, proposed, commits)
+        if legacy:
+            _legacy_feedback(session, rids, proposed, commits)
+        else:
+            session.committed_batch(rids, proposed, [c.tolist() for c in commits])
         t4 = time.perf_counter()
         for s, c in zip(slots, commits):
             s[4] += len(c)
@@ -176,7 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-nodes", type=int, default=16, help="draft nodes per request (N-1)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--no-reference", action="store_true", help="skip the reference-layout run")
+    ap.add_argument("--no-legacy", action="store_true", help="skip the before-optimisation runs")
     ap.add_argument("--cache-dir", default=None, help="tokenizer cache (default: the package's)")
     args = ap.parse_args(argv)
     try:
@@ -188,41 +229,45 @@ def main(argv=None) -> int:
     problems = load_problems(args.problems, args.max_tokens, args.cache_dir)
     results = {"config": vars(args), "runs": []}
     for batch in batches:
-        base = None
         for policy in args.policies.split(","):
-            r = run_config(problems, policy, batch, args, gpu_mask=True, reference_layout=False)
-            r.update(batch=batch, policy=policy, layout="vectorised")
-            results["runs"].append(r)
-            if policy == "none":
-                base = r
-            _print(r)
-        if not args.no_reference:
-            r = run_config(problems, "fixed", batch, args, gpu_mask=True, reference_layout=True)
-            r.update(batch=batch, policy="fixed", layout="reference")
-            results["runs"].append(r)
-            _print(r)
-            vec = next(x for x in results["runs"] if x["batch"] == batch
-                       and x["policy"] == "fixed" and x["layout"] == "vectorised")
-            ratio = r["ms_per_step_median"]["layout"] / vec["ms_per_step_median"]["layout"]
-            print(f"  batch {batch}: layout speed-up vs per-request reference: {ratio:.1f}x")
-            results.setdefault("layout_speedup_vs_reference", {})[batch] = ratio
-        if base is not None:
-            for r in results["runs"]:
-                if r["batch"] == batch:
-                    r["total_ratio_vs_none"] = (
-                        r["ms_per_step_median"]["total"] / base["ms_per_step_median"]["total"]
-                    )
+            modes = (False,) if args.no_legacy or policy == "none" else (False, True)
+            for legacy in modes:
+                r = run_config(problems, policy, batch, args, gpu_mask=True, legacy=legacy)
+                r.update(batch=batch, policy=policy, code="before" if legacy else "after")
+                results["runs"].append(r)
+                _print(r)
+        _ratios(results, batch)
     Path(args.json).write_text(json.dumps(results, indent=2))
     if args.png:
         _plot(results, args.png)
     return 0
 
 
+def _ratios(results, batch):
+    """Same-process ratios: before/after per phase, and each policy vs ``none``."""
+    runs = [r for r in results["runs"] if r["batch"] == batch]
+    base = next((r for r in runs if r["policy"] == "none"), None)
+    for r in runs:
+        if base is not None:
+            r["total_ratio_vs_none"] = r["ms_per_step_median"]["total"] / base["ms_per_step_median"]["total"]
+        if r["code"] != "after":
+            continue
+        before = next((x for x in runs if x["policy"] == r["policy"] and x["code"] == "before"), None)
+        if before is None:
+            continue
+        r["speedup_vs_before"] = {
+            k: before["ms_per_step_median"][k] / max(v, 1e-9) for k, v in r["ms_per_step_median"].items()
+        }
+        sp = r["speedup_vs_before"]
+        print(f"  batch {batch} {r['policy']}: before/after total {sp['total']:.1f}x, "
+              f"layout {sp['layout']:.1f}x, feedback {sp['feedback']:.1f}x, other {sp['other']:.1f}x")
+
+
 def _print(r):
     m = r["ms_per_step_median"]
     phases = " ".join(f"{p}={m[p]:.2f}" for p in PHASES)
     phases += f" [extend {m['feedback_extend']:.2f}]"
-    print(f"batch {r['batch']:4d} {r['policy']:13s} {r['layout']:10s} total={m['total']:.2f} ms "
+    print(f"batch {r['batch']:4d} {r['policy']:13s} {r['code']:6s} total={m['total']:.2f} ms "
           f"({phases}) width={r['width_mean']:.1f} acc={r['accepted_per_row_mean']:.2f}",
           flush=True)
 
@@ -234,7 +279,7 @@ def _plot(results, path):
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    labels = [f"{r['batch']}\n{r['policy']}\n{r['layout'][:3]}" for r in runs]
+    labels = [f"{r['batch']}\n{r['policy']}\n{r['code']}" for r in runs]
     fig, ax = plt.subplots(figsize=(max(6, len(runs) * 0.9), 4))
     bottom = np.zeros(len(runs))
     for p in PHASES:
