@@ -278,7 +278,12 @@ class OutcomeCalibration:
         self.config = config
         self._cells = np.zeros((self.N_STATES, _n_bins(config.max_budget), 2))  # accepted, expected
         self._state: dict[str, int] = {}
-        self._pending: dict[str, tuple[int, int, np.ndarray]] = {}  # req -> (generated, budget, per-node p)
+        # The latest plan, as arrays (one row per planned request): req -> row, generated
+        # tokens, budget and per-node expected acceptance (rows x ranks, best first).
+        self._pending: dict[str, int] = {}
+        self._pending_generated = np.zeros(0, dtype=np.int64)
+        self._pending_budget = np.zeros(0, dtype=np.int64)
+        self._pending_nodes = np.zeros((0, 0))
         self._ranks = np.arange(1, config.max_budget + 1)
         self._rank_bin = _bin(self._ranks)
 
@@ -289,30 +294,57 @@ class OutcomeCalibration:
 
     def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
         """Remember each row's budget and uncalibrated expectation until its outcome shows."""
-        self._pending = {}
         nodes = np.diff(base, axis=1)  # expected acceptance of each node, best first
-        for i, (row, b) in enumerate(zip(rows, budgets.tolist())):
-            b = min(int(b), nodes.shape[1])
-            self._pending[row.req_id] = (row.generated_len, b, nodes[i, :b].copy())
+        # Same request twice: the later row wins, as a dict keyed by request would have it.
+        self._pending = {row.req_id: i for i, row in enumerate(rows)}
+        self._pending_generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
+        self._pending_budget = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1), nodes.shape[1])
+        self._pending_nodes = nodes
 
     def update(self, rows) -> None:
-        """Read the previous plan's outcomes off the rows' progress."""
-        for row in rows:
-            prev = self._pending.get(row.req_id)
-            if prev is None or prev[1] == 0:
-                continue
-            generated, budget, nodes = prev
-            accepted = min(max(row.generated_len - generated - 1, 0), budget)
-            state = self._state.get(row.req_id, 0)
-            # Chain reading of the outcome: the best ``accepted`` nodes were the right ones.
-            bins = self._rank_bin[:budget]
-            cells = self._cells[state]
-            cells[:, 0] += np.bincount(bins[:accepted], minlength=len(cells))
-            cells[:, 1] += np.bincount(bins, weights=nodes, minlength=len(cells))
-            self._state[row.req_id] = self.state_of(accepted, budget)
+        """Read the previous plan's outcomes off the rows' progress (one vectorised update
+        for the whole batch: per-row work here runs once per decode step)."""
+        index = self._pending
+        found = [(j, index[row.req_id]) for j, row in enumerate(rows) if row.req_id in index]
+        if found:
+            pos = np.array([i for _, i in found], dtype=np.int64)
+            budget = self._pending_budget[pos]
+            keep = budget > 0
+            if keep.any():
+                self._add_outcomes([rows[j] for (j, _), k in zip(found, keep.tolist()) if k],
+                                   pos[keep], budget[keep])
         live = {row.req_id for row in rows}
         if len(self._state) > 4 * max(len(live), 1):  # forget finished requests
             self._state = {k: v for k, v in self._state.items() if k in live}
+
+    def _add_outcomes(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
+        """Add the outcomes of ``rows`` (planned rows ``pos`` with budgets > 0) to the cells."""
+        generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
+        accepted = np.minimum(np.maximum(generated - self._pending_generated[pos] - 1, 0), budget)
+        nodes = self._pending_nodes[pos]
+        width = nodes.shape[1]
+        n_bins = self._cells.shape[1]
+        # Chain reading of the outcome: the best ``accepted`` nodes were the right ones.
+        # Per row and rank bin, accepted nodes and the sum of expected acceptance over the
+        # first ``budget`` ranks, summed rank by rank in order (the sums a per-row bincount
+        # gives, bit for bit; ranks past a row's budget add exact zeros).
+        ranks = np.arange(width)
+        hit = np.zeros((len(rows), n_bins))
+        expected = np.zeros((len(rows), n_bins))
+        nodes = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
+        for r in range(width):
+            k = self._rank_bin[r]
+            hit[:, k] += r < accepted
+            expected[:, k] += nodes[:, r]
+        new_states = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
+        states = np.empty(len(rows), dtype=np.int64)
+        for i, (row, new) in enumerate(zip(rows, new_states.tolist())):
+            states[i] = self._state.get(row.req_id, 0)  # in order: a repeated request sees its update
+            self._state[row.req_id] = new
+        # Unbuffered, in row order: the same sequence of additions per cell as row by row.
+        cell_bins = np.arange(n_bins)[None, :]
+        np.add.at(self._cells[:, :, 0], (states[:, None], cell_bins), hit)
+        np.add.at(self._cells[:, :, 1], (states[:, None], cell_bins), expected)
 
     def pooled(self, prior: float) -> float:
         """Accepted / expected over every outcome seen, ``prior`` with none."""
