@@ -186,8 +186,12 @@ class _ModelBased(_Observing):
         # (accepted drafts plus the bonus token cannot exceed max_new_tokens).
         m = np.minimum(np.minimum(found, self.config.max_budget), np.maximum(max_new - generated - 1, 0))
         probs = np.zeros((len(rows), int(m.max(initial=0)) + 1))
-        for i, r in enumerate(rows):
-            probs[i, 1 : m[i] + 1] = r.node_probs[: m[i]]
+        if probs.shape[1] > 1:
+            # Row i's first m[i] node probabilities into columns 1..m[i]: one masked store
+            # (row-major, the order the slices are concatenated in), not one per row.
+            cols = np.arange(1, probs.shape[1])
+            probs[:, 1:][cols[None, :] <= m[:, None]] = np.concatenate(
+                [r.node_probs[:k] for r, k in zip(rows, m.tolist())])
         budgets = np.arange(probs.shape[1], dtype=np.float64)
         base = np.cumsum(probs, axis=1)  # the drafter's expected accepted tokens
         if self.config.curve_mode in ("capped", "blend"):
@@ -238,9 +242,13 @@ class _ModelBased(_Observing):
         base = self._base
         if self.config.curve_mode == "outcome":
             self.outcomes.planned(rows, budgets, base)
-        for i, (row, b) in enumerate(zip(rows, budgets.tolist())):
-            if b > 0:
-                self.acceptance.expect(row.problem_id, b, float(base[i, min(b, base.shape[1] - 1)]))
+        budgets = np.asarray(budgets)
+        drafted = np.flatnonzero(budgets > 0)
+        if drafted.size:
+            b = budgets[drafted].astype(np.int64)
+            expected = base[drafted, np.minimum(b, base.shape[1] - 1)]
+            for i, bi, e in zip(drafted.tolist(), b.tolist(), expected.tolist()):
+                self.acceptance.expect(rows[i].problem_id, bi, e)
 
 
 class LengthAware(_ModelBased):
