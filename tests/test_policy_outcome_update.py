@@ -61,3 +61,12 @@ def test_vectorised_update_matches_row_by_row_bit_for_bit():
     assert np.array_equal(fast._cells, ref._cells)
     assert fast._state == ref._state
     assert _bin(1) == 0
+
+
+def test_budget_row_rejects_nan_and_out_of_range_probs_naming_the_request():
+    import pytest
+
+    for bad in ([0.5, float("nan")], [float("nan"), 0.5], [1.5, 0.2], [0.2, -0.1]):
+        with pytest.raises(ValueError, match="'r7'.*node_probs|node_probs.*'r7'"):
+            BudgetRow("r7", "q", 0, 10, np.array(bad))
+    assert BudgetRow("r8", "q", 0, 10, [1.0, 0.0]).node_probs.dtype == np.float64

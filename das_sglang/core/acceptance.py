@@ -329,12 +329,13 @@ class OutcomeCalibration:
         # first ``budget`` ranks, summed rank by rank in order (the sums a per-row bincount
         # gives, bit for bit; ranks past a row's budget add exact zeros).
         ranks = np.arange(width)
-        hit = np.zeros((len(rows), n_bins))
+        rank_bins = self._rank_bin[:width]
+        # Accepted nodes per bin: 0/1 counts, exact in any summation order.
+        one_hot = (rank_bins[:, None] == np.arange(n_bins)[None, :]).astype(np.float64)
+        hit = (ranks[None, :] < accepted[:, None]).astype(np.float64) @ one_hot
         expected = np.zeros((len(rows), n_bins))
         nodes = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
-        for r in range(width):
-            k = self._rank_bin[r]
-            hit[:, k] += r < accepted
+        for r, k in enumerate(rank_bins.tolist()):
             expected[:, k] += nodes[:, r]
         new_states = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
         states = np.empty(len(rows), dtype=np.int64)
