@@ -15,12 +15,13 @@ share the problem id). Nothing here imports sglang until an engine is built.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from das_sglang.core.datasets import prompt_key  # noqa: F401  (re-exported: the API's problem ids)
 
 ALGORITHM = "DAS"
 PROBLEM_KEY = "das_problem_id"  # custom_params keys (docs/design.md, SGLang worker contract)
@@ -35,12 +36,6 @@ def tag(problem_id: str | int, step: int) -> dict[str, Any]:
     if problem_id == "" or problem_id is None:
         raise ValueError(f"invalid problem_id={problem_id!r}: must be non-empty")
     return {PROBLEM_KEY: str(problem_id), STEP_KEY: step}
-
-
-def prompt_key(prompt: str) -> str:
-    """A stable problem id for a prompt text: the one `das replay` groups verl dumps by
-    (``core/datasets.py``), so live rollouts and replays name problems alike."""
-    return "p" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
 
 
 def tagged(sampling_params: Mapping[str, Any] | None, problem_id: str | int, step: int) -> dict[str, Any]:
@@ -161,21 +156,12 @@ def rollout_das_config(history_dir: Path | None, strict_history: bool = False,
     saves) overrides the configured one: ``sglang.Engine.shutdown()`` SIGKILLs the
     scheduler, so the worker's exit-time save never runs and the periodic save is what
     persists history."""
-    from das_sglang.sglang.options import ENV
+    from das_sglang.sglang.options import ENV, parse_config
 
     raw = os.environ.get(ENV, "").strip()
     if history_dir is None:
         return raw or {}
-    if raw and not raw.startswith("{"):  # DAS_CONFIG may name a JSON file
-        if not Path(raw).is_file():
-            raise ValueError(f"invalid {ENV}={raw!r}: neither a JSON object nor a file")
-        raw = Path(raw).read_text()
-    try:
-        config = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid {ENV}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("server", {}), dict):
-        raise ValueError(f"invalid {ENV}={raw!r}: must be a JSON object of sections")
+    config = parse_config(raw)
     config["server"] = {**config.get("server", {}), "history_path": str(history_dir),
                         "strict_snapshot": strict_history}
     if snapshot_interval is not None:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from das_sglang.core.config import _check
+from das_sglang.core.config import check_field
 from das_sglang.core.draft_tree import DraftTree
 
 
@@ -68,11 +68,11 @@ class SuffixDecodingConfig:
     match_lengths: tuple[int, ...] | None = None  # None: every length, as ArcticInference
 
     def __post_init__(self) -> None:
-        _check(2 <= self.max_depth <= 256, "max_depth", self.max_depth, "must be in [2, 256]")
-        _check(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
-        _check(0.0 <= self.min_token_prob <= 1.0, "min_token_prob", self.min_token_prob, "must be in [0, 1]")
-        _check(self.max_spec_factor >= 0, "max_spec_factor", self.max_spec_factor, "must be >= 0")
-        _check(self.max_cached_requests >= -1, "max_cached_requests", self.max_cached_requests, "must be >= -1")
+        check_field(2 <= self.max_depth <= 256, "max_depth", self.max_depth, "must be in [2, 256]")
+        check_field(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
+        check_field(0.0 <= self.min_token_prob <= 1.0, "min_token_prob", self.min_token_prob, "must be in [0, 1]")
+        check_field(self.max_spec_factor >= 0, "max_spec_factor", self.max_spec_factor, "must be >= 0")
+        check_field(self.max_cached_requests >= -1, "max_cached_requests", self.max_cached_requests, "must be >= -1")
 
 
 class SuffixDecodingDrafter:

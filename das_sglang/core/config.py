@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 
-def _check(cond: bool, name: str, value: object, why: str) -> None:
+def check_field(cond: bool, name: str, value: object, why: str) -> None:
     if not cond:
         raise ValueError(f"invalid {name}={value!r}: {why}")
 
@@ -42,17 +42,17 @@ class DrafterConfig:
     global_shard: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.window_steps >= 0, "window_steps", self.window_steps, "must be >= 0")
-        _check(0.0 < self.step_decay <= 1.0, "step_decay", self.step_decay, "must be in (0, 1]")
-        _check(2 <= self.max_depth <= 256, "max_depth", self.max_depth, "must be in [2, 256]")
-        _check(
+        check_field(self.window_steps >= 0, "window_steps", self.window_steps, "must be >= 0")
+        check_field(0.0 < self.step_decay <= 1.0, "step_decay", self.step_decay, "must be in (0, 1]")
+        check_field(2 <= self.max_depth <= 256, "max_depth", self.max_depth, "must be in [2, 256]")
+        check_field(
             1 <= self.max_match_len < self.max_depth,
             "max_match_len",
             self.max_match_len,
             f"must be in [1, max_depth={self.max_depth})",
         )
-        _check(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
-        _check(
+        check_field(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
+        check_field(
             0.0 <= self.min_token_prob <= 1.0,
             "min_token_prob",
             self.min_token_prob,

@@ -161,8 +161,10 @@ def _score(value: Any) -> float | None:
     return None
 
 
-def _problem_key(text: str) -> str:
-    return "p" + hashlib.sha1(text.encode()).hexdigest()[:12]
+def prompt_key(prompt: str) -> str:
+    """A stable problem id for a prompt text: how `das replay` groups verl dumps, and what
+    `das rollout` / ``das_sglang.tag`` use, so live rollouts and replays name problems alike."""
+    return "p" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
 
 
 def _step_from_name(path: Path) -> int | None:
@@ -191,7 +193,7 @@ def load_verl(paths: Sequence[Path | str]) -> list[TextRollout]:
             else:
                 raise ValueError(f"{where}: missing field 'step' and file name has no step number")
             rid = obj.get("request_id") or where
-            out.append(_text_rollout(str(rid), _problem_key(prompt), step, prompt, response,
+            out.append(_text_rollout(str(rid), prompt_key(prompt), step, prompt, response,
                                      _score(obj.get("score")), where, "output"))
     return _checked(out, "verl dump")
 
@@ -216,7 +218,7 @@ def load_jsonl(
                 responses = [responses]
             if not responses:
                 raise ValueError(f"{where}: field {response_field!r} is an empty list")
-            group = _group(obj, group_field, where) if group_field else _problem_key(prompt)
+            group = _group(obj, group_field, where) if group_field else prompt_key(prompt)
             step = _field(obj, step_field, where, (int,)) if step_field else 0
             score = _score(obj.get(score_field)) if score_field else None
             for k, resp in enumerate(responses):

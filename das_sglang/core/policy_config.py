@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from das_sglang.core.config import DrafterConfig
+from das_sglang.core.config import DrafterConfig, check_field
 from das_sglang.core.cost_model import DEFAULT_PRESET, PRESETS
-
-
-def _check(cond: bool, name: str, value: object, why: str) -> None:
-    if not cond:
-        raise ValueError(f"invalid {name}={value!r}: {why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,34 +66,34 @@ class PolicyConfig:
     critical_spread: float = 0.05
 
     def __post_init__(self) -> None:
-        _check(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
-        _check(0 <= self.fixed_budget <= self.max_budget, "fixed_budget", self.fixed_budget,
+        check_field(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
+        check_field(0 <= self.fixed_budget <= self.max_budget, "fixed_budget", self.fixed_budget,
                f"must be in [0, max_budget={self.max_budget}]")
-        _check(self.cost_preset in PRESETS, "cost_preset", self.cost_preset,
+        check_field(self.cost_preset in PRESETS, "cost_preset", self.cost_preset,
                f"must be one of {sorted(PRESETS)}")
-        _check(self.length_window_steps >= 0, "length_window_steps", self.length_window_steps,
+        check_field(self.length_window_steps >= 0, "length_window_steps", self.length_window_steps,
                "must be >= 0")
         q1, q2 = self.class_quantiles
-        _check(0.0 < q1 < q2 < 1.0, "class_quantiles", self.class_quantiles,
+        check_field(0.0 < q1 < q2 < 1.0, "class_quantiles", self.class_quantiles,
                "must satisfy 0 < q1 < q2 < 1")
         if self.class_thresholds is not None:
             t1, t2 = self.class_thresholds
-            _check(0 < t1 < t2, "class_thresholds", self.class_thresholds,
+            check_field(0 < t1 < t2, "class_thresholds", self.class_thresholds,
                    "must satisfy 0 < short/medium < medium/long")
-        _check(self.prior_length >= 1, "prior_length", self.prior_length, "must be >= 1")
-        _check(self.tail_factor > 0.0, "tail_factor", self.tail_factor, "must be > 0")
-        _check(0.0 <= self.prior_alpha <= 1.0, "prior_alpha", self.prior_alpha, "must be in [0, 1]")
-        _check(self.prior_k >= 0.0, "prior_k", self.prior_k, "must be >= 0")
-        _check(self.prior_weight > 0.0, "prior_weight", self.prior_weight, "must be > 0")
-        _check(self.calibration_prior_tokens > 0.0, "calibration_prior_tokens",
+        check_field(self.prior_length >= 1, "prior_length", self.prior_length, "must be >= 1")
+        check_field(self.tail_factor > 0.0, "tail_factor", self.tail_factor, "must be > 0")
+        check_field(0.0 <= self.prior_alpha <= 1.0, "prior_alpha", self.prior_alpha, "must be in [0, 1]")
+        check_field(self.prior_k >= 0.0, "prior_k", self.prior_k, "must be >= 0")
+        check_field(self.prior_weight > 0.0, "prior_weight", self.prior_weight, "must be > 0")
+        check_field(self.calibration_prior_tokens > 0.0, "calibration_prior_tokens",
                self.calibration_prior_tokens, "must be > 0")
-        _check(self.acceptance_memory >= 1, "acceptance_memory", self.acceptance_memory, "must be >= 1")
-        _check(self.refit_every >= 1, "refit_every", self.refit_every, "must be >= 1")
-        _check(0.0 <= self.min_gain < 1.0, "min_gain", self.min_gain, "must be in [0, 1)")
-        _check(self.lookahead in ("stationary", "marginal"), "lookahead", self.lookahead,
+        check_field(self.acceptance_memory >= 1, "acceptance_memory", self.acceptance_memory, "must be >= 1")
+        check_field(self.refit_every >= 1, "refit_every", self.refit_every, "must be >= 1")
+        check_field(0.0 <= self.min_gain < 1.0, "min_gain", self.min_gain, "must be in [0, 1)")
+        check_field(self.lookahead in ("stationary", "marginal"), "lookahead", self.lookahead,
                "must be stationary or marginal")
-        _check(self.critical_spread > 0.0, "critical_spread", self.critical_spread, "must be > 0")
-        _check(self.curve_mode in ("outcome", "tree", "capped", "blend"), "curve_mode", self.curve_mode,
+        check_field(self.critical_spread > 0.0, "critical_spread", self.critical_spread, "must be > 0")
+        check_field(self.curve_mode in ("outcome", "tree", "capped", "blend"), "curve_mode", self.curve_mode,
                "must be one of outcome, tree, capped, blend")
 
     @classmethod

@@ -74,7 +74,7 @@ def load_options(num_draft_tokens: int | None, raw: str | None = None) -> DasOpt
     ``num_draft_tokens`` None (not resolved yet) skips the width checks.
     """
     text = os.environ.get(ENV, "") if raw is None else raw
-    sections = _parse(text)
+    sections = parse_config(text)
     built = {name: _build(name, cls, sections.get(name, {})) for name, cls in _SECTIONS.items()}
     if num_draft_tokens is None:
         return DasOptions(**built, max_nodes=built["drafter"].max_budget)
@@ -93,7 +93,8 @@ def load_options(num_draft_tokens: int | None, raw: str | None = None) -> DasOpt
     return DasOptions(drafter=drafter, policy=policy, server=built["server"], max_nodes=max_nodes)
 
 
-def _parse(text: str) -> dict[str, dict[str, Any]]:
+def parse_config(text: str) -> dict[str, dict[str, Any]]:
+    """``DAS_CONFIG``'s text (a JSON object or a path to one) -> its sections, unbuilt."""
     text = text.strip()
     if not text:
         return {}
