@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=1500, help="decode steps simulated")
     ap.add_argument("--repeats", type=int, default=3, help="timings per query; the fastest is kept")
     ap.add_argument("--max-depth", type=int, default=DrafterConfig().max_depth)
-    ap.add_argument("--cache-dir", help="token cache (default: $DAS_CACHE_DIR or ~/.cache/das-sglang)")
+    ap.add_argument("--cache-dir", help="token cache (default: $XDG_CACHE_HOME/das-sglang or ~/.cache/das-sglang)")
     a = ap.parse_args(argv)
     if a.history + a.live > 22:
         print(f"error: --history + --live = {a.history + a.live} > 22 rollouts per problem in the data", file=sys.stderr)

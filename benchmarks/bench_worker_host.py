@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.oracle
 from bench_drafter import HISTORY_STEPS, load_problems  # noqa: E402
 
 from das_sglang.core.policy import BudgetRow  # noqa: E402
@@ -46,9 +47,9 @@ from das_sglang.sglang.options import load_options  # noqa: E402
 from das_sglang.sglang.session import DasSession  # noqa: E402
 from das_sglang.sglang.tree_inputs import (  # noqa: E402
     build_layout,
-    build_layout_reference,
     custom_mask,
 )
+from tests.oracle.layout_reference import build_layout_reference  # noqa: E402
 
 PHASES = ("speculate", "plan", "other", "layout", "feedback")
 

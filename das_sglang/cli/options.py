@@ -16,7 +16,7 @@ PlotsDir = Annotated[Optional[Path], typer.Option("--plots", help="Write PNG plo
 TokenizerPath = Annotated[Optional[Path], typer.Option(
     "--tokenizer", help="A tokenizer.json (optionally .gz); default: the bundled offline Qwen2 BPE.")]
 CacheDir = Annotated[Optional[Path], typer.Option(
-    "--cache-dir", help="Token-id cache directory (default $DAS_CACHE_DIR or ~/.cache/das-sglang).", file_okay=False)]
+    "--cache-dir", help="Token-id cache directory (default $XDG_CACHE_HOME/das-sglang or ~/.cache/das-sglang).", file_okay=False)]
 CostPreset = Annotated[Optional[str], typer.Option(
     "--cost-preset", help=f"Forward-cost model preset: {', '.join(sorted(PRESETS))}.")]
 

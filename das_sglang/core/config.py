@@ -42,7 +42,15 @@ class DrafterConfig:
     global_shard: bool = False
 
     def __post_init__(self) -> None:
-        check_field(self.window_steps >= 0, "window_steps", self.window_steps, "must be >= 0")
+        from das_sglang.native import MAX_STEPS  # step slots of the native index
+
+        check_field(
+            0 <= self.window_steps <= MAX_STEPS - 1,
+            "window_steps",
+            self.window_steps,
+            f"must be in [0, {MAX_STEPS - 1}] (the native index keeps {MAX_STEPS} step slots: "
+            "the window plus the current step)",
+        )
         check_field(0.0 < self.step_decay <= 1.0, "step_decay", self.step_decay, "must be in (0, 1]")
         check_field(2 <= self.max_depth <= 256, "max_depth", self.max_depth, "must be in [2, 256]")
         check_field(

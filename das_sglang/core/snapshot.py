@@ -15,7 +15,9 @@ is one file, ``<dir>/history.dassnap``, laid out as::
 Writes are atomic: a temp file in the same directory is written, flushed and fsynced,
 renamed over the old snapshot, and the directory is fsynced. A writer killed at any point
 therefore leaves either the previous snapshot or the new one, never a torn file; stray
-temp files are ignored by readers and removed by the next save.
+temp files are ignored by readers. Temp names carry the writer's host and pid, and a save
+removes only temps of its own process or of a dead process on the same host: never a
+temp another live writer (e.g. another tensor-parallel rank) is writing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,7 @@ FORMAT_VERSION = 1
 SNAPSHOT_NAME = "history.dassnap"
 _HEADER = struct.Struct("<8sIQQ")
 _DIGEST_BYTES = 32
-_TMP_PREFIX = ".history-"
+_TMP_PREFIX = ".history-"  # + "<host>-<pid>-" (see _own_prefix)
 _INT32 = np.dtype("<i4")
 
 History = dict[str, dict[int, list[np.ndarray]]]
@@ -74,7 +77,7 @@ def save_history(
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(directory)
     target = directory / SNAPSHOT_NAME
-    with atomic_file(target, binary=True, tmp_prefix=_TMP_PREFIX) as f:
+    with atomic_file(target, binary=True, tmp_prefix=_own_prefix()) as f:
         _write_all(f, _chunks(header, index, arrays))
     return target
 
@@ -142,10 +145,31 @@ def _write_all(f: BinaryIO, chunks: Iterable[bytes]) -> None:
         f.write(chunk)
 
 
+def _own_prefix() -> str:
+    return f"{_TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
 def _remove_stale_temps(directory: Path) -> None:
-    """Temp files of writers that died midway; never the live snapshot."""
+    """Temp files this process left, or that a dead writer on this host left; never the
+    live snapshot, never a temp of a live writer or of another host."""
+    host = socket.gethostname()
     for stale in directory.glob(f"{_TMP_PREFIX}*.tmp"):
-        stale.unlink(missing_ok=True)
+        owner = stale.name[len(_TMP_PREFIX):].rsplit("-", 2)  # host (may hold "-"), pid, rand
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        pid = int(owner[1])
+        if pid == os.getpid() or not _alive(pid):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- loading

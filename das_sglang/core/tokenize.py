@@ -20,9 +20,7 @@ BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizers" 
 
 
 def default_cache_dir() -> Path:
-    """``$DAS_CACHE_DIR`` or ``$XDG_CACHE_HOME/das-sglang`` (``~/.cache/das-sglang``)."""
-    if env := os.environ.get("DAS_CACHE_DIR"):
-        return Path(env)
+    """``$XDG_CACHE_HOME/das-sglang`` (``~/.cache/das-sglang``); ``--cache-dir`` overrides."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "das-sglang"
 

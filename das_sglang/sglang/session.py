@@ -50,7 +50,10 @@ class _Live:
 class DasSession:
     """Drafter + policy + the live requests of one worker process."""
 
-    def __init__(self, options: DasOptions, drafter=None, policy=None):
+    def __init__(self, options: DasOptions, drafter=None, policy=None,
+                 write_snapshots: bool = True):
+        """``write_snapshots`` False (tensor-parallel ranks other than 0) still loads the
+        history snapshot, so every rank drafts alike, but never writes it."""
         from das_sglang.core.drafter import SuffixDrafter
 
         self.options = options
@@ -60,7 +63,7 @@ class DasSession:
         )
         self.step = 0
         self.live: dict[str, _Live] = {}
-        self.snapshot = self._open_snapshot()
+        self.snapshot = self._open_snapshot(write_snapshots)
 
     # ------------------------------------------------------------ requests
     def start(self, req_id: str, custom_params, prompt: Sequence[int], output: Sequence[int],
@@ -140,7 +143,7 @@ class DasSession:
             self.drafter.finish_request(req_id, keep=False)
 
     # ------------------------------------------------------------ history
-    def _open_snapshot(self):
+    def _open_snapshot(self, write: bool = True):
         server = self.options.server
         if server.history_path is None:
             return None
@@ -154,6 +157,8 @@ class DasSession:
             self.drafter.load_history(history)
             _log.info("DAS: loaded history of %d problems from %s", len(history),
                       server.history_path)
+        if not write:
+            return None
         return PeriodicSnapshot(
             server.history_path, self.drafter.history, every_n=server.snapshot_interval
         )

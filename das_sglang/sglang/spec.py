@@ -3,14 +3,26 @@
 DAS verifies host-built draft trees exactly like NGRAM (tree mask + retrieve indices,
 no draft model, no draft KV), so the spec class answers ``is_ngram() -> True``: every
 scheduler / attention / KV-sizing branch SGLang has for NGRAM's verify layout applies
-unchanged, and FlashInfer's tree verify is used untouched on GPU. Server-args handling
-is NGRAM's, plus validation of the DAS options (``DAS_CONFIG``, see ``options.py``).
+unchanged, and FlashInfer's tree verify is used untouched on GPU. Server args are DAS's
+own (:func:`handle_das_server_args`, logged), and the DAS options (``DAS_CONFIG``, see
+``options.py``) are validated there too: in the launching process, before any weights
+load.
 """
 
 from __future__ import annotations
 
+import logging
+
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from sglang.srt.speculative.spec_registry import CustomSpecAlgo
+
+_log = logging.getLogger(__name__)
+
+# Verify width (root + N-1 draft nodes) when --speculative-num-draft-tokens is not given.
+DEFAULT_NUM_DRAFT_TOKENS = 12
+# speculative_eagle_topk: > 1 tells SGLang's attention backends the verify rows form a
+# tree, not a chain (NGRAM declares its BFS breadth, 10 by default, for the same reason).
+TREE_TOPK = 10
 
 
 class DasSpecAlgo(CustomSpecAlgo):
@@ -37,16 +49,47 @@ class DasSpecAlgo(CustomSpecAlgo):
         )
 
     def handle_server_args(self, server_args) -> None:
-        from sglang.srt.arg_groups.speculative_hook import _handle_ngram
+        handle_das_server_args(server_args)
 
-        _handle_ngram(server_args)
+
+def handle_das_server_args(server_args) -> dict:
+    """Set the server args DAS needs, validate the DAS options; return what changed.
+
+    SGLang hands a custom algorithm a recorder of the server args: assignments become
+    declared resolutions. Only what DAS's worker really needs is set -- in particular
+    ``max_running_requests`` is left as the user gave it (NGRAM's handler caps it at 48).
+    """
+    if server_args.device not in ("cuda", "cpu"):
+        raise ValueError(
+            f"invalid device={server_args.device!r}: --speculative-algorithm DAS runs on "
+            "cuda (and cpu in das-sglang's CPU development mode)"
+        )
+    changed = {}
+
+    def declare(field: str, value, why: str) -> None:
+        if getattr(server_args, field) != value:
+            changed[field] = (getattr(server_args, field), value, why)
+            setattr(server_args, field, value)
+
+    declare("disable_overlap_schedule", True, "the DAS worker verifies synchronously")
+    declare("enable_mixed_chunk", False, "a verify batch cannot carry prefill chunks")
+    if server_args.speculative_num_draft_tokens is None:
+        declare("speculative_num_draft_tokens", DEFAULT_NUM_DRAFT_TOKENS, "default verify width")
+    n = server_args.speculative_num_draft_tokens
+    declare("speculative_eagle_topk", TREE_TOPK, "verify rows form a tree")
+    if server_args.speculative_num_steps is None:
+        declare("speculative_num_steps", n // TREE_TOPK, "NGRAM's tree-verify sizing")
+    _validate(server_args)  # now with the resolved verify width
+    for field, (old, new, why) in changed.items():
+        _log.info("DAS: server arg %s %r -> %r (%s)", field, old, new, why)
+    return {field: new for field, (_, new, _) in changed.items()}
 
 
 def _validate(server_args) -> None:
     """Fail at start-up, in the launching process, on bad DAS options."""
-    from das_sglang.sglang.options import load_options
+    from das_sglang.sglang.options import load_options, validate_for_server
 
-    load_options(server_args.speculative_num_draft_tokens)
+    validate_for_server(load_options(server_args.speculative_num_draft_tokens))
 
 
 def _worker_class(server_args):
@@ -55,7 +98,9 @@ def _worker_class(server_args):
     return DasWorker
 
 
-def register_das(name: str) -> None:
+def register_das(name: str, worker_class=_worker_class) -> None:
+    """Register ``name`` as a DAS algorithm; ``worker_class(server_args)`` picks the worker
+    class (the tests register deliberately wrong subclasses as negative controls)."""
     SpeculativeAlgorithm.register(
         name, supports_overlap=False, validate_server_args=_validate, spec_class=DasSpecAlgo
-    )(_worker_class)
+    )(worker_class)

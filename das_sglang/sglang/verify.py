@@ -19,28 +19,17 @@ uses the same key, and DAS output equals the non-speculative output token for to
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-# Test-only negative control (CPU development mode only): accept a draft when it equals
-# the target's argmax, as SGLang's CPU verify does at any temperature, while the bonus
-# token is still the sampled draw. Only accepted drafts are then wrong (biased towards
-# the mode), so a sampling test that catches it really checks the acceptance path.
-GREEDY_ACCEPT_ENV = "DAS_SGLANG_CPU_GREEDY_ACCEPT"
-
-
-def _greedy_accept() -> bool:
-    return os.environ.get("DAS_SGLANG_CPU") == "1" and os.environ.get(GREEDY_ACCEPT_ENV) == "1"
 
 
 def target_tokens(logits: torch.Tensor, sampling_info, positions: torch.Tensor, n: int):
-    """The target's next token after every verify row: int [rows] (rows = bs * n)."""
+    """The target's next token after every verify row: int [rows] (rows = bs * n).
+
+    The dtype is the sampler's (argmax: int64; FlashInfer's sampling kernels: int32);
+    :func:`walk_trees` converts to what the tree-walk kernel requires.
+    """
     _apply_penalties(logits, sampling_info, n)
-    target = _sample(logits, sampling_info, positions, n)
-    if _greedy_accept():
-        target.greedy_accept = torch.argmax(logits, dim=-1)  # read by walk_trees
-    return target
+    return _sample(logits, sampling_info, positions, n)
 
 
 def _sample(logits: torch.Tensor, sampling_info, positions: torch.Tensor, n: int):
@@ -135,13 +124,17 @@ def walk_trees(layout_tensors, target: torch.Tensor, bs: int, n: int, stride: in
         predicts=predict,
         accept_index=accept_index,
         accept_token_num=num_correct,
-        candidates=tokens.view(bs, n),
-        retrieve_index=retrieve_index,
-        retrieve_next_token=next_token,
-        retrieve_next_sibling=next_sibling,
-        target_predict=getattr(target, "greedy_accept", target).view(bs, n),
+        candidates=_kernel_index(tokens, bs, n),
+        retrieve_index=_kernel_index(retrieve_index, bs, n),
+        retrieve_next_token=_kernel_index(next_token, bs, n),
+        retrieve_next_sibling=_kernel_index(next_sibling, bs, n),
+        target_predict=_kernel_index(target, bs, n),
     )
-    if hasattr(target, "greedy_accept"):  # negative control: the bonus stays sampled
-        bonus = accept_index.gather(1, num_correct.long()[:, None]).view(-1).long()
-        predict[bonus] = target[bonus].to(predict.dtype)
     return predict, accept_index, num_correct
+
+
+def _kernel_index(t: torch.Tensor, bs: int, n: int) -> torch.Tensor:
+    """``[bs, n]`` contiguous int64, as the CUDA tree-walk kernel requires of its tree
+    tensors and ``target_predict`` (FlashInfer's samplers return int32: without this,
+    every sampled batch would fail on a GPU). No copy when already so."""
+    return t.reshape(bs, n).to(torch.int64).contiguous()

@@ -36,21 +36,29 @@ from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcac
 
 from das_sglang.sglang.options import load_options
 from das_sglang.sglang.session import DasSession
+from das_sglang.sglang.support import NoExternalCorpus, check_model_supported
+from das_sglang.sglang.tp import from_sglang as tp_group_of_worker
 from das_sglang.sglang.tree_inputs import build_layout, custom_mask
 from das_sglang.sglang.verify import target_tokens, walk_trees
 
 _log = logging.getLogger(__name__)
 
 
-class DasWorker(NGRAMWorker):
+class DasWorker(NoExternalCorpus, NGRAMWorker):
     # NGRAMWorker's __init__ builds (and JIT-compiles) its n-gram corpus, which DAS
     # does not use; BaseSpecWorker's is called instead. The inherited parts are the
     # memory-pool hookup, the draft-worker-less properties and the verify-result hooks.
+    # Verification steps as attributes: the tests' negative controls subclass them.
+    target_tokens = staticmethod(target_tokens)
+    walk_trees = staticmethod(walk_trees)
+
     def __init__(self, server_args, gpu_id, nccl_port, target_worker):
         BaseSpecWorker.__init__(self)
         self.server_args = server_args
         self._target_worker = target_worker
         self.model_runner = target_worker.model_runner
+        check_model_supported(self.model_runner.model_config)
+        self.tp = tp_group_of_worker()
         self.device = get_device().device
         self.page_size = get_schedule().page_size
         self.enable_overlap = not get_schedule().disable_overlap_schedule
@@ -58,9 +66,8 @@ class DasWorker(NGRAMWorker):
         self.speculative_num_draft_tokens = self.draft_token_num
         self.adaptive_controller = None
         self.options = load_options(self.draft_token_num)
-        self.session = DasSession(self.options)
+        self.session = DasSession(self.options, write_snapshots=self.tp.is_writer)
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
-        self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0}
         atexit.register(self.session.close)
         _log.info("DAS worker: %s", self.options)
 
@@ -83,10 +90,11 @@ class DasWorker(NGRAMWorker):
         )
         logits_output = result.logits_output
         spec = batch.spec_info
-        target = target_tokens(
+        target = self.target_tokens(
             logits_output.next_token_logits, batch.sampling_info, spec.positions, layout.n
         )
-        predict, accept_index, num_correct = walk_trees(
+        self.tp.agree(target)  # decided once, on TP rank 0 (see tp.py)
+        predict, accept_index, num_correct = self.walk_trees(
             (spec.draft_token, spec.retrieve_index, spec.retrieve_next_token,
              spec.retrieve_next_sibling),
             target, bs, layout.n, self.draft_token_num,
@@ -146,7 +154,6 @@ class DasWorker(NGRAMWorker):
             retrieve_next_sibling=torch.from_numpy(layout.next_sibling).to(dev),
             draft_token_num=n,
         )
-        self.stats["verify_steps"] += 1
         return layout, trees
 
     def _register(self, req) -> None:
@@ -170,8 +177,6 @@ class DasWorker(NGRAMWorker):
         self.session.committed_batch(
             [req.rid for req in batch.reqs], proposed, [r[:k] for r, k in zip(rows, lens)]
         )
-        self.stats["proposed"] += sum(proposed)
-        self.stats["accepted"] += sum(lens) - len(lens)
 
     def _relay(self, new_seq_lens, accept_tokens, accept_lens):
         # Fixed stride (speculative_num_draft_tokens) so SGLang's filter/merge of

@@ -51,10 +51,12 @@ def test_fill_ops_and_raw_kv_copy():
     dst = torch.zeros(6, dtype=torch.int64)
     ops.fill_accept_out_cache_loc_cpu(accept_index, out_cache, dst)
     assert dst[:3].tolist() == [100, 102, 103]
-    bonus = torch.zeros(2, dtype=torch.int64)
-    ops.fill_bonus_tokens_cpu(torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([2, 1]), bonus, 3)
+    bonus = torch.zeros(2, dtype=torch.int32)
+    ops.fill_bonus_tokens_cpu(torch.tensor([5, 6, 7, 8, 9, 10], dtype=torch.int32),
+                              torch.tensor([2, 1], dtype=torch.int32), bonus, 3)
     assert bonus.tolist() == [6, 8]
     kv = torch.arange(12, dtype=torch.float32).view(4, 3)  # 4 rows of 12 bytes
-    ops.copy_all_layer_kv_cache_cpu(torch.tensor([kv.data_ptr()]), torch.tensor([12]),
+    ops.copy_all_layer_kv_cache_cpu(torch.tensor([kv.data_ptr()], dtype=torch.uint64),
+                                    torch.tensor([12]),
                                     torch.tensor([0, 1]), torch.tensor([2, 0]))
     assert kv[0].tolist() == [6, 7, 8] and kv[1].tolist() == [0, 1, 2]  # sources read first

@@ -105,8 +105,9 @@ class TestGreedyIdentity:
 
 def test_negative_control_corrupted_tree_mask_breaks_identity(tiny_model, reference):
     batches = [b for b in workload() if b[0].startswith("grpo")]
-    env = {"DAS_SGLANG_CPU_CORRUPT_MASK": "1"}
-    with launch(tiny_model, "DAS", env=env) as engine:
+    from das_test_doubles import CORRUPT_MASK  # the test plugin's wrong worker
+
+    with launch(tiny_model, CORRUPT_MASK) as engine:
         bad = run(engine, batches)
     wrong = sum(mismatches(reference[label][0], bad[label][0]) for label, _, _ in batches)
     print(f"corrupted mask: {wrong} of {PROBLEMS * SIBLINGS * 2} outputs differ")

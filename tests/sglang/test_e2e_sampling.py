@@ -8,7 +8,7 @@ tokens then come through the acceptance path, not the bonus path, and a wrong ac
 rule changes the distribution visibly. For every generated position after the first
 (the first comes from prefill, not verification) the token counts of DAS and of no
 speculation are compared with a chi-square test of homogeneity. The negative control
-(``DAS_SGLANG_CPU_GREEDY_ACCEPT=1``: drafts accepted when they equal the target's argmax,
+(the test plugin's ``DAS_GREEDY_ACCEPT``: drafts accepted when they equal the target's argmax,
 SGLang's CPU rule) must be detected by the same test.
 """
 
@@ -34,7 +34,6 @@ SETTINGS = {
 # Always verify the full width: the length-aware policy would trim budgets that the
 # cost model deems unprofitable, and every accepted draft adds to the test's power.
 FULL_WIDTH = {"DAS_CONFIG": '{"server": {"policy": "unlimited"}}'}
-GREEDY_ACCEPT = dict(FULL_WIDTH, DAS_SGLANG_CPU_GREEDY_ACCEPT="1")
 
 
 def sample(engine, params, n: int, tag=None):
@@ -68,7 +67,9 @@ def samples(tiny_model):
 
 @pytest.fixture(scope="module")
 def greedy_accept_samples(tiny_model):
-    with launch(tiny_model, "DAS", env=GREEDY_ACCEPT) as engine:
+    from das_test_doubles import GREEDY_ACCEPT
+
+    with launch(tiny_model, GREEDY_ACCEPT, env=FULL_WIDTH) as engine:
         return sample_das(engine)
 
 

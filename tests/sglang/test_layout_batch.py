@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from das_sglang.sglang.tree_inputs import build_layout, build_layout_reference, custom_mask
+from das_sglang.sglang.tree_inputs import build_layout, custom_mask
+from tests.oracle.layout_reference import build_layout_reference
 from tests.sglang.test_tree_inputs import trees
 
 

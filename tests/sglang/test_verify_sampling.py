@@ -7,8 +7,8 @@ often, ~2-3 tokens per step), the verify rows get the chain's logits, ``target_t
 samples and ``walk_trees`` accepts exactly as the worker does. The committed tokens at
 positions 1..L are compared with the exact marginals of non-speculative sampling
 (powers of the filtered transition matrix) by chi-square goodness of fit. The negative
-control (``DAS_SGLANG_CPU_GREEDY_ACCEPT=1``: drafts accepted by argmax, SGLang's CPU rule)
-must be rejected by the same test.
+control (``doubles/das_test_doubles``: drafts accepted by argmax, SGLang's CPU rule) must
+be rejected by the same test.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from scipy.stats import chisquare
 
 from das_sglang.core.draft_tree import DraftTree
 from das_sglang.sglang.tree_inputs import build_layout
-from das_sglang.sglang.verify import GREEDY_ACCEPT_ENV, target_tokens, walk_trees
+from das_sglang.sglang.verify import target_tokens, walk_trees
 
 V, LENGTH, SAMPLES, START = 6, 5, 3000, 0
 ALPHA = 1e-3  # family-wise, Bonferroni over the positions
@@ -99,7 +99,8 @@ def sampling_info(bs: int, temperature: float, top_k: int, top_p: float):
     )
 
 
-def decode_das(params: dict, samples: int = SAMPLES, torch_seed: int = 0):
+def decode_das(params: dict, samples: int = SAMPLES, torch_seed: int = 0,
+               sample=target_tokens, walk=walk_trees):
     """``samples`` sequences of LENGTH tokens after START, and mean tokens per verify."""
     torch.manual_seed(torch_seed)
     table = chain_logits()
@@ -112,11 +113,10 @@ def decode_das(params: dict, samples: int = SAMPLES, torch_seed: int = 0):
         seq_lens = [len(s) for s in seqs]  # prompt = START, so positions = token index
         layout = build_layout(roots, [trees[r] for r in roots], seq_lens, 5)
         logits = torch.from_numpy(table[layout.tokens])
-        target = target_tokens(logits, info, torch.from_numpy(layout.positions), layout.n)
+        target = sample(logits, info, torch.from_numpy(layout.positions), layout.n)
         links = tuple(torch.from_numpy(x) for x in (
             layout.tokens, layout.retrieve_index, layout.next_token, layout.next_sibling))
-        predict, accept_index, num_correct = walk_trees(links, target, samples, layout.n,
-                                                        layout.n)
+        predict, accept_index, num_correct = walk(links, target, samples, layout.n, layout.n)
         predict, accept_index = predict.tolist(), accept_index.tolist()
         for s, rows, k in zip(seqs, accept_index, num_correct.tolist()):
             s.extend(predict[row] for row in rows[: k + 1])
@@ -163,9 +163,11 @@ def test_committed_tokens_have_the_target_distribution(sglang_context, setting):
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-def test_negative_control_greedy_acceptance_is_detected(sglang_context, setting, monkeypatch):
-    monkeypatch.setenv(GREEDY_ACCEPT_ENV, "1")
-    tokens, per_step = decode_das(SETTINGS[setting])
+def test_negative_control_greedy_acceptance_is_detected(sglang_context, setting):
+    from das_test_doubles.workers import greedy_accept_target_tokens, greedy_accept_walk_trees
+
+    tokens, per_step = decode_das(SETTINGS[setting], sample=greedy_accept_target_tokens,
+                                  walk=greedy_accept_walk_trees)
     pvals = goodness_of_fit(tokens, SETTINGS[setting])
     print(f"greedy accept, {setting}: {per_step:.2f} tokens/verify, "
           f"p-values {np.round(pvals, 6).tolist()}")

@@ -11,24 +11,13 @@ SGLang's attention registry by :func:`das_sglang.sglang.cpu.activate`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
-# Test-only negative control: drop every draft node's ancestors from its mask (it sees
-# the prefix, the root and itself only), so any accepted node below depth 1 was scored
-# on the wrong context and outputs must diverge from the non-speculative run.
-CORRUPT_MASK_ENV = "DAS_SGLANG_CPU_CORRUPT_MASK"
-
 
 class TreeVerifyTorchNativeAttnBackend(TorchNativeAttnBackend):
-    def __init__(self, model_runner):
-        super().__init__(model_runner)
-        self.corrupt_mask = os.environ.get(CORRUPT_MASK_ENV, "") == "1"
-
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if not forward_batch.forward_mode.is_target_verify():
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
@@ -44,10 +33,6 @@ class TreeVerifyTorchNativeAttnBackend(TorchNativeAttnBackend):
     def _tree_masks(self, forward_batch, bs: int, n: int) -> torch.Tensor:
         """[bs, n, n] bool ancestor masks (the trailing n x n block of a full mask)."""
         mask = forward_batch.spec_info.custom_mask
-        if self.corrupt_mask:
-            wrong = torch.eye(n, dtype=torch.bool, device=mask.device)
-            wrong[:, 0] = True
-            return wrong.expand(bs, n, n)
         if mask.numel() == bs * n * n:
             return mask.view(bs, n, n).to(torch.bool)
         # Full-mask layout (prefix columns + tree columns, per request): keep the tree part.
