@@ -79,10 +79,25 @@ def handle_das_server_args(server_args) -> dict:
     declare("speculative_eagle_topk", TREE_TOPK, "verify rows form a tree")
     if server_args.speculative_num_steps is None:
         declare("speculative_num_steps", n // TREE_TOPK, "NGRAM's tree-verify sizing")
+    _refuse_unverifiable(server_args)
     _validate(server_args)  # now with the resolved verify width
     for field, (old, new, why) in changed.items():
         _log.info("DAS: server arg %s %r -> %r (%s)", field, old, new, why)
     return {field: new for field, (_, new, _) in changed.items()}
+
+
+def _refuse_unverifiable(server_args) -> None:
+    """Settings under which tree verification is not exact (as NGRAM refuses them)."""
+    from sglang.srt.runtime_context import attn_dp_enabled_of
+
+    page_size, backend = server_args.page_size, server_args.attention_backend
+    if page_size is not None and page_size > 1 and backend not in (None, "flashinfer"):
+        raise ValueError(
+            f"invalid page_size={page_size!r} with attention_backend={backend!r}: DAS's "
+            "tree verify with page_size > 1 is exact only on the flashinfer backend"
+        )
+    if attn_dp_enabled_of(server_args):
+        raise ValueError("--speculative-algorithm DAS does not support DP attention")
 
 
 def _validate(server_args) -> None:

@@ -167,3 +167,25 @@ def test_dead_code_is_gone():
     assert not hasattr(tree_inputs, "accepted_tokens")
     assert not hasattr(tree_inputs, "build_layout_reference")  # the oracle is in tests/oracle
     assert "self.stats" not in (ROOT / "das_sglang" / "sglang" / "worker.py").read_text()
+
+
+def test_conftest_leaves_cpu_mode_off_on_a_cuda_host():
+    """GPU tests must stay collectable: on a CUDA host the conftest must not activate
+    (activation refuses there) -- checked with CUDA reported present."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, runpy, torch; torch.cuda.is_available = lambda: True; "
+        "os.environ.pop('SGLANG_USE_CPU_ENGINE', None); os.environ.pop('DAS_SGLANG_CPU', None); "
+        f"g = runpy.run_path({str(Path(__file__).parent / 'conftest.py')!r}); "
+        "assert g['CPU_MODE'] is False; "
+        "assert 'SGLANG_USE_CPU_ENGINE' not in os.environ and 'DAS_SGLANG_CPU' not in os.environ"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_paged_tree_verify_off_flashinfer_is_refused(tiny_model, monkeypatch):
+    with pytest.raises(ValueError, match="page_size=16"):
+        _resolve(tiny_model, monkeypatch, speculative_algorithm="DAS", page_size=16)
