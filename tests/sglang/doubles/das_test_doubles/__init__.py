@@ -12,12 +12,16 @@ and scheduler processes discover it. Production code carries no test switch.
 - ``DAS_CORRUPT_MASK``: every verify row sees only the prefix, the root and itself (its
   ancestors are dropped), so any node accepted below depth 1 was scored on the wrong
   context and greedy outputs must diverge from the non-speculative run.
+- ``DAS_TP_RECORD``: the production worker, recording every accept decision of its
+  tensor-parallel rank to ``$DAS_TEST_TP_RECORD_DIR/rank<r>.jsonl`` (the TP test compares
+  the ranks).
 """
 
 from __future__ import annotations
 
 GREEDY_ACCEPT = "DAS_GREEDY_ACCEPT"
 CORRUPT_MASK = "DAS_CORRUPT_MASK"
+TP_RECORD = "DAS_TP_RECORD"
 
 
 def register() -> None:
@@ -28,7 +32,7 @@ def register() -> None:
 
     from das_sglang.sglang.spec import register_das
 
-    for name in (GREEDY_ACCEPT, CORRUPT_MASK):
+    for name in (GREEDY_ACCEPT, CORRUPT_MASK, TP_RECORD):
         if get_spec(name) is None:
             register_das(name, worker_class=_worker_factory(name))
 
@@ -38,6 +42,7 @@ def _worker_factory(name: str):
         from das_test_doubles import workers
 
         return {GREEDY_ACCEPT: workers.GreedyAcceptWorker,
-                CORRUPT_MASK: workers.CorruptMaskWorker}[name]
+                CORRUPT_MASK: workers.CorruptMaskWorker,
+                TP_RECORD: workers.TpRecordWorker}[name]
 
     return worker_class

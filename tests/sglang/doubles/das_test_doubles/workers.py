@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from das_sglang.sglang import verify
@@ -40,3 +43,23 @@ class CorruptMaskWorker(DasWorker):
         wrong[:, 0] = True
         spec.custom_mask = wrong.expand(bs, n, n).reshape(-1).contiguous()
         return layout, trees
+
+
+class TpRecordWorker(DasWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._record = os.path.join(os.environ["DAS_TEST_TP_RECORD_DIR"],
+                                    f"rank{self.tp.rank}.jsonl")
+        self._log({"rank": self.tp.rank, "size": self.tp.size,
+                   "writes_snapshots": self.session.snapshot is not None})
+
+    def walk_trees(self, layout_tensors, target, bs, n, stride):
+        predict, accept_index, num_correct = verify.walk_trees(
+            layout_tensors, target, bs, n, stride)
+        self._log({"accept_index": accept_index.tolist(), "num_correct": num_correct.tolist(),
+                   "predict": predict.tolist()})
+        return predict, accept_index, num_correct
+
+    def _log(self, record: dict) -> None:
+        with open(self._record, "a") as f:
+            f.write(json.dumps(record) + "\n")
