@@ -2,9 +2,9 @@
 
 A real 2-process ``torch.distributed`` group (gloo, CPU) runs ``tp_ranks.run_rank`` per
 rank: the production session, layout and verify path, with the worker's ``TpGroup``
-broadcast (``tp.py``) between sampling and the tree walk. A real ``--tp 2`` SGLang
-engine is not run here: SGLang's CPU tensor parallelism needs ``sgl_kernel``'s CPU
-shared-memory all-reduce ops, which the CPU development mode does not provide.
+broadcast (``tp.py``) between sampling and the tree walk, each rank drawing different
+targets on purpose, so the broadcast is what makes decisions agree (a real ``--tp 2``
+engine, where the ranks' draws already agree, is ``test_tp_engine.py``).
 """
 
 from __future__ import annotations
