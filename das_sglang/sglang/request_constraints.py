@@ -49,7 +49,7 @@ def apply_logit_transforms(logits: torch.Tensor, sampling_info, n: int) -> None:
     _apply_grammar(logits, sampling_info, n)
     if sampling_info.logit_bias is not None:
         logits.add_(_rows(sampling_info.logit_bias, n))
-    if sampling_info.has_custom_logit_processor:
+    if getattr(sampling_info, "has_custom_logit_processor", False):
         from sglang.srt.layers.sampler import apply_custom_logit_processor
 
         apply_custom_logit_processor(logits, sampling_info, num_tokens_in_batch=n)
@@ -63,13 +63,14 @@ def _apply_penalties(logits: torch.Tensor, sampling_info, n: int) -> None:
         from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties
 
         apply_scaling_penalties(logits, _rows(sampling_info.acc_scaling_penalties, n))
-    orchestrator = sampling_info.penalizer_orchestrator
+    orchestrator = getattr(sampling_info, "penalizer_orchestrator", None)
     if orchestrator is not None and orchestrator.is_required:
         orchestrator.apply(logits, repeat=None if n == 1 else n)
 
 
 def _apply_grammar(logits: torch.Tensor, sampling_info, n: int) -> None:
-    if not sampling_info.grammars or not any(sampling_info.grammars):
+    grammars = getattr(sampling_info, "grammars", None)
+    if not grammars or not any(grammars):
         return
     sampling_info.update_regex_vocab_mask()  # the grammars' state after the text so far
     mask = sampling_info.grammar_mask
