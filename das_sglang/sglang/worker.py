@@ -121,7 +121,7 @@ class DasWorker(NGRAMWorker):
     def _cut_at_stops(reqs, predict, accept_index, num_correct):
         """End each accepted run where one-token-at-a-time decoding would end it
         (``finish.stop_cut``); ``accept_index`` is cut in place."""
-        if int(num_correct.max()) == 0:
+        if num_correct.numel() == 0 or int(num_correct.max()) == 0:
             return num_correct  # one token per request: nothing to cut
         lens = (num_correct + 1).tolist()
         runs = predict[accept_index.clamp(min=0).long()].tolist()
