@@ -52,6 +52,7 @@ SERVER_FLAGS = [
     "--max-total-tokens", "32768", "--random-seed", "0", "--log-level", "warning",
     "--enable-custom-logit-processor", "--max-running-requests", "32",
 ]
+BANNED = [17, 42, 99, 150, 201]
 HOSTILE = [
     {"das_step": "x"}, {"das_step": -1}, {"das_step": -5}, {"das_step": 1.5},
     {"das_step": True}, {"das_step": [3]}, {"das_step": {"a": {"b": [1, 2]}}},
@@ -202,8 +203,9 @@ def constrained(rng, tag):
         return {**base, "min_new_tokens": 10, "frequency_penalty": 0.3}
     if choice == 6:
         return {**base, "logit_bias": {str(int(rng.integers(3, 300))): 4.0}}
-    return {**base, "custom_params": {**tag, "token_ids": [int(t) for t in rng.integers(3, 300, 5)]},
-            "_processor": True}
+    # SGLang's DisallowedTokensLogitsProcessor asserts one token_ids list per batch (it
+    # raises in the scheduler otherwise, with or without speculation): one list for all.
+    return {**base, "custom_params": {**tag, "token_ids": BANNED}, "_processor": True}
 
 
 def processor_str() -> str:
