@@ -52,7 +52,10 @@ def _stop_text_matches(req, tokens: list[int]) -> bool:
     if not (strs or regexes) or req.tokenizer is None:
         return False
     tail_len = min(max(sp.stop_str_max_len + 1, sp.stop_regex_max_len + 1), len(tokens))
-    tail = req.tokenizer.decode(tokens[-tail_len:])
+    try:
+        tail = req.tokenizer.decode(tokens[-tail_len:])
+    except Exception:  # noqa: BLE001 - never raise in the scheduler; SGLang's own check follows
+        return False
     if any(s in tail for s in strs):
         return True
     for pattern in regexes:
