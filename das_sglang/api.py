@@ -31,18 +31,24 @@ TINY_MODEL = "tiny"
 
 def tag(problem_id: str | int, step: int) -> dict[str, Any]:
     """The ``custom_params`` entries that tag one request for DAS."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"invalid step={step!r}: must be an int >= 0")
+    from das_sglang.sglang.request_params import parse_tag
+
     if problem_id == "" or problem_id is None:
         raise ValueError(f"invalid problem_id={problem_id!r}: must be non-empty")
-    return {PROBLEM_KEY: str(problem_id), STEP_KEY: step}
+    pid, step = parse_tag({PROBLEM_KEY: problem_id, STEP_KEY: step})  # names a bad value
+    return {PROBLEM_KEY: pid, STEP_KEY: step}
 
 
 def tagged(sampling_params: Mapping[str, Any] | None, problem_id: str | int, step: int) -> dict[str, Any]:
     """A copy of ``sampling_params`` whose ``custom_params`` also carry the DAS tag
     (other custom params are kept)."""
     params = dict(sampling_params or {})
-    params["custom_params"] = {**(params.get("custom_params") or {}), **tag(problem_id, step)}
+    custom = params.get("custom_params") or {}
+    if not isinstance(custom, dict):
+        raise ValueError(
+            f"invalid custom_params={custom!r:.80}: must be a dict (got {type(custom).__name__})"
+        )
+    params["custom_params"] = {**custom, **tag(problem_id, step)}
     return params
 
 

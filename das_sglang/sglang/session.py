@@ -18,24 +18,29 @@ from das_sglang.core.draft_tree import DraftTree
 from das_sglang.core.drafter import truncate_trusted
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.sglang.options import DasOptions
+from das_sglang.sglang.request_params import (
+    PROBLEM_KEY,  # noqa: F401  (re-exported)
+    STEP_KEY,  # noqa: F401
+    RateLimitedWarning,
+    StepClock,
+    parse_tag,
+)
 
-PROBLEM_KEY = "das_problem_id"
-STEP_KEY = "das_step"
 _log = logging.getLogger(__name__)
+_warn_bad_params = RateLimitedWarning(_log)
 
 
 def problem_of(custom_params: dict | None, prompt: Sequence[int]) -> tuple[str, int | None]:
     """``(problem_id, step)`` from a request's custom params; the problem id falls back to
-    a hash of the prompt tokens, the step to None (= the current step)."""
-    params = custom_params or {}
-    step = params.get(STEP_KEY)
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ValueError(f"invalid custom_params {STEP_KEY}={step!r}: must be an int >= 0")
-    pid = params.get(PROBLEM_KEY)
-    if pid is None or pid == "":
-        digest = hashlib.blake2b(np.asarray(prompt, dtype=np.int32).tobytes(), digest_size=8)
-        pid = "prompt-" + digest.hexdigest()
-    return str(pid), step
+    a hash of the prompt tokens, the step to None (= the current step). Raises
+    ValueError naming a bad value (``request_params.parse_tag``)."""
+    pid, step = parse_tag(custom_params)
+    return (prompt_problem_id(prompt) if pid is None else pid), step
+
+
+def prompt_problem_id(prompt: Sequence[int]) -> str:
+    digest = hashlib.blake2b(np.asarray(prompt, dtype=np.int32).tobytes(), digest_size=8)
+    return "prompt-" + digest.hexdigest()
 
 
 @dataclass
@@ -45,6 +50,7 @@ class _Live:
     prompt_len: int
     max_new_tokens: int
     generated: int  # response tokens the drafter has seen
+    root_only: bool = False  # verified exactly at width 0 (request_constraints)
 
 
 class DasSession:
@@ -63,20 +69,43 @@ class DasSession:
         )
         self.step = 0
         self.live: dict[str, _Live] = {}
+        # Readable counters (saved in the snapshot's meta as "das_counters"):
+        # bad_params = requests served untagged because of a bad DAS tag,
+        # steps_opened = new clock steps, root_only = requests verified at width 0.
+        self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0}
+        self.clock = StepClock(options.drafter.window_steps)
         self.snapshot = self._open_snapshot(write_snapshots)
 
     # ------------------------------------------------------------ requests
     def start(self, req_id: str, custom_params, prompt: Sequence[int], output: Sequence[int],
-              max_new_tokens: int) -> None:
-        """First sight of a decoding request: its prompt and the output so far."""
-        pid, step = problem_of(custom_params, prompt)
-        if step is not None and step > self.step:
+              max_new_tokens: int, root_only: bool = False) -> None:
+        """First sight of a decoding request: its prompt and the output so far.
+
+        A bad DAS tag never raises here (this runs inside SGLang's scheduler): the
+        request is served untagged, with a rate-limited warning and a counter.
+        ``root_only`` requests are never drafted for (budget 0, see ``plan``).
+        """
+        try:
+            pid, step = parse_tag(custom_params)
+        except ValueError as e:
+            self.counters["bad_params"] += 1
+            _warn_bad_params("DAS: request %s served untagged: %s", req_id, e)
+            pid, step = None, None
+        if pid is None:
+            pid = prompt_problem_id(prompt)
+        step, opened = self.clock.resolve(step, self._history_empty)
+        if opened:
+            self.counters["steps_opened"] += 1
             self.advance_step(step)
         self.drafter.start_request(req_id, pid, np.asarray(prompt, dtype=np.int32))
         if len(output):
             self.drafter.extend_request(req_id, np.asarray(output, dtype=np.int32))
-        step = self.step if step is None else step
-        self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output))
+        self.counters["root_only"] += bool(root_only)
+        self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only)
+
+    def _history_empty(self) -> bool:
+        # Finished rollouts = indexed sequences minus the live requests' own.
+        return self.drafter.stats().sequences <= len(self.live)
 
     def advance_step(self, step: int) -> None:
         self.step = step
@@ -98,6 +127,7 @@ class DasSession:
             ))
         plan = self.policy.plan(rows)
         keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes).tolist()
+        keep = [0 if self.live[rid].root_only else k for rid, k in zip(req_ids, keep)]
         trees = [truncate_trusted(t, k) for t, k in zip(trees, keep)]
         width = max((len(t) for t in trees), default=0)
         return trees, width
@@ -157,11 +187,23 @@ class DasSession:
             self.drafter.load_history(history)
             _log.info("DAS: loaded history of %d problems from %s", len(history),
                       server.history_path)
+            saved = (meta or {}).get("das_step_clock") or {str(self.step): self.step}
+            self.clock = StepClock(
+                self.options.drafter.window_steps, self.step,
+                {int(k): int(v) for k, v in saved.items()},
+            )
         if not write:
             return None
         return PeriodicSnapshot(
-            server.history_path, self.drafter.history, every_n=server.snapshot_interval
+            server.history_path, self.drafter.history, every_n=server.snapshot_interval,
+            get_meta=self._snapshot_meta,
         )
+
+    def _snapshot_meta(self) -> dict:
+        return {
+            "das_step_clock": {str(k): v for k, v in self.clock.known().items()},
+            "das_counters": dict(self.counters),
+        }
 
     def close(self) -> None:
         if self.snapshot is not None:

@@ -93,17 +93,12 @@ def _flashinfer_filtered(probs, sampling_info, rows):
 
 
 def _apply_penalties(logits: torch.Tensor, sampling_info, n: int) -> None:
-    """Penalties and logit bias, per verify row (as SGLang's speculative verify does)."""
-    if sampling_info.acc_additive_penalties is not None:
-        logits.add_(torch.repeat_interleave(sampling_info.acc_additive_penalties, n, dim=0))
-    if sampling_info.acc_scaling_penalties is not None:
-        from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties
+    """Penalties, grammar mask, logit bias and custom logit processors per verify row,
+    in SGLang's sampler order (``request_constraints``; rows past the root are exact
+    only for requests drafted normally, the others are verified at width 0)."""
+    from das_sglang.sglang.request_constraints import apply_logit_transforms
 
-        apply_scaling_penalties(
-            logits, torch.repeat_interleave(sampling_info.acc_scaling_penalties, n, dim=0)
-        )
-    if sampling_info.logit_bias is not None:
-        logits.add_(torch.repeat_interleave(sampling_info.logit_bias, n, dim=0))
+    apply_logit_transforms(logits, sampling_info, n)
 
 
 def walk_trees(layout_tensors, target: torch.Tensor, bs: int, n: int, stride: int):

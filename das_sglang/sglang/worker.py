@@ -34,7 +34,9 @@ from sglang.srt.speculative.ngram_info import NgramVerifyInput
 from sglang.srt.speculative.ngram_worker import NGRAMWorker
 from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
 
+from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cut
 from das_sglang.sglang.options import load_options
+from das_sglang.sglang.request_constraints import needs_root_only
 from das_sglang.sglang.session import DasSession
 from das_sglang.sglang.support import NoExternalCorpus, check_model_supported
 from das_sglang.sglang.tp import from_sglang as tp_group_of_worker
@@ -99,6 +101,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
              spec.retrieve_next_sibling),
             target, bs, layout.n, self.draft_token_num,
         )
+        num_correct = self._cut_at_stops(batch.reqs, predict, accept_index, num_correct)
         accept_lens = num_correct + 1
         new_seq_lens = batch.seq_lens + accept_lens
         accept_tokens = predict[accept_index.clamp(min=0).long()]
@@ -121,6 +124,22 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             next_draft_input=self._relay(new_seq_lens, accept_tokens, accept_lens),
             speculative_num_draft_tokens=self.draft_token_num,
         )
+
+    @staticmethod
+    def _cut_at_stops(reqs, predict, accept_index, num_correct):
+        """End each accepted run where one-token-at-a-time decoding would end it
+        (``finish.stop_cut``); ``accept_index`` is cut in place."""
+        if num_correct.numel() == 0 or int(num_correct.max()) == 0:
+            return num_correct  # one token per request: nothing to cut
+        lens = (num_correct + 1).tolist()
+        runs = predict[accept_index.clamp(min=0).long()].tolist()
+        cut = [stop_cut(req, run[:k]) for req, run, k in zip(reqs, runs, lens)]
+        if cut == lens:
+            return num_correct
+        for b, (k, full) in enumerate(zip(cut, lens)):
+            if k < full:
+                accept_index[b, k:] = -1
+        return torch.tensor(cut, dtype=num_correct.dtype, device=num_correct.device) - 1
 
     def _prepare_verify(self, batch):
         """Drafts -> TARGET_VERIFY batch (tokens, KV slots, mask, positions, links)."""
@@ -165,6 +184,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             list(req.origin_input_ids_unpadded),
             list(req.output_ids),
             req.sampling_params.max_new_tokens or 1 << 30,
+            root_only=needs_root_only(req),
         )
         self._reqs[req.rid] = req
 
@@ -219,9 +239,9 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         req = self._reqs.pop(rid, None)
         if req is None:
             return
-        if isinstance(req.finished_reason, FINISH_ABORT):
-            self.session.drop(rid)  # an aborted rollout is not a sample of the policy
+        if isinstance(req.finished_reason, FINISH_ABORT) or is_server_warmup(req):
+            self.session.drop(rid)  # an aborted rollout / warmup is not a policy sample
             return
         self.session.finished(
-            rid, list(req.origin_input_ids_unpadded), list(req.output_ids)
+            rid, list(req.origin_input_ids_unpadded), delivered_output(req)
         )
