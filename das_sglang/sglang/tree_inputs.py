@@ -180,3 +180,101 @@ def accepted_tokens(layout: VerifyLayout, row: int, accept_index: Sequence[int])
     """
     flat = layout.tokens
     return [int(flat[i]) for i in accept_index[1:] if i >= 0]
+
+
+# ----------------------------------------------------------------- ragged verification
+@dataclass(frozen=True)
+class RaggedLayout:
+    """Tree-verify inputs with a per-request row count: request ``b`` verifies
+    ``verify_lens[b] = len(trees[b]) + 1`` rows (the root plus its own draft nodes; 1 =
+    a plain decode step for that request), back to back, with no padding rows.
+
+    Flat per-row arrays (``tokens``, ``positions``) have ``total = verify_lens.sum()``
+    entries; request ``b``'s rows start at ``offsets[b]``. The tree links keep SGLang's
+    dense ``[bs, n]`` shape (``n`` = the widest request's row count), which is what the
+    tree-walk kernel takes: ``candidates``/``next_token``/``next_sibling`` are indexed by
+    column, and ``retrieve_index[b, i] = offsets[b] + i`` maps column ``i`` to its flat
+    (ragged) row, which is where the kernel reads the target's token and writes
+    ``predicts`` / ``accept_index``. Columns past a request's rows are never linked
+    (``-1``), so the walk cannot reach them.
+    """
+
+    tokens: np.ndarray  # int64 [total]
+    positions: np.ndarray  # int64 [total]
+    verify_lens: np.ndarray  # int64 [bs]
+    offsets: np.ndarray  # int64 [bs]: first flat row of each request
+    blocks: tuple  # per request: bool [n_b, n_b] ancestor mask
+    candidates: np.ndarray  # int64 [bs, n]: tokens by column (0 past a request's rows)
+    retrieve_index: np.ndarray  # int64 [bs, n]: flat row of (b, i); -1 past the rows
+    next_token: np.ndarray  # int64 [bs, n]
+    next_sibling: np.ndarray  # int64 [bs, n]
+    n: int  # columns of the dense link arrays: max(verify_lens)
+
+    @property
+    def total(self) -> int:
+        return int(self.verify_lens.sum())
+
+
+def build_ragged_layout(
+    roots: Sequence[int], trees: Sequence[DraftTree], seq_lens: Sequence[int]
+) -> RaggedLayout:
+    """Ragged verify inputs: request ``b`` verifies its root and its ``len(trees[b])``
+    draft nodes, no more. Same rows, masks, positions and links as
+    :func:`build_layout` restricted to each request's real rows (the pad rows the uniform
+    layout adds are simply not there)."""
+    bs = len(trees)
+    lens = np.fromiter((len(t) for t in trees), dtype=np.int64, count=bs)
+    width = int(lens.max(initial=0))
+    dense = build_layout(roots, trees, seq_lens, width)
+    n = dense.n
+    verify_lens = lens + 1
+    offsets = np.cumsum(verify_lens) - verify_lens
+    cols = np.arange(n, dtype=np.int64)
+    real = cols[None, :] < verify_lens[:, None]  # [bs, n]
+    candidates = dense.tokens.reshape(bs, n).copy()
+    candidates[~real] = 0
+    retrieve_index = np.where(real, offsets[:, None] + cols[None, :], -1)
+    blocks = tuple(dense.mask[b, :k, :k].copy() for b, k in enumerate(verify_lens.tolist()))
+    return RaggedLayout(
+        tokens=dense.tokens.reshape(bs, n)[real],
+        positions=dense.positions.reshape(bs, n)[real],
+        verify_lens=verify_lens,
+        offsets=offsets,
+        blocks=blocks,
+        candidates=candidates,
+        retrieve_index=retrieve_index,
+        next_token=dense.next_token,  # pad columns are never linked in build_layout
+        next_sibling=dense.next_sibling,
+        n=n,
+    )
+
+
+def ragged_custom_mask(layout: RaggedLayout, seq_lens: Sequence[int], device, target=None):
+    """Flat bool mask of a ragged verify in the layout the attention backend reads:
+    on CPU the per-request ``n_b x n_b`` tree blocks back to back; elsewhere, per
+    request, ``n_b`` rows of ``[seq_len_b prefix ones | n_b tree columns]`` -- the
+    ``qo_len x kv_len`` blocks FlashInfer's custom-mask prefill expects (its mask
+    offsets are the running sum of ``qo_len_b * kv_len_b``)."""
+    import torch
+
+    target = device if target is None else target
+    if str(device) == "cpu":
+        flat = np.concatenate([b.reshape(-1) for b in layout.blocks]) if layout.blocks else (
+            np.zeros(0, dtype=bool))
+        return torch.from_numpy(flat).to(target)
+    # Mostly ones (``n_b * seq_len_b`` prefix entries per request): made where it is used,
+    # the small tree blocks scattered into it by a host-built index (sum n_b^2 entries).
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    vl = layout.verify_lens
+    row_len = lens + vl
+    start = np.cumsum(vl * row_len) - vl * row_len
+    index = []
+    for b, k in enumerate(vl.tolist()):
+        i = np.arange(k, dtype=np.int64)
+        index.append((start[b] + i[:, None] * row_len[b] + lens[b] + i[None, :]).reshape(-1))
+    index = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+    tree = np.concatenate([b.reshape(-1) for b in layout.blocks]) if layout.blocks else (
+        np.zeros(0, dtype=bool))
+    out = torch.ones(int((vl * row_len).sum()), dtype=torch.bool, device=target)
+    out[torch.from_numpy(index).to(target)] = torch.from_numpy(tree).to(target)
+    return out
