@@ -168,6 +168,13 @@ class TestIdenticalSiblingHistory:
         assert u.padded_tokens > 0 == r.padded_tokens
         assert u.makespan_s == pytest.approx(r.makespan_s + 0.1 * u.padded_tokens)  # ...more tokens
 
+    def test_default_engine_is_ragged_like_the_worker(self):
+        rs = [rollout("h", "p", 0, UNIQUE), rollout("s", "p", 1, UNIQUE), rollout("t", "q", 1, UNIQUE)]
+        default, = replay(rs, [contender("spec", 4)], COST, decode_steps=[1])
+        ragged, = replay(rs, [contender("spec", 4)], COST, "ragged", decode_steps=[1])
+        assert default.steps[0].padded_tokens == 0
+        assert default.steps[0].makespan_s == pytest.approx(ragged.steps[0].makespan_s)
+
 
 class TestLifecycle:
     def test_history_steps_only_feed_history(self):

@@ -129,7 +129,9 @@ def replay(
     policies: Annotated[str, typer.Option(
         help=f"Comma list from: {', '.join(CONTENDER_NAMES)}; or all.")] = ",".join(DEFAULT_CONTENDERS),
     engine: Annotated[str, typer.Option(
-        help="uniform: rows padded to the batch draft width (SGLang); ragged: ideal.")] = "uniform",
+        help="ragged: each request verifies its own drafts (the SGLang worker on FlashInfer / "
+             "CPU torch_native); uniform: rows padded to the batch draft width (other "
+             "backends).")] = "ragged",
     cost_preset: CostPreset = None,
     tokenizer: TokenizerPath = None,
     cache_dir: CacheDir = None,

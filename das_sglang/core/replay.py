@@ -14,7 +14,10 @@ Each decode iteration:
    continuation, plus the bonus token (never past the end of the recorded response);
 4. the accepted tokens are fed back (drafter, policy) and the forward pass is charged
    ``cost.forward_time(tokens)``, where tokens = one per request plus its drafts, padded to
-   the batch width for engines that verify one width per batch (SGLang: ``uniform``).
+   the batch width for engines that verify one width per batch (``uniform``). The default
+   engine is ``ragged`` (each request verifies its own tree size), which is what the SGLang
+   worker does on FlashInfer and in CPU mode (``verify_layout`` auto); ``uniform`` is the
+   worker on backends without ragged verify (Triton, FA3, ...).
 
 Finished requests leave the batch; their rollouts stay in the drafter as history of the step.
 Steps before the first replayed step only feed history (start, extend, finish; no verify).
@@ -32,6 +35,7 @@ from das_sglang.core.datasets import Rollout
 from das_sglang.core.draft_tree import DraftTree
 
 ENGINES = ("uniform", "ragged")
+DEFAULT_ENGINE = "ragged"  # what the SGLang worker verifies with where it can (sglang/ragged.py)
 SHARED_PROBLEM = "*all*"  # problem id the "global index" ablation gives every rollout
 
 
@@ -133,7 +137,7 @@ def replay(
     rollouts: Sequence[Rollout],
     contenders: Sequence[Contender],
     cost: ForwardCost,
-    engine: str = "uniform",
+    engine: str = DEFAULT_ENGINE,
     decode_steps: Iterable[int] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[ContenderResult]:

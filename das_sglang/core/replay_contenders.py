@@ -77,7 +77,7 @@ DEFAULT_CONTENDERS = ("none", "suffix-decoding", "das", "das-no-window", "das-fi
 def build_contenders(
     names: Sequence[str],
     cost: CostModel,
-    engine: str = "uniform",
+    engine: str = "ragged",
     drafter: DrafterConfig = DrafterConfig(),
     suffix: SuffixDecodingConfig = SuffixDecodingConfig(),
 ) -> list[Contender]:

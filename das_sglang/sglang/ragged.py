@@ -46,55 +46,87 @@ from das_sglang.sglang.options import VERIFY_LAYOUTS as LAYOUTS
 _log = logging.getLogger(__name__)
 
 
-def _verify_backend(attn_backend):
-    """The backend object that runs TARGET_VERIFY (a hybrid backend delegates)."""
-    from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+def verify_backend_name() -> str:
+    """Name of the attention backend SGLang will run TARGET_VERIFY with (resolved from
+    the server args before the backends exist: the draft worker is built first)."""
+    from sglang.srt.runtime_context import attention_backends, get_spec
 
-    if isinstance(attn_backend, HybridAttnBackend):
-        return attn_backend.decode_backend if attn_backend.spec_attn_is_decode else (
-            attn_backend.prefill_backend)
-    return attn_backend
-
-
-def ragged_support(attn_backend) -> tuple[bool, str]:
-    """(supported, backend name) for the backend that runs TARGET_VERIFY."""
-    backend = _verify_backend(attn_backend)
-    name = type(backend).__name__
-    from das_sglang.sglang.cpu.attention import TreeVerifyTorchNativeAttnBackend
-
-    if isinstance(backend, TreeVerifyTorchNativeAttnBackend):
-        return True, name
-    try:
-        from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
-    except Exception:  # noqa: BLE001 - flashinfer not importable: not this backend
-        return False, name
-    # Exactly FlashInfer's MHA backend: its TARGET_VERIFY plan comes from the verify
-    # input's generate_attn_arg_prefill (subclasses may plan differently).
-    return type(backend) is FlashInferAttnBackend, name
+    prefill, decode = attention_backends()
+    if prefill == decode:
+        return str(prefill)
+    mode = get_spec().speculative_attention_mode
+    return str(decode if mode == "decode" else prefill)
 
 
-def choose_layout(requested: str, attn_backend, lora: bool = False) -> str:
+def _cpu_tree_verify_registered() -> bool:
+    """CPU development mode registered its tree-verify subclass as ``torch_native``."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    from das_sglang.sglang.cpu import attention
+
+    return ATTENTION_BACKENDS.get("torch_native") is attention.create_backend
+
+
+def name_supports_ragged(name: str) -> bool:
+    if name == "flashinfer":
+        return True
+    return name == "torch_native" and _cpu_tree_verify_registered()
+
+
+def choose_layout(requested: str, backend_name: str, lora: bool = False) -> str:
     """``ragged`` or ``uniform`` for this worker, logged once at start-up.
 
-    ``auto`` takes ragged where the verify backend supports it; an explicit ``ragged``
-    on a backend without support is refused (padding it silently would not be what was
-    asked for)."""
+    Ragged verify is supported on FlashInfer (eager TARGET_VERIFY) and, in CPU
+    development mode, on torch_native (our subclass); every other backend (Triton, FA3,
+    TRT-LLM, aiter, ...) plans TARGET_VERIFY as ``bs x num_tokens_per_req`` and keeps
+    the uniform layout, as does LoRA (its batch info sizes verify rows the same way).
+    ``auto`` takes ragged where supported; an explicit ``ragged`` without support is
+    refused (padding silently would not be what was asked for)."""
     if requested not in LAYOUTS:
         raise ValueError(f"invalid verify layout {requested!r}: choose one of {LAYOUTS}")
-    ok, name = ragged_support(attn_backend)
-    if lora:  # SGLang's LoRA batch info sizes verify rows as bs x draft_token_num
-        ok, name = False, name + " with LoRA"
+    ok = name_supports_ragged(backend_name) and not lora
+    what = backend_name + (" with LoRA" if lora else "")
     if requested == "ragged" and not ok:
         raise ValueError(
             f"DAS server.verify_layout='ragged' needs a TARGET_VERIFY backend with ragged "
-            f"support (FlashInfer, or torch_native in CPU development mode); the verify "
-            f"backend is {name}. Use 'auto' or 'uniform'."
+            f"support (flashinfer, or torch_native in CPU development mode); the verify "
+            f"backend is {what}. Use 'auto' or 'uniform'."
         )
     layout = "ragged" if (ok and requested != "uniform") else "uniform"
     _log.info(
         "DAS verify layout: %s (requested %s; TARGET_VERIFY backend %s %s ragged verify)",
-        layout, requested, name, "supports" if ok else "does not support",
+        layout, requested, what, "supports" if ok else "does not support",
     )
+    return layout
+
+
+def confirm_layout(layout: str, attn_backend) -> str:
+    """At the first verify step, with the backend object built: keep ``ragged`` only if
+    the object that runs TARGET_VERIFY is one whose ragged path is known (a model may
+    wrap the configured backend, e.g. hybrid linear attention); else uniform, logged."""
+    if layout != "ragged":
+        return layout
+    from sglang.srt.layers.attention.hybrid_attn_backend import HybridAttnBackend
+
+    from das_sglang.sglang.cpu.attention import TreeVerifyTorchNativeAttnBackend
+
+    backend = attn_backend
+    if isinstance(backend, HybridAttnBackend):
+        backend = backend.decode_backend if backend.spec_attn_is_decode else (
+            backend.prefill_backend)
+    ok = isinstance(backend, TreeVerifyTorchNativeAttnBackend)
+    if not ok:
+        try:
+            from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+            ok = type(backend) is FlashInferAttnBackend
+        except Exception:  # noqa: BLE001 - flashinfer not importable: not this backend
+            ok = False
+    if not ok:
+        _log.warning("DAS verify layout: the TARGET_VERIFY backend object is %s, which has "
+                     "no ragged verify path here; verifying uniform (padded) instead",
+                     type(backend).__name__)
+        return "uniform"
     return layout
 
 

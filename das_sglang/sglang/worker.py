@@ -36,7 +36,8 @@ from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcac
 
 from das_sglang.sglang.options import fit_verify_layout, load_options
 from das_sglang.sglang.ragged import (
-    DasVerifyInput, choose_layout, make_layout, move_accepted_kv, walk_ragged,
+    DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
+    verify_backend_name, walk_ragged,
 )
 from das_sglang.sglang.session import DasSession
 from das_sglang.sglang.tree_inputs import (
@@ -76,8 +77,9 @@ class DasWorker(NGRAMWorker):
         lora = bool(getattr(server_args, "enable_lora", False) or
                     getattr(server_args, "lora_paths", None))
         self.layout = choose_layout(
-            self.options.server.verify_layout, self.model_runner.attn_backend, lora=lora
+            self.options.server.verify_layout, verify_backend_name(), lora=lora
         )
+        self._layout_confirmed = False
         self.options = fit_verify_layout(self.options, self.layout)
         self.session = DasSession(self.options)
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
@@ -100,6 +102,10 @@ class DasWorker(NGRAMWorker):
             return self._forward_extend(batch, on_publish, pp_proxy_tensors)
         bs = len(batch.reqs)
         trees = self._plan(batch)
+        if not self._layout_confirmed:  # the attention backends exist from here on
+            self.layout = self.stats["layout"] = confirm_layout(
+                self.layout, self.model_runner.attn_backend)
+            self._layout_confirmed = True
         if self.layout == "ragged" and len({len(t) for t in trees}) > 1:
             return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors)
         layout = self._prepare_verify(batch, trees)

@@ -137,12 +137,12 @@ class TestWalk:
 def test_layout_choice_names_the_backend():
     from das_sglang.sglang.ragged import choose_layout
 
-    class Triton:  # not a verify backend with ragged support
-        pass
-
-    assert choose_layout("auto", Triton()) == "uniform"
-    assert choose_layout("uniform", Triton()) == "uniform"
-    with pytest.raises(ValueError, match="verify backend is Triton"):
-        choose_layout("ragged", Triton())
+    assert choose_layout("auto", "triton") == "uniform"
+    assert choose_layout("auto", "flashinfer") == "ragged"
+    assert choose_layout("auto", "flashinfer", lora=True) == "uniform"
+    assert choose_layout("uniform", "flashinfer") == "uniform"
+    assert choose_layout("auto", "torch_native") == "ragged"  # CPU mode's subclass
+    with pytest.raises(ValueError, match="verify backend is fa3"):
+        choose_layout("ragged", "fa3")
     with pytest.raises(ValueError, match="invalid verify layout 'wide'"):
-        choose_layout("wide", Triton())
+        choose_layout("wide", "triton")
