@@ -27,7 +27,9 @@ every batch, over ``--steps`` steps. Writes exactly::
      "ragged":  {"verify_tokens_total": ..., "accepted_tokens_total": ...},
      "uniform": {"verify_tokens_total": ..., "accepted_tokens_total": ...}}
 
-``verify_tokens_total`` = tokens submitted to the target by TARGET_VERIFY forwards
+Both DAS engines run the default policy, which plans the same budgets whatever the
+layout (the batch width; see docs/sglang.md), so the same drafts are verified, accepted
+tokens match and the difference is the padding. ``verify_tokens_total`` = tokens submitted to the target by TARGET_VERIFY forwards
 across the run (roots + draft nodes + padding), ``accepted_tokens_total`` = draft tokens
 accepted, both from the worker's counters (``server.stats_path``), warm-up excluded.
 
@@ -67,11 +69,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ragged", action="store_true",
                    help="ragged vs uniform verify layout (DAS), see the module docstring")
-    p.add_argument("--fresh", type=int, default=8,
+    p.add_argument("--fresh", type=int, default=24,
                    help="--ragged: fresh (never seen) prompts per batch besides the groups")
     args = p.parse_args(argv)
     if args.ragged and "--problems" not in (argv or sys.argv):
-        args.problems = 16  # 3 steps x (16 x 4 + 8) = 216 requests per engine
+        args.problems = 12  # 3 steps x (12 x 4 + 24) = 216 requests per engine
     if args.fresh < 0:
         p.error(f"--fresh must be >= 0, got {args.fresh}")
     for name in ("problems", "siblings", "steps", "new_tokens"):
@@ -207,6 +209,8 @@ def main_ragged(args):
     with tempfile.TemporaryDirectory() as tmp:
         for layout in ("ragged", "uniform"):
             stats = str(Path(tmp) / f"stats-{layout}.json")
+            # Default policy in both engines: budgets planned as one batch width, so the
+            # same drafts are verified and only the layout (padding or not) differs.
             cfg = {"server": {"verify_layout": layout, "stats_path": stats}}
             runs, counters = run_engine("DAS", args, batches, cfg, stats)
             outputs[layout] = [o["output_ids"] for _, _, res in runs for o in res]

@@ -232,3 +232,15 @@ class TestInputsAndReport:
         assert set(p["spec"]) >= {"tokens_per_step", "forward_passes", "makespan_s", "makespan_ratio_vs_none"}
         # every verify step yields exactly one bonus token on top of the accepted drafts
         assert p["spec"]["accepted_drafts_per_step"] == pytest.approx(p["spec"]["tokens_per_step"] - 1)
+
+
+@pytest.mark.parametrize("engine,uniform_width", [("ragged", True), ("uniform", True),
+                                                  ("ragged-per-row", False)])
+def test_engines_plan_budgets_like_the_worker(engine, uniform_width):
+    """ragged and uniform plan the same batch-width budgets (the SGLang worker's default
+    policy); only ragged-per-row prices each request's own tokens."""
+    from das_sglang.core.cost_model import CostModel
+    from das_sglang.core.replay_contenders import build_contenders
+
+    (das,) = build_contenders(["das"], CostModel.preset("h100-7b"), engine)
+    assert das.make_policy().config.uniform_width is uniform_width

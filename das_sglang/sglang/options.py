@@ -49,9 +49,10 @@ class ServerConfig:
                       forward where the TARGET_VERIFY backend supports it (FlashInfer;
                       torch_native in CPU development mode) and pads every request to
                       the batch width elsewhere; ``ragged`` requires ragged support
-                      (start-up fails without it); ``uniform`` always pads. The policy
-                      charges what the chosen layout costs (``policy.uniform_width``
-                      defaults to ``layout == uniform``).
+                      (start-up fails without it); ``uniform`` always pads. Budgets are
+                      planned the same way under both (``policy.uniform_width``, default
+                      true: one batch width, each request drafting up to it); ragged
+                      then submits each request's own nodes instead of padding them.
     stats_path        file the worker rewrites (atomically) after every verify step with
                       its counters (verify steps, verify tokens submitted to the target,
                       draft tokens proposed and accepted, layout); None = off. For
@@ -110,16 +111,6 @@ def load_options(num_draft_tokens: int | None, raw: str | None = None) -> DasOpt
         # charge the padding.
         policy = replace(policy, uniform_width=True)
     return DasOptions(drafter=drafter, policy=policy, server=built["server"], max_nodes=max_nodes)
-
-
-def fit_verify_layout(options: DasOptions, layout: str, raw: str | None = None) -> DasOptions:
-    """Options for a worker verifying with ``layout`` (``ragged``/``uniform``): unless
-    ``DAS_CONFIG`` sets ``policy.uniform_width``, the policy charges padding exactly when
-    the layout pads (uniform) and each request's own tokens when it is ragged."""
-    text = os.environ.get(ENV, "") if raw is None else raw
-    if "uniform_width" in parse_config(text).get("policy", {}):
-        return options
-    return replace(options, policy=replace(options.policy, uniform_width=layout == "uniform"))
 
 
 def parse_config(text: str) -> dict[str, dict[str, Any]]:

@@ -34,7 +34,7 @@ from sglang.srt.speculative.ngram_info import NgramVerifyInput
 from sglang.srt.speculative.ngram_worker import NGRAMWorker
 from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
 
-from das_sglang.sglang.options import fit_verify_layout, load_options
+from das_sglang.sglang.options import load_options
 from das_sglang.sglang.ragged import (
     DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
     verify_backend_name, walk_ragged,
@@ -80,7 +80,6 @@ class DasWorker(NGRAMWorker):
             self.options.server.verify_layout, verify_backend_name(), lora=lora
         )
         self._layout_confirmed = False
-        self.options = fit_verify_layout(self.options, self.layout)
         self.session = DasSession(self.options)
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
