@@ -203,7 +203,7 @@ class RaggedLayout:
     positions: np.ndarray  # int64 [total]
     verify_lens: np.ndarray  # int64 [bs]
     offsets: np.ndarray  # int64 [bs]: first flat row of each request
-    blocks: tuple  # per request: bool [n_b, n_b] ancestor mask
+    mask: np.ndarray  # bool [sum n_b^2]: request b's n_b x n_b ancestor mask, back to back
     candidates: np.ndarray  # int64 [bs, n]: tokens by column (0 past a request's rows)
     retrieve_index: np.ndarray  # int64 [bs, n]: flat row of (b, i); -1 past the rows
     next_token: np.ndarray  # int64 [bs, n]
@@ -213,6 +213,12 @@ class RaggedLayout:
     @property
     def total(self) -> int:
         return int(self.verify_lens.sum())
+
+    def block(self, b: int) -> np.ndarray:
+        """Request ``b``'s ``n_b x n_b`` ancestor mask."""
+        k = int(self.verify_lens[b])
+        start = int((self.verify_lens[:b] ** 2).sum())
+        return self.mask[start : start + k * k].reshape(k, k)
 
 
 def build_ragged_layout(
@@ -234,13 +240,12 @@ def build_ragged_layout(
     candidates = dense.tokens.reshape(bs, n).copy()
     candidates[~real] = 0
     retrieve_index = np.where(real, offsets[:, None] + cols[None, :], -1)
-    blocks = tuple(dense.mask[b, :k, :k].copy() for b, k in enumerate(verify_lens.tolist()))
     return RaggedLayout(
         tokens=dense.tokens.reshape(bs, n)[real],
         positions=dense.positions.reshape(bs, n)[real],
         verify_lens=verify_lens,
         offsets=offsets,
-        blocks=blocks,
+        mask=dense.mask[real[:, :, None] & real[:, None, :]],  # (b, i, j) order
         candidates=candidates,
         retrieve_index=retrieve_index,
         next_token=dense.next_token,  # pad columns are never linked in build_layout
@@ -258,23 +263,20 @@ def ragged_custom_mask(layout: RaggedLayout, seq_lens: Sequence[int], device, ta
     import torch
 
     target = device if target is None else target
+    tree = torch.from_numpy(layout.mask)
     if str(device) == "cpu":
-        flat = np.concatenate([b.reshape(-1) for b in layout.blocks]) if layout.blocks else (
-            np.zeros(0, dtype=bool))
-        return torch.from_numpy(flat).to(target)
+        return tree.to(target)
     # Mostly ones (``n_b * seq_len_b`` prefix entries per request): made where it is used,
     # the small tree blocks scattered into it by a host-built index (sum n_b^2 entries).
     lens = np.asarray(seq_lens, dtype=np.int64)
     vl = layout.verify_lens
     row_len = lens + vl
     start = np.cumsum(vl * row_len) - vl * row_len
-    index = []
-    for b, k in enumerate(vl.tolist()):
-        i = np.arange(k, dtype=np.int64)
-        index.append((start[b] + i[:, None] * row_len[b] + lens[b] + i[None, :]).reshape(-1))
-    index = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
-    tree = np.concatenate([b.reshape(-1) for b in layout.blocks]) if layout.blocks else (
-        np.zeros(0, dtype=bool))
+    sq = vl * vl
+    b_of = np.repeat(np.arange(len(vl)), sq)  # request of every tree-block entry
+    local = np.arange(int(sq.sum()), dtype=np.int64) - np.repeat(np.cumsum(sq) - sq, sq)
+    i, j = local // vl[b_of], local % vl[b_of]
+    index = start[b_of] + i * row_len[b_of] + lens[b_of] + j
     out = torch.ones(int((vl * row_len).sum()), dtype=torch.bool, device=target)
-    out[torch.from_numpy(index).to(target)] = torch.from_numpy(tree).to(target)
+    out[torch.from_numpy(index).to(target)] = tree.to(target)
     return out

@@ -45,7 +45,7 @@ class TestAgainstUniform:
             rows = slice(rag.offsets[b], rag.offsets[b] + k)
             assert rag.tokens[rows].tolist() == uni.tokens[b * n : b * n + k].tolist()
             assert rag.positions[rows].tolist() == uni.positions[b * n : b * n + k].tolist()
-            assert np.array_equal(rag.blocks[b], uni.mask[b, :k, :k])
+            assert np.array_equal(rag.block(b), uni.mask[b, :k, :k])
             assert rag.retrieve_index[b, :k].tolist() == list(range(rag.offsets[b],
                                                                     rag.offsets[b] + k))
             assert (rag.retrieve_index[b, k:] == -1).all()
@@ -81,7 +81,7 @@ class TestMasks:
         flat = ragged_custom_mask(rag, [3, 2], "cpu")
         assert flat.dtype == torch.bool
         assert flat.numel() == 4 * 4 + 1
-        assert flat[:16].view(4, 4).tolist() == rag.blocks[0].tolist()
+        assert flat[:16].view(4, 4).tolist() == rag.block(0).tolist()
         assert flat[16:].tolist() == [True]
 
     def test_flashinfer_form_is_prefix_ones_then_tree_per_request(self):
@@ -92,7 +92,7 @@ class TestMasks:
         assert flat.numel() == 4 * 7 + 1 * 3
         r0 = flat[:28].view(4, 7)
         assert r0[:, :3].all()
-        assert r0[:, 3:].tolist() == rag.blocks[0].tolist()
+        assert r0[:, 3:].tolist() == rag.block(0).tolist()
         assert flat[28:].tolist() == [True, True, True]
         # row 3 (token 7, child of 5) sees the root, 5 and itself, not its uncle 6
         assert r0[3, 3:].tolist() == [True, True, False, True]
