@@ -5,7 +5,7 @@
 Runs ``das replay --policies none,das --engine {ragged,uniform}`` (the CLI itself, so
 exactly what users run) on each bundled dataset and writes one JSON::
 
-    {"cost_model": ..., "datasets": {<dataset>: {<variant>: {
+    {"datasets": {<dataset>: {"cost_model": <preset>, <variant>: {
         "ragged":  {"das_makespan_s", "none_makespan_s", "das_makespan_ratio_vs_none",
                     "padded_tokens", "tokens_per_step"},
         "uniform": {...same keys...},
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             per_variant: dict = {}
             for engine in ENGINES:
                 for run in run_one(dataset, engine, Path(tmp) / f"{dataset}-{engine}.json"):
-                    report["cost_model"] = run["cost_model"]["name"]
+                    cost_model = run["cost_model"]["name"]
                     per_variant.setdefault(run["variant"], {})[engine] = summarize(run)
             for variant, engines in per_variant.items():
                 engines["ragged_vs_uniform"] = (
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                       f"{engines['uniform']['das_makespan_ratio_vs_none']:.3f}  ragged-per-row "
                       f"{engines['ragged-per-row']['das_makespan_ratio_vs_none']:.3f}  "
                       f"(ragged/uniform {engines['ragged_vs_uniform']:.3f})")
-            report["datasets"][dataset] = per_variant
+            report["datasets"][dataset] = {"cost_model": cost_model, **per_variant}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     return 0
