@@ -20,7 +20,7 @@ runs equally long). Per engine:
 vs DAS with the uniform layout (every request padded to the batch width), plus the
 no-speculation engine as the greedy reference, on one workload that mixes GRPO groups
 of recurring problems (history drafts them) with fresh prompts (nothing to draft) in
-every batch, over ``--steps`` steps. Writes exactly::
+every batch, over ``--steps`` steps, each request with its own response length. Writes exactly::
 
     {"requests": <requests per engine>,
      "mismatches": <requests whose ragged or uniform output differs from none's>,
@@ -96,8 +96,11 @@ def workload(args):
 
 
 def ragged_workload(args):
-    """[(step, prompts, tags)]: each step's batch is the GRPO groups of the recurring
-    problems plus ``--fresh`` prompts never seen before (untagged)."""
+    """[(step, prompts, tags, lengths)]: each step's batch is the GRPO groups of the
+    recurring problems plus ``--fresh`` prompts never seen before (untagged); every
+    request has its own response length (``max_new_tokens`` uniform in
+    [new_tokens / 4, new_tokens], as RL rollouts vary in length), the same in every
+    engine."""
     rng = np.random.default_rng(args.seed)
     problems = [rng.integers(3, 300, 8).tolist() for _ in range(args.problems)]
     out = []
@@ -106,7 +109,9 @@ def ragged_workload(args):
         tags = [(f"p{i}", step) for i in range(args.problems) for _ in range(args.siblings)]
         prompts += [rng.integers(3, 300, 8).tolist() for _ in range(args.fresh)]
         tags += [None] * args.fresh
-        out.append((step, prompts, tags))
+        lengths = rng.integers(max(args.new_tokens // 4, 1), args.new_tokens + 1,
+                               len(prompts)).tolist()
+        out.append((step, prompts, tags, lengths))
     return out
 
 
@@ -138,9 +143,11 @@ def run_engine(algorithm, args, batches, das_config=None, stats_path=None):
         engine.generate(input_ids=[[5, 6, 7]], sampling_params=dict(params, max_new_tokens=4))
         before = _read_stats(stats_path)
         out = []
-        for step, prompts, tags in batches:
+        for step, prompts, tags, *lengths in batches:
             sp = [dict(params, custom_params={"das_problem_id": t[0], "das_step": t[1]})
                   if t is not None else dict(params) for t in tags]
+            for p, n in zip(sp, lengths[0] if lengths else []):
+                p["max_new_tokens"] = n
             t0 = time.perf_counter()
             res = engine.generate(input_ids=prompts, sampling_params=sp)
             out.append((step, time.perf_counter() - t0, res))
