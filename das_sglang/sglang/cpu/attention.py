@@ -106,7 +106,8 @@ class TreeVerifyTorchNativeAttnBackend(TorchNativeAttnBackend):
             return wrong[None] & real[:, :, None] & real[:, None, :]
         if mask.numel() == int(sq.sum()):
             b_of = torch.repeat_interleave(torch.arange(bs, device=mask.device), sq)
-            local = torch.arange(mask.numel(), device=mask.device) - (torch.cumsum(sq, 0) - sq)[b_of]
+            first = (torch.cumsum(sq, 0) - sq)[b_of]  # where each entry's block starts
+            local = torch.arange(mask.numel(), device=mask.device) - first
             n_of = lens[b_of]
             out[b_of, local // n_of, local % n_of] = mask
             return out
