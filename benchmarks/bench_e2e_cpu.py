@@ -69,6 +69,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ragged", action="store_true",
                    help="ragged vs uniform verify layout (DAS), see the module docstring")
+    p.add_argument("--equal-lengths", action="store_true",
+                   help="--ragged: every response --new-tokens long (default: varied)")
+    p.add_argument("--per-row-budgets", action="store_true",
+                   help="--ragged: both engines plan per-request budgets priced by total "
+                        "tokens (policy.uniform_width false) instead of the default width")
     p.add_argument("--fresh", type=int, default=24,
                    help="--ragged: fresh (never seen) prompts per batch besides the groups")
     args = p.parse_args(argv)
@@ -111,6 +116,8 @@ def ragged_workload(args):
         tags += [None] * args.fresh
         lengths = rng.integers(max(args.new_tokens // 4, 1), args.new_tokens + 1,
                                len(prompts)).tolist()
+        if args.equal_lengths:
+            lengths = [args.new_tokens] * len(prompts)
         out.append((step, prompts, tags, lengths))
     return out
 
@@ -219,6 +226,8 @@ def main_ragged(args):
             # Default policy in both engines: budgets planned as one batch width, so the
             # same drafts are verified and only the layout (padding or not) differs.
             cfg = {"server": {"verify_layout": layout, "stats_path": stats}}
+            if args.per_row_budgets:
+                cfg["policy"] = {"uniform_width": False}
             runs, counters = run_engine("DAS", args, batches, cfg, stats)
             outputs[layout] = [o["output_ids"] for _, _, res in runs for o in res]
             report[layout] = {"verify_tokens_total": int(counters["verify_tokens"]),
