@@ -16,6 +16,23 @@ runs equally long). Per engine:
 - step_ms: decode wall time per forward; step_overhead_ms: step_ms - none's step_ms
   (drafting + larger verify forwards - what speculation costs per forward pass).
 
+``--ragged``: DAS with ragged verification (each request verifies its own tree size)
+vs DAS with the uniform layout (every request padded to the batch width), plus the
+no-speculation engine as the greedy reference, on one workload that mixes GRPO groups
+of recurring problems (history drafts them) with fresh prompts (nothing to draft) in
+every batch, over ``--steps`` steps, each request with its own response length. Writes exactly::
+
+    {"requests": <requests per engine>,
+     "mismatches": <requests whose ragged or uniform output differs from none's>,
+     "ragged":  {"verify_tokens_total": ..., "accepted_tokens_total": ...},
+     "uniform": {"verify_tokens_total": ..., "accepted_tokens_total": ...}}
+
+Both DAS engines run the default policy, which plans the same budgets whatever the
+layout (the batch width; see docs/sglang.md), so the same drafts are verified, accepted
+tokens match and the difference is the padding. ``verify_tokens_total`` = tokens submitted to the target by TARGET_VERIFY forwards
+across the run (roots + draft nodes + padding), ``accepted_tokens_total`` = draft tokens
+accepted, both from the worker's counters (``server.stats_path``), warm-up excluded.
+
 A tiny CPU model makes forwards nearly free, so wall-clock speedups here say little
 about a GPU; forward-pass ratios and acceptance are the transferable numbers. step_ms
 also differs by attention path (CPU mode's tree-verify attention is one batched SDPA,
@@ -50,7 +67,20 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--width", type=int, default=8, help="--speculative-num-draft-tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ragged", action="store_true",
+                   help="ragged vs uniform verify layout (DAS), see the module docstring")
+    p.add_argument("--equal-lengths", action="store_true",
+                   help="--ragged: every response --new-tokens long (default: varied)")
+    p.add_argument("--per-row-budgets", action="store_true",
+                   help="--ragged: both engines plan per-request budgets priced by total "
+                        "tokens (policy.uniform_width false) instead of the default width")
+    p.add_argument("--fresh", type=int, default=24,
+                   help="--ragged: fresh (never seen) prompts per batch besides the groups")
     args = p.parse_args(argv)
+    if args.ragged and "--problems" not in (argv or sys.argv):
+        args.problems = 12  # 3 steps x (12 x 4 + 24) = 216 requests per engine
+    if args.fresh < 0:
+        p.error(f"--fresh must be >= 0, got {args.fresh}")
     for name in ("problems", "siblings", "steps", "new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -70,29 +100,76 @@ def workload(args):
     ]
 
 
-def run_engine(algorithm, args, batches):
+def ragged_workload(args):
+    """[(step, prompts, tags, lengths)]: each step's batch is the GRPO groups of the
+    recurring problems plus ``--fresh`` prompts never seen before (untagged); every
+    request has its own response length (``max_new_tokens`` uniform in
+    [new_tokens / 4, new_tokens], as RL rollouts vary in length), the same in every
+    engine."""
+    rng = np.random.default_rng(args.seed)
+    problems = [rng.integers(3, 300, 8).tolist() for _ in range(args.problems)]
+    out = []
+    for step in range(1, args.steps + 1):
+        prompts = [p for p in problems for _ in range(args.siblings)]
+        tags = [(f"p{i}", step) for i in range(args.problems) for _ in range(args.siblings)]
+        prompts += [rng.integers(3, 300, 8).tolist() for _ in range(args.fresh)]
+        tags += [None] * args.fresh
+        lengths = rng.integers(max(args.new_tokens // 4, 1), args.new_tokens + 1,
+                               len(prompts)).tolist()
+        if args.equal_lengths:
+            lengths = [args.new_tokens] * len(prompts)
+        out.append((step, prompts, tags, lengths))
+    return out
+
+
+def run_engine(algorithm, args, batches, das_config=None, stats_path=None):
+    """Outputs per batch; with ``stats_path`` also the DAS worker's counters over the
+    workload (warm-up excluded)."""
+    import os
+
     import sglang
 
     spec = {}
     if algorithm != "none":
         spec = dict(speculative_algorithm=algorithm, speculative_num_draft_tokens=args.width,
                     disable_overlap_schedule=True)
-    engine = sglang.Engine(model_path=str(args.model_dir), log_level="error",
-                           max_running_requests=64, random_seed=args.seed,
-                           **cpu.ENGINE_KWARGS, **spec)
+    saved = os.environ.get("DAS_CONFIG")
+    if das_config is not None:
+        os.environ["DAS_CONFIG"] = json.dumps(das_config)
+    try:
+        engine = sglang.Engine(model_path=str(args.model_dir), log_level="error",
+                               max_running_requests=64, random_seed=args.seed,
+                               **cpu.ENGINE_KWARGS, **spec)
+    finally:
+        if saved is None:
+            os.environ.pop("DAS_CONFIG", None)
+        else:
+            os.environ["DAS_CONFIG"] = saved
     try:
         params = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
         engine.generate(input_ids=[[5, 6, 7]], sampling_params=dict(params, max_new_tokens=4))
+        before = _read_stats(stats_path)
         out = []
-        for step, prompts, tags in batches:
+        for step, prompts, tags, *lengths in batches:
             sp = [dict(params, custom_params={"das_problem_id": t[0], "das_step": t[1]})
-                  for t in tags]
+                  if t is not None else dict(params) for t in tags]
+            for p, n in zip(sp, lengths[0] if lengths else []):
+                p["max_new_tokens"] = n
             t0 = time.perf_counter()
             res = engine.generate(input_ids=prompts, sampling_params=sp)
             out.append((step, time.perf_counter() - t0, res))
-        return out
+        if stats_path is None:
+            return out
+        after = _read_stats(stats_path)
+        return out, {k: after[k] - before.get(k, 0) for k in ("verify_tokens", "accepted")}
     finally:
         engine.shutdown()
+
+
+def _read_stats(path):
+    if path is None or not Path(path).exists():
+        return {}
+    return json.loads(Path(path).read_text())
 
 
 def summarize(algorithm, runs, reference, args):
@@ -135,12 +212,64 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def main_ragged(args):
+    """DAS ragged vs DAS uniform (and none as the greedy reference), same requests."""
+    import tempfile
+
+    batches = ragged_workload(args)
+    ref = run_engine("none", args, batches)
+    outputs = {}
+    report = {"requests": sum(len(res) for _, _, res in ref), "mismatches": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in ("ragged", "uniform"):
+            stats = str(Path(tmp) / f"stats-{layout}.json")
+            # Default policy in both engines: budgets planned as one batch width, so the
+            # same drafts are verified and only the layout (padding or not) differs.
+            cfg = {"server": {"verify_layout": layout, "stats_path": stats}}
+            if args.per_row_budgets:
+                cfg["policy"] = {"uniform_width": False}
+            runs, counters = run_engine("DAS", args, batches, cfg, stats)
+            outputs[layout] = [o["output_ids"] for _, _, res in runs for o in res]
+            report[layout] = {"verify_tokens_total": int(counters["verify_tokens"]),
+                              "accepted_tokens_total": int(counters["accepted"])}
+    want = [o["output_ids"] for _, _, res in ref for o in res]
+    report["mismatches"] = int(sum(r != w or u != w for r, u, w in
+                                   zip(outputs["ragged"], outputs["uniform"], want)))
+    args.json.write_text(json.dumps(report, indent=2))
+    plot_ragged(report, args.png or args.json.with_suffix(".png"))
+    r, u = report["ragged"], report["uniform"]
+    print(f"requests={report['requests']} mismatches={report['mismatches']} "
+          f"verify tokens ragged/uniform={r['verify_tokens_total']}/{u['verify_tokens_total']} "
+          f"({1 - r['verify_tokens_total'] / max(u['verify_tokens_total'], 1):.1%} fewer), "
+          f"accepted {r['accepted_tokens_total']}/{u['accepted_tokens_total']}")
+    return 0
+
+
+def plot_ragged(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, key, title in zip(axes, ("verify_tokens_total", "accepted_tokens_total"),
+                              ("tokens verified by the target", "draft tokens accepted")):
+        ax.bar(["ragged", "uniform"], [report[k][key] for k in ("ragged", "uniform")],
+               color=["tab:green", "tab:blue"])
+        ax.set_title(title)
+    fig.suptitle(f"DAS on SGLang CPU: ragged vs uniform verify ({report['requests']} requests)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     args = parse_args(argv)
     cpu.activate()
     from das_sglang.sglang.cpu.tiny_model import make_tiny_model
 
     make_tiny_model(args.model_dir)
+    if args.ragged:
+        return main_ragged(args)
     batches = workload(args)
     runs = {a: run_engine(a, args, batches) for a in ALGORITHMS}
     results = {a: summarize(a, runs[a], runs["none"], args) for a in ALGORITHMS}

@@ -122,3 +122,32 @@ class TestCalibrate:
     def test_bad_repeats(self):
         with pytest.raises(ValueError, match="repeats=0"):
             calibrate(lambda n: None, [1, 2], repeats=0)
+
+
+class TestRaggedVerifyCost:
+    """Ragged verification: the forward is charged its total tokens, not bs x max width."""
+
+    def test_verify_tokens_ragged_vs_uniform(self):
+        from das_sglang.core.cost_model import verify_tokens
+
+        budgets = [7, 0, 0, 3]
+        assert verify_tokens(budgets) == 4 + 10
+        assert verify_tokens(budgets, uniform_width=True) == 4 * 8
+        assert verify_tokens([]) == 0 and verify_tokens([], uniform_width=True) == 0
+        assert verify_tokens([0, 0]) == verify_tokens([0, 0], uniform_width=True) == 2
+        with pytest.raises(ValueError, match="budgets must be >= 0, got -1"):
+            verify_tokens([1, -1])
+
+    def test_ragged_cost_follows_total_tokens(self):
+        cost = CostModel(c_base_s=1e-3, c_tok_s=1e-5, c_kv_s=1e-7)
+        kv = [100, 200, 300, 400]
+        # same total tokens (14), different shapes: same ragged cost
+        a = cost.verify_time([7, 0, 0, 3], kv)
+        b = cost.verify_time([2, 3, 3, 2], kv)
+        assert a == pytest.approx(b)
+        assert a == pytest.approx(1e-3 + 1e-5 * 14 + 1e-7 * 1000)
+        # uniform charges the padding: 4 x 8 tokens
+        assert cost.verify_time([7, 0, 0, 3], kv, uniform_width=True) == pytest.approx(
+            1e-3 + 1e-5 * 32 + 1e-7 * 1000)
+        assert cost.verify_time([2, 3, 3, 2], kv, uniform_width=True) < cost.verify_time(
+            [7, 0, 0, 3], kv, uniform_width=True)

@@ -168,6 +168,13 @@ class TestIdenticalSiblingHistory:
         assert u.padded_tokens > 0 == r.padded_tokens
         assert u.makespan_s == pytest.approx(r.makespan_s + 0.1 * u.padded_tokens)  # ...more tokens
 
+    def test_default_engine_is_ragged_like_the_worker(self):
+        rs = [rollout("h", "p", 0, UNIQUE), rollout("s", "p", 1, UNIQUE), rollout("t", "q", 1, UNIQUE)]
+        default, = replay(rs, [contender("spec", 4)], COST, decode_steps=[1])
+        ragged, = replay(rs, [contender("spec", 4)], COST, "ragged", decode_steps=[1])
+        assert default.steps[0].padded_tokens == 0
+        assert default.steps[0].makespan_s == pytest.approx(ragged.steps[0].makespan_s)
+
 
 class TestLifecycle:
     def test_history_steps_only_feed_history(self):
@@ -225,3 +232,15 @@ class TestInputsAndReport:
         assert set(p["spec"]) >= {"tokens_per_step", "forward_passes", "makespan_s", "makespan_ratio_vs_none"}
         # every verify step yields exactly one bonus token on top of the accepted drafts
         assert p["spec"]["accepted_drafts_per_step"] == pytest.approx(p["spec"]["tokens_per_step"] - 1)
+
+
+@pytest.mark.parametrize("engine,uniform_width", [("ragged", True), ("uniform", True),
+                                                  ("ragged-per-row", False)])
+def test_engines_plan_budgets_like_the_worker(engine, uniform_width):
+    """ragged and uniform plan the same batch-width budgets (the SGLang worker's default
+    policy); only ragged-per-row prices each request's own tokens."""
+    from das_sglang.core.cost_model import CostModel
+    from das_sglang.core.replay_contenders import build_contenders
+
+    (das,) = build_contenders(["das"], CostModel.preset("h100-7b"), engine)
+    assert das.make_policy().config.uniform_width is uniform_width

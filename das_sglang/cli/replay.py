@@ -129,7 +129,10 @@ def replay(
     policies: Annotated[str, typer.Option(
         help=f"Comma list from: {', '.join(CONTENDER_NAMES)}; or all.")] = ",".join(DEFAULT_CONTENDERS),
     engine: Annotated[str, typer.Option(
-        help="uniform: rows padded to the batch draft width (SGLang); ragged: ideal.")] = "uniform",
+        help="ragged: batch-width budgets, each request verifies only its own drafts (the "
+             "SGLang worker on FlashInfer / CPU torch_native); uniform: rows padded to the "
+             "batch width (other backends); ragged-per-row: per-request budgets priced by "
+             "total tokens.")] = "ragged",
     cost_preset: CostPreset = None,
     tokenizer: TokenizerPath = None,
     cache_dir: CacheDir = None,

@@ -59,6 +59,13 @@ class CostModel:
         t = t + self.c_kv_s * np.asarray(kv_tokens, dtype=np.float64)
         return float(t) if t.ndim == 0 else t
 
+    def verify_time(self, budgets, kv_tokens=0, uniform_width: bool = False) -> float:
+        """Seconds for one decode forward verifying ``budgets[i]`` draft tokens of request
+        ``i`` (0 = plain decode): ``forward_time(verify_tokens(budgets, uniform_width),
+        sum(kv_tokens))``. Ragged (the default) charges each request its own tokens."""
+        kv = float(np.sum(np.asarray(kv_tokens, dtype=np.float64)))
+        return self.forward_time(verify_tokens(budgets, uniform_width), kv)
+
     # ---- presets -------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> "CostModel":
@@ -84,6 +91,22 @@ class CostModel:
         model = cls(float(coef[0]), float(coef[1]), float(coef[2]) if x.shape[1] > 2 else 0.0,
                     name=name, fit_info=_fit_info(pred, y))
         return model
+
+
+def verify_tokens(budgets, uniform_width: bool = False) -> int:
+    """Tokens one decode forward submits to the target for per-request draft ``budgets``.
+
+    Ragged verification (each request verifies its root plus its own drafts) costs what
+    it verifies: ``sum(1 + b_i)``. A uniform layout pads every request to the batch's
+    widest tree: ``bs * (1 + max b_i)``. This is the ``n_tokens`` of :meth:`CostModel.
+    forward_time`, so the cost follows total tokens, not batch x max width, exactly when
+    the engine verifies ragged (the SGLang worker's ``verify_layout``)."""
+    b = np.asarray(budgets, dtype=np.int64).reshape(-1)
+    if b.size and int(b.min()) < 0:
+        raise ValueError(f"verify_tokens: budgets must be >= 0, got {int(b.min())}")
+    if uniform_width:
+        return int(b.size * (1 + int(b.max(initial=0))))
+    return int(b.size + b.sum())
 
 
 def _as_samples(samples: Iterable[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:

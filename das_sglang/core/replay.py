@@ -14,7 +14,17 @@ Each decode iteration:
    continuation, plus the bonus token (never past the end of the recorded response);
 4. the accepted tokens are fed back (drafter, policy) and the forward pass is charged
    ``cost.forward_time(tokens)``, where tokens = one per request plus its drafts, padded to
-   the batch width for engines that verify one width per batch (SGLang: ``uniform``).
+   the batch width for engines that verify one width per batch (``uniform``). Engines:
+
+   - ``ragged`` (default): what the SGLang worker does where its attention backend verifies
+     ragged (FlashInfer; torch_native in CPU mode): budgets planned as one batch width (the
+     worker's default ``policy.uniform_width``), each request verifying only its own nodes;
+   - ``uniform``: the same budgets, every request padded to the batch width (the worker on
+     backends without ragged verify: Triton, FA3, ...);
+   - ``ragged-per-row``: ragged verify with per-request budgets priced by total tokens
+     (``policy.uniform_width`` false); not the worker's default: on the bundled data its
+     budget estimates trim drafts that would have been accepted (benchmarks/results/
+     replay_engines.json).
 
 Finished requests leave the batch; their rollouts stay in the drafter as history of the step.
 Steps before the first replayed step only feed history (start, extend, finish; no verify).
@@ -31,7 +41,8 @@ import numpy as np
 from das_sglang.core.datasets import Rollout
 from das_sglang.core.draft_tree import DraftTree
 
-ENGINES = ("uniform", "ragged")
+ENGINES = ("uniform", "ragged", "ragged-per-row")
+DEFAULT_ENGINE = "ragged"  # what the SGLang worker verifies with where it can (sglang/ragged.py)
 SHARED_PROBLEM = "*all*"  # problem id the "global index" ablation gives every rollout
 
 
@@ -133,7 +144,7 @@ def replay(
     rollouts: Sequence[Rollout],
     contenders: Sequence[Contender],
     cost: ForwardCost,
-    engine: str = "uniform",
+    engine: str = DEFAULT_ENGINE,
     decode_steps: Iterable[int] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[ContenderResult]:

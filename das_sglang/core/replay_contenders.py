@@ -77,14 +77,17 @@ DEFAULT_CONTENDERS = ("none", "suffix-decoding", "das", "das-no-window", "das-fi
 def build_contenders(
     names: Sequence[str],
     cost: CostModel,
-    engine: str = "uniform",
+    engine: str = "ragged",
     drafter: DrafterConfig = DrafterConfig(),
     suffix: SuffixDecodingConfig = SuffixDecodingConfig(),
 ) -> list[Contender]:
     unknown = [n for n in names if n not in CONTENDER_NAMES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}: choose from {list(CONTENDER_NAMES)}")
-    uniform = engine == "uniform"
+    # Budgets are planned as one batch width (what the SGLang worker's policy does by
+    # default) on both the uniform and the ragged engine; only ragged-per-row prices each
+    # request's own tokens.
+    uniform = engine != "ragged-per-row"
     k = drafter.max_budget
     pol = lambda kind, b=k, fixed=None: _make_policy(kind, cost, uniform, b, fixed)  # noqa: E731
     table = {

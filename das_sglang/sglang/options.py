@@ -26,6 +26,7 @@ from das_sglang.core.policy import POLICIES
 from das_sglang.core.policy_config import PolicyConfig
 
 ENV = "DAS_CONFIG"
+VERIFY_LAYOUTS = ("auto", "ragged", "uniform")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,18 +44,37 @@ class ServerConfig:
     strict_snapshot   a snapshot that cannot be loaded stops the worker (True) or is
                       logged and ignored, the worker starting with empty history (False,
                       the default: losing history costs speed, never correctness).
+    verify_layout     how a decode batch is verified (sglang/ragged.py): ``auto`` (the
+                      default) verifies each request's own tree size in one ragged
+                      forward where the TARGET_VERIFY backend supports it (FlashInfer;
+                      torch_native in CPU development mode) and pads every request to
+                      the batch width elsewhere; ``ragged`` requires ragged support
+                      (start-up fails without it); ``uniform`` always pads. Budgets are
+                      planned the same way under both (``policy.uniform_width``, default
+                      true: one batch width, each request drafting up to it); ragged
+                      then submits each request's own nodes instead of padding them.
+    stats_path        file the worker rewrites (atomically) after every verify step with
+                      its counters (verify steps, verify tokens submitted to the target,
+                      draft tokens proposed and accepted, layout); None = off. For
+                      benchmarks and debugging.
     """
 
     policy: str = "length-aware"
     history_path: str | None = None
     snapshot_interval: int = 256
     strict_snapshot: bool = False
+    verify_layout: str = "auto"
+    stats_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"invalid policy={self.policy!r}: must be one of {sorted(POLICIES)}")
         if self.snapshot_interval < 0:
             raise ValueError(f"invalid snapshot_interval={self.snapshot_interval!r}: must be >= 0")
+        if self.verify_layout not in VERIFY_LAYOUTS:
+            raise ValueError(
+                f"invalid verify_layout={self.verify_layout!r}: must be one of {VERIFY_LAYOUTS}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,25 @@ def needs_root_only(req) -> bool:
     )
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    return t if n == 1 else torch.repeat_interleave(t, n, dim=0)
+def _rows(t: torch.Tensor, n) -> torch.Tensor:
+    """Per-request rows -> per-verify-row rows; ``n`` is the rows per request, an int
+    (uniform layout) or an int tensor of per-request counts (ragged layout)."""
+    if isinstance(n, int) and n == 1:
+        return t
+    return torch.repeat_interleave(t, n, dim=0)
+
+
+def needs_uniform_rows(sampling_info) -> bool:
+    """True when a transform of this batch takes one row count for every request
+    (SGLang's penalizer orchestrator, grammar masks, custom logit processors): such a
+    batch is verified in the uniform layout, never ragged."""
+    orchestrator = getattr(sampling_info, "penalizer_orchestrator", None)
+    grammars = getattr(sampling_info, "grammars", None)
+    return bool(
+        (orchestrator is not None and orchestrator.is_required)
+        or (grammars and any(grammars))
+        or getattr(sampling_info, "has_custom_logit_processor", False)
+    )
 
 
 def apply_logit_transforms(logits: torch.Tensor, sampling_info, n: int) -> None:

@@ -127,3 +127,103 @@ def custom_mask(layout: VerifyLayout, seq_lens: Sequence[int], device, target=No
     out[index] = tree.reshape(-1).to(target, non_blocking=True)
     return out
 
+
+
+# ----------------------------------------------------------------- ragged verification
+@dataclass(frozen=True)
+class RaggedLayout:
+    """Tree-verify inputs with a per-request row count: request ``b`` verifies
+    ``verify_lens[b] = len(trees[b]) + 1`` rows (the root plus its own draft nodes; 1 =
+    a plain decode step for that request), back to back, with no padding rows.
+
+    Flat per-row arrays (``tokens``, ``positions``) have ``total = verify_lens.sum()``
+    entries; request ``b``'s rows start at ``offsets[b]``. The tree links keep SGLang's
+    dense ``[bs, n]`` shape (``n`` = the widest request's row count), which is what the
+    tree-walk kernel takes: ``candidates``/``next_token``/``next_sibling`` are indexed by
+    column, and ``retrieve_index[b, i] = offsets[b] + i`` maps column ``i`` to its flat
+    (ragged) row, which is where the kernel reads the target's token and writes
+    ``predicts`` / ``accept_index``. Columns past a request's rows are never linked
+    (``-1``), so the walk cannot reach them.
+    """
+
+    tokens: np.ndarray  # int64 [total]
+    positions: np.ndarray  # int64 [total]
+    verify_lens: np.ndarray  # int64 [bs]
+    offsets: np.ndarray  # int64 [bs]: first flat row of each request
+    mask: np.ndarray  # bool [sum n_b^2]: request b's n_b x n_b ancestor mask, back to back
+    candidates: np.ndarray  # int64 [bs, n]: tokens by column (0 past a request's rows)
+    retrieve_index: np.ndarray  # int64 [bs, n]: flat row of (b, i); -1 past the rows
+    next_token: np.ndarray  # int64 [bs, n]
+    next_sibling: np.ndarray  # int64 [bs, n]
+    n: int  # columns of the dense link arrays: max(verify_lens)
+
+    @property
+    def total(self) -> int:
+        return int(self.verify_lens.sum())
+
+    def block(self, b: int) -> np.ndarray:
+        """Request ``b``'s ``n_b x n_b`` ancestor mask."""
+        k = int(self.verify_lens[b])
+        start = int((self.verify_lens[:b] ** 2).sum())
+        return self.mask[start : start + k * k].reshape(k, k)
+
+
+def build_ragged_layout(
+    roots: Sequence[int], trees: Sequence[DraftTree], seq_lens: Sequence[int]
+) -> RaggedLayout:
+    """Ragged verify inputs: request ``b`` verifies its root and its ``len(trees[b])``
+    draft nodes, no more. Same rows, masks, positions and links as
+    :func:`build_layout` restricted to each request's real rows (the pad rows the uniform
+    layout adds are simply not there)."""
+    bs = len(trees)
+    lens = np.fromiter((len(t) for t in trees), dtype=np.int64, count=bs)
+    width = int(lens.max(initial=0))
+    dense = build_layout(roots, trees, seq_lens, width)
+    n = dense.n
+    verify_lens = lens + 1
+    offsets = np.cumsum(verify_lens) - verify_lens
+    cols = np.arange(n, dtype=np.int64)
+    real = cols[None, :] < verify_lens[:, None]  # [bs, n]
+    candidates = dense.tokens.reshape(bs, n).copy()
+    candidates[~real] = 0
+    retrieve_index = np.where(real, offsets[:, None] + cols[None, :], -1)
+    return RaggedLayout(
+        tokens=dense.tokens.reshape(bs, n)[real],
+        positions=dense.positions.reshape(bs, n)[real],
+        verify_lens=verify_lens,
+        offsets=offsets,
+        mask=dense.mask[real[:, :, None] & real[:, None, :]],  # (b, i, j) order
+        candidates=candidates,
+        retrieve_index=retrieve_index,
+        next_token=dense.next_token,  # pad columns are never linked in build_layout
+        next_sibling=dense.next_sibling,
+        n=n,
+    )
+
+
+def ragged_custom_mask(layout: RaggedLayout, seq_lens: Sequence[int], device, target=None):
+    """Flat bool mask of a ragged verify in the layout the attention backend reads:
+    on CPU the per-request ``n_b x n_b`` tree blocks back to back; elsewhere, per
+    request, ``n_b`` rows of ``[seq_len_b prefix ones | n_b tree columns]`` -- the
+    ``qo_len x kv_len`` blocks FlashInfer's custom-mask prefill expects (its mask
+    offsets are the running sum of ``qo_len_b * kv_len_b``)."""
+    import torch
+
+    target = device if target is None else target
+    tree = torch.from_numpy(layout.mask)
+    if str(device) == "cpu":
+        return tree.to(target)
+    # Mostly ones (``n_b * seq_len_b`` prefix entries per request): made where it is used,
+    # the small tree blocks scattered into it by a host-built index (sum n_b^2 entries).
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    vl = layout.verify_lens
+    row_len = lens + vl
+    start = np.cumsum(vl * row_len) - vl * row_len
+    sq = vl * vl
+    b_of = np.repeat(np.arange(len(vl)), sq)  # request of every tree-block entry
+    local = np.arange(int(sq.sum()), dtype=np.int64) - np.repeat(np.cumsum(sq) - sq, sq)
+    i, j = local // vl[b_of], local % vl[b_of]
+    index = start[b_of] + i * row_len[b_of] + lens[b_of] + j
+    out = torch.ones(int((vl * row_len).sum()), dtype=torch.bool, device=target)
+    out[torch.from_numpy(index).to(target)] = tree.to(target)
+    return out

@@ -36,14 +36,30 @@ from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcac
 
 from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cut
 from das_sglang.sglang.options import load_options
-from das_sglang.sglang.request_constraints import needs_root_only
+from das_sglang.sglang.ragged import (
+    DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
+    verify_backend_name, walk_ragged,
+)
+from das_sglang.sglang.request_constraints import needs_root_only, needs_uniform_rows
 from das_sglang.sglang.session import DasSession
 from das_sglang.sglang.support import NoExternalCorpus, check_model_supported
 from das_sglang.sglang.tp import from_sglang as tp_group_of_worker
-from das_sglang.sglang.tree_inputs import build_layout, custom_mask
+from das_sglang.sglang.tree_inputs import (
+    build_layout, build_ragged_layout, custom_mask, ragged_custom_mask,
+)
 from das_sglang.sglang.verify import target_tokens, walk_trees
 
 _log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    import json
+    from pathlib import Path
+
+    from das_sglang.core.atomic import atomic_file
+
+    with atomic_file(Path(path), binary=False, tmp_prefix=".das-stats-") as f:
+        json.dump(data, f)
 
 
 class DasWorker(NoExternalCorpus, NGRAMWorker):
@@ -68,8 +84,16 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.speculative_num_draft_tokens = self.draft_token_num
         self.adaptive_controller = None
         self.options = load_options(self.draft_token_num)
+        lora = bool(getattr(server_args, "enable_lora", False) or
+                    getattr(server_args, "lora_paths", None))
+        self.layout = choose_layout(
+            self.options.server.verify_layout, verify_backend_name(), lora=lora
+        )
+        self._layout_confirmed = False
         self.session = DasSession(self.options, write_snapshots=self.tp.is_writer)
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
+        self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
+                      "ragged_steps": 0, "layout": self.layout}
         atexit.register(self.session.close)
         _log.info("DAS worker: %s", self.options)
 
@@ -86,7 +110,15 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         if not batch.forward_mode.is_decode():
             return self._forward_extend(batch, on_publish, pp_proxy_tensors)
         bs = len(batch.reqs)
-        layout, trees = self._prepare_verify(batch)
+        trees = self._plan(batch)
+        if not self._layout_confirmed:  # the attention backends exist from here on
+            self.layout = self.stats["layout"] = confirm_layout(
+                self.layout, self.model_runner.attn_backend)
+            self._layout_confirmed = True
+        if (self.layout == "ragged" and len({len(t) for t in trees}) > 1
+                and not needs_uniform_rows(batch.sampling_info)):
+            return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors)
+        layout = self._prepare_verify(batch, trees)
         result = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
         )
@@ -141,13 +173,18 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
                 accept_index[b, k:] = -1
         return torch.tensor(cut, dtype=num_correct.dtype, device=num_correct.device) - 1
 
-    def _prepare_verify(self, batch):
-        """Drafts -> TARGET_VERIFY batch (tokens, KV slots, mask, positions, links)."""
-        bs = len(batch.reqs)
+    def _plan(self, batch):
+        """Draft trees of the batch, truncated to the policy's per-request budgets."""
         for req in batch.reqs:
             self._register(req)
-        rids = [req.rid for req in batch.reqs]
-        trees, width = self.session.plan(rids, self.options.max_nodes)
+        trees, _ = self.session.plan([req.rid for req in batch.reqs], self.options.max_nodes)
+        return trees
+
+    def _prepare_verify(self, batch, trees):
+        """Drafts -> uniform TARGET_VERIFY batch (tokens, KV slots, mask, positions,
+        links): every request padded to the batch's widest tree."""
+        bs = len(batch.reqs)
+        width = max((len(t) for t in trees), default=0)
         seq_lens = batch.seq_lens_cpu.tolist()
         roots = [req.output_ids[-1] for req in batch.reqs]
         layout = build_layout(roots, trees, seq_lens, width)
@@ -173,7 +210,82 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             retrieve_next_sibling=torch.from_numpy(layout.next_sibling).to(dev),
             draft_token_num=n,
         )
-        return layout, trees
+        self.stats["verify_steps"] += 1
+        self.stats["verify_tokens"] += bs * n
+        return layout
+
+    # ---------------------------------------------------------------- ragged verify
+    def _verify_ragged(self, batch, trees, on_publish, pp_proxy_tensors):
+        """One TARGET_VERIFY forward where request ``b`` verifies ``len(trees[b]) + 1``
+        tokens (sglang/ragged.py): same sampling, walk and KV mover as the uniform
+        path, over ragged rows."""
+        dev, stride = self.device, self.draft_token_num
+        seq_lens = batch.seq_lens_cpu.tolist()
+        roots = [req.output_ids[-1] for req in batch.reqs]
+        rl = build_ragged_layout(roots, trees, seq_lens)
+        sg_layout = make_layout(rl.verify_lens.tolist(), dev)
+        verify_lens = torch.from_numpy(rl.verify_lens).to(dev)
+        offsets = torch.from_numpy(rl.offsets).to(dev)
+        tokens = torch.from_numpy(rl.tokens).to(dev)
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = tokens
+        batch.out_cache_loc = assign_extend_cache_locs_func(
+            req_pool_indices=batch.req_pool_indices,
+            req_to_token=batch.req_to_token_pool.req_to_token,
+            start_offset=batch.seq_lens,
+            end_offset=batch.seq_lens + verify_lens,
+            batch_size=len(trees),
+            draft_token_num=rl.n,  # allocation bound: bs * n >= total rows
+            device=dev,
+        )[: rl.total]
+        links = [torch.from_numpy(a).to(dev) for a in
+                 (rl.candidates, rl.retrieve_index, rl.next_token, rl.next_sibling)]
+        batch.spec_info = DasVerifyInput(
+            layout=sg_layout,
+            draft_token=tokens,
+            custom_mask=ragged_custom_mask(rl, seq_lens, dev),
+            positions=torch.from_numpy(rl.positions).to(dev),
+            retrieve_index=links[1],
+            retrieve_next_token=links[2],
+            retrieve_next_sibling=links[3],
+            draft_token_num=rl.n,
+        )
+        self.stats["verify_steps"] += 1
+        self.stats["ragged_steps"] += 1
+        self.stats["verify_tokens"] += rl.total
+        result = self.target_worker.forward_batch_generation(
+            batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
+        )
+        logits_output = result.logits_output
+        target = self.target_tokens(logits_output.next_token_logits, batch.sampling_info,
+                                    batch.spec_info.positions, verify_lens)
+        self.tp.agree(target)  # decided once, on TP rank 0 (see tp.py)
+        predict, accept_index, num_correct = walk_ragged(
+            links[0], links[1], links[2], links[3], target, stride,
+            greedy_accept=getattr(target, "greedy_accept", None),
+        )
+        num_correct = self._cut_at_stops(batch.reqs, predict, accept_index, num_correct)
+        accept_lens = num_correct + 1
+        new_seq_lens = batch.seq_lens + accept_lens
+        accept_tokens = predict[accept_index.clamp(min=0).long()]
+        move_accepted_kv(batch, offsets, verify_lens, accept_index, num_correct,
+                         self.token_to_kv_pool_allocator, stride)
+        if batch.return_logprob:
+            compute_spec_logprobs(batch, logits_output, predict, accept_index=accept_index)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        batch.forward_mode = ForwardMode.DECODE
+        self._feed_back(batch, trees, accept_tokens.cpu(), accept_lens.cpu())
+        accept_tokens = accept_tokens.flatten()
+        return GenerationBatchResult(
+            logits_output=logits_output,
+            next_token_ids=accept_tokens,
+            can_run_cuda_graph=result.can_run_cuda_graph,
+            accept_lens=accept_lens,
+            new_seq_lens=new_seq_lens,
+            next_draft_input=self._relay(new_seq_lens, accept_tokens, accept_lens),
+            speculative_num_draft_tokens=self.draft_token_num,
+        )
 
     def _register(self, req) -> None:
         if req.rid in self._reqs:
@@ -197,6 +309,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.session.committed_batch(
             [req.rid for req in batch.reqs], proposed, [r[:k] for r, k in zip(rows, lens)]
         )
+        self.stats["proposed"] += sum(proposed)
+        self.stats["accepted"] += sum(lens) - len(lens)
+        if self.options.server.stats_path:
+            write_json_atomic(self.options.server.stats_path, self.stats)
 
     def _relay(self, new_seq_lens, accept_tokens, accept_lens):
         # Fixed stride (speculative_num_draft_tokens) so SGLang's filter/merge of

@@ -8,6 +8,7 @@ control (draft-node ancestors dropped from the tree mask) must break the identit
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -50,10 +51,18 @@ def reference(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def das(tiny_model):
+def das_stats(tmp_path_factory):
+    """Where the DAS engine's worker writes its counters (server.stats_path)."""
+    return tmp_path_factory.mktemp("das-stats") / "stats.json"
+
+
+@pytest.fixture(scope="module")
+def das(tiny_model, das_stats):
     """DAS outputs; then a weight update + cache flush (what an RL trainer does between
-    steps; the flush reaches the worker's clear_cache_pool) and a step-3 group."""
-    with launch(tiny_model, "DAS") as engine:
+    steps; the flush reaches the worker's clear_cache_pool) and a step-3 group.
+    Default verify layout: ragged on this backend (torch_native in CPU mode)."""
+    env = {"DAS_CONFIG": json.dumps({"server": {"stats_path": str(das_stats)}})}
+    with launch(tiny_model, "DAS", env=env) as engine:
         results = run(engine, workload())
         engine.update_weights_from_disk(tiny_model)
         flush_when_idle(engine)
@@ -101,6 +110,25 @@ class TestGreedyIdentity:
         print(f"grpo-step3 after weight update + flush: {accept_length(meta):.2f} tokens/step")
         assert mismatches(reference["grpo-step2"][0], outs) == 0
         assert accept_length(meta) > 1.5
+
+
+    def test_batches_were_verified_ragged(self, das, das_stats):
+        stats = json.loads(das_stats.read_text())
+        print(f"worker counters: {stats}")
+        assert stats["layout"] == "ragged"
+        # steps where requests verified different tree sizes in one forward
+        assert 0 < stats["ragged_steps"] <= stats["verify_steps"]
+
+
+def test_uniform_layout_is_identical_too(tiny_model, reference):
+    """The padded layout (kept for backends without ragged verify) stays lossless."""
+    batches = [b for b in workload() if b[0].startswith("grpo")]
+    env = {"DAS_CONFIG": json.dumps({"server": {"verify_layout": "uniform"}})}
+    with launch(tiny_model, "DAS", env=env) as engine:
+        got = run(engine, batches)
+    for label, _, _ in batches:
+        assert mismatches(reference[label][0], got[label][0]) == 0, label
+    assert accept_length(got["grpo-step2"][1]) > 1.5
 
 
 def test_negative_control_corrupted_tree_mask_breaks_identity(tiny_model, reference):

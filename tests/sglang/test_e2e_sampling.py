@@ -14,6 +14,7 @@ SGLang's CPU rule) must be detected by the same test.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -55,14 +56,28 @@ def sample_das(engine):
 
 
 @pytest.fixture(scope="module")
-def samples(tiny_model):
+def das_stats(tmp_path_factory):
+    return tmp_path_factory.mktemp("das-stats") / "stats.json"
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_model, das_stats):
     got = {}
     with launch(tiny_model, None) as engine:
         for name, params in SETTINGS.items():
             got[("none", name)] = sample(engine, params, SAMPLES)
-    with launch(tiny_model, "DAS", env=FULL_WIDTH) as engine:
+    # default verify layout (ragged on CPU); the counters say it was ragged
+    env = {"DAS_CONFIG": json.dumps({"server": {"policy": "unlimited",
+                                                "stats_path": str(das_stats)}})}
+    with launch(tiny_model, "DAS", env=env) as engine:
         got.update({("das", k): v for k, v in sample_das(engine).items()})
     return got
+
+
+def test_sampled_batches_were_verified_ragged(samples, das_stats):
+    stats = json.loads(das_stats.read_text())
+    print(f"worker counters: {stats}")
+    assert stats["layout"] == "ragged" and stats["ragged_steps"] > 0
 
 
 @pytest.fixture(scope="module")

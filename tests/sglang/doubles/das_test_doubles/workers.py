@@ -34,15 +34,19 @@ class GreedyAcceptWorker(DasWorker):
 
 
 class CorruptMaskWorker(DasWorker):
-    def _prepare_verify(self, batch):
-        layout, trees = super()._prepare_verify(batch)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layout, self._layout_confirmed = "uniform", True  # the mask below is uniform
+
+    def _prepare_verify(self, batch, trees):
+        layout = super()._prepare_verify(batch, trees)
         spec, n, bs = batch.spec_info, layout.n, len(batch.reqs)
         if spec.custom_mask.numel() != bs * n * n:
             raise RuntimeError("the corrupt-mask control expects the CPU tree-block mask")
         wrong = torch.eye(n, dtype=torch.bool, device=spec.custom_mask.device)
         wrong[:, 0] = True
         spec.custom_mask = wrong.expand(bs, n, n).reshape(-1).contiguous()
-        return layout, trees
+        return layout
 
 
 class TpRecordWorker(DasWorker):

@@ -1,0 +1,148 @@
+"""Ragged verify inputs (per-request tree sizes) against the uniform layout (no engine).
+
+The ragged layout must be the uniform one with the pad rows removed: same tokens,
+positions, masks and links on every real row; the tree walk (SGLang's kernel through
+the CPU stand-in) must accept the same path for the same target tokens; and the masks
+must have the layouts the CPU backend and FlashInfer read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from das_sglang.core.draft_tree import DraftTree
+from das_sglang.sglang.tree_inputs import (
+    build_layout, build_ragged_layout, ragged_custom_mask,
+)
+from test_tree_inputs import trees
+
+
+def _batch(data, tree_list):
+    bs = len(tree_list)
+    roots = data.draw(st.lists(st.integers(0, 20), min_size=bs, max_size=bs))
+    seq_lens = data.draw(st.lists(st.integers(1, 50), min_size=bs, max_size=bs))
+    return roots, seq_lens
+
+
+class TestAgainstUniform:
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(trees(), min_size=1, max_size=5), st.data())
+    def test_real_rows_match_the_padded_layout(self, tree_list, data):
+        roots, seq_lens = _batch(data, tree_list)
+        width = max(len(t) for t in tree_list)
+        uni = build_layout(roots, tree_list, seq_lens, width)
+        rag = build_ragged_layout(roots, tree_list, seq_lens)
+        lens = [len(t) + 1 for t in tree_list]
+        assert rag.verify_lens.tolist() == lens
+        assert rag.total == sum(lens) == len(rag.tokens) == len(rag.positions)
+        assert rag.n == uni.n
+        n = uni.n
+        for b, k in enumerate(lens):
+            rows = slice(rag.offsets[b], rag.offsets[b] + k)
+            assert rag.tokens[rows].tolist() == uni.tokens[b * n : b * n + k].tolist()
+            assert rag.positions[rows].tolist() == uni.positions[b * n : b * n + k].tolist()
+            assert np.array_equal(rag.block(b), uni.mask[b, :k, :k])
+            assert rag.retrieve_index[b, :k].tolist() == list(range(rag.offsets[b],
+                                                                    rag.offsets[b] + k))
+            assert (rag.retrieve_index[b, k:] == -1).all()
+            assert rag.candidates[b, :k].tolist() == uni.tokens[b * n : b * n + k].tolist()
+            # links never point at a column past the request's rows
+            assert rag.next_token[b].max(initial=-1) < k
+            assert rag.next_sibling[b].max(initial=-1) < k
+        assert np.array_equal(rag.next_token, uni.next_token)
+        assert np.array_equal(rag.next_sibling, uni.next_sibling)
+
+    def test_zero_budget_rows_verify_the_root_only(self):
+        chain = DraftTree.chain([7, 8, 9])
+        empty = DraftTree.chain([])
+        rag = build_ragged_layout([1, 2, 3], [empty, chain, empty], [10, 20, 30])
+        assert rag.verify_lens.tolist() == [1, 4, 1]
+        assert rag.offsets.tolist() == [0, 1, 5]
+        assert rag.tokens.tolist() == [1, 2, 7, 8, 9, 3]
+        assert rag.positions.tolist() == [10, 20, 21, 22, 23, 30]
+        assert rag.next_token[0].tolist() == [-1, -1, -1, -1]
+        assert rag.next_token[1].tolist() == [1, 2, 3, -1]
+        # uniform would verify 3 x 4 = 12 tokens; ragged verifies 6
+        assert rag.total == 6
+
+
+class TestMasks:
+    def _layout(self):
+        a = DraftTree(np.array([5, 6, 7], np.int32), np.array([-1, -1, 0], np.int32),
+                      np.array([.9, .8, .7]))
+        return build_ragged_layout([1, 2], [a, DraftTree.chain([])], [3, 2])
+
+    def test_cpu_form_is_the_blocks_back_to_back(self):
+        rag = self._layout()
+        flat = ragged_custom_mask(rag, [3, 2], "cpu")
+        assert flat.dtype == torch.bool
+        assert flat.numel() == 4 * 4 + 1
+        assert flat[:16].view(4, 4).tolist() == rag.block(0).tolist()
+        assert flat[16:].tolist() == [True]
+
+    def test_flashinfer_form_is_prefix_ones_then_tree_per_request(self):
+        rag = self._layout()
+        seq = [3, 2]
+        flat = ragged_custom_mask(rag, seq, "cuda", target="cpu")  # built on the CPU
+        # request 0: 4 rows of (3 + 4); request 1: 1 row of (2 + 1)
+        assert flat.numel() == 4 * 7 + 1 * 3
+        r0 = flat[:28].view(4, 7)
+        assert r0[:, :3].all()
+        assert r0[:, 3:].tolist() == rag.block(0).tolist()
+        assert flat[28:].tolist() == [True, True, True]
+        # row 3 (token 7, child of 5) sees the root, 5 and itself, not its uncle 6
+        assert r0[3, 3:].tolist() == [True, True, False, True]
+
+
+class TestWalk:
+    """SGLang's tree-walk kernel (CPU stand-in) over ragged rows."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(trees(max_nodes=6), min_size=1, max_size=4), st.data())
+    def test_same_acceptance_as_the_uniform_walk(self, tree_list, data):
+        from das_sglang.sglang.ragged import walk_ragged
+        from das_sglang.sglang.verify import walk_trees
+
+        roots, seq_lens = _batch(data, tree_list)
+        width = max(len(t) for t in tree_list)
+        uni = build_layout(roots, tree_list, seq_lens, width)
+        rag = build_ragged_layout(roots, tree_list, seq_lens)
+        n, bs, stride = uni.n, len(tree_list), 7
+        # the target's token after every uniform row; ragged rows get the same values
+        target_uni = torch.tensor(data.draw(st.lists(st.integers(0, 20), min_size=bs * n,
+                                                     max_size=bs * n)), dtype=torch.int64)
+        keep = np.concatenate([np.arange(b * n, b * n + len(t) + 1)
+                               for b, t in enumerate(tree_list)])
+        target_rag = target_uni[torch.from_numpy(keep)]
+        t = lambda a: torch.from_numpy(a)  # noqa: E731
+        p_u, a_u, c_u = walk_trees((t(uni.tokens), t(uni.retrieve_index), t(uni.next_token),
+                                    t(uni.next_sibling)), target_uni, bs, n, stride)
+        p_r, a_r, c_r = walk_ragged(t(rag.candidates), t(rag.retrieve_index),
+                                    t(rag.next_token), t(rag.next_sibling), target_rag, stride)
+        assert c_r.tolist() == c_u.tolist()
+        for b in range(bs):
+            k = int(c_u[b]) + 1
+            uni_rows = a_u[b, :k].long()
+            rag_rows = a_r[b, :k].long()
+            # same tree columns accepted, in ragged rows
+            assert (uni_rows - b * n).tolist() == (rag_rows - int(rag.offsets[b])).tolist()
+            assert p_r[rag_rows].tolist() == p_u[uni_rows].tolist()
+            assert (a_r[b, k:] == -1).all()
+
+
+def test_layout_choice_names_the_backend():
+    from das_sglang.sglang.ragged import choose_layout
+
+    assert choose_layout("auto", "triton") == "uniform"
+    assert choose_layout("auto", "flashinfer") == "ragged"
+    assert choose_layout("auto", "flashinfer", lora=True) == "uniform"
+    assert choose_layout("uniform", "flashinfer") == "uniform"
+    assert choose_layout("auto", "torch_native") == "ragged"  # CPU mode's subclass
+    with pytest.raises(ValueError, match="verify backend is fa3"):
+        choose_layout("ragged", "fa3")
+    with pytest.raises(ValueError, match="invalid verify layout 'wide'"):
+        choose_layout("wide", "triton")
