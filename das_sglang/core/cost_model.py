@@ -12,6 +12,13 @@ request plus its draft nodes; engines that pad rows to one width count the paddi
 A linear model is the sum, not the max, of the roofline's memory and compute terms, so it
 overestimates near the ridge point; that keeps speculation conservative. Presets are derived in
 ``docs/cost_model.md``; ``CostModel.fit`` / ``calibrate`` replace them with measurements.
+
+Width tiers (optional, measured by ``benchmarks/fit_cost_model.py``): SGLang replays a CUDA
+graph only for the verify widths it captured, and runs every other width eagerly. A forward
+whose rows are padded to ``width`` draft tokens costs the linear model plus
+``width_extra_s(width)``: ``graph_extra_s`` at a captured width (``graph_widths``), else
+``eager_extra_s`` of the nearest measured eager width (linear interpolation). ``host_s_per_request``
+is the host (CPU) time DAS spends per request and step; ``step_time`` adds it.
 """
 
 from __future__ import annotations
@@ -43,12 +50,62 @@ class CostModel:
     c_kv_s: float = 0.0
     name: str = "custom"
     fit_info: FitInfo | None = field(default=None, compare=False)
+    graph_widths: tuple[int, ...] = ()  # draft widths with a captured CUDA graph
+    graph_extra_s: tuple[float, ...] = ()  # extra seconds per forward at each graph width
+    eager_widths: tuple[int, ...] = ()  # draft widths with a measured eager extra cost
+    eager_extra_s: tuple[float, ...] = ()  # extra seconds per eager forward at each of them
+    host_s_per_request: float = 0.0  # DAS host time per request per decode step
 
     def __post_init__(self) -> None:
-        for attr in ("c_base_s", "c_tok_s", "c_kv_s"):
+        for attr in ("c_base_s", "c_tok_s", "c_kv_s", "host_s_per_request"):
             v = getattr(self, attr)
             if not (np.isfinite(v) and v >= 0.0):
                 raise ValueError(f"invalid CostModel {attr}={v!r}: must be a finite number >= 0")
+        for widths, extra in (("graph_widths", "graph_extra_s"), ("eager_widths", "eager_extra_s")):
+            w, e = tuple(getattr(self, widths)), tuple(getattr(self, extra))
+            object.__setattr__(self, widths, tuple(int(x) for x in w))
+            object.__setattr__(self, extra, tuple(float(x) for x in e))
+            if len(w) != len(e):
+                raise ValueError(f"invalid CostModel {widths}={w!r} / {extra}={e!r}: must have equal lengths")
+            if any(x < 0 for x in w) or list(w) != sorted(set(w)):
+                raise ValueError(f"invalid CostModel {widths}={w!r}: must be increasing widths >= 0")
+            if not all(np.isfinite(x) for x in e):
+                raise ValueError(f"invalid CostModel {extra}={e!r}: must be finite")
+
+    @property
+    def has_tiers(self) -> bool:
+        return bool(self.graph_widths or self.eager_widths)
+
+    def width_extra_s(self, width):
+        """Extra seconds per forward of a batch padded to ``width`` draft tokens per row
+        (graph replay at a captured width, an eager forward otherwise); 0 without tiers.
+        Accepts an int or an int array."""
+        w = np.asarray(width, dtype=np.int64)
+        out = np.zeros(w.shape, dtype=np.float64)
+        if self.eager_widths:
+            out = np.interp(w, self.eager_widths, self.eager_extra_s).astype(np.float64)
+        if self.graph_widths:
+            gw = np.asarray(self.graph_widths)
+            pos = np.clip(np.searchsorted(gw, w), 0, len(gw) - 1)
+            hit = gw[pos] == w
+            out = np.where(hit, np.asarray(self.graph_extra_s)[pos], out)
+        return float(out) if out.ndim == 0 else out
+
+    def is_graph_width(self, width: int) -> bool:
+        return int(width) in self.graph_widths
+
+    def step_time(self, rows: int, width: int, kv_tokens=0, host: bool = True) -> float:
+        """Seconds of one verify step: ``rows`` requests padded to ``width`` draft tokens
+        (tiers included) plus, with ``host``, DAS's host time for the rows."""
+        t = self.forward_time(rows * (1 + width), kv_tokens) + self.width_extra_s(width)
+        return float(t + (self.host_s_per_request * rows if host else 0.0))
+
+    def with_coefficients(self, **changes) -> "CostModel":
+        """A copy with measured coefficients replacing this model's (``DAS_CONFIG``)."""
+        from dataclasses import replace
+
+        name = changes.pop("name", f"{self.name}+measured")
+        return replace(self, name=name, fit_info=None, **changes)
 
     def forward_time(self, n_tokens, kv_tokens=0):
         """Seconds for one forward over ``n_tokens`` tokens reading ``kv_tokens`` KV entries.

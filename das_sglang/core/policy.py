@@ -163,8 +163,8 @@ class _ModelBased(_Observing):
     def __init__(self, cost_model: CostModel | str | None = None,
                  config: PolicyConfig | None = None) -> None:
         super().__init__(config)
-        if cost_model is None:
-            cost_model = self.config.cost_preset
+        if cost_model is None:  # the preset plus any measured coefficients (DAS_CONFIG)
+            cost_model = self.config.cost_model()
         self.cost = CostModel.preset(cost_model) if isinstance(cost_model, str) else cost_model
         self.last: StepAllocation | None = None  # the latest plan's modeled numbers
         self.outcomes = OutcomeCalibration(self.config)
