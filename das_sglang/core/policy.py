@@ -119,6 +119,12 @@ class _Observing:
     def advance_step(self, step: int) -> None:
         self.lengths.advance_step(step)
 
+    def forget_problems(self, problem_ids) -> None:
+        """Memory cap: drop what is kept per problem for problems without history."""
+        problem_ids = list(problem_ids)
+        self.acceptance.forget(problem_ids)
+        self.lengths.evict_problems(problem_ids)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

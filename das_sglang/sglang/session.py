@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from das_sglang.core.draft_tree import DraftTree
-from das_sglang.core.drafter import truncate_trusted
+from das_sglang.core.drafter import as_tokens, truncate_trusted
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.sglang.options import DasOptions
 
@@ -36,6 +39,62 @@ def problem_of(custom_params: dict | None, prompt: Sequence[int]) -> tuple[str, 
         digest = hashlib.blake2b(np.asarray(prompt, dtype=np.int32).tobytes(), digest_size=8)
         pid = "prompt-" + digest.hexdigest()
     return str(pid), step
+
+
+class _Updates:
+    """One background thread applying the drafter's mutations in submission order.
+
+    The native index's batch extend releases the GIL, so the scheduler thread goes on with
+    SGLang's own per-step Python while the accepted tokens are indexed. Reads stay
+    consistent: every drafter read or other mutation on the scheduler thread first calls
+    :meth:`flush`, so a request's next draft always sees all its accepted tokens, and no
+    two calls ever touch an index at once. An error in a background update is logged and
+    re-raised by the next ``flush`` (it is a bug, not bad request input: inputs are
+    validated before submission)."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="das-history-updates", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                fn, args = item
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
+                _log.exception("DAS: background history update failed")
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def submit(self, fn, *args) -> None:
+        self._q.put((fn, args))
+
+    def flush(self) -> None:
+        if self._q.unfinished_tasks:
+            self._q.join()
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise RuntimeError(f"DAS background history update failed: {e!r}") from e
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+
+def _row(req_id, problem_id, generated, max_new, probs, prompt_len) -> BudgetRow:
+    """A BudgetRow without ``__post_init__``: the session builds rows from validated ints
+    and the native drafter's probabilities, checked once per batch in :meth:`DasSession.plan`
+    (the per-row check is a few us; 512 rows a step)."""
+    row = object.__new__(BudgetRow)
+    row.__dict__.update(req_id=req_id, problem_id=problem_id, generated_len=generated,
+                        max_new_tokens=max_new, node_probs=probs, prompt_len=prompt_len)
+    return row
 
 
 @dataclass
@@ -60,15 +119,36 @@ class DasSession:
         )
         self.step = 0
         self.live: dict[str, _Live] = {}
+        # History mirror for snapshots (problem -> step -> tuple of token arrays; tuples so
+        # a background writer can hold a view while the scheduler thread goes on).
+        self._mirror: dict[str, dict[int, tuple]] | None = None
+        self._tagged_since_flush = False
+        self._updates = _Updates() if options.server.async_updates else None
         self.snapshot = self._open_snapshot()
+        lengths = getattr(self.policy, "lengths", None)
+        if options.server.async_updates and lengths is not None:
+            lengths.background = True  # rebuilt off the scheduler thread, double-buffered
+        if options.server.async_updates:
+            # Out-of-window history leaves the index in chunks on the background thread,
+            # while the forward runs (plan submits one chunk after its reads).
+            self.drafter.lazy_eviction = True
+        self._evicting = False
+
+    def sync(self) -> None:
+        """Apply pending background history updates (before any other drafter access)."""
+        if self._updates is not None:
+            self._updates.flush()
 
     # ------------------------------------------------------------ requests
     def start(self, req_id: str, custom_params, prompt: Sequence[int], output: Sequence[int],
               max_new_tokens: int) -> None:
         """First sight of a decoding request: its prompt and the output so far."""
         pid, step = problem_of(custom_params, prompt)
+        if step is not None:
+            self._tagged_since_flush = True
         if step is not None and step > self.step:
             self.advance_step(step)
+        self.sync()
         self.drafter.start_request(req_id, pid, np.asarray(prompt, dtype=np.int32))
         if len(output):
             self.drafter.extend_request(req_id, np.asarray(output, dtype=np.int32))
@@ -76,45 +156,117 @@ class DasSession:
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output))
 
     def advance_step(self, step: int) -> None:
+        self.sync()
         self.step = step
         self.drafter.advance_step(step)
+        self._evicting = bool(self.drafter._evicting)
         self.policy.advance_step(step)
+        if self._mirror is not None:
+            oldest = step - self.drafter.config.window_steps
+            for pid in list(self._mirror):
+                steps = self._mirror[pid]
+                for s in [s for s in steps if s < oldest]:
+                    del steps[s]
+                if not steps:
+                    del self._mirror[pid]
+        self._forget_stale()
         if self.snapshot is not None:
             self.snapshot.save()  # a step boundary is a natural checkpoint
 
+    def weights_updated(self) -> None:
+        """The RL step boundary: SGLang flushed its cache (``update_weights_from_*``).
+        Untagged traffic gets a sliding window this way; when tagged requests
+        (``das_step``) advanced the step since the last flush, they drive it instead."""
+        if not self._tagged_since_flush:
+            self.advance_step(self.step + 1)
+        self._tagged_since_flush = False
+
+    EVICT_CHUNK_S = 0.003  # native removals per decode step, inside the forward's shadow
+
+    def _evict_chunk(self) -> None:
+        end = time.perf_counter() + self.EVICT_CHUNK_S
+        while not self.drafter.evict_pending(2048):
+            if time.perf_counter() >= end:
+                return
+        self._evicting = False
+
+    def _forget_stale(self) -> None:
+        """Bounded memory: statistics of problems with neither history nor live requests."""
+        tracker = getattr(self.policy, "acceptance", None)
+        forget = getattr(self.policy, "forget_problems", None)
+        if tracker is None or forget is None:
+            return
+        keep = self.drafter.history_problems() | {lv.problem_id for lv in self.live.values()}
+        stale = [p for p in tracker.problem_ids() if p not in keep]
+        if stale:
+            forget(stale)
+
+    def _enforce_cap(self) -> None:
+        gone = self.drafter.enforce_cap()
+        if gone:
+            live = {lv.problem_id for lv in self.live.values()}
+            gone = [p for p in gone if p not in live]
+            forget = getattr(self.policy, "forget_problems", None)
+            if forget is not None and gone:
+                forget(gone)
+            if self._mirror is not None:
+                for p in gone:
+                    self._mirror.pop(p, None)
+
     def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[list[DraftTree], int]:
         """Draft trees truncated to the policy's budgets, and the batch width."""
+        self.sync()
         trees = self.drafter.speculate_batch(list(req_ids), [max_nodes] * len(req_ids))
-        rows = []
-        for rid, tree in zip(req_ids, trees):
-            live = self.live[rid]
-            rows.append(BudgetRow(
-                req_id=rid, problem_id=live.problem_id, generated_len=live.generated,
-                max_new_tokens=live.max_new_tokens, node_probs=tree.probs,
-                prompt_len=live.prompt_len,
-            ))
+        if self._evicting and self._updates is not None:
+            # The index is not read again until the next plan or update: remove a chunk of
+            # out-of-window history meanwhile (native removals, during layout + forward).
+            self._updates.submit(self._evict_chunk)
+        live = self.live
+        rows = [_row(rid, lv.problem_id, lv.generated, lv.max_new_tokens, t.probs, lv.prompt_len)
+                for rid, t, lv in zip(req_ids, trees, (live[r] for r in req_ids))]
+        if rows:
+            flat = np.concatenate([t.probs for t in trees])
+            if flat.size and not (flat.min() >= 0.0 and flat.max() <= 1.0):
+                raise ValueError("drafter returned node probabilities outside [0, 1]")
         plan = self.policy.plan(rows)
-        keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes).tolist()
-        trees = [truncate_trusted(t, k) for t, k in zip(trees, keep)]
+        keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
+        cut = np.flatnonzero(keep < np.fromiter((len(t) for t in trees), np.int64, len(trees)))
+        for i in cut.tolist():
+            trees[i] = truncate_trusted(trees[i], int(keep[i]))
         width = max((len(t) for t in trees), default=0)
+        buckets = self.options.policy.buckets(max_nodes)
+        if buckets is not None and width not in buckets:
+            # Policies that do not price buckets themselves: pad up to the next bucket
+            # (rows keep their trees; the padding is never linked, so never accepted).
+            width = next(b for b in buckets if b >= width)
         return trees, width
 
     def committed(self, req_id: str, proposed: int, tokens: Sequence[int]) -> None:
         """After verify: ``tokens`` = accepted drafts + the bonus token."""
         live = self.live[req_id]
+        self.sync()
         self.drafter.extend_request(req_id, np.asarray(tokens, dtype=np.int32))
         live.generated += len(tokens)
         self.policy.observe_verify(live.problem_id, proposed, len(tokens) - 1)
 
     def committed_batch(self, req_ids: Sequence[str], proposed: Sequence[int],
                         tokens: Sequence[Sequence[int]]) -> None:
-        """:meth:`committed` for a whole decode batch."""
-        self.drafter.extend_batch(req_ids, tokens)  # one native call for the batch
+        """:meth:`committed` for a whole decode batch. The drafter's extend (one native
+        call for the batch) runs on the background thread without the GIL; the next
+        :meth:`plan` waits for it."""
+        if self._updates is not None:
+            self._updates.flush()  # earlier updates first (and their errors)
+            self._updates.submit(self.drafter.extend_batch, list(req_ids), tokens)
+        else:
+            self.drafter.extend_batch(req_ids, tokens)
         observe = self.policy.observe_verify
+        live = self.live
         for rid, p, t in zip(req_ids, proposed, tokens):
-            live = self.live[rid]
-            live.generated += len(t)
-            observe(live.problem_id, p, len(t) - 1)
+            lv = live[rid]
+            n = len(t)
+            lv.generated += n
+            if p or n != 1:  # nothing drafted and only the bonus token: no outcome to record
+                observe(lv.problem_id, p, n - 1)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.
@@ -126,17 +278,24 @@ class DasSession:
         if live is None:
             return
         output = list(output)[: live.max_new_tokens]
+        tokens = as_tokens(list(prompt) + output, f"text of req_id={req_id!r}")
+        self.sync()
         self.drafter.finish_request(req_id, keep=False)
-        self.drafter.add_history(
-            live.problem_id, live.step, np.asarray(list(prompt) + output, dtype=np.int32)
-        )
+        stored = self.drafter.add_history(live.problem_id, live.step, tokens)
+        if stored and self._mirror is not None:
+            steps = self._mirror.setdefault(live.problem_id, {})
+            steps[live.step] = steps.get(live.step, ()) + (tokens,)
         self.policy.observe_finished(live.problem_id, len(output))
+        if stored and self.drafter.config.max_history_tokens and \
+                self.drafter.history_tokens > self.drafter.config.max_history_tokens:
+            self._enforce_cap()
         if self.snapshot is not None:
             self.snapshot.note_finished()
 
     def drop(self, req_id: str) -> None:
         """A request left without finishing (aborted, retracted): forget its text."""
         if self.live.pop(req_id, None) is not None:
+            self.sync()
             self.drafter.finish_request(req_id, keep=False)
 
     # ------------------------------------------------------------ history
@@ -147,17 +306,32 @@ class DasSession:
         from das_sglang.core.snapshot import PeriodicSnapshot, load_history_or_empty
 
         history, meta = load_history_or_empty(server.history_path, strict=server.strict_snapshot)
+        self._mirror = {}
         if history:
             # Advance first: the drafter refuses history from steps after its current one.
             self.step = max((s for steps in history.values() for s in steps), default=0)
             self.drafter.advance_step(self.step)
             self.drafter.load_history(history)
+            self._mirror = {p: {s: tuple(seqs) for s, seqs in steps.items()}
+                            for p, steps in self.drafter.history().items()}
             _log.info("DAS: loaded history of %d problems from %s", len(history),
                       server.history_path)
         return PeriodicSnapshot(
-            server.history_path, self.drafter.history, every_n=server.snapshot_interval
+            server.history_path, self._history_view, every_n=server.snapshot_interval,
+            background=server.async_updates,
         )
 
+    def _history_view(self):
+        """The history as immutable per-step tuples: cheap to take on the scheduler thread
+        (one dict per problem), safe for the background writer to read afterwards."""
+        return {p: dict(steps) for p, steps in self._mirror.items()}
+
     def close(self) -> None:
+        """Idempotent (atexit may call it after an explicit close)."""
+        if self._updates is not None:
+            self._updates.flush()
+            self._updates.close()
+            self._updates = None
         if self.snapshot is not None:
             self.snapshot.close()
+            self.snapshot = None
