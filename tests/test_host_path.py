@@ -115,3 +115,16 @@ def test_history_cap_evicts_oldest_step_first():
     assert d.enforce_cap() == ["old"]
     assert d.history_tokens == 8 and set(d.history()) == {"a", "b"}
     assert d.enforce_cap(4) == ["a"] and set(d.history()) == {"b"}
+
+
+def test_lazy_eviction_never_runs_out_of_native_step_slots():
+    from das_sglang.native import MAX_STEPS
+
+    d = _drafter()
+    d.lazy_eviction = True
+    for step in range(20):
+        d.advance_step(step)
+        d.add_history("p", step, [1, 2, 3, step])
+        assert len(set(d._step_seqs)) <= MAX_STEPS
+    assert d.evict_pending(None)
+    assert sorted(d.history()["p"]) == [18, 19]

@@ -147,15 +147,21 @@ class SuffixDrafter:
         """Start training step ``step``; evict finished rollouts older than the window."""
         if step < self._step:
             raise ValueError(f"invalid step={step}: steps only advance (current {self._step})")
-        self.evict_pending(None)  # a previous step's lazy eviction finishes first
         self._step = step
         oldest = step - self.config.window_steps
-        old = sorted(x for x in self._by_step if x < oldest)
+        old = sorted(x for x in self._by_step if x < oldest and x not in self._evicting)
         if self.lazy_eviction:
             # Out of the window now (weight 0: drafts ignore them), removed from the index
             # later in chunks (``evict_pending``), e.g. on a background thread while the
             # GPU runs a forward: one step's history is ~1/window of everything stored.
             self._evicting.update(old)
+            # The native indices hold at most MAX_STEPS distinct steps: if the new step
+            # would not fit, the oldest pending evictions finish now.
+            while self._evicting and len(set(self._step_seqs) | {step}) > MAX_STEPS:
+                s = min(self._evicting)
+                for problem_id in list(self._by_step.get(s, ())):
+                    self._evict(problem_id, s)
+                self._evicting.discard(s)
         else:
             for s in old:
                 for problem_id in list(self._by_step.get(s, ())):

@@ -7,6 +7,7 @@ objects into the calls below.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import queue
@@ -57,6 +58,13 @@ class _Updates:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="das-history-updates", daemon=True)
         self._thread.start()
+        # Drain before interpreter shutdown: a daemon thread stopped inside a native call
+        # (threads of its own, the GIL released) must not be torn down mid-update.
+        atexit.register(self._drain)
+
+    def _drain(self) -> None:
+        if self._thread.is_alive():
+            self._q.join()
 
     def _run(self) -> None:
         while True:
@@ -169,6 +177,7 @@ class DasSession:
                     del steps[s]
                 if not steps:
                     del self._mirror[pid]
+        self._check_cap()
         self._forget_stale()
         if self.snapshot is not None:
             self.snapshot.save()  # a step boundary is a natural checkpoint
@@ -216,6 +225,7 @@ class DasSession:
     def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[list[DraftTree], int]:
         """Draft trees truncated to the policy's budgets, and the batch width."""
         self.sync()
+        self._check_cap()
         trees = self.drafter.speculate_batch(list(req_ids), [max_nodes] * len(req_ids))
         if self._evicting and self._updates is not None:
             # The index is not read again until the next plan or update: remove a chunk of
@@ -279,18 +289,29 @@ class DasSession:
             return
         output = list(output)[: live.max_new_tokens]
         tokens = as_tokens(list(prompt) + output, f"text of req_id={req_id!r}")
-        self.sync()
-        self.drafter.finish_request(req_id, keep=False)
-        stored = self.drafter.add_history(live.problem_id, live.step, tokens)
+        stored = live.step >= self.drafter.step - self.drafter.config.window_steps
+        if self._updates is not None:
+            # The native removal + insertion (~us per token) run on the update thread, in
+            # order with the extends; the next drafter read waits for them.
+            self._updates.submit(self._finish_in_drafter, req_id, live.problem_id, live.step, tokens)
+        else:
+            self._finish_in_drafter(req_id, live.problem_id, live.step, tokens)
+            self._check_cap()
         if stored and self._mirror is not None:
             steps = self._mirror.setdefault(live.problem_id, {})
             steps[live.step] = steps.get(live.step, ()) + (tokens,)
         self.policy.observe_finished(live.problem_id, len(output))
-        if stored and self.drafter.config.max_history_tokens and \
-                self.drafter.history_tokens > self.drafter.config.max_history_tokens:
-            self._enforce_cap()
         if self.snapshot is not None:
             self.snapshot.note_finished()
+
+    def _finish_in_drafter(self, req_id, problem_id, step, tokens) -> None:
+        self.drafter.finish_request(req_id, keep=False)
+        self.drafter.add_history(problem_id, step, tokens)
+
+    def _check_cap(self) -> None:
+        cap = self.drafter.config.max_history_tokens
+        if cap and self.drafter.history_tokens > cap:
+            self._enforce_cap()
 
     def drop(self, req_id: str) -> None:
         """A request left without finishing (aborted, retracted): forget its text."""
