@@ -140,6 +140,9 @@ def main(argv=None) -> int:
         "history_tokens": tokens,
         "stored_tokens_final": st.tokens,
         "index_nodes_per_token": st.nodes / max(st.tokens, 1),
+        # bytes per token beyond 64 B per live node and 4 B per token: free-list slack,
+        # child maps, per-sequence state, capacity not (yet) used
+        "index_overhead_bytes_per_token": (st.bytes - 64 * st.nodes - 4 * st.tokens) / max(st.tokens, 1),
         "last50_spread": float((last.max() - last.min()) / last.min()) if len(last) else None,
         "rss_start_mb": rss0,
         "config": vars(args),

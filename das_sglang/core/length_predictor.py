@@ -69,8 +69,9 @@ class LengthPredictor:
     """Finished lengths kept columnar (problem index, step, length: O(1) per finish); the
     query index is rebuilt lazily with whole-array numpy (no per-problem Python loop), and
     with ``background=True`` off the caller's thread: queries then read the latest built
-    index (double-buffered: at most one rebuild behind the newest finishes) and never wait
-    for a rebuild once the first one exists."""
+    index (double-buffered) and never wait for a rebuild once the first one exists; a
+    rebuild starts once 1% of the lengths changed or 0.5 s after the previous one, so the
+    index lags the newest finishes by at most that."""
 
     def __init__(self, config: PolicyConfig | None = None, background: bool = False) -> None:
         self.config = config or PolicyConfig()
@@ -83,7 +84,7 @@ class LengthPredictor:
         self._cache = None  # (version, index)
         self.background = background
         self._building = None  # threading.Thread of a background rebuild
-        self._lock = None
+        self._last_start = 0.0
 
     # ---- updates ---------------------------------------------------------------------
     def observe_finished(self, problem_id: str, length: int) -> None:
@@ -207,9 +208,22 @@ class LengthPredictor:
             self._wait()
             cache = self._cache = (self._version, self._build_index(*self._columns()))
             return cache[1]
-        if self._building is None or not self._building.is_alive():
+        if (self._building is None or not self._building.is_alive()) and self._stale_enough(cache[0]):
             self._start_rebuild()
         return cache[1]  # the previous index: at most one rebuild behind
+
+    REBUILD_SHARE = 0.01  # background: rebuild once 1% of the lengths changed ...
+    REBUILD_EVERY_S = 0.5  # ... or this long after the last rebuild started
+
+    def _stale_enough(self, built_version: int) -> bool:
+        import time
+
+        now = time.monotonic()
+        if (self._version - built_version >= max(1, int(self.REBUILD_SHARE * self._n))
+                or now - self._last_start >= self.REBUILD_EVERY_S):
+            self._last_start = now
+            return True
+        return False
 
     def _columns(self):
         return self._cols[:, : self._n].copy(), list(self._pids), self._version

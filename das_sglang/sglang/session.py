@@ -190,6 +190,7 @@ class DasSession:
             self.advance_step(self.step + 1)
         self._tagged_since_flush = False
 
+    ASYNC_MIN_ROWS = 64  # batches this large extend on the update thread
     EVICT_CHUNK_S = 0.003  # native removals per decode step, inside the forward's shadow
 
     def _evict_chunk(self) -> None:
@@ -264,10 +265,11 @@ class DasSession:
         """:meth:`committed` for a whole decode batch. The drafter's extend (one native
         call for the batch) runs on the background thread without the GIL; the next
         :meth:`plan` waits for it."""
-        if self._updates is not None:
+        if self._updates is not None and len(req_ids) >= self.ASYNC_MIN_ROWS:
             self._updates.flush()  # earlier updates first (and their errors)
             self._updates.submit(self.drafter.extend_batch, list(req_ids), tokens)
-        else:
+        else:  # small batches: the thread hand-off costs more than the extend itself
+            self.sync()
             self.drafter.extend_batch(req_ids, tokens)
         observe = self.policy.observe_verify
         live = self.live
