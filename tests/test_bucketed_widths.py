@@ -80,3 +80,30 @@ def test_padding_and_tiers_are_priced():
     tiered = lookahead_step_budgets(*args, tiers, True, 0.05, BUCKETS)
     assert free.width == bucketed.width == 16  # worth it, padding or not
     assert tiered.width == 4  # 8 and 16 are eager here: 20 ms a forward
+
+
+def test_replay_scores_with_a_table_and_adds_host_time(tmp_path):
+    from das_sglang.cli.replay import _scorer
+    from das_sglang.core.cost_model import CostTable
+
+    rollouts = _rollouts(seed=1, problems=3, per_step=4, length=120)
+    table = CostTable.roofline("h100", "7b")
+    linear, scored, timed = (
+        replay(rollouts, [_contender(BUCKETS, [])], COST, "uniform", decode_steps=[1], score=score,
+               host_time=host)[0]
+        for score, host in ((None, False), (table, False), (table, True)))
+    # same decisions (the policy plans with the linear model either way), other prices
+    assert scored.total("forward_passes") == linear.total("forward_passes")
+    assert scored.total("makespan_s") != pytest.approx(linear.total("makespan_s"), rel=1e-3)
+    assert timed.total("host_s") > 0
+    assert timed.total("makespan_s") == pytest.approx(
+        scored.total("makespan_s") + timed.total("host_s"), rel=0.05)
+    # a measured table (fit_cost_model.py's CSV) scores as written
+    csv = tmp_path / "t.csv"
+    csv.write_text("batch,tokens_per_request,cuda_graph,ms\n1,1,1,5\n100,1,1,15\n1,3,1,6\n100,3,1,25\n")
+    t = _scorer(str(csv), COST)
+    assert t.step_time(50, 0) == pytest.approx(0.005 + 0.010 * 49 / 99)
+    assert t.step_time(50, 1) == pytest.approx((5 + 10 * 49 / 99 + 6 + 19 * 49 / 99) / 2 * 1e-3)
+    assert _scorer("linear", COST) is None and _scorer("table", COST).name.startswith("roofline-table")
+    with pytest.raises(ValueError, match="nope.csv"):
+        _scorer("nope.csv", COST)
