@@ -54,6 +54,8 @@ def test_background_updates_draft_exactly_like_inline_ones():
     b = DasSession(_opts(async_updates=False))
     assert a.drafter.lazy_eviction and not b.drafter.lazy_eviction
     a.policy.lengths.background = False  # compare drafts and plans with the same predictions
+    a.ASYNC_MIN_ROWS = 1  # every batch's extend on the update thread
+    a.EVICT_CHUNK_S = 0.0  # evictions in the smallest chunks: many plans see them pending
     assert _drive(a) == _drive(b)
     a.sync()
     assert a.drafter.history() .keys() == b.drafter.history().keys()
