@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from das_sglang.core.draft_tree import DraftTree
-from das_sglang.core.drafter import as_tokens, truncate_trusted
+from das_sglang.core.drafter import _flat_tokens, as_tokens, truncate_trusted
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.sglang.options import DasOptions
 
@@ -271,14 +271,16 @@ class DasSession:
         """:meth:`committed` for a whole decode batch. The drafter's extend (one native
         call for the batch) runs on the background thread without the GIL; the next
         :meth:`plan` waits for it."""
-        if self._updates is not None and len(req_ids) >= self.ASYNC_MIN_ROWS:
+        live = self.live
+        background = (self._updates is not None and len(req_ids) >= self.ASYNC_MIN_ROWS
+                      and all(r in live for r in req_ids) and _flat_tokens(tokens) is not None)
+        if background:  # inputs checked here: a bad row raises now, naming itself, below
             self._updates.flush()  # earlier updates first (and their errors)
             self._updates.submit(self.drafter.extend_batch, list(req_ids), tokens)
-        else:  # small batches: the thread hand-off costs more than the extend itself
+        else:  # small batches (the hand-off costs more than the extend), or a bad row
             self.sync()
             self.drafter.extend_batch(req_ids, tokens)
         observe = self.policy.observe_verify
-        live = self.live
         for rid, p, t in zip(req_ids, proposed, tokens):
             lv = live[rid]
             n = len(t)

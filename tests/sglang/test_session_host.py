@@ -131,3 +131,15 @@ def test_snapshot_written_off_thread_is_complete_and_atomic(tmp_path):
     assert set(final) == set(history) | set(final)
     assert not list(tmp_path.glob(".history-*.tmp"))
     s2.close()
+
+
+def test_bad_feedback_row_raises_at_once_naming_it():
+    s = DasSession(_opts())
+    s.ASYNC_MIN_ROWS = 1
+    s.start("a", {"das_problem_id": "p"}, [1, 2], [3], 8)
+    with pytest.raises(ValueError, match="req_id='a'"):
+        s.committed_batch(["a"], [0], [[-5]])
+    s.committed_batch(["a"], [0], [[4]])  # the session goes on
+    s.sync()
+    assert s.drafter._indices["p"].sequence_tokens(s.drafter._live["a"].seq_id).tolist() == [1, 2, 3, 4]
+    s.close()
