@@ -189,9 +189,17 @@ class SuffixDrafter:
     def _evict(self, problem_id: str, step: int) -> None:
         """Drop every finished rollout of ``problem_id`` at ``step``."""
         by_step = self._finished.get(problem_id, {})
-        for seq_id in by_step.pop(step, ()):
-            self._remove(problem_id, seq_id, step)
-            self.history_tokens -= self._seq_len.pop(seq_id, 0)
+        seqs = by_step.pop(step, [])
+        if seqs:  # one native call (GIL released) for the group
+            ids = np.asarray(seqs, dtype=np.int64)
+            self._indices[problem_id].remove_sequences(ids)
+            if self._global is not None:
+                self._global.remove_sequences(ids)
+            self._step_seqs[step] -= len(seqs)
+            if self._step_seqs[step] <= 0:
+                del self._step_seqs[step]
+            for seq_id in seqs:
+                self.history_tokens -= self._seq_len.pop(seq_id, 0)
         problems = self._by_step.get(step)
         if problems is not None:
             problems.pop(problem_id, None)

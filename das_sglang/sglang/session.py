@@ -11,7 +11,6 @@ import atexit
 import hashlib
 import logging
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -133,10 +132,6 @@ class DasSession:
         self._mirror: dict[str, dict[int, tuple]] | None = None
         self._tagged_since_flush = False
         self._updates = _Updates() if options.server.async_updates else None
-        if self._updates is not None and sys.getswitchinterval() > self.GIL_SWITCH_S:
-            # The update thread's short Python stretches (eviction bookkeeping) must not hold
-            # the scheduler thread off the GIL for CPython's default 5 ms.
-            sys.setswitchinterval(self.GIL_SWITCH_S)
         self.snapshot = self._open_snapshot()
         lengths = getattr(self.policy, "lengths", None)
         if options.server.async_updates and lengths is not None:
@@ -195,7 +190,6 @@ class DasSession:
             self.advance_step(self.step + 1)
         self._tagged_since_flush = False
 
-    GIL_SWITCH_S = 0.0005
     ASYNC_MIN_ROWS = 64  # batches this large extend on the update thread
     EVICT_CHUNK_S = 0.003  # native removals per decode step, inside the forward's shadow
 

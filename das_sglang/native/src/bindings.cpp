@@ -222,6 +222,16 @@ NB_MODULE(_suffix, m) {
           },
           nb::arg("seq_id"))
       .def(
+          "remove_sequences",  // many removals in one GIL-free call (history eviction)
+          [](SuffixIndex& s, nb::handle ids_h) {
+            I64 ids = as_array<I64>(ids_h, "seq_ids", "int64");
+            for (size_t i = 0; i < ids.shape(0); ++i)
+              if (!s.has_sequence(ids(i))) s.remove_sequence(ids(i));  // throws, naming it
+            nb::gil_scoped_release release;
+            for (size_t i = 0; i < ids.shape(0); ++i) s.remove_sequence(ids(i));
+          },
+          nb::arg("seq_ids"))
+      .def(
           "match_length",
           [](const SuffixIndex& s, nb::handle ctx) {
             Tokens t = tokens_arg(ctx, "context");
