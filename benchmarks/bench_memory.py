@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_drafter import load_problems  # noqa: E402
 
 from das_sglang.sglang.options import load_options  # noqa: E402
-from das_sglang.sglang.session import DasSession  # noqa: E402
+from das_sglang.sglang.session import DasSession, _trim_heap  # noqa: E402
 
 VOCAB = 151_000
 
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
            "server": {"policy": "length-aware"}}
     session = DasSession(load_options(9, json.dumps(cfg)))
     gc.collect()
+    _trim_heap()  # start from a trimmed heap, as every step's measurement is
     rss0 = rss_mb()
     rss, tokens, seconds = [], [], []
     n = 0
@@ -119,10 +120,7 @@ def main(argv=None) -> int:
             for rid, (_, prompt, resp) in zip(rids, group):
                 session.finished(rid, prompt.tolist(), resp.tolist())
         session.weights_updated()
-        session.sync()
-        while session._evicting:  # drain the lazy eviction (the forward's shadow in serving)
-            session.drafter.evict_pending(None)
-            session._evicting = False
+        session.drain()  # the lazy eviction serving spreads over the next step's forwards
         gc.collect()
         rss.append(rss_mb())
         tokens.append(session.drafter.history_tokens)

@@ -95,6 +95,25 @@ class _Updates:
         self._thread.join(timeout=30)
 
 
+def _trim_heap() -> None:
+    """glibc ``malloc_trim(0)``: return the freed pages of evicted history to the OS, so the
+    process's RSS follows the history's size (freed memory otherwise stays in the malloc
+    arenas of whichever thread freed it). No-op off glibc; ctypes drops the GIL for it."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _row(req_id, problem_id, generated, max_new, probs, prompt_len) -> BudgetRow:
     """A BudgetRow without ``__post_init__``: the session builds rows from validated ints
     and the native drafter's probabilities, checked once per batch in :meth:`DasSession.plan`
@@ -179,6 +198,8 @@ class DasSession:
                     del self._mirror[pid]
         self._check_cap()
         self._forget_stale()
+        if not self._evicting:
+            _trim_heap()
         if self.snapshot is not None:
             self.snapshot.save()  # a step boundary is a natural checkpoint
 
@@ -199,6 +220,16 @@ class DasSession:
             if time.perf_counter() >= end:
                 return
         self._evicting = False
+        _trim_heap()  # a step's history went: hand its pages back (update thread, no GIL)
+
+    def drain(self) -> None:
+        """Apply pending updates and finish pending evictions now (tests, benchmarks,
+        shutdown); serving spreads the evictions over the step's forwards instead."""
+        self.sync()
+        if self._evicting:
+            self.drafter.evict_pending(None)
+            self._evicting = False
+            _trim_heap()
 
     def _forget_stale(self) -> None:
         """Bounded memory: statistics of problems with neither history nor live requests."""
