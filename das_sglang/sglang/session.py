@@ -198,8 +198,11 @@ class DasSession:
                     del self._mirror[pid]
         self._check_cap()
         self._forget_stale()
-        if not self._evicting:
-            _trim_heap()
+        if not self._evicting:  # (else the last eviction chunk trims)
+            if self._updates is not None:
+                self._updates.submit(_trim_heap)  # can take ms on a large heap
+            else:
+                _trim_heap()
         if self.snapshot is not None:
             self.snapshot.save()  # a step boundary is a natural checkpoint
 
