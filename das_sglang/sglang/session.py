@@ -341,6 +341,11 @@ class DasSession:
         self.policy.observe_finished(live.problem_id, len(output))
         if self.snapshot is not None:
             self.snapshot.note_finished()
+            if not self.live:
+                # The batch drained: nothing waits on the scheduler, so make the requested
+                # save durable now (an engine stopped right after its last request -- by a
+                # signal, without atexit -- then still leaves every finished rollout).
+                self.snapshot.wait()
 
     def _finish_in_drafter(self, req_id, problem_id, step, tokens) -> None:
         self.drafter.finish_request(req_id, keep=False)
