@@ -117,6 +117,8 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path):
            "server": {"policy": args.policy, "history_path": str(snap_dir),
                       "snapshot_interval": args.snapshot_every, "async_updates": not legacy}}
     session = DasSession(load_options(args.max_nodes + 1, json.dumps(cfg)))
+    if args.async_min_rows is not None:
+        session.ASYNC_MIN_ROWS = args.async_min_rows
     if legacy:
         lengths = LegacyLengthPredictor(session.policy.config)
         session.policy.lengths = lengths
@@ -228,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--forward-ms", type=float, default=8.0, help="modelled forward (7B, H100)")
     ap.add_argument("--engine-us", type=float, default=2.0, help="SGLang's own Python per request")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--async-min-rows", type=int, default=None,
+                    help="override DasSession.ASYNC_MIN_ROWS (batches extended on the update thread)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=None, help="tokenizer cache (default: the package's)")
     args = ap.parse_args(argv)
