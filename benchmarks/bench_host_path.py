@@ -27,6 +27,9 @@ Baseline (``baseline_p50_ms``): the same loop with the host path as it was befor
 benchmark's changes, in the same process: updates inline on the scheduler thread, a
 validating BudgetRow per row, the length predictor rebuilt from scratch after every finish
 (``legacy_length_predictor.py``), snapshots copied and written on the scheduler thread.
+Both sessions are built first and then run interleaved, one step each in turn, so machine
+load hits both alike; update-thread work still pending at a switch is waited for and
+charged to the current path's next step (what its next plan would have waited).
 
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
 "config": ...}``.
@@ -111,7 +114,9 @@ def engine_gap(rows: int, forward_ms: float, engine_us: float) -> None:
         x += 1
 
 
-def run(problems, batch, args, legacy: bool, snap_dir: Path):
+def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
+    """One configuration as a generator: yields after every step, so the current and the
+    baseline host path can run interleaved step by step (the same machine load for both)."""
     cfg = {"drafter": {"max_budget": args.max_nodes, "window_steps": args.window},
            "policy": {"length_window_steps": args.window},
            "server": {"policy": args.policy, "history_path": str(snap_dir),
@@ -154,8 +159,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path):
     plan = Legacy.plan if legacy else DasSession.plan
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
     times, kinds, finishes = [], [], 0
+    carried = 0.0  # update-thread work still pending when the other configuration ran
     for step in range(args.warmup + args.steps):
-        t_begin = time.perf_counter()
+        t_begin = time.perf_counter() - carried
         kind = "decode"
         # finishes and starts of this step (the scheduler calls them between forwards)
         for b, (rid, prompt, text, pos) in enumerate(slots):
@@ -194,8 +200,21 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path):
         if step >= args.warmup:
             times.append(((t_mid - t_begin) + (t_end - t_fb)) * 1e3)
             kinds.append(kind)
+        # Before the other configuration's step: what the update thread still has to do
+        # would have delayed this session's next plan, so that wait is charged to it; the
+        # truly background work (length-index rebuild, snapshot write) is let finish
+        # uncharged, so it does not run during the other configuration's timed step.
+        t0 = time.perf_counter()
+        session.sync()
+        carried = time.perf_counter() - t0
+        lengths = session.policy.lengths
+        if hasattr(lengths, "_wait"):
+            lengths._wait()
+        if session.snapshot is not None:
+            session.snapshot.wait()
+        yield
     session.close()
-    return times, kinds, finishes, build_s, stats
+    out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats)
 
 
 def summarize(times, kinds):
@@ -246,9 +265,19 @@ def main(argv=None) -> int:
     results = {"config": vars(args), "batches": {}}
     for batch in batches:
         entry = {}
-        for legacy in ((False,) if args.no_baseline else (False, True)):
-            with tempfile.TemporaryDirectory(prefix="das-bench-snap-") as d:
-                times, kinds, fin, build_s, st = run(problems, batch, args, legacy, Path(d))
+        modes = (False,) if args.no_baseline else (False, True)
+        outs = {legacy: {} for legacy in modes}
+        with tempfile.TemporaryDirectory(prefix="das-bench-snap-") as d:
+            gens = [run(problems, batch, args, legacy, Path(d) / str(legacy), outs[legacy]) for legacy in modes]
+            for _ in gens[0]:  # interleaved: one step of each configuration in turn
+                for g in gens[1:]:
+                    next(g, None)
+            for g in gens[1:]:
+                for _ in g:
+                    pass
+        for legacy in modes:
+            o = outs[legacy]
+            times, kinds, fin, build_s, st = o["times"], o["kinds"], o["finishes"], o["build_s"], o["stats"]
             s = summarize(times, kinds)
             if legacy:
                 entry["baseline_p50_ms"] = s["p50_ms"]
