@@ -27,7 +27,8 @@ Baseline (``baseline_p50_ms``): the same loop with the host path as it was befor
 benchmark's changes, in the same process: updates inline on the scheduler thread, a
 validating BudgetRow per row, the length predictor rebuilt from scratch after every finish
 (``legacy_length_predictor.py``), snapshots copied and written on the scheduler thread.
-Both sessions are built first and then run interleaved, one step each in turn, so machine
+Both sessions are built first (then ``gc.freeze()``: the set-up objects leave the cyclic
+GC, as a server does after warm-up) and run interleaved, one step each in turn, so machine
 load hits both alike; update-thread work still pending at a switch is waited for and
 charged to the current path's next step (what its next plan would have waited).
 
@@ -38,6 +39,7 @@ JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -269,12 +271,20 @@ def main(argv=None) -> int:
         outs = {legacy: {} for legacy in modes}
         with tempfile.TemporaryDirectory(prefix="das-bench-snap-") as d:
             gens = [run(problems, batch, args, legacy, Path(d) / str(legacy), outs[legacy]) for legacy in modes]
+            for g in gens:  # build both (and run one untimed warm-up step each)
+                next(g)
+            # The built history is long-lived: freeze it out of the cyclic GC, as a server
+            # does after warm-up, so a full collection over millions of set-up objects does
+            # not land in a random step of either path.
+            gc.collect()
+            gc.freeze()
             for _ in gens[0]:  # interleaved: one step of each configuration in turn
                 for g in gens[1:]:
                     next(g, None)
             for g in gens[1:]:
                 for _ in g:
                     pass
+        gc.unfreeze()
         for legacy in modes:
             o = outs[legacy]
             times, kinds, fin, build_s, st = o["times"], o["kinds"], o["finishes"], o["build_s"], o["stats"]
