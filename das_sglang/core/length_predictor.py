@@ -208,7 +208,7 @@ class LengthPredictor:
             self._wait()
             cache = self._cache = (self._version, self._build_index(*self._columns()))
             return cache[1]
-        if (self._building is None or not self._building.is_alive()) and self._stale_enough(cache[0]):
+        if not self._busy() and self._stale_enough(cache[0]):
             self._start_rebuild()
         return cache[1]  # the previous index: at most one rebuild behind
 
@@ -229,23 +229,45 @@ class LengthPredictor:
         return self._cols[:, : self._n].copy(), list(self._pids), self._version
 
     def _start_rebuild(self) -> None:
+        """Hand the current columns to the rebuild thread (started once: starting a thread
+        per rebuild costs the caller a GIL round trip)."""
         import threading
 
-        cols, pids, version = self._columns()
+        if self._building is None:
+            self._job = None
+            self._job_cv = threading.Condition()
+            self._idle = True
+            self._building = threading.Thread(target=self._rebuild_loop, name="das-length-index",
+                                              daemon=True)
+            self._building.start()
+        with self._job_cv:
+            self._job = self._columns()
+            self._idle = False
+            self._job_cv.notify_all()
 
-        def run() -> None:
+    def _rebuild_loop(self) -> None:
+        while True:
+            with self._job_cv:
+                while self._job is None:
+                    self._idle = True
+                    self._job_cv.notify_all()
+                    self._job_cv.wait()
+                cols, pids, version = self._job
+                self._job = None
             built = self._build_index(cols, pids, version)
             cur = self._cache
             if cur is None or cur[0] < version:
                 self._cache = (version, built)
+            cols = pids = built = None
 
-        self._building = threading.Thread(target=run, name="das-length-index", daemon=True)
-        self._building.start()
+    def _busy(self) -> bool:
+        return self._building is not None and not self._idle
 
     def _wait(self) -> None:
         if self._building is not None:
-            self._building.join()
-            self._building = None
+            with self._job_cv:
+                while self._job is not None or not self._idle:
+                    self._job_cv.wait()
 
     def sync(self) -> None:
         """Wait for a background rebuild and bring the index up to date."""

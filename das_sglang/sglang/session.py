@@ -78,6 +78,7 @@ class _Updates:
                 _log.exception("DAS: background history update failed")
                 self._error = e
             finally:
+                item = fn = args = None  # no reference to the session while idle
                 self._q.task_done()
 
     def submit(self, fn, *args) -> None:
