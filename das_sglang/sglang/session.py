@@ -113,6 +113,18 @@ def _trim_heap() -> None:
 
 
 _MALLOC_TRIM = None
+_TRIMMER = None
+
+
+def _trim_heap_later() -> None:
+    """``_trim_heap`` on its own thread: it touches no index, so nothing waits for it (on
+    the update thread a large heap's trim would delay the next plan's sync)."""
+    global _TRIMMER
+    if _TRIMMER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _TRIMMER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="das-malloc-trim")
+    _TRIMMER.submit(_trim_heap)
 
 
 def _row(req_id, problem_id, generated, max_new, probs, prompt_len) -> BudgetRow:
@@ -201,7 +213,7 @@ class DasSession:
         self._forget_stale()
         if not self._evicting:  # (else the last eviction chunk trims)
             if self._updates is not None:
-                self._updates.submit(_trim_heap)  # can take ms on a large heap
+                _trim_heap_later()  # can take 100 ms on a large heap
             else:
                 _trim_heap()
         if self.snapshot is not None:
@@ -224,7 +236,7 @@ class DasSession:
             if time.perf_counter() >= end:
                 return
         self._evicting = False
-        _trim_heap()  # a step's history went: hand its pages back (update thread, no GIL)
+        _trim_heap_later()  # a step's history went: hand its pages back
 
     def drain(self) -> None:
         """Apply pending updates and finish pending evictions now (tests, benchmarks,
