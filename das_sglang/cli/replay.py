@@ -22,7 +22,7 @@ from rich.table import Table
 
 from das_sglang.cli.options import CacheDir, CostPreset, JsonOut, PlotsDir, TokenizerPath, fail
 from das_sglang.core import datasets as ds
-from das_sglang.core.cost_model import CostModel
+from das_sglang.core.cost_model import CostModel, CostTable
 from das_sglang.core.replay import ENGINES, replay as run_replay
 from das_sglang.core.replay_contenders import CONTENDER_NAMES, DEFAULT_CONTENDERS, build_contenders
 from das_sglang.core.replay_report import TABLE_HEADER, run_summary, table_rows
@@ -134,6 +134,14 @@ def replay(
              "batch width (other backends); ragged-per-row: per-request budgets priced by "
              "total tokens.")] = "ragged",
     cost_preset: CostPreset = None,
+    score: Annotated[str, typer.Option(
+        help="What forwards are charged with: table (the roofline cost table of the preset's "
+             "GPU and model: nonlinear, CUDA-graph tiers; docs/cost_model.md), linear (the "
+             "preset the policies plan with), or a CSV batch,tokens_per_request,cuda_graph,ms "
+             "(e.g. a GPU run's timings).")] = "table",
+    host_time: Annotated[bool, typer.Option(
+        "--host-time/--no-host-time", help="Add each decode step's measured host time "
+                                           "(drafter + policy + feedback) to its modeled cost.")] = True,
     tokenizer: TokenizerPath = None,
     cache_dir: CacheDir = None,
     json_out: JsonOut = None,
@@ -146,6 +154,7 @@ def replay(
         if engine not in ENGINES:
             raise ValueError(f"--engine {engine!r}: choose one of {list(ENGINES)}")
         cost = CostModel.preset(cost_preset or defaults.cost_preset)
+        scorer = _scorer(score, cost)
         names = list(CONTENDER_NAMES) if policies.strip() == "all" else [
             n.strip() for n in policies.split(",") if n.strip()]
         contenders = build_contenders(names, cost, engine)  # validates the names early
@@ -167,7 +176,10 @@ def replay(
             if not present:
                 raise ValueError(f"no rollouts left in steps {decode} ({label})")
             info = _info(dataset, label, selected, present, cost, engine)
-            results = _run(console, selected, build_contenders(names, cost, engine), cost, engine, present, label)
+            info["scored_with"] = scorer.name if scorer is not None else f"linear:{cost.name}"
+            info["host_time"] = host_time
+            results = _run(console, selected, build_contenders(names, cost, engine), cost, engine, present,
+                           label, scorer, host_time)
             runs.append((run_summary(results, info), results))
     except ValueError as e:
         raise fail(str(e)) from None
@@ -206,7 +218,24 @@ def _info(dataset, label, selected, decode, cost, engine) -> dict:
     }
 
 
-def _run(console, selected, contenders, cost, engine, decode, label):
+def _scorer(score: str, cost: CostModel):
+    """``--score`` -> the object forwards are charged with (None: the linear preset)."""
+    if score == "linear":
+        return None
+    if score == "table":
+        gpu, _, model = cost.name.partition("-")
+        try:
+            return CostTable.roofline(gpu, model)
+        except (KeyError, ValueError):
+            raise ValueError(f"--score table: no roofline table for cost preset {cost.name!r}; "
+                             "use --score linear or a CSV") from None
+    path = Path(score)
+    if not path.is_file():
+        raise ValueError(f"--score {score!r}: not table, linear, or an existing CSV file")
+    return CostTable.from_csv(path)
+
+
+def _run(console, selected, contenders, cost, engine, decode, label, scorer=None, host_time=False):
     columns = (TextColumn("{task.description:<40}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         tasks = {c.name: progress.add_task(f"{label}: {c.name}", total=1.0, start=False) for c in contenders}
@@ -217,7 +246,8 @@ def _run(console, selected, contenders, cost, engine, decode, label):
             progress.update(tasks[name], completed=done / max(total, 1))
 
         t0 = time.perf_counter()
-        results = run_replay(selected, contenders, cost, engine, decode, on_progress)
+        results = run_replay(selected, contenders, cost, engine, decode, on_progress, score=scorer,
+                             host_time=host_time)
         console.print(f"{label}: replayed in {time.perf_counter() - t0:.1f} s")
     return results
 
@@ -227,7 +257,9 @@ def _print_tables(runs) -> None:
     for summary, _ in runs:
         t = Table(title=f"das replay: {summary['dataset']}, {summary['variant']} "
                         f"(steps {summary['decoded_steps']}, {summary['rollouts_decoded']} rollouts, "
-                        f"{summary['tokens_decoded']:,} tokens, {summary['cost_model']['name']}, {summary['engine']})")
+                        f"{summary['tokens_decoded']:,} tokens, planned with {summary['cost_model']['name']}, "
+                        f"scored with {summary.get('scored_with', summary['cost_model']['name'])}"
+                        f"{' + host time' if summary.get('host_time') else ''}, {summary['engine']})")
         for i, col in enumerate(TABLE_HEADER):
             t.add_column(col, justify="left" if i == 0 else "right")
         for row in table_rows(summary):

@@ -174,6 +174,23 @@ class AcceptanceTracker:
             st = self._stats[problem_id] = _ProblemStats(self.config.acceptance_memory)
         return st
 
+    def forget(self, problem_ids) -> None:
+        """Drop the statistics of problems that left the history (bounded memory); the
+        pooled statistics keep what they taught."""
+        gone = set(problem_ids) - {GLOBAL}
+        for pid in gone:
+            self._stats.pop(pid, None)
+        if gone and self._pending:
+            for key in [k for k in self._pending if k[0] in gone]:
+                del self._pending[key]
+
+    @property
+    def num_problems(self) -> int:
+        return len(self._stats) - 1
+
+    def problem_ids(self) -> list[str]:
+        return [p for p in self._stats if p != GLOBAL]
+
     def expect(self, problem_id: str, budget: int, expected: float) -> None:
         """Record the drafter's expected accepted tokens for a planned row (for calibration)."""
         q = self._pending[(problem_id, int(budget))]

@@ -187,15 +187,17 @@ def optimal_step_budgets(
     kv_tokens: np.ndarray,
     cost: CostModel,
     uniform_width: bool = False,
+    buckets: Sequence[int] | None = None,
 ) -> StepAllocation:
-    """Exact minimiser of ``step_objective`` over integer budgets ``0 <= b_i <= m_i``."""
+    """Exact minimiser of ``step_objective`` over integer budgets ``0 <= b_i <= m_i``
+    (with ``uniform_width`` and ``buckets``: each width charged as its padded bucket)."""
     remaining = np.asarray(remaining, dtype=np.float64)
     kv_tokens = np.asarray(kv_tokens, dtype=np.float64)
     if len(remaining) == 0:
         return StepAllocation(np.zeros(0, dtype=np.int32), 0, 0.0, 0.0, 0.0)
     acc, m = curves if isinstance(curves, tuple) else pad_curves(curves)
     if uniform_width:
-        return _best_uniform(remaining, acc, m, kv_tokens, cost)
+        return _best_uniform(remaining, acc, m, kv_tokens, cost, buckets)
     return _best_per_row(remaining, acc, m, kv_tokens, cost)
 
 
@@ -234,12 +236,16 @@ def _best_per_row(remaining, acc, m, kv_tokens, cost) -> StepAllocation:
     return StepAllocation(budgets, int(budgets.max(initial=0)), modeled, baseline, makespan)
 
 
-def _best_uniform(remaining, acc, m, kv_tokens, cost) -> StepAllocation:
+def _best_uniform(remaining, acc, m, kv_tokens, cost, buckets=None) -> StepAllocation:
     steps = remaining[:, None] / (1.0 + acc)  # rows x widths (acc is edge-padded)
     w = np.arange(acc.shape[1], dtype=np.float64)
-    per_row = steps * (cost.c_tok_s * (1.0 + w)[None, :] + cost.c_kv_s * kv_tokens[:, None])
+    charged, extra = bucket_charges(buckets, acc.shape[1], cost)
+    paid = w if charged is None else charged.astype(np.float64)
+    per_row = steps * (cost.c_tok_s * (1.0 + paid)[None, :] + cost.c_kv_s * kv_tokens[:, None])
     makespan = steps.max(axis=0)
     t = cost.c_base_s * makespan + per_row.sum(axis=0)
+    if extra is not None:
+        t = t + extra * makespan
     best = int(np.argmin(t))  # ties: the smallest width
     budgets = np.minimum(best, m).astype(np.int32)
     return StepAllocation(budgets, int(budgets.max(initial=0)), float(t[best]), float(t[0]),
@@ -275,6 +281,24 @@ def token_values(
     return (critical * cost.c_base_s + per_row) / (1.0 + got), future
 
 
+def bucket_charges(buckets: Sequence[int] | None, n_widths: int, cost: CostModel):
+    """Per candidate width ``0..n_widths-1``: the width the forward is padded to (the
+    smallest bucket >= it; the largest bucket caps) and that forward's extra seconds
+    (CUDA graph vs eager tier, ``cost.width_extra_s``, relative to width 0). None, None
+    without buckets and tiers."""
+    w = np.arange(n_widths)
+    if buckets is None and not cost.has_tiers:
+        return None, None
+    if buckets is None:
+        charged = w
+    else:
+        b = np.asarray(sorted(buckets), dtype=np.int64)
+        charged = b[np.minimum(np.searchsorted(b, w), len(b) - 1)]
+        charged = np.maximum(charged, w)  # beyond the largest bucket: the width itself
+    extra = np.asarray(cost.width_extra_s(charged), dtype=np.float64) - float(cost.width_extra_s(0))
+    return charged, extra
+
+
 def lookahead_step_budgets(
     remaining: np.ndarray,
     curves: Sequence[np.ndarray] | tuple[np.ndarray, np.ndarray],
@@ -282,6 +306,7 @@ def lookahead_step_budgets(
     cost: CostModel,
     uniform_width: bool = False,
     spread: float = 0.05,
+    buckets: Sequence[int] | None = None,
 ) -> StepAllocation:
     """Budgets for *this* forward only: maximise ``sum_i value_i * E_i(b_i) - c_tok * tokens``.
 
@@ -301,7 +326,12 @@ def lookahead_step_budgets(
     if uniform_width:
         rows = np.arange(len(m))
         capped = np.minimum(b[None, :].astype(np.int64), m[:, None])
-        gain = (value[:, None] * acc[rows[:, None], capped]).sum(axis=0) - cost.c_tok_s * len(m) * b
+        charged, extra = bucket_charges(buckets, len(b), cost)
+        if charged is None:
+            gain = (value[:, None] * acc[rows[:, None], capped]).sum(axis=0) - cost.c_tok_s * len(m) * b
+        else:  # the forward is padded to the bucket: its tokens and tier are what is paid
+            gain = ((value[:, None] * acc[rows[:, None], capped]).sum(axis=0)
+                    - cost.c_tok_s * len(m) * charged - extra)
         width = int(np.argmax(gain))  # ties: the smallest width
         budgets = np.minimum(width, m).astype(np.int32)
         best_gain = float(gain[width])

@@ -30,6 +30,12 @@ class DrafterConfig:
     tree           False proposes a chain (the 1-wide tree).
     global_shard   also index every problem's rollouts in one shared index, used for
                    problems that have no history of their own yet.
+    max_history_tokens  cap on finished-rollout (history) tokens kept; past it the oldest
+                   step's rollouts are evicted first, problem by problem (oldest added
+                   first), with the policy's statistics of problems left without history.
+                   Default 80M tokens: ~10.4 GB of index at the ~130 B per stored token
+                   the native index takes, leaving room for live requests, the predictor
+                   and snapshots within a 16 GB host budget. 0 = no cap.
     """
 
     window_steps: int = 4
@@ -40,6 +46,7 @@ class DrafterConfig:
     min_token_prob: float = 0.05
     tree: bool = True
     global_shard: bool = False
+    max_history_tokens: int = 80_000_000
 
     def __post_init__(self) -> None:
         from das_sglang.native import MAX_STEPS  # step slots of the native index
@@ -60,6 +67,8 @@ class DrafterConfig:
             f"must be in [1, max_depth={self.max_depth})",
         )
         check_field(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
+        check_field(self.max_history_tokens >= 0, "max_history_tokens", self.max_history_tokens,
+                    "must be >= 0 (0 = no cap)")
         check_field(
             0.0 <= self.min_token_prob <= 1.0,
             "min_token_prob",

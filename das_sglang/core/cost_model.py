@@ -12,6 +12,13 @@ request plus its draft nodes; engines that pad rows to one width count the paddi
 A linear model is the sum, not the max, of the roofline's memory and compute terms, so it
 overestimates near the ridge point; that keeps speculation conservative. Presets are derived in
 ``docs/cost_model.md``; ``CostModel.fit`` / ``calibrate`` replace them with measurements.
+
+Width tiers (optional, measured by ``benchmarks/fit_cost_model.py``): SGLang replays a CUDA
+graph only for the verify widths it captured, and runs every other width eagerly. A forward
+whose rows are padded to ``width`` draft tokens costs the linear model plus
+``width_extra_s(width)``: ``graph_extra_s`` at a captured width (``graph_widths``), else
+``eager_extra_s`` of the nearest measured eager width (linear interpolation). ``host_s_per_request``
+is the host (CPU) time DAS spends per request and step; ``step_time`` adds it.
 """
 
 from __future__ import annotations
@@ -43,12 +50,62 @@ class CostModel:
     c_kv_s: float = 0.0
     name: str = "custom"
     fit_info: FitInfo | None = field(default=None, compare=False)
+    graph_widths: tuple[int, ...] = ()  # draft widths with a captured CUDA graph
+    graph_extra_s: tuple[float, ...] = ()  # extra seconds per forward at each graph width
+    eager_widths: tuple[int, ...] = ()  # draft widths with a measured eager extra cost
+    eager_extra_s: tuple[float, ...] = ()  # extra seconds per eager forward at each of them
+    host_s_per_request: float = 0.0  # DAS host time per request per decode step
 
     def __post_init__(self) -> None:
-        for attr in ("c_base_s", "c_tok_s", "c_kv_s"):
+        for attr in ("c_base_s", "c_tok_s", "c_kv_s", "host_s_per_request"):
             v = getattr(self, attr)
             if not (np.isfinite(v) and v >= 0.0):
                 raise ValueError(f"invalid CostModel {attr}={v!r}: must be a finite number >= 0")
+        for widths, extra in (("graph_widths", "graph_extra_s"), ("eager_widths", "eager_extra_s")):
+            w, e = tuple(getattr(self, widths)), tuple(getattr(self, extra))
+            object.__setattr__(self, widths, tuple(int(x) for x in w))
+            object.__setattr__(self, extra, tuple(float(x) for x in e))
+            if len(w) != len(e):
+                raise ValueError(f"invalid CostModel {widths}={w!r} / {extra}={e!r}: must have equal lengths")
+            if any(x < 0 for x in w) or list(w) != sorted(set(w)):
+                raise ValueError(f"invalid CostModel {widths}={w!r}: must be increasing widths >= 0")
+            if not all(np.isfinite(x) for x in e):
+                raise ValueError(f"invalid CostModel {extra}={e!r}: must be finite")
+
+    @property
+    def has_tiers(self) -> bool:
+        return bool(self.graph_widths or self.eager_widths)
+
+    def width_extra_s(self, width):
+        """Extra seconds per forward of a batch padded to ``width`` draft tokens per row
+        (graph replay at a captured width, an eager forward otherwise); 0 without tiers.
+        Accepts an int or an int array."""
+        w = np.asarray(width, dtype=np.int64)
+        out = np.zeros(w.shape, dtype=np.float64)
+        if self.eager_widths:
+            out = np.interp(w, self.eager_widths, self.eager_extra_s).astype(np.float64)
+        if self.graph_widths:
+            gw = np.asarray(self.graph_widths)
+            pos = np.clip(np.searchsorted(gw, w), 0, len(gw) - 1)
+            hit = gw[pos] == w
+            out = np.where(hit, np.asarray(self.graph_extra_s)[pos], out)
+        return float(out) if out.ndim == 0 else out
+
+    def is_graph_width(self, width: int) -> bool:
+        return int(width) in self.graph_widths
+
+    def step_time(self, rows: int, width: int, kv_tokens=0, host: bool = True) -> float:
+        """Seconds of one verify step: ``rows`` requests padded to ``width`` draft tokens
+        (tiers included) plus, with ``host``, DAS's host time for the rows."""
+        t = self.forward_time(rows * (1 + width), kv_tokens) + self.width_extra_s(width)
+        return float(t + (self.host_s_per_request * rows if host else 0.0))
+
+    def with_coefficients(self, **changes) -> "CostModel":
+        """A copy with measured coefficients replacing this model's (``DAS_CONFIG``)."""
+        from dataclasses import replace
+
+        name = changes.pop("name", f"{self.name}+measured")
+        return replace(self, name=name, fit_info=None, **changes)
 
     def forward_time(self, n_tokens, kv_tokens=0):
         """Seconds for one forward over ``n_tokens`` tokens reading ``kv_tokens`` KV entries.
@@ -249,3 +306,100 @@ PRESETS: dict[str, CostModel] = {
     "cpu-tiny": _CPU_TINY,
 }
 DEFAULT_PRESET = "h100-7b"
+
+
+# ---- cost tables: what replays score with ------------------------------------------------
+class CostTable:
+    """Measured (or published) forward times ``ms[batch, tokens_per_request]`` per mode
+    (CUDA graph / eager), read from the same CSV ``benchmarks/fit_cost_model.py`` fits
+    (header ``batch,tokens_per_request,cuda_graph,ms``). Nonlinear: piecewise-linear
+    interpolation in batch, then in tokens per request (linear extrapolation past the
+    grid). A verify step at a width SGLang captured (``graph_widths``: the graph rows'
+    widths) uses the graph times, any other width the eager ones. ``das replay`` scores
+    with a table so a policy is judged by costs it did not plan with."""
+
+    def __init__(self, rows, name: str = "table") -> None:
+        a = np.asarray(rows, dtype=np.float64)
+        if a.ndim != 2 or a.shape[1] != 4 or len(a) < 2:
+            raise ValueError(f"CostTable {name!r}: need rows (batch, tokens_per_request, cuda_graph, ms), >= 2")
+        if not np.all(np.isfinite(a)) or np.any(a[:, [0, 1, 3]] <= 0) or not np.isin(a[:, 2], (0, 1)).all():
+            raise ValueError(f"CostTable {name!r}: batch, tokens_per_request, ms must be > 0, cuda_graph 0/1")
+        self.name = name
+        self._modes = {}
+        for g in (0, 1):
+            sel = a[a[:, 2] == g]
+            if len(sel):
+                self._modes[g] = self._grid(sel)
+        self.graph_widths = tuple(int(t) - 1 for t in self._modes[1][1]) if 1 in self._modes else ()
+
+    @staticmethod
+    def _grid(sel):
+        batches = np.unique(sel[:, 0])
+        tprs = np.unique(sel[:, 1])
+        cols = {}
+        for t in tprs:
+            s = sel[sel[:, 1] == t]
+            order = np.argsort(s[:, 0])
+            cols[t] = (s[order, 0], s[order, 3])
+        return batches, tprs, cols
+
+    @classmethod
+    def from_csv(cls, path) -> "CostTable":
+        import csv
+
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        head = [h.strip() for h in rows[0]] if rows else []
+        if head != ["batch", "tokens_per_request", "cuda_graph", "ms"]:
+            raise ValueError(f"cost table {str(path)!r}: header must be batch,tokens_per_request,cuda_graph,ms")
+        try:
+            data = [[float(x) for x in r] for r in rows[1:] if r]
+        except ValueError as e:
+            raise ValueError(f"cost table {str(path)!r}: {e}") from None
+        return cls(data, name=f"table:{path}")
+
+    @staticmethod
+    def _interp(x, xs, ys) -> float:
+        if len(xs) == 1:
+            return float(ys[0])
+        if x <= xs[0] or x >= xs[-1]:  # linear extrapolation from the nearest two points
+            i = 0 if x <= xs[0] else len(xs) - 2
+            return float(ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i]))
+        return float(np.interp(x, xs, ys))
+
+    def _ms(self, mode: int, batch: float, tpr: float) -> float:
+        _, tprs, cols = self._modes[mode]
+        per_t = [self._interp(batch, *cols[t]) for t in tprs]
+        return max(self._interp(tpr, tprs, per_t), 1e-6)
+
+    def step_time(self, rows: int, width: int, kv_tokens=0, host: bool = False) -> float:
+        """Seconds of a verify forward of ``rows`` requests padded to ``width`` drafts."""
+        mode = 1 if (int(width) in self.graph_widths or 0 not in self._modes) else 0
+        return self._ms(mode, rows, 1 + width) * 1e-3
+
+    def forward_time(self, n_tokens, kv_tokens=0):
+        """A forward over ``n_tokens`` single-token rows (plain decode; ragged verify)."""
+        n = np.asarray(n_tokens, dtype=np.float64)
+        out = np.array([self.step_time(max(int(x), 1), 0) for x in n.reshape(-1)]).reshape(n.shape)
+        return float(out) if out.ndim == 0 else out
+
+    @classmethod
+    def roofline(cls, gpu: str = "h100", model: str = "7b") -> "CostTable":
+        """The default scoring table: the roofline of ``docs/cost_model.md`` in its nonlinear
+        form -- max(weight + KV reads, matmul FLOPs) instead of their sum -- at a 2k-token
+        context, plus per-forward overhead: 1 ms with a CUDA graph (as the presets), and
+        for an eager forward 1 ms + 5 us of launch per kernel x 10 kernels per layer. Graph
+        widths: 0, 1, 2, 4, 8, 16, 32 (SGLang's defaults are powers of two). Derived, not
+        measured: replace it with a GPU run's table (``--score PATH``)."""
+        bandwidth, flops = _GPUS[gpu]
+        params, layers, kv_heads, head_dim = _MODELS[model]
+        mem_bw, fl = bandwidth * MEM_EFFICIENCY, flops * FLOP_EFFICIENCY
+        kv_bytes = 2 * layers * kv_heads * head_dim * BYTES_PER_PARAM * 2048
+        rows = []
+        for batch in (1, 8, 32, 64, 128, 256, 512, 1024):
+            for w in (0, 1, 2, 4, 8, 16, 32):
+                tokens = batch * (1 + w)
+                t = max((params * BYTES_PER_PARAM + batch * kv_bytes) / mem_bw, 2 * params * tokens / fl)
+                rows.append((batch, 1 + w, 1, (t + FIXED_OVERHEAD_S) * 1e3))
+                rows.append((batch, 1 + w, 0, (t + FIXED_OVERHEAD_S + layers * 10 * 5e-6) * 1e3))
+        return cls(rows, name=f"roofline-table:{gpu}-{model}")

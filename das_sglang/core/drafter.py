@@ -126,6 +126,13 @@ class SuffixDrafter:
         self._live: dict[str, _Live] = {}
         self._finished: dict[str, dict[int, list[int]]] = {}  # problem -> step -> seq_ids
         self._step_seqs: Counter[int] = Counter()  # registered sequences per step
+        # History accounting for the max_history_tokens cap: tokens per finished sequence,
+        # and which problems hold finished rollouts of each step (insertion = age order).
+        self._seq_len: dict[int, int] = {}
+        self._by_step: dict[int, dict[str, None]] = {}
+        self.history_tokens = 0
+        self.lazy_eviction = False  # see advance_step / evict_pending
+        self._evicting: set[int] = set()
         self._next_seq_id = 0
         self._weights = (np.zeros(0, np.int64), np.zeros(0, np.float64))
         self._refresh_weights()
@@ -142,15 +149,95 @@ class SuffixDrafter:
             raise ValueError(f"invalid step={step}: steps only advance (current {self._step})")
         self._step = step
         oldest = step - self.config.window_steps
-        for problem_id in list(self._finished):
-            by_step = self._finished[problem_id]
-            for s in [s for s in by_step if s < oldest]:
-                for seq_id in by_step.pop(s):
-                    self._remove(problem_id, seq_id, s)
-            if not by_step:
-                del self._finished[problem_id]
-            self._drop_index_if_empty(problem_id)
+        old = sorted(x for x in self._by_step if x < oldest and x not in self._evicting)
+        if self.lazy_eviction:
+            # Out of the window now (weight 0: drafts ignore them), removed from the index
+            # later in chunks (``evict_pending``), e.g. on a background thread while the
+            # GPU runs a forward: one step's history is ~1/window of everything stored.
+            self._evicting.update(old)
+            # The native indices hold at most MAX_STEPS distinct steps: if the new step
+            # would not fit, the oldest pending evictions finish now.
+            while self._evicting and len(set(self._step_seqs) | {step}) > MAX_STEPS:
+                s = min(self._evicting)
+                for problem_id in list(self._by_step.get(s, ())):
+                    self._evict(problem_id, s)
+                self._evicting.discard(s)
+        else:
+            for s in old:
+                for problem_id in list(self._by_step.get(s, ())):
+                    self._evict(problem_id, s)
         self._refresh_weights()
+
+    def evict_pending(self, max_tokens: int | None) -> bool:
+        """Remove out-of-window rollouts left by a lazy ``advance_step``, about
+        ``max_tokens`` tokens' worth (None: all). Returns True when none are left."""
+        removed = 0
+        while self._evicting:
+            s = min(self._evicting)
+            problems = self._by_step.get(s)
+            if not problems:
+                self._evicting.discard(s)
+                continue
+            if max_tokens is not None and removed >= max_tokens:
+                return False
+            problem_id = next(iter(problems))
+            before = self.history_tokens
+            self._evict(problem_id, s)
+            removed += before - self.history_tokens
+        return True
+
+    def _evict(self, problem_id: str, step: int) -> None:
+        """Drop every finished rollout of ``problem_id`` at ``step``."""
+        by_step = self._finished.get(problem_id, {})
+        seqs = by_step.pop(step, [])
+        if seqs:  # one native call (GIL released) for the group
+            ids = np.asarray(seqs, dtype=np.int64)
+            self._indices[problem_id].remove_sequences(ids)
+            if self._global is not None:
+                self._global.remove_sequences(ids)
+            self._step_seqs[step] -= len(seqs)
+            if self._step_seqs[step] <= 0:
+                del self._step_seqs[step]
+            for seq_id in seqs:
+                self.history_tokens -= self._seq_len.pop(seq_id, 0)
+        problems = self._by_step.get(step)
+        if problems is not None:
+            problems.pop(problem_id, None)
+            if not problems:
+                del self._by_step[step]
+        if not by_step:
+            self._finished.pop(problem_id, None)
+        self._drop_index_if_empty(problem_id)
+
+    def _note_finished(self, problem_id: str, step: int, seq_id: int, n_tokens: int) -> None:
+        self._finished.setdefault(problem_id, {}).setdefault(step, []).append(seq_id)
+        self._by_step.setdefault(step, {})[problem_id] = None
+        self._seq_len[seq_id] = n_tokens
+        self.history_tokens += n_tokens
+
+    def enforce_cap(self, max_tokens: int | None = None) -> list[str]:
+        """Evict the oldest steps' rollouts (problem by problem, oldest added first) until
+        history holds at most ``max_tokens`` (default ``config.max_history_tokens``; 0 = no
+        cap). Returns the problems left without any history (their statistics can go)."""
+        cap = self.config.max_history_tokens if max_tokens is None else max_tokens
+        gone: list[str] = []
+        if not cap:
+            return gone
+        while self.history_tokens > cap and self._by_step:
+            s = min(self._by_step)
+            problem_id = next(iter(self._by_step[s]))
+            self._evict(problem_id, s)
+            if problem_id not in self._finished:
+                gone.append(problem_id)
+        if gone:
+            self._refresh_weights()
+        return gone
+
+    def history_problems(self) -> set[str]:
+        """Problems with finished rollouts in the window."""
+        if not self._evicting:
+            return set(self._finished)
+        return {p for p, steps in self._finished.items() if any(s not in self._evicting for s in steps)}
 
     def _refresh_weights(self) -> None:
         # Every step still present is weighted (live requests of older steps included);
@@ -159,7 +246,8 @@ class SuffixDrafter:
         decay = self.config.step_decay
         self._weights = (
             np.asarray(steps, dtype=np.int64),
-            np.asarray([decay ** (self._step - s) for s in steps], dtype=np.float64),
+            np.asarray([0.0 if s in self._evicting else decay ** (self._step - s) for s in steps],
+                       dtype=np.float64),
         )
         self._weight_dict = dict(zip(steps, self._weights[1].tolist()))
 
@@ -203,8 +291,9 @@ class SuffixDrafter:
             raise ValueError(f"invalid step={step}: after the current step {self._step}")
         if step < self._step - self.config.window_steps:
             return False
-        seq_id = self._add(problem_id, as_tokens(tokens, f"tokens of problem {problem_id!r}"), step)
-        self._finished.setdefault(problem_id, {}).setdefault(step, []).append(seq_id)
+        arr = as_tokens(tokens, f"tokens of problem {problem_id!r}")
+        seq_id = self._add(problem_id, arr, step)
+        self._note_finished(problem_id, step, seq_id, len(arr))
         return True
 
     def start_request(self, req_id: str, problem_id: str, prompt_tokens: Sequence[int] | np.ndarray) -> None:
@@ -258,7 +347,8 @@ class SuffixDrafter:
         del self._live[req_id]
         in_window = live.step >= self._step - self.config.window_steps
         if keep and in_window:
-            self._finished.setdefault(live.problem_id, {}).setdefault(live.step, []).append(live.seq_id)
+            n = len(self._indices[live.problem_id].sequence_tokens(live.seq_id))
+            self._note_finished(live.problem_id, live.step, live.seq_id, n)
         else:
             self._remove(live.problem_id, live.seq_id, live.step)
             self._drop_index_if_empty(live.problem_id)
@@ -321,7 +411,10 @@ class SuffixDrafter:
         out: History = {}
         for problem_id, by_step in self._finished.items():
             idx = self._indices[problem_id]
-            out[problem_id] = {s: [idx.sequence_tokens(q) for q in seqs] for s, seqs in sorted(by_step.items())}
+            steps = {s: [idx.sequence_tokens(q) for q in seqs] for s, seqs in sorted(by_step.items())
+                     if s not in self._evicting}
+            if steps:
+                out[problem_id] = steps
         return out
 
     def load_history(self, history: Mapping[str, Mapping[int, Iterable[Sequence[int] | np.ndarray]]]) -> int:

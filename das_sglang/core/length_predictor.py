@@ -26,7 +26,6 @@ remaining 4400.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,31 +66,92 @@ class _Group:
 
 
 class LengthPredictor:
-    def __init__(self, config: PolicyConfig | None = None) -> None:
+    """Finished lengths kept columnar (problem index, step, length: O(1) per finish); the
+    query index is rebuilt lazily with whole-array numpy (no per-problem Python loop), and
+    with ``background=True`` off the caller's thread: queries then read the latest built
+    index (double-buffered) and never wait for a rebuild once the first one exists; a
+    rebuild starts once 1% of the lengths changed or 0.5 s after the previous one, so the
+    index lags the newest finishes by at most that."""
+
+    def __init__(self, config: PolicyConfig | None = None, background: bool = False) -> None:
         self.config = config or PolicyConfig()
-        self._history: dict[str, list[tuple[int, int]]] = defaultdict(list)  # pid -> (step, len)
+        self._pid_index: dict[str, int] = {}
+        self._pids: list[str] = []
+        self._cols = np.zeros((3, 1024), dtype=np.int64)  # rows: problem index, step, length
+        self._n = 0
         self._step = 0
-        self._cache: tuple[np.ndarray | None, dict[str, int], dict[int, _Group]] | None = None
+        self._version = 0  # bumped by every change
+        self._cache = None  # (version, index)
+        self.background = background
+        self._building = None  # threading.Thread of a background rebuild
+        self._last_start = 0.0
 
     # ---- updates ---------------------------------------------------------------------
     def observe_finished(self, problem_id: str, length: int) -> None:
         if length < 0:
             raise ValueError(f"invalid finished length {length!r} for problem {problem_id!r}: must be >= 0")
-        self._history[problem_id].append((self._step, int(length)))
-        self._cache = None
+        i = self._pid_index.get(problem_id)
+        if i is None:
+            i = self._pid_index[problem_id] = len(self._pids)
+            self._pids.append(problem_id)
+        if self._n == self._cols.shape[1]:
+            self._cols = np.concatenate([self._cols, np.zeros_like(self._cols)], axis=1)
+        self._cols[:, self._n] = (i, self._step, int(length))
+        self._n += 1
+        self._version += 1
+
+    def observe_finished_many(self, problem_ids, lengths) -> None:
+        for p, n in zip(problem_ids, lengths):
+            self.observe_finished(p, n)
 
     def advance_step(self, step: int) -> None:
         if step < self._step:
             raise ValueError(f"invalid step={step!r}: steps only advance (current {self._step})")
         self._step = step
         oldest = step - self.config.length_window_steps
-        for pid in list(self._history):
-            kept = [(s, n) for s, n in self._history[pid] if s >= oldest]
-            if kept:
-                self._history[pid] = kept
-            else:
-                del self._history[pid]
-        self._cache = None
+        cols = self._cols[:, : self._n]
+        keep = cols[1] >= oldest
+        if not keep.all():
+            kept = cols[:, keep]
+            self._cols[:, : kept.shape[1]] = kept
+            self._n = kept.shape[1]
+            self._compact_pids()
+        self._version += 1
+
+    def evict_problems(self, problem_ids) -> int:
+        """Forget every finished length of ``problem_ids`` (memory cap); returns how many."""
+        drop = [self._pid_index[p] for p in problem_ids if p in self._pid_index]
+        if not drop:
+            return 0
+        cols = self._cols[:, : self._n]
+        keep = ~np.isin(cols[0], np.asarray(drop))
+        removed = int((~keep).sum())
+        kept = cols[:, keep]
+        self._cols[:, : kept.shape[1]] = kept
+        self._n = kept.shape[1]
+        self._compact_pids()
+        self._version += 1
+        return removed
+
+    def _compact_pids(self) -> None:
+        """Renumber the problems that still have lengths (bounded memory)."""
+        used = np.unique(self._cols[0, : self._n])
+        if len(used) == len(self._pids):
+            return
+        remap = np.full(len(self._pids), -1, dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        self._cols[0, : self._n] = remap[self._cols[0, : self._n]]
+        self._pids = [self._pids[i] for i in used.tolist()]
+        self._pid_index = {p: i for i, p in enumerate(self._pids)}
+        if self._cols.shape[1] > 4 * max(self._n, 256):
+            self._cols = self._cols[:, : 2 * max(self._n, 256)].copy()
+
+    @property
+    def num_lengths(self) -> int:
+        return self._n
+
+    def memory_bytes(self) -> int:
+        return int(self._cols.nbytes) + 100 * len(self._pids)
 
     # ---- queries ---------------------------------------------------------------------
     def thresholds(self) -> np.ndarray | None:
@@ -141,28 +201,107 @@ class LengthPredictor:
         return np.clip(remaining, 1.0, cap), cls, c0
 
     def _index(self):
-        if self._cache is None:
-            self._cache = self._build_index()
-        return self._cache
+        cache = self._cache
+        if cache is not None and cache[0] == self._version:
+            return cache[1]
+        if not self.background or cache is None:
+            self._wait()
+            cache = self._cache = (self._version, self._build_index(*self._columns()))
+            return cache[1]
+        if not self._busy() and self._stale_enough(cache[0]):
+            self._start_rebuild()
+        return cache[1]  # the previous index: at most one rebuild behind
 
-    def _build_index(self):
-        pids = [p for p, h in self._history.items() if h]
-        if not pids:
+    REBUILD_SHARE = 0.01  # background: rebuild once 1% of the lengths changed ...
+    REBUILD_EVERY_S = 0.5  # ... or this long after the last rebuild started
+
+    def _stale_enough(self, built_version: int) -> bool:
+        import time
+
+        now = time.monotonic()
+        if (self._version - built_version >= max(1, int(self.REBUILD_SHARE * self._n))
+                or now - self._last_start >= self.REBUILD_EVERY_S):
+            self._last_start = now
+            return True
+        return False
+
+    def _columns(self):
+        return self._cols[:, : self._n].copy(), list(self._pids), self._version
+
+    def _start_rebuild(self) -> None:
+        """Hand the current columns to the rebuild thread (started once: starting a thread
+        per rebuild costs the caller a GIL round trip)."""
+        import threading
+
+        if self._building is None:
+            self._job = None
+            self._job_cv = threading.Condition()
+            self._idle = True
+            self._building = threading.Thread(target=self._rebuild_loop, name="das-length-index",
+                                              daemon=True)
+            self._building.start()
+        with self._job_cv:
+            self._job = self._columns()
+            self._idle = False
+            self._job_cv.notify_all()
+
+    def _rebuild_loop(self) -> None:
+        while True:
+            with self._job_cv:
+                while self._job is None:
+                    self._idle = True
+                    self._job_cv.notify_all()
+                    self._job_cv.wait()
+                cols, pids, version = self._job
+                self._job = None
+            built = self._build_index(cols, pids, version)
+            cur = self._cache
+            if cur is None or cur[0] < version:
+                self._cache = (version, built)
+            cols = pids = built = None
+
+    def _busy(self) -> bool:
+        return self._building is not None and not self._idle
+
+    def _wait(self) -> None:
+        if self._building is not None:
+            with self._job_cv:
+                while self._job is not None or not self._idle:
+                    self._job_cv.wait()
+
+    def sync(self) -> None:
+        """Wait for a background rebuild and bring the index up to date."""
+        self._wait()
+        if self._cache is None or self._cache[0] != self._version:
+            self._cache = (self._version, self._build_index(*self._columns()))
+
+    def _build_index(self, cols: np.ndarray, pids: list[str], version: int = 0):
+        if cols.shape[1] == 0:
             return None, {}, {}
-        per_pid = {p: np.array([n for _, n in self._history[p]], dtype=np.float64) for p in pids}
-        pooled = np.concatenate(list(per_pid.values()))
+        pid_idx, lengths = cols[0], cols[2].astype(np.float64)
         if self.config.class_thresholds is not None:
             thresholds = np.asarray(self.config.class_thresholds, dtype=np.float64)
         else:
-            thresholds = np.quantile(pooled, self.config.class_quantiles)
-        initial = {p: _classify(float(np.median(v)), thresholds) for p, v in per_pid.items()}
-        group_of = np.concatenate([np.full(len(per_pid[p]), initial[p]) for p in pids])
-        classes = _classify_array(pooled, thresholds)
-        groups = {_ALL: _Group(pooled, classes)}
-        for c in (SHORT, MEDIUM, LONG):
-            mask = group_of == c
+            thresholds = np.quantile(lengths, self.config.class_quantiles)
+        # Per-problem median without a Python loop: sort by (problem, length), then the one
+        # or two middle entries of each problem's run.
+        order = np.lexsort((lengths, pid_idx))
+        sorted_len = lengths[order]
+        counts = np.bincount(pid_idx, minlength=len(pids))
+        present = np.flatnonzero(counts)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[present]
+        c = counts[present]
+        median = (sorted_len[starts + (c - 1) // 2] + sorted_len[starts + c // 2]) / 2.0
+        init_of = np.full(len(pids), -1, dtype=np.int64)
+        init_of[present] = _classify_array(median, thresholds)
+        initial = {pids[i]: int(k) for i, k in zip(present.tolist(), init_of[present].tolist())}
+        group_of = init_of[pid_idx]
+        classes = _classify_array(lengths, thresholds)
+        groups = {_ALL: _Group(lengths, classes)}
+        for k in (SHORT, MEDIUM, LONG):
+            mask = group_of == k
             if mask.any():
-                groups[c] = _Group(pooled[mask], classes[mask])
+                groups[k] = _Group(lengths[mask], classes[mask])
         return thresholds, initial, groups
 
 

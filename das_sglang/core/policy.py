@@ -119,6 +119,12 @@ class _Observing:
     def advance_step(self, step: int) -> None:
         self.lengths.advance_step(step)
 
+    def forget_problems(self, problem_ids) -> None:
+        """Memory cap: drop what is kept per problem for problems without history."""
+        problem_ids = list(problem_ids)
+        self.acceptance.forget(problem_ids)
+        self.lengths.evict_problems(problem_ids)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -163,8 +169,8 @@ class _ModelBased(_Observing):
     def __init__(self, cost_model: CostModel | str | None = None,
                  config: PolicyConfig | None = None) -> None:
         super().__init__(config)
-        if cost_model is None:
-            cost_model = self.config.cost_preset
+        if cost_model is None:  # the preset plus any measured coefficients (DAS_CONFIG)
+            cost_model = self.config.cost_model()
         self.cost = CostModel.preset(cost_model) if isinstance(cost_model, str) else cost_model
         self.last: StepAllocation | None = None  # the latest plan's modeled numbers
         self.outcomes = OutcomeCalibration(self.config)
@@ -255,6 +261,14 @@ class _ModelBased(_Observing):
                 self.acceptance.expect(rows[i].problem_id, bi, e)
 
 
+def _padded_width(width: int, buckets) -> int:
+    """The verify width a plan's widest row is padded to (the next bucket; any width
+    without buckets)."""
+    if buckets is None or width in buckets:
+        return int(width)
+    return int(next((b for b in buckets if b >= width), width))
+
+
 class LengthAware(_ModelBased):
     name = "length-aware"
 
@@ -263,17 +277,19 @@ class LengthAware(_ModelBased):
             return BudgetPlan.none(0)
         self._read_outcomes(rows)
         remaining, curves, kv, _ = self.inputs(rows)
+        buckets = self.config.buckets() if self.config.uniform_width else None
         if self.config.lookahead == "stationary":
-            alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width)
+            alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width,
+                                         buckets)
         else:
             alloc = lookahead_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width,
-                                           self.config.critical_spread)
+                                           self.config.critical_spread, buckets)
         self.last = alloc
         if alloc.width == 0 or alloc.modeled_s > (1.0 - self.config.min_gain) * alloc.baseline_s:
             self._remember(rows, np.zeros(len(rows), dtype=np.int32))
             return BudgetPlan.none(len(rows))
         self._remember(rows, alloc.budgets)
-        return BudgetPlan(alloc.budgets, alloc.width)
+        return BudgetPlan(alloc.budgets, _padded_width(alloc.width, buckets))
 
 
 class PaperClosedForm(_ModelBased):

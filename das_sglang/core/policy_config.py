@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from das_sglang.core.config import DrafterConfig, check_field
-from das_sglang.core.cost_model import DEFAULT_PRESET, PRESETS
+from das_sglang.core.cost_model import DEFAULT_PRESET, PRESETS, CostModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,20 @@ class PolicyConfig:
                         drafts at today's batch size against what each accepted token saves
                         later (see allocation.lookahead_step_budgets).
     critical_spread     how uncertain "which row ends last" is, as a share of the makespan.
+    cost_c_base_ms ...  measured cost-model coefficients replacing the preset's (None keeps
+    cost_c_tok_us       the preset's): per-forward ms, per processed token us, per KV token
+    cost_c_kv_ns        ns. ``benchmarks/fit_cost_model.py`` writes them from a timing table.
+    cost_graph_widths   draft widths (tokens per request - 1) SGLang runs as CUDA graphs, and
+    cost_graph_ms       the extra ms per forward at each of them (may be < 0: a graph replay
+                        is cheaper than the linear model's eager launch overhead);
+    cost_eager_widths   widths with a measured eager extra cost, and that cost in ms
+    cost_eager_ms       (interpolated between them; 0 when none are given).
+    cost_host_us_per_request  DAS host time per request and decode step (us) the policy and
+                        the replay charge on top of each forward.
+    width_buckets       verify widths the worker may use (e.g. 0,1,2,4,8,16: CUDA-graph
+                        friendly); the policy picks the cheapest bucket, padding included,
+                        and ``max_budget`` is always allowed. None (default; the SGLang
+                        worker defaults to GRAPH_BUCKETS): any width.
     """
 
     max_budget: int = DrafterConfig().max_budget
@@ -64,6 +78,15 @@ class PolicyConfig:
     curve_mode: str = "outcome"
     lookahead: str = "marginal"
     critical_spread: float = 0.05
+    cost_c_base_ms: float | None = None
+    cost_c_tok_us: float | None = None
+    cost_c_kv_ns: float | None = None
+    cost_graph_widths: tuple[int, ...] = ()
+    cost_graph_ms: tuple[float, ...] = ()
+    cost_eager_widths: tuple[int, ...] = ()
+    cost_eager_ms: tuple[float, ...] = ()
+    cost_host_us_per_request: float = 0.0
+    width_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_field(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
@@ -95,6 +118,47 @@ class PolicyConfig:
         check_field(self.critical_spread > 0.0, "critical_spread", self.critical_spread, "must be > 0")
         check_field(self.curve_mode in ("outcome", "tree", "capped", "blend"), "curve_mode", self.curve_mode,
                "must be one of outcome, tree, capped, blend")
+        for name in ("cost_c_base_ms", "cost_c_tok_us", "cost_c_kv_ns", "cost_host_us_per_request"):
+            v = getattr(self, name)
+            check_field(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and v >= 0 and v == v and v != float("inf")),
+                        name, v, "must be a finite number >= 0")
+        if self.width_buckets is not None:
+            wb = self.width_buckets
+            check_field(isinstance(wb, tuple) and len(wb) > 0 and all(
+                isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in wb)
+                and list(wb) == sorted(set(wb)) and wb[0] == 0,
+                "width_buckets", wb, "must be increasing ints >= 0 starting with 0")
+        try:
+            self.cost_model()
+        except ValueError as e:
+            raise ValueError(f"invalid cost_* coefficients: {e}") from None
+
+    def cost_model(self, base: CostModel | None = None) -> CostModel:
+        """``base`` (default: the ``cost_preset``) with the measured ``cost_*`` coefficients."""
+        base = PRESETS[self.cost_preset] if base is None else base
+        changes = {}
+        for name, attr, scale in (("cost_c_base_ms", "c_base_s", 1e-3), ("cost_c_tok_us", "c_tok_s", 1e-6),
+                                  ("cost_c_kv_ns", "c_kv_s", 1e-9)):
+            if getattr(self, name) is not None:
+                changes[attr] = float(getattr(self, name)) * scale
+        if self.cost_graph_widths or self.cost_graph_ms:
+            changes.update(graph_widths=tuple(self.cost_graph_widths),
+                           graph_extra_s=tuple(x * 1e-3 for x in self.cost_graph_ms))
+        if self.cost_eager_widths or self.cost_eager_ms:
+            changes.update(eager_widths=tuple(self.cost_eager_widths),
+                           eager_extra_s=tuple(x * 1e-3 for x in self.cost_eager_ms))
+        if self.cost_host_us_per_request:
+            changes["host_s_per_request"] = self.cost_host_us_per_request * 1e-6
+        return base.with_coefficients(**changes) if changes else base
+
+    def buckets(self, max_width: int | None = None) -> tuple[int, ...] | None:
+        """Allowed verify widths up to ``max_width`` (default ``max_budget``), which is
+        always one of them (SGLang captures its graphs at the full width); None: any."""
+        if self.width_buckets is None:
+            return None
+        top = self.max_budget if max_width is None else int(max_width)
+        return tuple(sorted({w for w in self.width_buckets if w <= top} | {top}))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -99,6 +99,7 @@ class StepStats:
     padded_tokens: int = 0  # padding to the batch width (uniform engine), never accepted
     drafter_us: float = 0.0
     policy_us: float = 0.0
+    host_s: float = 0.0  # measured host time of the decode iterations (drafter + policy + feedback)
     batch_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
     @property
@@ -147,9 +148,16 @@ def replay(
     engine: str = DEFAULT_ENGINE,
     decode_steps: Iterable[int] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    score: object | None = None,
+    host_time: bool = False,
 ) -> list[ContenderResult]:
     """Replay ``rollouts`` under every contender; steps not in ``decode_steps`` (default: all)
-    that precede a decoded step only feed history. ``on_progress(name, tokens_done, total)``."""
+    that precede a decoded step only feed history. ``on_progress(name, tokens_done, total)``.
+
+    ``score``: what forwards are charged with (default ``cost``): e.g. a
+    ``cost_model.CostTable``, so policies planning with a linear model are judged by costs
+    they did not choose. ``host_time``: add each decode iteration's measured host time
+    (drafter, policy, feedback) to the modeled makespan, so a slow planner pays for it."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {ENGINES}")
     if not rollouts:
@@ -159,7 +167,25 @@ def replay(
     missing = [s for s in decode if s not in by_step]
     if missing:
         raise ValueError(f"steps {missing} have no rollouts (steps present: {sorted(by_step)})")
-    return [_replay_one(c, by_step, decode, cost, engine, on_progress) for c in contenders]
+    scorer = _Scorer(cost if score is None else score, host_time)
+    return [_replay_one(c, by_step, decode, scorer, engine, on_progress) for c in contenders]
+
+
+class _Scorer:
+    """Charges a forward: ``step_time(rows, width)`` where the scorer has it (padded uniform
+    verify), else ``forward_time(n_tokens, kv)``."""
+
+    def __init__(self, cost, host_time: bool) -> None:
+        self.cost, self.host_time = cost, host_time
+        self._step = getattr(cost, "step_time", None)
+
+    def forward_time(self, n_tokens, kv_tokens=0):
+        return self.cost.forward_time(n_tokens, kv_tokens)
+
+    def verify_time(self, engine: str, rows: int, width: int, n_tokens: int, kv: int) -> float:
+        if engine == "uniform" and self._step is not None:
+            return float(self._step(rows, width, kv, host=False))
+        return float(self.cost.forward_time(n_tokens, kv))
 
 
 def _group_by_step(rollouts: Sequence[Rollout]) -> dict[int, list[Rollout]]:
@@ -252,7 +278,8 @@ def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, ti
     sizes: list[int] = []
     while live:
         sizes.append(len(live))
-        t0 = time.perf_counter()
+        t_host = time.perf_counter()
+        t0 = t_host
         trees = drafter.speculate_batch([lv.rollout.req_id for lv in live], [c.max_budget] * len(live))
         t1 = time.perf_counter()
         plan = policy.plan([
@@ -264,6 +291,10 @@ def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, ti
         st.drafter_us += (t1 - t0) * 1e6
         st.policy_us += (t2 - t1) * 1e6
         live = _verify(st, live, trees, plan, drafter, policy, cost, engine)
+        host = time.perf_counter() - t_host
+        st.host_s += host
+        if cost.host_time:
+            st.makespan_s += host
         if tick is not None and len(sizes) % PROGRESS_EVERY == 0:
             tick(st.generated_tokens)
     st.batch_sizes = np.asarray(sizes, np.int32)
@@ -303,7 +334,7 @@ def _verify(st: StepStats, live: list[_Live], trees, plan, drafter, policy, cost
         st.padded_tokens += padded - n_tokens
         n_tokens = padded
     st.forward_passes += 1
-    st.makespan_s += cost.forward_time(n_tokens, kv)
+    st.makespan_s += cost.verify_time(engine, len(live), width, n_tokens, kv)
     return [lv for lv in live if lv.remaining > 0]
 
 

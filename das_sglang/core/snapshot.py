@@ -265,6 +265,13 @@ class PeriodicSnapshot:
 
     The SGLang worker calls `note_finished()` per finished request and `close()` at
     shutdown; ``every_n=0`` saves only on close.
+
+    ``background=True``: ``save()`` only takes ``get_history()`` (which must return a view
+    the caller no longer mutates, e.g. per-step tuples of immutable arrays) on the calling
+    thread; encoding, sha256, write and fsync run on a writer thread, through the same
+    atomic temp-file + rename path (crash-safe exactly as before). Saves requested while
+    one is being written coalesce: the newest view is written next. ``close()`` (and
+    ``wait()``) block until everything requested is on disk and re-raise a write error.
     """
 
     path: Path
@@ -272,11 +279,13 @@ class PeriodicSnapshot:
     every_n: int = 0
     get_meta: Callable[[], Mapping[str, Any]] | None = None
     _since_save: int = 0
+    background: bool = False
 
     def __post_init__(self) -> None:
         if self.every_n < 0:
             raise ValueError(f"invalid every_n={self.every_n!r}: must be >= 0")
         self.path = Path(self.path)
+        self._writer: _Writer | None = _Writer(self.path) if self.background else None
 
     def note_finished(self, count: int = 1) -> bool:
         """Count finished requests; returns True when this call saved a snapshot."""
@@ -288,9 +297,77 @@ class PeriodicSnapshot:
 
     def save(self) -> Path:
         meta = self.get_meta() if self.get_meta else None
-        out = save_history(self.path, self.get_history(), meta)
         self._since_save = 0
-        return out
+        if self._writer is not None:
+            self._writer.request(self.get_history(), meta)
+            return snapshot_file(self.path)
+        return save_history(self.path, self.get_history(), meta)
+
+    def wait(self) -> None:
+        if self._writer is not None:
+            self._writer.wait()
 
     def close(self) -> Path:
-        return self.save()
+        out = self.save()
+        if self._writer is not None:
+            self._writer.close()
+        return out
+
+
+class _Writer:
+    """Writer thread of a background PeriodicSnapshot: at most one pending view."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self.path = path
+        self._cv = threading.Condition()
+        self._pending: tuple | None = None
+        self._busy = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="das-snapshot-writer", daemon=True)
+        self._thread.start()
+
+    def request(self, history, meta) -> None:
+        with self._cv:
+            self._raise()
+            self._pending = (history, meta)
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._closed:
+                    self._cv.wait()
+                if self._pending is None:
+                    return
+                job, self._pending = self._pending, None
+                self._busy = True
+            try:
+                save_history(self.path, *job)
+            except BaseException as e:  # noqa: BLE001 (re-raised by wait/close/request)
+                _log.exception("DAS: background snapshot write failed")
+                self._error = e
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def wait(self) -> None:
+        with self._cv:
+            while self._pending is not None or self._busy:
+                self._cv.wait()
+            self._raise()
+
+    def close(self) -> None:
+        self.wait()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)

@@ -27,6 +27,9 @@ from das_sglang.core.policy_config import PolicyConfig
 
 ENV = "DAS_CONFIG"
 VERIFY_LAYOUTS = ("auto", "ragged", "uniform")
+# Verify widths (draft tokens per request) the worker uses by default: few enough for SGLang
+# to capture each as a CUDA graph; the largest is always max_nodes (PolicyConfig.buckets).
+GRAPH_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,9 @@ class ServerConfig:
                       its counters (verify steps, verify tokens submitted to the target,
                       draft tokens proposed and accepted, layout); None = off. For
                       benchmarks and debugging.
+    async_updates     history updates (the drafter's batch extend, GIL-free), the length
+                      index rebuild and snapshot writes run off the scheduler thread; reads
+                      wait for pending updates first (True, default). False: all inline.
     """
 
     policy: str = "length-aware"
@@ -65,6 +71,7 @@ class ServerConfig:
     strict_snapshot: bool = False
     verify_layout: str = "auto"
     stats_path: str | None = None
+    async_updates: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -110,6 +117,9 @@ def load_options(num_draft_tokens: int | None, raw: str | None = None) -> DasOpt
         # SGLang's tree verify pads every row to the batch width: the cost model must
         # charge the padding.
         policy = replace(policy, uniform_width=True)
+    if "width_buckets" not in sections.get("policy", {}):
+        # CUDA graphs are captured per width: the worker verifies only bucket widths.
+        policy = replace(policy, width_buckets=GRAPH_BUCKETS)
     return DasOptions(drafter=drafter, policy=policy, server=built["server"], max_nodes=max_nodes)
 
 

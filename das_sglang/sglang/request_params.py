@@ -131,6 +131,12 @@ class StepClock:
             del self._steps[value]
         return self.current, True
 
+    def tick(self) -> int:
+        """Open the next clock step without a ``das_step`` (an untagged step boundary,
+        e.g. a weight update); returns it."""
+        self.current += 1
+        return self.current
+
     def known(self) -> dict[int, int]:
         """The remembered ``das_step -> clock step`` map (saved with snapshots)."""
         return dict(self._steps)

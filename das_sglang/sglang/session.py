@@ -7,15 +7,19 @@ objects into the calls below.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from das_sglang.core.draft_tree import DraftTree
-from das_sglang.core.drafter import truncate_trusted
+from das_sglang.core.drafter import _flat_tokens, as_tokens, truncate_trusted
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
@@ -41,6 +45,101 @@ def problem_of(custom_params: dict | None, prompt: Sequence[int]) -> tuple[str, 
 def prompt_problem_id(prompt: Sequence[int]) -> str:
     digest = hashlib.blake2b(np.asarray(prompt, dtype=np.int32).tobytes(), digest_size=8)
     return "prompt-" + digest.hexdigest()
+
+
+class _Updates:
+    """One background thread applying the drafter's mutations in submission order.
+
+    The native index's batch extend releases the GIL, so the scheduler thread goes on with
+    SGLang's own per-step Python while the accepted tokens are indexed. Reads stay
+    consistent: every drafter read or other mutation on the scheduler thread first calls
+    :meth:`flush`, so a request's next draft always sees all its accepted tokens, and no
+    two calls ever touch an index at once. An error in a background update is logged and
+    re-raised by the next ``flush`` (it is a bug, not bad request input: inputs are
+    validated before submission)."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="das-history-updates", daemon=True)
+        self._thread.start()
+        # Drain before interpreter shutdown: a daemon thread stopped inside a native call
+        # (threads of its own, the GIL released) must not be torn down mid-update.
+        atexit.register(self._drain)
+
+    def _drain(self) -> None:
+        if self._thread.is_alive():
+            self._q.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                fn, args = item
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
+                _log.exception("DAS: background history update failed")
+                self._error = e
+            finally:
+                item = fn = args = None  # no reference to the session while idle
+                self._q.task_done()
+
+    def submit(self, fn, *args) -> None:
+        self._q.put((fn, args))
+
+    def flush(self) -> None:
+        if self._q.unfinished_tasks:
+            self._q.join()
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise RuntimeError(f"DAS background history update failed: {e!r}") from e
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+
+def _trim_heap() -> None:
+    """glibc ``malloc_trim(0)``: return the freed pages of evicted history to the OS, so the
+    process's RSS follows the history's size (freed memory otherwise stays in the malloc
+    arenas of whichever thread freed it). No-op off glibc; ctypes drops the GIL for it."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+_TRIMMER = None
+
+
+def _trim_heap_later() -> None:
+    """``_trim_heap`` on its own thread: it touches no index, so nothing waits for it (on
+    the update thread a large heap's trim would delay the next plan's sync)."""
+    global _TRIMMER
+    if _TRIMMER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _TRIMMER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="das-malloc-trim")
+    _TRIMMER.submit(_trim_heap)
+
+
+def _row(req_id, problem_id, generated, max_new, probs, prompt_len) -> BudgetRow:
+    """A BudgetRow without ``__post_init__``: the session builds rows from validated ints
+    and the native drafter's probabilities, checked once per batch in :meth:`DasSession.plan`
+    (the per-row check is a few us; 512 rows a step)."""
+    row = object.__new__(BudgetRow)
+    row.__dict__.update(req_id=req_id, problem_id=problem_id, generated_len=generated,
+                        max_new_tokens=max_new, node_probs=probs, prompt_len=prompt_len)
+    return row
 
 
 @dataclass
@@ -74,7 +173,25 @@ class DasSession:
         # steps_opened = new clock steps, root_only = requests verified at width 0.
         self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0}
         self.clock = StepClock(options.drafter.window_steps)
+        # History mirror for snapshots (problem -> step -> tuple of token arrays; tuples so
+        # a background writer can hold a view while the scheduler thread goes on).
+        self._mirror: dict[str, dict[int, tuple]] | None = None
+        self._tagged_since_flush = False
+        self._updates = _Updates() if options.server.async_updates else None
         self.snapshot = self._open_snapshot(write_snapshots)
+        lengths = getattr(self.policy, "lengths", None)
+        if options.server.async_updates and lengths is not None:
+            lengths.background = True  # rebuilt off the scheduler thread, double-buffered
+        if options.server.async_updates:
+            # Out-of-window history leaves the index in chunks on the background thread,
+            # while the forward runs (plan submits one chunk after its reads).
+            self.drafter.lazy_eviction = True
+        self._evicting = False
+
+    def sync(self) -> None:
+        """Apply pending background history updates (before any other drafter access)."""
+        if self._updates is not None:
+            self._updates.flush()
 
     # ------------------------------------------------------------ requests
     def start(self, req_id: str, custom_params, prompt: Sequence[int], output: Sequence[int],
@@ -93,10 +210,13 @@ class DasSession:
             pid, step = None, None
         if pid is None:
             pid = prompt_problem_id(prompt)
+        if step is not None:
+            self._tagged_since_flush = True
         step, opened = self.clock.resolve(step, self._history_empty)
         if opened:
             self.counters["steps_opened"] += 1
             self.advance_step(step)
+        self.sync()
         self.drafter.start_request(req_id, pid, np.asarray(prompt, dtype=np.int32))
         if len(output):
             self.drafter.extend_request(req_id, np.asarray(output, dtype=np.int32))
@@ -108,46 +228,140 @@ class DasSession:
         return self.drafter.stats().sequences <= len(self.live)
 
     def advance_step(self, step: int) -> None:
+        self.sync()
         self.step = step
         self.drafter.advance_step(step)
+        self._evicting = bool(self.drafter._evicting)
         self.policy.advance_step(step)
+        if self._mirror is not None:
+            oldest = step - self.drafter.config.window_steps
+            for pid in list(self._mirror):
+                steps = self._mirror[pid]
+                for s in [s for s in steps if s < oldest]:
+                    del steps[s]
+                if not steps:
+                    del self._mirror[pid]
+        self._check_cap()
+        self._forget_stale()
+        if not self._evicting:  # (else the last eviction chunk trims)
+            if self._updates is not None:
+                _trim_heap_later()  # can take 100 ms on a large heap
+            else:
+                _trim_heap()
         if self.snapshot is not None:
             self.snapshot.save()  # a step boundary is a natural checkpoint
 
+    def weights_updated(self) -> None:
+        """The RL step boundary: SGLang flushed its cache (``update_weights_from_*``).
+        Untagged traffic gets a sliding window this way; when tagged requests
+        (``das_step``) advanced the step since the last flush, they drive it instead."""
+        if not self._tagged_since_flush:
+            self.advance_step(self.clock.tick())
+        self._tagged_since_flush = False
+
+    ASYNC_MIN_ROWS = 64  # batches this large extend on the update thread
+    EVICT_CHUNK_S = 0.003  # native removals per decode step, inside the forward's shadow
+
+    def _evict_chunk(self) -> None:
+        end = time.perf_counter() + self.EVICT_CHUNK_S
+        while not self.drafter.evict_pending(2048):
+            if time.perf_counter() >= end:
+                return
+        self._evicting = False
+        _trim_heap_later()  # a step's history went: hand its pages back
+
+    def drain(self) -> None:
+        """Apply pending updates and finish pending evictions now (tests, benchmarks,
+        shutdown); serving spreads the evictions over the step's forwards instead."""
+        self.sync()
+        if self._evicting:
+            self.drafter.evict_pending(None)
+            self._evicting = False
+            _trim_heap()
+
+    def _forget_stale(self) -> None:
+        """Bounded memory: statistics of problems with neither history nor live requests."""
+        tracker = getattr(self.policy, "acceptance", None)
+        forget = getattr(self.policy, "forget_problems", None)
+        if tracker is None or forget is None:
+            return
+        keep = self.drafter.history_problems() | {lv.problem_id for lv in self.live.values()}
+        stale = [p for p in tracker.problem_ids() if p not in keep]
+        if stale:
+            forget(stale)
+
+    def _enforce_cap(self) -> None:
+        gone = self.drafter.enforce_cap()
+        if gone:
+            live = {lv.problem_id for lv in self.live.values()}
+            gone = [p for p in gone if p not in live]
+            forget = getattr(self.policy, "forget_problems", None)
+            if forget is not None and gone:
+                forget(gone)
+            if self._mirror is not None:
+                for p in gone:
+                    self._mirror.pop(p, None)
+
     def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[list[DraftTree], int]:
         """Draft trees truncated to the policy's budgets, and the batch width."""
+        self.sync()
+        self._check_cap()
         trees = self.drafter.speculate_batch(list(req_ids), [max_nodes] * len(req_ids))
-        rows = []
-        for rid, tree in zip(req_ids, trees):
-            live = self.live[rid]
-            rows.append(BudgetRow(
-                req_id=rid, problem_id=live.problem_id, generated_len=live.generated,
-                max_new_tokens=live.max_new_tokens, node_probs=tree.probs,
-                prompt_len=live.prompt_len,
-            ))
+        if self._evicting and self._updates is not None:
+            # The index is not read again until the next plan or update: remove a chunk of
+            # out-of-window history meanwhile (native removals, during layout + forward).
+            self._updates.submit(self._evict_chunk)
+        live = self.live
+        rows = [_row(rid, lv.problem_id, lv.generated, lv.max_new_tokens, t.probs, lv.prompt_len)
+                for rid, t, lv in zip(req_ids, trees, (live[r] for r in req_ids))]
+        if rows:
+            flat = np.concatenate([t.probs for t in trees])
+            if flat.size and not (flat.min() >= 0.0 and flat.max() <= 1.0):
+                raise ValueError("drafter returned node probabilities outside [0, 1]")
         plan = self.policy.plan(rows)
-        keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes).tolist()
-        keep = [0 if self.live[rid].root_only else k for rid, k in zip(req_ids, keep)]
-        trees = [truncate_trusted(t, k) for t, k in zip(trees, keep)]
+        keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
+        for i in [i for i, r in enumerate(req_ids) if live[r].root_only]:
+            keep[i] = 0  # constrained requests are verified at the root only
+        cut = np.flatnonzero(keep < np.fromiter((len(t) for t in trees), np.int64, len(trees)))
+        for i in cut.tolist():
+            trees[i] = truncate_trusted(trees[i], int(keep[i]))
         width = max((len(t) for t in trees), default=0)
+        buckets = self.options.policy.buckets(max_nodes)
+        if buckets is not None and width not in buckets:
+            # Policies that do not price buckets themselves: pad up to the next bucket
+            # (rows keep their trees; the padding is never linked, so never accepted).
+            width = next(b for b in buckets if b >= width)
         return trees, width
 
     def committed(self, req_id: str, proposed: int, tokens: Sequence[int]) -> None:
         """After verify: ``tokens`` = accepted drafts + the bonus token."""
         live = self.live[req_id]
+        self.sync()
         self.drafter.extend_request(req_id, np.asarray(tokens, dtype=np.int32))
         live.generated += len(tokens)
         self.policy.observe_verify(live.problem_id, proposed, len(tokens) - 1)
 
     def committed_batch(self, req_ids: Sequence[str], proposed: Sequence[int],
                         tokens: Sequence[Sequence[int]]) -> None:
-        """:meth:`committed` for a whole decode batch."""
-        self.drafter.extend_batch(req_ids, tokens)  # one native call for the batch
+        """:meth:`committed` for a whole decode batch. The drafter's extend (one native
+        call for the batch) runs on the background thread without the GIL; the next
+        :meth:`plan` waits for it."""
+        live = self.live
+        background = (self._updates is not None and len(req_ids) >= self.ASYNC_MIN_ROWS
+                      and all(r in live for r in req_ids) and _flat_tokens(tokens) is not None)
+        if background:  # inputs checked here: a bad row raises now, naming itself, below
+            self._updates.flush()  # earlier updates first (and their errors)
+            self._updates.submit(self.drafter.extend_batch, list(req_ids), tokens)
+        else:  # small batches (the hand-off costs more than the extend), or a bad row
+            self.sync()
+            self.drafter.extend_batch(req_ids, tokens)
         observe = self.policy.observe_verify
         for rid, p, t in zip(req_ids, proposed, tokens):
-            live = self.live[rid]
-            live.generated += len(t)
-            observe(live.problem_id, p, len(t) - 1)
+            lv = live[rid]
+            n = len(t)
+            lv.generated += n
+            if p or n != 1:  # nothing drafted and only the bonus token: no outcome to record
+                observe(lv.problem_id, p, n - 1)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.
@@ -159,17 +373,40 @@ class DasSession:
         if live is None:
             return
         output = list(output)[: live.max_new_tokens]
-        self.drafter.finish_request(req_id, keep=False)
-        self.drafter.add_history(
-            live.problem_id, live.step, np.asarray(list(prompt) + output, dtype=np.int32)
-        )
+        tokens = as_tokens(list(prompt) + output, f"text of req_id={req_id!r}")
+        stored = live.step >= self.drafter.step - self.drafter.config.window_steps
+        if self._updates is not None:
+            # The native removal + insertion (~us per token) run on the update thread, in
+            # order with the extends; the next drafter read waits for them.
+            self._updates.submit(self._finish_in_drafter, req_id, live.problem_id, live.step, tokens)
+        else:
+            self._finish_in_drafter(req_id, live.problem_id, live.step, tokens)
+            self._check_cap()
+        if stored and self._mirror is not None:
+            steps = self._mirror.setdefault(live.problem_id, {})
+            steps[live.step] = steps.get(live.step, ()) + (tokens,)
         self.policy.observe_finished(live.problem_id, len(output))
         if self.snapshot is not None:
             self.snapshot.note_finished()
+            if not self.live:
+                # The batch drained: nothing waits on the scheduler, so make the requested
+                # save durable now (an engine stopped right after its last request -- by a
+                # signal, without atexit -- then still leaves every finished rollout).
+                self.snapshot.wait()
+
+    def _finish_in_drafter(self, req_id, problem_id, step, tokens) -> None:
+        self.drafter.finish_request(req_id, keep=False)
+        self.drafter.add_history(problem_id, step, tokens)
+
+    def _check_cap(self) -> None:
+        cap = self.drafter.config.max_history_tokens
+        if cap and self.drafter.history_tokens > cap:
+            self._enforce_cap()
 
     def drop(self, req_id: str) -> None:
         """A request left without finishing (aborted, retracted): forget its text."""
         if self.live.pop(req_id, None) is not None:
+            self.sync()
             self.drafter.finish_request(req_id, keep=False)
 
     # ------------------------------------------------------------ history
@@ -180,11 +417,14 @@ class DasSession:
         from das_sglang.core.snapshot import PeriodicSnapshot, load_history_or_empty
 
         history, meta = load_history_or_empty(server.history_path, strict=server.strict_snapshot)
+        self._mirror = {}
         if history:
             # Advance first: the drafter refuses history from steps after its current one.
             self.step = max((s for steps in history.values() for s in steps), default=0)
             self.drafter.advance_step(self.step)
             self.drafter.load_history(history)
+            self._mirror = {p: {s: tuple(seqs) for s, seqs in steps.items()}
+                            for p, steps in self.drafter.history().items()}
             _log.info("DAS: loaded history of %d problems from %s", len(history),
                       server.history_path)
             saved = (meta or {}).get("das_step_clock") or {str(self.step): self.step}
@@ -193,11 +433,17 @@ class DasSession:
                 {int(k): int(v) for k, v in saved.items()},
             )
         if not write:
+            self._mirror = None  # nothing to write: no copy of the history to keep
             return None
         return PeriodicSnapshot(
-            server.history_path, self.drafter.history, every_n=server.snapshot_interval,
-            get_meta=self._snapshot_meta,
+            server.history_path, self._history_view, every_n=server.snapshot_interval,
+            get_meta=self._snapshot_meta, background=server.async_updates,
         )
+
+    def _history_view(self):
+        """The history as immutable per-step tuples: cheap to take on the scheduler thread
+        (one dict per problem), safe for the background writer to read afterwards."""
+        return {p: dict(steps) for p, steps in self._mirror.items()}
 
     def _snapshot_meta(self) -> dict:
         return {
@@ -206,5 +452,11 @@ class DasSession:
         }
 
     def close(self) -> None:
+        """Idempotent (atexit may call it after an explicit close)."""
+        if self._updates is not None:
+            self._updates.flush()
+            self._updates.close()
+            self._updates = None
         if self.snapshot is not None:
             self.snapshot.close()
+            self.snapshot = None

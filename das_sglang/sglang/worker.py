@@ -14,7 +14,7 @@ Per decode step (``forward_batch_generation``):
 
 Finished requests (``note_request_finished``) become history of their problem. History
 is never cleared by SGLang's cache flushes (``clear_cache_pool``), so it survives
-``update_weights_from_*``.
+``update_weights_from_*``; a flush advances the training step (the sliding window).
 """
 
 from __future__ import annotations
@@ -101,9 +101,12 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         pass  # NGRAM's fixed-width buffers; DAS sizes its verify inputs per step
 
     def clear_cache_pool(self):
-        # Called on cache flushes (e.g. update_weights_from_*): KV is gone, history is
-        # not -- the rollouts stay valid drafts for the next policy version.
-        pass
+        # Called on cache flushes: SGLang's update_weights_from_{disk,tensor,distributed,
+        # ipc} flush after loading (flush_cache_after_weight_update), only when idle. KV
+        # is gone, history is not -- the rollouts stay valid drafts for the next policy
+        # version -- and the flush is the RL step boundary: untagged traffic's step
+        # advances here, so history slides without das_step tags.
+        self.session.weights_updated()
 
     # ---------------------------------------------------------------- decode step
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):

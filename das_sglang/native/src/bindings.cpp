@@ -5,8 +5,11 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstring>
+#include <exception>
 #include <string>
+#include <thread>
 
 #include "suffix_index.h"
 
@@ -152,8 +155,37 @@ void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, n
                              std::to_string(r))
                                 .c_str());
   }
-  for (size_t r = 0; r < n; ++r)
-    idx[r]->extend(seq_ids(r), tokens.data() + offsets(r), size_t(offsets(r + 1) - offsets(r)));
+  // The mutation itself runs without the GIL (the session applies batches on a background
+  // thread while the scheduler thread runs Python); callers serialise calls per index.
+  nb::gil_scoped_release release;
+  // Rows of different indices are independent: large batches are split over threads by
+  // index (every row of one index on one thread, in row order), so the result is the
+  // same as the sequential loop.
+  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t n_threads = std::min<size_t>({hw, 8, n / 64});
+  auto run = [&](size_t tid, size_t stride) {
+    for (size_t r = 0; r < n; ++r) {
+      if (stride > 1) {
+        const uint64_t h = (uint64_t(reinterpret_cast<uintptr_t>(idx[r])) >> 4) * 0x9E3779B97F4A7C15ull;
+        if ((h >> 32) % stride != tid) continue;
+      }
+      idx[r]->extend(seq_ids(r), tokens.data() + offsets(r), size_t(offsets(r + 1) - offsets(r)));
+    }
+  };
+  if (n_threads <= 1) {
+    run(0, 1);
+    return;
+  }
+  std::vector<std::thread> pool;
+  std::vector<std::exception_ptr> errors(n_threads);
+  for (size_t t = 1; t < n_threads; ++t)
+    pool.emplace_back([&, t] {
+      try { run(t, n_threads); } catch (...) { errors[t] = std::current_exception(); }
+    });
+  try { run(0, n_threads); } catch (...) { errors[0] = std::current_exception(); }
+  for (auto& th : pool) th.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
 }  // namespace
@@ -181,7 +213,24 @@ NB_MODULE(_suffix, m) {
           "append",  // one token, no array: the per-decode-step path
           [](SuffixIndex& s, int64_t seq_id, int32_t token) { s.extend(seq_id, &token, 1); },
           nb::arg("seq_id"), nb::arg("token"))
-      .def("remove_sequence", &SuffixIndex::remove_sequence, nb::arg("seq_id"))
+      .def(
+          "remove_sequence",  // GIL-free: history eviction runs on the session's update thread
+          [](SuffixIndex& s, int64_t seq_id) {
+            if (!s.has_sequence(seq_id)) s.remove_sequence(seq_id);  // throws, naming seq_id
+            nb::gil_scoped_release release;
+            s.remove_sequence(seq_id);
+          },
+          nb::arg("seq_id"))
+      .def(
+          "remove_sequences",  // many removals in one GIL-free call (history eviction)
+          [](SuffixIndex& s, nb::handle ids_h) {
+            I64 ids = as_array<I64>(ids_h, "seq_ids", "int64");
+            for (size_t i = 0; i < ids.shape(0); ++i)
+              if (!s.has_sequence(ids(i))) s.remove_sequence(ids(i));  // throws, naming it
+            nb::gil_scoped_release release;
+            for (size_t i = 0; i < ids.shape(0); ++i) s.remove_sequence(ids(i));
+          },
+          nb::arg("seq_ids"))
       .def(
           "match_length",
           [](const SuffixIndex& s, nb::handle ctx) {

@@ -176,6 +176,9 @@ uint32_t SuffixIndex::new_node() {
     free_nodes_.pop_back();
   } else {
     n = uint32_t(nodes_.size());
+    // Grow by 1/4, not the default doubling: nodes are most of the index's bytes and a
+    // doubled vector idles up to half of them (memory budget per stored token).
+    if (nodes_.size() == nodes_.capacity()) nodes_.reserve(nodes_.size() + nodes_.size() / 4 + 64);
     nodes_.emplace_back();
   }
   Node& x = nodes_[n];

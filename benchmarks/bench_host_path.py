@@ -1,0 +1,333 @@
+"""Host path of the DAS SGLang worker per decode step, at RL scale, without a model forward.
+
+    python benchmarks/bench_host_path.py --json out.json [--png out.png]
+
+What the scheduler thread does for DAS per decode step, timed per step (critical path):
+``DasSession.plan`` (speculate + policy plan + truncation/buckets), the verify layout and
+the tensors the worker hands SGLang (``tree_inputs.build_layout`` + GPU-form mask), the
+feedback (``committed_batch``), and the step's finishes / starts, step boundaries
+(``weights_updated``: window eviction + snapshot) and periodic snapshots.
+
+Scale: ``--problems`` (default 2048) problems x ``--samples`` (16) history rollouts, built
+from the bundled SkyThought AIME24 rollouts (30 problems x 22 checkpoint outputs, cut to
+``--max-tokens``) repeated and perturbed: problem ``j`` is base problem ``j mod 30`` with
+its token ids shifted by a per-problem offset and ``--perturb`` of them replaced at random,
+so no two problems share an index. ``batch`` live requests (spread over the problems)
+replay held-out outputs token by token, accepting what the draft tree matches; a request
+that reaches the end of its text finishes (its text becomes history) and a new one starts.
+Every ``--step-every`` steps the RL step boundary (``weights_updated``) comes; history is
+snapshotted to a temp dir every ``--snapshot-every`` finishes.
+
+Between two steps the engine's own work is modelled, so background work has what it has
+in the real worker: the forward (``--forward-ms``, GIL released: the scheduler thread
+waits on the GPU) and SGLang's per-request result processing (``--engine-us``, a
+GIL-holding Python loop per request). Neither is counted in the step time.
+
+Baseline (``baseline_p50_ms``): the same loop with the host path as it was before this
+benchmark's changes, in the same process: updates inline on the scheduler thread, a
+validating BudgetRow per row, the length predictor rebuilt from scratch after every finish
+(``legacy_length_predictor.py``), snapshots copied and written on the scheduler thread.
+Both sessions are built first (then ``gc.freeze()``: the set-up objects leave the cyclic
+GC, as a server does after warm-up) and run interleaved, one step each in turn, so machine
+load hits both alike; update-thread work still pending at a switch is waited for and
+charged to the current path's next step (what its next plan would have waited).
+
+JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
+"config": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_drafter import load_problems  # noqa: E402
+from legacy_length_predictor import LegacyLengthPredictor  # noqa: E402
+
+from das_sglang.core.policy import BudgetRow  # noqa: E402
+from das_sglang.sglang.options import load_options  # noqa: E402
+from das_sglang.sglang.session import DasSession  # noqa: E402
+from das_sglang.sglang.tree_inputs import build_layout, custom_mask  # noqa: E402
+
+VOCAB = 151_000
+
+
+def make_problems(base, n_problems, samples, perturb, seed):
+    """``n_problems`` perturbed copies of the base problems: (prompt, history, live texts)."""
+    rng = np.random.default_rng(seed)
+    keys = sorted(base)
+    out = {}
+    for j in range(n_problems):
+        prompt, responses = base[keys[j % len(keys)]]
+        shift = (j // len(keys)) * 7919 % VOCAB
+
+        def pert(a):
+            a = (a.astype(np.int64) + shift) % VOCAB
+            hit = rng.random(len(a)) < perturb
+            a[hit] = rng.integers(0, VOCAB, int(hit.sum()))
+            return a.astype(np.int32)
+
+        rot = [responses[(k + j) % len(responses)] for k in range(len(responses))]
+        hist = [pert(r) for r in rot[:samples]]
+        live = [pert(r) for r in rot[samples:]] or [pert(rot[0])]
+        out[f"q{j}"] = (pert(prompt), hist, live)
+    return out
+
+
+class Legacy:
+    """The host path before issue 12, on the same DasSession object."""
+
+    @staticmethod
+    def plan(session, rids, max_nodes):
+        trees = session.drafter.speculate_batch(list(rids), [max_nodes] * len(rids))
+        rows = [BudgetRow(req_id=r, problem_id=session.live[r].problem_id,
+                          generated_len=session.live[r].generated,
+                          max_new_tokens=session.live[r].max_new_tokens, node_probs=t.probs,
+                          prompt_len=session.live[r].prompt_len) for r, t in zip(rids, trees)]
+        plan = session.policy.plan(rows)
+        trees = [t.truncate(min(int(b), max_nodes)) for t, b in zip(trees, plan.budgets)]
+        return trees, max((len(t) for t in trees), default=0)
+
+    @staticmethod
+    def committed_batch(session, rids, proposed, tokens):
+        session.drafter.extend_batch(rids, tokens)
+        for rid, p, t in zip(rids, proposed, tokens):
+            lv = session.live[rid]
+            lv.generated += len(t)
+            session.policy.observe_verify(lv.problem_id, p, len(t) - 1)
+
+
+def engine_gap(rows: int, forward_ms: float, engine_us: float) -> None:
+    """The engine's own work between two DAS calls (not timed)."""
+    time.sleep(forward_ms * 1e-3)  # the GPU forward: the scheduler thread waits, GIL free
+    end = time.perf_counter() + rows * engine_us * 1e-6
+    x = 0
+    while time.perf_counter() < end:  # SGLang's per-request Python: holds the GIL
+        x += 1
+
+
+def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
+    """One configuration as a generator: yields after every step, so the current and the
+    baseline host path can run interleaved step by step (the same machine load for both)."""
+    cfg = {"drafter": {"max_budget": args.max_nodes, "window_steps": args.window},
+           "policy": {"length_window_steps": args.window},
+           "server": {"policy": args.policy, "history_path": str(snap_dir),
+                      "snapshot_interval": args.snapshot_every, "async_updates": not legacy}}
+    session = DasSession(load_options(args.max_nodes + 1, json.dumps(cfg)))
+    if args.async_min_rows is not None:
+        session.ASYNC_MIN_ROWS = args.async_min_rows
+    if legacy:
+        lengths = LegacyLengthPredictor(session.policy.config)
+        session.policy.lengths = lengths
+        session.snapshot.get_history = session.drafter.history  # copy from the index, inline
+    pids = sorted(problems)
+    # History: the samples of every problem, spread over the window's past steps.
+    t0 = time.perf_counter()
+    session.drafter.advance_step(args.window)
+    for n, pid in enumerate(pids):
+        prompt, hist, _ = problems[pid]
+        for k, resp in enumerate(hist):
+            step = 1 + (k + n) % args.window
+            session.drafter.add_history(pid, step, np.concatenate([prompt, resp]))
+            session.policy.lengths.observe_finished(pid, len(resp))
+    session.step = args.window
+    session.policy.advance_step(args.window)
+    build_s = time.perf_counter() - t0
+    stats = session.drafter.stats()
+    rng = np.random.default_rng(args.seed)
+    slots, counter = [None] * batch, [0]
+
+    def start(b):
+        pid = pids[int(rng.integers(len(pids)))]
+        prompt, _, live = problems[pid]
+        text = live[counter[0] % len(live)][: args.live_tokens]
+        rid = f"r{counter[0]}"
+        counter[0] += 1
+        session.start(rid, {"das_problem_id": pid}, prompt.tolist(), [], 1 << 30)
+        slots[b] = [rid, prompt, text, 0]
+
+    for b in range(batch):
+        start(b)
+    plan = Legacy.plan if legacy else DasSession.plan
+    feed = Legacy.committed_batch if legacy else DasSession.committed_batch
+    times, kinds, finishes = [], [], 0
+    carried = 0.0  # update-thread work still pending when the other configuration ran
+    for step in range(args.warmup + args.steps):
+        t_begin = time.perf_counter() - carried
+        kind = "decode"
+        # finishes and starts of this step (the scheduler calls them between forwards)
+        for b, (rid, prompt, text, pos) in enumerate(slots):
+            if pos + 1 >= len(text):
+                session.finished(rid, prompt.tolist(), text[:pos].tolist())
+                finishes += 1
+                kind = "finish"
+                start(b)
+        if step and step % args.step_every == 0:
+            session.weights_updated()
+            kind = "boundary"
+        rids = [s[0] for s in slots]
+        trees, width = plan(session, rids, args.max_nodes)
+        roots = [int(t[p - 1]) if p else int(pr[-1]) for _, pr, t, p in slots]
+        seq_lens = [len(pr) + p for _, pr, _, p in slots]
+        layout = build_layout(roots, trees, seq_lens, width)
+        tensors = [torch.from_numpy(a) for a in (layout.tokens, layout.positions, layout.retrieve_index,
+                                                  layout.next_token, layout.next_sibling)]
+        mask = custom_mask(layout, seq_lens, "cuda", target="cpu")
+        t_mid = time.perf_counter()
+        # Not timed: the forward and what verification accepts (from the recorded text).
+        engine_gap(0, args.forward_ms, 0.0)
+        commits, proposed = [], []
+        for s, tree in zip(slots, trees):
+            text, pos = s[2], s[3]
+            k = tree.accept_length(text[pos: pos + len(tree) + 1].tolist())
+            commits.append(text[pos: pos + k + 1].tolist())
+            proposed.append(len(tree))
+        t_fb = time.perf_counter()
+        feed(session, rids, proposed, commits)
+        t_end = time.perf_counter()
+        for s, c in zip(slots, commits):
+            s[3] += len(c)
+        del tensors, mask
+        engine_gap(batch, 0.0, args.engine_us)
+        if step >= args.warmup:
+            times.append(((t_mid - t_begin) + (t_end - t_fb)) * 1e3)
+            kinds.append(kind)
+        # Before the other configuration's step: what the update thread still has to do
+        # would have delayed this session's next plan, so that wait is charged to it; the
+        # truly background work (length-index rebuild, snapshot write) is let finish
+        # uncharged, so it does not run during the other configuration's timed step.
+        t0 = time.perf_counter()
+        session.sync()
+        carried = time.perf_counter() - t0
+        lengths = session.policy.lengths
+        if hasattr(lengths, "_wait"):
+            lengths._wait()
+        if session.snapshot is not None:
+            session.snapshot.wait()
+        yield
+    session.close()
+    out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats)
+
+
+def summarize(times, kinds):
+    a = np.asarray(times)
+    out = {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+           "max_ms": float(a.max()), "mean_ms": float(a.mean()), "steps": len(a)}
+    for k in ("decode", "finish", "boundary"):
+        sel = [t for t, kk in zip(times, kinds) if kk == k]
+        if sel:
+            out[f"{k}_max_ms"] = float(max(sel))
+            out[f"{k}_steps"] = len(sel)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", required=True, help="write the results here")
+    ap.add_argument("--png", help="also plot per-step host ms here")
+    ap.add_argument("--batches", default="32,128,512")
+    ap.add_argument("--policy", default="length-aware")
+    ap.add_argument("--problems", type=int, default=2048)
+    ap.add_argument("--samples", type=int, default=16, help="history rollouts per problem")
+    ap.add_argument("--max-tokens", type=int, default=768, help="tokens kept per base rollout")
+    ap.add_argument("--live-tokens", type=int, default=256, help="tokens a live request decodes")
+    ap.add_argument("--perturb", type=float, default=0.02, help="share of tokens replaced")
+    ap.add_argument("--window", type=int, default=4, help="history window in steps")
+    ap.add_argument("--max-nodes", type=int, default=16, help="draft nodes per request (N-1)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--step-every", type=int, default=50, help="decode steps per RL step")
+    ap.add_argument("--snapshot-every", type=int, default=256, help="finishes between snapshots")
+    ap.add_argument("--forward-ms", type=float, default=8.0, help="modelled forward (7B, H100)")
+    ap.add_argument("--engine-us", type=float, default=2.0, help="SGLang's own Python per request")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--async-min-rows", type=int, default=None,
+                    help="override DasSession.ASYNC_MIN_ROWS (batches extended on the update thread)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default=None, help="tokenizer cache (default: the package's)")
+    args = ap.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        print(f"error: invalid --batches={args.batches!r}", file=sys.stderr)
+        return 1
+    torch.set_num_threads(1)
+    base = load_problems(30, args.max_tokens, args.cache_dir)
+    problems = make_problems(base, args.problems, args.samples, args.perturb, args.seed)
+    results = {"config": vars(args), "batches": {}}
+    for batch in batches:
+        entry = {}
+        modes = (False,) if args.no_baseline else (False, True)
+        outs = {legacy: {} for legacy in modes}
+        with tempfile.TemporaryDirectory(prefix="das-bench-snap-") as d:
+            gens = [run(problems, batch, args, legacy, Path(d) / str(legacy), outs[legacy]) for legacy in modes]
+            for g in gens:  # build both (and run one untimed warm-up step each)
+                next(g)
+            # The built history is long-lived: freeze it out of the cyclic GC, as a server
+            # does after warm-up, so a full collection over millions of set-up objects does
+            # not land in a random step of either path.
+            gc.collect()
+            gc.freeze()
+            for _ in gens[0]:  # interleaved: one step of each configuration in turn
+                for g in gens[1:]:
+                    next(g, None)
+            for g in gens[1:]:
+                for _ in g:
+                    pass
+        gc.unfreeze()
+        for legacy in modes:
+            o = outs[legacy]
+            times, kinds, fin, build_s, st = o["times"], o["kinds"], o["finishes"], o["build_s"], o["stats"]
+            s = summarize(times, kinds)
+            if legacy:
+                entry["baseline_p50_ms"] = s["p50_ms"]
+                entry["baseline"] = s
+            else:
+                entry.update(s)
+                entry["per_step_ms"] = times
+                entry.update(finishes=fin, history_tokens=st.tokens, history_sequences=st.sequences,
+                             index_bytes_per_token=st.bytes_per_token, build_s=build_s)
+            print(f"batch {batch:4d} {'baseline' if legacy else 'now     '} p50 {s['p50_ms']:.3f} "
+                  f"p99 {s['p99_ms']:.3f} max {s['max_ms']:.3f} ms "
+                  f"(finish max {s.get('finish_max_ms', 0):.2f}, boundary max "
+                  f"{s.get('boundary_max_ms', 0):.2f}); history {st.tokens} tokens", flush=True)
+        results["batches"][str(batch)] = entry
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.png:
+        _plot(results, args.png)
+    return 0
+
+
+def _plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for b, e in results["batches"].items():
+        ax.plot(e["per_step_ms"], label=f"batch {b} (p50 {e['p50_ms']:.2f}, baseline p50 "
+                f"{e.get('baseline_p50_ms', float('nan')):.2f} ms)")
+    ax.axhline(1.0, color="gray", ls=":", lw=1)
+    ax.axhline(5.0, color="red", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("DAS host ms on the scheduler thread")
+    ax.set_title("DAS host path per decode step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

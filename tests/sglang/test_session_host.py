@@ -1,0 +1,145 @@
+"""Issue 12, session side: background updates give the same drafts as inline ones, the
+RL step advances on cache flushes, the history cap evicts statistics too, widths snap to
+buckets, snapshots are written off the scheduler thread."""
+
+import json
+
+import numpy as np
+import pytest
+
+from das_sglang.core.snapshot import load_history
+from das_sglang.sglang.options import GRAPH_BUCKETS, load_options
+from das_sglang.sglang.session import DasSession
+
+
+def _opts(**server):
+    cfg = {"drafter": {"window_steps": 2}, "server": {"policy": "length-aware", **server}}
+    return load_options(9, json.dumps(cfg))
+
+
+def _drive(session, seed=0, steps=60, flush_every=20):
+    """A random decode workload; returns every plan's (tree tokens, width)."""
+    rng = np.random.default_rng(seed)
+    texts = {f"p{i}": rng.integers(0, 6, 80).tolist() for i in range(4)}
+    live, out, n = {}, [], 0
+    for step in range(steps):
+        if step and step % flush_every == 0:
+            session.weights_updated()
+        while len(live) < 6:
+            pid = f"p{n % 4}"
+            session.start(f"r{n}", {"das_problem_id": pid}, [7, 8], [], 60)
+            live[f"r{n}"] = (pid, 0)
+            n += 1
+        rids = sorted(live)
+        trees, width = session.plan(rids, 8)
+        out.append(([t.tokens.tolist() for t in trees], width))
+        commits = []
+        for rid, tree in zip(rids, trees):
+            pid, pos = live[rid]
+            text = texts[pid]
+            k = tree.accept_length(text[pos: pos + len(tree) + 1])
+            commits.append(text[pos: pos + k + 1])
+            live[rid] = (pid, pos + k + 1)
+        session.committed_batch(rids, [len(t) for t in trees], commits)
+        for rid in rids:
+            pid, pos = live[rid]
+            if pos >= 40 + 5 * (int(rid[1:]) % 3):
+                session.finished(rid, [7, 8], texts[pid][:pos])
+                del live[rid]
+    return out
+
+
+def test_background_updates_draft_exactly_like_inline_ones():
+    a = DasSession(_opts(async_updates=True))
+    b = DasSession(_opts(async_updates=False))
+    assert a.drafter.lazy_eviction and not b.drafter.lazy_eviction
+    a.policy.lengths.background = False  # compare drafts and plans with the same predictions
+    a.ASYNC_MIN_ROWS = 1  # every batch's extend on the update thread
+    a.EVICT_CHUNK_S = 0.0  # evictions in the smallest chunks: many plans see them pending
+    assert _drive(a) == _drive(b)
+    a.sync()
+    assert a.drafter.history() .keys() == b.drafter.history().keys()
+    a.close()
+    b.close()
+
+
+def test_cache_flush_advances_untagged_step_not_tagged():
+    s = DasSession(_opts())
+    s.weights_updated()
+    assert s.step == 1 and s.drafter.step == 1
+    s.start("a", {"das_problem_id": "p", "das_step": 5}, [1, 2], [3], 8)
+    s.weights_updated()  # tagged traffic advanced the step since the last flush
+    assert s.step == 5
+    s.weights_updated()
+    assert s.step == 6
+    s.close()
+
+
+def test_untagged_history_slides_and_stats_are_forgotten():
+    s = DasSession(_opts())
+    for step in range(6):
+        rid = f"r{step}"
+        s.start(rid, None, [step + 10, 1, 2], [3], 8)  # untagged: problem = prompt hash
+        s.committed_batch([rid], [0], [[4]])
+        s.policy.observe_verify(s.live[rid].problem_id, 2, 1)
+        s.finished(rid, [step + 10, 1, 2], [3, 4])
+        s.weights_updated()
+    s.sync()
+    # window 2: only the last steps' problems keep history, statistics and lengths
+    assert len(s.drafter.history()) <= 3
+    assert s.policy.acceptance.num_problems <= 3
+    s.close()
+
+
+def test_history_cap_evicts_oldest_and_their_statistics():
+    cfg = {"drafter": {"window_steps": 4, "max_history_tokens": 20}, "server": {"policy": "length-aware"}}
+    s = DasSession(load_options(9, json.dumps(cfg)))
+    for i in range(5):
+        s.start(f"r{i}", {"das_problem_id": f"p{i}"}, [1, 2, 3], [4], 8)
+        s.policy.observe_verify(f"p{i}", 2, 1)
+        s.finished(f"r{i}", [1, 2, 3], [4, 5, 6, 7])  # 7 tokens each
+        s.weights_updated()
+    s.sync()
+    assert s.drafter.history_tokens <= 20
+    kept = set(s.drafter.history())
+    assert kept == {"p3", "p4"}
+    assert set(s.policy.acceptance.problem_ids()) <= kept
+    s.close()
+
+
+@pytest.mark.parametrize("policy", ["length-aware", "fixed", "unlimited", "paper"])
+def test_widths_are_always_in_the_bucket_set(policy):
+    cfg = {"drafter": {"window_steps": 2}, "server": {"policy": policy}}
+    s = DasSession(load_options(13, json.dumps(cfg)))
+    buckets = s.options.policy.buckets(12)
+    assert buckets == tuple(sorted({b for b in GRAPH_BUCKETS if b <= 12} | {12}))
+    widths = {w for _, w in _drive(s, seed=3)}
+    assert widths <= set(buckets) and len(widths) >= 1
+    s.close()
+
+
+def test_snapshot_written_off_thread_is_complete_and_atomic(tmp_path):
+    s = DasSession(_opts(history_path=str(tmp_path), snapshot_interval=2))
+    assert s.snapshot.background
+    _drive(s, steps=40)
+    s.snapshot.wait()
+    history, _ = load_history(tmp_path)  # checksummed: a torn file would raise
+    assert history and all(isinstance(p, str) for p in history)
+    s.close()
+    final, _ = load_history(tmp_path)
+    s2 = DasSession(_opts())
+    assert set(final) == set(history) | set(final)
+    assert not list(tmp_path.glob(".history-*.tmp"))
+    s2.close()
+
+
+def test_bad_feedback_row_raises_at_once_naming_it():
+    s = DasSession(_opts())
+    s.ASYNC_MIN_ROWS = 1
+    s.start("a", {"das_problem_id": "p"}, [1, 2], [3], 8)
+    with pytest.raises(ValueError, match="req_id='a'"):
+        s.committed_batch(["a"], [0], [[-5]])
+    s.committed_batch(["a"], [0], [[4]])  # the session goes on
+    s.sync()
+    assert s.drafter._indices["p"].sequence_tokens(s.drafter._live["a"].seq_id).tolist() == [1, 2, 3, 4]
+    s.close()

@@ -1,0 +1,109 @@
+"""CUDA-graph buckets: LengthAware with uniform widths emits bucket widths only, prices the
+padding (and graph vs eager tiers), and loses little modeled time against free widths."""
+
+import numpy as np
+import pytest
+
+from das_sglang.core.allocation import bucket_charges, lookahead_step_budgets
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.cost_model import CostModel
+from das_sglang.core.datasets import Rollout
+from das_sglang.core.drafter import SuffixDrafter
+from das_sglang.core.policy import LengthAware, PolicyConfig
+from das_sglang.core.replay import Contender, replay
+
+BUCKETS = (0, 1, 2, 4, 8, 16)
+COST = CostModel.preset("h100-7b")
+
+
+class Recording(LengthAware):
+    widths: list
+
+    def plan(self, rows):
+        out = super().plan(rows)
+        self.widths.append(out.width)
+        return out
+
+
+def _rollouts(seed=0, problems=6, per_step=8, length=300):
+    """Siblings are mutated copies of one text per problem, so drafts are partly right."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in range(problems):
+        base = rng.integers(0, 500, length)
+        for step in (0, 1):
+            for k in range(per_step):
+                text = base.copy()
+                hit = rng.random(length) < 0.08
+                text[hit] = rng.integers(0, 500, int(hit.sum()))
+                n = int(length * rng.uniform(0.3, 1.0))
+                out.append(Rollout(f"s{step}-p{p}-{k}", f"p{p}", step, np.array([7, p], np.int32),
+                                   text[:n].astype(np.int32), 4096, False))
+    return out
+
+
+def _contender(buckets, seen):
+    cfg = PolicyConfig(max_budget=16, uniform_width=True, width_buckets=buckets)
+
+    def make():
+        pol = Recording(COST, cfg)
+        pol.widths = seen
+        return pol
+
+    return Contender("das", make, lambda: SuffixDrafter(DrafterConfig(max_budget=16)), max_budget=16)
+
+
+def test_bucketed_replay_widths_and_makespan_within_3_percent():
+    rollouts = _rollouts()
+    seen_b, seen_f = [], []
+    bucketed, free = replay(rollouts, [_contender(BUCKETS, seen_b), _contender(None, seen_f)], COST,
+                            "uniform", decode_steps=[1])
+    assert set(seen_b) <= set(BUCKETS) and max(seen_b) > 0
+    assert bucketed.total("makespan_s") == pytest.approx(free.total("makespan_s"), rel=0.03)
+    if set(seen_f) - set(BUCKETS):  # the free policy did use other widths: buckets bound it
+        assert bucketed.total("makespan_s") >= free.total("makespan_s") * 0.97
+
+
+def test_padding_and_tiers_are_priced():
+    charged, extra = bucket_charges(BUCKETS, 18, COST)
+    assert charged.tolist() == [0, 1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 17]
+    assert not extra.any()  # no tiers: padding only
+    tiers = CostModel(COST.c_base_s, COST.c_tok_s, graph_widths=(0, 4), graph_extra_s=(0.0, 0.0),
+                      eager_widths=(0, 16), eager_extra_s=(0.02, 0.02))
+    # A row that gains a lot from 5+ tokens: free widths would pick 5, buckets pay for 8
+    # (padding) and, with tiers, an eager width pays 20 ms more than the graph width 4.
+    acc = np.concatenate([[0.0], np.linspace(0.9, 6.0, 16)])[None, :]
+    m = np.array([16])
+    args = (np.array([1e5]), (acc, m), np.array([1000.0]))
+    free = lookahead_step_budgets(*args, COST, True, 0.05, None)
+    bucketed = lookahead_step_budgets(*args, COST, True, 0.05, BUCKETS)
+    tiered = lookahead_step_budgets(*args, tiers, True, 0.05, BUCKETS)
+    assert free.width == bucketed.width == 16  # worth it, padding or not
+    assert tiered.width == 4  # 8 and 16 are eager here: 20 ms a forward
+
+
+def test_replay_scores_with_a_table_and_adds_host_time(tmp_path):
+    from das_sglang.cli.replay import _scorer
+    from das_sglang.core.cost_model import CostTable
+
+    rollouts = _rollouts(seed=1, problems=3, per_step=4, length=120)
+    table = CostTable.roofline("h100", "7b")
+    linear, scored, timed = (
+        replay(rollouts, [_contender(BUCKETS, [])], COST, "uniform", decode_steps=[1], score=score,
+               host_time=host)[0]
+        for score, host in ((None, False), (table, False), (table, True)))
+    # same decisions (the policy plans with the linear model either way), other prices
+    assert scored.total("forward_passes") == linear.total("forward_passes")
+    assert scored.total("makespan_s") != pytest.approx(linear.total("makespan_s"), rel=1e-3)
+    assert timed.total("host_s") > 0
+    assert timed.total("makespan_s") == pytest.approx(
+        scored.total("makespan_s") + timed.total("host_s"), rel=0.05)
+    # a measured table (fit_cost_model.py's CSV) scores as written
+    csv = tmp_path / "t.csv"
+    csv.write_text("batch,tokens_per_request,cuda_graph,ms\n1,1,1,5\n100,1,1,15\n1,3,1,6\n100,3,1,25\n")
+    t = _scorer(str(csv), COST)
+    assert t.step_time(50, 0) == pytest.approx(0.005 + 0.010 * 49 / 99)
+    assert t.step_time(50, 1) == pytest.approx((5 + 10 * 49 / 99 + 6 + 19 * 49 / 99) / 2 * 1e-3)
+    assert _scorer("linear", COST) is None and _scorer("table", COST).name.startswith("roofline-table")
+    with pytest.raises(ValueError, match="nope.csv"):
+        _scorer("nope.csv", COST)

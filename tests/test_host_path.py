@@ -1,0 +1,130 @@
+"""Issue 12 host path, core side: threaded batch extend, incremental (columnar) length
+predictor vs the former full-rebuild one, lazy window eviction, the history-token cap."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.drafter import SuffixDrafter
+from das_sglang.core.length_predictor import LengthPredictor
+from das_sglang.core.policy_config import PolicyConfig
+from das_sglang.native import SuffixIndex, extend_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from legacy_length_predictor import LegacyLengthPredictor  # noqa: E402
+
+
+def test_threaded_extend_batch_equals_row_by_row():
+    rng = np.random.default_rng(0)
+    n_idx, rows = 24, 400  # >= 64 rows: split over threads by index
+    a = [SuffixIndex(16) for _ in range(n_idx)]
+    b = [SuffixIndex(16) for _ in range(n_idx)]
+    owner = rng.integers(0, n_idx, rows)
+    for r in range(rows):
+        seed = rng.integers(0, 9, 5).astype(np.int32)
+        a[owner[r]].add_sequence(r, seed, 0)
+        b[owner[r]].add_sequence(r, seed, 0)
+    for _ in range(5):
+        lens = rng.integers(0, 4, rows)
+        flat = rng.integers(0, 9, int(lens.sum())).astype(np.int32)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        extend_batch([a[o] for o in owner], np.arange(rows, dtype=np.int64), flat, offsets)
+        for r in range(rows):
+            b[owner[r]].extend(r, flat[offsets[r]:offsets[r + 1]])
+    for x, y in zip(a, b):
+        x.check_integrity()
+        assert x.num_nodes == y.num_nodes and x.num_tokens == y.num_tokens
+        for q in y.sequence_ids():
+            assert np.array_equal(x.sequence_tokens(q), y.sequence_tokens(q))
+
+
+@pytest.mark.parametrize("thresholds", [None, (100, 1000)])
+def test_columnar_predictor_matches_the_full_rebuild_one(thresholds):
+    cfg = PolicyConfig(length_window_steps=2, class_thresholds=thresholds)
+    new, old = LengthPredictor(cfg), LegacyLengthPredictor(cfg)
+    rng = np.random.default_rng(1)
+    pids = [f"p{i}" for i in range(40)]
+    for step in range(5):
+        for p in (new, old):
+            p.advance_step(step)
+        for _ in range(150):
+            pid, n = pids[int(rng.integers(40))], int(rng.lognormal(6, 1))
+            new.observe_finished(pid, n)
+            old.observe_finished(pid, n)
+        q = [pids[int(i)] for i in rng.integers(0, 40, 64)] + ["unseen"]
+        g = rng.integers(0, 3000, len(q))
+        for a, b in zip(new.predict_many(q, g, [8000] * len(q)), old.predict_many(q, g, [8000] * len(q))):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(new.thresholds(), old.thresholds())
+
+
+def test_background_predictor_reads_the_previous_index_then_catches_up():
+    p = LengthPredictor(PolicyConfig(class_thresholds=(100, 1000)), background=True)
+    p.observe_finished("a", 50)
+    assert p.predict("a", 0, 10_000).length_class == 0  # first index: built inline
+    p.observe_finished("a", 5000)
+    p.observe_finished("a", 6000)
+    p.predict("a", 0, 10_000)  # starts a rebuild, answers from the previous index
+    p.sync()
+    assert p.initial_class("a") == 2  # median 5000: Long, once rebuilt
+
+
+def test_predictor_evicts_problems_and_stays_bounded():
+    p = LengthPredictor(PolicyConfig(length_window_steps=1))
+    for step in range(50):
+        p.advance_step(step)
+        for i in range(100):
+            p.observe_finished(f"s{step}-{i}", 100 + i)
+    assert p.num_lengths == 200 and len(p._pids) == 200  # two steps' problems, no more
+    assert p.evict_problems(["s49-0", "s49-1", "nope"]) == 2
+    assert p.num_lengths == 198 and p.initial_class("s49-0") is None
+
+
+def _drafter(**kw):
+    d = SuffixDrafter(DrafterConfig(window_steps=1, **kw))
+    return d
+
+
+def test_lazy_eviction_ignores_then_removes_out_of_window_history():
+    eager, lazy = _drafter(), _drafter()
+    lazy.lazy_eviction = True
+    for d in (eager, lazy):
+        d.add_history("p", 0, [1, 2, 3, 4])
+        d.advance_step(1)
+        d.add_history("p", 1, [1, 2, 9, 9])
+        d.advance_step(2)  # step 0 leaves the window
+        d.start_request("r", "p", [1, 2])
+    # step 0's rollout still sits in the lazy index, at weight 0: same drafts
+    assert lazy.stats().sequences == eager.stats().sequences + 1
+    assert lazy.speculate("r", 4).tokens.tolist() == eager.speculate("r", 4).tokens.tolist() == [9, 9]
+    assert list(lazy.history()["p"]) == [1] and list(eager.history()["p"]) == [1]
+    assert not lazy.evict_pending(0) and lazy.evict_pending(None)
+    assert lazy.stats().sequences == eager.stats().sequences
+
+
+def test_history_cap_evicts_oldest_step_first():
+    d = SuffixDrafter(DrafterConfig(window_steps=4, max_history_tokens=10))
+    d.add_history("old", 0, [1, 2, 3, 4])
+    d.advance_step(1)
+    d.add_history("a", 1, [5, 6, 7, 8])
+    d.add_history("b", 1, [5, 6, 7, 9])
+    assert d.history_tokens == 12
+    assert d.enforce_cap() == ["old"]
+    assert d.history_tokens == 8 and set(d.history()) == {"a", "b"}
+    assert d.enforce_cap(4) == ["a"] and set(d.history()) == {"b"}
+
+
+def test_lazy_eviction_never_runs_out_of_native_step_slots():
+    from das_sglang.native import MAX_STEPS
+
+    d = _drafter()
+    d.lazy_eviction = True
+    for step in range(20):
+        d.advance_step(step)
+        d.add_history("p", step, [1, 2, 3, step])
+        assert len(set(d._step_seqs)) <= MAX_STEPS
+    assert d.evict_pending(None)
+    assert sorted(d.history()["p"]) == [18, 19]
