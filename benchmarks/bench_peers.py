@@ -43,8 +43,12 @@ Timing: ``p50_us``/``p99_us`` are per request-step: one ``speculate_batch`` (DAS
 ``batch_get`` (NGRAM) call over the group's live members, divided by their number. They are
 host times on this machine, under whatever else runs on it.
 
-Default run: every 3rd SkyThought problem (10 of 30), target steps 7-10, plus the whole verl
-dump (a few minutes on 2 cores). ``--full``: all 30 problems, target steps 1-10.
+Default run: all 30 SkyThought problems, target steps 4-10 (every target has a full 4-step
+window of history), plus the whole verl dump: ~3-4 minutes on 2 cores, most of it NGRAM.
+``--full``: target steps 1-10. The DAS peer drafts with ``min_token_prob=0`` and
+``mix_escape=0.5`` (fixed budget, like NGRAM, which always fills its 16 slots); ``--das
+FIELD=VALUE`` overrides any DrafterConfig field. The parameters were chosen on every 3rd
+problem, steps 7-10 (``--problems-every 3 --steps 7-10``).
 """
 
 from __future__ import annotations
@@ -363,10 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True, help="write results here")
     ap.add_argument("--png", default=None, help="bar chart (default: next to --json)")
-    ap.add_argument("--full", action="store_true", help="all 30 SkyThought problems, target steps 1-10")
+    ap.add_argument("--full", action="store_true", help="SkyThought target steps 1-10 (default 4-10)")
     ap.add_argument("--budget", type=int, default=16)
-    ap.add_argument("--problems-every", type=int, default=3, help="SkyThought: every k-th problem (default run)")
-    ap.add_argument("--steps", default="7-10", help="SkyThought target steps (default run)")
+    ap.add_argument("--problems-every", type=int, default=1, help="SkyThought: every k-th problem")
+    ap.add_argument("--steps", default="4-10", help="SkyThought target steps (without --full)")
     ap.add_argument("--datasets", default="skythought,verl_gsm8k")
     ap.add_argument("--skip", default="", help="comma list of peers to skip (sglang_ngram, arctic)")
     ap.add_argument("--das", action="append", default=[], metavar="FIELD=VALUE",
@@ -380,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    overrides: dict = {"max_budget": args.budget}
+    # Fixed budget for every peer (NGRAM always fills its 16 slots): no min_token_prob cut;
+    # escape 0.5 discounts continuations seen under little weight (see DrafterConfig).
+    overrides: dict = {"max_budget": args.budget, "min_token_prob": 0.0, "mix_escape": 0.5}
     for item in args.das:
         key, eq, val = item.partition("=")
         if not eq or key not in DrafterConfig.field_names():
@@ -410,8 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             a, _, b = args.steps.partition("-")
             steps = set(range(int(a), int(b or a) + 1))
-            keep_p = set(pids[:: args.problems_every])
-            rollouts = [r for r in rollouts if r.problem_id in keep_p]
+        keep_p = set(pids[:: max(1, args.problems_every)])
+        rollouts = [r for r in rollouts if r.problem_id in keep_p]
         log(f"skythought: {len({r.problem_id for r in rollouts})} problems, target steps {sorted(steps)}")
         runs = run_dataset(peers, rollouts, steps, cfg.window_steps, args.budget, log)
         out["datasets"]["skythought"] = {

@@ -150,7 +150,8 @@ class ReferenceIndex:
         Virtual tree: a node is a token path below the root; P_a(path) = product over the
         path of W(child) / (C(parent) + escape) walking a's subtree (0 once it leaves it);
         prob(path) = sum over anchors, in anchor order, of lambda_a * P_a(path). Best first
-        with the same tie-breaks as ``_tree``; nodes below min_prob are never proposed."""
+        with the same tie-breaks as ``_tree``; nodes below min_prob are never proposed. An
+        anchor whose term is below 1/64 of a node's prob is not followed below that node."""
         alpha, escape, min_match, max_fanout = mix
         anchors = []  # [node, C, raw]
         for m in range(longest, max(1, min_match) - 1, -1):
@@ -175,7 +176,7 @@ class ReferenceIndex:
         heap: list = []
         tie = 0
 
-        def push(states, parent):
+        def push(states, parent, parent_prob):
             nonlocal tie
             entries = []  # (token, anchor, child node, P_a)
             for a, node, pa in states:
@@ -189,20 +190,22 @@ class ReferenceIndex:
                 while z < len(entries) and entries[z][0] == entries[k][0]:
                     prob += lam[entries[z][1]] * entries[z][3]
                     z += 1
+                prob = min(prob, parent_prob)  # exact in reals; keeps rounding from exceeding it
                 if prob >= min_prob:
-                    child_states = [(e[1], e[2], e[3]) for e in entries[k:z]]
+                    # an anchor adding < 1/64 of the node's prob is not followed below it
+                    child_states = [(e[1], e[2], e[3]) for e in entries[k:z] if lam[e[1]] * e[3] >= prob / 64]
                     heapq.heappush(heap, (-prob, entries[k][0], parent, tie, child_states))
                     tie += 1
                 k = z
 
         tokens, parents, probs = [], [], []
-        push([(a, anchors[a][0], 1.0) for a in range(len(anchors))], -1)
+        push([(a, anchors[a][0], 1.0) for a in range(len(anchors))], -1, 1.0)
         while heap and len(tokens) < budget:
             neg_q, t, parent, _, states = heapq.heappop(heap)
             tokens.append(t)
             parents.append(parent)
             probs.append(-neg_q)
-            push(states, len(tokens) - 1)
+            push(states, len(tokens) - 1, -neg_q)
         return tokens, parents, probs
 
     def _chain(self, start, budget, min_prob, w):

@@ -691,6 +691,7 @@ bool SuffixIndex::add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m
 }
 
 namespace {
+constexpr double kMixPrune = 1.0 / 64;  // dyadic: the oracle's comparison is bit-identical
 struct MixState {  // one anchor's position below a virtual node
   uint32_t node, off;
   int32_t anchor;
@@ -701,6 +702,7 @@ struct MixCand {
   int32_t token;
   int32_t parent;
   uint32_t begin, end;  // its states in the pool
+  int32_t depth;        // of this node (root children: 1)
 };
 struct MixWorse {
   bool operator()(const MixCand& a, const MixCand& b) const {
@@ -733,11 +735,12 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
   double total = 0.0;
   for (const Anchor& a : anchors) total += a.raw;
   for (const Anchor& a : anchors) lambda.push_back(a.raw / total);
-  const double esc = p.mix_escape;
   MixWorse worse;
   // Children of the virtual node whose states are pool[begin, end): merged by token.
-  auto push_children = [&](uint32_t begin, uint32_t end, int32_t parent) {
+  // Mathematically prob <= parent_prob <= 1; clamped so rounding of the sum never breaks it.
+  auto push_children = [&](uint32_t begin, uint32_t end, int32_t parent, double parent_prob, int32_t depth) {
     tmp.clear();
+    const double esc = p.mix_escape;
     for (uint32_t i = begin; i < end; ++i) {
       const MixState s = pool[i];
       const Node& x = nodes_[s.node];
@@ -760,10 +763,15 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
       size_t z = k;
       double prob = 0.0;
       for (; z < tmp.size() && tmp[z].token == tmp[k].token; ++z) prob += lambda[tmp[z].anchor] * tmp[z].pa;
+      prob = std::min(prob, parent_prob);
       if (prob >= p.min_prob) {
         const uint32_t b = uint32_t(pool.size());
-        for (size_t j = k; j < z; ++j) pool.push_back({tmp[j].node, tmp[j].off, tmp[j].anchor, tmp[j].pa});
-        heap.push_back({prob, tmp[k].token, parent, b, uint32_t(pool.size())});
+        // An anchor adding less than kMixPrune of the node's prob is not followed further
+        // (its share below is at most that small too): bounds the states per node.
+        for (size_t j = k; j < z; ++j)
+          if (lambda[tmp[j].anchor] * tmp[j].pa >= prob * kMixPrune)
+            pool.push_back({tmp[j].node, tmp[j].off, tmp[j].anchor, tmp[j].pa});
+        heap.push_back({prob, tmp[k].token, parent, b, uint32_t(pool.size()), depth + 1});
         std::push_heap(heap.begin(), heap.end(), worse);
       }
       k = z;
@@ -771,7 +779,7 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
   };
   for (size_t a = 0; a < anchors.size(); ++a)
     pool.push_back({anchors[a].pos.node, anchors[a].pos.off, int32_t(a), 1.0});
-  push_children(0, uint32_t(pool.size()), -1);
+  push_children(0, uint32_t(pool.size()), -1, 1.0, 0);
   while (!heap.empty() && int(out.tokens.size()) < p.budget) {
     std::pop_heap(heap.begin(), heap.end(), worse);
     const MixCand c = heap.back();
@@ -780,7 +788,7 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
     out.tokens.push_back(c.token);
     out.parents.push_back(c.parent);
     out.probs.push_back(c.prob);
-    if (int(out.tokens.size()) < p.budget) push_children(c.begin, c.end, idx);
+    if (int(out.tokens.size()) < p.budget) push_children(c.begin, c.end, idx, c.prob, c.depth);
   }
 }
 
