@@ -11,8 +11,9 @@ Peers (each used as a library, never copied):
   server defaults (BFS match, trie depth 18, BFS breadth 1..10) and
   ``speculative_num_draft_tokens = 17`` = the verified root token + 16 drafts;
 - ``arctic``: ArcticInference's suffix cache (``arctic_inference.suffix_decoding``), when the
-  ``arctic-inference`` package is installed (optional ``bench`` extra, built from its source
-  release with ``--no-deps``); otherwise skipped with the reason in the JSON.
+  ``arctic-inference`` package is installed (optional: ``scripts/install_bench_peers.sh`` builds
+  its source release with ``--no-deps``); otherwise skipped with the reason in the JSON. Tree
+  speculation, its default ``max_spec_factor`` (1.0) and ``min_token_prob`` (0.1).
 
 Simulation (greedy acceptance against the recorded text). Targets are decoded in groups: a
 group is the rollouts of one problem in one training step (SkyThought: one rollout per
@@ -43,9 +44,9 @@ Timing: ``p50_us``/``p99_us`` are per request-step: one ``speculate_batch`` (DAS
 ``batch_get`` (NGRAM) call over the group's live members, divided by their number. They are
 host times on this machine, under whatever else runs on it.
 
-Default run: all 30 SkyThought problems, target steps 4-10 (every target has a full 4-step
-window of history), plus the whole verl dump: ~3-4 minutes on 2 cores, most of it NGRAM.
-``--full``: target steps 1-10. The DAS peer drafts with ``min_token_prob=0`` and
+Default run: all 30 SkyThought problems, target steps 7-10 (every target has a full 4-step
+window of history), plus the whole verl dump: ~4 minutes on 2 cores, most of it NGRAM's trie
+inserts. ``--full``: target steps 1-10 (~10 minutes). The DAS peer drafts with ``min_token_prob=0`` and
 ``mix_escape=0.5`` (fixed budget, like NGRAM, which always fills its 16 slots); ``--das
 FIELD=VALUE`` overrides any DrafterConfig field. The parameters were chosen on every 3rd
 problem, steps 7-10 (``--problems-every 3 --steps 7-10``).
@@ -202,6 +203,7 @@ class ArcticPeer(Peer):
     def propose(self, rids, budget):
         out = []
         for r in rids:
+            # Arctic's own defaults otherwise (max_spec_factor 1.0, min_token_prob 0.1).
             d = self.cache.speculate(r, self._ctx[r][-64:], max_spec_tokens=budget, use_tree_spec=True)
             out.append(DraftTree(np.asarray(d.token_ids, np.int32), np.asarray(d.parents, np.int32),
                                  np.asarray(d.probs, np.float64)))
@@ -355,10 +357,11 @@ def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log) -> tuple[li
     if "arctic" not in skip:
         try:
             peers.append(ArcticPeer(budget))
-            status["arctic"] = {"available": True}
+            status["arctic"] = {"available": True, "max_tree_depth": 64, "use_tree_spec": True,
+                                "max_spec_factor": 1.0, "min_token_prob": 0.1}
         except Exception as e:  # noqa: BLE001
-            log(f"skipping arctic (install the optional 'bench' extra: pip install --no-deps "
-                f"arctic-inference==0.3.0, needs a C++ toolchain): {type(e).__name__}: {e}")
+            log(f"skipping arctic (optional: scripts/install_bench_peers.sh builds arctic-inference "
+                f"0.3.0 from source, --no-deps, needs cmake + a C++ toolchain): {type(e).__name__}: {e}")
             status["arctic"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
     return peers, status
 
@@ -367,10 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True, help="write results here")
     ap.add_argument("--png", default=None, help="bar chart (default: next to --json)")
-    ap.add_argument("--full", action="store_true", help="SkyThought target steps 1-10 (default 4-10)")
+    ap.add_argument("--full", action="store_true", help="SkyThought target steps 1-10 (default 7-10)")
     ap.add_argument("--budget", type=int, default=16)
     ap.add_argument("--problems-every", type=int, default=1, help="SkyThought: every k-th problem")
-    ap.add_argument("--steps", default="4-10", help="SkyThought target steps (without --full)")
+    ap.add_argument("--steps", default="7-10", help="SkyThought target steps (without --full)")
     ap.add_argument("--datasets", default="skythought,verl_gsm8k")
     ap.add_argument("--skip", default="", help="comma list of peers to skip (sglang_ngram, arctic)")
     ap.add_argument("--das", action="append", default=[], metavar="FIELD=VALUE",

@@ -702,7 +702,6 @@ struct MixCand {
   int32_t token;
   int32_t parent;
   uint32_t begin, end;  // its states in the pool
-  int32_t depth;        // of this node (root children: 1)
 };
 struct MixWorse {
   bool operator()(const MixCand& a, const MixCand& b) const {
@@ -738,7 +737,7 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
   MixWorse worse;
   // Children of the virtual node whose states are pool[begin, end): merged by token.
   // Mathematically prob <= parent_prob <= 1; clamped so rounding of the sum never breaks it.
-  auto push_children = [&](uint32_t begin, uint32_t end, int32_t parent, double parent_prob, int32_t depth) {
+  auto push_children = [&](uint32_t begin, uint32_t end, int32_t parent, double parent_prob) {
     tmp.clear();
     const double esc = p.mix_escape;
     for (uint32_t i = begin; i < end; ++i) {
@@ -771,7 +770,7 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
         for (size_t j = k; j < z; ++j)
           if (lambda[tmp[j].anchor] * tmp[j].pa >= prob * kMixPrune)
             pool.push_back({tmp[j].node, tmp[j].off, tmp[j].anchor, tmp[j].pa});
-        heap.push_back({prob, tmp[k].token, parent, b, uint32_t(pool.size()), depth + 1});
+        heap.push_back({prob, tmp[k].token, parent, b, uint32_t(pool.size())});
         std::push_heap(heap.begin(), heap.end(), worse);
       }
       k = z;
@@ -779,7 +778,7 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
   };
   for (size_t a = 0; a < anchors.size(); ++a)
     pool.push_back({anchors[a].pos.node, anchors[a].pos.off, int32_t(a), 1.0});
-  push_children(0, uint32_t(pool.size()), -1, 1.0, 0);
+  push_children(0, uint32_t(pool.size()), -1, 1.0);
   while (!heap.empty() && int(out.tokens.size()) < p.budget) {
     std::pop_heap(heap.begin(), heap.end(), worse);
     const MixCand c = heap.back();
@@ -788,7 +787,7 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
     out.tokens.push_back(c.token);
     out.parents.push_back(c.parent);
     out.probs.push_back(c.prob);
-    if (int(out.tokens.size()) < p.budget) push_children(c.begin, c.end, idx, c.prob, c.depth);
+    if (int(out.tokens.size()) < p.budget) push_children(c.begin, c.end, idx, c.prob);
   }
 }
 
