@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -305,8 +306,9 @@ def summarize(run: PeerRun, keep) -> dict:
         "p50_us": round(float(np.percentile(us, 50)), 2),
         "p99_us": round(float(np.percentile(us, 99)), 2),
         "mean_us": round(float(us.mean()), 2),
-        "per_target": [{"req_id": t.req_id, "tokens": t.tokens, "steps": t.steps,
-                        "tokens_per_step": round(t.tokens_per_step, 4)} for t in ts],
+        "per_target": {"req_id": [t.req_id for t in ts], "tokens": [t.tokens for t in ts],
+                       "steps": [t.steps for t in ts],
+                       "tokens_per_step": [round(t.tokens_per_step, 4) for t in ts]},
     }
 
 
@@ -331,8 +333,8 @@ def slice_report(runs: dict[str, PeerRun], keep) -> dict:
     if "das" in out and "sglang_ngram" in out:
         d, g = out["das"], out["sglang_ngram"]
         out["das_vs_sglang_ngram"] = round(d["tokens_per_step"] / max(g["tokens_per_step"], 1e-9), 4)
-        pairs = zip(d["per_target"], g["per_target"])
-        out["das_wins_targets"] = sum(a["tokens_per_step"] > b["tokens_per_step"] for a, b in pairs)
+        pairs = zip(d["per_target"]["tokens_per_step"], g["per_target"]["tokens_per_step"])
+        out["das_wins_targets"] = sum(a > b for a, b in pairs)
     return out
 
 
@@ -438,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
+    tmp.write_text(compact_json(out))
     tmp.replace(path)
     for dname, slices in out["datasets"].items():
         for sname, sl in slices.items():
@@ -449,6 +451,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{dname}/{sname} [{sl['das']['targets']} targets]: {row}")
     plot(out, Path(args.png) if args.png else path.with_suffix(".png"))
     return 0
+
+
+def compact_json(out: dict) -> str:
+    """Indented JSON with every list of numbers / ids on one line (per-target columns)."""
+    text = json.dumps(out, indent=1)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
 def plot(out: dict, png: Path) -> None:
