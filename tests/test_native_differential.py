@@ -112,6 +112,17 @@ def draft_args():
         st.dictionaries(st.sampled_from(STEPS), st.sampled_from(WEIGHTS), max_size=4),
         st.booleans(),  # chain
         st.integers(0, 8),  # max_match_len
+        mixes(),
+    )
+
+
+def mixes():
+    """None (longest match only) or a wide-tree mix (alpha, escape, min_match, max_fanout);
+    integer alphas and dyadic escapes keep both sides' sums bit-identical."""
+    return st.one_of(
+        st.none(),
+        st.tuples(st.sampled_from([0.0, 1.0, 2.0, 4.0]), st.sampled_from([0.0, 0.5, 1.0]),
+                  st.integers(1, 3), st.sampled_from([1, 2, 3, 64])),
     )
 
 
@@ -170,6 +181,8 @@ def seeded_ops(rng: random.Random, n: int, alphabet: int):
             {s: rng.choice(WEIGHTS) for s in rng.sample(STEPS, rng.randrange(0, 5))},
             rng.random() < 0.3,
             rng.randrange(0, 9),
+            None if rng.random() < 0.4 else (rng.choice([0.0, 1.0, 2.0, 4.0]), rng.choice([0.0, 0.5, 1.0]),
+                                             rng.randrange(1, 4), rng.choice([1, 2, 3, 64])),
         )
         # As many adds as removes: the index size does a random walk instead of growing,
         # so the per-mutation integrity check stays cheap over long streams.

@@ -36,6 +36,15 @@ class DrafterConfig:
                    Default 80M tokens: ~10.4 GB of index at the ~130 B per stored token
                    the native index takes, leaving room for live requests, the predictor
                    and snapshots within a 16 GB host budget. 0 = no cap.
+    mixture        wide tree (docs/design.md "Wide tree"): merge the continuations of every
+                   context suffix length from the longest match down to ``mix_min_match``,
+                   each weighted by ``m ** mix_alpha``; False drafts below the longest match only.
+    mix_alpha      how much more a longer match counts (raw anchor weight ``m ** mix_alpha``).
+    mix_escape     pseudo-weight of "an unseen token comes next" at every node: a continuation
+                   seen under little weight gets a lower acceptance estimate.
+    mix_min_match  shortest context suffix whose continuations are merged.
+    mix_max_fanout stop merging (towards shorter matches) at a match with more distinct
+                   continuations than this (bounds the per-step cost).
     """
 
     window_steps: int = 4
@@ -47,6 +56,11 @@ class DrafterConfig:
     tree: bool = True
     global_shard: bool = False
     max_history_tokens: int = 80_000_000
+    mixture: bool = True
+    mix_alpha: float = 4.0
+    mix_escape: float = 0.0
+    mix_min_match: int = 1
+    mix_max_fanout: int = 64
 
     def __post_init__(self) -> None:
         from das_sglang.native import MAX_STEPS  # step slots of the native index
@@ -75,6 +89,10 @@ class DrafterConfig:
             self.min_token_prob,
             "must be in [0, 1]",
         )
+        check_field(0.0 <= self.mix_alpha <= 16.0, "mix_alpha", self.mix_alpha, "must be in [0, 16]")
+        check_field(self.mix_escape >= 0.0, "mix_escape", self.mix_escape, "must be >= 0")
+        check_field(self.mix_min_match >= 1, "mix_min_match", self.mix_min_match, "must be >= 1")
+        check_field(self.mix_max_fanout >= 1, "mix_max_fanout", self.mix_max_fanout, "must be >= 1")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

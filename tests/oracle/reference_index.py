@@ -86,8 +86,11 @@ class ReferenceIndex:
     def _weight(node: _Node, step_weights: dict[int, float]) -> float:
         return sum(step_weights.get(s, 0.0) * c for s, c in sorted(node.counts.items()))
 
-    def draft(self, context, budget, min_prob, step_weights, chain, max_match_len):
+    def draft(self, context, budget, min_prob, step_weights, chain, max_match_len, mix=None):
         """Returns (tokens, parents, probs, match_len) as lists.
+
+        ``mix=(alpha, escape, min_match, max_fanout)`` (tree drafts only) merges several match
+        lengths, see ``_mixture``.
 
         Match: the longest suffix of ``context`` (<= max_match_len, < max_depth) present
         with at least one continuation. Expansion: conditional prob = W(child) / sum of W
@@ -104,6 +107,8 @@ class ReferenceIndex:
                 break
         else:
             return [], [], [], 0
+        if mix is not None and not chain:
+            return (*self._mixture(context, m, budget, min_prob, step_weights, mix), m)
         expand = self._chain if chain else self._tree
         tokens, parents, probs = expand(node, budget, min_prob, step_weights)
         return tokens, parents, probs, m
@@ -136,6 +141,73 @@ class ReferenceIndex:
             push(c, -neg_q, len(tokens) - 1)
         return tokens, parents, probs
 
+    def _mixture(self, context, longest, budget, min_prob, w, mix):
+        """Wide tree. Anchors: the match nodes of context suffixes m = longest .. min_match
+        (stop at the first with more than max_fanout children). An anchor's continuation
+        weight C = sum of its children's W; anchors with C = 0 are skipped; an anchor whose C
+        equals the previous (longer) kept anchor's replaces it (same occurrences continue),
+        adding its raw weight m ** alpha to it. lambda = raw / sum(raw).
+        Virtual tree: a node is a token path below the root; P_a(path) = product over the
+        path of W(child) / (C(parent) + escape) walking a's subtree (0 once it leaves it);
+        prob(path) = sum over anchors, in anchor order, of lambda_a * P_a(path). Best first
+        with the same tie-breaks as ``_tree``; nodes below min_prob are never proposed. An
+        anchor whose term is below 1/64 of a node's prob is not followed below that node."""
+        alpha, escape, min_match, max_fanout = mix
+        anchors = []  # [node, C, raw]
+        for m in range(longest, max(1, min_match) - 1, -1):
+            node = self._find(context[len(context) - m :])
+            if len(node.children) > max_fanout:
+                break
+            _, c = self._weighted_children(node, w)
+            if c <= 0.0:
+                continue
+            raw = float(m) ** alpha
+            if anchors and anchors[-1][1] == c:
+                anchors[-1][0] = node
+                anchors[-1][2] += raw
+            else:
+                anchors.append([node, c, raw])
+        if not anchors or budget <= 0:
+            return [], [], []
+        total = 0.0
+        for a in anchors:
+            total += a[2]
+        lam = [a[2] / total for a in anchors]
+        heap: list = []
+        tie = 0
+
+        def push(states, parent, parent_prob):
+            nonlocal tie
+            entries = []  # (token, anchor, child node, P_a)
+            for a, node, pa in states:
+                kids, csum = self._weighted_children(node, w)
+                for t, c, x in kids:
+                    entries.append((t, a, c, pa * (x / (csum + escape))))
+            entries.sort(key=lambda e: (e[0], e[1]))
+            k = 0
+            while k < len(entries):
+                z, prob = k, 0.0
+                while z < len(entries) and entries[z][0] == entries[k][0]:
+                    prob += lam[entries[z][1]] * entries[z][3]
+                    z += 1
+                prob = min(prob, parent_prob)  # exact in reals; keeps rounding from exceeding it
+                if prob >= min_prob:
+                    # an anchor adding < 1/64 of the node's prob is not followed below it
+                    child_states = [(e[1], e[2], e[3]) for e in entries[k:z] if lam[e[1]] * e[3] >= prob / 64]
+                    heapq.heappush(heap, (-prob, entries[k][0], parent, tie, child_states))
+                    tie += 1
+                k = z
+
+        tokens, parents, probs = [], [], []
+        push([(a, anchors[a][0], 1.0) for a in range(len(anchors))], -1, 1.0)
+        while heap and len(tokens) < budget:
+            neg_q, t, parent, _, states = heapq.heappop(heap)
+            tokens.append(t)
+            parents.append(parent)
+            probs.append(-neg_q)
+            push(states, len(tokens) - 1, -neg_q)
+        return tokens, parents, probs
+
     def _chain(self, start, budget, min_prob, w):
         tokens, parents, probs = [], [], []
         node, prob = start, 1.0
@@ -153,8 +225,8 @@ class ReferenceIndex:
             node = c
         return tokens, parents, probs
 
-    def draft_for_sequence(self, seq_id, budget, min_prob, step_weights, chain, max_match_len):
-        return self.draft(self.seqs[seq_id][0], budget, min_prob, step_weights, chain, max_match_len)
+    def draft_for_sequence(self, seq_id, budget, min_prob, step_weights, chain, max_match_len, mix=None):
+        return self.draft(self.seqs[seq_id][0], budget, min_prob, step_weights, chain, max_match_len, mix)
 
     # -------------------------------------------------------------- introspection
 

@@ -70,6 +70,23 @@ DraftParams params(const SuffixIndex& idx, int budget, double min_prob, nb::dict
   return p;
 }
 
+// mix = None (longest match only) or (alpha, escape, min_match, max_fanout): DraftParams.
+void set_mix(DraftParams& p, nb::handle mix) {
+  if (mix.is_none()) return;
+  if (!nb::isinstance<nb::tuple>(mix) || nb::len(mix) != 4)
+    throw nb::value_error(("invalid mix: expected None or (alpha, escape, min_match, max_fanout), got " +
+                           describe(mix)).c_str());
+  nb::tuple t = nb::borrow<nb::tuple>(mix);
+  p.mixture = true;
+  p.mix_alpha = nb::cast<double>(t[0]);
+  p.mix_escape = nb::cast<double>(t[1]);
+  p.mix_min_match = nb::cast<int>(t[2]);
+  p.mix_max_fanout = nb::cast<int>(t[3]);
+  if (!(p.mix_escape >= 0.0) || !(p.mix_alpha >= 0.0 && p.mix_alpha <= 16.0))
+    throw nb::value_error(("invalid mix=(alpha=" + std::to_string(p.mix_alpha) + ", escape=" +
+                           std::to_string(p.mix_escape) + ", ...): need 0 <= alpha <= 16, escape >= 0").c_str());
+}
+
 nb::tuple draft_tuple(const Draft& d) {
   return nb::make_tuple(to_numpy(d.tokens), to_numpy(d.parents), to_numpy(d.probs), d.match_len);
 }
@@ -77,7 +94,7 @@ nb::tuple draft_tuple(const Draft& d) {
 // One call per decode batch: rows (index, seq_id, budget) -> concatenated trees + offsets.
 nb::tuple draft_batch(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_h,
                       double min_prob, nb::handle steps_h, nb::handle weights_h, bool chain,
-                      int max_match_len) {
+                      int max_match_len, nb::handle mix) {
   I64 seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
   auto budgets = as_array<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
       budgets_h, "budgets", "int32");
@@ -106,9 +123,10 @@ nb::tuple draft_batch(nb::list indices, nb::handle seq_ids_h, nb::handle budgets
   Draft all, one;
   std::vector<int64_t> offsets(n + 1, 0);
   std::vector<int32_t> match(n, 0);
+  DraftParams p;
+  set_mix(p, mix);
   {
     nb::gil_scoped_release release;
-    DraftParams p;
     p.min_prob = min_prob;
     p.chain = chain;
     p.max_match_len = max_match_len;
@@ -241,26 +259,28 @@ NB_MODULE(_suffix, m) {
       .def(
           "draft",
           [](const SuffixIndex& s, nb::handle ctx, int budget, double min_prob,
-             nb::dict step_weights, bool chain, int max_match_len) {
+             nb::dict step_weights, bool chain, int max_match_len, nb::handle mix) {
             Tokens t = tokens_arg(ctx, "context");
             DraftParams p = params(s, budget, min_prob, step_weights, chain, max_match_len);
+            set_mix(p, mix);
             Draft d;
             s.draft(t.data(), t.shape(0), p, d);
             return draft_tuple(d);
           },
           nb::arg("context"), nb::arg("budget"), nb::arg("min_prob"), nb::arg("step_weights"),
-          nb::arg("chain"), nb::arg("max_match_len"))
+          nb::arg("chain"), nb::arg("max_match_len"), nb::arg("mix") = nb::none())
       .def(
           "draft_for_sequence",
           [](const SuffixIndex& s, int64_t seq_id, int budget, double min_prob,
-             nb::dict step_weights, bool chain, int max_match_len) {
+             nb::dict step_weights, bool chain, int max_match_len, nb::handle mix) {
             DraftParams p = params(s, budget, min_prob, step_weights, chain, max_match_len);
+            set_mix(p, mix);
             Draft d;
             s.draft_for_sequence(seq_id, p, d);
             return draft_tuple(d);
           },
           nb::arg("seq_id"), nb::arg("budget"), nb::arg("min_prob"), nb::arg("step_weights"),
-          nb::arg("chain"), nb::arg("max_match_len"))
+          nb::arg("chain"), nb::arg("max_match_len"), nb::arg("mix") = nb::none())
       .def_prop_ro("num_nodes", &SuffixIndex::num_nodes)
       .def_prop_ro("num_sequences", &SuffixIndex::num_sequences)
       .def_prop_ro("num_tokens", &SuffixIndex::num_tokens)
@@ -277,7 +297,7 @@ NB_MODULE(_suffix, m) {
           nb::arg("seq_id"));
   m.def("draft_batch", &draft_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("budgets"),
         nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
-        nb::arg("max_match_len"),
+        nb::arg("max_match_len"), nb::arg("mix") = nb::none(),
         "Draft for many (index, seq_id, budget) rows in one call; returns (tokens, parents, "
         "probs, offsets int64[n+1], match_lens int32[n]).");
   m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),

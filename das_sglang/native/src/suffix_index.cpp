@@ -2,6 +2,7 @@
 #include "suffix_index.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cassert>
 #include <cstring>
 #include <queue>
@@ -547,6 +548,17 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
   Pos pos;
   out.match_len = longest_match(ctx, n, p.max_match_len, pos);
   if (out.match_len == 0) return;
+  if (p.mixture && !p.chain) {
+    thread_local std::vector<Anchor> anchors;
+    anchors.clear();
+    for (int m = out.match_len; m >= std::max(1, p.mix_min_match); --m) {
+      Pos at;
+      if (!walk(ctx + n - m, size_t(m), at)) break;  // cannot happen: shorter suffixes exist
+      if (!add_anchor(anchors, at, m, p)) break;
+    }
+    expand_mixture(anchors, p, out);
+    return;
+  }
   if (p.chain)
     expand_chain(pos, p, out);
   else
@@ -574,6 +586,16 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
   }
   if (lo == 0) return;
   out.match_len = lo;
+  if (p.mixture && !p.chain) {
+    thread_local std::vector<Anchor> anchors;
+    anchors.clear();
+    for (int m = lo; m >= std::max(1, p.mix_min_match); --m) {
+      const uint32_t c = st.cursors[(L - uint32_t(m)) % D];
+      if (!add_anchor(anchors, Pos{c, nodes_[c].label_len}, m, p)) break;
+    }
+    expand_mixture(anchors, p, out);
+    return;
+  }
   const uint32_t c = st.cursors[(L - uint32_t(lo)) % D];
   const Pos pos{c, nodes_[c].label_len};
   if (p.chain)
@@ -639,6 +661,136 @@ void SuffixIndex::expand(const Pos& start, const DraftParams& p, Draft& out) con
     out.parents.push_back(c.parent);
     out.probs.push_back(c.prob);
     push_children(Pos{c.node, c.off}, c.prob, idx);
+  }
+}
+
+double SuffixIndex::continuation_weight(const Pos& pos, const double* w) const {
+  const Node& x = nodes_[pos.node];
+  if (pos.off < x.label_len) return weight_of(x, w);
+  double sum = 0.0;
+  for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling) sum += weight_of(nodes_[c], w);
+  return sum;
+}
+
+// Anchors come longest first. Returns false when this and every shorter match must be
+// skipped (too many continuations: scanning them would cost more than they add).
+bool SuffixIndex::add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m,
+                             const DraftParams& p) const {
+  const Node& x = nodes_[pos.node];
+  const uint32_t fanout = pos.off < x.label_len ? 1u : x.fanout;
+  if (fanout > uint32_t(std::max(0, p.mix_max_fanout))) return false;
+  const double cont = continuation_weight(pos, p.slot_weight);
+  if (cont <= 0.0) return true;  // nothing weighted here (continuation weight only grows as m shrinks)
+  const double raw = std::pow(double(m), p.mix_alpha);
+  if (!anchors.empty() && anchors.back().cont == cont) {
+    // Same weight => the same occurrences continue: keep the shorter (deeper-reaching) match.
+    anchors.back().pos = pos;
+    anchors.back().raw += raw;
+    anchors.back().m = m;
+    return true;
+  }
+  anchors.push_back({pos, cont, raw, m});
+  return true;
+}
+
+namespace {
+constexpr double kMixPrune = 1.0 / 64;  // dyadic: the oracle's comparison is bit-identical
+struct MixState {  // one anchor's position below a virtual node
+  uint32_t node, off;
+  int32_t anchor;
+  double pa;  // P_anchor(path)
+};
+struct MixCand {
+  double prob;
+  int32_t token;
+  int32_t parent;
+  uint32_t begin, end;  // its states in the pool
+};
+struct MixWorse {
+  bool operator()(const MixCand& a, const MixCand& b) const {
+    if (a.prob != b.prob) return a.prob < b.prob;
+    if (a.token != b.token) return a.token > b.token;
+    return a.parent > b.parent;
+  }
+};
+struct MixEntry {
+  int32_t token;
+  int32_t anchor;
+  uint32_t node, off;
+  double pa;
+  bool operator<(const MixEntry& o) const {
+    return token != o.token ? token < o.token : anchor < o.anchor;
+  }
+};
+}  // namespace
+
+void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const DraftParams& p,
+                                 Draft& out) const {
+  if (anchors.empty() || p.budget <= 0) return;
+  thread_local std::vector<MixState> pool;
+  thread_local std::vector<MixCand> heap;
+  thread_local std::vector<MixEntry> tmp;
+  thread_local std::vector<double> lambda;
+  pool.clear();
+  heap.clear();
+  lambda.clear();
+  double total = 0.0;
+  for (const Anchor& a : anchors) total += a.raw;
+  for (const Anchor& a : anchors) lambda.push_back(a.raw / total);
+  MixWorse worse;
+  // Children of the virtual node whose states are pool[begin, end): merged by token.
+  // Mathematically prob <= parent_prob <= 1; clamped so rounding of the sum never breaks it.
+  auto push_children = [&](uint32_t begin, uint32_t end, int32_t parent, double parent_prob) {
+    tmp.clear();
+    const double esc = p.mix_escape;
+    for (uint32_t i = begin; i < end; ++i) {
+      const MixState s = pool[i];
+      const Node& x = nodes_[s.node];
+      if (s.off < x.label_len) {
+        const double w = weight_of(x, p.slot_weight);
+        if (w > 0.0) tmp.push_back({label_token(x, s.off), s.anchor, s.node, s.off + 1, s.pa * (w / (w + esc))});
+        continue;
+      }
+      const size_t first = tmp.size();
+      double sum = 0.0;
+      for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling) {
+        const double w = weight_of(nodes_[c], p.slot_weight);
+        sum += w;
+        if (w > 0.0) tmp.push_back({nodes_[c].token, s.anchor, c, 1, w});
+      }
+      for (size_t k = first; k < tmp.size(); ++k) tmp[k].pa = s.pa * (tmp[k].pa / (sum + esc));
+    }
+    std::sort(tmp.begin(), tmp.end());
+    for (size_t k = 0; k < tmp.size();) {
+      size_t z = k;
+      double prob = 0.0;
+      for (; z < tmp.size() && tmp[z].token == tmp[k].token; ++z) prob += lambda[tmp[z].anchor] * tmp[z].pa;
+      prob = std::min(prob, parent_prob);
+      if (prob >= p.min_prob) {
+        const uint32_t b = uint32_t(pool.size());
+        // An anchor adding less than kMixPrune of the node's prob is not followed further
+        // (its share below is at most that small too): bounds the states per node.
+        for (size_t j = k; j < z; ++j)
+          if (lambda[tmp[j].anchor] * tmp[j].pa >= prob * kMixPrune)
+            pool.push_back({tmp[j].node, tmp[j].off, tmp[j].anchor, tmp[j].pa});
+        heap.push_back({prob, tmp[k].token, parent, b, uint32_t(pool.size())});
+        std::push_heap(heap.begin(), heap.end(), worse);
+      }
+      k = z;
+    }
+  };
+  for (size_t a = 0; a < anchors.size(); ++a)
+    pool.push_back({anchors[a].pos.node, anchors[a].pos.off, int32_t(a), 1.0});
+  push_children(0, uint32_t(pool.size()), -1, 1.0);
+  while (!heap.empty() && int(out.tokens.size()) < p.budget) {
+    std::pop_heap(heap.begin(), heap.end(), worse);
+    const MixCand c = heap.back();
+    heap.pop_back();
+    const int32_t idx = int32_t(out.tokens.size());
+    out.tokens.push_back(c.token);
+    out.parents.push_back(c.parent);
+    out.probs.push_back(c.prob);
+    if (int(out.tokens.size()) < p.budget) push_children(c.begin, c.end, idx, c.prob);
   }
 }
 

@@ -136,6 +136,19 @@ struct DraftParams {
   bool chain = false;
   int max_match_len = 0;
   double slot_weight[kSlots] = {};  // weight of each slot (0 for unused / unweighted)
+  // Mixture drafting (docs/design.md "Wide tree"): when `mixture` is set, a tree draft
+  // merges the continuations of every context suffix length m in [mix_min_match, longest]
+  // (stopping at the first, going shorter, whose match node has more than mix_max_fanout
+  // continuations). Anchors whose continuation weight equals the next longer one's have
+  // the same continuations: they are merged (the shorter match is kept, it reaches deeper)
+  // and their raw weights m^mix_alpha add up. A node's prob is sum_a lambda_a * P_a(path),
+  // lambda = normalised raw weights, P_a = product of W(child) / (W(children) + mix_escape)
+  // along the path below anchor a (0 if it leaves a's subtree). Chain drafts ignore it.
+  bool mixture = false;
+  double mix_alpha = 4.0;
+  double mix_escape = 0.0;
+  int mix_min_match = 1;
+  int mix_max_fanout = 1 << 30;
 };
 
 class SuffixIndex {
@@ -201,6 +214,10 @@ class SuffixIndex {
   double weight_of(const Node& n, const double* w) const;
   void expand(const Pos& start, const DraftParams& p, Draft& out) const;
   void expand_chain(const Pos& start, const DraftParams& p, Draft& out) const;
+  struct Anchor { Pos pos; double cont; double raw; int m; };
+  double continuation_weight(const Pos& pos, const double* w) const;
+  bool add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m, const DraftParams& p) const;
+  void expand_mixture(const std::vector<Anchor>& anchors, const DraftParams& p, Draft& out) const;
 
   int max_depth_;
   std::vector<Node> nodes_;             // nodes_[kRoot] is the root

@@ -1,0 +1,491 @@
+"""DAS's drafter vs its peers on the same targets and the same history (issue 11).
+
+    python benchmarks/bench_peers.py --json peers.json [--png peers.png] [--full]
+
+Peers (each used as a library, never copied):
+
+- ``das``: ``das_sglang.core.drafter.SuffixDrafter`` (max budget 16, otherwise the default
+  ``DrafterConfig``), through ``speculate_batch``;
+- ``sglang_ngram``: SGLang's own NGRAM corpus (``sglang.srt.speculative.cpp_ngram.ngram_corpus
+  .NgramCorpus``, the C++ trie the NGRAM worker uses; it JIT-compiles on first use) with the
+  server defaults (BFS match, trie depth 18, BFS breadth 1..10) and
+  ``speculative_num_draft_tokens = 17`` = the verified root token + 16 drafts;
+- ``arctic``: ArcticInference's suffix cache (``arctic_inference.suffix_decoding``), when the
+  ``arctic-inference`` package is installed (optional: ``scripts/install_bench_peers.sh`` builds
+  its source release with ``--no-deps``); otherwise skipped with the reason in the JSON. Tree
+  speculation, its default ``max_spec_factor`` (1.0) and ``min_token_prob`` (0.1).
+
+Simulation (greedy acceptance against the recorded text). Targets are decoded in groups: a
+group is the rollouts of one problem in one training step (SkyThought: one rollout per
+checkpoint; verl: the 16 GRPO siblings). Each decode iteration every live member of the group
+asks its peer for a draft tree of at most ``--budget`` (16) nodes; the longest tree path equal
+to the recorded continuation is accepted, plus one bonus token (never past the end of the
+recording); the accepted tokens are fed back; tokens/step = tokens produced / iterations.
+
+History, the same for every peer (what the DAS drafter sees in an RL run):
+
+- the problem's finished rollouts of the ``window_steps`` (4) previous steps, prompt +
+  response, inserted oldest first (NGRAM's BFS order is by recency: newest history wins);
+- each live member's prompt, inserted when it starts;
+- every live member's accepted tokens as they are produced (its own text and its siblings').
+  DAS appends them to its index; NGRAM gets exactly what SGLang's NGRAM worker inserts, the
+  request's last ``max_trie_depth`` tokens after each verify, widened to
+  ``max_trie_depth - 1 + new tokens`` so that no n-gram ending in a new token is lost when more
+  than one token was accepted (SGLang's own window would drop some: this favours NGRAM);
+  Arctic gets its ``add_active_response``.
+
+NGRAM keeps one trie per problem, built fresh per group from that history (SGLang keeps one
+trie for all requests: sharing it across problems would only add noise, so this favours NGRAM
+too). Its output is a fixed-size BFS tree padded with token 0 under the root; trailing padding
+is stripped (a real token-0 root child at the very end would be stripped with it: rare and
+against NGRAM only by that one node).
+
+Timing: ``p50_us``/``p99_us`` are per request-step: one ``speculate_batch`` (DAS) or
+``batch_get`` (NGRAM) call over the group's live members, divided by their number. They are
+host times on this machine, under whatever else runs on it.
+
+Default run: all 30 SkyThought problems, target steps 7-10 (every target has a full 4-step
+window of history), plus the whole verl dump: ~4 minutes on 2 cores, most of it NGRAM's trie
+inserts. ``--full``: target steps 1-10 (~10 minutes). The DAS peer drafts with ``min_token_prob=0`` and
+``mix_escape=0.5`` (fixed budget, like NGRAM, which always fills its 16 slots); ``--das
+FIELD=VALUE`` overrides any DrafterConfig field. The parameters were chosen on every 3rd
+problem, steps 7-10 (``--problems-every 3 --steps 7-10``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from das_sglang.core import datasets as ds
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.draft_tree import DraftTree
+from das_sglang.core.drafter import SuffixDrafter
+from das_sglang.core.tokenize import TextTokenizer
+
+NGRAM_DEPTH = 18  # SGLang's speculative_ngram_max_trie_depth default
+NGRAM_MIN_BFS, NGRAM_MAX_BFS = 1, 10  # SGLang's defaults
+
+
+# ---------------------------------------------------------------------------- peers
+
+
+class Peer:
+    """One drafter under test; state is per group (``begin`` ... ``end``)."""
+
+    name = ""
+
+    def begin(self, problem_id: str, step: int, history: list[tuple[int, np.ndarray]],
+              members: list[tuple[str, np.ndarray]]) -> None: ...
+
+    def propose(self, rids: list[str], budget: int) -> list[DraftTree]: ...
+
+    def extend(self, rid: str, context: np.ndarray, new: np.ndarray) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class DasPeer(Peer):
+    name = "das"
+
+    def __init__(self, config: DrafterConfig):
+        self.config = config
+        self.d: SuffixDrafter | None = None
+
+    def begin(self, problem_id, step, history, members):
+        d = self.d = SuffixDrafter(self.config)
+        d.advance_step(step)
+        for s, seq in history:
+            d.add_history(problem_id, s, seq)
+        for rid, prompt in members:
+            d.start_request(rid, problem_id, prompt)
+
+    def propose(self, rids, budget):
+        return self.d.speculate_batch(rids, [budget] * len(rids))
+
+    def extend(self, rid, context, new):
+        self.d.extend_request(rid, new)
+
+    def end(self):
+        self.d = None
+
+
+class NgramPeer(Peer):
+    name = "sglang_ngram"
+
+    def __init__(self, budget: int, match_type: str = "BFS"):
+        from sglang.srt.speculative.cpp_ngram.ngram_corpus import NgramCorpus  # JIT on first use
+
+        self._cls = NgramCorpus
+        self.budget = budget
+        self.match_type = match_type
+        self.corpus = None
+        self._lens: dict[str, int] = {}
+
+    def begin(self, problem_id, step, history, members):
+        # Capacity: every inserted position creates at most NGRAM_DEPTH nodes; no eviction.
+        n_tok = sum(len(s) for _, s in history) + sum(len(p) for _, p in members)
+        self.corpus = self._cls(
+            max_trie_depth=NGRAM_DEPTH, min_bfs_breadth=NGRAM_MIN_BFS, max_bfs_breadth=NGRAM_MAX_BFS,
+            draft_token_num=self.budget + 1, match_type=self.match_type,
+            capacity=NGRAM_DEPTH * (n_tok + self._live_tokens) + 1024,
+        )
+        rows = [s.tolist() for _, s in sorted(history, key=lambda h: h[0])]
+        rows += [p.tolist() for _, p in members]
+        if rows:
+            self.corpus.batch_put(rows)
+        self._lens = {rid: len(p) for rid, p in members}
+        self._ctx = {rid: p for rid, p in members}
+
+    _live_tokens = 0  # set by the driver: the group's total response tokens (capacity bound)
+
+    def propose(self, rids, budget):
+        self.corpus.synchronize()
+        tails = [self._ctx[r][-NGRAM_DEPTH:].tolist() for r in rids]
+        ids, mask = self.corpus.batch_get(rids, tails, [self._lens[r] for r in rids])
+        return ngram_trees(ids, mask, len(rids), self.budget + 1)
+
+    def extend(self, rid, context, new):
+        self._ctx[rid] = context
+        self._lens[rid] = len(context)
+        window = context[-(NGRAM_DEPTH - 1 + len(new)):]
+        self.corpus.batch_put([window.tolist()])
+
+    def end(self):
+        self.corpus = None
+
+
+def ngram_trees(ids: np.ndarray, mask: np.ndarray, bs: int, n: int) -> list[DraftTree]:
+    """NGRAM's (root + n-1 nodes, BFS order, ancestor mask) rows as DraftTrees (root dropped)."""
+    ids = ids.reshape(bs, n)
+    m = mask.reshape(bs, n, n).astype(bool)
+    m[:, np.arange(n), np.arange(n)] = False
+    has = m.any(axis=2)
+    parent = np.where(has, n - 1 - np.argmax(m[:, :, ::-1], axis=2), -1)  # nearest ancestor
+    out = []
+    for b in range(bs):
+        tok, par = ids[b, 1:], parent[b, 1:] - 1  # root (index 0) -> -1
+        k = len(tok)
+        while k > 0 and tok[k - 1] == 0 and par[k - 1] == -1:
+            k -= 1
+        out.append(DraftTree(tok[:k].astype(np.int32), par[:k].astype(np.int32), np.ones(k)))
+    return out
+
+
+class ArcticPeer(Peer):
+    name = "arctic"
+
+    def __init__(self, budget: int):
+        from arctic_inference.suffix_decoding import SuffixDecodingCache  # optional
+
+        self._cls = SuffixDecodingCache
+        self.budget = budget
+
+    def begin(self, problem_id, step, history, members):
+        self.cache = self._cls(max_tree_depth=64, max_cached_requests=100000)
+        for k, (s, seq) in enumerate(sorted(history, key=lambda h: h[0])):
+            rid = f"h{k}"
+            self.cache.start_request(rid, seq[:0])
+            self.cache.add_active_response(rid, seq)
+            self.cache.stop_request(rid)
+        self._ctx = {}
+        for rid, prompt in members:
+            self.cache.start_request(rid, prompt)
+            self._ctx[rid] = prompt
+
+    def propose(self, rids, budget):
+        out = []
+        for r in rids:
+            # Arctic's own defaults otherwise (max_spec_factor 1.0, min_token_prob 0.1).
+            d = self.cache.speculate(r, self._ctx[r][-64:], max_spec_tokens=budget, use_tree_spec=True)
+            out.append(DraftTree(np.asarray(d.token_ids, np.int32), np.asarray(d.parents, np.int32),
+                                 np.asarray(d.probs, np.float64)))
+        return out
+
+    def extend(self, rid, context, new):
+        self._ctx[rid] = context
+        self.cache.add_active_response(rid, new)
+
+    def end(self):
+        self.cache = None
+
+
+# ---------------------------------------------------------------------------- simulation
+
+
+@dataclass
+class TargetResult:
+    req_id: str
+    problem_id: str
+    step: int
+    capped: bool
+    tokens: int = 0
+    steps: int = 0
+    first_miss: int = 0  # iterations where not even the first drafted token was right
+    root_children: int = 0
+    nodes: int = 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / max(self.steps, 1)
+
+
+@dataclass
+class PeerRun:
+    targets: list[TargetResult] = field(default_factory=list)
+    us_per_request: list[float] = field(default_factory=list)
+
+
+def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence[ds.Rollout],
+              budget: int, run: PeerRun) -> None:
+    if isinstance(peer, NgramPeer):
+        NgramPeer._live_tokens = sum(r.length for r in members)
+    peer.begin(problem_id, step, history, [(r.req_id, r.prompt_ids) for r in members])
+    res = {r.req_id: TargetResult(r.req_id, problem_id, step, r.hit_length_cap) for r in members}
+    pos = {r.req_id: 0 for r in members}
+    by_id = {r.req_id: r for r in members}
+    ctx = {r.req_id: r.prompt_ids for r in members}
+    live = [r.req_id for r in members]
+    while live:
+        t0 = time.perf_counter()
+        trees = peer.propose(live, budget)
+        dt = time.perf_counter() - t0
+        run.us_per_request.append(dt * 1e6 / len(live))
+        still = []
+        for rid, tree in zip(live, trees):
+            r, p = by_id[rid], pos[rid]
+            acc = tree.accept_length(r.response_ids[p:p + budget].tolist()) if len(tree) else 0
+            n = min(acc + 1, r.length - p)
+            tr = res[rid]
+            tr.tokens += n
+            tr.steps += 1
+            tr.first_miss += acc == 0
+            tr.nodes += len(tree)
+            tr.root_children += int((tree.parents == -1).sum()) if len(tree) else 0
+            new = r.response_ids[p:p + n]
+            pos[rid] = p + n
+            ctx[rid] = np.concatenate([ctx[rid], new]) if not isinstance(peer, DasPeer) else ctx[rid]
+            peer.extend(rid, ctx[rid], new)
+            if pos[rid] < r.length:
+                still.append(rid)
+        live = still
+    peer.end()
+    run.targets.extend(res.values())
+
+
+def history_of(by_problem_step: dict, problem_id: str, step: int, window: int) -> list[tuple[int, np.ndarray]]:
+    out = []
+    for s in range(max(0, step - window), step):
+        for r in by_problem_step.get((problem_id, s), []):
+            out.append((s, np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int32)))
+    return out
+
+
+def summarize(run: PeerRun, keep) -> dict:
+    ts = [t for t in run.targets if keep(t)]
+    tok, st = sum(t.tokens for t in ts), sum(t.steps for t in ts)
+    us = np.asarray(run.us_per_request) if run.us_per_request else np.zeros(1)
+    return {
+        "tokens_per_step": round(tok / max(st, 1), 4),
+        "tokens_per_step_mean_target": round(float(np.mean([t.tokens_per_step for t in ts])) if ts else 0.0, 4),
+        "targets": len(ts),
+        "tokens": tok,
+        "steps": st,
+        "first_token_miss_rate": round(sum(t.first_miss for t in ts) / max(st, 1), 4),
+        "root_children_mean": round(sum(t.root_children for t in ts) / max(st, 1), 3),
+        "nodes_mean": round(sum(t.nodes for t in ts) / max(st, 1), 3),
+        # Latency over every call of the peer's run (all slices of the dataset together).
+        "p50_us": round(float(np.percentile(us, 50)), 2),
+        "p99_us": round(float(np.percentile(us, 99)), 2),
+        "mean_us": round(float(us.mean()), 2),
+        "per_target": {"req_id": [t.req_id for t in ts], "tokens": [t.tokens for t in ts],
+                       "steps": [t.steps for t in ts],
+                       "tokens_per_step": [round(t.tokens_per_step, 4) for t in ts]},
+    }
+
+
+def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set[int], window: int,
+                budget: int, log) -> dict[str, PeerRun]:
+    by_ps: dict[tuple[str, int], list[ds.Rollout]] = {}
+    for r in rollouts:
+        by_ps.setdefault((r.problem_id, r.step), []).append(r)
+    groups = [(p, s) for (p, s) in by_ps if s in target_steps]
+    runs = {}
+    for peer in peers:
+        run = runs[peer.name] = PeerRun()
+        t0 = time.perf_counter()
+        for k, (p, s) in enumerate(groups):
+            run_group(peer, p, s, history_of(by_ps, p, s, window), by_ps[(p, s)], budget, run)
+        log(f"  {peer.name}: {len(groups)} groups in {time.perf_counter() - t0:.1f}s")
+    return runs
+
+
+def slice_report(runs: dict[str, PeerRun], keep) -> dict:
+    out = {name: summarize(run, keep) for name, run in runs.items()}
+    if "das" in out and "sglang_ngram" in out:
+        d, g = out["das"], out["sglang_ngram"]
+        out["das_vs_sglang_ngram"] = round(d["tokens_per_step"] / max(g["tokens_per_step"], 1e-9), 4)
+        pairs = zip(d["per_target"]["tokens_per_step"], g["per_target"]["tokens_per_step"])
+        out["das_wins_targets"] = sum(a > b for a, b in pairs)
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log) -> tuple[list[Peer], dict]:
+    peers: list[Peer] = [DasPeer(cfg)]
+    status = {"das": {"available": True, "config": {f: getattr(cfg, f) for f in cfg.field_names()}}}
+    if "sglang_ngram" not in skip:
+        try:
+            t0 = time.perf_counter()
+            peers.append(NgramPeer(budget))
+            NgramPeer(budget)._cls(max_trie_depth=NGRAM_DEPTH, draft_token_num=budget + 1, capacity=16)
+            status["sglang_ngram"] = {"available": True, "max_trie_depth": NGRAM_DEPTH,
+                                      "bfs_breadth": [NGRAM_MIN_BFS, NGRAM_MAX_BFS], "match_type": "BFS",
+                                      "draft_token_num": budget + 1,
+                                      "load_s": round(time.perf_counter() - t0, 1)}
+        except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
+            log(f"skipping sglang_ngram: {type(e).__name__}: {e}")
+            status["sglang_ngram"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+    if "arctic" not in skip:
+        try:
+            peers.append(ArcticPeer(budget))
+            status["arctic"] = {"available": True, "max_tree_depth": 64, "use_tree_spec": True,
+                                "max_spec_factor": 1.0, "min_token_prob": 0.1}
+        except Exception as e:  # noqa: BLE001
+            log(f"skipping arctic (optional: scripts/install_bench_peers.sh builds arctic-inference "
+                f"0.3.0 from source, --no-deps, needs cmake + a C++ toolchain): {type(e).__name__}: {e}")
+            status["arctic"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+    return peers, status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", required=True, help="write results here")
+    ap.add_argument("--png", default=None, help="bar chart (default: next to --json)")
+    ap.add_argument("--full", action="store_true", help="SkyThought target steps 1-10 (default 7-10)")
+    ap.add_argument("--budget", type=int, default=16)
+    ap.add_argument("--problems-every", type=int, default=1, help="SkyThought: every k-th problem")
+    ap.add_argument("--steps", default="7-10", help="SkyThought target steps (without --full)")
+    ap.add_argument("--datasets", default="skythought,verl_gsm8k")
+    ap.add_argument("--skip", default="", help="comma list of peers to skip (sglang_ngram, arctic)")
+    ap.add_argument("--das", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a DrafterConfig field of the DAS peer (repeatable), e.g. mixture=false")
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.budget < 1:
+        print(f"error: invalid --budget={args.budget}: must be >= 1", file=sys.stderr)
+        return 1
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    # Fixed budget for every peer (NGRAM always fills its 16 slots): no min_token_prob cut;
+    # escape 0.5 discounts continuations seen under little weight (see DrafterConfig).
+    overrides: dict = {"max_budget": args.budget, "min_token_prob": 0.0, "mix_escape": 0.5}
+    for item in args.das:
+        key, eq, val = item.partition("=")
+        if not eq or key not in DrafterConfig.field_names():
+            print(f"error: invalid --das {item!r}: expected FIELD=VALUE with FIELD one of "
+                  f"{', '.join(DrafterConfig.field_names())}", file=sys.stderr)
+            return 1
+        kind = type(getattr(DrafterConfig(), key))
+        overrides[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
+    try:
+        cfg = DrafterConfig(**overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    peers, status = make_peers(args.budget, cfg, set(filter(None, args.skip.split(","))), log)
+    tok = TextTokenizer(cache_dir=args.cache_dir)
+    out: dict = {"budget": args.budget, "window_steps": cfg.window_steps, "full": args.full,
+                 "peers": status, "datasets": {}}
+    names = set(args.datasets.split(","))
+    t_all = time.perf_counter()
+    if "skythought" in names:
+        texts = ds.load_skythought("long")
+        rollouts = ds.tokenize_rollouts(texts, tok, ds.SKYTHOUGHT_MAX_NEW_TOKENS)
+        pids = ds.problem_ids(rollouts)
+        pids = sorted(pids, key=lambda p: int(p.split("-")[1]))
+        if args.full:
+            steps = set(range(1, max(ds.steps_of(rollouts)) + 1))
+        else:
+            a, _, b = args.steps.partition("-")
+            steps = set(range(int(a), int(b or a) + 1))
+        keep_p = set(pids[:: max(1, args.problems_every)])
+        rollouts = [r for r in rollouts if r.problem_id in keep_p]
+        log(f"skythought: {len({r.problem_id for r in rollouts})} problems, target steps {sorted(steps)}")
+        runs = run_dataset(peers, rollouts, steps, cfg.window_steps, args.budget, log)
+        out["datasets"]["skythought"] = {
+            "target_steps": sorted(steps),
+            "uncapped": slice_report(runs, lambda t: not t.capped),
+            "capped": slice_report(runs, lambda t: t.capped),
+            "all": slice_report(runs, lambda t: True),
+        }
+    if "verl_gsm8k" in names:
+        rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), tok)
+        log(f"verl_gsm8k: {len(ds.problem_ids(rollouts))} groups, {len(rollouts)} rollouts")
+        runs = run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log)
+        out["datasets"]["verl_gsm8k"] = {"all": slice_report(runs, lambda t: True)}
+    out["wall_s"] = round(time.perf_counter() - t_all, 1)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(compact_json(out))
+    tmp.replace(path)
+    for dname, slices in out["datasets"].items():
+        for sname, sl in slices.items():
+            if not isinstance(sl, dict):
+                continue
+            row = "  ".join(f"{p}={sl[p]['tokens_per_step']:.3f} (p50 {sl[p]['p50_us']:.1f}us p99 {sl[p]['p99_us']:.1f}us)"
+                            for p in ("das", "sglang_ngram", "arctic") if p in sl)
+            print(f"{dname}/{sname} [{sl['das']['targets']} targets]: {row}")
+    plot(out, Path(args.png) if args.png else path.with_suffix(".png"))
+    return 0
+
+
+def compact_json(out: dict) -> str:
+    """Indented JSON with every list of numbers / ids on one line (per-target columns)."""
+    text = json.dumps(out, indent=1)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
+def plot(out: dict, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG", file=sys.stderr)
+        return
+    labels, vals = [], {}
+    for dname, slices in out["datasets"].items():
+        for sname, sl in slices.items():
+            if isinstance(sl, dict) and sname != "all" or dname == "verl_gsm8k":
+                labels.append(f"{dname}\n{sname}")
+                for p in ("das", "sglang_ngram", "arctic"):
+                    vals.setdefault(p, []).append(sl[p]["tokens_per_step"] if p in sl else 0.0)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(labels))
+    w = 0.8 / max(len(vals), 1)
+    for k, (p, v) in enumerate(vals.items()):
+        ax.bar(x + k * w, v, w, label=p)
+    ax.set_xticks(x + w * (len(vals) - 1) / 2, labels)
+    ax.set_ylabel(f"tokens / step (budget {out['budget']}, bonus incl.)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
