@@ -16,6 +16,7 @@ import numpy as np
 
 from das_sglang.core.draft_tree import DraftTree
 from das_sglang.core.drafter import truncate_trusted
+from das_sglang.core.online_acceptance import tree_depths
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.sglang.options import DasOptions
 
@@ -86,12 +87,13 @@ class DasSession:
         """Draft trees truncated to the policy's budgets, and the batch width."""
         trees = self.drafter.speculate_batch(list(req_ids), [max_nodes] * len(req_ids))
         rows = []
-        for rid, tree in zip(req_ids, trees):
+        depths = tree_depths([tree.parents for tree in trees])
+        for rid, tree, depth in zip(req_ids, trees, depths):
             live = self.live[rid]
             rows.append(BudgetRow(
                 req_id=rid, problem_id=live.problem_id, generated_len=live.generated,
                 max_new_tokens=live.max_new_tokens, node_probs=tree.probs,
-                prompt_len=live.prompt_len,
+                prompt_len=live.prompt_len, match_len=tree.match_len, node_depths=depth,
             ))
         plan = self.policy.plan(rows)
         keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes).tolist()
