@@ -112,11 +112,17 @@ class OnlineCalibration:
         """Rows x node ranks ``1..width``: the depth bin of each node (``BudgetRow.node_depths``;
         a row without depths reads as a chain, depth = rank)."""
         out = np.tile(self._rank_bin[:width], (len(rows), 1)) if width else np.zeros((len(rows), 0), np.int64)
-        for i, row in enumerate(rows):
-            d = row.node_depths
-            if d is not None and len(d):
-                k = min(len(d), width)
-                out[i, :k] = _bin(np.minimum(d[:k], self.config.max_budget))
+        if not width:
+            return out
+        parts = [(i, row.node_depths[:width]) for i, row in enumerate(rows)
+                 if row.node_depths is not None and len(row.node_depths)]
+        if parts:
+            k = np.array([len(d) for _, d in parts])
+            which = np.array([i for i, _ in parts])
+            mask = np.zeros(out.shape, dtype=bool)
+            mask[which] = np.arange(width)[None, :] < k[:, None]
+            # row-major order of the masked cells = the rows' depths concatenated in order
+            out[mask] = _bin(np.minimum(np.concatenate([d for _, d in parts]), self.config.max_budget))
         return out
 
     def update(self, rows) -> None:

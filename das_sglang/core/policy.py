@@ -174,6 +174,10 @@ class _ModelBased(_Observing):
         online = self.config.curve_mode == "online"
         self.outcomes = OnlineCalibration(self.config) if online else OutcomeCalibration(self.config)
         self.probes = ProbeSchedule(self.config)
+        # How far off the length predictions are (online): per problem, the total length
+        # predicted for its fresh requests, compared with each finished length.
+        self._predicted_total: dict[str, float] = {}
+        self._log_err = [self.config.length_error_prior ** 2, 1.0]  # sum of squares, weight
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
@@ -238,6 +242,28 @@ class _ModelBased(_Observing):
             acc = np.maximum.accumulate(acc * self.acceptance.budget_shape(len(budgets) - 1)[None, :], axis=1)
         acc = np.minimum(acc, budgets[None, :])  # never more than drafted
         return remaining, (acc, m), kv, factors
+
+    def observe_finished(self, problem_id: str, length: int) -> None:
+        super().observe_finished(problem_id, length)
+        predicted = self._predicted_total.get(problem_id)
+        if predicted is not None:
+            err = float(np.log(max(length, 1) / max(predicted, 1.0)))
+            keep = 1.0 - 1.0 / self.config.length_error_memory
+            self._log_err = [self._log_err[0] * keep + err * err, self._log_err[1] * keep + 1.0]
+
+    def length_error(self) -> float:
+        """RMS relative (log) error of the length predictions so far (prior: length_error_prior)."""
+        return float(np.sqrt(self._log_err[0] / self._log_err[1]))
+
+    def spread(self) -> float:
+        """Uncertainty of "which row ends last" as a share of the makespan: at least
+        ``critical_spread``, wider while the length predictions are observed to be off."""
+        return max(self.config.critical_spread, self.length_error())
+
+    def _note_predictions(self, rows: Sequence[BudgetRow], remaining: np.ndarray) -> None:
+        for r, rem in zip(rows, remaining.tolist()):
+            if r.generated_len == 0:
+                self._predicted_total[r.problem_id] = rem
 
     def _alpha_k(self, problem_id: str) -> tuple[float, float]:
         est = self.acceptance.estimate(problem_id)
@@ -310,7 +336,8 @@ class LengthAware(_ModelBased):
             alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width)
         else:
             alloc = lookahead_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width,
-                                           self.config.critical_spread)
+                                           self.spread())
+        self._note_predictions(rows, remaining)
         self.last = alloc
         budgets = alloc.budgets
         if alloc.width == 0 or alloc.modeled_s > (1.0 - self.config.min_gain) * alloc.baseline_s:

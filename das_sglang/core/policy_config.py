@@ -48,6 +48,9 @@ class PolicyConfig:
                         drafts at today's batch size against what each accepted token saves
                         later (see allocation.lookahead_step_budgets).
     critical_spread     how uncertain "which row ends last" is, as a share of the makespan.
+    length_error_prior  RMS log error of the length predictions assumed before any finish ...
+    length_error_memory ... and how many finished requests the observed error averages over;
+                        LengthAware widens critical_spread to the observed error.
     outcome_halflife    curve_mode "online": plans (forward passes) after which a verify
                         outcome weighs half as much (0 = never forget).
     probe_every         a request not drafted for this many plans is due a probe draft ...
@@ -76,6 +79,8 @@ class PolicyConfig:
     curve_mode: str = "online"
     lookahead: str = "marginal"
     critical_spread: float = 0.05
+    length_error_prior: float = 0.05
+    length_error_memory: float = 256.0
     outcome_halflife: float = 256.0
     probe_every: int = 8
     probe_budget: int = 2
@@ -111,6 +116,8 @@ class PolicyConfig:
         check_field(self.critical_spread > 0.0, "critical_spread", self.critical_spread, "must be > 0")
         check_field(self.curve_mode in CURVE_MODES, "curve_mode", self.curve_mode,
                f"must be one of {', '.join(CURVE_MODES)}")
+        check_field(self.length_error_prior >= 0.0, "length_error_prior", self.length_error_prior, "must be >= 0")
+        check_field(self.length_error_memory >= 1.0, "length_error_memory", self.length_error_memory, "must be >= 1")
         check_field(self.outcome_halflife >= 0.0, "outcome_halflife", self.outcome_halflife, "must be >= 0")
         check_field(self.probe_every >= 1, "probe_every", self.probe_every, "must be >= 1")
         check_field(0 <= self.probe_budget <= self.max_budget, "probe_budget", self.probe_budget,
