@@ -162,7 +162,7 @@ def run_generic(path: Path, tok) -> tuple[dict, list]:
     texts = ds.load_jsonl([path], group_field="group", step_field="step")
     rollouts = ds.tokenize_rollouts(texts, tok)
     assert not any(r.hit_length_cap for r in rollouts)
-    contenders = build_contenders(["none", "das", "das-fixed"], COST)
+    contenders = build_contenders(["none", "das", "das-fixed", "das-global"], COST)
     log: list = []
     das = contenders[1]
     contenders[1] = replace(das, make_policy=lambda: _Recording(das.make_policy(), log))
@@ -199,3 +199,6 @@ def test_cold_start_fixture_das_speculates_and_beats_fixed(tmp_path, verl_texts,
     assert all(len(s) == 1 for s in steps_of.values()) and len(steps_of) == 16
     results, log = run_generic(path, tok)
     check_speculates_and_wins(results, log)
+    # das-global (one index for every problem) speculates too where its statistics say it pays
+    glob = results["das-global"]
+    assert glob.total("draft_accepted") > 0 and glob.total("makespan_s") < 0.9 * results["none"].total("makespan_s")
