@@ -96,6 +96,7 @@ class OnlineCalibration:
         hl = config.outcome_halflife
         self._decay = 0.5 ** (1.0 / hl) if hl > 0 else 1.0
         self._table: np.ndarray | None = None
+        self._bins_cache: tuple | None = None
 
     # ---- updates -------------------------------------------------------------------------
     def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
@@ -110,7 +111,16 @@ class OnlineCalibration:
 
     def node_bins(self, rows, width: int) -> np.ndarray:
         """Rows x node ranks ``1..width``: the depth bin of each node (``BudgetRow.node_depths``;
-        a row without depths reads as a chain, depth = rank)."""
+        a row without depths reads as a chain, depth = rank). One plan asks twice (``ratios``,
+        then ``planned``) for the same rows: the second answer is the first one's."""
+        cached = self._bins_cache
+        if cached is not None and cached[0] is rows and cached[1] == width:
+            return cached[2]
+        out = self._node_bins(rows, width)
+        self._bins_cache = (rows, width, out)
+        return out
+
+    def _node_bins(self, rows, width: int) -> np.ndarray:
         out = np.tile(self._rank_bin[:width], (len(rows), 1)) if width else np.zeros((len(rows), 0), np.int64)
         if not width:
             return out
@@ -130,6 +140,7 @@ class OnlineCalibration:
         if self._decay < 1.0:
             self._cells *= self._decay
         self._table = None
+        self._bins_cache = None
         index = self._pending
         found = [(j, index[row.req_id]) for j, row in enumerate(rows) if row.req_id in index]
         if found:
@@ -157,10 +168,13 @@ class OnlineCalibration:
         drafted = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
         bins = self._pending_bins[pos]
         expected = np.stack([(drafted * (bins == k)).sum(axis=1) for k in range(n_bins)], axis=1)
-        states = np.fromiter((self._state.get(row.req_id, 0) for row in rows), np.int64, len(rows))
+        ids = [row.req_id for row in rows]
+        get = self._state.get
+        states = np.fromiter((get(r, 0) for r in ids), np.int64, len(ids))
         match = self._pending_match[pos]
-        for row, a, b in zip(rows, accepted.tolist(), budget.tolist()):
-            self._state[row.req_id] = self.state_of(a, b)
+        # OutcomeCalibration.state_of, for the whole batch (a repeated request: the last wins)
+        new = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
+        self._state.update(zip(ids, new.tolist()))
         np.add.at(self._cells, (states, match, slice(None), 0), hit)
         np.add.at(self._cells, (states, match, slice(None), 1), expected)
 
@@ -212,13 +226,16 @@ class ProbeSchedule:
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
-        self._idle: dict[str, int] = {}  # req_id -> plans since it was last drafted
+        self._plans = 0  # plans recorded so far
+        self._last: dict[str, int] = {}  # req_id -> the plan it was last drafted in
         self.spent_s = 0.0  # modeled seconds of probe drafts
         self.total_s = 0.0  # modeled seconds of every planned forward
 
     def due(self, rows) -> np.ndarray:
-        every = self.config.probe_every
-        return np.fromiter((self._idle.get(r.req_id, every) >= every for r in rows), bool, len(rows))
+        last = self._last
+        never = -self.config.probe_every  # a new request is due at once
+        since = self._plans - np.fromiter((last.get(r.req_id, never) for r in rows), np.int64, len(rows))
+        return since >= self.config.probe_every
 
     def affordable(self, cost_s: float) -> bool:
         return self.spent_s + cost_s <= self.config.probe_share * self.total_s
@@ -226,9 +243,9 @@ class ProbeSchedule:
     def record(self, rows, budgets: np.ndarray, forward_s: float, probe_s: float) -> None:
         self.total_s += forward_s
         self.spent_s += probe_s
-        idle = self._idle
-        for r, b in zip(rows, np.asarray(budgets).tolist()):
-            idle[r.req_id] = 0 if b > 0 else idle.get(r.req_id, self.config.probe_every) + 1
-        if len(idle) > 4 * max(len(rows), 1):
+        drafted = np.flatnonzero(np.asarray(budgets) > 0).tolist()
+        self._last.update(dict.fromkeys((rows[i].req_id for i in drafted), self._plans))
+        self._plans += 1
+        if len(self._last) > 4 * max(len(rows), 1):  # forget finished requests
             live = {r.req_id for r in rows}
-            self._idle = {k: v for k, v in idle.items() if k in live}
+            self._last = {k: v for k, v in self._last.items() if k in live}

@@ -261,9 +261,9 @@ class _ModelBased(_Observing):
         return max(self.config.critical_spread, self.length_error())
 
     def _note_predictions(self, rows: Sequence[BudgetRow], remaining: np.ndarray) -> None:
-        for r, rem in zip(rows, remaining.tolist()):
-            if r.generated_len == 0:
-                self._predicted_total[r.problem_id] = rem
+        fresh = np.flatnonzero(np.fromiter((r.generated_len == 0 for r in rows), bool, len(rows)))
+        for i in fresh.tolist():  # a request's first plan only
+            self._predicted_total[rows[i].problem_id] = float(remaining[i])
 
     def _alpha_k(self, problem_id: str) -> tuple[float, float]:
         est = self.acceptance.estimate(problem_id)
