@@ -24,7 +24,9 @@ from das_sglang.cli.options import CacheDir, CostPreset, JsonOut, PlotsDir, Toke
 from das_sglang.core import datasets as ds
 from das_sglang.core.cost_model import CostModel, CostTable
 from das_sglang.core.replay import ENGINES, replay as run_replay
-from das_sglang.core.replay_contenders import CONTENDER_NAMES, DEFAULT_CONTENDERS, build_contenders
+from das_sglang.core.replay_contenders import (
+    CONTENDER_HELP, CONTENDER_NAMES, DEFAULT_CONTENDERS, build_contenders,
+)
 from das_sglang.core.replay_report import TABLE_HEADER, run_summary, table_rows
 from das_sglang.core.tokenize import TextTokenizer
 
@@ -104,7 +106,8 @@ def load_texts(dataset: Dataset, inputs: list[Path], fields: dict[str, Optional[
         return ds.load_verl(inputs or [ds.VERL_SAMPLE])  # default: the bundled one-step dump
     if not inputs:
         raise ValueError(f"--dataset {dataset.value} needs --input PATH (file or directory)")
-    return ds.load_jsonl(inputs, fields["prompt"], fields["response"], fields["group"], fields["step"])
+    return ds.load_jsonl(inputs, fields["prompt"], fields["response"], fields["group"], fields["step"],
+                         capped_field=fields.get("capped"))
 
 
 def replay(
@@ -118,6 +121,10 @@ def replay(
         help="JSONL: problem/group field (default: same prompt).")] = None,
     step_field: Annotated[Optional[str], typer.Option(
         help="JSONL: training-step field (default: all step 0).")] = None,
+    capped_field: Annotated[Optional[str], typer.Option(
+        help="JSONL: field saying a response hit the length cap: a bool or a finish reason "
+             f"({'/'.join(sorted(ds.CAP_REASONS))} = capped), or a list of those, one per response "
+             f"(default: {ds.CAPPED_FIELD!r} where present).")] = None,
     steps: Annotated[Optional[str], typer.Option(help="Steps to decode: all, last:N, or e.g. 7-10; "
                                                       "earlier steps only feed history.")] = None,
     problems: Annotated[Optional[int], typer.Option(help="Replay only the first N problems.")] = None,
@@ -125,9 +132,12 @@ def replay(
     capped: Annotated[Capped, typer.Option(
         help="Outputs that hit the length cap: both (two runs), include, exclude.")] = Capped.both,
     exclude_capped: Annotated[bool, typer.Option("--exclude-capped", help="Same as --capped exclude.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation cap (flags capped outputs).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help="Generation cap (flags outputs without a recorded finish reason that reach it); default: the "
+             "dataset's, else inferred from the data (the longest output marked capped, else the longest).")] = None,
     policies: Annotated[str, typer.Option(
-        help=f"Comma list from: {', '.join(CONTENDER_NAMES)}; or all.")] = ",".join(DEFAULT_CONTENDERS),
+        help=f"Comma list from: {', '.join(CONTENDER_NAMES)}; or all (each one is described below).")
+    ] = ",".join(DEFAULT_CONTENDERS),
     engine: Annotated[str, typer.Option(
         help="ragged: batch-width budgets, each request verifies only its own drafts (the "
              "SGLang worker on FlashInfer / CPU torch_native); uniform: rows padded to the "
@@ -158,11 +168,16 @@ def replay(
         names = list(CONTENDER_NAMES) if policies.strip() == "all" else [
             n.strip() for n in policies.split(",") if n.strip()]
         contenders = build_contenders(names, cost, engine)  # validates the names early
-        fields = {"prompt": prompt_field, "response": response_field, "group": group_field, "step": step_field}
+        fields = {"prompt": prompt_field, "response": response_field, "group": group_field, "step": step_field,
+                  "capped": capped_field}
+        if capped_field is not None and dataset is not Dataset.jsonl:
+            raise ValueError(f"--capped-field is only read with --dataset jsonl (not {dataset.value})")
         texts = load_texts(dataset, input or [], fields)
         tok = TextTokenizer(tokenizer, cache_dir)
         with console.status("tokenising (cached after the first run)"):
-            rollouts = ds.tokenize_rollouts(texts, tok, max_new_tokens or defaults.max_new_tokens)
+            cap = max_new_tokens or defaults.max_new_tokens
+            rollouts = ds.tokenize_rollouts(texts, tok, cap)
+        cap_note = _cap_note(texts, rollouts, max_new_tokens, defaults.max_new_tokens)
         n_problems = None if all_problems else (problems if problems is not None else defaults.problems)
         decode = parse_steps(steps or defaults.steps, ds.steps_of(rollouts))
         variants = _variants(Capped.exclude if exclude_capped else capped)
@@ -175,7 +190,11 @@ def replay(
             present = [s for s in decode if any(r.step == s for r in selected)]
             if not present:
                 raise ValueError(f"no rollouts left in steps {decode} ({label})")
+            if not runs:
+                console.print(f"max_new_tokens {rollouts[0].max_new_tokens}: {cap_note}")
             info = _info(dataset, label, selected, present, cost, engine)
+            info["max_new_tokens"] = rollouts[0].max_new_tokens
+            info["max_new_tokens_source"] = cap_note
             info["scored_with"] = scorer.name if scorer is not None else f"linear:{cost.name}"
             info["host_time"] = host_time
             results = _run(console, selected, build_contenders(names, cost, engine), cost, engine, present,
@@ -192,6 +211,25 @@ def replay(
 
         for path in write_plots(plots, runs):
             console.print(f"wrote {path}")
+
+
+replay.__doc__ = (replay.__doc__ or "") + "\n\nPolicies (--policies; default " + ", ".join(DEFAULT_CONTENDERS) + "):\n\n" + "\n\n".join(
+    f"{name}: {CONTENDER_HELP[name]}" for name in CONTENDER_NAMES)
+
+
+def _cap_note(texts, rollouts, flag: Optional[int], default: Optional[int]) -> str:
+    """Where the generation cap came from, and how capped outputs were told apart."""
+    recorded = sum(t.capped is not None for t in texts)
+    how = (f"capped outputs from the recorded finish reason ({recorded} of {len(texts)} outputs say)"
+           if recorded else "no finish reason recorded")
+    if flag is not None:
+        return f"--max-new-tokens; {how}, else length >= {ds.CAP_SLACK} x cap"
+    if default is not None:
+        return f"the dataset's generation cap; {how}, else length >= {ds.CAP_SLACK} x cap"
+    if not recorded:
+        return ("inferred: the longest output; no finish reason recorded, so no output counts as capped "
+                "(pass --max-new-tokens or --capped-field to flag them)")
+    return f"inferred: the longest output marked capped, else the longest; {how}"
 
 
 def _variants(capped: Capped) -> list[tuple[str, bool]]:

@@ -78,6 +78,7 @@ class TextRollout:
     response: str
     score: float | None
     source: str  # "file:line"
+    capped: bool | None = None  # recorded: stopped by the length cap (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,37 @@ def _score(value: Any) -> float | None:
     return None
 
 
+# ``finish_reason`` values that mean "stopped by the generation cap" (OpenAI / vLLM / SGLang
+# use "length"; others name the token limit). Any other string means the model stopped.
+CAP_REASONS = frozenset({"length", "max_tokens", "max_length", "max_new_tokens", "truncated"})
+CAPPED_FIELD = "finish_reason"  # read when present unless another field is named
+
+
+def _capped(obj: dict[str, Any], name: str | None, where: str, k: int, n: int, required: bool) -> bool | None:
+    """Response ``k`` (of ``n``) hit the length cap? From a bool or a finish-reason string, or
+    a list of those (one per response); None when the record does not say."""
+    if name is None:
+        return None
+    if name not in obj:
+        if required:
+            raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(obj)})")
+        return None
+    value = obj[name]
+    label = repr(name)
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{where}: field {name!r} holds {len(value)} values for {n} responses")
+        value, label = value[k], f"{name!r}[{k}]"
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value.strip().lower() in CAP_REASONS
+    raise ValueError(f"{where}: field {label} must be a finish reason (str) or bool, "
+                     f"got {type(value).__name__} {value!r}")
+
+
 def prompt_key(prompt: str) -> str:
     """A stable problem id for a prompt text: how `das replay` groups verl dumps, and what
     `das rollout` / ``das_sglang.tag`` use, so live rollouts and replays name problems alike."""
@@ -194,7 +226,8 @@ def load_verl(paths: Sequence[Path | str]) -> list[TextRollout]:
                 raise ValueError(f"{where}: missing field 'step' and file name has no step number")
             rid = obj.get("request_id") or where
             out.append(_text_rollout(str(rid), prompt_key(prompt), step, prompt, response,
-                                     _score(obj.get("score")), where, "output"))
+                                     _score(obj.get("score")), where, "output",
+                                     _capped(obj, CAPPED_FIELD, where, 0, 1, False)))
     return _checked(out, "verl dump")
 
 
@@ -205,9 +238,15 @@ def load_jsonl(
     group_field: str | None = None,
     step_field: str | None = None,
     score_field: str | None = "score",
+    capped_field: str | None = None,
 ) -> list[TextRollout]:
     """Generic JSONL: one object per line. The response field may hold one string or a list of
-    strings (n samples of the prompt). Groups default to identical prompts, steps to 0."""
+    strings (n samples of the prompt). Groups default to identical prompts, steps to 0.
+
+    Which responses hit the length cap: ``capped_field`` (every record must have it), else
+    ``finish_reason`` where a record has one: a bool, or a finish reason ("length" and the
+    other ``CAP_REASONS`` = capped, any other string = stopped), or a list of those, one per
+    response. Records without it leave the decision to ``tokenize_rollouts``."""
     out: list[TextRollout] = []
     for path in _jsonl_files(paths):
         for lineno, obj in read_jsonl(path):
@@ -225,7 +264,9 @@ def load_jsonl(
                 if not isinstance(resp, str):
                     raise ValueError(f"{where}: field {response_field!r}[{k}] must be str, got {type(resp).__name__}")
                 rid = f"{path.name}:{lineno}" + (f":{k}" if len(responses) > 1 else "")
-                out.append(_text_rollout(rid, group, step, prompt, resp, score, where, response_field))
+                capped = _capped(obj, capped_field or CAPPED_FIELD, where, k, len(responses),
+                                 required=capped_field is not None)
+                out.append(_text_rollout(rid, group, step, prompt, resp, score, where, response_field, capped))
     return _checked(out, "JSONL input")
 
 
@@ -266,12 +307,12 @@ def _group(obj: dict[str, Any], name: str, where: str) -> str:
 
 
 def _text_rollout(rid: str, pid: str, step: int, prompt: str, response: str, score: float | None,
-                  where: str, response_field: str) -> TextRollout:
+                  where: str, response_field: str, capped: bool | None = None) -> TextRollout:
     if step < 0:
         raise ValueError(f"{where}: step={step} must be >= 0")
     if not response:
         raise ValueError(f"{where}: field {response_field!r} is empty (nothing to replay)")
-    return TextRollout(rid, pid, step, prompt, response, score, where)
+    return TextRollout(rid, pid, step, prompt, response, score, where, capped)
 
 
 def _checked(rollouts: list[TextRollout], what: str) -> list[TextRollout]:
@@ -285,6 +326,34 @@ def _checked(rollouts: list[TextRollout], what: str) -> list[TextRollout]:
     return rollouts
 
 
+def write_generic_jsonl(rollouts: Sequence[TextRollout | Rollout], path: Path | str,
+                        capped: Sequence[bool | None] | None = None) -> Path:
+    """Write rollouts in the generic JSONL format ``load_jsonl`` reads (fields ``prompt``,
+    ``response``, ``group``, ``step``, ``finish_reason`` = "length" when capped, "stop" when
+    not, omitted when unknown; ``score`` when known): how the bundled datasets are handed to
+    `das replay --dataset jsonl` (``--group-field group --step-field step``). Text rollouts
+    only (``Rollout`` token ids are not text); ``capped`` overrides their recorded flags."""
+    path = Path(path)
+    lines = []
+    for i, r in enumerate(rollouts):
+        if not isinstance(r, TextRollout):
+            raise ValueError(f"write_generic_jsonl: rollout {i} is a {type(r).__name__}, not a TextRollout")
+        flag = r.capped if capped is None else capped[i]
+        obj: dict[str, Any] = {"prompt": r.prompt, "response": r.response, "group": r.problem_id, "step": r.step}
+        if flag is not None:
+            obj["finish_reason"] = "length" if flag else "stop"
+        if r.score is not None:
+            obj["score"] = r.score
+        lines.append(json.dumps(obj))
+    text = "".join(line + "\n" for line in lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
 # ---------------------------------------------------------------------------- tokenising
 
 
@@ -294,21 +363,37 @@ def tokenize_rollouts(
     max_new_tokens: int | None = None,
     use_cache: bool = True,
 ) -> list[Rollout]:
-    """Token ids for every rollout. ``max_new_tokens`` (None: the longest response) decides
-    ``hit_length_cap``: a response at least ``CAP_SLACK * max_new_tokens`` long is taken to have
-    been cut by the cap rather than ended by EOS."""
+    """Token ids for every rollout.
+
+    Which rollouts hit the length cap (``hit_length_cap``): what the record says
+    (``TextRollout.capped``, e.g. from ``finish_reason``) wherever it says something; else,
+    when ``max_new_tokens`` is given, a response at least ``CAP_SLACK * max_new_tokens`` long
+    is taken to have been cut by the cap rather than ended by EOS; else not capped.
+    ``max_new_tokens`` (the cap the policy plans with) is inferred when absent: the longest
+    recorded-capped response if any (those stopped *at* the cap), else the longest response
+    (see ``infer_max_new_tokens``)."""
     prompts = tokenizer.encode_many([t.prompt for t in texts], use_cache)
     responses = tokenizer.encode_many([t.response for t in texts], use_cache)
     longest = max(len(r) for r in responses)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    cap = max_new_tokens or longest
+    cap = max_new_tokens or infer_max_new_tokens(texts, responses)[0]
     limit = max(cap, longest)  # never let a recorded response exceed its own budget
     return [
         Rollout(t.req_id, t.problem_id, t.step, p, r, limit,
-                max_new_tokens is not None and len(r) >= CAP_SLACK * cap, t.score)
+                t.capped if t.capped is not None
+                else max_new_tokens is not None and len(r) >= CAP_SLACK * cap, t.score)
         for t, p, r in zip(texts, prompts, responses)
     ]
+
+
+def infer_max_new_tokens(texts: Sequence[TextRollout], responses: Sequence[np.ndarray]) -> tuple[int, str]:
+    """(cap, how it was found) when no ``max_new_tokens`` is given: the longest response the
+    records mark as capped (the cap itself, up to re-tokenisation), else the longest response."""
+    capped = [len(r) for t, r in zip(texts, responses) if t.capped]
+    if capped:
+        return max(capped), "longest response marked capped"
+    return max(len(r) for r in responses), "longest response (no capped response recorded)"
 
 
 # ---------------------------------------------------------------------------- selection

@@ -26,6 +26,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from das_sglang.core.acceptance import (
+    GLOBAL,
     AcceptanceTracker,
     OutcomeCalibration,
     paper_params,
@@ -41,6 +42,7 @@ from das_sglang.core.allocation import (
 )
 from das_sglang.core.cost_model import CostModel
 from das_sglang.core.length_predictor import LengthPredictor
+from das_sglang.core.online_acceptance import OnlineCalibration, ProbeSchedule
 from das_sglang.core.policy_config import PolicyConfig
 
 __all__ = [
@@ -62,6 +64,8 @@ class BudgetRow:
     max_new_tokens: int
     node_probs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # best-first DraftTree.probs
     prompt_len: int = 0  # optional: context the KV term of the cost model counts
+    match_len: int = -1  # optional: DraftTree.match_len of the draft (-1 = unknown)
+    node_depths: np.ndarray | None = None  # optional: DraftTree.depths() (None: read as a chain)
 
     def __post_init__(self) -> None:
         if self.generated_len < 0 or self.max_new_tokens < 0 or self.prompt_len < 0:
@@ -173,7 +177,13 @@ class _ModelBased(_Observing):
             cost_model = self.config.cost_model()
         self.cost = CostModel.preset(cost_model) if isinstance(cost_model, str) else cost_model
         self.last: StepAllocation | None = None  # the latest plan's modeled numbers
-        self.outcomes = OutcomeCalibration(self.config)
+        online = self.config.curve_mode == "online"
+        self.outcomes = OnlineCalibration(self.config) if online else OutcomeCalibration(self.config)
+        self.probes = ProbeSchedule(self.config)
+        # How far off the length predictions are (online): per problem, the total length
+        # predicted for its fresh requests, compared with each finished length.
+        self._predicted_total: dict[str, float] = {}
+        self._log_err = [self.config.length_error_prior ** 2, 1.0]  # sum of squares, weight
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
@@ -226,10 +236,40 @@ class _ModelBased(_Observing):
             # shape: relative to what the table has seen, prior_alpha before any outcome.
             nodes = np.diff(acc, axis=1) * shape / self.outcomes.pooled(1.0)
             acc = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(nodes, axis=1)], axis=1)
+        elif self.config.curve_mode == "online":
+            # The table (state x match length x rank) sets each node's level; the problem's
+            # factor only says how it compares with all problems (1 with no own outcomes),
+            # so rejections pooled over problems never pin a problem's level at zero.
+            shape = self.outcomes.ratios(rows, len(budgets) - 1)
+            relative = calibration / self.acceptance.calibration(GLOBAL)
+            nodes = np.diff(base, axis=1) * shape * relative[:, None]
+            acc = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(nodes, axis=1)], axis=1)
         elif self.config.budget_calibration:
             acc = np.maximum.accumulate(acc * self.acceptance.budget_shape(len(budgets) - 1)[None, :], axis=1)
         acc = np.minimum(acc, budgets[None, :])  # never more than drafted
         return remaining, (acc, m), kv, factors
+
+    def observe_finished(self, problem_id: str, length: int) -> None:
+        super().observe_finished(problem_id, length)
+        predicted = self._predicted_total.get(problem_id)
+        if predicted is not None:
+            err = float(np.log(max(length, 1) / max(predicted, 1.0)))
+            keep = 1.0 - 1.0 / self.config.length_error_memory
+            self._log_err = [self._log_err[0] * keep + err * err, self._log_err[1] * keep + 1.0]
+
+    def length_error(self) -> float:
+        """RMS relative (log) error of the length predictions so far (prior: length_error_prior)."""
+        return float(np.sqrt(self._log_err[0] / self._log_err[1]))
+
+    def spread(self) -> float:
+        """Uncertainty of "which row ends last" as a share of the makespan: at least
+        ``critical_spread``, wider while the length predictions are observed to be off."""
+        return max(self.config.critical_spread, self.length_error())
+
+    def _note_predictions(self, rows: Sequence[BudgetRow], remaining: np.ndarray) -> None:
+        fresh = np.flatnonzero(np.fromiter((r.generated_len == 0 for r in rows), bool, len(rows)))
+        for i in fresh.tolist():  # a request's first plan only
+            self._predicted_total[rows[i].problem_id] = float(remaining[i])
 
     def _alpha_k(self, problem_id: str) -> tuple[float, float]:
         est = self.acceptance.estimate(problem_id)
@@ -244,13 +284,42 @@ class _ModelBased(_Observing):
 
     def _read_outcomes(self, rows: Sequence[BudgetRow]) -> None:
         """What the previous plan's drafts got (call once per plan, before ``inputs``)."""
-        if self.config.curve_mode == "outcome":
+        if self.config.curve_mode in ("outcome", "online"):
             self.outcomes.update(rows)
+
+    def _probe(self, rows: Sequence[BudgetRow], budgets: np.ndarray, m: np.ndarray, kv: np.ndarray) -> np.ndarray:
+        """Give due rows without a budget a small probe draft while the probes' modeled cost
+        stays within ``probe_share`` of all forwards' (``ProbeSchedule``); record the plan."""
+        cfg, cost = self.config, self.cost
+        budgets = np.asarray(budgets, dtype=np.int32).copy()
+        width = int(budgets.max(initial=0))
+        probe_s = 0.0
+        if cfg.probe_budget > 0:
+            due = self.probes.due(rows) & (budgets == 0) & (m > 0)
+            if due.any():
+                if cfg.uniform_width and width > 0:
+                    extra = np.minimum(width, m)  # padded to the width anyway: free
+                    budgets = np.where(due, extra, budgets).astype(np.int32)
+                else:
+                    # Uniform and nothing drafted: the probe width pads every row, so every
+                    # row with nodes probes (more evidence for the same price).
+                    pick = (m > 0) & (budgets == 0) if cfg.uniform_width else due
+                    probe = np.where(pick, np.minimum(cfg.probe_budget, m), 0).astype(np.int32)
+                    tokens = len(rows) * int(probe.max(initial=0)) if cfg.uniform_width else int(probe.sum())
+                    probe_s = cost.c_tok_s * tokens
+                    if self.probes.affordable(probe_s):
+                        budgets = np.maximum(budgets, probe)
+                    else:
+                        probe_s = 0.0
+        width = int(budgets.max(initial=0))
+        tokens = len(rows) * (1 + width) if cfg.uniform_width else len(rows) + int(budgets.sum())
+        self.probes.record(rows, budgets, cost.forward_time(tokens, int(kv.sum())), probe_s)
+        return budgets
 
     def _remember(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> None:
         """Register each planned row's uncalibrated expectation (the latest ``inputs``)."""
         base = self._base
-        if self.config.curve_mode == "outcome":
+        if self.config.curve_mode in ("outcome", "online"):
             self.outcomes.planned(rows, budgets, base)
         budgets = np.asarray(budgets)
         drafted = np.flatnonzero(budgets > 0)
@@ -283,13 +352,15 @@ class LengthAware(_ModelBased):
                                          buckets)
         else:
             alloc = lookahead_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width,
-                                           self.config.critical_spread, buckets)
+                                           self.spread(), buckets)
+        self._note_predictions(rows, remaining)
         self.last = alloc
+        budgets = alloc.budgets
         if alloc.width == 0 or alloc.modeled_s > (1.0 - self.config.min_gain) * alloc.baseline_s:
-            self._remember(rows, np.zeros(len(rows), dtype=np.int32))
-            return BudgetPlan.none(len(rows))
-        self._remember(rows, alloc.budgets)
-        return BudgetPlan(alloc.budgets, _padded_width(alloc.width, buckets))
+            budgets = np.zeros(len(rows), dtype=np.int32)
+        budgets = self._probe(rows, budgets, curves[1], kv)
+        self._remember(rows, budgets)
+        return BudgetPlan(budgets, _padded_width(int(budgets.max(initial=0)), buckets))
 
 
 class PaperClosedForm(_ModelBased):

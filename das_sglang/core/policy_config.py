@@ -8,6 +8,9 @@ from das_sglang.core.config import DrafterConfig, check_field
 from das_sglang.core.cost_model import DEFAULT_PRESET, PRESETS, CostModel
 
 
+CURVE_MODES = ("online", "outcome", "tree", "capped", "blend")
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """Draft-budget policy settings.
@@ -32,7 +35,10 @@ class PolicyConfig:
     acceptance_memory   recent verify outcomes kept per problem for the (alpha, k) fit.
     refit_every         refit (alpha, k) after this many new outcomes.
     min_gain            speculate only when the modeled time saving is at least this share.
-    curve_mode          LengthAware's acceptance curve per row: "outcome" (this step's node
+    curve_mode          LengthAware's acceptance curve per row: "online" (the default: as
+                        "outcome", also conditioned on the draft's match length, forgetting,
+                        unseen cells start from the prior: core/online_acceptance.py),
+                        "outcome" (this step's node
                         probabilities calibrated per node-rank bin and the request's last
                         verify outcome, acceptance.OutcomeCalibration), "tree" (calibrated by
                         one factor per problem), "capped" (that, capped by the problem's
@@ -56,6 +62,15 @@ class PolicyConfig:
                         friendly); the policy picks the cheapest bucket, padding included,
                         and ``max_budget`` is always allowed. None (default; the SGLang
                         worker defaults to GRAPH_BUCKETS): any width.
+    length_error_prior  RMS log error of the length predictions assumed before any finish ...
+    length_error_memory ... and how many finished requests the observed error averages over;
+                        LengthAware widens critical_spread to the observed error.
+    outcome_halflife    curve_mode "online": plans (forward passes) after which a verify
+                        outcome weighs half as much (0 = never forget).
+    probe_every         a request not drafted for this many plans is due a probe draft ...
+    probe_budget        ... of this many nodes (LengthAware; 0 = never probe) ...
+    probe_share         ... while all probes cost at most this share of the modeled time of
+                        every forward so far (so a budget of 0 is never final).
     """
 
     max_budget: int = DrafterConfig().max_budget
@@ -75,7 +90,7 @@ class PolicyConfig:
     acceptance_memory: int = 256
     refit_every: int = 16
     min_gain: float = 0.0
-    curve_mode: str = "outcome"
+    curve_mode: str = "online"
     lookahead: str = "marginal"
     critical_spread: float = 0.05
     cost_c_base_ms: float | None = None
@@ -87,6 +102,12 @@ class PolicyConfig:
     cost_eager_ms: tuple[float, ...] = ()
     cost_host_us_per_request: float = 0.0
     width_buckets: tuple[int, ...] | None = None
+    length_error_prior: float = 0.05
+    length_error_memory: float = 256.0
+    outcome_halflife: float = 256.0
+    probe_every: int = 8
+    probe_budget: int = 2
+    probe_share: float = 0.03
 
     def __post_init__(self) -> None:
         check_field(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
@@ -116,8 +137,15 @@ class PolicyConfig:
         check_field(self.lookahead in ("stationary", "marginal"), "lookahead", self.lookahead,
                "must be stationary or marginal")
         check_field(self.critical_spread > 0.0, "critical_spread", self.critical_spread, "must be > 0")
-        check_field(self.curve_mode in ("outcome", "tree", "capped", "blend"), "curve_mode", self.curve_mode,
-               "must be one of outcome, tree, capped, blend")
+        check_field(self.curve_mode in CURVE_MODES, "curve_mode", self.curve_mode,
+               f"must be one of {', '.join(CURVE_MODES)}")
+        check_field(self.length_error_prior >= 0.0, "length_error_prior", self.length_error_prior, "must be >= 0")
+        check_field(self.length_error_memory >= 1.0, "length_error_memory", self.length_error_memory, "must be >= 1")
+        check_field(self.outcome_halflife >= 0.0, "outcome_halflife", self.outcome_halflife, "must be >= 0")
+        check_field(self.probe_every >= 1, "probe_every", self.probe_every, "must be >= 1")
+        check_field(0 <= self.probe_budget <= self.max_budget, "probe_budget", self.probe_budget,
+                    f"must be in [0, max_budget={self.max_budget}]")
+        check_field(0.0 <= self.probe_share < 1.0, "probe_share", self.probe_share, "must be in [0, 1)")
         for name in ("cost_c_base_ms", "cost_c_tok_us", "cost_c_kv_ns", "cost_host_us_per_request"):
             v = getattr(self, name)
             check_field(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)

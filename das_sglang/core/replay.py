@@ -266,6 +266,7 @@ PROGRESS_EVERY = 512  # decode iterations between progress reports
 
 
 def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, tick=None) -> StepStats:
+    from das_sglang.core.online_acceptance import tree_depths
     from das_sglang.core.policy import BudgetRow  # the policy module defines the row type
 
     st = StepStats(step, len(rollouts))
@@ -281,11 +282,12 @@ def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, ti
         t_host = time.perf_counter()
         t0 = t_host
         trees = drafter.speculate_batch([lv.rollout.req_id for lv in live], [c.max_budget] * len(live))
+        depths = tree_depths([tr.parents for tr in trees])
         t1 = time.perf_counter()
         plan = policy.plan([
             BudgetRow(lv.rollout.req_id, lv.rollout.problem_id, lv.pos, lv.rollout.max_new_tokens, tr.probs,
-                      len(lv.rollout.prompt_ids))
-            for lv, tr in zip(live, trees)
+                      len(lv.rollout.prompt_ids), tr.match_len, d)
+            for lv, tr, d in zip(live, trees, depths)
         ])
         t2 = time.perf_counter()
         st.drafter_us += (t1 - t0) * 1e6

@@ -69,6 +69,19 @@ CONTENDER_NAMES = (
     "das-paper",
 )
 
+# One line per contender, for `das replay --help` (the table in the module docstring).
+CONTENDER_HELP = {
+    "none": "no speculation (the baseline every ratio is against)",
+    "suffix-decoding": "SuffixDecoding: global FIFO index + the request's own text, <= 32 drafts capped by match length",
+    "das": "DAS: per-problem window index (history, live siblings, own text) + LengthAware budgets",
+    "das-no-window": "ablation: all history, no step decay, LengthAware",
+    "das-fixed": "ablation: DAS drafter, FixedBudget(8) for every request",
+    "das-unlimited": "ablation: DAS drafter, every node found (up to the max budget)",
+    "das-chain": "ablation: chain drafts instead of trees, LengthAware",
+    "das-global": "ablation: one index for all problems, LengthAware",
+    "das-paper": "DAS drafter + the paper's closed-form budget",
+}
+
 # What `das replay` compares unless told otherwise: the baselines, DAS, and one ablation per
 # DAS ingredient (window, length-awareness, trees, per-problem indexes).
 DEFAULT_CONTENDERS = ("none", "suffix-decoding", "das", "das-no-window", "das-fixed", "das-chain", "das-global")

@@ -20,6 +20,7 @@ import numpy as np
 
 from das_sglang.core.draft_tree import DraftTree
 from das_sglang.core.drafter import _flat_tokens, as_tokens, truncate_trusted
+from das_sglang.core.online_acceptance import tree_depths
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
@@ -132,13 +133,15 @@ def _trim_heap_later() -> None:
     _TRIMMER.submit(_trim_heap)
 
 
-def _row(req_id, problem_id, generated, max_new, probs, prompt_len) -> BudgetRow:
+def _row(req_id, problem_id, generated, max_new, probs, prompt_len, match_len=-1,
+         node_depths=None) -> BudgetRow:
     """A BudgetRow without ``__post_init__``: the session builds rows from validated ints
     and the native drafter's probabilities, checked once per batch in :meth:`DasSession.plan`
     (the per-row check is a few us; 512 rows a step)."""
     row = object.__new__(BudgetRow)
     row.__dict__.update(req_id=req_id, problem_id=problem_id, generated_len=generated,
-                        max_new_tokens=max_new, node_probs=probs, prompt_len=prompt_len)
+                        max_new_tokens=max_new, node_probs=probs, prompt_len=prompt_len,
+                        match_len=match_len, node_depths=node_depths)
     return row
 
 
@@ -312,8 +315,10 @@ class DasSession:
             # out-of-window history meanwhile (native removals, during layout + forward).
             self._updates.submit(self._evict_chunk)
         live = self.live
-        rows = [_row(rid, lv.problem_id, lv.generated, lv.max_new_tokens, t.probs, lv.prompt_len)
-                for rid, t, lv in zip(req_ids, trees, (live[r] for r in req_ids))]
+        depths = tree_depths([t.parents for t in trees])
+        rows = [_row(rid, lv.problem_id, lv.generated, lv.max_new_tokens, t.probs, lv.prompt_len,
+                     t.match_len, d)
+                for rid, t, lv, d in zip(req_ids, trees, (live[r] for r in req_ids), depths)]
         if rows:
             flat = np.concatenate([t.probs for t in trees])
             if flat.size and not (flat.min() >= 0.0 and flat.max() <= 1.0):

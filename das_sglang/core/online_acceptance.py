@@ -1,0 +1,251 @@
+"""Online draft acceptance that recovers: calibration by outcome state *and* match length,
+with forgetting, and cost-bounded probing so that a budget of 0 is never final.
+
+``acceptance.OutcomeCalibration`` calibrates the drafter's node probabilities by the
+request's last verify outcome, pooled over problems, and never forgets. On data the policy
+has never seen that can lock speculation off for good: in a GRPO cold start (a problem's
+first step: only its live siblings and its own prompt to draft from) the first drafts come
+from matches inside the prompt and are all rejected; the pooled ratio collapses, every cell
+shrinks to it, no row is drafted again, and with no drafts there are no outcomes to correct
+the estimate -- while later in the step the siblings' text gives long, accurate matches.
+
+``OnlineCalibration`` fixes the three causes:
+
+- **What kind of draft.** Cells are (outcome state, match-length bin, node-depth bin): the
+  drafter's own confidence signal (``BudgetRow.match_len``, the length of the suffix match
+  the tree grew from) separates "a 2-token match inside the prompt" from "a 20-token match
+  in a sibling's text", so rejections of the first kind do not condemn the second.
+- **Prior, not pooled pessimism.** A match-length bin without evidence starts from the
+  fixed prior (``prior_alpha``, a Beta-like pseudo-count of ``calibration_prior_tokens``),
+  not from the pooled ratio; a (state, match) cell starts from its match bin's ratio times
+  its state's effect (the state's ratio over all states'); depth bins shrink to the bin above.
+- **Tree reading.** An outcome of ``a`` accepted tokens put exactly one node on the path at
+  each depth ``1..a``; comparing that with the drafter's expectation summed per depth is
+  unbiased for trees (reading it as "the best ``a`` nodes by rank" credits a hit on a
+  second branch to the first, so wide trees look worse than they are).
+- **Forgetting.** Every cell's evidence decays with half-life ``outcome_halflife`` plans
+  (forward passes), so old rejections weigh less than new acceptances, and a cell nobody
+  drafts drifts back towards its prior.
+
+Probing (``ProbeSchedule``) closes the loop: a request that has not been drafted for
+``probe_every`` plans is given ``probe_budget`` draft nodes, as long as the modeled cost of
+all probes stays within ``probe_share`` of the modeled time of all forwards so far. The
+outcomes feed the cells above, so an estimate that was wrong recovers, at a bounded price.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from das_sglang.core.acceptance import OutcomeCalibration, _bin, _n_bins
+from das_sglang.core.policy_config import PolicyConfig
+
+N_MATCH_BINS = 6  # match length <= 1 (or unknown), 2-3, 4-7, 8-15, 16-31, 32+
+
+
+def tree_depths(parents_list) -> list[np.ndarray]:
+    """Depth of every node (root children: 1) of each tree, given its parent arrays (parent
+    index < node index, -1 = root), computed for the whole batch at once."""
+    sizes = [len(p) for p in parents_list]
+    if not sizes or sum(sizes) == 0:
+        return [np.zeros(n, dtype=np.int64) for n in sizes]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in parents_list])
+    glob = np.where(flat >= 0, flat + np.repeat(offsets, sizes), -1)
+    depth = np.ones(len(flat), dtype=np.int64)
+    has_parent = glob >= 0
+    par = glob[has_parent]
+    for _ in range(len(flat)):  # each pass fixes at least one more level
+        new = depth.copy()
+        new[has_parent] = depth[par] + 1
+        if np.array_equal(new, depth):
+            break
+        depth = new
+    return np.split(depth, np.cumsum(sizes)[:-1])
+
+
+def match_bin(match_len):
+    """Match-length bin: 0 for <= 1 (or unknown, -1), 1 for 2-3, 2 for 4-7, ..., 5 for 32+."""
+    m = np.maximum(np.asarray(match_len, dtype=np.int64), 1)
+    out = np.minimum(np.floor(np.log2(m)).astype(np.int64), N_MATCH_BINS - 1)
+    return int(out) if out.ndim == 0 else out
+
+
+class OnlineCalibration:
+    """Per (outcome state, match-length bin, node-rank bin): accepted nodes and the drafter's
+    expected acceptance of the drafted nodes, pooled over problems, decaying; see the module
+    docstring. Same call pattern as ``OutcomeCalibration``: ``update(rows)`` at the start of a
+    plan (reads the previous plan's outcomes off the rows' progress), ``planned(...)`` at its
+    end, ``ratios(rows, max_budget)`` in between."""
+
+    N_STATES = OutcomeCalibration.N_STATES
+    state_of = OutcomeCalibration.state_of
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        n_bins = _n_bins(config.max_budget)
+        self._cells = np.zeros((self.N_STATES, N_MATCH_BINS, n_bins, 2))  # accepted, expected
+        self._state: dict[str, int] = {}
+        self._pending: dict[str, int] = {}
+        self._pending_generated = np.zeros(0, dtype=np.int64)
+        self._pending_budget = np.zeros(0, dtype=np.int64)
+        self._pending_match = np.zeros(0, dtype=np.int64)
+        self._pending_nodes = np.zeros((0, 0))
+        self._pending_bins = np.zeros((0, 0), dtype=np.int64)
+        self._rank_bin = _bin(np.arange(1, config.max_budget + 1))
+        hl = config.outcome_halflife
+        self._decay = 0.5 ** (1.0 / hl) if hl > 0 else 1.0
+        self._table: np.ndarray | None = None
+        self._bins_cache: tuple | None = None
+
+    # ---- updates -------------------------------------------------------------------------
+    def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
+        """Remember each row's budget, match bin and uncalibrated per-node expectation."""
+        nodes = np.diff(base, axis=1)
+        self._pending = {row.req_id: i for i, row in enumerate(rows)}
+        self._pending_generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
+        self._pending_budget = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1), nodes.shape[1])
+        self._pending_match = match_bin(np.fromiter((row.match_len for row in rows), np.int64, len(rows)))
+        self._pending_nodes = nodes
+        self._pending_bins = self.node_bins(rows, nodes.shape[1])
+
+    def node_bins(self, rows, width: int) -> np.ndarray:
+        """Rows x node ranks ``1..width``: the depth bin of each node (``BudgetRow.node_depths``;
+        a row without depths reads as a chain, depth = rank). One plan asks twice (``ratios``,
+        then ``planned``) for the same rows: the second answer is the first one's."""
+        cached = self._bins_cache
+        if cached is not None and cached[0] is rows and cached[1] == width:
+            return cached[2]
+        out = self._node_bins(rows, width)
+        self._bins_cache = (rows, width, out)
+        return out
+
+    def _node_bins(self, rows, width: int) -> np.ndarray:
+        out = np.tile(self._rank_bin[:width], (len(rows), 1)) if width else np.zeros((len(rows), 0), np.int64)
+        if not width:
+            return out
+        parts = [(i, row.node_depths[:width]) for i, row in enumerate(rows)
+                 if row.node_depths is not None and len(row.node_depths)]
+        if parts:
+            k = np.array([len(d) for _, d in parts])
+            which = np.array([i for i, _ in parts])
+            mask = np.zeros(out.shape, dtype=bool)
+            mask[which] = np.arange(width)[None, :] < k[:, None]
+            # row-major order of the masked cells = the rows' depths concatenated in order
+            out[mask] = _bin(np.minimum(np.concatenate([d for _, d in parts]), self.config.max_budget))
+        return out
+
+    def update(self, rows) -> None:
+        """Decay every cell by one plan's worth, then add the previous plan's outcomes."""
+        if self._decay < 1.0:
+            self._cells *= self._decay
+        self._table = None
+        self._bins_cache = None
+        index = self._pending
+        found = [(j, index[row.req_id]) for j, row in enumerate(rows) if row.req_id in index]
+        if found:
+            pos = np.array([i for _, i in found], dtype=np.int64)
+            budget = self._pending_budget[pos]
+            keep = budget > 0
+            if keep.any():
+                self._add([rows[j] for (j, _), k in zip(found, keep.tolist()) if k], pos[keep], budget[keep])
+        live = {row.req_id for row in rows}
+        if len(self._state) > 4 * max(len(live), 1):  # forget finished requests
+            self._state = {k: v for k, v in self._state.items() if k in live}
+
+    def _add(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
+        generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
+        accepted = np.minimum(np.maximum(generated - self._pending_generated[pos] - 1, 0), budget)
+        nodes = self._pending_nodes[pos]
+        width = nodes.shape[1]
+        n_bins = self._cells.shape[2]
+        ranks = np.arange(width)
+        one_hot = (self._rank_bin[:width, None] == np.arange(n_bins)[None, :]).astype(np.float64)
+        # The accepted path has one node at each depth 1..accepted: hits by depth bin. The
+        # drafter's expectation at a depth bin sums its drafted nodes of those depths (a
+        # chain reading by rank would credit a branch's hit to the best sibling instead).
+        hit = (ranks[None, :] < accepted[:, None]).astype(np.float64) @ one_hot
+        drafted = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
+        bins = self._pending_bins[pos]
+        expected = np.stack([(drafted * (bins == k)).sum(axis=1) for k in range(n_bins)], axis=1)
+        ids = [row.req_id for row in rows]
+        get = self._state.get
+        states = np.fromiter((get(r, 0) for r in ids), np.int64, len(ids))
+        match = self._pending_match[pos]
+        # OutcomeCalibration.state_of, for the whole batch (a repeated request: the last wins)
+        new = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
+        self._state.update(zip(ids, new.tolist()))
+        np.add.at(self._cells, (states, match, slice(None), 0), hit)
+        np.add.at(self._cells, (states, match, slice(None), 1), expected)
+
+    # ---- queries -------------------------------------------------------------------------
+    def table(self) -> np.ndarray:
+        """(state, match bin, rank bin) -> accepted / expected, shrunk as the module says."""
+        if self._table is not None:
+            return self._table
+        w = self.config.calibration_prior_tokens
+        prior = self.config.prior_alpha
+        c = self._cells
+        shrink = lambda a, e, p: (w * p + a) / (w + e)  # noqa: E731
+        total = c.sum(axis=(0, 1, 2))
+        pooled = shrink(total[0], total[1], prior)
+        by_state = c.sum(axis=(1, 2))  # states x 2
+        # A state's effect: its ratio relative to all outcomes' ratio R, shrunk to 1
+        # (= shrink(a, e, R) / R): 1 for a state without outcomes or one holding them all.
+        if total[0] > 0:
+            effect = (w + by_state[:, 0] * (total[1] / total[0])) / (w + by_state[:, 1])
+        else:  # nothing accepted anywhere: no state differs from another
+            effect = np.ones(len(by_state))
+        by_match = c.sum(axis=(0, 2))  # match bins x 2
+        r_match = shrink(by_match[:, 0], by_match[:, 1], prior)  # independent a priori
+        by_cell = c.sum(axis=2)  # states x match bins x 2
+        r_sm = shrink(by_cell[..., 0], by_cell[..., 1], effect[:, None] * r_match[None, :])
+        out = np.empty(c.shape[:3])
+        below = r_sm
+        for k in range(c.shape[2]):
+            below = out[:, :, k] = shrink(c[:, :, k, 0], c[:, :, k, 1], below)
+        self._table = out
+        return out
+
+    def ratios(self, rows, max_budget: int) -> np.ndarray:
+        """Rows x node ranks ``1..max_budget``: calibration factor of each row's nodes."""
+        table = self.table()
+        bins = np.minimum(self.node_bins(rows, max_budget), table.shape[2] - 1)
+        states = np.fromiter((self._state.get(r.req_id, 0) for r in rows), np.int64, len(rows))
+        match = match_bin(np.fromiter((r.match_len for r in rows), np.int64, len(rows)))
+        return np.take_along_axis(table[states, match], bins, axis=1)
+
+
+class ProbeSchedule:
+    """Which rows get a probe draft this plan, within a modeled-cost allowance.
+
+    A row is due when its request has not been drafted in its last ``probe_every`` plans (a
+    new request is due at once). Probing spends at most ``probe_share`` of the modeled time
+    of every forward planned so far (the allowance accrues as forwards run), so exploring can
+    cost at most that share of the makespan, however wrong the estimates are."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self._plans = 0  # plans recorded so far
+        self._last: dict[str, int] = {}  # req_id -> the plan it was last drafted in
+        self.spent_s = 0.0  # modeled seconds of probe drafts
+        self.total_s = 0.0  # modeled seconds of every planned forward
+
+    def due(self, rows) -> np.ndarray:
+        last = self._last
+        never = -self.config.probe_every  # a new request is due at once
+        since = self._plans - np.fromiter((last.get(r.req_id, never) for r in rows), np.int64, len(rows))
+        return since >= self.config.probe_every
+
+    def affordable(self, cost_s: float) -> bool:
+        return self.spent_s + cost_s <= self.config.probe_share * self.total_s
+
+    def record(self, rows, budgets: np.ndarray, forward_s: float, probe_s: float) -> None:
+        self.total_s += forward_s
+        self.spent_s += probe_s
+        drafted = np.flatnonzero(np.asarray(budgets) > 0).tolist()
+        self._last.update(dict.fromkeys((rows[i].req_id for i in drafted), self._plans))
+        self._plans += 1
+        if len(self._last) > 4 * max(len(rows), 1):  # forget finished requests
+            live = {r.req_id for r in rows}
+            self._last = {k: v for k, v in self._last.items() if k in live}

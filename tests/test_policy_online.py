@@ -1,0 +1,204 @@
+"""A policy that pays on unseen data: budget 0 is never final, rejections of one kind of draft
+do not condemn another, tree outcomes are read by depth, and on generic JSONL rollouts built
+from the bundled verl dump -- with history, and cold start (each problem in one step only:
+live siblings + own text) -- DAS speculates and is not beaten by das-fixed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from das_sglang.core import datasets as ds
+from das_sglang.core.cost_model import CostModel
+from das_sglang.core.online_acceptance import OnlineCalibration, match_bin, tree_depths
+from das_sglang.core.policy import BudgetRow, LengthAware, PolicyConfig
+from das_sglang.core.replay import replay
+from das_sglang.core.replay_contenders import build_contenders
+from das_sglang.core.tokenize import TextTokenizer
+
+COST = CostModel.preset("h100-7b")
+PROBS = 0.9 ** np.arange(1, 9)
+
+
+def rows_at(gen: dict[str, int], match_len: int = 5, probs=PROBS) -> list[BudgetRow]:
+    return [BudgetRow(r, "q", g, 4000, probs, 100, match_len) for r, g in gen.items()]
+
+
+def step(policy, gen, accept_all: bool, match_len: int = 5):
+    """One plan + verify: every drafted row accepts all (or none) of its drafts."""
+    plan = policy.plan(rows_at(gen, match_len))
+    for (r, g), b in zip(list(gen.items()), plan.budgets.tolist()):
+        a = b if accept_all else 0
+        policy.observe_verify("q", b, a)
+        gen[r] = g + a + 1
+    return plan
+
+
+class TestBudgetZeroIsNotAbsorbing:
+    def test_rejections_stop_drafting_then_probes_recover_it(self):
+        policy = LengthAware(COST)
+        gen = {f"r{i}": 10 for i in range(8)}
+        assert step(policy, gen, accept_all=False).width > 0  # the prior says drafting pays
+        widths = [step(policy, gen, accept_all=False).width for _ in range(3)]
+        assert widths == [0, 0, 0]  # all rejected: stop
+        # Now the drafts would be right: a probe (small draft) must find out, and drafting resume.
+        later = [step(policy, gen, accept_all=True).width for _ in range(40)]
+        first = next(i for i, w in enumerate(later) if w > 0)
+        assert 0 < later[first] <= policy.config.probe_budget  # a cheap probe first
+        assert max(later[first + 1:]) >= 8  # then full drafts again
+        assert sum(w > 0 for w in later[first:]) >= len(later[first:]) - 1
+
+    def test_probes_cost_at_most_their_share(self):
+        cfg = PolicyConfig(probe_share=0.05)
+        policy = LengthAware(COST, cfg)
+        gen = {f"r{i}": 10 for i in range(32)}
+        probes = sum(step(policy, gen, accept_all=False).width > 0 for _ in range(400))
+        assert probes >= 3  # keeps probing ...
+        assert policy.probes.spent_s <= cfg.probe_share * policy.probes.total_s + 1e-12  # ... within budget
+
+    def test_probing_off_means_no_drafts_after_rejections(self):
+        policy = LengthAware(COST, PolicyConfig(probe_budget=0))
+        gen = {f"r{i}": 10 for i in range(8)}
+        step(policy, gen, accept_all=False)
+        assert all(step(policy, gen, accept_all=True).width == 0 for _ in range(40))  # the old absorbing zero
+
+
+class TestOnlineCalibration:
+    def test_short_match_rejections_leave_long_matches_at_the_prior(self):
+        cfg = PolicyConfig()
+        oc = OnlineCalibration(cfg)
+        rows = [BudgetRow(f"r{i}", "q", 0, 1000, PROBS, 0, 2) for i in range(16)]
+        base = np.concatenate([[0.0], np.cumsum(PROBS)])[None, :].repeat(16, axis=0)
+        oc.update(rows)
+        oc.planned(rows, np.full(16, 8), base)
+        oc.update([replace(r, generated_len=1) for r in rows])  # all rejected
+        table = oc.table()
+        assert table[0, match_bin(2), 0] < 0.1  # that kind of draft: condemned
+        for m in (match_bin(8), match_bin(32)):  # other match lengths, other states: the prior
+            assert table[0, m, 0] == pytest.approx(cfg.prior_alpha)
+            assert table[1, m, 0] == pytest.approx(cfg.prior_alpha)
+
+    def test_forgetting_brings_a_cell_back_to_its_prior(self):
+        cfg = PolicyConfig(outcome_halflife=4.0)
+        oc = OnlineCalibration(cfg)
+        rows = [BudgetRow(f"r{i}", "q", 0, 1000, PROBS, 0, 8) for i in range(16)]
+        base = np.concatenate([[0.0], np.cumsum(PROBS)])[None, :].repeat(16, axis=0)
+        oc.planned(rows, np.full(16, 8), base)
+        oc.update([replace(r, generated_len=1) for r in rows])
+        low = oc.table()[0, match_bin(8), 0]
+        for _ in range(60):
+            oc.update([])
+        assert low < 0.1 and oc.table()[0, match_bin(8), 0] == pytest.approx(cfg.prior_alpha, abs=1e-3)
+
+    def test_tree_outcomes_are_read_by_depth(self):
+        # Two root children (ranks 1, 2 at depth 1), then a child of the second (rank 3, depth 2).
+        parents = np.array([-1, -1, 1])
+        (depths,) = tree_depths([parents])
+        assert depths.tolist() == [1, 1, 2]
+        probs = np.array([0.5, 0.4, 0.4])
+        cfg = PolicyConfig()
+        oc = OnlineCalibration(cfg)
+        rows = [BudgetRow(f"r{i}", "q", 0, 1000, probs, 0, 8, depths) for i in range(50)]
+        base = np.concatenate([[0.0], np.cumsum(probs)])[None, :].repeat(50, axis=0)
+        oc.planned(rows, np.full(50, 3), base)
+        # Every draft accepted 2 tokens: the second branch, both depths right.
+        oc.update([replace(r, generated_len=3) for r in rows])
+        ratios = oc.ratios([replace(r, req_id="new") for r in rows[:1]], 3)[0]
+        # depth 1: 50 hits of 0.9 expected each; depth 2: 50 of 0.4. A rank reading would put
+        # both hits on ranks 1-2 and call rank 3 (depth 2) a miss.
+        assert ratios[0] == pytest.approx(ratios[1]) and ratios[0] > 1.0
+        assert ratios[2] > 2.0
+
+    def test_depths_batch(self):
+        got = tree_depths([np.array([-1, 0, -1, 1, 2, 0]), np.zeros(0, int), np.array([-1, 0, 1, 2])])
+        assert [g.tolist() for g in got] == [[1, 2, 1, 3, 2, 2], [], [1, 2, 3, 4]]
+
+
+# ---------------------------------------------------------------- replay on generic JSONL
+
+
+@pytest.fixture(scope="module")
+def verl_texts():
+    return ds.load_verl([ds.VERL_SAMPLE])
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> TextTokenizer:
+    return TextTokenizer(cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+def generic_fixture(texts, path: Path, problems: int, per_problem: int, step_of) -> Path:
+    """The first ``problems`` problems, ``per_problem`` samples each, step ``step_of(j, i)``
+    for problem j's sample i; finish_reason "stop" (the dump's outputs ended by EOS)."""
+    by_problem: dict[str, list] = {}
+    for t in texts:
+        by_problem.setdefault(t.problem_id, []).append(t)
+    picked = []
+    for j, pid in enumerate(list(by_problem)[:problems]):
+        for i, t in enumerate(by_problem[pid][:per_problem]):
+            picked.append(replace(t, step=step_of(j, i), capped=False))
+    return ds.write_generic_jsonl(picked, path)
+
+
+class _Recording:
+    """Wraps a policy; records (proposed, accepted) of every verified row, in order."""
+
+    def __init__(self, inner, log):
+        self._inner, self.log = inner, log
+
+    def observe_verify(self, problem_id, proposed, accepted):
+        self.log.append((proposed, accepted))
+        self._inner.observe_verify(problem_id, proposed, accepted)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def run_generic(path: Path, tok) -> tuple[dict, list]:
+    texts = ds.load_jsonl([path], group_field="group", step_field="step")
+    rollouts = ds.tokenize_rollouts(texts, tok)
+    assert not any(r.hit_length_cap for r in rollouts)
+    contenders = build_contenders(["none", "das", "das-fixed", "das-global"], COST)
+    log: list = []
+    das = contenders[1]
+    contenders[1] = replace(das, make_policy=lambda: _Recording(das.make_policy(), log))
+    results = replay(rollouts, contenders, COST, "uniform")
+    return {r.name: r for r in results}, log
+
+
+def check_speculates_and_wins(results, log):
+    none, das, fixed = (results[n].total("makespan_s") for n in ("none", "das", "das-fixed"))
+    assert das <= fixed, (das / none, fixed / none)
+    assert das < 0.9 * none
+    # DAS proposes, gets rejected, and keeps proposing and getting drafts accepted after that.
+    first_reject = next(i for i, (p, a) in enumerate(log) if p > 0 and a == 0)
+    later = log[first_reject + 1:]
+    assert sum(p for p, _ in later) > 0 and sum(a for _, a in later) > 0
+    assert results["das"].total("draft_accepted") > 0
+
+
+def test_history_fixture_das_speculates_and_beats_fixed(tmp_path, verl_texts, tok):
+    """8 problems x 12 samples spread over 3 steps (4 a step): each step has history."""
+    path = generic_fixture(verl_texts, tmp_path / "hist.jsonl", 8, 12, lambda j, i: i // 4)
+    results, log = run_generic(path, tok)
+    check_speculates_and_wins(results, log)
+
+
+def test_cold_start_fixture_das_speculates_and_beats_fixed(tmp_path, verl_texts, tok):
+    """16 problems x 8 samples, each problem in ONE step only (4 problems a step): nothing but
+    the live siblings and the request's own text to draft from."""
+    path = generic_fixture(verl_texts, tmp_path / "cold.jsonl", 16, 8, lambda j, i: j // 4)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    steps_of = {}
+    for r in rows:
+        steps_of.setdefault(r["group"], set()).add(r["step"])
+    assert all(len(s) == 1 for s in steps_of.values()) and len(steps_of) == 16
+    results, log = run_generic(path, tok)
+    check_speculates_and_wins(results, log)
+    # das-global (one index for every problem) speculates too where its statistics say it pays
+    glob = results["das-global"]
+    assert glob.total("draft_accepted") > 0 and glob.total("makespan_s") < 0.9 * results["none"].total("makespan_s")
