@@ -43,18 +43,34 @@ class ServerConfig:
     strict_snapshot   a snapshot that cannot be loaded stops the worker (True) or is
                       logged and ignored, the worker starting with empty history (False,
                       the default: losing history costs speed, never correctness).
+    shard_path        shared directory of per-problem history shards (scale-out: many
+                      engines behind a router, core/shards.py): a problem this engine
+                      does not hold is loaded from it lazily, and this engine's rollouts
+                      of a problem are written to it when the problem's requests finish.
+                      None = off.
+    engine_id         this engine's name in ``shard_path`` (its shard files and stats);
+                      must be unique among live engines and stable across restarts.
+                      None = ``<hostname>-<port>``.
     """
 
     policy: str = "length-aware"
     history_path: str | None = None
     snapshot_interval: int = 256
     strict_snapshot: bool = False
+    shard_path: str | None = None
+    engine_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"invalid policy={self.policy!r}: must be one of {sorted(POLICIES)}")
         if self.snapshot_interval < 0:
             raise ValueError(f"invalid snapshot_interval={self.snapshot_interval!r}: must be >= 0")
+        if self.shard_path is not None and (not isinstance(self.shard_path, str) or not self.shard_path):
+            raise ValueError(f"invalid shard_path={self.shard_path!r}: must be a non-empty path")
+        if self.engine_id is not None:
+            from das_sglang.core.shards import check_engine_id
+
+            check_engine_id(self.engine_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,7 @@ class _Live:
 class DasSession:
     """Drafter + policy + the live requests of one worker process."""
 
-    def __init__(self, options: DasOptions, drafter=None, policy=None):
+    def __init__(self, options: DasOptions, drafter=None, policy=None, engine_id: str | None = None):
         from das_sglang.core.drafter import SuffixDrafter
 
         self.options = options
@@ -61,6 +61,8 @@ class DasSession:
         self.step = 0
         self.live: dict[str, _Live] = {}
         self.snapshot = self._open_snapshot()
+        self.worker_stats: dict | None = None  # the worker's verify counters, for shard stats
+        self.shards = self._open_shards(engine_id)
 
     # ------------------------------------------------------------ requests
     def start(self, req_id: str, custom_params, prompt: Sequence[int], output: Sequence[int],
@@ -74,11 +76,15 @@ class DasSession:
             self.drafter.extend_request(req_id, np.asarray(output, dtype=np.int32))
         step = self.step if step is None else step
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output))
+        if self.shards is not None:
+            self.shards.on_start(pid, step)  # lazy load of a problem this engine lacks
 
     def advance_step(self, step: int) -> None:
         self.step = step
         self.drafter.advance_step(step)
         self.policy.advance_step(step)
+        if self.shards is not None:
+            self.shards.advance_step(step)
         if self.snapshot is not None:
             self.snapshot.save()  # a step boundary is a natural checkpoint
 
@@ -127,17 +133,21 @@ class DasSession:
             return
         output = list(output)[: live.max_new_tokens]
         self.drafter.finish_request(req_id, keep=False)
-        self.drafter.add_history(
-            live.problem_id, live.step, np.asarray(list(prompt) + output, dtype=np.int32)
-        )
+        rollout = np.asarray(list(prompt) + output, dtype=np.int32)
+        self.drafter.add_history(live.problem_id, live.step, rollout)
+        if self.shards is not None:
+            self.shards.on_finished(live.problem_id, live.step, rollout)
         self.policy.observe_finished(live.problem_id, len(output))
         if self.snapshot is not None:
             self.snapshot.note_finished()
 
     def drop(self, req_id: str) -> None:
         """A request left without finishing (aborted, retracted): forget its text."""
-        if self.live.pop(req_id, None) is not None:
+        live = self.live.pop(req_id, None)
+        if live is not None:
             self.drafter.finish_request(req_id, keep=False)
+            if self.shards is not None:
+                self.shards.on_drop(live.problem_id)
 
     # ------------------------------------------------------------ history
     def _open_snapshot(self):
@@ -158,6 +168,28 @@ class DasSession:
             server.history_path, self.drafter.history, every_n=server.snapshot_interval
         )
 
+    def _open_shards(self, engine_id: str | None):
+        server = self.options.server
+        if server.shard_path is None:
+            return None
+        from das_sglang.core.shards import ShardSync, default_engine_id
+
+        engine_id = server.engine_id or engine_id or default_engine_id(0)
+        return ShardSync(server.shard_path, engine_id, self.drafter,
+                         self.options.drafter.window_steps, extra_stats=self._shard_stats)
+
+    def _shard_stats(self, stats) -> None:
+        """Fill the engine-wide numbers of the shard stats (called rate-limited)."""
+        d = self.drafter.stats()
+        stats.problems_held, stats.history_tokens, stats.step = d.problems, d.tokens, self.step
+        w = self.worker_stats
+        if w is not None:
+            stats.verify_steps = w.get("verify_steps", 0)
+            stats.draft_tokens_proposed = w.get("proposed", 0)
+            stats.draft_tokens_accepted = w.get("accepted", 0)
+
     def close(self) -> None:
+        if self.shards is not None:
+            self.shards.close()
         if self.snapshot is not None:
             self.snapshot.close()

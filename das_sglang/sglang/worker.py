@@ -35,6 +35,7 @@ from sglang.srt.speculative.ngram_worker import NGRAMWorker
 from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
 
 from das_sglang.sglang.options import load_options
+from das_sglang.sglang.scaleout import shard_engine_id
 from das_sglang.sglang.session import DasSession
 from das_sglang.sglang.tree_inputs import build_layout, custom_mask
 from das_sglang.sglang.verify import target_tokens, walk_trees
@@ -58,9 +59,10 @@ class DasWorker(NGRAMWorker):
         self.speculative_num_draft_tokens = self.draft_token_num
         self.adaptive_controller = None
         self.options = load_options(self.draft_token_num)
-        self.session = DasSession(self.options)
+        self.session = DasSession(self.options, engine_id=shard_engine_id(server_args, self.options))
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0}
+        self.session.worker_stats = self.stats  # read by the shard stats (scale-out)
         atexit.register(self.session.close)
         _log.info("DAS worker: %s", self.options)
 
