@@ -238,10 +238,10 @@ class ShardStats:
 class _Writer:
     """One daemon thread writing queued shards (latest version per problem wins)."""
 
-    def __init__(self, store: ShardStore, stats: ShardStats, on_written: Callable[[], None]) -> None:
+    def __init__(self, store: ShardStore, stats: ShardStats, on_written: Callable[[dict[str, Any]], None]) -> None:
         self.store = store
         self.stats = stats
-        self._on_written = on_written
+        self._on_written = on_written  # gets the stats snapshot it just wrote
         self._pending: dict[str, dict[int, list[np.ndarray]]] = {}
         self._stats_due: dict[str, Any] | None = None
         self._cv = threading.Condition()
@@ -285,8 +285,6 @@ class _Writer:
             except (OSError, ValueError) as e:  # a full or unmounted disk must not stop serving
                 self.stats.shard_write_errors += 1
                 _log.warning("DAS: shard write of problem %r failed: %s", problem_id, e)
-        if batch:
-            self._on_written()
         if stats_due is not None or batch:
             snapshot = dict(stats_due) if stats_due is not None else self.stats.as_dict()
             snapshot.update(shard_writes=self.stats.shard_writes,
@@ -296,6 +294,7 @@ class _Writer:
                 self.store.write_stats(snapshot)
             except OSError as e:
                 _log.warning("DAS: writing engine stats failed: %s", e)
+            self._on_written(snapshot)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is written."""
@@ -342,7 +341,7 @@ class ShardSync:
         self._last_publish = 0.0
         self._extra_stats = extra_stats
         self._metrics = _PromMetrics.create(engine_id)
-        self._writer = _Writer(self.store, self.stats, lambda: None)
+        self._writer = _Writer(self.store, self.stats, self._metrics.update)
         self.publish(force=True)
 
     # ------------------------------------------------------------ requests
@@ -396,7 +395,7 @@ class ShardSync:
         if problem_id in self._dirty:  # the problem's group is done here: persist it
             self._dirty.discard(problem_id)
             self._submit(problem_id)
-        self.publish()
+        self.publish(force=not self._live)  # an idle engine reports its final numbers
 
     def _submit(self, problem_id: str) -> None:
         steps = self._own.get(problem_id, {})
@@ -424,9 +423,7 @@ class ShardSync:
         if self._extra_stats is not None:
             self._extra_stats(self.stats)
         self.stats.updated_at = time.time()
-        snapshot = self.stats.as_dict()
-        self._writer.submit_stats(snapshot)
-        self._metrics.update(snapshot)
+        self._writer.submit_stats(self.stats.as_dict())  # the writer also updates /metrics
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write every dirty problem and the stats now; wait for the writer."""
@@ -479,6 +476,7 @@ class _PromMetrics:
         return cls(engine_id, gauges, counters)
 
     def update(self, snapshot: Mapping[str, Any]) -> None:
+        """Called by the writer thread only (counter deltas need one caller)."""
         for name, gauge in self._gauges.items():
             gauge.labels(self.engine_id).set(float(snapshot[name]))
         for name, counter in self._counters.items():
