@@ -130,28 +130,28 @@ def reference_outputs(args, jobs, cluster_mod, router_client):
     return {(r["pid"], r["k"]): r["output"] for r in recs}
 
 
-def settle(cluster, sent, timeout_s=120.0):
-    """Wait until every engine has finished ``sent`` requests in all and its shard
-    writes have landed (the stats file is written by the same writer thread)."""
+def settle(cluster, timeout_s=120.0):
+    """Wait until every engine's shard writes have landed: called once all responses are
+    back (so every request has finished in its scheduler), it waits for the engines'
+    stats files (written by the same writer thread, after the shards) to show no pending
+    write and no change over one poll interval."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
         stats = cluster.engine_stats()
-        done = sum(s.get("requests_finished", 0) for s in stats.values())
-        state = (done, tuple(s.get("shard_writes", 0) for s in stats.values()))
+        state = tuple((k, s.get("requests_finished"), s.get("shard_writes")) for k, s in sorted(stats.items()))
         quiet = all(s.get("shard_pending", 1) == 0 for s in stats.values())
-        if done >= sent and quiet and state == last:
+        if quiet and state == last:
             return stats
         last = state
         time.sleep(1.5)
     raise RuntimeError(f"engines did not settle: {cluster.engine_stats()}")
 
 
-def run_mode(mode, url, cluster, jobs, args, base_step, router_client, sent_before):
+def run_mode(mode, url, cluster, jobs, args, base_step, router_client):
     engine = router_client.RouterEngine(url)
     rng = random.Random(f"{args.seed}-{mode}")
     records, events = [], {}
-    sent = sent_before
     try:
         for s in range(1, args.steps + 1):
             t0 = time.perf_counter()
@@ -159,21 +159,20 @@ def run_mode(mode, url, cluster, jobs, args, base_step, router_client, sent_befo
             for r in recs:
                 r["step"] = s
             records += recs
-            sent += len(recs)
             print(f"  {mode:11s} step {s}: accept {np.mean([r['accept_length'] for r in recs]):.2f} "
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
             if mode == "restart" and s == args.restart_after:
                 victim = len(cluster.engines) - 1
-                events["before"] = settle(cluster, sent)
+                events["before"] = settle(cluster)
                 t0 = time.perf_counter()
                 cluster.restart_engine(victim, crash=True)
                 events["restart_s"] = time.perf_counter() - t0
                 events["victim"] = f"engine{victim}"
                 print(f"  restarted engine{victim} in {events['restart_s']:.0f} s", flush=True)
-        events["after"] = settle(cluster, sent)
+        events["after"] = settle(cluster)
     finally:
         engine.shutdown()
-    return records, events, sent
+    return records, events
 
 
 def summarize(records, ref, steps):
@@ -229,15 +228,15 @@ def main(argv=None):
         "tiny", args.engines, port=args.port, shard_dir=args.workdir / "shards", width=args.width,
         das_config={"server": {"policy": args.policy}}, log_dir=args.workdir / "logs")
     rr = None
-    results, events, sent = {}, {}, 0
+    results, events = {}, {}
     try:
         rr = cluster_mod.start_router(cluster.engine_urls, args.port + 100, policy="round_robin",
                                       log=args.workdir / "logs" / "router-rr.log")
         urls = {"single": cluster.engine_urls[0], "affinity": cluster.url, "round_robin": rr.url,
                 "restart": cluster.url}
         for i, mode in enumerate(MODES):
-            records, events[mode], sent = run_mode(mode, urls[mode], cluster, jobs, args, 100 * (i + 1),
-                                                   router_client, sent)
+            records, events[mode] = run_mode(mode, urls[mode], cluster, jobs, args, 100 * (i + 1),
+                                             router_client)
             results[mode] = summarize(records, ref, args.steps)
         metrics = cluster_mod.metrics_by_engine(cluster.engine_urls)
     finally:

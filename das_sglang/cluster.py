@@ -292,12 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shard-dir", type=Path, required=True, help="shared history shard directory")
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=ROUTER_POLICIES)
     p.add_argument("--width", type=int, default=8, help="--speculative-num-draft-tokens")
-    p.add_argument("--das-config", default=None, help="DAS_CONFIG JSON (shard_path/engine_id are set here)")
+    p.add_argument("--das-config", default=None,
+                   help="DAS_CONFIG: JSON object or file (server.shard_path/engine_id are set per engine)")
     args, engine_args = p.parse_known_args(argv)
     try:
-        das_config = json.loads(args.das_config) if args.das_config else None
-        if das_config is not None and not isinstance(das_config, dict):
-            raise ValueError(f"--das-config {args.das_config!r}: must be a JSON object")
+        from das_sglang.sglang.options import parse_config
+
+        das_config = parse_config(args.das_config) if args.das_config else None
         cluster = start_cluster(args.model, args.engines, port=args.port, host=args.host,
                                 shard_dir=args.shard_dir, policy=args.policy, width=args.width,
                                 das_config=das_config, engine_args=engine_args)
