@@ -403,6 +403,11 @@ class ShardSync:
         self._writer.submit(problem_id, {s: list(seqs) for s, seqs in steps.items()})
 
     def advance_step(self, step: int) -> None:
+        # A step boundary is a checkpoint too: persist problems whose group is still
+        # open here (e.g. a request SGLang never reported finished).
+        for problem_id in list(self._dirty):
+            self._dirty.discard(problem_id)
+            self._submit(problem_id)
         oldest = step - self.window_steps
         for problem_id in list(self._own):
             by_step = self._own[problem_id]

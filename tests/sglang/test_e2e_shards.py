@@ -4,6 +4,7 @@ SGLang, CPU): history written by "another engine" drafts the moved problem's req
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -34,12 +35,20 @@ def test_moved_problem_drafts_from_another_engines_shard(tiny_model, tmp_path):
         # Step 2: the moved problems arrive here; this engine never held them.
         second, meta2 = generate(engine, prompts, GREEDY, [(f"moved-{i}", 2) for i in range(3)])
         engine.get_server_info()  # a scheduler round trip: step-2 finishes are processed
+        # Shards and stats are written by the engine's background writer; wait for it
+        # before shutdown (which SIGKILLs the scheduler).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = read_engine_stats(tmp_path).get("e0", {})
+            if stats.get("lazy_load_hits") == 3 and stats.get("shard_pending") == 0 \
+                    and stats.get("shard_writes", 0) >= 6:
+                break
+            time.sleep(0.2)
     assert second == first  # greedy: lossless
     cold = np.mean([m["spec_accept_length"] for m in meta1])
     warm = np.mean([m["spec_accept_length"] for m in meta2])
     print(f"accept length: cold {cold:.2f}, after lazy load {warm:.2f}")
     assert warm > cold + 1.0
-    stats = read_engine_stats(tmp_path)["e0"]  # written at exit (close) at the latest
     assert stats["lazy_load_hits"] == 3 and stats["lazy_load_sequences"] == 3
     assert stats["lazy_loads"] >= 6  # 3 misses (local-*) + 3 hits, + SGLang's warm-up if any
     # This engine's own step-2 rollouts of the moved problems are in its shards now.
