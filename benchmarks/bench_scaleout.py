@@ -18,10 +18,13 @@ namespace and training steps):
                reload its problems lazily from the shared shard directory.
 
 Greedy decoding would make the GRPO siblings of a problem identical, so each sibling's
-prompt ends with its sample number: siblings differ, and a sibling at step s+1 repeats
-what it produced at step s -- a deterministic stand-in for "this step's samples
-resemble earlier samples of the same problem", with exact outputs (greedy) so every
-DAS output is checked token for token against a no-speculation engine (mismatches).
+prompt (the problem's tokens) ends with one extra token of its own (distinct across all
+requests): siblings differ, and a sibling at step s+1 repeats what it produced at step
+s -- a deterministic stand-in for "this step's samples resemble earlier samples of the
+same problem", with exact outputs (greedy) so every DAS output is checked token for
+token against a no-speculation engine (mismatches). (The tiny random model's text
+depends mostly on the last token, so a shared suffix such as "Sample k:" would make
+the siblings identical again.)
 
 Reported (JSON): accept_length_mean = tokens committed per verify forward (bonus
 included; completion_tokens / spec_verify_ct), mean over requests, per mode and by step;
@@ -80,15 +83,26 @@ def parse_args(argv):
 # ---------------------------------------------------------------- workload
 
 
-def workload(args):
-    """(problem_id, sibling, text) for every request of one step."""
+def workload(args, model_path):
+    """(problem_id, sibling, input_ids) for every request of one step."""
+    import transformers
+
     from das_sglang.rollout import read_prompts
 
     prompts = read_prompts(PROMPTS)
     if args.problems > len(prompts):
         raise SystemExit(f"--problems {args.problems}: the bundled file has {len(prompts)}")
-    return [(p.problem_id, k, f"{p.text}\nSample {k}:") for p in prompts[: args.problems]
-            for k in range(args.siblings)]
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_path))
+    vocab = len(tok)
+    n = args.problems * args.siblings
+    if n > vocab - 3:
+        raise SystemExit(f"--problems x --siblings = {n}: needs that many distinct tail tokens (< {vocab - 3})")
+    tails = np.random.default_rng(args.seed).choice(np.arange(3, vocab), n, replace=False).tolist()
+    jobs = []
+    for i, p in enumerate(prompts[: args.problems]):
+        ids = tok(p.text).input_ids
+        jobs += [(p.problem_id, k, ids + [tails[i * args.siblings + k]]) for k in range(args.siblings)]
+    return jobs
 
 
 def run_step(engine, jobs, namespace, step, args, rng):
@@ -98,9 +112,9 @@ def run_step(engine, jobs, namespace, step, args, rng):
     rng.shuffle(order)
     params = {"temperature": 0.0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
 
-    async def one(pid, k, text):
+    async def one(pid, k, ids):
         sp = dict(params, custom_params={"das_problem_id": f"{namespace}/{pid}", "das_step": step})
-        out = await engine.async_generate(prompt=text, sampling_params=sp, rid=f"{namespace}/{pid}/{step}/{k}")
+        out = await engine.async_generate(input_ids=ids, sampling_params=sp, rid=f"{namespace}/{pid}/{step}/{k}")
         meta = out["meta_info"]
         verify = int(meta.get("spec_verify_ct") or 0)
         completion = int(meta["completion_tokens"])
@@ -215,11 +229,11 @@ def main(argv=None):
     args = parse_args(argv)
     from das_sglang import api, cluster as cluster_mod, router_client
 
-    api.tiny_model()  # build once, before engines race to
+    model_path = api.tiny_model()  # build once, before engines race to
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     args.workdir.mkdir(parents=True)
-    jobs = workload(args)
+    jobs = workload(args, model_path)
     t_start = time.perf_counter()
     print(f"reference (no speculation): {len(jobs)} prompts", flush=True)
     ref = reference_outputs(args, jobs, cluster_mod, router_client)
@@ -234,10 +248,17 @@ def main(argv=None):
                                       log=args.workdir / "logs" / "router-rr.log")
         urls = {"single": cluster.engine_urls[0], "affinity": cluster.url, "round_robin": rr.url,
                 "restart": cluster.url}
+        prev = settle(cluster)
         for i, mode in enumerate(MODES):
             records, events[mode] = run_mode(mode, urls[mode], cluster, jobs, args, 100 * (i + 1),
                                              router_client)
             results[mode] = summarize(records, ref, args.steps)
+            if mode != "restart":  # (the restarted engine's counters start again at 0)
+                now = events[mode]["after"]
+                for key in ("lazy_loads", "lazy_load_hits"):
+                    results[mode][key.replace("lazy_loads", "lazy_load_lookups")] = int(
+                        sum(now[e].get(key, 0) - prev.get(e, {}).get(key, 0) for e in now))
+                prev = now
         metrics = cluster_mod.metrics_by_engine(cluster.engine_urls)
     finally:
         if rr is not None:
