@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -207,3 +208,54 @@ def test_two_engine_processes_never_corrupt_each_others_shards(tmp_path):
     assert reads > 0
     leftovers = [f for f in tmp_path.rglob("*.tmp")]
     assert leftovers == []
+
+
+def test_prometheus_series_when_sglang_metrics_are_on(tmp_path, monkeypatch):
+    """With SGLang's multiprocess metrics dir set, two syncs in one process share one
+    registration and the values read back through prometheus' multiprocess collector."""
+    from das_sglang.core import shards
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "prom"))
+    (tmp_path / "prom").mkdir()
+    monkeypatch.setattr(shards._PromMetrics, "_series", None)
+    import importlib
+
+    import prometheus_client.values as values
+
+    importlib.reload(values)  # pick the multiprocess value class, as a fresh process would
+    try:
+        a = _sync(tmp_path / "s", "a", _drafter(1))
+        b = _sync(tmp_path / "s", "b", _drafter(1))
+        _serve(a, "p", 1, [_seq(1), _seq(2)])
+        assert a.flush(10) and b.flush(10)
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(tmp_path / "prom"))
+        got = parse_metrics(generate_latest(registry).decode())
+        assert got["a"]["requests_finished"] == 2 and got["a"]["lazy_loads"] == 1
+        assert got["b"]["requests_finished"] == 0
+        a.close()
+        b.close()
+    finally:
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+        importlib.reload(values)
+        shards._PromMetrics._series = None
+
+
+def test_shard_engine_id_refuses_tensor_and_data_parallel():
+    from types import SimpleNamespace
+
+    from das_sglang.sglang.options import load_options
+    from das_sglang.sglang.scaleout import shard_engine_id
+
+    on = load_options(8, json.dumps({"server": {"shard_path": "/s"}}))
+    assert shard_engine_id(SimpleNamespace(tp_size=1, dp_size=1, port=31001), on).endswith("-31001")
+    named = load_options(8, json.dumps({"server": {"shard_path": "/s", "engine_id": "e7"}}))
+    assert shard_engine_id(SimpleNamespace(tp_size=1, dp_size=1, port=1), named) == "e7"
+    assert shard_engine_id(SimpleNamespace(tp_size=4), load_options(8, "")) is None
+    for bad in (SimpleNamespace(tp_size=2, dp_size=1), SimpleNamespace(tp_size=1, dp_size=2)):
+        with pytest.raises(ValueError, match="shard_path with (tp|dp)_size=2"):
+            shard_engine_id(bad, on)
+    with pytest.raises(ValueError, match="engine_id"):
+        load_options(8, json.dumps({"server": {"shard_path": "/s", "engine_id": "a/b"}}))

@@ -467,18 +467,22 @@ class _PromMetrics:
         self._counters = counters
         self._last: dict[str, float] = {}
 
+    _series: tuple[dict, dict] | None = None  # one registration per process
+
     @classmethod
     def create(cls, engine_id: str) -> _PromMetrics:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return cls(engine_id, {}, {})
-        try:
-            from prometheus_client import Counter, Gauge
-        except ImportError:
-            return cls(engine_id, {}, {})
-        gauges = {n: Gauge(f"das_{n}", f"DAS {n.replace('_', ' ')}", ["engine"], multiprocess_mode="mostrecent")
-                  for n in cls.GAUGES}
-        counters = {n: Counter(f"das_{n}", f"DAS {n.replace('_', ' ')}", ["engine"]) for n in cls.COUNTERS}
-        return cls(engine_id, gauges, counters)
+        if _PromMetrics._series is None:
+            try:
+                from prometheus_client import Counter, Gauge
+            except ImportError:
+                return cls(engine_id, {}, {})
+            gauges = {n: Gauge(f"das_{n}", f"DAS {n.replace('_', ' ')}", ["engine"],
+                               multiprocess_mode="mostrecent") for n in cls.GAUGES}
+            counters = {n: Counter(f"das_{n}", f"DAS {n.replace('_', ' ')}", ["engine"]) for n in cls.COUNTERS}
+            _PromMetrics._series = (gauges, counters)
+        return cls(engine_id, *_PromMetrics._series)
 
     def update(self, snapshot: Mapping[str, Any]) -> None:
         """Called by the writer thread only (counter deltas need one caller)."""
@@ -487,8 +491,9 @@ class _PromMetrics:
         for name, counter in self._counters.items():
             value = float(snapshot[name])
             delta = value - self._last.get(name, 0.0)
+            child = counter.labels(self.engine_id)  # the series exists from the start, at 0
             if delta > 0:
-                counter.labels(self.engine_id).inc(delta)
+                child.inc(delta)
             self._last[name] = value
 
 
