@@ -195,13 +195,22 @@ def engine_command(python: str, model_path: str, host: str, port: int, width: in
     return cmd + list(extra_args)
 
 
-def router_command(python: str, host: str, port: int, worker_urls: Sequence[str], policy: str) -> list[str]:
+def router_command(python: str, host: str, port: int, worker_urls: Sequence[str], policy: str,
+                   metrics_port: int | None = None) -> list[str]:
     if policy not in ROUTER_POLICIES:
         raise ValueError(f"invalid router policy {policy!r}: must be one of {list(ROUTER_POLICIES)}")
     return [python, "-m", "smg.launch_router", "--worker-urls", *worker_urls, "--policy", policy,
             "--host", host, "--port", str(port), "--prometheus-host", host,
-            "--prometheus-port", str(port + 1000), "--log-level", "warn",
+            "--prometheus-port", str(metrics_port or free_port(host)), "--log-level", "warn",
             "--worker-startup-check-interval", "1"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def das_config_for(engine_id: str, shard_dir: Path | None, das_config: Mapping[str, Any] | None) -> dict[str, Any]:
