@@ -218,6 +218,7 @@ def plot(report, path):
         ax2.plot([int(s) for s in by], list(by.values()), marker="o", color=c, label=n)
     ax2.axvline(report["restart"]["after_step"] - 0.5, color="tab:green", ls=":", lw=1)
     ax2.set_xlabel("training step")
+    ax2.set_xticks(range(1, int(max(report["single"]["accept_length_by_step"], key=int)) + 1))
     ax2.set_title("by step (dotted: engine restart)")
     ax2.legend(fontsize=8)
     fig.suptitle(f"DAS on {report['settings']['engines']} SGLang CPU engines behind the SMG router")

@@ -179,7 +179,7 @@ def test_rollout_through_router_prints_per_engine_stats(prompts, tmp_path, monke
         specs.append(spec)
         engine = RouterEngine(spec.router)
         engine.engine_stats = lambda: {"engine0": {"problems_held": 3, "requests_finished": 2,
-                                                   "verify_steps": 4, "draft_tokens_accepted": 6,
+                                                   "draft_tokens_proposed": 8, "draft_tokens_accepted": 6,
                                                    "lazy_loads": 2, "lazy_load_hits": 1}}
         return engine
 
@@ -191,7 +191,7 @@ def test_rollout_through_router_prints_per_engine_stats(prompts, tmp_path, monke
         router.stop()
     assert res.exit_code == 0, res.output
     assert specs[0].router == router.url
-    assert "DAS per engine" in res.output and "1/2" in res.output and "1.50" in res.output
+    assert "DAS per engine" in res.output and "1/2" in res.output and "0.75" in res.output
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["engines"]["engine0"]["lazy_load_hits"] == 1
     assert sum(len(w.seen) for w in workers) == 2

@@ -100,13 +100,13 @@ def _router_stats(router: str, shard_dir: Path | None) -> dict:
 
 
 def _engine_table(stats: dict) -> Table:
-    table = Table(title="DAS per engine", caption="acc/verify = accepted draft tokens per verify step; "
+    table = Table(title="DAS per engine", caption="acc rate = accepted / proposed draft tokens; "
                   "lazy = problems looked up in the shards (hits found history)")
-    for col in ("engine", "problems", "hist tokens", "reqs", "acc/verify", "lazy hits/lookups", "shard writes"):
+    for col in ("engine", "problems", "hist tokens", "reqs", "acc rate", "lazy hits/lookups", "shard writes"):
         table.add_column(col, justify="right", no_wrap=True)
     for name, st in sorted(stats.items()):
-        verify = st.get("verify_steps", 0)
-        acc = f"{st.get('draft_tokens_accepted', 0) / verify:.2f}" if verify else "-"
+        proposed = st.get("draft_tokens_proposed", 0)
+        acc = f"{st.get('draft_tokens_accepted', 0) / proposed:.2f}" if proposed else "-"
         table.add_row(name, f"{st.get('problems_held', 0):.0f}", f"{st.get('history_tokens', 0):.0f}",
                       f"{st.get('requests_finished', 0):.0f}", acc,
                       f"{st.get('lazy_load_hits', 0):.0f}/{st.get('lazy_loads', 0):.0f}",

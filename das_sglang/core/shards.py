@@ -195,6 +195,9 @@ def read_engine_stats(root: str | os.PathLike[str]) -> dict[str, dict[str, Any]]
 class ShardStats:
     """What one engine reports (``_engines/<id>.json`` and its /metrics).
 
+    verify_steps      TARGET_VERIFY forwards (one per decode batch, all its requests)
+    draft_tokens_proposed / _accepted   draft tokens over all requests (bonus tokens
+                      not counted): acceptance_rate = accepted / proposed
     lazy_loads        problems looked up in the shards (first sight or after a gap)
     lazy_load_hits    of those, lookups that found rollouts to load
     lazy_load_sequences / lazy_load_tokens   rollouts / tokens loaded
@@ -224,12 +227,13 @@ class ShardStats:
         return self.lazy_load_hits / self.lazy_loads if self.lazy_loads else 0.0
 
     @property
-    def accepted_per_verify(self) -> float:
-        return self.draft_tokens_accepted / self.verify_steps if self.verify_steps else 0.0
+    def acceptance_rate(self) -> float:
+        p = self.draft_tokens_proposed
+        return self.draft_tokens_accepted / p if p else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"lazy_load_hit_rate": self.lazy_load_hit_rate,
-                               "accepted_per_verify": self.accepted_per_verify}
+                               "acceptance_rate": self.acceptance_rate}
 
 
 # ---------------------------------------------------------------- background writer
@@ -457,7 +461,8 @@ class _PromMetrics:
     does nothing.
     """
 
-    GAUGES = ("step", "problems_held", "history_tokens", "shard_pending", "lazy_load_hit_rate")
+    GAUGES = ("step", "problems_held", "history_tokens", "shard_pending", "lazy_load_hit_rate",
+              "acceptance_rate")
     COUNTERS = ("requests_finished", "verify_steps", "draft_tokens_proposed", "draft_tokens_accepted",
                 "lazy_loads", "lazy_load_hits", "lazy_load_sequences", "shard_writes", "shard_write_errors")
 
