@@ -77,8 +77,21 @@ def _cluster_engine(spec: EngineSpec) -> Engine:
     c = cluster.start_cluster(spec.model, spec.engines, shard_dir=shard_dir, port=_free_port_base(),
                               log_dir=shard_dir / "logs")
     engine = RouterEngine(c.url, on_shutdown=c.stop)
-    engine.engine_stats = c.engine_stats
+    engine.engine_stats = lambda: _settled_stats(c)
     return engine
+
+
+def _settled_stats(c) -> dict:
+    """The engines' stats once their shard writers are idle (they write asynchronously)."""
+    import time
+
+    stats = c.engine_stats()
+    for _ in range(50):
+        if stats and all(s.get("shard_pending", 0) == 0 for s in stats.values()):
+            break
+        time.sleep(0.1)
+        stats = c.engine_stats()
+    return stats
 
 
 def _free_port_base() -> int:
