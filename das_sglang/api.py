@@ -39,6 +39,25 @@ def tag(problem_id: str | int, step: int) -> dict[str, Any]:
     return {PROBLEM_KEY: pid, STEP_KEY: step}
 
 
+# Scale-out (many engines behind the SMG router, launch/scaleout.md): the router's
+# consistent hashing reads this header, so every sample of a problem, across steps, goes
+# to the engine that holds the problem's history.
+ROUTING_KEY_HEADER = "x-smg-routing-key"
+
+
+def routing_headers(problem_id: str | int) -> dict[str, str]:
+    """HTTP headers that route a request of ``problem_id`` to its engine via the router."""
+    if problem_id == "" or problem_id is None:
+        raise ValueError(f"invalid problem_id={problem_id!r}: must be non-empty")
+    value = str(problem_id)
+    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        # HTTP header values are visible ASCII; hash anything else to a stable key.
+        import hashlib
+
+        value = "h-" + hashlib.blake2b(value.encode(), digest_size=12).hexdigest()
+    return {ROUTING_KEY_HEADER: value}
+
+
 def tagged(sampling_params: Mapping[str, Any] | None, problem_id: str | int, step: int) -> dict[str, Any]:
     """A copy of ``sampling_params`` whose ``custom_params`` also carry the DAS tag
     (other custom params are kept)."""

@@ -41,11 +41,17 @@ class EngineSpec:
     strict_history: bool = False
     seed: int | None = None
     requests_per_step: int | None = None  # snapshot once per step (see _with_engine)
+    engines: int = 1  # > 1: launch that many engines behind the SMG router (das_sglang.cluster)
+    router: str | None = None  # URL of a running router (a cluster started elsewhere)
+    shard_dir: Path | None = None  # the cluster's shared history shards
 
 
 def make_engine(spec: EngineSpec, speculative: bool) -> Engine:
     """A started SGLang engine (the seam the CLI tests replace with a stand-in)."""
     from das_sglang import api
+
+    if speculative and (spec.router or spec.engines > 1):
+        return _cluster_engine(spec)
 
     # SGLang's CPU-only import warnings (AWQ, GGUF, Triton) would bury the progress bars;
     # the env var silences them in the engine's spawned processes too.
@@ -54,6 +60,71 @@ def make_engine(spec: EngineSpec, speculative: bool) -> Engine:
     return api.rollout_engine(spec.model, speculative=speculative, history_dir=spec.history,
                               strict_history=spec.strict_history, seed=spec.seed,
                               snapshot_interval=spec.requests_per_step if spec.history else None)
+
+
+def _cluster_engine(spec: EngineSpec) -> Engine:
+    """Requests go through the SMG router with the problem id as routing key; the
+    engine's ``engine_stats()`` reports each engine's DAS stats."""
+    from das_sglang import cluster
+    from das_sglang.router_client import RouterEngine
+
+    if spec.router:
+        engine = RouterEngine(spec.router)
+        engine.engine_stats = lambda: _router_stats(spec.router, spec.shard_dir)
+        return engine
+    shard_dir = spec.shard_dir
+    assert shard_dir is not None
+    c = cluster.start_cluster(spec.model, spec.engines, shard_dir=shard_dir, port=_free_port_base(),
+                              log_dir=shard_dir / "logs")
+    engine = RouterEngine(c.url, on_shutdown=c.stop)
+    engine.engine_stats = lambda: _settled_stats(c)
+    return engine
+
+
+def _settled_stats(c) -> dict:
+    """The engines' stats once their shard writers are idle (they write asynchronously)."""
+    import time
+
+    stats = c.engine_stats()
+    for _ in range(50):
+        if stats and all(s.get("shard_pending", 0) == 0 for s in stats.values()):
+            break
+        time.sleep(0.1)
+        stats = c.engine_stats()
+    return stats
+
+
+def _free_port_base() -> int:
+    import socket
+
+    with socket.socket() as s:  # a free port; the engines take the next ones
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1] % 20000 + 30000
+
+
+def _router_stats(router: str, shard_dir: Path | None) -> dict:
+    from das_sglang import cluster
+    from das_sglang.core.shards import read_engine_stats
+
+    if shard_dir is not None:
+        return read_engine_stats(shard_dir)
+    workers = cluster.http_json(router.rstrip("/") + "/workers").get("workers", [])
+    return cluster.metrics_by_engine([w["url"] for w in workers])
+
+
+def _engine_table(stats: dict) -> Table:
+    table = Table(title="DAS per engine", caption="acc rate = accepted / proposed draft tokens; "
+                  "lazy = problems looked up in the shards (hits found history)")
+    for col in ("engine", "problems", "hist tokens", "reqs", "acc rate", "lazy hits/lookups", "shard writes"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for name, st in sorted(stats.items()):
+        proposed = st.get("draft_tokens_proposed", 0)
+        acc = f"{st.get('draft_tokens_accepted', 0) / proposed:.2f}" if proposed else "-"
+        table.add_row(name, f"{st.get('problems_held', 0):.0f}", f"{st.get('history_tokens', 0):.0f}",
+                      f"{st.get('requests_finished', 0):.0f}", acc,
+                      f"{st.get('lazy_load_hits', 0):.0f}/{st.get('lazy_loads', 0):.0f}",
+                      f"{st.get('shard_writes', 0):.0f}")
+    return table
 
 
 def _validate(n: int, steps: int, start_step: int, prompts: Path, out: Path, history: Path | None) -> None:
@@ -105,7 +176,8 @@ def _run_steps(
     return stats
 
 
-def _with_engine(spec: EngineSpec, speculative: bool, body: Callable[[Engine], list[StepStats]]) -> list[StepStats]:
+def _with_engine(spec: EngineSpec, speculative: bool, body: Callable[[Engine], list[StepStats]],
+                 engine_stats: dict | None = None) -> list[StepStats]:
     engine = make_engine(spec, speculative)
     try:
         stats = body(engine)
@@ -113,6 +185,8 @@ def _with_engine(spec: EngineSpec, speculative: bool, body: Callable[[Engine], l
         # scheduler loop; a round trip through that loop waits for the save to end
         # before shutdown SIGKILLs the scheduler.
         engine.get_server_info()
+        if engine_stats is not None and hasattr(engine, "engine_stats"):
+            engine_stats.update(engine.engine_stats())  # many engines: each one's DAS stats
         return stats
     finally:
         engine.shutdown()
@@ -166,20 +240,34 @@ def rollout(
     seed: Annotated[int, typer.Option(help="Base of the per-request sampling seeds.")] = 0,
     history: Annotated[Optional[Path], typer.Option(help="Snapshot dir: DAS history is loaded from and saved to it.")] = None,
     strict_history: Annotated[bool, typer.Option(help="Fail on an unusable --history snapshot instead of starting empty.")] = False,
+    engines: Annotated[int, typer.Option(help="Engines to launch behind the SMG router (scale-out; problem id = routing key).")] = 1,
+    router: Annotated[Optional[str], typer.Option(help="URL of a running SMG router in front of DAS engines (launch/scaleout.md).")] = None,
+    shard_dir: Annotated[Optional[Path], typer.Option(help="Shared history shard dir of the engines (default with --engines: OUT/shards).")] = None,
 ) -> None:
     """Generate N samples of every prompt for K steps with DAS speculative decoding."""
     console = Console(stderr=True)
     try:
         _validate(n, steps, start_step, prompts, out, history)
+        if engines < 1:
+            raise ValueError(f"invalid --engines {engines}: must be >= 1")
+        if router and engines > 1:
+            raise ValueError("--router and --engines > 1 both given: use a running router or launch engines, not both")
+        if (router or engines > 1) and history is not None:
+            raise ValueError("--history is per engine; with several engines history lives in --shard-dir")
+        if engines > 1 and shard_dir is None:
+            shard_dir = out / "shards"
         sampling = Sampling(max_new_tokens, temperature, seed)
         prompt_list = read_prompts(prompts)
         if history is not None:
             _check_history(history, strict_history)
         step_range = range(start_step, start_step + steps)
-        spec = EngineSpec(model, history, strict_history, seed, requests_per_step=len(prompt_list) * n)
+        spec = EngineSpec(model, history, strict_history, seed, requests_per_step=len(prompt_list) * n,
+                          engines=engines, router=router, shard_dir=shard_dir)
+        per_engine: dict = {}
         das = _with_engine(
             spec, True,
             lambda eng: _run_steps(console, eng, prompt_list, n, step_range, sampling, out, "das"),
+            per_engine,
         )
         base = None
         if compare is Compare.none:
@@ -194,5 +282,9 @@ def rollout(
         typer.echo(f"error: SGLang engine failed: {e} (its log above names the cause)", err=True)
         raise typer.Exit(1) from None
     summary = {"das": [s.as_dict() for s in das], "none": [s.as_dict() for s in base] if base else None}
+    if per_engine:
+        summary["engines"] = per_engine
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     Console().print(_table(das, base))
+    if per_engine:
+        Console().print(_engine_table(per_engine))

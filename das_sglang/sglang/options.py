@@ -63,6 +63,14 @@ class ServerConfig:
     async_updates     history updates (the drafter's batch extend, GIL-free), the length
                       index rebuild and snapshot writes run off the scheduler thread; reads
                       wait for pending updates first (True, default). False: all inline.
+    shard_path        shared directory of per-problem history shards (scale-out: many
+                      engines behind a router, core/shards.py): a problem this engine
+                      does not hold is loaded from it lazily, and this engine's rollouts
+                      of a problem are written to it when the problem's requests finish.
+                      None = off.
+    engine_id         this engine's name in ``shard_path`` (its shard files and stats);
+                      must be unique among live engines and stable across restarts.
+                      None = ``<hostname>-<port>``.
     """
 
     policy: str = "length-aware"
@@ -72,6 +80,8 @@ class ServerConfig:
     verify_layout: str = "auto"
     stats_path: str | None = None
     async_updates: bool = True
+    shard_path: str | None = None
+    engine_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -82,6 +92,12 @@ class ServerConfig:
             raise ValueError(
                 f"invalid verify_layout={self.verify_layout!r}: must be one of {VERIFY_LAYOUTS}"
             )
+        if self.shard_path is not None and (not isinstance(self.shard_path, str) or not self.shard_path):
+            raise ValueError(f"invalid shard_path={self.shard_path!r}: must be a non-empty path")
+        if self.engine_id is not None:
+            from das_sglang.core.shards import check_engine_id
+
+            check_engine_id(self.engine_id)
 
 
 @dataclass(frozen=True, slots=True)

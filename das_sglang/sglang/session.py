@@ -159,9 +159,10 @@ class DasSession:
     """Drafter + policy + the live requests of one worker process."""
 
     def __init__(self, options: DasOptions, drafter=None, policy=None,
-                 write_snapshots: bool = True):
+                 write_snapshots: bool = True, engine_id: str | None = None):
         """``write_snapshots`` False (tensor-parallel ranks other than 0) still loads the
-        history snapshot, so every rank drafts alike, but never writes it."""
+        history snapshot, so every rank drafts alike, but never writes it. ``engine_id``
+        names this engine in ``server.shard_path`` (scale-out)."""
         from das_sglang.core.drafter import SuffixDrafter
 
         self.options = options
@@ -190,6 +191,8 @@ class DasSession:
             # while the forward runs (plan submits one chunk after its reads).
             self.drafter.lazy_eviction = True
         self._evicting = False
+        self.worker_stats: dict | None = None  # the worker's verify counters, for shard stats
+        self.shards = self._open_shards(engine_id)
 
     def sync(self) -> None:
         """Apply pending background history updates (before any other drafter access)."""
@@ -225,6 +228,8 @@ class DasSession:
             self.drafter.extend_request(req_id, np.asarray(output, dtype=np.int32))
         self.counters["root_only"] += bool(root_only)
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only)
+        if self.shards is not None:
+            self.shards.on_start(pid, step)  # lazy load of a problem this engine lacks
 
     def _history_empty(self) -> bool:
         # Finished rollouts = indexed sequences minus the live requests' own.
@@ -251,6 +256,8 @@ class DasSession:
                 _trim_heap_later()  # can take 100 ms on a large heap
             else:
                 _trim_heap()
+        if self.shards is not None:
+            self.shards.advance_step(step)
         if self.snapshot is not None:
             self.snapshot.save()  # a step boundary is a natural checkpoint
 
@@ -390,6 +397,8 @@ class DasSession:
         if stored and self._mirror is not None:
             steps = self._mirror.setdefault(live.problem_id, {})
             steps[live.step] = steps.get(live.step, ()) + (tokens,)
+        if self.shards is not None:
+            self.shards.on_finished(live.problem_id, live.step, tokens)
         self.policy.observe_finished(live.problem_id, len(output))
         if self.snapshot is not None:
             self.snapshot.note_finished()
@@ -410,9 +419,12 @@ class DasSession:
 
     def drop(self, req_id: str) -> None:
         """A request left without finishing (aborted, retracted): forget its text."""
-        if self.live.pop(req_id, None) is not None:
+        live = self.live.pop(req_id, None)
+        if live is not None:
             self.sync()
             self.drafter.finish_request(req_id, keep=False)
+            if self.shards is not None:
+                self.shards.on_drop(live.problem_id)
 
     # ------------------------------------------------------------ history
     def _open_snapshot(self, write: bool = True):
@@ -445,6 +457,27 @@ class DasSession:
             get_meta=self._snapshot_meta, background=server.async_updates,
         )
 
+    def _open_shards(self, engine_id: str | None):
+        server = self.options.server
+        if server.shard_path is None:
+            return None
+        from das_sglang.core.shards import ShardSync, default_engine_id
+
+        engine_id = server.engine_id or engine_id or default_engine_id(0)
+        return ShardSync(server.shard_path, engine_id, self.drafter,
+                         self.options.drafter.window_steps, extra_stats=self._shard_stats)
+
+    def _shard_stats(self, stats) -> None:
+        """Fill the engine-wide numbers of the shard stats (called rate-limited)."""
+        self.sync()  # the drafter is read here: no background update may run meanwhile
+        d = self.drafter.stats()
+        stats.problems_held, stats.history_tokens, stats.step = d.problems, d.tokens, self.step
+        w = self.worker_stats
+        if w is not None:
+            stats.verify_steps = w.get("verify_steps", 0)
+            stats.draft_tokens_proposed = w.get("proposed", 0)
+            stats.draft_tokens_accepted = w.get("accepted", 0)
+
     def _history_view(self):
         """The history as immutable per-step tuples: cheap to take on the scheduler thread
         (one dict per problem), safe for the background writer to read afterwards."""
@@ -462,6 +495,9 @@ class DasSession:
             self._updates.flush()
             self._updates.close()
             self._updates = None
+        if self.shards is not None:
+            self.shards.close()
+            self.shards = None
         if self.snapshot is not None:
             self.snapshot.close()
             self.snapshot = None

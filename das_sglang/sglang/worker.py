@@ -41,6 +41,7 @@ from das_sglang.sglang.ragged import (
     verify_backend_name, walk_ragged,
 )
 from das_sglang.sglang.request_constraints import needs_root_only, needs_uniform_rows
+from das_sglang.sglang.scaleout import shard_engine_id
 from das_sglang.sglang.session import DasSession
 from das_sglang.sglang.support import NoExternalCorpus, check_model_supported
 from das_sglang.sglang.tp import from_sglang as tp_group_of_worker
@@ -90,10 +91,12 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             self.options.server.verify_layout, verify_backend_name(), lora=lora
         )
         self._layout_confirmed = False
-        self.session = DasSession(self.options, write_snapshots=self.tp.is_writer)
+        self.session = DasSession(self.options, write_snapshots=self.tp.is_writer,
+                                  engine_id=shard_engine_id(server_args, self.options))
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
                       "ragged_steps": 0, "layout": self.layout}
+        self.session.worker_stats = self.stats  # read by the shard stats (scale-out)
         atexit.register(self.session.close)
         _log.info("DAS worker: %s", self.options)
 
