@@ -113,7 +113,8 @@ def cpu_engine_kwargs() -> dict[str, Any]:
 
 
 def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
-    """``(model_path, extra engine kwargs)``; ``"tiny"`` means the CPU test model."""
+    """``(model_path, extra engine kwargs)``; ``"tiny"`` means the CPU test model. With
+    ``DAS_SGLANG_CPU=1`` any model runs with the CPU development mode's engine settings."""
     if model == TINY_MODEL:
         extra = cpu_engine_kwargs()
         return str(tiny_model()), extra
@@ -121,10 +122,17 @@ def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ValueError(f"--model {model}: directory has no config.json (not a Hugging Face model)")
-        return str(path), {}
+        return str(path), _cpu_kwargs_if_requested()
     if model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise ValueError(f"--model {model}: no such directory, and not a Hugging Face id (org/name)")
-    return model, {}  # a hub id: SGLang resolves it (from the local HF cache when offline)
+    # a hub id: SGLang resolves it (from the local HF cache when offline)
+    return model, _cpu_kwargs_if_requested()
+
+
+def _cpu_kwargs_if_requested() -> dict[str, Any]:
+    from das_sglang.sglang import cpu
+
+    return cpu_engine_kwargs() if cpu.requested() else {}
 
 
 # Both engines of a `das rollout --compare none` run get the same concurrency (SGLang's
