@@ -1,11 +1,13 @@
 """Python API for RL frameworks: a stock ``sglang.Engine`` with DAS, and request tags.
 
     import das_sglang
-    engine = das_sglang.engine("Qwen/Qwen2.5-7B-Instruct", mem_fraction_static=0.8)
-    params = das_sglang.tagged({"temperature": 1.0, "max_new_tokens": 4096},
-                               problem_id="gsm8k-17", step=3)
-    out = engine.generate(prompt=prompt, sampling_params=params)
-    out["meta_info"]["spec_verify_ct"]  # target forward passes that verified drafts
+
+    if __name__ == "__main__":  # the engine spawns processes: guard the entry point
+        engine = das_sglang.engine("Qwen/Qwen2.5-7B-Instruct", mem_fraction_static=0.8)
+        params = das_sglang.tagged({"temperature": 1.0, "max_new_tokens": 4096},
+                                   problem_id="gsm8k-17", step=3)
+        out = engine.generate(prompt=prompt, sampling_params=params)
+        out["meta_info"]["spec_verify_ct"]  # verify forwards (0 if it never verified)
 
 The engine is SGLang's own; DAS is its speculative algorithm ``"DAS"`` (registered by the
 ``sglang.srt.plugins`` entry point of this package). The tags tell the DAS worker which

@@ -41,7 +41,8 @@ if [ "${DAS_SGLANG_CPU:-}" != "1" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" "$stash"/*.whl || { echo '{"error": "pip install of the carried wheels failed"}' > "$out/summary.json"; exit 1; }
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-  if ! "$PY" -c "import das_sglang.native" 2>/dev/null; then
+  # (from /tmp: the checkout's own das_sglang sources have no cp312 native build)
+  if ! (cd /tmp && "$PY" -c "import das_sglang.native" 2>/dev/null); then
     echo "== the carried das-sglang wheel does not load here: building it from source"
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" --upgrade "$root"
   fi
