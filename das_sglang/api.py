@@ -1,11 +1,13 @@
 """Python API for RL frameworks: a stock ``sglang.Engine`` with DAS, and request tags.
 
     import das_sglang
-    engine = das_sglang.engine("Qwen/Qwen2.5-7B-Instruct", mem_fraction_static=0.8)
-    params = das_sglang.tagged({"temperature": 1.0, "max_new_tokens": 4096},
-                               problem_id="gsm8k-17", step=3)
-    out = engine.generate(prompt=prompt, sampling_params=params)
-    out["meta_info"]["spec_verify_ct"]  # target forward passes that verified drafts
+
+    if __name__ == "__main__":  # the engine spawns processes: guard the entry point
+        engine = das_sglang.engine("Qwen/Qwen2.5-7B-Instruct", mem_fraction_static=0.8)
+        params = das_sglang.tagged({"temperature": 1.0, "max_new_tokens": 4096},
+                                   problem_id="gsm8k-17", step=3)
+        out = engine.generate(prompt=prompt, sampling_params=params)
+        out["meta_info"]["spec_verify_ct"]  # verify forwards (0 if it never verified)
 
 The engine is SGLang's own; DAS is its speculative algorithm ``"DAS"`` (registered by the
 ``sglang.srt.plugins`` entry point of this package). The tags tell the DAS worker which
@@ -138,7 +140,8 @@ def cpu_engine_kwargs() -> dict[str, Any]:
 
 
 def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
-    """``(model_path, extra engine kwargs)``; ``"tiny"`` means the CPU test model."""
+    """``(model_path, extra engine kwargs)``; ``"tiny"`` means the CPU test model. With
+    ``DAS_SGLANG_CPU=1`` any model runs with the CPU development mode's engine settings."""
     if model == TINY_MODEL:
         extra = cpu_engine_kwargs()
         return str(tiny_model()), extra
@@ -146,10 +149,17 @@ def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ValueError(f"--model {model}: directory has no config.json (not a Hugging Face model)")
-        return str(path), {}
+        return str(path), _cpu_kwargs_if_requested()
     if model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise ValueError(f"--model {model}: no such directory, and not a Hugging Face id (org/name)")
-    return model, {}  # a hub id: SGLang resolves it (from the local HF cache when offline)
+    # a hub id: SGLang resolves it (from the local HF cache when offline)
+    return model, _cpu_kwargs_if_requested()
+
+
+def _cpu_kwargs_if_requested() -> dict[str, Any]:
+    from das_sglang.sglang import cpu
+
+    return cpu_engine_kwargs() if cpu.requested() else {}
 
 
 # Both engines of a `das rollout --compare none` run get the same concurrency (SGLang's

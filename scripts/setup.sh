@@ -11,7 +11,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 venv="$root/.venv"
 pip="$venv/bin/python -m pip"
 stamp="$venv/.das-setup-stamp"
-key="$(cat scripts/setup.sh pyproject.toml requirements/*.txt | sha256sum | cut -c1-16)"
+key="$(cat scripts/setup.sh pyproject.toml CMakeLists.txt requirements/*.txt | sha256sum | cut -c1-16)"
 
 if [ ! -x "$venv/bin/python" ]; then
   "$PY" -m venv "$venv"

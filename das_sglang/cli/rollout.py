@@ -192,8 +192,20 @@ def _with_engine(spec: EngineSpec, speculative: bool, body: Callable[[Engine], l
         engine.shutdown()
 
 
-def _table(das: list[StepStats], base: list[StepStats] | None) -> Table:
-    table = Table(title="das rollout", caption=_CAPTION)
+def attention_path(model: str, speculative: bool) -> str:
+    """Which attention code a run's forwards go through. In CPU development mode the DAS
+    verify forward is das-sglang's tree-mask attention and the plain decode is SGLang's
+    torch_native decode: two different code paths, so their wall-clock times are not a
+    measure of speculation. On a GPU both runs use the engine's one backend."""
+    from das_sglang.sglang import cpu
+
+    if model == TINY_MODEL or cpu.requested():
+        return "cpu: das tree-mask SDPA (verify)" if speculative else "cpu: torch_native decode"
+    return "engine default"
+
+
+def _table(das: list[StepStats], base: list[StepStats] | None, wall_clock: bool = True) -> Table:
+    table = Table(title="das rollout", caption=_CAPTION if wall_clock else _CAPTION_NO_WALL_CLOCK)
     for col in ("step", "engine", "reqs", "tokens", "time s", "tok/s", "acc/verify", "fwd", "tok/fwd"):
         table.add_column(col, justify="right", no_wrap=True)
     for i, s in enumerate(das):
@@ -202,8 +214,11 @@ def _table(das: list[StepStats], base: list[StepStats] | None) -> Table:
             b = base[i]
             table.add_row(*_row(b, "none"))
             table.add_row(
-                str(s.step), "das/none", "", "", _ratio(s.makespan_s, b.makespan_s),
-                _ratio(s.tokens_per_s, b.tokens_per_s), "", _ratio(s.forward_passes, b.forward_passes), "",
+                str(s.step), "das/none", "", "",
+                _ratio(s.makespan_s, b.makespan_s) if wall_clock else "n/a",
+                _ratio(s.tokens_per_s, b.tokens_per_s) if wall_clock else "n/a", "",
+                _ratio(s.forward_passes, b.forward_passes),
+                _ratio(s.tokens_per_forward, b.tokens_per_forward),
                 end_section=True,
             )
     return table
@@ -216,6 +231,9 @@ def _ratio(a: float, b: float) -> str:
 _CAPTION = (
     "time = step makespan; acc/verify = accepted draft tokens per verify step (no bonus); "
     "fwd = forward passes summed over requests; das/none rows: ratios"
+)
+_CAPTION_NO_WALL_CLOCK = (
+    _CAPTION + "; time and tok/s ratios n/a: the two runs used different attention paths"
 )
 
 
@@ -270,21 +288,32 @@ def rollout(
             per_engine,
         )
         base = None
+        paths = {"das": attention_path(model, True)}
         if compare is Compare.none:
             base = _with_engine(
                 EngineSpec(model, seed=seed), False,
                 lambda eng: _run_steps(console, eng, prompt_list, n, step_range, sampling, out / COMPARE_DIR, "none"),
             )
+            paths["none"] = attention_path(model, False)
     except ValueError as e:  # bad input anywhere (flags, prompts, model, snapshot): no traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     except RuntimeError as e:  # SGLang's "scheduler died during initialization" and kin
         typer.echo(f"error: SGLang engine failed: {e} (its log above names the cause)", err=True)
         raise typer.Exit(1) from None
-    summary = {"das": [s.as_dict() for s in das], "none": [s.as_dict() for s in base] if base else None}
-    if per_engine:
-        summary["engines"] = per_engine
+    except ModuleNotFoundError as e:  # torchvision / sgl_kernel / vllm: a CPU-only machine
+        typer.echo(f"error: SGLang could not import {e.name!r}; on a machine without a CUDA GPU "
+                   f"run with DAS_SGLANG_CPU=1 (CPU development mode, docs/sglang.md)", err=True)
+        raise typer.Exit(1) from None
+    comparable = base is not None and paths["das"] == paths["none"]
+    summary = {"das": [s.as_dict() for s in das], "none": [s.as_dict() for s in base] if base else None,
+               "attention": paths, "wall_clock_comparable": comparable if base is not None else None}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    Console().print(_table(das, base))
+    Console().print(_table(das, base, wall_clock=comparable))
     if per_engine:
         Console().print(_engine_table(per_engine))
+    if base is not None and not comparable:
+        typer.echo(f"note: no wall-clock ratios: the runs used different attention paths (das: "
+                   f"{paths['das']}; none: {paths['none']}), so their times say nothing about "
+                   "speculation; compare forward passes (fwd) and tokens per forward instead",
+                   err=True)

@@ -48,6 +48,19 @@ class DasSpecAlgo(CustomSpecAlgo):
             device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay
         )
 
+    def create_worker(self, server_args):
+        # CustomSpecAlgo.create_worker logs a deprecation warning for every algorithm
+        # registered with supports_overlap=False. DAS verifies synchronously by design;
+        # the one requirement behind that flag is checked here, with a clear error.
+        from sglang.srt.arg_groups.overrides import resolving_view
+
+        if not resolving_view(server_args).disable_overlap_schedule:
+            raise ValueError(
+                f"--speculative-algorithm {self.name} verifies synchronously: "
+                "pass --disable-overlap-schedule (disable_overlap_schedule=True)"
+            )
+        return self.factory(server_args)
+
     def handle_server_args(self, server_args) -> None:
         handle_das_server_args(server_args)
 
@@ -119,3 +132,8 @@ def register_das(name: str, worker_class=_worker_class) -> None:
     SpeculativeAlgorithm.register(
         name, supports_overlap=False, validate_server_args=_validate, spec_class=DasSpecAlgo
     )(worker_class)
+
+
+def register_cost_probe(name: str) -> None:
+    """``DAS_COST_PROBE``: DAS plus TARGET_VERIFY timing (benchmarks/gpu; cost_probe.py)."""
+    register_das(name, _cost_probe_worker_class)

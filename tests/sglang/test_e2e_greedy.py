@@ -69,6 +69,8 @@ def das(tiny_model, das_stats):
         step3 = [(label.replace("2", "3"), p, [(pid, 3) for pid, _ in tags])
                  for label, p, tags in workload() if label == "grpo-step2"]
         results.update(run(engine, step3))
+        # finished at prefill: no verify at all (spec counters must still be reported)
+        results["one-token"] = generate(engine, [[5, 6, 7]], dict(GREEDY, max_new_tokens=1))
         return results
 
 
@@ -94,6 +96,10 @@ class TestGreedyIdentity:
         assert n >= 200
         sizes = {len(outs) for label, (outs, _) in das.items() if label.startswith("plain")}
         assert sizes == {1, 2, 4, 8, 16, 32}
+
+    def test_spec_counters_present_at_zero_verifies(self, das):
+        (meta,) = das["one-token"][1]
+        assert meta["spec_verify_ct"] == 0 and meta["spec_num_correct_drafts"] == 0
 
     def test_every_output_token_identical(self, reference, das):
         for label, (ref, _) in reference.items():

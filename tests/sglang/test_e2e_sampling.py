@@ -19,15 +19,15 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy.stats import chi2_contingency
 
+from das_sglang.sglang import sampling_check
+from das_sglang.sglang.sampling_check import ALPHA, accepted_per_verify
 from sglang_engines import generate, launch
 
 pytestmark = pytest.mark.sglang
 
 PROMPT = [17, 42, 99, 5, 230, 11]
 SAMPLES, WARMUP, BATCH, NEW_TOKENS = 320, 64, 32, 10
-ALPHA = 1e-3  # family-wise, Bonferroni over the positions
 SETTINGS = {
     "top_k": {"temperature": 1.0, "top_k": 2},
     "low_temperature_top_k_top_p": {"temperature": 0.3, "top_k": 3, "top_p": 0.9},
@@ -88,29 +88,8 @@ def greedy_accept_samples(tiny_model):
         return sample_das(engine)
 
 
-def homogeneity_p(a: list[int], b: list[int]) -> float:
-    """Chi-square p-value that two token samples share one distribution; tokens seen
-    fewer than 10 times in total are pooled into one category."""
-    ca, cb = Counter(a), Counter(b)
-    common = [t for t in ca.keys() | cb.keys() if ca[t] + cb[t] >= 10]
-    rows = [[ca[t] for t in common], [cb[t] for t in common]]
-    rows[0].append(len(a) - sum(rows[0]))
-    rows[1].append(len(b) - sum(rows[1]))
-    table = np.array(rows)
-    table = table[:, table.sum(axis=0) > 0]
-    if table.shape[1] < 2:
-        return 1.0
-    return float(chi2_contingency(table)[1])
-
-
 def position_pvalues(ref, got) -> list[float]:
-    return [homogeneity_p([o[t] for o in ref], [o[t] for o in got]) for t in range(1, NEW_TOKENS)]
-
-
-def accepted_per_verify(metas) -> float:
-    """Draft tokens accepted per verify forward (bonus and prefill token excluded)."""
-    done = [m for m in metas if m["spec_verify_ct"] > 0]
-    return float(np.mean([(m["completion_tokens"] - 1) / m["spec_verify_ct"] - 1 for m in done]))
+    return sampling_check.position_pvalues(ref, got, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))

@@ -39,12 +39,12 @@ def requested() -> bool:
     return os.environ.get(ENV_SWITCH, "") == "1"
 
 
-def activate() -> None:
-    """Turn CPU development mode on in this process and the processes it spawns."""
-    if _gpu_present():
-        raise RuntimeError(
-            f"{ENV_SWITCH}: CPU development mode must not be used on a machine with a GPU"
-        )
+def prepare_imports() -> None:
+    """The import-time half of :func:`activate` (no torch, no sglang import): SGLang's
+    CPU switch and the stand-ins first on the import path. Run at interpreter start when
+    ``DAS_SGLANG_CPU=1`` (``das_sglang_cpu.pth``, installed with the package), so a plain
+    ``import sglang`` script works in CPU development mode; the plugin's ``register()``
+    completes the activation in every SGLang process."""
     os.environ[ENV_SWITCH] = "1"
     os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
     if STANDINS not in sys.path:
@@ -52,6 +52,15 @@ def activate() -> None:
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if STANDINS not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([STANDINS, *filter(None, paths)])
+
+
+def activate() -> None:
+    """Turn CPU development mode on in this process and the processes it spawns."""
+    if _gpu_present():
+        raise RuntimeError(
+            f"{ENV_SWITCH}: CPU development mode must not be used on a machine with a GPU"
+        )
+    prepare_imports()
     if "sglang.srt.layers.attention.attention_registry" in sys.modules or _sglang_importable():
         _register_attention()
 

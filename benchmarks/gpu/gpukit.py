@@ -1,0 +1,534 @@
+"""The one-shot GPU kit: prove and calibrate DAS on a real GPU in one short run.
+
+    python benchmarks/gpu/gpukit.py run --out OUTDIR [--plan gpu|dry] [--budget-s 450]
+
+(``benchmarks/gpu/run.sh OUTDIR`` installs the carried wheels first and calls this.) Writes
+everything under OUTDIR, ending with ``OUTDIR/summary.json``:
+
+1. **greedy identity** — >= 200 requests (GPU plan), DAS vs no speculation, token by
+   token, on float32 engines (``greedy_mismatches``; bf16 changes reduction order
+   between a verify forward and a decode forward, which is numerics, not DAS);
+2. **sampled** — temperature 1.0, top-p 0.8: DAS and no-speculation samples of one
+   prompt, chi-square per position (``das_sglang.sglang.sampling_check``; ``sampled_ok``);
+3. **cost table** — TARGET_VERIFY forward ms by batch x tokens per request through
+   SGLang's model runner (``DAS_COST_PROBE``, ``das_sglang/sglang/cost_probe.py``), eager,
+   and CUDA graph where SGLang captured it -> ``cost_table.csv`` -> ``fit_cost_model.py``
+   -> ``coefficients.json``;
+4. **end to end** — the same rollout (prompts x n samples x steps, temperature 1.0) with
+   no speculation, DAS and SGLang's NGRAM, bf16: wall-clock tokens/s per mode.
+
+Each engine runs in its own subprocess under a time box (``role`` below); a failing or
+timed-out stage records its error in the JSON and the run continues. The same script runs
+on the CPU (``DAS_SGLANG_CPU=1``, ``--plan dry``: tiny sizes) as the CI dry run
+(``pytest -m gpukit_dry``). On a GPU without the CUDA ``sgl-kernel`` wheel it activates
+``das_sglang.sglang.nokernel`` (Triton attention, pytorch sampling, torch fused ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+COST_HEADER = ("batch", "tokens_per_request", "cuda_graph", "ms")
+
+
+# ------------------------------------------------------------------ plans
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str  # a tiny_model preset
+    greedy_prompts: int
+    greedy_rounds: int  # each round: every prompt once, DAS step = round
+    greedy_new_tokens: int
+    sampled_samples: int
+    sampled_warmup: int
+    sampled_new_tokens: int
+    sampled_min_accepted: float  # accepted drafts per verify for the test to have teeth
+    cost_batches: list[int]
+    cost_widths: list[int]  # tokens per request (1 = root only)
+    cost_warmup: int
+    cost_repeats: int
+    e2e_prompts: int
+    e2e_n: int
+    e2e_steps: int
+    e2e_new_tokens: int
+    max_running: int
+    draft_tokens: int  # --speculative-num-draft-tokens (>= max cost width)
+    # role -> (speculative algorithm, engine dtype, stages, seconds), run in this order:
+    # the correctness roles first, so a short run still answers the first questions.
+    roles: dict = field(default_factory=dict)
+    reference: str = "none32"  # role whose greedy / sampled outputs are the reference
+    speculative: str = "das32"  # role whose greedy / sampled outputs are checked
+    e2e_modes: dict = field(default_factory=dict)  # role -> mode name in tokens_per_s
+
+
+PLANS = {
+    "gpu": Plan(
+        model="gpu-0.6b", greedy_prompts=60, greedy_rounds=4, greedy_new_tokens=64,
+        sampled_samples=2048, sampled_warmup=256, sampled_new_tokens=12, sampled_min_accepted=0.5,
+        cost_batches=[1, 2, 4, 8, 16, 32, 64, 128, 256], cost_widths=list(range(1, 18)),
+        cost_warmup=2, cost_repeats=5,
+        e2e_prompts=32, e2e_n=8, e2e_steps=3, e2e_new_tokens=256,
+        max_running=256, draft_tokens=17,
+        roles={
+            "none32": (None, "float32", ["greedy", "sampled"], 75),
+            "das32": ("DAS", "float32", ["greedy", "sampled"], 95),
+            # DAS_COST_PROBE decodes exactly like DAS when no request arms the probe, so
+            # its engine serves the DAS end-to-end run too (one engine start less).
+            "probe16": ("DAS_COST_PROBE", "bfloat16", ["cost", "e2e"], 120),
+            "none16": (None, "bfloat16", ["e2e"], 50),
+            "ngram16": ("NGRAM", "bfloat16", ["e2e"], 80),
+        },
+        e2e_modes={"none16": "none", "probe16": "das", "ngram16": "ngram"},
+    ),
+    "dry": Plan(
+        model="tiny", greedy_prompts=6, greedy_rounds=2, greedy_new_tokens=12,
+        sampled_samples=32, sampled_warmup=8, sampled_new_tokens=6, sampled_min_accepted=0.0,
+        cost_batches=[1, 2, 4], cost_widths=[1, 2, 5], cost_warmup=1, cost_repeats=2,
+        e2e_prompts=2, e2e_n=2, e2e_steps=2, e2e_new_tokens=8,
+        max_running=16, draft_tokens=5,
+        # The CPU computes in float32 whatever the dtype, so the dry run folds the GPU's
+        # five engines into two (engine starts dominate a CPU run): the same stage code,
+        # with NGRAM's end-to-end left to `--roles` (its C++ corpus compiles for ~40 s).
+        roles={
+            "none32": (None, "float32", ["greedy", "sampled", "e2e"], 240),
+            "das32": ("DAS_COST_PROBE", "float32", ["greedy", "sampled", "cost", "e2e"], 300),
+            "ngram16": ("NGRAM", "float32", ["e2e"], 300),
+        },
+        e2e_modes={"none32": "none", "das32": "das", "ngram16": "ngram"},
+    ),
+}
+DRY_DEFAULT_ROLES = ("none32", "das32")
+
+ALL_ROLES = sorted({r for p in PLANS.values() for r in p.roles})
+SAMPLED = {"temperature": 1.0, "top_p": 0.8}
+# DAS verifies its full draft width in the correctness runs (more accepted tokens,
+# stronger tests); the e2e run uses the default policy.
+FULL_WIDTH = '{"server": {"policy": "unlimited"}}'
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------ engine side
+
+
+def engine_kwargs(plan: Plan, algorithm: str | None, dtype: str) -> dict:
+    kwargs = dict(log_level="error", random_seed=0, max_running_requests=plan.max_running,
+                  dtype=dtype)
+    if on_gpu():
+        from das_sglang.sglang import nokernel
+
+        if not nokernel.real_sgl_kernel_installed():
+            kwargs.update(nokernel.ENGINE_KWARGS)
+        kwargs.update(mem_fraction_static=0.5, cuda_graph_bs_decode=plan.cost_batches,
+                      cuda_graph_max_bs_decode=max(plan.cost_batches))
+    else:
+        from das_sglang.sglang import cpu
+
+        kwargs.update({k: v for k, v in cpu.ENGINE_KWARGS.items() if k != "dtype"})
+    if algorithm is not None:
+        kwargs.update(speculative_algorithm=algorithm, disable_overlap_schedule=True,
+                      speculative_num_draft_tokens=plan.draft_tokens)
+    return kwargs
+
+
+def activate_backend() -> str:
+    """CPU development mode or the GPU's no-kernel mode, before sglang is imported."""
+    if not on_gpu():
+        from das_sglang.sglang import cpu
+
+        cpu.activate()
+        return "cpu"
+    from das_sglang.sglang import nokernel
+
+    return "gpu-nokernel" if nokernel.activate() else "gpu"
+
+
+def random_prompts(count: int, vocab: int, seed: int, lo: int = 8, hi: int = 24) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
+
+
+def generate(engine, prompts, params, tags=None) -> list[dict]:
+    plist = []
+    for i, _ in enumerate(prompts):
+        p = dict(params)
+        if tags is not None:
+            p["custom_params"] = {**p.get("custom_params", {}),
+                                  "das_problem_id": tags[i][0], "das_step": tags[i][1]}
+        plist.append(p)
+    return engine.generate(input_ids=[list(x) for x in prompts], sampling_params=plist)
+
+
+def stage_greedy(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
+    prompts = random_prompts(plan.greedy_prompts, vocab, seed=1)
+    params = {"temperature": 0.0, "max_new_tokens": plan.greedy_new_tokens, "ignore_eos": True}
+    outputs, metas = [], []
+    for r in range(plan.greedy_rounds):
+        tags = [(f"greedy-{i}", r) for i in range(len(prompts))]
+        got = generate(engine, prompts, params, tags)
+        outputs += [o["output_ids"] for o in got]
+        metas += [o["meta_info"] for o in got]
+    (out / f"greedy_{role}.json").write_text(json.dumps(outputs))
+    return {"requests": len(outputs), **spec_counts(metas)}
+
+
+def stage_sampled(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
+    prompt = random_prompts(1, vocab, seed=2)[0]
+    params = dict(SAMPLED, max_new_tokens=plan.sampled_new_tokens, ignore_eos=True)
+    batch = min(plan.max_running, 256)
+
+    def draw(n: int, step: int) -> tuple[list, list]:
+        outs, metas = [], []
+        for start in range(0, n, batch):
+            k = min(batch, n - start)
+            got = generate(engine, [prompt] * k, params, [("sampled", step)] * k)
+            outs += [o["output_ids"] for o in got]
+            metas += [o["meta_info"] for o in got]
+        return outs, metas
+
+    draw(plan.sampled_warmup, 0)  # history for step 1 (also warms the no-spec engine)
+    outs, metas = draw(plan.sampled_samples, 1)
+    (out / f"sampled_{role}.json").write_text(json.dumps({"outputs": outs, "metas": metas}))
+    return {"samples": len(outs), **spec_counts(metas)}
+
+
+def stage_cost(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
+    from das_sglang.sglang.cost_probe import PROBE_KEY
+
+    probe_dir = out / "probe"
+    probe_dir.mkdir(exist_ok=True)
+    missing = []
+    for b in plan.cost_batches:
+        prompts = random_prompts(b, vocab, seed=100 + b, lo=32, hi=32)
+        probe = {"out": str(probe_dir), "batch": b, "widths": plan.cost_widths,
+                 "warmup": plan.cost_warmup, "repeats": plan.cost_repeats}
+        params = {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True,
+                  "custom_params": {PROBE_KEY: probe}}
+        generate(engine, prompts, params)
+        if not (probe_dir / f"probe_b{b}.json").exists():
+            missing.append(b)
+    rows, errors = [], []
+    for b in plan.cost_batches:
+        f = probe_dir / f"probe_b{b}.json"
+        if f.exists():
+            got = json.loads(f.read_text())
+            rows += got["rows"]
+            if got.get("error"):
+                errors.append(f"batch {b}: {got['error']}")
+    table = out / "cost_table.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(COST_HEADER)
+        for r in sorted(rows, key=lambda r: (r["cuda_graph"], r["tokens_per_request"], r["batch"])):
+            w.writerow([r["batch"], r["tokens_per_request"], r["cuda_graph"], f"{r['ms']:.4f}"])
+    if errors or not rows:
+        raise RuntimeError(f"cost probe: {len(rows)} rows; errors {errors}; "
+                           f"batches never reached {missing}")
+    return {"rows": len(rows), "graph_rows": sum(r["cuda_graph"] for r in rows),
+            "batches_not_reached": missing, "table": str(table)}
+
+
+def stage_e2e(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
+    from das_sglang.rollout import Prompt, Sampling, run_step
+    from das_sglang.sglang.cpu.tiny_model import _corpus
+
+    texts = _corpus(seed=3, lines=plan.e2e_prompts)
+    prompts = [Prompt(f"e2e-{i}", t) for i, t in enumerate(texts)]
+    sampling = Sampling(max_new_tokens=plan.e2e_new_tokens, temperature=1.0, seed=0)
+    steps = []
+    for step in range(plan.e2e_steps):
+        res = run_step(engine, prompts, plan.e2e_n, step, sampling)
+        steps.append(res.stats.as_dict())
+    tokens = sum(s["completion_tokens"] for s in steps)
+    seconds = sum(s["makespan_s"] for s in steps)
+    return {"mode": plan.e2e_modes[role], "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "tokens_per_forward": tokens / max(1, sum(s["forward_passes"] for s in steps)),
+            "steps": steps}
+
+
+STAGES = {"greedy": stage_greedy, "sampled": stage_sampled, "cost": stage_cost, "e2e": stage_e2e}
+
+
+def spec_counts(metas) -> dict:
+    verify = sum(int(m.get("spec_verify_ct", 0) or 0) for m in metas)
+    tokens = sum(int(m.get("completion_tokens", 0)) for m in metas)
+    return {"completion_tokens": tokens, "verify_forwards": verify,
+            "tokens_per_verify": (tokens - len(metas)) / verify if verify else None}
+
+
+def run_role(role: str, plan_name: str, model: str, out: Path) -> int:
+    """One engine, its stages; ``OUT/role_<role>.json`` rewritten after every stage."""
+    plan = PLANS[plan_name]
+    algorithm, dtype, stages, _ = plan.roles[role]
+    result = {"role": role, "algorithm": algorithm, "dtype": dtype, "stages": {}}
+    path = out / f"role_{role}.json"
+
+    def save():
+        _atomic_write(path, result)
+
+    t0 = time.perf_counter()
+    try:
+        result["backend"] = activate_backend()
+        if algorithm in ("DAS", "DAS_COST_PROBE"):
+            os.environ["DAS_CONFIG"] = FULL_WIDTH if role == plan.speculative else "{}"
+        import sglang
+
+        engine = sglang.Engine(model_path=model, **engine_kwargs(plan, algorithm, dtype))
+    except Exception:
+        result["error"] = traceback.format_exc(limit=8)
+        save()
+        return 1
+    result["engine_start_s"] = time.perf_counter() - t0
+    save()
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    try:
+        for stage in stages:
+            t = time.perf_counter()
+            try:
+                got = STAGES[stage](engine, plan, vocab, out, role)
+                result["stages"][stage] = {"ok": True, "seconds": time.perf_counter() - t, **got}
+            except Exception:
+                result["stages"][stage] = {"ok": False, "seconds": time.perf_counter() - t,
+                                           "error": traceback.format_exc(limit=8)}
+            save()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+# ------------------------------------------------------------------ orchestration
+
+
+def build_model(plan: Plan, model_dir: Path) -> Path:
+    from das_sglang.sglang.cpu.tiny_model import make_tiny_model, preset
+
+    return make_tiny_model(model_dir, preset(plan.model), device="cuda" if on_gpu() else "cpu")
+
+
+def preflight() -> dict:
+    """GPU only: SGLang importable in no-kernel mode, and its JIT tree-verify kernel
+    compiles (nvcc) and walks a tree exactly as our reference walk does."""
+    import torch
+
+    info = {"backend": activate_backend(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0)}
+    import sglang
+
+    info["sglang"] = sglang.__version__
+    from sglang.kernels.ops.speculative.spec_tree import verify_tree_greedy_func
+
+    from das_sglang.sglang.cpu.ops import verify_tree_greedy_cpu
+
+    def walk(fn, dev):
+        cand = torch.tensor([[5, 6, 7, 8]], dtype=torch.int64, device=dev)
+        idx = torch.arange(4, dtype=torch.int64, device=dev).view(1, 4)
+        nxt = torch.tensor([[1, 2, -1, -1]], dtype=torch.int64, device=dev)
+        sib = torch.tensor([[-1, 3, -1, -1]], dtype=torch.int64, device=dev)
+        target = torch.tensor([[8, 7, 9, 1]], dtype=torch.int64, device=dev)
+        pred = torch.zeros(4, dtype=torch.int32, device=dev)
+        acc = torch.full((1, 4), -1, dtype=torch.int32, device=dev)
+        num = torch.zeros(1, dtype=torch.int32, device=dev)
+        fn(pred, acc, num, cand, idx, nxt, sib, target)
+        return pred.tolist(), acc.tolist(), num.tolist()
+
+    t = time.perf_counter()
+    got = walk(lambda *a: verify_tree_greedy_func(*a), "cuda")
+    info["jit_compile_s"] = time.perf_counter() - t
+    want = walk(lambda *a: verify_tree_greedy_cpu(*a), "cpu")
+    info["jit_tree_verify_matches_reference"] = got == want
+    if got != want:
+        raise RuntimeError(f"JIT verify_tree_greedy {got} != reference {want}")
+    return info
+
+
+def run(out: Path, plan_name: str, budget_s: float, model_dir: Path,
+        roles: list[str] | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    plan = PLANS[plan_name]
+    if roles is None:
+        roles = list(DRY_DEFAULT_ROLES if plan_name == "dry" else plan.roles)
+    unknown = [r for r in roles if r not in plan.roles]
+    if unknown:
+        raise ValueError(f"--roles {unknown}: plan {plan_name!r} has {sorted(plan.roles)}")
+    deadline = time.monotonic() + budget_s
+    summary: dict = {"plan": plan_name, "plan_detail": asdict(plan), "stages": {},
+                     "greedy_mismatches": None, "sampled_ok": False,
+                     "cost_table": None, "coefficients": None, "tokens_per_s": {},
+                     "roles": roles}
+    gpu = on_gpu()
+    summary["device"] = "cuda" if gpu else "cpu"
+    pre = None
+    if gpu:  # JIT compile (CPU-bound nvcc) overlaps the model build
+        pre = subprocess.Popen([sys.executable, __file__, "preflight", "--out", str(out)],
+                               stdout=open(out / "preflight.log", "w"), stderr=subprocess.STDOUT)
+    t = time.perf_counter()
+    try:
+        model = build_model(plan, model_dir)
+        summary["stages"]["model"] = {"ok": True, "seconds": time.perf_counter() - t,
+                                      "preset": plan.model, "path": str(model)}
+    except Exception:
+        summary["stages"]["model"] = {"ok": False, "error": traceback.format_exc(limit=8)}
+        _finish(out, summary)
+        return summary
+    if pre is not None:
+        try:
+            pre.wait(timeout=max(1, min(120, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            pre.kill()
+        f = out / "preflight.json"
+        summary["stages"]["preflight"] = json.loads(f.read_text()) if f.exists() else {
+            "ok": False, "error": "preflight did not finish (see preflight.log)"}
+    for role in [r for r in plan.roles if r in roles]:
+        left = deadline - time.monotonic()
+        box = min(plan.roles[role][3], left - 5)
+        if box < 20:
+            summary["stages"][role] = {"ok": False, "error": f"skipped: {left:.0f} s left"}
+            continue
+        t = time.perf_counter()
+        cmd = [sys.executable, __file__, "role", role, "--plan", plan_name, "--model", str(model),
+               "--out", str(out)]
+        log = open(out / f"role_{role}.log", "w")
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=box,
+                                start_new_session=True).returncode
+            status = {"rc": rc}
+        except subprocess.TimeoutExpired:
+            status = {"rc": None, "error": f"timed out after {box:.0f} s"}
+        status["seconds"] = time.perf_counter() - t
+        f = out / f"role_{role}.json"
+        status.update(json.loads(f.read_text()) if f.exists() else {})
+        status["ok"] = status.get("rc") == 0 and "error" not in status and all(
+            s.get("ok") for s in status.get("stages", {}).values())
+        summary["stages"][role] = status
+        _atomic_write(out / "summary.json", summary)
+    combine(out, summary)
+    _finish(out, summary)
+    return summary
+
+
+def combine(out: Path, summary: dict) -> None:
+    """Greedy mismatches, the sampling verdict, the fit, tokens/s per mode."""
+    from das_sglang.sglang import sampling_check
+
+    plan = PLANS[summary["plan"]]
+    a, b = out / f"greedy_{plan.reference}.json", out / f"greedy_{plan.speculative}.json"
+    if a.exists() and b.exists():
+        ref, got = json.loads(a.read_text()), json.loads(b.read_text())
+        if len(ref) == len(got):
+            bad = [i for i, (x, y) in enumerate(zip(ref, got)) if x != y]
+            summary["greedy_mismatches"] = len(bad)
+            summary["greedy_requests"] = len(ref)
+            summary["greedy_first_mismatches"] = [
+                {"request": i, "position": next((k for k, (p, q) in enumerate(zip(ref[i], got[i]))
+                                                 if p != q), min(len(ref[i]), len(got[i])))}
+                for i in bad[:5]]
+    a, b = out / f"sampled_{plan.reference}.json", out / f"sampled_{plan.speculative}.json"
+    if a.exists() and b.exists():
+        ref, got = json.loads(a.read_text()), json.loads(b.read_text())
+        verdict = sampling_check.compare(ref["outputs"], got["outputs"], got["metas"],
+                                         plan.sampled_new_tokens, plan.sampled_min_accepted)
+        summary["sampled"] = verdict.as_dict()
+        summary["sampled_ok"] = verdict.ok
+    table = out / "cost_table.csv"
+    if table.exists():
+        summary["cost_table"] = str(table)
+        summary["stages"]["fit"] = fit(table, out / "coefficients.json")
+        if summary["stages"]["fit"]["ok"]:
+            summary["coefficients"] = json.loads((out / "coefficients.json").read_text())
+    for role, mode in plan.e2e_modes.items():
+        e2e = summary["stages"].get(role, {}).get("stages", {}).get("e2e", {})
+        if e2e.get("ok"):
+            summary["tokens_per_s"][mode] = e2e["tokens_per_s"]
+    tps = summary["tokens_per_s"]
+    if tps.get("none"):
+        summary["speedup_vs_none"] = {m: v / tps["none"] for m, v in tps.items()}
+
+
+def fit(table: Path, coefficients: Path) -> dict:
+    script = REPO / "benchmarks" / "fit_cost_model.py"
+    if not script.exists():
+        return {"ok": False, "error": f"{script} is missing (the cost-model fit of the "
+                                      "host-path work); the table is kept"}
+    cmd = [sys.executable, str(script), "--table", str(table), "--json", str(coefficients)]
+    got = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return {"ok": got.returncode == 0 and coefficients.exists(), "rc": got.returncode,
+            "output": (got.stdout + got.stderr)[-2000:]}
+
+
+def _finish(out: Path, summary: dict) -> None:
+    _atomic_write(out / "summary.json", summary)
+    short = {k: summary.get(k) for k in ("device", "greedy_mismatches", "sampled_ok",
+                                         "cost_table", "tokens_per_s")}
+    short["failed"] = sorted(k for k, v in summary["stages"].items() if not v.get("ok", True))
+    print(json.dumps(short, indent=1))
+
+
+def _atomic_write(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the whole kit")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--plan", choices=sorted(PLANS), default=None,
+                   help="default: gpu on a CUDA machine, dry on the CPU")
+    r.add_argument("--budget-s", type=float, default=450.0)
+    r.add_argument("--model-dir", type=Path, default=None,
+                   help="where the random model is written (default: OUT/model)")
+    r.add_argument("--roles", default=None,
+                   help="comma list of roles to run (default: all of the gpu plan; "
+                        f"{','.join(DRY_DEFAULT_ROLES)} of the dry plan)")
+    e = sub.add_parser("role", help="one engine and its stages (internal)")
+    e.add_argument("role", choices=ALL_ROLES)
+    e.add_argument("--plan", choices=sorted(PLANS), required=True)
+    e.add_argument("--model", required=True)
+    e.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("preflight", help="GPU: JIT tree-verify kernel check (internal)")
+    p.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "role":
+        return run_role(args.role, args.plan, args.model, args.out)
+    if args.cmd == "preflight":
+        try:
+            info = {"ok": True, **preflight()}
+        except Exception:
+            info = {"ok": False, "error": traceback.format_exc(limit=8)}
+        _atomic_write(args.out / "preflight.json", info)
+        return 0 if info["ok"] else 1
+    gpu = on_gpu()
+    if not gpu and os.environ.get("DAS_SGLANG_CPU") != "1":
+        print("error: no CUDA GPU here; set DAS_SGLANG_CPU=1 for the CPU dry run", file=sys.stderr)
+        return 1
+    roles = args.roles.split(",") if args.roles else None
+    try:
+        run(args.out, args.plan or ("gpu" if gpu else "dry"), args.budget_s,
+            args.model_dir or args.out / "model", roles)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""CPU dry run of the one-shot GPU kit (``pytest -m gpukit_dry``): the same scripts as
+the GPU run (benchmarks/gpu/run.sh -> gpukit.py), CPU development mode, tiny sizes, so
+the GPU minutes are never spent discovering a typo. Starts two real SGLang engines (no
+speculation; DAS with the cost probe) and checks every stage's output.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.gpukit_dry, pytest.mark.sglang]
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpukit")
+    env = dict(os.environ, DAS_SGLANG_CPU="1", GPUKIT_MODEL_DIR=str(out.parent / "gpukit-model"))
+    env.pop("DAS_CONFIG", None)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu" / "run.sh"), str(out / "kit")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    return out / "kit", proc
+
+
+def test_run_writes_few_files_and_every_stage_succeeds(kit):
+    out, proc = kit
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} <= {
+        "summary.json", "cost_table.csv", "coefficients.json", "details.tgz"}
+    assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
+    summary = json.loads((out / "summary.json").read_text())
+    fit_script = (REPO / "benchmarks" / "fit_cost_model.py").exists()
+    failed = {k: v.get("error", v.get("stages")) for k, v in summary["stages"].items()
+              if not v.get("ok", True) and (k != "fit" or fit_script)}  # see the fit test
+    assert not failed, failed
+    with tarfile.open(out / "details.tgz") as tar:
+        names = tar.getnames()
+    assert "role_das32.log" in names and "greedy_none32.json" in names
+
+
+def test_greedy_identity_and_sampled_check(kit):
+    summary = json.loads((kit[0] / "summary.json").read_text())
+    assert summary["greedy_mismatches"] == 0
+    assert summary["greedy_requests"] == 12
+    das = summary["stages"]["das32"]["stages"]["greedy"]
+    assert das["verify_forwards"] > 0  # DAS really verified drafts
+    assert isinstance(summary["sampled_ok"], bool) and summary["sampled"]["pvalues"]
+    assert summary["sampled"]["distributions_match"]
+
+
+def test_cost_table_covers_the_grid_and_is_fitted(kit):
+    out, _ = kit
+    with open(out / "cost_table.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["batch", "tokens_per_request", "cuda_graph", "ms"]
+    cells = {(int(b), int(t)) for b, t, g, ms in rows[1:] if float(ms) > 0}
+    assert cells == {(b, t) for b in (1, 2, 4) for t in (1, 2, 5)}
+    summary = json.loads((out / "summary.json").read_text())
+    if (REPO / "benchmarks" / "fit_cost_model.py").exists():
+        assert summary["stages"]["fit"]["ok"], summary["stages"]["fit"]
+        assert "cost_c_tok_us" in summary["coefficients"]["policy"]
+    else:  # the fit script comes with the host-path work; the kit says so plainly
+        assert "fit_cost_model.py is missing" in summary["stages"]["fit"]["error"]
+
+
+def test_end_to_end_tokens_per_second_per_mode(kit):
+    summary = json.loads((kit[0] / "summary.json").read_text())
+    assert set(summary["tokens_per_s"]) == {"none", "das"}
+    assert all(v > 0 for v in summary["tokens_per_s"].values())
