@@ -62,7 +62,7 @@ class CostProbeWorker(DasWorker):
                 self.session.plan = lambda rids, max_nodes, t=trees, w=n - 1: (t, w)
                 times, graph = [], False
                 for i in range(cfg["warmup"] + cfg["repeats"]):
-                    self._prepare_verify(batch)
+                    self._prepare_verify(batch, trees)  # uniform: every request n - 1 nodes
                     _sync(self.device)
                     start = time.perf_counter()
                     result = self.target_worker.forward_batch_generation(
