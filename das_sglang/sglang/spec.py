@@ -126,6 +126,12 @@ def _worker_class(server_args):
     return DasWorker
 
 
+def _cost_probe_worker_class(server_args):
+    from das_sglang.sglang.cost_probe import CostProbeWorker
+
+    return CostProbeWorker
+
+
 def register_das(name: str, worker_class=_worker_class) -> None:
     """Register ``name`` as a DAS algorithm; ``worker_class(server_args)`` picks the worker
     class (the tests register deliberately wrong subclasses as negative controls)."""
