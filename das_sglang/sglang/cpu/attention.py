@@ -84,11 +84,6 @@ class TreeVerifyTorchNativeAttnBackend(TorchNativeAttnBackend):
         mask = forward_batch.spec_info.custom_mask.to(torch.bool)
         out = torch.zeros((bs, width, width), dtype=torch.bool, device=mask.device)
         sq = lens * lens
-        if self.corrupt_mask:
-            idx = torch.arange(width, device=mask.device)
-            wrong = (idx[:, None] == idx[None, :]) | (idx[None, :] == 0)
-            real = idx[None, :] < lens[:, None]
-            return wrong[None] & real[:, :, None] & real[:, None, :]
         if mask.numel() == int(sq.sum()):
             b_of = torch.repeat_interleave(torch.arange(bs, device=mask.device), sq)
             first = (torch.cumsum(sq, 0) - sq)[b_of]  # where each entry's block starts
