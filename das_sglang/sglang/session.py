@@ -218,11 +218,11 @@ class DasSession:
             pid = prompt_problem_id(prompt)
         if step is not None:
             self._tagged_since_flush = True
+        self.sync()  # before any drafter read (history_empty) -- finishes may be pending
         step, opened = self.clock.resolve(step, self._history_empty)
         if opened:
             self.counters["steps_opened"] += 1
             self.advance_step(step)
-        self.sync()
         self.drafter.start_request(req_id, pid, np.asarray(prompt, dtype=np.int32))
         if len(output):
             self.drafter.extend_request(req_id, np.asarray(output, dtype=np.int32))
