@@ -222,6 +222,7 @@ class DasSession:
         step, opened = self.clock.resolve(step, self._history_empty)
         if opened:
             self.counters["steps_opened"] += 1
+        if step > self.step:  # (a clock restored from a snapshot may map ahead of it)
             self.advance_step(step)
         self.drafter.start_request(req_id, pid, np.asarray(prompt, dtype=np.int32))
         if len(output):

@@ -49,6 +49,10 @@ def _decode(rank, tp, sync, history_dir: str) -> dict:
     raw = json.dumps({"server": {"policy": "unlimited", "history_path": history_dir,
                                  "snapshot_interval": 1}})
     session = DasSession(load_options(MAX_NODES + 1, raw=raw), write_snapshots=tp.is_writer)
+    if tp.size > 1:  # as in SGLang: every rank has loaded the snapshot before any serves
+        import torch.distributed as dist
+
+        dist.barrier(group=tp.group)
     text = np.random.default_rng(0)  # the same prompts and history on every rank
     prompt = [100, 101, 102]
     for i in range(4):  # step 0: finished rollouts of the problem become history
