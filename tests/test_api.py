@@ -36,6 +36,19 @@ class TestTags:
 
 
 class TestResolveModel:
+    @pytest.fixture(autouse=True)
+    def _gpu_host(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Without the CPU switch (tests/sglang's conftest sets it for the whole session).
+        monkeypatch.delenv("DAS_SGLANG_CPU", raising=False)
+
+    def test_cpu_switch_adds_the_cpu_engine_settings(self, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        from das_sglang.sglang import cpu
+
+        (tmp_path / "config.json").write_text("{}")
+        monkeypatch.setenv("DAS_SGLANG_CPU", "1")
+        assert api.resolve_model(str(tmp_path)) == (str(tmp_path), dict(cpu.ENGINE_KWARGS))
+
     def test_local_hf_dir(self, tmp_path: Path) -> None:
         (tmp_path / "config.json").write_text("{}")
         assert api.resolve_model(str(tmp_path)) == (str(tmp_path), {})
@@ -60,6 +73,7 @@ class TestEngineArguments:
         monkeypatch.setattr(api, "_sglang_engine", lambda path, kwargs: seen.append((path, kwargs)) or "ENGINE")
         monkeypatch.setattr(api, "das_env", lambda cfg: {"DAS_TEST_CFG": repr(cfg)})
         monkeypatch.delenv("DAS_TEST_CFG", raising=False)
+        monkeypatch.delenv("DAS_SGLANG_CPU", raising=False)  # (set by tests/sglang's conftest)
         return seen
 
     def test_engine_selects_das_and_keeps_user_kwargs(self, calls: list) -> None:

@@ -308,6 +308,8 @@ def rollout(
     comparable = base is not None and paths["das"] == paths["none"]
     summary = {"das": [s.as_dict() for s in das], "none": [s.as_dict() for s in base] if base else None,
                "attention": paths, "wall_clock_comparable": comparable if base is not None else None}
+    if per_engine:
+        summary["engines"] = per_engine
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     Console().print(_table(das, base, wall_clock=comparable))
     if per_engine:

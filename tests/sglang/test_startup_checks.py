@@ -166,7 +166,10 @@ def test_dead_code_is_gone():
 
     assert not hasattr(tree_inputs, "accepted_tokens")
     assert not hasattr(tree_inputs, "build_layout_reference")  # the oracle is in tests/oracle
-    assert "self.stats" not in (ROOT / "das_sglang" / "sglang" / "worker.py").read_text()
+    # worker.stats is used: written to server.stats_path and read by the shard stats
+    worker = (ROOT / "das_sglang" / "sglang" / "worker.py").read_text()
+    assert "write_json_atomic(self.options.server.stats_path, self.stats)" in worker
+    assert "self.session.worker_stats = self.stats" in worker
 
 
 def test_conftest_leaves_cpu_mode_off_on_a_cuda_host():
