@@ -124,7 +124,10 @@ class StepClock:
         known = self._steps.get(step)
         if known is not None:
             return known, False
-        self.current = step if step > self.current and history_empty() else self.current + 1
+        # Nothing stored yet: adopt the trainer's own number (the very first value too,
+        # even when it is not ahead of the clock's initial 0).
+        adopt = (step > self.current or not self._steps) and history_empty()
+        self.current = step if adopt else self.current + 1
         self._steps[step] = self.current
         oldest = self.current - self.window_steps
         for value in [v for v, c in self._steps.items() if c < oldest]:
