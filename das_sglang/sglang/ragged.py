@@ -42,6 +42,7 @@ from sglang.srt.speculative.ngram_info import NgramVerifyInput
 from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
 
 from das_sglang.sglang.options import VERIFY_LAYOUTS as LAYOUTS
+from das_sglang.sglang.verify import walk_trees
 
 _log = logging.getLogger(__name__)
 
@@ -188,35 +189,23 @@ def walk_ragged(candidates, retrieve_index, next_token, next_sibling, target, st
     ``target`` holds the target's token after every ragged row (``[total]``). The
     kernel's contract is dense (``target_predict`` ``[bs, n]``, ``predicts``
     ``[bs * n]``) but it indexes both by ``retrieve_index``, i.e. by ragged row, so the
-    ragged rows fill the first ``total`` entries of dense buffers (``total <= bs * n``).
+    ragged rows fill the first ``total`` entries of dense buffers (``total <= bs * n``)
+    and the walk is :func:`verify.walk_trees` itself.
     Returns ``(predict [bs*n], accept_index [bs, stride], num_correct [bs])`` with
     ragged rows in ``accept_index``.
     """
-    from sglang.kernels.ops.speculative.spec_tree import verify_tree_greedy_func
-
     bs, n = candidates.shape
-    device = target.device
     total = target.numel()
 
     def dense(t):
-        out = torch.zeros(bs * n, dtype=torch.int64, device=device)
+        out = torch.zeros(bs * n, dtype=torch.int64, device=t.device)
         out[:total] = t.to(torch.int64)
-        return out.view(bs, n)
+        return out
 
-    predict = torch.zeros(bs * n, dtype=torch.int32, device=device)
-    accept_index = torch.full((bs, stride), -1, dtype=torch.int32, device=device)
-    num_correct = torch.zeros(bs, dtype=torch.int32, device=device)
-    verify_tree_greedy_func(
-        predicts=predict,
-        accept_index=accept_index,
-        accept_token_num=num_correct,
-        candidates=candidates,
-        retrieve_index=retrieve_index,
-        retrieve_next_token=next_token,
-        retrieve_next_sibling=next_sibling,
-        target_predict=dense(target if greedy_accept is None else greedy_accept),
-    )
-    if greedy_accept is not None:  # negative control (verify.py): the bonus stays sampled
+    links = (candidates, retrieve_index, next_token, next_sibling)
+    walked = target if greedy_accept is None else greedy_accept
+    predict, accept_index, num_correct = walk_trees(links, dense(walked), bs, n, stride)
+    if greedy_accept is not None:  # negative control (tests): the bonus stays sampled
         bonus = accept_index.gather(1, num_correct.long()[:, None]).view(-1).long()
         predict[bonus] = target[bonus].to(predict.dtype)
     return predict, accept_index, num_correct

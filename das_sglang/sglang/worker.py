@@ -139,13 +139,23 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
              spec.retrieve_next_sibling),
             target, bs, layout.n, self.draft_token_num,
         )
+        return self._commit(
+            batch, trees, result, predict, accept_index, num_correct, on_publish,
+            lambda k: move_accept_tokens_to_target_kvcache(
+                batch, accept_index, k, self.token_to_kv_pool_allocator),
+        )
+
+    def _commit(self, batch, trees, result, predict, accept_index, num_correct, on_publish,
+                move_kv):
+        """After the tree walk (either layout): cut at stop conditions, keep the accepted
+        KV (``move_kv(num_correct)``, called with the cut counts), logprobs, feedback to
+        the drafter and policy, and SGLang's result."""
+        logits_output = result.logits_output
         num_correct = self._cut_at_stops(batch.reqs, predict, accept_index, num_correct)
         accept_lens = num_correct + 1
         new_seq_lens = batch.seq_lens + accept_lens
         accept_tokens = predict[accept_index.clamp(min=0).long()]
-        move_accept_tokens_to_target_kvcache(
-            batch, accept_index, num_correct, self.token_to_kv_pool_allocator
-        )
+        move_kv(num_correct)
         if batch.return_logprob:
             compute_spec_logprobs(batch, logits_output, predict, accept_index=accept_index)
         if on_publish is not None:
@@ -270,27 +280,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             links[0], links[1], links[2], links[3], target, stride,
             greedy_accept=getattr(target, "greedy_accept", None),
         )
-        num_correct = self._cut_at_stops(batch.reqs, predict, accept_index, num_correct)
-        accept_lens = num_correct + 1
-        new_seq_lens = batch.seq_lens + accept_lens
-        accept_tokens = predict[accept_index.clamp(min=0).long()]
-        move_accepted_kv(batch, offsets, verify_lens, accept_index, num_correct,
-                         self.token_to_kv_pool_allocator, stride)
-        if batch.return_logprob:
-            compute_spec_logprobs(batch, logits_output, predict, accept_index=accept_index)
-        if on_publish is not None:
-            on_publish(new_seq_lens)
-        batch.forward_mode = ForwardMode.DECODE
-        self._feed_back(batch, trees, accept_tokens.cpu(), accept_lens.cpu())
-        accept_tokens = accept_tokens.flatten()
-        return GenerationBatchResult(
-            logits_output=logits_output,
-            next_token_ids=accept_tokens,
-            can_run_cuda_graph=result.can_run_cuda_graph,
-            accept_lens=accept_lens,
-            new_seq_lens=new_seq_lens,
-            next_draft_input=self._relay(new_seq_lens, accept_tokens, accept_lens),
-            speculative_num_draft_tokens=self.draft_token_num,
+        return self._commit(
+            batch, trees, result, predict, accept_index, num_correct, on_publish,
+            lambda k: move_accepted_kv(batch, offsets, verify_lens, accept_index, k,
+                                       self.token_to_kv_pool_allocator, stride),
         )
 
     def _register(self, req) -> None:
