@@ -271,6 +271,37 @@ class AcceptanceTracker:
         return st.fit
 
 
+def remember_plan(calibration, rows, budgets: np.ndarray, base: np.ndarray) -> None:
+    """Keep each row's budget, progress and uncalibrated per-node expectation (``base``:
+    cumulative, best first) until :func:`read_pending` sees its outcome."""
+    nodes = np.diff(base, axis=1)  # expected acceptance of each node, best first
+    # Same request twice: the later row wins, as a dict keyed by request would have it.
+    calibration._pending = {row.req_id: i for i, row in enumerate(rows)}
+    calibration._pending_generated = np.fromiter((row.generated_len for row in rows), np.int64,
+                                                 len(rows))
+    calibration._pending_budget = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1),
+                                             nodes.shape[1])
+    calibration._pending_nodes = nodes
+
+
+def read_pending(calibration, rows, add) -> None:
+    """The previous plan's outcomes, for a calibration that remembered it (``_pending``:
+    request -> planned row, ``_pending_budget``): ``add(rows, pos, budget)`` gets the rows
+    planned with a budget > 0, their planned rows and budgets; then the per-request
+    ``_state`` of finished requests is forgotten."""
+    index = calibration._pending
+    found = [(j, index[row.req_id]) for j, row in enumerate(rows) if row.req_id in index]
+    if found:
+        pos = np.array([i for _, i in found], dtype=np.int64)
+        budget = calibration._pending_budget[pos]
+        keep = budget > 0
+        if keep.any():
+            add([rows[j] for (j, _), k in zip(found, keep.tolist()) if k], pos[keep], budget[keep])
+    live = {row.req_id for row in rows}
+    if len(calibration._state) > 4 * max(len(live), 1):  # forget finished requests
+        calibration._state = {k: v for k, v in calibration._state.items() if k in live}
+
+
 class OutcomeCalibration:
     """Calibration conditioned on the request's previous verify outcome.
 
@@ -311,28 +342,12 @@ class OutcomeCalibration:
 
     def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
         """Remember each row's budget and uncalibrated expectation until its outcome shows."""
-        nodes = np.diff(base, axis=1)  # expected acceptance of each node, best first
-        # Same request twice: the later row wins, as a dict keyed by request would have it.
-        self._pending = {row.req_id: i for i, row in enumerate(rows)}
-        self._pending_generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
-        self._pending_budget = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1), nodes.shape[1])
-        self._pending_nodes = nodes
+        remember_plan(self, rows, budgets, base)
 
     def update(self, rows) -> None:
         """Read the previous plan's outcomes off the rows' progress (one vectorised update
         for the whole batch: per-row work here runs once per decode step)."""
-        index = self._pending
-        found = [(j, index[row.req_id]) for j, row in enumerate(rows) if row.req_id in index]
-        if found:
-            pos = np.array([i for _, i in found], dtype=np.int64)
-            budget = self._pending_budget[pos]
-            keep = budget > 0
-            if keep.any():
-                self._add_outcomes([rows[j] for (j, _), k in zip(found, keep.tolist()) if k],
-                                   pos[keep], budget[keep])
-        live = {row.req_id for row in rows}
-        if len(self._state) > 4 * max(len(live), 1):  # forget finished requests
-            self._state = {k: v for k, v in self._state.items() if k in live}
+        read_pending(self, rows, self._add_outcomes)
 
     def _add_outcomes(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
         """Add the outcomes of ``rows`` (planned rows ``pos`` with budgets > 0) to the cells."""

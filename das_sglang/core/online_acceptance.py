@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from das_sglang.core.acceptance import OutcomeCalibration, _bin, _n_bins
+from das_sglang.core.acceptance import OutcomeCalibration, _bin, _n_bins, read_pending, remember_plan
 from das_sglang.core.policy_config import PolicyConfig
 
 N_MATCH_BINS = 6  # match length <= 1 (or unknown), 2-3, 4-7, 8-15, 16-31, 32+
@@ -101,13 +101,9 @@ class OnlineCalibration:
     # ---- updates -------------------------------------------------------------------------
     def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
         """Remember each row's budget, match bin and uncalibrated per-node expectation."""
-        nodes = np.diff(base, axis=1)
-        self._pending = {row.req_id: i for i, row in enumerate(rows)}
-        self._pending_generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
-        self._pending_budget = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1), nodes.shape[1])
+        remember_plan(self, rows, budgets, base)
         self._pending_match = match_bin(np.fromiter((row.match_len for row in rows), np.int64, len(rows)))
-        self._pending_nodes = nodes
-        self._pending_bins = self.node_bins(rows, nodes.shape[1])
+        self._pending_bins = self.node_bins(rows, self._pending_nodes.shape[1])
 
     def node_bins(self, rows, width: int) -> np.ndarray:
         """Rows x node ranks ``1..width``: the depth bin of each node (``BudgetRow.node_depths``;
@@ -141,17 +137,7 @@ class OnlineCalibration:
             self._cells *= self._decay
         self._table = None
         self._bins_cache = None
-        index = self._pending
-        found = [(j, index[row.req_id]) for j, row in enumerate(rows) if row.req_id in index]
-        if found:
-            pos = np.array([i for _, i in found], dtype=np.int64)
-            budget = self._pending_budget[pos]
-            keep = budget > 0
-            if keep.any():
-                self._add([rows[j] for (j, _), k in zip(found, keep.tolist()) if k], pos[keep], budget[keep])
-        live = {row.req_id for row in rows}
-        if len(self._state) > 4 * max(len(live), 1):  # forget finished requests
-            self._state = {k: v for k, v in self._state.items() if k in live}
+        read_pending(self, rows, self._add)
 
     def _add(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
         generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
