@@ -107,3 +107,20 @@ def test_replay_scores_with_a_table_and_adds_host_time(tmp_path):
     assert _scorer("linear", COST) is None and _scorer("table", COST).name.startswith("roofline-table")
     with pytest.raises(ValueError, match="nope.csv"):
         _scorer("nope.csv", COST)
+
+
+def test_ragged_verify_is_scored_per_request_not_per_token():
+    """A cost table scores a ragged verify of R requests submitting T tokens as a graph
+    forward at T / R tokens per request: each request's KV is read once (scoring it as T
+    one-token decode rows would read the context of every draft token)."""
+    from das_sglang.core.cost_model import CostTable
+
+    t = CostTable.roofline("h100", "32b")
+    for rows, width in ((8, 4), (64, 8), (256, 16)):
+        tokens = rows * (1 + width)
+        assert t.ragged_time(rows, tokens) == pytest.approx(t.step_time(rows, width))
+        assert t.ragged_time(rows, tokens) < t.forward_time(tokens)
+    # between two tiers: between their times; no drafts at all: plain decode
+    mid = t.ragged_time(512, 512 * 3 + 256)
+    assert t.ragged_time(512, 512 * 3) < mid < t.ragged_time(512, 512 * 5)
+    assert t.ragged_time(64, 64) == pytest.approx(t.forward_time(64))

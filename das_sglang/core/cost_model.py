@@ -377,8 +377,20 @@ class CostTable:
         mode = 1 if (int(width) in self.graph_widths or 0 not in self._modes) else 0
         return self._ms(mode, rows, 1 + width) * 1e-3
 
+    def ragged_time(self, rows: int, n_tokens: int, kv_tokens=0) -> float:
+        """Seconds of a ragged verify forward: ``rows`` requests submitting ``n_tokens``
+        tokens in all (each its root plus its own drafts). SGLang replays ragged verify
+        from CUDA graphs captured per total token count (``ragged_verify.round_up_grid``
+        over ``batch x width`` tiers), so the graph times apply, read at the batch's mean
+        tokens per request: weights and each request's KV are read once per forward, the
+        matmuls follow the total tokens. (Not ``forward_time(n_tokens)``: that would read
+        the KV of every draft token as if it were a request of its own.)"""
+        rows = max(int(rows), 1)
+        mode = 1 if 1 in self._modes else 0
+        return self._ms(mode, rows, max(float(n_tokens), rows) / rows) * 1e-3
+
     def forward_time(self, n_tokens, kv_tokens=0):
-        """A forward over ``n_tokens`` single-token rows (plain decode; ragged verify)."""
+        """A forward over ``n_tokens`` single-token rows (plain decode)."""
         n = np.asarray(n_tokens, dtype=np.float64)
         out = np.array([self.step_time(max(int(x), 1), 0) for x in n.reshape(-1)]).reshape(n.shape)
         return float(out) if out.ndim == 0 else out

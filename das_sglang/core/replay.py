@@ -173,11 +173,13 @@ def replay(
 
 class _Scorer:
     """Charges a forward: ``step_time(rows, width)`` where the scorer has it (padded uniform
-    verify), else ``forward_time(n_tokens, kv)``."""
+    verify), ``ragged_time(rows, n_tokens)`` where it has that (ragged verify: a cost table),
+    else ``forward_time(n_tokens, kv)``."""
 
     def __init__(self, cost, host_time: bool) -> None:
         self.cost, self.host_time = cost, host_time
         self._step = getattr(cost, "step_time", None)
+        self._ragged = getattr(cost, "ragged_time", None)
 
     def forward_time(self, n_tokens, kv_tokens=0):
         return self.cost.forward_time(n_tokens, kv_tokens)
@@ -185,6 +187,8 @@ class _Scorer:
     def verify_time(self, engine: str, rows: int, width: int, n_tokens: int, kv: int) -> float:
         if engine == "uniform" and self._step is not None:
             return float(self._step(rows, width, kv, host=False))
+        if self._ragged is not None and width > 0:
+            return float(self._ragged(rows, n_tokens, kv))
         return float(self.cost.forward_time(n_tokens, kv))
 
 
