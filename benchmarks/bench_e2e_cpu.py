@@ -23,13 +23,18 @@ of recurring problems (history drafts them) with fresh prompts (nothing to draft
 every batch, over ``--steps`` steps, each request with its own response length. Writes exactly::
 
     {"requests": <requests per engine>,
-     "mismatches": <requests whose ragged or uniform output differs from none's>,
+     "mismatches": <requests whose output differs from none's in any DAS engine>,
      "ragged":  {"verify_tokens_total": ..., "accepted_tokens_total": ...},
-     "uniform": {"verify_tokens_total": ..., "accepted_tokens_total": ...}}
+     "uniform": {"verify_tokens_total": ..., "accepted_tokens_total": ...},
+     "uniform_width": {...same keys...}}
 
-Both DAS engines run the default policy, which plans the same budgets whatever the
-layout (the batch width; see docs/sglang.md), so the same drafts are verified, accepted
-tokens match and the difference is the padding. ``verify_tokens_total`` = tokens submitted to the target by TARGET_VERIFY forwards
+``ragged`` is the worker's default on a ragged backend: per-request budgets (the policy
+prices each request's own tokens: ``options.for_layout``), each request verifying its own
+tree. ``uniform`` verifies the same per-request budgets padded to the batch's widest tree
+(``policy.uniform_width: false`` on the uniform layout): same drafts, accepted tokens
+match, and the difference is the padding. ``uniform_width`` is the worker's default on a
+backend without ragged verify: one batch width planned with the padding paid (other
+drafts, so other accepted tokens). ``verify_tokens_total`` = tokens submitted to the target by TARGET_VERIFY forwards
 across the run (roots + draft nodes + padding), ``accepted_tokens_total`` = draft tokens
 accepted, both from the worker's counters (``server.stats_path``), warm-up excluded.
 
@@ -71,14 +76,23 @@ def parse_args(argv):
                    help="ragged vs uniform verify layout (DAS), see the module docstring")
     p.add_argument("--equal-lengths", action="store_true",
                    help="--ragged: every response --new-tokens long (default: varied)")
-    p.add_argument("--per-row-budgets", action="store_true",
-                   help="--ragged: both engines plan per-request budgets priced by total "
-                        "tokens (policy.uniform_width false) instead of the default width")
+    p.add_argument("--policy", action="append", default=[], metavar="FIELD=JSON",
+                   help="--ragged: a PolicyConfig field for both DAS engines (repeatable), "
+                        "e.g. ragged_trim=false")
     p.add_argument("--fresh", type=int, default=24,
                    help="--ragged: fresh (never seen) prompts per batch besides the groups")
     args = p.parse_args(argv)
     if args.ragged and "--problems" not in (argv or sys.argv):
         args.problems = 12  # 3 steps x (12 x 4 + 24) = 216 requests per engine
+    args.policy_fields = {}
+    for item in args.policy:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("no '='")
+            args.policy_fields[name.strip()] = json.loads(value)
+        except ValueError as e:
+            p.error(f"--policy {item!r}: expected FIELD=JSON ({e})")
     if args.fresh < 0:
         p.error(f"--fresh must be >= 0, got {args.fresh}")
     for name in ("problems", "siblings", "steps", "new_tokens"):
@@ -220,28 +234,32 @@ def main_ragged(args):
     ref = run_engine("none", args, batches)
     outputs = {}
     report = {"requests": sum(len(res) for _, _, res in ref), "mismatches": 0}
+    engines = {  # name: (verify layout, policy fields beyond --policy)
+        "ragged": ("ragged", {}),  # the worker's default there: per-request budgets
+        "uniform": ("uniform", {"uniform_width": False}),  # the same budgets, padded
+        "uniform_width": ("uniform", {}),  # the worker's default there: one padded width
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for layout in ("ragged", "uniform"):
-            stats = str(Path(tmp) / f"stats-{layout}.json")
-            # Default policy in both engines: budgets planned as one batch width, so the
-            # same drafts are verified and only the layout (padding or not) differs.
-            cfg = {"server": {"verify_layout": layout, "stats_path": stats}}
-            if args.per_row_budgets:
-                cfg["policy"] = {"uniform_width": False}
+        for name, (layout, fields) in engines.items():
+            stats = str(Path(tmp) / f"stats-{name}.json")
+            cfg = {"server": {"verify_layout": layout, "stats_path": stats},
+                   "policy": {**args.policy_fields, **fields}}
             runs, counters = run_engine("DAS", args, batches, cfg, stats)
-            outputs[layout] = [o["output_ids"] for _, _, res in runs for o in res]
-            report[layout] = {"verify_tokens_total": int(counters["verify_tokens"]),
-                              "accepted_tokens_total": int(counters["accepted"])}
+            outputs[name] = [o["output_ids"] for _, _, res in runs for o in res]
+            report[name] = {"verify_tokens_total": int(counters["verify_tokens"]),
+                            "accepted_tokens_total": int(counters["accepted"])}
     want = [o["output_ids"] for _, _, res in ref for o in res]
-    report["mismatches"] = int(sum(r != w or u != w for r, u, w in
-                                   zip(outputs["ragged"], outputs["uniform"], want)))
+    report["mismatches"] = int(sum(any(o != w for o in got) for *got, w in
+                                   zip(*outputs.values(), want)))
     args.json.write_text(json.dumps(report, indent=2))
     plot_ragged(report, args.png or args.json.with_suffix(".png"))
     r, u = report["ragged"], report["uniform"]
     print(f"requests={report['requests']} mismatches={report['mismatches']} "
           f"verify tokens ragged/uniform={r['verify_tokens_total']}/{u['verify_tokens_total']} "
           f"({1 - r['verify_tokens_total'] / max(u['verify_tokens_total'], 1):.1%} fewer), "
-          f"accepted {r['accepted_tokens_total']}/{u['accepted_tokens_total']}")
+          f"accepted {r['accepted_tokens_total']}/{u['accepted_tokens_total']}; "
+          f"uniform_width verify {report['uniform_width']['verify_tokens_total']} accepted "
+          f"{report['uniform_width']['accepted_tokens_total']}")
     return 0
 
 
@@ -251,11 +269,12 @@ def plot_ragged(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, key, title in zip(axes, ("verify_tokens_total", "accepted_tokens_total"),
                               ("tokens verified by the target", "draft tokens accepted")):
-        ax.bar(["ragged", "uniform"], [report[k][key] for k in ("ragged", "uniform")],
-               color=["tab:green", "tab:blue"])
+        names = ["ragged", "uniform", "uniform_width"]
+        ax.bar(names, [report[k][key] for k in names], color=["tab:green", "tab:blue", "tab:grey"])
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_title(title)
     fig.suptitle(f"DAS on SGLang CPU: ragged vs uniform verify ({report['requests']} requests)")
     fig.tight_layout()

@@ -234,11 +234,12 @@ class TestInputsAndReport:
         assert p["spec"]["accepted_drafts_per_step"] == pytest.approx(p["spec"]["tokens_per_step"] - 1)
 
 
-@pytest.mark.parametrize("engine,uniform_width", [("ragged", True), ("uniform", True),
-                                                  ("ragged-per-row", False)])
+@pytest.mark.parametrize("engine,uniform_width", [("ragged", False), ("uniform", True),
+                                                  ("ragged-width", True)])
 def test_engines_plan_budgets_like_the_worker(engine, uniform_width):
-    """ragged and uniform plan the same batch-width budgets (the SGLang worker's default
-    policy); only ragged-per-row prices each request's own tokens."""
+    """As the SGLang worker (options.for_layout): ragged plans per-request budgets priced
+    by their own tokens, uniform one padded batch width; ragged-width verifies the
+    batch-width budgets ragged."""
     from das_sglang.core.cost_model import CostModel
     from das_sglang.core.replay_contenders import build_contenders
 

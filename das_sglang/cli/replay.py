@@ -139,10 +139,10 @@ def replay(
         help=f"Comma list from: {', '.join(CONTENDER_NAMES)}; or all (each one is described below).")
     ] = ",".join(DEFAULT_CONTENDERS),
     engine: Annotated[str, typer.Option(
-        help="ragged: batch-width budgets, each request verifies only its own drafts (the "
-             "SGLang worker on FlashInfer / CPU torch_native); uniform: rows padded to the "
-             "batch width (other backends); ragged-per-row: per-request budgets priced by "
-             "total tokens.")] = "ragged",
+        help="ragged: per-request budgets, each request verifies only its own drafts (the "
+             "SGLang worker on FlashInfer / CPU torch_native); uniform: one batch width, rows "
+             "padded to it (other backends); ragged-width: the batch-width budgets verified "
+             "ragged.")] = "ragged",
     cost_preset: CostPreset = None,
     score: Annotated[str, typer.Option(
         help="What forwards are charged with: table (the roofline cost table of the preset's "

@@ -18,8 +18,11 @@ class PolicyConfig:
     max_budget          most draft nodes one request gets in one step (UnlimitedBudget uses
                         all of them); the drafter's own cap by default.
     fixed_budget        FixedBudget's per-request budget.
-    uniform_width       the engine pads every row to the batch width (SGLang tree verify):
-                        the cost model then charges ``rows * (1 + width)`` tokens per forward.
+    uniform_width       the engine pads every row to the batch width (a uniform verify
+                        layout): the policy plans one width and the cost model charges
+                        ``rows * (1 + width)`` tokens per forward; false: per-request budgets,
+                        each request charged its own tokens (ragged verify). The SGLang
+                        worker sets it from its verify layout unless configured.
     cost_preset         CostModel preset used when a policy is built without a cost model.
     length_window_steps training steps of finished lengths kept per problem for prediction.
     class_quantiles     Short/Medium/Long boundaries as quantiles of the pooled window ...
@@ -92,7 +95,7 @@ class PolicyConfig:
     min_gain: float = 0.0
     curve_mode: str = "online"
     lookahead: str = "marginal"
-    critical_spread: float = 0.05
+    critical_spread: float = 0.2
     cost_c_base_ms: float | None = None
     cost_c_tok_us: float | None = None
     cost_c_kv_ns: float | None = None

@@ -17,14 +17,13 @@ Each decode iteration:
    the batch width for engines that verify one width per batch (``uniform``). Engines:
 
    - ``ragged`` (default): what the SGLang worker does where its attention backend verifies
-     ragged (FlashInfer; torch_native in CPU mode): budgets planned as one batch width (the
-     worker's default ``policy.uniform_width``), each request verifying only its own nodes;
-   - ``uniform``: the same budgets, every request padded to the batch width (the worker on
-     backends without ragged verify: Triton, FA3, ...);
-   - ``ragged-per-row``: ragged verify with per-request budgets priced by total tokens
-     (``policy.uniform_width`` false); not the worker's default: on the bundled data its
-     budget estimates trim drafts that would have been accepted (benchmarks/results/
-     replay_engines.json).
+     ragged (FlashInfer; torch_native in CPU mode): per-request budgets priced by the
+     tokens each request submits (``policy.uniform_width`` false, which the worker sets
+     from its layout), each request verifying only its own nodes;
+   - ``uniform``: one batch width planned with the padding paid, every request padded to
+     it (the worker on backends without ragged verify: Triton, FA3, ...);
+   - ``ragged-width``: the batch-width budgets of ``uniform``, verified ragged (the worker
+     on a ragged backend with ``policy.uniform_width`` true configured).
 
 Finished requests leave the batch; their rollouts stay in the drafter as history of the step.
 Steps before the first replayed step only feed history (start, extend, finish; no verify).
@@ -41,7 +40,7 @@ import numpy as np
 from das_sglang.core.datasets import Rollout
 from das_sglang.core.draft_tree import DraftTree
 
-ENGINES = ("uniform", "ragged", "ragged-per-row")
+ENGINES = ("uniform", "ragged", "ragged-width")
 DEFAULT_ENGINE = "ragged"  # what the SGLang worker verifies with where it can (sglang/ragged.py)
 SHARED_PROBLEM = "*all*"  # problem id the "global index" ablation gives every rollout
 

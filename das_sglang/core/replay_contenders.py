@@ -97,10 +97,10 @@ def build_contenders(
     unknown = [n for n in names if n not in CONTENDER_NAMES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}: choose from {list(CONTENDER_NAMES)}")
-    # Budgets are planned as one batch width (what the SGLang worker's policy does by
-    # default) on both the uniform and the ragged engine; only ragged-per-row prices each
-    # request's own tokens.
-    uniform = engine != "ragged-per-row"
+    # As the SGLang worker's policy: per-request budgets priced by their own tokens where
+    # the engine verifies ragged, one batch width (padding paid) on the uniform engine;
+    # ragged-width verifies the batch-width budgets ragged.
+    uniform = engine != "ragged"
     k = drafter.max_budget
     pol = lambda kind, b=k, fixed=None: _make_policy(kind, cost, uniform, b, fixed)  # noqa: E731
     table = {

@@ -52,10 +52,10 @@ class ServerConfig:
                       forward where the TARGET_VERIFY backend supports it (FlashInfer;
                       torch_native in CPU development mode) and pads every request to
                       the batch width elsewhere; ``ragged`` requires ragged support
-                      (start-up fails without it); ``uniform`` always pads. Budgets are
-                      planned the same way under both (``policy.uniform_width``, default
-                      true: one batch width, each request drafting up to it); ragged
-                      then submits each request's own nodes instead of padding them.
+                      (start-up fails without it); ``uniform`` always pads. Budgets
+                      follow the layout unless ``policy.uniform_width`` is set: per
+                      request, priced by its own tokens, where verify is ragged; one
+                      batch width, padding priced, where it pads (``for_layout``).
     stats_path        file the worker rewrites (atomically) after every verify step with
                       its counters (verify steps, verify tokens submitted to the target,
                       draft tokens proposed and accepted, layout); None = off. For
@@ -106,6 +106,9 @@ class DasOptions:
     policy: PolicyConfig
     server: ServerConfig
     max_nodes: int  # draft nodes per request per step: speculative_num_draft_tokens - 1
+    # policy.uniform_width was not configured: the worker sets it from its verify layout
+    # (for_layout): per-request budgets where it verifies ragged, one padded width elsewhere.
+    width_from_layout: bool = False
 
 
 _SECTIONS = {"drafter": DrafterConfig, "policy": PolicyConfig, "server": ServerConfig}
@@ -129,14 +132,30 @@ def load_options(num_draft_tokens: int | None, raw: str | None = None) -> DasOpt
     max_nodes = num_draft_tokens - 1
     drafter = _fit_budget("drafter", built["drafter"], sections.get("drafter", {}), max_nodes)
     policy = _fit_budget("policy", built["policy"], sections.get("policy", {}), max_nodes)
-    if "uniform_width" not in sections.get("policy", {}):
-        # SGLang's tree verify pads every row to the batch width: the cost model must
-        # charge the padding.
+    auto_width = "uniform_width" not in sections.get("policy", {})
+    if auto_width:
+        # Until the worker knows its verify layout (for_layout): the padded layout's pricing.
         policy = replace(policy, uniform_width=True)
     if "width_buckets" not in sections.get("policy", {}):
         # CUDA graphs are captured per width: the worker verifies only bucket widths.
         policy = replace(policy, width_buckets=GRAPH_BUCKETS)
-    return DasOptions(drafter=drafter, policy=policy, server=built["server"], max_nodes=max_nodes)
+    return DasOptions(drafter=drafter, policy=policy, server=built["server"], max_nodes=max_nodes,
+                      width_from_layout=auto_width)
+
+
+def for_layout(options: DasOptions, layout: str) -> DasOptions:
+    """``options`` for a worker that verifies with ``layout`` (``ragged`` / ``uniform``).
+
+    Unless ``policy.uniform_width`` was configured, budgets follow the layout: a ragged
+    verify submits each request's own tree, so the policy plans per-request budgets priced
+    by total tokens (large for requests predicted to finish last, none for short ones); a
+    uniform one pads every row to the batch width, so the policy plans that one width and
+    pays the padding."""
+    if not options.width_from_layout:
+        return options
+    if layout not in ("ragged", "uniform"):
+        raise ValueError(f"invalid verify layout {layout!r}: choose ragged or uniform")
+    return replace(options, policy=replace(options.policy, uniform_width=layout == "uniform"))
 
 
 def parse_config(text: str) -> dict[str, dict[str, Any]]:

@@ -35,7 +35,7 @@ from sglang.srt.speculative.ngram_worker import NGRAMWorker
 from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
 
 from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cut
-from das_sglang.sglang.options import load_options
+from das_sglang.sglang.options import for_layout, load_options
 from das_sglang.sglang.ragged import (
     DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
     verify_backend_name, walk_ragged,
@@ -90,6 +90,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.layout = choose_layout(
             self.options.server.verify_layout, verify_backend_name(), lora=lora
         )
+        self.options = for_layout(self.options, self.layout)  # per-request budgets if ragged
         self._layout_confirmed = False
         self.session = DasSession(self.options, write_snapshots=self.tp.is_writer,
                                   engine_id=shard_engine_id(server_args, self.options))
@@ -118,8 +119,13 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         bs = len(batch.reqs)
         trees = self._plan(batch)
         if not self._layout_confirmed:  # the attention backends exist from here on
-            self.layout = self.stats["layout"] = confirm_layout(
-                self.layout, self.model_runner.attn_backend)
+            layout = confirm_layout(self.layout, self.model_runner.attn_backend)
+            if layout != self.layout:  # padded after all: plan (and pay) one batch width
+                self.options = for_layout(self.options, layout)
+                self.session.options = self.options
+                if hasattr(self.session.policy, "config"):
+                    self.session.policy.config = self.options.policy
+            self.layout = self.stats["layout"] = layout
             self._layout_confirmed = True
         if (self.layout == "ragged" and len({len(t) for t in trees}) > 1
                 and not needs_uniform_rows(batch.sampling_info)):

@@ -7,15 +7,31 @@ import json
 import pytest
 
 from das_sglang.sglang import cpu
-from das_sglang.sglang.options import load_options
+from das_sglang.sglang.options import for_layout, load_options
 
 
 def test_defaults_fit_the_verify_width():
     opts = load_options(8, "")
     assert opts.max_nodes == 7
     assert opts.drafter.max_budget == 7 and opts.policy.max_budget == 7
-    assert opts.policy.uniform_width  # SGLang pads rows to the batch width
+    assert opts.policy.uniform_width  # until the layout is known: padding priced
+    assert opts.width_from_layout
     assert opts.server.policy == "length-aware"
+
+
+def test_budgets_follow_the_verify_layout_unless_configured():
+    """Ragged verify: per-request budgets priced by each request's own tokens; uniform:
+    one batch width with the padding paid. A configured uniform_width is kept."""
+    opts = load_options(8, "")
+    assert for_layout(opts, "ragged").policy.uniform_width is False
+    assert for_layout(opts, "uniform").policy.uniform_width is True
+    for set_to in (True, False):
+        mine = load_options(8, json.dumps({"policy": {"uniform_width": set_to}}))
+        assert not mine.width_from_layout
+        assert for_layout(mine, "ragged").policy.uniform_width is set_to
+        assert for_layout(mine, "uniform").policy.uniform_width is set_to
+    with pytest.raises(ValueError, match="'diagonal'"):
+        for_layout(opts, "diagonal")
 
 
 def test_sections_map_one_to_one_onto_the_dataclasses(tmp_path):
