@@ -8,15 +8,16 @@ verify forward (or the median of several) of ``batch`` requests each processing
 ``cuda_graph`` 1 when SGLang replayed a captured CUDA graph, 0 for an eager forward, ``ms`` the
 forward's wall time. A GPU run (benchmarks/gpu/) produces it.
 
-Fit (core/cost_model.py's model): ``ms = c_base + c_tok * batch * tokens_per_request +
-extra(mode, width)``: least squares with one intercept per measured (mode, width) and one
-shared ``c_tok`` (>= 0); ``c_base`` = the least intercept of the production mode (graph rows
+Fit (core/cost_model.py's model): ``ms = c_base + c_tok * max(batch * tokens_per_request -
+free_tokens, 0) + extra(mode, width)``: least squares with one intercept per measured (mode,
+width) and one shared ``c_tok`` (>= 0), ``free_tokens`` (the ridge point below which a
+forward is memory-bound) the best of 0 and every token count in the table; ``c_base`` = the least intercept of the production mode (graph rows
 when there are any), each (mode, width)'s extra = its intercept - c_base (graph widths: the
 captured ones; eager widths: interpolated between). Each (mode, width) needs >= 2 batch sizes. Context-length (KV) cost is folded into
 c_base / c_tok at the table's context, so ``cost_c_kv_ns`` is written as 0.
 
 ``--json``: a DAS_CONFIG object ``{"policy": {"cost_c_base_ms", "cost_c_tok_us",
-"cost_c_kv_ns", "cost_graph_widths", "cost_graph_ms", "cost_eager_widths", "cost_eager_ms"
+"cost_c_kv_ns", "cost_free_tokens", "cost_graph_widths", "cost_graph_ms", "cost_eager_widths", "cost_eager_ms"
 [, "cost_host_us_per_request"]}}``, loadable as is (``DAS_CONFIG=das_config.json``);
 ``--host-json`` (a ``bench_host_path.py`` result) adds the measured host time per request.
 The fit's error (RMSE, relative errors, R^2) is printed and, with ``--report``, written.
@@ -74,6 +75,12 @@ def read_table(path: Path) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
+def coef_plain(x: np.ndarray, tokens: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """The plain (no hinge) least-squares coefficients."""
+    x[:, 0] = tokens
+    return np.linalg.lstsq(x, ms, rcond=None)[0]
+
+
 def fit(table: np.ndarray) -> tuple[dict, dict]:
     """-> (DAS_CONFIG policy fields, fit report)."""
     batch, tpr, graph, ms = table.T
@@ -89,7 +96,21 @@ def fit(table: np.ndarray) -> tuple[dict, dict]:
     if np.linalg.matrix_rank(x) < x.shape[1]:
         raise TableError("the table cannot separate c_tok from the per-width costs: time at least "
                          "one (cuda_graph, tokens_per_request) at two or more batch sizes")
-    coef, *_ = np.linalg.lstsq(x, ms, rcond=None)
+    best = None
+    # The ridge point: a hinge in tokens. Hinges at or below the least token count are the
+    # plain line shifted (same fit), so only larger ones are candidates; one is taken only
+    # when it fits clearly better (ties: no hinge).
+    tol = 1e-9 * max(float(np.sum((ms - ms.mean()) ** 2)), 1e-12)
+    for free in [0.0] + sorted(t for t in set(tokens.tolist()) if t > tokens.min()):
+        x[:, 0] = np.maximum(tokens - free, 0.0)
+        if np.linalg.matrix_rank(x) < x.shape[1]:
+            continue
+        c, *_ = np.linalg.lstsq(x, ms, rcond=None)
+        sse = float(np.sum((x @ c - ms) ** 2))
+        if c[0] >= 0 and (best is None or sse < best[0] - tol):
+            best = (sse, free, c)
+    free_tokens, coef = (best[1], best[2]) if best is not None else (0.0, coef_plain(x, tokens, ms))
+    x[:, 0] = np.maximum(tokens - free_tokens, 0.0)
     c_tok = float(coef[0])
     if c_tok < 0:  # noise on a flat table: no per-token cost, intercepts are the means
         c_tok = 0.0
@@ -101,12 +122,13 @@ def fit(table: np.ndarray) -> tuple[dict, dict]:
         "cost_c_base_ms": round(c_base, 6),
         "cost_c_tok_us": round(c_tok * 1e3, 6),
         "cost_c_kv_ns": 0.0,
+        "cost_free_tokens": round(float(free_tokens), 3),
     }
     for mode, key in ((1, "graph"), (0, "eager")):
         ws = [w for g, w in groups if g == mode]
         fields[f"cost_{key}_widths"] = ws
         fields[f"cost_{key}_ms"] = [round(intercept[(mode, w)] - c_base, 6) for w in ws]
-    pred = c_tok * tokens + np.array([intercept[g] for g in zip(graph.astype(int).tolist(), width.tolist())])
+    pred = c_tok * np.maximum(tokens - free_tokens, 0.0) + np.array([intercept[g] for g in zip(graph.astype(int).tolist(), width.tolist())])
     linear = CostModel.fit(zip(tokens, ms * 1e-3))
     lin_err = np.abs(linear.forward_time(tokens) * 1e3 - ms) / ms
     err = pred - ms

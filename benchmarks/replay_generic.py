@@ -100,7 +100,7 @@ def slices(tok: TextTokenizer) -> dict[str, tuple[list[ds.TextRollout], str | No
     }
 
 
-def run_slice(name: str, texts, steps, preset, workdir: Path, das: str) -> dict:
+def run_slice(name: str, texts, steps, preset, workdir: Path, das: str, extra=()) -> dict:
     src = ds.write_generic_jsonl(texts, workdir / f"{name}.jsonl.gz")
     out = workdir / f"{name}.json"
     cmd = [das, "replay", "--dataset", "jsonl", "--input", str(src), "--group-field", "group",
@@ -109,6 +109,7 @@ def run_slice(name: str, texts, steps, preset, workdir: Path, das: str) -> dict:
         cmd += ["--steps", steps]
     if preset:
         cmd += ["--cost-preset", preset]
+    cmd += list(extra)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--only", default="", help="comma list of slices (default: all)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the generic JSONL files go")
+    ap.add_argument("--no-host-time", action="store_true",
+                    help="pass --no-host-time to das replay (modeled forward costs only)")
     args = ap.parse_args()
     das = str(Path(sys.executable).with_name("das"))
     tok = TextTokenizer()
@@ -145,10 +148,12 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         for name in names:
             texts, steps, preset = all_slices[name]
-            results[name] = run_slice(name, texts, steps, preset, workdir, das)
+            results[name] = run_slice(name, texts, steps, preset, workdir, das,
+                                      ["--no-host-time"] if args.no_host_time else [])
             print(f"{name}: {results[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"policies": POLICIES.split(","), "slices": results}, indent=2))
+    args.json.write_text(json.dumps({"policies": POLICIES.split(","), "host_time": not args.no_host_time,
+                                     "slices": results}, indent=2))
     cols = POLICIES.split(",")
     print("| slice | variant | " + " | ".join(cols) + " | das <= best peer |")
     print("|---|---|" + "---:|" * len(cols) + "---|")

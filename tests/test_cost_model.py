@@ -151,3 +151,19 @@ class TestRaggedVerifyCost:
             1e-3 + 1e-5 * 32 + 1e-7 * 1000)
         assert cost.verify_time([2, 3, 3, 2], kv, uniform_width=True) < cost.verify_time(
             [7, 0, 0, 3], kv, uniform_width=True)
+
+
+def test_free_tokens_are_the_ridge_point():
+    """Tokens within the weight-read time cost nothing; past them each costs c_tok. The GPU
+    presets put the ridge where the matmuls take as long as reading the weights."""
+    m = CostModel(c_base_s=0.010, c_tok_s=0.001, free_tokens=100)
+    assert m.forward_time(1) == pytest.approx(0.010)
+    assert m.forward_time(100) == pytest.approx(0.010)
+    assert m.forward_time(150) == pytest.approx(0.060)
+    np.testing.assert_allclose(m.forward_time(np.array([50, 300])), [0.010, 0.210])
+    h100 = CostModel.preset("h100-32b")
+    assert 150 < h100.free_tokens < 300
+    assert h100.forward_time(h100.free_tokens) == pytest.approx(h100.c_base_s)
+    assert CostModel.preset("cpu-tiny").free_tokens == 0
+    with pytest.raises(ValueError, match="free_tokens"):
+        CostModel(0.01, 0.001, free_tokens=-1)

@@ -90,3 +90,23 @@ def test_config_rejects_bad_coefficients():
     with pytest.raises(ValueError, match="width_buckets"):
         load_options(None, json.dumps({"policy": {"width_buckets": [1, 2]}}))
     assert CostModel(0.001, 1e-6).width_extra_s(4) == 0.0
+
+
+def test_fits_the_ridge_point(tmp_path):
+    """A memory-bound forward is flat until its matmuls outlast the weight read: the fit
+    finds that hinge (cost_free_tokens) and the policy's cost model charges only past it."""
+    table, out = tmp_path / "t.csv", tmp_path / "cfg.json"
+    lines = ["batch,tokens_per_request,cuda_graph,ms"]
+    for b in (1, 8, 32, 128, 512):
+        for w in (0, 3, 7):
+            n = b * (1 + w)
+            lines.append(f"{b},{1 + w},1,{6.0 + 0.025 * max(n - 256, 0):.6f}")
+    table.write_text("\n".join(lines) + "\n")
+    assert fit_cost_model.main(["--table", str(table), "--json", str(out)]) == 0
+    pol = json.loads(out.read_text())["policy"]
+    assert pol["cost_free_tokens"] == pytest.approx(256)
+    assert pol["cost_c_tok_us"] == pytest.approx(25.0, rel=1e-6)
+    assert pol["cost_c_base_ms"] == pytest.approx(6.0, abs=1e-6)
+    cost = make_policy("length-aware", config=load_options(16, out.read_text()).policy).cost
+    assert cost.forward_time(200) == pytest.approx(6e-3)
+    assert cost.forward_time(1256) == pytest.approx(6e-3 + 1000 * 25e-6)

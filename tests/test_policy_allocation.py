@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from das_sglang.core.allocation import (
+    FREE_TOKEN_SHARE,
     lookahead_step_budgets,
     pad_curves,
     token_values,
@@ -213,3 +214,28 @@ class TestLookahead:
         assert lookahead_step_budgets(np.zeros(0), [], np.zeros(0), COST).width == 0
         dead = lookahead_step_budgets(np.array([5000.0]), [_curve([0.0] * 8)], np.zeros(1), COST)
         assert dead.width == 0 and np.isfinite(dead.modeled_s)
+
+
+def test_lookahead_fills_the_free_tokens_first():
+    """With free_tokens (the ridge point), the per-row lookahead takes the batch's best
+    nodes up to the free capacity even when each gains less than c_tok, then only nodes
+    gaining more than c_tok; each row's nodes stay a prefix of its tree."""
+    rows = 4
+    curves = [np.concatenate([[0.0], np.cumsum(np.full(8, 0.5 ** (i + 1)))]) for i in range(rows)]
+    remaining = np.full(rows, 400.0)
+    kv = np.zeros(rows)
+    paid = CostModel(c_base_s=0.01, c_tok_s=0.01)
+    free = CostModel(c_base_s=0.01, c_tok_s=0.01, free_tokens=rows + 12)
+    none = lookahead_step_budgets(remaining, curves, kv, paid)
+    some = lookahead_step_budgets(remaining, curves, kv, free)
+    assert int(none.budgets.sum()) == 0  # no node pays c_tok here
+    assert int(some.budgets.sum()) == 12  # the 12 free slots, best rows first
+    assert list(some.budgets) == sorted(some.budgets, reverse=True)
+    huge = CostModel(c_base_s=0.01, c_tok_s=0.01, free_tokens=10_000)
+    value, _ = token_values(remaining, pad_curves(curves), kv, huge, False, 0.05)
+    cheap = value * 0.5 ** (np.arange(rows) + 1) > FREE_TOKEN_SHARE * huge.c_tok_s
+    assert cheap.any() and not cheap.all()  # a free token still has to gain something
+    assert list(lookahead_step_budgets(remaining, curves, kv, huge).budgets) == [8 if c else 0 for c in cheap]
+    # uniform width: the padded tokens past the free ones are what is paid
+    wide = lookahead_step_budgets(remaining, curves, kv, huge, uniform_width=True)
+    assert wide.width == 8

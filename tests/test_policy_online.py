@@ -21,6 +21,8 @@ from das_sglang.core.replay_contenders import build_contenders
 from das_sglang.core.tokenize import TextTokenizer
 
 COST = CostModel.preset("h100-7b")
+# Drafting is paid (no free tokens below the roofline ridge): what the zero-budget tests need
+PAID = replace(COST, free_tokens=0.0)
 PROBS = 0.9 ** np.arange(1, 9)
 
 
@@ -40,7 +42,7 @@ def step(policy, gen, accept_all: bool, match_len: int = 5):
 
 class TestBudgetZeroIsNotAbsorbing:
     def test_rejections_stop_drafting_then_probes_recover_it(self):
-        policy = LengthAware(COST)
+        policy = LengthAware(PAID)
         gen = {f"r{i}": 10 for i in range(8)}
         assert step(policy, gen, accept_all=False).width > 0  # the prior says drafting pays
         widths = [step(policy, gen, accept_all=False).width for _ in range(3)]
@@ -54,14 +56,14 @@ class TestBudgetZeroIsNotAbsorbing:
 
     def test_probes_cost_at_most_their_share(self):
         cfg = PolicyConfig(probe_share=0.05)
-        policy = LengthAware(COST, cfg)
+        policy = LengthAware(PAID, cfg)
         gen = {f"r{i}": 10 for i in range(32)}
         probes = sum(step(policy, gen, accept_all=False).width > 0 for _ in range(400))
         assert probes >= 3  # keeps probing ...
         assert policy.probes.spent_s <= cfg.probe_share * policy.probes.total_s + 1e-12  # ... within budget
 
     def test_probing_off_means_no_drafts_after_rejections(self):
-        policy = LengthAware(COST, PolicyConfig(probe_budget=0))
+        policy = LengthAware(PAID, PolicyConfig(probe_budget=0))
         gen = {f"r{i}": 10 for i in range(8)}
         step(policy, gen, accept_all=False)
         assert all(step(policy, gen, accept_all=True).width == 0 for _ in range(40))  # the old absorbing zero
@@ -162,11 +164,12 @@ def run_generic(path: Path, tok) -> tuple[dict, list]:
     texts = ds.load_jsonl([path], group_field="group", step_field="step")
     rollouts = ds.tokenize_rollouts(texts, tok)
     assert not any(r.hit_length_cap for r in rollouts)
-    contenders = build_contenders(["none", "das", "das-fixed", "das-global"], COST)
+    # the SGLang worker's default engine: ragged verify, per-request budgets
+    contenders = build_contenders(["none", "das", "das-fixed", "das-global"], COST, "ragged")
     log: list = []
     das = contenders[1]
     contenders[1] = replace(das, make_policy=lambda: _Recording(das.make_policy(), log))
-    results = replay(rollouts, contenders, COST, "uniform")
+    results = replay(rollouts, contenders, COST, "ragged")
     return {r.name: r for r in results}, log
 
 

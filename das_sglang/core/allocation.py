@@ -323,22 +323,57 @@ def lookahead_step_budgets(
     acc, m = curves if isinstance(curves, tuple) else pad_curves(curves)
     value, future = token_values(remaining, (acc, m), kv_tokens, cost, uniform_width, spread)
     b = np.arange(acc.shape[1], dtype=np.float64)
+    n = len(m)
+    # Draft tokens paid this forward: those past the rows' own tokens and the cost model's
+    # free_tokens (the roofline ridge point; 0 = every draft token costs c_tok).
+    roots_paid = float(cost.paid_tokens(n))
     if uniform_width:
-        rows = np.arange(len(m))
+        rows = np.arange(n)
         capped = np.minimum(b[None, :].astype(np.int64), m[:, None])
         charged, extra = bucket_charges(buckets, len(b), cost)
-        if charged is None:
-            gain = (value[:, None] * acc[rows[:, None], capped]).sum(axis=0) - cost.c_tok_s * len(m) * b
-        else:  # the forward is padded to the bucket: its tokens and tier are what is paid
-            gain = ((value[:, None] * acc[rows[:, None], capped]).sum(axis=0)
-                    - cost.c_tok_s * len(m) * charged - extra)
+        paid = b if charged is None else charged.astype(np.float64)
+        # the forward is padded to the bucket: its tokens and tier are what is paid
+        gain = ((value[:, None] * acc[rows[:, None], capped]).sum(axis=0)
+                - cost.c_tok_s * (cost.paid_tokens(n * (1.0 + paid)) - roots_paid))
+        if extra is not None:
+            gain = gain - extra
         width = int(np.argmax(gain))  # ties: the smallest width
         budgets = np.minimum(width, m).astype(np.int32)
         best_gain = float(gain[width])
     else:
-        gain = value[:, None] * acc - cost.c_tok_s * b[None, :]
-        gain = np.where(b[None, :] <= m[:, None], gain, -np.inf)
-        budgets = np.argmax(gain, axis=1).astype(np.int32)
-        best_gain = float(gain[np.arange(len(m)), budgets].sum())
+        budgets, best_gain = _fill_nodes(value, acc, m, cost.c_tok_s,
+                                         max(cost.free_tokens - n, 0.0) if cost.free_tokens else 0.0)
     return StepAllocation(budgets, int(budgets.max(initial=0)), future.baseline_s - best_gain,
                           future.baseline_s, future.makespan_steps)
+
+
+FREE_TOKEN_SHARE = 0.1  # what a token below the roofline ridge still costs, in c_tok
+
+
+def _fill_nodes(value: np.ndarray, acc: np.ndarray, m: np.ndarray, c_tok: float,
+                free: float) -> tuple[np.ndarray, float]:
+    """Per-row budgets maximising ``sum_i value_i * E_i(b_i) - c_tok * max(sum_i b_i - free, 0)``.
+
+    Node ``b`` of row ``i`` gains ``value_i * (E_i(b) - E_i(b-1))`` (made non-increasing along
+    the row, so the chosen nodes of a row are a prefix of its tree). The first ``free``
+    nodes of the whole batch fit in the forward's weight-read time, so the best-gaining
+    ones are taken there as long as they gain ``FREE_TOKEN_SHARE * c_tok`` (the attention,
+    sampling and host work a verified token still costs); past them a node is taken only
+    when it gains more than ``c_tok``. Without free tokens this is each row's own best
+    budget."""
+    rows, width = acc.shape
+    if width <= 1 or rows == 0:
+        return np.zeros(rows, dtype=np.int32), 0.0
+    b = np.arange(1, width)
+    delta = np.where(b[None, :] <= m[:, None], np.diff(acc, axis=1), -np.inf)
+    delta = np.minimum.accumulate(delta, axis=1)
+    gain = value[:, None] * delta
+    flat = gain.reshape(-1)
+    order = np.argsort(-flat, kind="stable")  # row-major among ties: prefixes stay prefixes
+    ranked = flat[order]
+    positive = int(np.count_nonzero(ranked > FREE_TOKEN_SHARE * c_tok))
+    k_free = min(int(free), positive)
+    k_paid = int(np.count_nonzero(ranked[k_free:positive] > c_tok))
+    take = order[: k_free + k_paid]
+    budgets = np.bincount(take // (width - 1), minlength=rows).astype(np.int32)
+    return budgets, float(ranked[: k_free + k_paid].sum() - c_tok * k_paid)

@@ -9,9 +9,14 @@ request plus its draft nodes; engines that pad rows to one width count the paddi
 - ``c_tok_s``: per processed token: its share of the matmul FLOPs (``2 * params``);
 - ``c_kv_s``: per context token read by attention (KV bytes / HBM bandwidth).
 
-A linear model is the sum, not the max, of the roofline's memory and compute terms, so it
-overestimates near the ridge point; that keeps speculation conservative. Presets are derived in
-``docs/cost_model.md``; ``CostModel.fit`` / ``calibrate`` replace them with measurements.
+``free_tokens`` (the roofline's ridge point, 0 = a plain sum): a decode forward is
+memory-bound until its matmuls take as long as reading the weights, so the first
+``free_tokens`` tokens of a forward ride inside ``c_base`` and only tokens past them cost
+``c_tok``: ``t = c_base + c_tok * max(n_tokens - free_tokens, 0) + c_kv * kv_tokens``
+(the max, not the sum, of the memory and compute terms). Without it a 10-request batch on
+an H100 would pay 17 ms for 160 draft tokens its forward processes in the weight-read time
+anyway. Presets are derived in ``docs/cost_model.md``; ``CostModel.fit`` / ``calibrate``
+replace them with measurements.
 
 Width tiers (optional, measured by ``benchmarks/fit_cost_model.py``): SGLang replays a CUDA
 graph only for the verify widths it captured, and runs every other width eagerly. A forward
@@ -55,9 +60,10 @@ class CostModel:
     eager_widths: tuple[int, ...] = ()  # draft widths with a measured eager extra cost
     eager_extra_s: tuple[float, ...] = ()  # extra seconds per eager forward at each of them
     host_s_per_request: float = 0.0  # DAS host time per request per decode step
+    free_tokens: float = 0.0  # tokens per forward inside the weight-read time (ridge point)
 
     def __post_init__(self) -> None:
-        for attr in ("c_base_s", "c_tok_s", "c_kv_s", "host_s_per_request"):
+        for attr in ("c_base_s", "c_tok_s", "c_kv_s", "host_s_per_request", "free_tokens"):
             v = getattr(self, attr)
             if not (np.isfinite(v) and v >= 0.0):
                 raise ValueError(f"invalid CostModel {attr}={v!r}: must be a finite number >= 0")
@@ -112,9 +118,15 @@ class CostModel:
 
         Accepts scalars or numpy arrays (broadcast); returns a float for scalar input.
         """
-        t = self.c_base_s + self.c_tok_s * np.asarray(n_tokens, dtype=np.float64)
+        n = np.asarray(n_tokens, dtype=np.float64)
+        t = self.c_base_s + self.c_tok_s * self.paid_tokens(n)
         t = t + self.c_kv_s * np.asarray(kv_tokens, dtype=np.float64)
         return float(t) if t.ndim == 0 else t
+
+    def paid_tokens(self, n_tokens):
+        """Tokens of a forward that cost ``c_tok``: those past ``free_tokens``."""
+        n = np.asarray(n_tokens, dtype=np.float64)
+        return np.maximum(n - self.free_tokens, 0.0) if self.free_tokens else n
 
     def verify_time(self, budgets, kv_tokens=0, uniform_width: bool = False) -> float:
         """Seconds for one decode forward verifying ``budgets[i]`` draft tokens of request
@@ -288,11 +300,14 @@ def roofline(gpu: str, model: str) -> CostModel:
     params, layers, kv_heads, head_dim = _MODELS[model]
     mem_bw = bandwidth * MEM_EFFICIENCY
     kv_bytes_per_token = 2 * layers * kv_heads * head_dim * BYTES_PER_PARAM  # K and V
+    weights_s = params * BYTES_PER_PARAM / mem_bw
+    c_tok = 2.0 * params / (flops * FLOP_EFFICIENCY)
     return CostModel(
-        c_base_s=params * BYTES_PER_PARAM / mem_bw + FIXED_OVERHEAD_S,
-        c_tok_s=2.0 * params / (flops * FLOP_EFFICIENCY),
+        c_base_s=weights_s + FIXED_OVERHEAD_S,
+        c_tok_s=c_tok,
         c_kv_s=kv_bytes_per_token / mem_bw,
         name=f"{gpu}-{model}",
+        free_tokens=weights_s / c_tok,  # the ridge point: matmuls as long as the weight read
     )
 
 

@@ -54,6 +54,9 @@ class PolicyConfig:
     cost_c_base_ms ...  measured cost-model coefficients replacing the preset's (None keeps
     cost_c_tok_us       the preset's): per-forward ms, per processed token us, per KV token
     cost_c_kv_ns        ns. ``benchmarks/fit_cost_model.py`` writes them from a timing table.
+    cost_free_tokens    tokens per forward that cost no ``c_tok`` (they fit in the weight-read
+                        time: the roofline ridge point; the GPU presets derive it, a fit
+                        measures it; 0 = every token pays).
     cost_graph_widths   draft widths (tokens per request - 1) SGLang runs as CUDA graphs, and
     cost_graph_ms       the extra ms per forward at each of them (may be < 0: a graph replay
                         is cheaper than the linear model's eager launch overhead);
@@ -99,6 +102,7 @@ class PolicyConfig:
     cost_c_base_ms: float | None = None
     cost_c_tok_us: float | None = None
     cost_c_kv_ns: float | None = None
+    cost_free_tokens: float | None = None
     cost_graph_widths: tuple[int, ...] = ()
     cost_graph_ms: tuple[float, ...] = ()
     cost_eager_widths: tuple[int, ...] = ()
@@ -149,7 +153,8 @@ class PolicyConfig:
         check_field(0 <= self.probe_budget <= self.max_budget, "probe_budget", self.probe_budget,
                     f"must be in [0, max_budget={self.max_budget}]")
         check_field(0.0 <= self.probe_share < 1.0, "probe_share", self.probe_share, "must be in [0, 1)")
-        for name in ("cost_c_base_ms", "cost_c_tok_us", "cost_c_kv_ns", "cost_host_us_per_request"):
+        for name in ("cost_c_base_ms", "cost_c_tok_us", "cost_c_kv_ns", "cost_host_us_per_request",
+                     "cost_free_tokens"):
             v = getattr(self, name)
             check_field(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                       and v >= 0 and v == v and v != float("inf")),
@@ -179,6 +184,8 @@ class PolicyConfig:
         if self.cost_eager_widths or self.cost_eager_ms:
             changes.update(eager_widths=tuple(self.cost_eager_widths),
                            eager_extra_s=tuple(x * 1e-3 for x in self.cost_eager_ms))
+        if self.cost_free_tokens is not None:
+            changes["free_tokens"] = float(self.cost_free_tokens)
         if self.cost_host_us_per_request:
             changes["host_s_per_request"] = self.cost_host_us_per_request * 1e-6
         return base.with_coefficients(**changes) if changes else base
