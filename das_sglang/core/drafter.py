@@ -23,6 +23,7 @@ Worked example (window 1, decay 0.5)::
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
@@ -31,8 +32,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from das_sglang.core.config import DrafterConfig
-from das_sglang.core.draft_tree import DraftTree
-from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, extend_batch
+from das_sglang.core.draft_tree import DraftBatch, DraftTree
+from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch
 
 # problem_id -> step -> finished rollouts (prompt + response), as int32 arrays
 History = dict[str, dict[int, list[np.ndarray]]]
@@ -404,6 +405,56 @@ class SuffixDrafter:
             _native_tree(tokens[a:z], parents[a:z], probs[a:z], m)
             for a, z, m in zip(bounds[:-1], bounds[1:], match.tolist())
         ]
+
+    # Rows per drafting thread in speculate_flat (threads = rows // this, at most
+    # DRAFT_THREADS): the split pays for its thread start-up from a few hundred rows on.
+    DRAFT_ROWS_PER_THREAD = 192
+    DRAFT_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+    def speculate_flat(self, req_ids: Sequence[str], budget: int | Sequence[int] | np.ndarray,
+                       threads: int | None = None) -> DraftBatch:
+        """:meth:`speculate_batch` as one flat :class:`DraftBatch` (same trees, plus node
+        depths): no Python object per row. ``budget`` is one int for every row or one per
+        row; ``threads`` None picks by batch size (the result does not depend on it)."""
+        n = len(req_ids)
+        if isinstance(budget, (int, np.integer)):
+            if budget < 0:
+                raise ValueError(f"invalid budget={int(budget)}: must be >= 0")
+            b = np.full(n, int(budget), dtype=np.int32)
+        else:
+            if len(budget) != n:
+                raise ValueError(f"budgets has {len(budget)} entries for {n} req_ids")
+            b = np.asarray(budget, dtype=np.int32)
+            if n and b.min() < 0:
+                row = int(np.argmin(b))
+                raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
+        live, indices = self._live, self._indices
+        try:
+            lives = [live[r] for r in req_ids]
+        except KeyError:
+            lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
+        idx = [indices[lv.problem_id] for lv in lives]
+        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
+        if threads is None:
+            threads = max(1, min(self.DRAFT_THREADS, n // self.DRAFT_ROWS_PER_THREAD))
+        out = self._draft_flat(idx, seq_ids, b, threads)
+        if self._global is not None:
+            empty = np.flatnonzero((out.lens() == 0) & (b > 0))
+            if empty.size:
+                fallback = self._draft_flat([self._global] * len(empty), seq_ids[empty], b[empty], 1)
+                rows = np.arange(n, dtype=np.int64)
+                rows[empty] = n + np.arange(len(empty))
+                out = DraftBatch.concat([out, fallback]).take(rows)
+        return out
+
+    def _draft_flat(self, indices, seq_ids: np.ndarray, budgets: np.ndarray, threads: int) -> DraftBatch:
+        cfg = self.config
+        steps, weights = self._weights
+        mix = (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout) if cfg.mixture else None
+        tokens, parents, probs, depths, offsets, match = draft_rows(
+            indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len,
+            mix, threads)
+        return DraftBatch(tokens, parents, probs, depths, offsets, match)
 
     # ------------------------------------------------------------------ snapshots, stats
 

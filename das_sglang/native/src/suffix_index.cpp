@@ -274,6 +274,7 @@ bool SuffixIndex::is_pass_through(uint32_t n) const {
 void SuffixIndex::add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, int64_t step) {
   if (by_id_.count(seq_id)) bad("duplicate seq_id=" + std::to_string(seq_id));
   int slot = acquire_slot(step);
+  ++version_;
   uint32_t s = new_storage();
   Storage& st = storages_[s];
   st.seq_id = seq_id;
@@ -288,6 +289,7 @@ void SuffixIndex::add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, 
 
 void SuffixIndex::extend(int64_t seq_id, const int32_t* tokens, size_t n) {
   uint32_t s = storage_of(seq_id);
+  ++version_;
   for (size_t i = 0; i < n; ++i) append_token(s, tokens[i]);
 }
 
@@ -391,6 +393,7 @@ void SuffixIndex::merge_into_child(uint32_t n) {
 
 void SuffixIndex::remove_sequence(int64_t seq_id) {
   const uint32_t X = storage_of(seq_id);
+  ++version_;
   const int slot = storages_[X].slot;
   const std::vector<int32_t>& tok = storages_[X].tokens;
   const uint32_t L = uint32_t(tok.size()), D = uint32_t(max_depth_);
@@ -602,6 +605,24 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
     expand_chain(pos, p, out);
   else
     expand(pos, p, out);
+}
+
+uint32_t SuffixIndex::prefetch_sequence(int64_t seq_id) const {
+  auto it = by_id_.find(seq_id);
+  if (it == by_id_.end()) return kNil;
+  const Storage& st = storages_[it->second];
+  const char* c = reinterpret_cast<const char*>(st.cursors.data());
+  const size_t bytes = st.cursors.size() * sizeof(uint32_t);
+  for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+  return it->second;
+}
+
+void SuffixIndex::prefetch_cursor_nodes(uint32_t s, int max_m) const {
+  if (s == kNil) return;
+  const Storage& st = storages_[s];
+  const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
+  const int hi = std::min(int(std::min<uint32_t>(L, D - 1)), std::max(0, max_m));
+  for (int m = 1; m <= hi; ++m) __builtin_prefetch(&nodes_[st.cursors[(L - uint32_t(m)) % D]]);
 }
 
 namespace {

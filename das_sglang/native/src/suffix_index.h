@@ -162,6 +162,12 @@ class SuffixIndex {
   int match_length(const int32_t* ctx, size_t n) const;
   void draft(const int32_t* ctx, size_t n, const DraftParams& p, Draft& out) const;
   void draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft& out) const;
+  // Cache hints for a later draft_for_sequence (no effect on any result): batch drafting
+  // calls them a few rows ahead so the memory reads of several rows overlap. Stage 1
+  // returns the sequence's storage (kNil if unknown) and prefetches its cursor ring;
+  // stage 2 prefetches the nodes where its last `max_m` suffixes end.
+  uint32_t prefetch_sequence(int64_t seq_id) const;
+  void prefetch_cursor_nodes(uint32_t storage, int max_m) const;
 
   // Slot weights from a step -> weight table (steps absent from the table weigh 0).
   void slot_weights(const int64_t* steps, const double* weights, size_t n,
@@ -172,6 +178,9 @@ class SuffixIndex {
   size_t num_sequences() const { return by_id_.size(); }
   size_t num_tokens() const { return num_tokens_; }
   size_t num_orphans() const { return num_orphans_; }
+  // Bumped by every mutation (add / extend / remove): a draft computed at version v is
+  // still exact while the version is v (draft_rows results can be reused across calls).
+  uint64_t version() const { return version_; }
   size_t memory_bytes() const;
   std::vector<int64_t> steps() const;
   bool has_sequence(int64_t seq_id) const { return by_id_.count(seq_id) != 0; }
@@ -232,6 +241,7 @@ class SuffixIndex {
   uint32_t slot_seqs_[kSlots];          // registered sequences per slot; 0 = slot free
   size_t num_tokens_ = 0;               // tokens of registered sequences
   size_t num_orphans_ = 0;
+  uint64_t version_ = 0;
 };
 
 }  // namespace das
