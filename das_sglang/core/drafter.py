@@ -328,19 +328,37 @@ class SuffixDrafter:
     def extend_batch(self, req_ids: Sequence[str], tokens: Sequence[Sequence[int] | np.ndarray]) -> None:
         """``extend_request`` for a whole decode batch in one native call per index set;
         every row is validated before any index changes."""
+        self.apply_extend(self.prepare_extend(req_ids, tokens))
+
+    def prepare_extend(self, req_ids: Sequence[str], tokens: Sequence[Sequence[int] | np.ndarray],
+                       flat: np.ndarray | None = None) -> tuple:
+        """The validated native arguments of :meth:`extend_batch` (raises ValueError naming
+        a bad row). :meth:`apply_extend` then only runs native code, without the GIL: the
+        session prepares on the scheduler thread and applies on its update thread.
+        ``flat``: the rows already concatenated as int32 (``_flat_tokens``), if at hand."""
         if len(tokens) != len(req_ids):
             raise ValueError(f"tokens has {len(tokens)} rows for {len(req_ids)} req_ids")
-        lives = [self._request(r) for r in req_ids]
-        flat = _flat_tokens(tokens)
+        live = self._live
+        try:
+            lives = [live[r] for r in req_ids]
+        except KeyError:
+            lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
+        if flat is None:
+            flat = _flat_tokens(tokens)
         if flat is None:  # not plain int lists, or a bad value: validate row by row
             rows = [as_tokens(t, f"tokens of req_id={r!r}") for r, t in zip(req_ids, tokens)]
             flat = np.concatenate(rows) if rows else np.zeros(0, np.int32)
         offsets = np.zeros(len(tokens) + 1, np.int64)
-        np.cumsum([len(t) for t in tokens], out=offsets[1:])
+        np.cumsum(np.fromiter((len(t) for t in tokens), np.int64, len(tokens)), out=offsets[1:])
         seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
-        extend_batch([self._indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets)
+        indices = self._indices
+        return [indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets
+
+    def apply_extend(self, prepared: tuple) -> None:
+        idx, seq_ids, flat, offsets = prepared
+        extend_batch(idx, seq_ids, flat, offsets)
         if self._global is not None:
-            extend_batch([self._global] * len(lives), seq_ids, flat, offsets)
+            extend_batch([self._global] * len(idx), seq_ids, flat, offsets)
 
     def finish_request(self, req_id: str, keep: bool = True) -> None:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""

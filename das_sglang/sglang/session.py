@@ -363,13 +363,18 @@ class DasSession:
         call for the batch) runs on the background thread without the GIL; the next
         :meth:`plan` waits for it."""
         live = self.live
+        flat = None
         background = (self._updates is not None and len(req_ids) >= self.ASYNC_MIN_ROWS
-                      and all(r in live for r in req_ids) and _flat_tokens(tokens) is not None)
+                      and all(r in live for r in req_ids)
+                      and (flat := _flat_tokens(tokens)) is not None)
         if background:  # inputs checked here: a bad row raises now, naming itself, below
             # The queue keeps the order; an earlier update's error is raised now, without
-            # waiting for the ones still running (the next plan waits for them).
+            # waiting for the ones still running (the next plan waits for them). The
+            # arguments are prepared here, so the update thread only runs native code
+            # (without the GIL: it never holds up the scheduler thread's Python).
             self._updates.raise_error()
-            self._updates.submit(self.drafter.extend_batch, list(req_ids), tokens)
+            prepared = self.drafter.prepare_extend(req_ids, tokens, flat)
+            self._updates.submit(self.drafter.apply_extend, prepared)
         else:  # small batches (the hand-off costs more than the extend), or a bad row
             self.sync()
             self.drafter.extend_batch(req_ids, tokens)

@@ -78,8 +78,8 @@ void ChildMap::erase(uint32_t parent, int32_t token) {
 }
 
 void ChildMap::grow() {
-  std::vector<uint64_t> old_k;
-  std::vector<uint32_t> old_v;
+  BigVector<uint64_t> old_k;
+  BigVector<uint32_t> old_v;
   old_k.swap(keys_);
   old_v.swap(vals_);
   keys_.assign(old_k.size() * 2, kEmpty);
@@ -400,7 +400,7 @@ void SuffixIndex::remove_sequence(int64_t seq_id) {
   // Phase A: decrement along every truncated suffix path; remember each touched node once,
   // bucketed by depth so phase B can go deepest first.
   std::vector<std::vector<uint32_t>> by_depth(D + 1);
-  std::vector<uint8_t>& seen = removal_marks_;  // all zero between removals
+  BigVector<uint8_t>& seen = removal_marks_;  // all zero between removals
   if (seen.size() < nodes_.size()) seen.resize(nodes_.capacity(), 0);
   for (uint32_t i = 0; i < L; ++i) {
     uint32_t end = std::min(L, i + D), j = i, cur = kRoot;

@@ -49,7 +49,10 @@
 //  at most one per leaf, so storage stays O(stored tokens + leaves * max_depth).
 #pragma once
 
+#include <sys/mman.h>
+
 #include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -98,6 +101,42 @@ struct Storage {
   bool in_use = false;    // false while on the free list
 };
 
+// Allocator of the index's large arrays (nodes, child map, scratch marks): blocks of at
+// least kMapBytes are mapped straight from the OS and unmapped when freed, so evicted
+// history gives its pages back at once. Through malloc they would land in the heap (glibc
+// raises its mmap threshold after the first large free) and only a process-wide
+// malloc_trim -- which holds the allocator's locks while it walks the heap, stalling every
+// other thread's malloc -- would return them.
+template <class T>
+struct MappedAlloc {
+  using value_type = T;
+  static constexpr size_t kMapBytes = size_t(1) << 14;
+  MappedAlloc() noexcept = default;
+  template <class U>
+  MappedAlloc(const MappedAlloc<U>&) noexcept {}
+  static size_t round_up(size_t b) { return (b + 4095) & ~size_t(4095); }
+  T* allocate(size_t n) {
+    const size_t b = n * sizeof(T);
+    if (b < kMapBytes) return static_cast<T*>(::operator new(b, std::align_val_t(alignof(T))));
+    void* p = mmap(nullptr, round_up(b), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) noexcept {
+    const size_t b = n * sizeof(T);
+    if (b < kMapBytes)
+      ::operator delete(p, std::align_val_t(alignof(T)));
+    else
+      munmap(p, round_up(b));
+  }
+  template <class U>
+  bool operator==(const MappedAlloc<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const MappedAlloc<U>&) const noexcept { return false; }
+};
+template <class T>
+using BigVector = std::vector<T, MappedAlloc<T>>;
+
 // Open-addressing map (parent, token) -> child, linear probing, backward-shift deletion.
 // One flat table instead of per-node maps: O(1) child lookup at high-fanout nodes (the
 // root has one child per distinct token) without a heap object per node. Holds exactly the
@@ -116,8 +155,8 @@ class ChildMap {
   static uint64_t key(uint32_t p, int32_t t) { return (uint64_t(p) << 32) | uint32_t(t); }
   size_t slot_of(uint64_t k) const;
   void grow();
-  std::vector<uint64_t> keys_;  // kEmpty marks a free slot
-  std::vector<uint32_t> vals_;
+  BigVector<uint64_t> keys_;  // kEmpty marks a free slot
+  BigVector<uint32_t> vals_;
   size_t size_ = 0;
   size_t mask_ = 0;
 };
@@ -229,9 +268,9 @@ class SuffixIndex {
   void expand_mixture(const std::vector<Anchor>& anchors, const DraftParams& p, Draft& out) const;
 
   int max_depth_;
-  std::vector<Node> nodes_;             // nodes_[kRoot] is the root
+  BigVector<Node> nodes_;               // nodes_[kRoot] is the root
   std::vector<uint32_t> free_nodes_;    // freed node ids, reused first
-  std::vector<uint8_t> removal_marks_;  // remove_sequence scratch: touched-node marks, kept
+  BigVector<uint8_t> removal_marks_;    // remove_sequence scratch: touched-node marks, kept
                                         // zeroed so a removal costs O(its paths), not O(nodes)
   ChildMap children_;
   std::vector<Storage> storages_;
