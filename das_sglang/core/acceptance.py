@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Sequence
 
 import numpy as np
@@ -328,8 +329,7 @@ def read_pending(calibration, rows, add) -> None:
     ``_state`` of finished requests is forgotten."""
     index = calibration._pending
     ids = R.req_ids(rows)
-    get = index.get
-    at = np.fromiter((get(r, -1) for r in ids), np.int64, len(ids))
+    at = np.fromiter(map(index.get, ids, repeat(-1, len(ids))), np.int64, len(ids))
     j = np.flatnonzero(at >= 0)
     if j.size:
         pos = at[j]

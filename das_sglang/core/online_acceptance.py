@@ -35,6 +35,8 @@ outcomes feed the cells above, so an estimate that was wrong recovers, at a boun
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import numpy as np
 
 from das_sglang.core import budget_rows as R
@@ -165,8 +167,7 @@ class OnlineCalibration:
         bins = self._pending_bins[pos]
         expected = np.stack([(drafted * (bins == k)).sum(axis=1) for k in range(n_bins)], axis=1)
         ids = R.req_ids(rows)
-        get = self._state.get
-        states = np.fromiter((get(r, 0) for r in ids), np.int64, len(ids))
+        states = np.fromiter(map(self._state.get, ids, repeat(0, len(ids))), np.int64, len(ids))
         match = self._pending_match[pos]
         # OutcomeCalibration.state_of, for the whole batch (a repeated request: the last wins)
         new = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
@@ -207,8 +208,7 @@ class OnlineCalibration:
         """Rows x node ranks ``1..max_budget``: calibration factor of each row's nodes."""
         table = self.table()
         bins = np.minimum(self.node_bins(rows, max_budget), table.shape[2] - 1)
-        get = self._state.get
-        states = np.fromiter((get(r, 0) for r in R.req_ids(rows)), np.int64, len(rows))
+        states = np.fromiter(map(self._state.get, R.req_ids(rows), repeat(0, len(rows))), np.int64, len(rows))
         match = match_bin(R.match_lens(rows))
         return np.take_along_axis(table[states, match], bins, axis=1)
 
@@ -231,8 +231,8 @@ class ProbeSchedule:
     def due(self, rows) -> np.ndarray:
         last = self._last
         never = -self.config.probe_every  # a new request is due at once
-        get = last.get
-        since = self._plans - np.fromiter((get(r, never) for r in R.req_ids(rows)), np.int64, len(rows))
+        since = self._plans - np.fromiter(map(last.get, R.req_ids(rows), repeat(never, len(rows))),
+                                          np.int64, len(rows))
         return since >= self.config.probe_every
 
     def affordable(self, cost_s: float) -> bool:
