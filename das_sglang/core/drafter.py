@@ -156,9 +156,12 @@ class SuffixDrafter:
             # later in chunks (``evict_pending``), e.g. on a background thread while the
             # GPU runs a forward: one step's history is ~1/window of everything stored.
             self._evicting.update(old)
-            # The native indices hold at most MAX_STEPS distinct steps: if the new step
-            # would not fit, the oldest pending evictions finish now.
-            while self._evicting and len(set(self._step_seqs) | {step}) > MAX_STEPS:
+            # A native index holds at most MAX_STEPS distinct steps. A problem's index that
+            # would overflow evicts its own pending steps when the new step's first sequence
+            # arrives (``_make_slot``: O(that problem)); the shared global index holds every
+            # step, so there the oldest pending evictions finish now.
+            while (self._global is not None and self._evicting
+                   and len(set(self._step_seqs) | {step}) > MAX_STEPS):
                 s = min(self._evicting)
                 for problem_id in list(self._by_step.get(s, ())):
                     self._evict(problem_id, s)
@@ -260,7 +263,24 @@ class SuffixDrafter:
             idx = self._indices[problem_id] = SuffixIndex(self.config.max_depth)
         return idx
 
+    def _make_slot(self, problem_id: str, step: int) -> None:
+        """Lazy eviction: before ``problem_id``'s index takes a sequence of a step it does
+        not hold, remove that problem's out-of-window steps (oldest first) while its index
+        has no free native step slot."""
+        idx = self._indices.get(problem_id)
+        if idx is None or not self._evicting:
+            return
+        steps = idx.steps()
+        if step in steps or len(steps) < MAX_STEPS:
+            return
+        for s in sorted(x for x in self._finished.get(problem_id, ()) if x in self._evicting):
+            self._evict(problem_id, s)
+            idx = self._indices.get(problem_id)
+            if idx is None or len(idx.steps()) < MAX_STEPS:
+                return
+
     def _add(self, problem_id: str, tokens: np.ndarray, step: int) -> int:
+        self._make_slot(problem_id, step)
         seq_id = self._next_seq_id
         self._next_seq_id += 1
         self._index(problem_id).add_sequence(seq_id, tokens, step)
