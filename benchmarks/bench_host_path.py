@@ -33,7 +33,9 @@ load hits both alike; update-thread work still pending at a switch is waited for
 charged to the current path's next step (what its next plan would have waited).
 
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
-"config": ...}``.
+"config": ...}``; per batch also ``phases_p50_ms`` (the step split into carried update-thread
+wait, finishes/starts, boundary, plan, layout, mask, feedback) and ``worst_steps`` (the five
+slowest steps with the same split).
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     carried = 0.0  # update-thread work still pending when the other configuration ran
     for step in range(args.warmup + args.steps):
         t_begin = time.perf_counter() - carried
+        carried_in = carried
         kind = "decode"
         ph = {}
         # finishes and starts of this step (the scheduler calls them between forwards)
@@ -213,6 +216,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             times.append(((t_mid - t_begin) + (t_end - t_fb)) * 1e3)
             kinds.append(kind)
             ph["feedback"] = t_end - t_fb
+            ph["carried"] = carried_in
             phases.append({k: v * 1e3 for k, v in ph.items()})
         # Before the other configuration's step: what the update thread still has to do
         # would have delayed this session's next plan, so that wait is charged to it; the
@@ -228,8 +232,10 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             session.snapshot.wait()
         yield
     session.close()
+    worst = sorted(range(len(times)), key=lambda i: -times[i])[:5]
     out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats,
-               phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]})
+               phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]},
+               worst=[{"step": i, "kind": kinds[i], "ms": times[i], **phases[i]} for i in worst])
 
 
 def summarize(times, kinds):
@@ -309,6 +315,7 @@ def main(argv=None) -> int:
                 entry.update(s)
                 entry["per_step_ms"] = times
                 entry["phases_p50_ms"] = o["phases"]
+                entry["worst_steps"] = o["worst"]  # the slowest steps, by phase (ms)
                 entry.update(finishes=fin, history_tokens=st.tokens, history_sequences=st.sequences,
                              index_bytes_per_token=st.bytes_per_token, build_s=build_s)
             print(f"batch {batch:4d} {'baseline' if legacy else 'now     '} p50 {s['p50_ms']:.3f} "
