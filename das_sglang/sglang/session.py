@@ -211,21 +211,41 @@ class DasSession:
             pid = prompt_problem_id(prompt)
         if step is not None:
             self._tagged_since_flush = True
-        self.sync()  # before any drafter read (history_empty) -- finishes may be pending
-        step, opened = self.clock.resolve(step, self._history_empty)
+        # With the update thread, the drafter registers the request there, in order after
+        # the pending updates (a finish of a sibling, say): the scheduler thread does not
+        # wait for them. The drafter is read here only for a new das_step (history_empty),
+        # after a sync; shard sync reads it on every start, so it keeps the inline path.
+        background = self._updates is not None and self.shards is None
+        if not background:
+            self.sync()  # before any drafter read (history_empty) -- finishes may be pending
+        step, opened = self.clock.resolve(step, self._history_empty_now)
         if opened:
             self.counters["steps_opened"] += 1
         if step > self.step:  # (a clock restored from a snapshot may map ahead of it)
             self.advance_step(step)
-        self.drafter.start_request(req_id, pid, np.asarray(prompt, dtype=np.int32))
-        if len(output):
-            self.drafter.extend_request(req_id, np.asarray(output, dtype=np.int32))
+        if req_id in self.live:
+            raise ValueError(f"duplicate req_id={req_id!r}: already started")
+        prompt_arr = as_tokens(prompt, f"prompt_tokens of req_id={req_id!r}")
+        output_arr = as_tokens(output, f"tokens of req_id={req_id!r}") if len(output) else None
+        if background:
+            self._updates.submit(self._start_in_drafter, req_id, pid, prompt_arr, output_arr)
+        else:
+            self._start_in_drafter(req_id, pid, prompt_arr, output_arr)
         self.counters["root_only"] += bool(root_only)
         if root_only:
             self._root_only.add(req_id)
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only)
         if self.shards is not None:
             self.shards.on_start(pid, step)  # lazy load of a problem this engine lacks
+
+    def _start_in_drafter(self, req_id, problem_id, prompt, output) -> None:
+        self.drafter.start_request(req_id, problem_id, prompt)
+        if output is not None:
+            self.drafter.extend_request(req_id, output)
+
+    def _history_empty_now(self) -> bool:
+        self.sync()  # pending finishes and starts first
+        return self._history_empty()
 
     def _history_empty(self) -> bool:
         # Finished rollouts = indexed sequences minus the live requests' own.

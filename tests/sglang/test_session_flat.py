@@ -133,3 +133,20 @@ def test_layout_from_flat_drafts_equals_layout_from_trees():
     for f in ("tokens", "mask", "positions", "verify_lens", "candidates", "next_token"):
         np.testing.assert_array_equal(getattr(rf, f), getattr(rr, f))
     s.close()
+
+
+def test_start_off_thread_checks_on_the_scheduler_thread():
+    """With the update thread, a start is registered there (after a sibling's pending
+    finish), but a duplicate id or a bad token still raises at the call, naming it."""
+    s = DasSession(load_options(9, json.dumps({"server": {"policy": "unlimited"}})))
+    s.start("a", {"das_problem_id": "p"}, [1, 2, 3], [4], 50)
+    with pytest.raises(ValueError, match="duplicate req_id='a'"):
+        s.start("a", {"das_problem_id": "p"}, [1, 2, 3], [], 50)
+    with pytest.raises(ValueError, match="prompt_tokens of req_id='b'"):
+        s.start("b", {"das_problem_id": "p"}, [1, -2], [], 50)
+    s.finished("a", [1, 2, 3], [4, 1, 2, 3, 4])
+    s.start("c", {"das_problem_id": "p"}, [1, 2, 3], [4], 50)  # queued behind a's finish
+    (tree,), _ = s.plan(["c"], 8)
+    assert tree.tokens.tolist()[:4] == [1, 2, 3, 4]  # drafts from a's history
+    assert "b" not in s.live
+    s.close()
