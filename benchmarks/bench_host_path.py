@@ -33,7 +33,9 @@ load hits both alike; update-thread work still pending at a switch is waited for
 charged to the current path's next step (what its next plan would have waited).
 
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
-"config": ...}``.
+"config": ...}``; per batch also ``phases_p50_ms`` (the step split into carried update-thread
+wait, finishes/starts, boundary, plan, layout, mask, feedback) and ``worst_steps`` (the five
+slowest steps with the same split).
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             step = 1 + (k + n) % args.window
             session.drafter.add_history(pid, step, np.concatenate([prompt, resp]))
             session.policy.lengths.observe_finished(pid, len(resp))
-    session.step = args.window
+    session.step = session.clock.current = args.window
     session.policy.advance_step(args.window)
     build_s = time.perf_counter() - t0
     stats = session.drafter.stats()
@@ -160,11 +162,13 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         start(b)
     plan = Legacy.plan if legacy else DasSession.plan
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
-    times, kinds, finishes = [], [], 0
+    times, kinds, finishes, phases = [], [], 0, []
     carried = 0.0  # update-thread work still pending when the other configuration ran
     for step in range(args.warmup + args.steps):
         t_begin = time.perf_counter() - carried
+        carried_in = carried
         kind = "decode"
+        ph = {}
         # finishes and starts of this step (the scheduler calls them between forwards)
         for b, (rid, prompt, text, pos) in enumerate(slots):
             if pos + 1 >= len(text):
@@ -172,18 +176,27 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
                 finishes += 1
                 kind = "finish"
                 start(b)
+        t1 = time.perf_counter()
+        ph["starts"] = t1 - t_begin
         if step and step % args.step_every == 0:
             session.weights_updated()
             kind = "boundary"
         rids = [s[0] for s in slots]
+        t2 = time.perf_counter()
+        ph["boundary"] = t2 - t1
         trees, width = plan(session, rids, args.max_nodes)
+        t3 = time.perf_counter()
+        ph["plan"] = t3 - t2
         roots = [int(t[p - 1]) if p else int(pr[-1]) for _, pr, t, p in slots]
         seq_lens = [len(pr) + p for _, pr, _, p in slots]
         layout = build_layout(roots, trees, seq_lens, width)
+        t4 = time.perf_counter()
+        ph["layout"] = t4 - t3
         tensors = [torch.from_numpy(a) for a in (layout.tokens, layout.positions, layout.retrieve_index,
                                                   layout.next_token, layout.next_sibling)]
         mask = custom_mask(layout, seq_lens, "cuda", target="cpu")
         t_mid = time.perf_counter()
+        ph["mask"] = t_mid - t4
         # Not timed: the forward and what verification accepts (from the recorded text).
         engine_gap(0, args.forward_ms, 0.0)
         commits, proposed = [], []
@@ -202,6 +215,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         if step >= args.warmup:
             times.append(((t_mid - t_begin) + (t_end - t_fb)) * 1e3)
             kinds.append(kind)
+            ph["feedback"] = t_end - t_fb
+            ph["carried"] = carried_in
+            phases.append({k: v * 1e3 for k, v in ph.items()})
         # Before the other configuration's step: what the update thread still has to do
         # would have delayed this session's next plan, so that wait is charged to it; the
         # truly background work (length-index rebuild, snapshot write) is let finish
@@ -216,7 +232,10 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             session.snapshot.wait()
         yield
     session.close()
-    out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats)
+    worst = sorted(range(len(times)), key=lambda i: -times[i])[:5]
+    out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats,
+               phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]},
+               worst=[{"step": i, "kind": kinds[i], "ms": times[i], **phases[i]} for i in worst])
 
 
 def summarize(times, kinds):
@@ -295,12 +314,15 @@ def main(argv=None) -> int:
             else:
                 entry.update(s)
                 entry["per_step_ms"] = times
+                entry["phases_p50_ms"] = o["phases"]
+                entry["worst_steps"] = o["worst"]  # the slowest steps, by phase (ms)
                 entry.update(finishes=fin, history_tokens=st.tokens, history_sequences=st.sequences,
                              index_bytes_per_token=st.bytes_per_token, build_s=build_s)
             print(f"batch {batch:4d} {'baseline' if legacy else 'now     '} p50 {s['p50_ms']:.3f} "
                   f"p99 {s['p99_ms']:.3f} max {s['max_ms']:.3f} ms "
                   f"(finish max {s.get('finish_max_ms', 0):.2f}, boundary max "
-                  f"{s.get('boundary_max_ms', 0):.2f}); history {st.tokens} tokens", flush=True)
+                  f"{s.get('boundary_max_ms', 0):.2f}); history {st.tokens} tokens; phases p50 "
+                  + " ".join(f"{k} {v:.2f}" for k, v in o["phases"].items()), flush=True)
         results["batches"][str(batch)] = entry
     Path(args.json).write_text(json.dumps(results, indent=1))
     if args.png:

@@ -128,3 +128,26 @@ def test_lazy_eviction_never_runs_out_of_native_step_slots():
         assert len(set(d._step_seqs)) <= MAX_STEPS
     assert d.evict_pending(None)
     assert sorted(d.history()["p"]) == [18, 19]
+
+
+def test_lazy_eviction_makes_room_per_problem_not_for_all():
+    """A step boundary never removes every problem's old history at once: a problem's
+    index evicts its own out-of-window steps when a new step's sequence needs its slot."""
+    from das_sglang.native import MAX_STEPS
+
+    d = _drafter()
+    d.lazy_eviction = True
+    for step in range(MAX_STEPS + 2):
+        d.advance_step(step)
+        for p in ("a", "b"):
+            d.add_history(p, step, [1, 2, 3, step])
+    # b got no sequence since its window moved on: its out-of-window steps are all pending;
+    # a's index made room for each new step by evicting only its own oldest ones.
+    d.advance_step(MAX_STEPS + 2)
+    before = len(d._indices["b"].steps())
+    d.add_history("a", MAX_STEPS + 2, [4, 5])
+    assert len(d._indices["b"].steps()) == before  # b untouched
+    assert len(d._indices["a"].steps()) <= MAX_STEPS
+    assert d.evict_pending(None)
+    assert sorted(d.history()["a"]) == [MAX_STEPS + 1, MAX_STEPS + 2]
+    assert sorted(d.history()["b"]) == [MAX_STEPS + 1]

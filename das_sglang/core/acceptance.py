@@ -31,9 +31,12 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from itertools import repeat
+from typing import Sequence
 
 import numpy as np
 
+from das_sglang.core import budget_rows as R
 from das_sglang.core.policy_config import PolicyConfig
 
 
@@ -219,6 +222,42 @@ class AcceptanceTracker:
                 st.sum_expected += expected
                 st.sum_matched += accepted
 
+    def observe_many(self, problem_ids: Sequence[str], proposed, accepted) -> None:
+        """:meth:`observe` for many rows, in row order (the same statistics, bit for bit);
+        every row is validated before any is recorded."""
+        p = np.asarray(proposed, dtype=np.int64).reshape(-1)
+        a = np.asarray(accepted, dtype=np.int64).reshape(-1)
+        if not len(problem_ids) == len(p) == len(a):
+            raise ValueError(f"observe_many: {len(problem_ids)} problem_ids, {len(p)} proposed, "
+                             f"{len(a)} accepted")
+        bad = (p < 0) | (a < 0) | (a > p)
+        if bad.any():
+            i = int(np.argmax(bad))
+            self.observe(problem_ids[i], int(p[i]), int(a[i]))  # raises, naming the row
+        sel = np.flatnonzero(p > 0)
+        if not sel.size:
+            return
+        bins = _bin(p[sel]).tolist()
+        by_budget = self._by_budget.tolist()  # Python floats: the same IEEE additions
+        pending, get, pooled = self._pending, self._get, self._stats[GLOBAL]
+        for i, k, pi, ai in zip(sel.tolist(), bins, p[sel].tolist(), a[sel].tolist()):
+            pid = problem_ids[i]
+            q = pending.get((pid, pi))
+            expected = q.popleft() if q else None
+            if expected is not None:
+                cell = by_budget[k]
+                cell[0] += ai
+                cell[1] += expected
+            for st in (get(pid), pooled):
+                st.recent.append((pi, ai))
+                st.n_obs += 1
+                st.sum_accepted += ai
+                st.dirty += 1
+                if expected is not None:
+                    st.sum_expected += expected
+                    st.sum_matched += ai
+        self._by_budget[:] = by_budget
+
     def calibration(self, problem_id: str) -> float:
         """Observed / drafter-expected accepted tokens, shrunk to the pooled ratio, which is
         shrunk to 1 (cheap: no fit)."""
@@ -276,9 +315,8 @@ def remember_plan(calibration, rows, budgets: np.ndarray, base: np.ndarray) -> N
     cumulative, best first) until :func:`read_pending` sees its outcome."""
     nodes = np.diff(base, axis=1)  # expected acceptance of each node, best first
     # Same request twice: the later row wins, as a dict keyed by request would have it.
-    calibration._pending = {row.req_id: i for i, row in enumerate(rows)}
-    calibration._pending_generated = np.fromiter((row.generated_len for row in rows), np.int64,
-                                                 len(rows))
+    calibration._pending = dict(zip(R.req_ids(rows), range(len(rows))))
+    calibration._pending_generated = R.generated(rows)
     calibration._pending_budget = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1),
                                              nodes.shape[1])
     calibration._pending_nodes = nodes
@@ -290,14 +328,18 @@ def read_pending(calibration, rows, add) -> None:
     planned with a budget > 0, their planned rows and budgets; then the per-request
     ``_state`` of finished requests is forgotten."""
     index = calibration._pending
-    found = [(j, index[row.req_id]) for j, row in enumerate(rows) if row.req_id in index]
-    if found:
-        pos = np.array([i for _, i in found], dtype=np.int64)
+    ids = R.req_ids(rows)
+    at = np.fromiter(map(index.get, ids, repeat(-1, len(ids))), np.int64, len(ids))
+    j = np.flatnonzero(at >= 0)
+    if j.size:
+        pos = at[j]
         budget = calibration._pending_budget[pos]
         keep = budget > 0
         if keep.any():
-            add([rows[j] for (j, _), k in zip(found, keep.tolist()) if k], pos[keep], budget[keep])
-    live = {row.req_id for row in rows}
+            j = j[keep]
+            sub = rows.take(j) if type(rows) is R.BudgetRows else [rows[i] for i in j.tolist()]
+            add(sub, pos[keep], budget[keep])
+    live = set(ids)
     if len(calibration._state) > 4 * max(len(live), 1):  # forget finished requests
         calibration._state = {k: v for k, v in calibration._state.items() if k in live}
 
@@ -351,7 +393,7 @@ class OutcomeCalibration:
 
     def _add_outcomes(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
         """Add the outcomes of ``rows`` (planned rows ``pos`` with budgets > 0) to the cells."""
-        generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
+        generated = R.generated(rows)
         accepted = np.minimum(np.maximum(generated - self._pending_generated[pos] - 1, 0), budget)
         nodes = self._pending_nodes[pos]
         width = nodes.shape[1]
@@ -371,9 +413,9 @@ class OutcomeCalibration:
             expected[:, k] += nodes[:, r]
         new_states = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
         states = np.empty(len(rows), dtype=np.int64)
-        for i, (row, new) in enumerate(zip(rows, new_states.tolist())):
-            states[i] = self._state.get(row.req_id, 0)  # in order: a repeated request sees its update
-            self._state[row.req_id] = new
+        for i, (rid, new) in enumerate(zip(R.req_ids(rows), new_states.tolist())):
+            states[i] = self._state.get(rid, 0)  # in order: a repeated request sees its update
+            self._state[rid] = new
         # Unbuffered, in row order: the same sequence of additions per cell as row by row.
         cell_bins = np.arange(n_bins)[None, :]
         np.add.at(self._cells[:, :, 0], (states[:, None], cell_bins), hit)

@@ -113,3 +113,109 @@ class DraftTree:
                 break
             node, n = nxt, n + 1
         return n
+
+
+class DraftBatch:
+    """The draft trees of a decode batch, flat (what the native drafter returns): row
+    ``r``'s tree is nodes ``offsets[r]:offsets[r + 1]`` of ``tokens``, ``parents`` (row-local
+    indices, as in :class:`DraftTree`), ``probs`` and ``depths`` (root children: 1), found
+    under a context suffix of ``match_len[r]`` tokens.
+
+    A sequence of :class:`DraftTree` (``batch[r]``, ``len(batch)``, iteration), so code
+    written for a list of trees takes it; the per-step host path reads the flat arrays
+    instead (one numpy operation per batch, not one Python call per row).
+    """
+
+    __slots__ = ("tokens", "parents", "probs", "depths", "offsets", "match_len", "_lens")
+
+    def __init__(self, tokens, parents, probs, depths, offsets, match_len) -> None:
+        self.tokens = tokens
+        self.parents = parents
+        self.probs = probs
+        self.depths = depths
+        self.offsets = offsets  # int64 [rows + 1]
+        self.match_len = match_len  # int [rows]
+        self._lens = None
+
+    @classmethod
+    def from_trees(cls, trees: Sequence[DraftTree]) -> "DraftBatch":
+        """The flat form of a list of trees (validated trees: depths from their parents)."""
+        lens = np.fromiter((len(t) for t in trees), np.int64, len(trees))
+        offsets = np.zeros(len(trees) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+
+        def cat(arrays, dtype):
+            return np.concatenate(arrays).astype(dtype, copy=False) if len(arrays) else np.zeros(0, dtype)
+
+        return cls(cat([t.tokens for t in trees], np.int32), cat([t.parents for t in trees], np.int32),
+                   cat([t.probs for t in trees], np.float64),
+                   cat([t.depths() for t in trees], np.int32), offsets,
+                   np.fromiter((t.match_len for t in trees), np.int32, len(trees)))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lens(self) -> np.ndarray:
+        """Nodes per row (int64)."""
+        if self._lens is None:
+            self._lens = np.diff(self.offsets)
+        return self._lens
+
+    @property
+    def width(self) -> int:
+        """The widest row's node count."""
+        return int(self.lens().max(initial=0))
+
+    def __getitem__(self, r: int) -> DraftTree:
+        if not -len(self) <= r < len(self):
+            raise IndexError(f"DraftBatch row {r} out of range for {len(self)} rows")
+        r %= len(self)
+        a, z = int(self.offsets[r]), int(self.offsets[r + 1])
+        # Trusted: native output and prefixes of it keep -1 <= parent < index.
+        tree = object.__new__(DraftTree)
+        tree.__dict__.update(tokens=self.tokens[a:z], parents=self.parents[a:z],
+                             probs=self.probs[a:z], match_len=int(self.match_len[r]))
+        return tree
+
+    def __iter__(self):
+        return (self[r] for r in range(len(self)))
+
+    def trees(self) -> list[DraftTree]:
+        return list(self)
+
+    def _select(self, keep: np.ndarray, offsets: np.ndarray, match_len) -> "DraftBatch":
+        return DraftBatch(self.tokens[keep], self.parents[keep], self.probs[keep], self.depths[keep],
+                          offsets, match_len)
+
+    def truncate(self, budgets) -> "DraftBatch":
+        """Row ``r`` cut to its first ``budgets[r]`` nodes (``DraftTree.truncate`` per row,
+        in one pass): the best ``k``-node subtrees."""
+        lens = self.lens()
+        new = np.minimum(lens, np.maximum(np.asarray(budgets, dtype=np.int64), 0))
+        if np.array_equal(new, lens):
+            return self
+        offsets = np.zeros(len(new) + 1, np.int64)
+        np.cumsum(new, out=offsets[1:])
+        rank = np.arange(len(self.tokens), dtype=np.int64) - np.repeat(self.offsets[:-1], lens)
+        return self._select(rank < np.repeat(new, lens), offsets, self.match_len)
+
+    def take(self, rows) -> "DraftBatch":
+        """The rows ``rows`` (any order, repeats allowed) as a new batch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lens = self.lens()[rows]
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        src = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(self.offsets[:-1][rows] - offsets[:-1], lens)
+        return self._select(src, offsets, np.asarray(self.match_len)[rows])
+
+    @staticmethod
+    def concat(batches: Sequence["DraftBatch"]) -> "DraftBatch":
+        """The rows of every batch, in order."""
+        offsets = [np.zeros(1, np.int64)]
+        base = 0
+        for b in batches:
+            offsets.append(b.offsets[1:] + base)
+            base += int(b.offsets[-1])
+        return DraftBatch(*(np.concatenate([getattr(b, f) for b in batches])
+                            for f in ("tokens", "parents", "probs", "depths")),
+                          np.concatenate(offsets), np.concatenate([np.asarray(b.match_len) for b in batches]))

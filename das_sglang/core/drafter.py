@@ -23,6 +23,7 @@ Worked example (window 1, decay 0.5)::
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
@@ -31,8 +32,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from das_sglang.core.config import DrafterConfig
-from das_sglang.core.draft_tree import DraftTree
-from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, extend_batch
+from das_sglang.core.draft_tree import DraftBatch, DraftTree
+from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch
 
 # problem_id -> step -> finished rollouts (prompt + response), as int32 arrays
 History = dict[str, dict[int, list[np.ndarray]]]
@@ -155,9 +156,12 @@ class SuffixDrafter:
             # later in chunks (``evict_pending``), e.g. on a background thread while the
             # GPU runs a forward: one step's history is ~1/window of everything stored.
             self._evicting.update(old)
-            # The native indices hold at most MAX_STEPS distinct steps: if the new step
-            # would not fit, the oldest pending evictions finish now.
-            while self._evicting and len(set(self._step_seqs) | {step}) > MAX_STEPS:
+            # A native index holds at most MAX_STEPS distinct steps. A problem's index that
+            # would overflow evicts its own pending steps when the new step's first sequence
+            # arrives (``_make_slot``: O(that problem)); the shared global index holds every
+            # step, so there the oldest pending evictions finish now.
+            while (self._global is not None and self._evicting
+                   and len(set(self._step_seqs) | {step}) > MAX_STEPS):
                 s = min(self._evicting)
                 for problem_id in list(self._by_step.get(s, ())):
                     self._evict(problem_id, s)
@@ -259,7 +263,24 @@ class SuffixDrafter:
             idx = self._indices[problem_id] = SuffixIndex(self.config.max_depth)
         return idx
 
+    def _make_slot(self, problem_id: str, step: int) -> None:
+        """Lazy eviction: before ``problem_id``'s index takes a sequence of a step it does
+        not hold, remove that problem's out-of-window steps (oldest first) while its index
+        has no free native step slot."""
+        idx = self._indices.get(problem_id)
+        if idx is None or not self._evicting:
+            return
+        steps = idx.steps()
+        if step in steps or len(steps) < MAX_STEPS:
+            return
+        for s in sorted(x for x in self._finished.get(problem_id, ()) if x in self._evicting):
+            self._evict(problem_id, s)
+            idx = self._indices.get(problem_id)
+            if idx is None or len(idx.steps()) < MAX_STEPS:
+                return
+
     def _add(self, problem_id: str, tokens: np.ndarray, step: int) -> int:
+        self._make_slot(problem_id, step)
         seq_id = self._next_seq_id
         self._next_seq_id += 1
         self._index(problem_id).add_sequence(seq_id, tokens, step)
@@ -327,19 +348,37 @@ class SuffixDrafter:
     def extend_batch(self, req_ids: Sequence[str], tokens: Sequence[Sequence[int] | np.ndarray]) -> None:
         """``extend_request`` for a whole decode batch in one native call per index set;
         every row is validated before any index changes."""
+        self.apply_extend(self.prepare_extend(req_ids, tokens))
+
+    def prepare_extend(self, req_ids: Sequence[str], tokens: Sequence[Sequence[int] | np.ndarray],
+                       flat: np.ndarray | None = None) -> tuple:
+        """The validated native arguments of :meth:`extend_batch` (raises ValueError naming
+        a bad row). :meth:`apply_extend` then only runs native code, without the GIL: the
+        session prepares on the scheduler thread and applies on its update thread.
+        ``flat``: the rows already concatenated as int32 (``_flat_tokens``), if at hand."""
         if len(tokens) != len(req_ids):
             raise ValueError(f"tokens has {len(tokens)} rows for {len(req_ids)} req_ids")
-        lives = [self._request(r) for r in req_ids]
-        flat = _flat_tokens(tokens)
+        live = self._live
+        try:
+            lives = [live[r] for r in req_ids]
+        except KeyError:
+            lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
+        if flat is None:
+            flat = _flat_tokens(tokens)
         if flat is None:  # not plain int lists, or a bad value: validate row by row
             rows = [as_tokens(t, f"tokens of req_id={r!r}") for r, t in zip(req_ids, tokens)]
             flat = np.concatenate(rows) if rows else np.zeros(0, np.int32)
         offsets = np.zeros(len(tokens) + 1, np.int64)
-        np.cumsum([len(t) for t in tokens], out=offsets[1:])
+        np.cumsum(np.fromiter((len(t) for t in tokens), np.int64, len(tokens)), out=offsets[1:])
         seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
-        extend_batch([self._indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets)
+        indices = self._indices
+        return [indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets
+
+    def apply_extend(self, prepared: tuple) -> None:
+        idx, seq_ids, flat, offsets = prepared
+        extend_batch(idx, seq_ids, flat, offsets)
         if self._global is not None:
-            extend_batch([self._global] * len(lives), seq_ids, flat, offsets)
+            extend_batch([self._global] * len(idx), seq_ids, flat, offsets)
 
     def finish_request(self, req_id: str, keep: bool = True) -> None:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""
@@ -404,6 +443,56 @@ class SuffixDrafter:
             _native_tree(tokens[a:z], parents[a:z], probs[a:z], m)
             for a, z, m in zip(bounds[:-1], bounds[1:], match.tolist())
         ]
+
+    # Rows per drafting thread in speculate_flat (threads = rows // this, at most
+    # DRAFT_THREADS): the split pays for its thread start-up from a few hundred rows on.
+    DRAFT_ROWS_PER_THREAD = 192
+    DRAFT_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+    def speculate_flat(self, req_ids: Sequence[str], budget: int | Sequence[int] | np.ndarray,
+                       threads: int | None = None) -> DraftBatch:
+        """:meth:`speculate_batch` as one flat :class:`DraftBatch` (same trees, plus node
+        depths): no Python object per row. ``budget`` is one int for every row or one per
+        row; ``threads`` None picks by batch size (the result does not depend on it)."""
+        n = len(req_ids)
+        if isinstance(budget, (int, np.integer)):
+            if budget < 0:
+                raise ValueError(f"invalid budget={int(budget)}: must be >= 0")
+            b = np.full(n, int(budget), dtype=np.int32)
+        else:
+            if len(budget) != n:
+                raise ValueError(f"budgets has {len(budget)} entries for {n} req_ids")
+            b = np.asarray(budget, dtype=np.int32)
+            if n and b.min() < 0:
+                row = int(np.argmin(b))
+                raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
+        live, indices = self._live, self._indices
+        try:
+            lives = [live[r] for r in req_ids]
+        except KeyError:
+            lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
+        idx = [indices[lv.problem_id] for lv in lives]
+        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
+        if threads is None:
+            threads = max(1, min(self.DRAFT_THREADS, n // self.DRAFT_ROWS_PER_THREAD))
+        out = self._draft_flat(idx, seq_ids, b, threads)
+        if self._global is not None:
+            empty = np.flatnonzero((out.lens() == 0) & (b > 0))
+            if empty.size:
+                fallback = self._draft_flat([self._global] * len(empty), seq_ids[empty], b[empty], 1)
+                rows = np.arange(n, dtype=np.int64)
+                rows[empty] = n + np.arange(len(empty))
+                out = DraftBatch.concat([out, fallback]).take(rows)
+        return out
+
+    def _draft_flat(self, indices, seq_ids: np.ndarray, budgets: np.ndarray, threads: int) -> DraftBatch:
+        cfg = self.config
+        steps, weights = self._weights
+        mix = (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout) if cfg.mixture else None
+        tokens, parents, probs, depths, offsets, match = draft_rows(
+            indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len,
+            mix, threads)
+        return DraftBatch(tokens, parents, probs, depths, offsets, match)
 
     # ------------------------------------------------------------------ snapshots, stats
 

@@ -35,7 +35,11 @@ outcomes feed the cells above, so an estimate that was wrong recovers, at a boun
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import numpy as np
+
+from das_sglang.core import budget_rows as R
 
 from das_sglang.core.acceptance import OutcomeCalibration, _bin, _n_bins, read_pending, remember_plan
 from das_sglang.core.policy_config import PolicyConfig
@@ -102,7 +106,7 @@ class OnlineCalibration:
     def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
         """Remember each row's budget, match bin and uncalibrated per-node expectation."""
         remember_plan(self, rows, budgets, base)
-        self._pending_match = match_bin(np.fromiter((row.match_len for row in rows), np.int64, len(rows)))
+        self._pending_match = match_bin(R.match_lens(rows))
         self._pending_bins = self.node_bins(rows, self._pending_nodes.shape[1])
 
     def node_bins(self, rows, width: int) -> np.ndarray:
@@ -119,6 +123,14 @@ class OnlineCalibration:
     def _node_bins(self, rows, width: int) -> np.ndarray:
         out = np.tile(self._rank_bin[:width], (len(rows), 1)) if width else np.zeros((len(rows), 0), np.int64)
         if not width:
+            return out
+        if type(rows) is R.BudgetRows:  # every row has depths, one per node: flat
+            d = rows.drafts
+            lens = d.lens()
+            k = np.minimum(lens, width)
+            rank = np.arange(len(d.depths), dtype=np.int64) - np.repeat(d.offsets[:-1], lens)
+            mask = np.arange(width)[None, :] < k[:, None]
+            out[mask] = _bin(np.minimum(d.depths[rank < np.repeat(k, lens)], self.config.max_budget))
             return out
         parts = [(i, row.node_depths[:width]) for i, row in enumerate(rows)
                  if row.node_depths is not None and len(row.node_depths)]
@@ -140,7 +152,7 @@ class OnlineCalibration:
         read_pending(self, rows, self._add)
 
     def _add(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
-        generated = np.fromiter((row.generated_len for row in rows), np.int64, len(rows))
+        generated = R.generated(rows)
         accepted = np.minimum(np.maximum(generated - self._pending_generated[pos] - 1, 0), budget)
         nodes = self._pending_nodes[pos]
         width = nodes.shape[1]
@@ -154,9 +166,8 @@ class OnlineCalibration:
         drafted = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
         bins = self._pending_bins[pos]
         expected = np.stack([(drafted * (bins == k)).sum(axis=1) for k in range(n_bins)], axis=1)
-        ids = [row.req_id for row in rows]
-        get = self._state.get
-        states = np.fromiter((get(r, 0) for r in ids), np.int64, len(ids))
+        ids = R.req_ids(rows)
+        states = np.fromiter(map(self._state.get, ids, repeat(0, len(ids))), np.int64, len(ids))
         match = self._pending_match[pos]
         # OutcomeCalibration.state_of, for the whole batch (a repeated request: the last wins)
         new = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
@@ -197,8 +208,8 @@ class OnlineCalibration:
         """Rows x node ranks ``1..max_budget``: calibration factor of each row's nodes."""
         table = self.table()
         bins = np.minimum(self.node_bins(rows, max_budget), table.shape[2] - 1)
-        states = np.fromiter((self._state.get(r.req_id, 0) for r in rows), np.int64, len(rows))
-        match = match_bin(np.fromiter((r.match_len for r in rows), np.int64, len(rows)))
+        states = np.fromiter(map(self._state.get, R.req_ids(rows), repeat(0, len(rows))), np.int64, len(rows))
+        match = match_bin(R.match_lens(rows))
         return np.take_along_axis(table[states, match], bins, axis=1)
 
 
@@ -220,7 +231,8 @@ class ProbeSchedule:
     def due(self, rows) -> np.ndarray:
         last = self._last
         never = -self.config.probe_every  # a new request is due at once
-        since = self._plans - np.fromiter((last.get(r.req_id, never) for r in rows), np.int64, len(rows))
+        since = self._plans - np.fromiter(map(last.get, R.req_ids(rows), repeat(never, len(rows))),
+                                          np.int64, len(rows))
         return since >= self.config.probe_every
 
     def affordable(self, cost_s: float) -> bool:
@@ -230,8 +242,9 @@ class ProbeSchedule:
         self.total_s += forward_s
         self.spent_s += probe_s
         drafted = np.flatnonzero(np.asarray(budgets) > 0).tolist()
-        self._last.update(dict.fromkeys((rows[i].req_id for i in drafted), self._plans))
+        ids = R.req_ids(rows)
+        self._last.update(dict.fromkeys((ids[i] for i in drafted), self._plans))
         self._plans += 1
         if len(self._last) > 4 * max(len(rows), 1):  # forget finished requests
-            live = {r.req_id for r in rows}
+            live = set(ids)
             self._last = {k: v for k, v in self._last.items() if k in live}

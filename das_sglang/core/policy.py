@@ -25,6 +25,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from das_sglang.core import budget_rows as R
 from das_sglang.core.acceptance import (
     GLOBAL,
     AcceptanceTracker,
@@ -117,6 +118,10 @@ class _Observing:
     def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None:
         self.acceptance.observe(problem_id, proposed, accepted)
 
+    def observe_verify_many(self, problem_ids: Sequence[str], proposed, accepted) -> None:
+        """``observe_verify`` for a whole batch, in row order (same statistics)."""
+        self.acceptance.observe_many(problem_ids, proposed, accepted)
+
     def observe_finished(self, problem_id: str, length: int) -> None:
         self.lengths.observe_finished(problem_id, length)
 
@@ -150,7 +155,7 @@ class FixedBudget(_Observing):
             raise ValueError(f"invalid FixedBudget k={k!r}: must be >= 0")
 
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
-        budgets = np.array([min(self.k, len(r.node_probs)) for r in rows], dtype=np.int32)
+        budgets = np.minimum(R.found(rows), self.k).astype(np.int32)
         return BudgetPlan(budgets, int(budgets.max(initial=0)))
 
     def __repr__(self) -> str:
@@ -192,15 +197,14 @@ class _ModelBased(_Observing):
         """Per row: predicted remaining tokens, acceptance curves (``pad_curves`` form: row x
         budget matrix of expected accepted tokens E(b), usable budget per row), KV tokens per
         forward, and per-problem node-probability calibration factors."""
-        factors: dict[str, float] = {}
-        for r in rows:
-            if r.problem_id not in factors:
-                factors[r.problem_id] = self.acceptance.calibration(r.problem_id)
-        generated = np.array([r.generated_len for r in rows], dtype=np.int64)
-        max_new = np.array([r.max_new_tokens for r in rows], dtype=np.int64)
-        found = np.array([len(r.node_probs) for r in rows], dtype=np.int64)
-        remaining, _, _ = self.lengths.predict_many([r.problem_id for r in rows], generated, max_new)
-        kv = np.array([r.prompt_len for r in rows], dtype=np.float64) + generated
+        pids = R.problem_ids(rows)
+        calib = self.acceptance.calibration
+        factors: dict[str, float] = {pid: calib(pid) for pid in dict.fromkeys(pids)}
+        generated = R.generated(rows)
+        max_new = R.max_new(rows)
+        found = R.found(rows)
+        remaining, _, _ = self.lengths.predict_many(pids, generated, max_new)
+        kv = R.prompt_len(rows).astype(np.float64) + generated
         kv += 0.5 * remaining  # mean context over the rest of the request
         # Most drafts worth proposing: nodes found, the budget cap, and the tokens left
         # (accepted drafts plus the bonus token cannot exceed max_new_tokens).
@@ -210,8 +214,7 @@ class _ModelBased(_Observing):
             # Row i's first m[i] node probabilities into columns 1..m[i]: one masked store
             # (row-major, the order the slices are concatenated in), not one per row.
             cols = np.arange(1, probs.shape[1])
-            probs[:, 1:][cols[None, :] <= m[:, None]] = np.concatenate(
-                [r.node_probs[:k] for r, k in zip(rows, m.tolist())])
+            probs[:, 1:][cols[None, :] <= m[:, None]] = R.leading_probs(rows, m)
         budgets = np.arange(probs.shape[1], dtype=np.float64)
         base = np.cumsum(probs, axis=1)  # the drafter's expected accepted tokens
         if self.config.curve_mode in ("capped", "blend"):
@@ -219,19 +222,19 @@ class _ModelBased(_Observing):
             # tree must not decide a whole batch's width, so temper it with the problem's
             # fitted mean curve (calibration below then corrects the level of the result).
             fitted = {pid: saturating_accept(budgets, *self._alpha_k(pid)) for pid in factors}
-            problem = np.array([fitted[r.problem_id] for r in rows]).reshape(base.shape)
+            problem = np.array([fitted[p] for p in pids]).reshape(base.shape)
             if self.config.curve_mode == "capped":
                 mixed = np.minimum(base, problem)
             else:
                 mixed = 0.5 * (base + problem)
             base = np.maximum.accumulate(np.where(budgets[None, :] <= m[:, None], mixed, 0.0), axis=1)
         self._base = base  # what calibration compares outcomes with (see _remember)
-        calibration = np.array([factors[r.problem_id] for r in rows])
+        calibration = np.array([factors[p] for p in pids])
         acc = base * calibration[:, None]
         if self.config.curve_mode == "outcome":
             # Each node's probability times the calibration of its rank bin in the row's
             # current stretch (its last verify outcome): see acceptance.OutcomeCalibration.
-            shape = self.outcomes.ratios([r.req_id for r in rows], len(budgets) - 1)
+            shape = self.outcomes.ratios(R.req_ids(rows), len(budgets) - 1)
             # The per-problem factor (AcceptanceTracker) sets each row's level, the table its
             # shape: relative to what the table has seen, prior_alpha before any outcome.
             nodes = np.diff(acc, axis=1) * shape / self.outcomes.pooled(1.0)
@@ -267,9 +270,11 @@ class _ModelBased(_Observing):
         return max(self.config.critical_spread, self.length_error())
 
     def _note_predictions(self, rows: Sequence[BudgetRow], remaining: np.ndarray) -> None:
-        fresh = np.flatnonzero(np.fromiter((r.generated_len == 0 for r in rows), bool, len(rows)))
-        for i in fresh.tolist():  # a request's first plan only
-            self._predicted_total[rows[i].problem_id] = float(remaining[i])
+        fresh = np.flatnonzero(R.generated(rows) == 0)
+        if fresh.size:
+            pids = R.problem_ids(rows)
+            for i in fresh.tolist():  # a request's first plan only
+                self._predicted_total[pids[i]] = float(remaining[i])
 
     def _alpha_k(self, problem_id: str) -> tuple[float, float]:
         est = self.acceptance.estimate(problem_id)
@@ -326,8 +331,9 @@ class _ModelBased(_Observing):
         if drafted.size:
             b = budgets[drafted].astype(np.int64)
             expected = base[drafted, np.minimum(b, base.shape[1] - 1)]
+            pids = R.problem_ids(rows)
             for i, bi, e in zip(drafted.tolist(), b.tolist(), expected.tolist()):
-                self.acceptance.expect(rows[i].problem_id, bi, e)
+                self.acceptance.expect(pids[i], bi, e)
 
 
 def _padded_width(width: int, buckets) -> int:
@@ -375,8 +381,9 @@ class PaperClosedForm(_ModelBased):
         for pid in factors:
             est = self.acceptance.estimate(pid)
             params[pid] = paper_params(est.alpha, est.k)
-        alpha_p = np.array([params[r.problem_id][0] for r in rows])
-        k_p = np.array([params[r.problem_id][1] for r in rows])
+        pids = R.problem_ids(rows)
+        alpha_p = np.array([params[p][0] for p in pids])
+        k_p = np.array([params[p][1] for p in pids])
         n_star = max(paper_optimal_n(remaining, alpha_p, k_p, self.cost), 1.0)
         total = paper_budget(remaining, n_star, alpha_p, k_p)
         per_step = np.where(np.isfinite(total), total / n_star, np.inf)

@@ -5,11 +5,14 @@
 drafts one tree per row (``indices[r]``, ``seq_ids[r]``, ``budgets[r]``) in one call with the
 GIL released and returns ``(tokens, parents, probs, offsets, match_lens)``: row ``r``'s
 tree is ``[offsets[r], offsets[r+1])`` of the flat arrays.
+``draft_rows(..., mix, threads)`` is ``draft_batch`` plus every node's depth (root children
+1), with the rows split over ``threads`` threads (same arrays): ``(tokens, parents, probs,
+depths, offsets, match_lens)``. ``SuffixIndex.version`` changes with every mutation.
 ``extend_batch(indices, seq_ids, tokens, offsets)`` is the matching one-call update: row
 ``r`` appends ``tokens[offsets[r]:offsets[r+1]]`` (all rows are validated first). ``MAX_STEPS`` is how many
 distinct steps one index can hold at once.
 """
 
-from das_sglang.native._suffix import MAX_STEPS, SuffixIndex, draft_batch, extend_batch
+from das_sglang.native._suffix import MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch
 
-__all__ = ["MAX_STEPS", "SuffixIndex", "draft_batch", "extend_batch"]
+__all__ = ["MAX_STEPS", "SuffixIndex", "draft_batch", "draft_rows", "extend_batch"]

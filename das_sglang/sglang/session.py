@@ -18,10 +18,10 @@ from typing import Sequence
 
 import numpy as np
 
-from das_sglang.core.draft_tree import DraftTree
-from das_sglang.core.drafter import _flat_tokens, as_tokens, truncate_trusted
-from das_sglang.core.online_acceptance import tree_depths
-from das_sglang.core.policy import BudgetRow, make_policy
+from das_sglang.core.budget_rows import BudgetRows
+from das_sglang.core.draft_tree import DraftBatch
+from das_sglang.core.drafter import _flat_tokens, as_tokens
+from das_sglang.core.policy import make_policy
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
     PROBLEM_KEY,  # noqa: F401  (re-exported)
@@ -93,6 +93,10 @@ class _Updates:
     def flush(self) -> None:
         if self._q.unfinished_tasks:
             self._q.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        """Re-raise a failed background update's error (without waiting for the rest)."""
         if self._error is not None:
             e, self._error = self._error, None
             raise RuntimeError(f"DAS background history update failed: {e!r}") from e
@@ -133,18 +137,6 @@ def _trim_heap_later() -> None:
     _TRIMMER.submit(_trim_heap)
 
 
-def _row(req_id, problem_id, generated, max_new, probs, prompt_len, match_len=-1,
-         node_depths=None) -> BudgetRow:
-    """A BudgetRow without ``__post_init__``: the session builds rows from validated ints
-    and the native drafter's probabilities, checked once per batch in :meth:`DasSession.plan`
-    (the per-row check is a few us; 512 rows a step)."""
-    row = object.__new__(BudgetRow)
-    row.__dict__.update(req_id=req_id, problem_id=problem_id, generated_len=generated,
-                        max_new_tokens=max_new, node_probs=probs, prompt_len=prompt_len,
-                        match_len=match_len, node_depths=node_depths)
-    return row
-
-
 @dataclass
 class _Live:
     problem_id: str
@@ -172,6 +164,7 @@ class DasSession:
         )
         self.step = 0
         self.live: dict[str, _Live] = {}
+        self._root_only: set[str] = set()  # live requests verified at width 0
         # Readable counters (saved in the snapshot's meta as "das_counters"):
         # bad_params = requests served untagged because of a bad DAS tag,
         # steps_opened = new clock steps, root_only = requests verified at width 0.
@@ -218,19 +211,41 @@ class DasSession:
             pid = prompt_problem_id(prompt)
         if step is not None:
             self._tagged_since_flush = True
-        self.sync()  # before any drafter read (history_empty) -- finishes may be pending
-        step, opened = self.clock.resolve(step, self._history_empty)
+        # With the update thread, the drafter registers the request there, in order after
+        # the pending updates (a finish of a sibling, say): the scheduler thread does not
+        # wait for them. The drafter is read here only for a new das_step (history_empty),
+        # after a sync; shard sync reads it on every start, so it keeps the inline path.
+        background = self._updates is not None and self.shards is None
+        if not background:
+            self.sync()  # before any drafter read (history_empty) -- finishes may be pending
+        step, opened = self.clock.resolve(step, self._history_empty_now)
         if opened:
             self.counters["steps_opened"] += 1
         if step > self.step:  # (a clock restored from a snapshot may map ahead of it)
             self.advance_step(step)
-        self.drafter.start_request(req_id, pid, np.asarray(prompt, dtype=np.int32))
-        if len(output):
-            self.drafter.extend_request(req_id, np.asarray(output, dtype=np.int32))
+        if req_id in self.live:
+            raise ValueError(f"duplicate req_id={req_id!r}: already started")
+        prompt_arr = as_tokens(prompt, f"prompt_tokens of req_id={req_id!r}")
+        output_arr = as_tokens(output, f"tokens of req_id={req_id!r}") if len(output) else None
+        if background:
+            self._updates.submit(self._start_in_drafter, req_id, pid, prompt_arr, output_arr)
+        else:
+            self._start_in_drafter(req_id, pid, prompt_arr, output_arr)
         self.counters["root_only"] += bool(root_only)
+        if root_only:
+            self._root_only.add(req_id)
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only)
         if self.shards is not None:
             self.shards.on_start(pid, step)  # lazy load of a problem this engine lacks
+
+    def _start_in_drafter(self, req_id, problem_id, prompt, output) -> None:
+        self.drafter.start_request(req_id, problem_id, prompt)
+        if output is not None:
+            self.drafter.extend_request(req_id, output)
+
+    def _history_empty_now(self) -> bool:
+        self.sync()  # pending finishes and starts first
+        return self._history_empty()
 
     def _history_empty(self) -> bool:
         # Finished rollouts = indexed sequences minus the live requests' own.
@@ -313,38 +328,46 @@ class DasSession:
                 for p in gone:
                     self._mirror.pop(p, None)
 
-    def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[list[DraftTree], int]:
-        """Draft trees truncated to the policy's budgets, and the batch width."""
+    def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[DraftBatch, int]:
+        """Draft trees truncated to the policy's budgets (a flat :class:`DraftBatch`, a
+        sequence of DraftTree), and the batch width.
+
+        One native call drafts every row (flat arrays, node depths included), the policy
+        reads the rows as columns (:class:`BudgetRows`), and the truncation is one numpy
+        pass: no Python object per row on this per-step path. Same trees and width as
+        drafting row by row (tests/sglang/test_session_flat.py)."""
         self.sync()
         self._check_cap()
-        trees = self.drafter.speculate_batch(list(req_ids), [max_nodes] * len(req_ids))
+        req_ids = list(req_ids)
+        drafts = self.drafter.speculate_flat(req_ids, max_nodes)
         if self._evicting and self._updates is not None:
             # The index is not read again until the next plan or update: remove a chunk of
             # out-of-window history meanwhile (native removals, during layout + forward).
             self._updates.submit(self._evict_chunk)
+        probs = drafts.probs
+        if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
+            raise ValueError("drafter returned node probabilities outside [0, 1]")
         live = self.live
-        depths = tree_depths([t.parents for t in trees])
-        rows = [_row(rid, lv.problem_id, lv.generated, lv.max_new_tokens, t.probs, lv.prompt_len,
-                     t.match_len, d)
-                for rid, t, lv, d in zip(req_ids, trees, (live[r] for r in req_ids), depths)]
-        if rows:
-            flat = np.concatenate([t.probs for t in trees])
-            if flat.size and not (flat.min() >= 0.0 and flat.max() <= 1.0):
-                raise ValueError("drafter returned node probabilities outside [0, 1]")
+        lives = [live[r] for r in req_ids]
+        n = len(lives)
+        rows = BudgetRows(
+            req_ids, [lv.problem_id for lv in lives],
+            np.fromiter((lv.generated for lv in lives), np.int64, n),
+            np.fromiter((lv.max_new_tokens for lv in lives), np.int64, n),
+            np.fromiter((lv.prompt_len for lv in lives), np.int64, n), drafts)
         plan = self.policy.plan(rows)
         keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
-        for i in [i for i, r in enumerate(req_ids) if live[r].root_only]:
-            keep[i] = 0  # constrained requests are verified at the root only
-        cut = np.flatnonzero(keep < np.fromiter((len(t) for t in trees), np.int64, len(trees)))
-        for i in cut.tolist():
-            trees[i] = truncate_trusted(trees[i], int(keep[i]))
-        width = max((len(t) for t in trees), default=0)
+        if self._root_only:
+            for i in [i for i, r in enumerate(req_ids) if r in self._root_only]:
+                keep[i] = 0  # constrained requests are verified at the root only
+        drafts = drafts.truncate(keep)
+        width = drafts.width
         buckets = self.options.policy.buckets(max_nodes)
         if buckets is not None and width not in buckets:
             # Policies that do not price buckets themselves: pad up to the next bucket
             # (rows keep their trees; the padding is never linked, so never accepted).
             width = next(b for b in buckets if b >= width)
-        return trees, width
+        return drafts, width
 
     def committed(self, req_id: str, proposed: int, tokens: Sequence[int]) -> None:
         """After verify: ``tokens`` = accepted drafts + the bonus token."""
@@ -360,21 +383,36 @@ class DasSession:
         call for the batch) runs on the background thread without the GIL; the next
         :meth:`plan` waits for it."""
         live = self.live
+        flat = None
         background = (self._updates is not None and len(req_ids) >= self.ASYNC_MIN_ROWS
-                      and all(r in live for r in req_ids) and _flat_tokens(tokens) is not None)
+                      and all(r in live for r in req_ids)
+                      and (flat := _flat_tokens(tokens)) is not None)
         if background:  # inputs checked here: a bad row raises now, naming itself, below
-            self._updates.flush()  # earlier updates first (and their errors)
-            self._updates.submit(self.drafter.extend_batch, list(req_ids), tokens)
+            # The queue keeps the order; an earlier update's error is raised now, without
+            # waiting for the ones still running (the next plan waits for them). The
+            # arguments are prepared here, so the update thread only runs native code
+            # (without the GIL: it never holds up the scheduler thread's Python).
+            self._updates.raise_error()
+            prepared = self.drafter.prepare_extend(req_ids, tokens, flat)
+            self._updates.submit(self.drafter.apply_extend, prepared)
         else:  # small batches (the hand-off costs more than the extend), or a bad row
             self.sync()
             self.drafter.extend_batch(req_ids, tokens)
-        observe = self.policy.observe_verify
-        for rid, p, t in zip(req_ids, proposed, tokens):
-            lv = live[rid]
-            n = len(t)
-            lv.generated += n
-            if p or n != 1:  # nothing drafted and only the bonus token: no outcome to record
-                observe(lv.problem_id, p, n - 1)
+        lives = [live[r] for r in req_ids]
+        n = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+        for lv, k in zip(lives, n.tolist()):
+            lv.generated += k
+        p = np.asarray(proposed, dtype=np.int64).reshape(-1)
+        # nothing drafted and only the bonus token: no outcome to record
+        rows = np.flatnonzero((p != 0) | (n != 1))
+        if rows.size:
+            many = getattr(self.policy, "observe_verify_many", None)
+            if many is not None:
+                many([lives[i].problem_id for i in rows.tolist()], p[rows], n[rows] - 1)
+            else:
+                observe = self.policy.observe_verify
+                for i in rows.tolist():
+                    observe(lives[i].problem_id, int(p[i]), int(n[i]) - 1)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.
@@ -385,6 +423,7 @@ class DasSession:
         live = self.live.pop(req_id, None)
         if live is None:
             return
+        self._root_only.discard(req_id)
         output = list(output)[: live.max_new_tokens]
         tokens = as_tokens(list(prompt) + output, f"text of req_id={req_id!r}")
         stored = live.step >= self.drafter.step - self.drafter.config.window_steps
@@ -421,6 +460,7 @@ class DasSession:
     def drop(self, req_id: str) -> None:
         """A request left without finishing (aborted, retracted): forget its text."""
         live = self.live.pop(req_id, None)
+        self._root_only.discard(req_id)
         if live is not None:
             self.sync()
             self.drafter.finish_request(req_id, keep=False)

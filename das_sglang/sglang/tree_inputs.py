@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from das_sglang.core.draft_tree import DraftTree
+from das_sglang.core.draft_tree import DraftBatch, DraftTree
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,27 @@ class VerifyLayout:
     n: int
 
 
+def tree_lens(trees: Sequence[DraftTree] | DraftBatch) -> np.ndarray:
+    """Draft nodes per row (int64) of a list of trees or a batch."""
+    if isinstance(trees, DraftBatch):
+        return trees.lens()
+    return np.fromiter((len(t) for t in trees), dtype=np.int64, count=len(trees))
+
+
+def _flat(trees: Sequence[DraftTree] | DraftBatch):
+    """(nodes per row, flat tokens, flat row-local parents) of a list of trees or a batch."""
+    if isinstance(trees, DraftBatch):
+        return trees.lens(), trees.tokens, trees.parents
+    lens = tree_lens(trees)
+    if int(lens.sum()):
+        return (lens, np.concatenate([t.tokens for t in trees]),
+                np.concatenate([t.parents for t in trees]))
+    return lens, np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
 def build_layout(
-    roots: Sequence[int], trees: Sequence[DraftTree], seq_lens: Sequence[int], width: int
+    roots: Sequence[int], trees: Sequence[DraftTree] | DraftBatch, seq_lens: Sequence[int],
+    width: int
 ) -> VerifyLayout:
     """Verify inputs for one batch: ``trees[b]`` (at most ``width`` nodes) below ``roots[b]``.
 
@@ -51,7 +70,7 @@ def build_layout(
         raise ValueError(
             f"build_layout: {bs} trees but {len(roots)} roots and {len(seq_lens)} seq_lens"
         )
-    lens = np.fromiter((len(t) for t in trees), dtype=np.int64, count=bs)
+    lens, flat_tokens, flat_parents = _flat(trees)
     if bs and lens.max(initial=0) > width:
         b = int(np.argmax(lens > width))
         raise ValueError(f"build_layout: row {b} has {int(lens[b])} draft nodes > width={width}")
@@ -60,11 +79,7 @@ def build_layout(
     rows = np.repeat(np.arange(bs, dtype=np.int64), lens)
     starts = np.cumsum(lens) - lens
     cols = np.arange(total, dtype=np.int64) - np.repeat(starts, lens) + 1
-    if total:
-        flat_tokens = np.concatenate([t.tokens for t in trees])
-        flat_parents = np.concatenate([t.parents for t in trees]).astype(np.int64) + 1
-    else:
-        flat_tokens = flat_parents = np.zeros(0, np.int64)
+    flat_parents = flat_parents.astype(np.int64) + 1
     tokens = np.repeat(np.asarray(roots, dtype=np.int64)[:, None], n, axis=1)
     tokens[rows, cols] = flat_tokens  # pad rows keep the root token: never linked
     parents = np.zeros((bs, n), dtype=np.int64)  # pad rows hang below the root
@@ -169,14 +184,14 @@ class RaggedLayout:
 
 
 def build_ragged_layout(
-    roots: Sequence[int], trees: Sequence[DraftTree], seq_lens: Sequence[int]
+    roots: Sequence[int], trees: Sequence[DraftTree] | DraftBatch, seq_lens: Sequence[int]
 ) -> RaggedLayout:
     """Ragged verify inputs: request ``b`` verifies its root and its ``len(trees[b])``
     draft nodes, no more. Same rows, masks, positions and links as
     :func:`build_layout` restricted to each request's real rows (the pad rows the uniform
     layout adds are simply not there)."""
     bs = len(trees)
-    lens = np.fromiter((len(t) for t in trees), dtype=np.int64, count=bs)
+    lens = _flat(trees)[0]
     width = int(lens.max(initial=0))
     dense = build_layout(roots, trees, seq_lens, width)
     n = dense.n

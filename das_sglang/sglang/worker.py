@@ -46,7 +46,7 @@ from das_sglang.sglang.session import DasSession
 from das_sglang.sglang.support import NoExternalCorpus, check_model_supported
 from das_sglang.sglang.tp import from_sglang as tp_group_of_worker
 from das_sglang.sglang.tree_inputs import (
-    build_layout, build_ragged_layout, custom_mask, ragged_custom_mask,
+    build_layout, build_ragged_layout, custom_mask, ragged_custom_mask, tree_lens,
 )
 from das_sglang.sglang.verify import target_tokens, walk_trees
 
@@ -127,7 +127,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
                     self.session.policy.config = self.options.policy
             self.layout = self.stats["layout"] = layout
             self._layout_confirmed = True
-        if (self.layout == "ragged" and len({len(t) for t in trees}) > 1
+        if (self.layout == "ragged" and len(set(tree_lens(trees).tolist())) > 1
                 and not needs_uniform_rows(batch.sampling_info)):
             return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors)
         layout = self._prepare_verify(batch, trees)
@@ -206,7 +206,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         """Drafts -> uniform TARGET_VERIFY batch (tokens, KV slots, mask, positions,
         links): every request padded to the batch's widest tree."""
         bs = len(batch.reqs)
-        width = max((len(t) for t in trees), default=0)
+        width = int(tree_lens(trees).max(initial=0))
         seq_lens = batch.seq_lens_cpu.tolist()
         roots = [req.output_ids[-1] for req in batch.reqs]
         layout = build_layout(roots, trees, seq_lens, width)
@@ -310,11 +310,11 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         # microseconds per call, which adds up over a 512-request batch.
         lens = accept_lens.tolist()
         rows = accept_tokens.tolist()
-        proposed = [len(t) for t in trees]
+        proposed = tree_lens(trees)
         self.session.committed_batch(
-            [req.rid for req in batch.reqs], proposed, [r[:k] for r, k in zip(rows, lens)]
+            [req.rid for req in batch.reqs], proposed.tolist(), [r[:k] for r, k in zip(rows, lens)]
         )
-        self.stats["proposed"] += sum(proposed)
+        self.stats["proposed"] += int(proposed.sum())
         self.stats["accepted"] += sum(lens) - len(lens)
         if self.options.server.stats_path:
             write_json_atomic(self.options.server.stats_path, self.stats)

@@ -91,58 +91,165 @@ nb::tuple draft_tuple(const Draft& d) {
   return nb::make_tuple(to_numpy(d.tokens), to_numpy(d.parents), to_numpy(d.probs), d.match_len);
 }
 
+// Rows (index, seq_id, budget) drafted into flat arrays, row order kept. With threads > 1
+// the rows are cut into contiguous chunks, one per thread (each drafts into its own
+// buffers, thread_local scratch inside the index), then concatenated in chunk order: the
+// same arrays as the sequential loop. Runs without the GIL; indices are only read.
+struct FlatDrafts {
+  std::vector<int32_t> tokens, parents, depths;
+  std::vector<double> probs;
+  std::vector<int64_t> offsets;  // n + 1
+  std::vector<int32_t> match;
+};
+
+void draft_rows_impl(const std::vector<const SuffixIndex*>& idx, const int64_t* seq_ids,
+                     const int32_t* budgets, const int64_t* steps, const double* weights,
+                     size_t n_steps, const DraftParams& base, bool want_depths, size_t threads,
+                     FlatDrafts& out) {
+  const size_t n = idx.size();
+  out.offsets.assign(n + 1, 0);
+  out.match.assign(n, 0);
+  auto run = [&](size_t r0, size_t r1, FlatDrafts& buf) {
+    DraftParams p = base;
+    Draft one;
+    const SuffixIndex* last = nullptr;
+    // Cache hints a few rows ahead (results do not depend on them): the storage and cursor
+    // ring kAhead1 rows on, the cursors' nodes kAhead2 rows on.
+    constexpr size_t kAhead1 = 8, kAhead2 = 4;
+    uint32_t ring[kAhead1];
+    for (size_t r = r0; r < std::min(r1, r0 + kAhead1); ++r)
+      ring[r % kAhead1] = idx[r]->prefetch_sequence(seq_ids[r]);
+    for (size_t r = r0; r < std::min(r1, r0 + kAhead2); ++r)
+      idx[r]->prefetch_cursor_nodes(ring[r % kAhead1], p.max_match_len);
+    for (size_t r = r0; r < r1; ++r) {
+      if (r + kAhead2 < r1)
+        idx[r + kAhead2]->prefetch_cursor_nodes(ring[(r + kAhead2) % kAhead1], p.max_match_len);
+      if (r + kAhead1 < r1)
+        ring[(r + kAhead1) % kAhead1] = idx[r + kAhead1]->prefetch_sequence(seq_ids[r + kAhead1]);
+      p.budget = budgets[r];
+      if (idx[r] != last) {  // slot weights depend on the index only
+        idx[r]->slot_weights(steps, weights, n_steps, p.slot_weight);
+        last = idx[r];
+      }
+      idx[r]->draft_for_sequence(seq_ids[r], p, one);
+      const size_t at = buf.tokens.size();
+      buf.tokens.insert(buf.tokens.end(), one.tokens.begin(), one.tokens.end());
+      buf.parents.insert(buf.parents.end(), one.parents.begin(), one.parents.end());
+      buf.probs.insert(buf.probs.end(), one.probs.begin(), one.probs.end());
+      if (want_depths) {
+        for (size_t i = 0; i < one.parents.size(); ++i) {
+          const int32_t par = one.parents[i];
+          buf.depths.push_back(par < 0 ? 1 : buf.depths[at + size_t(par)] + 1);
+        }
+      }
+      out.offsets[r + 1] = int64_t(one.tokens.size());  // row length for now
+      out.match[r] = one.match_len;
+    }
+  };
+  threads = std::max<size_t>(1, std::min(threads, n));
+  if (threads == 1) {
+    run(0, n, out);
+  } else {
+    std::vector<FlatDrafts> bufs(threads);
+    std::vector<std::thread> pool;
+    std::vector<std::exception_ptr> errors(threads);
+    auto bounds = [&](size_t t) { return n * t / threads; };
+    for (size_t t = 1; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        try { run(bounds(t), bounds(t + 1), bufs[t]); } catch (...) { errors[t] = std::current_exception(); }
+      });
+    try { run(0, bounds(1), bufs[0]); } catch (...) { errors[0] = std::current_exception(); }
+    for (auto& th : pool) th.join();
+    for (auto& e : errors)
+      if (e) std::rethrow_exception(e);
+    out.tokens.clear(); out.parents.clear(); out.probs.clear(); out.depths.clear();
+    for (auto& b : bufs) {
+      out.tokens.insert(out.tokens.end(), b.tokens.begin(), b.tokens.end());
+      out.parents.insert(out.parents.end(), b.parents.begin(), b.parents.end());
+      out.probs.insert(out.probs.end(), b.probs.begin(), b.probs.end());
+      out.depths.insert(out.depths.end(), b.depths.begin(), b.depths.end());
+    }
+  }
+  for (size_t r = 0; r < n; ++r) out.offsets[r + 1] += out.offsets[r];  // lengths -> offsets
+}
+
+// Arguments of draft_batch / draft_rows, checked before any drafting.
+struct DraftArgs {
+  std::vector<const SuffixIndex*> idx;
+  I64 seq_ids, steps;
+  nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> budgets;
+  F64 weights;
+  DraftParams p;
+};
+
+DraftArgs draft_args(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_h,
+                     double min_prob, nb::handle steps_h, nb::handle weights_h, bool chain,
+                     int max_match_len, nb::handle mix, const char* fn) {
+  DraftArgs a;
+  a.seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
+  a.budgets = as_array<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
+      budgets_h, "budgets", "int32");
+  a.steps = as_array<I64>(steps_h, "steps", "int64");
+  a.weights = as_array<F64>(weights_h, "weights", "float64");
+  const size_t n = a.seq_ids.shape(0);
+  if (nb::len(indices) != n || a.budgets.shape(0) != n)
+    throw nb::value_error((std::string(fn) + ": indices, seq_ids and budgets differ in length: " +
+                           std::to_string(nb::len(indices)) + ", " + std::to_string(n) + ", " +
+                           std::to_string(a.budgets.shape(0)))
+                              .c_str());
+  if (a.steps.shape(0) != a.weights.shape(0))
+    throw nb::value_error((std::string(fn) + ": steps and weights differ in length").c_str());
+  a.idx.resize(n);
+  for (size_t r = 0; r < n; ++r) {
+    a.idx[r] = nb::cast<const SuffixIndex*>(indices[r]);
+    if (a.budgets(r) < 0)
+      throw nb::value_error(("invalid budget=" + std::to_string(a.budgets(r)) + " in row " +
+                             std::to_string(r) + ": must be >= 0")
+                                .c_str());
+    if (!a.idx[r]->has_sequence(a.seq_ids(r)))
+      throw nb::value_error(("unknown seq_id=" + std::to_string(a.seq_ids(r)) + " in row " +
+                             std::to_string(r))
+                                .c_str());
+  }
+  set_mix(a.p, mix);
+  a.p.min_prob = min_prob;
+  a.p.chain = chain;
+  a.p.max_match_len = max_match_len;
+  return a;
+}
+
 // One call per decode batch: rows (index, seq_id, budget) -> concatenated trees + offsets.
 nb::tuple draft_batch(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_h,
                       double min_prob, nb::handle steps_h, nb::handle weights_h, bool chain,
                       int max_match_len, nb::handle mix) {
-  I64 seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
-  auto budgets = as_array<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
-      budgets_h, "budgets", "int32");
-  I64 steps = as_array<I64>(steps_h, "steps", "int64");
-  F64 weights = as_array<F64>(weights_h, "weights", "float64");
-  const size_t n = seq_ids.shape(0);
-  if (nb::len(indices) != n || budgets.shape(0) != n)
-    throw nb::value_error(("draft_batch: indices, seq_ids and budgets differ in length: " +
-                           std::to_string(nb::len(indices)) + ", " + std::to_string(n) + ", " +
-                           std::to_string(budgets.shape(0)))
-                              .c_str());
-  if (steps.shape(0) != weights.shape(0))
-    throw nb::value_error("draft_batch: steps and weights differ in length");
-  std::vector<const SuffixIndex*> idx(n);
-  for (size_t r = 0; r < n; ++r) {
-    idx[r] = nb::cast<const SuffixIndex*>(indices[r]);
-    if (budgets(r) < 0)
-      throw nb::value_error(("invalid budget=" + std::to_string(budgets(r)) + " in row " +
-                             std::to_string(r) + ": must be >= 0")
-                                .c_str());
-    if (!idx[r]->has_sequence(seq_ids(r)))
-      throw nb::value_error(("unknown seq_id=" + std::to_string(seq_ids(r)) + " in row " +
-                             std::to_string(r))
-                                .c_str());
-  }
-  Draft all, one;
-  std::vector<int64_t> offsets(n + 1, 0);
-  std::vector<int32_t> match(n, 0);
-  DraftParams p;
-  set_mix(p, mix);
+  DraftArgs a = draft_args(indices, seq_ids_h, budgets_h, min_prob, steps_h, weights_h, chain,
+                           max_match_len, mix, "draft_batch");
+  FlatDrafts all;
   {
     nb::gil_scoped_release release;
-    p.min_prob = min_prob;
-    p.chain = chain;
-    p.max_match_len = max_match_len;
-    for (size_t r = 0; r < n; ++r) {
-      p.budget = budgets(r);
-      idx[r]->slot_weights(steps.data(), weights.data(), steps.shape(0), p.slot_weight);
-      idx[r]->draft_for_sequence(seq_ids(r), p, one);
-      all.tokens.insert(all.tokens.end(), one.tokens.begin(), one.tokens.end());
-      all.parents.insert(all.parents.end(), one.parents.begin(), one.parents.end());
-      all.probs.insert(all.probs.end(), one.probs.begin(), one.probs.end());
-      offsets[r + 1] = int64_t(all.tokens.size());
-      match[r] = one.match_len;
-    }
+    draft_rows_impl(a.idx, a.seq_ids.data(), a.budgets.data(), a.steps.data(), a.weights.data(),
+                    a.steps.shape(0), a.p, false, 1, all);
   }
   return nb::make_tuple(to_numpy(all.tokens), to_numpy(all.parents), to_numpy(all.probs),
-                        to_numpy(offsets), to_numpy(match));
+                        to_numpy(all.offsets), to_numpy(all.match));
+}
+
+// draft_batch plus each node's depth (root children 1), on up to `threads` threads.
+nb::tuple draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_h,
+                     double min_prob, nb::handle steps_h, nb::handle weights_h, bool chain,
+                     int max_match_len, nb::handle mix, int threads) {
+  if (threads < 1)
+    throw nb::value_error(("invalid threads=" + std::to_string(threads) + ": must be >= 1").c_str());
+  DraftArgs a = draft_args(indices, seq_ids_h, budgets_h, min_prob, steps_h, weights_h, chain,
+                           max_match_len, mix, "draft_rows");
+  FlatDrafts all;
+  {
+    nb::gil_scoped_release release;
+    draft_rows_impl(a.idx, a.seq_ids.data(), a.budgets.data(), a.steps.data(), a.weights.data(),
+                    a.steps.shape(0), a.p, true, size_t(threads), all);
+  }
+  return nb::make_tuple(to_numpy(all.tokens), to_numpy(all.parents), to_numpy(all.probs),
+                        to_numpy(all.depths), to_numpy(all.offsets), to_numpy(all.match));
 }
 
 // One call per decode batch for the updates: row r appends tokens[offsets[r]:offsets[r+1]]
@@ -285,6 +392,7 @@ NB_MODULE(_suffix, m) {
       .def_prop_ro("num_sequences", &SuffixIndex::num_sequences)
       .def_prop_ro("num_tokens", &SuffixIndex::num_tokens)
       .def_prop_ro("num_orphans", &SuffixIndex::num_orphans)
+      .def_prop_ro("version", &SuffixIndex::version)
       .def("memory_bytes", &SuffixIndex::memory_bytes)
       .def("check_integrity", &SuffixIndex::check_integrity)
       .def("steps", &SuffixIndex::steps)
@@ -300,6 +408,11 @@ NB_MODULE(_suffix, m) {
         nb::arg("max_match_len"), nb::arg("mix") = nb::none(),
         "Draft for many (index, seq_id, budget) rows in one call; returns (tokens, parents, "
         "probs, offsets int64[n+1], match_lens int32[n]).");
+  m.def("draft_rows", &draft_rows, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("budgets"),
+        nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
+        nb::arg("max_match_len"), nb::arg("mix") = nb::none(), nb::arg("threads") = 1,
+        "draft_batch plus node depths, rows split over `threads` threads (same result); "
+        "returns (tokens, parents, probs, depths int32, offsets int64[n+1], match_lens int32[n]).");
   m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),
         nb::arg("offsets"),
         "Append tokens[offsets[r]:offsets[r+1]] to (indices[r], seq_ids[r]) for every row.");

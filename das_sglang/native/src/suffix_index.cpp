@@ -78,8 +78,8 @@ void ChildMap::erase(uint32_t parent, int32_t token) {
 }
 
 void ChildMap::grow() {
-  std::vector<uint64_t> old_k;
-  std::vector<uint32_t> old_v;
+  BigVector<uint64_t> old_k;
+  BigVector<uint32_t> old_v;
   old_k.swap(keys_);
   old_v.swap(vals_);
   keys_.assign(old_k.size() * 2, kEmpty);
@@ -274,6 +274,7 @@ bool SuffixIndex::is_pass_through(uint32_t n) const {
 void SuffixIndex::add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, int64_t step) {
   if (by_id_.count(seq_id)) bad("duplicate seq_id=" + std::to_string(seq_id));
   int slot = acquire_slot(step);
+  ++version_;
   uint32_t s = new_storage();
   Storage& st = storages_[s];
   st.seq_id = seq_id;
@@ -288,6 +289,10 @@ void SuffixIndex::add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, 
 
 void SuffixIndex::extend(int64_t seq_id, const int32_t* tokens, size_t n) {
   uint32_t s = storage_of(seq_id);
+  ++version_;
+  // The first token moves every active suffix end (up to max_depth nodes, independent
+  // of each other): fetch them all at once instead of one cache miss after another.
+  if (n) prefetch_cursor_nodes(s, max_depth_);
   for (size_t i = 0; i < n; ++i) append_token(s, tokens[i]);
 }
 
@@ -391,13 +396,14 @@ void SuffixIndex::merge_into_child(uint32_t n) {
 
 void SuffixIndex::remove_sequence(int64_t seq_id) {
   const uint32_t X = storage_of(seq_id);
+  ++version_;
   const int slot = storages_[X].slot;
   const std::vector<int32_t>& tok = storages_[X].tokens;
   const uint32_t L = uint32_t(tok.size()), D = uint32_t(max_depth_);
   // Phase A: decrement along every truncated suffix path; remember each touched node once,
   // bucketed by depth so phase B can go deepest first.
   std::vector<std::vector<uint32_t>> by_depth(D + 1);
-  std::vector<uint8_t>& seen = removal_marks_;  // all zero between removals
+  BigVector<uint8_t>& seen = removal_marks_;  // all zero between removals
   if (seen.size() < nodes_.size()) seen.resize(nodes_.capacity(), 0);
   for (uint32_t i = 0; i < L; ++i) {
     uint32_t end = std::min(L, i + D), j = i, cur = kRoot;
@@ -602,6 +608,24 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
     expand_chain(pos, p, out);
   else
     expand(pos, p, out);
+}
+
+uint32_t SuffixIndex::prefetch_sequence(int64_t seq_id) const {
+  auto it = by_id_.find(seq_id);
+  if (it == by_id_.end()) return kNil;
+  const Storage& st = storages_[it->second];
+  const char* c = reinterpret_cast<const char*>(st.cursors.data());
+  const size_t bytes = st.cursors.size() * sizeof(uint32_t);
+  for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+  return it->second;
+}
+
+void SuffixIndex::prefetch_cursor_nodes(uint32_t s, int max_m) const {
+  if (s == kNil) return;
+  const Storage& st = storages_[s];
+  const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
+  const int hi = std::min(int(std::min<uint32_t>(L, D - 1)), std::max(0, max_m));
+  for (int m = 1; m <= hi; ++m) __builtin_prefetch(&nodes_[st.cursors[(L - uint32_t(m)) % D]]);
 }
 
 namespace {

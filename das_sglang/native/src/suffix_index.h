@@ -49,7 +49,10 @@
 //  at most one per leaf, so storage stays O(stored tokens + leaves * max_depth).
 #pragma once
 
+#include <sys/mman.h>
+
 #include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -98,6 +101,42 @@ struct Storage {
   bool in_use = false;    // false while on the free list
 };
 
+// Allocator of the index's large arrays (nodes, child map, scratch marks): blocks of at
+// least kMapBytes are mapped straight from the OS and unmapped when freed, so evicted
+// history gives its pages back at once. Through malloc they would land in the heap (glibc
+// raises its mmap threshold after the first large free) and only a process-wide
+// malloc_trim -- which holds the allocator's locks while it walks the heap, stalling every
+// other thread's malloc -- would return them.
+template <class T>
+struct MappedAlloc {
+  using value_type = T;
+  static constexpr size_t kMapBytes = size_t(1) << 14;
+  MappedAlloc() noexcept = default;
+  template <class U>
+  MappedAlloc(const MappedAlloc<U>&) noexcept {}
+  static size_t round_up(size_t b) { return (b + 4095) & ~size_t(4095); }
+  T* allocate(size_t n) {
+    const size_t b = n * sizeof(T);
+    if (b < kMapBytes) return static_cast<T*>(::operator new(b, std::align_val_t(alignof(T))));
+    void* p = mmap(nullptr, round_up(b), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) noexcept {
+    const size_t b = n * sizeof(T);
+    if (b < kMapBytes)
+      ::operator delete(p, std::align_val_t(alignof(T)));
+    else
+      munmap(p, round_up(b));
+  }
+  template <class U>
+  bool operator==(const MappedAlloc<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const MappedAlloc<U>&) const noexcept { return false; }
+};
+template <class T>
+using BigVector = std::vector<T, MappedAlloc<T>>;
+
 // Open-addressing map (parent, token) -> child, linear probing, backward-shift deletion.
 // One flat table instead of per-node maps: O(1) child lookup at high-fanout nodes (the
 // root has one child per distinct token) without a heap object per node. Holds exactly the
@@ -116,8 +155,8 @@ class ChildMap {
   static uint64_t key(uint32_t p, int32_t t) { return (uint64_t(p) << 32) | uint32_t(t); }
   size_t slot_of(uint64_t k) const;
   void grow();
-  std::vector<uint64_t> keys_;  // kEmpty marks a free slot
-  std::vector<uint32_t> vals_;
+  BigVector<uint64_t> keys_;  // kEmpty marks a free slot
+  BigVector<uint32_t> vals_;
   size_t size_ = 0;
   size_t mask_ = 0;
 };
@@ -162,6 +201,12 @@ class SuffixIndex {
   int match_length(const int32_t* ctx, size_t n) const;
   void draft(const int32_t* ctx, size_t n, const DraftParams& p, Draft& out) const;
   void draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft& out) const;
+  // Cache hints for a later draft_for_sequence (no effect on any result): batch drafting
+  // calls them a few rows ahead so the memory reads of several rows overlap. Stage 1
+  // returns the sequence's storage (kNil if unknown) and prefetches its cursor ring;
+  // stage 2 prefetches the nodes where its last `max_m` suffixes end.
+  uint32_t prefetch_sequence(int64_t seq_id) const;
+  void prefetch_cursor_nodes(uint32_t storage, int max_m) const;
 
   // Slot weights from a step -> weight table (steps absent from the table weigh 0).
   void slot_weights(const int64_t* steps, const double* weights, size_t n,
@@ -172,6 +217,9 @@ class SuffixIndex {
   size_t num_sequences() const { return by_id_.size(); }
   size_t num_tokens() const { return num_tokens_; }
   size_t num_orphans() const { return num_orphans_; }
+  // Bumped by every mutation (add / extend / remove): a draft computed at version v is
+  // still exact while the version is v (draft_rows results can be reused across calls).
+  uint64_t version() const { return version_; }
   size_t memory_bytes() const;
   std::vector<int64_t> steps() const;
   bool has_sequence(int64_t seq_id) const { return by_id_.count(seq_id) != 0; }
@@ -220,9 +268,9 @@ class SuffixIndex {
   void expand_mixture(const std::vector<Anchor>& anchors, const DraftParams& p, Draft& out) const;
 
   int max_depth_;
-  std::vector<Node> nodes_;             // nodes_[kRoot] is the root
+  BigVector<Node> nodes_;               // nodes_[kRoot] is the root
   std::vector<uint32_t> free_nodes_;    // freed node ids, reused first
-  std::vector<uint8_t> removal_marks_;  // remove_sequence scratch: touched-node marks, kept
+  BigVector<uint8_t> removal_marks_;    // remove_sequence scratch: touched-node marks, kept
                                         // zeroed so a removal costs O(its paths), not O(nodes)
   ChildMap children_;
   std::vector<Storage> storages_;
@@ -232,6 +280,7 @@ class SuffixIndex {
   uint32_t slot_seqs_[kSlots];          // registered sequences per slot; 0 = slot free
   size_t num_tokens_ = 0;               // tokens of registered sequences
   size_t num_orphans_ = 0;
+  uint64_t version_ = 0;
 };
 
 }  // namespace das

@@ -1,0 +1,115 @@
+"""The rows of one plan as columns: what the per-step host path hands the policy.
+
+A policy reads a decode batch as ``Sequence[BudgetRow]`` (``policy.BudgetRow``). Building
+one Python object per request per forward, and reading it back field by field in a dozen
+places, costs milliseconds at batch 512. :class:`BudgetRows` holds the same rows as
+arrays (the drafter's flat :class:`~das_sglang.core.draft_tree.DraftBatch` for the node
+probabilities and depths); it is still a sequence of ``BudgetRow`` (built on access), so
+every policy takes it, and the policy code reads its columns through the accessors below,
+which take either form and give the same values.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from das_sglang.core.draft_tree import DraftBatch
+
+
+class BudgetRows:
+    """Columns of a plan's rows: ``req_ids``/``problem_ids`` (lists), ``generated``,
+    ``max_new``, ``prompt_len`` (int64 arrays) and ``drafts`` (node probabilities, depths
+    and match length per row). Row ``i`` is ``BudgetRow(req_ids[i], problem_ids[i],
+    generated[i], max_new[i], drafts[i].probs, prompt_len[i], drafts.match_len[i],
+    drafts depths of row i)``."""
+
+    __slots__ = ("req_ids", "problem_ids", "generated", "max_new", "prompt_len", "drafts")
+
+    def __init__(self, req_ids: list, problem_ids: list, generated: np.ndarray, max_new: np.ndarray,
+                 prompt_len: np.ndarray, drafts: DraftBatch) -> None:
+        n = len(req_ids)
+        if not (len(problem_ids) == len(generated) == len(max_new) == len(prompt_len) == len(drafts) == n):
+            raise ValueError(
+                f"BudgetRows columns differ in length: req_ids={n}, problem_ids={len(problem_ids)}, "
+                f"generated={len(generated)}, max_new={len(max_new)}, prompt_len={len(prompt_len)}, "
+                f"drafts={len(drafts)}")
+        self.req_ids = req_ids
+        self.problem_ids = problem_ids
+        self.generated = generated
+        self.max_new = max_new
+        self.prompt_len = prompt_len
+        self.drafts = drafts
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    def __getitem__(self, i: int):
+        from das_sglang.core.policy import BudgetRow  # (policy imports this module)
+
+        d = self.drafts
+        a, z = int(d.offsets[i]), int(d.offsets[i + 1])
+        return BudgetRow(self.req_ids[i], self.problem_ids[i], int(self.generated[i]),
+                         int(self.max_new[i]), d.probs[a:z], int(self.prompt_len[i]),
+                         int(d.match_len[i]), d.depths[a:z].astype(np.int64))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, rows: Sequence[int]) -> "BudgetRows":
+        rows = np.asarray(rows, dtype=np.int64)
+        ids, pids = self.req_ids, self.problem_ids
+        return BudgetRows([ids[i] for i in rows.tolist()], [pids[i] for i in rows.tolist()],
+                          self.generated[rows], self.max_new[rows], self.prompt_len[rows],
+                          self.drafts.take(rows))
+
+
+# ---- accessors: one column of either form (a list of BudgetRow or BudgetRows) ----------
+def req_ids(rows) -> list:
+    return rows.req_ids if type(rows) is BudgetRows else [r.req_id for r in rows]
+
+
+def problem_ids(rows) -> list:
+    return rows.problem_ids if type(rows) is BudgetRows else [r.problem_id for r in rows]
+
+
+def generated(rows) -> np.ndarray:
+    if type(rows) is BudgetRows:
+        return rows.generated
+    return np.fromiter((r.generated_len for r in rows), np.int64, len(rows))
+
+
+def max_new(rows) -> np.ndarray:
+    if type(rows) is BudgetRows:
+        return rows.max_new
+    return np.fromiter((r.max_new_tokens for r in rows), np.int64, len(rows))
+
+
+def prompt_len(rows) -> np.ndarray:
+    if type(rows) is BudgetRows:
+        return rows.prompt_len
+    return np.fromiter((r.prompt_len for r in rows), np.int64, len(rows))
+
+
+def found(rows) -> np.ndarray:
+    """Draft nodes per row."""
+    if type(rows) is BudgetRows:
+        return rows.drafts.lens()
+    return np.fromiter((len(r.node_probs) for r in rows), np.int64, len(rows))
+
+
+def match_lens(rows) -> np.ndarray:
+    if type(rows) is BudgetRows:
+        return np.asarray(rows.drafts.match_len, dtype=np.int64)
+    return np.fromiter((r.match_len for r in rows), np.int64, len(rows))
+
+
+def leading_probs(rows, m: np.ndarray) -> np.ndarray:
+    """Row ``i``'s first ``m[i]`` node probabilities, concatenated in row order."""
+    if type(rows) is BudgetRows:
+        d = rows.drafts
+        lens = d.lens()
+        rank = np.arange(len(d.probs), dtype=np.int64) - np.repeat(d.offsets[:-1], lens)
+        return d.probs[rank < np.repeat(np.asarray(m, dtype=np.int64), lens)]
+    return np.concatenate([r.node_probs[:k] for r, k in zip(rows, np.asarray(m).tolist())])

@@ -1,0 +1,152 @@
+"""Issue 12 flat host path, session side: ``DasSession.plan`` (one native call for the
+batch, policy on columns, vectorised truncation) and the batched feedback give exactly
+the trees, widths and statistics of the row-by-row path they replaced, and the verify
+layout built from the flat drafts equals the one built from tree objects."""
+
+import json
+
+import numpy as np
+import pytest
+
+from das_sglang.core.drafter import truncate_trusted
+from das_sglang.core.online_acceptance import tree_depths
+from das_sglang.core.policy import BudgetRow
+from das_sglang.sglang.options import load_options
+from das_sglang.sglang.session import DasSession
+from das_sglang.sglang.tree_inputs import build_layout, build_ragged_layout
+
+
+def _legacy_plan(session, req_ids, max_nodes):
+    """DasSession.plan as it was before the flat path: a DraftTree and a BudgetRow per row."""
+    session.sync()
+    session._check_cap()
+    trees = session.drafter.speculate_batch(list(req_ids), [max_nodes] * len(req_ids))
+    if session._evicting and session._updates is not None:
+        session._updates.submit(session._evict_chunk)
+    live = session.live
+    depths = tree_depths([t.parents for t in trees])
+    rows = [BudgetRow(r, live[r].problem_id, live[r].generated, live[r].max_new_tokens, t.probs,
+                      live[r].prompt_len, t.match_len, d) for r, t, d in zip(req_ids, trees, depths)]
+    plan = session.policy.plan(rows)
+    keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
+    for i, r in enumerate(req_ids):
+        if live[r].root_only:
+            keep[i] = 0
+    trees = [truncate_trusted(t, int(k)) for t, k in zip(trees, keep)]
+    width = max((len(t) for t in trees), default=0)
+    buckets = session.options.policy.buckets(max_nodes)
+    if buckets is not None and width not in buckets:
+        width = next(b for b in buckets if b >= width)
+    return trees, width
+
+
+def _legacy_committed(session, req_ids, proposed, tokens):
+    session.sync()
+    session.drafter.extend_batch(req_ids, tokens)
+    for rid, p, t in zip(req_ids, proposed, tokens):
+        lv = session.live[rid]
+        lv.generated += len(t)
+        if p or len(t) != 1:
+            session.policy.observe_verify(lv.problem_id, p, len(t) - 1)
+
+
+def _drive(session, legacy, seed=0, steps=70):
+    """Random decode traffic (GRPO siblings, finishes, weight updates, a root-only request);
+    returns every plan's trees (tokens, parents, probs, match) and width."""
+    plan = (lambda r, m: _legacy_plan(session, r, m)) if legacy else session.plan
+    feed = (lambda *a: _legacy_committed(session, *a)) if legacy else session.committed_batch
+    rng = np.random.default_rng(seed)
+    texts = {f"p{i}": rng.integers(0, 8, 120).tolist() for i in range(5)}
+    live, out, n = {}, [], 0
+    for step in range(steps):
+        if step and step % 25 == 0:
+            session.weights_updated()
+        while len(live) < 12:
+            pid = f"p{n % 5}"
+            session.start(f"r{n}", {"das_problem_id": pid}, [9, 9, n % 3], [], 100, root_only=n == 3)
+            live[f"r{n}"] = (pid, 0)
+            n += 1
+        rids = sorted(live)
+        trees, width = plan(rids, 8)
+        out.append(([(t.tokens.tolist(), t.parents.tolist(), t.probs.tolist(), t.match_len) for t in trees],
+                     width))
+        commits = []
+        for rid, tree in zip(rids, trees):
+            pid, pos = live[rid]
+            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
+            commits.append(texts[pid][pos: pos + k + 1])
+            live[rid] = (pid, pos + k + 1)
+        feed(rids, [len(t) for t in trees], commits)
+        for rid in rids:
+            pid, pos = live[rid]
+            if pos >= 60 + 7 * (int(rid[1:]) % 4):
+                session.finished(rid, [9, 9, int(rid[1:]) % 3], texts[pid][:pos])
+                del live[rid]
+    return out
+
+
+@pytest.mark.parametrize("cfg", [
+    {"server": {"policy": "length-aware"}},
+    {"server": {"policy": "length-aware", "async_updates": False},
+     "policy": {"uniform_width": True, "width_buckets": [0, 1, 2, 4, 8]}},
+    {"server": {"policy": "unlimited"}},
+    {"server": {"policy": "paper"}, "drafter": {"global_shard": True}},
+])
+def test_flat_plan_equals_the_row_by_row_plan(cfg):
+    cfg = {**cfg, "drafter": {"window_steps": 2, **cfg.get("drafter", {})}}
+    a = DasSession(load_options(9, json.dumps(cfg)))
+    b = DasSession(load_options(9, json.dumps(cfg)))
+    for s in (a, b):
+        if s.policy.lengths is not None:
+            s.policy.lengths.background = False  # the same predictions at every plan
+        s.ASYNC_MIN_ROWS = 1
+    new, old = _drive(a, legacy=False), _drive(b, legacy=True)
+    assert sum(len(t[0]) for trees, _ in new for t in trees) > 100  # real drafts compared
+    assert any(w for _, w in new)
+    assert new == old
+    acc_a, acc_b = a.policy.acceptance, b.policy.acceptance
+    np.testing.assert_array_equal(acc_a._by_budget, acc_b._by_budget)
+    assert {p: s.n_obs for p, s in acc_a._stats.items()} == {p: s.n_obs for p, s in acc_b._stats.items()}
+    assert {r: lv.generated for r, lv in a.live.items()} == {r: lv.generated for r, lv in b.live.items()}
+    a.close()
+    b.close()
+
+
+def test_layout_from_flat_drafts_equals_layout_from_trees():
+    cfg = {"drafter": {"window_steps": 2}, "server": {"policy": "unlimited"}}
+    s = DasSession(load_options(9, json.dumps(cfg)))
+    rng = np.random.default_rng(1)
+    text = rng.integers(0, 5, 300).tolist()
+    s.start("h", {"das_problem_id": "p"}, [1], text, 400)
+    s.finished("h", [1], text)
+    for i in range(6):
+        s.start(f"r{i}", {"das_problem_id": "p"}, [1], text[: 10 * i + 3], 400)
+    rids = [f"r{i}" for i in range(6)]
+    drafts, width = s.plan(rids, 8)
+    trees = list(drafts)
+    assert width == max(len(t) for t in trees) > 0
+    roots, seq_lens = [3] * 6, [10 + i for i in range(6)]
+    flat, ref = build_layout(roots, drafts, seq_lens, width), build_layout(roots, trees, seq_lens, width)
+    for f in ("tokens", "mask", "positions", "retrieve_index", "next_token", "next_sibling"):
+        np.testing.assert_array_equal(getattr(flat, f), getattr(ref, f))
+    rf, rr = build_ragged_layout(roots, drafts, seq_lens), build_ragged_layout(roots, trees, seq_lens)
+    for f in ("tokens", "mask", "positions", "verify_lens", "candidates", "next_token"):
+        np.testing.assert_array_equal(getattr(rf, f), getattr(rr, f))
+    s.close()
+
+
+def test_start_off_thread_checks_on_the_scheduler_thread():
+    """With the update thread, a start is registered there (after a sibling's pending
+    finish), but a duplicate id or a bad token still raises at the call, naming it."""
+    s = DasSession(load_options(9, json.dumps({"server": {"policy": "unlimited"}})))
+    s.start("a", {"das_problem_id": "p"}, [1, 2, 3], [4], 50)
+    with pytest.raises(ValueError, match="duplicate req_id='a'"):
+        s.start("a", {"das_problem_id": "p"}, [1, 2, 3], [], 50)
+    with pytest.raises(ValueError, match="prompt_tokens of req_id='b'"):
+        s.start("b", {"das_problem_id": "p"}, [1, -2], [], 50)
+    s.finished("a", [1, 2, 3], [4, 1, 2, 3, 4])
+    s.start("c", {"das_problem_id": "p"}, [1, 2, 3], [4], 50)  # queued behind a's finish
+    (tree,), _ = s.plan(["c"], 8)
+    assert tree.tokens.tolist()[:4] == [1, 2, 3, 4]  # drafts from a's history
+    assert "b" not in s.live
+    s.close()

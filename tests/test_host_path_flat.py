@@ -1,0 +1,199 @@
+"""Issue 12 flat host path, core side: the batch-at-once forms give exactly what the
+row-by-row forms gave -- native ``draft_rows`` (any thread count, prefetching) vs
+``draft_batch``, ``DraftBatch`` vs lists of ``DraftTree``, a policy reading ``BudgetRows``
+columns vs ``BudgetRow`` objects, batched verify outcomes vs one call per row."""
+
+import numpy as np
+import pytest
+
+from das_sglang.core.acceptance import AcceptanceTracker
+from das_sglang.core.budget_rows import BudgetRows
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.draft_tree import DraftBatch, DraftTree
+from das_sglang.core.drafter import SuffixDrafter
+from das_sglang.core.online_acceptance import tree_depths
+from das_sglang.core.policy import BudgetRow, make_policy
+from das_sglang.core.policy_config import PolicyConfig
+from das_sglang.native import SuffixIndex, draft_batch, draft_rows
+
+
+def _drafter(seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    d = SuffixDrafter(DrafterConfig(window_steps=2, **kw))
+    d.advance_step(2)
+    for p in range(12):
+        for k in range(4):
+            d.add_history(f"p{p}", 1 + k % 2, rng.integers(0, 12, 200))
+    rids = []
+    for r in range(300):
+        rid = f"r{r}"
+        d.start_request(rid, f"p{r % 14}", rng.integers(0, 12, 30))  # p12, p13: no history
+        rids.append(rid)
+    return d, rids, rng
+
+
+def _same_trees(a, b):
+    assert len(a) == len(b)
+    for t, u in zip(a, b):
+        np.testing.assert_array_equal(t.tokens, u.tokens)
+        np.testing.assert_array_equal(t.parents, u.parents)
+        np.testing.assert_array_equal(t.probs, u.probs)
+        assert t.match_len == u.match_len
+
+
+@pytest.mark.parametrize("kw", [{}, {"mixture": False}, {"tree": False}, {"global_shard": True}])
+def test_flat_speculate_equals_tree_by_tree_for_any_thread_count(kw):
+    d, rids, rng = _drafter(**kw)
+    budgets = rng.integers(0, 17, len(rids))
+    old = d.speculate_batch(rids, budgets)
+    assert sum(len(t) for t in old) > 500  # the comparison covers real trees
+    for threads in (1, 2, 3, 7):
+        new = d.speculate_flat(rids, budgets, threads=threads)
+        _same_trees(old, new)
+        np.testing.assert_array_equal(new.depths, np.concatenate(tree_depths([t.parents for t in old])))
+    _same_trees(d.speculate_batch(rids[:5], [16] * 5), d.speculate_flat(rids[:5], 16))
+
+
+def test_draft_rows_matches_draft_batch_and_checks_its_arguments():
+    d, rids, rng = _drafter(1)
+    lives = [d._live[r] for r in rids]
+    idx = [d._indices[lv.problem_id] for lv in lives]
+    seq = np.array([lv.seq_id for lv in lives], np.int64)
+    b = rng.integers(0, 12, len(rids)).astype(np.int32)
+    steps, weights = d._weights
+    args = (0.05, steps, weights, False, 32, (4.0, 0.0, 1, 1 << 30))
+    ref = draft_batch(idx, seq, b, *args)
+    for threads in (1, 4):
+        out = draft_rows(idx, seq, b, *args, threads)
+        for x, y in zip(ref, out[:3] + out[4:]):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="threads=0"):
+        draft_rows(idx, seq, b, *args, 0)
+    with pytest.raises(ValueError, match="budget=-1 in row 0"):
+        draft_rows(idx[:1], seq[:1], np.array([-1], np.int32), *args, 2)
+    with pytest.raises(ValueError, match="unknown seq_id=999999 in row 0"):
+        draft_rows(idx[:1], np.array([999999], np.int64), b[:1], *args, 2)
+
+
+def test_index_version_changes_with_every_mutation():
+    ix = SuffixIndex(8)
+    v = [ix.version]
+    ix.add_sequence(1, np.array([1, 2, 3], np.int32), 0)
+    v.append(ix.version)
+    ix.draft_for_sequence(1, 4, 0.0, {0: 1.0}, False, 4)  # reads leave it alone
+    assert ix.version == v[-1]
+    ix.extend(1, np.array([4], np.int32))
+    v.append(ix.version)
+    ix.remove_sequence(1)
+    v.append(ix.version)
+    assert v == sorted(set(v))
+
+
+def _random_trees(rng, n):
+    trees = []
+    for _ in range(n):
+        k = int(rng.integers(0, 9))
+        parents = [int(rng.integers(-1, i)) for i in range(k)]
+        trees.append(DraftTree(rng.integers(0, 50, k).astype(np.int32), np.array(parents, np.int32),
+                               np.sort(rng.random(k))[::-1].copy(), int(rng.integers(0, 5))))
+    return trees
+
+
+def test_draft_batch_ops_equal_per_tree_ops():
+    rng = np.random.default_rng(2)
+    trees = _random_trees(rng, 40)
+    batch = DraftBatch.from_trees(trees)
+    _same_trees(trees, batch)
+    np.testing.assert_array_equal(batch.lens(), [len(t) for t in trees])
+    assert batch.width == max(len(t) for t in trees)
+    keep = rng.integers(-1, 10, len(trees))
+    _same_trees([t.truncate(int(k)) for t, k in zip(trees, keep)], batch.truncate(keep))
+    cut = batch.truncate(keep)
+    np.testing.assert_array_equal(cut.depths, np.concatenate([t.depths() for t in cut]))
+    rows = rng.integers(0, len(trees), 25)
+    _same_trees([trees[i] for i in rows], batch.take(rows))
+    _same_trees(trees + trees[:3], DraftBatch.concat([batch, batch.take([0, 1, 2])]))
+    assert batch.truncate([99] * len(trees)) is batch
+    with pytest.raises(IndexError, match="row 40"):
+        batch[40]
+
+
+def _rows(rng, n, drafts, pids):
+    gen = rng.integers(0, 400, n)
+    return BudgetRows([f"r{i}" for i in range(n)], [pids[i % len(pids)] for i in range(n)],
+                      gen.astype(np.int64), (gen + rng.integers(1, 300, n)).astype(np.int64),
+                      rng.integers(10, 90, n).astype(np.int64), drafts)
+
+
+@pytest.mark.parametrize("policy,cfg", [
+    ("length-aware", {}), ("length-aware", {"curve_mode": "outcome"}),
+    ("length-aware", {"curve_mode": "blend", "uniform_width": True,
+                      "width_buckets": (0, 1, 2, 4, 8, 16)}),
+    ("length-aware", {"lookahead": "stationary"}), ("paper", {}), ("fixed", {})])
+def test_policy_plans_columns_exactly_like_rows(policy, cfg):
+    """Two identical policies, one fed BudgetRows, the other the same rows as BudgetRow
+    objects, over steps with outcomes and finishes: the same budgets every step."""
+    rng = np.random.default_rng(3)
+    pc = PolicyConfig(max_budget=16, **cfg)
+    a, b = make_policy(policy, config=pc), make_policy(policy, config=pc)
+    pids = [f"p{i}" for i in range(7)]
+    for i in range(30):
+        length = int(rng.integers(50, 900))
+        for pol in (a, b):
+            pol.observe_finished(pids[i % 7], length)
+    n = 60
+    gen = rng.integers(0, 300, n).astype(np.int64)
+    for step in range(12):
+        drafts = DraftBatch.from_trees(_random_trees(rng, n))
+        rows = _rows(rng, n, drafts, pids)
+        rows.generated = gen.copy()
+        objs = [BudgetRow(r.req_id, r.problem_id, r.generated_len, r.max_new_tokens, r.node_probs,
+                          r.prompt_len, r.match_len, r.node_depths) for r in rows]
+        pa, pb = a.plan(rows), b.plan(objs)
+        np.testing.assert_array_equal(pa.budgets, pb.budgets)
+        assert pa.width == pb.width
+        acc = np.minimum(rng.integers(0, 5, n), pa.budgets)
+        for i in range(n):
+            a.observe_verify(rows.problem_ids[i], int(pa.budgets[i]), int(acc[i]))
+            b.observe_verify(rows.problem_ids[i], int(pa.budgets[i]), int(acc[i]))
+        gen += acc + 1
+    assert a.acceptance.calibration("p1") == b.acceptance.calibration("p1")
+
+
+def test_budget_rows_index_like_budget_row_objects():
+    rng = np.random.default_rng(4)
+    trees = _random_trees(rng, 5)
+    rows = _rows(rng, 5, DraftBatch.from_trees(trees), ["p"])
+    r = rows[3]
+    assert (r.req_id, r.problem_id, r.generated_len) == ("r3", "p", int(rows.generated[3]))
+    np.testing.assert_array_equal(r.node_probs, trees[3].probs)
+    np.testing.assert_array_equal(r.node_depths, trees[3].depths())
+    assert r.match_len == trees[3].match_len
+    sub = rows.take([4, 0])
+    assert sub.req_ids == ["r4", "r0"] and [len(x.node_probs) for x in sub] == [len(trees[4]), len(trees[0])]
+    with pytest.raises(ValueError, match="differ in length"):
+        BudgetRows(["a"], [], np.zeros(1), np.zeros(1), np.zeros(1), rows.drafts.take([0]))
+
+
+def test_observe_many_equals_observe_row_by_row():
+    cfg = PolicyConfig(max_budget=16)
+    a, b = AcceptanceTracker(cfg), AcceptanceTracker(cfg)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        pids = [f"p{int(i)}" for i in rng.integers(0, 6, 50)]
+        prop = rng.integers(0, 17, 50)
+        acc = np.minimum(rng.integers(0, 6, 50), prop)
+        for pid, p in zip(pids[:30], prop[:30]):  # some rows have a planned expectation
+            for t in (a, b):
+                t.expect(pid, int(p), float(p) * 0.37)
+        a.observe_many(pids, prop, acc)
+        for pid, p, x in zip(pids, prop.tolist(), acc.tolist()):
+            b.observe(pid, p, x)
+    np.testing.assert_array_equal(a._by_budget, b._by_budget)
+    for pid in ["*"] + [f"p{i}" for i in range(6)]:
+        sa, sb = a._stats[pid], b._stats[pid]
+        assert (list(sa.recent), sa.n_obs, sa.sum_accepted, sa.sum_expected, sa.sum_matched) == \
+            (list(sb.recent), sb.n_obs, sb.sum_accepted, sb.sum_expected, sb.sum_matched)
+    with pytest.raises(ValueError, match="problem 'q'.*proposed=1, accepted=2"):
+        a.observe_many(["ok", "q"], [1, 1], [1, 2])
+    assert "ok" not in a._stats  # validated before anything is recorded
