@@ -2,7 +2,8 @@
 # One-shot, idempotent set-up: creates .venv/ at the repo root with CPU torch, stock
 # sglang==0.5.23 (no deps, then its light runtime deps), and das-sglang itself (editable,
 # native index built by scikit-build-core). Re-running skips the steps whose inputs did
-# not change (a stamp file keyed on this script and pyproject.toml).
+# not change (a stamp file keyed on this script, pyproject.toml, the requirements and the
+# native sources: a changed C++ index is rebuilt).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,7 +12,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 venv="$root/.venv"
 pip="$venv/bin/python -m pip"
 stamp="$venv/.das-setup-stamp"
-key="$(cat scripts/setup.sh pyproject.toml CMakeLists.txt requirements/*.txt | sha256sum | cut -c1-16)"
+key="$(cat scripts/setup.sh pyproject.toml CMakeLists.txt requirements/*.txt das_sglang/native/src/* | sha256sum | cut -c1-16)"
 
 if [ ! -x "$venv/bin/python" ]; then
   "$PY" -m venv "$venv"
