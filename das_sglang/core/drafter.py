@@ -395,7 +395,8 @@ class SuffixDrafter:
     def _draft_rows(self, indices: list[SuffixIndex], seq_ids: np.ndarray, budgets: np.ndarray) -> list[DraftTree]:
         cfg = self.config
         steps, weights = self._weights
-        mix = (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout) if cfg.mixture else None
+        mix = (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout, cfg.mix_recency,
+               cfg.mix_match_half) if cfg.mixture else None
         tokens, parents, probs, offsets, match = draft_batch(
             indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len, mix
         )
