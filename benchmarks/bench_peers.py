@@ -47,9 +47,10 @@ host times on this machine, under whatever else runs on it.
 Default run: all 30 SkyThought problems, target steps 7-10 (every target has a full 4-step
 window of history), plus the whole verl dump: ~4 minutes on 2 cores, most of it NGRAM's trie
 inserts. ``--full``: target steps 1-10 (~10 minutes). The DAS peer drafts with ``min_token_prob=0`` and
-``mix_escape=0.5`` (fixed budget, like NGRAM, which always fills its 16 slots); ``--das
-FIELD=VALUE`` overrides any DrafterConfig field. The parameters were chosen on every 3rd
-problem, steps 7-10 (``--problems-every 3 --steps 7-10``).
+``mix_escape=0.5`` (fixed budget, like NGRAM, which always fills its 16 slots), every other
+field at its ``DrafterConfig`` default (the product's: wide tree, recency, match-length
+order, step decay); ``--das FIELD=VALUE`` overrides any DrafterConfig field. The parameters
+were chosen on every 3rd problem, steps 7-10 (``--problems-every 3 --steps 7-10``).
 """
 
 from __future__ import annotations

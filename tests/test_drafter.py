@@ -45,7 +45,8 @@ class TestHistory:
         assert d.add_history("p", 4, [1, 2, 3]) is True
 
     def test_older_steps_weigh_less(self):
-        d = drafter(window_steps=2, step_decay=0.5, min_token_prob=0.0)
+        # counts only (recency would add to the newest continuation, 4: test_wide_tree.py)
+        d = drafter(window_steps=2, step_decay=0.5, min_token_prob=0.0, mix_recency=0.0)
         d.add_history("p", 0, [1, 2, 3])  # old: continuation 3
         d.add_history("p", 0, [1, 2, 3])
         d.advance_step(2)

@@ -91,3 +91,81 @@ def test_drafter_uses_the_wide_tree_by_default_and_can_turn_it_off():
     wide, narrow = drafter(), drafter(mixture=False)
     assert set(wide.tokens[wide.parents == -1].tolist()) == {3, 9}
     assert narrow.tokens[narrow.parents == -1].tolist() == [3]
+
+
+def test_recency_puts_the_newest_of_equal_continuations_first():
+    # "1 2" continues with 3 (sequence 0) and with 4 (sequence 1, added later): equal counts.
+    seqs = [[1, 2, 3], [1, 2, 4]]
+    plain = both(seqs, [1, 2], 1, (2.0, 0.0, 1, 64, 0.0, 0.0))
+    recent = both(seqs, [1, 2], 2, (2.0, 0.0, 1, 64, 1.0, 0.0))
+    assert plain[0].tolist() == [3]  # tie: the smaller token
+    assert recent[0].tolist() == [4, 3]
+    # newest gets W + 1.0 * C over C + 1.0 * C: (1 + 2) / 4 at every anchor
+    assert recent[2][0] == pytest.approx(3 / 4) and recent[2][1] == pytest.approx(1 / 4)
+    # Own text counts as it is appended: sequence 0 repeating "1 2 3" makes 3 the newest again.
+    ix, ref = SuffixIndex(8), ReferenceIndex(8)
+    for k, s in enumerate(seqs):
+        ix.add_sequence(k, arr(s), 0)
+        ref.add_sequence(k, list(s), 0)
+    ix.extend(0, arr([1, 2, 3, 1, 2]))
+    ref.extend(0, [1, 2, 3, 1, 2])
+    mix = (2.0, 0.0, 1, 64, 1.0, 0.0)
+    n = ix.draft_for_sequence(0, 1, 0.0, {0: 1.0}, False, 2, mix)
+    assert n[0].tolist() == [3] == ref.draft_for_sequence(0, 1, 0.0, {0: 1.0}, False, 2, mix)[0]
+
+
+def test_match_half_drafts_wider_under_a_short_match_with_the_same_probs():
+    # "1" continues with 2 (then 3 4 5, certain) twice and with 7 once.
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [1, 7]]
+    by_prob = both(seqs, [9, 1], 3, (0.0, 0.0, 1, 64, 0.0, 0.0))
+    by_score = both(seqs, [9, 1], 3, (0.0, 0.0, 1, 64, 0.0, 4.0))
+    assert by_prob[0].tolist() == [2, 3, 4]  # best first by prob: the certain path
+    # score: 2 -> 2/3 * 1/5, 7 -> 1/3 * 1/5, 3 -> 2/15 * 2/6 < 1/15: the alternative root first
+    assert by_score[0].tolist() == [2, 7, 3] and by_score[1].tolist() == [-1, -1, 0]
+    probs = dict(zip(by_score[0].tolist(), by_score[2].tolist()))
+    assert probs == pytest.approx({2: 2 / 3, 7: 1 / 3, 3: 2 / 3})
+    # Under a long match the same setting keeps the deep path: "1 2 3" has one continuation.
+    long = both(seqs, [1, 2, 3], 2, (0.0, 0.0, 1, 64, 0.0, 4.0))
+    assert long[0].tolist() == [4, 5] and long[1].tolist() == [-1, 0]
+
+
+def test_recency_and_order_agree_with_the_oracle_on_live_siblings():
+    # Siblings appended chunk by chunk (as in decoding), no removals: recency is exact.
+    rng = np.random.default_rng(5)
+    ix, ref = SuffixIndex(8), ReferenceIndex(8)
+    for k in range(3):  # history
+        s = rng.integers(0, 5, 40).tolist()
+        ix.add_sequence(k, arr(s), 0)
+        ref.add_sequence(k, s, 0)
+    for k in range(3, 7):  # live siblings: a shared prompt
+        ix.add_sequence(k, arr([1, 2, 3]), 1)
+        ref.add_sequence(k, [1, 2, 3], 1)
+    changed = 0
+    weights = {0: 0.5, 1: 1.0}
+    for _ in range(60):
+        k = int(rng.integers(3, 7))
+        chunk = rng.integers(0, 5, int(rng.integers(1, 4))).tolist()
+        ix.extend(k, arr(chunk))
+        ref.extend(k, chunk)
+        for mix in ((4.0, 0.5, 1, 64, 0.0, 4.0), (4.0, 0.5, 1, 64, 1.0, 4.0), (2.0, 0.0, 1, 3, 0.25, 1.0)):
+            n = ix.draft_for_sequence(k, 8, 0.0, weights, False, 6, mix)
+            r = ref.draft_for_sequence(k, 8, 0.0, weights, False, 6, mix)
+            assert n[0].tolist() == r[0] and n[1].tolist() == r[1] and n[3] == r[3]
+            np.testing.assert_allclose(n[2], r[2], rtol=0, atol=1e-9)
+        a = ix.draft_for_sequence(k, 8, 0.0, weights, False, 6, (4.0, 0.5, 1, 64, 0.0, 4.0))
+        b = ix.draft_for_sequence(k, 8, 0.0, weights, False, 6, (4.0, 0.5, 1, 64, 1.0, 4.0))
+        changed += a[0].tolist() != b[0].tolist()
+    assert changed > 0  # recency did reorder some drafts
+
+
+def test_bad_recency_or_match_half_is_rejected_naming_it():
+    ix = SuffixIndex(8)
+    ix.add_sequence(0, arr([1, 2, 3]), 0)
+    with pytest.raises(ValueError, match="recency"):
+        ix.draft(arr([1]), 2, 0.0, {0: 1.0}, False, 3, (1.0, 0.0, 1, 4, -1.0, 0.0))
+    with pytest.raises(ValueError, match="match_half"):
+        ix.draft(arr([1]), 2, 0.0, {0: 1.0}, False, 3, (1.0, 0.0, 1, 4, 0.0, -2.0))
+    with pytest.raises(ValueError, match="mix_recency"):
+        DrafterConfig(mix_recency=-0.1)
+    with pytest.raises(ValueError, match="mix_match_half"):
+        DrafterConfig(mix_match_half=-1.0)

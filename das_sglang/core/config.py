@@ -45,10 +45,18 @@ class DrafterConfig:
     mix_min_match  shortest context suffix whose continuations are merged.
     mix_max_fanout stop merging (towards shorter matches) at a match with more distinct
                    continuations than this (bounds the per-step cost).
+    mix_recency    recency: where a matched node has two or more continuations, the one
+                   seen most recently (the newest occurrence, own text and live siblings
+                   included) gets this fraction of the node's continuation weight on top.
+                   0 = counts only.
+    mix_match_half order of expansion: a node's conditional is scaled by L / (L + this)
+                   for ordering only, L = match length + depth, so levels drafted under a
+                   short match are trusted less (wider trees after a miss, deep paths under
+                   long matches). 0 = best first by prob. The probs are not changed by it.
     """
 
     window_steps: int = 4
-    step_decay: float = 0.5
+    step_decay: float = 0.7
     max_depth: int = 64
     max_match_len: int = 32
     max_budget: int = 32
@@ -61,6 +69,8 @@ class DrafterConfig:
     mix_escape: float = 0.0
     mix_min_match: int = 1
     mix_max_fanout: int = 64
+    mix_recency: float = 0.3
+    mix_match_half: float = 4.0
 
     def __post_init__(self) -> None:
         from das_sglang.native import MAX_STEPS  # step slots of the native index
@@ -93,6 +103,8 @@ class DrafterConfig:
         check_field(self.mix_escape >= 0.0, "mix_escape", self.mix_escape, "must be >= 0")
         check_field(self.mix_min_match >= 1, "mix_min_match", self.mix_min_match, "must be >= 1")
         check_field(self.mix_max_fanout >= 1, "mix_max_fanout", self.mix_max_fanout, "must be >= 1")
+        check_field(self.mix_recency >= 0.0, "mix_recency", self.mix_recency, "must be >= 0")
+        check_field(self.mix_match_half >= 0.0, "mix_match_half", self.mix_match_half, "must be >= 0")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -431,10 +431,19 @@ class SuffixDrafter:
                     trees[r] = t
         return trees
 
+    def _mix(self) -> tuple | None:
+        """The native wide-tree parameters (one place: the tree list and flat paths must
+        draft the same trees)."""
+        cfg = self.config
+        if not cfg.mixture:
+            return None
+        return (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout, cfg.mix_recency,
+                cfg.mix_match_half)
+
     def _draft_rows(self, indices: list[SuffixIndex], seq_ids: np.ndarray, budgets: np.ndarray) -> list[DraftTree]:
         cfg = self.config
         steps, weights = self._weights
-        mix = (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout) if cfg.mixture else None
+        mix = self._mix()
         tokens, parents, probs, offsets, match = draft_batch(
             indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len, mix
         )
@@ -488,7 +497,7 @@ class SuffixDrafter:
     def _draft_flat(self, indices, seq_ids: np.ndarray, budgets: np.ndarray, threads: int) -> DraftBatch:
         cfg = self.config
         steps, weights = self._weights
-        mix = (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout) if cfg.mixture else None
+        mix = self._mix()
         tokens, parents, probs, depths, offsets, match = draft_rows(
             indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len,
             mix, threads)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 class _Node:
     children: dict[int, "_Node"] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)  # step -> occurrences
+    newest: tuple[int, int] | None = None  # (seq_id, position of this node's token) last counted
 
     @property
     def total(self) -> int:
@@ -28,15 +29,20 @@ class ReferenceIndex:
         self.max_depth = max_depth
         self.root = _Node()
         self.seqs: dict[int, tuple[list[int], int]] = {}  # seq_id -> (tokens, step)
+        self.clock = 0  # tokens added so far by add_sequence / extend (recency)
+        self.seq_clock: dict[int, int] = {}  # seq_id -> clock after its last add / extend
 
     # -------------------------------------------------------------- mutation
 
-    def _bump(self, path: list[int], step: int, delta: int) -> None:
-        """Add ``delta`` to the count of the trie node spelling ``path`` (created if new)."""
+    def _bump(self, path: list[int], step: int, delta: int, where: tuple[int, int] | None = None) -> None:
+        """Add ``delta`` to the count of the trie node spelling ``path`` (created if new);
+        ``where`` (seq_id, position) becomes its newest occurrence."""
         node = self.root
         for t in path[:-1]:
             node = node.children[t]
         child = node.children.setdefault(path[-1], _Node())
+        if where is not None:
+            child.newest = where
         child.counts[step] = child.counts.get(step, 0) + delta
         if child.counts[step] == 0:
             del child.counts[step]
@@ -57,10 +63,13 @@ class ReferenceIndex:
             # Every suffix that now ends at `end` and is not longer than max_depth gains
             # one position: the node one deeper than its old end counts it.
             for i in range(max(0, end - self.max_depth), end):
-                self._bump(seq[i:end], step, +1)
+                self._bump(seq[i:end], step, +1, (seq_id, end - 1))
+        self.clock += len(tokens)
+        self.seq_clock[seq_id] = self.clock
 
     def remove_sequence(self, seq_id: int) -> None:
         seq, step = self.seqs.pop(seq_id)
+        self.seq_clock.pop(seq_id)
         for i in range(len(seq)):
             # Deepest first so a node is only deleted once its children are gone.
             for j in range(min(len(seq), i + self.max_depth), i, -1):
@@ -89,8 +98,8 @@ class ReferenceIndex:
     def draft(self, context, budget, min_prob, step_weights, chain, max_match_len, mix=None):
         """Returns (tokens, parents, probs, match_len) as lists.
 
-        ``mix=(alpha, escape, min_match, max_fanout)`` (tree drafts only) merges several match
-        lengths, see ``_mixture``.
+        ``mix=(alpha, escape, min_match, max_fanout[, recency, match_half])`` (tree drafts
+        only) merges several match lengths, see ``_mixture``.
 
         Match: the longest suffix of ``context`` (<= max_match_len, < max_depth) present
         with at least one continuation. Expansion: conditional prob = W(child) / sum of W
@@ -151,8 +160,14 @@ class ReferenceIndex:
         path of W(child) / (C(parent) + escape) walking a's subtree (0 once it leaves it);
         prob(path) = sum over anchors, in anchor order, of lambda_a * P_a(path). Best first
         with the same tie-breaks as ``_tree``; nodes below min_prob are never proposed. An
-        anchor whose term is below 1/64 of a node's prob is not followed below that node."""
-        alpha, escape, min_match, max_fanout = mix
+        anchor whose term is below 1/64 of a node's prob is not followed below that node.
+        Recency: where an anchor's node has >= 2 weighted children, the one with the newest
+        occurrence (``_recency``; ties: smaller token) counts W + recency * C, and C grows by
+        recency * C. match_half = h > 0: nodes come best first by score instead of prob,
+        score(child) = score(parent) * prob(child) / prob(parent) * n / (n + h), n = the
+        longest match + the child's depth (0 under the root)."""
+        alpha, escape, min_match, max_fanout = mix[:4]
+        recency, half = mix[4:] if len(mix) == 6 else (0.0, 0.0)
         anchors = []  # [node, C, raw]
         for m in range(longest, max(1, min_match) - 1, -1):
             node = self._find(context[len(context) - m :])
@@ -176,13 +191,20 @@ class ReferenceIndex:
         heap: list = []
         tie = 0
 
-        def push(states, parent, parent_prob):
+        def push(states, parent, parent_prob, parent_score, depth):
             nonlocal tie
             entries = []  # (token, anchor, child node, P_a)
             for a, node, pa in states:
                 kids, csum = self._weighted_children(node, w)
+                denom, boost = csum + escape, None
+                if recency > 0.0 and len(kids) >= 2:
+                    # the child seen most recently (ties: smaller token) gets recency * C
+                    boost = max(kids, key=lambda k: (self._recency(k[1]), -k[0]))[0]
+                    denom += recency * csum
                 for t, c, x in kids:
-                    entries.append((t, a, c, pa * (x / (csum + escape))))
+                    if t == boost:
+                        x = x + recency * csum
+                    entries.append((t, a, c, pa * (x / denom)))
             entries.sort(key=lambda e: (e[0], e[1]))
             k = 0
             while k < len(entries):
@@ -194,19 +216,38 @@ class ReferenceIndex:
                 if prob >= min_prob:
                     # an anchor adding < 1/64 of the node's prob is not followed below it
                     child_states = [(e[1], e[2], e[3]) for e in entries[k:z] if lam[e[1]] * e[3] >= prob / 64]
-                    heapq.heappush(heap, (-prob, entries[k][0], parent, tie, child_states))
+                    score = prob
+                    if half > 0.0 and parent_prob > 0.0:  # expansion order, see DrafterConfig
+                        n = float(longest + depth)
+                        score = parent_score * (prob / parent_prob) * (n / (n + half))
+                    heapq.heappush(heap, (-score, entries[k][0], parent, tie, child_states, prob, score, depth))
                     tie += 1
                 k = z
 
         tokens, parents, probs = [], [], []
-        push([(a, anchors[a][0], 1.0) for a in range(len(anchors))], -1, 1.0)
+        push([(a, anchors[a][0], 1.0) for a in range(len(anchors))], -1, 1.0, 1.0, 0)
         while heap and len(tokens) < budget:
-            neg_q, t, parent, _, states = heapq.heappop(heap)
+            _, t, parent, _, states, prob, score, depth = heapq.heappop(heap)
             tokens.append(t)
             parents.append(parent)
-            probs.append(-neg_q)
-            push(states, len(tokens) - 1, -neg_q)
+            probs.append(prob)
+            if len(tokens) < budget:
+                push(states, len(tokens) - 1, prob, score, depth + 1)
         return tokens, parents, probs
+
+    def _recency(self, node: _Node) -> int:
+        """When the newest occurrence of ``node``'s compressed edge was counted, on the add /
+        extend clock: the sequence's clock minus how many of its tokens follow the edge's
+        first token. The edge runs down through pass-through nodes (one child, no suffix
+        ending there) to the deepest one, whose newest occurrence it is."""
+        k = 0
+        while len(node.children) == 1:
+            (only,) = node.children.values()
+            if node.total != only.total:  # a suffix ends here: the edge ends here
+                break
+            node, k = only, k + 1
+        seq_id, pos = node.newest
+        return self.seq_clock[seq_id] - (len(self.seqs[seq_id][0]) - (pos - k))
 
     def _chain(self, start, budget, min_prob, w):
         tokens, parents, probs = [], [], []

@@ -285,6 +285,8 @@ void SuffixIndex::add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, 
   by_id_.emplace(seq_id, s);
   storages_[s].tokens.reserve(n);
   for (size_t i = 0; i < n; ++i) append_token(s, tokens[i]);
+  clock_ += n;
+  storages_[s].clock = clock_;
 }
 
 void SuffixIndex::extend(int64_t seq_id, const int32_t* tokens, size_t n) {
@@ -294,6 +296,8 @@ void SuffixIndex::extend(int64_t seq_id, const int32_t* tokens, size_t n) {
   // of each other): fetch them all at once instead of one cache miss after another.
   if (n) prefetch_cursor_nodes(s, max_depth_);
   for (size_t i = 0; i < n; ++i) append_token(s, tokens[i]);
+  clock_ += n;
+  storages_[s].clock = clock_;
 }
 
 // Appending token t at position L extends the active suffixes X[i:L], i in
@@ -717,6 +721,13 @@ bool SuffixIndex::add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m
   return true;
 }
 
+double SuffixIndex::recency_of(uint32_t x) const {
+  const Node& n = nodes_[x];
+  const Storage& st = storages_[n.label_storage];
+  if (!st.registered) return 0.0;
+  return double(st.clock) - double(st.tokens.size() - n.label_start);
+}
+
 namespace {
 constexpr double kMixPrune = 1.0 / 64;  // dyadic: the oracle's comparison is bit-identical
 struct MixState {  // one anchor's position below a virtual node
@@ -725,14 +736,16 @@ struct MixState {  // one anchor's position below a virtual node
   double pa;  // P_anchor(path)
 };
 struct MixCand {
+  double score;  // expansion order: prob, or the match-length-scaled score (mix_match_half)
   double prob;
+  int32_t depth;
   int32_t token;
   int32_t parent;
   uint32_t begin, end;  // its states in the pool
 };
 struct MixWorse {
   bool operator()(const MixCand& a, const MixCand& b) const {
-    if (a.prob != b.prob) return a.prob < b.prob;
+    if (a.score != b.score) return a.score < b.score;
     if (a.token != b.token) return a.token > b.token;
     return a.parent > b.parent;
   }
@@ -764,7 +777,9 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
   MixWorse worse;
   // Children of the virtual node whose states are pool[begin, end): merged by token.
   // Mathematically prob <= parent_prob <= 1; clamped so rounding of the sum never breaks it.
-  auto push_children = [&](uint32_t begin, uint32_t end, int32_t parent, double parent_prob) {
+  const double rec = p.mix_recency, half = p.mix_match_half;
+  auto push_children = [&](uint32_t begin, uint32_t end, int32_t parent, double parent_prob,
+                           double parent_score, int32_t depth) {
     tmp.clear();
     const double esc = p.mix_escape;
     for (uint32_t i = begin; i < end; ++i) {
@@ -776,13 +791,27 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
         continue;
       }
       const size_t first = tmp.size();
-      double sum = 0.0;
+      double sum = 0.0, newest_t = -1.0;
+      size_t newest = first;
       for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling) {
         const double w = weight_of(nodes_[c], p.slot_weight);
         sum += w;
-        if (w > 0.0) tmp.push_back({nodes_[c].token, s.anchor, c, 1, w});
+        if (w > 0.0) {
+          if (rec > 0.0) {
+            const double t = recency_of(c);
+            // ties (equal clocks: rare) go to the smaller token, as everywhere else
+            if (t > newest_t || (t == newest_t && nodes_[c].token < tmp[newest].token))
+              newest_t = t, newest = tmp.size();
+          }
+          tmp.push_back({nodes_[c].token, s.anchor, c, 1, w});
+        }
       }
-      for (size_t k = first; k < tmp.size(); ++k) tmp[k].pa = s.pa * (tmp[k].pa / (sum + esc));
+      double denom = sum + esc;
+      if (rec > 0.0 && tmp.size() - first >= 2) {
+        tmp[newest].pa += rec * sum;
+        denom += rec * sum;
+      }
+      for (size_t k = first; k < tmp.size(); ++k) tmp[k].pa = s.pa * (tmp[k].pa / denom);
     }
     std::sort(tmp.begin(), tmp.end());
     for (size_t k = 0; k < tmp.size();) {
@@ -797,7 +826,12 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
         for (size_t j = k; j < z; ++j)
           if (lambda[tmp[j].anchor] * tmp[j].pa >= prob * kMixPrune)
             pool.push_back({tmp[j].node, tmp[j].off, tmp[j].anchor, tmp[j].pa});
-        heap.push_back({prob, tmp[k].token, parent, b, uint32_t(pool.size())});
+        double score = prob;
+        if (half > 0.0 && parent_prob > 0.0) {
+          const double len = double(out.match_len + depth);
+          score = parent_score * (prob / parent_prob) * (len / (len + half));
+        }
+        heap.push_back({score, prob, depth, tmp[k].token, parent, b, uint32_t(pool.size())});
         std::push_heap(heap.begin(), heap.end(), worse);
       }
       k = z;
@@ -805,7 +839,7 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
   };
   for (size_t a = 0; a < anchors.size(); ++a)
     pool.push_back({anchors[a].pos.node, anchors[a].pos.off, int32_t(a), 1.0});
-  push_children(0, uint32_t(pool.size()), -1, 1.0);
+  push_children(0, uint32_t(pool.size()), -1, 1.0, 1.0, 0);
   while (!heap.empty() && int(out.tokens.size()) < p.budget) {
     std::pop_heap(heap.begin(), heap.end(), worse);
     const MixCand c = heap.back();
@@ -814,7 +848,7 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
     out.tokens.push_back(c.token);
     out.parents.push_back(c.parent);
     out.probs.push_back(c.prob);
-    if (int(out.tokens.size()) < p.budget) push_children(c.begin, c.end, idx, c.prob);
+    if (int(out.tokens.size()) < p.budget) push_children(c.begin, c.end, idx, c.prob, c.score, c.depth + 1);
   }
 }
 

@@ -95,6 +95,7 @@ struct Storage {
   std::vector<int32_t> tokens;
   std::vector<uint32_t> cursors;  // registered sequences: node where suffix i ends, at i % D
   int64_t seq_id = 0;
+  uint64_t clock = 0;     // index clock after this sequence's last add/extend (recency)
   uint32_t refs = 0;      // labels pointing here
   int slot = -1;          // step slot of a registered sequence, -1 for orphans / free
   bool registered = false;// a live (not removed) sequence; false for orphans
@@ -183,11 +184,21 @@ struct DraftParams {
   // and their raw weights m^mix_alpha add up. A node's prob is sum_a lambda_a * P_a(path),
   // lambda = normalised raw weights, P_a = product of W(child) / (W(children) + mix_escape)
   // along the path below anchor a (0 if it leaves a's subtree). Chain drafts ignore it.
+  // Recency (docs/design.md "Wide tree"): where an anchor's node has two or more weighted
+  // children, the one whose newest occurrence is the most recent (recency_of) gets
+  // mix_recency * W(children) extra weight (added to the denominator too).
+  // Order: with mix_match_half = h > 0 nodes are expanded best first by a score instead of
+  // the prob: score(child) = score(parent) * prob(child) / prob(parent) * L / (L + h),
+  // L = match_len + depth (depth 0 for a root child): a level drafted under a short match
+  // is trusted less, so short matches draft wider trees and long ones deep paths. Probs
+  // (output, min_prob) are unchanged by it.
   bool mixture = false;
   double mix_alpha = 4.0;
   double mix_escape = 0.0;
   int mix_min_match = 1;
   int mix_max_fanout = 1 << 30;
+  double mix_recency = 0.0;
+  double mix_match_half = 0.0;
 };
 
 class SuffixIndex {
@@ -224,6 +235,12 @@ class SuffixIndex {
   std::vector<int64_t> steps() const;
   bool has_sequence(int64_t seq_id) const { return by_id_.count(seq_id) != 0; }
   int64_t sequence_step(int64_t seq_id) const;
+  // When the newest occurrence of node x's edge was appended, on the index clock (tokens
+  // added so far): clock of its label's sequence after its last add/extend, minus how many
+  // of that sequence's tokens follow the edge's first token. 0 for orphaned labels.
+  // Labels are re-pointed at every append, so this is exact until a removal re-points a
+  // label into another occurrence (see "Storage lifetime").
+  double recency_of(uint32_t x) const;
   const std::vector<int32_t>& sequence_tokens(int64_t seq_id) const;
   std::vector<int64_t> sequence_ids() const;
   void check_integrity() const;  // throws std::runtime_error naming the invariant
@@ -281,6 +298,7 @@ class SuffixIndex {
   size_t num_tokens_ = 0;               // tokens of registered sequences
   size_t num_orphans_ = 0;
   uint64_t version_ = 0;
+  uint64_t clock_ = 0;                  // tokens added so far, any sequence (recency_of)
 };
 
 }  // namespace das
