@@ -57,9 +57,11 @@ from bench_drafter import load_problems  # noqa: E402
 from legacy_length_predictor import LegacyLengthPredictor  # noqa: E402
 
 from das_sglang.core.policy import BudgetRow  # noqa: E402
-from das_sglang.sglang.options import load_options  # noqa: E402
+from das_sglang.sglang.options import for_layout, load_options  # noqa: E402
 from das_sglang.sglang.session import DasSession  # noqa: E402
-from das_sglang.sglang.tree_inputs import build_layout, custom_mask  # noqa: E402
+from das_sglang.sglang.tree_inputs import (  # noqa: E402
+    build_layout, build_ragged_layout, custom_mask, ragged_custom_mask,
+)
 
 VOCAB = 151_000
 
@@ -125,7 +127,8 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
            "policy": {"length_window_steps": args.window},
            "server": {"policy": args.policy, "history_path": str(snap_dir),
                       "snapshot_interval": args.snapshot_every, "async_updates": not legacy}}
-    session = DasSession(load_options(args.max_nodes + 1, json.dumps(cfg)))
+    # the worker's options on its verify layout (ragged: per-request budgets)
+    session = DasSession(for_layout(load_options(args.max_nodes + 1, json.dumps(cfg)), args.layout))
     if args.async_min_rows is not None:
         session.ASYNC_MIN_ROWS = args.async_min_rows
     if legacy:
@@ -189,12 +192,19 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         ph["plan"] = t3 - t2
         roots = [int(t[p - 1]) if p else int(pr[-1]) for _, pr, t, p in slots]
         seq_lens = [len(pr) + p for _, pr, _, p in slots]
-        layout = build_layout(roots, trees, seq_lens, width)
-        t4 = time.perf_counter()
+        if args.layout == "ragged" and not legacy:  # what the worker builds there
+            layout = build_ragged_layout(roots, trees, seq_lens)
+            t4 = time.perf_counter()
+            tensors = [torch.from_numpy(a) for a in (layout.tokens, layout.positions, layout.retrieve_index,
+                                                      layout.next_token, layout.next_sibling)]
+            mask = ragged_custom_mask(layout, seq_lens, "cuda", target="cpu")
+        else:
+            layout = build_layout(roots, trees, seq_lens, width)
+            t4 = time.perf_counter()
+            tensors = [torch.from_numpy(a) for a in (layout.tokens, layout.positions, layout.retrieve_index,
+                                                      layout.next_token, layout.next_sibling)]
+            mask = custom_mask(layout, seq_lens, "cuda", target="cpu")
         ph["layout"] = t4 - t3
-        tensors = [torch.from_numpy(a) for a in (layout.tokens, layout.positions, layout.retrieve_index,
-                                                  layout.next_token, layout.next_sibling)]
-        mask = custom_mask(layout, seq_lens, "cuda", target="cpu")
         t_mid = time.perf_counter()
         ph["mask"] = t_mid - t4
         # Not timed: the forward and what verification accepts (from the recorded text).
@@ -269,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--snapshot-every", type=int, default=256, help="finishes between snapshots")
     ap.add_argument("--forward-ms", type=float, default=8.0, help="modelled forward (7B, H100)")
     ap.add_argument("--engine-us", type=float, default=2.0, help="SGLang's own Python per request")
+    ap.add_argument("--layout", choices=("ragged", "uniform"), default="ragged",
+                    help="the worker's verify layout (sets the budgets' form: options.for_layout)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--async-min-rows", type=int, default=None,
                     help="override DasSession.ASYNC_MIN_ROWS (batches extended on the update thread)")
