@@ -156,6 +156,10 @@ class _Recording:
         self.log.append((proposed, accepted))
         self._inner.observe_verify(problem_id, proposed, accepted)
 
+    def observe_verify_many(self, problem_ids, proposed, accepted):  # the replay's batch call
+        self.log.extend(zip(proposed, accepted))
+        self._inner.observe_verify_many(problem_ids, proposed, accepted)
+
     def __getattr__(self, name):
         return getattr(self._inner, name)
 

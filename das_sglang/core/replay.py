@@ -269,6 +269,7 @@ PROGRESS_EVERY = 512  # decode iterations between progress reports
 
 
 def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, tick=None) -> StepStats:
+    from das_sglang.core.budget_rows import BudgetRows
     from das_sglang.core.online_acceptance import tree_depths
     from das_sglang.core.policy import BudgetRow  # the policy module defines the row type
 
@@ -284,14 +285,26 @@ def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, ti
         sizes.append(len(live))
         t_host = time.perf_counter()
         t0 = t_host
-        trees = drafter.speculate_batch([lv.rollout.req_id for lv in live], [c.max_budget] * len(live))
-        depths = tree_depths([tr.parents for tr in trees])
-        t1 = time.perf_counter()
-        plan = policy.plan([
-            BudgetRow(lv.rollout.req_id, lv.rollout.problem_id, lv.pos, lv.rollout.max_new_tokens, tr.probs,
-                      len(lv.rollout.prompt_ids), tr.match_len, d)
-            for lv, tr, d in zip(live, trees, depths)
-        ])
+        ids = [lv.rollout.req_id for lv in live]
+        flat = getattr(drafter, "speculate_flat", None)
+        if flat is not None:  # the SGLang worker's host path: flat drafts, rows as columns
+            trees = flat(ids, c.max_budget)
+            t1 = time.perf_counter()
+            n = len(live)
+            plan = policy.plan(BudgetRows(
+                ids, [lv.rollout.problem_id for lv in live],
+                np.fromiter((lv.pos for lv in live), np.int64, n),
+                np.fromiter((lv.rollout.max_new_tokens for lv in live), np.int64, n),
+                np.fromiter((len(lv.rollout.prompt_ids) for lv in live), np.int64, n), trees))
+        else:
+            trees = drafter.speculate_batch(ids, [c.max_budget] * len(live))
+            depths = tree_depths([tr.parents for tr in trees])
+            t1 = time.perf_counter()
+            plan = policy.plan([
+                BudgetRow(lv.rollout.req_id, lv.rollout.problem_id, lv.pos, lv.rollout.max_new_tokens, tr.probs,
+                          len(lv.rollout.prompt_ids), tr.match_len, d)
+                for lv, tr, d in zip(live, trees, depths)
+            ])
         t2 = time.perf_counter()
         st.drafter_us += (t1 - t0) * 1e6
         st.policy_us += (t2 - t1) * 1e6
@@ -311,6 +324,7 @@ def _verify(st: StepStats, live: list[_Live], trees, plan, drafter, policy, cost
     width = int(plan.width)
     n_tokens = kv = 0
     news = []
+    proposed, accepted_n = [], []
     for i, lv in enumerate(live):
         r = lv.rollout
         tree = trees[i].truncate(int(plan.budgets[i])) if width > 0 else DraftTree.empty()
@@ -320,12 +334,19 @@ def _verify(st: StepStats, live: list[_Live], trees, plan, drafter, policy, cost
         news.append(r.response_ids[lv.pos : lv.pos + accepted + 1])
         kv += len(r.prompt_ids) + lv.pos
         n_tokens += 1 + len(tree)
-        policy.observe_verify(r.problem_id, len(tree), accepted)
+        proposed.append(len(tree))
+        accepted_n.append(accepted)
         lv.pos += accepted + 1
         st.draft_proposed += len(tree)
         st.draft_accepted += accepted
         st.generated_tokens += accepted + 1
         st.verify_steps += 1
+    many = getattr(policy, "observe_verify_many", None)  # one call per batch, as the worker
+    if many is not None:
+        many([lv.rollout.problem_id for lv in live], proposed, accepted_n)
+    else:
+        for lv, p, a in zip(live, proposed, accepted_n):
+            policy.observe_verify(lv.rollout.problem_id, p, a)
     t0 = time.perf_counter()
     _extend(drafter, [lv.rollout.req_id for lv in live], news)
     done = [lv.rollout for lv in live if lv.remaining == 0]
