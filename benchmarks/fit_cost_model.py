@@ -75,12 +75,6 @@ def read_table(path: Path) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def coef_plain(x: np.ndarray, tokens: np.ndarray, ms: np.ndarray) -> np.ndarray:
-    """The plain (no hinge) least-squares coefficients."""
-    x[:, 0] = tokens
-    return np.linalg.lstsq(x, ms, rcond=None)[0]
-
-
 def fit(table: np.ndarray) -> tuple[dict, dict]:
     """-> (DAS_CONFIG policy fields, fit report)."""
     batch, tpr, graph, ms = table.T
@@ -96,21 +90,23 @@ def fit(table: np.ndarray) -> tuple[dict, dict]:
     if np.linalg.matrix_rank(x) < x.shape[1]:
         raise TableError("the table cannot separate c_tok from the per-width costs: time at least "
                          "one (cuda_graph, tokens_per_request) at two or more batch sizes")
-    best = None
+    ss_tot = float(np.sum((ms - ms.mean()) ** 2))
     # The ridge point: a hinge in tokens. Hinges at or below the least token count are the
     # plain line shifted (same fit), so only larger ones are candidates; one is taken only
-    # when it fits clearly better (ties: no hinge).
-    tol = 1e-9 * max(float(np.sum((ms - ms.mean()) ** 2)), 1e-12)
+    # when it fits clearly better (ties: no hinge). The plain line (free 0, full rank: checked
+    # above) is the fallback when no fit has a slope >= 0.
+    tol = 1e-9 * max(ss_tot, 1e-12)
+    fallback = best = None
     for free in [0.0] + sorted(t for t in set(tokens.tolist()) if t > tokens.min()):
         x[:, 0] = np.maximum(tokens - free, 0.0)
         if np.linalg.matrix_rank(x) < x.shape[1]:
             continue
         c, *_ = np.linalg.lstsq(x, ms, rcond=None)
         sse = float(np.sum((x @ c - ms) ** 2))
+        fallback = fallback or (sse, free, c)
         if c[0] >= 0 and (best is None or sse < best[0] - tol):
             best = (sse, free, c)
-    free_tokens, coef = (best[1], best[2]) if best is not None else (0.0, coef_plain(x, tokens, ms))
-    x[:, 0] = np.maximum(tokens - free_tokens, 0.0)
+    _, free_tokens, coef = best or fallback
     c_tok = float(coef[0])
     if c_tok < 0:  # noise on a flat table: no per-token cost, intercepts are the means
         c_tok = 0.0
@@ -133,7 +129,6 @@ def fit(table: np.ndarray) -> tuple[dict, dict]:
     lin_err = np.abs(linear.forward_time(tokens) * 1e3 - ms) / ms
     err = pred - ms
     rel = np.abs(err) / ms
-    ss_tot = float(np.sum((ms - ms.mean()) ** 2))
     report = {
         "n_samples": int(len(ms)),
         "linear_only": {"c_base_ms": linear.c_base_s * 1e3, "c_tok_us": linear.c_tok_s * 1e6,

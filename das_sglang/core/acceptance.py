@@ -209,12 +209,19 @@ class AcceptanceTracker:
             )
         if proposed == 0:
             return  # nothing was drafted: says nothing about acceptance
-        q = self._pending.get((problem_id, int(proposed)))
+        self._record(problem_id, int(proposed), int(accepted), self._by_budget[_bin(proposed)])
+
+    def _record(self, problem_id: str, proposed: int, accepted: int, budget_cell) -> None:
+        """One drafted row's outcome (``proposed`` > 0): matched with the plan's expectation,
+        added to its budget bin's ``budget_cell`` (accepted, expected) and to the problem's
+        and the pooled statistics."""
+        q = self._pending.get((problem_id, proposed))
         expected = q.popleft() if q else None
         if expected is not None:
-            self._by_budget[_bin(proposed)] += (accepted, expected)
+            budget_cell[0] += accepted
+            budget_cell[1] += expected
         for st in (self._get(problem_id), self._stats[GLOBAL]):
-            st.recent.append((int(proposed), int(accepted)))
+            st.recent.append((proposed, accepted))
             st.n_obs += 1
             st.sum_accepted += accepted
             st.dirty += 1
@@ -239,23 +246,9 @@ class AcceptanceTracker:
             return
         bins = _bin(p[sel]).tolist()
         by_budget = self._by_budget.tolist()  # Python floats: the same IEEE additions
-        pending, get, pooled = self._pending, self._get, self._stats[GLOBAL]
+        record = self._record
         for i, k, pi, ai in zip(sel.tolist(), bins, p[sel].tolist(), a[sel].tolist()):
-            pid = problem_ids[i]
-            q = pending.get((pid, pi))
-            expected = q.popleft() if q else None
-            if expected is not None:
-                cell = by_budget[k]
-                cell[0] += ai
-                cell[1] += expected
-            for st in (get(pid), pooled):
-                st.recent.append((pi, ai))
-                st.n_obs += 1
-                st.sum_accepted += ai
-                st.dirty += 1
-                if expected is not None:
-                    st.sum_expected += expected
-                    st.sum_matched += ai
+            record(problem_ids[i], pi, ai, by_budget[k])
         self._by_budget[:] = by_budget
 
     def calibration(self, problem_id: str) -> float:
@@ -344,6 +337,23 @@ def read_pending(calibration, rows, add) -> None:
         calibration._state = {k: v for k, v in calibration._state.items() if k in live}
 
 
+def read_outcomes(calibration, rows, pos: np.ndarray, budget: np.ndarray, n_bins: int):
+    """What :func:`read_pending` hands an ``add``: per row (planned rows ``pos``, budgets
+    ``budget`` > 0) the drafts accepted (``generated`` grew by accepted + 1), the planned
+    per-rank expectations (rows x ranks), the ranks, the accepted nodes per rank bin (the
+    accepted path has one node at each depth 1..accepted) and the row's next state
+    (``OutcomeCalibration.state_of``)."""
+    generated = R.generated(rows)
+    accepted = np.minimum(np.maximum(generated - calibration._pending_generated[pos] - 1, 0), budget)
+    nodes = calibration._pending_nodes[pos]
+    ranks = np.arange(nodes.shape[1])
+    # 0/1 counts: exact in any summation order
+    one_hot = (calibration._rank_bin[:len(ranks), None] == np.arange(n_bins)[None, :]).astype(np.float64)
+    hit = (ranks[None, :] < accepted[:, None]).astype(np.float64) @ one_hot
+    states = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
+    return accepted, nodes, ranks, hit, states
+
+
 class OutcomeCalibration:
     """Calibration conditioned on the request's previous verify outcome.
 
@@ -393,25 +403,16 @@ class OutcomeCalibration:
 
     def _add_outcomes(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
         """Add the outcomes of ``rows`` (planned rows ``pos`` with budgets > 0) to the cells."""
-        generated = R.generated(rows)
-        accepted = np.minimum(np.maximum(generated - self._pending_generated[pos] - 1, 0), budget)
-        nodes = self._pending_nodes[pos]
-        width = nodes.shape[1]
         n_bins = self._cells.shape[1]
         # Chain reading of the outcome: the best ``accepted`` nodes were the right ones.
         # Per row and rank bin, accepted nodes and the sum of expected acceptance over the
         # first ``budget`` ranks, summed rank by rank in order (the sums a per-row bincount
         # gives, bit for bit; ranks past a row's budget add exact zeros).
-        ranks = np.arange(width)
-        rank_bins = self._rank_bin[:width]
-        # Accepted nodes per bin: 0/1 counts, exact in any summation order.
-        one_hot = (rank_bins[:, None] == np.arange(n_bins)[None, :]).astype(np.float64)
-        hit = (ranks[None, :] < accepted[:, None]).astype(np.float64) @ one_hot
+        _, nodes, ranks, hit, new_states = read_outcomes(self, rows, pos, budget, n_bins)
         expected = np.zeros((len(rows), n_bins))
         nodes = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
-        for r, k in enumerate(rank_bins.tolist()):
+        for r, k in enumerate(self._rank_bin[:len(ranks)].tolist()):
             expected[:, k] += nodes[:, r]
-        new_states = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
         states = np.empty(len(rows), dtype=np.int64)
         for i, (rid, new) in enumerate(zip(R.req_ids(rows), new_states.tolist())):
             states[i] = self._state.get(rid, 0)  # in order: a repeated request sees its update

@@ -326,8 +326,8 @@ def lookahead_step_budgets(
     n = len(m)
     # Draft tokens paid this forward: those past the rows' own tokens and the cost model's
     # free_tokens (the roofline ridge point; 0 = every draft token costs c_tok).
-    roots_paid = float(cost.paid_tokens(n))
     if uniform_width:
+        roots_paid = float(cost.paid_tokens(n))
         rows = np.arange(n)
         capped = np.minimum(b[None, :].astype(np.int64), m[:, None])
         charged, extra = bucket_charges(buckets, len(b), cost)
@@ -341,8 +341,7 @@ def lookahead_step_budgets(
         budgets = np.minimum(width, m).astype(np.int32)
         best_gain = float(gain[width])
     else:
-        budgets, best_gain = _fill_nodes(value, acc, m, cost.c_tok_s,
-                                         max(cost.free_tokens - n, 0.0) if cost.free_tokens else 0.0)
+        budgets, best_gain = _fill_nodes(value, acc, m, cost.c_tok_s, max(cost.free_tokens - n, 0.0))
     return StepAllocation(budgets, int(budgets.max(initial=0)), future.baseline_s - best_gain,
                           future.baseline_s, future.makespan_steps)
 

@@ -11,6 +11,7 @@ which take either form and give the same values.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Sequence
 
 import numpy as np
@@ -74,22 +75,23 @@ def problem_ids(rows) -> list:
     return rows.problem_ids if type(rows) is BudgetRows else [r.problem_id for r in rows]
 
 
-def generated(rows) -> np.ndarray:
+def _ints(rows, column: str, field: str) -> np.ndarray:
+    """BudgetRows' int64 ``column``, or the BudgetRow ``field`` of each row as one."""
     if type(rows) is BudgetRows:
-        return rows.generated
-    return np.fromiter((r.generated_len for r in rows), np.int64, len(rows))
+        return getattr(rows, column)
+    return np.fromiter(map(attrgetter(field), rows), np.int64, len(rows))
+
+
+def generated(rows) -> np.ndarray:
+    return _ints(rows, "generated", "generated_len")
 
 
 def max_new(rows) -> np.ndarray:
-    if type(rows) is BudgetRows:
-        return rows.max_new
-    return np.fromiter((r.max_new_tokens for r in rows), np.int64, len(rows))
+    return _ints(rows, "max_new", "max_new_tokens")
 
 
 def prompt_len(rows) -> np.ndarray:
-    if type(rows) is BudgetRows:
-        return rows.prompt_len
-    return np.fromiter((r.prompt_len for r in rows), np.int64, len(rows))
+    return _ints(rows, "prompt_len", "prompt_len")
 
 
 def found(rows) -> np.ndarray:

@@ -410,15 +410,7 @@ class SuffixDrafter:
     ) -> list[DraftTree]:
         """One native call for the whole decode batch; ``budgets=None`` asks for max_budget."""
         n = len(req_ids)
-        if budgets is None:
-            b = np.full(n, self.config.max_budget, dtype=np.int32)
-        else:
-            if len(budgets) != n:
-                raise ValueError(f"budgets has {len(budgets)} entries for {n} req_ids")
-            b = np.asarray(budgets, dtype=np.int32)
-            if n and b.min() < 0:
-                row = int(np.argmin(b))
-                raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
+        b = self._budget_array(req_ids, self.config.max_budget if budgets is None else budgets)
         lives = [self._request(r) for r in req_ids]
         indices = [self._indices[lv.problem_id] for lv in lives]
         seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
@@ -430,6 +422,23 @@ class SuffixDrafter:
                 for r, t in zip(empty, fallback):
                     trees[r] = t
         return trees
+
+    @staticmethod
+    def _budget_array(req_ids: Sequence[str], budget) -> np.ndarray:
+        """One int for every row, or one per row -> int32 per row; a negative one (or a
+        length mismatch) is refused naming it."""
+        n = len(req_ids)
+        if isinstance(budget, (int, np.integer)):
+            if budget < 0:
+                raise ValueError(f"invalid budget={int(budget)}: must be >= 0")
+            return np.full(n, int(budget), dtype=np.int32)
+        if len(budget) != n:
+            raise ValueError(f"budgets has {len(budget)} entries for {n} req_ids")
+        b = np.asarray(budget, dtype=np.int32)
+        if n and b.min() < 0:
+            row = int(np.argmin(b))
+            raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
+        return b
 
     def _mix(self) -> tuple | None:
         """The native wide-tree parameters (one place: the tree list and flat paths must
@@ -464,17 +473,7 @@ class SuffixDrafter:
         depths): no Python object per row. ``budget`` is one int for every row or one per
         row; ``threads`` None picks by batch size (the result does not depend on it)."""
         n = len(req_ids)
-        if isinstance(budget, (int, np.integer)):
-            if budget < 0:
-                raise ValueError(f"invalid budget={int(budget)}: must be >= 0")
-            b = np.full(n, int(budget), dtype=np.int32)
-        else:
-            if len(budget) != n:
-                raise ValueError(f"budgets has {len(budget)} entries for {n} req_ids")
-            b = np.asarray(budget, dtype=np.int32)
-            if n and b.min() < 0:
-                row = int(np.argmin(b))
-                raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
+        b = self._budget_array(req_ids, budget)
         live, indices = self._live, self._indices
         try:
             lives = [live[r] for r in req_ids]

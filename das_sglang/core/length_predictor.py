@@ -65,7 +65,63 @@ class _Group:
         return counts, sums
 
 
-class LengthPredictor:
+class _LengthQueries:
+    """The queries of a length predictor, over what its ``_index()`` returns: (class
+    thresholds or None, initial class per problem, per-class ``_Group``s)."""
+
+    config: PolicyConfig
+
+    def _index(self):  # each predictor builds (and caches) its own
+        raise NotImplementedError
+
+    def thresholds(self) -> np.ndarray | None:
+        """Short/Medium and Medium/Long boundaries (lengths <= t1 are Short), or None."""
+        return self._index()[0]
+
+    def initial_class(self, problem_id: str) -> int | None:
+        return self._index()[1].get(problem_id)
+
+    def predict(self, problem_id: str, generated_len: int, max_new_tokens: int) -> LengthPrediction:
+        remaining, cls, c0 = self.predict_many([problem_id], [generated_len], [max_new_tokens])
+        return LengthPrediction(
+            float(remaining[0]),
+            None if cls[0] < 0 else int(cls[0]),
+            None if c0[0] < 0 else int(c0[0]),
+        )
+
+    def predict_many(self, problem_ids, generated_lens, max_new_tokens):
+        """Vectorised ``predict``: (remaining, class or -1, initial class or -1) arrays."""
+        cfg = self.config
+        g = np.maximum(np.asarray(generated_lens, dtype=np.float64), 0.0)
+        cap = np.maximum(1.0, np.asarray(max_new_tokens, dtype=np.float64) - g)
+        n = len(g)
+        thresholds, initial, groups = self._index()
+        c0 = np.array([initial.get(p, -1) for p in problem_ids], dtype=np.int64)
+        if thresholds is None:  # no history anywhere
+            guess = np.maximum(cfg.prior_length - g, cfg.tail_factor * g)
+            return np.clip(guess, 1.0, cap), np.full(n, -1), c0
+        remaining = cfg.tail_factor * g  # heavy-tail rule unless a group has longer rollouts
+        cls = np.full(n, LONG, dtype=np.int64)
+        todo = np.ones(n, dtype=bool)
+        for key, rows in ((c, c0 == c) for c in (SHORT, MEDIUM, LONG, _ALL)):
+            sel = todo & (rows if key != _ALL else True)
+            if key not in groups or not sel.any():
+                continue
+            counts, sums = groups[key].longer_than(g[sel])
+            found = counts.sum(axis=1) > 0
+            # Add-one smoothing over the classes that still contain longer rollouts; argmax
+            # ties go to the shorter class (first index), which is the cautious choice.
+            c_star = np.argmax(np.where(counts > 0, counts + 1.0, -1.0), axis=1)
+            pick = np.arange(len(c_star))
+            mean_len = sums[pick, c_star] / np.maximum(counts[pick, c_star], 1.0)
+            idx = np.flatnonzero(sel)[found]
+            remaining[idx] = mean_len[found] - g[idx]
+            cls[idx] = c_star[found]
+            todo[idx] = False
+        return np.clip(remaining, 1.0, cap), cls, c0
+
+
+class LengthPredictor(_LengthQueries):
     """Finished lengths kept columnar (problem index, step, length: O(1) per finish); the
     query index is rebuilt lazily with whole-array numpy (no per-problem Python loop), and
     with ``background=True`` off the caller's thread: queries then read the latest built
@@ -152,53 +208,6 @@ class LengthPredictor:
 
     def memory_bytes(self) -> int:
         return int(self._cols.nbytes) + 100 * len(self._pids)
-
-    # ---- queries ---------------------------------------------------------------------
-    def thresholds(self) -> np.ndarray | None:
-        """Short/Medium and Medium/Long boundaries (lengths <= t1 are Short), or None."""
-        return self._index()[0]
-
-    def initial_class(self, problem_id: str) -> int | None:
-        return self._index()[1].get(problem_id)
-
-    def predict(self, problem_id: str, generated_len: int, max_new_tokens: int) -> LengthPrediction:
-        remaining, cls, c0 = self.predict_many([problem_id], [generated_len], [max_new_tokens])
-        return LengthPrediction(
-            float(remaining[0]),
-            None if cls[0] < 0 else int(cls[0]),
-            None if c0[0] < 0 else int(c0[0]),
-        )
-
-    def predict_many(self, problem_ids, generated_lens, max_new_tokens):
-        """Vectorised ``predict``: (remaining, class or -1, initial class or -1) arrays."""
-        cfg = self.config
-        g = np.maximum(np.asarray(generated_lens, dtype=np.float64), 0.0)
-        cap = np.maximum(1.0, np.asarray(max_new_tokens, dtype=np.float64) - g)
-        n = len(g)
-        thresholds, initial, groups = self._index()
-        c0 = np.array([initial.get(p, -1) for p in problem_ids], dtype=np.int64)
-        if thresholds is None:  # no history anywhere
-            guess = np.maximum(cfg.prior_length - g, cfg.tail_factor * g)
-            return np.clip(guess, 1.0, cap), np.full(n, -1), c0
-        remaining = cfg.tail_factor * g  # heavy-tail rule unless a group has longer rollouts
-        cls = np.full(n, LONG, dtype=np.int64)
-        todo = np.ones(n, dtype=bool)
-        for key, rows in ((c, c0 == c) for c in (SHORT, MEDIUM, LONG, _ALL)):
-            sel = todo & (rows if key != _ALL else True)
-            if key not in groups or not sel.any():
-                continue
-            counts, sums = groups[key].longer_than(g[sel])
-            found = counts.sum(axis=1) > 0
-            # Add-one smoothing over the classes that still contain longer rollouts; argmax
-            # ties go to the shorter class (first index), which is the cautious choice.
-            c_star = np.argmax(np.where(counts > 0, counts + 1.0, -1.0), axis=1)
-            pick = np.arange(len(c_star))
-            mean_len = sums[pick, c_star] / np.maximum(counts[pick, c_star], 1.0)
-            idx = np.flatnonzero(sel)[found]
-            remaining[idx] = mean_len[found] - g[idx]
-            cls[idx] = c_star[found]
-            todo[idx] = False
-        return np.clip(remaining, 1.0, cap), cls, c0
 
     def _index(self):
         cache = self._cache

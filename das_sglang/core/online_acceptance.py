@@ -41,7 +41,9 @@ import numpy as np
 
 from das_sglang.core import budget_rows as R
 
-from das_sglang.core.acceptance import OutcomeCalibration, _bin, _n_bins, read_pending, remember_plan
+from das_sglang.core.acceptance import (
+    OutcomeCalibration, _bin, _n_bins, read_outcomes, read_pending, remember_plan,
+)
 from das_sglang.core.policy_config import PolicyConfig
 
 N_MATCH_BINS = 6  # match length <= 1 (or unknown), 2-3, 4-7, 8-15, 16-31, 32+
@@ -152,25 +154,18 @@ class OnlineCalibration:
         read_pending(self, rows, self._add)
 
     def _add(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
-        generated = R.generated(rows)
-        accepted = np.minimum(np.maximum(generated - self._pending_generated[pos] - 1, 0), budget)
-        nodes = self._pending_nodes[pos]
-        width = nodes.shape[1]
         n_bins = self._cells.shape[2]
-        ranks = np.arange(width)
-        one_hot = (self._rank_bin[:width, None] == np.arange(n_bins)[None, :]).astype(np.float64)
-        # The accepted path has one node at each depth 1..accepted: hits by depth bin. The
-        # drafter's expectation at a depth bin sums its drafted nodes of those depths (a
-        # chain reading by rank would credit a branch's hit to the best sibling instead).
-        hit = (ranks[None, :] < accepted[:, None]).astype(np.float64) @ one_hot
+        # Hits by depth bin (acceptance.read_outcomes). The drafter's expectation at a depth
+        # bin sums its drafted nodes of those depths (a chain reading by rank would credit a
+        # branch's hit to the best sibling instead).
+        _, nodes, ranks, hit, new = read_outcomes(self, rows, pos, budget, n_bins)
         drafted = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
         bins = self._pending_bins[pos]
         expected = np.stack([(drafted * (bins == k)).sum(axis=1) for k in range(n_bins)], axis=1)
         ids = R.req_ids(rows)
         states = np.fromiter(map(self._state.get, ids, repeat(0, len(ids))), np.int64, len(ids))
         match = self._pending_match[pos]
-        # OutcomeCalibration.state_of, for the whole batch (a repeated request: the last wins)
-        new = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)
+        # a repeated request: the last outcome wins
         self._state.update(zip(ids, new.tolist()))
         np.add.at(self._cells, (states, match, slice(None), 0), hit)
         np.add.at(self._cells, (states, match, slice(None), 1), expected)

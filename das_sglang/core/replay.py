@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from das_sglang.core.datasets import Rollout
-from das_sglang.core.draft_tree import DraftTree
+from das_sglang.core.draft_tree import DraftBatch, DraftTree
 
 ENGINES = ("uniform", "ragged", "ragged-width")
 DEFAULT_ENGINE = "ragged"  # what the SGLang worker verifies with where it can (sglang/ragged.py)
@@ -270,8 +270,6 @@ PROGRESS_EVERY = 512  # decode iterations between progress reports
 
 def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, tick=None) -> StepStats:
     from das_sglang.core.budget_rows import BudgetRows
-    from das_sglang.core.online_acceptance import tree_depths
-    from das_sglang.core.policy import BudgetRow  # the policy module defines the row type
 
     st = StepStats(step, len(rollouts))
     live = [_Live(r) for r in rollouts]
@@ -289,22 +287,15 @@ def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, ti
         flat = getattr(drafter, "speculate_flat", None)
         if flat is not None:  # the SGLang worker's host path: flat drafts, rows as columns
             trees = flat(ids, c.max_budget)
-            t1 = time.perf_counter()
-            n = len(live)
-            plan = policy.plan(BudgetRows(
-                ids, [lv.rollout.problem_id for lv in live],
-                np.fromiter((lv.pos for lv in live), np.int64, n),
-                np.fromiter((lv.rollout.max_new_tokens for lv in live), np.int64, n),
-                np.fromiter((len(lv.rollout.prompt_ids) for lv in live), np.int64, n), trees))
         else:
-            trees = drafter.speculate_batch(ids, [c.max_budget] * len(live))
-            depths = tree_depths([tr.parents for tr in trees])
-            t1 = time.perf_counter()
-            plan = policy.plan([
-                BudgetRow(lv.rollout.req_id, lv.rollout.problem_id, lv.pos, lv.rollout.max_new_tokens, tr.probs,
-                          len(lv.rollout.prompt_ids), tr.match_len, d)
-                for lv, tr, d in zip(live, trees, depths)
-            ])
+            trees = DraftBatch.from_trees(drafter.speculate_batch(ids, [c.max_budget] * len(live)))
+        t1 = time.perf_counter()
+        n = len(live)
+        plan = policy.plan(BudgetRows(
+            ids, [lv.rollout.problem_id for lv in live],
+            np.fromiter((lv.pos for lv in live), np.int64, n),
+            np.fromiter((lv.rollout.max_new_tokens for lv in live), np.int64, n),
+            np.fromiter((len(lv.rollout.prompt_ids) for lv in live), np.int64, n), trees))
         t2 = time.perf_counter()
         st.drafter_us += (t1 - t0) * 1e6
         st.policy_us += (t2 - t1) * 1e6

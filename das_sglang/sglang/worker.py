@@ -214,15 +214,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         draft_tokens = torch.from_numpy(layout.tokens).to(dev)
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.input_ids = draft_tokens
-        batch.out_cache_loc = assign_extend_cache_locs_func(
-            req_pool_indices=batch.req_pool_indices,
-            req_to_token=batch.req_to_token_pool.req_to_token,
-            start_offset=batch.seq_lens,
-            end_offset=batch.seq_lens + n,
-            batch_size=bs,
-            draft_token_num=n,
-            device=dev,
-        )
+        batch.out_cache_loc = self._verify_cache_locs(batch, batch.seq_lens + n, n)
         batch.spec_info = NgramVerifyInput(
             draft_token=draft_tokens,
             custom_mask=custom_mask(layout, seq_lens, self.device),
@@ -235,6 +227,19 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.stats["verify_steps"] += 1
         self.stats["verify_tokens"] += bs * n
         return layout
+
+    def _verify_cache_locs(self, batch, end_offset, n: int):
+        """KV slots of the verify rows: SGLang's kernel, each request's slots from its
+        ``seq_len`` up to ``end_offset`` (``n`` = the most rows one request verifies)."""
+        return assign_extend_cache_locs_func(
+            req_pool_indices=batch.req_pool_indices,
+            req_to_token=batch.req_to_token_pool.req_to_token,
+            start_offset=batch.seq_lens,
+            end_offset=end_offset,
+            batch_size=len(batch.reqs),
+            draft_token_num=n,
+            device=self.device,
+        )
 
     # ---------------------------------------------------------------- ragged verify
     def _verify_ragged(self, batch, trees, on_publish, pp_proxy_tensors):
@@ -251,15 +256,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         tokens = torch.from_numpy(rl.tokens).to(dev)
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.input_ids = tokens
-        batch.out_cache_loc = assign_extend_cache_locs_func(
-            req_pool_indices=batch.req_pool_indices,
-            req_to_token=batch.req_to_token_pool.req_to_token,
-            start_offset=batch.seq_lens,
-            end_offset=batch.seq_lens + verify_lens,
-            batch_size=len(trees),
-            draft_token_num=rl.n,  # allocation bound: bs * n >= total rows
-            device=dev,
-        )[: rl.total]
+        # allocation bound rl.n: bs * n >= total rows
+        batch.out_cache_loc = self._verify_cache_locs(batch, batch.seq_lens + verify_lens, rl.n)[: rl.total]
         links = [torch.from_numpy(a).to(dev) for a in
                  (rl.candidates, rl.retrieve_index, rl.next_token, rl.next_sibling)]
         batch.spec_info = DasVerifyInput(
