@@ -58,7 +58,7 @@ class ServerConfig:
                       batch width, padding priced, where it pads (``for_layout``).
     stats_path        file the worker rewrites (atomically) after every verify step with
                       its counters (verify steps, verify tokens submitted to the target,
-                      draft tokens proposed and accepted, layout); None = off. For
+                      draft tokens proposed and accepted, layout, budget form); None = off. For
                       benchmarks and debugging.
     async_updates     history updates (the drafter's batch extend, GIL-free), the length
                       index rebuild and snapshot writes run off the scheduler thread; reads

@@ -96,7 +96,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
                                   engine_id=shard_engine_id(server_args, self.options))
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
-                      "ragged_steps": 0, "layout": self.layout}
+                      "ragged_steps": 0, "layout": self.layout, "budgets": self._budget_form()}
         self.session.worker_stats = self.stats  # read by the shard stats (scale-out)
         atexit.register(self.session.close)
         _log.info("DAS worker: %s", self.options)
@@ -126,6 +126,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
                 if hasattr(self.session.policy, "config"):
                     self.session.policy.config = self.options.policy
             self.layout = self.stats["layout"] = layout
+            self.stats["budgets"] = self._budget_form()
             self._layout_confirmed = True
         if (self.layout == "ragged" and len(set(tree_lens(trees).tolist())) > 1
                 and not needs_uniform_rows(batch.sampling_info)):
@@ -227,6 +228,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.stats["verify_steps"] += 1
         self.stats["verify_tokens"] += bs * n
         return layout
+
+    def _budget_form(self) -> str:
+        """How the policy plans (stats): one width for the batch, or per request."""
+        return "batch-width" if self.options.policy.uniform_width else "per-request"
 
     def _verify_cache_locs(self, batch, end_offset, n: int):
         """KV slots of the verify rows: SGLang's kernel, each request's slots from its

@@ -122,6 +122,7 @@ class TestGreedyIdentity:
         stats = json.loads(das_stats.read_text())
         print(f"worker counters: {stats}")
         assert stats["layout"] == "ragged"
+        assert stats["budgets"] == "per-request"  # budgets follow the layout (for_layout)
         # steps where requests verified different tree sizes in one forward
         assert 0 < stats["ragged_steps"] <= stats["verify_steps"]
 
