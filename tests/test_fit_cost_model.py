@@ -89,6 +89,9 @@ def test_config_rejects_bad_coefficients():
         load_options(None, json.dumps({"policy": {"cost_graph_widths": [1, 2], "cost_graph_ms": [0.1]}}))
     with pytest.raises(ValueError, match="width_buckets"):
         load_options(None, json.dumps({"policy": {"width_buckets": [1, 2]}}))
+    for bad in (-1, float("inf"), "many", True):
+        with pytest.raises(ValueError, match="cost_free_tokens"):
+            load_options(None, json.dumps({"policy": {"cost_free_tokens": bad}}))
     assert CostModel(0.001, 1e-6).width_extra_s(4) == 0.0
 
 
