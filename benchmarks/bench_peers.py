@@ -74,6 +74,7 @@ from das_sglang.core.tokenize import TextTokenizer
 
 NGRAM_DEPTH = 18  # SGLang's speculative_ngram_max_trie_depth default
 NGRAM_MIN_BFS, NGRAM_MAX_BFS = 1, 10  # SGLang's defaults
+NGRAM_CAPACITY = 10 * 1000 * 1000  # SGLang's speculative_ngram_capacity default
 
 
 # ---------------------------------------------------------------------------- peers
@@ -83,6 +84,9 @@ class Peer:
     """One drafter under test; state is per group (``begin`` ... ``end``)."""
 
     name = ""
+    server = False  # one state across all groups (a serving engine) vs fresh per group
+
+    def fresh(self) -> "Peer": ...
 
     def begin(self, problem_id: str, step: int, history: list[tuple[int, np.ndarray]],
               members: list[tuple[str, np.ndarray]]) -> None: ...
@@ -97,17 +101,26 @@ class Peer:
 class DasPeer(Peer):
     name = "das"
 
-    def __init__(self, config: DrafterConfig):
+    def __init__(self, config: DrafterConfig, server: bool = True):
         self.config = config
-        self.d: SuffixDrafter | None = None
+        self.server = server
+        self.d: SuffixDrafter | None = SuffixDrafter(config) if server else None
+        self.members: list[str] = []
 
     def begin(self, problem_id, step, history, members):
-        d = self.d = SuffixDrafter(self.config)
-        d.advance_step(step)
+        if not self.server:
+            self.d = SuffixDrafter(self.config)
+        d = self.d
+        if step > d.step:
+            d.advance_step(step)
         for s, seq in history:
             d.add_history(problem_id, s, seq)
         for rid, prompt in members:
             d.start_request(rid, problem_id, prompt)
+        self.members = [rid for rid, _ in members]
+
+    def fresh(self) -> "DasPeer":
+        return DasPeer(self.config, self.server)
 
     def propose(self, rids, budget):
         return self.d.speculate_batch(rids, [budget] * len(rids))
@@ -116,29 +129,42 @@ class DasPeer(Peer):
         self.d.extend_request(rid, new)
 
     def end(self):
-        self.d = None
+        if self.server:  # the finished rollouts stay as history of their step
+            for rid in self.members:
+                self.d.finish_request(rid, keep=True)
+        else:
+            self.d = None
 
 
 class NgramPeer(Peer):
     name = "sglang_ngram"
 
-    def __init__(self, budget: int, match_type: str = "BFS"):
+    def __init__(self, budget: int, match_type: str = "BFS", server: bool = True):
         from sglang.srt.speculative.cpp_ngram.ngram_corpus import NgramCorpus  # JIT on first use
 
         self._cls = NgramCorpus
         self.budget = budget
         self.match_type = match_type
-        self.corpus = None
+        self.server = server
+        # Server mode: the NGRAM worker's one corpus for every request, SGLang's default
+        # capacity (speculative_ngram_capacity, LRU-evicted past it).
+        self.corpus = self._make(NGRAM_CAPACITY) if server else None
         self._lens: dict[str, int] = {}
 
-    def begin(self, problem_id, step, history, members):
-        # Capacity: every inserted position creates at most NGRAM_DEPTH nodes; no eviction.
-        n_tok = sum(len(s) for _, s in history) + sum(len(p) for _, p in members)
-        self.corpus = self._cls(
+    def fresh(self) -> "NgramPeer":
+        return NgramPeer(self.budget, self.match_type, self.server)
+
+    def _make(self, capacity: int):
+        return self._cls(
             max_trie_depth=NGRAM_DEPTH, min_bfs_breadth=NGRAM_MIN_BFS, max_bfs_breadth=NGRAM_MAX_BFS,
-            draft_token_num=self.budget + 1, match_type=self.match_type,
-            capacity=NGRAM_DEPTH * (n_tok + self._live_tokens) + 1024,
+            draft_token_num=self.budget + 1, match_type=self.match_type, capacity=capacity,
         )
+
+    def begin(self, problem_id, step, history, members):
+        if not self.server:
+            # Capacity: every inserted position creates at most NGRAM_DEPTH nodes; no eviction.
+            n_tok = sum(len(s) for _, s in history) + sum(len(p) for _, p in members)
+            self.corpus = self._make(NGRAM_DEPTH * (n_tok + self._live_tokens) + 1024)
         rows = [s.tolist() for _, s in sorted(history, key=lambda h: h[0])]
         rows += [p.tolist() for _, p in members]
         if rows:
@@ -161,7 +187,8 @@ class NgramPeer(Peer):
         self.corpus.batch_put([window.tolist()])
 
     def end(self):
-        self.corpus = None
+        if not self.server:
+            self.corpus = None
 
 
 def ngram_trees(ids: np.ndarray, mask: np.ndarray, bs: int, n: int) -> list[DraftTree]:
@@ -184,16 +211,24 @@ def ngram_trees(ids: np.ndarray, mask: np.ndarray, bs: int, n: int) -> list[Draf
 class ArcticPeer(Peer):
     name = "arctic"
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, server: bool = True):
         from arctic_inference.suffix_decoding import SuffixDecodingCache  # optional
 
         self._cls = SuffixDecodingCache
         self.budget = budget
+        self.server = server
+        self.cache = self._cls(max_tree_depth=64, max_cached_requests=100000) if server else None
+        self._n = 0
+
+    def fresh(self) -> "ArcticPeer":
+        return ArcticPeer(self.budget, self.server)
 
     def begin(self, problem_id, step, history, members):
-        self.cache = self._cls(max_tree_depth=64, max_cached_requests=100000)
-        for k, (s, seq) in enumerate(sorted(history, key=lambda h: h[0])):
-            rid = f"h{k}"
+        if not self.server:
+            self.cache = self._cls(max_tree_depth=64, max_cached_requests=100000)
+        for s, seq in sorted(history, key=lambda h: h[0]):
+            rid = f"h{self._n}"
+            self._n += 1
             self.cache.start_request(rid, seq[:0])
             self.cache.add_active_response(rid, seq)
             self.cache.stop_request(rid)
@@ -216,7 +251,11 @@ class ArcticPeer(Peer):
         self.cache.add_active_response(rid, new)
 
     def end(self):
-        self.cache = None
+        if self.server:  # finished responses stay in the cache (Arctic's global tree)
+            for rid in self._ctx:
+                self.cache.stop_request(rid)
+        else:
+            self.cache = None
 
 
 # ---------------------------------------------------------------------------- simulation
@@ -323,8 +362,23 @@ def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set
     for peer in peers:
         run = runs[peer.name] = PeerRun()
         t0 = time.perf_counter()
-        for k, (p, s) in enumerate(groups):
-            run_group(peer, p, s, history_of(by_ps, p, s, window), by_ps[(p, s)], budget, run)
+        if peer.server:
+            # One server's state for the whole dataset: groups in step order (training
+            # steps only advance); a group's history is what the server has not seen yet
+            # (earlier targets already went in as they were decoded).
+            peer = peer.fresh()
+            seen: set[tuple[str, int]] = set()
+            for p, s in sorted(groups, key=lambda g: g[1]):  # stable: dataset order within a step
+                hist = []
+                for h in range(max(0, s - window), s):
+                    if (p, h) not in seen:
+                        seen.add((p, h))
+                        hist += history_of(by_ps, p, h + 1, 1)
+                seen.add((p, s))
+                run_group(peer, p, s, hist, by_ps[(p, s)], budget, run)
+        else:
+            for p, s in groups:
+                run_group(peer, p, s, history_of(by_ps, p, s, window), by_ps[(p, s)], budget, run)
         log(f"  {peer.name}: {len(groups)} groups in {time.perf_counter() - t0:.1f}s")
     return runs
 
@@ -342,15 +396,16 @@ def slice_report(runs: dict[str, PeerRun], keep) -> dict:
 # ---------------------------------------------------------------------------- main
 
 
-def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log) -> tuple[list[Peer], dict]:
-    peers: list[Peer] = [DasPeer(cfg)]
+def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log, server: bool = True) -> tuple[list[Peer], dict]:
+    peers: list[Peer] = [DasPeer(cfg, server)]
     status = {"das": {"available": True, "config": {f: getattr(cfg, f) for f in cfg.field_names()}}}
     if "sglang_ngram" not in skip:
         try:
             t0 = time.perf_counter()
-            peers.append(NgramPeer(budget))
-            NgramPeer(budget)._cls(max_trie_depth=NGRAM_DEPTH, draft_token_num=budget + 1, capacity=16)
+            peers.append(NgramPeer(budget, server=server))
+            peers[-1]._make(16)  # builds (JIT) now, so a missing toolchain is reported here
             status["sglang_ngram"] = {"available": True, "max_trie_depth": NGRAM_DEPTH,
+                                      "capacity": NGRAM_CAPACITY if server else "all history (per group)",
                                       "bfs_breadth": [NGRAM_MIN_BFS, NGRAM_MAX_BFS], "match_type": "BFS",
                                       "draft_token_num": budget + 1,
                                       "load_s": round(time.perf_counter() - t0, 1)}
@@ -359,7 +414,7 @@ def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log) -> tuple[li
             status["sglang_ngram"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
     if "arctic" not in skip:
         try:
-            peers.append(ArcticPeer(budget))
+            peers.append(ArcticPeer(budget, server))
             status["arctic"] = {"available": True, "max_tree_depth": 64, "use_tree_spec": True,
                                 "max_spec_factor": 1.0, "min_token_prob": 0.1}
         except Exception as e:  # noqa: BLE001
@@ -381,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma list of peers to skip (sglang_ngram, arctic)")
     ap.add_argument("--das", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a DrafterConfig field of the DAS peer (repeatable), e.g. mixture=false")
+    ap.add_argument("--isolated", action="store_true",
+                    help="the earlier protocol: every group gets fresh peer state holding only its own "
+                         "problem's history (default: one server state across all groups)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
     if args.budget < 1:
@@ -406,9 +464,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    peers, status = make_peers(args.budget, cfg, set(filter(None, args.skip.split(","))), log)
+    peers, status = make_peers(args.budget, cfg, set(filter(None, args.skip.split(","))), log,
+                               server=not args.isolated)
     tok = TextTokenizer(cache_dir=args.cache_dir)
     out: dict = {"budget": args.budget, "window_steps": cfg.window_steps, "full": args.full,
+                 "protocol": "isolated" if args.isolated else "server",
                  "peers": status, "datasets": {}}
     names = set(args.datasets.split(","))
     t_all = time.perf_counter()

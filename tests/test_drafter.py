@@ -85,8 +85,8 @@ class TestSiblings:
         d.start_request("r", "p", [5, 6, 7, 8, 5, 6])
         assert d.speculate("r", budget=2).tokens.tolist() == [7, 8]
 
-    def test_problems_do_not_mix(self):
-        d = drafter()
+    def test_problems_do_not_mix_without_the_shared_index(self):
+        d = drafter(global_shard=False)
         d.add_history("p", 0, [1, 2, 3])
         d.start_request("r", "q", [1, 2])
         assert len(d.speculate("r")) == 0

@@ -73,14 +73,16 @@ class TestIdenticalSiblings:
         assert s.batch_sizes.tolist() == [3] * 6
         assert s.draft_accepted == 3 * (L - 6)
 
-    def test_history_of_another_problem_helps_only_a_global_index(self):
+    def test_history_of_another_problem_helps_only_a_shared_index(self):
         rs = [rollout("h", 0, 0), rollout("t", 0, 1)]
         rs[1] = Rollout("t", "other", 1, rs[1].prompt_ids, rs[1].response_ids, 4096, False)
-        per = fixed("per", 4, SuffixDrafter)
+        per = fixed("per", 4, lambda: SuffixDrafter(DrafterConfig(global_shard=False)))
         glob = Contender("glob", lambda: FixedBudget(4), SuffixDrafter, 4, shared_problem=True)
-        r_per, r_glob = replay(rs, [per, glob], COST, "ragged", [1])
+        mixed = fixed("mixed", 4, SuffixDrafter)  # the default: own index + the shared index
+        r_per, r_glob, r_mixed = replay(rs, [per, glob, mixed], COST, "ragged", [1])
         assert r_per.tokens_per_step == 1.0
         assert r_glob.tokens_per_step == pytest.approx(5.0)
+        assert r_mixed.tokens_per_step == pytest.approx(5.0)
 
 
 class TestWindow:

@@ -28,8 +28,17 @@ class DrafterConfig:
     min_token_prob a node is proposed only if its estimated acceptance probability
                    (product of conditional frequencies along its path) is at least this.
     tree           False proposes a chain (the 1-wide tree).
-    global_shard   also index every problem's rollouts in one shared index, used for
-                   problems that have no history of their own yet.
+    global_shard   also index every problem's rollouts in one shared (cross-problem) index
+                   (docs/design.md "Shared index"). With ``shared_weight`` > 0 and the wide
+                   tree, every draft mixes its problem's matches with the shared index's
+                   (formats, tool calls and phrasing that other problems share; a cold-start
+                   problem's first step); otherwise the shared index drafts only for rows whose
+                   own index has nothing.
+    shared_weight  weight of a shared-index anchor relative to a problem-index anchor of
+                   the same match length (raw ``shared_weight * m ** mix_alpha``).
+    shared_max_tokens  finished-rollout tokens the shared index keeps (newest first; live
+                   requests are always in it): bounds its memory (~130 B per token: 1M
+                   tokens ~ 130 MB) apart from the per-problem history. 0 = no cap.
     max_history_tokens  cap on finished-rollout (history) tokens kept; past it the oldest
                    step's rollouts are evicted first, problem by problem (oldest added
                    first), with the policy's statistics of problems left without history.
@@ -62,7 +71,9 @@ class DrafterConfig:
     max_budget: int = 32
     min_token_prob: float = 0.05
     tree: bool = True
-    global_shard: bool = False
+    global_shard: bool = True
+    shared_weight: float = 0.03
+    shared_max_tokens: int = 1_000_000
     max_history_tokens: int = 80_000_000
     mixture: bool = True
     mix_alpha: float = 4.0
@@ -103,6 +114,8 @@ class DrafterConfig:
         check_field(self.mix_escape >= 0.0, "mix_escape", self.mix_escape, "must be >= 0")
         check_field(self.mix_min_match >= 1, "mix_min_match", self.mix_min_match, "must be >= 1")
         check_field(self.mix_max_fanout >= 1, "mix_max_fanout", self.mix_max_fanout, "must be >= 1")
+        check_field(0.0 <= self.shared_weight <= 1e6, "shared_weight", self.shared_weight, "must be in [0, 1e6]")
+        check_field(self.shared_max_tokens >= 0, "shared_max_tokens", self.shared_max_tokens, "must be >= 0")
         check_field(self.mix_recency >= 0.0, "mix_recency", self.mix_recency, "must be >= 0")
         check_field(self.mix_match_half >= 0.0, "mix_match_half", self.mix_match_half, "must be >= 0")
 

@@ -53,13 +53,16 @@ class DrafterStats:
     problems: int
     live_requests: int
     sequences: int
-    tokens: int
+    tokens: int  # tokens in the per-problem indexes (history + live)
     nodes: int
-    bytes: int
+    bytes: int  # every index, the shared one included
+    shared_tokens: int = 0  # tokens in the shared index (copies of recent sequences)
 
     @property
     def bytes_per_token(self) -> float:
-        return self.bytes / self.tokens if self.tokens else 0.0
+        """Bytes per token stored in an index (a token the shared index also holds counts twice)."""
+        n = self.tokens + self.shared_tokens
+        return self.bytes / n if n else 0.0
 
 
 def _native_tree(tokens: np.ndarray, parents: np.ndarray, probs: np.ndarray, match_len: int) -> DraftTree:
@@ -124,6 +127,9 @@ class SuffixDrafter:
         self._step = 0
         self._indices: dict[str, SuffixIndex] = {}
         self._global = SuffixIndex(self.config.max_depth) if self.config.global_shard else None
+        # Finished sequences in the shared index, oldest first -> tokens (shared_max_tokens).
+        self._shared_len: dict[int, int] = {}
+        self.shared_tokens = 0
         self._live: dict[str, _Live] = {}
         self._finished: dict[str, dict[int, list[int]]] = {}  # problem -> step -> seq_ids
         self._step_seqs: Counter[int] = Counter()  # registered sequences per step
@@ -198,7 +204,7 @@ class SuffixDrafter:
             ids = np.asarray(seqs, dtype=np.int64)
             self._indices[problem_id].remove_sequences(ids)
             if self._global is not None:
-                self._global.remove_sequences(ids)
+                self._unshare([q for q in seqs if q in self._shared_len])
             self._step_seqs[step] -= len(seqs)
             if self._step_seqs[step] <= 0:
                 del self._step_seqs[step]
@@ -218,6 +224,26 @@ class SuffixDrafter:
         self._by_step.setdefault(step, {})[problem_id] = None
         self._seq_len[seq_id] = n_tokens
         self.history_tokens += n_tokens
+        if self._global is not None:
+            self._shared_len[seq_id] = n_tokens
+            self.shared_tokens += n_tokens
+            cap = self.config.shared_max_tokens
+            if cap and self.shared_tokens > cap:  # the oldest finished ones leave the shared index
+                old, excess = [], self.shared_tokens - cap
+                for q, n in self._shared_len.items():
+                    if excess <= 0:
+                        break
+                    old.append(q)
+                    excess -= n
+                self._unshare(old)
+
+    def _unshare(self, seq_ids: list[int]) -> None:
+        """Remove finished sequences from the shared index only (one GIL-free call)."""
+        if not seq_ids:
+            return
+        self._global.remove_sequences(np.asarray(seq_ids, dtype=np.int64))
+        for q in seq_ids:
+            self.shared_tokens -= self._shared_len.pop(q)
 
     def enforce_cap(self, max_tokens: int | None = None) -> list[str]:
         """Evict the oldest steps' rollouts (problem by problem, oldest added first) until
@@ -415,7 +441,7 @@ class SuffixDrafter:
         indices = [self._indices[lv.problem_id] for lv in lives]
         seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
         trees = self._draft_rows(indices, seq_ids, b)
-        if self._global is not None:
+        if self._global is not None and not self._mixes_shared():
             empty = [r for r, t in enumerate(trees) if len(t) == 0 and b[r] > 0]
             if empty:
                 fallback = self._draft_rows([self._global] * len(empty), seq_ids[empty], b[empty])
@@ -449,13 +475,24 @@ class SuffixDrafter:
         return (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout, cfg.mix_recency,
                 cfg.mix_match_half)
 
+    def _mixes_shared(self) -> bool:
+        """Every draft mixes in the shared index (else it only fills empty rows)."""
+        cfg = self.config
+        return self._global is not None and cfg.shared_weight > 0.0 and cfg.mixture and cfg.tree
+
+    def _shared(self, indices) -> tuple:
+        """(shared index, weight) for a native draft call over ``indices``."""
+        if not self._mixes_shared() or (indices and indices[0] is self._global):
+            return (None, 0.0)
+        return (self._global, self.config.shared_weight)
+
     def _draft_rows(self, indices: list[SuffixIndex], seq_ids: np.ndarray, budgets: np.ndarray) -> list[DraftTree]:
         cfg = self.config
         steps, weights = self._weights
         mix = self._mix()
         tokens, parents, probs, offsets, match = draft_batch(
-            indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len, mix
-        )
+            indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len, mix,
+            *self._shared(indices))
         bounds = offsets.tolist()
         return [
             _native_tree(tokens[a:z], parents[a:z], probs[a:z], m)
@@ -484,7 +521,7 @@ class SuffixDrafter:
         if threads is None:
             threads = max(1, min(self.DRAFT_THREADS, n // self.DRAFT_ROWS_PER_THREAD))
         out = self._draft_flat(idx, seq_ids, b, threads)
-        if self._global is not None:
+        if self._global is not None and not self._mixes_shared():
             empty = np.flatnonzero((out.lens() == 0) & (b > 0))
             if empty.size:
                 fallback = self._draft_flat([self._global] * len(empty), seq_ids[empty], b[empty], 1)
@@ -499,7 +536,7 @@ class SuffixDrafter:
         mix = self._mix()
         tokens, parents, probs, depths, offsets, match = draft_rows(
             indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len,
-            mix, threads)
+            mix, threads, *self._shared(indices))
         return DraftBatch(tokens, parents, probs, depths, offsets, match)
 
     # ------------------------------------------------------------------ snapshots, stats
@@ -525,7 +562,8 @@ class SuffixDrafter:
         return stored
 
     def stats(self) -> DrafterStats:
-        idxs = list(self._indices.values()) + ([self._global] if self._global is not None else [])
+        shared = self._global is not None and self._global.num_sequences > 0
+        idxs = list(self._indices.values()) + ([self._global] if shared else [])
         return DrafterStats(
             problems=len(self._indices),
             live_requests=len(self._live),
@@ -533,4 +571,5 @@ class SuffixDrafter:
             tokens=sum(i.num_tokens for i in self._indices.values()),
             nodes=sum(i.num_nodes for i in idxs),
             bytes=sum(i.memory_bytes() for i in idxs),
+            shared_tokens=self._global.num_tokens if self._global is not None else 0,
         )

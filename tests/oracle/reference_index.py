@@ -150,7 +150,7 @@ class ReferenceIndex:
             push(c, -neg_q, len(tokens) - 1)
         return tokens, parents, probs
 
-    def _mixture(self, context, longest, budget, min_prob, w, mix):
+    def _mixture(self, context, longest, budget, min_prob, w, mix, own=None, shared=None):
         """Wide tree. Anchors: the match nodes of context suffixes m = longest .. min_match
         (stop at the first with more than max_fanout children). An anchor's continuation
         weight C = sum of its children's W; anchors with C = 0 are skipped; an anchor whose C
@@ -168,20 +168,24 @@ class ReferenceIndex:
         longest match + the child's depth (0 under the root)."""
         alpha, escape, min_match, max_fanout = mix[:4]
         recency, half = mix[4:] if len(mix) == 6 else (0.0, 0.0)
-        anchors = []  # [node, C, raw]
-        for m in range(longest, max(1, min_match) - 1, -1):
-            node = self._find(context[len(context) - m :])
-            if len(node.children) > max_fanout:
-                break
-            _, c = self._weighted_children(node, w)
-            if c <= 0.0:
-                continue
-            raw = float(m) ** alpha
-            if anchors and anchors[-1][1] == c:
-                anchors[-1][0] = node
-                anchors[-1][2] += raw
-            else:
-                anchors.append([node, c, raw])
+        anchors = []  # [node, C, raw, index]
+        sources = [(self, longest if own is None else own, 1.0)]
+        if shared is not None:  # a shared index's anchors come after the own ones
+            sources.append(shared)
+        for ix, top, factor in sources:
+            for m in range(top, max(1, min_match) - 1, -1):
+                node = ix._find(context[len(context) - m :])
+                if len(node.children) > max_fanout:
+                    break
+                _, c = ix._weighted_children(node, w)
+                if c <= 0.0:
+                    continue
+                raw = float(m) ** alpha * factor
+                if anchors and anchors[-1][3] is ix and anchors[-1][1] == c:
+                    anchors[-1][0] = node
+                    anchors[-1][2] += raw
+                else:
+                    anchors.append([node, c, raw, ix])
         if not anchors or budget <= 0:
             return [], [], []
         total = 0.0
@@ -199,7 +203,8 @@ class ReferenceIndex:
                 denom, boost = csum + escape, None
                 if recency > 0.0 and len(kids) >= 2:
                     # the child seen most recently (ties: smaller token) gets recency * C
-                    boost = max(kids, key=lambda k: (self._recency(k[1]), -k[0]))[0]
+                    ix = anchors[a][3]
+                    boost = max(kids, key=lambda k: (ix._recency(k[1]), -k[0]))[0]
                     denom += recency * csum
                 for t, c, x in kids:
                     if t == boost:
@@ -266,8 +271,28 @@ class ReferenceIndex:
             node = c
         return tokens, parents, probs
 
-    def draft_for_sequence(self, seq_id, budget, min_prob, step_weights, chain, max_match_len, mix=None):
-        return self.draft(self.seqs[seq_id][0], budget, min_prob, step_weights, chain, max_match_len, mix)
+    def draft_for_sequence(self, seq_id, budget, min_prob, step_weights, chain, max_match_len, mix=None,
+                           shared=None, shared_weight=0.0):
+        context = self.seqs[seq_id][0]
+        if shared is None or shared_weight <= 0.0 or mix is None or chain or seq_id not in shared.seqs:
+            return self.draft(context, budget, min_prob, step_weights, chain, max_match_len, mix)
+        own, other = self._longest(context, max_match_len), shared._longest(context, max_match_len)
+        if own == 0 and other == 0:
+            return [], [], [], 0
+        longest = max(own, other)
+        tokens, parents, probs = self._mixture([int(t) for t in context], longest, budget, min_prob,
+                                               step_weights, mix, own, (shared, other, shared_weight))
+        return tokens, parents, probs, longest
+
+    def _longest(self, context, max_match_len) -> int:
+        """The longest suffix of ``context`` with a continuation here (0: none)."""
+        context = [int(t) for t in context]
+        top = min(max_match_len, len(context), self.max_depth - 1)
+        for m in range(top, 0, -1):
+            node = self._find(context[len(context) - m :])
+            if node is not None and node.children:
+                return m
+        return 0
 
     # -------------------------------------------------------------- introspection
 

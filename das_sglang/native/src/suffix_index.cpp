@@ -564,7 +564,7 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
     for (int m = out.match_len; m >= std::max(1, p.mix_min_match); --m) {
       Pos at;
       if (!walk(ctx + n - m, size_t(m), at)) break;  // cannot happen: shorter suffixes exist
-      if (!add_anchor(anchors, at, m, p)) break;
+      if (!add_anchor(anchors, at, m, p, 0)) break;
     }
     expand_mixture(anchors, p, out);
     return;
@@ -577,16 +577,11 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
 
 // Same result as draft(sequence tokens): the live cursors already sit at the ends of the
 // sequence's own suffixes, so no walk is needed.
-void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft& out) const {
-  const Storage& st = storages_[storage_of(seq_id)];
-  out.tokens.clear();
-  out.parents.clear();
-  out.probs.clear();
-  out.match_len = 0;
+int SuffixIndex::sequence_match(const Storage& st, int max_match_len) const {
   const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
   // The cursor of the length-m suffix sits on a node; "has a continuation" is monotone in
   // m (see longest_match), so binary search touches ~log2(max_match_len) cursor nodes.
-  int lo = 0, hi = std::min(int(std::min<uint32_t>(L, D - 1)), std::max(0, p.max_match_len));
+  int lo = 0, hi = std::min(int(std::min<uint32_t>(L, D - 1)), std::max(0, max_match_len));
   while (lo < hi) {
     int mid = (lo + hi + 1) / 2;
     if (nodes_[st.cursors[(L - uint32_t(mid)) % D]].first_child != kNil)
@@ -594,18 +589,50 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
     else
       hi = mid - 1;
   }
-  if (lo == 0) return;
-  out.match_len = lo;
-  if (p.mixture && !p.chain) {
+  return lo;
+}
+
+// Same result as draft(sequence tokens): the live cursors already sit at the ends of the
+// sequence's own suffixes, so no walk is needed.
+void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft& out) const {
+  const Storage& st = storages_[storage_of(seq_id)];
+  out.tokens.clear();
+  out.parents.clear();
+  out.probs.clear();
+  out.match_len = 0;
+  const uint32_t D = uint32_t(max_depth_);
+  const int lo = sequence_match(st, p.max_match_len);
+  const bool mix = p.mixture && !p.chain;
+  const Storage* sst = nullptr;  // the same sequence in the shared index
+  int lo2 = 0;
+  if (mix && p.shared != nullptr && p.shared_weight > 0.0 && p.shared != this) {
+    auto it = p.shared->by_id_.find(seq_id);
+    if (it != p.shared->by_id_.end()) {
+      sst = &p.shared->storages_[it->second];
+      lo2 = p.shared->sequence_match(*sst, p.max_match_len);
+    }
+  }
+  if (lo == 0 && lo2 == 0) return;
+  out.match_len = std::max(lo, lo2);
+  if (mix) {
     thread_local std::vector<Anchor> anchors;
     anchors.clear();
+    const uint32_t L = uint32_t(st.tokens.size());
     for (int m = lo; m >= std::max(1, p.mix_min_match); --m) {
       const uint32_t c = st.cursors[(L - uint32_t(m)) % D];
-      if (!add_anchor(anchors, Pos{c, nodes_[c].label_len}, m, p)) break;
+      if (!add_anchor(anchors, Pos{c, nodes_[c].label_len}, m, p, 0)) break;
+    }
+    if (sst != nullptr) {
+      const uint32_t L2 = uint32_t(sst->tokens.size()), D2 = uint32_t(p.shared->max_depth_);
+      for (int m = lo2; m >= std::max(1, p.mix_min_match); --m) {
+        const uint32_t c = sst->cursors[(L2 - uint32_t(m)) % D2];
+        if (!p.shared->add_anchor(anchors, Pos{c, p.shared->nodes_[c].label_len}, m, p, 1)) break;
+      }
     }
     expand_mixture(anchors, p, out);
     return;
   }
+  const uint32_t L = uint32_t(st.tokens.size());
   const uint32_t c = st.cursors[(L - uint32_t(lo)) % D];
   const Pos pos{c, nodes_[c].label_len};
   if (p.chain)
@@ -703,21 +730,21 @@ double SuffixIndex::continuation_weight(const Pos& pos, const double* w) const {
 // Anchors come longest first. Returns false when this and every shorter match must be
 // skipped (too many continuations: scanning them would cost more than they add).
 bool SuffixIndex::add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m,
-                             const DraftParams& p) const {
+                             const DraftParams& p, int src) const {
   const Node& x = nodes_[pos.node];
   const uint32_t fanout = pos.off < x.label_len ? 1u : x.fanout;
   if (fanout > uint32_t(std::max(0, p.mix_max_fanout))) return false;
-  const double cont = continuation_weight(pos, p.slot_weight);
+  const double cont = continuation_weight(pos, src ? p.shared_slot_weight : p.slot_weight);
   if (cont <= 0.0) return true;  // nothing weighted here (continuation weight only grows as m shrinks)
-  const double raw = std::pow(double(m), p.mix_alpha);
-  if (!anchors.empty() && anchors.back().cont == cont) {
+  const double raw = std::pow(double(m), p.mix_alpha) * (src ? p.shared_weight : 1.0);
+  if (!anchors.empty() && anchors.back().src == src && anchors.back().cont == cont) {
     // Same weight => the same occurrences continue: keep the shorter (deeper-reaching) match.
     anchors.back().pos = pos;
     anchors.back().raw += raw;
     anchors.back().m = m;
     return true;
   }
-  anchors.push_back({pos, cont, raw, m});
+  anchors.push_back({pos, cont, raw, m, src});
   return true;
 }
 
@@ -784,26 +811,30 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
     const double esc = p.mix_escape;
     for (uint32_t i = begin; i < end; ++i) {
       const MixState s = pool[i];
-      const Node& x = nodes_[s.node];
+      const bool sh = anchors[size_t(s.anchor)].src != 0;
+      const SuffixIndex& ix = sh ? *p.shared : *this;  // the index this state walks
+      const double* sw = sh ? p.shared_slot_weight : p.slot_weight;
+      const auto& nodes = ix.nodes_;
+      const Node& x = nodes[s.node];
       if (s.off < x.label_len) {
-        const double w = weight_of(x, p.slot_weight);
-        if (w > 0.0) tmp.push_back({label_token(x, s.off), s.anchor, s.node, s.off + 1, s.pa * (w / (w + esc))});
+        const double w = ix.weight_of(x, sw);
+        if (w > 0.0) tmp.push_back({ix.label_token(x, s.off), s.anchor, s.node, s.off + 1, s.pa * (w / (w + esc))});
         continue;
       }
       const size_t first = tmp.size();
       double sum = 0.0, newest_t = -1.0;
       size_t newest = first;
-      for (uint32_t c = x.first_child; c != kNil; c = nodes_[c].next_sibling) {
-        const double w = weight_of(nodes_[c], p.slot_weight);
+      for (uint32_t c = x.first_child; c != kNil; c = nodes[c].next_sibling) {
+        const double w = ix.weight_of(nodes[c], sw);
         sum += w;
         if (w > 0.0) {
           if (rec > 0.0) {
-            const double t = recency_of(c);
+            const double t = ix.recency_of(c);
             // ties (equal clocks: rare) go to the smaller token, as everywhere else
-            if (t > newest_t || (t == newest_t && nodes_[c].token < tmp[newest].token))
+            if (t > newest_t || (t == newest_t && nodes[c].token < tmp[newest].token))
               newest_t = t, newest = tmp.size();
           }
-          tmp.push_back({nodes_[c].token, s.anchor, c, 1, w});
+          tmp.push_back({nodes[c].token, s.anchor, c, 1, w});
         }
       }
       double denom = sum + esc;

@@ -170,6 +170,8 @@ struct Draft {
   int match_len = 0;
 };
 
+class SuffixIndex;
+
 struct DraftParams {
   int budget = 0;
   double min_prob = 0.0;
@@ -199,6 +201,15 @@ struct DraftParams {
   int mix_max_fanout = 1 << 30;
   double mix_recency = 0.0;
   double mix_match_half = 0.0;
+  // Shared (cross-problem) index (docs/design.md "Shared index"): with a mixture tree
+  // draft_for_sequence also takes anchors from `shared` (which holds the same seq_id: every
+  // sequence is added to both), each weighing shared_weight * m^mix_alpha, so where the
+  // problem's own index matches only briefly the text of other problems fills the tree.
+  // The tree's match length (score order) is the longer of the two matches. Unused when
+  // null, shared_weight <= 0 or the sequence is not in `shared`.
+  const SuffixIndex* shared = nullptr;
+  double shared_weight = 0.0;
+  double shared_slot_weight[kSlots] = {};
 };
 
 class SuffixIndex {
@@ -247,6 +258,8 @@ class SuffixIndex {
 
  private:
   uint32_t storage_of(int64_t seq_id) const;  // throws std::invalid_argument naming seq_id
+  // Longest suffix of the sequence with a continuation (<= max_match_len), from its cursors.
+  int sequence_match(const Storage& st, int max_match_len) const;
   int acquire_slot(int64_t step);
   void release_slot(int slot);
   uint32_t new_storage();
@@ -279,9 +292,10 @@ class SuffixIndex {
   double weight_of(const Node& n, const double* w) const;
   void expand(const Pos& start, const DraftParams& p, Draft& out) const;
   void expand_chain(const Pos& start, const DraftParams& p, Draft& out) const;
-  struct Anchor { Pos pos; double cont; double raw; int m; };
+  struct Anchor { Pos pos; double cont; double raw; int m; int src; };  // src 1: p.shared
   double continuation_weight(const Pos& pos, const double* w) const;
-  bool add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m, const DraftParams& p) const;
+  bool add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m, const DraftParams& p,
+                  int src) const;
   void expand_mixture(const std::vector<Anchor>& anchors, const DraftParams& p, Draft& out) const;
 
   int max_depth_;

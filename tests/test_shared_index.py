@@ -1,0 +1,104 @@
+"""Shared (cross-problem) index mixed into every draft (docs/design.md "Shared index")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from das_sglang.core.config import DrafterConfig
+from das_sglang.core.drafter import SuffixDrafter
+from das_sglang.native import SuffixIndex, draft_rows
+from oracle.reference_index import ReferenceIndex
+
+MIX = (4.0, 0.5, 1, 64, 0.3, 4.0)
+
+
+def arr(tokens) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int32)
+
+
+def test_shared_anchors_agree_with_the_oracle():
+    # Three problems, each with its own index; every sequence is also in the shared index.
+    # Problems share a "format" vocabulary (0-3) and have their own tokens: the shared
+    # index knows continuations a problem's own text has not shown yet.
+    rng = np.random.default_rng(11)
+    own = {p: (SuffixIndex(8), ReferenceIndex(8)) for p in range(3)}
+    sh, sh_ref = SuffixIndex(8), ReferenceIndex(8)
+    seq_problem, live = {}, []
+    for k in range(12):
+        p = k % 3
+        s = rng.choice(np.r_[0:4, 4 + 4 * p: 8 + 4 * p], int(rng.integers(5, 30))).tolist()
+        step = 0 if k < 9 else 1
+        for ix, ref in (own[p], (sh, sh_ref)):
+            ix.add_sequence(k, arr(s), step)
+            ref.add_sequence(k, s, step)
+        seq_problem[k] = p
+        if k >= 9:
+            live.append(k)
+    weights = {0: 0.5, 1: 1.0}
+    differs = 0
+    for it in range(80):
+        k = live[it % len(live)]
+        p = seq_problem[k]
+        chunk = rng.choice(np.r_[0:4, 4 + 4 * p: 8 + 4 * p], int(rng.integers(1, 4))).tolist()
+        for ix, ref in (own[p], (sh, sh_ref)):
+            ix.extend(k, arr(chunk))
+            ref.extend(k, chunk)
+        ix, ref = own[p]
+        for w in (0.03, 1.0):
+            n = ix.draft_for_sequence(k, 8, 0.0, weights, False, 6, MIX, sh, w)
+            r = ref.draft_for_sequence(k, 8, 0.0, weights, False, 6, MIX, sh_ref, w)
+            assert n[0].tolist() == r[0] and n[1].tolist() == r[1] and n[3] == r[3]
+            np.testing.assert_allclose(n[2], r[2], rtol=0, atol=1e-9)
+        alone = ix.draft_for_sequence(k, 8, 0.0, weights, False, 6, MIX)
+        differs += alone[0].tolist() != n[0].tolist()
+        # the batch call drafts the same rows as the single one
+        b = draft_rows([ix], np.array([k], np.int64), np.array([8], np.int32), 0.0,
+                       np.array([0, 1], np.int64), np.array([0.5, 1.0]), False, 6, MIX, 1, sh, 1.0)
+        assert b[0].tolist() == n[0].tolist() and b[1].tolist() == n[1].tolist()
+    assert differs > 0  # the shared anchors did change drafts
+
+
+def test_shared_index_drafts_where_the_own_index_has_no_match():
+    ix, sh = SuffixIndex(8), SuffixIndex(8)
+    sh.add_sequence(0, arr([7, 8, 9, 10]), 0)  # another problem's text
+    for x in (ix, sh):
+        x.add_sequence(1, arr([5, 7, 8]), 0)  # the live request: its own index knows nothing after 8
+    alone = ix.draft_for_sequence(1, 4, 0.0, {0: 1.0}, False, 6, MIX)
+    assert alone[0].tolist() == [] and alone[3] == 0
+    mixed = ix.draft_for_sequence(1, 4, 0.0, {0: 1.0}, False, 6, MIX, sh, 0.03)
+    assert mixed[0].tolist()[:2] == [9, 10] and mixed[3] == 2
+
+
+def test_bad_shared_weight_is_rejected_naming_it():
+    ix = SuffixIndex(8)
+    ix.add_sequence(0, arr([1, 2, 3]), 0)
+    with pytest.raises(ValueError, match="shared_weight"):
+        draft_rows([ix], np.array([0], np.int64), np.array([2], np.int32), 0.0, np.array([0], np.int64),
+                   np.array([1.0]), False, 3, MIX, 1, ix, -1.0)
+    with pytest.raises(ValueError, match="shared_weight"):
+        DrafterConfig(shared_weight=-0.5)
+    with pytest.raises(ValueError, match="shared_max_tokens"):
+        DrafterConfig(shared_max_tokens=-1)
+
+
+def test_drafter_mixes_other_problems_text_and_caps_the_shared_index():
+    cfg = DrafterConfig(global_shard=True, shared_weight=0.03, shared_max_tokens=40, min_token_prob=0.0)
+    d = SuffixDrafter(cfg)
+    fmt = [90, 91, 92, 93, 94, 95]  # a tool-call template every problem ends with
+    for k in range(3):
+        d.start_request(f"a{k}", f"p{k}", [k + 1, k + 2, 90, 91, 92, 93, 94, 95])
+        d.finish_request(f"a{k}")
+    assert d.shared_tokens <= 40 and d.stats().sequences == 3  # own histories all kept
+    d.start_request("new", "cold", [50, 51, 90, 91])  # a problem never seen before
+    tree = d.speculate("new", 4)
+    assert tree.tokens.tolist()[:2] == fmt[2:4]
+    off = SuffixDrafter(DrafterConfig(global_shard=False, min_token_prob=0.0))
+    off.start_request("new", "cold", [50, 51, 90, 91])
+    assert len(off.speculate("new", 4)) == 0
+    # the cap removed the oldest finished sequence from the shared index only
+    before = d.shared_tokens
+    d.start_request("b", "p0", list(range(200, 230)))
+    d.finish_request("b")
+    assert d.shared_tokens <= 40 and d.shared_tokens != before
+    assert d.history()["p0"]  # the problem's own history is untouched
