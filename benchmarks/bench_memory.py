@@ -130,6 +130,9 @@ def main(argv=None) -> int:
               f"stats {session.policy.acceptance.num_problems} problems, "
               f"{seconds[-1]:.1f} s", flush=True)
     st = session.drafter.stats()
+    g = session.drafter._global
+    shared_bytes = g.memory_bytes() if g is not None and st.shared_tokens else 0
+    indexed = st.tokens + st.shared_tokens  # every token stored in an index
     last = np.asarray(rss[-50:])
     out = {
         "rss_mb": rss,
@@ -137,17 +140,24 @@ def main(argv=None) -> int:
         "rss_bytes_per_token": (rss[-1] - rss0) * 2**20 / max(st.tokens, 1),
         "history_tokens": tokens,
         "stored_tokens_final": st.tokens,
-        "index_nodes_per_token": st.nodes / max(st.tokens, 1),
+        # the shared (cross-problem) index: copies of the newest sequences, capped by
+        # DrafterConfig.shared_max_tokens; bytes_per_token above counts its tokens too
+        "shared_tokens_final": st.shared_tokens,
+        "shared_index_mb": shared_bytes / 2**20,
+        "history_bytes_per_token": (st.bytes - shared_bytes) / max(st.tokens, 1),
+        "index_nodes_per_token": st.nodes / max(indexed, 1),
         # bytes per token beyond 64 B per live node and 4 B per token: free-list slack,
         # child maps, per-sequence state, capacity not (yet) used
-        "index_overhead_bytes_per_token": (st.bytes - 64 * st.nodes - 4 * st.tokens) / max(st.tokens, 1),
+        "index_overhead_bytes_per_token": (st.bytes - 64 * st.nodes - 4 * indexed) / max(indexed, 1),
         "last50_spread": float((last.max() - last.min()) / last.min()) if len(last) else None,
         "rss_start_mb": rss0,
         "config": vars(args),
     }
     session.close()
     Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"bytes_per_token {out['bytes_per_token']:.1f} (rss {out['rss_bytes_per_token']:.1f}), "
+    print(f"bytes_per_token {out['bytes_per_token']:.1f} (per-problem indexes "
+          f"{out['history_bytes_per_token']:.1f}; shared index {out['shared_tokens_final']} tokens, "
+          f"{out['shared_index_mb']:.0f} MB; rss {out['rss_bytes_per_token']:.1f}), "
           f"last-50 RSS spread {out['last50_spread']:.3%}")
     if args.png:
         import matplotlib

@@ -34,9 +34,14 @@ History, the same for every peer (what the DAS drafter sees in an RL run):
   than one token was accepted (SGLang's own window would drop some: this favours NGRAM);
   Arctic gets its ``add_active_response``.
 
-NGRAM keeps one trie per problem, built fresh per group from that history (SGLang keeps one
-trie for all requests: sharing it across problems would only add noise, so this favours NGRAM
-too). Its output is a fixed-size BFS tree padded with token 0 under the root; trailing padding
+Protocol. ``server`` (default): each peer keeps ONE state for the whole dataset, as one
+engine serving an RL run does; groups run in training-step order, a group's history is
+what the peer has not been given yet (earlier targets went in as they were decoded).
+NGRAM is SGLang's one corpus for all requests at its default capacity (10M nodes,
+LRU-evicted past it); Arctic keeps its global response cache; DAS its per-problem indexes
+and its shared cross-problem index (``DrafterConfig.global_shard``). ``--isolated`` (the
+earlier protocol): a fresh state per group holding only that problem's history; NGRAM then
+gets one trie per problem sized to hold everything. Its output is a fixed-size BFS tree padded with token 0 under the root; trailing padding
 is stripped (a real token-0 root child at the very end would be stripped with it: rare and
 against NGRAM only by that one node).
 

@@ -197,3 +197,15 @@ def test_observe_many_equals_observe_row_by_row():
     with pytest.raises(ValueError, match="problem 'q'.*proposed=1, accepted=2"):
         a.observe_many(["ok", "q"], [1, 1], [1, 2])
     assert "ok" not in a._stats  # validated before anything is recorded
+
+
+def test_observe_more_drafts_than_max_budget_counts_in_the_last_bin():
+    # a caller reporting more drafts than max_budget (another engine's budget, a bench
+    # replaying whole chunks) must not crash the feedback path
+    cfg = PolicyConfig(max_budget=16)
+    a, b = AcceptanceTracker(cfg), AcceptanceTracker(cfg)
+    a.observe_many(["p", "p"], [63, 40], [60, 3])
+    b.observe("p", 63, 60)
+    b.observe("p", 40, 3)
+    np.testing.assert_array_equal(a._by_budget, b._by_budget)
+    assert a._stats["p"].n_obs == 2 and a._stats["p"].sum_accepted == 63

@@ -68,6 +68,9 @@ def test_shared_index_drafts_where_the_own_index_has_no_match():
     assert alone[0].tolist() == [] and alone[3] == 0
     mixed = ix.draft_for_sequence(1, 4, 0.0, {0: 1.0}, False, 6, MIX, sh, 0.03)
     assert mixed[0].tolist()[:2] == [9, 10] and mixed[3] == 2
+    # shared matches shorter than shared_min_match are not used
+    assert ix.draft_for_sequence(1, 4, 0.0, {0: 1.0}, False, 6, MIX, sh, 0.03, 2)[0].tolist()[:2] == [9, 10]
+    assert ix.draft_for_sequence(1, 4, 0.0, {0: 1.0}, False, 6, MIX, sh, 0.03, 3)[0].tolist() == []
 
 
 def test_bad_shared_weight_is_rejected_naming_it():
@@ -78,6 +81,8 @@ def test_bad_shared_weight_is_rejected_naming_it():
                    np.array([1.0]), False, 3, MIX, 1, ix, -1.0)
     with pytest.raises(ValueError, match="shared_weight"):
         DrafterConfig(shared_weight=-0.5)
+    with pytest.raises(ValueError, match="shared_min_match"):
+        DrafterConfig(shared_min_match=0)
     with pytest.raises(ValueError, match="shared_max_tokens"):
         DrafterConfig(shared_max_tokens=-1)
 

@@ -209,7 +209,7 @@ class AcceptanceTracker:
             )
         if proposed == 0:
             return  # nothing was drafted: says nothing about acceptance
-        self._record(problem_id, int(proposed), int(accepted), self._by_budget[_bin(proposed)])
+        self._record(problem_id, int(proposed), int(accepted), self._by_budget[self._bin_of(proposed)])
 
     def _record(self, problem_id: str, proposed: int, accepted: int, budget_cell) -> None:
         """One drafted row's outcome (``proposed`` > 0): matched with the plan's expectation,
@@ -229,6 +229,10 @@ class AcceptanceTracker:
                 st.sum_expected += expected
                 st.sum_matched += accepted
 
+    def _bin_of(self, proposed: int) -> int:
+        """The budget bin of ``proposed`` drafts; more than max_budget counts in the last bin."""
+        return min(_bin(proposed), len(self._by_budget) - 1)
+
     def observe_many(self, problem_ids: Sequence[str], proposed, accepted) -> None:
         """:meth:`observe` for many rows, in row order (the same statistics, bit for bit);
         every row is validated before any is recorded."""
@@ -244,7 +248,7 @@ class AcceptanceTracker:
         sel = np.flatnonzero(p > 0)
         if not sel.size:
             return
-        bins = _bin(p[sel]).tolist()
+        bins = np.minimum(_bin(p[sel]), len(self._by_budget) - 1).tolist()
         by_budget = self._by_budget.tolist()  # Python floats: the same IEEE additions
         record = self._record
         for i, k, pi, ai in zip(sel.tolist(), bins, p[sel].tolist(), a[sel].tolist()):

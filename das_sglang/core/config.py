@@ -36,9 +36,11 @@ class DrafterConfig:
                    own index has nothing.
     shared_weight  weight of a shared-index anchor relative to a problem-index anchor of
                    the same match length (raw ``shared_weight * m ** mix_alpha``).
+    shared_min_match  shortest shared-index match taken as an anchor (shorter ones, shared
+                   by many problems, cost the most to merge).
     shared_max_tokens  finished-rollout tokens the shared index keeps (newest first; live
-                   requests are always in it): bounds its memory (~130 B per token: 1M
-                   tokens ~ 130 MB) apart from the per-problem history. 0 = no cap.
+                   requests are always in it): bounds its memory (~130 B per token: 512k
+                   tokens ~ 70 MB) apart from the per-problem history. 0 = no cap.
     max_history_tokens  cap on finished-rollout (history) tokens kept; past it the oldest
                    step's rollouts are evicted first, problem by problem (oldest added
                    first), with the policy's statistics of problems left without history.
@@ -73,7 +75,8 @@ class DrafterConfig:
     tree: bool = True
     global_shard: bool = True
     shared_weight: float = 0.03
-    shared_max_tokens: int = 1_000_000
+    shared_min_match: int = 1
+    shared_max_tokens: int = 524_288
     max_history_tokens: int = 80_000_000
     mixture: bool = True
     mix_alpha: float = 4.0
@@ -115,6 +118,7 @@ class DrafterConfig:
         check_field(self.mix_min_match >= 1, "mix_min_match", self.mix_min_match, "must be >= 1")
         check_field(self.mix_max_fanout >= 1, "mix_max_fanout", self.mix_max_fanout, "must be >= 1")
         check_field(0.0 <= self.shared_weight <= 1e6, "shared_weight", self.shared_weight, "must be in [0, 1e6]")
+        check_field(self.shared_min_match >= 1, "shared_min_match", self.shared_min_match, "must be >= 1")
         check_field(self.shared_max_tokens >= 0, "shared_max_tokens", self.shared_max_tokens, "must be >= 0")
         check_field(self.mix_recency >= 0.0, "mix_recency", self.mix_recency, "must be >= 0")
         check_field(self.mix_match_half >= 0.0, "mix_match_half", self.mix_match_half, "must be >= 0")

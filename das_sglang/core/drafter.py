@@ -483,8 +483,8 @@ class SuffixDrafter:
     def _shared(self, indices) -> tuple:
         """(shared index, weight) for a native draft call over ``indices``."""
         if not self._mixes_shared() or (indices and indices[0] is self._global):
-            return (None, 0.0)
-        return (self._global, self.config.shared_weight)
+            return (None, 0.0, 1)
+        return (self._global, self.config.shared_weight, self.config.shared_min_match)
 
     def _draft_rows(self, indices: list[SuffixIndex], seq_ids: np.ndarray, budgets: np.ndarray) -> list[DraftTree]:
         cfg = self.config

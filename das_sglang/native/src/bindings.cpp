@@ -192,12 +192,13 @@ struct DraftArgs {
 
 // shared = None or a SuffixIndex (DraftParams::shared), with its weight and slot weights.
 void set_shared(DraftParams& p, nb::handle shared, double shared_weight, const int64_t* steps,
-                const double* weights, size_t n_steps) {
+                const double* weights, size_t n_steps, int shared_min_match = 1) {
   if (!(shared_weight >= 0.0))
     throw nb::value_error(("invalid shared_weight=" + std::to_string(shared_weight) + ": must be >= 0").c_str());
   if (shared.is_none() || shared_weight == 0.0) return;
   p.shared = nb::cast<const SuffixIndex*>(shared);
   p.shared_weight = shared_weight;
+  p.shared_min_match = shared_min_match;
   p.shared->slot_weights(steps, weights, n_steps, p.shared_slot_weight);
 }
 
@@ -240,10 +241,12 @@ DraftArgs draft_args(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_
 // One call per decode batch: rows (index, seq_id, budget) -> concatenated trees + offsets.
 nb::tuple draft_batch(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_h,
                       double min_prob, nb::handle steps_h, nb::handle weights_h, bool chain,
-                      int max_match_len, nb::handle mix, nb::handle shared, double shared_weight) {
+                      int max_match_len, nb::handle mix, nb::handle shared, double shared_weight,
+                      int shared_min_match) {
   DraftArgs a = draft_args(indices, seq_ids_h, budgets_h, min_prob, steps_h, weights_h, chain,
                            max_match_len, mix, "draft_batch");
-  set_shared(a.p, shared, shared_weight, a.steps.data(), a.weights.data(), a.steps.shape(0));
+  set_shared(a.p, shared, shared_weight, a.steps.data(), a.weights.data(), a.steps.shape(0),
+             shared_min_match);
   FlatDrafts all;
   {
     nb::gil_scoped_release release;
@@ -258,12 +261,13 @@ nb::tuple draft_batch(nb::list indices, nb::handle seq_ids_h, nb::handle budgets
 nb::tuple draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_h,
                      double min_prob, nb::handle steps_h, nb::handle weights_h, bool chain,
                      int max_match_len, nb::handle mix, int threads, nb::handle shared,
-                     double shared_weight) {
+                     double shared_weight, int shared_min_match) {
   if (threads < 1)
     throw nb::value_error(("invalid threads=" + std::to_string(threads) + ": must be >= 1").c_str());
   DraftArgs a = draft_args(indices, seq_ids_h, budgets_h, min_prob, steps_h, weights_h, chain,
                            max_match_len, mix, "draft_rows");
-  set_shared(a.p, shared, shared_weight, a.steps.data(), a.weights.data(), a.steps.shape(0));
+  set_shared(a.p, shared, shared_weight, a.steps.data(), a.weights.data(), a.steps.shape(0),
+             shared_min_match);
   FlatDrafts all;
   {
     nb::gil_scoped_release release;
@@ -402,7 +406,7 @@ NB_MODULE(_suffix, m) {
           "draft_for_sequence",
           [](const SuffixIndex& s, int64_t seq_id, int budget, double min_prob,
              nb::dict step_weights, bool chain, int max_match_len, nb::handle mix,
-             nb::handle shared, double shared_weight) {
+             nb::handle shared, double shared_weight, int shared_min_match) {
             DraftParams p = params(s, budget, min_prob, step_weights, chain, max_match_len);
             set_mix(p, mix);
             if (!shared.is_none()) {  // the shared index's slot weights from the same table
@@ -412,7 +416,8 @@ NB_MODULE(_suffix, m) {
                 steps.push_back(nb::cast<int64_t>(kv.first));
                 weights.push_back(nb::cast<double>(kv.second));
               }
-              set_shared(p, shared, shared_weight, steps.data(), weights.data(), steps.size());
+              set_shared(p, shared, shared_weight, steps.data(), weights.data(), steps.size(),
+                         shared_min_match);
             }
             Draft d;
             s.draft_for_sequence(seq_id, p, d);
@@ -420,7 +425,8 @@ NB_MODULE(_suffix, m) {
           },
           nb::arg("seq_id"), nb::arg("budget"), nb::arg("min_prob"), nb::arg("step_weights"),
           nb::arg("chain"), nb::arg("max_match_len"), nb::arg("mix") = nb::none(),
-          nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0)
+          nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0,
+          nb::arg("shared_min_match") = 1)
       .def_prop_ro("num_nodes", &SuffixIndex::num_nodes)
       .def_prop_ro("num_sequences", &SuffixIndex::num_sequences)
       .def_prop_ro("num_tokens", &SuffixIndex::num_tokens)
@@ -439,13 +445,13 @@ NB_MODULE(_suffix, m) {
   m.def("draft_batch", &draft_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("budgets"),
         nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
         nb::arg("max_match_len"), nb::arg("mix") = nb::none(), nb::arg("shared") = nb::none(),
-        nb::arg("shared_weight") = 0.0,
+        nb::arg("shared_weight") = 0.0, nb::arg("shared_min_match") = 1,
         "Draft for many (index, seq_id, budget) rows in one call; returns (tokens, parents, "
         "probs, offsets int64[n+1], match_lens int32[n]).");
   m.def("draft_rows", &draft_rows, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("budgets"),
         nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
         nb::arg("max_match_len"), nb::arg("mix") = nb::none(), nb::arg("threads") = 1,
-        nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0,
+        nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0, nb::arg("shared_min_match") = 1,
         "draft_batch plus node depths, rows split over `threads` threads (same result); "
         "returns (tokens, parents, probs, depths int32, offsets int64[n+1], match_lens int32[n]).");
   m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),

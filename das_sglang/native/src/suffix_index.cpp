@@ -624,7 +624,7 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
     }
     if (sst != nullptr) {
       const uint32_t L2 = uint32_t(sst->tokens.size()), D2 = uint32_t(p.shared->max_depth_);
-      for (int m = lo2; m >= std::max(1, p.mix_min_match); --m) {
+      for (int m = lo2; m >= std::max({1, p.mix_min_match, p.shared_min_match}); --m) {
         const uint32_t c = sst->cursors[(L2 - uint32_t(m)) % D2];
         if (!p.shared->add_anchor(anchors, Pos{c, p.shared->nodes_[c].label_len}, m, p, 1)) break;
       }

@@ -209,6 +209,7 @@ struct DraftParams {
   // null, shared_weight <= 0 or the sequence is not in `shared`.
   const SuffixIndex* shared = nullptr;
   double shared_weight = 0.0;
+  int shared_min_match = 1;  // shortest shared-index match taken as an anchor
   double shared_slot_weight[kSlots] = {};
 };
 
