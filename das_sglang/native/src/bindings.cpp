@@ -123,13 +123,22 @@ void draft_rows_impl(const std::vector<const SuffixIndex*>& idx, const int64_t* 
     const SuffixIndex* last = nullptr;
     // Cache hints a few rows ahead (results do not depend on them): the storage and cursor
     // ring kAhead1 rows on, the cursors' nodes kAhead2 rows on.
-    constexpr size_t kAhead1 = 8, kAhead2 = 4;
+    constexpr size_t kAhead1 = 16, kAhead2 = 8;
     uint32_t ring[kAhead1];
     for (size_t r = r0; r < std::min(r1, r0 + kAhead1); ++r)
       ring[r % kAhead1] = idx[r]->prefetch_sequence(seq_ids[r]);
     for (size_t r = r0; r < std::min(r1, r0 + kAhead2); ++r)
       idx[r]->prefetch_cursor_nodes(ring[r % kAhead1], p.max_match_len);
+    // Stage 3, a group of kGroup rows at a time: walk the children lists the group's
+    // drafts scan first, all lists interleaved (their cursor nodes were prefetched
+    // kAhead2 rows ahead).
+    constexpr size_t kGroup = 4;
+    std::vector<SuffixIndex::ListHead> heads;
     for (size_t r = r0; r < r1; ++r) {
+      if ((r - r0) % kGroup == 0) {
+        for (size_t g = r; g < std::min(r1, r + kGroup); ++g) idx[g]->draft_lists(ring[g % kAhead1], p, heads);
+        SuffixIndex::walk_lists(heads);
+      }
       if (r + kAhead2 < r1)
         idx[r + kAhead2]->prefetch_cursor_nodes(ring[(r + kAhead2) % kAhead1], p.max_match_len);
       if (r + kAhead1 < r1)
