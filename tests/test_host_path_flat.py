@@ -54,6 +54,63 @@ def test_flat_speculate_equals_tree_by_tree_for_any_thread_count(kw):
     _same_trees(d.speculate_batch(rids[:5], [16] * 5), d.speculate_flat(rids[:5], 16))
 
 
+def _fresh_drafts(d, rids, budget):
+    saved, d._predrafted = d._predrafted, None
+    try:
+        return d.speculate_flat(rids, budget)
+    finally:
+        d._predrafted = saved
+
+
+def _same_batch(a, b):
+    for f in ("tokens", "parents", "probs", "depths", "offsets"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    np.testing.assert_array_equal(np.asarray(a.match_len), np.asarray(b.match_len))
+
+
+def test_predrafted_trees_are_reused_only_while_exact():
+    """``predraft`` keeps the trees; a later ``speculate_flat`` reuses a row only while its
+    sequence, index version, budget and the step weights are unchanged: after extends,
+    finishes, new requests, other budgets and a step advance it equals drafting afresh."""
+    d, rids, rng = _drafter(3)
+    d.predraft(rids, 16)
+    kept = d._predrafted[1]
+    same = d.speculate_flat(rids, 16)
+    assert same is kept  # nothing changed: the trees themselves
+    _same_batch(same, _fresh_drafts(d, rids, 16))
+    # Rows of p0/p1 gain tokens, a p2 row finishes into history, a new p3 request starts;
+    # the rows come back in another order, plus the new one.
+    grow = [r for r in rids if d._live[r].problem_id in ("p0", "p1")]
+    d.extend_batch(grow, [rng.integers(0, 12, 3) for _ in grow])
+    done = next(r for r in rids if d._live[r].problem_id == "p2")
+    d.finish_request(done)
+    d.start_request("new", "p3", rng.integers(0, 12, 30))
+    ask = [r for r in rids if r != done][::-1] + ["new"]
+    drafted = []
+    native = d._draft_flat
+    d._draft_flat = lambda idx, *a: drafted.append(len(idx)) or native(idx, *a)
+    out = d.speculate_flat(ask, 16)
+    del d._draft_flat
+    _same_batch(out, _fresh_drafts(d, ask, 16))
+    # (a finish kept as history leaves p2's index as it was: its rows stay valid)
+    changed = sum(d._live[r].problem_id in ("p0", "p1", "p3") for r in ask)
+    assert drafted == [changed] and 0 < changed < len(ask) / 2  # only those were drafted again
+    # another budget for every row: nothing reused, still exact
+    d.predraft(ask, 16)
+    _same_batch(d.speculate_flat(ask, 7), _fresh_drafts(d, ask, 7))
+    # a step advance changes the weights: the kept trees are dropped
+    d.predraft(ask, 16)
+    d.advance_step(d.step + 1)
+    _same_batch(d.speculate_flat(ask, 16), _fresh_drafts(d, ask, 16))
+    assert d._predrafted is None
+
+
+def test_predraft_is_off_with_the_global_shard():
+    d, rids, _ = _drafter(4, global_shard=True)
+    d.predraft(rids, 16)
+    assert d._predrafted is None
+
+
 def test_draft_rows_matches_draft_batch_and_checks_its_arguments():
     d, rids, rng = _drafter(1)
     lives = [d._live[r] for r in rids]

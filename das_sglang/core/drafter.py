@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -135,6 +135,7 @@ class SuffixDrafter:
         self.lazy_eviction = False  # see advance_step / evict_pending
         self._evicting: set[int] = set()
         self._next_seq_id = 0
+        self._predrafted: tuple | None = None  # see predraft
         self._weights = (np.zeros(0, np.int64), np.zeros(0, np.float64))
         self._refresh_weights()
 
@@ -481,6 +482,10 @@ class SuffixDrafter:
             lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
         idx = [indices[lv.problem_id] for lv in lives]
         seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
+        if self._predrafted is not None and self._global is None:
+            out = self._reuse_predrafted(idx, seq_ids, b, threads)
+            if out is not None:
+                return out
         if threads is None:
             threads = max(1, min(self.DRAFT_THREADS, n // self.DRAFT_ROWS_PER_THREAD))
         out = self._draft_flat(idx, seq_ids, b, threads)
@@ -492,6 +497,57 @@ class SuffixDrafter:
                 rows[empty] = n + np.arange(len(empty))
                 out = DraftBatch.concat([out, fallback]).take(rows)
         return out
+
+    def predraft(self, req_ids: Sequence[str], budget: int) -> None:
+        """Draft these rows now (:meth:`speculate_flat`) and keep the trees: a later
+        ``speculate_flat`` reuses a row's tree while nothing it depends on has changed --
+        the same sequence (seq_id) and budget, its index unchanged since (the native
+        ``SuffixIndex.version``) and the same step weights -- and drafts only the other rows.
+        The result is exactly what drafting then would give. The session calls it on its
+        update thread right after a batch's accepted tokens are indexed (the nodes just
+        touched are still in cache, and the engine's own per-step work runs meanwhile).
+        Not with ``global_shard`` (the shared fallback index changes with every row)."""
+        self._predrafted = None
+        if self._global is not None or not len(req_ids):
+            return
+        live = self._live
+        req_ids = [r for r in req_ids if r in live]  # (a row may have left meanwhile)
+        if not req_ids:
+            return
+        out = self.speculate_flat(req_ids, budget)
+        lives = [live[r] for r in req_ids]
+        seq_ids = [lv.seq_id for lv in lives]
+        indices = self._indices
+        versions = np.fromiter((indices[lv.problem_id].version for lv in lives), np.uint64, len(lives))
+        self._predrafted = (dict(zip(seq_ids, range(len(seq_ids)))), out, versions, self._weights,
+                            np.full(len(seq_ids), int(budget), np.int64))
+
+    def _reuse_predrafted(self, idx, seq_ids: np.ndarray, b: np.ndarray, threads) -> DraftBatch | None:
+        """``speculate_flat`` from the :meth:`predraft` trees that are still exact (the
+        others drafted now); None when none is."""
+        pos, kept, versions, weights, budgets = self._predrafted
+        if weights is not self._weights:  # a step advanced or a step's first sequence came
+            self._predrafted = None
+            return None
+        n = len(seq_ids)
+        at = np.fromiter(map(pos.get, seq_ids.tolist(), repeat(-1, n)), np.int64, n)
+        ok = at >= 0
+        j = at[ok]
+        now = np.fromiter((i.version for i in idx), np.uint64, n)
+        ok[ok] = (versions[j] == now[ok]) & (budgets[j] == b[ok])
+        if not ok.any():
+            return None
+        if ok.all():
+            if n == len(kept) and np.array_equal(at, np.arange(n)):
+                return kept
+            return kept.take(at)
+        miss = np.flatnonzero(~ok)
+        if threads is None:
+            threads = max(1, min(self.DRAFT_THREADS, len(miss) // self.DRAFT_ROWS_PER_THREAD))
+        fresh = self._draft_flat([idx[i] for i in miss.tolist()], seq_ids[miss], b[miss], threads)
+        rows = at.copy()
+        rows[miss] = len(kept) + np.arange(len(miss))
+        return DraftBatch.concat([kept, fresh]).take(rows)
 
     def _draft_flat(self, indices, seq_ids: np.ndarray, budgets: np.ndarray, threads: int) -> DraftBatch:
         cfg = self.config

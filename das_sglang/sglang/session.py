@@ -184,6 +184,11 @@ class DasSession:
             # while the forward runs (plan submits one chunk after its reads).
             self.drafter.lazy_eviction = True
         self._evicting = False
+        # Pre-drafting (SuffixDrafter.predraft): the latest plan's node cap, and a counter
+        # bumped at every step advance, which drops a pre-draft not started by then (its
+        # trees would be stale: the step weights change).
+        self._plan_nodes: int | None = None
+        self._epoch = 0
         self.worker_stats: dict | None = None  # the worker's verify counters, for shard stats
         self.shards = self._open_shards(engine_id)
 
@@ -252,6 +257,7 @@ class DasSession:
         return self.drafter.stats().sequences <= len(self.live)
 
     def advance_step(self, step: int) -> None:
+        self._epoch += 1
         self.sync()
         self.step = step
         self.drafter.advance_step(step)
@@ -339,6 +345,7 @@ class DasSession:
         self.sync()
         self._check_cap()
         req_ids = list(req_ids)
+        self._plan_nodes = max_nodes
         drafts = self.drafter.speculate_flat(req_ids, max_nodes)
         if self._evicting and self._updates is not None:
             # The index is not read again until the next plan or update: remove a chunk of
@@ -395,6 +402,10 @@ class DasSession:
             self._updates.raise_error()
             prepared = self.drafter.prepare_extend(req_ids, tokens, flat)
             self._updates.submit(self.drafter.apply_extend, prepared)
+            if self._plan_nodes is not None and hasattr(self.drafter, "predraft"):
+                # The next plan's trees, drafted while the engine processes this step's
+                # results (exact: rows whose index changes meanwhile are drafted again).
+                self._updates.submit(self._predraft, list(req_ids), self._plan_nodes, self._epoch)
         else:  # small batches (the hand-off costs more than the extend), or a bad row
             self.sync()
             self.drafter.extend_batch(req_ids, tokens)
@@ -413,6 +424,10 @@ class DasSession:
                 observe = self.policy.observe_verify
                 for i in rows.tolist():
                     observe(lives[i].problem_id, int(p[i]), int(n[i]) - 1)
+
+    def _predraft(self, req_ids, max_nodes: int, epoch: int) -> None:
+        if epoch == self._epoch:  # (else a step advanced since: the trees would be stale)
+            self.drafter.predraft(req_ids, max_nodes)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.
