@@ -14,7 +14,9 @@ from das_sglang.core.drafter import SuffixDrafter
 from das_sglang.core.online_acceptance import tree_depths
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import SuffixIndex, draft_batch, draft_rows
+from das_sglang.native import (
+    SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
+)
 
 
 def _drafter(seed=0, **kw):
@@ -105,9 +107,65 @@ def test_predrafted_trees_are_reused_only_while_exact():
     assert d._predrafted is None
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_extend_draft_rows_equals_extend_then_draft(threads):
+    """The fused native call gives extend_batch's indices and draft_rows' trees (rows of
+    one index drafted after its last append, whatever the split), and the versions."""
+    a, rids, rng = _drafter(5)
+    b, _, _ = _drafter(5)
+    c, _, _ = _drafter(5)
+    rows = list(rng.permutation(rids)[:120])  # many rows share an index
+    toks = [rng.integers(0, 12, int(rng.integers(1, 5))) for _ in rows]
+    budgets = rng.integers(0, 17, len(rows)).astype(np.int32)
+    out = []
+    for d, mode in ((a, "fused"), (b, "two calls"), (c, "started")):
+        idx, seq, flat, off = d.prepare_extend(rows, toks)
+        steps, weights = d._weights
+        args = (0.05, steps, weights, False, 32, d._mix())
+        if mode == "two calls":
+            extend_batch(idx, seq, flat, off)
+            arrays = draft_rows(idx, seq, budgets, *args, 1)
+        else:
+            if mode == "fused":
+                *arrays, versions = extend_draft_rows(idx, seq, flat, off, budgets, *args, threads)
+            else:
+                pending = extend_draft_rows_start(idx, seq, flat, off, budgets, *args, threads)
+                *arrays, versions = pending.wait()
+                with pytest.raises(ValueError, match="already returned"):
+                    pending.wait()
+            np.testing.assert_array_equal(versions, [ix.version for ix in idx])
+        out.append(arrays)
+        assert len(arrays[0]) > 200
+    for x, y, z in zip(*out):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(z, y)
+    for d in (a, c):
+        assert {p: d._indices[p].sequence_ids() for p in d._indices} == {p: b._indices[p].sequence_ids() for p in b._indices}
+        for r in rids:
+            np.testing.assert_array_equal(d._indices[d._live[r].problem_id].sequence_tokens(d._live[r].seq_id),
+                                          b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
+    for call in (extend_draft_rows, extend_draft_rows_start):  # checked before anything starts
+        with pytest.raises(ValueError, match="unknown seq_id=999999 in row 0"):
+            call(idx[:1], np.array([999999], np.int64), flat[:1], np.array([0, 1], np.int64), budgets[:1], *args, 1)
+
+
+def test_apply_extend_with_predraft_keeps_exact_trees():
+    d, rids, rng = _drafter(6)
+    d.apply_extend(d.prepare_extend(rids, [rng.integers(0, 12, 2) for _ in rids]), 16)
+    assert d._predrafted is not None
+    assert d.speculate_flat(rids, 16) is d._predrafted[1]
+    _same_batch(d._predrafted[1], _fresh_drafts(d, rids, 16))
+    done = d.start_extend(d.prepare_extend(rids, [rng.integers(0, 12, 2) for _ in rids]), 16)
+    done()  # the started form: the same trees once waited for
+    assert d.speculate_flat(rids, 16) is d._predrafted[1]
+    _same_batch(d._predrafted[1], _fresh_drafts(d, rids, 16))
+
+
 def test_predraft_is_off_with_the_global_shard():
     d, rids, _ = _drafter(4, global_shard=True)
     d.predraft(rids, 16)
+    assert d._predrafted is None
+    d.apply_extend(d.prepare_extend(rids[:3], [[1], [2], [3]]), 16)
     assert d._predrafted is None
 
 

@@ -33,7 +33,9 @@ import numpy as np
 
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
-from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch
+from das_sglang.native import (
+    MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
+)
 
 # problem_id -> step -> finished rollouts (prompt + response), as int32 arrays
 History = dict[str, dict[int, list[np.ndarray]]]
@@ -375,11 +377,51 @@ class SuffixDrafter:
         indices = self._indices
         return [indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets
 
-    def apply_extend(self, prepared: tuple) -> None:
+    def apply_extend(self, prepared: tuple, predraft: int | None = None) -> None:
+        """Apply :meth:`prepare_extend`'s arguments; with ``predraft`` (a node budget) also
+        :meth:`predraft` the rows, in the same native call (``extend_draft_rows``: each row
+        drafted right after its index's appends, while their nodes are in cache)."""
         idx, seq_ids, flat, offsets = prepared
+        if predraft is not None and self._global is None and len(idx):
+            args, keep = self._extend_draft_args(prepared, predraft)
+            keep(extend_draft_rows(*args))
+            return
         extend_batch(idx, seq_ids, flat, offsets)
         if self._global is not None:
             extend_batch([self._global] * len(idx), seq_ids, flat, offsets)
+
+    def start_extend(self, prepared: tuple, predraft: int):
+        """:meth:`apply_extend` with ``predraft``, started now on a native thread of its own
+        (it never needs the GIL, so it runs while this thread goes on with Python). Returns
+        a callable that waits for it and keeps the trees; until it has returned nothing may
+        read or change this drafter's indices. None (nothing started) with ``global_shard``
+        or no rows: use :meth:`apply_extend`."""
+        if self._global is not None or not len(prepared[0]):
+            return None
+        args, keep = self._extend_draft_args(prepared, predraft)
+        pending = extend_draft_rows_start(*args)
+        return lambda: keep(pending.wait())
+
+    def _extend_draft_args(self, prepared: tuple, predraft: int):
+        """(``extend_draft_rows`` arguments, a callable keeping its result as the
+        :meth:`predraft` trees). The step weights are read now: trees drafted with them are
+        reused only while they are still the drafter's."""
+        idx, seq_ids, flat, offsets = prepared
+        cfg = self.config
+        token = self._weights
+        steps, weights = token
+        n = len(idx)
+        b = np.full(n, int(predraft), np.int32)
+        threads = max(1, min(self.DRAFT_THREADS, n // self.DRAFT_ROWS_PER_THREAD))
+        args = (idx, seq_ids, flat, offsets, b, cfg.min_token_prob, steps, weights, not cfg.tree,
+                cfg.max_match_len, self._mix(), threads)
+
+        def keep(result) -> None:
+            *arrays, versions = result
+            self._predrafted = (dict(zip(seq_ids.tolist(), range(n))), DraftBatch(*arrays), versions,
+                                token, b.astype(np.int64))
+
+        return args, keep
 
     def finish_request(self, req_id: str, keep: bool = True) -> None:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""

@@ -90,6 +90,10 @@ class _Updates:
     def submit(self, fn, *args) -> None:
         self._q.put((fn, args))
 
+    def busy(self) -> bool:
+        """Some update is queued or running."""
+        return bool(self._q.unfinished_tasks)
+
     def flush(self) -> None:
         if self._q.unfinished_tasks:
             self._q.join()
@@ -401,11 +405,21 @@ class DasSession:
             # (without the GIL: it never holds up the scheduler thread's Python).
             self._updates.raise_error()
             prepared = self.drafter.prepare_extend(req_ids, tokens, flat)
-            self._updates.submit(self.drafter.apply_extend, prepared)
             if self._plan_nodes is not None and hasattr(self.drafter, "predraft"):
-                # The next plan's trees, drafted while the engine processes this step's
-                # results (exact: rows whose index changes meanwhile are drafted again).
-                self._updates.submit(self._predraft, list(req_ids), self._plan_nodes, self._epoch)
+                # With the extend, the next plan's trees: drafted while the engine processes
+                # this step's results (exact: rows whose index changes meanwhile, by a finish
+                # or a start, are drafted again by the plan). With nothing queued before it,
+                # the work starts now on a native thread: queued, it would wait for the GIL
+                # until this thread blocks.
+                done = None
+                if not self._updates.busy():
+                    done = self.drafter.start_extend(prepared, self._plan_nodes)
+                if done is not None:
+                    self._updates.submit(done)
+                else:
+                    self._updates.submit(self._extend_predraft, prepared, self._plan_nodes, self._epoch)
+            else:
+                self._updates.submit(self.drafter.apply_extend, prepared)
         else:  # small batches (the hand-off costs more than the extend), or a bad row
             self.sync()
             self.drafter.extend_batch(req_ids, tokens)
@@ -425,9 +439,9 @@ class DasSession:
                 for i in rows.tolist():
                     observe(lives[i].problem_id, int(p[i]), int(n[i]) - 1)
 
-    def _predraft(self, req_ids, max_nodes: int, epoch: int) -> None:
-        if epoch == self._epoch:  # (else a step advanced since: the trees would be stale)
-            self.drafter.predraft(req_ids, max_nodes)
+    def _extend_predraft(self, prepared, max_nodes: int, epoch: int) -> None:
+        # (a step advanced since the submission: the step weights change, no pre-draft)
+        self.drafter.apply_extend(prepared, max_nodes if epoch == self._epoch else None)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.
