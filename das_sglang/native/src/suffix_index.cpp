@@ -12,12 +12,7 @@ namespace das {
 namespace {
 constexpr uint64_t kEmpty = ~uint64_t(0);  // no real key: parent ids are < kNil
 
-uint64_t mix(uint64_t k) {
-  k ^= k >> 33;
-  k *= 0xff51afd7ed558ccdULL;
-  k ^= k >> 33;
-  return k;
-}
+uint64_t mix(uint64_t k) { return ChildMap::mix_key(k); }
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 [[noreturn]] void broken(const std::string& inv, const std::string& detail) {
@@ -308,6 +303,16 @@ void SuffixIndex::append_token(uint32_t s, int32_t t) {
   uint32_t L = uint32_t(storages_[s].tokens.size());
   storages_[s].tokens.push_back(t);  // labels of new nodes point at it
   uint32_t lo = L + 1 >= D ? L + 1 - D : 0;
+  // Cache hints: each active suffix end next reads its child under t (independent of the
+  // other ends), so request them all before stepping any.
+  for (uint32_t i = lo; i <= L; ++i) {
+    const uint32_t c = storages_[s].cursors[i % D];
+    const Node& x = nodes_[c];
+    if (indexed(c))
+      children_.prefetch(c, t);
+    else if (x.first_child != kNil)
+      __builtin_prefetch(&nodes_[x.first_child]);
+  }
   for (uint32_t i = lo; i <= L; ++i) {
     uint32_t& cur = storages_[s].cursors[i % D];
     cur = step_suffix(s, cur, t, L);

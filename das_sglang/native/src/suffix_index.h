@@ -146,6 +146,17 @@ class ChildMap {
  public:
   ChildMap();
   uint32_t find(uint32_t parent, int32_t token) const;
+  static uint64_t mix_key(uint64_t k) {  // the slot hash
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    return k;
+  }
+  void prefetch(uint32_t parent, int32_t token) const {  // cache hint for find()
+    const size_t i = mix_key(key(parent, token)) & mask_;
+    __builtin_prefetch(&keys_[i]);
+    __builtin_prefetch(&vals_[i]);
+  }
   void insert(uint32_t parent, int32_t token, uint32_t child);  // key must be absent
   void assign(uint32_t parent, int32_t token, uint32_t child);  // key must be present
   void erase(uint32_t parent, int32_t token);                   // key must be present
