@@ -161,6 +161,25 @@ def test_apply_extend_with_predraft_keeps_exact_trees():
     _same_batch(d._predrafted[1], _fresh_drafts(d, rids, 16))
 
 
+def test_predrafted_trees_survive_a_new_step_elsewhere():
+    """The weights change when a step's first sequence arrives (here: history of step 0, in
+    the window, for one problem): rows of other problems keep their trees (their indices
+    read none of that step), the problem's own rows are drafted again; all exact."""
+    d, rids, rng = _drafter(7)
+    assert 0 not in d._weight_dict
+    d.predraft(rids, 16)
+    token = d._weights
+    d.add_history("p5", 0, rng.integers(0, 12, 50))
+    assert d._weights is not token and 0 in d._weight_dict
+    drafted = []
+    native = d._draft_flat
+    d._draft_flat = lambda idx, *a: drafted.append(len(idx)) or native(idx, *a)
+    out = d.speculate_flat(rids, 16)
+    del d._draft_flat
+    assert drafted == [sum(d._live[r].problem_id == "p5" for r in rids)]
+    _same_batch(out, _fresh_drafts(d, rids, 16))
+
+
 def test_predraft_is_off_with_the_global_shard():
     d, rids, _ = _drafter(4, global_shard=True)
     d.predraft(rids, 16)

@@ -564,12 +564,21 @@ class SuffixDrafter:
         self._predrafted = (dict(zip(seq_ids, range(len(seq_ids)))), out, versions, self._weights,
                             np.full(len(seq_ids), int(budget), np.int64))
 
+    def _same_weights(self, token) -> bool:
+        """Every step the weights ``token`` (an earlier ``_weights``) and the current ones
+        share weighs the same. A draft reads only the weights of the steps its index holds,
+        and an index whose steps changed has a new version: so then a tree whose index
+        version is unchanged is still exact (e.g. after the first sequence of a new step
+        arrived elsewhere)."""
+        now = self._weight_dict
+        return all(now.get(s, w) == w for s, w in zip(token[0].tolist(), token[1].tolist()))
+
     def _reuse_predrafted(self, idx, seq_ids: np.ndarray, b: np.ndarray, threads) -> DraftBatch | None:
         """``speculate_flat`` from the :meth:`predraft` trees that are still exact (the
         others drafted now); None when none is."""
         pos, kept, versions, weights, budgets = self._predrafted
-        if weights is not self._weights:  # a step advanced or a step's first sequence came
-            self._predrafted = None
+        if weights is not self._weights and not self._same_weights(weights):
+            self._predrafted = None  # a step advanced: every step's weight changed
             return None
         n = len(seq_ids)
         at = np.fromiter(map(pos.get, seq_ids.tolist(), repeat(-1, n)), np.int64, n)
