@@ -313,13 +313,16 @@ def test_observe_many_equals_observe_row_by_row():
     cfg = PolicyConfig(max_budget=16)
     a, b = AcceptanceTracker(cfg), AcceptanceTracker(cfg)
     rng = np.random.default_rng(5)
-    for _ in range(20):
+    for rnd in range(20):
         pids = [f"p{int(i)}" for i in rng.integers(0, 6, 50)]
+        if rnd >= 17:
+            pids[3] = "*"  # a problem named like the pooled key (row by row there)
         prop = rng.integers(0, 17, 50)
         acc = np.minimum(rng.integers(0, 6, 50), prop)
-        for pid, p in zip(pids[:30], prop[:30]):  # some rows have a planned expectation
-            for t in (a, b):
-                t.expect(pid, int(p), float(p) * 0.37)
+        exp = (prop[:30] * 0.37).tolist()
+        a.expect_many(pids[:30], prop[:30].tolist(), exp)  # some rows have a planned expectation
+        for pid, p, e in zip(pids[:30], prop[:30], exp):
+            b.expect(pid, int(p), e)
         a.observe_many(pids, prop, acc)
         for pid, p, x in zip(pids, prop.tolist(), acc.tolist()):
             b.observe(pid, p, x)
@@ -328,6 +331,9 @@ def test_observe_many_equals_observe_row_by_row():
         sa, sb = a._stats[pid], b._stats[pid]
         assert (list(sa.recent), sa.n_obs, sa.sum_accepted, sa.sum_expected, sa.sum_matched) == \
             (list(sb.recent), sb.n_obs, sb.sum_accepted, sb.sum_expected, sb.sum_matched)
+    assert {k: list(v) for k, v in a._pending.items()} == {k: list(v) for k, v in b._pending.items()}
+    ids = ["*", "p1", "nobody", "p3"]
+    assert a.calibration_many(ids) == {pid: b.calibration(pid) for pid in ids}
     with pytest.raises(ValueError, match="problem 'q'.*proposed=1, accepted=2"):
         a.observe_many(["ok", "q"], [1, 1], [1, 2])
     assert "ok" not in a._stats  # validated before anything is recorded

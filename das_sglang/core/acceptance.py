@@ -256,9 +256,42 @@ class AcceptanceTracker:
             return
         bins = _bin(p[sel]).tolist()
         by_budget = self._by_budget.tolist()  # Python floats: the same IEEE additions
-        record = self._record
-        for i, k, pi, ai in zip(sel.tolist(), bins, p[sel].tolist(), a[sel].tolist()):
-            record(problem_ids[i], pi, ai, by_budget[k])
+        if GLOBAL in problem_ids:  # (a problem named like the pooled key: row by row)
+            record = self._record
+            for i, k, pi, ai in zip(sel.tolist(), bins, p[sel].tolist(), a[sel].tolist()):
+                record(problem_ids[i], pi, ai, by_budget[k])
+            self._by_budget[:] = by_budget
+            return
+        # _record per row, inlined; the pooled statistics once for the batch: its recent
+        # outcomes extended in row order, its expected sum added in row order, and its
+        # integer-valued sums (exact in a float below 2**53) by their batch totals.
+        pending, get = self._pending.get, self._stats.get
+        pooled = self._stats[GLOBAL]
+        outcomes = list(zip(p[sel].tolist(), a[sel].tolist()))
+        matched = 0
+        for i, k, pa in zip(sel.tolist(), bins, outcomes):
+            pid = problem_ids[i]
+            proposed, accepted = pa
+            q = pending((pid, proposed))
+            st = get(pid) or self._get(pid)
+            st.recent.append(pa)
+            st.n_obs += 1
+            st.sum_accepted += accepted
+            st.dirty += 1
+            if q:
+                expected = q.popleft()
+                cell = by_budget[k]
+                cell[0] += accepted
+                cell[1] += expected
+                st.sum_expected += expected
+                st.sum_matched += accepted
+                pooled.sum_expected += expected
+                matched += accepted
+        pooled.recent.extend(outcomes)
+        pooled.n_obs += len(outcomes)
+        pooled.sum_accepted += sum(a for _, a in outcomes)
+        pooled.dirty += len(outcomes)
+        pooled.sum_matched += matched
         self._by_budget[:] = by_budget
 
     def calibration(self, problem_id: str) -> float:
