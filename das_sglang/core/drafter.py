@@ -398,11 +398,12 @@ class SuffixDrafter:
         or no rows: use :meth:`apply_extend`."""
         if self._global is not None or not len(prepared[0]):
             return None
-        args, keep = self._extend_draft_args(prepared, predraft)
+        # The caller's thread keeps running Python meanwhile: leave it a core.
+        args, keep = self._extend_draft_args(prepared, predraft, spare=1)
         pending = extend_draft_rows_start(*args)
         return lambda: keep(pending.wait())
 
-    def _extend_draft_args(self, prepared: tuple, predraft: int):
+    def _extend_draft_args(self, prepared: tuple, predraft: int, spare: int = 0):
         """(``extend_draft_rows`` arguments, a callable keeping its result as the
         :meth:`predraft` trees). The step weights are read now: trees drafted with them are
         reused only while they are still the drafter's."""
@@ -412,7 +413,7 @@ class SuffixDrafter:
         steps, weights = token
         n = len(idx)
         b = np.full(n, int(predraft), np.int32)
-        threads = max(1, min(self.DRAFT_THREADS, n // self.DRAFT_ROWS_PER_THREAD))
+        threads = max(1, min(self.DRAFT_THREADS, (os.cpu_count() or 1) - spare, n // self.DRAFT_ROWS_PER_THREAD))
         args = (idx, seq_ids, flat, offsets, b, cfg.min_token_prob, steps, weights, not cfg.tree,
                 cfg.max_match_len, self._mix(), threads)
 

@@ -62,6 +62,9 @@ class _Updates:
     def __init__(self) -> None:
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        # Native work started off the GIL (see set_native): the callable that waits for it.
+        self._native = None
+        self._native_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="das-history-updates", daemon=True)
         self._thread.start()
         # Drain before interpreter shutdown: a daemon thread stopped inside a native call
@@ -69,6 +72,7 @@ class _Updates:
         atexit.register(self._drain)
 
     def _drain(self) -> None:
+        self._finish_native_keeping_errors()
         if self._thread.is_alive():
             self._q.join()
 
@@ -78,6 +82,7 @@ class _Updates:
             try:
                 if item is None:
                     return
+                self._finish_native_keeping_errors()  # (inside this item: flush waits for both)
                 fn, args = item
                 fn(*args)
             except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
@@ -92,9 +97,35 @@ class _Updates:
 
     def busy(self) -> bool:
         """Some update is queued or running."""
-        return bool(self._q.unfinished_tasks)
+        return bool(self._q.unfinished_tasks) or self._native is not None
+
+    def set_native(self, done) -> None:
+        """Native work already running on a thread of its own, first in order: ``done()``
+        waits for it (without the GIL) and keeps its result. Called while not busy. It is
+        not queued: a queued item would wake this thread, which would take the GIL from
+        the scheduler thread only to start waiting. The next item or flush runs it."""
+        self._native = done
+
+    def _finish_native(self) -> None:
+        # Under the lock until it is done: the other thread (flush / the next item) must
+        # not go on while the native work still runs.
+        with self._native_lock:
+            done, self._native = self._native, None
+            if done is not None:
+                done()
+
+    def _finish_native_keeping_errors(self) -> None:
+        """Finish the native work, if any; its error is kept like a background update's
+        (raised by the next flush), so what was queued after it still runs. Always through
+        the lock: the other thread may be finishing it right now."""
+        try:
+            self._finish_native()
+        except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
+            _log.exception("DAS: background history update failed")
+            self._error = e
 
     def flush(self) -> None:
+        self._finish_native_keeping_errors()
         if self._q.unfinished_tasks:
             self._q.join()
         self.raise_error()
@@ -106,6 +137,7 @@ class _Updates:
             raise RuntimeError(f"DAS background history update failed: {e!r}") from e
 
     def close(self) -> None:
+        self._finish_native_keeping_errors()
         self._q.put(None)
         self._thread.join(timeout=30)
 
@@ -415,7 +447,7 @@ class DasSession:
                 if not self._updates.busy():
                     done = self.drafter.start_extend(prepared, self._plan_nodes)
                 if done is not None:
-                    self._updates.submit(done)
+                    self._updates.set_native(done)
                 else:
                     self._updates.submit(self._extend_predraft, prepared, self._plan_nodes, self._epoch)
             else:

@@ -353,7 +353,7 @@ void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, n
 }
 
 // extend_batch, then draft_rows of the same rows (budgets[r]): the work of both, GIL-free,
-// plus every row's SuffixIndex.version afterwards. (Drafting each row right after its
+// on up to `threads` threads, plus every row's SuffixIndex.version afterwards. (Drafting each row right after its
 // index's appends measured slower than the row-pipelined draft_rows: the draft reads far
 // more than the appends touch.)
 struct ExtendDraftWork {
@@ -369,8 +369,7 @@ struct ExtendDraftWork {
 
   void run() {
     const size_t n = idx.size();
-    const size_t hw = std::max(1u, std::thread::hardware_concurrency());
-    on_threads(std::min<size_t>({hw, 8, n / 64}), [&](size_t tid, size_t stride) {
+    on_threads(std::max<size_t>(1, std::min<size_t>({threads, 8, n / 64})), [&](size_t tid, size_t stride) {
       for (size_t r = 0; r < n; ++r)
         if (owns(idx[r], tid, stride))
           idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
