@@ -337,3 +337,47 @@ def test_observe_many_equals_observe_row_by_row():
     with pytest.raises(ValueError, match="problem 'q'.*proposed=1, accepted=2"):
         a.observe_many(["ok", "q"], [1, 1], [1, 2])
     assert "ok" not in a._stats  # validated before anything is recorded
+
+
+def _fill_nodes_by_full_sort(value, acc, m, c_tok, free):
+    """allocation._fill_nodes as it was: every node ranked by one stable sort."""
+    from das_sglang.core.allocation import FREE_TOKEN_SHARE
+    rows, width = acc.shape
+    b = np.arange(1, width)
+    delta = np.minimum.accumulate(np.where(b[None, :] <= m[:, None], np.diff(acc, axis=1), -np.inf), axis=1)
+    flat = (value[:, None] * delta).reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    ranked = flat[order]
+    positive = int(np.count_nonzero(ranked > FREE_TOKEN_SHARE * c_tok))
+    k_free = min(int(free), positive)
+    k_paid = int(np.count_nonzero(ranked[k_free:positive] > c_tok))
+    take = order[: k_free + k_paid]
+    return (np.bincount(take // (width - 1), minlength=rows).astype(np.int32),
+            float(ranked[: k_free + k_paid].sum() - c_tok * k_paid))
+
+
+def test_allocator_fast_paths_equal_the_full_sorts():
+    """The per-step allocator's faster selections give the full stable sorts' results, bit
+    for bit, ties included (budgets and the float gain; argsort order)."""
+    from das_sglang.core.allocation import _fill_nodes, stable_argsort
+    rng = np.random.default_rng(11)
+    taken = 0
+    for trial in range(600):
+        rows, width = int(rng.integers(1, 300)), int(rng.integers(2, 18))
+        inc = rng.random((rows, width - 1))
+        q = [0, 3, 20][trial % 3]
+        if q:
+            inc = np.round(inc * q) / q  # many equal gains
+        acc = np.concatenate([np.zeros((rows, 1)), np.cumsum(inc, axis=1)], axis=1)
+        m = rng.integers(0, width, rows)
+        value = rng.random(rows) if trial % 4 else np.round(rng.random(rows) * 4) / 4 + 0.25
+        c_tok = [0.0, 1e-4, 0.01, 0.1, 0.3][trial % 5]
+        free = [0, 5, 50, 500, 1e5][trial % 7 % 5]
+        got, want = _fill_nodes(value, acc, m, c_tok, free), _fill_nodes_by_full_sort(value, acc, m, c_tok, free)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1] == want[1]
+        taken += int(want[0].sum() > 0)
+        a = np.round(rng.random(int(rng.integers(0, 3000))) * [1, 7, 1000][trial % 3]) / 7
+        a[rng.random(len(a)) < 0.01] = np.inf
+        np.testing.assert_array_equal(stable_argsort(a), np.argsort(a, kind="stable"))
+    assert taken > 300
