@@ -127,7 +127,7 @@ def test_extend_draft_rows_equals_extend_then_draft(threads):
             arrays = draft_rows(idx, seq, budgets, *args, 1)
         else:
             if mode == "fused":
-                *arrays, versions = extend_draft_rows(idx, seq, flat, off, budgets, *args, threads)
+                *arrays, versions = extend_draft_rows(idx, seq, flat, off, budgets, *args, threads, threads)
             else:
                 pending = extend_draft_rows_start(idx, seq, flat, off, budgets, *args, threads)
                 *arrays, versions = pending.wait()
@@ -144,6 +144,8 @@ def test_extend_draft_rows_equals_extend_then_draft(threads):
         for r in rids:
             np.testing.assert_array_equal(d._indices[d._live[r].problem_id].sequence_tokens(d._live[r].seq_id),
                                           b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
+    with pytest.raises(ValueError, match="extend_threads=-1"):
+        extend_draft_rows(idx, seq, flat, off, budgets, *args, 1, -1)
     for call in (extend_draft_rows, extend_draft_rows_start):  # checked before anything starts
         with pytest.raises(ValueError, match="unknown seq_id=999999 in row 0"):
             call(idx[:1], np.array([999999], np.int64), flat[:1], np.array([0, 1], np.int64), budgets[:1], *args, 1)

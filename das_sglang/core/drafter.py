@@ -413,9 +413,12 @@ class SuffixDrafter:
         steps, weights = token
         n = len(idx)
         b = np.full(n, int(predraft), np.int32)
-        threads = max(1, min(self.DRAFT_THREADS, (os.cpu_count() or 1) - spare, n // self.DRAFT_ROWS_PER_THREAD))
+        cores = max(1, (os.cpu_count() or 1) - spare)
+        threads = max(1, min(self.DRAFT_THREADS, cores, n // self.DRAFT_ROWS_PER_THREAD))
+        # the appends split by index as extend_batch splits them, on the cores left
+        extend_threads = max(1, min(cores, 8, n // 64))
         args = (idx, seq_ids, flat, offsets, b, cfg.min_token_prob, steps, weights, not cfg.tree,
-                cfg.max_match_len, self._mix(), threads)
+                cfg.max_match_len, self._mix(), threads, extend_threads)
 
         def keep(result) -> None:
             *arrays, versions = result

@@ -363,13 +363,13 @@ struct ExtendDraftWork {
   std::vector<int32_t> tokens, budgets;
   std::vector<double> weights;
   DraftParams p;
-  size_t threads = 1;
+  size_t threads = 1, extend_threads = 1;
   FlatDrafts out;
   std::vector<uint64_t> versions;
 
   void run() {
     const size_t n = idx.size();
-    on_threads(std::max<size_t>(1, std::min<size_t>({threads, 8, n / 64})), [&](size_t tid, size_t stride) {
+    on_threads(std::max<size_t>(1, std::min<size_t>({extend_threads, 8, n / 64})), [&](size_t tid, size_t stride) {
       for (size_t r = 0; r < n; ++r)
         if (owns(idx[r], tid, stride))
           idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
@@ -394,9 +394,11 @@ std::vector<typename std::remove_const<typename A::Scalar>::type> copy_of(const 
 void extend_draft_args(ExtendDraftWork& w, nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h,
                        nb::handle offsets_h, nb::handle budgets_h, double min_prob, nb::handle steps_h,
                        nb::handle weights_h, bool chain, int max_match_len, nb::handle mix, int threads,
-                       const char* fn) {
+                       int extend_threads, const char* fn) {
   if (threads < 1)
     throw nb::value_error(("invalid threads=" + std::to_string(threads) + ": must be >= 1").c_str());
+  if (extend_threads < 0)
+    throw nb::value_error(("invalid extend_threads=" + std::to_string(extend_threads) + ": must be >= 0").c_str());
   ExtendArgs e = extend_args(indices, seq_ids_h, tokens_h, offsets_h, fn);
   DraftArgs a = draft_args(indices, seq_ids_h, budgets_h, min_prob, steps_h, weights_h, chain,
                            max_match_len, mix, fn);
@@ -410,15 +412,17 @@ void extend_draft_args(ExtendDraftWork& w, nb::list indices, nb::handle seq_ids_
   w.weights = copy_of(a.weights);
   w.p = a.p;
   w.threads = size_t(threads);
+  // 0: as extend_batch picks (every hardware thread, at most 8, 64 rows each at least)
+  w.extend_threads = extend_threads ? size_t(extend_threads) : std::max(1u, std::thread::hardware_concurrency());
 }
 
 nb::tuple extend_draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h,
                             nb::handle offsets_h, nb::handle budgets_h, double min_prob,
                             nb::handle steps_h, nb::handle weights_h, bool chain, int max_match_len,
-                            nb::handle mix, int threads) {
+                            nb::handle mix, int threads, int extend_threads) {
   ExtendDraftWork w;
   extend_draft_args(w, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
-                    chain, max_match_len, mix, threads, "extend_draft_rows");
+                    chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows");
   {
     nb::gil_scoped_release release;
     w.run();
@@ -434,10 +438,10 @@ class PendingExtendDraft {
  public:
   PendingExtendDraft(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h,
                      nb::handle budgets_h, double min_prob, nb::handle steps_h, nb::handle weights_h,
-                     bool chain, int max_match_len, nb::handle mix, int threads)
+                     bool chain, int max_match_len, nb::handle mix, int threads, int extend_threads)
       : keep_(indices) {
     extend_draft_args(w_, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
-                      chain, max_match_len, mix, threads, "extend_draft_rows_start");
+                      chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows_start");
     worker_ = std::thread([this] {
       try { w_.run(); } catch (...) { error_ = std::current_exception(); }
     });
@@ -574,22 +578,24 @@ NB_MODULE(_suffix, m) {
       "extend_draft_rows_start",
       [](nb::list indices, nb::handle seq_ids, nb::handle tokens, nb::handle offsets, nb::handle budgets,
          double min_prob, nb::handle steps, nb::handle weights, bool chain, int max_match_len,
-         nb::handle mix, int threads) {
+         nb::handle mix, int threads, int extend_threads) {
         return new PendingExtendDraft(indices, seq_ids, tokens, offsets, budgets, min_prob, steps, weights,
-                                      chain, max_match_len, mix, threads);
+                                      chain, max_match_len, mix, threads, extend_threads);
       },
       nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"),
       nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
       nb::arg("max_match_len"), nb::arg("mix") = nb::none(), nb::arg("threads") = 1,
+      nb::arg("extend_threads") = 0,
       nb::rv_policy::take_ownership,
       "extend_draft_rows on a native thread of its own, started now (arguments checked here); "
       "returns a PendingExtendDraft whose wait() gives the result.");
   m.def("extend_draft_rows", &extend_draft_rows, nb::arg("indices"), nb::arg("seq_ids"),
         nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"), nb::arg("min_prob"),
         nb::arg("steps"), nb::arg("weights"), nb::arg("chain"), nb::arg("max_match_len"),
-        nb::arg("mix") = nb::none(), nb::arg("threads") = 1,
+        nb::arg("mix") = nb::none(), nb::arg("threads") = 1, nb::arg("extend_threads") = 0,
         "extend_batch then draft_rows of the same rows in one GIL-free call; returns "
-        "draft_rows' tuple plus every row's index version (uint64) after the call.");
+        "draft_rows' tuple plus every row's index version (uint64) after the call; the appends "
+        "on up to `extend_threads` threads by index (0: as extend_batch), the drafts on `threads`.");
   m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),
         nb::arg("offsets"),
         "Append tokens[offsets[r]:offsets[r+1]] to (indices[r], seq_ids[r]) for every row.");
