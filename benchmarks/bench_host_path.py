@@ -21,7 +21,11 @@ snapshotted to a temp dir every ``--snapshot-every`` finishes.
 Between two steps the engine's own work is modelled, so background work has what it has
 in the real worker: the forward (``--forward-ms``, GIL released: the scheduler thread
 waits on the GPU) and SGLang's per-request result processing (``--engine-us``, a
-GIL-holding Python loop per request). Neither is counted in the step time.
+GIL-holding Python loop per request). Neither is counted in the step time. The feedback
+starts the native extend + pre-draft of the next plan's trees on a thread of its own
+(``SuffixDrafter.start_extend``); it overlaps only that engine work: what is left of it
+when the step ends is the next step's ``carried`` wait (below), and the plan drafts again
+every row whose index changed meanwhile (finishes, starts).
 
 Baseline (``baseline_p50_ms``): the same loop with the host path as it was before this
 benchmark's changes, in the same process: updates inline on the scheduler thread, a
@@ -34,8 +38,9 @@ charged to the current path's next step (what its next plan would have waited).
 
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
 "config": ...}``; per batch also ``phases_p50_ms`` (the step split into carried update-thread
-wait, finishes/starts, boundary, plan, layout, mask, feedback) and ``worst_steps`` (the five
-slowest steps with the same split).
+wait, finishes/starts, boundary, plan, layout, mask, feedback; the phases add up to the
+step) and ``worst_steps`` (the five slowest steps with the same split). Roots and sequence
+lengths are read from Python lists, as the worker reads them from SGLang's requests.
 """
 
 from __future__ import annotations
@@ -159,7 +164,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         rid = f"r{counter[0]}"
         counter[0] += 1
         session.start(rid, {"das_problem_id": pid}, prompt.tolist(), [], 1 << 30)
-        slots[b] = [rid, prompt, text, 0]
+        # (+ the text and prompt as Python ints: the worker reads roots and lengths from
+        # SGLang's Python lists, ``req.output_ids[-1]``, not from numpy arrays)
+        slots[b] = [rid, prompt, text, 0, text.tolist(), int(prompt[-1]), len(prompt)]
 
     for b in range(batch):
         start(b)
@@ -173,14 +180,14 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         kind = "decode"
         ph = {}
         # finishes and starts of this step (the scheduler calls them between forwards)
-        for b, (rid, prompt, text, pos) in enumerate(slots):
+        for b, (rid, prompt, text, pos, *_) in enumerate(slots):
             if pos + 1 >= len(text):
                 session.finished(rid, prompt.tolist(), text[:pos].tolist())
                 finishes += 1
                 kind = "finish"
                 start(b)
         t1 = time.perf_counter()
-        ph["starts"] = t1 - t_begin
+        ph["starts"] = t1 - t_begin - carried_in  # (the carried wait is its own phase)
         if step and step % args.step_every == 0:
             session.weights_updated()
             kind = "boundary"
@@ -190,8 +197,8 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         trees, width = plan(session, rids, args.max_nodes)
         t3 = time.perf_counter()
         ph["plan"] = t3 - t2
-        roots = [int(t[p - 1]) if p else int(pr[-1]) for _, pr, t, p in slots]
-        seq_lens = [len(pr) + p for _, pr, _, p in slots]
+        roots = [t[p - 1] if p else last for _, _, _, p, t, last, _ in slots]
+        seq_lens = [n + p for _, _, _, p, _, _, n in slots]
         if args.layout == "ragged" and not legacy:  # what the worker builds there
             layout = build_ragged_layout(roots, trees, seq_lens)
             t4 = time.perf_counter()

@@ -14,12 +14,16 @@ from das_sglang.core.drafter import SuffixDrafter
 from das_sglang.core.online_acceptance import tree_depths
 from das_sglang.core.policy import BudgetRow, make_policy
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import SuffixIndex, draft_batch, draft_rows
+from das_sglang.native import (
+    SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
+)
 
 
 def _drafter(seed=0, **kw):
     rng = np.random.default_rng(seed)
-    d = SuffixDrafter(DrafterConfig(window_steps=2, **kw))
+    # per-problem indexes only unless asked (the shared index's pre-draft semantics are
+    # tested in test_predraft_with_the_shared_index)
+    d = SuffixDrafter(DrafterConfig(window_steps=2, **{"global_shard": False, **kw}))
     d.advance_step(2)
     for p in range(12):
         for k in range(4):
@@ -52,6 +56,163 @@ def test_flat_speculate_equals_tree_by_tree_for_any_thread_count(kw):
         _same_trees(old, new)
         np.testing.assert_array_equal(new.depths, np.concatenate(tree_depths([t.parents for t in old])))
     _same_trees(d.speculate_batch(rids[:5], [16] * 5), d.speculate_flat(rids[:5], 16))
+
+
+def _fresh_drafts(d, rids, budget):
+    saved, d._predrafted = d._predrafted, None
+    try:
+        return d.speculate_flat(rids, budget)
+    finally:
+        d._predrafted = saved
+
+
+def _same_batch(a, b):
+    for f in ("tokens", "parents", "probs", "depths", "offsets"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    np.testing.assert_array_equal(np.asarray(a.match_len), np.asarray(b.match_len))
+
+
+def test_predrafted_trees_are_reused_only_while_exact():
+    """``predraft`` keeps the trees; a later ``speculate_flat`` reuses a row only while its
+    sequence, index version, budget and the step weights are unchanged: after extends,
+    finishes, new requests, other budgets and a step advance it equals drafting afresh."""
+    d, rids, rng = _drafter(3)
+    d.predraft(rids, 16)
+    kept = d._predrafted[1]
+    same = d.speculate_flat(rids, 16)
+    assert same is kept  # nothing changed: the trees themselves
+    _same_batch(same, _fresh_drafts(d, rids, 16))
+    # Rows of p0/p1 gain tokens, a p2 row finishes into history, a new p3 request starts;
+    # the rows come back in another order, plus the new one.
+    grow = [r for r in rids if d._live[r].problem_id in ("p0", "p1")]
+    d.extend_batch(grow, [rng.integers(0, 12, 3) for _ in grow])
+    done = next(r for r in rids if d._live[r].problem_id == "p2")
+    d.finish_request(done)
+    d.start_request("new", "p3", rng.integers(0, 12, 30))
+    ask = [r for r in rids if r != done][::-1] + ["new"]
+    drafted = []
+    native = d._draft_flat
+    d._draft_flat = lambda idx, *a: drafted.append(len(idx)) or native(idx, *a)
+    out = d.speculate_flat(ask, 16)
+    del d._draft_flat
+    _same_batch(out, _fresh_drafts(d, ask, 16))
+    # (a finish kept as history leaves p2's index as it was: its rows stay valid)
+    changed = sum(d._live[r].problem_id in ("p0", "p1", "p3") for r in ask)
+    assert drafted == [changed] and 0 < changed < len(ask) / 2  # only those were drafted again
+    # another budget for every row: nothing reused, still exact
+    d.predraft(ask, 16)
+    _same_batch(d.speculate_flat(ask, 7), _fresh_drafts(d, ask, 7))
+    # a step advance changes the weights: the kept trees are dropped
+    d.predraft(ask, 16)
+    d.advance_step(d.step + 1)
+    _same_batch(d.speculate_flat(ask, 16), _fresh_drafts(d, ask, 16))
+    assert d._predrafted is None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_extend_draft_rows_equals_extend_then_draft(threads):
+    """The fused native call gives extend_batch's indices and draft_rows' trees (rows of
+    one index drafted after its last append, whatever the split), and the versions."""
+    a, rids, rng = _drafter(5)
+    b, _, _ = _drafter(5)
+    c, _, _ = _drafter(5)
+    rows = list(rng.permutation(rids)[:120])  # many rows share an index
+    toks = [rng.integers(0, 12, int(rng.integers(1, 5))) for _ in rows]
+    budgets = rng.integers(0, 17, len(rows)).astype(np.int32)
+    out = []
+    for d, mode in ((a, "fused"), (b, "two calls"), (c, "started")):
+        idx, seq, flat, off = d.prepare_extend(rows, toks)
+        steps, weights = d._weights
+        args = (0.05, steps, weights, False, 32, d._mix())
+        if mode == "two calls":
+            extend_batch(idx, seq, flat, off)
+            arrays = draft_rows(idx, seq, budgets, *args, 1)
+        else:
+            if mode == "fused":
+                *arrays, versions = extend_draft_rows(idx, seq, flat, off, budgets, *args, threads, threads)
+            else:
+                pending = extend_draft_rows_start(idx, seq, flat, off, budgets, *args, threads)
+                *arrays, versions = pending.wait()
+                with pytest.raises(ValueError, match="already returned"):
+                    pending.wait()
+            np.testing.assert_array_equal(versions, [ix.version for ix in idx])
+        out.append(arrays)
+        assert len(arrays[0]) > 200
+    for x, y, z in zip(*out):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(z, y)
+    for d in (a, c):
+        assert {p: d._indices[p].sequence_ids() for p in d._indices} == {p: b._indices[p].sequence_ids() for p in b._indices}
+        for r in rids:
+            np.testing.assert_array_equal(d._indices[d._live[r].problem_id].sequence_tokens(d._live[r].seq_id),
+                                          b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
+    with pytest.raises(ValueError, match="extend_threads=-1"):
+        extend_draft_rows(idx, seq, flat, off, budgets, *args, 1, -1)
+    for call in (extend_draft_rows, extend_draft_rows_start):  # checked before anything starts
+        with pytest.raises(ValueError, match="unknown seq_id=999999 in row 0"):
+            call(idx[:1], np.array([999999], np.int64), flat[:1], np.array([0, 1], np.int64), budgets[:1], *args, 1)
+
+
+def test_apply_extend_with_predraft_keeps_exact_trees():
+    d, rids, rng = _drafter(6)
+    d.apply_extend(d.prepare_extend(rids, [rng.integers(0, 12, 2) for _ in rids]), 16)
+    assert d._predrafted is not None
+    assert d.speculate_flat(rids, 16) is d._predrafted[1]
+    _same_batch(d._predrafted[1], _fresh_drafts(d, rids, 16))
+    done = d.start_extend(d.prepare_extend(rids, [rng.integers(0, 12, 2) for _ in rids]), 16)
+    done()  # the started form: the same trees once waited for
+    assert d.speculate_flat(rids, 16) is d._predrafted[1]
+    _same_batch(d._predrafted[1], _fresh_drafts(d, rids, 16))
+
+
+def test_predrafted_trees_survive_a_new_step_elsewhere():
+    """The weights change when a step's first sequence arrives (here: history of step 0, in
+    the window, for one problem): rows of other problems keep their trees (their indices
+    read none of that step), the problem's own rows are drafted again; all exact."""
+    d, rids, rng = _drafter(7)
+    assert 0 not in d._weight_dict
+    d.predraft(rids, 16)
+    token = d._weights
+    d.add_history("p5", 0, rng.integers(0, 12, 50))
+    assert d._weights is not token and 0 in d._weight_dict
+    drafted = []
+    native = d._draft_flat
+    d._draft_flat = lambda idx, *a: drafted.append(len(idx)) or native(idx, *a)
+    out = d.speculate_flat(rids, 16)
+    del d._draft_flat
+    assert drafted == [sum(d._live[r].problem_id == "p5" for r in rids)]
+    _same_batch(out, _fresh_drafts(d, rids, 16))
+
+
+def test_predraft_with_the_shared_index():
+    """Fallback-only shared index (shared_weight 0): no pre-draft. Mixed into every draft:
+    the fused extend + pre-draft appends to the shared index too and drafts with it (= the
+    two-call path); later, a row whose own index is unchanged keeps its pre-drafted tree
+    although other problems' starts changed the shared index; rows whose own index changed
+    are drafted again, exactly as drafting then would."""
+    d, rids, _ = _drafter(4, global_shard=True, shared_weight=0.0)
+    d.predraft(rids, 16)
+    assert d._predrafted is None
+    d.apply_extend(d.prepare_extend(rids[:3], [[1], [2], [3]]), 16)
+    assert d._predrafted is None
+    a, rids, rng = _drafter(4, global_shard=True)
+    b, _, _ = _drafter(4, global_shard=True)
+    toks = [rng.integers(0, 12, 2) for _ in rids]
+    a.apply_extend(a.prepare_extend(rids, toks), 16)  # fused: extend both indexes + pre-draft
+    b.extend_batch(rids, toks)
+    _same_batch(a._predrafted[1], b.speculate_flat(rids, 16))
+    assert a._global.version == b._global.version and a._global.num_tokens == b._global.num_tokens
+    kept = a._predrafted[1]
+    a.start_request("other", "p5", rng.integers(0, 12, 40))  # p5's own index and the shared one change
+    out = a.speculate_flat(rids, 16)
+    p5 = np.array([a._live[r].problem_id == "p5" for r in rids])
+    assert 0 < p5.sum() < len(rids)
+    keep_rows = np.flatnonzero(~p5)
+    _same_batch(out.take(keep_rows), kept.take(keep_rows))  # the shared part as of the pre-draft
+    fresh = a._draft_flat([a._indices["p5"]] * int(p5.sum()),
+                          np.array([a._live[r].seq_id for r in np.array(rids)[p5]], np.int64),
+                          np.full(int(p5.sum()), 16, np.int32), 1)
+    _same_batch(out.take(np.flatnonzero(p5)), fresh)  # drafted again, reading the shared index now
 
 
 def test_draft_rows_matches_draft_batch_and_checks_its_arguments():
@@ -179,13 +340,16 @@ def test_observe_many_equals_observe_row_by_row():
     cfg = PolicyConfig(max_budget=16)
     a, b = AcceptanceTracker(cfg), AcceptanceTracker(cfg)
     rng = np.random.default_rng(5)
-    for _ in range(20):
+    for rnd in range(20):
         pids = [f"p{int(i)}" for i in rng.integers(0, 6, 50)]
+        if rnd >= 17:
+            pids[3] = "*"  # a problem named like the pooled key (row by row there)
         prop = rng.integers(0, 17, 50)
         acc = np.minimum(rng.integers(0, 6, 50), prop)
-        for pid, p in zip(pids[:30], prop[:30]):  # some rows have a planned expectation
-            for t in (a, b):
-                t.expect(pid, int(p), float(p) * 0.37)
+        exp = (prop[:30] * 0.37).tolist()
+        a.expect_many(pids[:30], prop[:30].tolist(), exp)  # some rows have a planned expectation
+        for pid, p, e in zip(pids[:30], prop[:30], exp):
+            b.expect(pid, int(p), e)
         a.observe_many(pids, prop, acc)
         for pid, p, x in zip(pids, prop.tolist(), acc.tolist()):
             b.observe(pid, p, x)
@@ -194,10 +358,56 @@ def test_observe_many_equals_observe_row_by_row():
         sa, sb = a._stats[pid], b._stats[pid]
         assert (list(sa.recent), sa.n_obs, sa.sum_accepted, sa.sum_expected, sa.sum_matched) == \
             (list(sb.recent), sb.n_obs, sb.sum_accepted, sb.sum_expected, sb.sum_matched)
+    assert {k: list(v) for k, v in a._pending.items()} == {k: list(v) for k, v in b._pending.items()}
+    ids = ["*", "p1", "nobody", "p3"]
+    assert a.calibration_many(ids) == {pid: b.calibration(pid) for pid in ids}
     with pytest.raises(ValueError, match="problem 'q'.*proposed=1, accepted=2"):
         a.observe_many(["ok", "q"], [1, 1], [1, 2])
     assert "ok" not in a._stats  # validated before anything is recorded
 
+
+def _fill_nodes_by_full_sort(value, acc, m, c_tok, free):
+    """allocation._fill_nodes as it was: every node ranked by one stable sort."""
+    from das_sglang.core.allocation import FREE_TOKEN_SHARE
+    rows, width = acc.shape
+    b = np.arange(1, width)
+    delta = np.minimum.accumulate(np.where(b[None, :] <= m[:, None], np.diff(acc, axis=1), -np.inf), axis=1)
+    flat = (value[:, None] * delta).reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    ranked = flat[order]
+    positive = int(np.count_nonzero(ranked > FREE_TOKEN_SHARE * c_tok))
+    k_free = min(int(free), positive)
+    k_paid = int(np.count_nonzero(ranked[k_free:positive] > c_tok))
+    take = order[: k_free + k_paid]
+    return (np.bincount(take // (width - 1), minlength=rows).astype(np.int32),
+            float(ranked[: k_free + k_paid].sum() - c_tok * k_paid))
+
+
+def test_allocator_fast_paths_equal_the_full_sorts():
+    """The per-step allocator's faster selections give the full stable sorts' results, bit
+    for bit, ties included (budgets and the float gain; argsort order)."""
+    from das_sglang.core.allocation import _fill_nodes, stable_argsort
+    rng = np.random.default_rng(11)
+    taken = 0
+    for trial in range(600):
+        rows, width = int(rng.integers(1, 300)), int(rng.integers(2, 18))
+        inc = rng.random((rows, width - 1))
+        q = [0, 3, 20][trial % 3]
+        if q:
+            inc = np.round(inc * q) / q  # many equal gains
+        acc = np.concatenate([np.zeros((rows, 1)), np.cumsum(inc, axis=1)], axis=1)
+        m = rng.integers(0, width, rows)
+        value = rng.random(rows) if trial % 4 else np.round(rng.random(rows) * 4) / 4 + 0.25
+        c_tok = [0.0, 1e-4, 0.01, 0.1, 0.3][trial % 5]
+        free = [0, 5, 50, 500, 1e5][trial % 7 % 5]
+        got, want = _fill_nodes(value, acc, m, c_tok, free), _fill_nodes_by_full_sort(value, acc, m, c_tok, free)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1] == want[1]
+        taken += int(want[0].sum() > 0)
+        a = np.round(rng.random(int(rng.integers(0, 3000))) * [1, 7, 1000][trial % 3]) / 7
+        a[rng.random(len(a)) < 0.01] = np.inf
+        np.testing.assert_array_equal(stable_argsort(a), np.argsort(a, kind="stable"))
+    assert taken > 300
 
 def test_observe_more_drafts_than_max_budget_counts_in_the_last_bin():
     # a caller reporting more drafts than max_budget (another engine's budget, a bench

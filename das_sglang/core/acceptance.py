@@ -201,6 +201,16 @@ class AcceptanceTracker:
         if len(q) > self.config.acceptance_memory:  # rows the engine never reported
             q.popleft()
 
+    def expect_many(self, problem_ids: Sequence[str], budgets: Sequence[int],
+                    expected: Sequence[float]) -> None:
+        """:meth:`expect` for many planned rows, in row order (ints and floats)."""
+        pending, memory = self._pending, self.config.acceptance_memory
+        for key, e in zip(zip(problem_ids, budgets), expected):
+            q = pending[key]
+            q.append(e)
+            if len(q) > memory:
+                q.popleft()
+
     def observe(self, problem_id: str, proposed: int, accepted: int) -> None:
         if proposed < 0 or accepted < 0 or accepted > proposed:
             raise ValueError(
@@ -250,9 +260,42 @@ class AcceptanceTracker:
             return
         bins = np.minimum(_bin(p[sel]), len(self._by_budget) - 1).tolist()
         by_budget = self._by_budget.tolist()  # Python floats: the same IEEE additions
-        record = self._record
-        for i, k, pi, ai in zip(sel.tolist(), bins, p[sel].tolist(), a[sel].tolist()):
-            record(problem_ids[i], pi, ai, by_budget[k])
+        if GLOBAL in problem_ids:  # (a problem named like the pooled key: row by row)
+            record = self._record
+            for i, k, pi, ai in zip(sel.tolist(), bins, p[sel].tolist(), a[sel].tolist()):
+                record(problem_ids[i], pi, ai, by_budget[k])
+            self._by_budget[:] = by_budget
+            return
+        # _record per row, inlined; the pooled statistics once for the batch: its recent
+        # outcomes extended in row order, its expected sum added in row order, and its
+        # integer-valued sums (exact in a float below 2**53) by their batch totals.
+        pending, get = self._pending.get, self._stats.get
+        pooled = self._stats[GLOBAL]
+        outcomes = list(zip(p[sel].tolist(), a[sel].tolist()))
+        matched = 0
+        for i, k, pa in zip(sel.tolist(), bins, outcomes):
+            pid = problem_ids[i]
+            proposed, accepted = pa
+            q = pending((pid, proposed))
+            st = get(pid) or self._get(pid)
+            st.recent.append(pa)
+            st.n_obs += 1
+            st.sum_accepted += accepted
+            st.dirty += 1
+            if q:
+                expected = q.popleft()
+                cell = by_budget[k]
+                cell[0] += accepted
+                cell[1] += expected
+                st.sum_expected += expected
+                st.sum_matched += accepted
+                pooled.sum_expected += expected
+                matched += accepted
+        pooled.recent.extend(outcomes)
+        pooled.n_obs += len(outcomes)
+        pooled.sum_accepted += sum(a for _, a in outcomes)
+        pooled.dirty += len(outcomes)
+        pooled.sum_matched += matched
         self._by_budget[:] = by_budget
 
     def calibration(self, problem_id: str) -> float:
@@ -265,6 +308,19 @@ class AcceptanceTracker:
         if st is None or problem_id == GLOBAL:
             return prior
         return (w * prior + st.sum_matched) / (w + st.sum_expected)
+
+    def calibration_many(self, problem_ids) -> dict[str, float]:
+        """:meth:`calibration` of each problem (the same floats), the pooled prior once."""
+        w = self.config.calibration_prior_tokens
+        pooled = self._stats[GLOBAL]
+        prior = (w + pooled.sum_matched) / (w + pooled.sum_expected)
+        stats = self._stats
+        out = {}
+        for pid in problem_ids:
+            st = stats.get(pid)
+            out[pid] = prior if st is None or pid == GLOBAL else (
+                (w * prior + st.sum_matched) / (w + st.sum_expected))
+        return out
 
     def budget_shape(self, max_budget: int) -> np.ndarray:
         """Per budget ``b = 0..max_budget``: how the calibration at ``b`` compares with the
@@ -321,9 +377,10 @@ def remember_plan(calibration, rows, budgets: np.ndarray, base: np.ndarray) -> N
 
 def read_pending(calibration, rows, add) -> None:
     """The previous plan's outcomes, for a calibration that remembered it (``_pending``:
-    request -> planned row, ``_pending_budget``): ``add(rows, pos, budget)`` gets the rows
-    planned with a budget > 0, their planned rows and budgets; then the per-request
-    ``_state`` of finished requests is forgotten."""
+    request -> planned row, ``_pending_budget``): ``add(req_ids, generated, pos, budget)``
+    gets the rows planned with a budget > 0 (their request ids and generated tokens), their
+    planned rows and budgets; then the per-request ``_state`` of finished requests is
+    forgotten."""
     index = calibration._pending
     ids = R.req_ids(rows)
     at = np.fromiter(map(index.get, ids, repeat(-1, len(ids))), np.int64, len(ids))
@@ -334,20 +391,18 @@ def read_pending(calibration, rows, add) -> None:
         keep = budget > 0
         if keep.any():
             j = j[keep]
-            sub = rows.take(j) if type(rows) is R.BudgetRows else [rows[i] for i in j.tolist()]
-            add(sub, pos[keep], budget[keep])
+            add([ids[i] for i in j.tolist()], R.generated(rows)[j], pos[keep], budget[keep])
     live = set(ids)
     if len(calibration._state) > 4 * max(len(live), 1):  # forget finished requests
         calibration._state = {k: v for k, v in calibration._state.items() if k in live}
 
 
-def read_outcomes(calibration, rows, pos: np.ndarray, budget: np.ndarray, n_bins: int):
-    """What :func:`read_pending` hands an ``add``: per row (planned rows ``pos``, budgets
-    ``budget`` > 0) the drafts accepted (``generated`` grew by accepted + 1), the planned
+def read_outcomes(calibration, generated: np.ndarray, pos: np.ndarray, budget: np.ndarray, n_bins: int):
+    """What :func:`read_pending` hands an ``add``: per row (``generated`` tokens now,
+    planned rows ``pos``, budgets ``budget`` > 0) the drafts accepted (``generated`` grew by accepted + 1), the planned
     per-rank expectations (rows x ranks), the ranks, the accepted nodes per rank bin (the
     accepted path has one node at each depth 1..accepted) and the row's next state
     (``OutcomeCalibration.state_of``)."""
-    generated = R.generated(rows)
     accepted = np.minimum(np.maximum(generated - calibration._pending_generated[pos] - 1, 0), budget)
     nodes = calibration._pending_nodes[pos]
     ranks = np.arange(nodes.shape[1])
@@ -405,20 +460,21 @@ class OutcomeCalibration:
         for the whole batch: per-row work here runs once per decode step)."""
         read_pending(self, rows, self._add_outcomes)
 
-    def _add_outcomes(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
-        """Add the outcomes of ``rows`` (planned rows ``pos`` with budgets > 0) to the cells."""
+    def _add_outcomes(self, req_ids, generated, pos: np.ndarray, budget: np.ndarray) -> None:
+        """Add the outcomes of rows ``req_ids`` (``generated`` tokens now; planned rows ``pos``
+        with budgets > 0) to the cells."""
         n_bins = self._cells.shape[1]
         # Chain reading of the outcome: the best ``accepted`` nodes were the right ones.
         # Per row and rank bin, accepted nodes and the sum of expected acceptance over the
         # first ``budget`` ranks, summed rank by rank in order (the sums a per-row bincount
         # gives, bit for bit; ranks past a row's budget add exact zeros).
-        _, nodes, ranks, hit, new_states = read_outcomes(self, rows, pos, budget, n_bins)
-        expected = np.zeros((len(rows), n_bins))
+        _, nodes, ranks, hit, new_states = read_outcomes(self, generated, pos, budget, n_bins)
+        expected = np.zeros((len(req_ids), n_bins))
         nodes = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
         for r, k in enumerate(self._rank_bin[:len(ranks)].tolist()):
             expected[:, k] += nodes[:, r]
-        states = np.empty(len(rows), dtype=np.int64)
-        for i, (rid, new) in enumerate(zip(R.req_ids(rows), new_states.tolist())):
+        states = np.empty(len(req_ids), dtype=np.int64)
+        for i, (rid, new) in enumerate(zip(req_ids, new_states.tolist())):
             states[i] = self._state.get(rid, 0)  # in order: a repeated request sees its update
             self._state[rid] = new
         # Unbuffered, in row order: the same sequence of additions per cell as row by row.

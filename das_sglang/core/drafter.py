@@ -26,14 +26,16 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
-from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch
+from das_sglang.native import (
+    MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
+)
 
 # problem_id -> step -> finished rollouts (prompt + response), as int32 arrays
 History = dict[str, dict[int, list[np.ndarray]]]
@@ -141,6 +143,7 @@ class SuffixDrafter:
         self.lazy_eviction = False  # see advance_step / evict_pending
         self._evicting: set[int] = set()
         self._next_seq_id = 0
+        self._predrafted: tuple | None = None  # see predraft
         self._weights = (np.zeros(0, np.int64), np.zeros(0, np.float64))
         self._refresh_weights()
 
@@ -400,11 +403,58 @@ class SuffixDrafter:
         indices = self._indices
         return [indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets
 
-    def apply_extend(self, prepared: tuple) -> None:
+    def apply_extend(self, prepared: tuple, predraft: int | None = None) -> None:
+        """Apply :meth:`prepare_extend`'s arguments; with ``predraft`` (a node budget) also
+        :meth:`predraft` the rows, in the same native call (``extend_draft_rows``: each row
+        drafted right after its index's appends, while their nodes are in cache)."""
         idx, seq_ids, flat, offsets = prepared
+        if predraft is not None and self._can_predraft() and len(idx):
+            args, keep = self._extend_draft_args(prepared, predraft)
+            keep(extend_draft_rows(*args))
+            return
         extend_batch(idx, seq_ids, flat, offsets)
         if self._global is not None:
             extend_batch([self._global] * len(idx), seq_ids, flat, offsets)
+
+    def start_extend(self, prepared: tuple, predraft: int):
+        """:meth:`apply_extend` with ``predraft``, started now on a native thread of its own
+        (it never needs the GIL, so it runs while this thread goes on with Python). Returns
+        a callable that waits for it and keeps the trees; until it has returned nothing may
+        read or change this drafter's indices. None (nothing started) with ``global_shard``
+        or no rows: use :meth:`apply_extend`."""
+        if not self._can_predraft() or not len(prepared[0]):
+            return None
+        # The caller's thread keeps running Python meanwhile: leave it a core.
+        args, keep = self._extend_draft_args(prepared, predraft, spare=1)
+        pending = extend_draft_rows_start(*args)
+        return lambda: keep(pending.wait())
+
+    def _extend_draft_args(self, prepared: tuple, predraft: int, spare: int = 0):
+        """(``extend_draft_rows`` arguments, a callable keeping its result as the
+        :meth:`predraft` trees). The step weights are read now: trees drafted with them are
+        reused only while they are still the drafter's."""
+        idx, seq_ids, flat, offsets = prepared
+        cfg = self.config
+        token = self._weights
+        steps, weights = token
+        n = len(idx)
+        b = np.full(n, int(predraft), np.int32)
+        cores = max(1, (os.cpu_count() or 1) - spare)
+        threads = max(1, min(self.DRAFT_THREADS, cores, n // self.DRAFT_ROWS_PER_THREAD))
+        # the appends split by index as extend_batch splits them, on the cores left
+        extend_threads = max(1, min(cores, 8, n // 64))
+        shared = self._shared(idx) if self._global is not None else (None, 0.0, 1)
+        if self._global is not None and shared[0] is None:
+            shared = (self._global, 0.0, 1)  # appended to, not drafted from
+        args = (idx, seq_ids, flat, offsets, b, cfg.min_token_prob, steps, weights, not cfg.tree,
+                cfg.max_match_len, self._mix(), threads, extend_threads, *shared)
+
+        def keep(result) -> None:
+            *arrays, versions = result
+            self._predrafted = (dict(zip(seq_ids.tolist(), range(n))), DraftBatch(*arrays), versions,
+                                token, b.astype(np.int64))
+
+        return args, keep
 
     def finish_request(self, req_id: str, keep: bool = True) -> None:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""
@@ -475,6 +525,11 @@ class SuffixDrafter:
         return (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout, cfg.mix_recency,
                 cfg.mix_match_half)
 
+    def _can_predraft(self) -> bool:
+        """Pre-drafted trees can stand for a later draft: no shared index, or one mixed into
+        every draft (the fallback-only shared index drafts empty rows at plan time)."""
+        return self._global is None or self._mixes_shared()
+
     def _mixes_shared(self) -> bool:
         """Every draft mixes in the shared index (else it only fills empty rows)."""
         cfg = self.config
@@ -518,6 +573,10 @@ class SuffixDrafter:
             lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
         idx = [indices[lv.problem_id] for lv in lives]
         seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
+        if self._predrafted is not None and self._can_predraft():
+            out = self._reuse_predrafted(idx, seq_ids, b, threads)
+            if out is not None:
+                return out
         if threads is None:
             threads = max(1, min(self.DRAFT_THREADS, n // self.DRAFT_ROWS_PER_THREAD))
         out = self._draft_flat(idx, seq_ids, b, threads)
@@ -529,6 +588,72 @@ class SuffixDrafter:
                 rows[empty] = n + np.arange(len(empty))
                 out = DraftBatch.concat([out, fallback]).take(rows)
         return out
+
+    def predraft(self, req_ids: Sequence[str], budget: int) -> None:
+        """Draft these rows now (:meth:`speculate_flat`) and keep the trees: a later
+        ``speculate_flat`` reuses a row's tree while nothing it depends on has changed --
+        the same sequence (seq_id) and budget, its index unchanged since (the native
+        ``SuffixIndex.version``) and the same step weights -- and drafts only the other rows.
+        The result is exactly what drafting then would give. The session calls it on its
+        update thread right after a batch's accepted tokens are indexed (the nodes just
+        touched are still in cache, and the engine's own per-step work runs meanwhile).
+        With the shared index mixed into every draft (``global_shard``, ``shared_weight`` >
+        0) a reused tree's shared-index part is as of the pre-draft (right after the batch's
+        appends): the other requests' starts and finishes in between change only the shared
+        index for this row and do not re-draft it; a row whose own index changed is drafted
+        again and reads the shared index as it is then. It depends only on the order of
+        events, never on timing. Not with a fallback-only shared index (``shared_weight``
+        0: it drafts the rows whose own tree is empty at plan time)."""
+        self._predrafted = None
+        if not self._can_predraft() or not len(req_ids):
+            return
+        live = self._live
+        req_ids = [r for r in req_ids if r in live]  # (a row may have left meanwhile)
+        if not req_ids:
+            return
+        out = self.speculate_flat(req_ids, budget)
+        lives = [live[r] for r in req_ids]
+        seq_ids = [lv.seq_id for lv in lives]
+        indices = self._indices
+        versions = np.fromiter((indices[lv.problem_id].version for lv in lives), np.uint64, len(lives))
+        self._predrafted = (dict(zip(seq_ids, range(len(seq_ids)))), out, versions, self._weights,
+                            np.full(len(seq_ids), int(budget), np.int64))
+
+    def _same_weights(self, token) -> bool:
+        """Every step the weights ``token`` (an earlier ``_weights``) and the current ones
+        share weighs the same. A draft reads only the weights of the steps its index holds,
+        and an index whose steps changed has a new version: so then a tree whose index
+        version is unchanged is still exact (e.g. after the first sequence of a new step
+        arrived elsewhere)."""
+        now = self._weight_dict
+        return all(now.get(s, w) == w for s, w in zip(token[0].tolist(), token[1].tolist()))
+
+    def _reuse_predrafted(self, idx, seq_ids: np.ndarray, b: np.ndarray, threads) -> DraftBatch | None:
+        """``speculate_flat`` from the :meth:`predraft` trees that are still exact (the
+        others drafted now); None when none is."""
+        pos, kept, versions, weights, budgets = self._predrafted
+        if weights is not self._weights and not self._same_weights(weights):
+            self._predrafted = None  # a step advanced: every step's weight changed
+            return None
+        n = len(seq_ids)
+        at = np.fromiter(map(pos.get, seq_ids.tolist(), repeat(-1, n)), np.int64, n)
+        ok = at >= 0
+        j = at[ok]
+        now = np.fromiter((i.version for i in idx), np.uint64, n)
+        ok[ok] = (versions[j] == now[ok]) & (budgets[j] == b[ok])
+        if not ok.any():
+            return None
+        if ok.all():
+            if n == len(kept) and np.array_equal(at, np.arange(n)):
+                return kept
+            return kept.take(at)
+        miss = np.flatnonzero(~ok)
+        if threads is None:
+            threads = max(1, min(self.DRAFT_THREADS, len(miss) // self.DRAFT_ROWS_PER_THREAD))
+        fresh = self._draft_flat([idx[i] for i in miss.tolist()], seq_ids[miss], b[miss], threads)
+        rows = at.copy()
+        rows[miss] = len(kept) + np.arange(len(miss))
+        return DraftBatch.concat([kept, fresh]).take(rows)
 
     def _draft_flat(self, indices, seq_ids: np.ndarray, budgets: np.ndarray, threads: int) -> DraftBatch:
         cfg = self.config

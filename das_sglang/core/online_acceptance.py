@@ -153,16 +153,15 @@ class OnlineCalibration:
         self._bins_cache = None
         read_pending(self, rows, self._add)
 
-    def _add(self, rows, pos: np.ndarray, budget: np.ndarray) -> None:
+    def _add(self, ids, generated, pos: np.ndarray, budget: np.ndarray) -> None:
         n_bins = self._cells.shape[2]
         # Hits by depth bin (acceptance.read_outcomes). The drafter's expectation at a depth
         # bin sums its drafted nodes of those depths (a chain reading by rank would credit a
         # branch's hit to the best sibling instead).
-        _, nodes, ranks, hit, new = read_outcomes(self, rows, pos, budget, n_bins)
+        _, nodes, ranks, hit, new = read_outcomes(self, generated, pos, budget, n_bins)
         drafted = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
         bins = self._pending_bins[pos]
         expected = np.stack([(drafted * (bins == k)).sum(axis=1) for k in range(n_bins)], axis=1)
-        ids = R.req_ids(rows)
         states = np.fromiter(map(self._state.get, ids, repeat(0, len(ids))), np.int64, len(ids))
         match = self._pending_match[pos]
         # a repeated request: the last outcome wins

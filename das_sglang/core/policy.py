@@ -198,8 +198,7 @@ class _ModelBased(_Observing):
         budget matrix of expected accepted tokens E(b), usable budget per row), KV tokens per
         forward, and per-problem node-probability calibration factors."""
         pids = R.problem_ids(rows)
-        calib = self.acceptance.calibration
-        factors: dict[str, float] = {pid: calib(pid) for pid in dict.fromkeys(pids)}
+        factors: dict[str, float] = self.acceptance.calibration_many(dict.fromkeys(pids))
         generated = R.generated(rows)
         max_new = R.max_new(rows)
         found = R.found(rows)
@@ -332,8 +331,7 @@ class _ModelBased(_Observing):
             b = budgets[drafted].astype(np.int64)
             expected = base[drafted, np.minimum(b, base.shape[1] - 1)]
             pids = R.problem_ids(rows)
-            for i, bi, e in zip(drafted.tolist(), b.tolist(), expected.tolist()):
-                self.acceptance.expect(pids[i], bi, e)
+            self.acceptance.expect_many([pids[i] for i in drafted.tolist()], b.tolist(), expected.tolist())
 
 
 def _padded_width(width: int, buckets) -> int:

@@ -11,8 +11,23 @@ depths, offsets, match_lens)``. ``SuffixIndex.version`` changes with every mutat
 ``extend_batch(indices, seq_ids, tokens, offsets)`` is the matching one-call update: row
 ``r`` appends ``tokens[offsets[r]:offsets[r+1]]`` (all rows are validated first). ``MAX_STEPS`` is how many
 distinct steps one index can hold at once.
+``extend_draft_rows(indices, seq_ids, tokens, offsets, budgets, min_prob, steps, weights, chain,
+max_match_len, mix, threads, extend_threads)`` is ``extend_batch`` (on ``extend_threads``, 0: as
+it picks) then ``draft_rows`` (on ``threads``) of the same rows in one GIL-free call, plus every row's index ``version`` after it (uint64);
+``extend_draft_rows_start(...)`` (same arguments) starts it on a native thread of its own and
+returns a ``PendingExtendDraft`` whose ``wait()`` gives the result.
 """
 
-from das_sglang.native._suffix import MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch
+from das_sglang.native._suffix import (
+    MAX_STEPS,
+    PendingExtendDraft,
+    SuffixIndex,
+    draft_batch,
+    draft_rows,
+    extend_batch,
+    extend_draft_rows,
+    extend_draft_rows_start,
+)
 
-__all__ = ["MAX_STEPS", "SuffixIndex", "draft_batch", "draft_rows", "extend_batch"]
+__all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "draft_batch", "draft_rows", "extend_batch",
+           "extend_draft_rows", "extend_draft_rows_start"]

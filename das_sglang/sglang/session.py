@@ -62,6 +62,9 @@ class _Updates:
     def __init__(self) -> None:
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        # Native work started off the GIL (see set_native): the callable that waits for it.
+        self._native = None
+        self._native_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="das-history-updates", daemon=True)
         self._thread.start()
         # Drain before interpreter shutdown: a daemon thread stopped inside a native call
@@ -69,6 +72,7 @@ class _Updates:
         atexit.register(self._drain)
 
     def _drain(self) -> None:
+        self._finish_native_keeping_errors()
         if self._thread.is_alive():
             self._q.join()
 
@@ -78,6 +82,7 @@ class _Updates:
             try:
                 if item is None:
                     return
+                self._finish_native_keeping_errors()  # (inside this item: flush waits for both)
                 fn, args = item
                 fn(*args)
             except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
@@ -90,7 +95,37 @@ class _Updates:
     def submit(self, fn, *args) -> None:
         self._q.put((fn, args))
 
+    def busy(self) -> bool:
+        """Some update is queued or running."""
+        return bool(self._q.unfinished_tasks) or self._native is not None
+
+    def set_native(self, done) -> None:
+        """Native work already running on a thread of its own, first in order: ``done()``
+        waits for it (without the GIL) and keeps its result. Called while not busy. It is
+        not queued: a queued item would wake this thread, which would take the GIL from
+        the scheduler thread only to start waiting. The next item or flush runs it."""
+        self._native = done
+
+    def _finish_native(self) -> None:
+        # Under the lock until it is done: the other thread (flush / the next item) must
+        # not go on while the native work still runs.
+        with self._native_lock:
+            done, self._native = self._native, None
+            if done is not None:
+                done()
+
+    def _finish_native_keeping_errors(self) -> None:
+        """Finish the native work, if any; its error is kept like a background update's
+        (raised by the next flush), so what was queued after it still runs. Always through
+        the lock: the other thread may be finishing it right now."""
+        try:
+            self._finish_native()
+        except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
+            _log.exception("DAS: background history update failed")
+            self._error = e
+
     def flush(self) -> None:
+        self._finish_native_keeping_errors()
         if self._q.unfinished_tasks:
             self._q.join()
         self.raise_error()
@@ -102,6 +137,7 @@ class _Updates:
             raise RuntimeError(f"DAS background history update failed: {e!r}") from e
 
     def close(self) -> None:
+        self._finish_native_keeping_errors()
         self._q.put(None)
         self._thread.join(timeout=30)
 
@@ -184,6 +220,11 @@ class DasSession:
             # while the forward runs (plan submits one chunk after its reads).
             self.drafter.lazy_eviction = True
         self._evicting = False
+        # Pre-drafting (SuffixDrafter.predraft): the latest plan's node cap, and a counter
+        # bumped at every step advance, which drops a pre-draft not started by then (its
+        # trees would be stale: the step weights change).
+        self._plan_nodes: int | None = None
+        self._epoch = 0
         self.worker_stats: dict | None = None  # the worker's verify counters, for shard stats
         self.shards = self._open_shards(engine_id)
 
@@ -252,6 +293,7 @@ class DasSession:
         return self.drafter.stats().sequences <= len(self.live)
 
     def advance_step(self, step: int) -> None:
+        self._epoch += 1
         self.sync()
         self.step = step
         self.drafter.advance_step(step)
@@ -339,6 +381,7 @@ class DasSession:
         self.sync()
         self._check_cap()
         req_ids = list(req_ids)
+        self._plan_nodes = max_nodes
         drafts = self.drafter.speculate_flat(req_ids, max_nodes)
         if self._evicting and self._updates is not None:
             # The index is not read again until the next plan or update: remove a chunk of
@@ -394,10 +437,30 @@ class DasSession:
             # (without the GIL: it never holds up the scheduler thread's Python).
             self._updates.raise_error()
             prepared = self.drafter.prepare_extend(req_ids, tokens, flat)
-            self._updates.submit(self.drafter.apply_extend, prepared)
+            if self._plan_nodes is not None and hasattr(self.drafter, "predraft"):
+                # With the extend, the next plan's trees: drafted while the engine processes
+                # this step's results (exact: rows whose index changes meanwhile, by a finish
+                # or a start, are drafted again by the plan). With nothing queued before it,
+                # the work starts now on a native thread: queued, it would wait for the GIL
+                # until this thread blocks.
+                done = None
+                if not self._updates.busy():
+                    done = self.drafter.start_extend(prepared, self._plan_nodes)
+                if done is not None:
+                    self._updates.set_native(done)
+                else:
+                    self._updates.submit(self._extend_predraft, prepared, self._plan_nodes, self._epoch)
+            else:
+                self._updates.submit(self.drafter.apply_extend, prepared)
         else:  # small batches (the hand-off costs more than the extend), or a bad row
             self.sync()
-            self.drafter.extend_batch(req_ids, tokens)
+            if self._plan_nodes is not None and hasattr(self.drafter, "predraft"):
+                # the same pre-draft as the background path, inline: the next plan's trees
+                # do not depend on which path ran (the shared index's part of a reused tree
+                # is as of this point in both, see SuffixDrafter.predraft)
+                self.drafter.apply_extend(self.drafter.prepare_extend(req_ids, tokens, flat), self._plan_nodes)
+            else:
+                self.drafter.extend_batch(req_ids, tokens)
         lives = [live[r] for r in req_ids]
         n = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
         for lv, k in zip(lives, n.tolist()):
@@ -413,6 +476,10 @@ class DasSession:
                 observe = self.policy.observe_verify
                 for i in rows.tolist():
                     observe(lives[i].problem_id, int(p[i]), int(n[i]) - 1)
+
+    def _extend_predraft(self, prepared, max_nodes: int, epoch: int) -> None:
+        # (a step advanced since the submission: the step weights change, no pre-draft)
+        self.drafter.apply_extend(prepared, max_nodes if epoch == self._epoch else None)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.

@@ -56,7 +56,11 @@ def test_background_updates_draft_exactly_like_inline_ones():
     a.policy.lengths.background = False  # compare drafts and plans with the same predictions
     a.ASYNC_MIN_ROWS = 1  # every batch's extend on the update thread
     a.EVICT_CHUNK_S = 0.0  # evictions in the smallest chunks: many plans see them pending
+    reused = []  # plans that took trees pre-drafted on the update thread (exact, see below)
+    reuse = a.drafter._reuse_predrafted
+    a.drafter._reuse_predrafted = lambda *x: (lambda out: reused.append(out is not None) or out)(reuse(*x))
     assert _drive(a) == _drive(b)
+    assert sum(reused) > 30
     a.sync()
     assert a.drafter.history() .keys() == b.drafter.history().keys()
     a.close()

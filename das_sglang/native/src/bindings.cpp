@@ -10,6 +10,8 @@
 #include <exception>
 #include <string>
 #include <thread>
+#include <type_traits>
+#include <unordered_map>
 
 #include "suffix_index.h"
 
@@ -123,13 +125,22 @@ void draft_rows_impl(const std::vector<const SuffixIndex*>& idx, const int64_t* 
     const SuffixIndex* last = nullptr;
     // Cache hints a few rows ahead (results do not depend on them): the storage and cursor
     // ring kAhead1 rows on, the cursors' nodes kAhead2 rows on.
-    constexpr size_t kAhead1 = 8, kAhead2 = 4;
+    constexpr size_t kAhead1 = 16, kAhead2 = 8;
     uint32_t ring[kAhead1];
     for (size_t r = r0; r < std::min(r1, r0 + kAhead1); ++r)
       ring[r % kAhead1] = idx[r]->prefetch_sequence(seq_ids[r]);
     for (size_t r = r0; r < std::min(r1, r0 + kAhead2); ++r)
       idx[r]->prefetch_cursor_nodes(ring[r % kAhead1], p.max_match_len);
+    // Stage 3, a group of kGroup rows at a time: walk the children lists the group's
+    // drafts scan first, all lists interleaved (their cursor nodes were prefetched
+    // kAhead2 rows ahead).
+    constexpr size_t kGroup = 4;
+    std::vector<SuffixIndex::ListHead> heads;
     for (size_t r = r0; r < r1; ++r) {
+      if ((r - r0) % kGroup == 0) {
+        for (size_t g = r; g < std::min(r1, r + kGroup); ++g) idx[g]->draft_lists(ring[g % kAhead1], p, heads);
+        SuffixIndex::walk_lists(heads);
+      }
       if (r + kAhead2 < r1)
         idx[r + kAhead2]->prefetch_cursor_nodes(ring[(r + kAhead2) % kAhead1], p.max_match_len);
       if (r + kAhead1 < r1)
@@ -281,50 +292,54 @@ nb::tuple draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_
 // One call per decode batch for the updates: row r appends tokens[offsets[r]:offsets[r+1]]
 // to (indices[r], seq_ids[r]). Everything is validated before the first mutation, so a
 // bad row leaves every index untouched.
-void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h) {
-  I64 seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
-  Tokens tokens = tokens_arg(tokens_h, "tokens");
-  I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
-  const size_t n = seq_ids.shape(0);
-  if (nb::len(indices) != n || offsets.shape(0) != n + 1)
-    throw nb::value_error(("extend_batch: need len(indices) == len(seq_ids) == len(offsets) - 1, got " +
+struct ExtendArgs {
+  std::vector<SuffixIndex*> idx;
+  I64 seq_ids, offsets;
+  Tokens tokens;
+};
+
+ExtendArgs extend_args(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h,
+                       const char* fn) {
+  ExtendArgs e;
+  e.seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
+  e.tokens = tokens_arg(tokens_h, "tokens");
+  e.offsets = as_array<I64>(offsets_h, "offsets", "int64");
+  const size_t n = e.seq_ids.shape(0);
+  if (nb::len(indices) != n || e.offsets.shape(0) != n + 1)
+    throw nb::value_error((std::string(fn) + ": need len(indices) == len(seq_ids) == len(offsets) - 1, got " +
                            std::to_string(nb::len(indices)) + ", " + std::to_string(n) + ", " +
-                           std::to_string(offsets.shape(0)))
+                           std::to_string(e.offsets.shape(0)))
                               .c_str());
-  std::vector<SuffixIndex*> idx(n);
+  e.idx.resize(n);
   for (size_t r = 0; r < n; ++r) {
-    idx[r] = nb::cast<SuffixIndex*>(indices[r]);
-    const int64_t a = offsets(r), z = offsets(r + 1);
-    if (a < 0 || z < a || z > int64_t(tokens.shape(0)))
-      throw nb::value_error(("extend_batch: invalid offsets[" + std::to_string(r) + ":" +
+    e.idx[r] = nb::cast<SuffixIndex*>(indices[r]);
+    const int64_t a = e.offsets(r), z = e.offsets(r + 1);
+    if (a < 0 || z < a || z > int64_t(e.tokens.shape(0)))
+      throw nb::value_error((std::string(fn) + ": invalid offsets[" + std::to_string(r) + ":" +
                              std::to_string(r + 2) + "]=(" + std::to_string(a) + ", " +
-                             std::to_string(z) + ") for " + std::to_string(tokens.shape(0)) +
+                             std::to_string(z) + ") for " + std::to_string(e.tokens.shape(0)) +
                              " tokens")
                                 .c_str());
-    if (!idx[r]->has_sequence(seq_ids(r)))
-      throw nb::value_error(("unknown seq_id=" + std::to_string(seq_ids(r)) + " in row " +
+    if (!e.idx[r]->has_sequence(e.seq_ids(r)))
+      throw nb::value_error(("unknown seq_id=" + std::to_string(e.seq_ids(r)) + " in row " +
                              std::to_string(r))
                                 .c_str());
   }
-  // The mutation itself runs without the GIL (the session applies batches on a background
-  // thread while the scheduler thread runs Python); callers serialise calls per index.
-  nb::gil_scoped_release release;
-  // Rows of different indices are independent: large batches are split over threads by
-  // index (every row of one index on one thread, in row order), so the result is the
-  // same as the sequential loop.
-  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const size_t n_threads = std::min<size_t>({hw, 8, n / 64});
-  auto run = [&](size_t tid, size_t stride) {
-    for (size_t r = 0; r < n; ++r) {
-      if (stride > 1) {
-        const uint64_t h = (uint64_t(reinterpret_cast<uintptr_t>(idx[r])) >> 4) * 0x9E3779B97F4A7C15ull;
-        if ((h >> 32) % stride != tid) continue;
-      }
-      idx[r]->extend(seq_ids(r), tokens.data() + offsets(r), size_t(offsets(r + 1) - offsets(r)));
-    }
-  };
+  return e;
+}
+
+// Thread `tid` of `stride` owns the rows of the indices that hash to it: every row of one
+// index on one thread, in row order, so any split gives the sequential loop's result.
+bool owns(const SuffixIndex* ix, size_t tid, size_t stride) {
+  if (stride <= 1) return true;
+  const uint64_t h = (uint64_t(reinterpret_cast<uintptr_t>(ix)) >> 4) * 0x9E3779B97F4A7C15ull;
+  return (h >> 32) % stride == tid;
+}
+
+template <class F>
+void on_threads(size_t n_threads, F run) {
   if (n_threads <= 1) {
-    run(0, 1);
+    run(size_t(0), size_t(1));
     return;
   }
   std::vector<std::thread> pool;
@@ -338,6 +353,158 @@ void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, n
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
 }
+
+void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h) {
+  ExtendArgs e = extend_args(indices, seq_ids_h, tokens_h, offsets_h, "extend_batch");
+  const size_t n = e.idx.size();
+  // The mutation itself runs without the GIL (the session applies batches on a background
+  // thread while the scheduler thread runs Python); callers serialise calls per index.
+  nb::gil_scoped_release release;
+  // Rows of different indices are independent: large batches are split over threads by
+  // index (owns), so the result is the same as the sequential loop.
+  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
+  on_threads(std::min<size_t>({hw, 8, n / 64}), [&](size_t tid, size_t stride) {
+    for (size_t r = 0; r < n; ++r)
+      if (owns(e.idx[r], tid, stride))
+        e.idx[r]->extend(e.seq_ids(r), e.tokens.data() + e.offsets(r), size_t(e.offsets(r + 1) - e.offsets(r)));
+  });
+}
+
+// extend_batch, then draft_rows of the same rows (budgets[r]): the work of both, GIL-free,
+// on up to `threads` threads, plus every row's SuffixIndex.version afterwards. (Drafting each row right after its
+// index's appends measured slower than the row-pipelined draft_rows: the draft reads far
+// more than the appends touch.)
+struct ExtendDraftWork {
+  std::vector<SuffixIndex*> idx;
+  std::vector<const SuffixIndex*> cidx;
+  std::vector<int64_t> seq_ids, offsets, steps;
+  std::vector<int32_t> tokens, budgets;
+  std::vector<double> weights;
+  DraftParams p;
+  SuffixIndex* shared = nullptr;  // also appended to (every row), and drafted from (p.shared)
+  size_t threads = 1, extend_threads = 1;
+  FlatDrafts out;
+  std::vector<uint64_t> versions;
+
+  void run() {
+    const size_t n = idx.size();
+    on_threads(std::max<size_t>(1, std::min<size_t>({extend_threads, 8, n / 64})), [&](size_t tid, size_t stride) {
+      for (size_t r = 0; r < n; ++r)
+        if (owns(idx[r], tid, stride))
+          idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
+      if (shared != nullptr && owns(shared, tid, stride))  // one index: one thread, row order
+        for (size_t r = 0; r < n; ++r)
+          shared->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
+    });
+    draft_rows_impl(cidx, seq_ids.data(), budgets.data(), steps.data(), weights.data(), steps.size(), p,
+                    true, threads, out);
+    versions.resize(n);
+    for (size_t r = 0; r < n; ++r) versions[r] = idx[r]->version();
+  }
+  nb::tuple result() const {
+    return nb::make_tuple(to_numpy(out.tokens), to_numpy(out.parents), to_numpy(out.probs),
+                          to_numpy(out.depths), to_numpy(out.offsets), to_numpy(out.match),
+                          to_numpy(versions));
+  }
+};
+
+template <class A>
+std::vector<typename std::remove_const<typename A::Scalar>::type> copy_of(const A& a) {
+  return {a.data(), a.data() + a.shape(0)};
+}
+
+void extend_draft_args(ExtendDraftWork& w, nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h,
+                       nb::handle offsets_h, nb::handle budgets_h, double min_prob, nb::handle steps_h,
+                       nb::handle weights_h, bool chain, int max_match_len, nb::handle mix, int threads,
+                       int extend_threads, const char* fn, nb::handle shared = nb::none(),
+                       double shared_weight = 0.0, int shared_min_match = 1) {
+  if (threads < 1)
+    throw nb::value_error(("invalid threads=" + std::to_string(threads) + ": must be >= 1").c_str());
+  if (extend_threads < 0)
+    throw nb::value_error(("invalid extend_threads=" + std::to_string(extend_threads) + ": must be >= 0").c_str());
+  ExtendArgs e = extend_args(indices, seq_ids_h, tokens_h, offsets_h, fn);
+  DraftArgs a = draft_args(indices, seq_ids_h, budgets_h, min_prob, steps_h, weights_h, chain,
+                           max_match_len, mix, fn);
+  w.idx = e.idx;
+  w.cidx = a.idx;
+  w.seq_ids = copy_of(e.seq_ids);
+  w.offsets = copy_of(e.offsets);
+  w.tokens = copy_of(e.tokens);
+  w.budgets = copy_of(a.budgets);
+  w.steps = copy_of(a.steps);
+  w.weights = copy_of(a.weights);
+  w.p = a.p;
+  set_shared(w.p, shared, shared_weight, w.steps.data(), w.weights.data(), w.steps.size(), shared_min_match);
+  if (!shared.is_none()) {  // appended to even when its weight is 0 (fallback drafts read it)
+    w.shared = nb::cast<SuffixIndex*>(shared);
+    for (size_t r = 0; r < w.seq_ids.size(); ++r)
+      if (!w.shared->has_sequence(w.seq_ids[r]))
+        throw nb::value_error((std::string(fn) + ": unknown seq_id=" + std::to_string(w.seq_ids[r]) +
+                               " in the shared index (row " + std::to_string(r) + ")").c_str());
+  }
+  w.threads = size_t(threads);
+  // 0: as extend_batch picks (every hardware thread, at most 8, 64 rows each at least)
+  w.extend_threads = extend_threads ? size_t(extend_threads) : std::max(1u, std::thread::hardware_concurrency());
+}
+
+nb::tuple extend_draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h,
+                            nb::handle offsets_h, nb::handle budgets_h, double min_prob,
+                            nb::handle steps_h, nb::handle weights_h, bool chain, int max_match_len,
+                            nb::handle mix, int threads, int extend_threads, nb::handle shared,
+                            double shared_weight, int shared_min_match) {
+  ExtendDraftWork w;
+  extend_draft_args(w, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
+                    chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows", shared,
+                    shared_weight, shared_min_match);
+  {
+    nb::gil_scoped_release release;
+    w.run();
+  }
+  return w.result();
+}
+
+// extend_draft_rows started on a thread of its own at once (it never takes the GIL, so it
+// runs while the caller's thread goes on with Python); wait() joins it and returns the
+// result (or raises its error). Keeps the index list alive until then. The caller must
+// not touch these indices before wait() returns.
+class PendingExtendDraft {
+ public:
+  PendingExtendDraft(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h,
+                     nb::handle budgets_h, double min_prob, nb::handle steps_h, nb::handle weights_h,
+                     bool chain, int max_match_len, nb::handle mix, int threads, int extend_threads,
+                     nb::handle shared, double shared_weight, int shared_min_match)
+      : keep_(indices), keep_shared_(nb::borrow(shared)) {
+    extend_draft_args(w_, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
+                      chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows_start", shared,
+                      shared_weight, shared_min_match);
+    worker_ = std::thread([this] {
+      try { w_.run(); } catch (...) { error_ = std::current_exception(); }
+    });
+  }
+  ~PendingExtendDraft() {
+    if (worker_.joinable()) {
+      nb::gil_scoped_release release;
+      worker_.join();
+    }
+  }
+  nb::tuple wait() {
+    if (worker_.joinable()) {
+      nb::gil_scoped_release release;
+      worker_.join();
+    }
+    if (error_) std::rethrow_exception(error_);
+    if (done_) throw nb::value_error("extend_draft_rows_start: wait() already returned the result");
+    done_ = true;
+    return w_.result();
+  }
+
+ private:
+  nb::object keep_, keep_shared_;
+  ExtendDraftWork w_;
+  std::thread worker_;
+  std::exception_ptr error_;
+  bool done_ = false;
+};
 
 }  // namespace
 
@@ -454,6 +621,35 @@ NB_MODULE(_suffix, m) {
         nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0, nb::arg("shared_min_match") = 1,
         "draft_batch plus node depths, rows split over `threads` threads (same result); "
         "returns (tokens, parents, probs, depths int32, offsets int64[n+1], match_lens int32[n]).");
+  nb::class_<PendingExtendDraft>(m, "PendingExtendDraft")
+      .def("wait", &PendingExtendDraft::wait,
+           "Join the work; returns extend_draft_rows' tuple (raises its error).");
+  m.def(
+      "extend_draft_rows_start",
+      [](nb::list indices, nb::handle seq_ids, nb::handle tokens, nb::handle offsets, nb::handle budgets,
+         double min_prob, nb::handle steps, nb::handle weights, bool chain, int max_match_len,
+         nb::handle mix, int threads, int extend_threads, nb::handle shared, double shared_weight,
+         int shared_min_match) {
+        return new PendingExtendDraft(indices, seq_ids, tokens, offsets, budgets, min_prob, steps, weights,
+                                      chain, max_match_len, mix, threads, extend_threads, shared,
+                                      shared_weight, shared_min_match);
+      },
+      nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"),
+      nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
+      nb::arg("max_match_len"), nb::arg("mix") = nb::none(), nb::arg("threads") = 1,
+      nb::arg("extend_threads") = 0, nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0,
+      nb::arg("shared_min_match") = 1,
+      nb::rv_policy::take_ownership,
+      "extend_draft_rows on a native thread of its own, started now (arguments checked here); "
+      "returns a PendingExtendDraft whose wait() gives the result.");
+  m.def("extend_draft_rows", &extend_draft_rows, nb::arg("indices"), nb::arg("seq_ids"),
+        nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"), nb::arg("min_prob"),
+        nb::arg("steps"), nb::arg("weights"), nb::arg("chain"), nb::arg("max_match_len"),
+        nb::arg("mix") = nb::none(), nb::arg("threads") = 1, nb::arg("extend_threads") = 0,
+        nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0, nb::arg("shared_min_match") = 1,
+        "extend_batch then draft_rows of the same rows in one GIL-free call; returns "
+        "draft_rows' tuple plus every row's index version (uint64) after the call; the appends "
+        "on up to `extend_threads` threads by index (0: as extend_batch), the drafts on `threads`.");
   m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),
         nb::arg("offsets"),
         "Append tokens[offsets[r]:offsets[r+1]] to (indices[r], seq_ids[r]) for every row.");

@@ -12,12 +12,7 @@ namespace das {
 namespace {
 constexpr uint64_t kEmpty = ~uint64_t(0);  // no real key: parent ids are < kNil
 
-uint64_t mix(uint64_t k) {
-  k ^= k >> 33;
-  k *= 0xff51afd7ed558ccdULL;
-  k ^= k >> 33;
-  return k;
-}
+uint64_t mix(uint64_t k) { return ChildMap::mix_key(k); }
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 [[noreturn]] void broken(const std::string& inv, const std::string& detail) {
@@ -308,6 +303,16 @@ void SuffixIndex::append_token(uint32_t s, int32_t t) {
   uint32_t L = uint32_t(storages_[s].tokens.size());
   storages_[s].tokens.push_back(t);  // labels of new nodes point at it
   uint32_t lo = L + 1 >= D ? L + 1 - D : 0;
+  // Cache hints: each active suffix end next reads its child under t (independent of the
+  // other ends), so request them all before stepping any.
+  for (uint32_t i = lo; i <= L; ++i) {
+    const uint32_t c = storages_[s].cursors[i % D];
+    const Node& x = nodes_[c];
+    if (indexed(c))
+      children_.prefetch(c, t);
+    else if (x.first_child != kNil)
+      __builtin_prefetch(&nodes_[x.first_child]);
+  }
   for (uint32_t i = lo; i <= L; ++i) {
     uint32_t& cur = storages_[s].cursors[i % D];
     cur = step_suffix(s, cur, t, L);
@@ -659,6 +664,45 @@ void SuffixIndex::prefetch_cursor_nodes(uint32_t s, int max_m) const {
   for (int m = 1; m <= hi; ++m) __builtin_prefetch(&nodes_[st.cursors[(L - uint32_t(m)) % D]]);
 }
 
+void SuffixIndex::draft_lists(uint32_t s, const DraftParams& p, std::vector<ListHead>& out) const {
+  if (s == kNil) return;
+  const Storage& st = storages_[s];
+  const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
+  // the match length exactly as draft_for_sequence finds it (its cursor nodes are cached)
+  int lo = 0, hi = std::min(int(std::min<uint32_t>(L, D - 1)), std::max(0, p.max_match_len));
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (nodes_[st.cursors[(L - uint32_t(mid)) % D]].first_child != kNil)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  if (lo == 0) return;
+  const int last = p.mixture && !p.chain ? std::max(1, p.mix_min_match) : lo;
+  for (int m = lo; m >= last; --m) {
+    const Node& x = nodes_[st.cursors[(L - uint32_t(m)) % D]];
+    // add_anchor stops at the first match node with more continuations than this
+    if (p.mixture && !p.chain && x.fanout > uint32_t(std::max(0, p.mix_max_fanout))) break;
+    if (x.first_child != kNil) out.push_back({nodes_.data(), x.first_child});
+  }
+}
+
+void SuffixIndex::walk_lists(std::vector<ListHead>& heads) {
+  size_t n = heads.size();
+  while (n) {
+    for (size_t i = 0; i < n;) {
+      const uint32_t next = heads[i].nodes[heads[i].cur].next_sibling;  // loads the node
+      if (next == kNil) {
+        heads[i] = heads[--n];
+      } else {
+        heads[i].cur = next;
+        ++i;
+      }
+    }
+  }
+  heads.clear();
+}
+
 namespace {
 struct Cand {
   double prob;
@@ -835,6 +879,13 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
               newest_t = t, newest = tmp.size();
           }
           tmp.push_back({nodes[c].token, s.anchor, c, 1, w});
+          // Cache hint for this child's own expansion, should it be popped: its children
+          // list, or the storage its edge's next token is read from.
+          const Node& y = nodes[c];
+          if (y.label_len > 1)
+            __builtin_prefetch(&ix.storages_[y.label_storage]);
+          else if (y.first_child != kNil)
+            __builtin_prefetch(&nodes[y.first_child]);
         }
       }
       double denom = sum + esc;

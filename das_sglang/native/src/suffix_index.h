@@ -146,6 +146,17 @@ class ChildMap {
  public:
   ChildMap();
   uint32_t find(uint32_t parent, int32_t token) const;
+  static uint64_t mix_key(uint64_t k) {  // the slot hash
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    return k;
+  }
+  void prefetch(uint32_t parent, int32_t token) const {  // cache hint for find()
+    const size_t i = mix_key(key(parent, token)) & mask_;
+    __builtin_prefetch(&keys_[i]);
+    __builtin_prefetch(&vals_[i]);
+  }
   void insert(uint32_t parent, int32_t token, uint32_t child);  // key must be absent
   void assign(uint32_t parent, int32_t token, uint32_t child);  // key must be present
   void erase(uint32_t parent, int32_t token);                   // key must be present
@@ -230,6 +241,13 @@ class SuffixIndex {
   // stage 2 prefetches the nodes where its last `max_m` suffixes end.
   uint32_t prefetch_sequence(int64_t seq_id) const;
   void prefetch_cursor_nodes(uint32_t storage, int max_m) const;
+  // Stage 3: the children lists a draft of the sequence scans first (its match node's, or
+  // with `mixture` every anchor's), as list heads for walk_lists. The sibling lists are
+  // linked: one list is a chain of dependent cache misses, but the lists of several
+  // anchors (and rows) are independent, so walking them round-robin overlaps their misses.
+  struct ListHead { const Node* nodes; uint32_t cur; };
+  void draft_lists(uint32_t storage, const DraftParams& p, std::vector<ListHead>& out) const;
+  static void walk_lists(std::vector<ListHead>& heads);
 
   // Slot weights from a step -> weight table (steps absent from the table weigh 0).
   void slot_weights(const int64_t* steps, const double* weights, size_t n,
