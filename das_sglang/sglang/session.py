@@ -383,10 +383,6 @@ class DasSession:
         req_ids = list(req_ids)
         self._plan_nodes = max_nodes
         drafts = self.drafter.speculate_flat(req_ids, max_nodes)
-        if self._evicting and self._updates is not None:
-            # The index is not read again until the next plan or update: remove a chunk of
-            # out-of-window history meanwhile (native removals, during layout + forward).
-            self._updates.submit(self._evict_chunk)
         probs = drafts.probs
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
@@ -404,6 +400,12 @@ class DasSession:
             for i in [i for i, r in enumerate(req_ids) if r in self._root_only]:
                 keep[i] = 0  # constrained requests are verified at the root only
         drafts = drafts.truncate(keep)
+        if self._evicting and self._updates is not None:
+            # The index is not read again until the next plan or update: remove a chunk of
+            # out-of-window history meanwhile (native removals, during layout + forward).
+            # Submitted after the policy's Python: the update thread takes the GIL for the
+            # chunk's bookkeeping, which would slow the plan down.
+            self._updates.submit(self._evict_chunk)
         width = drafts.width
         buckets = self.options.policy.buckets(max_nodes)
         if buckets is not None and width not in buckets:
