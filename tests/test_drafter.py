@@ -46,7 +46,9 @@ class TestHistory:
 
     def test_older_steps_weigh_less(self):
         # counts only (recency would add to the newest continuation, 4: test_wide_tree.py)
-        d = drafter(window_steps=2, step_decay=0.5, min_token_prob=0.0, mix_recency=0.0)
+        # (the per-problem index alone: the shared index weighs its copies by recency of
+        # insertion, not by step)
+        d = drafter(window_steps=2, step_decay=0.5, min_token_prob=0.0, mix_recency=0.0, global_shard=False)
         d.add_history("p", 0, [1, 2, 3])  # old: continuation 3
         d.add_history("p", 0, [1, 2, 3])
         d.advance_step(2)

@@ -107,3 +107,27 @@ def test_drafter_mixes_other_problems_text_and_caps_the_shared_index():
     d.finish_request("b")
     assert d.shared_tokens <= 40 and d.shared_tokens != before
     assert d.history()["p0"]  # the problem's own history is untouched
+
+
+def test_shared_index_never_runs_out_of_step_slots_nor_forces_evictions():
+    # Lazy eviction (the server's): out-of-window steps are removed later, in chunks. The
+    # shared index files every sequence under one step, so many step boundaries neither
+    # overflow its MAX_STEPS slots nor force every problem's pending eviction at once.
+    from das_sglang.core.drafter import SHARED_STEP
+    from das_sglang.native import MAX_STEPS
+
+    rng = np.random.default_rng(3)
+    d = SuffixDrafter(DrafterConfig(window_steps=2))
+    d.lazy_eviction = True
+    for step in range(3 * MAX_STEPS):
+        d.advance_step(step)
+        for p in range(3):
+            d.add_history(f"p{p}", step, rng.integers(0, 9, 30))
+        d.start_request(f"r{step}", "p0", rng.integers(0, 9, 10))
+        d.extend_request(f"r{step}", rng.integers(0, 9, 5))
+        assert len(d.speculate_flat([f"r{step}"], 8).tokens) >= 0
+        d.finish_request(f"r{step}")
+    assert d._global.steps() == [SHARED_STEP]
+    assert d._evicting  # out-of-window steps still pending: nothing forced at the boundaries
+    assert d.evict_pending(None)
+    assert max(s for p in d._finished.values() for s in p) - min(s for p in d._finished.values() for s in p) <= 2

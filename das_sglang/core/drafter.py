@@ -37,6 +37,11 @@ from das_sglang.native import (
     MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
 )
 
+# The step every sequence is filed under in the shared index: one native step slot, so it
+# never runs out of them (a per-problem index holds at most MAX_STEPS steps); its sequences
+# weigh 1 (it is a recency-bounded cache: shared_max_tokens, oldest out first).
+SHARED_STEP = -(1 << 62)
+
 # problem_id -> step -> finished rollouts (prompt + response), as int32 arrays
 History = dict[str, dict[int, list[np.ndarray]]]
 
@@ -167,14 +172,8 @@ class SuffixDrafter:
             self._evicting.update(old)
             # A native index holds at most MAX_STEPS distinct steps. A problem's index that
             # would overflow evicts its own pending steps when the new step's first sequence
-            # arrives (``_make_slot``: O(that problem)); the shared global index holds every
-            # step, so there the oldest pending evictions finish now.
-            while (self._global is not None and self._evicting
-                   and len(set(self._step_seqs) | {step}) > MAX_STEPS):
-                s = min(self._evicting)
-                for problem_id in list(self._by_step.get(s, ())):
-                    self._evict(problem_id, s)
-                self._evicting.discard(s)
+            # arrives (``_make_slot``: O(that problem)); the shared index files every
+            # sequence under one step (SHARED_STEP), so it never overflows.
         else:
             for s in old:
                 for problem_id in list(self._by_step.get(s, ())):
@@ -277,11 +276,10 @@ class SuffixDrafter:
         # the native side maps steps to slots.
         steps = sorted(set(self._step_seqs) | {self._step})
         decay = self.config.step_decay
-        self._weights = (
-            np.asarray(steps, dtype=np.int64),
-            np.asarray([0.0 if s in self._evicting else decay ** (self._step - s) for s in steps],
-                       dtype=np.float64),
-        )
+        w = [0.0 if s in self._evicting else decay ** (self._step - s) for s in steps]
+        if self._global is not None:  # the shared index's one step (its sequences weigh 1)
+            steps, w = [SHARED_STEP] + steps, [1.0] + w
+        self._weights = (np.asarray(steps, dtype=np.int64), np.asarray(w, dtype=np.float64))
         self._weight_dict = dict(zip(steps, self._weights[1].tolist()))
 
     # ------------------------------------------------------------------ sequences
@@ -314,7 +312,7 @@ class SuffixDrafter:
         self._next_seq_id += 1
         self._index(problem_id).add_sequence(seq_id, tokens, step)
         if self._global is not None:
-            self._global.add_sequence(seq_id, tokens, step)
+            self._global.add_sequence(seq_id, tokens, SHARED_STEP)
         if self._step_seqs[step] == 0:
             self._step_seqs[step] = 1
             self._refresh_weights()
