@@ -441,9 +441,7 @@ class SuffixDrafter:
         threads = max(1, min(self.DRAFT_THREADS, cores, n // self.DRAFT_ROWS_PER_THREAD))
         # the appends split by index as extend_batch splits them, on the cores left
         extend_threads = max(1, min(cores, 8, n // 64))
-        shared = self._shared(idx) if self._global is not None else (None, 0.0, 1)
-        if self._global is not None and shared[0] is None:
-            shared = (self._global, 0.0, 1)  # appended to, not drafted from
+        shared = self._shared()  # pre-drafting runs only with no shared index or a mixed one
         args = (idx, seq_ids, flat, offsets, b, cfg.min_token_prob, steps, weights, not cfg.tree,
                 cfg.max_match_len, self._mix(), threads, extend_threads, *shared)
 
@@ -533,9 +531,10 @@ class SuffixDrafter:
         cfg = self.config
         return self._global is not None and cfg.shared_weight > 0.0 and cfg.mixture and cfg.tree
 
-    def _shared(self, indices) -> tuple:
-        """(shared index, weight) for a native draft call over ``indices``."""
-        if not self._mixes_shared() or (indices and indices[0] is self._global):
+    def _shared(self) -> tuple:
+        """(shared index, weight, min match) for a native draft call: the shared index when
+        every draft mixes it in (the fallback drafts of ``speculate_*`` run only otherwise)."""
+        if not self._mixes_shared():
             return (None, 0.0, 1)
         return (self._global, self.config.shared_weight, self.config.shared_min_match)
 
@@ -545,7 +544,7 @@ class SuffixDrafter:
         mix = self._mix()
         tokens, parents, probs, offsets, match = draft_batch(
             indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len, mix,
-            *self._shared(indices))
+            *self._shared())
         bounds = offsets.tolist()
         return [
             _native_tree(tokens[a:z], parents[a:z], probs[a:z], m)
@@ -659,7 +658,7 @@ class SuffixDrafter:
         mix = self._mix()
         tokens, parents, probs, depths, offsets, match = draft_rows(
             indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len,
-            mix, threads, *self._shared(indices))
+            mix, threads, *self._shared())
         return DraftBatch(tokens, parents, probs, depths, offsets, match)
 
     # ------------------------------------------------------------------ snapshots, stats

@@ -54,6 +54,18 @@ nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy(const std::vector<T>& v) {
   return nb::ndarray<nb::numpy, T, nb::ndim<1>>(data, {v.size()}, owner);
 }
 
+// A {step: weight} dict as two parallel arrays (what slot_weights reads).
+struct StepTable {
+  std::vector<int64_t> steps;
+  std::vector<double> weights;
+  explicit StepTable(nb::dict step_weights) {
+    for (auto kv : step_weights) {
+      steps.push_back(nb::cast<int64_t>(kv.first));
+      weights.push_back(nb::cast<double>(kv.second));
+    }
+  }
+};
+
 DraftParams params(const SuffixIndex& idx, int budget, double min_prob, nb::dict step_weights,
                    bool chain, int max_match_len) {
   if (budget < 0) throw nb::value_error(("invalid budget=" + std::to_string(budget) + ": must be >= 0").c_str());
@@ -62,13 +74,8 @@ DraftParams params(const SuffixIndex& idx, int budget, double min_prob, nb::dict
   p.min_prob = min_prob;
   p.chain = chain;
   p.max_match_len = max_match_len;
-  std::vector<int64_t> steps;
-  std::vector<double> weights;
-  for (auto kv : step_weights) {
-    steps.push_back(nb::cast<int64_t>(kv.first));
-    weights.push_back(nb::cast<double>(kv.second));
-  }
-  idx.slot_weights(steps.data(), weights.data(), steps.size(), p.slot_weight);
+  const StepTable t(step_weights);
+  idx.slot_weights(t.steps.data(), t.weights.data(), t.steps.size(), p.slot_weight);
   return p;
 }
 
@@ -577,13 +584,8 @@ NB_MODULE(_suffix, m) {
             DraftParams p = params(s, budget, min_prob, step_weights, chain, max_match_len);
             set_mix(p, mix);
             if (!shared.is_none()) {  // the shared index's slot weights from the same table
-              std::vector<int64_t> steps;
-              std::vector<double> weights;
-              for (auto kv : step_weights) {
-                steps.push_back(nb::cast<int64_t>(kv.first));
-                weights.push_back(nb::cast<double>(kv.second));
-              }
-              set_shared(p, shared, shared_weight, steps.data(), weights.data(), steps.size(),
+              const StepTable t(step_weights);
+              set_shared(p, shared, shared_weight, t.steps.data(), t.weights.data(), t.steps.size(),
                          shared_min_match);
             }
             Draft d;

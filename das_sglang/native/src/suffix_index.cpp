@@ -580,8 +580,7 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
     expand(pos, p, out);
 }
 
-// Same result as draft(sequence tokens): the live cursors already sit at the ends of the
-// sequence's own suffixes, so no walk is needed.
+// The longest suffix of the sequence with a continuation, read from its live cursors.
 int SuffixIndex::sequence_match(const Storage& st, int max_match_len) const {
   const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
   // The cursor of the length-m suffix sits on a node; "has a continuation" is monotone in
@@ -669,14 +668,7 @@ void SuffixIndex::draft_lists(uint32_t s, const DraftParams& p, std::vector<List
   const Storage& st = storages_[s];
   const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
   // the match length exactly as draft_for_sequence finds it (its cursor nodes are cached)
-  int lo = 0, hi = std::min(int(std::min<uint32_t>(L, D - 1)), std::max(0, p.max_match_len));
-  while (lo < hi) {
-    int mid = (lo + hi + 1) / 2;
-    if (nodes_[st.cursors[(L - uint32_t(mid)) % D]].first_child != kNil)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
+  const int lo = sequence_match(st, p.max_match_len);
   if (lo == 0) return;
   const int last = p.mixture && !p.chain ? std::max(1, p.mix_min_match) : lo;
   for (int m = lo; m >= last; --m) {
