@@ -250,3 +250,29 @@ class TestSnapshots:
         st = d.stats()
         assert st.tokens == 100 and st.sequences == 1 and st.nodes > 0
         assert 0 < st.bytes_per_token < 2000
+
+
+def test_finish_as_keeps_the_live_copy_where_it_is_the_returned_text():
+    """A finished request's live copy becomes history in place when it is the returned text
+    or a prefix of it (the rest appended); one that ran past it is replaced. Either way the
+    history and the drafts are those of adding the returned text as history."""
+    text = np.asarray([1, 2] + ROLLOUT, np.int32)
+    for live_len, returned in ((10, text), (6, text), (10, text[:7])):
+        d = drafter(window_steps=1)
+        d.start_request("r", "p", text[:live_len])
+        seq = d._live["r"].seq_id
+        d.finish_as("r", "p", 0, returned)
+        ref = drafter(window_steps=1)
+        ref.add_history("p", 0, returned)
+        assert [t.tolist() for t in d.history()["p"][0]] == [returned.tolist()]
+        kept = d._finished["p"][0] == [seq]
+        assert kept == (live_len <= len(returned)), (live_len, len(returned))
+        assert d.history_tokens == len(returned) and d.shared_tokens == len(returned)
+        for x in (d, ref):
+            x.start_request("q", "p", [1, 2])
+        a, b = d.speculate("q", budget=6), ref.speculate("q", budget=6)
+        assert a.tokens.tolist() == b.tokens.tolist() and a.tokens.tolist()[:2] == ROLLOUT[:2]
+    d = drafter()
+    d.start_request("r", "p", text)
+    d.finish_as("r", "other", 0, text)  # another problem: moved there
+    assert "p" not in d.history() and len(d.history()["other"][0]) == 1

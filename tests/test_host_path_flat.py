@@ -419,3 +419,49 @@ def test_observe_more_drafts_than_max_budget_counts_in_the_last_bin():
     b.observe("p", 40, 3)
     np.testing.assert_array_equal(a._by_budget, b._by_budget)
     assert a._stats["p"].n_obs == 2 and a._stats["p"].sum_accepted == 63
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_started_job_shares_its_tasks_and_equals_the_sequential_calls(threads):
+    """At RL batch sizes the started job splits the appends into several tasks (per-problem
+    buckets plus the shared index's) and the drafts into chunks, taken by its workers and by
+    the thread that waits: the indices and trees equal the sequential two calls'."""
+    def build():
+        rng = np.random.default_rng(9)
+        d = SuffixDrafter(DrafterConfig(window_steps=2, global_shard=True))
+        d.advance_step(2)
+        for p in range(40):
+            for k in range(3):
+                d.add_history(f"p{p}", 1 + k % 2, rng.integers(0, 30, 120))
+        rids = []
+        for r in range(600):
+            d.start_request(f"r{r}", f"p{r % 43}", rng.integers(0, 30, 20))  # p40-42: cold
+            rids.append(f"r{r}")
+        return d, rids
+
+    (a, rids), (b, _) = build(), build()
+    rng = np.random.default_rng(3)
+    toks = [rng.integers(0, 30, int(rng.integers(1, 6))) for _ in rids]
+    budgets = rng.integers(0, 17, len(rids)).astype(np.int32)
+    steps, weights = a._weights
+    args = (0.05, steps, weights, False, 32, a._mix())
+    shared_a, shared_b = a._shared(), b._shared()
+    assert shared_a[0] is not None  # the shared index is appended to and drafted from
+    idx, seq, flat, off = b.prepare_extend(rids, toks)
+    extend_batch(idx, seq, flat, off)
+    extend_batch([shared_b[0]] * len(idx), seq, flat, off)
+    want = draft_rows(idx, seq, budgets, *args, 1, *shared_b)
+    idx, seq, flat, off = a.prepare_extend(rids, toks)
+    pending = extend_draft_rows_start(idx, seq, flat, off, budgets, *args, threads, 0, *shared_a)
+    *got, versions = pending.wait()
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(versions, [ix.version for ix in idx])
+    assert len(got[0]) > 2000 and (np.diff(got[4]) > 0).sum() > 300
+    # a job never waited for is joined when dropped; the indices are then complete
+    more = [rng.integers(0, 30, 2) for _ in rids]
+    extend_draft_rows_start(*a.prepare_extend(rids, more), budgets, *args, threads, 0, *shared_a)
+    b.extend_batch(rids, more)
+    for r in rids[:50]:
+        np.testing.assert_array_equal(a._indices[a._live[r].problem_id].sequence_tokens(a._live[r].seq_id),
+                                      b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))

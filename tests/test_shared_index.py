@@ -131,3 +131,20 @@ def test_shared_index_never_runs_out_of_step_slots_nor_forces_evictions():
     assert d._evicting  # out-of-window steps still pending: nothing forced at the boundaries
     assert d.evict_pending(None)
     assert max(s for p in d._finished.values() for s in p) - min(s for p in d._finished.values() for s in p) <= 2
+
+
+def test_shared_max_depth_bounds_the_shared_index_matches():
+    # A cold problem drafts only from the shared index, whose depth bounds the context
+    # suffix it can match: shared_max_depth=4 matches at most 3 tokens, the default 24 all 11.
+    text = list(range(100, 140))  # another problem's long answer
+    for depth, match in ((4, 3), (24, 11)):
+        d = SuffixDrafter(DrafterConfig(shared_max_depth=depth, min_token_prob=0.0, max_budget=16))
+        d.start_request("a", "p0", text)
+        d.finish_request("a")
+        d.start_request("new", "cold", [7] + list(range(100, 111)))
+        tree = d.speculate("new", 8)
+        assert tree.match_len == match and tree.tokens.tolist()[:2] == [111, 112]
+    for bad in (1, 65):
+        with pytest.raises(ValueError, match="shared_max_depth"):
+            DrafterConfig(shared_max_depth=bad)
+    assert DrafterConfig().shared_max_depth == 24

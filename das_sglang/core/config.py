@@ -38,6 +38,10 @@ class DrafterConfig:
                    the same match length (raw ``shared_weight * m ** mix_alpha``).
     shared_min_match  shortest shared-index match taken as an anchor (shorter ones, shared
                    by many problems, cost the most to merge).
+    shared_max_depth  depth bound of the shared index (its ``max_depth``): it serves the
+                   short matches a problem's own index lacks, so a shallower index is
+                   enough; each appended token updates one cursor per depth level, so this
+                   sets the shared index's append cost and size. 0 = ``max_depth``.
     shared_max_tokens  finished-rollout tokens the shared index keeps (newest first; live
                    requests are always in it): bounds its memory (~130 B per token: 512k
                    tokens ~ 70 MB) apart from the per-problem history. 0 = no cap.
@@ -76,6 +80,7 @@ class DrafterConfig:
     global_shard: bool = True
     shared_weight: float = 0.03
     shared_min_match: int = 1
+    shared_max_depth: int = 24
     shared_max_tokens: int = 524_288
     max_history_tokens: int = 80_000_000
     mixture: bool = True
@@ -119,6 +124,8 @@ class DrafterConfig:
         check_field(self.mix_max_fanout >= 1, "mix_max_fanout", self.mix_max_fanout, "must be >= 1")
         check_field(0.0 <= self.shared_weight <= 1e6, "shared_weight", self.shared_weight, "must be in [0, 1e6]")
         check_field(self.shared_min_match >= 1, "shared_min_match", self.shared_min_match, "must be >= 1")
+        check_field(self.shared_max_depth == 0 or 2 <= self.shared_max_depth <= self.max_depth,
+                    "shared_max_depth", self.shared_max_depth, f"must be 0 or in [2, max_depth={self.max_depth}]")
         check_field(self.shared_max_tokens >= 0, "shared_max_tokens", self.shared_max_tokens, "must be >= 0")
         check_field(self.mix_recency >= 0.0, "mix_recency", self.mix_recency, "must be >= 0")
         check_field(self.mix_match_half >= 0.0, "mix_match_half", self.mix_match_half, "must be >= 0")

@@ -133,7 +133,7 @@ class SuffixDrafter:
             )
         self._step = 0
         self._indices: dict[str, SuffixIndex] = {}
-        self._global = SuffixIndex(self.config.max_depth) if self.config.global_shard else None
+        self._global = SuffixIndex(self.config.shared_max_depth or self.config.max_depth) if self.config.global_shard else None
         # Finished sequences in the shared index, oldest first -> tokens (shared_max_tokens).
         self._shared_len: dict[int, int] = {}
         self.shared_tokens = 0
@@ -422,7 +422,8 @@ class SuffixDrafter:
         or no rows: use :meth:`apply_extend`."""
         if not self._can_predraft() or not len(prepared[0]):
             return None
-        # The caller's thread keeps running Python meanwhile: leave it a core.
+        # The caller's thread keeps running Python meanwhile: leave it a core. When it
+        # waits (``wait()``), it drafts too: then every core works on the rest.
         args, keep = self._extend_draft_args(prepared, predraft, spare=1)
         pending = extend_draft_rows_start(*args)
         return lambda: keep(pending.wait())
@@ -439,8 +440,9 @@ class SuffixDrafter:
         b = np.full(n, int(predraft), np.int32)
         cores = max(1, (os.cpu_count() or 1) - spare)
         threads = max(1, min(self.DRAFT_THREADS, cores, n // self.DRAFT_ROWS_PER_THREAD))
-        # the appends split by index as extend_batch splits them, on the cores left
-        extend_threads = max(1, min(cores, 8, n // 64))
+        # The appends: up to 8 tasks by index (64 rows each at least) plus the shared
+        # index's, taken by the same threads (and, started, by the thread that waits).
+        extend_threads = 0
         shared = self._shared()  # pre-drafting runs only with no shared index or a mixed one
         args = (idx, seq_ids, flat, offsets, b, cfg.min_token_prob, steps, weights, not cfg.tree,
                 cfg.max_match_len, self._mix(), threads, extend_threads, *shared)
@@ -463,6 +465,24 @@ class SuffixDrafter:
         else:
             self._remove(live.problem_id, live.seq_id, live.step)
             self._drop_index_if_empty(live.problem_id)
+
+    def finish_as(self, req_id: str, problem_id: str, step: int, tokens: np.ndarray) -> None:
+        """End a request whose returned text is ``tokens`` (prompt + output, int32): it
+        becomes history of ``step`` for ``problem_id``. The live copy is kept where it is
+        that text or a prefix of it (the rest is appended): no removal and re-insertion of
+        the whole sequence, the common case. Otherwise (it ran past the returned text:
+        tokens accepted after a stop token, another problem or step) it is replaced."""
+        live = self._request(req_id)
+        if live.problem_id == problem_id and live.step == step:
+            have = self._indices[problem_id].sequence_tokens(live.seq_id)
+            n = len(have)
+            if n <= len(tokens) and np.array_equal(have, tokens[:n]):
+                if n < len(tokens):
+                    self.extend_request(req_id, tokens[n:])
+                self.finish_request(req_id, keep=True)
+                return
+        self.finish_request(req_id, keep=False)
+        self.add_history(problem_id, step, tokens)
 
     # ------------------------------------------------------------------ drafting
 

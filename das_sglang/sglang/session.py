@@ -487,7 +487,8 @@ class DasSession:
         """A request finished: its returned text becomes history of its problem.
 
         The drafter's copy may run past what was returned (tokens accepted after a stop
-        token or beyond max_new_tokens), so it is replaced by the returned text.
+        token or beyond max_new_tokens): then it is replaced by the returned text; else it
+        is kept (``SuffixDrafter.finish_as``).
         """
         live = self.live.pop(req_id, None)
         if live is None:
@@ -518,8 +519,7 @@ class DasSession:
                 self.snapshot.wait()
 
     def _finish_in_drafter(self, req_id, problem_id, step, tokens) -> None:
-        self.drafter.finish_request(req_id, keep=False)
-        self.drafter.add_history(problem_id, step, tokens)
+        self.drafter.finish_as(req_id, problem_id, step, tokens)
 
     def _check_cap(self) -> None:
         cap = self.drafter.config.max_history_tokens

@@ -6,8 +6,11 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -119,6 +122,91 @@ struct FlatDrafts {
   std::vector<int32_t> match;
 };
 
+template <class F>
+void on_threads(size_t n_threads, F run) {
+  if (n_threads <= 1) {
+    run(size_t(0), size_t(1));
+    return;
+  }
+  std::vector<std::thread> pool;
+  std::vector<std::exception_ptr> errors(n_threads);
+  for (size_t t = 1; t < n_threads; ++t)
+    pool.emplace_back([&, t] {
+      try { run(t, n_threads); } catch (...) { errors[t] = std::current_exception(); }
+    });
+  try { run(0, n_threads); } catch (...) { errors[0] = std::current_exception(); }
+  for (auto& th : pool) th.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+// Rows [r0, r1) drafted into `buf` (appended, row order), each row's length into
+// lens[r] and its match length into match[r]. Reads the indices only.
+void draft_range(const std::vector<const SuffixIndex*>& idx, const int64_t* seq_ids,
+                 const int32_t* budgets, const int64_t* steps, const double* weights,
+                 size_t n_steps, const DraftParams& base, bool want_depths, size_t r0, size_t r1,
+                 FlatDrafts& buf, int64_t* lens, int32_t* match) {
+  DraftParams p = base;
+  Draft one;
+  const SuffixIndex* last = nullptr;
+  // Cache hints a few rows ahead (results do not depend on them): the storage and cursor
+  // ring kAhead1 rows on, the cursors' nodes kAhead2 rows on.
+  constexpr size_t kAhead1 = 16, kAhead2 = 8;
+  uint32_t ring[kAhead1];
+  for (size_t r = r0; r < std::min(r1, r0 + kAhead1); ++r)
+    ring[r % kAhead1] = idx[r]->prefetch_sequence(seq_ids[r]);
+  for (size_t r = r0; r < std::min(r1, r0 + kAhead2); ++r)
+    idx[r]->prefetch_cursor_nodes(ring[r % kAhead1], p.max_match_len);
+  // Stage 3, a group of kGroup rows at a time: walk the children lists the group's
+  // drafts scan first, all lists interleaved (their cursor nodes were prefetched
+  // kAhead2 rows ahead).
+  constexpr size_t kGroup = 4;
+  std::vector<SuffixIndex::ListHead> heads;
+  for (size_t r = r0; r < r1; ++r) {
+    if ((r - r0) % kGroup == 0) {
+      for (size_t g = r; g < std::min(r1, r + kGroup); ++g) idx[g]->draft_lists(ring[g % kAhead1], p, heads);
+      SuffixIndex::walk_lists(heads);
+    }
+    if (r + kAhead2 < r1)
+      idx[r + kAhead2]->prefetch_cursor_nodes(ring[(r + kAhead2) % kAhead1], p.max_match_len);
+    if (r + kAhead1 < r1)
+      ring[(r + kAhead1) % kAhead1] = idx[r + kAhead1]->prefetch_sequence(seq_ids[r + kAhead1]);
+    p.budget = budgets[r];
+    if (idx[r] != last) {  // slot weights depend on the index only
+      idx[r]->slot_weights(steps, weights, n_steps, p.slot_weight);
+      last = idx[r];
+    }
+    idx[r]->draft_for_sequence(seq_ids[r], p, one);
+    const size_t at = buf.tokens.size();
+    buf.tokens.insert(buf.tokens.end(), one.tokens.begin(), one.tokens.end());
+    buf.parents.insert(buf.parents.end(), one.parents.begin(), one.parents.end());
+    buf.probs.insert(buf.probs.end(), one.probs.begin(), one.probs.end());
+    if (want_depths) {
+      for (size_t i = 0; i < one.parents.size(); ++i) {
+        const int32_t par = one.parents[i];
+        buf.depths.push_back(par < 0 ? 1 : buf.depths[at + size_t(par)] + 1);
+      }
+    }
+    lens[r] = int64_t(one.tokens.size());
+    match[r] = one.match_len;
+  }
+}
+
+// Per-chunk buffers appended to `out` in chunk order; out.offsets[r + 1] holds row r's
+// length until the final prefix sum.
+void concat_chunks(std::vector<FlatDrafts>& bufs, FlatDrafts& out) {
+  out.tokens.clear(); out.parents.clear(); out.probs.clear(); out.depths.clear();
+  size_t nt = 0, nd = 0;
+  for (auto& b : bufs) { nt += b.tokens.size(); nd += b.depths.size(); }
+  out.tokens.reserve(nt); out.parents.reserve(nt); out.probs.reserve(nt); out.depths.reserve(nd);
+  for (auto& b : bufs) {
+    out.tokens.insert(out.tokens.end(), b.tokens.begin(), b.tokens.end());
+    out.parents.insert(out.parents.end(), b.parents.begin(), b.parents.end());
+    out.probs.insert(out.probs.end(), b.probs.begin(), b.probs.end());
+    out.depths.insert(out.depths.end(), b.depths.begin(), b.depths.end());
+  }
+}
+
 void draft_rows_impl(const std::vector<const SuffixIndex*>& idx, const int64_t* seq_ids,
                      const int32_t* budgets, const int64_t* steps, const double* weights,
                      size_t n_steps, const DraftParams& base, bool want_depths, size_t threads,
@@ -126,75 +214,19 @@ void draft_rows_impl(const std::vector<const SuffixIndex*>& idx, const int64_t* 
   const size_t n = idx.size();
   out.offsets.assign(n + 1, 0);
   out.match.assign(n, 0);
-  auto run = [&](size_t r0, size_t r1, FlatDrafts& buf) {
-    DraftParams p = base;
-    Draft one;
-    const SuffixIndex* last = nullptr;
-    // Cache hints a few rows ahead (results do not depend on them): the storage and cursor
-    // ring kAhead1 rows on, the cursors' nodes kAhead2 rows on.
-    constexpr size_t kAhead1 = 16, kAhead2 = 8;
-    uint32_t ring[kAhead1];
-    for (size_t r = r0; r < std::min(r1, r0 + kAhead1); ++r)
-      ring[r % kAhead1] = idx[r]->prefetch_sequence(seq_ids[r]);
-    for (size_t r = r0; r < std::min(r1, r0 + kAhead2); ++r)
-      idx[r]->prefetch_cursor_nodes(ring[r % kAhead1], p.max_match_len);
-    // Stage 3, a group of kGroup rows at a time: walk the children lists the group's
-    // drafts scan first, all lists interleaved (their cursor nodes were prefetched
-    // kAhead2 rows ahead).
-    constexpr size_t kGroup = 4;
-    std::vector<SuffixIndex::ListHead> heads;
-    for (size_t r = r0; r < r1; ++r) {
-      if ((r - r0) % kGroup == 0) {
-        for (size_t g = r; g < std::min(r1, r + kGroup); ++g) idx[g]->draft_lists(ring[g % kAhead1], p, heads);
-        SuffixIndex::walk_lists(heads);
-      }
-      if (r + kAhead2 < r1)
-        idx[r + kAhead2]->prefetch_cursor_nodes(ring[(r + kAhead2) % kAhead1], p.max_match_len);
-      if (r + kAhead1 < r1)
-        ring[(r + kAhead1) % kAhead1] = idx[r + kAhead1]->prefetch_sequence(seq_ids[r + kAhead1]);
-      p.budget = budgets[r];
-      if (idx[r] != last) {  // slot weights depend on the index only
-        idx[r]->slot_weights(steps, weights, n_steps, p.slot_weight);
-        last = idx[r];
-      }
-      idx[r]->draft_for_sequence(seq_ids[r], p, one);
-      const size_t at = buf.tokens.size();
-      buf.tokens.insert(buf.tokens.end(), one.tokens.begin(), one.tokens.end());
-      buf.parents.insert(buf.parents.end(), one.parents.begin(), one.parents.end());
-      buf.probs.insert(buf.probs.end(), one.probs.begin(), one.probs.end());
-      if (want_depths) {
-        for (size_t i = 0; i < one.parents.size(); ++i) {
-          const int32_t par = one.parents[i];
-          buf.depths.push_back(par < 0 ? 1 : buf.depths[at + size_t(par)] + 1);
-        }
-      }
-      out.offsets[r + 1] = int64_t(one.tokens.size());  // row length for now
-      out.match[r] = one.match_len;
-    }
-  };
+  int64_t* lens = out.offsets.data() + 1;
   threads = std::max<size_t>(1, std::min(threads, n));
   if (threads == 1) {
-    run(0, n, out);
+    draft_range(idx, seq_ids, budgets, steps, weights, n_steps, base, want_depths, 0, n, out, lens,
+                out.match.data());
   } else {
     std::vector<FlatDrafts> bufs(threads);
-    std::vector<std::thread> pool;
-    std::vector<std::exception_ptr> errors(threads);
     auto bounds = [&](size_t t) { return n * t / threads; };
-    for (size_t t = 1; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        try { run(bounds(t), bounds(t + 1), bufs[t]); } catch (...) { errors[t] = std::current_exception(); }
-      });
-    try { run(0, bounds(1), bufs[0]); } catch (...) { errors[0] = std::current_exception(); }
-    for (auto& th : pool) th.join();
-    for (auto& e : errors)
-      if (e) std::rethrow_exception(e);
-    out.tokens.clear(); out.parents.clear(); out.probs.clear(); out.depths.clear();
-    for (auto& b : bufs) {
-      out.tokens.insert(out.tokens.end(), b.tokens.begin(), b.tokens.end());
-      out.parents.insert(out.parents.end(), b.parents.begin(), b.parents.end());
-      out.probs.insert(out.probs.end(), b.probs.begin(), b.probs.end());
-      out.depths.insert(out.depths.end(), b.depths.begin(), b.depths.end());
-    }
+    on_threads(threads, [&](size_t t, size_t) {
+      draft_range(idx, seq_ids, budgets, steps, weights, n_steps, base, want_depths, bounds(t), bounds(t + 1),
+                  bufs[t], lens, out.match.data());
+    });
+    concat_chunks(bufs, out);
   }
   for (size_t r = 0; r < n; ++r) out.offsets[r + 1] += out.offsets[r];  // lengths -> offsets
 }
@@ -343,24 +375,6 @@ bool owns(const SuffixIndex* ix, size_t tid, size_t stride) {
   return (h >> 32) % stride == tid;
 }
 
-template <class F>
-void on_threads(size_t n_threads, F run) {
-  if (n_threads <= 1) {
-    run(size_t(0), size_t(1));
-    return;
-  }
-  std::vector<std::thread> pool;
-  std::vector<std::exception_ptr> errors(n_threads);
-  for (size_t t = 1; t < n_threads; ++t)
-    pool.emplace_back([&, t] {
-      try { run(t, n_threads); } catch (...) { errors[t] = std::current_exception(); }
-    });
-  try { run(0, n_threads); } catch (...) { errors[0] = std::current_exception(); }
-  for (auto& th : pool) th.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
-
 void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h) {
   ExtendArgs e = extend_args(indices, seq_ids_h, tokens_h, offsets_h, "extend_batch");
   const size_t n = e.idx.size();
@@ -378,10 +392,20 @@ void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, n
 }
 
 // extend_batch, then draft_rows of the same rows (budgets[r]): the work of both, GIL-free,
-// on up to `threads` threads, plus every row's SuffixIndex.version afterwards. (Drafting each row right after its
-// index's appends measured slower than the row-pipelined draft_rows: the draft reads far
+// plus every row's SuffixIndex.version afterwards. (Drafting each row right after its
+// index's appends measured slower than the row-pipelined draft_range: the draft reads far
 // more than the appends touch.)
+//
+// Work sharing: the job is a list of tasks taken from atomic counters by every thread that
+// calls work() -- the `threads` workers started with it and, in PendingExtendDraft::wait,
+// the caller that would otherwise only wait (so a 2-core host drafts on both cores once the
+// scheduler thread has nothing left but to wait). First the appends: one task per bucket of
+// per-problem indices (owns: each index in one task, its rows in row order) and one for the
+// shared index (every row, row order); then, once every append is done, the drafts in
+// chunks of kChunk rows, each into its own buffer, concatenated in chunk order. Which
+// thread runs which task never changes the result: it equals the sequential loop's.
 struct ExtendDraftWork {
+  static constexpr size_t kChunk = 32;
   std::vector<SuffixIndex*> idx;
   std::vector<const SuffixIndex*> cidx;
   std::vector<int64_t> seq_ids, offsets, steps;
@@ -393,26 +417,91 @@ struct ExtendDraftWork {
   FlatDrafts out;
   std::vector<uint64_t> versions;
 
-  void run() {
+  void plan() {  // after the arguments are set, before any work()
     const size_t n = idx.size();
-    on_threads(std::max<size_t>(1, std::min<size_t>({extend_threads, 8, n / 64})), [&](size_t tid, size_t stride) {
-      for (size_t r = 0; r < n; ++r)
-        if (owns(idx[r], tid, stride))
-          idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
-      if (shared != nullptr && owns(shared, tid, stride))  // one index: one thread, row order
-        for (size_t r = 0; r < n; ++r)
-          shared->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
-    });
-    draft_rows_impl(cidx, seq_ids.data(), budgets.data(), steps.data(), weights.data(), steps.size(), p,
-                    true, threads, out);
+    buckets_ = std::max<size_t>(1, std::min<size_t>({extend_threads, 8, n / 64}));
+    ext_tasks_ = buckets_ + (shared != nullptr ? 1 : 0);
+    chunks_ = (n + kChunk - 1) / kChunk;
+    bufs_.assign(chunks_, FlatDrafts{});
+    out.offsets.assign(n + 1, 0);
+    out.match.assign(n, 0);
+  }
+
+  // Takes tasks until none is left; any number of threads may call it at once.
+  void work() {
+    const size_t n = idx.size();
+    for (size_t t; (t = next_ext_.fetch_add(1)) < ext_tasks_;) {
+      if (!failed_.load()) {
+        try {
+          if (t < buckets_) {
+            for (size_t r = 0; r < n; ++r)
+              if (owns(idx[r], t, buckets_))
+                idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
+          } else {
+            for (size_t r = 0; r < n; ++r)
+              shared->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
+          }
+        } catch (...) {
+          fail(std::current_exception());
+        }
+      }
+      if (ext_done_.fetch_add(1) + 1 == ext_tasks_) {
+        std::lock_guard<std::mutex> l(mu_);
+        cv_.notify_all();
+      }
+    }
+    {  // every append lands before any draft reads an index
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [&] { return ext_done_.load() == ext_tasks_; });
+    }
+    for (size_t c; (c = next_chunk_.fetch_add(1)) < chunks_;) {
+      if (failed_.load()) continue;
+      try {
+        draft_range(cidx, seq_ids.data(), budgets.data(), steps.data(), weights.data(), steps.size(), p, true,
+                    c * kChunk, std::min(n, (c + 1) * kChunk), bufs_[c], out.offsets.data() + 1,
+                    out.match.data());
+      } catch (...) {
+        fail(std::current_exception());
+      }
+    }
+  }
+
+  // After every work() call has returned: the result arrays (or the first error).
+  void finish() {
+    if (error_) std::rethrow_exception(error_);
+    const size_t n = idx.size();
+    concat_chunks(bufs_, out);
+    bufs_.clear();
+    for (size_t r = 0; r < n; ++r) out.offsets[r + 1] += out.offsets[r];  // lengths -> offsets
     versions.resize(n);
     for (size_t r = 0; r < n; ++r) versions[r] = idx[r]->version();
   }
+
+  void run() {  // the whole job on `threads` threads, this one included
+    plan();
+    on_threads(std::max<size_t>(1, threads), [&](size_t, size_t) { work(); });
+    finish();
+  }
+
   nb::tuple result() const {
     return nb::make_tuple(to_numpy(out.tokens), to_numpy(out.parents), to_numpy(out.probs),
                           to_numpy(out.depths), to_numpy(out.offsets), to_numpy(out.match),
                           to_numpy(versions));
   }
+
+ private:
+  void fail(std::exception_ptr e) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!error_) error_ = e;
+    failed_.store(true);
+  }
+  size_t buckets_ = 1, ext_tasks_ = 0, chunks_ = 0;
+  std::atomic<size_t> next_ext_{0}, ext_done_{0}, next_chunk_{0};
+  std::atomic<bool> failed_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::exception_ptr error_;
+  std::vector<FlatDrafts> bufs_;
 };
 
 template <class A>
@@ -450,8 +539,8 @@ void extend_draft_args(ExtendDraftWork& w, nb::list indices, nb::handle seq_ids_
                                " in the shared index (row " + std::to_string(r) + ")").c_str());
   }
   w.threads = size_t(threads);
-  // 0: as extend_batch picks (every hardware thread, at most 8, 64 rows each at least)
-  w.extend_threads = extend_threads ? size_t(extend_threads) : std::max(1u, std::thread::hardware_concurrency());
+  // append tasks (buckets of per-problem indices): 0 = 8; at most 8, 64 rows each at least
+  w.extend_threads = extend_threads ? size_t(extend_threads) : 8;
 }
 
 nb::tuple extend_draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h,
@@ -470,10 +559,11 @@ nb::tuple extend_draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle t
   return w.result();
 }
 
-// extend_draft_rows started on a thread of its own at once (it never takes the GIL, so it
-// runs while the caller's thread goes on with Python); wait() joins it and returns the
-// result (or raises its error). Keeps the index list alive until then. The caller must
-// not touch these indices before wait() returns.
+// extend_draft_rows started at once on `threads` threads of its own (it never takes the
+// GIL, so it runs while the caller's thread goes on with Python); wait() takes part in what
+// is left (ExtendDraftWork::work, GIL released), joins the workers and returns the result
+// (or raises its error). Keeps the index list alive until then. The caller must not touch
+// these indices before wait() returns.
 class PendingExtendDraft {
  public:
   PendingExtendDraft(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h,
@@ -484,33 +574,37 @@ class PendingExtendDraft {
     extend_draft_args(w_, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
                       chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows_start", shared,
                       shared_weight, shared_min_match);
-    worker_ = std::thread([this] {
-      try { w_.run(); } catch (...) { error_ = std::current_exception(); }
-    });
+    w_.plan();
+    // work() records its own errors (finish() rethrows them); nothing else can throw there
+    for (size_t t = 0; t < std::max<size_t>(1, w_.threads); ++t) workers_.emplace_back([this] { w_.work(); });
   }
   ~PendingExtendDraft() {
-    if (worker_.joinable()) {
-      nb::gil_scoped_release release;
-      worker_.join();
-    }
+    nb::gil_scoped_release release;
+    join();
   }
+  // Helps with what is left (this thread takes tasks too), then joins the workers.
   nb::tuple wait() {
-    if (worker_.joinable()) {
-      nb::gil_scoped_release release;
-      worker_.join();
-    }
-    if (error_) std::rethrow_exception(error_);
     if (done_) throw nb::value_error("extend_draft_rows_start: wait() already returned the result");
+    {
+      nb::gil_scoped_release release;
+      if (!joined_) w_.work();
+      join();
+    }
     done_ = true;
+    w_.finish();
     return w_.result();
   }
 
  private:
+  void join() {
+    for (auto& th : workers_)
+      if (th.joinable()) th.join();
+    joined_ = true;
+  }
   nb::object keep_, keep_shared_;
   ExtendDraftWork w_;
-  std::thread worker_;
-  std::exception_ptr error_;
-  bool done_ = false;
+  std::vector<std::thread> workers_;
+  bool joined_ = false, done_ = false;
 };
 
 }  // namespace
@@ -625,7 +719,8 @@ NB_MODULE(_suffix, m) {
         "returns (tokens, parents, probs, depths int32, offsets int64[n+1], match_lens int32[n]).");
   nb::class_<PendingExtendDraft>(m, "PendingExtendDraft")
       .def("wait", &PendingExtendDraft::wait,
-           "Join the work; returns extend_draft_rows' tuple (raises its error).");
+           "Take part in what is left of the work (this thread drafts too, without the GIL), join "
+           "the workers; returns extend_draft_rows' tuple (raises its error).");
   m.def(
       "extend_draft_rows_start",
       [](nb::list indices, nb::handle seq_ids, nb::handle tokens, nb::handle offsets, nb::handle budgets,
@@ -642,8 +737,8 @@ NB_MODULE(_suffix, m) {
       nb::arg("extend_threads") = 0, nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0,
       nb::arg("shared_min_match") = 1,
       nb::rv_policy::take_ownership,
-      "extend_draft_rows on a native thread of its own, started now (arguments checked here); "
-      "returns a PendingExtendDraft whose wait() gives the result.");
+      "extend_draft_rows on `threads` native threads of their own, started now (arguments checked "
+      "here); returns a PendingExtendDraft whose wait() helps finish it and gives the result.");
   m.def("extend_draft_rows", &extend_draft_rows, nb::arg("indices"), nb::arg("seq_ids"),
         nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"), nb::arg("min_prob"),
         nb::arg("steps"), nb::arg("weights"), nb::arg("chain"), nb::arg("max_match_len"),
@@ -651,7 +746,9 @@ NB_MODULE(_suffix, m) {
         nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0, nb::arg("shared_min_match") = 1,
         "extend_batch then draft_rows of the same rows in one GIL-free call; returns "
         "draft_rows' tuple plus every row's index version (uint64) after the call; the appends "
-        "on up to `extend_threads` threads by index (0: as extend_batch), the drafts on `threads`.");
+        "split into up to `extend_threads` tasks by index (0: 8; 64 rows each at least) plus one "
+        "for the shared index, the work shared by `threads` threads (the result never depends on "
+        "either).");
   m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),
         nb::arg("offsets"),
         "Append tokens[offsets[r]:offsets[r+1]] to (indices[r], seq_ids[r]) for every row.");
