@@ -55,6 +55,21 @@ class TestRoundTrip:
         _assert_same(hist, got)
         assert meta == {"step": 2, "config": {"window_steps": 4}}
 
+    def test_coalesced_chunks_write_the_same_bytes(self, tmp_path: Path, monkeypatch) -> None:
+        # The writer joins the token arrays into ~1 MiB chunks (few Python calls per MiB):
+        # any chunk size gives the same file, and it loads back exactly.
+        hist = _history(seed=4, problems=5, per_step=7)
+        save_history(tmp_path / "one", hist)
+        for size in (1, 64, 1000):
+            monkeypatch.setattr(snapshot, "_CHUNK_BYTES", size)
+            save_history(tmp_path / str(size), hist)
+            assert snapshot_file(tmp_path / str(size)).read_bytes() == snapshot_file(tmp_path / "one").read_bytes()
+        _assert_same(hist, load_history(tmp_path / "64")[0])
+        monkeypatch.setattr(snapshot, "_CHUNK_BYTES", 64)  # 40 + 80 B, then 120 B, then 0 + 20 B
+        parts = list(snapshot._body(b"h", b"i", [np.arange(n, dtype=np.int32) for n in (10, 20, 30, 0, 5)]))
+        assert [len(bytes(p)) for p in parts[2:]] == [120, 120, 20] and b"".join(bytes(p) for p in parts[2:]) == np.concatenate(
+            [np.arange(n, dtype=np.int32) for n in (10, 20, 30, 0, 5)]).tobytes()
+
     def test_empty_history_and_empty_sequences(self, tmp_path: Path) -> None:
         save_history(tmp_path, {})
         assert load_history(tmp_path) == ({}, {})

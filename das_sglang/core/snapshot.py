@@ -110,6 +110,8 @@ def _encode_index(
 
 
 def _as_int32(tokens: Any, problem_id: str, step: int, i: int) -> np.ndarray:
+    if type(tokens) is np.ndarray and tokens.dtype == _INT32 and tokens.ndim == 1 and tokens.flags.c_contiguous:
+        return tokens  # what the session's history view holds: nothing to check or copy
     arr = np.asarray(tokens)
     where = f"history[{problem_id!r}][{step}][{i}]"
     if arr.ndim != 1:
@@ -132,11 +134,25 @@ def _chunks(header: bytes, index: bytes, arrays: Iterable[np.ndarray]) -> Iterab
     yield digest.digest()
 
 
+_CHUNK_BYTES = 1 << 20
+
+
 def _body(header: bytes, index: bytes, arrays: Iterable[np.ndarray]) -> Iterable[bytes]:
+    """The file's parts; the token arrays coalesced into ~1 MiB chunks (the same bytes): a
+    background writer then spends its time in sha256 and write, which release the GIL,
+    not in a Python call per sequence that the scheduler thread would wait behind."""
     yield header
     yield index
+    buf: list[np.ndarray] = []
+    size = 0
     for a in arrays:
-        yield memoryview(a).cast("B")
+        buf.append(a)
+        size += a.nbytes
+        if size >= _CHUNK_BYTES:
+            yield memoryview(np.concatenate(buf) if len(buf) > 1 else buf[0]).cast("B")
+            buf, size = [], 0
+    if buf:
+        yield memoryview(np.concatenate(buf) if len(buf) > 1 else buf[0]).cast("B")
 
 
 def _write_all(f: BinaryIO, chunks: Iterable[bytes]) -> None:

@@ -52,10 +52,12 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <type_traits>
 #include <vector>
 
 namespace das {
@@ -137,6 +139,65 @@ struct MappedAlloc {
 };
 template <class T>
 using BigVector = std::vector<T, MappedAlloc<T>>;
+
+// Growable array of a trivially copyable T in one anonymous mapping: growth is mremap
+// (the kernel moves page-table entries; nothing is copied), so a large index grows in
+// microseconds where a vector would copy every node (tens of ms for the shared index's
+// ~60 MB, on the update thread the next plan waits for). Pages are touched only as
+// elements are added, so the reserved tail costs no RSS.
+template <class T>
+class MappedArray {
+  static_assert(std::is_trivially_copyable<T>::value, "MappedArray holds plain data");
+
+ public:
+  MappedArray() = default;
+  MappedArray(const MappedArray&) = delete;
+  MappedArray& operator=(const MappedArray&) = delete;
+  ~MappedArray() {
+    if (data_ != nullptr) munmap(data_, bytes_);
+  }
+  size_t size() const { return size_; }
+  size_t capacity() const { return bytes_ / sizeof(T); }
+  bool empty() const { return size_ == 0; }
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  T& operator[](size_t i) { return data_[i]; }
+  const T& operator[](size_t i) const { return data_[i]; }
+  T& back() { return data_[size_ - 1]; }
+  void reserve(size_t n) {
+    if (n <= capacity()) return;
+    const size_t want = (n * sizeof(T) + 4095) & ~size_t(4095);
+#ifdef MREMAP_MAYMOVE
+    void* p = data_ == nullptr
+                  ? mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+                  : mremap(data_, bytes_, want, MREMAP_MAYMOVE);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+#else  // no mremap (not Linux): map anew and copy
+    void* p = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    if (data_ != nullptr) {
+      std::memcpy(p, data_, size_ * sizeof(T));
+      munmap(data_, bytes_);
+    }
+#endif
+    data_ = static_cast<T*>(p);
+    bytes_ = want;
+  }
+  void push_back(const T& x) {
+    if (size_ == capacity()) reserve(size_ + size_ / 4 + 64);
+    data_[size_++] = x;
+  }
+  T& emplace_back() {
+    if (size_ == capacity()) reserve(size_ + size_ / 4 + 64);
+    data_[size_] = T{};
+    return data_[size_++];
+  }
+
+ private:
+  T* data_ = nullptr;
+  size_t size_ = 0;
+  size_t bytes_ = 0;
+};
 
 // Open-addressing map (parent, token) -> child, linear probing, backward-shift deletion.
 // One flat table instead of per-node maps: O(1) child lookup at high-fanout nodes (the
@@ -318,7 +379,7 @@ class SuffixIndex {
   void expand_mixture(const std::vector<Anchor>& anchors, const DraftParams& p, Draft& out) const;
 
   int max_depth_;
-  BigVector<Node> nodes_;               // nodes_[kRoot] is the root
+  MappedArray<Node> nodes_;             // nodes_[kRoot] is the root
   std::vector<uint32_t> free_nodes_;    // freed node ids, reused first
   BigVector<uint8_t> removal_marks_;    // remove_sequence scratch: touched-node marks, kept
                                         // zeroed so a removal costs O(its paths), not O(nodes)
