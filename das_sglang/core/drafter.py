@@ -46,6 +46,9 @@ SHARED_STEP = -(1 << 62)
 History = dict[str, dict[int, list[np.ndarray]]]
 
 
+
+_CPUS = os.cpu_count() or 1  # read once: the call costs ~50 us (per-step path)
+
 @dataclass(slots=True)
 class _Live:
     """A request being decoded: which index and which sequence in it."""
@@ -438,7 +441,7 @@ class SuffixDrafter:
         steps, weights = token
         n = len(idx)
         b = np.full(n, int(predraft), np.int32)
-        cores = max(1, (os.cpu_count() or 1) - spare)
+        cores = max(1, _CPUS - spare)
         threads = max(1, min(self.DRAFT_THREADS, cores, n // self.DRAFT_ROWS_PER_THREAD))
         # The appends: up to 8 tasks by index (64 rows each at least) plus the shared
         # index's, taken by the same threads (and, started, by the thread that waits).
@@ -574,7 +577,7 @@ class SuffixDrafter:
     # Rows per drafting thread in speculate_flat (threads = rows // this, at most
     # DRAFT_THREADS): the split pays for its thread start-up from a few hundred rows on.
     DRAFT_ROWS_PER_THREAD = 192
-    DRAFT_THREADS = max(1, min(4, os.cpu_count() or 1))
+    DRAFT_THREADS = max(1, min(4, _CPUS))
 
     def speculate_flat(self, req_ids: Sequence[str], budget: int | Sequence[int] | np.ndarray,
                        threads: int | None = None) -> DraftBatch:
