@@ -16,6 +16,8 @@ max_match_len, mix, threads, extend_threads)`` is ``extend_batch`` (on ``extend_
 it picks) then ``draft_rows`` (on ``threads``) of the same rows in one GIL-free call, plus every row's index ``version`` after it (uint64);
 ``extend_draft_rows_start(...)`` (same arguments) starts it on a native thread of its own and
 returns a ``PendingExtendDraft`` whose ``wait()`` gives the result.
+``ragged_layout(roots, seq_lens, offsets, tokens, parents)`` and ``ragged_mask_index(verify_lens,
+seq_lens)`` build a ragged verify's inputs from a flat draft batch (sglang/tree_inputs.py).
 """
 
 from das_sglang.native._suffix import (
@@ -27,7 +29,9 @@ from das_sglang.native._suffix import (
     extend_batch,
     extend_draft_rows,
     extend_draft_rows_start,
+    ragged_layout,
+    ragged_mask_index,
 )
 
 __all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "draft_batch", "draft_rows", "extend_batch",
-           "extend_draft_rows", "extend_draft_rows_start"]
+           "extend_draft_rows", "extend_draft_rows_start", "ragged_layout", "ragged_mask_index"]

@@ -189,7 +189,31 @@ def build_ragged_layout(
     """Ragged verify inputs: request ``b`` verifies its root and its ``len(trees[b])``
     draft nodes, no more. Same rows, masks, positions and links as
     :func:`build_layout` restricted to each request's real rows (the pad rows the uniform
-    layout adds are simply not there)."""
+    layout adds are simply not there). A flat :class:`DraftBatch` (the worker's per-step
+    form) is laid out by one native call (``native.ragged_layout``, the same arrays:
+    tests/sglang/test_ragged_layout.py); a list of trees by numpy."""
+    if isinstance(trees, DraftBatch):
+        from das_sglang.native import ragged_layout
+
+        bs = len(trees)
+        if len(roots) != bs or len(seq_lens) != bs:
+            raise ValueError(f"build_ragged_layout: {bs} trees but {len(roots)} roots and "
+                             f"{len(seq_lens)} seq_lens")
+        tok, pos, vl, offs, mask, cand, ret, nxt, sib, n = ragged_layout(
+            np.asarray(roots, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64),
+            np.ascontiguousarray(trees.offsets, dtype=np.int64),
+            np.ascontiguousarray(trees.tokens, dtype=np.int32),
+            np.ascontiguousarray(trees.parents, dtype=np.int32))
+        return RaggedLayout(tokens=tok, positions=pos, verify_lens=vl, offsets=offs, mask=mask,
+                            candidates=cand.reshape(bs, n), retrieve_index=ret.reshape(bs, n),
+                            next_token=nxt.reshape(bs, n), next_sibling=sib.reshape(bs, n), n=n)
+    return build_ragged_layout_numpy(roots, trees, seq_lens)
+
+
+def build_ragged_layout_numpy(
+    roots: Sequence[int], trees: Sequence[DraftTree] | DraftBatch, seq_lens: Sequence[int]
+) -> RaggedLayout:
+    """:func:`build_ragged_layout` in numpy, from the uniform layout (any tree form)."""
     bs = len(trees)
     lens = _flat(trees)[0]
     width = int(lens.max(initial=0))
@@ -230,15 +254,23 @@ def ragged_custom_mask(layout: RaggedLayout, seq_lens: Sequence[int], device, ta
         return tree.to(target)
     # Mostly ones (``n_b * seq_len_b`` prefix entries per request): made where it is used,
     # the small tree blocks scattered into it by a host-built index (sum n_b^2 entries).
+    from das_sglang.native import ragged_mask_index
+
+    index, length = ragged_mask_index(np.ascontiguousarray(layout.verify_lens, dtype=np.int64),
+                                      np.asarray(seq_lens, dtype=np.int64))
+    out = torch.ones(int(length), dtype=torch.bool, device=target)
+    out[torch.from_numpy(index).to(target)] = tree.to(target)
+    return out
+
+
+def ragged_mask_index_numpy(verify_lens: np.ndarray, seq_lens: Sequence[int]) -> tuple[np.ndarray, int]:
+    """``native.ragged_mask_index`` in numpy (its reference in the tests)."""
     lens = np.asarray(seq_lens, dtype=np.int64)
-    vl = layout.verify_lens
+    vl = np.asarray(verify_lens, dtype=np.int64)
     row_len = lens + vl
     start = np.cumsum(vl * row_len) - vl * row_len
     sq = vl * vl
     b_of = np.repeat(np.arange(len(vl)), sq)  # request of every tree-block entry
     local = np.arange(int(sq.sum()), dtype=np.int64) - np.repeat(np.cumsum(sq) - sq, sq)
     i, j = local // vl[b_of], local % vl[b_of]
-    index = start[b_of] + i * row_len[b_of] + lens[b_of] + j
-    out = torch.ones(int((vl * row_len).sum()), dtype=torch.bool, device=target)
-    out[torch.from_numpy(index).to(target)] = tree.to(target)
-    return out
+    return start[b_of] + i * row_len[b_of] + lens[b_of] + j, int((vl * row_len).sum())

@@ -146,3 +146,44 @@ def test_layout_choice_names_the_backend():
         choose_layout("ragged", "fa3")
     with pytest.raises(ValueError, match="invalid verify layout 'wide'"):
         choose_layout("wide", "triton")
+
+
+class TestNativeLayout:
+    """The worker's path (a flat DraftBatch: one native call) gives the numpy layout's
+    arrays, field for field, and the FlashInfer-form mask index of the numpy version."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(trees(), min_size=1, max_size=6), st.data())
+    def test_native_equals_numpy(self, tree_list, data):
+        from das_sglang.core.draft_tree import DraftBatch
+        from das_sglang.native import ragged_mask_index
+        from das_sglang.sglang.tree_inputs import build_ragged_layout_numpy, ragged_mask_index_numpy
+
+        roots, seq_lens = _batch(data, tree_list)
+        want = build_ragged_layout_numpy(roots, tree_list, seq_lens)
+        got = build_ragged_layout(roots, DraftBatch.from_trees(tree_list), seq_lens)
+        assert got.n == want.n
+        for field in ("tokens", "positions", "verify_lens", "offsets", "mask", "candidates",
+                      "retrieve_index", "next_token", "next_sibling"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert a.dtype == b.dtype and a.shape == b.shape, field
+            np.testing.assert_array_equal(a, b, err_msg=field)
+        idx, length = ragged_mask_index(got.verify_lens, np.asarray(seq_lens, np.int64))
+        ref_idx, ref_len = ragged_mask_index_numpy(got.verify_lens, seq_lens)
+        assert length == ref_len
+        np.testing.assert_array_equal(idx, ref_idx)
+
+    def test_bad_input_is_refused_naming_it(self):
+        from das_sglang.native import ragged_layout
+
+        off = np.array([0, 2], np.int64)
+        tok = np.array([5, 6], np.int32)
+        with pytest.raises(ValueError, match="row 0 node 1 has parent 1"):
+            ragged_layout(np.array([1], np.int64), np.array([3], np.int64), off, tok, np.array([-1, 1], np.int32))
+        with pytest.raises(ValueError, match="invalid parents: expected a 1-D contiguous int32"):
+            ragged_layout(np.array([1], np.int64), np.array([3], np.int64), off, tok, np.array([-1, 0], np.int64))
+        with pytest.raises(ValueError, match="1 roots but 2 seq_lens"):
+            ragged_layout(np.array([1], np.int64), np.array([3, 4], np.int64), off, tok, np.array([-1, 0], np.int32))
+        with pytest.raises(ValueError, match="offsets must run from 0"):
+            ragged_layout(np.array([1], np.int64), np.array([3], np.int64), np.array([0, 3], np.int64), tok,
+                          np.array([-1, 0], np.int32))

@@ -607,6 +607,119 @@ class PendingExtendDraft {
   bool joined_ = false, done_ = false;
 };
 
+// Ragged tree-verify inputs of one decode batch (sglang/tree_inputs.build_ragged_layout,
+// from its flat DraftBatch): request b verifies its root and its lens[b] draft nodes.
+// Per request, columns 0..k (0 = root): tokens, positions (seq_len + depth), the k+1 x k+1
+// ancestor mask, and the tree links (first child / next sibling by column order, which is
+// what the stable (row, parent) sort of the numpy version gives). The dense [bs, n] link
+// arrays use n = the widest request's row count; columns past a request's rows are never
+// linked. parents are row-local, -1 = the root; a parent not before its node is refused.
+nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle offsets_h, nb::handle tokens_h,
+                        nb::handle parents_h) {
+  I64 roots = as_array<I64>(roots_h, "roots", "int64");
+  I64 seq_lens = as_array<I64>(seq_lens_h, "seq_lens", "int64");
+  I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
+  Tokens tokens = tokens_arg(tokens_h, "tokens");
+  Tokens parents = as_array<Tokens>(parents_h, "parents", "int32");
+  const size_t bs = roots.shape(0);
+  if (seq_lens.shape(0) != bs || offsets.shape(0) != bs + 1)
+    throw nb::value_error(("ragged_layout: " + std::to_string(bs) + " roots but " +
+                           std::to_string(seq_lens.shape(0)) + " seq_lens and " +
+                           std::to_string(offsets.shape(0)) + " offsets (need bs + 1)").c_str());
+  const int64_t total_nodes = bs ? offsets(bs) : 0;
+  if ((bs && offsets(0) != 0) || size_t(total_nodes) != tokens.shape(0) || tokens.shape(0) != parents.shape(0))
+    throw nb::value_error(("ragged_layout: offsets must run from 0 to the node count (" +
+                           std::to_string(tokens.shape(0)) + " tokens, " + std::to_string(parents.shape(0)) +
+                           " parents)").c_str());
+  std::vector<int64_t> vl(bs), offs(bs);
+  int64_t n = 0, total = 0, mask_len = 0;
+  for (size_t b = 0; b < bs; ++b) {
+    const int64_t k = offsets(b + 1) - offsets(b);
+    if (k < 0) throw nb::value_error(("ragged_layout: offsets decrease at row " + std::to_string(b)).c_str());
+    vl[b] = k + 1;
+    offs[b] = total;
+    total += k + 1;
+    mask_len += (k + 1) * (k + 1);
+    n = std::max(n, k + 1);
+  }
+  std::vector<int64_t> tok(static_cast<size_t>(total)), pos(static_cast<size_t>(total));
+  std::vector<uint8_t> mask(static_cast<size_t>(mask_len), 0);
+  std::vector<int64_t> cand(bs * size_t(n), 0), retrieve(bs * size_t(n), -1), next_tok(bs * size_t(n), -1),
+      next_sib(bs * size_t(n), -1);
+  std::vector<int64_t> depth, last_child;
+  size_t m0 = 0;  // where request b's mask block starts
+  for (size_t b = 0; b < bs; ++b) {
+    const int64_t k = vl[b] - 1, a = offsets(b), w = vl[b];
+    depth.assign(size_t(w), 0);
+    last_child.assign(size_t(w), -1);
+    int64_t* row_cand = cand.data() + b * size_t(n);
+    int64_t* row_ret = retrieve.data() + b * size_t(n);
+    int64_t* row_next = next_tok.data() + b * size_t(n);
+    int64_t* row_sib = next_sib.data() + b * size_t(n);
+    uint8_t* blk = mask.data() + m0;
+    tok[size_t(offs[b])] = roots(b);
+    pos[size_t(offs[b])] = seq_lens(b);
+    row_cand[0] = roots(b);
+    row_ret[0] = offs[b];
+    blk[0] = 1;
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t par = parents(size_t(a + i));
+      if (par < -1 || par >= i)
+        throw nb::value_error(("ragged_layout: row " + std::to_string(b) + " node " + std::to_string(i) +
+                               " has parent " + std::to_string(par) + " (need -1 <= parent < node)").c_str());
+      const int64_t c = i + 1, pc = int64_t(par) + 1;  // columns: the root is 0
+      depth[size_t(c)] = depth[size_t(pc)] + 1;
+      tok[size_t(offs[b] + c)] = tokens(size_t(a + i));
+      pos[size_t(offs[b] + c)] = seq_lens(b) + depth[size_t(c)];
+      row_cand[c] = tokens(size_t(a + i));
+      row_ret[c] = offs[b] + c;
+      uint8_t* r = blk + c * w;
+      const uint8_t* pr = blk + pc * w;
+      for (int64_t j = 0; j < c; ++j) r[j] = pr[j];  // the parent's ancestors (and itself)
+      r[c] = 1;
+      if (last_child[size_t(pc)] < 0)
+        row_next[pc] = c;
+      else
+        row_sib[last_child[size_t(pc)]] = c;
+      last_child[size_t(pc)] = c;
+    }
+    m0 += size_t(w * w);
+  }
+  auto mask_np = [&] {
+    uint8_t* data = new uint8_t[mask.size() ? mask.size() : 1];
+    if (!mask.empty()) std::memcpy(data, mask.data(), mask.size());
+    nb::capsule owner(data, [](void* q) noexcept { delete[] static_cast<uint8_t*>(q); });
+    return nb::ndarray<nb::numpy, bool, nb::ndim<1>>(reinterpret_cast<bool*>(data), {mask.size()}, owner);
+  }();
+  return nb::make_tuple(to_numpy(tok), to_numpy(pos), to_numpy(vl), to_numpy(offs), mask_np, to_numpy(cand),
+                        to_numpy(retrieve), to_numpy(next_tok), to_numpy(next_sib), n);
+}
+
+// Where the ragged tree blocks go in the FlashInfer-form mask (sglang/tree_inputs.
+// ragged_custom_mask): request b has verify_lens[b] rows of [seq_len prefix | tree
+// columns]; entry (b, i, j) of its tree block lands at start_b + i * row_len_b + seq_len_b
+// + j. Returns (index int64[sum vl^2], the mask's total length).
+nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h) {
+  I64 vl = as_array<I64>(verify_lens_h, "verify_lens", "int64");
+  I64 lens = as_array<I64>(seq_lens_h, "seq_lens", "int64");
+  const size_t bs = vl.shape(0);
+  if (lens.shape(0) != bs)
+    throw nb::value_error(("ragged_mask_index: " + std::to_string(bs) + " verify_lens but " +
+                           std::to_string(lens.shape(0)) + " seq_lens").c_str());
+  size_t count = 0;
+  for (size_t b = 0; b < bs; ++b) count += size_t(vl(b) * vl(b));
+  std::vector<int64_t> index(count);
+  int64_t start = 0;
+  size_t at = 0;
+  for (size_t b = 0; b < bs; ++b) {
+    const int64_t w = vl(b), row_len = lens(b) + w;
+    for (int64_t i = 0; i < w; ++i)
+      for (int64_t j = 0; j < w; ++j) index[at++] = start + i * row_len + lens(b) + j;
+    start += w * row_len;
+  }
+  return nb::make_tuple(to_numpy(index), start);
+}
+
 }  // namespace
 
 NB_MODULE(_suffix, m) {
@@ -749,6 +862,12 @@ NB_MODULE(_suffix, m) {
         "split into up to `extend_threads` tasks by index (0: 8; 64 rows each at least) plus one "
         "for the shared index, the work shared by `threads` threads (the result never depends on "
         "either).");
+  m.def("ragged_layout", &ragged_layout, nb::arg("roots"), nb::arg("seq_lens"), nb::arg("offsets"),
+        nb::arg("tokens"), nb::arg("parents"),
+        "Ragged tree-verify inputs of a flat draft batch: (tokens, positions, verify_lens, offsets, "
+        "mask bool[sum vl^2], candidates, retrieve_index, next_token, next_sibling (each int64[bs*n]), n).");
+  m.def("ragged_mask_index", &ragged_mask_index, nb::arg("verify_lens"), nb::arg("seq_lens"),
+        "Flat positions of the ragged tree blocks in the [seq_len prefix | tree] mask: (index, length).");
   m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),
         nb::arg("offsets"),
         "Append tokens[offsets[r]:offsets[r+1]] to (indices[r], seq_ids[r]) for every row.");
