@@ -148,3 +148,45 @@ def test_shared_max_depth_bounds_the_shared_index_matches():
         with pytest.raises(ValueError, match="shared_max_depth"):
             DrafterConfig(shared_max_depth=bad)
     assert DrafterConfig().shared_max_depth == 24
+
+
+@pytest.mark.parametrize("path", ["inline", "started"])
+def test_copies_past_the_cap_leave_the_shared_index_at_the_next_extend(path):
+    # A finish past shared_max_tokens schedules the oldest copies' removal; the next batch
+    # extend removes them before its appends (in the pre-draft job when started), so the
+    # removal is off the finish's path. Both paths end in the same index and trees.
+    def run(mode):
+        d = SuffixDrafter(DrafterConfig(shared_max_tokens=60, min_token_prob=0.0))
+        for k in range(3):
+            d.start_request(f"a{k}", f"p{k}", list(range(100 * k, 100 * k + 30)))
+            d.finish_request(f"a{k}")  # 90 tokens > 60: the oldest copy is scheduled to leave
+        d.start_request("live", "p9", [1, 2, 3])
+        old = d._finished["p0"][0][0]
+        assert d.shared_tokens <= 60 and d._global.has_sequence(old)  # still there
+        prepared = d.prepare_extend(["live"], [[4, 5]])
+        if mode == "inline":
+            d.apply_extend(prepared, 8)
+        else:
+            d.start_extend(prepared, 8)()
+        assert not d._global.has_sequence(old) and not d._unshare_pending
+        assert d.history()["p0"]  # the problem's own history keeps it
+        return d.speculate_flat(["live"], 8)
+
+    want, got = run("inline"), run(path)
+    np.testing.assert_array_equal(want.tokens, got.tokens)
+    np.testing.assert_array_equal(want.probs, got.probs)
+
+
+def test_unshare_of_an_unknown_copy_is_refused_naming_it():
+    from das_sglang.native import extend_draft_rows
+
+    ix, sh = SuffixIndex(8), SuffixIndex(8)
+    for x in (ix, sh):
+        x.add_sequence(1, arr([5, 6]), 0)
+    args = ([ix], np.array([1], np.int64), arr([7]), np.array([0, 1], np.int64), np.array([2], np.int32), 0.0,
+            np.array([0], np.int64), np.array([1.0]), False, 4, MIX, 1, 0, sh, 0.03, 1)
+    with pytest.raises(ValueError, match="cannot unshare seq_id=42"):
+        extend_draft_rows(*args, np.array([42], np.int64))
+    with pytest.raises(ValueError, match="cannot unshare seq_id=1"):  # a row of the call
+        extend_draft_rows(*args, np.array([1], np.int64))
+    assert ix.sequence_tokens(1).tolist() == [5, 6]  # refused before anything changed

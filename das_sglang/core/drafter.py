@@ -139,6 +139,7 @@ class SuffixDrafter:
         self._global = SuffixIndex(self.config.shared_max_depth or self.config.max_depth) if self.config.global_shard else None
         # Finished sequences in the shared index, oldest first -> tokens (shared_max_tokens).
         self._shared_len: dict[int, int] = {}
+        self._unshare_pending: list[int] = []  # past shared_max_tokens: leave at the next extend
         self.shared_tokens = 0
         self._live: dict[str, _Live] = {}
         self._finished: dict[str, dict[int, list[int]]] = {}  # problem -> step -> seq_ids
@@ -240,7 +241,13 @@ class SuffixDrafter:
                         break
                     old.append(q)
                     excess -= n
-                self._unshare(old)
+                # ... at the next batch extend (``_take_unshare``): inside the pre-draft job,
+                # off the scheduler's critical path (~1.3 ms per removed rollout at RL
+                # scale). Until then they still count in drafts: which copies a draft sees
+                # depends only on the order of events.
+                for q in old:
+                    self.shared_tokens -= self._shared_len.pop(q)
+                self._unshare_pending.extend(old)
 
     def _unshare(self, seq_ids: list[int]) -> None:
         """Remove finished sequences from the shared index only (one GIL-free call)."""
@@ -249,6 +256,17 @@ class SuffixDrafter:
         self._global.remove_sequences(np.asarray(seq_ids, dtype=np.int64))
         for q in seq_ids:
             self.shared_tokens -= self._shared_len.pop(q)
+
+    def _take_unshare(self) -> np.ndarray:
+        """The shared copies waiting to leave the shared index (their removal is now the
+        caller's: the next batch extend, before its appends)."""
+        ids = np.asarray(self._unshare_pending, dtype=np.int64)
+        self._unshare_pending = []
+        return ids
+
+    def _apply_unshare(self) -> None:
+        if self._unshare_pending:
+            self._global.remove_sequences(self._take_unshare())
 
     def enforce_cap(self, max_tokens: int | None = None) -> list[str]:
         """Evict the oldest steps' rollouts (problem by problem, oldest added first) until
@@ -368,11 +386,13 @@ class SuffixDrafter:
                 raise ValueError(f"invalid token={tokens} for req_id={req_id!r}: must be in [0, 2**31)")
             idx.append(live.seq_id, int(tokens))
             if self._global is not None:
+                self._apply_unshare()
                 self._global.append(live.seq_id, int(tokens))
             return
         arr = as_tokens(tokens, f"tokens of req_id={req_id!r}")
         idx.extend(live.seq_id, arr)
         if self._global is not None:
+            self._apply_unshare()
             self._global.extend(live.seq_id, arr)
 
     def extend_batch(self, req_ids: Sequence[str], tokens: Sequence[Sequence[int] | np.ndarray]) -> None:
@@ -411,10 +431,14 @@ class SuffixDrafter:
         idx, seq_ids, flat, offsets = prepared
         if predraft is not None and self._can_predraft() and len(idx):
             args, keep = self._extend_draft_args(prepared, predraft)
-            keep(extend_draft_rows(*args))
+            result = extend_draft_rows(*args)
+            if args[-1] is not None:
+                self._unshare_pending = []  # removed by that call, before its appends
+            keep(result)
             return
         extend_batch(idx, seq_ids, flat, offsets)
         if self._global is not None:
+            self._apply_unshare()
             extend_batch([self._global] * len(idx), seq_ids, flat, offsets)
 
     def start_extend(self, prepared: tuple, predraft: int):
@@ -429,6 +453,8 @@ class SuffixDrafter:
         # waits (``wait()``), it drafts too: then every core works on the rest.
         args, keep = self._extend_draft_args(prepared, predraft, spare=1)
         pending = extend_draft_rows_start(*args)
+        if args[-1] is not None:
+            self._unshare_pending = []  # the job removes them, before its appends
         return lambda: keep(pending.wait())
 
     def _extend_draft_args(self, prepared: tuple, predraft: int, spare: int = 0):
@@ -447,8 +473,10 @@ class SuffixDrafter:
         # index's, taken by the same threads (and, started, by the thread that waits).
         extend_threads = 0
         shared = self._shared()  # pre-drafting runs only with no shared index or a mixed one
+        # (taken by the caller once the native call has accepted its arguments)
+        unshare = np.asarray(self._unshare_pending, np.int64) if shared[0] is not None else None
         args = (idx, seq_ids, flat, offsets, b, cfg.min_token_prob, steps, weights, not cfg.tree,
-                cfg.max_match_len, self._mix(), threads, extend_threads, *shared)
+                cfg.max_match_len, self._mix(), threads, extend_threads, *shared, unshare)
 
         def keep(result) -> None:
             *arrays, versions = result

@@ -413,6 +413,7 @@ struct ExtendDraftWork {
   std::vector<double> weights;
   DraftParams p;
   SuffixIndex* shared = nullptr;  // also appended to (every row), and drafted from (p.shared)
+  std::vector<int64_t> unshare;   // removed from the shared index before its appends
   size_t threads = 1, extend_threads = 1;
   FlatDrafts out;
   std::vector<uint64_t> versions;
@@ -438,6 +439,7 @@ struct ExtendDraftWork {
               if (owns(idx[r], t, buckets_))
                 idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
           } else {
+            for (int64_t q : unshare) shared->remove_sequence(q);
             for (size_t r = 0; r < n; ++r)
               shared->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
           }
@@ -513,7 +515,8 @@ void extend_draft_args(ExtendDraftWork& w, nb::list indices, nb::handle seq_ids_
                        nb::handle offsets_h, nb::handle budgets_h, double min_prob, nb::handle steps_h,
                        nb::handle weights_h, bool chain, int max_match_len, nb::handle mix, int threads,
                        int extend_threads, const char* fn, nb::handle shared = nb::none(),
-                       double shared_weight = 0.0, int shared_min_match = 1) {
+                       double shared_weight = 0.0, int shared_min_match = 1,
+                       nb::handle unshare = nb::none()) {
   if (threads < 1)
     throw nb::value_error(("invalid threads=" + std::to_string(threads) + ": must be >= 1").c_str());
   if (extend_threads < 0)
@@ -538,6 +541,17 @@ void extend_draft_args(ExtendDraftWork& w, nb::list indices, nb::handle seq_ids_
         throw nb::value_error((std::string(fn) + ": unknown seq_id=" + std::to_string(w.seq_ids[r]) +
                                " in the shared index (row " + std::to_string(r) + ")").c_str());
   }
+  if (!unshare.is_none()) {  // finished copies past the shared index's cap (SuffixDrafter)
+    I64 ids = as_array<I64>(unshare, "unshare", "int64");
+    if (ids.shape(0) && w.shared == nullptr)
+      throw nb::value_error((std::string(fn) + ": unshare given without a shared index").c_str());
+    w.unshare = copy_of(ids);
+    for (size_t i = 0; i < w.unshare.size(); ++i)
+      if (!w.shared->has_sequence(w.unshare[i]) ||
+          std::find(w.seq_ids.begin(), w.seq_ids.end(), w.unshare[i]) != w.seq_ids.end())
+        throw nb::value_error((std::string(fn) + ": cannot unshare seq_id=" + std::to_string(w.unshare[i]) +
+                               " (not in the shared index, or a row of this call)").c_str());
+  }
   w.threads = size_t(threads);
   // append tasks (buckets of per-problem indices): 0 = 8; at most 8, 64 rows each at least
   w.extend_threads = extend_threads ? size_t(extend_threads) : 8;
@@ -547,11 +561,11 @@ nb::tuple extend_draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle t
                             nb::handle offsets_h, nb::handle budgets_h, double min_prob,
                             nb::handle steps_h, nb::handle weights_h, bool chain, int max_match_len,
                             nb::handle mix, int threads, int extend_threads, nb::handle shared,
-                            double shared_weight, int shared_min_match) {
+                            double shared_weight, int shared_min_match, nb::handle unshare) {
   ExtendDraftWork w;
   extend_draft_args(w, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
                     chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows", shared,
-                    shared_weight, shared_min_match);
+                    shared_weight, shared_min_match, unshare);
   {
     nb::gil_scoped_release release;
     w.run();
@@ -569,11 +583,11 @@ class PendingExtendDraft {
   PendingExtendDraft(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h,
                      nb::handle budgets_h, double min_prob, nb::handle steps_h, nb::handle weights_h,
                      bool chain, int max_match_len, nb::handle mix, int threads, int extend_threads,
-                     nb::handle shared, double shared_weight, int shared_min_match)
+                     nb::handle shared, double shared_weight, int shared_min_match, nb::handle unshare)
       : keep_(indices), keep_shared_(nb::borrow(shared)) {
     extend_draft_args(w_, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
                       chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows_start", shared,
-                      shared_weight, shared_min_match);
+                      shared_weight, shared_min_match, unshare);
     w_.plan();
     // work() records its own errors (finish() rethrows them); nothing else can throw there
     for (size_t t = 0; t < std::max<size_t>(1, w_.threads); ++t) workers_.emplace_back([this] { w_.work(); });
@@ -839,16 +853,16 @@ NB_MODULE(_suffix, m) {
       [](nb::list indices, nb::handle seq_ids, nb::handle tokens, nb::handle offsets, nb::handle budgets,
          double min_prob, nb::handle steps, nb::handle weights, bool chain, int max_match_len,
          nb::handle mix, int threads, int extend_threads, nb::handle shared, double shared_weight,
-         int shared_min_match) {
+         int shared_min_match, nb::handle unshare) {
         return new PendingExtendDraft(indices, seq_ids, tokens, offsets, budgets, min_prob, steps, weights,
                                       chain, max_match_len, mix, threads, extend_threads, shared,
-                                      shared_weight, shared_min_match);
+                                      shared_weight, shared_min_match, unshare);
       },
       nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"),
       nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
       nb::arg("max_match_len"), nb::arg("mix") = nb::none(), nb::arg("threads") = 1,
       nb::arg("extend_threads") = 0, nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0,
-      nb::arg("shared_min_match") = 1,
+      nb::arg("shared_min_match") = 1, nb::arg("unshare") = nb::none(),
       nb::rv_policy::take_ownership,
       "extend_draft_rows on `threads` native threads of their own, started now (arguments checked "
       "here); returns a PendingExtendDraft whose wait() helps finish it and gives the result.");
@@ -857,7 +871,9 @@ NB_MODULE(_suffix, m) {
         nb::arg("steps"), nb::arg("weights"), nb::arg("chain"), nb::arg("max_match_len"),
         nb::arg("mix") = nb::none(), nb::arg("threads") = 1, nb::arg("extend_threads") = 0,
         nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0, nb::arg("shared_min_match") = 1,
-        "extend_batch then draft_rows of the same rows in one GIL-free call; returns "
+        nb::arg("unshare") = nb::none(),
+        "extend_batch then draft_rows of the same rows in one GIL-free call (first removing the "
+        "`unshare` seq_ids from the shared index); returns "
         "draft_rows' tuple plus every row's index version (uint64) after the call; the appends "
         "split into up to `extend_threads` tasks by index (0: 8; 64 rows each at least) plus one "
         "for the shared index, the work shared by `threads` threads (the result never depends on "
