@@ -434,14 +434,17 @@ struct ExtendDraftWork {
     for (size_t t; (t = next_ext_.fetch_add(1)) < ext_tasks_;) {
       if (!failed_.load()) {
         try {
-          if (t < buckets_) {
-            for (size_t r = 0; r < n; ++r)
-              if (owns(idx[r], t, buckets_))
-                idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
-          } else {
+          // The shared index's task first: the longest one (every row's appends and the
+          // removals), so it starts at once and the buckets fill the other threads.
+          if (shared != nullptr && t == 0) {
             for (int64_t q : unshare) shared->remove_sequence(q);
             for (size_t r = 0; r < n; ++r)
               shared->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
+          } else {
+            const size_t bucket = t - (shared != nullptr ? 1 : 0);
+            for (size_t r = 0; r < n; ++r)
+              if (owns(idx[r], bucket, buckets_))
+                idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
           }
         } catch (...) {
           fail(std::current_exception());
