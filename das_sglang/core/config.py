@@ -43,8 +43,9 @@ class DrafterConfig:
                    enough; each appended token updates one cursor per depth level, so this
                    sets the shared index's append cost and size. 0 = ``max_depth``.
     shared_max_tokens  finished-rollout tokens the shared index keeps (newest first; live
-                   requests are always in it): bounds its memory (~130 B per token: 512k
-                   tokens ~ 70 MB) apart from the per-problem history. 0 = no cap.
+                   requests are always in it): bounds its memory (~145 B per token: 512k
+                   tokens ~ 75 MB) apart from the per-problem history; copies past it leave
+                   at the next batch extend. 0 = no cap.
     max_history_tokens  cap on finished-rollout (history) tokens kept; past it the oldest
                    step's rollouts are evicted first, problem by problem (oldest added
                    first), with the policy's statistics of problems left without history.
