@@ -19,19 +19,21 @@ from das_sglang.native import (
 )
 
 
-def _drafter(seed=0, **kw):
+def _drafter(seed=0, problems=12, histories=4, history_len=200, requests=300, cold=2, vocab=12,
+             prompt_len=30, **kw):
     rng = np.random.default_rng(seed)
     # per-problem indexes only unless asked (the shared index's pre-draft semantics are
     # tested in test_predraft_with_the_shared_index)
     d = SuffixDrafter(DrafterConfig(window_steps=2, **{"global_shard": False, **kw}))
     d.advance_step(2)
-    for p in range(12):
-        for k in range(4):
-            d.add_history(f"p{p}", 1 + k % 2, rng.integers(0, 12, 200))
+    for p in range(problems):
+        for k in range(histories):
+            d.add_history(f"p{p}", 1 + k % 2, rng.integers(0, vocab, history_len))
     rids = []
-    for r in range(300):
+    for r in range(requests):
         rid = f"r{r}"
-        d.start_request(rid, f"p{r % 14}", rng.integers(0, 12, 30))  # p12, p13: no history
+        # the last `cold` problems have no history
+        d.start_request(rid, f"p{r % (problems + cold)}", rng.integers(0, vocab, prompt_len))
         rids.append(rid)
     return d, rids, rng
 
@@ -427,19 +429,10 @@ def test_started_job_shares_its_tasks_and_equals_the_sequential_calls(threads):
     buckets plus the shared index's) and the drafts into chunks, taken by its workers and by
     the thread that waits: the indices and trees equal the sequential two calls'."""
     def build():
-        rng = np.random.default_rng(9)
-        d = SuffixDrafter(DrafterConfig(window_steps=2, global_shard=True))
-        d.advance_step(2)
-        for p in range(40):
-            for k in range(3):
-                d.add_history(f"p{p}", 1 + k % 2, rng.integers(0, 30, 120))
-        rids = []
-        for r in range(600):
-            d.start_request(f"r{r}", f"p{r % 43}", rng.integers(0, 30, 20))  # p40-42: cold
-            rids.append(f"r{r}")
-        return d, rids
+        return _drafter(9, problems=40, histories=3, history_len=120, requests=600, cold=3, vocab=30,
+                        prompt_len=20, global_shard=True)
 
-    (a, rids), (b, _) = build(), build()
+    (a, rids, _), (b, _, _) = build(), build()
     rng = np.random.default_rng(3)
     toks = [rng.integers(0, 30, int(rng.integers(1, 6))) for _ in rids]
     budgets = rng.integers(0, 17, len(rids)).astype(np.int32)

@@ -46,7 +46,6 @@ SHARED_STEP = -(1 << 62)
 History = dict[str, dict[int, list[np.ndarray]]]
 
 
-
 _CPUS = os.cpu_count() or 1  # read once: the call costs ~50 us (per-step path)
 
 @dataclass(slots=True)
@@ -241,32 +240,30 @@ class SuffixDrafter:
                         break
                     old.append(q)
                     excess -= n
-                # ... at the next batch extend (``_take_unshare``): inside the pre-draft job,
-                # off the scheduler's critical path (~1.3 ms per removed rollout at RL
-                # scale). Until then they still count in drafts: which copies a draft sees
-                # depends only on the order of events.
-                for q in old:
-                    self.shared_tokens -= self._shared_len.pop(q)
-                self._unshare_pending.extend(old)
+                # ... at the next batch extend: inside the pre-draft job, off the
+                # scheduler's critical path (~1.3 ms per removed rollout at RL scale).
+                # Until then they still count in drafts: which copies a draft sees depends
+                # only on the order of events.
+                self._unshare(old, later=True)
 
-    def _unshare(self, seq_ids: list[int]) -> None:
-        """Remove finished sequences from the shared index only (one GIL-free call)."""
+    def _unshare(self, seq_ids: list[int], later: bool = False) -> None:
+        """Finished sequences leave the shared index only (their problem's index keeps
+        them): now, in one GIL-free call, or ``later``, at the next batch extend, before
+        its appends (``_unshare_pending``). Counted out of ``shared_tokens`` at once."""
         if not seq_ids:
             return
-        self._global.remove_sequences(np.asarray(seq_ids, dtype=np.int64))
+        if later:
+            self._unshare_pending.extend(seq_ids)
+        else:
+            self._global.remove_sequences(np.asarray(seq_ids, dtype=np.int64))
         for q in seq_ids:
             self.shared_tokens -= self._shared_len.pop(q)
 
-    def _take_unshare(self) -> np.ndarray:
-        """The shared copies waiting to leave the shared index (their removal is now the
-        caller's: the next batch extend, before its appends)."""
-        ids = np.asarray(self._unshare_pending, dtype=np.int64)
-        self._unshare_pending = []
-        return ids
-
     def _apply_unshare(self) -> None:
+        """Remove the copies ``_unshare(later=True)`` left for the next extend."""
         if self._unshare_pending:
-            self._global.remove_sequences(self._take_unshare())
+            ids, self._unshare_pending = self._unshare_pending, []
+            self._global.remove_sequences(np.asarray(ids, dtype=np.int64))
 
     def enforce_cap(self, max_tokens: int | None = None) -> list[str]:
         """Evict the oldest steps' rollouts (problem by problem, oldest added first) until

@@ -195,10 +195,7 @@ def build_ragged_layout(
     if isinstance(trees, DraftBatch):
         from das_sglang.native import ragged_layout
 
-        bs = len(trees)
-        if len(roots) != bs or len(seq_lens) != bs:
-            raise ValueError(f"build_ragged_layout: {bs} trees but {len(roots)} roots and "
-                             f"{len(seq_lens)} seq_lens")
+        bs = len(trees)  # (the native call checks roots, seq_lens and offsets agree, naming them)
         tok, pos, vl, offs, mask, cand, ret, nxt, sib, n = ragged_layout(
             np.asarray(roots, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64),
             np.ascontiguousarray(trees.offsets, dtype=np.int64),
@@ -262,15 +259,3 @@ def ragged_custom_mask(layout: RaggedLayout, seq_lens: Sequence[int], device, ta
     out[torch.from_numpy(index).to(target)] = tree.to(target)
     return out
 
-
-def ragged_mask_index_numpy(verify_lens: np.ndarray, seq_lens: Sequence[int]) -> tuple[np.ndarray, int]:
-    """``native.ragged_mask_index`` in numpy (its reference in the tests)."""
-    lens = np.asarray(seq_lens, dtype=np.int64)
-    vl = np.asarray(verify_lens, dtype=np.int64)
-    row_len = lens + vl
-    start = np.cumsum(vl * row_len) - vl * row_len
-    sq = vl * vl
-    b_of = np.repeat(np.arange(len(vl)), sq)  # request of every tree-block entry
-    local = np.arange(int(sq.sum()), dtype=np.int64) - np.repeat(np.cumsum(sq) - sq, sq)
-    i, j = local // vl[b_of], local % vl[b_of]
-    return start[b_of] + i * row_len[b_of] + lens[b_of] + j, int((vl * row_len).sum())

@@ -148,6 +148,20 @@ def test_layout_choice_names_the_backend():
         choose_layout("wide", "triton")
 
 
+def _mask_index_reference(verify_lens, seq_lens):
+    """``native.ragged_mask_index`` in numpy: where tree entry (b, i, j) lands in request b's
+    ``verify_lens[b]`` rows of ``[seq_len prefix | tree columns]``; and the mask's length."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    vl = np.asarray(verify_lens, dtype=np.int64)
+    row_len = lens + vl
+    start = np.cumsum(vl * row_len) - vl * row_len
+    sq = vl * vl
+    b_of = np.repeat(np.arange(len(vl)), sq)  # request of every tree-block entry
+    local = np.arange(int(sq.sum()), dtype=np.int64) - np.repeat(np.cumsum(sq) - sq, sq)
+    i, j = local // vl[b_of], local % vl[b_of]
+    return start[b_of] + i * row_len[b_of] + lens[b_of] + j, int((vl * row_len).sum())
+
+
 class TestNativeLayout:
     """The worker's path (a flat DraftBatch: one native call) gives the numpy layout's
     arrays, field for field, and the FlashInfer-form mask index of the numpy version."""
@@ -157,7 +171,7 @@ class TestNativeLayout:
     def test_native_equals_numpy(self, tree_list, data):
         from das_sglang.core.draft_tree import DraftBatch
         from das_sglang.native import ragged_mask_index
-        from das_sglang.sglang.tree_inputs import build_ragged_layout_numpy, ragged_mask_index_numpy
+        from das_sglang.sglang.tree_inputs import build_ragged_layout_numpy
 
         roots, seq_lens = _batch(data, tree_list)
         want = build_ragged_layout_numpy(roots, tree_list, seq_lens)
@@ -169,7 +183,7 @@ class TestNativeLayout:
             assert a.dtype == b.dtype and a.shape == b.shape, field
             np.testing.assert_array_equal(a, b, err_msg=field)
         idx, length = ragged_mask_index(got.verify_lens, np.asarray(seq_lens, np.int64))
-        ref_idx, ref_len = ragged_mask_index_numpy(got.verify_lens, seq_lens)
+        ref_idx, ref_len = _mask_index_reference(got.verify_lens, seq_lens)
         assert length == ref_len
         np.testing.assert_array_equal(idx, ref_idx)
 
