@@ -22,7 +22,9 @@ class DrafterConfig:
     step_decay     weight of a history step ``a`` steps old is ``step_decay ** a``
                    (the current step has weight 1): older policies' text counts less.
     max_depth      depth bound of the suffix index: longest substring counted; a match
-                   plus its draft never exceeds it.
+                   plus its draft never exceeds it. The index is built only as deep as
+                   drafting can read (``index_depth``: ``max_match_len + max_budget`` when
+                   that is less): deeper levels would cost appends and memory, never a draft.
     max_match_len  longest context suffix used for matching.
     max_budget     most draft nodes ever proposed for one request in one step.
     min_token_prob a node is proposed only if its estimated acceptance probability
@@ -130,6 +132,22 @@ class DrafterConfig:
         check_field(self.shared_max_tokens >= 0, "shared_max_tokens", self.shared_max_tokens, "must be >= 0")
         check_field(self.mix_recency >= 0.0, "mix_recency", self.mix_recency, "must be >= 0")
         check_field(self.mix_match_half >= 0.0, "mix_match_half", self.mix_match_half, "must be >= 0")
+
+    @property
+    def index_depth(self) -> int:
+        """Depth the per-problem indexes are built to: ``max_depth``, or less where no
+        draft can reach it. A draft starts at a match of at most ``max_match_len`` tokens
+        and adds at most ``max_budget`` levels (a tree of ``b`` nodes is at most ``b``
+        deep; the drafter never drafts more than ``max_budget`` nodes), so the levels past
+        ``max_match_len + max_budget`` are never read: every count, continuation and
+        recency a draft reads is the same in the shallower index (tests/test_index_depth.py)."""
+        return min(self.max_depth, self.max_match_len + max(1, self.max_budget))
+
+    @property
+    def shared_index_depth(self) -> int:
+        """Depth the shared index is built to (``shared_max_depth``, 0 = ``max_depth``; never
+        deeper than ``index_depth``, for the same reason)."""
+        return min(self.shared_max_depth or self.max_depth, self.index_depth)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

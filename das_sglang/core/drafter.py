@@ -135,7 +135,7 @@ class SuffixDrafter:
             )
         self._step = 0
         self._indices: dict[str, SuffixIndex] = {}
-        self._global = SuffixIndex(self.config.shared_max_depth or self.config.max_depth) if self.config.global_shard else None
+        self._global = SuffixIndex(self.config.shared_index_depth) if self.config.global_shard else None
         # Finished sequences in the shared index, oldest first -> tokens (shared_max_tokens).
         self._shared_len: dict[int, int] = {}
         self._unshare_pending: list[int] = []  # past shared_max_tokens: leave at the next extend
@@ -305,7 +305,7 @@ class SuffixDrafter:
     def _index(self, problem_id: str) -> SuffixIndex:
         idx = self._indices.get(problem_id)
         if idx is None:
-            idx = self._indices[problem_id] = SuffixIndex(self.config.max_depth)
+            idx = self._indices[problem_id] = SuffixIndex(self.config.index_depth)
         return idx
 
     def _make_slot(self, problem_id: str, step: int) -> None:
@@ -463,7 +463,7 @@ class SuffixDrafter:
         token = self._weights
         steps, weights = token
         n = len(idx)
-        b = np.full(n, int(predraft), np.int32)
+        b = np.full(n, min(int(predraft), cfg.max_budget), np.int32)
         cores = max(1, _CPUS - spare)
         threads = max(1, min(self.DRAFT_THREADS, cores, n // self.DRAFT_ROWS_PER_THREAD))
         # The appends: up to 8 tasks by index (64 rows each at least) plus the shared
@@ -514,13 +514,6 @@ class SuffixDrafter:
 
     # ------------------------------------------------------------------ drafting
 
-    def _budget(self, budget: int | None, req_id: str) -> int:
-        if budget is None:
-            return self.config.max_budget
-        if budget < 0:
-            raise ValueError(f"invalid budget={budget} for req_id={req_id!r}: must be >= 0")
-        return int(budget)
-
     def speculate(self, req_id: str, budget: int | None = None) -> DraftTree:
         """Best-first draft tree (a chain if ``config.tree`` is False) of <= budget nodes."""
         return self.speculate_batch([req_id], None if budget is None else [budget])[0]
@@ -543,22 +536,24 @@ class SuffixDrafter:
                     trees[r] = t
         return trees
 
-    @staticmethod
-    def _budget_array(req_ids: Sequence[str], budget) -> np.ndarray:
-        """One int for every row, or one per row -> int32 per row; a negative one (or a
-        length mismatch) is refused naming it."""
+    def _budget_array(self, req_ids: Sequence[str], budget) -> np.ndarray:
+        """One int for every row, or one per row -> int32 per row, at most ``max_budget``
+        (the most nodes one request gets; the index is built only as deep as that needs,
+        ``DrafterConfig.index_depth``); a negative one (or a length mismatch) is refused
+        naming it."""
         n = len(req_ids)
+        cap = self.config.max_budget
         if isinstance(budget, (int, np.integer)):
             if budget < 0:
                 raise ValueError(f"invalid budget={int(budget)}: must be >= 0")
-            return np.full(n, int(budget), dtype=np.int32)
+            return np.full(n, min(int(budget), cap), dtype=np.int32)
         if len(budget) != n:
             raise ValueError(f"budgets has {len(budget)} entries for {n} req_ids")
-        b = np.asarray(budget, dtype=np.int32)
+        b = np.asarray(budget, dtype=np.int64)
         if n and b.min() < 0:
             row = int(np.argmin(b))
             raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
-        return b
+        return np.minimum(b, cap).astype(np.int32)
 
     def _mix(self) -> tuple | None:
         """The native wide-tree parameters (one place: the tree list and flat paths must
@@ -662,7 +657,7 @@ class SuffixDrafter:
         indices = self._indices
         versions = np.fromiter((indices[lv.problem_id].version for lv in lives), np.uint64, len(lives))
         self._predrafted = (dict(zip(seq_ids, range(len(seq_ids)))), out, versions, self._weights,
-                            np.full(len(seq_ids), int(budget), np.int64))
+                            np.full(len(seq_ids), min(int(budget), self.config.max_budget), np.int64))
 
     def _same_weights(self, token) -> bool:
         """Every step the weights ``token`` (an earlier ``_weights``) and the current ones
