@@ -43,7 +43,8 @@ class DrafterConfig:
     shared_max_depth  depth bound of the shared index (its ``max_depth``): it serves the
                    short matches a problem's own index lacks, so a shallower index is
                    enough; each appended token updates one cursor per depth level, so this
-                   sets the shared index's append cost and size. 0 = ``max_depth``.
+                   sets the shared index's append cost and size. 0 = ``max_depth``
+                   (never deeper than the per-problem indexes' ``index_depth``).
     shared_max_tokens  finished-rollout tokens the shared index keeps (newest first; live
                    requests are always in it): bounds its memory (~145 B per token: 512k
                    tokens ~ 75 MB) apart from the per-problem history; copies past it leave
