@@ -220,6 +220,7 @@ class DasSession:
             # while the forward runs (plan submits one chunk after its reads).
             self.drafter.lazy_eviction = True
         self._evicting = False
+        self._trim_due = False  # a heap trim waits for no request to be live (_trim_when_idle)
         # Pre-drafting (SuffixDrafter.predraft): the latest plan's node cap, and a counter
         # bumped at every step advance, which drops a pre-draft not started by then (its
         # trees would be stale: the step weights change).
@@ -309,11 +310,8 @@ class DasSession:
                     del self._mirror[pid]
         self._check_cap()
         self._forget_stale()
-        if not self._evicting:  # (else the last eviction chunk trims)
-            if self._updates is not None:
-                _trim_heap_later()  # can take 100 ms on a large heap
-            else:
-                _trim_heap()
+        if not self._evicting:  # (else once the last eviction chunk has run)
+            self._trim_when_idle()
         if self.shards is not None:
             self.shards.advance_step(step)
         if self.snapshot is not None:
@@ -336,7 +334,28 @@ class DasSession:
             if time.perf_counter() >= end:
                 return
         self._evicting = False
-        _trim_heap_later()  # a step's history went: hand its pages back
+        self._trim_due = True  # a step's history went: hand its pages back once idle
+
+    def _trim_when_idle(self) -> None:
+        """Hand freed heap pages back to the OS (``malloc_trim``) while no request decodes.
+
+        The trim walks the whole heap holding the allocator's locks: every other thread's
+        malloc waits for it (~20 ms at 0.5 GB, 100 ms and more at RL scale), so run beside
+        decoding it stalls a step's drafts, layout and tensors. It runs now when no request
+        is live (an RL loop's weight update comes between rollout phases), else when the
+        last live request leaves. The index's large arrays are mapped straight from the OS
+        and unmapped when freed (``MappedAlloc``); the trim returns the small blocks (token
+        storage, Python and numpy) that evicted history freed. Under traffic that never
+        drains, freed blocks are reused by new history instead: RSS stays flat, only higher
+        (docs/design.md "Memory")."""
+        if self.live:
+            self._trim_due = True
+            return
+        self._trim_due = False
+        if self._updates is not None:
+            _trim_heap_later()  # off the scheduler thread: a request may arrive meanwhile
+        else:
+            _trim_heap()
 
     def drain(self) -> None:
         """Apply pending updates and finish pending evictions now (tests, benchmarks,
@@ -510,6 +529,8 @@ class DasSession:
         if self.shards is not None:
             self.shards.on_finished(live.problem_id, live.step, tokens)
         self.policy.observe_finished(live.problem_id, len(output))
+        if self._trim_due and not self.live:
+            self._trim_when_idle()
         if self.snapshot is not None:
             self.snapshot.note_finished()
             if not self.live:
@@ -535,6 +556,8 @@ class DasSession:
             self.drafter.finish_request(req_id, keep=False)
             if self.shards is not None:
                 self.shards.on_drop(live.problem_id)
+            if self._trim_due and not self.live:
+                self._trim_when_idle()
 
     # ------------------------------------------------------------ history
     def _open_snapshot(self, write: bool = True):

@@ -72,3 +72,38 @@ def test_corrupt_snapshot_starts_empty_unless_strict(tmp_path):
     assert lenient.drafter.history() == {}
     with pytest.raises(Exception, match=str(tmp_path)):
         DasSession(load_options(8, raw % (tmp_path, ', "strict_snapshot": true')))
+
+
+@pytest.mark.parametrize("async_updates", [False, True])
+def test_heap_trim_waits_until_no_request_is_live(monkeypatch, async_updates):
+    # malloc_trim holds the allocator's locks while it walks the heap: run beside decoding,
+    # every malloc of the step (drafts, layout, tensors) waits for it. So the session trims
+    # only while nothing decodes: at a step boundary with no live request, else once the
+    # last live request has left; never on a boundary or eviction mid-traffic.
+    import das_sglang.sglang.session as session_mod
+
+    trims = []
+    monkeypatch.setattr(session_mod, "_trim_heap", lambda: trims.append("now"))
+    monkeypatch.setattr(session_mod, "_trim_heap_later", lambda: trims.append("later"))
+    raw = '{"server": {"policy": "unlimited", "async_updates": %s}, "drafter": {"window_steps": 1}}'
+    s = DasSession(load_options(8, raw % str(async_updates).lower()))
+    kind = "later" if async_updates else "now"
+    s.weights_updated()  # idle boundary: trimmed at once
+    assert trims == [kind]
+    for step in range(3):  # history in steps 1..3, a window of 1: the boundaries evict
+        for r in "ab":
+            rid = f"{r}{step}"
+            s.start(rid, {"das_problem_id": "p"}, [1, 2], [3], max_new_tokens=8)
+            s.committed_batch([rid], [1], [[4 + step, 5]])
+        s.finished(f"a{step}", [1, 2], [3, 4 + step, 5])
+        s.start("c", {"das_problem_id": "p"}, [1, 2], [3], max_new_tokens=8)  # traffic goes on
+        s.weights_updated()  # a boundary mid-traffic: no trim
+        s.plan([f"b{step}", "c"], 4)
+        s.sync()
+        s.drain() if step == 1 else None  # (drain trims by itself: tests, shutdown)
+        n = len(trims)
+        s.finished(f"b{step}", [1, 2], [3, 4 + step, 5])
+        assert len(trims) == n  # "c" still decodes
+        s.drop("c")  # the last live request left: the trim that was due runs now
+        assert trims[n:] == [kind]
+    assert s.drafter.step >= 3
