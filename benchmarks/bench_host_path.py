@@ -63,7 +63,7 @@ from legacy_length_predictor import LegacyLengthPredictor  # noqa: E402
 
 from das_sglang.core.policy import BudgetRow  # noqa: E402
 from das_sglang.sglang.options import for_layout, load_options  # noqa: E402
-from das_sglang.sglang.session import DasSession  # noqa: E402
+from das_sglang.sglang.session import DasSession, _trim_heap  # noqa: E402
 from das_sglang.sglang.tree_inputs import (  # noqa: E402
     build_layout, build_ragged_layout, custom_mask, ragged_custom_mask,
 )
@@ -313,8 +313,12 @@ def main(argv=None) -> int:
                 next(g)
             # The built history is long-lived: freeze it out of the cyclic GC, as a server
             # does after warm-up, so a full collection over millions of set-up objects does
-            # not land in a random step of either path.
+            # not land in a random step of either path. Then hand the set-up's freed heap
+            # (and the previous batch's sessions') back to the OS, as an idle server does
+            # (DasSession trims only while no request is live): a heap full of freed blocks
+            # can make glibc's malloc stall for tens of ms in a random step.
             gc.collect()
+            _trim_heap()
             gc.freeze()
             for _ in gens[0]:  # interleaved: one step of each configuration in turn
                 for g in gens[1:]:
