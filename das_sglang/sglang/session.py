@@ -364,6 +364,7 @@ class DasSession:
         if self._evicting:
             self.drafter.evict_pending(None)
             self._evicting = False
+            self._trim_due = False
             _trim_heap()
 
     def _forget_stale(self) -> None:
