@@ -15,7 +15,7 @@ import pytest
 from das_sglang.core import datasets as ds
 from das_sglang.core.cost_model import CostModel
 from das_sglang.core.online_acceptance import OnlineCalibration, match_bin, tree_depths
-from das_sglang.core.policy import BudgetRow, LengthAware, PolicyConfig
+from das_sglang.core.policy import BudgetRow, LengthAware, PolicyConfig, make_policy
 from das_sglang.core.replay import replay
 from das_sglang.core.replay_contenders import build_contenders
 from das_sglang.core.tokenize import TextTokenizer
@@ -209,3 +209,59 @@ def test_cold_start_fixture_das_speculates_and_beats_fixed(tmp_path, verl_texts,
     # das-global (one index for every problem) speculates too where its statistics say it pays
     glob = results["das-global"]
     assert glob.total("draft_accepted") > 0 and glob.total("makespan_s") < 0.9 * results["none"].total("makespan_s")
+
+
+def test_prepare_ahead_gives_the_plan_alone():
+    """``prepare`` (the draft-free inputs, run while the drafts are made) then ``plan`` of
+    the same rows gives what ``plan`` alone gives; an observation in between drops the
+    prepared inputs (the plan reads the new statistics); the same rows in another list
+    are the prepared rows."""
+    from das_sglang.core.budget_rows import BudgetRows
+    from das_sglang.core.draft_tree import DraftBatch, DraftTree
+
+    rng = np.random.default_rng(3)
+
+    def policy():
+        p = make_policy("length-aware", config=PolicyConfig(max_budget=8))
+        for k in range(40):
+            p.observe_finished(f"p{k % 4}", int(rng.integers(50, 400)))
+            p.observe_verify(f"p{k % 4}", 4, int(rng.integers(0, 5)))
+        return p
+
+    def rows(ids, generated):
+        k = [1 + i % 7 for i in range(len(ids))]
+        trees = [DraftTree(np.arange(n, dtype=np.int32), np.arange(-1, n - 1, dtype=np.int32),
+                           np.linspace(0.9, 0.3, n), match_len=i % 5) for i, n in enumerate(k)]
+        return BudgetRows(ids, [f"p{i % 4}" for i in range(len(ids))], np.asarray(generated, np.int64),
+                          np.full(len(ids), 500, np.int64), np.full(len(ids), 30, np.int64),
+                          DraftBatch.from_trees(trees))
+
+    ids = [f"r{i}" for i in range(24)]
+    for between in (None, "finished", "verify", "another list"):
+        rng = np.random.default_rng(3)
+        a = policy()
+        rng = np.random.default_rng(3)
+        b = policy()
+        computed = []
+        inner = a._draft_free_inputs
+        a._draft_free_inputs = lambda *args: computed.append(1) or inner(*args)
+        for step in range(6):
+            gen = [10 * step + i for i in range(len(ids))]
+            r = rows(ids, gen)
+            a.prepare(BudgetRows(r.req_ids, r.problem_ids, r.generated, r.max_new, r.prompt_len,
+                                 DraftBatch.empty(len(ids))))
+            if between == "finished":
+                for p in (a, b):
+                    p.observe_finished("p1", 900 + step)
+            elif between == "verify":
+                for p in (a, b):
+                    p.observe_verify_many(["p2", "p3"], [4, 4], [4, 0])
+            elif between == "another list":
+                r = rows(list(ids), gen)  # equal ids in another list object
+            n = len(computed)
+            pa, pb = a.plan(r), b.plan(r)
+            # the plan reused the prepared inputs unless something they read changed
+            assert len(computed) - n == (between in ("finished", "verify"))
+            np.testing.assert_array_equal(pa.budgets, pb.budgets)
+            assert pa.width == pb.width and a.last.modeled_s == b.last.modeled_s
+        assert a._read_ahead is None and a._prepared is None

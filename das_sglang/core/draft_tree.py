@@ -152,6 +152,12 @@ class DraftBatch:
                    cat([t.depths() for t in trees], np.int32), offsets,
                    np.fromiter((t.match_len for t in trees), np.int32, len(trees)))
 
+    @classmethod
+    def empty(cls, rows: int) -> "DraftBatch":
+        """``rows`` rows without nodes."""
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64),
+                   np.zeros(0, np.int32), np.zeros(rows + 1, np.int64), np.zeros(rows, np.int32))
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

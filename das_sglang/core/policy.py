@@ -20,6 +20,7 @@ rollout ends; ``advance_step`` when a training step starts.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -45,6 +46,8 @@ from das_sglang.core.cost_model import CostModel
 from das_sglang.core.length_predictor import LengthPredictor
 from das_sglang.core.online_acceptance import OnlineCalibration, ProbeSchedule
 from das_sglang.core.policy_config import PolicyConfig
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "BudgetRow", "BudgetPlan", "DraftBudget", "NoSpeculation", "FixedBudget", "UnlimitedBudget",
@@ -189,20 +192,26 @@ class _ModelBased(_Observing):
         # predicted for its fresh requests, compared with each finished length.
         self._predicted_total: dict[str, float] = {}
         self._log_err = [self.config.length_error_prior ** 2, 1.0]  # sum of squares, weight
+        # prepare(): the rows whose outcomes were read ahead (their req_ids list), and the
+        # draft-independent inputs computed then (None once anything they read changed)
+        self._read_ahead: list | None = None
+        self._prepared: tuple | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
 
-    def inputs(self, rows: Sequence[BudgetRow]):
+    def inputs(self, rows: Sequence[BudgetRow], prepared: tuple | None = None):
         """Per row: predicted remaining tokens, acceptance curves (``pad_curves`` form: row x
         budget matrix of expected accepted tokens E(b), usable budget per row), KV tokens per
-        forward, and per-problem node-probability calibration factors."""
+        forward, and per-problem node-probability calibration factors. ``prepared``: the
+        draft-independent part (factors, predictions) from :meth:`prepare`."""
         pids = R.problem_ids(rows)
-        factors: dict[str, float] = self.acceptance.calibration_many(dict.fromkeys(pids))
         generated = R.generated(rows)
         max_new = R.max_new(rows)
         found = R.found(rows)
-        remaining, _, _ = self.lengths.predict_many(pids, generated, max_new)
+        if prepared is None:
+            prepared = self._draft_free_inputs(pids, generated, max_new)
+        factors, remaining = prepared
         kv = R.prompt_len(rows).astype(np.float64) + generated
         kv += 0.5 * remaining  # mean context over the rest of the request
         # Most drafts worth proposing: nodes found, the budget cap, and the tokens left
@@ -251,7 +260,63 @@ class _ModelBased(_Observing):
         acc = np.minimum(acc, budgets[None, :])  # never more than drafted
         return remaining, (acc, m), kv, factors
 
+    def _draft_free_inputs(self, pids, generated, max_new) -> tuple:
+        factors: dict[str, float] = self.acceptance.calibration_many(dict.fromkeys(pids))
+        remaining, _, _ = self.lengths.predict_many(pids, generated, max_new)
+        return factors, remaining
+
+    def prepare(self, rows: Sequence[BudgetRow]) -> None:
+        """The part of the next :meth:`plan` of these rows that does not read their drafts:
+        the previous plan's outcomes, the calibration factors and the length predictions.
+        The session calls it while the drafts are still being made (on native threads), so
+        this Python runs beside them; ``plan`` of the same rows -- the same ``req_ids``
+        list, the same generated counts -- then starts from it and gives what it would have
+        given alone. ``rows`` may carry empty drafts. Anything that changes what the inputs
+        read in between (an observation, a step, forgotten problems) drops the inputs, and
+        ``plan`` computes them again."""
+        self._read_outcomes(rows)
+        ids, generated = R.req_ids(rows), R.generated(rows)
+        self._read_ahead = ids
+        self._prepared = (ids, generated.copy(),
+                          self._draft_free_inputs(R.problem_ids(rows), generated, R.max_new(rows)))
+
+    def _start_plan(self, rows: Sequence[BudgetRow]) -> tuple | None:
+        """Read the previous plan's outcomes unless :meth:`prepare` did for these rows;
+        the prepared inputs when they are still these rows' (else None)."""
+        ids = R.req_ids(rows)
+        read, prepared = self._read_ahead, self._prepared
+        self._read_ahead = self._prepared = None
+        if read is None or (read is not ids and read != ids):
+            if read is not None:  # (the session never does this: it plans what it prepared)
+                _log.warning("DAS policy: plan of other rows than prepared; the previous plan's "
+                             "outcomes were read for both")
+            self._read_outcomes(rows)
+            return None
+        if prepared is None or not np.array_equal(prepared[1], R.generated(rows)):
+            return None
+        return prepared[2]
+
+    def _inputs_changed(self) -> None:
+        self._prepared = None
+
+    def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None:
+        self._inputs_changed()
+        super().observe_verify(problem_id, proposed, accepted)
+
+    def observe_verify_many(self, problem_ids: Sequence[str], proposed, accepted) -> None:
+        self._inputs_changed()
+        super().observe_verify_many(problem_ids, proposed, accepted)
+
+    def advance_step(self, step: int) -> None:
+        self._inputs_changed()
+        super().advance_step(step)
+
+    def forget_problems(self, problem_ids) -> None:
+        self._inputs_changed()
+        super().forget_problems(problem_ids)
+
     def observe_finished(self, problem_id: str, length: int) -> None:
+        self._inputs_changed()
         super().observe_finished(problem_id, length)
         predicted = self._predicted_total.get(problem_id)
         if predicted is not None:
@@ -348,8 +413,8 @@ class LengthAware(_ModelBased):
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         if not rows:
             return BudgetPlan.none(0)
-        self._read_outcomes(rows)
-        remaining, curves, kv, _ = self.inputs(rows)
+        prepared = self._start_plan(rows)
+        remaining, curves, kv, _ = self.inputs(rows, prepared)
         buckets = self.config.buckets() if self.config.uniform_width else None
         if self.config.lookahead == "stationary":
             alloc = optimal_step_budgets(remaining, curves, kv, self.cost, self.config.uniform_width,
@@ -373,8 +438,8 @@ class PaperClosedForm(_ModelBased):
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         if not rows:
             return BudgetPlan.none(0)
-        self._read_outcomes(rows)
-        remaining, (_, caps), _, factors = self.inputs(rows)
+        prepared = self._start_plan(rows)
+        remaining, (_, caps), _, factors = self.inputs(rows, prepared)
         params = {}
         for pid in factors:
             est = self.acceptance.estimate(pid)

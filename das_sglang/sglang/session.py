@@ -326,6 +326,7 @@ class DasSession:
         self._tagged_since_flush = False
 
     ASYNC_MIN_ROWS = 64  # batches this large extend on the update thread
+    PREPARE_AHEAD = True  # plan: the policy's draft-free inputs before waiting for the drafts
     EVICT_CHUNK_S = 0.003  # native removals per decode step, inside the forward's shadow
 
     def _evict_chunk(self) -> None:
@@ -398,23 +399,31 @@ class DasSession:
         reads the rows as columns (:class:`BudgetRows`), and the truncation is one numpy
         pass: no Python object per row on this per-step path. Same trees and width as
         drafting row by row (tests/sglang/test_session_flat.py)."""
+        req_ids = list(req_ids)
+        live = self.live
+        try:
+            lives = [live[r] for r in req_ids]
+        except KeyError:
+            bad = next(r for r in req_ids if r not in live)
+            raise ValueError(f"unknown req_id={bad!r}: not started or already finished") from None
+        n = len(lives)
+        columns = (req_ids, [lv.problem_id for lv in lives],
+                   np.fromiter((lv.generated for lv in lives), np.int64, n),
+                   np.fromiter((lv.max_new_tokens for lv in lives), np.int64, n),
+                   np.fromiter((lv.prompt_len for lv in lives), np.int64, n))
+        prepare = getattr(self.policy, "prepare", None)
+        if prepare is not None and self.PREPARE_AHEAD and n:
+            # The policy's Python that does not read the drafts runs now, while the update
+            # thread's native job may still be drafting them (the same plan either way).
+            prepare(BudgetRows(*columns, DraftBatch.empty(n)))
         self.sync()
         self._check_cap()
-        req_ids = list(req_ids)
         self._plan_nodes = max_nodes
         drafts = self.drafter.speculate_flat(req_ids, max_nodes)
         probs = drafts.probs
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
-        live = self.live
-        lives = [live[r] for r in req_ids]
-        n = len(lives)
-        rows = BudgetRows(
-            req_ids, [lv.problem_id for lv in lives],
-            np.fromiter((lv.generated for lv in lives), np.int64, n),
-            np.fromiter((lv.max_new_tokens for lv in lives), np.int64, n),
-            np.fromiter((lv.prompt_len for lv in lives), np.int64, n), drafts)
-        plan = self.policy.plan(rows)
+        plan = self.policy.plan(BudgetRows(*columns, drafts))
         keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
         if self._root_only:
             for i in [i for i, r in enumerate(req_ids) if r in self._root_only]:

@@ -91,6 +91,8 @@ def _drive(session, legacy, seed=0, steps=70):
      "policy": {"uniform_width": True, "width_buckets": [0, 1, 2, 4, 8]}},
     {"server": {"policy": "unlimited"}},
     {"server": {"policy": "paper"}, "drafter": {"global_shard": True, "shared_weight": 0.0}},
+    # a history cap: evictions (and forgotten statistics) between the policy's prepare and plan
+    {"server": {"policy": "length-aware"}, "drafter": {"max_history_tokens": 700}},
 ])
 def test_flat_plan_equals_the_row_by_row_plan(cfg):
     # Per-problem indexes (or the fallback-only shared index): the flat path then equals
