@@ -100,7 +100,8 @@ def test_heap_trim_waits_until_no_request_is_live(monkeypatch, async_updates):
         s.weights_updated()  # a boundary mid-traffic: no trim
         s.plan([f"b{step}", "c"], 4)
         s.sync()
-        s.drain() if step == 1 else None  # (drain trims by itself: tests, shutdown)
+        if step == 1:
+            s.drain()  # (drain trims by itself: tests, shutdown)
         n = len(trims)
         s.finished(f"b{step}", [1, 2], [3, 4 + step, 5])
         assert len(trims) == n  # "c" still decodes
