@@ -463,7 +463,7 @@ class SuffixDrafter:
         token = self._weights
         steps, weights = token
         n = len(idx)
-        b = np.full(n, min(int(predraft), cfg.max_budget), np.int32)
+        b = self._budget_array(idx, int(predraft))  # (capped at max_budget, as every draft)
         cores = max(1, _CPUS - spare)
         threads = max(1, min(self.DRAFT_THREADS, cores, n // self.DRAFT_ROWS_PER_THREAD))
         # The appends: up to 8 tasks by index (64 rows each at least) plus the shared
@@ -657,7 +657,7 @@ class SuffixDrafter:
         indices = self._indices
         versions = np.fromiter((indices[lv.problem_id].version for lv in lives), np.uint64, len(lives))
         self._predrafted = (dict(zip(seq_ids, range(len(seq_ids)))), out, versions, self._weights,
-                            np.full(len(seq_ids), min(int(budget), self.config.max_budget), np.int64))
+                            self._budget_array(seq_ids, int(budget)).astype(np.int64))
 
     def _same_weights(self, token) -> bool:
         """Every step the weights ``token`` (an earlier ``_weights``) and the current ones

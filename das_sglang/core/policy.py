@@ -193,7 +193,8 @@ class _ModelBased(_Observing):
         self._predicted_total: dict[str, float] = {}
         self._log_err = [self.config.length_error_prior ** 2, 1.0]  # sum of squares, weight
         # prepare(): the rows whose outcomes were read ahead (their req_ids list), and the
-        # draft-independent inputs computed then (None once anything they read changed)
+        # generated counts and draft-independent inputs computed then (None once anything
+        # they read changed)
         self._read_ahead: list | None = None
         self._prepared: tuple | None = None
 
@@ -277,8 +278,7 @@ class _ModelBased(_Observing):
         self._read_outcomes(rows)
         ids, generated = R.req_ids(rows), R.generated(rows)
         self._read_ahead = ids
-        self._prepared = (ids, generated.copy(),
-                          self._draft_free_inputs(R.problem_ids(rows), generated, R.max_new(rows)))
+        self._prepared = (generated.copy(), self._draft_free_inputs(R.problem_ids(rows), generated, R.max_new(rows)))
 
     def _start_plan(self, rows: Sequence[BudgetRow]) -> tuple | None:
         """Read the previous plan's outcomes unless :meth:`prepare` did for these rows;
@@ -292,9 +292,9 @@ class _ModelBased(_Observing):
                              "outcomes were read for both")
             self._read_outcomes(rows)
             return None
-        if prepared is None or not np.array_equal(prepared[1], R.generated(rows)):
+        if prepared is None or not np.array_equal(prepared[0], R.generated(rows)):
             return None
-        return prepared[2]
+        return prepared[1]
 
     def _inputs_changed(self) -> None:
         self._prepared = None
