@@ -23,18 +23,22 @@ in the real worker: the forward (``--forward-ms``, GIL released: the scheduler t
 waits on the GPU) and SGLang's per-request result processing (``--engine-us``, a
 GIL-holding Python loop per request). Neither is counted in the step time. The feedback
 starts the native extend + pre-draft of the next plan's trees on a thread of its own
-(``SuffixDrafter.start_extend``); it overlaps only that engine work: what is left of it
-when the step ends is the next step's ``carried`` wait (below), and the plan drafts again
-every row whose index changed meanwhile (finishes, starts).
+(``SuffixDrafter.start_extend``); it overlaps that engine work and the next step's Python
+up to the plan's wait (below), and the plan drafts again every row whose index changed
+meanwhile (finishes, starts).
 
 Baseline (``baseline_p50_ms``): the same loop with the host path as it was before this
 benchmark's changes, in the same process: updates inline on the scheduler thread, a
 validating BudgetRow per row, the length predictor rebuilt from scratch after every finish
 (``legacy_length_predictor.py``), snapshots copied and written on the scheduler thread.
 Both sessions are built first (then ``gc.freeze()``: the set-up objects leave the cyclic
-GC, as a server does after warm-up) and run interleaved, one step each in turn, so machine
-load hits both alike; update-thread work still pending at a switch is waited for and
-charged to the current path's next step (what its next plan would have waited).
+GC, as a server does after warm-up) and run interleaved in blocks of ``--interleave`` (10)
+steps each, so machine load hits both alike; update-thread work still pending at a switch
+is waited for and charged to the current path's next step (what its next plan would have
+waited). Within a block a session runs as in the worker: the next step's finishes, starts
+and the policy's ``prepare`` overlap the update thread's job, and the plan waits for what
+is left of it (in ``plan``; ``carried`` is then the wait after a switch). ``--interleave
+1`` is the earlier step-by-step protocol, where every step ends with that wait.
 
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
 "config": ...}``; per batch also ``phases_p50_ms`` (the step split into carried update-thread
@@ -126,8 +130,9 @@ def engine_gap(rows: int, forward_ms: float, engine_us: float) -> None:
 
 
 def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
-    """One configuration as a generator: yields after every step, so the current and the
-    baseline host path can run interleaved step by step (the same machine load for both)."""
+    """One configuration as a generator: yields once built, then after every
+    ``args.interleave`` steps, so the current and the baseline host path can run
+    interleaved in short blocks (the same machine load for both)."""
     cfg = {"drafter": {"max_budget": args.max_nodes, "window_steps": args.window},
            "policy": {"length_window_steps": args.window},
            "server": {"policy": args.policy, "history_path": str(snap_dir),
@@ -174,6 +179,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
     times, kinds, finishes, phases = [], [], 0, []
     carried = 0.0  # update-thread work still pending when the other configuration ran
+    yield  # built
     for step in range(args.warmup + args.steps):
         t_begin = time.perf_counter() - carried
         carried_in = carried
@@ -235,19 +241,23 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             ph["feedback"] = t_end - t_fb
             ph["carried"] = carried_in
             phases.append({k: v * 1e3 for k, v in ph.items()})
-        # Before the other configuration's step: what the update thread still has to do
-        # would have delayed this session's next plan, so that wait is charged to it; the
-        # truly background work (length-index rebuild, snapshot write) is let finish
-        # uncharged, so it does not run during the other configuration's timed step.
-        t0 = time.perf_counter()
-        session.sync()
-        carried = time.perf_counter() - t0
-        lengths = session.policy.lengths
-        if hasattr(lengths, "_wait"):
-            lengths._wait()
-        if session.snapshot is not None:
-            session.snapshot.wait()
-        yield
+        carried = 0.0
+        if (step + 1) % args.interleave == 0:
+            # Before the other configuration's steps: what the update thread still has to
+            # do would have delayed this session's next plan, so that wait is charged to
+            # it; the truly background work (length-index rebuild, snapshot write) is let
+            # finish uncharged, so it does not run during the other configuration's timed
+            # steps. Within a block the session runs as in the worker: its next step's
+            # Python (finishes, starts, the policy's prepare) overlaps the update thread.
+            t0 = time.perf_counter()
+            session.sync()
+            carried = time.perf_counter() - t0
+            lengths = session.policy.lengths
+            if hasattr(lengths, "_wait"):
+                lengths._wait()
+            if session.snapshot is not None:
+                session.snapshot.wait()
+            yield
     session.close()
     worst = sorted(range(len(times)), key=lambda i: -times[i])[:5]
     out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats,
@@ -288,6 +298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-us", type=float, default=2.0, help="SGLang's own Python per request")
     ap.add_argument("--layout", choices=("ragged", "uniform"), default="ragged",
                     help="the worker's verify layout (sets the budgets' form: options.for_layout)")
+    ap.add_argument("--interleave", type=int, default=10,
+                    help="steps of one configuration before the other's (1: step by step)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--async-min-rows", type=int, default=None,
                     help="override DasSession.ASYNC_MIN_ROWS (batches extended on the update thread)")
@@ -309,7 +321,7 @@ def main(argv=None) -> int:
         outs = {legacy: {} for legacy in modes}
         with tempfile.TemporaryDirectory(prefix="das-bench-snap-") as d:
             gens = [run(problems, batch, args, legacy, Path(d) / str(legacy), outs[legacy]) for legacy in modes]
-            for g in gens:  # build both (and run one untimed warm-up step each)
+            for g in gens:  # build both
                 next(g)
             # The built history is long-lived: freeze it out of the cyclic GC, as a server
             # does after warm-up, so a full collection over millions of set-up objects does
@@ -320,7 +332,7 @@ def main(argv=None) -> int:
             gc.collect()
             _trim_heap()
             gc.freeze()
-            for _ in gens[0]:  # interleaved: one step of each configuration in turn
+            for _ in gens[0]:  # interleaved: a block of steps of each configuration in turn
                 for g in gens[1:]:
                     next(g, None)
             for g in gens[1:]:

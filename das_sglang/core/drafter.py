@@ -421,8 +421,9 @@ class SuffixDrafter:
         indices = self._indices
         return [indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets
 
-    def apply_extend(self, prepared: tuple, predraft: int | None = None) -> None:
-        """Apply :meth:`prepare_extend`'s arguments; with ``predraft`` (a node budget) also
+    def apply_extend(self, prepared: tuple, predraft=None) -> None:
+        """Apply :meth:`prepare_extend`'s arguments; with ``predraft`` (a node budget, one
+        int or one per row) also
         :meth:`predraft` the rows, in the same native call (``extend_draft_rows``: each row
         drafted right after its index's appends, while their nodes are in cache)."""
         idx, seq_ids, flat, offsets = prepared
@@ -438,7 +439,7 @@ class SuffixDrafter:
             self._apply_unshare()
             extend_batch([self._global] * len(idx), seq_ids, flat, offsets)
 
-    def start_extend(self, prepared: tuple, predraft: int):
+    def start_extend(self, prepared: tuple, predraft):
         """:meth:`apply_extend` with ``predraft``, started now on a native thread of its own
         (it never needs the GIL, so it runs while this thread goes on with Python). Returns
         a callable that waits for it and keeps the trees; until it has returned nothing may
@@ -454,7 +455,7 @@ class SuffixDrafter:
             self._unshare_pending = []  # the job removes them, before its appends
         return lambda: keep(pending.wait())
 
-    def _extend_draft_args(self, prepared: tuple, predraft: int, spare: int = 0):
+    def _extend_draft_args(self, prepared: tuple, predraft, spare: int = 0):
         """(``extend_draft_rows`` arguments, a callable keeping its result as the
         :meth:`predraft` trees). The step weights are read now: trees drafted with them are
         reused only while they are still the drafter's."""
@@ -463,7 +464,7 @@ class SuffixDrafter:
         token = self._weights
         steps, weights = token
         n = len(idx)
-        b = self._budget_array(idx, int(predraft))  # (capped at max_budget, as every draft)
+        b = self._budget_array(idx, predraft)  # (capped at max_budget, as every draft)
         cores = max(1, _CPUS - spare)
         threads = max(1, min(self.DRAFT_THREADS, cores, n // self.DRAFT_ROWS_PER_THREAD))
         # The appends: up to 8 tasks by index (64 rows each at least) plus the shared

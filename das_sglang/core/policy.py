@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -197,6 +198,8 @@ class _ModelBased(_Observing):
         # they read changed)
         self._read_ahead: list | None = None
         self._prepared: tuple | None = None
+        # the latest plan's budgets (req_id -> row, budgets) for draft_sizes
+        self._latest: tuple[dict, np.ndarray] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
@@ -386,8 +389,13 @@ class _ModelBased(_Observing):
         return budgets
 
     def _remember(self, rows: Sequence[BudgetRow], budgets: np.ndarray) -> None:
-        """Register each planned row's uncalibrated expectation (the latest ``inputs``)."""
+        """Register each planned row's uncalibrated expectation (the latest ``inputs``) and
+        its budget (``draft_sizes``)."""
         base = self._base
+        if self.config.draft_headroom > 0 and hasattr(self, "draft_sizes"):
+            # (a request twice: its later row, as a dict has it)
+            self._latest = (dict(zip(R.req_ids(rows), range(len(rows)))),
+                            np.asarray(budgets, dtype=np.int64).reshape(-1).copy())
         if self.config.curve_mode in ("outcome", "online"):
             self.outcomes.planned(rows, budgets, base)
         budgets = np.asarray(budgets)
@@ -409,6 +417,26 @@ def _padded_width(width: int, buckets) -> int:
 
 class LengthAware(_ModelBased):
     name = "length-aware"
+
+    def draft_sizes(self, req_ids: Sequence[str], cap: int) -> np.ndarray | int:
+        """How many nodes to draft for each of these requests' next plan: at most
+        ``ceil(draft_headroom * latest budget)``, at least ``max(1, probe_budget)`` (so a
+        row without a budget still shows its drafter's confidence and can be probed), at
+        most ``cap``; ``cap`` for a request not in the latest plan. A plan never gives a row
+        more nodes than its tree has, so a budget can grow by ``draft_headroom`` per step.
+        ``cap`` itself (an int) with ``draft_headroom`` 0, before any plan, or for fewer
+        than ``draft_headroom_min_rows`` rows (small batches: drafting is cheap there)."""
+        cfg = self.config
+        latest = self._latest
+        if cfg.draft_headroom <= 0 or latest is None or len(req_ids) < cfg.draft_headroom_min_rows:
+            return int(cap)
+        pos, budgets = latest
+        n = len(req_ids)
+        at = np.fromiter(map(pos.get, req_ids, repeat(-1, n)), np.int64, n)
+        floor = min(max(1, cfg.probe_budget), cap)
+        sizes = np.ceil(cfg.draft_headroom * budgets[np.maximum(at, 0)]).astype(np.int64) if len(budgets) \
+            else np.zeros(n, np.int64)
+        return np.where(at >= 0, np.clip(sizes, floor, cap), cap)
 
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         if not rows:

@@ -77,6 +77,14 @@ class PolicyConfig:
     probe_budget        ... of this many nodes (LengthAware; 0 = never probe) ...
     probe_share         ... while all probes cost at most this share of the modeled time of
                         every forward so far (so a budget of 0 is never final).
+    draft_headroom      LengthAware, batches of at least ``draft_headroom_min_rows`` rows: a
+                        request's next draft tree has at most ``ceil(draft_headroom * its
+                        latest budget)`` nodes, and at least ``max(1, probe_budget)`` (its
+                        first one: ``max_budget``), so a large batch whose budgets are small
+                        drafts small trees (drafting is per-row host work) while a row's
+                        budget can still grow by that factor per step. 0 = every draft has
+                        ``max_budget`` nodes.
+    draft_headroom_min_rows  (see draft_headroom; smaller batches draft full trees)
     """
 
     max_budget: int = DrafterConfig().max_budget
@@ -115,6 +123,8 @@ class PolicyConfig:
     probe_every: int = 8
     probe_budget: int = 2
     probe_share: float = 0.03
+    draft_headroom: float = 2.0
+    draft_headroom_min_rows: int = 64
 
     def __post_init__(self) -> None:
         check_field(0 <= self.max_budget <= 1024, "max_budget", self.max_budget, "must be in [0, 1024]")
@@ -153,6 +163,12 @@ class PolicyConfig:
         check_field(0 <= self.probe_budget <= self.max_budget, "probe_budget", self.probe_budget,
                     f"must be in [0, max_budget={self.max_budget}]")
         check_field(0.0 <= self.probe_share < 1.0, "probe_share", self.probe_share, "must be in [0, 1)")
+        check_field(isinstance(self.draft_headroom, (int, float)) and not isinstance(self.draft_headroom, bool)
+                    and (self.draft_headroom == 0 or 1.0 <= self.draft_headroom <= 1024.0),
+                    "draft_headroom", self.draft_headroom, "must be 0 (off) or in [1, 1024]")
+        check_field(isinstance(self.draft_headroom_min_rows, int) and not isinstance(self.draft_headroom_min_rows, bool)
+                    and self.draft_headroom_min_rows >= 0, "draft_headroom_min_rows",
+                    self.draft_headroom_min_rows, "must be an int >= 0")
         for name in ("cost_c_base_ms", "cost_c_tok_us", "cost_c_kv_ns", "cost_host_us_per_request",
                      "cost_free_tokens"):
             v = getattr(self, name)

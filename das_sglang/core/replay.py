@@ -285,10 +285,13 @@ def _decode_step(step, rollouts, drafter, policy, cost, engine, c: Contender, ti
         t0 = t_host
         ids = [lv.rollout.req_id for lv in live]
         flat = getattr(drafter, "speculate_flat", None)
+        draft_sizes = getattr(policy, "draft_sizes", None)  # (as the session drafts)
+        budget = c.max_budget if draft_sizes is None else draft_sizes(ids, c.max_budget)
         if flat is not None:  # the SGLang worker's host path: flat drafts, rows as columns
-            trees = flat(ids, c.max_budget)
+            trees = flat(ids, budget)
         else:
-            trees = DraftBatch.from_trees(drafter.speculate_batch(ids, [c.max_budget] * len(live)))
+            per_row = [budget] * len(live) if isinstance(budget, int) else [int(b) for b in budget]
+            trees = DraftBatch.from_trees(drafter.speculate_batch(ids, per_row))
         t1 = time.perf_counter()
         n = len(live)
         plan = policy.plan(BudgetRows(

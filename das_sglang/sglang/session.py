@@ -419,7 +419,7 @@ class DasSession:
         self.sync()
         self._check_cap()
         self._plan_nodes = max_nodes
-        drafts = self.drafter.speculate_flat(req_ids, max_nodes)
+        drafts = self.drafter.speculate_flat(req_ids, self._draft_sizes(req_ids, max_nodes))
         probs = drafts.probs
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
@@ -442,6 +442,13 @@ class DasSession:
             # (rows keep their trees; the padding is never linked, so never accepted).
             width = next(b for b in buckets if b >= width)
         return drafts, width
+
+    def _draft_sizes(self, req_ids: Sequence[str], max_nodes: int):
+        """Nodes to draft per row: the policy's ``draft_sizes`` (small trees for rows with
+        small budgets), else ``max_nodes`` for every row. The pre-draft job asks the same
+        at the feedback, so its trees are reused by the next plan."""
+        sizes = getattr(self.policy, "draft_sizes", None)
+        return max_nodes if sizes is None else sizes(req_ids, max_nodes)
 
     def committed(self, req_id: str, proposed: int, tokens: Sequence[int]) -> None:
         """After verify: ``tokens`` = accepted drafts + the bonus token."""
@@ -469,6 +476,7 @@ class DasSession:
             self._updates.raise_error()
             prepared = self.drafter.prepare_extend(req_ids, tokens, flat)
             if self._plan_nodes is not None and hasattr(self.drafter, "predraft"):
+                sizes = self._draft_sizes(req_ids, self._plan_nodes)
                 # With the extend, the next plan's trees: drafted while the engine processes
                 # this step's results (exact: rows whose index changes meanwhile, by a finish
                 # or a start, are drafted again by the plan). With nothing queued before it,
@@ -476,11 +484,11 @@ class DasSession:
                 # until this thread blocks.
                 done = None
                 if not self._updates.busy():
-                    done = self.drafter.start_extend(prepared, self._plan_nodes)
+                    done = self.drafter.start_extend(prepared, sizes)
                 if done is not None:
                     self._updates.set_native(done)
                 else:
-                    self._updates.submit(self._extend_predraft, prepared, self._plan_nodes, self._epoch)
+                    self._updates.submit(self._extend_predraft, prepared, sizes, self._epoch)
             else:
                 self._updates.submit(self.drafter.apply_extend, prepared)
         else:  # small batches (the hand-off costs more than the extend), or a bad row
@@ -489,7 +497,8 @@ class DasSession:
                 # the same pre-draft as the background path, inline: the next plan's trees
                 # do not depend on which path ran (the shared index's part of a reused tree
                 # is as of this point in both, see SuffixDrafter.predraft)
-                self.drafter.apply_extend(self.drafter.prepare_extend(req_ids, tokens, flat), self._plan_nodes)
+                self.drafter.apply_extend(self.drafter.prepare_extend(req_ids, tokens, flat),
+                                          self._draft_sizes(req_ids, self._plan_nodes))
             else:
                 self.drafter.extend_batch(req_ids, tokens)
         lives = [live[r] for r in req_ids]
@@ -508,9 +517,9 @@ class DasSession:
                 for i in rows.tolist():
                     observe(lives[i].problem_id, int(p[i]), int(n[i]) - 1)
 
-    def _extend_predraft(self, prepared, max_nodes: int, epoch: int) -> None:
+    def _extend_predraft(self, prepared, sizes, epoch: int) -> None:
         # (a step advanced since the submission: the step weights change, no pre-draft)
-        self.drafter.apply_extend(prepared, max_nodes if epoch == self._epoch else None)
+        self.drafter.apply_extend(prepared, sizes if epoch == self._epoch else None)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.

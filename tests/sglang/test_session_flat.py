@@ -17,10 +17,13 @@ from das_sglang.sglang.tree_inputs import build_layout, build_ragged_layout
 
 
 def _legacy_plan(session, req_ids, max_nodes):
-    """DasSession.plan as it was before the flat path: a DraftTree and a BudgetRow per row."""
+    """DasSession.plan as it was before the flat path: a DraftTree and a BudgetRow per row
+    (drafted at the policy's per-row sizes, as the flat path drafts)."""
     session.sync()
     session._check_cap()
-    trees = session.drafter.speculate_batch(list(req_ids), [max_nodes] * len(req_ids))
+    sizes = session._draft_sizes(req_ids, max_nodes)  # the policy's draft sizes, as plan's
+    sizes = [sizes] * len(req_ids) if isinstance(sizes, int) else [int(b) for b in sizes]
+    trees = session.drafter.speculate_batch(list(req_ids), sizes)
     if session._evicting and session._updates is not None:
         session._updates.submit(session._evict_chunk)
     live = session.live
@@ -87,6 +90,7 @@ def _drive(session, legacy, seed=0, steps=70):
 
 @pytest.mark.parametrize("cfg", [
     {"server": {"policy": "length-aware"}},
+    {"server": {"policy": "length-aware"}, "policy": {"draft_headroom_min_rows": 0}},  # sized drafts
     {"server": {"policy": "length-aware", "async_updates": False},
      "policy": {"uniform_width": True, "width_buckets": [0, 1, 2, 4, 8]}},
     {"server": {"policy": "unlimited"}},

@@ -147,3 +147,39 @@ def test_bad_feedback_row_raises_at_once_naming_it():
     s.sync()
     assert s.drafter._indices["p"].sequence_tokens(s.drafter._live["a"].seq_id).tolist() == [1, 2, 3, 4]
     s.close()
+
+
+def test_pre_drafted_trees_have_the_policy_sizes_and_are_reused():
+    """The pre-draft job drafts each row at the policy's ``draft_sizes`` (small trees for
+    rows with small budgets), the plan asks the same sizes, so it reuses those trees, and
+    never gives a row more nodes than its size."""
+    cfg = {"drafter": {"window_steps": 2}, "policy": {"draft_headroom_min_rows": 0},
+           "server": {"policy": "length-aware", "async_updates": True}}
+    s = DasSession(load_options(9, json.dumps(cfg)))
+    s.policy.lengths.background = False
+    s.ASYNC_MIN_ROWS = 1
+    seen, reused = [], []
+    draft = s.drafter.speculate_flat
+
+    def spy(req_ids, budget, threads=None):
+        seen.append((list(req_ids), np.broadcast_to(np.asarray(budget), (len(req_ids),)).copy()))
+        return draft(req_ids, budget, threads)
+
+    s.drafter.speculate_flat = spy
+    reuse = s.drafter._reuse_predrafted
+    s.drafter._reuse_predrafted = lambda *x: (lambda out: reused.append(out is not None) or out)(reuse(*x))
+    plan = s.plan
+
+    def checked(rids, max_nodes):
+        trees, width = plan(rids, max_nodes)
+        sizes = seen[-1][1]
+        assert all(len(t) <= k for t, k in zip(trees, sizes.tolist()))
+        return trees, width
+
+    s.plan = checked
+    _drive(s)
+    sized = [b for _, b in seen[1:]]
+    assert any(len(set(b.tolist())) > 1 for b in sized)  # per-row sizes, not one for all
+    assert any((b < 8).any() for b in sized)  # smaller trees than the cap
+    assert sum(reused) > 30  # the job's trees (drafted at those sizes) were the plan's
+    s.close()
