@@ -151,12 +151,22 @@ void draft_range(const std::vector<const SuffixIndex*>& idx, const int64_t* seq_
   const SuffixIndex* last = nullptr;
   // Cache hints a few rows ahead (results do not depend on them): the storage and cursor
   // ring kAhead1 rows on, the cursors' nodes kAhead2 rows on.
+  // The same stages for the row's sequence in the shared index, when the drafts mix it
+  // in (it is large: its misses are most of a row's fixed cost).
   constexpr size_t kAhead1 = 16, kAhead2 = 8;
-  uint32_t ring[kAhead1];
-  for (size_t r = r0; r < std::min(r1, r0 + kAhead1); ++r)
+  const SuffixIndex* sh =
+      p.mixture && !p.chain && p.shared != nullptr && p.shared_weight > 0.0 ? p.shared : nullptr;
+  uint32_t ring[kAhead1], ring2[kAhead1];
+  auto stage1 = [&](size_t r) {
     ring[r % kAhead1] = idx[r]->prefetch_sequence(seq_ids[r]);
-  for (size_t r = r0; r < std::min(r1, r0 + kAhead2); ++r)
+    ring2[r % kAhead1] = sh != nullptr && sh != idx[r] ? sh->prefetch_sequence(seq_ids[r]) : das::kNil;
+  };
+  auto stage2 = [&](size_t r) {
     idx[r]->prefetch_cursor_nodes(ring[r % kAhead1], p.max_match_len);
+    if (sh != nullptr) sh->prefetch_cursor_nodes(ring2[r % kAhead1], p.max_match_len);
+  };
+  for (size_t r = r0; r < std::min(r1, r0 + kAhead1); ++r) stage1(r);
+  for (size_t r = r0; r < std::min(r1, r0 + kAhead2); ++r) stage2(r);
   // Stage 3, a group of kGroup rows at a time: walk the children lists the group's
   // drafts scan first, all lists interleaved (their cursor nodes were prefetched
   // kAhead2 rows ahead).
@@ -164,13 +174,14 @@ void draft_range(const std::vector<const SuffixIndex*>& idx, const int64_t* seq_
   std::vector<SuffixIndex::ListHead> heads;
   for (size_t r = r0; r < r1; ++r) {
     if ((r - r0) % kGroup == 0) {
-      for (size_t g = r; g < std::min(r1, r + kGroup); ++g) idx[g]->draft_lists(ring[g % kAhead1], p, heads);
+      for (size_t g = r; g < std::min(r1, r + kGroup); ++g) {
+        idx[g]->draft_lists(ring[g % kAhead1], p, heads);
+        if (sh != nullptr) sh->draft_lists(ring2[g % kAhead1], p, heads, true);
+      }
       SuffixIndex::walk_lists(heads);
     }
-    if (r + kAhead2 < r1)
-      idx[r + kAhead2]->prefetch_cursor_nodes(ring[(r + kAhead2) % kAhead1], p.max_match_len);
-    if (r + kAhead1 < r1)
-      ring[(r + kAhead1) % kAhead1] = idx[r + kAhead1]->prefetch_sequence(seq_ids[r + kAhead1]);
+    if (r + kAhead2 < r1) stage2(r + kAhead2);
+    if (r + kAhead1 < r1) stage1(r + kAhead1);
     p.budget = budgets[r];
     if (idx[r] != last) {  // slot weights depend on the index only
       idx[r]->slot_weights(steps, weights, n_steps, p.slot_weight);

@@ -663,14 +663,17 @@ void SuffixIndex::prefetch_cursor_nodes(uint32_t s, int max_m) const {
   for (int m = 1; m <= hi; ++m) __builtin_prefetch(&nodes_[st.cursors[(L - uint32_t(m)) % D]]);
 }
 
-void SuffixIndex::draft_lists(uint32_t s, const DraftParams& p, std::vector<ListHead>& out) const {
+void SuffixIndex::draft_lists(uint32_t s, const DraftParams& p, std::vector<ListHead>& out,
+                              bool as_shared) const {
   if (s == kNil) return;
   const Storage& st = storages_[s];
   const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
   // the match length exactly as draft_for_sequence finds it (its cursor nodes are cached)
   const int lo = sequence_match(st, p.max_match_len);
   if (lo == 0) return;
-  const int last = p.mixture && !p.chain ? std::max(1, p.mix_min_match) : lo;
+  const int last = !(p.mixture && !p.chain) ? lo
+                   : as_shared ? std::max({1, p.mix_min_match, p.shared_min_match})
+                               : std::max(1, p.mix_min_match);
   for (int m = lo; m >= last; --m) {
     const Node& x = nodes_[st.cursors[(L - uint32_t(m)) % D]];
     // add_anchor stops at the first match node with more continuations than this

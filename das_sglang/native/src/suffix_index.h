@@ -306,8 +306,11 @@ class SuffixIndex {
   // with `mixture` every anchor's), as list heads for walk_lists. The sibling lists are
   // linked: one list is a chain of dependent cache misses, but the lists of several
   // anchors (and rows) are independent, so walking them round-robin overlaps their misses.
+  // `as_shared`: the lists of the anchors draft_for_sequence takes from this index as
+  // another index's `p.shared` (shortest anchor max(1, mix_min_match, shared_min_match)).
   struct ListHead { const Node* nodes; uint32_t cur; };
-  void draft_lists(uint32_t storage, const DraftParams& p, std::vector<ListHead>& out) const;
+  void draft_lists(uint32_t storage, const DraftParams& p, std::vector<ListHead>& out,
+                   bool as_shared = false) const;
   static void walk_lists(std::vector<ListHead>& heads);
 
   // Slot weights from a step -> weight table (steps absent from the table weigh 0).
