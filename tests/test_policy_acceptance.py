@@ -81,3 +81,41 @@ def test_calibration_of_node_probs():
 def test_bad_outcomes_are_named(proposed, accepted):
     with pytest.raises(ValueError, match=f"proposed={proposed}"):
         AcceptanceTracker(PolicyConfig()).observe("q", proposed, accepted)
+
+
+def test_expectations_recorded_later_give_the_same_statistics():
+    """The plan hands its rows' expectations over as arrays (``expect_many_later``) and the
+    next observation records them first: the statistics are those of recording them in the
+    plan, bit for bit, through observations, a plan with none after it, and ``forget``."""
+    import numpy as np
+
+    from das_sglang.core.policy import BudgetRow, LengthAware, PolicyConfig
+
+    def run(now: bool):
+        policy = LengthAware(config=PolicyConfig(max_budget=8, draft_headroom_min_rows=0))
+        tracker = policy.acceptance
+        if now:  # the earlier path: recorded in the plan
+            tracker.expect_many_later = lambda pids, rows, b, e: tracker.expect_many(
+                [pids[i] for i in rows.tolist()], b.tolist(), e.tolist())
+        rng = np.random.default_rng(5)
+        gen = {f"r{i}": 0 for i in range(20)}
+        for step in range(30):
+            rows = [BudgetRow(r, f"p{i % 3}", g, 4000, np.sort(rng.random(8))[::-1], 50, 4)
+                    for i, (r, g) in enumerate(gen.items())]
+            plan = policy.plan(rows)
+            if step % 7 == 3:
+                continue  # no outcome reported for this plan
+            acc = [int(rng.integers(0, b + 1)) for b in plan.budgets.tolist()]
+            policy.observe_verify_many([r.problem_id for r in rows], plan.budgets, acc)
+            for r, a in zip(gen, acc):
+                gen[r] += a + 1
+            if step == 20:
+                policy.forget_problems(["p1"])
+        tracker._flush_later()
+        return (tracker._by_budget.tolist(),
+                {p: (s.n_obs, s.sum_expected, s.sum_matched, list(s.recent)) for p, s in tracker._stats.items()},
+                {k: list(q) for k, q in tracker._pending.items() if q})
+
+    later, now = run(False), run(True)
+    assert later == now
+    assert later[0] != [[0.0, 0.0]] * len(later[0])  # expectations were matched with outcomes

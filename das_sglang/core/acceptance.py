@@ -170,6 +170,8 @@ class AcceptanceTracker:
         self._by_budget = np.zeros((_n_bins(config.max_budget), 2))
         # (problem_id, budget) -> expected accepted tokens of planned rows awaiting outcome.
         self._pending: dict[tuple[str, int], deque[float]] = defaultdict(deque)
+        # expect_many_later batches not yet in _pending (see there)
+        self._later: list[tuple] = []
 
     def _get(self, problem_id: str) -> _ProblemStats:
         st = self._stats.get(problem_id)
@@ -180,6 +182,7 @@ class AcceptanceTracker:
     def forget(self, problem_ids) -> None:
         """Drop the statistics of problems that left the history (bounded memory); the
         pooled statistics keep what they taught."""
+        self._flush_later()
         gone = set(problem_ids) - {GLOBAL}
         for pid in gone:
             self._stats.pop(pid, None)
@@ -196,6 +199,7 @@ class AcceptanceTracker:
 
     def expect(self, problem_id: str, budget: int, expected: float) -> None:
         """Record the drafter's expected accepted tokens for a planned row (for calibration)."""
+        self._flush_later()
         q = self._pending[(problem_id, int(budget))]
         q.append(float(expected))
         if len(q) > self.config.acceptance_memory:  # rows the engine never reported
@@ -204,6 +208,26 @@ class AcceptanceTracker:
     def expect_many(self, problem_ids: Sequence[str], budgets: Sequence[int],
                     expected: Sequence[float]) -> None:
         """:meth:`expect` for many planned rows, in row order (ints and floats)."""
+        self._flush_later()
+        self._expect_rows(problem_ids, budgets, expected)
+
+    def expect_many_later(self, problem_ids: Sequence[str], rows: np.ndarray, budgets: np.ndarray,
+                          expected: np.ndarray) -> None:
+        """:meth:`expect_many` of ``problem_ids[i] for i in rows`` (int and float arrays),
+        recorded when the next call that reads or changes the expectations comes (an
+        observation, ``forget``, another ``expect``): the same statistics, bit for bit, but
+        the per-row Python runs with the batch's feedback, not in the plan. At most one
+        batch waits (a second plan without an observation in between records the first)."""
+        self._flush_later()
+        self._later.append((problem_ids, rows, budgets, expected))
+
+    def _flush_later(self) -> None:
+        if self._later:
+            later, self._later = self._later, []
+            for pids, rows, budgets, expected in later:
+                self._expect_rows([pids[i] for i in rows.tolist()], budgets.tolist(), expected.tolist())
+
+    def _expect_rows(self, problem_ids, budgets, expected) -> None:
         pending, memory = self._pending, self.config.acceptance_memory
         for key, e in zip(zip(problem_ids, budgets), expected):
             q = pending[key]
@@ -219,6 +243,7 @@ class AcceptanceTracker:
             )
         if proposed == 0:
             return  # nothing was drafted: says nothing about acceptance
+        self._flush_later()
         self._record(problem_id, int(proposed), int(accepted), self._by_budget[self._bin_of(proposed)])
 
     def _record(self, problem_id: str, proposed: int, accepted: int, budget_cell) -> None:
@@ -258,6 +283,7 @@ class AcceptanceTracker:
         sel = np.flatnonzero(p > 0)
         if not sel.size:
             return
+        self._flush_later()
         bins = np.minimum(_bin(p[sel]), len(self._by_budget) - 1).tolist()
         by_budget = self._by_budget.tolist()  # Python floats: the same IEEE additions
         if GLOBAL in problem_ids:  # (a problem named like the pooled key: row by row)

@@ -403,8 +403,8 @@ class _ModelBased(_Observing):
         if drafted.size:
             b = budgets[drafted].astype(np.int64)
             expected = base[drafted, np.minimum(b, base.shape[1] - 1)]
-            pids = R.problem_ids(rows)
-            self.acceptance.expect_many([pids[i] for i in drafted.tolist()], b.tolist(), expected.tolist())
+            # (recorded with the next observation: the per-row Python leaves the plan)
+            self.acceptance.expect_many_later(R.problem_ids(rows), drafted, b, expected)
 
 
 def _padded_width(width: int, buckets) -> int:
