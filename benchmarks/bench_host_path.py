@@ -311,6 +311,9 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: invalid --batches={args.batches!r}", file=sys.stderr)
         return 1
+    if args.interleave < 1:
+        print(f"error: invalid --interleave={args.interleave}: must be >= 1", file=sys.stderr)
+        return 1
     torch.set_num_threads(1)
     base = load_problems(30, args.max_tokens, args.cache_dir)
     problems = make_problems(base, args.problems, args.samples, args.perturb, args.seed)

@@ -389,12 +389,18 @@ class AcceptanceTracker:
         return st.fit
 
 
-def remember_plan(calibration, rows, budgets: np.ndarray, base: np.ndarray) -> None:
+def plan_rows(rows) -> dict:
+    """Request -> its row in a plan (the same request twice: the later row, as a dict keyed
+    by request has it). Read only: one plan's map serves every part that remembers it."""
+    return dict(zip(R.req_ids(rows), range(len(rows))))
+
+
+def remember_plan(calibration, rows, budgets: np.ndarray, base: np.ndarray, pos: dict | None = None) -> None:
     """Keep each row's budget, progress and uncalibrated per-node expectation (``base``:
-    cumulative, best first) until :func:`read_pending` sees its outcome."""
+    cumulative, best first) until :func:`read_pending` sees its outcome. ``pos``: the
+    rows' :func:`plan_rows`, if at hand."""
     nodes = np.diff(base, axis=1)  # expected acceptance of each node, best first
-    # Same request twice: the later row wins, as a dict keyed by request would have it.
-    calibration._pending = dict(zip(R.req_ids(rows), range(len(rows))))
+    calibration._pending = plan_rows(rows) if pos is None else pos
     calibration._pending_generated = R.generated(rows)
     calibration._pending_budget = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1),
                                              nodes.shape[1])
@@ -477,9 +483,9 @@ class OutcomeCalibration:
         level = min(_bin(accepted + 1), 5)
         return 1 + level + (6 if accepted == budget else 0)
 
-    def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
+    def planned(self, rows, budgets: np.ndarray, base: np.ndarray, pos: dict | None = None) -> None:
         """Remember each row's budget and uncalibrated expectation until its outcome shows."""
-        remember_plan(self, rows, budgets, base)
+        remember_plan(self, rows, budgets, base, pos)
 
     def update(self, rows) -> None:
         """Read the previous plan's outcomes off the rows' progress (one vectorised update

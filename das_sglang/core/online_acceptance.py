@@ -105,9 +105,10 @@ class OnlineCalibration:
         self._bins_cache: tuple | None = None
 
     # ---- updates -------------------------------------------------------------------------
-    def planned(self, rows, budgets: np.ndarray, base: np.ndarray) -> None:
-        """Remember each row's budget, match bin and uncalibrated per-node expectation."""
-        remember_plan(self, rows, budgets, base)
+    def planned(self, rows, budgets: np.ndarray, base: np.ndarray, pos: dict | None = None) -> None:
+        """Remember each row's budget, match bin and uncalibrated per-node expectation
+        (``pos``: the rows' ``plan_rows``, if at hand)."""
+        remember_plan(self, rows, budgets, base, pos)
         self._pending_match = match_bin(R.match_lens(rows))
         self._pending_bins = self.node_bins(rows, self._pending_nodes.shape[1])
 

@@ -33,6 +33,7 @@ from das_sglang.core.acceptance import (
     AcceptanceTracker,
     OutcomeCalibration,
     paper_params,
+    plan_rows,
     saturating_accept,
 )
 from das_sglang.core.allocation import (
@@ -392,12 +393,12 @@ class _ModelBased(_Observing):
         """Register each planned row's uncalibrated expectation (the latest ``inputs``) and
         its budget (``draft_sizes``)."""
         base = self._base
+        pos = None  # the rows' plan_rows: built once for both users
         if self.config.draft_headroom > 0 and hasattr(self, "draft_sizes"):
-            # (a request twice: its later row, as a dict has it)
-            self._latest = (dict(zip(R.req_ids(rows), range(len(rows)))),
-                            np.asarray(budgets, dtype=np.int64).reshape(-1).copy())
+            pos = plan_rows(rows)
+            self._latest = (pos, np.asarray(budgets, dtype=np.int64).reshape(-1).copy())
         if self.config.curve_mode in ("outcome", "online"):
-            self.outcomes.planned(rows, budgets, base)
+            self.outcomes.planned(rows, budgets, base, pos)
         budgets = np.asarray(budgets)
         drafted = np.flatnonzero(budgets > 0)
         if drafted.size:
@@ -434,8 +435,8 @@ class LengthAware(_ModelBased):
         n = len(req_ids)
         at = np.fromiter(map(pos.get, req_ids, repeat(-1, n)), np.int64, n)
         floor = min(max(1, cfg.probe_budget), cap)
-        sizes = np.ceil(cfg.draft_headroom * budgets[np.maximum(at, 0)]).astype(np.int64) if len(budgets) \
-            else np.zeros(n, np.int64)
+        # (a plan has rows: budgets is never empty; rows not in it read row 0, then get cap)
+        sizes = np.ceil(cfg.draft_headroom * budgets[np.maximum(at, 0)]).astype(np.int64)
         return np.where(at >= 0, np.clip(sizes, floor, cap), cap)
 
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:

@@ -416,10 +416,11 @@ class DasSession:
             # The policy's Python that does not read the drafts runs now, while the update
             # thread's native job may still be drafting them (the same plan either way).
             prepare(BudgetRows(*columns, DraftBatch.empty(n)))
+        sizes = self._draft_sizes(req_ids, max_nodes)  # (also before the wait)
         self.sync()
         self._check_cap()
         self._plan_nodes = max_nodes
-        drafts = self.drafter.speculate_flat(req_ids, self._draft_sizes(req_ids, max_nodes))
+        drafts = self.drafter.speculate_flat(req_ids, sizes)
         probs = drafts.probs
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
@@ -548,7 +549,7 @@ class DasSession:
         if self.shards is not None:
             self.shards.on_finished(live.problem_id, live.step, tokens)
         self.policy.observe_finished(live.problem_id, len(output))
-        if self._trim_due and not self.live:
+        if self._trim_due:
             self._trim_when_idle()
         if self.snapshot is not None:
             self.snapshot.note_finished()
@@ -575,7 +576,7 @@ class DasSession:
             self.drafter.finish_request(req_id, keep=False)
             if self.shards is not None:
                 self.shards.on_drop(live.problem_id)
-            if self._trim_due and not self.live:
+            if self._trim_due:
                 self._trim_when_idle()
 
     # ------------------------------------------------------------ history
