@@ -21,7 +21,10 @@ snapshotted to a temp dir every ``--snapshot-every`` finishes.
 Between two steps the engine's own work is modelled, so background work has what it has
 in the real worker: the forward (``--forward-ms``, GIL released: the scheduler thread
 waits on the GPU) and SGLang's per-request result processing (``--engine-us``, a
-GIL-holding Python loop per request). Neither is counted in the step time. The feedback
+GIL-holding Python loop per request: a fixed amount of work, calibrated at start on a
+quiet core). Neither is counted in the step time, except what the engine's Python took
+beyond its nominal time (``engine_delay``): DAS's background threads competing for its
+core slow it down, and that is DAS's cost. The feedback
 starts the native extend + pre-draft of the next plan's trees on a thread of its own
 (``SuffixDrafter.start_extend``); it overlaps that engine work and the next step's Python
 up to the plan's wait (below), and the plan drafts again every row whose index changed
@@ -42,8 +45,8 @@ is left of it (in ``plan``; ``carried`` is then the wait after a switch). ``--in
 
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
 "config": ...}``; per batch also ``phases_p50_ms`` (the step split into carried update-thread
-wait, finishes/starts, boundary, plan, layout, mask, feedback; the phases add up to the
-step) and ``worst_steps`` (the five slowest steps with the same split). Roots and sequence
+wait, finishes/starts, boundary, plan, layout, mask, feedback, engine_delay; the phases
+add up to the step) and ``worst_steps`` (the five slowest steps with the same split). Roots and sequence
 lengths are read from Python lists, as the worker reads them from SGLang's requests.
 """
 
@@ -120,13 +123,39 @@ class Legacy:
             session.policy.observe_verify(lv.problem_id, p, len(t) - 1)
 
 
-def engine_gap(rows: int, forward_ms: float, engine_us: float) -> None:
-    """The engine's own work between two DAS calls (not timed)."""
-    time.sleep(forward_ms * 1e-3)  # the GPU forward: the scheduler thread waits, GIL free
-    end = time.perf_counter() + rows * engine_us * 1e-6
+_SPINS_PER_US = 0.0  # the engine model's loop iterations per microsecond (calibrate_engine)
+
+
+def _spin(n: int) -> int:
     x = 0
-    while time.perf_counter() < end:  # SGLang's per-request Python: holds the GIL
+    for _ in range(n):
         x += 1
+    return x
+
+
+def calibrate_engine() -> None:
+    """Iterations per microsecond of the engine model's loop on a quiet core: the fastest
+    of a few 20 ms runs (the least disturbed), so the model is a fixed amount of work."""
+    global _SPINS_PER_US
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        _spin(200_000)
+        best = max(best, 200_000 / ((time.perf_counter() - t) * 1e6))
+    _SPINS_PER_US = best
+
+
+def engine_gap(rows: int, forward_ms: float, engine_us: float) -> float:
+    """The engine's own work between two DAS calls. Returns how much longer than nominal
+    its per-request Python took (seconds, >= 0): a fixed amount of work, so DAS's
+    background threads taking its core slow it down, and that delay is charged to DAS."""
+    time.sleep(forward_ms * 1e-3)  # the GPU forward: the scheduler thread waits, GIL free
+    nominal = rows * engine_us * 1e-6
+    if nominal <= 0:
+        return 0.0
+    t = time.perf_counter()
+    _spin(int(nominal * 1e6 * _SPINS_PER_US))  # SGLang's per-request Python: holds the GIL
+    return max(0.0, time.perf_counter() - t - nominal)
 
 
 def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
@@ -234,11 +263,12 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         for s, c in zip(slots, commits):
             s[3] += len(c)
         del tensors, mask
-        engine_gap(batch, 0.0, args.engine_us)
+        delay = engine_gap(batch, 0.0, args.engine_us)
         if step >= args.warmup:
-            times.append(((t_mid - t_begin) + (t_end - t_fb)) * 1e3)
+            times.append(((t_mid - t_begin) + (t_end - t_fb) + delay) * 1e3)
             kinds.append(kind)
             ph["feedback"] = t_end - t_fb
+            ph["engine_delay"] = delay
             ph["carried"] = carried_in
             phases.append({k: v * 1e3 for k, v in ph.items()})
         carried = 0.0
@@ -315,6 +345,7 @@ def main(argv=None) -> int:
         print(f"error: invalid --interleave={args.interleave}: must be >= 1", file=sys.stderr)
         return 1
     torch.set_num_threads(1)
+    calibrate_engine()
     base = load_problems(30, args.max_tokens, args.cache_dir)
     problems = make_problems(base, args.problems, args.samples, args.perturb, args.seed)
     results = {"config": vars(args), "batches": {}}

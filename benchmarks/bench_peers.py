@@ -45,6 +45,9 @@ gets one trie per problem sized to hold everything. Its output is a fixed-size B
 is stripped (a real token-0 root child at the very end would be stripped with it: rare and
 against NGRAM only by that one node).
 
+``--bound`` adds ``corpus_bound`` (``CorpusBound``): not a drafter, the ceiling of any drafter
+that proposes stored text after a match, from the same text (``das_vs_corpus_bound`` per slice).
+
 Timing: ``p50_us``/``p99_us`` are per request-step: one ``speculate_batch`` (DAS) or
 ``batch_get`` (NGRAM) call over the group's live members, divided by their number. They are
 host times on this machine, under whatever else runs on it.
@@ -196,6 +199,73 @@ class NgramPeer(Peer):
             self.corpus = None
 
 
+class CorpusBound(Peer):
+    """Not a drafter: a ceiling for the drafters here (``--bound``). It sees the same text
+    as the peers (history, prompts and accepted tokens, kept for the whole dataset as the
+    server protocol's peers keep theirs) and is shown the recorded continuation; it
+    proposes the longest prefix of that continuation (at most ``budget`` tokens) that
+    occurs somewhere in that text right after the request's last token. Every path of a
+    suffix-index or n-gram draft tree is the continuation of a match of at least one token,
+    i.e. text that occurs after that token in what the drafter stored, so no such drafter
+    gets more accepted at that position. (Its own trajectory runs ahead of the others', so
+    its siblings' text lines up with a target a little differently: a ceiling in this
+    sense, not to the token.) Stored as the hashes of every n-gram (n <= budget + 1) of
+    the text given so far."""
+
+    name = "corpus_bound"
+    needs_truth = True
+
+    def __init__(self, budget: int, server: bool = True):
+        self.max_n = budget + 1
+        self.server = server
+        self.grams: set[int] = set()
+        self.seqs: dict[str, list[int]] = {}
+        self.truth: dict[str, np.ndarray] = {}
+
+    def fresh(self) -> "CorpusBound":
+        return CorpusBound(self.max_n - 1, self.server)
+
+    def _add(self, seq: list[int], start: int) -> None:
+        grams, m = self.grams, self.max_n
+        for i in range(start, len(seq)):
+            for n in range(1, min(m, i + 1) + 1):
+                grams.add(hash(tuple(seq[i - n + 1: i + 1])))
+
+    def begin(self, problem_id, step, history, members):
+        if not self.server:
+            self.grams = set()
+        for _, seq in history:
+            self._add(seq.tolist(), 0)
+        self.seqs = {}
+        for rid, prompt in members:
+            self.seqs[rid] = prompt.tolist()
+            self._add(self.seqs[rid], 0)
+
+    def reveal(self, truth: dict[str, np.ndarray]) -> None:
+        self.truth = truth
+
+    def propose(self, rids, budget):
+        out = []
+        for rid in rids:
+            t = self.truth[rid][:budget].tolist()
+            c = self.seqs[rid][-1:]  # the token before: every peer drafts after a match >= 1
+            k = 0
+            while k < len(t) and hash(tuple(c + t[: k + 1])) in self.grams:
+                k += 1  # (a prefix of an occurring string occurs: monotone)
+            out.append(DraftTree(np.asarray(t[:k], np.int32), np.arange(-1, k - 1, dtype=np.int32),
+                                 np.ones(k)))
+        return out
+
+    def extend(self, rid, context, new):
+        seq = self.seqs[rid]
+        start = len(seq)
+        seq.extend(new.tolist())
+        self._add(seq, start)
+
+    def end(self):
+        self.seqs = {}
+
+
 def ngram_trees(ids: np.ndarray, mask: np.ndarray, bs: int, n: int) -> list[DraftTree]:
     """NGRAM's (root + n-1 nodes, BFS order, ancestor mask) rows as DraftTrees (root dropped)."""
     ids = ids.reshape(bs, n)
@@ -300,6 +370,8 @@ def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence
     ctx = {r.req_id: r.prompt_ids for r in members}
     live = [r.req_id for r in members]
     while live:
+        if getattr(peer, "needs_truth", False):
+            peer.reveal({rid: by_id[rid].response_ids[pos[rid]:pos[rid] + budget] for rid in live})
         t0 = time.perf_counter()
         trees = peer.propose(live, budget)
         dt = time.perf_counter() - t0
@@ -395,13 +467,17 @@ def slice_report(runs: dict[str, PeerRun], keep) -> dict:
         out["das_vs_sglang_ngram"] = round(d["tokens_per_step"] / max(g["tokens_per_step"], 1e-9), 4)
         pairs = zip(d["per_target"]["tokens_per_step"], g["per_target"]["tokens_per_step"])
         out["das_wins_targets"] = sum(a > b for a, b in pairs)
+    if "das" in out and "corpus_bound" in out:
+        out["das_vs_corpus_bound"] = round(out["das"]["tokens_per_step"]
+                                           / max(out["corpus_bound"]["tokens_per_step"], 1e-9), 4)
     return out
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log, server: bool = True) -> tuple[list[Peer], dict]:
+def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log, server: bool = True,
+               bound: bool = False) -> tuple[list[Peer], dict]:
     peers: list[Peer] = [DasPeer(cfg, server)]
     status = {"das": {"available": True, "config": {f: getattr(cfg, f) for f in cfg.field_names()}}}
     if "sglang_ngram" not in skip:
@@ -426,6 +502,11 @@ def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log, server: boo
             log(f"skipping arctic (optional: scripts/install_bench_peers.sh builds arctic-inference "
                 f"0.3.0 from source, --no-deps, needs cmake + a C++ toolchain): {type(e).__name__}: {e}")
             status["arctic"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+    if bound:
+        peers.append(CorpusBound(budget, server))
+        status["corpus_bound"] = {"available": True, "what": "upper bound, not a drafter: the longest "
+                                  "prefix of the recorded continuation that occurs in the text every "
+                                  "peer was given (CorpusBound)"}
     return peers, status
 
 
@@ -439,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", default="7-10", help="SkyThought target steps (without --full)")
     ap.add_argument("--datasets", default="skythought,verl_gsm8k")
     ap.add_argument("--skip", default="", help="comma list of peers to skip (sglang_ngram, arctic)")
+    ap.add_argument("--bound", action="store_true",
+                    help="also the corpus bound (CorpusBound: an upper bound, not a drafter; ~1 min more)")
     ap.add_argument("--das", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a DrafterConfig field of the DAS peer (repeatable), e.g. mixture=false")
     ap.add_argument("--isolated", action="store_true",
@@ -470,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     peers, status = make_peers(args.budget, cfg, set(filter(None, args.skip.split(","))), log,
-                               server=not args.isolated)
+                               server=not args.isolated, bound=args.bound)
     tok = TextTokenizer(cache_dir=args.cache_dir)
     out: dict = {"budget": args.budget, "window_steps": cfg.window_steps, "full": args.full,
                  "protocol": "isolated" if args.isolated else "server",
@@ -513,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(sl, dict):
                 continue
             row = "  ".join(f"{p}={sl[p]['tokens_per_step']:.3f} (p50 {sl[p]['p50_us']:.1f}us p99 {sl[p]['p99_us']:.1f}us)"
-                            for p in ("das", "sglang_ngram", "arctic") if p in sl)
+                            for p in ("das", "sglang_ngram", "arctic", "corpus_bound") if p in sl)
             print(f"{dname}/{sname} [{sl['das']['targets']} targets]: {row}")
     plot(out, Path(args.png) if args.png else path.with_suffix(".png"))
     return 0
@@ -539,7 +622,7 @@ def plot(out: dict, png: Path) -> None:
         for sname, sl in slices.items():
             if isinstance(sl, dict) and sname != "all" or dname == "verl_gsm8k":
                 labels.append(f"{dname}\n{sname}")
-                for p in ("das", "sglang_ngram", "arctic"):
+                for p in ("das", "sglang_ngram", "arctic", "corpus_bound"):
                     vals.setdefault(p, []).append(sl[p]["tokens_per_step"] if p in sl else 0.0)
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(labels))

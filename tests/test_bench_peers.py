@@ -50,3 +50,27 @@ def test_bad_das_override_is_a_clear_error(capsys):
     assert "invalid --das 'nope=1'" in capsys.readouterr().err
     assert bp.main(["--json", "/dev/null", "--das", "mix_escape=-1"]) == 1
     assert "mix_escape" in capsys.readouterr().err
+
+
+def test_corpus_bound_accepts_the_longest_stored_continuation_and_bounds_das():
+    # After token 2 the history holds 3 4 5 then 9: the bound accepts 3 4 5 (the 4th
+    # token, 6, never followed 5 there), then the bonus token: 4 tokens in its first step.
+    history = [(0, np.asarray([1, 2, 3, 4, 5, 9], np.int32))]
+    bound = bp.CorpusBound(16)
+    run = bp.PeerRun()
+    bp.run_group(bound, "p", 1, history, [rollout("a", 1, [1, 2], [3, 4, 5, 6, 7])], 16, run)
+    (t,) = run.targets
+    assert t.tokens == 5 and t.steps == 2  # 3 4 5 +6 (bonus), then 7 (nothing stored after 6)
+    # On text with loops and noise, no drafter here gets more per step than the bound
+    rng = np.random.default_rng(0)
+    loop = rng.integers(10, 60, 7).tolist()
+    texts = [(loop * 6)[: 30 + 3 * k] + rng.integers(10, 60, 5).tolist() for k in range(4)]
+    members = [rollout(f"r{k}", 1, [1, 2], t) for k, t in enumerate(texts)]
+    hist = [(0, np.asarray([1, 2] + loop * 3, np.int32))]
+    runs = {}
+    for peer in (bp.DasPeer(DrafterConfig(max_budget=16, window_steps=1)), bp.CorpusBound(16)):
+        runs[peer.name] = bp.PeerRun()
+        bp.run_group(peer, "p", 1, hist, members, 16, runs[peer.name])
+    das = sum(t.tokens for t in runs["das"].targets) / sum(t.steps for t in runs["das"].targets)
+    top = sum(t.tokens for t in runs["corpus_bound"].targets) / sum(t.steps for t in runs["corpus_bound"].targets)
+    assert 1.0 < das <= top
