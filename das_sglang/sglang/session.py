@@ -220,6 +220,10 @@ class DasSession:
             # while the forward runs (plan submits one chunk after its reads).
             self.drafter.lazy_eviction = True
         self._evicting = False
+        # The worker calls before_forward() once the verify inputs are built: from then on
+        # plan leaves the step's eviction chunk due there (_evict_due), not submitted itself.
+        self._forward_hook = False
+        self._evict_due = False
         self._trim_due = False  # a heap trim waits for no request to be live (_trim_when_idle)
         # Pre-drafting (SuffixDrafter.predraft): the latest plan's node cap, and a counter
         # bumped at every step advance, which drops a pre-draft not started by then (its
@@ -436,10 +440,15 @@ class DasSession:
         drafts = drafts.truncate(keep)
         if self._evicting and self._updates is not None:
             # The index is not read again until the next plan or update: remove a chunk of
-            # out-of-window history meanwhile (native removals, during layout + forward).
-            # Submitted after the policy's Python: the update thread takes the GIL for the
-            # chunk's bookkeeping, which would slow the plan down.
-            self._updates.submit(self._evict_chunk)
+            # out-of-window history meanwhile (native removals, during the forward).
+            # Submitted after the policy's Python (the chunk's bookkeeping takes the GIL);
+            # with the worker's before_forward hook, only once the verify inputs are built:
+            # the removals free pages (munmap), which stalls the layout's and mask's page
+            # faults and allocations on this thread (~3 ms a step, measured).
+            if self._forward_hook:
+                self._evict_due = True
+            else:
+                self._updates.submit(self._evict_chunk)
         width = drafts.width
         buckets = self.options.policy.buckets(max_nodes)
         if buckets is not None and width not in buckets:
@@ -447,6 +456,17 @@ class DasSession:
             # (rows keep their trees; the padding is never linked, so never accepted).
             width = next(b for b in buckets if b >= width)
         return drafts, width
+
+    def before_forward(self) -> None:
+        """The worker is about to run the verify forward (its inputs are built): background
+        work that would compete with building them starts now, in the forward's shadow --
+        the step's chunk of out-of-window history removal. Callers that never call it get
+        the chunk submitted by :meth:`plan` itself."""
+        self._forward_hook = True
+        if self._evict_due:
+            self._evict_due = False
+            if self._evicting and self._updates is not None:
+                self._updates.submit(self._evict_chunk)
 
     def _draft_sizes(self, req_ids: Sequence[str], max_nodes: int):
         """Nodes to draft per row: the policy's ``draft_sizes`` (small trees for rows with

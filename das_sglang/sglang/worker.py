@@ -132,6 +132,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
                 and not needs_uniform_rows(batch.sampling_info)):
             return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors)
         layout = self._prepare_verify(batch, trees)
+        self.session.before_forward()
         result = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
         )
@@ -278,6 +279,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.stats["verify_steps"] += 1
         self.stats["ragged_steps"] += 1
         self.stats["verify_tokens"] += rl.total
+        self.session.before_forward()
         result = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
         )

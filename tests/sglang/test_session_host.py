@@ -183,3 +183,38 @@ def test_pre_drafted_trees_have_the_policy_sizes_and_are_reused():
     assert any((b < 8).any() for b in sized)  # smaller trees than the cap
     assert sum(reused) > 30  # the job's trees (drafted at those sizes) were the plan's
     s.close()
+
+
+def test_eviction_chunks_wait_for_the_forward_hook_and_still_finish():
+    # With the worker's before_forward hook, plan leaves the step's eviction chunk due and
+    # the hook submits it (after the verify inputs are built); the drafts are the same as
+    # without the hook, and the out-of-window history still leaves the index.
+    hooked, plain = DasSession(_opts()), DasSession(_opts())
+    for s in (hooked, plain):
+        s.EVICT_CHUNK_S = 0.0  # the smallest chunks: many plans see evictions pending
+        s.policy.lengths.background = False
+    submitted = []
+    submit = hooked._updates.submit
+    hooked._updates.submit = lambda fn, *a: (submitted.append(getattr(fn, "__name__", "")), submit(fn, *a))
+    orig_plan = hooked.plan
+    chunks_in_plan = []
+
+    def plan(rids, n):
+        before = submitted.count("_evict_chunk")
+        out = orig_plan(rids, n)
+        chunks_in_plan.append(submitted.count("_evict_chunk") - before)
+        hooked.before_forward()
+        return out
+
+    hooked.plan = plan
+    assert _drive(hooked, steps=80) == _drive(plain, steps=80)
+    assert submitted.count("_evict_chunk") > 0  # the hook submitted them ...
+    assert sum(chunks_in_plan[1:]) == 0  # ... and no plan after the first hook call did
+    for s in (hooked, plain):
+        s.sync()
+        while s._evicting:  # what the next forwards' chunks would do
+            s._evict_chunk()
+    assert hooked.drafter.history().keys() == plain.drafter.history().keys()
+    assert not hooked.drafter._evicting
+    hooked.close()
+    plain.close()
