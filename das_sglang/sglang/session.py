@@ -217,7 +217,7 @@ class DasSession:
             lengths.background = True  # rebuilt off the scheduler thread, double-buffered
         if options.server.async_updates:
             # Out-of-window history leaves the index in chunks on the background thread,
-            # while the forward runs (plan submits one chunk after its reads).
+            # while the forward runs (one chunk per plan, started at before_forward).
             self.drafter.lazy_eviction = True
         self._evicting = False
         # The worker calls before_forward() once the verify inputs are built: from then on
@@ -443,8 +443,9 @@ class DasSession:
             # out-of-window history meanwhile (native removals, during the forward).
             # Submitted after the policy's Python (the chunk's bookkeeping takes the GIL);
             # with the worker's before_forward hook, only once the verify inputs are built:
-            # the removals free pages (munmap), which stalls the layout's and mask's page
-            # faults and allocations on this thread (~3 ms a step, measured).
+            # run beside them, the chunk (removals that free and unmap memory, plus its
+            # bookkeeping under the GIL) slowed the layout and mask on this thread by up
+            # to ~3 ms a step (measured; bench_host_path).
             if self._forward_hook:
                 self._evict_due = True
             else:
