@@ -93,11 +93,14 @@ class Peer:
 
     name = ""
     server = False  # one state across all groups (a serving engine) vs fresh per group
+    needs_truth = False  # shown the recorded continuations (``reveal``) before each propose
 
     def fresh(self) -> "Peer": ...
 
     def begin(self, problem_id: str, step: int, history: list[tuple[int, np.ndarray]],
               members: list[tuple[str, np.ndarray]]) -> None: ...
+
+    def reveal(self, truth: dict[str, np.ndarray]) -> None: ...
 
     def propose(self, rids: list[str], budget: int) -> list[DraftTree]: ...
 
@@ -216,14 +219,15 @@ class CorpusBound(Peer):
     needs_truth = True
 
     def __init__(self, budget: int, server: bool = True):
-        self.max_n = budget + 1
+        self.budget = budget
+        self.max_n = budget + 1  # the token before + the continuation
         self.server = server
         self.grams: set[int] = set()
         self.seqs: dict[str, list[int]] = {}
         self.truth: dict[str, np.ndarray] = {}
 
     def fresh(self) -> "CorpusBound":
-        return CorpusBound(self.max_n - 1, self.server)
+        return CorpusBound(self.budget, self.server)
 
     def _add(self, seq: list[int], start: int) -> None:
         grams, m = self.grams, self.max_n
@@ -370,7 +374,7 @@ def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence
     ctx = {r.req_id: r.prompt_ids for r in members}
     live = [r.req_id for r in members]
     while live:
-        if getattr(peer, "needs_truth", False):
+        if peer.needs_truth:
             peer.reveal({rid: by_id[rid].response_ids[pos[rid]:pos[rid] + budget] for rid in live})
         t0 = time.perf_counter()
         trees = peer.propose(live, budget)

@@ -22,8 +22,7 @@ def _legacy_plan(session, req_ids, max_nodes):
     session.sync()
     session._check_cap()
     sizes = session._draft_sizes(req_ids, max_nodes)  # the policy's draft sizes, as plan's
-    sizes = [sizes] * len(req_ids) if isinstance(sizes, int) else [int(b) for b in sizes]
-    trees = session.drafter.speculate_batch(list(req_ids), sizes)
+    trees = session.drafter.speculate_batch(list(req_ids), sizes)  # (an int or one per row)
     if session._evicting and session._updates is not None:
         session._updates.submit(session._evict_chunk)
     live = session.live
