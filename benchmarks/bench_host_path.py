@@ -178,12 +178,19 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     # History: the samples of every problem, spread over the window's past steps.
     t0 = time.perf_counter()
     session.drafter.advance_step(args.window)
+    finished_at: dict[int, list[tuple[str, int]]] = {}
     for n, pid in enumerate(pids):
         prompt, hist, _ = problems[pid]
         for k, resp in enumerate(hist):
             step = 1 + (k + n) % args.window
             session.drafter.add_history(pid, step, np.concatenate([prompt, resp]))
-            session.policy.lengths.observe_finished(pid, len(resp))
+            finished_at.setdefault(step, []).append((pid, len(resp)))
+    # The predictor's lengths at the steps they finished in, as a running server records
+    # them: its window then drops them step by step at the boundaries, not all at once.
+    for step in sorted(finished_at):
+        session.policy.lengths.advance_step(step)
+        for pid, n_tok in finished_at[step]:
+            session.policy.lengths.observe_finished(pid, n_tok)
     session.step = session.clock.current = args.window
     session.policy.advance_step(args.window)
     build_s = time.perf_counter() - t0
@@ -292,7 +299,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             yield
     session.close()
     worst = sorted(range(len(times)), key=lambda i: -times[i])[:5]
-    out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats,
+    out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats, phase_rows=phases,
                phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]},
                worst=[{"step": i, "kind": kinds[i], "ms": times[i], **phases[i]} for i in worst])
 

@@ -259,6 +259,20 @@ class SuffixDrafter:
         for q in seq_ids:
             self.shared_tokens -= self._shared_len.pop(q)
 
+    def take_unshare(self) -> np.ndarray | None:
+        """The shared-index copies :meth:`_unshare` left for the next extend, handed to the
+        caller to remove now (:meth:`remove_shared`) instead: the session removes them
+        during the verify forward, off the next step's critical path. None if none wait.
+        Drafts made before :meth:`remove_shared` still see them."""
+        if self._global is None or not self._unshare_pending:
+            return None
+        ids, self._unshare_pending = self._unshare_pending, []
+        return np.asarray(ids, dtype=np.int64)
+
+    def remove_shared(self, seq_ids: np.ndarray) -> None:
+        """Remove :meth:`take_unshare`'s copies from the shared index (one GIL-free call)."""
+        self._global.remove_sequences(seq_ids)
+
     def _apply_unshare(self) -> None:
         """Remove the copies ``_unshare(later=True)`` left for the next extend."""
         if self._unshare_pending:

@@ -461,13 +461,21 @@ class DasSession:
     def before_forward(self) -> None:
         """The worker is about to run the verify forward (its inputs are built): background
         work that would compete with building them starts now, in the forward's shadow --
-        the step's chunk of out-of-window history removal. Callers that never call it get
-        the chunk submitted by :meth:`plan` itself."""
+        the step's chunk of out-of-window history removal, and the removal of the finished
+        rollouts that left the shared index's token cap (``shared_max_tokens``: at RL scale
+        a few per step, ~1 ms each). Callers that never call it get the chunk submitted by
+        :meth:`plan` itself and the removal done by the next feedback's extend. Nothing
+        drafts between here and the feedback, so every draft sees what it saw before."""
         self._forward_hook = True
         if self._evict_due:
             self._evict_due = False
             if self._evicting and self._updates is not None:
                 self._updates.submit(self._evict_chunk)
+        if self._updates is not None:
+            take = getattr(self.drafter, "take_unshare", None)
+            ids = take() if take is not None else None
+            if ids is not None:
+                self._updates.submit(self.drafter.remove_shared, ids)
 
     def _draft_sizes(self, req_ids: Sequence[str], max_nodes: int):
         """Nodes to draft per row: the policy's ``draft_sizes`` (small trees for rows with

@@ -218,3 +218,53 @@ def test_eviction_chunks_wait_for_the_forward_hook_and_still_finish():
     assert not hooked.drafter._evicting
     hooked.close()
     plain.close()
+
+
+def test_shared_copies_past_the_cap_leave_during_the_forward_with_the_hook():
+    # Finished rollouts past shared_max_tokens leave the shared index: with the worker's
+    # before_forward hook the removal is submitted there (it runs during the forward), so
+    # the next feedback's extend job removes nothing; the drafts are the same as without
+    # the hook (nothing drafts in between), and the shared index ends the same.
+    def opts():
+        cfg = {"drafter": {"window_steps": 2, "shared_max_tokens": 150},
+               "server": {"policy": "length-aware"}}
+        return load_options(9, json.dumps(cfg))
+
+    hooked, plain = DasSession(opts()), DasSession(opts())
+    for s in (hooked, plain):
+        s.ASYNC_MIN_ROWS = 1  # the background path, where the extend job runs
+        s.policy.lengths.background = False
+    removed_in_hook = []
+    take = hooked.drafter.take_unshare
+
+    def take_spy():
+        ids = take()
+        removed_in_hook.append(0 if ids is None else len(ids))
+        return ids
+
+    hooked.drafter.take_unshare = take_spy
+    orig_plan = hooked.plan
+    pending_at_feedback = []
+    orig_fb = hooked.committed_batch
+
+    def plan(rids, n):
+        out = orig_plan(rids, n)
+        hooked.before_forward()
+        return out
+
+    def feedback(*a):
+        pending_at_feedback.append(len(hooked.drafter._unshare_pending))
+        return orig_fb(*a)
+
+    hooked.plan, hooked.committed_batch = plan, feedback
+    assert _drive(hooked, steps=80) == _drive(plain, steps=80)
+    assert sum(removed_in_hook) > 0  # the hook took the copies past the cap ...
+    assert not any(pending_at_feedback)  # ... so no extend job had any left to remove
+    for s in (hooked, plain):
+        s.sync()
+        s.drafter._apply_unshare()  # (plain: what its next extend would remove)
+        assert s.drafter.shared_tokens <= 150
+    assert hooked.drafter._global.num_tokens == plain.drafter._global.num_tokens
+    assert hooked.drafter._global.num_sequences == plain.drafter._global.num_sequences
+    hooked.close()
+    plain.close()
