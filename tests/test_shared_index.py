@@ -139,7 +139,8 @@ def test_shared_max_depth_bounds_the_shared_index_matches():
     text = list(range(100, 140))  # another problem's long answer
     for depth, match in ((4, 3), (24, 11)):
         d = SuffixDrafter(DrafterConfig(shared_max_depth=depth, min_token_prob=0.0, max_budget=16))
-        d.start_request("a", "p0", text)
+        d.start_request("a", "p0", [1, 2])
+        d.extend_request("a", text)
         d.finish_request("a")
         d.start_request("new", "cold", [7] + list(range(100, 111)))
         tree = d.speculate("new", 8)
@@ -190,3 +191,39 @@ def test_unshare_of_an_unknown_copy_is_refused_naming_it():
     with pytest.raises(ValueError, match="cannot unshare seq_id=1"):  # a row of the call
         extend_draft_rows(*args, np.array([1], np.int64))
     assert ix.sequence_tokens(1).tolist() == [5, 6]  # refused before anything changed
+
+
+def test_a_prompt_goes_into_the_shared_index_from_its_last_shared_depth_tokens():
+    # A live request's shared-index copy starts at its prompt's last shared_index_depth
+    # tokens: its cursors there, so its shared anchors, are those of the whole prompt (no
+    # suffix it matches is longer); other problems do not find its question there (its
+    # own index keeps it); the shared token cap counts the copy as it is.
+    rng = np.random.default_rng(5)
+    cfg = DrafterConfig(shared_max_depth=6, min_token_prob=0.0, max_budget=16)
+    hist = [rng.integers(0, 12, 60) for _ in range(3)]  # other problems' answers
+    prompt = list(range(200, 230)) + rng.integers(0, 12, 4).tolist()
+    out = rng.integers(0, 12, 3)
+
+    def make(trim: bool) -> SuffixDrafter:
+        d = SuffixDrafter(cfg)
+        if not trim:
+            d._shared_start = lambda n: 0  # the whole prompt in the shared index
+        for p, h in enumerate(hist):
+            d.add_history(f"h{p}", 0, h)
+        d.start_request("r", "p", prompt)
+        d.extend_request("r", out)
+        return d
+
+    d, whole = make(True), make(False)
+    seq = d._live["r"].seq_id
+    have = d._global.sequence_tokens(seq).tolist()
+    assert have == prompt[len(prompt) - cfg.shared_index_depth:] + out.tolist()
+    assert whole._global.sequence_tokens(seq).tolist() == prompt + out.tolist()
+    assert d.speculate("r", 16).match_len == whole.speculate("r", 16).match_len > 0
+    for x in (d, whole):  # another problem quoting r's question
+        x.start_request("other", "p2", list(range(200, 205)))
+    assert d.speculate("other", 4).match_len == 0  # not in the shared index
+    assert whole.speculate("other", 4).match_len == 5
+    before = d.shared_tokens
+    d.finish_request("r")
+    assert d.shared_tokens - before == len(have)  # the cap counts the copy it holds
