@@ -179,12 +179,14 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     t0 = time.perf_counter()
     session.drafter.advance_step(args.window)
     finished_at: dict[int, list[tuple[str, int]]] = {}
+    history: dict[str, dict[int, list[np.ndarray]]] = {}
     for n, pid in enumerate(pids):
         prompt, hist, _ = problems[pid]
         for k, resp in enumerate(hist):
             step = 1 + (k + n) % args.window
-            session.drafter.add_history(pid, step, np.concatenate([prompt, resp]))
+            history.setdefault(pid, {}).setdefault(step, []).append(np.concatenate([prompt, resp]))
             finished_at.setdefault(step, []).append((pid, len(resp)))
+    session.drafter.load_history(history)  # as a restore from a snapshot loads it
     # The predictor's lengths at the steps they finished in, as a running server records
     # them: its window then drops them step by step at the boundaries, not all at once.
     for step in sorted(finished_at):

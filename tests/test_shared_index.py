@@ -227,3 +227,48 @@ def test_a_prompt_goes_into_the_shared_index_from_its_last_shared_depth_tokens()
     before = d.shared_tokens
     d.finish_request("r")
     assert d.shared_tokens - before == len(have)  # the cap counts the copy it holds
+
+
+@pytest.mark.parametrize("cap", [0, 40, 150, 10_000])
+def test_load_history_leaves_the_shared_index_as_one_by_one_adds_without_passing_through(cap):
+    # A snapshot bigger than the shared cap: load_history keeps out of the shared index the
+    # rollouts that one-by-one adds would put in and take out again, and ends in the same
+    # state (after the pending removals): the same copies, counts and drafts.
+    rng = np.random.default_rng(11)
+    cfg = DrafterConfig(window_steps=2, shared_max_tokens=cap, min_token_prob=0.0, max_budget=8)
+    hist = {f"p{p}": {s: [rng.integers(0, 7, int(rng.integers(5, 30))) for _ in range(3)]
+                      for s in (0, 1, 2)} for p in range(4)}
+    hist["p0"][-5] = [rng.integers(0, 7, 9)]  # out of the window: not stored at all
+
+    def make(bulk: bool) -> SuffixDrafter:
+        d = SuffixDrafter(cfg)
+        d.advance_step(2)
+        d.add_history("old", 2, rng_old.integers(0, 7, 20))  # already there before the load
+        if bulk:
+            add = d._add
+            d._add = lambda *a, shared=True, **k: (kept_out.append(not shared), add(*a, shared=shared, **k))[1]
+            assert d.load_history(hist) == 36
+        else:
+            for pid, by_step in hist.items():
+                for s, rows in by_step.items():
+                    for t in rows:
+                        d.add_history(pid, s, t)
+        d.start_request("r", "p1", rng_old.integers(0, 7, 6))
+        d.extend_request("r", [1, 2])  # (the next extend removes what is pending)
+        return d
+
+    kept_out: list[bool] = []
+    rng_old = np.random.default_rng(1)
+    one = make(False)
+    rng_old = np.random.default_rng(1)
+    bulk = make(True)
+    for attr in ("shared_tokens", "history_tokens"):
+        assert getattr(one, attr) == getattr(bulk, attr)
+    assert list(one._shared_len.items()) == list(bulk._shared_len.items())
+    assert one._global.num_sequences == bulk._global.num_sequences
+    assert one._global.num_tokens == bulk._global.num_tokens
+    # the rollouts that would only pass through never went in (with a cap they overflow)
+    assert any(kept_out) == (cap in (40, 150))
+    a, b = one.speculate("r", 8), bulk.speculate("r", 8)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.probs, b.probs)

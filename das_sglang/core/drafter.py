@@ -226,14 +226,14 @@ class SuffixDrafter:
         self._drop_index_if_empty(problem_id)
 
     def _note_finished(self, problem_id: str, step: int, seq_id: int, n_tokens: int,
-                       n_shared: int | None = None) -> None:
+                       n_shared: int | None = None, shared: bool = True) -> None:
         """A finished rollout of ``n_tokens`` (``n_shared`` of them in its shared-index
-        copy, default all) is history now."""
+        copy, default all; no copy with ``shared=False``) is history now."""
         self._finished.setdefault(problem_id, {}).setdefault(step, []).append(seq_id)
         self._by_step.setdefault(step, {})[problem_id] = None
         self._seq_len[seq_id] = n_tokens
         self.history_tokens += n_tokens
-        if self._global is not None:
+        if self._global is not None and shared:
             n_shared = n_tokens if n_shared is None else n_shared
             self._shared_len[seq_id] = n_shared
             self.shared_tokens += n_shared
@@ -343,14 +343,15 @@ class SuffixDrafter:
             if idx is None or len(idx.steps()) < MAX_STEPS:
                 return
 
-    def _add(self, problem_id: str, tokens: np.ndarray, step: int, shared_from: int = 0) -> int:
+    def _add(self, problem_id: str, tokens: np.ndarray, step: int, shared_from: int = 0,
+             shared: bool = True) -> int:
         """Index ``tokens`` as a new sequence of ``problem_id`` at ``step``; the shared
-        index's copy starts at ``shared_from``."""
+        index's copy starts at ``shared_from`` (none with ``shared=False``)."""
         self._make_slot(problem_id, step)
         seq_id = self._next_seq_id
         self._next_seq_id += 1
         self._index(problem_id).add_sequence(seq_id, tokens, step)
-        if self._global is not None:
+        if self._global is not None and shared:
             self._global.add_sequence(seq_id, tokens[shared_from:], SHARED_STEP)
         if self._step_seqs[step] == 0:
             self._step_seqs[step] = 1
@@ -372,15 +373,17 @@ class SuffixDrafter:
         if idx is not None and idx.num_sequences == 0:
             del self._indices[problem_id]
 
-    def add_history(self, problem_id: str, step: int, tokens: Sequence[int] | np.ndarray) -> bool:
-        """Add a finished rollout; returns False (not stored) if ``step`` is outside the window."""
+    def add_history(self, problem_id: str, step: int, tokens: Sequence[int] | np.ndarray,
+                    shared: bool = True) -> bool:
+        """Add a finished rollout; returns False (not stored) if ``step`` is outside the window.
+        ``shared=False`` keeps it out of the shared index (:meth:`load_history`)."""
         if step > self._step:
             raise ValueError(f"invalid step={step}: after the current step {self._step}")
         if step < self._step - self.config.window_steps:
             return False
         arr = as_tokens(tokens, f"tokens of problem {problem_id!r}")
-        seq_id = self._add(problem_id, arr, step)
-        self._note_finished(problem_id, step, seq_id, len(arr))
+        seq_id = self._add(problem_id, arr, step, shared=shared)
+        self._note_finished(problem_id, step, seq_id, len(arr), shared=shared)
         return True
 
     def start_request(self, req_id: str, problem_id: str, prompt_tokens: Sequence[int] | np.ndarray) -> None:
@@ -752,13 +755,43 @@ class SuffixDrafter:
         return out
 
     def load_history(self, history: Mapping[str, Mapping[int, Iterable[Sequence[int] | np.ndarray]]]) -> int:
-        """Add every rollout of a :meth:`history` snapshot; returns how many were stored."""
+        """Add every rollout of a :meth:`history` snapshot; returns how many were stored.
+
+        The shared index ends as if they were added one by one (it keeps the newest
+        ``shared_max_tokens`` finished tokens, the last added the newest), but the rollouts
+        that would only pass through it -- most of an RL-scale snapshot: 35M history tokens
+        against a 512k cap -- never enter it: adding and then removing them took ~14 s of
+        update-thread time at the first forward after a restore (bench_host_path, 2,048
+        problems x 16) and transient memory for the whole history's copy."""
+        items = [(problem_id, int(step), tokens) for problem_id, by_step in history.items()
+                 for step, rollouts in by_step.items() for tokens in rollouts]
+        first_shared = self._first_shared(items)
+        if first_shared:  # the loaded ones overflow the cap: every older copy leaves too
+            self._unshare(list(self._shared_len), later=True)
         stored = 0
-        for problem_id, by_step in history.items():
-            for step, rollouts in by_step.items():
-                for tokens in rollouts:
-                    stored += self.add_history(problem_id, int(step), tokens)
+        for i, (problem_id, step, tokens) in enumerate(items):
+            stored += self.add_history(problem_id, step, tokens, shared=i >= first_shared)
         return stored
+
+    def _first_shared(self, items: list) -> int:
+        """Index of the first of ``items`` (problem, step, tokens; in load order) that the
+        shared index would still hold after loading them all: the newest stored ones whose
+        tokens fit ``shared_max_tokens`` (what one-by-one loading leaves, oldest out first).
+        0 when they all fit or there is no cap."""
+        cap = self.config.shared_max_tokens
+        if self._global is None or not cap:
+            return 0
+        oldest = self._step - self.config.window_steps
+        total, first = 0, len(items)
+        for i in range(len(items) - 1, -1, -1):
+            _, step, tokens = items[i]
+            if step > self._step or step < oldest:
+                continue  # raises, or is not stored: no copy either way
+            total += len(tokens)
+            if total > cap:
+                return first
+            first = i
+        return 0
 
     def stats(self) -> DrafterStats:
         shared = self._global is not None and self._global.num_sequences > 0
