@@ -245,10 +245,11 @@ class SuffixDrafter:
                         break
                     old.append(q)
                     excess -= n
-                # ... at the next batch extend: inside the pre-draft job, off the
-                # scheduler's critical path (~1.3 ms per removed rollout at RL scale).
-                # Until then they still count in drafts: which copies a draft sees depends
-                # only on the order of events.
+                # ... at the next batch extend (inside the pre-draft job), or earlier when
+                # a caller takes them (take_unshare: the session removes them during the
+                # verify forward): ~1 ms per removed rollout at RL scale, off the
+                # scheduler's critical path. Until then they still count in drafts: which
+                # copies a draft sees depends only on the order of events.
                 self._unshare(old, later=True)
 
     def _unshare(self, seq_ids: list[int], later: bool = False) -> None:
