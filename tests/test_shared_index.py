@@ -272,3 +272,10 @@ def test_load_history_leaves_the_shared_index_as_one_by_one_adds_without_passing
     a, b = one.speculate("r", 8), bulk.speculate("r", 8)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.probs, b.probs)
+
+
+def test_load_history_names_a_bad_rollout():
+    d = SuffixDrafter(DrafterConfig(shared_max_tokens=10))
+    for bad in (5, [1.5, 2]):
+        with pytest.raises(ValueError, match="invalid tokens of problem 'p'"):
+            d.load_history({"p": {0: [np.arange(20), bad]}})

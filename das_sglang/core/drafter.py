@@ -788,7 +788,7 @@ class SuffixDrafter:
             _, step, tokens = items[i]
             if step > self._step or step < oldest:
                 continue  # raises, or is not stored: no copy either way
-            total += len(tokens)
+            total += len(tokens) if hasattr(tokens, "__len__") else 0  # (bad ones: add_history names them)
             if total > cap:
                 return first
             first = i
