@@ -48,7 +48,9 @@ class DrafterConfig:
     shared_max_tokens  finished-rollout tokens the shared index keeps (newest first; live
                    requests are always in it): bounds its memory (~145 B per token: 512k
                    tokens ~ 75 MB) apart from the per-problem history; copies past it leave
-                   at the next batch extend. 0 = no cap.
+                   during the next verify forward (else at the next batch extend); a live
+                   request's copy starts at its prompt's last shared_max_depth tokens.
+                   0 = no cap.
     max_history_tokens  cap on finished-rollout (history) tokens kept; past it the oldest
                    step's rollouts are evicted first, problem by problem (oldest added
                    first), with the policy's statistics of problems left without history.
