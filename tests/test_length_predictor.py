@@ -87,3 +87,15 @@ class TestWindowAndQuantiles:
         p.advance_step(5)
         with pytest.raises(ValueError, match="step=4"):
             p.advance_step(4)
+
+
+@pytest.mark.parametrize("huge", [0, 1 << 33])
+def test_per_problem_medians_with_and_without_the_one_key_sort(huge):
+    # The medians' (problem, length) order comes from one sort of problem * 2**32 + length;
+    # a length past 2**32 falls back to the two-key sort: either way the median class.
+    p = LengthPredictor(FIXED)
+    for prob, lengths in {"a": [50, 900, 60], "b": [2000, 30, 500, 700], "c": [10, 20]}.items():
+        for n in lengths:
+            p.observe_finished(prob, n)
+    p.observe_finished("d", huge or 3000)
+    assert [p.initial_class(q) for q in "abcd"] == [SHORT, MEDIUM, SHORT, LONG]

@@ -246,7 +246,7 @@ def test_load_history_leaves_the_shared_index_as_one_by_one_adds_without_passing
         d.add_history("old", 2, rng_old.integers(0, 7, 20))  # already there before the load
         if bulk:
             add = d._add
-            d._add = lambda *a, shared=True, **k: (kept_out.append(not shared), add(*a, shared=shared, **k))[1]
+            d._add = lambda pid, t, s, shared_from=0: (kept_out.append(shared_from is None), add(pid, t, s, shared_from))[1]
             assert d.load_history(hist) == 36
         else:
             for pid, by_step in hist.items():

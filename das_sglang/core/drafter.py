@@ -226,15 +226,14 @@ class SuffixDrafter:
         self._drop_index_if_empty(problem_id)
 
     def _note_finished(self, problem_id: str, step: int, seq_id: int, n_tokens: int,
-                       n_shared: int | None = None, shared: bool = True) -> None:
+                       n_shared: int | None) -> None:
         """A finished rollout of ``n_tokens`` (``n_shared`` of them in its shared-index
-        copy, default all; no copy with ``shared=False``) is history now."""
+        copy; None: it has no copy) is history now."""
         self._finished.setdefault(problem_id, {}).setdefault(step, []).append(seq_id)
         self._by_step.setdefault(step, {})[problem_id] = None
         self._seq_len[seq_id] = n_tokens
         self.history_tokens += n_tokens
-        if self._global is not None and shared:
-            n_shared = n_tokens if n_shared is None else n_shared
+        if self._global is not None and n_shared is not None:
             self._shared_len[seq_id] = n_shared
             self.shared_tokens += n_shared
             cap = self.config.shared_max_tokens
@@ -261,7 +260,7 @@ class SuffixDrafter:
         if later:
             self._unshare_pending.extend(seq_ids)
         else:
-            self._global.remove_sequences(np.asarray(seq_ids, dtype=np.int64))
+            self.remove_shared(np.asarray(seq_ids, dtype=np.int64))
         for q in seq_ids:
             self.shared_tokens -= self._shared_len.pop(q)
 
@@ -281,9 +280,9 @@ class SuffixDrafter:
 
     def _apply_unshare(self) -> None:
         """Remove the copies ``_unshare(later=True)`` left for the next extend."""
-        if self._unshare_pending:
-            ids, self._unshare_pending = self._unshare_pending, []
-            self._global.remove_sequences(np.asarray(ids, dtype=np.int64))
+        ids = self.take_unshare()
+        if ids is not None:
+            self.remove_shared(ids)
 
     def enforce_cap(self, max_tokens: int | None = None) -> list[str]:
         """Evict the oldest steps' rollouts (problem by problem, oldest added first) until
@@ -344,15 +343,14 @@ class SuffixDrafter:
             if idx is None or len(idx.steps()) < MAX_STEPS:
                 return
 
-    def _add(self, problem_id: str, tokens: np.ndarray, step: int, shared_from: int = 0,
-             shared: bool = True) -> int:
+    def _add(self, problem_id: str, tokens: np.ndarray, step: int, shared_from: int | None = 0) -> int:
         """Index ``tokens`` as a new sequence of ``problem_id`` at ``step``; the shared
-        index's copy starts at ``shared_from`` (none with ``shared=False``)."""
+        index's copy starts at ``shared_from`` (None: no copy)."""
         self._make_slot(problem_id, step)
         seq_id = self._next_seq_id
         self._next_seq_id += 1
         self._index(problem_id).add_sequence(seq_id, tokens, step)
-        if self._global is not None and shared:
+        if self._global is not None and shared_from is not None:
             self._global.add_sequence(seq_id, tokens[shared_from:], SHARED_STEP)
         if self._step_seqs[step] == 0:
             self._step_seqs[step] = 1
@@ -383,8 +381,8 @@ class SuffixDrafter:
         if step < self._step - self.config.window_steps:
             return False
         arr = as_tokens(tokens, f"tokens of problem {problem_id!r}")
-        seq_id = self._add(problem_id, arr, step, shared=shared)
-        self._note_finished(problem_id, step, seq_id, len(arr), shared=shared)
+        seq_id = self._add(problem_id, arr, step, 0 if shared else None)
+        self._note_finished(problem_id, step, seq_id, len(arr), len(arr) if shared else None)
         return True
 
     def start_request(self, req_id: str, problem_id: str, prompt_tokens: Sequence[int] | np.ndarray) -> None:
