@@ -48,6 +48,14 @@ JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...
 wait, finishes/starts, boundary, plan, layout, mask, feedback, engine_delay; the phases
 add up to the step) and ``worst_steps`` (the five slowest steps with the same split). Roots and sequence
 lengths are read from Python lists, as the worker reads them from SGLang's requests.
+
+What else the machine did (``machine_load.py``), so a slow tail can be told from a slow
+host path: per batch ``machine`` -- per configuration the CPU other tasks took, DAMON's
+``kdamond`` thread and hypervisor steal, in ms per step, and per block of the current path's
+steps (``--interleave``) its slowest step beside the CPU other tasks / kdamond took in that
+block (10 ms ticks) -- and ``machine_info`` (CPUs, DAMON monitors: a ``paddr`` monitor with a
+``pageout`` scheme took 12-14 ms of CPU per 512-row step on the issue-12 VM; docs/design.md
+"Host path").
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -67,6 +76,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_drafter import load_problems  # noqa: E402
 from legacy_length_predictor import LegacyLengthPredictor  # noqa: E402
+from machine_load import MachineLoad, add, damon  # noqa: E402
 
 from das_sglang.core.policy import BudgetRow  # noqa: E402
 from das_sglang.sglang.options import for_layout, load_options  # noqa: E402
@@ -318,6 +328,31 @@ def summarize(times, kinds):
     return out
 
 
+def _machine(loads: dict, n_blocks: dict, blocks: list, times: list, args) -> dict:
+    """Per configuration, what else the machine did during its blocks of steps (ms per
+    step; ``machine_load``), and per block of the current path's steps its slowest step
+    beside the CPU other tasks and kdamond took meanwhile (10 ms ticks: a block, not a step)."""
+    out = {}
+    for legacy, total in loads.items():
+        steps = n_blocks[legacy] * args.interleave  # (warm-up steps included)
+        per = {}
+        for k in ("others_cpu_s", "kdamond_cpu_s", "steal_s", "own_cpu_s"):
+            v = total.get(k)
+            per[k.replace("_s", "_ms_per_step")] = None if v is None else v * 1e3 / max(1, steps)
+        out["baseline" if legacy else "current"] = per
+    rows = []
+    for k, used in enumerate(blocks):
+        lo, hi = k * args.interleave - args.warmup, (k + 1) * args.interleave - args.warmup
+        sel = times[max(0, lo):max(0, hi)]
+        if not sel:
+            continue
+        rows.append({"steps": [max(0, lo), hi], "max_ms": max(sel),
+                     "others_cpu_ms": None if used["others_cpu_s"] is None else used["others_cpu_s"] * 1e3,
+                     "kdamond_cpu_ms": None if used["kdamond_cpu_s"] is None else used["kdamond_cpu_s"] * 1e3})
+    out["blocks"] = rows
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", required=True, help="write the results here")
@@ -359,7 +394,8 @@ def main(argv=None) -> int:
     calibrate_engine()
     base = load_problems(30, args.max_tokens, args.cache_dir)
     problems = make_problems(base, args.problems, args.samples, args.perturb, args.seed)
-    results = {"config": vars(args), "batches": {}}
+    results = {"config": vars(args), "batches": {},
+               "machine_info": {"cpus": os.cpu_count(), "damon": damon()}}
     for batch in batches:
         entry = {}
         modes = (False,) if args.no_baseline else (False, True)
@@ -377,11 +413,31 @@ def main(argv=None) -> int:
             gc.collect()
             _trim_heap()
             gc.freeze()
-            for _ in gens[0]:  # interleaved: a block of steps of each configuration in turn
-                for g in gens[1:]:
-                    next(g, None)
-            for g in gens[1:]:
-                for _ in g:
+            # Interleaved: a block of steps of each configuration in turn. What else the
+            # machine did meanwhile is summed per configuration (and per block of the
+            # current path's steps): CPU taken by other tasks, DAMON's kdamond, steal.
+            loads = {legacy: {} for legacy in modes}
+            n_blocks = {legacy: 0 for legacy in modes}
+            blocks = []
+
+            def block(legacy, g) -> bool:
+                before = MachineLoad.now()
+                try:
+                    next(g)
+                except StopIteration:
+                    return False
+                used = MachineLoad.now().since(before)
+                add(loads[legacy], used)
+                n_blocks[legacy] += 1
+                if not legacy:
+                    blocks.append(used)
+                return True
+
+            while block(False, gens[0]):
+                for legacy, g in zip(modes[1:], gens[1:]):
+                    block(legacy, g)
+            for legacy, g in zip(modes[1:], gens[1:]):
+                while block(legacy, g):
                     pass
         gc.unfreeze()
         for legacy in modes:
@@ -398,11 +454,18 @@ def main(argv=None) -> int:
                 entry["worst_steps"] = o["worst"]  # the slowest steps, by phase (ms)
                 entry.update(finishes=fin, history_tokens=st.tokens, history_sequences=st.sequences,
                              index_bytes_per_token=st.bytes_per_token, build_s=build_s)
+                entry["machine"] = _machine(loads, n_blocks, blocks, times, args)
             print(f"batch {batch:4d} {'baseline' if legacy else 'now     '} p50 {s['p50_ms']:.3f} "
                   f"p99 {s['p99_ms']:.3f} max {s['max_ms']:.3f} ms "
                   f"(finish max {s.get('finish_max_ms', 0):.2f}, boundary max "
                   f"{s.get('boundary_max_ms', 0):.2f}); history {st.tokens} tokens; phases p50 "
                   + " ".join(f"{k} {v:.2f}" for k, v in o["phases"].items()), flush=True)
+        m = entry["machine"]["current"]
+        if m.get("others_cpu_ms_per_step") is not None:
+            kd = m["kdamond_cpu_ms_per_step"]
+            print(f"           machine during the current path's steps: other tasks took "
+                  f"{m['others_cpu_ms_per_step']:.2f} ms CPU per step (DAMON's kdamond "
+                  f"{'n/a' if kd is None else f'{kd:.2f}'}), steal {m['steal_ms_per_step']:.2f}", flush=True)
         results["batches"][str(batch)] = entry
     Path(args.json).write_text(json.dumps(results, indent=1))
     if args.png:

@@ -1,0 +1,76 @@
+"""benchmarks/machine_load.py: what else the machine did during a benchmark (issue 12's
+host-path tail: DAMON's kdamond, other tasks, steal), read from /proc and /sys."""
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import machine_load as M  # noqa: E402
+
+
+def _spin(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
+def test_own_cpu_counts_this_process_and_others_never_negative():
+    before = M.MachineLoad.now()
+    _spin(0.12)
+    used = M.MachineLoad.now().since(before)
+    assert set(used) == {"wall_s", "own_cpu_s", "others_cpu_s", "steal_s", "kdamond_cpu_s"}
+    assert used["own_cpu_s"] >= 0.1  # the spin is this process's CPU
+    assert used["wall_s"] >= used["own_cpu_s"] * 0.5
+    assert used["others_cpu_s"] is not None and used["others_cpu_s"] >= 0.0
+    assert used["steal_s"] is not None and used["steal_s"] >= 0.0
+
+
+def test_add_sums_fields_and_keeps_unknown_unknown():
+    total = {}
+    M.add(total, {"a": 1.0, "b": None, "c": 2.0})
+    M.add(total, {"a": 0.5, "b": 3.0, "c": None})
+    assert total == {"a": 1.5, "b": None, "c": None}
+
+
+def test_damon_reads_monitors_or_nothing(tmp_path, monkeypatch):
+    kd = tmp_path / "0"
+    (kd / "contexts" / "0" / "schemes" / "0").mkdir(parents=True)
+    (kd / "state").write_text("on\n")
+    (kd / "pid").write_text("77\n")
+    (kd / "contexts" / "0" / "operations").write_text("paddr\n")
+    (kd / "contexts" / "0" / "schemes" / "0" / "action").write_text("pageout\n")
+    monkeypatch.setattr(M, "_DAMON", tmp_path)
+    assert M.damon() == [{"state": "on", "pid": 77, "contexts": [{"operations": "paddr", "schemes": ["pageout"]}]}]
+    monkeypatch.setattr(M, "_DAMON", tmp_path / "absent")
+    assert M.damon() == []
+
+
+def test_bench_host_path_writes_the_issue_keys_and_the_machine_load(tmp_path):
+    """A tiny run of benchmarks/bench_host_path.py: the keys issue 12's check reads, and
+    per configuration what else the machine did (the tail's context)."""
+    import bench_host_path
+
+    out = tmp_path / "hp.json"
+    rc = bench_host_path.main(["--json", str(out), "--batches", "4", "--problems", "30", "--samples", "4",
+                               "--steps", "20", "--warmup", "10", "--forward-ms", "0",
+                               "--snapshot-every", "8"])
+    assert rc == 0
+    import json
+
+    d = json.loads(out.read_text())
+    e = d["batches"]["4"]
+    for k in ("p50_ms", "p99_ms", "max_ms", "baseline_p50_ms"):
+        assert e[k] > 0.0
+    assert e["steps"] == 20 and len(e["per_step_ms"]) == 20
+    m = e["machine"]
+    assert set(m) == {"current", "baseline", "blocks"}
+    assert m["current"]["own_cpu_ms_per_step"] > 0.0
+    # the timed steps (after the 10-step warm-up) in blocks of --interleave (10)
+    assert [b["steps"] for b in m["blocks"]] == [[0, 10], [10, 20]]
+    assert all(b["max_ms"] <= e["max_ms"] for b in m["blocks"])
+    assert max(b["max_ms"] for b in m["blocks"]) == e["max_ms"]
+    assert d["machine_info"]["cpus"] >= 1 and isinstance(d["machine_info"]["damon"], list)
