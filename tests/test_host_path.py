@@ -151,3 +151,31 @@ def test_lazy_eviction_makes_room_per_problem_not_for_all():
     assert d.evict_pending(None)
     assert sorted(d.history()["a"]) == [MAX_STEPS + 1, MAX_STEPS + 2]
     assert sorted(d.history()["b"]) == [MAX_STEPS + 1]
+
+
+def test_history_problems_leave_out_problems_whose_history_is_all_evicting():
+    """history_problems() while out-of-window steps await removal: exactly the problems with
+    a finished rollout of a step still in the window (the per-step union equals the
+    per-problem definition), also after part of the eviction ran."""
+    d = _drafter()  # window 1
+    d.lazy_eviction = True
+    rng = np.random.default_rng(3)
+    steps_of = {}
+    for step in range(3):
+        d.advance_step(step)
+        for p in rng.choice(12, size=6, replace=False).tolist():
+            d.add_history(f"p{p}", step, [1, 2, 3, step, p])
+            steps_of.setdefault(f"p{p}", set()).add(step)
+    d.advance_step(3)  # steps 0-2 leave the window except 2 (window 1)
+
+    def reference():
+        return {p for p, steps in d._finished.items() if any(s not in d._evicting for s in steps)}
+
+    assert d._evicting
+    expect = {p for p, steps in steps_of.items() if 2 in steps}
+    assert d.history_problems() == reference() == expect
+    assert expect != set(d._finished)  # some problems hold only evicting history
+    d.evict_pending(4)  # part of it
+    assert d.history_problems() == reference() == expect
+    assert d.evict_pending(None)
+    assert d.history_problems() == expect == set(d._finished)

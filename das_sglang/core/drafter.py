@@ -306,7 +306,14 @@ class SuffixDrafter:
         """Problems with finished rollouts in the window."""
         if not self._evicting:
             return set(self._finished)
-        return {p for p, steps in self._finished.items() if any(s not in self._evicting for s in steps)}
+        # A problem has finished rollouts of step s exactly when it is in _by_step[s]: the
+        # union over the steps still in the window (set unions, not a Python loop over
+        # every problem's steps: ~2.5 ms at every step boundary with 2,048 problems).
+        out: set[str] = set()
+        for s, problems in self._by_step.items():
+            if s not in self._evicting:
+                out.update(problems)
+        return out
 
     def _refresh_weights(self) -> None:
         # Every step still present is weighted (live requests of older steps included);
