@@ -50,7 +50,9 @@ that proposes stored text after a match, from the same text (``das_vs_corpus_bou
 
 Timing: ``p50_us``/``p99_us`` are per request-step: one ``speculate_batch`` (DAS) or
 ``batch_get`` (NGRAM) call over the group's live members, divided by their number. They are
-host times on this machine, under whatever else runs on it.
+host times on this machine, under whatever else runs on it: ``machine`` in the JSON says
+how much (per dataset and peer, the CPU other tasks and DAMON's kdamond took and the steal
+while that peer ran; ``machine_load.py``).
 
 Default run: all 30 SkyThought problems, target steps 7-10 (every target has a full 4-step
 window of history), plus the whole verl dump: ~4 minutes on 2 cores, most of it NGRAM's trie
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -79,6 +82,9 @@ from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftTree
 from das_sglang.core.drafter import SuffixDrafter
 from das_sglang.core.tokenize import TextTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_load import MachineLoad, damon  # noqa: E402
 
 NGRAM_DEPTH = 18  # SGLang's speculative_ngram_max_trie_depth default
 NGRAM_MIN_BFS, NGRAM_MAX_BFS = 1, 10  # SGLang's defaults
@@ -361,6 +367,7 @@ class TargetResult:
 class PeerRun:
     targets: list[TargetResult] = field(default_factory=list)
     us_per_request: list[float] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)  # what else the machine did meanwhile (machine_load)
 
 
 def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence[ds.Rollout],
@@ -443,6 +450,7 @@ def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set
     for peer in peers:
         run = runs[peer.name] = PeerRun()
         t0 = time.perf_counter()
+        load0 = MachineLoad.now()
         if peer.server:
             # One server's state for the whole dataset: groups in step order (training
             # steps only advance); a group's history is what the server has not seen yet
@@ -460,6 +468,7 @@ def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set
         else:
             for p, s in groups:
                 run_group(peer, p, s, history_of(by_ps, p, s, window), by_ps[(p, s)], budget, run)
+        run.machine = {k: None if v is None else round(v, 3) for k, v in MachineLoad.now().since(load0).items()}
         log(f"  {peer.name}: {len(groups)} groups in {time.perf_counter() - t0:.1f}s")
     return runs
 
@@ -564,6 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "peers": status, "datasets": {}}
     names = set(args.datasets.split(","))
     t_all = time.perf_counter()
+    # Per dataset and peer, the seconds other tasks, DAMON's kdamond and steal took while
+    # it ran (the latencies above are host times under all of that).
+    machine_runs: dict = {}
+    out["machine"] = {"cpus": os.cpu_count(), "damon": damon(), "runs": machine_runs}
     if "skythought" in names:
         texts = ds.load_skythought("long")
         rollouts = ds.tokenize_rollouts(texts, tok, ds.SKYTHOUGHT_MAX_NEW_TOKENS)
@@ -584,11 +597,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "capped": slice_report(runs, lambda t: t.capped),
             "all": slice_report(runs, lambda t: True),
         }
+        machine_runs["skythought"] = {name: run.machine for name, run in runs.items()}
     if "verl_gsm8k" in names:
         rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), tok)
         log(f"verl_gsm8k: {len(ds.problem_ids(rollouts))} groups, {len(rollouts)} rollouts")
         runs = run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log)
         out["datasets"]["verl_gsm8k"] = {"all": slice_report(runs, lambda t: True)}
+        machine_runs["verl_gsm8k"] = {name: run.machine for name, run in runs.items()}
     out["wall_s"] = round(time.perf_counter() - t_all, 1)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -74,3 +74,20 @@ def test_corpus_bound_accepts_the_longest_stored_continuation_and_bounds_das():
     das = sum(t.tokens for t in runs["das"].targets) / sum(t.steps for t in runs["das"].targets)
     top = sum(t.tokens for t in runs["corpus_bound"].targets) / sum(t.steps for t in runs["corpus_bound"].targets)
     assert 1.0 < das <= top
+
+
+def test_verl_run_writes_the_issue_keys_and_the_machine_load(tmp_path):
+    """DAS alone on the bundled verl dump through main(): the slice and keys issue 11's check
+    reads, and what else the machine did while it ran."""
+    import json
+
+    out = tmp_path / "peers.json"
+    assert bp.main(["--json", str(out), "--datasets", "verl_gsm8k", "--skip", "sglang_ngram,arctic"]) == 0
+    d = json.loads(out.read_text())
+    das = d["datasets"]["verl_gsm8k"]["all"]["das"]
+    assert das["targets"] == 1024 and das["tokens_per_step"] > 1.0
+    assert 0.0 < das["p50_us"] <= das["p99_us"]
+    assert "sglang_ngram" not in d["datasets"]["verl_gsm8k"]["all"]
+    run = d["machine"]["runs"]["verl_gsm8k"]["das"]
+    assert run["wall_s"] > 0.0 and run["own_cpu_s"] > 0.0
+    assert d["machine"]["cpus"] >= 1
