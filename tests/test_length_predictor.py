@@ -99,3 +99,15 @@ def test_per_problem_medians_with_and_without_the_one_key_sort(huge):
             p.observe_finished(prob, n)
     p.observe_finished("d", huge or 3000)
     assert [p.initial_class(q) for q in "abcd"] == [SHORT, MEDIUM, SHORT, LONG]
+
+
+def test_numpy_ma_is_imported_with_the_predictor_not_in_a_serving_step():
+    """np.quantile's lazy numpy.ma import (tens of ms holding the GIL) happens when the
+    predictor module loads, not at the first non-empty length-index rebuild."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import das_sglang.core.length_predictor as lp; "
+            "print('numpy.ma' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
