@@ -111,3 +111,73 @@ def test_numpy_ma_is_imported_with_the_predictor_not_in_a_serving_step():
             "print('numpy.ma' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def _stepped(config=None):
+    """Lengths of three problems over steps 0-5 (window: the config's)."""
+    import numpy as np
+
+    p = LengthPredictor(config or PolicyConfig(length_window_steps=3))
+    rng = np.random.default_rng(5)
+    for step in range(6):
+        p.advance_step(step)
+        for q in ("a", "b", "c"):
+            for n in rng.integers(10, 3000, 4).tolist():
+                p.observe_finished(q, n)
+    return p
+
+
+def _predictions(p):
+    import numpy as np
+
+    pids = ["a", "b", "c", "new"]
+    out = p.predict_many(pids, np.array([0, 50, 400, 0]), np.array([4096] * 4))
+    return [np.asarray(x).tolist() for x in out], [p.initial_class(q) for q in pids]
+
+
+def test_restored_lengths_predict_what_the_saved_predictor_did():
+    import json
+
+    import numpy as np
+
+    saved = _stepped()
+    state = saved.state()
+    state = json.loads(json.dumps(state, default=lambda a: a.tolist()))  # as a snapshot holds it
+    fresh = LengthPredictor(PolicyConfig(length_window_steps=3))
+    assert fresh.restore(state) == saved.num_lengths == 48  # steps 2-5 of 0-5, window 3
+    assert fresh.num_lengths == saved.num_lengths
+    assert _predictions(fresh) == _predictions(saved)
+    # the window goes on as for lengths observed here
+    fresh.advance_step(7)
+    saved.advance_step(7)
+    assert fresh.num_lengths == saved.num_lengths == 24
+    assert np.array_equal(fresh.state()["columns"], saved.state()["columns"])
+
+
+def test_restore_into_a_later_step_keeps_only_the_window():
+    saved = _stepped()
+    later = LengthPredictor(PolicyConfig(length_window_steps=3))
+    later.advance_step(7)
+    later.observe_finished("a", 77)
+    assert later.restore(saved.state()) == 24  # steps 4 and 5 are in step 7's window
+    assert later.num_lengths == 25 and later.state()["step"] == 7
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "expected a dict"),
+    ({"step": 1, "problems": ["a"], "columns": [[0], [1]]}, "3 rows of ints"),
+    ({"step": 1, "problems": ["a"], "columns": [[0], [1], [-5]]}, r"entry 0 .*\(0, 1, -5\)"),
+    ({"step": 1, "problems": ["a"], "columns": [[1], [1], [5]]}, r"entry 0 .*\(1, 1, 5\)"),
+    ({"step": 1, "problems": ["a"], "columns": [[0], [2], [5]]}, r"0 <= step <= 1"),
+    ({"step": -1, "problems": [], "columns": [[], [], []]}, "step=-1"),
+    ({"step": 1, "problems": [3], "columns": [[0], [1], [5]]}, "problem ids"),
+    ({"step": 1, "problems": ["a"], "columns": [[0.5], [1], [5]]}, "3 rows of ints"),
+])
+def test_bad_length_state_is_named_and_adds_nothing(bad, match):
+    p = _stepped()
+    before = p.state()
+    with pytest.raises(ValueError, match=match):
+        p.restore(bad)
+    after = p.state()
+    assert after["problems"] == before["problems"] and after["step"] == before["step"]
+    assert after["columns"].tolist() == before["columns"].tolist()

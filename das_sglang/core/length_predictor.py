@@ -179,6 +179,63 @@ class LengthPredictor(_LengthQueries):
             self._compact_pids()
         self._version += 1
 
+    # ---- snapshots -------------------------------------------------------------------
+    def state(self) -> dict:
+        """The finished lengths for a history snapshot's meta (JSON-able once the snapshot
+        writer turns the array into lists): ``{"step", "problems", "columns"}``, columns =
+        (problem index into ``problems``, step, length) per finished request. A copy: it may
+        be handed to another thread."""
+        return {"step": int(self._step), "problems": list(self._pids),
+                "columns": self._cols[:, : self._n].copy()}
+
+    def restore(self, state: dict) -> int:
+        """Add the lengths of another predictor's :meth:`state` (a snapshot written by an
+        earlier process), so a restarted server predicts from them at once. The predictor's
+        step becomes the later of both; lengths older than its window are dropped as
+        ``advance_step`` drops them. Returns how many lengths it now holds from ``state``.
+        Raises ValueError naming the defect, adding nothing."""
+        if not isinstance(state, dict):
+            raise ValueError(f"invalid length state: expected a dict, got {type(state).__name__}")
+        problems, columns, step = state.get("problems"), state.get("columns"), state.get("step")
+        if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
+            raise ValueError("invalid length state: 'problems' must be a list of problem ids (str)")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"invalid length state: step={step!r} must be an int >= 0")
+        try:
+            cols = np.asarray(columns if columns is not None else [[], [], []])
+        except (TypeError, ValueError):
+            raise ValueError("invalid length state: 'columns' must be 3 rows of ints") from None
+        if cols.ndim != 2 or cols.shape[0] != 3 or (cols.size and cols.dtype.kind not in "iu"):
+            raise ValueError(f"invalid length state: 'columns' must be 3 rows of ints, got shape "
+                             f"{cols.shape} of {cols.dtype}")
+        cols = cols.astype(np.int64)
+        if cols.shape[1]:
+            bad = (cols[0] < 0) | (cols[0] >= len(problems)) | (cols[1] < 0) | (cols[1] > step) | (cols[2] < 0)
+            if bad.any():
+                j = int(np.argmax(bad))
+                raise ValueError(f"invalid length state: entry {j} (problem index, step, length) = "
+                                 f"{tuple(int(v) for v in cols[:, j])} (need a listed problem, "
+                                 f"0 <= step <= {int(step)}, length >= 0)")
+        if int(step) > self._step:
+            self.advance_step(int(step))
+        remap = np.empty(len(problems), np.int64)
+        for k, p in enumerate(problems):
+            i = self._pid_index.get(p)
+            if i is None:
+                i = self._pid_index[p] = len(self._pids)
+                self._pids.append(p)
+            remap[k] = i
+        n = cols.shape[1]
+        while self._n + n > self._cols.shape[1]:
+            self._cols = np.concatenate([self._cols, np.zeros_like(self._cols)], axis=1)
+        if n:
+            self._cols[:, self._n: self._n + n] = np.stack([remap[cols[0]], cols[1], cols[2]])
+            self._n += n
+        before = self._n
+        self.advance_step(self._step)  # the window, as for lengths observed here
+        self._version += 1
+        return n - (before - self._n)
+
     def evict_problems(self, problem_ids) -> int:
         """Forget every finished length of ``problem_ids`` (memory cap); returns how many."""
         drop = [self._pid_index[p] for p in problem_ids if p in self._pid_index]

@@ -103,10 +103,23 @@ def _encode_index(
             step_rows.append([int(step), [len(t) for t in tokens]])
         problems.append([problem_id, step_rows])
     try:
-        index = json.dumps({"meta": dict(meta or {}), "problems": problems}, separators=(",", ":"))
+        index = json.dumps({"meta": dict(meta or {}), "problems": problems}, separators=(",", ":"),
+                           default=_json_numpy)
     except (TypeError, ValueError) as e:
         raise ValueError(f"snapshot meta is not JSON-serialisable: {e}") from None
     return index.encode(), arrays
+
+
+def _json_numpy(obj: Any) -> Any:
+    """Meta may carry numpy arrays and scalars (e.g. the length predictor's columns): they
+    become lists and numbers here, on the writer thread, not where the view was taken."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def _as_int32(tokens: Any, problem_id: str, step: int, i: int) -> np.ndarray:

@@ -42,7 +42,8 @@ class ServerConfig:
                       every request), none (verify the root only: no speculation).
     history_path      directory of the history snapshot: loaded at worker start when it
                       holds one, saved every ``snapshot_interval`` finished requests and at
-                      shutdown. None keeps history in memory only.
+                      shutdown; it holds the history window and the length predictor's
+                      finished lengths. None keeps history in memory only.
     snapshot_interval finished requests between two snapshot saves (0 = only at shutdown).
     strict_snapshot   a snapshot that cannot be loaded stops the worker (True) or is
                       logged and ignored, the worker starting with empty history (False,
@@ -234,7 +235,12 @@ def validate_for_server(options: DasOptions) -> DasOptions:
 
         if snapshot_file(where).exists():
             try:
-                load_history(where)
+                _, meta = load_history(where)
+                lengths = (meta or {}).get("das_lengths")
+                if lengths is not None:  # the length predictor's part must restore too
+                    from das_sglang.core.length_predictor import LengthPredictor
+
+                    LengthPredictor(options.policy).restore(lengths)
             except ValueError as e:
                 raise ValueError(f"invalid {ENV} server.history_path={path!r}: {e}") from None
     return options

@@ -620,6 +620,7 @@ class DasSession:
         from das_sglang.core.snapshot import PeriodicSnapshot, load_history_or_empty
 
         history, meta = load_history_or_empty(server.history_path, strict=server.strict_snapshot)
+        self._restore_lengths(meta, server.strict_snapshot)
         self._mirror = {}
         if history:
             # Advance first: the drafter refuses history from steps after its current one.
@@ -670,10 +671,32 @@ class DasSession:
         return {p: dict(steps) for p, steps in self._mirror.items()}
 
     def _snapshot_meta(self) -> dict:
-        return {
+        meta = {
             "das_step_clock": {str(k): v for k, v in self.clock.known().items()},
             "das_counters": dict(self.counters),
         }
+        state = getattr(getattr(self.policy, "lengths", None), "state", None)
+        if state is not None:  # the length predictor's finished lengths (restored at start)
+            meta["das_lengths"] = state()
+        return meta
+
+    def _restore_lengths(self, meta: dict | None, strict: bool) -> None:
+        """Give the length predictor the finished lengths a snapshot saved, so requests are
+        classified from their problems' history from the first plan on. A bad entry is
+        logged and the lengths ignored (the history still loads), or raises with
+        ``strict_snapshot``."""
+        state = (meta or {}).get("das_lengths")
+        restore = getattr(getattr(self.policy, "lengths", None), "restore", None)
+        if state is None or restore is None:
+            return
+        try:
+            n = restore(state)
+        except ValueError as e:
+            if strict:
+                raise ValueError(f"snapshot in {self.options.server.history_path}: {e}") from None
+            _log.warning("DAS: the snapshot's finished lengths were ignored: %s", e)
+            return
+        _log.info("DAS: restored %d finished lengths for the length predictor", n)
 
     def close(self) -> None:
         """Idempotent (atexit may call it after an explicit close)."""

@@ -108,3 +108,41 @@ def test_heap_trim_waits_until_no_request_is_live(monkeypatch, async_updates):
         s.drop("c")  # the last live request left: the trim that was due runs now
         assert trims[n:] == [kind]
     assert s.drafter.step >= 3
+
+
+def test_snapshot_restores_the_length_predictor(tmp_path):
+    """A restarted worker classifies requests from the finished lengths it saved (not only
+    from finishes it sees after the restart)."""
+    raw = '{"server": {"history_path": "%s", "snapshot_interval": 1}}' % tmp_path
+    opts = load_options(8, raw)
+    s = DasSession(opts)
+    for i, n in enumerate([3, 5, 40, 41, 42]):
+        rid = f"r{i}"
+        s.start(rid, {"das_problem_id": "p", "das_step": 1}, [1, 2], [3], max_new_tokens=64)
+        s.finished(rid, [1, 2], list(range(3, 3 + n)))
+    s.snapshot.wait()
+    again = DasSession(opts)
+    a, b = s.policy.lengths, again.policy.lengths
+    a.sync()
+    b.sync()
+    assert b.num_lengths == a.num_lengths == 5
+    assert b.initial_class("p") == a.initial_class("p") is not None
+    g, m = np.array([0, 10]), np.array([64, 64])
+    assert [np.asarray(x).tolist() for x in b.predict_many(["p", "p"], g, m)] == \
+        [np.asarray(x).tolist() for x in a.predict_many(["p", "p"], g, m)]
+    s.close()
+    again.close()
+
+
+def test_bad_saved_lengths_are_ignored_unless_strict(tmp_path):
+    from das_sglang.core.snapshot import save_history
+
+    bad = {"step": 1, "problems": ["p"], "columns": [[0], [1], [-3]]}
+    save_history(tmp_path, {"p": {1: [np.array([1, 2, 3], np.int32)]}}, {"das_lengths": bad})
+    raw = '{"server": {"history_path": "%s"%s}}'
+    with pytest.raises(ValueError, match=r"snapshot in .*entry 0 .*\(0, 1, -3\)"):
+        DasSession(load_options(8, raw % (tmp_path, ', "strict_snapshot": true')))
+    lenient = DasSession(load_options(8, raw % (tmp_path, "")))
+    assert [t.tolist() for t in lenient.drafter.history()["p"][1]] == [[1, 2, 3]]  # history loads
+    assert lenient.policy.lengths.num_lengths == 0
+    lenient.close()  # (its save then holds the history and its own, valid, lengths)

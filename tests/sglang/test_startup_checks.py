@@ -106,6 +106,18 @@ def test_strict_snapshot_that_cannot_load_is_refused_up_front(tiny_model, monkey
         _resolve(tiny_model, monkeypatch, cfg, speculative_algorithm="DAS")
 
 
+def test_strict_snapshot_with_bad_saved_lengths_is_refused_up_front(tiny_model, monkeypatch, tmp_path):
+    import numpy as np
+
+    from das_sglang.core.snapshot import save_history
+
+    bad = {"step": 1, "problems": ["p"], "columns": [[0], [1], [-3]]}
+    save_history(tmp_path, {"p": {1: [np.array([1, 2, 3], np.int32)]}}, {"das_lengths": bad})
+    cfg = json.dumps({"server": {"history_path": str(tmp_path), "strict_snapshot": True}})
+    with pytest.raises(ValueError, match=r"history_path.*entry 0 .*\(0, 1, -3\)"):
+        _resolve(tiny_model, monkeypatch, cfg, speculative_algorithm="DAS")
+
+
 def test_docs_options_table_is_generated_from_the_dataclasses():
     docs = (ROOT / "docs" / "sglang.md").read_text()
     assert TABLE_BEGIN in docs and TABLE_END in docs
