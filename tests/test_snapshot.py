@@ -329,3 +329,24 @@ class TestPeriodicSnapshot:
     def test_negative_every_n(self, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"every_n=-1"):
             PeriodicSnapshot(tmp_path, lambda: {}, every_n=-1)
+
+
+def test_meta_arrays_round_trip_compactly(tmp_path):
+    """Numpy arrays in meta (the length predictor's columns) are stored as base64 bytes and
+    read back as arrays of the same dtype, shape and values; non-numeric arrays are refused."""
+    import numpy as np
+
+    from das_sglang.core.snapshot import load_history, save_history, snapshot_file
+
+    cols = np.arange(3 * 5000, dtype=np.int64).reshape(3, 5000) * 7919
+    meta = {"das_lengths": {"step": 3, "problems": ["a"], "columns": cols}, "x": np.int64(4),
+            "f": np.arange(4, dtype=np.float32)}
+    save_history(tmp_path, {"a": {1: [np.array([1, 2], np.int32)]}}, meta)
+    _, back = load_history(tmp_path)
+    got = back["das_lengths"]["columns"]
+    assert got.dtype == np.int64 and got.shape == (3, 5000) and np.array_equal(got, cols)
+    assert back["x"] == 4 and back["f"].dtype == np.float32 and back["f"].tolist() == [0, 1, 2, 3]
+    # compact: the base64 of the bytes, not a list of 15,000 numbers
+    assert snapshot_file(tmp_path).stat().st_size < 15000 * 8 * 4 / 3 + 4096
+    with pytest.raises(ValueError, match="not JSON"):
+        save_history(tmp_path, {}, {"bad": np.array(["s"], dtype=object)})

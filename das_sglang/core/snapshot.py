@@ -9,6 +9,7 @@ is one file, ``<dir>/history.dassnap``, laid out as::
     index_n  u64 LE    bytes of the JSON index
     payload  u64 LE    bytes of the token payload (a multiple of 4)
     index    JSON      {"meta": ..., "problems": [[problem_id, [[step, [len, ...]], ...]], ...]}
+                       (numpy arrays in meta: {"__ndarray__": base64 bytes, "dtype", "shape"})
     tokens   int32 LE  every sequence, concatenated in index order
     sha256   32 bytes  over everything above
 
@@ -22,6 +23,8 @@ temp another live writer (e.g. another tensor-parallel rank) is writing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -110,11 +113,21 @@ def _encode_index(
     return index.encode(), arrays
 
 
+_NDARRAY = "__ndarray__"  # meta's encoding of a numpy array: base64 bytes + dtype + shape
+
+
 def _json_numpy(obj: Any) -> Any:
-    """Meta may carry numpy arrays and scalars (e.g. the length predictor's columns): they
-    become lists and numbers here, on the writer thread, not where the view was taken."""
+    """Meta may carry numpy arrays and scalars (e.g. the length predictor's columns),
+    encoded here, on the writer thread, not where the view was taken. An array is its
+    bytes in base64 (``{"__ndarray__", "dtype", "shape"}``, read back as an array by
+    ``load_history``), not a JSON list: json.dumps holds the GIL for the whole call, and
+    131k lengths x 3 as a list took 50 ms of it (base64: 6 ms)."""
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        a = np.ascontiguousarray(obj)
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"arrays of {a.dtype} are not JSON serializable")
+        return {_NDARRAY: base64.b64encode(a.tobytes()).decode("ascii"), "dtype": a.dtype.str,
+                "shape": list(a.shape)}
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):
@@ -237,13 +250,23 @@ def _decode(file: Path, buf: bytearray) -> tuple[History, dict[str, Any]]:
     return _split(file, index["problems"], tokens), index["meta"]
 
 
+def _ndarray_hook(obj: dict) -> Any:
+    if _NDARRAY not in obj:
+        return obj
+    dtype = np.dtype(obj["dtype"])
+    if dtype.kind not in "biuf":
+        raise ValueError(f"array of dtype {dtype} in meta")
+    a = np.frombuffer(base64.b64decode(obj[_NDARRAY], validate=True), dtype=dtype)
+    return a.reshape([int(n) for n in obj["shape"]])
+
+
 def _parse_index(file: Path, raw: bytes) -> dict[str, Any]:
     try:
-        index = json.loads(raw)
+        index = json.loads(raw, object_hook=_ndarray_hook)
         if not isinstance(index, dict) or not isinstance(index["problems"], list):
             raise TypeError("index is not an object with a 'problems' list")
         return index
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, binascii.Error) as e:
         # The checksum passed, so this is a writer bug, not disk corruption; still say where.
         raise SnapshotError(f"{file}: malformed index: {e}") from None
 
