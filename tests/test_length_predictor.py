@@ -163,6 +163,18 @@ def test_restore_into_a_later_step_keeps_only_the_window():
     assert later.num_lengths == 25 and later.state()["step"] == 7
 
 
+def test_restore_at_an_earlier_caller_step_files_later_lengths_at_it():
+    """A worker restored at step 3 (its newest history) from a predictor saved at step 5:
+    the predictor stays at 3, so the worker's next steps never fall behind it."""
+    saved = _stepped()
+    p = LengthPredictor(PolicyConfig(length_window_steps=3))
+    assert p.restore(saved.state(), at=3) == 48
+    st = p.state()
+    assert st["step"] == 3 and int(st["columns"][1].max()) == 3
+    p.advance_step(4)  # the worker's next step: no "steps only advance" error
+    assert p.num_lengths == 48
+
+
 @pytest.mark.parametrize("bad, match", [
     ([], "expected a dict"),
     ({"step": 1, "problems": ["a"], "columns": [[0], [1]]}, "3 rows of ints"),

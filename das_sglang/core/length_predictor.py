@@ -181,17 +181,19 @@ class LengthPredictor(_LengthQueries):
 
     # ---- snapshots -------------------------------------------------------------------
     def state(self) -> dict:
-        """The finished lengths for a history snapshot's meta (JSON-able once the snapshot
-        writer turns the array into lists): ``{"step", "problems", "columns"}``, columns =
-        (problem index into ``problems``, step, length) per finished request. A copy: it may
-        be handed to another thread."""
+        """The finished lengths for a history snapshot's meta (the snapshot writer encodes
+        the array): ``{"step", "problems", "columns"}``, columns = (problem index into
+        ``problems``, step, length) per finished request. A copy: it may be handed to
+        another thread."""
         return {"step": int(self._step), "problems": list(self._pids),
                 "columns": self._cols[:, : self._n].copy()}
 
-    def restore(self, state: dict) -> int:
+    def restore(self, state: dict, at: int | None = None) -> int:
         """Add the lengths of another predictor's :meth:`state` (a snapshot written by an
-        earlier process), so a restarted server predicts from them at once. The predictor's
-        step becomes the later of both; lengths older than its window are dropped as
+        earlier process), so a restarted server predicts from them at once. ``at``: the
+        caller's current step (default: the state's); the predictor moves up to it, a length
+        filed at a later step counts as of it (the caller's steps, which only advance, then
+        never fall behind the predictor's), and lengths older than the window are dropped as
         ``advance_step`` drops them. Returns how many lengths it now holds from ``state``.
         Raises ValueError naming the defect, adding nothing."""
         if not isinstance(state, dict):
@@ -216,8 +218,10 @@ class LengthPredictor(_LengthQueries):
                 raise ValueError(f"invalid length state: entry {j} (problem index, step, length) = "
                                  f"{tuple(int(v) for v in cols[:, j])} (need a listed problem, "
                                  f"0 <= step <= {int(step)}, length >= 0)")
-        if int(step) > self._step:
-            self.advance_step(int(step))
+        now = int(step) if at is None else int(at)
+        if now > self._step:
+            self.advance_step(now)
+        cols[1] = np.minimum(cols[1], self._step)
         remap = np.empty(len(problems), np.int64)
         for k, p in enumerate(problems):
             i = self._pid_index.get(p)

@@ -620,7 +620,6 @@ class DasSession:
         from das_sglang.core.snapshot import PeriodicSnapshot, load_history_or_empty
 
         history, meta = load_history_or_empty(server.history_path, strict=server.strict_snapshot)
-        self._restore_lengths(meta, server.strict_snapshot)
         self._mirror = {}
         if history:
             # Advance first: the drafter refuses history from steps after its current one.
@@ -636,6 +635,7 @@ class DasSession:
                 self.options.drafter.window_steps, self.step,
                 {int(k): int(v) for k, v in saved.items()},
             )
+        self._restore_lengths(meta, server.strict_snapshot)  # (at the restored step)
         if not write:
             self._mirror = None  # nothing to write: no copy of the history to keep
             return None
@@ -690,7 +690,7 @@ class DasSession:
         if state is None or restore is None:
             return
         try:
-            n = restore(state)
+            n = restore(state, self.step)
         except ValueError as e:
             if strict:
                 raise ValueError(f"snapshot in {self.options.server.history_path}: {e}") from None
