@@ -53,7 +53,9 @@ What else the machine did (``machine_load.py``), so a slow tail can be told from
 host path: per batch ``machine`` -- per configuration the CPU other tasks took, DAMON's
 ``kdamond`` thread and hypervisor steal, in ms per step, and per block of the current path's
 steps (``--interleave``) its slowest step beside the CPU other tasks / kdamond took in that
-block (10 ms ticks) -- and ``machine_info`` (CPUs, DAMON monitors: a ``paddr`` monitor with a
+block (10 ms ticks), and ``quiet``: p50 / p99 / max over the blocks where other tasks took at
+most 10 % of one CPU (the host path when the machine leaves it alone; the issue's keys stay
+over every step) -- and ``machine_info`` (CPUs, DAMON monitors: a ``paddr`` monitor with a
 ``pageout`` scheme took 12-14 ms of CPU per 512-row step on the issue-12 VM; docs/design.md
 "Host path").
 """
@@ -340,17 +342,31 @@ def _machine(loads: dict, n_blocks: dict, blocks: list, times: list, args) -> di
             v = total.get(k)
             per[k.replace("_s", "_ms_per_step")] = None if v is None else v * 1e3 / max(1, steps)
         out["baseline" if legacy else "current"] = per
-    rows = []
+    rows, quiet = [], []
     for k, used in enumerate(blocks):
         lo, hi = k * args.interleave - args.warmup, (k + 1) * args.interleave - args.warmup
         sel = times[max(0, lo):max(0, hi)]
         if not sel:
             continue
+        others = used["others_cpu_s"]
         rows.append({"steps": [max(0, lo), hi], "max_ms": max(sel),
-                     "others_cpu_ms": None if used["others_cpu_s"] is None else used["others_cpu_s"] * 1e3,
+                     "others_cpu_ms": None if others is None else others * 1e3,
                      "kdamond_cpu_ms": None if used["kdamond_cpu_s"] is None else used["kdamond_cpu_s"] * 1e3})
+        if others is not None and others <= QUIET_SHARE * used["wall_s"]:
+            quiet.append(sel)
     out["blocks"] = rows
+    # The same run's steps in the blocks where other tasks took at most QUIET_SHARE of one
+    # CPU: what this host path costs when the machine leaves it alone (not the issue's
+    # keys, which are over every step).
+    q = [t for sel in quiet for t in sel]
+    out["quiet"] = {"rule": f"blocks where other tasks took <= {QUIET_SHARE:.0%} of one CPU",
+                    "blocks": len(quiet), "steps": len(q),
+                    **({"p50_ms": float(np.percentile(q, 50)), "p99_ms": float(np.percentile(q, 99)),
+                        "max_ms": float(max(q))} if q else {"p50_ms": None, "p99_ms": None, "max_ms": None})}
     return out
+
+
+QUIET_SHARE = 0.1  # _machine's "quiet" blocks: other tasks' CPU <= this share of the wall time
 
 
 def main(argv=None) -> int:
@@ -461,6 +477,10 @@ def main(argv=None) -> int:
                   f"{s.get('boundary_max_ms', 0):.2f}); history {st.tokens} tokens; phases p50 "
                   + " ".join(f"{k} {v:.2f}" for k, v in o["phases"].items()), flush=True)
         m = entry["machine"]["current"]
+        qt = entry["machine"]["quiet"]
+        if qt["steps"]:
+            print(f"           quiet blocks ({qt['blocks']}, {qt['steps']} steps): p50 {qt['p50_ms']:.3f} "
+                  f"p99 {qt['p99_ms']:.3f} max {qt['max_ms']:.3f} ms", flush=True)
         if m.get("others_cpu_ms_per_step") is not None:
             kd = m["kdamond_cpu_ms_per_step"]
             print(f"           machine during the current path's steps: other tasks took "

@@ -67,10 +67,33 @@ def test_bench_host_path_writes_the_issue_keys_and_the_machine_load(tmp_path):
         assert e[k] > 0.0
     assert e["steps"] == 20 and len(e["per_step_ms"]) == 20
     m = e["machine"]
-    assert set(m) == {"current", "baseline", "blocks"}
+    assert set(m) == {"current", "baseline", "blocks", "quiet"}
+    q = m["quiet"]
+    assert 0 <= q["blocks"] <= 2 and q["steps"] == 10 * q["blocks"]
+    if q["steps"]:
+        assert q["p50_ms"] <= q["p99_ms"] <= q["max_ms"] <= e["max_ms"]
     assert m["current"]["own_cpu_ms_per_step"] > 0.0
     # the timed steps (after the 10-step warm-up) in blocks of --interleave (10)
     assert [b["steps"] for b in m["blocks"]] == [[0, 10], [10, 20]]
     assert all(b["max_ms"] <= e["max_ms"] for b in m["blocks"])
     assert max(b["max_ms"] for b in m["blocks"]) == e["max_ms"]
     assert d["machine_info"]["cpus"] >= 1 and isinstance(d["machine_info"]["damon"], list)
+
+
+def test_quiet_blocks_are_those_where_other_tasks_left_the_machine_alone():
+    """bench_host_path's ``quiet`` statistics: only the steps of blocks where other tasks
+    took at most QUIET_SHARE of one CPU (here the 2nd and 4th of four 10-step blocks)."""
+    from types import SimpleNamespace
+
+    import bench_host_path as bh
+
+    args = SimpleNamespace(interleave=10, warmup=10)
+    times = [1.0] * 10 + [50.0] * 10 + [2.0] * 10 + [60.0] * 10  # 40 timed steps
+    block = lambda others: {"wall_s": 1.0, "others_cpu_s": others, "kdamond_cpu_s": others,  # noqa: E731
+                            "steal_s": 0.0, "own_cpu_s": 1.0}
+    blocks = [block(0.0), block(0.05), block(0.9), block(0.02), block(0.5)]  # first: warm-up
+    m = bh._machine({False: {}}, {False: 5}, blocks, times, args)
+    assert [b["steps"] for b in m["blocks"]] == [[0, 10], [10, 20], [20, 30], [30, 40]]
+    q = m["quiet"]
+    assert (q["blocks"], q["steps"]) == (2, 20)
+    assert q["p50_ms"] == 1.5 and q["max_ms"] == 2.0  # steps 0-9 (1.0) and 20-29 (2.0)
