@@ -82,16 +82,18 @@ def test_bench_host_path_writes_the_issue_keys_and_the_machine_load(tmp_path):
 
 def test_quiet_blocks_are_those_where_other_tasks_left_the_machine_alone():
     """bench_host_path's ``quiet`` statistics: only the steps of blocks where other tasks
-    took at most QUIET_SHARE of one CPU (here the 2nd and 4th of four 10-step blocks)."""
+    and steal took at most QUIET_SHARE of one CPU (here the 1st and 3rd of four 10-step
+    blocks)."""
     from types import SimpleNamespace
 
     import bench_host_path as bh
 
     args = SimpleNamespace(interleave=10, warmup=10)
     times = [1.0] * 10 + [50.0] * 10 + [2.0] * 10 + [60.0] * 10  # 40 timed steps
-    block = lambda others: {"wall_s": 1.0, "others_cpu_s": others, "kdamond_cpu_s": others,  # noqa: E731
-                            "steal_s": 0.0, "own_cpu_s": 1.0}
-    blocks = [block(0.0), block(0.05), block(0.9), block(0.02), block(0.5)]  # first: warm-up
+    block = lambda others, steal=0.0: {"wall_s": 1.0, "others_cpu_s": others,  # noqa: E731
+                                       "kdamond_cpu_s": others, "steal_s": steal, "own_cpu_s": 1.0}
+    # first: warm-up; the 3rd timed one is quiet of tasks but not of steal
+    blocks = [block(0.0), block(0.05), block(0.02, steal=0.3), block(0.02), block(0.5)]
     m = bh._machine({False: {}}, {False: 5}, blocks, times, args)
     assert [b["steps"] for b in m["blocks"]] == [[0, 10], [10, 20], [20, 30], [30, 40]]
     q = m["quiet"]
