@@ -56,7 +56,7 @@ steps (``--interleave``) its slowest step beside the CPU other tasks / kdamond t
 block (10 ms ticks), and ``quiet``: p50 / p99 / max over the blocks where other tasks and
 steal took at most 10 % of one CPU (the host path when the machine leaves it alone; the issue's keys stay
 over every step) -- and ``machine_info`` (CPUs, DAMON monitors: a ``paddr`` monitor with a
-``pageout`` scheme took 12-14 ms of CPU per 512-row step on the issue-12 VM; docs/design.md
+``pageout`` scheme took 11-26 ms of CPU per step on the issue-12 VM; docs/design.md
 "Host path").
 """
 

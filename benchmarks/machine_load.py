@@ -94,7 +94,8 @@ class MachineLoad:
             busy = (self.stat[0] - before.stat[0]) * _TICK
             out["others_cpu_s"] = max(0.0, busy - out["own_cpu_s"])
             out["steal_s"] = (self.stat[1] - before.stat[1]) * _TICK
-        if self.kdamond is not None and before.kdamond is not None:
+        if self.kdamond is not None and before.kdamond is not None and self.kdamond >= before.kdamond:
+            # (a monitor restarted in between gets a new thread: its CPU is then unknown)
             out["kdamond_cpu_s"] = (self.kdamond - before.kdamond) * _TICK
         return out
 
