@@ -155,8 +155,7 @@ class LengthPredictor(_LengthQueries):
         if i is None:
             i = self._pid_index[problem_id] = len(self._pids)
             self._pids.append(problem_id)
-        if self._n == self._cols.shape[1]:
-            self._cols = np.concatenate([self._cols, np.zeros_like(self._cols)], axis=1)
+        self._reserve(1)
         self._cols[:, self._n] = (i, self._step, int(length))
         self._n += 1
         self._version += 1
@@ -230,15 +229,18 @@ class LengthPredictor(_LengthQueries):
                 self._pids.append(p)
             remap[k] = i
         n = cols.shape[1]
-        while self._n + n > self._cols.shape[1]:
-            self._cols = np.concatenate([self._cols, np.zeros_like(self._cols)], axis=1)
+        self._reserve(n)
         if n:
             self._cols[:, self._n: self._n + n] = np.stack([remap[cols[0]], cols[1], cols[2]])
             self._n += n
         before = self._n
-        self.advance_step(self._step)  # the window, as for lengths observed here
-        self._version += 1
+        self.advance_step(self._step)  # the window, as for lengths observed here (bumps the version)
         return n - (before - self._n)
+
+    def _reserve(self, n: int) -> None:
+        """Room for ``n`` more lengths (the columns double as they fill)."""
+        while self._n + n > self._cols.shape[1]:
+            self._cols = np.concatenate([self._cols, np.zeros_like(self._cols)], axis=1)
 
     def evict_problems(self, problem_ids) -> int:
         """Forget every finished length of ``problem_ids`` (memory cap); returns how many."""
