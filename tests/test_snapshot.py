@@ -66,9 +66,14 @@ class TestRoundTrip:
             assert snapshot_file(tmp_path / str(size)).read_bytes() == snapshot_file(tmp_path / "one").read_bytes()
         _assert_same(hist, load_history(tmp_path / "64")[0])
         monkeypatch.setattr(snapshot, "_CHUNK_BYTES", 64)  # 40 + 80 B, then 120 B, then 0 + 20 B
-        parts = list(snapshot._body(b"h", b"i", [np.arange(n, dtype=np.int32) for n in (10, 20, 30, 0, 5)]))
-        assert [len(bytes(p)) for p in parts[2:]] == [120, 120, 20] and b"".join(bytes(p) for p in parts[2:]) == np.concatenate(
-            [np.arange(n, dtype=np.int32) for n in (10, 20, 30, 0, 5)]).tobytes()
+        lens = np.array([10, 20, 30, 0, 5], np.int32)
+        blob = np.arange(3, dtype=np.float64)
+        parts = list(snapshot._body(b"h", b"i", [lens, [np.arange(n, dtype=np.int32) for n in lens], [blob]]))
+        # header, index, the lengths, then the token chunks, then meta's arrays
+        assert bytes(parts[2]) == lens.tobytes() and bytes(parts[-1]) == blob.tobytes()
+        tokens = parts[3:-1]
+        assert [len(bytes(p)) for p in tokens] == [120, 120, 20] and b"".join(bytes(p) for p in tokens) == np.concatenate(
+            [np.arange(n, dtype=np.int32) for n in lens]).tobytes()
 
     def test_empty_history_and_empty_sequences(self, tmp_path: Path) -> None:
         save_history(tmp_path, {})
@@ -332,21 +337,95 @@ class TestPeriodicSnapshot:
 
 
 def test_meta_arrays_round_trip_compactly(tmp_path):
-    """Numpy arrays in meta (the length predictor's columns) are stored as base64 bytes and
-    read back as arrays of the same dtype, shape and values; non-numeric arrays are refused."""
+    """Numpy arrays in meta (the length predictor's columns) are stored as their bytes in the
+    payload and read back as arrays of the same dtype, shape and values (copies: they do not
+    pin the file's buffer); non-numeric arrays are refused."""
     import numpy as np
 
     from das_sglang.core.snapshot import load_history, save_history, snapshot_file
 
     cols = np.arange(3 * 5000, dtype=np.int64).reshape(3, 5000) * 7919
     meta = {"das_lengths": {"step": 3, "problems": ["a"], "columns": cols}, "x": np.int64(4),
-            "f": np.arange(4, dtype=np.float32)}
+            "f": np.arange(4, dtype=np.float32), "e": np.zeros((0, 3), np.int32)}
     save_history(tmp_path, {"a": {1: [np.array([1, 2], np.int32)]}}, meta)
     _, back = load_history(tmp_path)
     got = back["das_lengths"]["columns"]
     assert got.dtype == np.int64 and got.shape == (3, 5000) and np.array_equal(got, cols)
     assert back["x"] == 4 and back["f"].dtype == np.float32 and back["f"].tolist() == [0, 1, 2, 3]
-    # compact: the base64 of the bytes, not a list of 15,000 numbers
-    assert snapshot_file(tmp_path).stat().st_size < 15000 * 8 * 4 / 3 + 4096
+    assert got.base is None  # a copy
+    assert back["e"].shape == (0, 3) and back["e"].dtype == np.int32
+    # compact: the bytes themselves, not a list of 15,000 numbers in the JSON index
+    assert snapshot_file(tmp_path).stat().st_size < 15000 * 8 + 1024
     with pytest.raises(ValueError, match="not JSON"):
         save_history(tmp_path, {}, {"bad": np.array(["s"], dtype=object)})
+
+
+def _file(version: int, index: dict, payload: bytes) -> bytes:
+    import hashlib
+    import json
+
+    raw = json.dumps(index).encode()
+    body = snapshot._HEADER.pack(snapshot.MAGIC, version, len(raw), len(payload)) + raw + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def test_format_1_files_still_load(tmp_path):
+    """Snapshots written before format 2 (each sequence's length in the JSON index, meta's
+    arrays in base64) load as before: an upgraded worker keeps its history."""
+    import base64
+
+    cols = np.arange(6, dtype=np.int64).reshape(2, 3)
+    index = {"meta": {"c": {"__ndarray__": base64.b64encode(cols.tobytes()).decode(), "dtype": "<i8",
+                            "shape": [2, 3]}, "k": 1},
+             "problems": [["a", [[0, [2, 3]], [1, [0]]]], ["b", [[4, [1]]]]]}
+    tokens = np.array([1, 2, 3, 4, 5, 6], np.int32)
+    snapshot_file(tmp_path).write_bytes(_file(1, index, tokens.tobytes()))
+    hist, meta = load_history(tmp_path)
+    _assert_same({"a": {0: [np.array([1, 2]), np.array([3, 4, 5])], 1: [np.zeros(0)]},
+                  "b": {4: [np.array([6])]}}, hist)
+    assert meta["k"] == 1 and np.array_equal(meta["c"], cols)
+    # and this build writes format 2, which it reads back the same
+    save_history(tmp_path / "v2", hist, meta)
+    assert snapshot_file(tmp_path / "v2").read_bytes()[8:12] == (2).to_bytes(4, "little") == FORMAT_VERSION.to_bytes(4, "little")
+    hist2, meta2 = load_history(tmp_path / "v2")
+    _assert_same(hist, hist2)
+    assert meta2["k"] == 1 and np.array_equal(meta2["c"], cols)
+
+
+def test_index_size_does_not_grow_with_sequences(tmp_path):
+    """Format 2 keeps the sequence lengths out of the JSON index: its size depends on the
+    problem-steps, not on how many sequences they hold (json.dumps holds a background
+    writer's GIL for the whole call)."""
+    def index_bytes(n_seqs: int) -> int:
+        hist = {"p": {3: [np.arange(i % 7, dtype=np.int32) for i in range(n_seqs)]}}
+        d = tmp_path / str(n_seqs)
+        save_history(d, hist)
+        raw = snapshot_file(d).read_bytes()
+        assert load_history(d)[0]["p"][3][5].tolist() == list(range(5))
+        return snapshot._HEADER.unpack_from(raw)[2]
+
+    # only digits differ: the group's and the file's sequence counts (10 -> 10000) and the
+    # token count (24 -> 29994)
+    assert index_bytes(10) + 9 == index_bytes(10_000) < 80
+
+
+@pytest.mark.parametrize("index, payload, match", [
+    ({"meta": {}, "problems": [["a", [[0, 2]]]], "sequences": 2, "tokens": 5},
+     np.array([2, 2, 1, 2, 3, 4, 5], np.int32), "do not add up to 5"),
+    ({"meta": {}, "problems": [["a", [[0, 3]]]], "sequences": 2, "tokens": 3},
+     np.array([1, 2, 1, 2, 3], np.int32), "3 sequences past the 2"),
+    ({"meta": {}, "problems": [["a", [[0, 1]]]], "sequences": 2, "tokens": 3},
+     np.array([1, 2, 1, 2, 3], np.int32), "lists 1 sequences but the payload holds 2"),
+    ({"meta": {}, "problems": [], "sequences": 9, "tokens": 0},
+     np.zeros(2, np.int32), "do not fit the 8-byte payload"),
+    ({"meta": {"x": {"__array__": [0, 64], "dtype": "<i8", "shape": [8]}}, "problems": [],
+      "sequences": 0, "tokens": 0}, np.zeros(2, np.int32), "outside the payload's 8-byte array section"),
+    ({"meta": {}, "problems": []}, np.zeros(0, np.int32), "'sequences'"),
+])
+def test_malformed_format_2_index_is_named(tmp_path, index, payload, match):
+    """A format-2 file whose checksum holds but whose index does not match its payload (a
+    writer bug, not disk corruption) is a SnapshotError naming the file and the defect."""
+    snapshot_file(tmp_path).write_bytes(_file(2, index, payload.tobytes()))
+    with pytest.raises(SnapshotError, match=match) as e:
+        load_history(tmp_path)
+    assert str(snapshot_file(tmp_path)) in str(e.value)
