@@ -429,3 +429,30 @@ def test_malformed_format_2_index_is_named(tmp_path, index, payload, match):
     with pytest.raises(SnapshotError, match=match) as e:
         load_history(tmp_path)
     assert str(snapshot_file(tmp_path)) in str(e.value)
+
+
+def test_token_group_is_an_immutable_sequence_of_arrays():
+    a, b, c = (np.array(x, np.int32) for x in ([1, 2, 3], [], [7, 8]))
+    g0 = snapshot.TokenGroup.of([a, b])
+    g = g0.plus(c)
+    assert len(g0) == 2 and len(g) == 3 and g0.flat.tolist() == [1, 2, 3]  # g0 unchanged
+    assert [x.tolist() for x in g] == [[1, 2, 3], [], [7, 8]] and g[-1].tolist() == [7, 8]
+    assert [x.tolist() for x in g[1:]] == [[], [7, 8]] and g.lens.tolist() == [3, 0, 2]
+    assert all(x.dtype == np.int32 for x in g)
+    with pytest.raises(IndexError, match="index 3 out of range"):
+        g[3]
+    empty = snapshot.TokenGroup.of([])
+    assert len(empty) == 0 and list(empty) == [] and empty.plus(a)[0].tolist() == [1, 2, 3]
+
+
+def test_token_groups_write_the_same_file_as_arrays(tmp_path):
+    """The worker's mirror (TokenGroups: one array per problem-step, no Python step per
+    sequence in the writer) gives the same bytes as the same history as lists of arrays."""
+    hist = _history(seed=7, problems=4, steps=3, per_step=5)
+    hist["z"] = {9: [np.zeros(0, np.int32)], 10: []}
+    grouped = {p: {s: snapshot.TokenGroup.of(seqs) for s, seqs in steps.items()} for p, steps in hist.items()}
+    meta = {"m": np.arange(5)}
+    save_history(tmp_path / "a", hist, meta)
+    save_history(tmp_path / "g", grouped, meta)
+    assert snapshot_file(tmp_path / "a").read_bytes() == snapshot_file(tmp_path / "g").read_bytes()
+    _assert_same(hist, load_history(tmp_path / "g")[0])

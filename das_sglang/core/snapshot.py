@@ -63,6 +63,47 @@ History = dict[str, dict[int, list[np.ndarray]]]
 _log = logging.getLogger(__name__)
 
 
+class TokenGroup(Sequence):
+    """The sequences of one problem-step as one int32 array and their lengths: an
+    immutable sequence of int32 arrays (views), which ``save_history`` writes without a
+    Python step per sequence. The worker's history mirror holds these (at RL scale 8k
+    problem-steps instead of 131k arrays), so a background writer's encode holds the GIL
+    in a loop over problem-steps, not sequences. ``plus`` returns a new group."""
+
+    __slots__ = ("flat", "lens")
+
+    def __init__(self, flat: np.ndarray, lens: np.ndarray) -> None:
+        self.flat = flat  # int32, contiguous; never written after construction
+        self.lens = lens  # int32, one per sequence, summing to len(flat)
+
+    @classmethod
+    def of(cls, seqs: Iterable[Any]) -> TokenGroup:
+        arrays = [_as_int32(t, "", 0, i) for i, t in enumerate(seqs)]
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, _INT32)
+        return cls(flat, np.array([len(a) for a in arrays], _INT32))
+
+    def plus(self, tokens: np.ndarray) -> TokenGroup:
+        """This group with one more sequence (``tokens``: an int32 array)."""
+        return TokenGroup(np.concatenate([self.flat, tokens]).astype(_INT32, copy=False),
+                          np.append(self.lens, np.int32(len(tokens))))
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        n = len(self.lens)
+        if not -n <= i < n:
+            raise IndexError(f"TokenGroup index {i} out of range ({n} sequences)")
+        i %= n
+        start = int(self.lens[:i].sum(dtype=np.int64))
+        return self.flat[start : start + int(self.lens[i])]
+
+    def __repr__(self) -> str:
+        return f"TokenGroup({len(self)} sequences, {len(self.flat)} tokens)"
+
+
 class SnapshotError(ValueError):
     """A snapshot file that cannot be used: the message names the file and the defect."""
 
@@ -105,7 +146,7 @@ def _encode(
         raise ValueError(f"history must be a mapping problem_id -> {{step: [tokens]}}, got {type(history).__name__}")
     problems: list[list[Any]] = []
     arrays: list[np.ndarray] = []
-    lengths: list[int] = []
+    lengths: list[Any] = []  # ints, and arrays of a TokenGroup's lengths
     for problem_id, steps in history.items():
         if not isinstance(problem_id, str):
             raise ValueError(f"history problem_id {problem_id!r}: must be a str")
@@ -115,9 +156,14 @@ def _encode(
         for step, seqs in steps.items():
             if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
                 raise ValueError(f"history[{problem_id!r}] step {step!r}: must be an int")
+            if type(seqs) is TokenGroup:  # the worker's mirror: no step per sequence
+                arrays.append(seqs.flat)
+                lengths.append(seqs.lens)
+                step_rows.append([int(step), len(seqs)])
+                continue
             tokens = [_as_int32(t, problem_id, int(step), i) for i, t in enumerate(seqs)]
             arrays.extend(tokens)
-            lengths.extend(map(len, tokens))
+            lengths.append(np.fromiter(map(len, tokens), _INT32, len(tokens)))
             step_rows.append([int(step), len(tokens)])
         problems.append([problem_id, step_rows])
     blobs: list[np.ndarray] = []
@@ -138,7 +184,7 @@ def _encode(
             return ref
         return _json_scalar(obj)
 
-    lens = np.array(lengths, dtype=_INT32)
+    lens = np.concatenate(lengths) if lengths else np.zeros(0, _INT32)
     n_tokens = int(lens.sum(dtype=np.int64))
     try:
         index = json.dumps({"meta": dict(meta or {}), "problems": problems, "sequences": len(lens),

@@ -22,6 +22,7 @@ from das_sglang.core.budget_rows import BudgetRows
 from das_sglang.core.draft_tree import DraftBatch
 from das_sglang.core.drafter import _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
+from das_sglang.core.snapshot import TokenGroup
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
     PROBLEM_KEY,  # noqa: F401  (re-exported)
@@ -206,8 +207,9 @@ class DasSession:
         # steps_opened = new clock steps, root_only = requests verified at width 0.
         self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0}
         self.clock = StepClock(options.drafter.window_steps)
-        # History mirror for snapshots (problem -> step -> tuple of token arrays; tuples so
-        # a background writer can hold a view while the scheduler thread goes on).
+        # History mirror for snapshots (problem -> step -> TokenGroup: immutable, so a
+        # background writer can hold a view while the scheduler thread goes on, and one
+        # array per problem-step, so the writer's encode has no Python step per sequence).
         self._mirror: dict[str, dict[int, tuple]] | None = None
         self._tagged_since_flush = False
         self._updates = _Updates() if options.server.async_updates else None
@@ -578,7 +580,8 @@ class DasSession:
             self._check_cap()
         if stored and self._mirror is not None:
             steps = self._mirror.setdefault(live.problem_id, {})
-            steps[live.step] = steps.get(live.step, ()) + (tokens,)
+            group = steps.get(live.step)
+            steps[live.step] = group.plus(tokens) if group is not None else TokenGroup.of((tokens,))
         if self.shards is not None:
             self.shards.on_finished(live.problem_id, live.step, tokens)
         self.policy.observe_finished(live.problem_id, len(output))
@@ -626,7 +629,7 @@ class DasSession:
             self.step = max((s for steps in history.values() for s in steps), default=0)
             self.drafter.advance_step(self.step)
             self.drafter.load_history(history)
-            self._mirror = {p: {s: tuple(seqs) for s, seqs in steps.items()}
+            self._mirror = {p: {s: TokenGroup.of(seqs) for s, seqs in steps.items()}
                             for p, steps in self.drafter.history().items()}
             _log.info("DAS: loaded history of %d problems from %s", len(history),
                       server.history_path)
@@ -666,7 +669,7 @@ class DasSession:
             stats.draft_tokens_accepted = w.get("accepted", 0)
 
     def _history_view(self):
-        """The history as immutable per-step tuples: cheap to take on the scheduler thread
+        """The history as immutable per-step TokenGroups: cheap to take on the scheduler thread
         (one dict per problem), safe for the background writer to read afterwards."""
         return {p: dict(steps) for p, steps in self._mirror.items()}
 

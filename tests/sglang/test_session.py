@@ -57,6 +57,31 @@ def test_history_snapshot_round_trip(tmp_path):
     assert np.array_equal(again.drafter.history()["p"][2][0], s.drafter.history()["p"][2][0])
 
 
+def test_snapshot_mirror_groups_each_problem_step(tmp_path):
+    """The history the background writer saves is one TokenGroup per problem-step (one
+    array, no Python step per sequence in the writer), equal to the drafter's history,
+    after a restart too, and a view taken for a save never changes afterwards."""
+    from das_sglang.core.snapshot import TokenGroup
+
+    raw = '{"server": {"policy": "unlimited", "history_path": "%s", "snapshot_interval": 0}}'
+    opts = load_options(8, raw % tmp_path)
+    s = DasSession(opts)
+    for i, text in enumerate(([3, 4], [5], [6, 7, 8])):
+        s.start(f"r{i}", {"das_problem_id": "p", "das_step": 2}, [1, 2], text[:1], max_new_tokens=8)
+        s.finished(f"r{i}", [1, 2], text)
+        if i == 1:
+            view = s._history_view()
+    group = s._history_view()["p"][2]
+    assert type(group) is TokenGroup and [t.tolist() for t in group] == [[1, 2, 3, 4], [1, 2, 5], [1, 2, 6, 7, 8]]
+    assert [t.tolist() for t in view["p"][2]] == [[1, 2, 3, 4], [1, 2, 5]]  # the earlier view
+    s.snapshot.save()
+    s.snapshot.wait()
+    again = DasSession(opts)
+    g2 = again._history_view()["p"][2]
+    assert type(g2) is TokenGroup and [t.tolist() for t in g2] == [t.tolist() for t in group]
+    assert [t.tolist() for t in again.drafter.history()["p"][2]] == [t.tolist() for t in group]
+
+
 def test_corrupt_snapshot_starts_empty_unless_strict(tmp_path):
     raw = '{"server": {"history_path": "%s"%s}}'
     s = DasSession(load_options(8, raw % (tmp_path, ', "snapshot_interval": 1')))
