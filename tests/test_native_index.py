@@ -193,3 +193,42 @@ class TestMemory:
         ix.remove_sequence(99)
         ix.check_integrity()
         assert ix.num_nodes == before
+
+
+def test_long_inserts_release_the_gil():
+    """add_sequence / extend of a long array run without the GIL (the session's update
+    thread inserts prompts and finished rollouts while the scheduler thread runs Python).
+    Counted, not timed: with a long switch interval the main thread's Python can step
+    while the worker thread is inside the call only if the call released the GIL (holding
+    it, the count stays 0: measured before the release was added)."""
+    import sys
+    import threading
+
+    big = np.random.default_rng(0).integers(0, 50, 200_000, dtype=np.int32)
+    counts = {}
+    state = {"n": 0, "stop": False}
+
+    def worker():
+        ix = SuffixIndex(48)
+        a = state["n"]
+        ix.add_sequence(1, big, 0)
+        b = state["n"]
+        ix.extend(1, big[:100_000])
+        c = state["n"]
+        for i in range(2, 202):  # short ones keep the GIL (cheaper than handing it over)
+            ix.add_sequence(i, big[i : i + 8], 0)
+        counts.update(add=b - a, extend=c - b, seqs=ix.num_sequences)
+        state["stop"] = True
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.2)
+    try:
+        t = threading.Thread(target=worker)
+        t.start()
+        while not state["stop"]:
+            state["n"] += 1
+        t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert counts["seqs"] == 201
+    assert counts["add"] > 0 and counts["extend"] > 0, counts
