@@ -339,9 +339,7 @@ def _decode_v2(file: Path, buf: bytearray, raw: bytes, start: int, payload_n: in
     def array_hook(obj: dict) -> Any:
         if _ARRAY not in obj:
             return obj
-        dtype = np.dtype(obj["dtype"])
-        if dtype.kind not in "biuf":
-            raise ValueError(f"array of dtype {dtype} in meta")
+        dtype = _meta_dtype(obj)
         off, nbytes = (int(x) for x in obj[_ARRAY])
         shape = [int(n) for n in obj["shape"]]
         if off < 0 or nbytes < 0 or off + nbytes > blob_n or nbytes != int(np.prod(shape)) * dtype.itemsize:
@@ -386,12 +384,19 @@ def _decode_v2(file: Path, buf: bytearray, raw: bytes, start: int, payload_n: in
     return history, index["meta"]
 
 
-def _ndarray_hook(obj: dict) -> Any:
-    if _NDARRAY not in obj:
-        return obj
+def _meta_dtype(obj: dict) -> np.dtype:
+    """The dtype of a meta array entry (numeric only)."""
     dtype = np.dtype(obj["dtype"])
     if dtype.kind not in "biuf":
         raise ValueError(f"array of dtype {dtype} in meta")
+    return dtype
+
+
+def _ndarray_hook(obj: dict) -> Any:
+    """Format 1: a meta array as base64 in the JSON index."""
+    if _NDARRAY not in obj:
+        return obj
+    dtype = _meta_dtype(obj)
     a = np.frombuffer(base64.b64decode(obj[_NDARRAY], validate=True), dtype=dtype)
     return a.reshape([int(n) for n in obj["shape"]])
 
