@@ -420,6 +420,8 @@ def test_index_size_does_not_grow_with_sequences(tmp_path):
      np.zeros(2, np.int32), "do not fit the 8-byte payload"),
     ({"meta": {"x": {"__array__": [0, 64], "dtype": "<i8", "shape": [8]}}, "problems": [],
       "sequences": 0, "tokens": 0}, np.zeros(2, np.int32), "outside the payload's 8-byte array section"),
+    ({"meta": {"x": {"__array__": [0, 8], "dtype": "|O", "shape": [1]}}, "problems": [],
+      "sequences": 0, "tokens": 0}, np.zeros(2, np.int32), "array of dtype object in meta"),
     ({"meta": {}, "problems": []}, np.zeros(0, np.int32), "'sequences'"),
 ])
 def test_malformed_format_2_index_is_named(tmp_path, index, payload, match):
