@@ -458,3 +458,23 @@ def test_token_groups_write_the_same_file_as_arrays(tmp_path):
     save_history(tmp_path / "g", grouped, meta)
     assert snapshot_file(tmp_path / "a").read_bytes() == snapshot_file(tmp_path / "g").read_bytes()
     _assert_same(hist, load_history(tmp_path / "g")[0])
+
+
+def test_token_group_appends_without_copying_the_group():
+    """plus is amortised O(new sequence): the newest group appends into spare room of the
+    arrays it views; an older group (a writer's view) never changes, and appending to it
+    again (a branch) copies instead of writing over what the newer group holds."""
+    g = snapshot.TokenGroup.of([])
+    groups = [g]
+    for i in range(300):
+        g = g.plus(np.full(i % 5 + 1, i, np.int32))
+        groups.append(g)
+    bases = {id(x.flat.base) for x in groups[1:]}
+    assert len(bases) <= 12  # 300 appends: a few reallocations (each array grows 1.5x when full)
+    for n, x in enumerate(groups):  # every earlier view still reads what it held
+        assert len(x) == n and [a.tolist() for a in x][-1:] == ([[n - 1] * ((n - 1) % 5 + 1)] if n else [])
+    old = groups[10]
+    branch = old.plus(np.array([77], np.int32))  # not the tip: copies
+    assert branch.flat.base is not old.flat.base
+    assert groups[11][10].tolist() == [10] * 1 and branch[10].tolist() == [77]
+    assert [a.tolist() for a in groups[-1]][:11] == [a.tolist() for a in groups[11]]

@@ -63,18 +63,36 @@ History = dict[str, dict[int, list[np.ndarray]]]
 _log = logging.getLogger(__name__)
 
 
+class _Tail:
+    """Append-only storage behind TokenGroups: arrays with spare room and how much of them
+    some group covers. Only the group covering all of it (the tip) may append in place;
+    bytes a group covers are never written again."""
+
+    __slots__ = ("tokens", "lens", "n_tokens", "n_seqs")
+
+    def __init__(self, tokens: np.ndarray, lens: np.ndarray, n_tokens: int, n_seqs: int) -> None:
+        self.tokens, self.lens, self.n_tokens, self.n_seqs = tokens, lens, n_tokens, n_seqs
+
+
 class TokenGroup(Sequence):
     """The sequences of one problem-step as one int32 array and their lengths: an
     immutable sequence of int32 arrays (views), which ``save_history`` writes without a
     Python step per sequence. The worker's history mirror holds these (at RL scale 8k
     problem-steps instead of 131k arrays), so a background writer's encode holds the GIL
-    in a loop over problem-steps, not sequences. ``plus`` returns a new group."""
+    in a loop over problem-steps, not sequences.
 
-    __slots__ = ("flat", "lens")
+    ``plus`` returns a new group and leaves this one as it was (a writer may hold it). It
+    costs O(the new sequence), amortised: the newest group of a chain appends into spare
+    room of the arrays it views (past every byte any group covers), which grow 1.5x when
+    full -- a problem-step that takes many rollouts (one problem id for a whole run, say)
+    never copies its whole text per finish."""
 
-    def __init__(self, flat: np.ndarray, lens: np.ndarray) -> None:
-        self.flat = flat  # int32, contiguous; never written after construction
+    __slots__ = ("flat", "lens", "_tail")
+
+    def __init__(self, flat: np.ndarray, lens: np.ndarray, _tail: _Tail | None = None) -> None:
+        self.flat = flat  # int32, contiguous; never written while this group exists
         self.lens = lens  # int32, one per sequence, summing to len(flat)
+        self._tail = _tail
 
     @classmethod
     def of(cls, seqs: Iterable[Any]) -> TokenGroup:
@@ -84,8 +102,21 @@ class TokenGroup(Sequence):
 
     def plus(self, tokens: np.ndarray) -> TokenGroup:
         """This group with one more sequence (``tokens``: an int32 array)."""
-        return TokenGroup(np.concatenate([self.flat, tokens]).astype(_INT32, copy=False),
-                          np.append(self.lens, np.int32(len(tokens))))
+        n, k, m = len(self.flat), len(self.lens), len(tokens)
+        tail = self._tail
+        if tail is None or tail.n_tokens != n or tail.n_seqs != k or \
+                len(tail.tokens) < n + m or len(tail.lens) < k + 1:
+            # not the tip (another group appended past us), or full: new arrays, 1.5x the
+            # need (amortised O(1) per token; at most a third of a grown array is spare)
+            t = np.empty(max((n + m) * 3 // 2, 256), _INT32)
+            t[:n] = self.flat
+            ls = np.empty(max((k + 1) * 3 // 2, 16), _INT32)
+            ls[:k] = self.lens
+            tail = _Tail(t, ls, n, k)
+        tail.tokens[n : n + m] = tokens
+        tail.lens[k] = m
+        tail.n_tokens, tail.n_seqs = n + m, k + 1
+        return TokenGroup(tail.tokens[: n + m], tail.lens[: k + 1], tail)
 
     def __len__(self) -> int:
         return len(self.lens)
