@@ -215,6 +215,23 @@ class TestLoadOrEmpty:
         assert load_history_or_empty(tmp_path, log=msgs.append) == ({}, {})
         assert len(msgs) == 1 and "version 99" in msgs[0] and "empty history" in msgs[0]
 
+    def test_unusable_snapshot_is_kept_aside_not_overwritten(self, tmp_path: Path) -> None:
+        """A writer that starts empty over an unusable snapshot (corrupt, or a newer format
+        after a downgrade) first renames it aside: the next save does not destroy it. A
+        reader that never writes leaves it in place."""
+        save_history(tmp_path, _history())
+        _corrupt(snapshot_file(tmp_path), 8, (FORMAT_VERSION + 1).to_bytes(4, "little"))
+        raw = snapshot_file(tmp_path).read_bytes()
+        msgs: list[str] = []
+        assert load_history_or_empty(tmp_path, log=msgs.append) == ({}, {})  # reader
+        assert snapshot_file(tmp_path).read_bytes() == raw
+        assert load_history_or_empty(tmp_path, log=msgs.append, keep_aside=True) == ({}, {})
+        aside = list(tmp_path.glob("history.dassnap.unusable-*"))
+        assert len(aside) == 1 and aside[0].read_bytes() == raw and not snapshot_file(tmp_path).exists()
+        assert str(aside[0]) in msgs[-1] and f"version {FORMAT_VERSION + 1}" in msgs[-1]
+        save_history(tmp_path, {"p": {1: [[1, 2]]}})  # the next save: a new file beside it
+        assert load_history(tmp_path)[0]["p"][1][0].tolist() == [1, 2] and aside[0].read_bytes() == raw
+
     def test_strict_raises(self, tmp_path: Path) -> None:
         save_history(tmp_path, _history())
         snapshot_file(tmp_path).write_bytes(b"garbage" * 10)

@@ -466,9 +466,17 @@ def load_history_or_empty(
     path: str | os.PathLike[str],
     strict: bool = False,
     log: Callable[[str], None] | None = None,
+    keep_aside: bool = False,
 ) -> tuple[History, dict[str, Any]]:
     """Start-up loading: a missing snapshot is a fresh start; a bad one is logged and
-    ignored (empty history) so the engine still starts, unless ``strict``."""
+    ignored (empty history) so the engine still starts, unless ``strict``.
+
+    ``keep_aside`` (a caller that will write snapshots here): an unusable snapshot is
+    renamed to ``history.dassnap.unusable-<UTC time>-<pid>`` before anything overwrites
+    it, and the warning names that file -- nothing is lost. A snapshot of a newer format
+    (a downgrade, or an engine of another version sharing the directory) is then still
+    there for the build that reads it. Callers that only read (tensor-parallel ranks
+    other than 0) leave the file where it is."""
     warn = log or _log.warning
     try:
         return load_history(path)
@@ -477,8 +485,25 @@ def load_history_or_empty(
     except (SnapshotError, OSError) as e:
         if strict:
             raise
-        warn(f"ignoring unusable DAS history snapshot, starting with empty history: {e}")
+        msg = f"ignoring unusable DAS history snapshot, starting with empty history: {e}"
+        if keep_aside and isinstance(e, SnapshotError):
+            moved = _move_aside(snapshot_file(path))
+            msg += (f" (kept as {moved}; the next save writes a new snapshot)" if moved is not None
+                    else " (could not be renamed aside: the next save replaces it)")
+        warn(msg)
         return {}, {}
+
+
+def _move_aside(file: Path) -> Path | None:
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = file.with_name(f"{file.name}.unusable-{stamp}-{os.getpid()}")
+    try:
+        os.rename(file, target)
+    except OSError:
+        return None
+    return target
 
 
 # ---------------------------------------------------------------- periodic saving

@@ -47,7 +47,9 @@ class ServerConfig:
     snapshot_interval finished requests between two snapshot saves (0 = only at shutdown).
     strict_snapshot   a snapshot that cannot be loaded stops the worker (True) or is
                       logged and ignored, the worker starting with empty history (False,
-                      the default: losing history costs speed, never correctness).
+                      the default: losing history costs speed, never correctness); the
+                      ignored file is renamed ``history.dassnap.unusable-<time>-<pid>``,
+                      not overwritten (e.g. a newer format after a downgrade).
     verify_layout     how a decode batch is verified (sglang/ragged.py): ``auto`` (the
                       default) verifies each request's own tree size in one ragged
                       forward where the TARGET_VERIFY backend supports it (FlashInfer;

@@ -622,7 +622,9 @@ class DasSession:
             return None
         from das_sglang.core.snapshot import PeriodicSnapshot, load_history_or_empty
 
-        history, meta = load_history_or_empty(server.history_path, strict=server.strict_snapshot)
+        # (an unusable snapshot is renamed aside, not overwritten, by the rank that writes)
+        history, meta = load_history_or_empty(server.history_path, strict=server.strict_snapshot,
+                                              keep_aside=write)
         self._mirror = {}
         if history:
             # Advance first: the drafter refuses history from steps after its current one.

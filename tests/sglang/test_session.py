@@ -93,10 +93,14 @@ def test_corrupt_snapshot_starts_empty_unless_strict(tmp_path):
             data = bytearray(f.read_bytes())
             data[len(data) // 2] ^= 0xFF
             f.write_bytes(bytes(data))
-    lenient = DasSession(load_options(8, raw % (tmp_path, "")))  # default: not strict
-    assert lenient.drafter.history() == {}
     with pytest.raises(Exception, match=str(tmp_path)):
         DasSession(load_options(8, raw % (tmp_path, ', "strict_snapshot": true')))
+    corrupt = (tmp_path / "history.dassnap").read_bytes()
+    lenient = DasSession(load_options(8, raw % (tmp_path, "")))  # default: not strict
+    assert lenient.drafter.history() == {}
+    # the unusable file is kept aside, not overwritten by the next save
+    aside = list(tmp_path.glob("history.dassnap.unusable-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == corrupt
 
 
 @pytest.mark.parametrize("async_updates", [False, True])
