@@ -42,6 +42,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
@@ -204,8 +205,7 @@ def _encode(
         """Meta's numpy arrays go to the payload's array section (8-byte aligned)."""
         if isinstance(obj, np.ndarray):
             a = np.ascontiguousarray(obj)
-            if a.dtype.kind not in "biuf":
-                raise TypeError(f"arrays of {a.dtype} are not JSON serializable")
+            _numeric(a.dtype)
             ref = {_ARRAY: [blob_bytes[0], a.nbytes], "dtype": a.dtype.str, "shape": list(a.shape)}
             blobs.append(a)
             pad = -a.nbytes % 8
@@ -364,8 +364,16 @@ def _decode(file: Path, buf: bytearray) -> tuple[History, dict[str, Any]]:
 
 
 def _decode_v2(file: Path, buf: bytearray, raw: bytes, start: int, payload_n: int):
-    n_seqs = n_tokens = 0
-    blob_base = blob_n = 0
+    # Two passes over the (small) index: the counts first place the array section.
+    head = _parse_index(file, raw, None)
+    try:
+        n_seqs, n_tokens = int(head["sequences"]), int(head["tokens"])
+        if n_seqs < 0 or n_tokens < 0 or 4 * (n_seqs + n_tokens) > payload_n:
+            raise ValueError(f"{n_seqs} sequences and {n_tokens} tokens do not fit the "
+                             f"{payload_n}-byte payload")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{file}: malformed index: {e!s}") from None
+    blob_base, blob_n = start + 4 * (n_seqs + n_tokens), payload_n - 4 * (n_seqs + n_tokens)
 
     def array_hook(obj: dict) -> Any:
         if _ARRAY not in obj:
@@ -378,16 +386,6 @@ def _decode_v2(file: Path, buf: bytearray, raw: bytes, start: int, payload_n: in
                              f"{blob_n}-byte array section")
         return np.frombuffer(buf, dtype, nbytes // dtype.itemsize, blob_base + off).reshape(shape).copy()
 
-    # Two passes over the (small) index: the counts first place the array section.
-    head = _parse_index(file, raw, None)
-    try:
-        n_seqs, n_tokens = int(head["sequences"]), int(head["tokens"])
-        if n_seqs < 0 or n_tokens < 0 or 4 * (n_seqs + n_tokens) > payload_n:
-            raise ValueError(f"{n_seqs} sequences and {n_tokens} tokens do not fit the "
-                             f"{payload_n}-byte payload")
-    except (KeyError, TypeError, ValueError) as e:
-        raise SnapshotError(f"{file}: malformed index: {e!s}") from None
-    blob_base, blob_n = start + 4 * (n_seqs + n_tokens), payload_n - 4 * (n_seqs + n_tokens)
     index = _parse_index(file, raw, array_hook)
     lens = np.frombuffer(buf, dtype=_INT32, count=n_seqs, offset=start)
     tokens = np.frombuffer(buf, dtype=_INT32, count=n_tokens, offset=start + 4 * n_seqs)
@@ -415,12 +413,16 @@ def _decode_v2(file: Path, buf: bytearray, raw: bytes, start: int, payload_n: in
     return history, index["meta"]
 
 
-def _meta_dtype(obj: dict) -> np.dtype:
-    """The dtype of a meta array entry (numeric only)."""
-    dtype = np.dtype(obj["dtype"])
+def _numeric(dtype: np.dtype) -> np.dtype:
+    """Meta's arrays are numeric (bool, int, float): ValueError naming any other dtype."""
     if dtype.kind not in "biuf":
         raise ValueError(f"array of dtype {dtype} in meta")
     return dtype
+
+
+def _meta_dtype(obj: dict) -> np.dtype:
+    """The dtype of a meta array entry read back (numeric only)."""
+    return _numeric(np.dtype(obj["dtype"]))
 
 
 def _ndarray_hook(obj: dict) -> Any:
@@ -495,8 +497,6 @@ def load_history_or_empty(
 
 
 def _move_aside(file: Path) -> Path | None:
-    import time
-
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = file.with_name(f"{file.name}.unusable-{stamp}-{os.getpid()}")
     try:

@@ -210,7 +210,7 @@ class DasSession:
         # History mirror for snapshots (problem -> step -> TokenGroup: immutable, so a
         # background writer can hold a view while the scheduler thread goes on, and one
         # array per problem-step, so the writer's encode has no Python step per sequence).
-        self._mirror: dict[str, dict[int, tuple]] | None = None
+        self._mirror: dict[str, dict[int, TokenGroup]] | None = None
         self._tagged_since_flush = False
         self._updates = _Updates() if options.server.async_updates else None
         self.snapshot = self._open_snapshot(write_snapshots)
