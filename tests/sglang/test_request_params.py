@@ -80,6 +80,7 @@ def test_far_future_step_moves_the_clock_one_step_and_keeps_history(tmp_path):
     s = DasSession(load_options(8, raw % tmp_path))
     for step in range(1, 4):
         _group(s, "A", step)
+    s.sync()  # the finishes reach the drafter on the update thread: read it after them
     before = s.drafter.history()
     kept = sum(len(v) for v in before["A"].values())
     s.start("evil", {"das_problem_id": "B", "das_step": 10**12}, [1, 2], [3], max_new_tokens=8)

@@ -54,6 +54,7 @@ def test_history_snapshot_round_trip(tmp_path):
     again = DasSession(opts)
     assert again.step == 2
     assert [t.tolist() for t in again.drafter.history()["p"][2]] == [[1, 2, 3, 4, 5]]
+    s.sync()  # (s's finish reached its drafter on the update thread)
     assert np.array_equal(again.drafter.history()["p"][2][0], s.drafter.history()["p"][2][0])
 
 
