@@ -23,9 +23,13 @@ snapshotted to a temp dir every ``--snapshot-every`` finishes.
 
 Between two steps the engine's own work is modelled, so background work has what it has
 in the real worker: the forward (``--forward-ms``, GIL released: the scheduler thread
-waits on the GPU) and SGLang's per-request result processing (``--engine-us``, a
-GIL-holding Python loop per request: a fixed amount of work, calibrated at start on a
-quiet core). Neither is counted in the step time, except what the engine's Python took
+waits on the GPU) and SGLang's own work between two decode steps -- result processing,
+output streaming, scheduling the next batch -- as ``--engine-fixed-ms`` per step plus
+``--engine-us`` per request (a GIL-holding Python loop: a fixed amount of work,
+calibrated at start on a quiet core). The defaults are what the installed SGLang was
+measured to take on this 2-core VM (``measure_engine_gap.py``: 1.16 ms + 20.7 us per
+request, 11.7 ms a step at 512 requests); until this version the model was 2 us per
+request and nothing fixed, an estimate ~10x below that. Neither is counted in the step time, except what the engine's Python took
 beyond its nominal time (``engine_delay``): DAS's background threads competing for its
 core slow it down, and that is DAS's cost. The feedback
 starts the native extend + pre-draft of the next plan's trees on a thread of its own
@@ -160,12 +164,13 @@ def calibrate_engine() -> None:
     _SPINS_PER_US = best
 
 
-def engine_gap(rows: int, forward_ms: float, engine_us: float) -> float:
+def engine_gap(rows: int, forward_ms: float, engine_us: float, fixed_ms: float = 0.0) -> float:
     """The engine's own work between two DAS calls. Returns how much longer than nominal
-    its per-request Python took (seconds, >= 0): a fixed amount of work, so DAS's
-    background threads taking its core slow it down, and that delay is charged to DAS."""
+    its Python took (seconds, >= 0): a fixed amount of work (``fixed_ms`` per step plus
+    ``engine_us`` per request), so DAS's background threads taking its core slow it down,
+    and that delay is charged to DAS."""
     time.sleep(forward_ms * 1e-3)  # the GPU forward: the scheduler thread waits, GIL free
-    nominal = rows * engine_us * 1e-6
+    nominal = fixed_ms * 1e-3 + rows * engine_us * 1e-6
     if nominal <= 0:
         return 0.0
     t = time.perf_counter()
@@ -296,7 +301,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             s[3] += len(c)
         pos_at += np.fromiter(map(len, commits), np.int64, batch)
         del tensors, mask
-        delay = engine_gap(batch, 0.0, args.engine_us)
+        delay = engine_gap(batch, 0.0, args.engine_us, args.engine_fixed_ms)
         if step >= args.warmup:
             times.append(((t_mid - t_begin) + (t_end - t_fb) + delay) * 1e3)
             kinds.append(kind)
@@ -398,7 +403,13 @@ def main(argv=None) -> int:
     ap.add_argument("--step-every", type=int, default=50, help="decode steps per RL step")
     ap.add_argument("--snapshot-every", type=int, default=256, help="finishes between snapshots")
     ap.add_argument("--forward-ms", type=float, default=8.0, help="modelled forward (7B, H100)")
-    ap.add_argument("--engine-us", type=float, default=2.0, help="SGLang's own Python per request")
+    # SGLang's own host work between two decode steps, measured on the installed SGLang
+    # (benchmarks/measure_engine_gap.py, benchmarks/results/engine_gap/engine_gap.json:
+    # 1.16 ms + 20.7 us per request on this 2-core VM; the earlier default, 2 us per
+    # request and nothing fixed, was an estimate ~10x below it)
+    ap.add_argument("--engine-us", type=float, default=20.7, help="SGLang's own Python per request")
+    ap.add_argument("--engine-fixed-ms", type=float, default=1.16,
+                    help="SGLang's own Python per decode step besides --engine-us")
     ap.add_argument("--layout", choices=("ragged", "uniform"), default="ragged",
                     help="the worker's verify layout (sets the budgets' form: options.for_layout)")
     ap.add_argument("--interleave", type=int, default=10,

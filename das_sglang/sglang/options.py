@@ -61,7 +61,9 @@ class ServerConfig:
                       batch width, padding priced, where it pads (``for_layout``).
     stats_path        file the worker rewrites (atomically) after every verify step with
                       its counters (verify steps, verify tokens submitted to the target,
-                      draft tokens proposed and accepted, layout, budget form); None = off. For
+                      draft tokens proposed and accepted, layout, budget form, and
+                      ``host``: DAS's plan and feedback ms and SGLang's own ms between
+                      two decode steps, ``sglang/host_time.py``); None = off. For
                       benchmarks and debugging.
     async_updates     history updates (the drafter's batch extend, GIL-free), the length
                       index rebuild and snapshot writes run off the scheduler thread; reads

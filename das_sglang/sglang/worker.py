@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import time
 
 import torch
 from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
@@ -35,6 +36,7 @@ from sglang.srt.speculative.ngram_worker import NGRAMWorker
 from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
 
 from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cut
+from das_sglang.sglang.host_time import add_engine_gap, add_feedback, add_plan, new_host_time
 from das_sglang.sglang.options import for_layout, load_options
 from das_sglang.sglang.ragged import (
     DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
@@ -97,6 +99,11 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
                       "ragged_steps": 0, "layout": self.layout, "budgets": self._budget_form()}
+        # Host time per decode step (stats "host"): DAS's own (plan + verify inputs,
+        # feedback) and SGLang's between two decode steps (its result processing and
+        # scheduling: the time DAS's background work overlaps). See host_time().
+        self.stats["host"] = new_host_time()
+        self._decode_exit: float | None = None  # when the last decode step returned
         self.session.worker_stats = self.stats  # read by the shard stats (scale-out)
         atexit.register(self.session.close)
         _log.info("DAS worker: %s", self.options)
@@ -115,7 +122,18 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
     # ---------------------------------------------------------------- decode step
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
         if not batch.forward_mode.is_decode():
+            self._decode_exit = None  # a prefill in between: no engine gap to measure
             return self._forward_extend(batch, on_publish, pp_proxy_tensors)
+        t_in = time.perf_counter()
+        if self._decode_exit is not None:
+            add_engine_gap(self.stats["host"], t_in - self._decode_exit, len(batch.reqs))
+        self._decode_exit = None
+        try:
+            return self._decode(batch, on_publish, pp_proxy_tensors, t_in)
+        finally:
+            self._decode_exit = time.perf_counter()
+
+    def _decode(self, batch, on_publish, pp_proxy_tensors, t_in):
         bs = len(batch.reqs)
         trees = self._plan(batch)
         if not self._layout_confirmed:  # the attention backends exist from here on
@@ -130,8 +148,9 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             self._layout_confirmed = True
         if (self.layout == "ragged" and len(set(tree_lens(trees).tolist())) > 1
                 and not needs_uniform_rows(batch.sampling_info)):
-            return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors)
+            return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors, t_in)
         layout = self._prepare_verify(batch, trees)
+        add_plan(self.stats["host"], time.perf_counter() - t_in, bs)
         self.session.before_forward()
         result = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
@@ -248,7 +267,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         )
 
     # ---------------------------------------------------------------- ragged verify
-    def _verify_ragged(self, batch, trees, on_publish, pp_proxy_tensors):
+    def _verify_ragged(self, batch, trees, on_publish, pp_proxy_tensors, t_in):
         """One TARGET_VERIFY forward where request ``b`` verifies ``len(trees[b]) + 1``
         tokens (sglang/ragged.py): same sampling, walk and KV mover as the uniform
         path, over ragged rows."""
@@ -279,6 +298,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.stats["verify_steps"] += 1
         self.stats["ragged_steps"] += 1
         self.stats["verify_tokens"] += rl.total
+        add_plan(self.stats["host"], time.perf_counter() - t_in, len(batch.reqs))
         self.session.before_forward()
         result = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
@@ -316,9 +336,11 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         lens = accept_lens.tolist()
         rows = accept_tokens.tolist()
         proposed = tree_lens(trees)
+        t = time.perf_counter()
         self.session.committed_batch(
             [req.rid for req in batch.reqs], proposed.tolist(), [r[:k] for r, k in zip(rows, lens)]
         )
+        add_feedback(self.stats["host"], time.perf_counter() - t)
         self.stats["proposed"] += int(proposed.sum())
         self.stats["accepted"] += sum(lens) - len(lens)
         if self.options.server.stats_path:

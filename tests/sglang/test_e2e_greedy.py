@@ -126,6 +126,17 @@ class TestGreedyIdentity:
         # steps where requests verified different tree sizes in one forward
         assert 0 < stats["ragged_steps"] <= stats["verify_steps"]
 
+    def test_host_time_counts_every_decode_step_and_the_engine_gaps(self, das, das_stats):
+        host = json.loads(das_stats.read_text())["host"]
+        # every verify step was planned (the stats are rewritten after each feedback)
+        assert host["steps"] == json.loads(das_stats.read_text())["verify_steps"]
+        assert host["rows"] >= host["steps"] and host["plan_ms"] > 0 and host["feedback_ms"] > 0
+        assert host["plan_max_ms"] * host["steps"] >= host["plan_ms"]
+        # consecutive decode steps of one batch: SGLang's time between them was measured;
+        # a step after a prefill is not a gap (fewer gaps than steps)
+        assert 0 < host["engine_gap_steps"] < host["steps"]
+        assert host["engine_gap_ms"] > 0 and host["engine_gap_rows"] >= host["engine_gap_steps"]
+
 
 def test_uniform_layout_is_identical_too(tiny_model, reference):
     """The padded layout (kept for backends without ragged verify) stays lossless."""

@@ -1,0 +1,71 @@
+"""Host time per decode step, as the worker measures it (its stats' ``"host"`` entry).
+
+Three clocks, all on the scheduler thread:
+
+- ``plan``: from the worker's entry to the verify forward's launch -- DAS's drafting, the
+  policy's plan and the verify inputs (what DAS adds before every forward);
+- ``feedback``: the session's ``committed_batch`` after the verify (the accepted tokens
+  to the drafter and policy);
+- ``engine_gap``: from one decode step's return to the next decode step's entry, with no
+  prefill in between -- SGLang's own work between two forwards (result processing,
+  output streaming, scheduling the next batch). Not DAS's cost: the window in which the
+  native pre-draft that the feedback starts runs beside SGLang's Python
+  (``benchmarks/bench_host_path.py`` models it as ``--engine-us`` per request; the
+  measured per-request cost of the installed SGLang is what that model should use,
+  ``benchmarks/measure_engine_gap.py``).
+
+Kept as running sums and maxima (the stats file is rewritten every step, so nothing here
+grows with the run): ``steps``, ``rows`` (requests over those steps), ``plan_ms``,
+``plan_max_ms``, ``feedback_ms``, ``feedback_max_ms``, ``engine_gap_steps``,
+``engine_gap_rows``, ``engine_gap_ms``, ``engine_gap_max_ms``. On a GPU the verify's
+device work is asynchronous: ``plan`` ends at the launch and ``feedback`` starts after the
+accepted tokens reached the host, so neither includes device time.
+"""
+
+from __future__ import annotations
+
+
+def new_host_time() -> dict:
+    return {"steps": 0, "rows": 0, "plan_ms": 0.0, "plan_max_ms": 0.0, "feedback_ms": 0.0,
+            "feedback_max_ms": 0.0, "engine_gap_steps": 0, "engine_gap_rows": 0,
+            "engine_gap_ms": 0.0, "engine_gap_max_ms": 0.0}
+
+
+def add_plan(host: dict, seconds: float, rows: int) -> None:
+    ms = seconds * 1e3
+    host["steps"] += 1
+    host["rows"] += rows
+    host["plan_ms"] += ms
+    host["plan_max_ms"] = max(host["plan_max_ms"], ms)
+
+
+def add_feedback(host: dict, seconds: float) -> None:
+    ms = seconds * 1e3
+    host["feedback_ms"] += ms
+    host["feedback_max_ms"] = max(host["feedback_max_ms"], ms)
+
+
+def add_engine_gap(host: dict, seconds: float, rows: int) -> None:
+    ms = seconds * 1e3
+    host["engine_gap_steps"] += 1
+    host["engine_gap_rows"] += rows
+    host["engine_gap_ms"] += ms
+    host["engine_gap_max_ms"] = max(host["engine_gap_max_ms"], ms)
+
+
+def summary(host: dict) -> dict:
+    """Means per step and per request (None where nothing was measured)."""
+    steps, gaps = host.get("steps", 0), host.get("engine_gap_steps", 0)
+    return {
+        "plan_ms_per_step": host["plan_ms"] / steps if steps else None,
+        "feedback_ms_per_step": host["feedback_ms"] / steps if steps else None,
+        "rows_per_step": host["rows"] / steps if steps else None,
+        "engine_gap_ms_per_step": host["engine_gap_ms"] / gaps if gaps else None,
+        "engine_gap_us_per_row": (host["engine_gap_ms"] * 1e3 / host["engine_gap_rows"]
+                                  if host.get("engine_gap_rows") else None),
+    }
+
+
+def delta(after: dict, before: dict) -> dict:
+    """The sums of ``after`` minus those of ``before`` (maxima: ``after``'s)."""
+    return {k: (v if k.endswith("_max_ms") else v - before.get(k, 0)) for k, v in after.items()}
