@@ -1,6 +1,6 @@
 """SGLang's own host time between two DAS decode steps, measured on the installed SGLang.
 
-    python benchmarks/measure_engine_gap.py --json out.json [--batches 32,128,512]
+    python benchmarks/measure_engine_gap.py --json out.json [--png out.png] [--batches 32,128,512]
 
 What ``benchmarks/bench_host_path.py`` models as ``--engine-us`` (the engine's Python per
 request between two forwards, in which the native pre-draft runs beside it): one real
@@ -39,6 +39,7 @@ import numpy as np
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", required=True, type=Path)
+    ap.add_argument("--png", type=Path, default=None, help="also plot ms per step by batch size")
     ap.add_argument("--batches", default="32,128,512")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2, help="batches per batch size")
@@ -100,7 +101,31 @@ def main(argv=None) -> int:
         print(f"fit: gap = {fixed:.3f} ms + {slope * 1e3:.2f} us x requests", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1))
+    if args.png:
+        _plot(out, args.png)
     return 0
+
+
+def _plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(int(b) for b in out["batches"])
+    rows = [out["batches"][str(b)] for b in sizes]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("engine_gap_ms_per_step", "SGLang between two decode steps"),
+                       ("plan_ms_per_step", "DAS plan + verify inputs (empty history)"),
+                       ("feedback_ms_per_step", "DAS feedback")):
+        ax.plot(sizes, [r[key] or 0.0 for r in rows], marker="o", label=label)
+    ax.set_xlabel("requests decoding together")
+    ax.set_ylabel("host ms per decode step")
+    ax.set_title("Host time per decode step (SGLang CPU mode, this machine)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

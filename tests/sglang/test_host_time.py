@@ -38,3 +38,16 @@ def test_delta_of_a_window_keeps_the_latest_maxima():
     assert d["engine_gap_steps"] == 1 and d["engine_gap_rows"] == 8
     assert d["engine_gap_ms"] == pytest.approx(1.0)
     assert d["engine_gap_max_ms"] == pytest.approx(5.0)  # maxima are not differences
+
+
+def test_measure_engine_gap_rejects_bad_batches_before_starting_an_engine(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import measure_engine_gap
+
+    assert measure_engine_gap.main(["--json", str(tmp_path / "o.json"), "--batches", "32,x"]) == 1
+    assert "invalid --batches='32,x'" in capsys.readouterr().err
+    assert measure_engine_gap.main(["--json", str(tmp_path / "o.json"), "--batches", "0"]) == 1
+    assert not (tmp_path / "o.json").exists()
