@@ -27,9 +27,9 @@ waits on the GPU) and SGLang's own work between two decode steps -- result proce
 output streaming, scheduling the next batch -- as ``--engine-fixed-ms`` per step plus
 ``--engine-us`` per request (a GIL-holding Python loop: a fixed amount of work,
 calibrated at start on a quiet core). The defaults are what the installed SGLang was
-measured to take on this 2-core VM (``measure_engine_gap.py``: 1.16 ms + 20.7 us per
-request, 11.7 ms a step at 512 requests); until this version the model was 2 us per
-request and nothing fixed, an estimate ~10x below that. Neither is counted in the step time, except what the engine's Python took
+measured to take on this 2-core VM (``measure_engine_gap.py``: 1.21 ms + 15.6 us per
+request, 9.2 ms a step at 512 requests); until this version the model was 2 us per
+request and nothing fixed, an estimate ~8x below that. Neither is counted in the step time, except what the engine's Python took
 beyond its nominal time (``engine_delay``): DAS's background threads competing for its
 core slow it down, and that is DAS's cost. The feedback
 starts the native extend + pre-draft of the next plan's trees on a thread of its own
@@ -405,10 +405,10 @@ def main(argv=None) -> int:
     ap.add_argument("--forward-ms", type=float, default=8.0, help="modelled forward (7B, H100)")
     # SGLang's own host work between two decode steps, measured on the installed SGLang
     # (benchmarks/measure_engine_gap.py, benchmarks/results/engine_gap/engine_gap.json:
-    # 1.16 ms + 20.7 us per request on this 2-core VM; the earlier default, 2 us per
-    # request and nothing fixed, was an estimate ~10x below it)
-    ap.add_argument("--engine-us", type=float, default=20.7, help="SGLang's own Python per request")
-    ap.add_argument("--engine-fixed-ms", type=float, default=1.16,
+    # 1.21 ms + 15.6 us per request on this 2-core VM; the earlier default, 2 us per
+    # request and nothing fixed, was an estimate ~8x below it)
+    ap.add_argument("--engine-us", type=float, default=15.6, help="SGLang's own Python per request")
+    ap.add_argument("--engine-fixed-ms", type=float, default=1.21,
                     help="SGLang's own Python per decode step besides --engine-us")
     ap.add_argument("--layout", choices=("ragged", "uniform"), default="ragged",
                     help="the worker's verify layout (sets the budgets' form: options.for_layout)")

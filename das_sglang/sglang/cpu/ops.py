@@ -44,10 +44,31 @@ def assign_extend_cache_locs_cpu(
     """Concatenate ``req_to_token[r, start:end]`` of every request into ``out_cache_loc``."""
     _check_cache_locs("assign_extend_cache_locs_cpu", req_pool_indices, req_to_token,
                       start_offset, end_offset, out_cache_loc, pool_len)
+    where = _segments(req_pool_indices, start_offset, end_offset)
+    if where is not None:  # one gather, as the kernel's one launch (no per-request Python)
+        rows, cols = where
+        out_cache_loc[: rows.numel()] = req_to_token[rows, cols]
+        return
     pos = 0
     for r, s, e in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist()):
         out_cache_loc[pos : pos + e - s] = req_to_token[r, s:e]
         pos += e - s
+
+
+def _segments(req_pool_indices, start_offset, end_offset):
+    """(row, column) of every ``req_to_token`` slot the two ops touch, request by request
+    in order; None where a request's end is before its start (the row-by-row loops keep
+    what they did there) or nothing is touched."""
+    starts, ends = start_offset.to(_I64), end_offset.to(_I64)
+    lens = ends - starts
+    if lens.numel() == 0 or bool((lens < 0).any()):
+        return None
+    total = int(lens.sum())
+    if total == 0:
+        return None
+    first = torch.cumsum(lens, 0) - lens  # each request's first position in the output
+    cols = torch.arange(total, dtype=_I64) + torch.repeat_interleave(starts - first, lens)
+    return torch.repeat_interleave(req_pool_indices.to(_I64), lens), cols
 
 
 def assign_req_to_token_pool_cpu(
@@ -56,6 +77,11 @@ def assign_req_to_token_pool_cpu(
     """Inverse of :func:`assign_extend_cache_locs_cpu`: write the slots into ``req_to_token``."""
     _check_cache_locs("assign_req_to_token_pool_cpu", req_pool_indices, req_to_token,
                       start_offset, end_offset, out_cache_loc, pool_len)
+    where = _segments(req_pool_indices, start_offset, end_offset)
+    if where is not None and torch.unique(req_pool_indices).numel() == req_pool_indices.numel():
+        rows, cols = where  # (distinct requests: no slot written twice, order-free)
+        req_to_token[rows, cols] = out_cache_loc[: rows.numel()].to(req_to_token.dtype)
+        return
     pos = 0
     for r, s, e in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist()):
         req_to_token[r, s:e] = out_cache_loc[pos : pos + e - s].to(req_to_token.dtype)
