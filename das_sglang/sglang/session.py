@@ -232,6 +232,11 @@ class DasSession:
         # trees would be stale: the step weights change).
         self._plan_nodes: int | None = None
         self._epoch = 0
+        # Verify outcomes reach the policy one step late (_defer_outcomes): the latest
+        # feedback's, not yet recorded, and the event of a recording running on the update
+        # thread (set when done).
+        self._outcomes: list[tuple] = []
+        self._outcomes_job: threading.Event | None = None
         self.worker_stats: dict | None = None  # the worker's verify counters, for shard stats
         self.shards = self._open_shards(engine_id)
 
@@ -301,6 +306,7 @@ class DasSession:
 
     def advance_step(self, step: int) -> None:
         self._epoch += 1
+        self._settle_outcomes()
         self.sync()
         self.step = step
         self.drafter.advance_step(step)
@@ -370,7 +376,9 @@ class DasSession:
 
     def drain(self) -> None:
         """Apply pending updates and finish pending evictions now (tests, benchmarks,
-        shutdown); serving spreads the evictions over the step's forwards instead."""
+        shutdown); serving spreads the evictions over the step's forwards instead. The
+        verify outcomes not yet recorded are recorded now."""
+        self._settle_outcomes(record_pending=True)
         self.sync()
         if self._evicting:
             self.drafter.evict_pending(None)
@@ -416,6 +424,7 @@ class DasSession:
         except KeyError:
             bad = next(r for r in req_ids if r not in live)
             raise ValueError(f"unknown req_id={bad!r}: not started or already finished") from None
+        self._settle_outcomes()  # (the policy is read from here on)
         n = len(lives)
         columns = (req_ids, [lv.problem_id for lv in lives],
                    np.fromiter((lv.generated for lv in lives), np.int64, n),
@@ -469,6 +478,12 @@ class DasSession:
         :meth:`plan` itself and the removal done by the next feedback's extend. Nothing
         drafts between here and the feedback, so every draft sees what it saw before."""
         self._forward_hook = True
+        if self._outcomes and self._updates is not None and self._outcomes_job is None:
+            # First in the queue: the step's other background work (eviction chunk, shared
+            # removals) may take the whole forward, the recording ~1 ms at 512 rows.
+            outcomes, self._outcomes = self._outcomes, []
+            self._outcomes_job = done = threading.Event()
+            self._updates.submit(self._record_outcomes_then, outcomes, done)
         if self._evict_due:
             self._evict_due = False
             if self._evicting and self._updates is not None:
@@ -489,10 +504,17 @@ class DasSession:
     def committed(self, req_id: str, proposed: int, tokens: Sequence[int]) -> None:
         """After verify: ``tokens`` = accepted drafts + the bonus token."""
         live = self.live[req_id]
+        accepted = len(tokens) - 1
+        if proposed < 0 or accepted < 0 or accepted > proposed:
+            raise ValueError(f"invalid verify outcome for req_id={req_id!r}: proposed={proposed!r}, "
+                             f"accepted={accepted!r} (need 0 <= accepted <= proposed)")
+        self._settle_outcomes(record_pending=True)
         self.sync()
         self.drafter.extend_request(req_id, np.asarray(tokens, dtype=np.int32))
         live.generated += len(tokens)
-        self.policy.observe_verify(live.problem_id, proposed, len(tokens) - 1)
+        if proposed or accepted:
+            self._outcomes.append(([live.problem_id], np.array([proposed], np.int64),
+                                   np.array([accepted], np.int64)))
 
     def committed_batch(self, req_ids: Sequence[str], proposed: Sequence[int],
                         tokens: Sequence[Sequence[int]]) -> None:
@@ -500,6 +522,7 @@ class DasSession:
         call for the batch) runs on the background thread without the GIL; the next
         :meth:`plan` waits for it."""
         live = self.live
+        self._settle_outcomes(record_pending=True)  # (the previous step's, if not yet)
         flat = None
         background = (self._updates is not None and len(req_ids) >= self.ASYNC_MIN_ROWS
                       and all(r in live for r in req_ids)
@@ -545,13 +568,55 @@ class DasSession:
         # nothing drafted and only the bonus token: no outcome to record
         rows = np.flatnonzero((p != 0) | (n != 1))
         if rows.size:
-            many = getattr(self.policy, "observe_verify_many", None)
+            self._defer_outcomes([lives[i].problem_id for i in rows.tolist()], p[rows], n[rows] - 1,
+                                 [req_ids[i] for i in rows.tolist()])
+
+    def _defer_outcomes(self, problem_ids: list, proposed: np.ndarray, accepted: np.ndarray,
+                        req_ids: list) -> None:
+        """Keep a feedback's verify outcomes for the policy's statistics; they are recorded
+        one step late, during the next verify forward (``before_forward`` hands them to the
+        update thread; without that hook, or without the thread, the next feedback records
+        them first). So the plan after a feedback reads the statistics of the steps before
+        it, whichever path runs -- the same plans, never timing-dependent -- and the
+        recording (~1 ms of per-row Python at 512 rows) leaves the scheduler thread's path
+        from a verify result to the next forward. The statistics average hundreds of
+        outcomes per problem; one step of lag changes a budget by the weight of one. The
+        outcomes are checked now: a bad one raises here, naming its request."""
+        bad = (proposed < 0) | (accepted < 0) | (accepted > proposed)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"invalid verify outcome for req_id={req_ids[i]!r}: proposed="
+                             f"{int(proposed[i])}, accepted={int(accepted[i])} (need 0 <= accepted "
+                             "<= proposed)")
+        self._outcomes.append((problem_ids, proposed, accepted))
+
+    def _record_outcomes(self, outcomes: list) -> None:
+        many = getattr(self.policy, "observe_verify_many", None)
+        for pids, p, a in outcomes:
             if many is not None:
-                many([lives[i].problem_id for i in rows.tolist()], p[rows], n[rows] - 1)
+                many(pids, p, a)
             else:
                 observe = self.policy.observe_verify
-                for i in rows.tolist():
-                    observe(lives[i].problem_id, int(p[i]), int(n[i]) - 1)
+                for pid, pi, ai in zip(pids, p.tolist(), a.tolist()):
+                    observe(pid, pi, ai)
+
+    def _record_outcomes_then(self, outcomes: list, done: threading.Event) -> None:
+        try:
+            self._record_outcomes(outcomes)
+        finally:
+            done.set()
+
+    def _settle_outcomes(self, record_pending: bool = False) -> None:
+        """Wait for a recording running on the update thread (before the policy is read or
+        changed on this thread); ``record_pending`` also records, inline, the outcomes no
+        forward took yet (a feedback, ``drain``, ``close``)."""
+        done = self._outcomes_job
+        if done is not None:
+            done.wait()
+            self._outcomes_job = None
+        if record_pending and self._outcomes:
+            outcomes, self._outcomes = self._outcomes, []
+            self._record_outcomes(outcomes)
 
     def _extend_predraft(self, prepared, sizes, epoch: int) -> None:
         # (a step advanced since the submission: the step weights change, no pre-draft)
@@ -584,6 +649,7 @@ class DasSession:
             steps[live.step] = group.plus(tokens) if group is not None else TokenGroup.of((tokens,))
         if self.shards is not None:
             self.shards.on_finished(live.problem_id, live.step, tokens)
+        self._settle_outcomes()
         self.policy.observe_finished(live.problem_id, len(output))
         if self._trim_due:
             self._trim_when_idle()
@@ -705,6 +771,7 @@ class DasSession:
 
     def close(self) -> None:
         """Idempotent (atexit may call it after an explicit close)."""
+        self._settle_outcomes(record_pending=True)
         if self._updates is not None:
             self._updates.flush()
             self._updates.close()

@@ -44,12 +44,17 @@ def _legacy_plan(session, req_ids, max_nodes):
 
 def _legacy_committed(session, req_ids, proposed, tokens):
     session.sync()
+    # The previous feedback's outcomes reach the policy now: one step late, as the session
+    # records them (DasSession._defer_outcomes), one observe_verify per row.
+    for pid, p, a in getattr(session, "_legacy_outcomes", []):
+        session.policy.observe_verify(pid, p, a)
+    session._legacy_outcomes = []
     session.drafter.extend_batch(req_ids, tokens)
     for rid, p, t in zip(req_ids, proposed, tokens):
         lv = session.live[rid]
         lv.generated += len(t)
         if p or len(t) != 1:
-            session.policy.observe_verify(lv.problem_id, p, len(t) - 1)
+            session._legacy_outcomes.append((lv.problem_id, p, len(t) - 1))
 
 
 def _drive(session, legacy, seed=0, steps=70):

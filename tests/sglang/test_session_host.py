@@ -17,8 +17,9 @@ def _opts(**server):
     return load_options(9, json.dumps(cfg))
 
 
-def _drive(session, seed=0, steps=60, flush_every=20):
-    """A random decode workload; returns every plan's (tree tokens, width)."""
+def _drive(session, seed=0, steps=60, flush_every=20, hook=False):
+    """A random decode workload; returns every plan's (tree tokens, width). ``hook``: call
+    ``before_forward`` after each plan, as the worker does."""
     rng = np.random.default_rng(seed)
     texts = {f"p{i}": rng.integers(0, 6, 80).tolist() for i in range(4)}
     live, out, n = {}, [], 0
@@ -33,6 +34,8 @@ def _drive(session, seed=0, steps=60, flush_every=20):
         rids = sorted(live)
         trees, width = session.plan(rids, 8)
         out.append(([t.tokens.tolist() for t in trees], width))
+        if hook:
+            session.before_forward()
         commits = []
         for rid, tree in zip(rids, trees):
             pid, pos = live[rid]
@@ -268,3 +271,55 @@ def test_shared_copies_past_the_cap_leave_during_the_forward_with_the_hook():
     assert hooked.drafter._global.num_sequences == plain.drafter._global.num_sequences
     hooked.close()
     plain.close()
+
+
+def _stats(session):
+    acc = session.policy.acceptance
+    return (acc._by_budget.tolist(), {p: (st.n_obs, st.sum_accepted, st.sum_expected, st.sum_matched)
+                                      for p, st in acc._stats.items()})
+
+
+@pytest.mark.parametrize("async_updates", [True, False])
+def test_verify_outcomes_are_recorded_one_step_late_on_every_path(async_updates):
+    """With the worker's before_forward hook the previous feedback's outcomes are recorded on
+    the update thread during the forward; without it (or without the thread) the next
+    feedback records them first: the same plans and statistics either way."""
+    runs = []
+    for hook in (True, False):
+        s = DasSession(_opts(async_updates=async_updates))
+        s.policy.lengths.background = False
+        s.ASYNC_MIN_ROWS = 1
+        plans = _drive(s, hook=hook)
+        s.drain()  # records what the last feedback left
+        runs.append((plans, _stats(s)))
+        s.close()
+    assert runs[0][1][1]  # statistics were recorded
+    assert runs[0] == runs[1]
+
+
+def test_outcomes_reach_the_policy_at_the_next_forward_not_at_the_feedback():
+    s = DasSession(_opts(async_updates=True))
+    s.start("r0", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    for _ in range(2):
+        s.plan(["r0"], 8)
+        s.before_forward()
+        s.committed_batch(["r0"], [3], [[1, 2]])  # 3 proposed, 1 accepted
+    # the first feedback's outcome went in during the second forward; the second's waits
+    assert s.policy.acceptance._stats["p"].n_obs == 1
+    s.plan(["r0"], 8)
+    s.before_forward()
+    s._settle_outcomes()  # (the recording on the update thread has finished)
+    assert s.policy.acceptance._stats["p"].n_obs == 2
+    s.close()
+    assert s.policy.acceptance._stats["p"].n_obs == 2  # close records nothing twice
+
+
+def test_a_bad_outcome_raises_at_the_feedback_naming_the_request():
+    s = DasSession(_opts(async_updates=True))
+    s.start("r0", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.plan(["r0"], 8)
+    with pytest.raises(ValueError, match="req_id='r0'.*proposed=1, accepted=2"):
+        s.committed_batch(["r0"], [1], [[1, 2, 3]])
+    with pytest.raises(ValueError, match="req_id='r0'.*proposed=0, accepted=1"):
+        s.committed("r0", 0, [1, 2])
+    s.close()
