@@ -80,11 +80,12 @@ class _Updates:
     def _run(self) -> None:
         while True:
             item = self._q.get()
+            done = None
             try:
                 if item is None:
                     return
                 self._finish_native_keeping_errors()  # (inside this item: flush waits for both)
-                fn, args = item
+                fn, args, done = item
                 fn(*args)
             except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
                 _log.exception("DAS: background history update failed")
@@ -92,9 +93,12 @@ class _Updates:
             finally:
                 item = fn = args = None  # no reference to the session while idle
                 self._q.task_done()
+                if done is not None:  # (after task_done: a waiter then sees it not busy)
+                    done.set()
 
-    def submit(self, fn, *args) -> None:
-        self._q.put((fn, args))
+    def submit(self, fn, *args, done: threading.Event | None = None) -> None:
+        """Queue ``fn(*args)``; ``done`` is set once it has run (and left the queue)."""
+        self._q.put((fn, args, done))
 
     def busy(self) -> bool:
         """Some update is queued or running."""
@@ -483,7 +487,7 @@ class DasSession:
             # removals) may take the whole forward, the recording ~1 ms at 512 rows.
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = done = threading.Event()
-            self._updates.submit(self._record_outcomes_then, outcomes, done)
+            self._updates.submit(self._record_outcomes, outcomes, done=done)
         if self._evict_due:
             self._evict_due = False
             if self._evicting and self._updates is not None:
@@ -599,12 +603,6 @@ class DasSession:
                 observe = self.policy.observe_verify
                 for pid, pi, ai in zip(pids, p.tolist(), a.tolist()):
                     observe(pid, pi, ai)
-
-    def _record_outcomes_then(self, outcomes: list, done: threading.Event) -> None:
-        try:
-            self._record_outcomes(outcomes)
-        finally:
-            done.set()
 
     def _settle_outcomes(self, record_pending: bool = False) -> None:
         """Wait for a recording running on the update thread (before the policy is read or

@@ -198,7 +198,8 @@ def test_eviction_chunks_wait_for_the_forward_hook_and_still_finish():
         s.policy.lengths.background = False
     submitted = []
     submit = hooked._updates.submit
-    hooked._updates.submit = lambda fn, *a: (submitted.append(getattr(fn, "__name__", "")), submit(fn, *a))
+    hooked._updates.submit = lambda fn, *a, **kw: (submitted.append(getattr(fn, "__name__", "")),
+                                                   submit(fn, *a, **kw))
     orig_plan = hooked.plan
     chunks_in_plan = []
 
