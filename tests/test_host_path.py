@@ -72,6 +72,24 @@ def test_background_predictor_reads_the_previous_index_then_catches_up():
     assert p.initial_class("a") == 2  # median 5000: Long, once rebuilt
 
 
+def test_background_rebuild_starts_only_when_asked_once_queries_may_not_start_it():
+    p = LengthPredictor(PolicyConfig(class_thresholds=(100, 1000)), background=True)
+    p.observe_finished("a", 50)
+    p.predict("a", 0, 10_000)  # first index: built inline
+    p.rebuild_on_query = False  # (the session's before_forward hook)
+    p.observe_finished("a", 5000)
+    p.observe_finished("a", 6000)
+    p.predict("a", 0, 10_000)
+    assert p._building is None and p.initial_class("a") == 0  # the query started nothing
+    assert p.rebuild_if_stale()
+    p._wait()
+    assert p.initial_class("a") == 2  # rebuilt in the background (median 5000: Long)
+    assert not p.rebuild_if_stale()  # up to date: nothing due
+    inline = LengthPredictor(PolicyConfig(class_thresholds=(100, 1000)))  # background off
+    inline.observe_finished("a", 50)
+    assert not inline.rebuild_if_stale()
+
+
 def test_predictor_evicts_problems_and_stays_bounded():
     p = LengthPredictor(PolicyConfig(length_window_steps=1))
     for step in range(50):

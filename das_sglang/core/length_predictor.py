@@ -132,7 +132,10 @@ class LengthPredictor(_LengthQueries):
     with ``background=True`` off the caller's thread: queries then read the latest built
     index (double-buffered) and never wait for a rebuild once the first one exists; a
     rebuild starts once 1% of the lengths changed or 0.5 s after the previous one, so the
-    index lags the newest finishes by at most that."""
+    index lags the newest finishes by at most that. A rebuild starts on a query, or, with
+    ``rebuild_on_query`` False, only when the owner calls :meth:`rebuild_if_stale` (the
+    session does at each verify forward: the rebuild's Python then runs while the
+    scheduler thread waits on the device, not beside the policy's plan)."""
 
     def __init__(self, config: PolicyConfig | None = None, background: bool = False) -> None:
         self.config = config or PolicyConfig()
@@ -146,6 +149,7 @@ class LengthPredictor(_LengthQueries):
         self.background = background
         self._building = None  # threading.Thread of a background rebuild
         self._last_start = 0.0
+        self.rebuild_on_query = True  # background: a query starts a due rebuild
 
     # ---- updates ---------------------------------------------------------------------
     def observe_finished(self, problem_id: str, length: int) -> None:
@@ -285,9 +289,18 @@ class LengthPredictor(_LengthQueries):
             self._wait()
             cache = self._cache = (self._version, self._build_index(*self._columns()))
             return cache[1]
-        if not self._busy() and self._stale_enough(cache[0]):
+        if self.rebuild_on_query and not self._busy() and self._stale_enough(cache[0]):
             self._start_rebuild()
         return cache[1]  # the previous index: at most one rebuild behind
+
+    def rebuild_if_stale(self) -> bool:
+        """Background: start a rebuild now if one is due (the rule above); whether it did."""
+        cache = self._cache
+        if (not self.background or cache is None or cache[0] == self._version or self._busy()
+                or not self._stale_enough(cache[0])):
+            return False
+        self._start_rebuild()
+        return True
 
     REBUILD_SHARE = 0.01  # background: rebuild once 1% of the lengths changed ...
     REBUILD_EVERY_S = 0.5  # ... or this long after the last rebuild started

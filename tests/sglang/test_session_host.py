@@ -324,3 +324,23 @@ def test_a_bad_outcome_raises_at_the_feedback_naming_the_request():
     with pytest.raises(ValueError, match="req_id='r0'.*proposed=0, accepted=1"):
         s.committed("r0", 0, [1, 2])
     s.close()
+
+
+def test_the_forward_hook_starts_due_length_rebuilds_not_the_plan():
+    s = DasSession(_opts(async_updates=True))
+    lengths = s.policy.lengths
+    assert lengths.background and lengths.rebuild_on_query
+    started = []
+    lengths._start_rebuild = lambda: started.append(lengths._version)  # (record, do not run)
+    s.start("r0", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.plan(["r0"], 8)
+    s.before_forward()
+    assert not lengths.rebuild_on_query  # queries leave rebuilds to the hook from now on
+    lengths.observe_finished("p", 40)
+    lengths._last_start = 0.0  # (due: the last rebuild was long ago)
+    s.committed_batch(["r0"], [0], [[5]])
+    s.plan(["r0"], 8)  # a query of a stale index: starts nothing
+    assert started == []
+    s.before_forward()
+    assert started == [lengths._version]
+    s.close()
