@@ -123,6 +123,34 @@ def test_lazy_eviction_ignores_then_removes_out_of_window_history():
     assert lazy.stats().sequences == eager.stats().sequences
 
 
+def test_lazy_eviction_with_a_stop_removes_one_rollout_per_call_and_ends_like_a_full_one():
+    eager, lazy = _drafter(), _drafter()
+    lazy.lazy_eviction = True
+    for d in (eager, lazy):
+        for k in range(3):  # one problem-step group of 3 rollouts, and a second problem
+            d.add_history("p", 0, [1, 2, 3, 4 + k])
+        d.add_history("q", 0, [5, 6, 7])
+        d.advance_step(1)
+        d.add_history("p", 1, [1, 2, 9, 9])
+        d.advance_step(2)  # step 0 leaves the window
+        d.start_request("r", "p", [1, 2])
+    before = lazy.stats().sequences
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return True  # always: each call still removes one rollout (progress)
+
+    calls = 0
+    while not lazy.evict_pending(None, stop):
+        calls += 1
+        assert lazy.stats().sequences == before - calls  # one rollout per call
+        assert lazy.speculate("r", 4).tokens.tolist() == eager.speculate("r", 4).tokens.tolist()
+    assert calls == 3 and asked  # 4 rollouts: 3 calls stopped early, the 4th finished
+    assert lazy.stats().sequences == eager.stats().sequences
+    assert lazy.history_tokens == eager.history_tokens and lazy.history().keys() == eager.history().keys()
+
+
 def test_history_cap_evicts_oldest_step_first():
     d = SuffixDrafter(DrafterConfig(window_steps=4, max_history_tokens=10))
     d.add_history("old", 0, [1, 2, 3, 4])

@@ -184,38 +184,44 @@ class SuffixDrafter:
                     self._evict(problem_id, s)
         self._refresh_weights()
 
-    def evict_pending(self, max_tokens: int | None) -> bool:
+    def evict_pending(self, max_tokens: int | None, stop=None) -> bool:
         """Remove out-of-window rollouts left by a lazy ``advance_step``, about
-        ``max_tokens`` tokens' worth (None: all). Returns True when none are left."""
-        removed = 0
+        ``max_tokens`` tokens' worth (None: all). ``stop``: a callable asked between
+        rollouts (after the first); once it says True the call returns (the rest stays
+        pending). Returns True
+        when none are left. (Out-of-window history has weight 0: when it leaves changes no
+        draft.)"""
+        removed, started = 0, False
         while self._evicting:
             s = min(self._evicting)
             problems = self._by_step.get(s)
             if not problems:
                 self._evicting.discard(s)
                 continue
-            if max_tokens is not None and removed >= max_tokens:
+            # (at least one rollout per call, whatever ``stop`` says: chunks make progress)
+            if (max_tokens is not None and removed >= max_tokens) or (started and stop()):
                 return False
+            started = stop is not None
             problem_id = next(iter(problems))
             before = self.history_tokens
-            self._evict(problem_id, s)
+            self._evict(problem_id, s, stop)
             removed += before - self.history_tokens
         return True
 
-    def _evict(self, problem_id: str, step: int) -> None:
-        """Drop every finished rollout of ``problem_id`` at ``step``."""
+    def _evict(self, problem_id: str, step: int, stop=None) -> None:
+        """Drop every finished rollout of ``problem_id`` at ``step`` (one native call, GIL
+        released); with ``stop``, one rollout per call, asking ``stop`` between them (a
+        group of long rollouts took up to ~30 ms in one call at RL scale)."""
         by_step = self._finished.get(problem_id, {})
-        seqs = by_step.pop(step, [])
-        if seqs:  # one native call (GIL released) for the group
-            ids = np.asarray(seqs, dtype=np.int64)
-            self._indices[problem_id].remove_sequences(ids)
-            if self._global is not None:
-                self._unshare([q for q in seqs if q in self._shared_len])
-            self._step_seqs[step] -= len(seqs)
-            if self._step_seqs[step] <= 0:
-                del self._step_seqs[step]
-            for seq_id in seqs:
-                self.history_tokens -= self._seq_len.pop(seq_id, 0)
+        seqs = by_step.get(step, [])
+        while seqs:
+            take = seqs if stop is None else seqs[:1]
+            self._drop_finished(problem_id, step, take)
+            seqs = seqs[len(take):]
+            if seqs and stop():
+                by_step[step] = seqs  # the rest leaves at a later call
+                return
+        by_step.pop(step, None)
         problems = self._by_step.get(step)
         if problems is not None:
             problems.pop(problem_id, None)
@@ -224,6 +230,21 @@ class SuffixDrafter:
         if not by_step:
             self._finished.pop(problem_id, None)
         self._drop_index_if_empty(problem_id)
+
+    def _drop_finished(self, problem_id: str, step: int, seqs: list[int]) -> None:
+        self._indices[problem_id].remove_sequences(np.asarray(seqs, dtype=np.int64))
+        if self._global is not None:
+            self._unshare([q for q in seqs if q in self._shared_len])
+        self._step_seqs[step] -= len(seqs)
+        if self._step_seqs[step] <= 0:
+            del self._step_seqs[step]
+        for seq_id in seqs:
+            self.history_tokens -= self._seq_len.pop(seq_id, 0)
+
+    def defer_unshare(self, seq_ids) -> None:
+        """Shared-index copies :meth:`take_unshare` handed out but not removed: they leave
+        with the next extend (before its appends) or the next :meth:`take_unshare`."""
+        self._unshare_pending.extend(int(q) for q in seq_ids)
 
     def _note_finished(self, problem_id: str, step: int, seq_id: int, n_tokens: int,
                        n_shared: int | None) -> None:

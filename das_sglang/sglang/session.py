@@ -241,6 +241,9 @@ class DasSession:
         # thread (set when done).
         self._outcomes: list[tuple] = []
         self._outcomes_job: threading.Event | None = None
+        # Set by a feedback waiting for the update thread: yieldable work (eviction chunks,
+        # shared-index removals) stops at its next unit and leaves the rest for later.
+        self._yield_updates = threading.Event()
         self.worker_stats: dict | None = None  # the worker's verify counters, for shard stats
         self.shards = self._open_shards(engine_id)
 
@@ -348,11 +351,28 @@ class DasSession:
     ASYNC_MIN_ROWS = 8
     PREPARE_AHEAD = True  # plan: the policy's draft-free inputs before waiting for the drafts
     EVICT_CHUNK_S = 0.003  # native removals per decode step, inside the forward's shadow
+    UNSHARE_CHUNK = 8  # shared-index copies removed per native call in the forward's shadow
+
+    def _remove_shared(self, ids: np.ndarray) -> None:
+        """The shared-index copies past ``shared_max_tokens``, removed during the forward a
+        few at a time; if a feedback waits, the rest is left for its extend job (which
+        removes them natively before its appends: the drafts are the same either way)."""
+        step = self.UNSHARE_CHUNK
+        for i in range(0, len(ids), step):
+            if i and self._yield_updates.is_set():
+                self.drafter.defer_unshare(ids[i:].tolist())
+                return
+            self.drafter.remove_shared(ids[i:i + step])
 
     def _evict_chunk(self) -> None:
         end = time.perf_counter() + self.EVICT_CHUNK_S
-        while not self.drafter.evict_pending(2048):
-            if time.perf_counter() >= end:
+        yielding = self._yield_updates.is_set
+
+        def stop() -> bool:  # asked between rollouts: the chunk's time is up, or a feedback waits
+            return yielding() or time.perf_counter() >= end
+
+        while not self.drafter.evict_pending(2048, stop):
+            if stop():
                 return
         self._evicting = False
         self._trim_due = True  # a step's history went: hand its pages back once idle
@@ -504,7 +524,7 @@ class DasSession:
             take = getattr(self.drafter, "take_unshare", None)
             ids = take() if take is not None else None
             if ids is not None:
-                self._updates.submit(self.drafter.remove_shared, ids)
+                self._updates.submit(self._remove_shared, ids)
 
     def _draft_sizes(self, req_ids: Sequence[str], max_nodes: int):
         """Nodes to draft per row: the policy's ``draft_sizes`` (small trees for rows with
@@ -545,6 +565,18 @@ class DasSession:
             # arguments are prepared here, so the update thread only runs native code
             # (without the GIL: it never holds up the scheduler thread's Python).
             self._updates.raise_error()
+            if self._updates.busy():
+                # The forward's background work (eviction chunk, shared-index removals) ran
+                # past the forward. Queued behind it, this step's extend job would start as a
+                # Python item, first waiting for the GIL that SGLang's result processing holds
+                # (5 ms switch intervals: the job took 18 ms p50 that way vs ~6 started
+                # natively, and up to 60). So that work stops at its next rollout (the rest
+                # stays for the next forward) and the job starts natively once it has.
+                self._yield_updates.set()
+                try:
+                    self._updates.flush()
+                finally:
+                    self._yield_updates.clear()
             prepared = self.drafter.prepare_extend(req_ids, tokens, flat)
             if self._plan_nodes is not None and hasattr(self.drafter, "predraft"):
                 sizes = self._draft_sizes(req_ids, self._plan_nodes)

@@ -344,3 +344,43 @@ def test_the_forward_hook_starts_due_length_rebuilds_not_the_plan():
     s.before_forward()
     assert started == [lengths._version]
     s.close()
+
+
+def test_shared_removals_that_yield_to_a_feedback_leave_the_rest_to_its_extend():
+    # A feedback waiting for the update thread makes the forward's shared-index removals
+    # stop after their first native call; the rest leave with the feedback's extend job
+    # (before its appends): the drafts and the final shared index are the same.
+    def opts():
+        cfg = {"drafter": {"window_steps": 2, "shared_max_tokens": 150},
+               "server": {"policy": "length-aware"}}
+        return load_options(9, json.dumps(cfg))
+
+    yielding, plain = DasSession(opts()), DasSession(opts())
+    for s in (yielding, plain):
+        s.ASYNC_MIN_ROWS = 1
+        s.policy.lengths.background = False
+    yielding.UNSHARE_CHUNK = 1
+    yielding._yield_updates.set = lambda: None  # (the feedback's own set/clear: no-ops)
+    yielding._yield_updates.clear = lambda: None
+    yielding._yield_updates.is_set = lambda: True  # every removal job yields after one call
+    deferred = []
+    defer = yielding.drafter.defer_unshare
+    yielding.drafter.defer_unshare = lambda ids: (deferred.append(len(ids)), defer(ids))
+    orig_plan = yielding.plan
+
+    def plan(rids, n):
+        out = orig_plan(rids, n)
+        yielding.before_forward()
+        return out
+
+    yielding.plan = plan
+    assert _drive(yielding, steps=80) == _drive(plain, steps=80)
+    assert sum(deferred) > 0  # some copies were left to the next extend
+    for s in (yielding, plain):
+        s.sync()
+        s.drafter._apply_unshare()
+        assert s.drafter.shared_tokens <= 150
+    assert yielding.drafter._global.num_tokens == plain.drafter._global.num_tokens
+    assert yielding.drafter._global.num_sequences == plain.drafter._global.num_sequences
+    yielding.close()
+    plain.close()
