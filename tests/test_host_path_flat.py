@@ -3,6 +3,8 @@ row-by-row forms gave -- native ``draft_rows`` (any thread count, prefetching) v
 ``draft_batch``, ``DraftBatch`` vs lists of ``DraftTree``, a policy reading ``BudgetRows``
 columns vs ``BudgetRow`` objects, batched verify outcomes vs one call per row."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -458,3 +460,35 @@ def test_started_job_shares_its_tasks_and_equals_the_sequential_calls(threads):
     for r in rids[:50]:
         np.testing.assert_array_equal(a._indices[a._live[r].problem_id].sequence_tokens(a._live[r].seq_id),
                                       b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
+
+
+def _thread_nices() -> list[int]:
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                out.append(int(f.read().rpartition(")")[2].split()[16]))  # field 19: nice
+        except (OSError, ValueError, IndexError):
+            pass  # (a thread that just ended)
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_a_started_job_runs_its_workers_at_the_background_nice_value():
+    from das_sglang.native import background_nice, set_background_nice
+
+    with pytest.raises(ValueError, match="invalid nice=20"):
+        set_background_nice(20)
+    d, rids, rng = _drafter(7, requests=300)
+    before = background_nice()
+    set_background_nice(7)
+    try:
+        assert 7 not in _thread_nices()
+        # a long job (60k appends + 300 drafts): its workers are seen while it runs
+        done = d.start_extend(d.prepare_extend(rids, [rng.integers(0, 12, 200) for _ in rids]), 16)
+        seen = 7 in _thread_nices()
+        done()
+        assert seen
+        assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # this (the caller's) thread keeps its own
+    finally:
+        set_background_nice(before)

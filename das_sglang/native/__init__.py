@@ -24,6 +24,7 @@ from das_sglang.native._suffix import (
     MAX_STEPS,
     PendingExtendDraft,
     SuffixIndex,
+    background_nice,
     draft_batch,
     draft_rows,
     extend_batch,
@@ -31,7 +32,9 @@ from das_sglang.native._suffix import (
     extend_draft_rows_start,
     ragged_layout,
     ragged_mask_index,
+    set_background_nice,
 )
 
-__all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "draft_batch", "draft_rows", "extend_batch",
-           "extend_draft_rows", "extend_draft_rows_start", "ragged_layout", "ragged_mask_index"]
+__all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "draft_batch", "draft_rows",
+           "extend_batch", "extend_draft_rows", "extend_draft_rows_start", "ragged_layout", "ragged_mask_index",
+           "set_background_nice"]

@@ -68,6 +68,13 @@ class ServerConfig:
     async_updates     history updates (the drafter's batch extend, GIL-free), the length
                       index rebuild and snapshot writes run off the scheduler thread; reads
                       wait for pending updates first (True, default). False: all inline.
+    background_nice   nice value (0-19) of the native threads the feedback's extend +
+                      pre-draft job runs on beside SGLang's own result processing (Linux:
+                      per thread). On a host with spare cores it changes nothing; where
+                      cores are short the job yields them to the scheduler thread, whose
+                      Python it would otherwise slow (2-core VM, 512 rows: that slowdown
+                      was ~6 ms a step at 0, none at 10; the job has the engine's whole
+                      gap to finish). 0 = the scheduler thread's priority.
     shard_path        shared directory of per-problem history shards (scale-out: many
                       engines behind a router, core/shards.py): a problem this engine
                       does not hold is loaded from it lazily, and this engine's rollouts
@@ -85,6 +92,7 @@ class ServerConfig:
     verify_layout: str = "auto"
     stats_path: str | None = None
     async_updates: bool = True
+    background_nice: int = 10
     shard_path: str | None = None
     engine_id: str | None = None
 
@@ -93,6 +101,9 @@ class ServerConfig:
             raise ValueError(f"invalid policy={self.policy!r}: must be one of {sorted(POLICIES)}")
         if self.snapshot_interval < 0:
             raise ValueError(f"invalid snapshot_interval={self.snapshot_interval!r}: must be >= 0")
+        if (isinstance(self.background_nice, bool) or not isinstance(self.background_nice, int)
+                or not 0 <= self.background_nice <= 19):
+            raise ValueError(f"invalid background_nice={self.background_nice!r}: must be an int in [0, 19]")
         if self.verify_layout not in VERIFY_LAYOUTS:
             raise ValueError(
                 f"invalid verify_layout={self.verify_layout!r}: must be one of {VERIFY_LAYOUTS}"

@@ -217,6 +217,10 @@ class DasSession:
         self._mirror: dict[str, dict[int, TokenGroup]] | None = None
         self._tagged_since_flush = False
         self._updates = _Updates() if options.server.async_updates else None
+        if options.server.async_updates:
+            from das_sglang.native import set_background_nice
+
+            set_background_nice(options.server.background_nice)  # (the started jobs' threads)
         self.snapshot = self._open_snapshot(write_snapshots)
         lengths = getattr(self.policy, "lengths", None)
         if options.server.async_updates and lengths is not None:

@@ -384,3 +384,18 @@ def test_shared_removals_that_yield_to_a_feedback_leave_the_rest_to_its_extend()
     assert yielding.drafter._global.num_sequences == plain.drafter._global.num_sequences
     yielding.close()
     plain.close()
+
+
+def test_the_session_sets_the_background_nice_of_its_native_jobs():
+    from das_sglang.native import background_nice, set_background_nice
+
+    before = background_nice()
+    try:
+        s = DasSession(_opts(background_nice=5))
+        assert background_nice() == 5
+        s.close()
+        inline = DasSession(_opts(async_updates=False, background_nice=3))  # no started jobs
+        assert background_nice() == 5
+        inline.close()
+    finally:
+        set_background_nice(before)

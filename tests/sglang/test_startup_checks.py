@@ -88,6 +88,8 @@ def test_production_verify_path_has_no_test_switch():
     ('{"drafter": {"max_match_len": 80}}', "max_match_len=80"),
     ('{"policy": {"max_budget": 30}}', "policy.max_budget=30"),
     ('{"server": {"snapshot_interval": -1}}', "snapshot_interval=-1"),
+    ('{"server": {"background_nice": 20}}', "background_nice=20"),
+    ('{"server": {"background_nice": true}}', "background_nice=True"),
     ('{"server": {"history_path": "/proc/version"}}', "history_path='/proc/version'"),
 ])
 def test_bad_options_fail_while_resolving_server_args(tiny_model, monkeypatch, das_config, named):

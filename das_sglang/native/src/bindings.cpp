@@ -14,6 +14,8 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+
+#include <sys/resource.h>
 #include <unordered_map>
 
 #include "suffix_index.h"
@@ -587,6 +589,17 @@ nb::tuple extend_draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle t
   return w.result();
 }
 
+// Nice value of the threads extend_draft_rows_start runs beside the caller (0 = the
+// caller's). On Linux the nice value is per thread: a started job's workers then yield a
+// shared core to the scheduler thread's Python (SGLang's result processing), which the
+// job must not slow down; the caller's own share of the job (wait()) keeps its priority.
+std::atomic<int> g_background_nice{0};
+
+void lower_priority() {
+  const int nice = g_background_nice.load(std::memory_order_relaxed);
+  if (nice > 0) setpriority(PRIO_PROCESS, 0, nice);  // (best effort: an error leaves it)
+}
+
 // extend_draft_rows started at once on `threads` threads of its own (it never takes the
 // GIL, so it runs while the caller's thread goes on with Python); wait() takes part in what
 // is left (ExtendDraftWork::work, GIL released), joins the workers and returns the result
@@ -604,7 +617,11 @@ class PendingExtendDraft {
                       shared_weight, shared_min_match, unshare);
     w_.plan();
     // work() records its own errors (finish() rethrows them); nothing else can throw there
-    for (size_t t = 0; t < std::max<size_t>(1, w_.threads); ++t) workers_.emplace_back([this] { w_.work(); });
+    for (size_t t = 0; t < std::max<size_t>(1, w_.threads); ++t)
+      workers_.emplace_back([this] {
+        lower_priority();
+        w_.work();
+      });
   }
   ~PendingExtendDraft() {
     nb::gil_scoped_release release;
@@ -898,6 +915,15 @@ NB_MODULE(_suffix, m) {
       nb::rv_policy::take_ownership,
       "extend_draft_rows on `threads` native threads of their own, started now (arguments checked "
       "here); returns a PendingExtendDraft whose wait() helps finish it and gives the result.");
+  m.def(
+      "set_background_nice",
+      [](int nice) {
+        if (nice < 0 || nice > 19) throw nb::value_error(("invalid nice=" + std::to_string(nice) + ": must be in [0, 19]").c_str());
+        g_background_nice.store(nice);
+      },
+      nb::arg("nice"),
+      "Nice value (0-19) of the threads a started extend + draft job runs on (0: the caller's).");
+  m.def("background_nice", [] { return g_background_nice.load(); });
   m.def("extend_draft_rows", &extend_draft_rows, nb::arg("indices"), nb::arg("seq_ids"),
         nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"), nb::arg("min_prob"),
         nb::arg("steps"), nb::arg("weights"), nb::arg("chain"), nb::arg("max_match_len"),
