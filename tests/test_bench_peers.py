@@ -26,6 +26,8 @@ def test_ngram_rows_become_draft_trees_without_padding():
     assert tree.tokens.tolist() == [3, 5, 4]
     assert tree.parents.tolist() == [-1, -1, 0]
     assert tree.accept_length([3, 4, 9]) == 2
+    assert tree.accept_path([3, 4, 9]) == (2, 2)  # ... ending at node 2 (token 4)
+    assert tree.accept_path([5]) == (1, 1) and tree.accept_path([9, 3]) == (0, -1)
 
 
 def rollout(rid: str, step: int, prompt, response) -> Rollout:

@@ -49,20 +49,6 @@ def path_of(tree: DraftTree, i: int) -> list[int]:
     return out[::-1]
 
 
-def accept_node(tree: DraftTree, truth: list[int]) -> tuple[int, int]:
-    """(accepted length, index of the last accepted node or -1)."""
-    ch: dict[int, dict[int, int]] = {}
-    for i, (p, t) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
-        ch.setdefault(p, {}).setdefault(t, i)
-    node, n = -1, 0
-    for t in truth:
-        nxt = ch.get(node, {}).get(int(t))
-        if nxt is None:
-            break
-        node, n = nxt, n + 1
-    return n, node
-
-
 class ReanchorPeer(bp.DasPeer):
     needs_truth = True  # truth is read only for statistics, never for drafting
 
@@ -228,7 +214,7 @@ class ReanchorPeer(bp.DasPeer):
             if not len(t):
                 continue
             truth = self.truth[rid].tolist()
-            acc, node = accept_node(t, truth)
+            acc, node = t.accept_path(truth)
             if self.kind != "base":
                 start = getattr(t, "_reanchor_from", None)
                 if start is not None and node >= start:
@@ -259,7 +245,7 @@ class ReanchorPeer(bp.DasPeer):
                         sub = DraftTree(tok.astype(np.int32), par.astype(np.int32), pr)
                         st["sh_nokid_oracle_tok"] += sub.accept_length(truth[acc:])
                 st["sh_true_kid"] += any(int(big.tokens[i]) == truth[acc] for i in kids)
-                a2, _ = accept_node(big, truth)
+                a2, _ = big.accept_path(truth)
                 st["sh_acc_gain"] += a2 - acc
             own, sh = self._cont(rid, path)
             if own or sh:

@@ -63,17 +63,8 @@ def outcome(tree, accepted) -> tuple[int, int, bool]:
     """(accepted length, accepted node, that node is a leaf) of ``tree`` against ``accepted``."""
     if not len(tree):
         return 0, -1, True
-    par, tok = tree.parents.tolist(), tree.tokens.tolist()
-    ch: dict[int, dict[int, int]] = {}
-    for i, (p, t) in enumerate(zip(par, tok)):
-        ch.setdefault(p, {}).setdefault(t, i)
-    node, n = -1, 0
-    for t in accepted:
-        nxt = ch.get(node, {}).get(int(t))
-        if nxt is None:
-            break
-        node, n = nxt, n + 1
-    return n, node, node not in ch
+    n, node = tree.accept_path(accepted)
+    return n, node, node not in set(tree.parents.tolist())
 
 
 class ShapePeer(bp.DasPeer):

@@ -103,6 +103,10 @@ class DraftTree:
         This is exactly what greedy verification accepts when the target model's true
         continuation is ``continuation`` (bonus token not included).
         """
+        return self.accept_path(continuation)[0]
+
+    def accept_path(self, continuation: Sequence[int]) -> tuple[int, int]:
+        """:meth:`accept_length` and the index of the last accepted node (-1: none)."""
         children: dict[int, dict[int, int]] = {}
         for i, (p, t) in enumerate(zip(self.parents.tolist(), self.tokens.tolist())):
             children.setdefault(p, {}).setdefault(t, i)
@@ -112,7 +116,7 @@ class DraftTree:
             if nxt is None:
                 break
             node, n = nxt, n + 1
-        return n
+        return n, node
 
 
 class DraftBatch:

@@ -31,26 +31,26 @@ def new_host_time() -> dict:
             "engine_gap_ms": 0.0, "engine_gap_max_ms": 0.0}
 
 
-def add_plan(host: dict, seconds: float, rows: int) -> None:
+def _add(host: dict, clock: str, seconds: float) -> None:
     ms = seconds * 1e3
+    host[f"{clock}_ms"] += ms
+    host[f"{clock}_max_ms"] = max(host[f"{clock}_max_ms"], ms)
+
+
+def add_plan(host: dict, seconds: float, rows: int) -> None:
     host["steps"] += 1
     host["rows"] += rows
-    host["plan_ms"] += ms
-    host["plan_max_ms"] = max(host["plan_max_ms"], ms)
+    _add(host, "plan", seconds)
 
 
 def add_feedback(host: dict, seconds: float) -> None:
-    ms = seconds * 1e3
-    host["feedback_ms"] += ms
-    host["feedback_max_ms"] = max(host["feedback_max_ms"], ms)
+    _add(host, "feedback", seconds)
 
 
 def add_engine_gap(host: dict, seconds: float, rows: int) -> None:
-    ms = seconds * 1e3
     host["engine_gap_steps"] += 1
     host["engine_gap_rows"] += rows
-    host["engine_gap_ms"] += ms
-    host["engine_gap_max_ms"] = max(host["engine_gap_max_ms"], ms)
+    _add(host, "engine_gap", seconds)
 
 
 def summary(host: dict) -> dict:

@@ -224,17 +224,17 @@ def test_eviction_chunks_wait_for_the_forward_hook_and_still_finish():
     plain.close()
 
 
+def _shared_cap_opts():
+    cfg = {"drafter": {"window_steps": 2, "shared_max_tokens": 150}, "server": {"policy": "length-aware"}}
+    return load_options(9, json.dumps(cfg))
+
+
 def test_shared_copies_past_the_cap_leave_during_the_forward_with_the_hook():
     # Finished rollouts past shared_max_tokens leave the shared index: with the worker's
     # before_forward hook the removal is submitted there (it runs during the forward), so
     # the next feedback's extend job removes nothing; the drafts are the same as without
     # the hook (nothing drafts in between), and the shared index ends the same.
-    def opts():
-        cfg = {"drafter": {"window_steps": 2, "shared_max_tokens": 150},
-               "server": {"policy": "length-aware"}}
-        return load_options(9, json.dumps(cfg))
-
-    hooked, plain = DasSession(opts()), DasSession(opts())
+    hooked, plain = DasSession(_shared_cap_opts()), DasSession(_shared_cap_opts())
     for s in (hooked, plain):
         s.ASYNC_MIN_ROWS = 1  # the background path, where the extend job runs
         s.policy.lengths.background = False
@@ -350,12 +350,7 @@ def test_shared_removals_that_yield_to_a_feedback_leave_the_rest_to_its_extend()
     # A feedback waiting for the update thread makes the forward's shared-index removals
     # stop after their first native call; the rest leave with the feedback's extend job
     # (before its appends): the drafts and the final shared index are the same.
-    def opts():
-        cfg = {"drafter": {"window_steps": 2, "shared_max_tokens": 150},
-               "server": {"policy": "length-aware"}}
-        return load_options(9, json.dumps(cfg))
-
-    yielding, plain = DasSession(opts()), DasSession(opts())
+    yielding, plain = DasSession(_shared_cap_opts()), DasSession(_shared_cap_opts())
     for s in (yielding, plain):
         s.ASYNC_MIN_ROWS = 1
         s.policy.lengths.background = False
