@@ -289,8 +289,8 @@ class LengthPredictor(_LengthQueries):
             self._wait()
             cache = self._cache = (self._version, self._build_index(*self._columns()))
             return cache[1]
-        if self.rebuild_on_query and not self._busy() and self._stale_enough(cache[0]):
-            self._start_rebuild()
+        if self.rebuild_on_query:
+            self.rebuild_if_stale()
         return cache[1]  # the previous index: at most one rebuild behind
 
     def rebuild_if_stale(self) -> bool:

@@ -147,6 +147,17 @@ class _Updates:
         self._thread.join(timeout=30)
 
 
+def _check_outcomes(proposed: np.ndarray, accepted: np.ndarray, req_ids: list) -> None:
+    """Verify outcomes kept for the policy (recorded later): a bad row raises now, naming
+    its request (``0 <= accepted <= proposed``, as the statistics require)."""
+    bad = (proposed < 0) | (accepted < 0) | (accepted > proposed)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"invalid verify outcome for req_id={req_ids[i]!r}: proposed="
+                         f"{int(proposed[i])}, accepted={int(accepted[i])} (need 0 <= accepted "
+                         "<= proposed)")
+
+
 def _trim_heap() -> None:
     """glibc ``malloc_trim(0)``: return the freed pages of evicted history to the OS, so the
     process's RSS follows the history's size (freed memory otherwise stays in the malloc
@@ -540,17 +551,14 @@ class DasSession:
     def committed(self, req_id: str, proposed: int, tokens: Sequence[int]) -> None:
         """After verify: ``tokens`` = accepted drafts + the bonus token."""
         live = self.live[req_id]
-        accepted = len(tokens) - 1
-        if proposed < 0 or accepted < 0 or accepted > proposed:
-            raise ValueError(f"invalid verify outcome for req_id={req_id!r}: proposed={proposed!r}, "
-                             f"accepted={accepted!r} (need 0 <= accepted <= proposed)")
+        p, a = np.array([proposed], np.int64), np.array([len(tokens) - 1], np.int64)
+        _check_outcomes(p, a, [req_id])  # (before anything changes)
         self._settle_outcomes(record_pending=True)
         self.sync()
         self.drafter.extend_request(req_id, np.asarray(tokens, dtype=np.int32))
         live.generated += len(tokens)
-        if proposed or accepted:
-            self._outcomes.append(([live.problem_id], np.array([proposed], np.int64),
-                                   np.array([accepted], np.int64)))
+        if p[0] or a[0]:
+            self._outcomes.append(([live.problem_id], p, a))
 
     def committed_batch(self, req_ids: Sequence[str], proposed: Sequence[int],
                         tokens: Sequence[Sequence[int]]) -> None:
@@ -630,12 +638,7 @@ class DasSession:
         from a verify result to the next forward. The statistics average hundreds of
         outcomes per problem; one step of lag changes a budget by the weight of one. The
         outcomes are checked now: a bad one raises here, naming its request."""
-        bad = (proposed < 0) | (accepted < 0) | (accepted > proposed)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"invalid verify outcome for req_id={req_ids[i]!r}: proposed="
-                             f"{int(proposed[i])}, accepted={int(accepted[i])} (need 0 <= accepted "
-                             "<= proposed)")
+        _check_outcomes(proposed, accepted, req_ids)
         self._outcomes.append((problem_ids, proposed, accepted))
 
     def _record_outcomes(self, outcomes: list) -> None:

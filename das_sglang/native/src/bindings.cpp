@@ -14,9 +14,9 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <unordered_map>
 
 #include <sys/resource.h>
-#include <unordered_map>
 
 #include "suffix_index.h"
 
