@@ -18,6 +18,11 @@ it picks) then ``draft_rows`` (on ``threads``) of the same rows in one GIL-free 
 returns a ``PendingExtendDraft`` whose ``wait()`` gives the result.
 ``ragged_layout(roots, seq_lens, offsets, tokens, parents)`` and ``ragged_mask_index(verify_lens,
 seq_lens)`` build a ragged verify's inputs from a flat draft batch (sglang/tree_inputs.py).
+``best_per_row(remaining, acc, m, kv_tokens, c_base, c_tok, c_kv)`` and
+``lookahead_per_row(..., spread, free_tokens)`` are core/allocation.py's per-row allocators
+(the policy's per-step math; numpy there is the reference they are tested against):
+``(budgets, width, modeled_s, baseline_s, makespan_steps)``, the lookahead None where numpy
+ranks every node instead.
 """
 
 from das_sglang.native._suffix import (
@@ -25,16 +30,18 @@ from das_sglang.native._suffix import (
     PendingExtendDraft,
     SuffixIndex,
     background_nice,
+    best_per_row,
     draft_batch,
     draft_rows,
     extend_batch,
     extend_draft_rows,
     extend_draft_rows_start,
+    lookahead_per_row,
     ragged_layout,
     ragged_mask_index,
     set_background_nice,
 )
 
-__all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "draft_batch", "draft_rows",
-           "extend_batch", "extend_draft_rows", "extend_draft_rows_start", "ragged_layout", "ragged_mask_index",
-           "set_background_nice"]
+__all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row", "draft_batch",
+           "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start", "lookahead_per_row",
+           "ragged_layout", "ragged_mask_index", "set_background_nice"]

@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -18,6 +19,7 @@
 
 #include <sys/resource.h>
 
+#include "allocation.h"
 #include "suffix_index.h"
 
 namespace nb = nanobind;
@@ -765,6 +767,80 @@ nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h) {
   return nb::make_tuple(to_numpy(index), start);
 }
 
+using F64Matrix = nb::ndarray<const double, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// The allocation kernels' inputs (allocation.h Curves), checked: shapes agree, every m_i
+// in [0, width - 1] (numpy would index out of the curve), cost coefficients finite.
+das::alloc::Curves curves_arg(nb::handle remaining_h, nb::handle acc_h, nb::handle m_h,
+                              nb::handle kv_h, F64& remaining, F64Matrix& acc, I64& m, F64& kv) {
+  remaining = as_array<F64>(remaining_h, "remaining", "float64");
+  if (!nb::try_cast(acc_h, acc, false))
+    throw nb::value_error(("invalid acc: expected a 2-D C-contiguous float64 numpy array, got " +
+                           describe(acc_h)).c_str());
+  m = as_array<I64>(m_h, "m", "int64");
+  kv = as_array<F64>(kv_h, "kv_tokens", "float64");
+  const size_t rows = remaining.shape(0), width = acc.shape(1);
+  if (acc.shape(0) != rows || m.shape(0) != rows || kv.shape(0) != rows)
+    throw nb::value_error(("allocation: " + std::to_string(rows) + " remaining but acc has " +
+                           std::to_string(acc.shape(0)) + " rows, m " + std::to_string(m.shape(0)) +
+                           ", kv_tokens " + std::to_string(kv.shape(0))).c_str());
+  if (rows > 0 && width == 0) throw nb::value_error("allocation: acc has no budget column");
+  for (size_t i = 0; i < rows; ++i)
+    if (m(i) < 0 || size_t(m(i)) >= width)
+      throw nb::value_error(("allocation: invalid m[" + std::to_string(i) + "]=" + std::to_string(m(i)) +
+                             ": must be in [0, " + std::to_string(width) + ")").c_str());
+  return das::alloc::Curves{remaining.data(), acc.data(), m.data(), kv.data(), rows, width};
+}
+
+das::alloc::Cost cost_arg(double c_base, double c_tok, double c_kv) {
+  const double v[3] = {c_base, c_tok, c_kv};
+  const char* names[3] = {"c_base", "c_tok", "c_kv"};
+  for (int k = 0; k < 3; ++k)
+    if (!std::isfinite(v[k]))
+      throw nb::value_error(("allocation: invalid " + std::string(names[k]) + "=" + std::to_string(v[k]) +
+                             ": must be finite").c_str());
+  return das::alloc::Cost{c_base, c_tok, c_kv};
+}
+
+nb::tuple allocation_tuple(das::alloc::Allocation& a) {
+  return nb::make_tuple(to_numpy(a.budgets), a.width, a.modeled_s, a.baseline_s, a.makespan_steps);
+}
+
+nb::tuple best_per_row(nb::handle remaining_h, nb::handle acc_h, nb::handle m_h, nb::handle kv_h,
+                       double c_base, double c_tok, double c_kv) {
+  F64 remaining, kv;
+  F64Matrix acc;
+  I64 m;
+  const das::alloc::Curves c = curves_arg(remaining_h, acc_h, m_h, kv_h, remaining, acc, m, kv);
+  const das::alloc::Cost cost = cost_arg(c_base, c_tok, c_kv);
+  das::alloc::Allocation a;
+  {
+    nb::gil_scoped_release release;
+    a = das::alloc::best_per_row(c, cost);
+  }
+  return allocation_tuple(a);
+}
+
+nb::object lookahead_per_row(nb::handle remaining_h, nb::handle acc_h, nb::handle m_h, nb::handle kv_h,
+                             double c_base, double c_tok, double c_kv, double spread, double free_tokens) {
+  F64 remaining, kv;
+  F64Matrix acc;
+  I64 m;
+  const das::alloc::Curves c = curves_arg(remaining_h, acc_h, m_h, kv_h, remaining, acc, m, kv);
+  const das::alloc::Cost cost = cost_arg(c_base, c_tok, c_kv);
+  if (!(free_tokens >= 0.0) || !std::isfinite(spread))
+    throw nb::value_error(("allocation: invalid free_tokens=" + std::to_string(free_tokens) + " or spread=" +
+                           std::to_string(spread) + ": must be >= 0 / finite").c_str());
+  das::alloc::Allocation a;
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    ok = das::alloc::lookahead_per_row(c, cost, spread, free_tokens, a);
+  }
+  if (!ok) return nb::none();
+  return allocation_tuple(a);
+}
+
 // add_sequence / extend of at least this many tokens drop the GIL (below it the release
 // and re-take would cost more than the insertion).
 constexpr size_t kGilFreeTokens = 32;
@@ -942,6 +1018,14 @@ NB_MODULE(_suffix, m) {
         "mask bool[sum vl^2], candidates, retrieve_index, next_token, next_sibling (each int64[bs*n]), n).");
   m.def("ragged_mask_index", &ragged_mask_index, nb::arg("verify_lens"), nb::arg("seq_lens"),
         "Flat positions of the ragged tree blocks in the [seq_len prefix | tree] mask: (index, length).");
+  m.def("best_per_row", &best_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"), nb::arg("kv_tokens"),
+        nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"),
+        "allocation._best_per_row: (budgets int32, width, modeled_s, baseline_s, makespan_steps).");
+  m.def("lookahead_per_row", &lookahead_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"),
+        nb::arg("kv_tokens"), nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"), nb::arg("spread"),
+        nb::arg("free_tokens"),
+        "allocation.lookahead_step_budgets, per-row widths: the same tuple, or None where numpy "
+        "ranks every node (c_tok < 0 or a NaN gain).");
   m.def("extend_batch", &extend_batch, nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"),
         nb::arg("offsets"),
         "Append tokens[offsets[r]:offsets[r+1]] to (indices[r], seq_ids[r]) for every row.");

@@ -1,0 +1,257 @@
+// Per-step budget allocation (see allocation.h; the numpy reference and the derivation:
+// das_sglang/core/allocation.py). Comments name the numpy lines each block mirrors.
+#include "allocation.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+
+namespace das::alloc {
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kFreeTokenShare = 0.1;  // allocation.FREE_TOKEN_SHARE
+
+// step_objective(remaining, (acc, m), budgets, kv, cost, uniform_width=False)
+void step_objective(const Curves& c, const Cost& cost, const std::vector<int32_t>& budgets,
+                    double& modeled, double& makespan) {
+  const size_t n = c.rows;
+  std::vector<double> per_row(n);
+  makespan = n ? -kInf : 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t b = std::min<int64_t>(budgets[i], c.m[i]);
+    const double got = c.acc[i * c.width + size_t(b)];
+    const double steps = c.remaining[i] / (1.0 + got);
+    const double tokens = 1.0 + double(budgets[i]);
+    per_row[i] = steps * (cost.c_tok * tokens + cost.c_kv * c.kv[i]);
+    makespan = std::max(makespan, steps);
+  }
+  modeled = cost.c_base * makespan + pairwise_sum(per_row.data(), n);
+}
+
+}  // namespace
+
+double pairwise_sum(const double* a, size_t n, size_t stride) {
+  if (n < 8) {
+    double res = 0.0;
+    for (size_t i = 0; i < n; ++i) res += a[i * stride];
+    return res;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[size_t(j) * stride];
+    size_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (int j = 0; j < 8; ++j) r[j] += a[(i + size_t(j)) * stride];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i * stride];
+    return res;
+  }
+  size_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2, stride) + pairwise_sum(a + n2 * stride, n - n2, stride);
+}
+
+Allocation best_per_row(const Curves& c, const Cost& cost) {
+  const size_t n = c.rows, w = c.width;
+  Allocation out;
+  out.budgets.assign(n, 0);
+  if (n == 0) return out;
+  // steps = remaining / (1 + acc); row_cost = steps * (c_tok (1 + b) + c_kv kv), inf where
+  // b > m; best_cost = its suffix minimum along the row. Only b <= m_i is kept (row i at
+  // at[i], m_i + 1 entries): past it both are inf and nothing else reads them.
+  std::vector<size_t> at(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) at[i + 1] = at[i] + size_t(c.m[i]) + 1;
+  std::vector<double> steps(at[n]), row_cost(at[n]), best_cost(at[n]), cost0(n), best0(n);
+  for (size_t i = 0; i < n; ++i) {
+    const double* acc = c.acc + i * w;
+    const size_t mi = size_t(c.m[i]);
+    double* st = steps.data() + at[i];
+    double* rc = row_cost.data() + at[i];
+    double* bc = best_cost.data() + at[i];
+    for (size_t j = 0; j <= mi; ++j) {
+      st[j] = c.remaining[i] / (1.0 + acc[j]);
+      rc[j] = st[j] * (cost.c_tok * (1.0 + double(j)) + cost.c_kv * c.kv[i]);
+    }
+    double run = kInf;
+    for (size_t j = mi + 1; j-- > 0;) bc[j] = run = std::min(run, rc[j]);
+    cost0[i] = rc[0];
+    best0[i] = bc[0];
+  }
+  // Events (i, j), j + 1 <= m_i, row-major: value steps[i, j], delta best_cost[i, j+1] - [i, j].
+  std::vector<std::pair<double, uint32_t>> ev;  // (value, event number): sorts stably
+  ev.reserve(at[n] - n);
+  std::vector<uint32_t> ev_row;
+  ev_row.reserve(at[n] - n);
+  std::vector<double> ev_delta;
+  ev_delta.reserve(at[n] - n);
+  double n_lo = -kInf, top = -kInf;
+  for (size_t i = 0; i < n; ++i) {
+    const size_t mi = size_t(c.m[i]);
+    const double* st = steps.data() + at[i];
+    const double* bc = best_cost.data() + at[i];
+    for (size_t j = 0; j < mi; ++j) {
+      ev.emplace_back(st[j], uint32_t(ev.size()));
+      ev_row.push_back(uint32_t(i));
+      ev_delta.push_back(bc[j + 1] - bc[j]);
+    }
+    n_lo = std::max(n_lo, st[mi]);
+    top = std::max(top, c.remaining[i]);
+  }
+  out.baseline_s = cost.c_base * top + pairwise_sum(cost0.data(), n);
+  const double base = pairwise_sum(best0.data(), n);
+  std::sort(ev.begin(), ev.end());  // = the stable argsort of the values (ties by number)
+  const size_t ne = ev.size();
+  std::vector<double> prefix(ne + 1, 0.0);
+  for (size_t k = 0; k < ne; ++k) prefix[k + 1] = prefix[k] + ev_delta[ev[k].second];
+  // Candidate makespans: n_lo, the event values in [n_lo, top), top; sorted, unique.
+  std::vector<double> cand;
+  cand.reserve(ne + 2);
+  cand.push_back(n_lo);
+  for (const auto& e : ev)
+    if (e.first >= n_lo && e.first < top) cand.push_back(e.first);
+  cand.push_back(top);
+  if (!std::is_sorted(cand.begin(), cand.end())) std::sort(cand.begin(), cand.end());
+  cand.erase(std::unique(cand.begin(), cand.end()), cand.end());
+  // t = c_base cand + base + (prefix[-1] - prefix[events with value <= cand]); the last
+  // candidate within 1e-12 of the minimum (least speculation).
+  std::vector<double> t(cand.size());
+  double t_min = kInf;
+  size_t k = 0;
+  for (size_t q = 0; q < cand.size(); ++q) {
+    while (k < ne && ev[k].first <= cand[q]) ++k;  // searchsorted(side="right")
+    t[q] = (cost.c_base * cand[q] + base) + (prefix[ne] - prefix[k]);
+    t_min = std::min(t_min, t[q]);
+  }
+  size_t best = 0;
+  const double bound = t_min * (1 + 1e-12);
+  for (size_t q = 0; q < cand.size(); ++q)
+    if (t[q] <= bound) best = q;
+  const double n_star = cand[best];
+  // least budget per row: its events above N*; then the cheapest budget >= it (first).
+  std::vector<int64_t> least(n, 0);
+  for (size_t e = 0; e < ne; ++e)
+    if (ev[e].first > n_star) ++least[ev_row[ev[e].second]];
+  int32_t width = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double* rc = row_cost.data() + at[i];
+    const size_t mi = size_t(c.m[i]);
+    int32_t arg = 0;  // np.argmin: the first minimum (0 when every entry is inf)
+    double best_c = least[i] <= 0 ? rc[0] : kInf;
+    for (size_t j = 1; j <= mi; ++j) {
+      const double v = int64_t(j) >= least[i] ? rc[j] : kInf;
+      if (v < best_c) {
+        best_c = v;
+        arg = int32_t(j);
+      }
+    }
+    out.budgets[i] = arg;
+    width = std::max(width, arg);
+  }
+  out.width = width;
+  step_objective(c, cost, out.budgets, out.modeled_s, out.makespan_steps);
+  return out;
+}
+
+bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double free_tokens,
+                       Allocation& out) {
+  const size_t n = c.rows, w = c.width;
+  if (n == 0) {
+    out = Allocation();
+    return true;
+  }
+  // token_values: each row's accepted token is worth (critical_i c_base + per_row_i) / (1 + got_i).
+  const Allocation future = best_per_row(c, cost);
+  std::vector<double> got(n), steps(n), weight(n), value(n);
+  double smax = -kInf;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t b = std::min<int64_t>(future.budgets[i], c.m[i]);
+    got[i] = c.acc[i * w + size_t(b)];
+    steps[i] = c.remaining[i] / (1.0 + got[i]);
+    smax = std::max(smax, steps[i]);
+  }
+  const double n_star = std::max(smax, 1e-9);
+  const double temp = std::max(spread, 1e-9) * n_star;
+  for (size_t i = 0; i < n; ++i) weight[i] = std::exp((steps[i] - n_star) / temp);
+  const double total = pairwise_sum(weight.data(), n);
+  for (size_t i = 0; i < n; ++i) {
+    const double critical = weight[i] / total;
+    const double tokens = 1.0 + double(future.budgets[i]);
+    const double per_row = cost.c_tok * tokens + cost.c_kv * c.kv[i];
+    value[i] = (critical * cost.c_base + per_row) / (1.0 + got[i]);
+  }
+  // _fill_nodes: node b of row i gains value_i * (E_i(b) - E_i(b-1)), made non-increasing
+  // along the row (-inf past m_i); _take_best keeps the best k of them.
+  Allocation res;
+  res.budgets.assign(n, 0);
+  res.baseline_s = future.baseline_s;
+  res.makespan_steps = future.makespan_steps;
+  double best_gain = 0.0;
+  if (w > 1) {
+    const size_t cols = w - 1;
+    // Past m_i a node gains value_i * -inf: never taken while value_i > 0; numpy ranks
+    // every node (a NaN, or +inf gains) otherwise, and so does the caller here.
+    if (!(cost.c_tok >= 0.0)) return false;
+    for (size_t i = 0; i < n; ++i)
+      if (!(value[i] > 0.0)) return false;
+    // Only gains above FREE_TOKEN_SHARE * c_tok can be taken (k <= their count, and c_tok
+    // itself is not below that floor), so the selection works on those alone, in flat order.
+    const double floor_gain = kFreeTokenShare * cost.c_tok;
+    std::vector<uint32_t> pos;
+    std::vector<double> flat;  // gains of pos, parallel
+    for (size_t i = 0; i < n; ++i) {
+      double run = kInf;
+      const double* acc = c.acc + i * w;
+      for (size_t b = 1; b <= size_t(c.m[i]); ++b) {
+        const double d = acc[b] - acc[b - 1];
+        if (std::isnan(d)) return false;
+        run = std::min(run, d);  // np.minimum.accumulate
+        const double g = value[i] * run;
+        if (std::isnan(g)) return false;
+        if (g > floor_gain) {
+          pos.push_back(uint32_t(i * cols + b - 1));
+          flat.push_back(g);
+        }
+      }
+    }
+    const size_t positive = pos.size();
+    size_t above_c = 0;
+    for (double g : flat) above_c += g > cost.c_tok;
+    // int(free) (free >= 0; beyond any count it is every positive gain)
+    const size_t k_free = free_tokens >= double(positive) ? positive : size_t(free_tokens);
+    const size_t k_paid = above_c > k_free ? above_c - k_free : 0;
+    const size_t k = k_free + k_paid;
+    if (k > 0) {
+      std::vector<double> part(positive);
+      for (size_t q = 0; q < positive; ++q) part[q] = flat[q];
+      std::nth_element(part.begin(), part.end() - ptrdiff_t(k), part.end());
+      const double kth = *(part.end() - ptrdiff_t(k));  // the k-th largest gain
+      std::vector<double> taken;
+      taken.reserve(k);
+      size_t above = 0;
+      for (double g : flat) above += g > kth;
+      size_t ties = k - above;  // equal to kth: the first ones (row-major) are taken
+      for (size_t q = 0; q < positive; ++q) {
+        const double g = flat[q];
+        const uint32_t f = pos[q];
+        if (g > kth || (g == kth && ties > 0)) {
+          if (!(g > kth)) --ties;
+          ++res.budgets[f / cols];
+          taken.push_back(g);
+        }
+      }
+      std::sort(taken.begin(), taken.end(), [](double a, double b) { return a > b; });
+      best_gain = pairwise_sum(taken.data(), taken.size()) - cost.c_tok * double(k_paid);
+    }
+  }
+  int32_t width = 0;
+  for (int32_t b : res.budgets) width = std::max(width, b);
+  res.width = width;
+  res.modeled_s = future.baseline_s - best_gain;
+  out = std::move(res);
+  return true;
+}
+
+}  // namespace das::alloc
