@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from das_sglang.core.config import DrafterConfig
-from das_sglang.core.datasets import load_skythought
 from das_sglang.core.draft_tree import DraftTree
 from das_sglang.core.drafter import SuffixDrafter
 from das_sglang.core.tokenize import TextTokenizer
 from das_sglang.native import SuffixIndex, draft_batch, extend_batch
+from das_sglang.replay.datasets import load_skythought
 
 HISTORY_STEPS = 4  # history rollouts are spread over this many past steps
 

@@ -77,11 +77,11 @@ from typing import Sequence
 
 import numpy as np
 
-from das_sglang.core import datasets as ds
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftTree
 from das_sglang.core.drafter import SuffixDrafter
 from das_sglang.core.tokenize import TextTokenizer
+from das_sglang.replay import datasets as ds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine_load import MachineLoad, damon  # noqa: E402

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from das_sglang.core import datasets as ds
 from das_sglang.core.tokenize import TextTokenizer
+from das_sglang.replay import datasets as ds
 
 POLICIES = "none,suffix-decoding,das,das-fixed,das-global"
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from das_sglang.core.datasets import prompt_key  # noqa: F401  (re-exported: the API's problem ids)
+from das_sglang.replay.datasets import prompt_key  # noqa: F401  (re-exported: the API's problem ids)
 
 ALGORITHM = "DAS"
 PROBLEM_KEY = "das_problem_id"  # custom_params keys (docs/design.md, SGLang worker contract)

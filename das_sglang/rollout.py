@@ -61,7 +61,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
     Raises ValueError naming the file, line and field of the first problem.
     """
-    from das_sglang.core.datasets import read_jsonl
+    from das_sglang.replay.datasets import read_jsonl
 
     prompts: list[Prompt] = []
     seen: dict[str, tuple[int, Prompt]] = {}

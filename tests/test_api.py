@@ -143,8 +143,8 @@ class TestDasConfig:
 
 
 def test_prompt_key_matches_replay_grouping(tmp_path: Path) -> None:
-    from das_sglang.core.datasets import load_verl
     from das_sglang.core.records import RolloutRecord, write_step
+    from das_sglang.replay.datasets import load_verl
 
     write_step(tmp_path, 0, [RolloutRecord("What is 2+2?", "4", None, 0, "r0")])
     assert load_verl([tmp_path])[0].problem_id == api.prompt_key("What is 2+2?")

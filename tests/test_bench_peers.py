@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_peers as bp  # noqa: E402
 
 from das_sglang.core.config import DrafterConfig  # noqa: E402
-from das_sglang.core.datasets import Rollout  # noqa: E402
+from das_sglang.replay.datasets import Rollout  # noqa: E402
 
 
 def test_ngram_rows_become_draft_trees_without_padding():

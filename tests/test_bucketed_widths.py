@@ -7,10 +7,10 @@ import pytest
 from das_sglang.core.allocation import bucket_charges, lookahead_step_budgets
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.cost_model import CostModel
-from das_sglang.core.datasets import Rollout
 from das_sglang.core.drafter import SuffixDrafter
 from das_sglang.core.policy import LengthAware, PolicyConfig
-from das_sglang.core.replay import Contender, replay
+from das_sglang.replay.datasets import Rollout
+from das_sglang.replay.simulator import Contender, replay
 
 BUCKETS = (0, 1, 2, 4, 8, 16)
 COST = CostModel.preset("h100-7b")

@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from das_sglang.cli.app import app
-from das_sglang.core import datasets as ds
-from das_sglang.core.replay_contenders import CONTENDER_HELP, CONTENDER_NAMES
 from das_sglang.core.tokenize import TextTokenizer
+from das_sglang.replay import datasets as ds
+from das_sglang.replay.contenders import CONTENDER_HELP, CONTENDER_NAMES
 
 LONG = "the quick brown fox jumps over the lazy dog " * 6
 SHORT = "lorem ipsum dolor"

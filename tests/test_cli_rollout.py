@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from das_sglang.cli import rollout as cli_rollout
-from das_sglang.core.datasets import read_jsonl
+from das_sglang.replay.datasets import read_jsonl
 
 
 class FakeEngine:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from das_sglang.core import datasets as ds
 from das_sglang.core.tokenize import TextTokenizer
+from das_sglang.replay import datasets as ds
 
 
 @pytest.fixture(scope="module")

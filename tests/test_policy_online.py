@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from das_sglang.core import datasets as ds
 from das_sglang.core.cost_model import CostModel
 from das_sglang.core.online_acceptance import OnlineCalibration, match_bin, tree_depths
 from das_sglang.core.policy import BudgetRow, LengthAware, PolicyConfig, make_policy
-from das_sglang.core.replay import replay
-from das_sglang.core.replay_contenders import build_contenders
 from das_sglang.core.tokenize import TextTokenizer
+from das_sglang.replay import datasets as ds
+from das_sglang.replay.contenders import build_contenders
+from das_sglang.replay.simulator import replay
 
 COST = CostModel.preset("h100-7b")
 # Drafting is paid (no free tokens below the roofline ridge): what the zero-budget tests need

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from das_sglang.core.datasets import Rollout
 from das_sglang.core.draft_tree import DraftTree
-from das_sglang.core.replay import Contender, replay
-from das_sglang.core.replay_report import run_summary
+from das_sglang.replay.datasets import Rollout
+from das_sglang.replay.report import run_summary
+from das_sglang.replay.simulator import Contender, replay
 
 
 
@@ -241,7 +241,7 @@ def test_engines_plan_budgets_like_the_worker(engine, uniform_width):
     by their own tokens, uniform one padded batch width; ragged-width verifies the
     batch-width budgets ragged."""
     from das_sglang.core.cost_model import CostModel
-    from das_sglang.core.replay_contenders import build_contenders
+    from das_sglang.replay.contenders import build_contenders
 
     (das,) = build_contenders(["das"], CostModel.preset("h100-7b"), engine)
     assert das.make_policy().config.uniform_width is uniform_width

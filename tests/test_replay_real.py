@@ -9,15 +9,15 @@ import math
 import numpy as np
 import pytest
 
-from das_sglang.core.baselines import SuffixDecodingConfig, SuffixDecodingDrafter
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.cost_model import CostModel
-from das_sglang.core.datasets import Rollout
 from das_sglang.core.drafter import SuffixDrafter
 from das_sglang.core.policy import FixedBudget
-from das_sglang.core.replay import Contender, replay
-from das_sglang.core.replay_contenders import CONTENDER_NAMES, _das_drafter, build_contenders
-from das_sglang.core.replay_report import run_summary
+from das_sglang.replay.baselines import SuffixDecodingConfig, SuffixDecodingDrafter
+from das_sglang.replay.contenders import CONTENDER_NAMES, _das_drafter, build_contenders
+from das_sglang.replay.datasets import Rollout
+from das_sglang.replay.report import run_summary
+from das_sglang.replay.simulator import Contender, replay
 
 COST = CostModel(c_base_s=0.01, c_tok_s=1e-4)
 L = 30

@@ -78,7 +78,7 @@ class TestRequests:
 class TestReadPrompts:
     def test_bundled_verl_dump_reads_as_64_prompts(self) -> None:
         from das_sglang.api import prompt_key
-        from das_sglang.core.datasets import VERL_SAMPLE
+        from das_sglang.replay.datasets import VERL_SAMPLE
 
         prompts = read_prompts(VERL_SAMPLE)  # 1024 rows = 64 prompts x 16 samples
         assert len(prompts) == 64 and len({p.problem_id for p in prompts}) == 64
@@ -129,7 +129,7 @@ class TestRecords:
             RolloutRecord(**args)
 
     def test_replay_loader_reads_what_we_write(self, tmp_path: Path) -> None:
-        from das_sglang.core.datasets import load_verl
+        from das_sglang.replay.datasets import load_verl
 
         write_step(tmp_path, 0, [RolloutRecord("prompt", "out #### 3", 1.0, 0, "q/s0/0")])
         write_step(tmp_path, 1, [RolloutRecord("prompt", "again", None, 1, "q/s1/0")])

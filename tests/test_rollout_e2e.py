@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from das_sglang.core.datasets import read_jsonl
 from das_sglang.core.snapshot import load_history
+from das_sglang.replay.datasets import read_jsonl
 
 pytestmark = pytest.mark.sglang
 

@@ -23,10 +23,10 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 import numpy as np  # noqa: E402
 
 import bench_peers as bp  # noqa: E402
-from das_sglang.core import datasets as ds  # noqa: E402
 from das_sglang.core.config import DrafterConfig  # noqa: E402
 from das_sglang.core.draft_tree import DraftTree  # noqa: E402
 from das_sglang.core.tokenize import TextTokenizer  # noqa: E402
+from das_sglang.replay import datasets as ds  # noqa: E402
 
 TAIL = 96
 SHADOW_BUDGET = 256  # context tail kept per request (max_match_len 32 + path <= 16)

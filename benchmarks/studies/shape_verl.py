@@ -29,9 +29,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 import numpy as np  # noqa: E402
 
 import bench_peers as bp  # noqa: E402
-from das_sglang.core import datasets as ds  # noqa: E402
 from das_sglang.core.config import DrafterConfig  # noqa: E402
 from das_sglang.core.tokenize import TextTokenizer  # noqa: E402
+from das_sglang.replay import datasets as ds  # noqa: E402
 
 CLASSES = ("none", "miss", "partial", "full")
 FINE = ("miss2", "full2")  # two consecutive misses / full paths (drafting classes only)

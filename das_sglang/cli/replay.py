@@ -21,14 +21,14 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from das_sglang.cli.options import CacheDir, CostPreset, JsonOut, PlotsDir, TokenizerPath, fail
-from das_sglang.core import datasets as ds
 from das_sglang.core.cost_model import CostModel, CostTable
-from das_sglang.core.replay import ENGINES, replay as run_replay
-from das_sglang.core.replay_contenders import (
+from das_sglang.core.tokenize import TextTokenizer
+from das_sglang.replay import datasets as ds
+from das_sglang.replay.contenders import (
     CONTENDER_HELP, CONTENDER_NAMES, DEFAULT_CONTENDERS, build_contenders,
 )
-from das_sglang.core.replay_report import TABLE_HEADER, run_summary, table_rows
-from das_sglang.core.tokenize import TextTokenizer
+from das_sglang.replay.report import TABLE_HEADER, run_summary, table_rows
+from das_sglang.replay.simulator import ENGINES, replay as run_replay
 
 
 class Dataset(str, Enum):

@@ -4,7 +4,7 @@ verl dumps every training step as ``<dir>/<step>.jsonl``, one JSON object per ge
 sample with the fields ``input`` (prompt text), ``output`` (response text), ``score``
 (reward), ``step`` and ``request_id``. `das rollout` writes the same layout so its output
 feeds anything that reads verl dumps (including `das replay`); the reader lives in
-`das_sglang.core.datasets`.
+`das_sglang.replay.datasets`.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from das_sglang.core.datasets import Rollout
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
+from das_sglang.replay.datasets import Rollout
 
 ENGINES = ("uniform", "ragged", "ragged-width")
 DEFAULT_ENGINE = "ragged"  # what the SGLang worker verifies with where it can (sglang/ragged.py)

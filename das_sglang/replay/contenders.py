@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from das_sglang.core.baselines import SuffixDecodingConfig, SuffixDecodingDrafter
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.cost_model import CostModel
-from das_sglang.core.replay import Contender
+from das_sglang.replay.baselines import SuffixDecodingConfig, SuffixDecodingDrafter
+from das_sglang.replay.simulator import Contender
 
 
 def _das_drafter(cfg: DrafterConfig, all_history: bool = False) -> Callable[[], object]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from das_sglang.core.replay import ContenderResult, StepStats
+from das_sglang.replay.simulator import ContenderResult, StepStats
 
 BASELINE = "none"
 

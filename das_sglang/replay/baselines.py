@@ -79,7 +79,7 @@ class SuffixDecodingDrafter:
     """Implements the replay's ``Drafter`` protocol (same calls as ``SuffixDrafter``)."""
 
     def __init__(self, config: SuffixDecodingConfig = SuffixDecodingConfig()):
-        from das_sglang.native import SuffixIndex, draft_batch  # deferred: core imports without the build
+        from das_sglang.native import SuffixIndex, draft_batch  # deferred: replay imports without the build
 
         self._SuffixIndex, self._draft_batch = SuffixIndex, draft_batch
         self.config = config
