@@ -84,6 +84,7 @@ import statistics
 import sys
 import tempfile
 import time
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,7 @@ from bench_drafter import load_problems  # noqa: E402
 from legacy_length_predictor import LegacyLengthPredictor  # noqa: E402
 from machine_load import MachineLoad, add, damon  # noqa: E402
 
+from das_sglang.core.drafter import TokenRows  # noqa: E402
 from das_sglang.core.policy import BudgetRow  # noqa: E402
 from das_sglang.sglang.options import for_layout, load_options  # noqa: E402
 from das_sglang.sglang.session import DasSession, _trim_heap  # noqa: E402
@@ -301,8 +303,16 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             k = tree.accept_length(text[pos: pos + len(tree) + 1].tolist())
             commits.append(text[pos: pos + k + 1].tolist())
             proposed.append(len(tree))
+        if not legacy:
+            # What the verify hands the worker: the accepted tokens as a [batch, stride]
+            # array and their counts (made untimed, as the device makes them); the worker's
+            # host part -- TokenRows.from_padded and the feedback -- is timed.
+            n_acc = np.fromiter(map(len, commits), np.int64, batch)
+            padded = np.zeros((batch, args.max_nodes + 1), np.int64)
+            padded[np.arange(args.max_nodes + 1)[None, :] < n_acc[:, None]] = np.fromiter(
+                chain.from_iterable(commits), np.int64, int(n_acc.sum()))
         t_fb = time.perf_counter()
-        feed(session, rids, proposed, commits)
+        feed(session, rids, proposed, commits if legacy else TokenRows.from_padded(padded, n_acc))
         t_end = time.perf_counter()
         for s, c in zip(slots, commits):
             s[3] += len(c)

@@ -112,10 +112,80 @@ def as_tokens(tokens: object, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class TokenRows:
+    """Rows of token ids as one flat int32 array and row offsets: the form a verify result
+    already has (the worker's accepted tokens of every request), validated once for the
+    batch, so the per-step feedback neither builds a Python list per request nor flattens
+    them again. Row ``r`` is ``flat[offsets[r]:offsets[r + 1]]``; a sequence of int32
+    arrays (``len``, ``rows[r]``, iteration), so code written for lists of rows takes it."""
+
+    __slots__ = ("flat", "offsets", "_lens")
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        flat = np.asarray(flat)
+        offsets = np.asarray(offsets)
+        if flat.ndim != 1 or flat.dtype != np.int32 or offsets.ndim != 1 or offsets.dtype != np.int64:
+            raise ValueError(f"TokenRows needs a 1-D int32 flat array and 1-D int64 offsets, got flat "
+                             f"dtype={flat.dtype} shape={flat.shape}, offsets dtype={offsets.dtype} "
+                             f"shape={offsets.shape}")
+        lens = np.diff(offsets)
+        if not len(offsets) or offsets[0] != 0 or offsets[-1] != len(flat) or (lens < 0).any():
+            raise ValueError(f"TokenRows offsets must rise from 0 to {len(flat)} (the flat length), got "
+                             f"{offsets[:3].tolist()}...{offsets[-3:].tolist()}")
+        if flat.size and flat.min() < 0:  # (int32: nothing above 2**31 - 1 to check)
+            r = int(np.searchsorted(offsets, np.flatnonzero(flat < 0)[0], side="right")) - 1
+            raise ValueError(f"invalid token id {int(flat[offsets[r]:offsets[r + 1]].min())} in row {r}: "
+                             "token ids must be in [0, 2**31)")
+        self.flat, self.offsets, self._lens = flat, offsets, lens
+
+    @classmethod
+    def from_padded(cls, tokens, lens) -> "TokenRows":
+        """Row ``r`` = the first ``lens[r]`` entries of row ``r`` of a 2-D ``tokens`` array
+        (any integer dtype: a verify's ``[requests, stride]`` accepted tokens)."""
+        tokens, lens = np.asarray(tokens), np.asarray(lens, dtype=np.int64).reshape(-1)
+        if tokens.ndim != 2 or tokens.dtype.kind not in "iu" or len(lens) != tokens.shape[0]:
+            raise ValueError(f"TokenRows.from_padded needs a 2-D integer tokens array with one row per "
+                             f"length, got dtype={tokens.dtype} shape={tokens.shape} for {len(lens)} lengths")
+        bad = np.flatnonzero((lens < 0) | (lens > tokens.shape[1]))
+        if bad.size:
+            raise ValueError(f"invalid length {int(lens[bad[0]])} in row {int(bad[0])}: must be in "
+                             f"[0, {tokens.shape[1]}]")
+        flat = tokens[np.arange(tokens.shape[1])[None, :] < lens[:, None]]
+        if flat.size and (flat.min() < 0 or flat.max() > _INT32_MAX):
+            offsets = np.concatenate([[0], np.cumsum(lens)])
+            hit = int(np.flatnonzero((flat < 0) | (flat > _INT32_MAX))[0])
+            r = int(np.searchsorted(offsets, hit, side="right")) - 1
+            raise ValueError(f"invalid token id {int(flat[hit])} in row {r}: token ids must be in [0, 2**31)")
+        offsets = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        return cls(flat.astype(np.int32), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lens(self) -> np.ndarray:
+        """Tokens per row (int64)."""
+        return self._lens
+
+    def __getitem__(self, r: int) -> np.ndarray:
+        if not -len(self) <= r < len(self):
+            raise IndexError(f"TokenRows row {r} out of range for {len(self)} rows")
+        r %= len(self)
+        return self.flat[self.offsets[r]:self.offsets[r + 1]]
+
+    def __iter__(self):
+        return (self[r] for r in range(len(self)))
+
+
 def _flat_tokens(rows: Sequence[object]) -> np.ndarray | None:
     """All rows as one int32 array when every row is a list/tuple of valid token ids,
     converted and range-checked once for the batch (per-row ``as_tokens`` costs ~5 us a
     row); None otherwise, so the caller's per-row path names the bad row."""
+    if type(rows) is TokenRows:
+        return rows.flat
     if not all(type(r) in (list, tuple) for r in rows):
         return None
     arr = np.array(list(chain.from_iterable(rows)))
@@ -478,8 +548,11 @@ class SuffixDrafter:
         if flat is None:  # not plain int lists, or a bad value: validate row by row
             rows = [as_tokens(t, f"tokens of req_id={r!r}") for r, t in zip(req_ids, tokens)]
             flat = np.concatenate(rows) if rows else np.zeros(0, np.int32)
-        offsets = np.zeros(len(tokens) + 1, np.int64)
-        np.cumsum(np.fromiter((len(t) for t in tokens), np.int64, len(tokens)), out=offsets[1:])
+        if type(tokens) is TokenRows:
+            offsets = tokens.offsets
+        else:
+            offsets = np.zeros(len(tokens) + 1, np.int64)
+            np.cumsum(np.fromiter((len(t) for t in tokens), np.int64, len(tokens)), out=offsets[1:])
         seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
         indices = self._indices
         return [indices[lv.problem_id] for lv in lives], seq_ids, flat, offsets

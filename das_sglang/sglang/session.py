@@ -20,7 +20,7 @@ import numpy as np
 
 from das_sglang.core.budget_rows import BudgetRows
 from das_sglang.core.draft_tree import DraftBatch
-from das_sglang.core.drafter import _flat_tokens, as_tokens
+from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
 from das_sglang.core.snapshot import TokenGroup
 from das_sglang.sglang.options import DasOptions
@@ -564,7 +564,9 @@ class DasSession:
                         tokens: Sequence[Sequence[int]]) -> None:
         """:meth:`committed` for a whole decode batch. The drafter's extend (one native
         call for the batch) runs on the background thread without the GIL; the next
-        :meth:`plan` waits for it."""
+        :meth:`plan` waits for it. ``tokens``: one sequence of ids per row, or a
+        :class:`~das_sglang.core.drafter.TokenRows` (flat, validated once: what the worker
+        passes)."""
         live = self.live
         self._settle_outcomes(record_pending=True)  # (the previous step's, if not yet)
         flat = None
@@ -617,7 +619,10 @@ class DasSession:
             else:
                 self.drafter.extend_batch(req_ids, tokens)
         lives = [live[r] for r in req_ids]
-        n = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
+        if type(tokens) is TokenRows:
+            n = tokens.lens()
+        else:
+            n = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
         for lv, k in zip(lives, n.tolist()):
             lv.generated += k
         p = np.asarray(proposed, dtype=np.int64).reshape(-1)

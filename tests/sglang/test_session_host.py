@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from das_sglang.core.drafter import TokenRows
 from das_sglang.core.snapshot import load_history
 from das_sglang.sglang.options import GRAPH_BUCKETS, load_options
 from das_sglang.sglang.session import DasSession
@@ -17,9 +18,10 @@ def _opts(**server):
     return load_options(9, json.dumps(cfg))
 
 
-def _drive(session, seed=0, steps=60, flush_every=20, hook=False):
+def _drive(session, seed=0, steps=60, flush_every=20, hook=False, flat=False):
     """A random decode workload; returns every plan's (tree tokens, width). ``hook``: call
-    ``before_forward`` after each plan, as the worker does."""
+    ``before_forward`` after each plan, as the worker does; ``flat``: feed the accepted
+    tokens back as the worker does (TokenRows from a padded array), else as lists."""
     rng = np.random.default_rng(seed)
     texts = {f"p{i}": rng.integers(0, 6, 80).tolist() for i in range(4)}
     live, out, n = {}, [], 0
@@ -43,6 +45,11 @@ def _drive(session, seed=0, steps=60, flush_every=20, hook=False):
             k = tree.accept_length(text[pos: pos + len(tree) + 1])
             commits.append(text[pos: pos + k + 1])
             live[rid] = (pid, pos + k + 1)
+        if flat:
+            padded = np.full((len(commits), 9), -1)  # (padding past a row's count: never read)
+            for i, c in enumerate(commits):
+                padded[i, :len(c)] = c
+            commits = TokenRows.from_padded(padded, [len(c) for c in commits])
         session.committed_batch(rids, [len(t) for t in trees], commits)
         for rid in rids:
             pid, pos = live[rid]
@@ -138,6 +145,48 @@ def test_snapshot_written_off_thread_is_complete_and_atomic(tmp_path):
     assert set(final) == set(history) | set(final)
     assert not list(tmp_path.glob(".history-*.tmp"))
     s2.close()
+
+
+@pytest.mark.parametrize("async_updates", [True, False])
+def test_flat_feedback_rows_give_what_lists_give(async_updates):
+    """The worker's form of a feedback (TokenRows: one flat array, validated once) gives the
+    same drafts, plans and statistics as one list per request, on both paths."""
+    runs = []
+    for flat in (True, False):
+        s = DasSession(_opts(async_updates=async_updates))
+        s.policy.lengths.background = False
+        s.ASYNC_MIN_ROWS = 1
+        plans = _drive(s, hook=True, flat=flat)
+        s.drain()
+        runs.append((plans, _stats(s), {r: s.live[r].generated for r in s.live}))
+        s.close()
+    assert runs[0][1][1] and any(w for _, w in runs[0][0])  # it recorded and speculated
+    assert runs[0] == runs[1]
+
+
+def test_token_rows_check_their_input_naming_the_row():
+    rows = TokenRows.from_padded(np.array([[5, 6, -1], [7, -1, -1], [0, 0, 0]]), [2, 1, 0])
+    assert [r.tolist() for r in rows] == [[5, 6], [7], []]
+    assert rows.flat.dtype == np.int32 and rows.lens().tolist() == [2, 1, 0] and len(rows) == 3
+    with pytest.raises(ValueError, match="invalid token id -3 in row 1"):
+        TokenRows.from_padded(np.array([[5, 6], [7, -3]]), [1, 2])
+    with pytest.raises(ValueError, match=r"invalid token id 2147483648 in row 0: token ids must be in \[0, 2\*\*31\)"):
+        TokenRows.from_padded(np.array([[2**31, 0]]), [1])
+    with pytest.raises(ValueError, match=r"invalid length 3 in row 1: must be in \[0, 2\]"):
+        TokenRows.from_padded(np.zeros((2, 2), np.int64), [1, 3])
+    with pytest.raises(ValueError, match="2-D integer tokens array"):
+        TokenRows.from_padded(np.zeros((2, 2)), [1, 1])
+    with pytest.raises(ValueError, match="invalid token id -1 in row 1"):
+        TokenRows(np.array([1, -1], np.int32), np.array([0, 1, 2], np.int64))
+    with pytest.raises(ValueError, match="offsets must rise from 0 to 2"):
+        TokenRows(np.array([1, 2], np.int32), np.array([0, 1], np.int64))
+    # a bad row in the worker's form never reaches the session: nothing is half-applied
+    s = DasSession(_opts())
+    s.start("a", {"das_problem_id": "p"}, [1, 2], [3], 8)
+    s.committed_batch(["a"], [0], TokenRows.from_padded(np.array([[4, 9]]), [1]))
+    s.sync()
+    assert s.drafter._indices["p"].sequence_tokens(s.drafter._live["a"].seq_id).tolist() == [1, 2, 3, 4]
+    s.close()
 
 
 def test_bad_feedback_row_raises_at_once_naming_it():
