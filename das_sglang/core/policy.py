@@ -215,10 +215,8 @@ class _ModelBased(_Observing):
         max_new = R.max_new(rows)
         found = R.found(rows)
         if prepared is None:
-            prepared = self._draft_free_inputs(pids, generated, max_new)
-        factors, remaining = prepared
-        kv = R.prompt_len(rows).astype(np.float64) + generated
-        kv += 0.5 * remaining  # mean context over the rest of the request
+            prepared = self._draft_free_inputs(rows, generated, max_new)
+        factors, remaining, calibration, kv = prepared
         # Most drafts worth proposing: nodes found, the budget cap, and the tokens left
         # (accepted drafts plus the bonus token cannot exceed max_new_tokens).
         m = np.minimum(np.minimum(found, self.config.max_budget), np.maximum(max_new - generated - 1, 0))
@@ -242,7 +240,6 @@ class _ModelBased(_Observing):
                 mixed = 0.5 * (base + problem)
             base = np.maximum.accumulate(np.where(budgets[None, :] <= m[:, None], mixed, 0.0), axis=1)
         self._base = base  # what calibration compares outcomes with (see _remember)
-        calibration = np.array([factors[p] for p in pids])
         acc = base * calibration[:, None]
         if self.config.curve_mode == "outcome":
             # Each node's probability times the calibration of its rank bin in the row's
@@ -265,10 +262,16 @@ class _ModelBased(_Observing):
         acc = np.minimum(acc, budgets[None, :])  # never more than drafted
         return remaining, (acc, m), kv, factors
 
-    def _draft_free_inputs(self, pids, generated, max_new) -> tuple:
+    def _draft_free_inputs(self, rows, generated, max_new) -> tuple:
+        """What :meth:`inputs` reads that the drafts do not change: per-problem calibration
+        factors (and per row), predicted remaining tokens, KV tokens per forward."""
+        pids = R.problem_ids(rows)
         factors: dict[str, float] = self.acceptance.calibration_many(dict.fromkeys(pids))
         remaining, _, _ = self.lengths.predict_many(pids, generated, max_new)
-        return factors, remaining
+        calibration = np.fromiter(map(factors.__getitem__, pids), np.float64, len(pids))
+        kv = R.prompt_len(rows).astype(np.float64) + generated
+        kv += 0.5 * remaining  # mean context over the rest of the request
+        return factors, remaining, calibration, kv
 
     def prepare(self, rows: Sequence[BudgetRow]) -> None:
         """The part of the next :meth:`plan` of these rows that does not read their drafts:
@@ -280,9 +283,11 @@ class _ModelBased(_Observing):
         read in between (an observation, a step, forgotten problems) drops the inputs, and
         ``plan`` computes them again."""
         self._read_outcomes(rows)
+        if self.config.curve_mode == "online":
+            self.outcomes.table()  # (cached until the next plan's outcomes: made now, off the wait)
         ids, generated = R.req_ids(rows), R.generated(rows)
         self._read_ahead = ids
-        self._prepared = (generated.copy(), self._draft_free_inputs(R.problem_ids(rows), generated, R.max_new(rows)))
+        self._prepared = (generated.copy(), self._draft_free_inputs(rows, generated, R.max_new(rows)))
 
     def _start_plan(self, rows: Sequence[BudgetRow]) -> tuple | None:
         """Read the previous plan's outcomes unless :meth:`prepare` did for these rows;
