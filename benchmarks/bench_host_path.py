@@ -5,7 +5,8 @@
 What the scheduler thread does for DAS per decode step, timed per step (critical path):
 ``DasSession.plan`` (speculate + policy plan + truncation/buckets), the verify layout and
 the tensors the worker hands SGLang (``tree_inputs.build_layout`` + GPU-form mask), the
-feedback (``committed_batch``), and the step's finishes / starts, step boundaries
+feedback (``TokenRows.from_padded`` of the verify's accepted-token array and
+``committed_batch``, as the worker calls them), and the step's finishes / starts, step boundaries
 (``weights_updated``: window eviction + snapshot) and periodic snapshots.
 
 Scale: ``--problems`` (default 2048) problems x ``--samples`` (16) history rollouts, built
