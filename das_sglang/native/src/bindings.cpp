@@ -269,7 +269,7 @@ void set_shared(DraftParams& p, nb::handle shared, double shared_weight, const i
 
 DraftArgs draft_args(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_h,
                      double min_prob, nb::handle steps_h, nb::handle weights_h, bool chain,
-                     int max_match_len, nb::handle mix, const char* fn) {
+                     int max_match_len, nb::handle mix, const char* fn, bool check_ids = true) {
   DraftArgs a;
   a.seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
   a.budgets = as_array<nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
@@ -291,7 +291,7 @@ DraftArgs draft_args(nb::list indices, nb::handle seq_ids_h, nb::handle budgets_
       throw nb::value_error(("invalid budget=" + std::to_string(a.budgets(r)) + " in row " +
                              std::to_string(r) + ": must be >= 0")
                                 .c_str());
-    if (!a.idx[r]->has_sequence(a.seq_ids(r)))
+    if (check_ids && !a.idx[r]->has_sequence(a.seq_ids(r)))
       throw nb::value_error(("unknown seq_id=" + std::to_string(a.seq_ids(r)) + " in row " +
                              std::to_string(r))
                                 .c_str());
@@ -353,7 +353,7 @@ struct ExtendArgs {
 };
 
 ExtendArgs extend_args(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h,
-                       const char* fn) {
+                       const char* fn, bool check_ids = true) {
   ExtendArgs e;
   e.seq_ids = as_array<I64>(seq_ids_h, "seq_ids", "int64");
   e.tokens = tokens_arg(tokens_h, "tokens");
@@ -374,7 +374,7 @@ ExtendArgs extend_args(nb::list indices, nb::handle seq_ids_h, nb::handle tokens
                              std::to_string(z) + ") for " + std::to_string(e.tokens.shape(0)) +
                              " tokens")
                                 .c_str());
-    if (!e.idx[r]->has_sequence(e.seq_ids(r)))
+    if (check_ids && !e.idx[r]->has_sequence(e.seq_ids(r)))
       throw nb::value_error(("unknown seq_id=" + std::to_string(e.seq_ids(r)) + " in row " +
                              std::to_string(r))
                                 .c_str());
@@ -429,6 +429,9 @@ struct ExtendDraftWork {
   DraftParams p;
   SuffixIndex* shared = nullptr;  // also appended to (every row), and drafted from (p.shared)
   std::vector<int64_t> unshare;   // removed from the shared index before its appends
+  // Each row's storage id in its own index and in the shared one, looked up once by the
+  // argument checks (a removal of other sequences -- unshare -- never moves them).
+  std::vector<uint32_t> own_st, shared_st;
   size_t threads = 1, extend_threads = 1;
   FlatDrafts out;
   std::vector<uint64_t> versions;
@@ -453,13 +456,15 @@ struct ExtendDraftWork {
           // removals), so it starts at once and the buckets fill the other threads.
           if (shared != nullptr && t == 0) {
             for (int64_t q : unshare) shared->remove_sequence(q);
-            for (size_t r = 0; r < n; ++r)
-              shared->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
+            std::vector<size_t> rows(n);
+            for (size_t r = 0; r < n; ++r) rows[r] = r;
+            append_rows(rows, [&](size_t) { return shared; }, shared_st);
           } else {
             const size_t bucket = t - (shared != nullptr ? 1 : 0);
+            std::vector<size_t> rows;
             for (size_t r = 0; r < n; ++r)
-              if (owns(idx[r], bucket, buckets_))
-                idx[r]->extend(seq_ids[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
+              if (owns(idx[r], bucket, buckets_)) rows.push_back(r);
+            append_rows(rows, [&](size_t r) { return idx[r]; }, own_st);
           }
         } catch (...) {
           fail(std::current_exception());
@@ -483,6 +488,21 @@ struct ExtendDraftWork {
       } catch (...) {
         fail(std::current_exception());
       }
+    }
+  }
+
+  // The appends of `rows` (in order) into index_of(r), storage st[r]: each row's record
+  // and cursor ring are requested a row or two ahead, so their cache misses overlap the
+  // previous rows' appends (the same appends, in the same order).
+  template <class IndexOf>
+  void append_rows(const std::vector<size_t>& rows, IndexOf index_of, const std::vector<uint32_t>& st) {
+    const size_t m = rows.size();
+    for (size_t q = 0; q < std::min<size_t>(m, 2); ++q) index_of(rows[q])->prefetch_storage(st[rows[q]], true);
+    for (size_t q = 0; q < m; ++q) {
+      if (q + 2 < m) index_of(rows[q + 2])->prefetch_storage(st[rows[q + 2]], true);
+      if (q + 1 < m) index_of(rows[q + 1])->prefetch_storage(st[rows[q + 1]]);
+      const size_t r = rows[q];
+      index_of(r)->extend_storage(st[r], tokens.data() + offsets[r], size_t(offsets[r + 1] - offsets[r]));
     }
   }
 
@@ -539,9 +559,16 @@ void extend_draft_args(ExtendDraftWork& w, nb::list indices, nb::handle seq_ids_
     throw nb::value_error(("invalid threads=" + std::to_string(threads) + ": must be >= 1").c_str());
   if (extend_threads < 0)
     throw nb::value_error(("invalid extend_threads=" + std::to_string(extend_threads) + ": must be >= 0").c_str());
-  ExtendArgs e = extend_args(indices, seq_ids_h, tokens_h, offsets_h, fn);
+  // (seq_ids checked once, below, where each row's storage ids are looked up)
+  ExtendArgs e = extend_args(indices, seq_ids_h, tokens_h, offsets_h, fn, false);
   DraftArgs a = draft_args(indices, seq_ids_h, budgets_h, min_prob, steps_h, weights_h, chain,
-                           max_match_len, mix, fn);
+                           max_match_len, mix, fn, false);
+  const size_t rows = e.idx.size();
+  w.own_st.resize(rows);
+  for (size_t r = 0; r < rows; ++r)
+    if ((w.own_st[r] = e.idx[r]->storage_id(e.seq_ids(r))) == das::kNil)
+      throw nb::value_error(("unknown seq_id=" + std::to_string(e.seq_ids(r)) + " in row " + std::to_string(r))
+                                .c_str());
   w.idx = e.idx;
   w.cidx = a.idx;
   w.seq_ids = copy_of(e.seq_ids);
@@ -554,8 +581,9 @@ void extend_draft_args(ExtendDraftWork& w, nb::list indices, nb::handle seq_ids_
   set_shared(w.p, shared, shared_weight, w.steps.data(), w.weights.data(), w.steps.size(), shared_min_match);
   if (!shared.is_none()) {  // appended to even when its weight is 0 (fallback drafts read it)
     w.shared = nb::cast<SuffixIndex*>(shared);
+    w.shared_st.resize(w.seq_ids.size());
     for (size_t r = 0; r < w.seq_ids.size(); ++r)
-      if (!w.shared->has_sequence(w.seq_ids[r]))
+      if ((w.shared_st[r] = w.shared->storage_id(w.seq_ids[r])) == das::kNil)
         throw nb::value_error((std::string(fn) + ": unknown seq_id=" + std::to_string(w.seq_ids[r]) +
                                " in the shared index (row " + std::to_string(r) + ")").c_str());
   }

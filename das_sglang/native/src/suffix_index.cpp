@@ -285,7 +285,22 @@ void SuffixIndex::add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, 
 }
 
 void SuffixIndex::extend(int64_t seq_id, const int32_t* tokens, size_t n) {
-  uint32_t s = storage_of(seq_id);
+  extend_storage(storage_of(seq_id), tokens, n);
+}
+
+void SuffixIndex::prefetch_storage(uint32_t s, bool record_only) const {
+  if (s == kNil || s >= storages_.size()) return;
+  const Storage& st = storages_[s];
+  __builtin_prefetch(&st);
+  if (record_only) return;
+  const char* c = reinterpret_cast<const char*>(st.cursors.data());
+  const size_t bytes = st.cursors.size() * sizeof(uint32_t);
+  for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
+void SuffixIndex::extend_storage(uint32_t s, const int32_t* tokens, size_t n) {
+  if (s >= storages_.size() || !storages_[s].registered)
+    bad("extend_storage: storage " + std::to_string(s) + " holds no registered sequence");
   ++version_;
   // The first token moves every active suffix end (up to max_depth nodes, independent
   // of each other): fetch them all at once instead of one cache miss after another.

@@ -291,6 +291,18 @@ class SuffixIndex {
 
   void add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, int64_t step);
   void extend(int64_t seq_id, const int32_t* tokens, size_t n);
+  // A registered sequence's storage id (kNil if unknown): valid until that sequence is
+  // removed (other mutations never move it). Batch callers look it up once and then use
+  // extend_storage / prefetch_storage, without a seq_id lookup per call.
+  uint32_t storage_id(int64_t seq_id) const {
+    auto it = by_id_.find(seq_id);
+    return it == by_id_.end() ? kNil : it->second;
+  }
+  void extend_storage(uint32_t storage, const int32_t* tokens, size_t n);
+  // Cache hints for a later extend_storage of that storage (no effect on any result): its
+  // record only (`record_only`: a load-free hint, a few rows ahead), or the record and the
+  // cursor ring behind it (reads the record: one row ahead).
+  void prefetch_storage(uint32_t storage, bool record_only = false) const;
   void remove_sequence(int64_t seq_id);
 
   int match_length(const int32_t* ctx, size_t n) const;
