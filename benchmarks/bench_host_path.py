@@ -55,8 +55,11 @@ The verify mask is built in the GPU form (``[seq_len prefix ones | tree]`` rows)
 ``meta`` device by default (``--mask-device``): on a GPU the fill of the ones and the
 scatter of the tree blocks are device kernels the host only launches, so the host's part
 is the native scatter index and the tensor ops' dispatch, which meta tensors still run.
-Until this version the bench filled the mask on the CPU (~0.4 ms of memset per step at 512
-rows, charged to the host path although a GPU host never does it; ``--mask-device cpu``).
+Until this version the bench filled the mask on the CPU (``--mask-device cpu``): a 1.6M-entry
+fill at 512 rows, 0.08 ms warm in isolation, more in the bench where the fresh pages fault
+in (up to ~0.4 ms a call under a profiler), charged to the host path although a GPU host
+never does it; the mask phase p50 went 0.46-0.48 -> 0.42-0.45 ms at 512 rows (the rest of
+that phase is the forward hook and the tensors' wrapping).
 
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
 "config": ...}``; per batch also ``phases_p50_ms`` (the step split into carried update-thread
@@ -434,7 +437,7 @@ def main(argv=None) -> int:
                     help="where the GPU form of the verify mask is made: meta (default) keeps the "
                          "host's part (the native scatter index, the tensor ops' dispatch) and "
                          "leaves the fills to the device, as on a GPU; cpu fills it on the CPU "
-                         "(the accounting until this version: ~0.4 ms of memset at 512 rows)")
+                         "(the accounting until this version: the fill, with its page faults, at 512 rows)")
     ap.add_argument("--interleave", type=int, default=10,
                     help="steps of one configuration before the other's (1: step by step)")
     ap.add_argument("--no-baseline", action="store_true")
