@@ -61,14 +61,32 @@ def test_native_allocators_equal_numpy_bit_for_bit():
     assert drafted > 200  # (the cases do speculate)
 
 
-def test_native_allocator_is_what_the_policy_runs():
+def test_native_allocator_is_what_the_policy_runs(monkeypatch):
+    # the allocation functions the policy calls hand their result from the native calls
+    # (a spy on each: numpy's answer would be the same numbers, so equality alone proves
+    # nothing about which path ran)
+    calls = []
+
+    def spy(fn):
+        def wrapped(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(A, "_native_lookahead_per_row", spy(lookahead_per_row))
+    monkeypatch.setattr(A, "_native_best_per_row", spy(best_per_row))
     rng = np.random.default_rng(2)
     remaining, acc, m, kv, cost, spread = _case(rng, 1)
     direct = lookahead_per_row(remaining, acc, m, kv, cost.c_base_s, cost.c_tok_s, cost.c_kv_s, spread,
                                max(cost.free_tokens - len(m), 0.0))
     alloc = A.lookahead_step_budgets(remaining, (acc, m), kv, cost, False, spread)
+    assert calls == ["lookahead_per_row"]
     np.testing.assert_array_equal(direct[0], alloc.budgets)
     assert direct[2] == alloc.modeled_s
+    A.optimal_step_budgets(remaining, (acc, m), kv, cost)
+    assert calls == ["lookahead_per_row", "best_per_row"]
+    A.lookahead_step_budgets(remaining, (acc, m), kv, cost, True, spread)  # one batch width: numpy's
+    assert calls == ["lookahead_per_row", "best_per_row"]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply")

@@ -119,6 +119,13 @@ def as_tokens(tokens: object, what: str) -> np.ndarray:
 _INT32_MAX = np.iinfo(np.int32).max
 
 
+def _bad_token(flat: np.ndarray, offsets: np.ndarray) -> None:
+    """Raise for the first token id outside [0, 2**31) of flat rows, naming it and its row."""
+    hit = int(np.flatnonzero((flat < 0) | (flat > _INT32_MAX))[0])
+    r = int(np.searchsorted(offsets, hit, side="right")) - 1
+    raise ValueError(f"invalid token id {int(flat[hit])} in row {r}: token ids must be in [0, 2**31)")
+
+
 class TokenRows:
     """Rows of token ids as one flat int32 array and row offsets: the form a verify result
     already has (the worker's accepted tokens of every request), validated once for the
@@ -140,9 +147,7 @@ class TokenRows:
             raise ValueError(f"TokenRows offsets must rise from 0 to {len(flat)} (the flat length), got "
                              f"{offsets[:3].tolist()}...{offsets[-3:].tolist()}")
         if flat.size and flat.min() < 0:  # (int32: nothing above 2**31 - 1 to check)
-            r = int(np.searchsorted(offsets, np.flatnonzero(flat < 0)[0], side="right")) - 1
-            raise ValueError(f"invalid token id {int(flat[offsets[r]:offsets[r + 1]].min())} in row {r}: "
-                             "token ids must be in [0, 2**31)")
+            _bad_token(flat, offsets)
         self.flat, self.offsets, self._lens = flat, offsets, lens
 
     @classmethod
@@ -158,13 +163,10 @@ class TokenRows:
             raise ValueError(f"invalid length {int(lens[bad[0]])} in row {int(bad[0])}: must be in "
                              f"[0, {tokens.shape[1]}]")
         flat = tokens[np.arange(tokens.shape[1])[None, :] < lens[:, None]]
-        if flat.size and (flat.min() < 0 or flat.max() > _INT32_MAX):
-            offsets = np.concatenate([[0], np.cumsum(lens)])
-            hit = int(np.flatnonzero((flat < 0) | (flat > _INT32_MAX))[0])
-            r = int(np.searchsorted(offsets, hit, side="right")) - 1
-            raise ValueError(f"invalid token id {int(flat[hit])} in row {r}: token ids must be in [0, 2**31)")
         offsets = np.zeros(len(lens) + 1, np.int64)
         np.cumsum(lens, out=offsets[1:])
+        if flat.size and (flat.min() < 0 or flat.max() > _INT32_MAX):
+            _bad_token(flat, offsets)
         return cls(flat.astype(np.int32), offsets)
 
     def __len__(self) -> int:

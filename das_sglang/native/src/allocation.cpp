@@ -190,7 +190,6 @@ bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double 
   res.makespan_steps = future.makespan_steps;
   double best_gain = 0.0;
   if (w > 1) {
-    const size_t cols = w - 1;
     // Past m_i a node gains value_i * -inf: never taken while value_i > 0; numpy ranks
     // every node (a NaN, or +inf gains) otherwise, and so does the caller here.
     if (!(cost.c_tok >= 0.0)) return false;
@@ -199,8 +198,8 @@ bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double 
     // Only gains above FREE_TOKEN_SHARE * c_tok can be taken (k <= their count, and c_tok
     // itself is not below that floor), so the selection works on those alone, in flat order.
     const double floor_gain = kFreeTokenShare * cost.c_tok;
-    std::vector<uint32_t> pos;
-    std::vector<double> flat;  // gains of pos, parallel
+    std::vector<uint32_t> row;  // the row of each candidate node, row-major (flat) order
+    std::vector<double> flat;   // its gain
     for (size_t i = 0; i < n; ++i) {
       double run = kInf;
       const double* acc = c.acc + i * w;
@@ -211,12 +210,12 @@ bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double 
         const double g = value[i] * run;
         if (std::isnan(g)) return false;
         if (g > floor_gain) {
-          pos.push_back(uint32_t(i * cols + b - 1));
+          row.push_back(uint32_t(i));
           flat.push_back(g);
         }
       }
     }
-    const size_t positive = pos.size();
+    const size_t positive = flat.size();
     size_t above_c = 0;
     for (double g : flat) above_c += g > cost.c_tok;
     // int(free) (free >= 0; beyond any count it is every positive gain)
@@ -224,8 +223,7 @@ bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double 
     const size_t k_paid = above_c > k_free ? above_c - k_free : 0;
     const size_t k = k_free + k_paid;
     if (k > 0) {
-      std::vector<double> part(positive);
-      for (size_t q = 0; q < positive; ++q) part[q] = flat[q];
+      std::vector<double> part(flat);
       std::nth_element(part.begin(), part.end() - ptrdiff_t(k), part.end());
       const double kth = *(part.end() - ptrdiff_t(k));  // the k-th largest gain
       std::vector<double> taken;
@@ -235,10 +233,9 @@ bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double 
       size_t ties = k - above;  // equal to kth: the first ones (row-major) are taken
       for (size_t q = 0; q < positive; ++q) {
         const double g = flat[q];
-        const uint32_t f = pos[q];
         if (g > kth || (g == kth && ties > 0)) {
           if (!(g > kth)) --ties;
-          ++res.budgets[f / cols];
+          ++res.budgets[row[q]];
           taken.push_back(g);
         }
       }

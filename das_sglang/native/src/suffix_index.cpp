@@ -105,9 +105,9 @@ SuffixIndex::SuffixIndex(int max_depth) : max_depth_(max_depth) {
 }
 
 uint32_t SuffixIndex::storage_of(int64_t seq_id) const {
-  auto it = by_id_.find(seq_id);
-  if (it == by_id_.end()) bad("unknown seq_id=" + std::to_string(seq_id));
-  return it->second;
+  const uint32_t s = storage_id(seq_id);
+  if (s == kNil) bad("unknown seq_id=" + std::to_string(seq_id));
+  return s;
 }
 
 int SuffixIndex::acquire_slot(int64_t step) {
@@ -661,13 +661,9 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
 }
 
 uint32_t SuffixIndex::prefetch_sequence(int64_t seq_id) const {
-  auto it = by_id_.find(seq_id);
-  if (it == by_id_.end()) return kNil;
-  const Storage& st = storages_[it->second];
-  const char* c = reinterpret_cast<const char*>(st.cursors.data());
-  const size_t bytes = st.cursors.size() * sizeof(uint32_t);
-  for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
-  return it->second;
+  const uint32_t s = storage_id(seq_id);
+  prefetch_storage(s);  // (kNil: nothing)
+  return s;
 }
 
 void SuffixIndex::prefetch_cursor_nodes(uint32_t s, int max_m) const {
