@@ -254,14 +254,15 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         start(b)
     plan = Legacy.plan if legacy else DasSession.plan
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
-    times, kinds, finishes, phases = [], [], 0, []
+    times, kinds, finishes, phases, cpus = [], [], 0, [], []
     carried = 0.0  # update-thread work still pending when the other configuration ran
     yield  # built
     for step in range(args.warmup + args.steps):
         t_begin = time.perf_counter() - carried
+        c_begin = time.thread_time()
         carried_in = carried
         kind = "decode"
-        ph = {}
+        ph, cpu = {}, {}
         # finishes and starts of this step (the scheduler calls them between forwards)
         for b in np.flatnonzero(pos_at + 1 >= end_at).tolist():
             rid, prompt, text, pos = slots[b][:4]
@@ -269,17 +270,18 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             finishes += 1
             kind = "finish"
             start(b)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         ph["starts"] = t1 - t_begin - carried_in  # (the carried wait is its own phase)
+        cpu["starts"] = c1 - c_begin
         if step and step % args.step_every == 0:
             session.weights_updated()
             kind = "boundary"
         rids = [s[0] for s in slots]
-        t2 = time.perf_counter()
-        ph["boundary"] = t2 - t1
+        t2, c2 = time.perf_counter(), time.thread_time()
+        ph["boundary"], cpu["boundary"] = t2 - t1, c2 - c1
         trees, width = plan(session, rids, args.max_nodes)
-        t3 = time.perf_counter()
-        ph["plan"] = t3 - t2
+        t3, c3 = time.perf_counter(), time.thread_time()
+        ph["plan"], cpu["plan"] = t3 - t2, c3 - c2
         roots = [t[p - 1] if p else last for _, _, _, p, t, last, _ in slots]
         seq_lens = [n + p for _, _, _, p, _, _, n in slots]
         if args.layout == "ragged" and not legacy:  # what the worker builds there
@@ -297,8 +299,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         ph["layout"] = t4 - t3
         if not legacy:
             session.before_forward()  # as the worker does once the verify inputs are built
-        t_mid = time.perf_counter()
+        t_mid, c_mid = time.perf_counter(), time.thread_time()
         ph["mask"] = t_mid - t4
+        cpu["layout+mask"] = c_mid - c3
         # Not timed: the forward and what verification accepts (from the recorded text).
         engine_gap(0, args.forward_ms, 0.0)
         commits, proposed = [], []
@@ -315,9 +318,10 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             padded = np.zeros((batch, args.max_nodes + 1), np.int64)
             padded[np.arange(args.max_nodes + 1)[None, :] < n_acc[:, None]] = np.fromiter(
                 chain.from_iterable(commits), np.int64, int(n_acc.sum()))
-        t_fb = time.perf_counter()
+        t_fb, c_fb = time.perf_counter(), time.thread_time()
         feed(session, rids, proposed, commits if legacy else TokenRows.from_padded(padded, n_acc))
-        t_end = time.perf_counter()
+        t_end, c_end = time.perf_counter(), time.thread_time()
+        cpu["feedback"] = c_end - c_fb
         for s, c in zip(slots, commits):
             s[3] += len(c)
         pos_at += np.fromiter(map(len, commits), np.int64, batch)
@@ -330,6 +334,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             ph["engine_delay"] = delay
             ph["carried"] = carried_in
             phases.append({k: v * 1e3 for k, v in ph.items()})
+            cpus.append({k: v * 1e3 for k, v in cpu.items()})
         carried = 0.0
         if (step + 1) % args.interleave == 0:
             # Before the other configuration's steps: what the update thread still has to
@@ -349,8 +354,10 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             yield
     session.close()
     worst = sorted(range(len(times)), key=lambda i: -times[i])[:5]
+    cpu_ms = [sum(c.values()) for c in cpus]
     out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats, phase_rows=phases,
                phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]},
+               cpu_ms=cpu_ms, cpu_phases={k: float(np.percentile([c[k] for c in cpus], 50)) for k in cpus[0]},
                worst=[{"step": i, "kind": kinds[i], "ms": times[i], **phases[i]} for i in worst])
 
 
@@ -515,6 +522,12 @@ def main(argv=None) -> int:
                 entry.update(s)
                 entry["per_step_ms"] = times
                 entry["phases_p50_ms"] = o["phases"]
+                # The scheduler thread's own CPU time in the timed phases (no waits, and on a
+                # VM not the time the hypervisor took from it: steal): what the host path
+                # computes there, steadier than the wall-clock split on a shared machine.
+                c = np.asarray(o["cpu_ms"])
+                entry["thread_cpu"] = {"p50_ms": float(np.percentile(c, 50)), "p99_ms": float(np.percentile(c, 99)),
+                                       "max_ms": float(c.max()), "phases_p50_ms": o["cpu_phases"]}
                 entry["worst_steps"] = o["worst"]  # the slowest steps, by phase (ms)
                 entry.update(finishes=fin, history_tokens=st.tokens, history_sequences=st.sequences,
                              index_bytes_per_token=st.bytes_per_token, build_s=build_s)
@@ -524,6 +537,10 @@ def main(argv=None) -> int:
                   f"(finish max {s.get('finish_max_ms', 0):.2f}, boundary max "
                   f"{s.get('boundary_max_ms', 0):.2f}); history {st.tokens} tokens; phases p50 "
                   + " ".join(f"{k} {v:.2f}" for k, v in o["phases"].items()), flush=True)
+            if not legacy:
+                tc = entry["thread_cpu"]
+                print(f"           scheduler thread CPU: p50 {tc['p50_ms']:.3f} p99 {tc['p99_ms']:.3f} ms; phases p50 "
+                      + " ".join(f"{k} {v:.2f}" for k, v in tc["phases_p50_ms"].items()), flush=True)
         m = entry["machine"]["current"]
         qt = entry["machine"]["quiet"]
         if qt["steps"]:

@@ -193,3 +193,20 @@ def test_bad_length_state_is_named_and_adds_nothing(bad, match):
     after = p.state()
     assert after["problems"] == before["problems"] and after["step"] == before["step"]
     assert after["columns"].tolist() == before["columns"].tolist()
+
+
+def test_a_batchs_problem_list_is_looked_up_once_per_index():
+    """predict_many keeps the initial classes of the latest problem-id list (the session
+    hands the same list while a batch's rows stay) until the index is rebuilt; an index
+    built from new lengths is read again, and an equal list elsewhere gives the same."""
+    p = _predictor([50, 60])  # q: short
+    p.observe_finished("r", 5000)
+    ids = ["q", "r", "q", "x"]
+    _, _, c0 = p.predict_many(ids, [0] * 4, [10**6] * 4)
+    assert c0.tolist() == [SHORT, LONG, SHORT, -1]
+    assert p.predict_many(ids, [0] * 4, [10**6] * 4)[2] is c0  # the same list: kept
+    for n in (5000, 6000, 7000):
+        p.observe_finished("q", n)  # q's median is long now
+    _, _, again = p.predict_many(ids, [0] * 4, [10**6] * 4)
+    assert again.tolist() == [LONG, LONG, LONG, -1]
+    assert p.predict_many(list(ids), [0] * 4, [10**6] * 4)[2].tolist() == again.tolist()

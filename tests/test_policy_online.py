@@ -115,6 +115,47 @@ class TestOnlineCalibration:
         assert ratios[0] == pytest.approx(ratios[1]) and ratios[0] > 1.0
         assert ratios[2] > 2.0
 
+    def test_outcomes_land_in_their_cells_as_the_definition_says(self):
+        """One update's additions, against the definition written row by row: a row that
+        accepted ``a`` of its ``b`` drafts adds, in cell (its previous state, its match
+        bin, depth bin k), one hit per depth 1..a in bin k and the drafter's expectation
+        of its first ``b`` nodes whose depth is in bin k."""
+        from das_sglang.core.acceptance import _bin
+
+        rng = np.random.default_rng(11)
+        cfg = PolicyConfig(max_budget=16, outcome_halflife=0)
+        oc = OnlineCalibration(cfg)
+        n = 40
+        trees, rows = [], []
+        for i in range(n):
+            k = int(rng.integers(1, 17))
+            parents = np.array([-1] + [int(rng.integers(-1, j)) for j in range(1, k)])
+            (d,) = tree_depths([parents])
+            trees.append((rng.random(k), d))
+            rows.append(BudgetRow(f"r{i}", "q", 0, 1000, trees[-1][0], 0, int(rng.integers(-1, 40)), d))
+        budgets = np.array([int(rng.integers(0, len(t[0]) + 1)) for t in trees])
+        base = np.zeros((n, 17))
+        for i, (probs, _) in enumerate(trees):
+            base[i, 1:len(probs) + 1] = np.cumsum(probs)
+            base[i, len(probs) + 1:] = base[i, len(probs)]
+        oc._state = {f"r{i}": int(rng.integers(0, oc.N_STATES)) for i in range(0, n, 2)}  # some seen before
+        before = dict(oc._state)
+        oc.planned(rows, budgets, base)
+        accepted = np.array([int(rng.integers(0, b + 1)) for b in budgets])
+        oc.update([replace(r, generated_len=int(a) + 1) for r, a in zip(rows, accepted)])
+        want = np.zeros_like(oc._cells)
+        for i, ((probs, d), b, a) in enumerate(zip(trees, budgets.tolist(), accepted.tolist())):
+            if b == 0:
+                continue  # nothing drafted: no outcome
+            cell = want[before.get(f"r{i}", 0), match_bin(rows[i].match_len)]
+            for depth in range(1, a + 1):
+                cell[min(_bin(depth), cell.shape[0] - 1), 0] += 1
+            for node in range(b):
+                cell[min(_bin(int(d[node])), cell.shape[0] - 1), 1] += probs[node]
+            assert oc._state[f"r{i}"] == oc.state_of(a, b)
+        np.testing.assert_allclose(oc._cells, want, rtol=1e-12, atol=1e-12)
+        assert want[..., 0].sum() == accepted[budgets > 0].sum()
+
     def test_depths_batch(self):
         got = tree_depths([np.array([-1, 0, -1, 1, 2, 0]), np.zeros(0, int), np.array([-1, 0, 1, 2])])
         assert [g.tolist() for g in got] == [[1, 2, 1, 3, 2, 2], [], [1, 2, 3, 4]]
@@ -265,3 +306,32 @@ def test_prepare_ahead_gives_the_plan_alone():
             np.testing.assert_array_equal(pa.budgets, pb.budgets)
             assert pa.width == pb.width and a.last.modeled_s == b.last.modeled_s
         assert a._read_ahead is None and a._prepared is None
+
+
+@pytest.mark.parametrize("name", ["length-aware", "paper"])
+def test_a_plans_deferred_bookkeeping_gives_what_doing_it_at_once_gives(name):
+    """``plan`` leaves its bookkeeping for ``settle_plan`` (the session runs it during the
+    forward); whoever settles it, and whenever, the plans and the statistics are the same
+    as settling it right after every plan."""
+    rng = np.random.default_rng(5)
+    a, b = (make_policy(name, config=PolicyConfig(max_budget=8, probe_every=2)) for _ in range(2))
+    gen = {f"r{i}": 10 for i in range(12)}
+    for k in range(30):
+        rows = [BudgetRow(r, f"p{i % 3}", g, 900, PROBS[: 1 + (i + k) % 8], 40, (i + k) % 9)
+                for i, (r, g) in enumerate(gen.items())]
+        pa, pb = a.plan(rows), b.plan(rows)
+        assert a.plan_pending()
+        a.settle_plan()  # at once; b's waits for its next call
+        assert not a.plan_pending() and b.plan_pending()
+        np.testing.assert_array_equal(pa.budgets, pb.budgets)
+        for (r, g), bud in zip(list(gen.items()), pa.budgets.tolist()):
+            acc = int(rng.integers(0, bud + 1))
+            for p in (a, b):
+                p.observe_verify(f"p{list(gen).index(r) % 3}", bud, acc)
+            gen[r] = g + acc + 1
+    b.settle_plan()
+    assert a.probes.total_s == b.probes.total_s and a.probes.spent_s == b.probes.spent_s
+    assert a.length_error() == b.length_error()
+    for p in (a, b):
+        assert p._outcomes._pending_budget.size == len(gen)
+    np.testing.assert_array_equal(a._outcomes._pending_budget, b._outcomes._pending_budget)

@@ -401,6 +401,7 @@ def remember_plan(calibration, rows, budgets: np.ndarray, base: np.ndarray, pos:
     rows' :func:`plan_rows`, if at hand."""
     nodes = np.diff(base, axis=1)  # expected acceptance of each node, best first
     calibration._pending = plan_rows(rows) if pos is None else pos
+    calibration._pending_ids = R.req_ids(rows)
     calibration._pending_generated = R.generated(rows)
     calibration._pending_budget = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1),
                                              nodes.shape[1])
@@ -415,7 +416,10 @@ def read_pending(calibration, rows, add) -> None:
     forgotten."""
     index = calibration._pending
     ids = R.req_ids(rows)
-    at = np.fromiter(map(index.get, ids, repeat(-1, len(ids))), np.int64, len(ids))
+    if len(index) == len(ids) and calibration._pending_ids == ids:  # the planned rows again, in order
+        at = np.arange(len(ids), dtype=np.int64)
+    else:
+        at = np.fromiter(map(index.get, ids, repeat(-1, len(ids))), np.int64, len(ids))
     j = np.flatnonzero(at >= 0)
     if j.size:
         pos = at[j]
@@ -472,6 +476,7 @@ class OutcomeCalibration:
         # The latest plan, as arrays (one row per planned request): req -> row, generated
         # tokens, budget and per-node expected acceptance (rows x ranks, best first).
         self._pending: dict[str, int] = {}
+        self._pending_ids: list = []  # the planned rows' req_ids (read_pending)
         self._pending_generated = np.zeros(0, dtype=np.int64)
         self._pending_budget = np.zeros(0, dtype=np.int64)
         self._pending_nodes = np.zeros((0, 0))

@@ -218,6 +218,10 @@ class SuffixDrafter:
         self._unshare_pending: list[int] = []  # past shared_max_tokens: leave at the next extend
         self.shared_tokens = 0
         self._live: dict[str, _Live] = {}
+        # A batch's rows resolved once (see _rows): (req_ids, _live_version, lives, indexes,
+        # seq_ids); _live_version counts the changes of _live, which make it stale.
+        self._rows_memo: tuple | None = None
+        self._live_version = 0
         self._finished: dict[str, dict[int, list[int]]] = {}  # problem -> step -> seq_ids
         self._step_seqs: Counter[int] = Counter()  # registered sequences per step
         # History accounting for the max_history_tokens cap: tokens per finished sequence,
@@ -504,9 +508,30 @@ class SuffixDrafter:
         cut = self._shared_start(len(tokens))
         seq_id = self._add(problem_id, tokens, self._step, cut)
         self._live[req_id] = _Live(problem_id, seq_id, self._step, cut, self._indices[problem_id])
+        self._live_version += 1
 
     def _shared_start(self, n_prompt: int) -> int:
         return max(0, n_prompt - self.config.shared_index_depth) if self._global is not None else 0
+
+    def _rows(self, req_ids: Sequence[str]) -> tuple[list, list, np.ndarray]:
+        """(records, indexes, seq_ids) of these live requests, in row order (an unknown one
+        raises, naming it). A decode step asks for the same batch two or three times (the
+        feedback's extend, the next plan's drafts): while no request started or finished
+        in between, the rows resolved for an equal ``req_ids`` list are reused, not looked
+        up again per row (the caller must not change the arrays)."""
+        memo = self._rows_memo
+        if memo is not None and memo[1] == self._live_version and memo[0] == req_ids:
+            return memo[2], memo[3], memo[4]
+        live = self._live
+        try:
+            lives = [live[r] for r in req_ids]
+        except KeyError:
+            lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
+        idx = [lv.index for lv in lives]
+        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
+        if type(req_ids) is list:
+            self._rows_memo = (list(req_ids), self._live_version, lives, idx, seq_ids)
+        return lives, idx, seq_ids
 
     def _request(self, req_id: str) -> _Live:
         live = self._live.get(req_id)
@@ -545,11 +570,7 @@ class SuffixDrafter:
         ``flat``: the rows already concatenated as int32 (``_flat_tokens``), if at hand."""
         if len(tokens) != len(req_ids):
             raise ValueError(f"tokens has {len(tokens)} rows for {len(req_ids)} req_ids")
-        live = self._live
-        try:
-            lives = [live[r] for r in req_ids]
-        except KeyError:
-            lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
+        _, idx, seq_ids = self._rows(req_ids)
         if flat is None:
             flat = _flat_tokens(tokens)
         if flat is None:  # not plain int lists, or a bad value: validate row by row
@@ -560,8 +581,7 @@ class SuffixDrafter:
         else:
             offsets = np.zeros(len(tokens) + 1, np.int64)
             np.cumsum(np.fromiter((len(t) for t in tokens), np.int64, len(tokens)), out=offsets[1:])
-        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
-        return [lv.index for lv in lives], seq_ids, flat, offsets
+        return idx, seq_ids, flat, offsets
 
     def apply_extend(self, prepared: tuple, predraft=None) -> None:
         """Apply :meth:`prepare_extend`'s arguments; with ``predraft`` (a node budget, one
@@ -620,8 +640,9 @@ class SuffixDrafter:
 
         def keep(result) -> None:
             *arrays, versions = result
-            self._predrafted = (dict(zip(seq_ids.tolist(), range(n))), DraftBatch(*arrays), versions,
-                                token, b.astype(np.int64))
+            # (rows: the job's seq_ids array; a plan of the very same rows -- _rows' memo --
+            # reads the trees in order, any other looks its rows up by seq_id)
+            self._predrafted = (seq_ids, DraftBatch(*arrays), versions, token, b.astype(np.int64))
 
         return args, keep
 
@@ -629,6 +650,7 @@ class SuffixDrafter:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""
         live = self._request(req_id)
         del self._live[req_id]
+        self._live_version += 1
         in_window = live.step >= self._step - self.config.window_steps
         if keep and in_window:
             n = len(self._indices[live.problem_id].sequence_tokens(live.seq_id))
@@ -749,13 +771,7 @@ class SuffixDrafter:
         row; ``threads`` None picks by batch size (the result does not depend on it)."""
         n = len(req_ids)
         b = self._budget_array(req_ids, budget)
-        live = self._live
-        try:
-            lives = [live[r] for r in req_ids]
-        except KeyError:
-            lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
-        idx = [lv.index for lv in lives]
-        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
+        _, idx, seq_ids = self._rows(req_ids)
         if self._predrafted is not None and self._can_predraft():
             out = self._reuse_predrafted(idx, seq_ids, b, threads)
             if out is not None:
@@ -814,12 +830,16 @@ class SuffixDrafter:
     def _reuse_predrafted(self, idx, seq_ids: np.ndarray, b: np.ndarray, threads) -> DraftBatch | None:
         """``speculate_flat`` from the :meth:`predraft` trees that are still exact (the
         others drafted now); None when none is."""
-        pos, kept, versions, weights, budgets = self._predrafted
+        rows, kept, versions, weights, budgets = self._predrafted
         if weights is not self._weights and not self._same_weights(weights):
             self._predrafted = None  # a step advanced: every step's weight changed
             return None
         n = len(seq_ids)
-        at = np.fromiter(map(pos.get, seq_ids.tolist(), repeat(-1, n)), np.int64, n)
+        if rows is seq_ids:  # the rows the job drafted, in its order
+            at = np.arange(n, dtype=np.int64)
+        else:
+            pos = rows if type(rows) is dict else dict(zip(rows.tolist(), range(len(rows))))
+            at = np.fromiter(map(pos.get, seq_ids.tolist(), repeat(-1, n)), np.int64, n)
         ok = at >= 0
         j = at[ok]
         now = np.fromiter((i.version for i in idx), np.uint64, n)

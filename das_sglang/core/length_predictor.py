@@ -27,6 +27,7 @@ remaining 4400.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 # np.quantile (the class thresholds) imports numpy.ma on its first call, holding the GIL:
@@ -79,6 +80,21 @@ class _LengthQueries:
     def _index(self):  # each predictor builds (and caches) its own
         raise NotImplementedError
 
+    _c0_memo: tuple | None = None  # (problem_ids list, initial-class dict, their classes)
+
+    def _initial_classes(self, problem_ids, initial: dict) -> np.ndarray:
+        """The initial class (-1: unknown) of each problem, as an int64 array. A decode
+        batch's problem ids come as one list object while its rows stay the same (the
+        session's resolved rows): the answer for that list and index is kept, not looked up
+        per row again (the caller must not change the array)."""
+        memo = self._c0_memo
+        if memo is not None and memo[0] is problem_ids and memo[1] is initial:
+            return memo[2]
+        c0 = np.fromiter(map(initial.get, problem_ids, repeat(-1)), np.int64, len(problem_ids))
+        if type(problem_ids) is list:
+            self._c0_memo = (problem_ids, initial, c0)
+        return c0
+
     def thresholds(self) -> np.ndarray | None:
         """Short/Medium and Medium/Long boundaries (lengths <= t1 are Short), or None."""
         return self._index()[0]
@@ -101,7 +117,7 @@ class _LengthQueries:
         cap = np.maximum(1.0, np.asarray(max_new_tokens, dtype=np.float64) - g)
         n = len(g)
         thresholds, initial, groups = self._index()
-        c0 = np.array([initial.get(p, -1) for p in problem_ids], dtype=np.int64)
+        c0 = self._initial_classes(problem_ids, initial)
         if thresholds is None:  # no history anywhere
             guess = np.maximum(cfg.prior_length - g, cfg.tail_factor * g)
             return np.clip(guess, 1.0, cap), np.full(n, -1), c0

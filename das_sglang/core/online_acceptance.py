@@ -42,7 +42,7 @@ import numpy as np
 from das_sglang.core import budget_rows as R
 
 from das_sglang.core.acceptance import (
-    OutcomeCalibration, _bin, _n_bins, read_outcomes, read_pending, remember_plan,
+    OutcomeCalibration, _bin, _n_bins, read_pending, remember_plan,
 )
 from das_sglang.core.policy_config import PolicyConfig
 
@@ -93,12 +93,21 @@ class OnlineCalibration:
         self._cells = np.zeros((self.N_STATES, N_MATCH_BINS, n_bins, 2))  # accepted, expected
         self._state: dict[str, int] = {}
         self._pending: dict[str, int] = {}
+        self._pending_ids: list = []  # the planned rows' req_ids (read_pending)
         self._pending_generated = np.zeros(0, dtype=np.int64)
         self._pending_budget = np.zeros(0, dtype=np.int64)
         self._pending_match = np.zeros(0, dtype=np.int64)
         self._pending_nodes = np.zeros((0, 0))
         self._pending_bins = np.zeros((0, 0), dtype=np.int64)
         self._rank_bin = _bin(np.arange(1, config.max_budget + 1))
+        # Depth -> depth bin (depths past max_budget in the last), and per bin the depths
+        # before it and in it: an accepted path of ``a`` nodes has one node at each depth
+        # 1..a, so ``clip(a - before, 0, size)`` of them in each bin.
+        self._depth_bin = _bin(np.arange(config.max_budget + 1))
+        self._bin_before = np.array([(self._rank_bin < k).sum() for k in range(n_bins)], np.int64)
+        self._bin_size = np.array([(self._rank_bin == k).sum() for k in range(n_bins)], np.int64)
+        # the latest update's rows (their req_ids list) and each one's state after it
+        self._row_states: tuple | None = None
         hl = config.outcome_halflife
         self._decay = 0.5 ** (1.0 / hl) if hl > 0 else 1.0
         self._table: np.ndarray | None = None
@@ -133,7 +142,7 @@ class OnlineCalibration:
             k = np.minimum(lens, width)
             rank = np.arange(len(d.depths), dtype=np.int64) - np.repeat(d.offsets[:-1], lens)
             mask = np.arange(width)[None, :] < k[:, None]
-            out[mask] = _bin(np.minimum(d.depths[rank < np.repeat(k, lens)], self.config.max_budget))
+            out[mask] = self._depth_bin[np.minimum(d.depths[rank < np.repeat(k, lens)], self.config.max_budget)]
             return out
         parts = [(i, row.node_depths[:width]) for i, row in enumerate(rows)
                  if row.node_depths is not None and len(row.node_depths)]
@@ -153,22 +162,34 @@ class OnlineCalibration:
         self._table = None
         self._bins_cache = None
         read_pending(self, rows, self._add)
+        ids = R.req_ids(rows)
+        # (ratios of these rows -- the plan that follows -- read the states from here)
+        self._row_states = (ids, np.fromiter(map(self._state.get, ids, repeat(0, len(ids))), np.int64, len(ids)))
 
     def _add(self, ids, generated, pos: np.ndarray, budget: np.ndarray) -> None:
-        n_bins = self._cells.shape[2]
-        # Hits by depth bin (acceptance.read_outcomes). The drafter's expectation at a depth
-        # bin sums its drafted nodes of those depths (a chain reading by rank would credit a
-        # branch's hit to the best sibling instead).
-        _, nodes, ranks, hit, new = read_outcomes(self, generated, pos, budget, n_bins)
-        drafted = np.where(ranks[None, :] < budget[:, None], nodes, 0.0)
-        bins = self._pending_bins[pos]
-        expected = np.stack([(drafted * (bins == k)).sum(axis=1) for k in range(n_bins)], axis=1)
-        states = np.fromiter(map(self._state.get, ids, repeat(0, len(ids))), np.int64, len(ids))
-        match = self._pending_match[pos]
+        cells = self._cells
+        n_states, n_match, n_bins, _ = cells.shape
+        n = len(ids)
+        # Accepted drafts (``generated`` grew by accepted + 1) and hits by depth bin: the
+        # accepted path has one node at each depth 1..accepted. The drafter's expectation
+        # at a depth bin sums its drafted nodes of those depths (a chain reading by rank
+        # would credit a branch's hit to the best sibling instead).
+        accepted = np.minimum(np.maximum(generated - self._pending_generated[pos] - 1, 0), budget)
+        hit = np.clip(accepted[:, None] - self._bin_before[None, :], 0, self._bin_size[None, :])
+        new = 1 + np.minimum(_bin(accepted + 1), 5) + np.where(accepted == budget, 6, 0)  # state_of
+        nodes = self._pending_nodes[pos]
+        drafted = np.where(np.arange(nodes.shape[1])[None, :] < budget[:, None], nodes, 0.0)
+        row_bin = np.arange(n)[:, None] * n_bins + self._pending_bins[pos]
+        expected = np.bincount(row_bin.ravel(), weights=drafted.ravel(), minlength=n * n_bins)
+        states = np.fromiter(map(self._state.get, ids, repeat(0, n)), np.int64, n)
         # a repeated request: the last outcome wins
         self._state.update(zip(ids, new.tolist()))
-        np.add.at(self._cells, (states, match, slice(None), 0), hit)
-        np.add.at(self._cells, (states, match, slice(None), 1), expected)
+        # every row's (state, match bin, depth bin) cells, summed per cell in row order
+        cell = ((states * n_match + self._pending_match[pos]) * n_bins)[:, None] + np.arange(n_bins)[None, :]
+        size = n_states * n_match * n_bins
+        cells[..., 0] += np.bincount(cell.ravel(), weights=hit.ravel().astype(np.float64),
+                                     minlength=size).reshape(cells.shape[:3])
+        cells[..., 1] += np.bincount(cell.ravel(), weights=expected, minlength=size).reshape(cells.shape[:3])
 
     # ---- queries -------------------------------------------------------------------------
     def table(self) -> np.ndarray:
@@ -203,7 +224,11 @@ class OnlineCalibration:
         """Rows x node ranks ``1..max_budget``: calibration factor of each row's nodes."""
         table = self.table()
         bins = np.minimum(self.node_bins(rows, max_budget), table.shape[2] - 1)
-        states = np.fromiter(map(self._state.get, R.req_ids(rows), repeat(0, len(rows))), np.int64, len(rows))
+        ids, cached = R.req_ids(rows), self._row_states
+        if cached is not None and cached[0] is ids:
+            states = cached[1]
+        else:
+            states = np.fromiter(map(self._state.get, ids, repeat(0, len(rows))), np.int64, len(rows))
         match = match_bin(R.match_lens(rows))
         return np.take_along_axis(table[states, match], bins, axis=1)
 

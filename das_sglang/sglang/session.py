@@ -216,6 +216,10 @@ class DasSession:
         )
         self.step = 0
         self.live: dict[str, _Live] = {}
+        # The latest batch's rows resolved once (_rows): (req_ids, _live_version, records,
+        # problem ids, max_new_tokens, prompt lengths); stale once a request starts or ends.
+        self._rows_memo: tuple | None = None
+        self._live_version = 0
         self._root_only: set[str] = set()  # live requests verified at width 0
         # Readable counters (saved in the snapshot's meta as "das_counters"):
         # bad_params = requests served untagged because of a bad DAS tag,
@@ -310,6 +314,7 @@ class DasSession:
         if root_only:
             self._root_only.add(req_id)
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only)
+        self._live_version += 1
         if self.shards is not None:
             self.shards.on_start(pid, step)  # lazy load of a problem this engine lacks
 
@@ -448,6 +453,28 @@ class DasSession:
                 for p in gone:
                     self._mirror.pop(p, None)
 
+    def _rows(self, req_ids: Sequence[str]) -> tuple:
+        """(records, problem ids, max_new_tokens, prompt lengths) of these live requests, in
+        row order; an unknown one raises naming it. The plan and the feedback of a decode
+        step (and the next steps while no request starts or ends) ask for the same batch:
+        rows resolved for an equal ``req_ids`` list are reused, not looked up per row again."""
+        memo = self._rows_memo
+        if memo is not None and memo[1] == self._live_version and memo[0] == req_ids:
+            return memo[2:]
+        live = self.live
+        try:
+            lives = [live[r] for r in req_ids]
+        except KeyError:
+            bad = next(r for r in req_ids if r not in live)
+            raise ValueError(f"unknown req_id={bad!r}: not started or already finished") from None
+        n = len(lives)
+        rows = (lives, [lv.problem_id for lv in lives],
+                np.fromiter((lv.max_new_tokens for lv in lives), np.int64, n),
+                np.fromiter((lv.prompt_len for lv in lives), np.int64, n))
+        if type(req_ids) is list:
+            self._rows_memo = (list(req_ids), self._live_version, *rows)
+        return rows
+
     def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[DraftBatch, int]:
         """Draft trees truncated to the policy's budgets (a flat :class:`DraftBatch`, a
         sequence of DraftTree), and the batch width.
@@ -457,18 +484,12 @@ class DasSession:
         pass: no Python object per row on this per-step path. Same trees and width as
         drafting row by row (tests/sglang/test_session_flat.py)."""
         req_ids = list(req_ids)
-        live = self.live
-        try:
-            lives = [live[r] for r in req_ids]
-        except KeyError:
-            bad = next(r for r in req_ids if r not in live)
-            raise ValueError(f"unknown req_id={bad!r}: not started or already finished") from None
+        lives, problem_ids, max_new, prompt_len = self._rows(req_ids)
         self._settle_outcomes()  # (the policy is read from here on)
         n = len(lives)
-        columns = (req_ids, [lv.problem_id for lv in lives],
-                   np.fromiter((lv.generated for lv in lives), np.int64, n),
-                   np.fromiter((lv.max_new_tokens for lv in lives), np.int64, n),
-                   np.fromiter((lv.prompt_len for lv in lives), np.int64, n))
+        # (the memo's columns are shared by plans of the same rows: no policy changes them)
+        columns = (req_ids, problem_ids, np.fromiter((lv.generated for lv in lives), np.int64, n),
+                   max_new, prompt_len)
         prepare = getattr(self.policy, "prepare", None)
         if prepare is not None and self.PREPARE_AHEAD and n:
             # The policy's Python that does not read the drafts runs now, while the update
@@ -517,9 +538,12 @@ class DasSession:
         :meth:`plan` itself and the removal done by the next feedback's extend. Nothing
         drafts between here and the feedback, so every draft sees what it saw before."""
         self._forward_hook = True
-        if self._outcomes and self._updates is not None and self._outcomes_job is None:
+        plan_pending = getattr(self.policy, "plan_pending", None)
+        if ((self._outcomes or (plan_pending is not None and plan_pending()))
+                and self._updates is not None and self._outcomes_job is None):
             # First in the queue: the step's other background work (eviction chunk, shared
-            # removals) may take the whole forward, the recording ~1 ms at 512 rows.
+            # removals) may take the whole forward; this plan's bookkeeping and the
+            # previous feedback's recording take ~1.5 ms at 512 rows.
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = done = threading.Event()
             self._updates.submit(self._record_outcomes, outcomes, done=done)
@@ -570,8 +594,10 @@ class DasSession:
         live = self.live
         self._settle_outcomes(record_pending=True)  # (the previous step's, if not yet)
         flat = None
+        memo = self._rows_memo
+        known = memo is not None and memo[1] == self._live_version and memo[0] == req_ids
         background = (self._updates is not None and len(req_ids) >= self.ASYNC_MIN_ROWS
-                      and all(r in live for r in req_ids)
+                      and (known or all(r in live for r in req_ids))
                       and (flat := _flat_tokens(tokens)) is not None)
         if background:  # inputs checked here: a bad row raises now, naming itself, below
             # The queue keeps the order; an earlier update's error is raised now, without
@@ -618,7 +644,7 @@ class DasSession:
                                           self._draft_sizes(req_ids, self._plan_nodes))
             else:
                 self.drafter.extend_batch(req_ids, tokens)
-        lives = [live[r] for r in req_ids]
+        lives = self._rows(req_ids)[0]
         if type(tokens) is TokenRows:
             n = tokens.lens()
         else:
@@ -647,6 +673,9 @@ class DasSession:
         self._outcomes.append((problem_ids, proposed, accepted))
 
     def _record_outcomes(self, outcomes: list) -> None:
+        settle = getattr(self.policy, "settle_plan", None)
+        if settle is not None:
+            settle()  # the latest plan's bookkeeping first (policy.settle_plan: its order)
         many = getattr(self.policy, "observe_verify_many", None)
         for pids, p, a in outcomes:
             if many is not None:
@@ -682,6 +711,7 @@ class DasSession:
         live = self.live.pop(req_id, None)
         if live is None:
             return
+        self._live_version += 1
         self._root_only.discard(req_id)
         output = list(output)[: live.max_new_tokens]
         tokens = as_tokens(list(prompt) + output, f"text of req_id={req_id!r}")
@@ -724,6 +754,7 @@ class DasSession:
         live = self.live.pop(req_id, None)
         self._root_only.discard(req_id)
         if live is not None:
+            self._live_version += 1
             self.sync()
             self.drafter.finish_request(req_id, keep=False)
             if self.shards is not None:

@@ -443,3 +443,56 @@ def test_the_session_sets_the_background_nice_of_its_native_jobs():
         inline.close()
     finally:
         set_background_nice(before)
+
+
+def test_the_plans_bookkeeping_runs_during_the_forward_on_the_update_thread():
+    """A plan leaves its bookkeeping (probe record, what the calibration remembers of it,
+    draft sizes) for later; with the worker's hook the update thread does it during the
+    verify forward, before the previous feedback's outcomes are recorded."""
+    import threading
+
+    s = DasSession(_opts(async_updates=True))
+    s.policy.lengths.background = False
+    ran = []
+    bookkeep = s.policy._bookkeep
+    s.policy._bookkeep = lambda *a: ran.append(threading.current_thread()) or bookkeep(*a)
+    s.start("r0", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    for k in range(3):
+        s.plan(["r0"], 8)
+        assert s.policy.plan_pending() and len(ran) == k  # left for later
+        s.before_forward()
+        s._settle_outcomes()  # (what the feedback does first)
+        assert not s.policy.plan_pending() and len(ran) == k + 1
+        assert ran[-1] is not threading.main_thread()
+        s.committed_batch(["r0"], [0], [[1]])
+    s.close()
+
+
+def test_rows_resolved_once_per_batch_never_outlive_a_start_or_finish():
+    """The plan and the feedback of a step resolve the batch's rows once (session and
+    drafter memo); a request that ends and a new one under the same req_id is looked up
+    again: its own problem, budget cap and index, not the old one's."""
+    s = DasSession(_opts(async_updates=True))
+    s.policy.lengths.background = False
+    d = s.drafter
+    s.start("r0", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.start("r1", {"das_problem_id": "q"}, [5, 6], [], 60)
+    rids = ["r0", "r1"]
+    for _ in range(3):
+        s.plan(list(rids), 8)
+        memo, dmemo = s._rows_memo, d._rows_memo
+        s.committed_batch(list(rids), [0, 0], [[1], [2]])
+        s.sync()
+        assert s._rows_memo is memo and d._rows_memo is dmemo  # the same rows: reused
+    s.finished("r1", [5, 6], [2, 2, 2])
+    s.start("r1", {"das_problem_id": "z"}, [4], [], 3)  # the id again: another request
+    s.plan(list(rids), 8)
+    lives, pids, max_new, _ = s._rows(list(rids))
+    assert pids == ["p", "z"] and max_new.tolist() == [60, 3] and lives[1] is s.live["r1"]
+    s.sync()
+    _, idx, seq_ids = d._rows(list(rids))
+    assert idx[1] is d._live["r1"].index and seq_ids[1] == d._live["r1"].seq_id
+    assert d._live["r1"].problem_id == "z"
+    with pytest.raises(ValueError, match="unknown req_id='r9'"):
+        s.plan(["r0", "r9"], 8)
+    s.close()
