@@ -147,13 +147,15 @@ class _Updates:
         self._thread.join(timeout=30)
 
 
-def _check_outcomes(proposed: np.ndarray, accepted: np.ndarray, req_ids: list) -> None:
+def _check_outcomes(proposed: np.ndarray, accepted: np.ndarray, req_ids: list, rows=None) -> None:
     """Verify outcomes kept for the policy (recorded later): a bad row raises now, naming
-    its request (``0 <= accepted <= proposed``, as the statistics require)."""
+    its request (``0 <= accepted <= proposed``, as the statistics require). ``rows``: the
+    outcomes' rows of ``req_ids`` (None: one outcome per entry)."""
     bad = (proposed < 0) | (accepted < 0) | (accepted > proposed)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"invalid verify outcome for req_id={req_ids[i]!r}: proposed="
+        rid = req_ids[i if rows is None else int(rows[i])]
+        raise ValueError(f"invalid verify outcome for req_id={rid!r}: proposed="
                          f"{int(proposed[i])}, accepted={int(accepted[i])} (need 0 <= accepted "
                          "<= proposed)")
 
@@ -582,7 +584,7 @@ class DasSession:
         self.drafter.extend_request(req_id, np.asarray(tokens, dtype=np.int32))
         live.generated += len(tokens)
         if p[0] or a[0]:
-            self._outcomes.append(([live.problem_id], p, a))
+            self._outcomes.append(([live.problem_id], p, a, None))
 
     def committed_batch(self, req_ids: Sequence[str], proposed: Sequence[int],
                         tokens: Sequence[Sequence[int]]) -> None:
@@ -655,11 +657,10 @@ class DasSession:
         # nothing drafted and only the bonus token: no outcome to record
         rows = np.flatnonzero((p != 0) | (n != 1))
         if rows.size:
-            self._defer_outcomes([lives[i].problem_id for i in rows.tolist()], p[rows], n[rows] - 1,
-                                 [req_ids[i] for i in rows.tolist()])
+            self._defer_outcomes(self._rows(req_ids)[1], p[rows], n[rows] - 1, req_ids, rows)
 
     def _defer_outcomes(self, problem_ids: list, proposed: np.ndarray, accepted: np.ndarray,
-                        req_ids: list) -> None:
+                        req_ids: list, rows: np.ndarray) -> None:
         """Keep a feedback's verify outcomes for the policy's statistics; they are recorded
         one step late, during the next verify forward (``before_forward`` hands them to the
         update thread; without that hook, or without the thread, the next feedback records
@@ -669,15 +670,18 @@ class DasSession:
         from a verify result to the next forward. The statistics average hundreds of
         outcomes per problem; one step of lag changes a budget by the weight of one. The
         outcomes are checked now: a bad one raises here, naming its request."""
-        _check_outcomes(proposed, accepted, req_ids)
-        self._outcomes.append((problem_ids, proposed, accepted))
+        _check_outcomes(proposed, accepted, req_ids, rows)
+        # (the rows' problem ids are picked when recorded: off the feedback's path)
+        self._outcomes.append((problem_ids, proposed, accepted, rows))
 
     def _record_outcomes(self, outcomes: list) -> None:
         settle = getattr(self.policy, "settle_plan", None)
         if settle is not None:
             settle()  # the latest plan's bookkeeping first (policy.settle_plan: its order)
         many = getattr(self.policy, "observe_verify_many", None)
-        for pids, p, a in outcomes:
+        for pids, p, a, rows in outcomes:
+            if rows is not None:
+                pids = [pids[i] for i in rows.tolist()]
             if many is not None:
                 many(pids, p, a)
             else:
