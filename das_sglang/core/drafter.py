@@ -509,6 +509,7 @@ class SuffixDrafter:
         seq_id = self._add(problem_id, tokens, self._step, cut)
         self._live[req_id] = _Live(problem_id, seq_id, self._step, cut, self._indices[problem_id])
         self._live_version += 1
+        self._rows_memo = None  # (stale now: let go of what it holds)
 
     def _shared_start(self, n_prompt: int) -> int:
         return max(0, n_prompt - self.config.shared_index_depth) if self._global is not None else 0
@@ -651,6 +652,7 @@ class SuffixDrafter:
         live = self._request(req_id)
         del self._live[req_id]
         self._live_version += 1
+        self._rows_memo = None  # (stale now: let go of what it holds)
         in_window = live.step >= self._step - self.config.window_steps
         if keep and in_window:
             n = len(self._indices[live.problem_id].sequence_tokens(live.seq_id))

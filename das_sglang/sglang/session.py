@@ -317,6 +317,7 @@ class DasSession:
             self._root_only.add(req_id)
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only)
         self._live_version += 1
+        self._rows_memo = None  # (stale now: let go of what it holds)
         if self.shards is not None:
             self.shards.on_start(pid, step)  # lazy load of a problem this engine lacks
 
@@ -716,6 +717,7 @@ class DasSession:
         if live is None:
             return
         self._live_version += 1
+        self._rows_memo = None  # (stale now: let go of what it holds)
         self._root_only.discard(req_id)
         output = list(output)[: live.max_new_tokens]
         tokens = as_tokens(list(prompt) + output, f"text of req_id={req_id!r}")
@@ -759,6 +761,7 @@ class DasSession:
         self._root_only.discard(req_id)
         if live is not None:
             self._live_version += 1
+            self._rows_memo = None  # (stale now: let go of what it holds)
             self.sync()
             self.drafter.finish_request(req_id, keep=False)
             if self.shards is not None:
