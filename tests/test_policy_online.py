@@ -335,3 +335,70 @@ def test_a_plans_deferred_bookkeeping_gives_what_doing_it_at_once_gives(name):
     for p in (a, b):
         assert p._outcomes._pending_budget.size == len(gen)
     np.testing.assert_array_equal(a._outcomes._pending_budget, b._outcomes._pending_budget)
+
+
+def _random_flat_rows(rng, n: int, max_nodes: int, prefix: str = "r"):
+    """BudgetRows of ``n`` random trees (branching, random probabilities and match lengths;
+    some rows empty, some past the plan's max_budget)."""
+    from das_sglang.core.budget_rows import BudgetRows
+    from das_sglang.core.draft_tree import DraftBatch, DraftTree
+
+    trees = []
+    for i in range(n):
+        k = int(rng.integers(0, max_nodes + 1))
+        parents = np.array([int(rng.integers(-1, j)) for j in range(k)], dtype=np.int32)
+        trees.append(DraftTree(rng.integers(0, 50, k).astype(np.int32), parents,
+                               np.sort(rng.random(k))[::-1].copy(), match_len=int(rng.integers(-1, 40))))
+    ids = [f"{prefix}{i}" for i in range(n)]
+    return BudgetRows(ids, [f"p{i % 5}" for i in range(n)], rng.integers(0, 300, n).astype(np.int64),
+                      rng.integers(1, 400, n).astype(np.int64), np.full(n, 30, np.int64),
+                      DraftBatch.from_trees(trees))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_online_curves_are_numpys_bit_for_bit(seed):
+    """The plan's online curves of flat rows come from one native call
+    (OnlineCalibration.curves); numpy (NATIVE_CURVES off) is the reference: the same
+    ``base``, ``acc``, node bins and budgets, bit for bit, over plans whose outcomes move
+    the table and the rows' states."""
+    rng = np.random.default_rng(seed)
+    cfg = PolicyConfig(max_budget=int(rng.choice([4, 8, 16])), curve_mode="online")
+    native, ref = make_policy("length-aware", config=cfg), make_policy("length-aware", config=cfg)
+    ref.NATIVE_CURVES = False
+    rows = _random_flat_rows(rng, 40, 2 * cfg.max_budget)
+    for k in range(8):
+        outs = []
+        for p in (native, ref):
+            p.settle_plan()
+            remaining, (acc, m), kv, _ = p.inputs(rows)
+            bins = p._outcomes.node_bins(rows, acc.shape[1] - 1)  # (native: what it read)
+            outs.append((acc, m, p._base, bins, p.plan(rows).budgets))
+        for x, y in zip(*outs):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert np.array_equal(x, y) and x.tobytes() == y.tobytes()
+        # next step: every row advanced by what it "accepted"; fresh trees
+        acc_n = rng.integers(0, 3, len(rows))
+        nxt = _random_flat_rows(rng, len(rows), 2 * cfg.max_budget)
+        nxt.generated = rows.generated + acc_n + 1
+        rows = nxt
+
+
+def test_native_online_curves_refuse_bad_input_naming_it():
+    """The native curves check what they index with (no out-of-range read)."""
+    from das_sglang.native import online_curves
+
+    table = np.ones((2, 3, 4))
+    args = dict(offsets=np.array([0, 2], np.int64), probs=np.array([0.5, 0.4]),
+                depths=np.array([1, 2], np.int32), m=np.array([2], np.int64), table=table,
+                states=np.array([1], np.int64), match=np.array([2], np.int64), relative=np.ones(1),
+                depth_bin=np.arange(5, dtype=np.int64), rank_bin=np.arange(4, dtype=np.int64), max_budget=4)
+    base, acc, bins, width = online_curves(**args)
+    assert width == 3 and base.tolist() == [0.0, 0.5, 0.9] and acc[:2].tolist() == [0.0, 0.5]
+    with pytest.raises(ValueError, match="state 2"):
+        online_curves(**{**args, "states": np.array([2], np.int64)})
+    with pytest.raises(ValueError, match=r"invalid m\[0\]=3"):
+        online_curves(**{**args, "m": np.array([3], np.int64)})
+    with pytest.raises(ValueError, match="depths: expected a 1-D contiguous int32"):
+        online_curves(**{**args, "depths": np.array([1, 2], np.int64)})
+    with pytest.raises(ValueError, match="depth -1"):
+        online_curves(**{**args, "depths": np.array([1, -1], np.int32)})

@@ -45,6 +45,7 @@ from das_sglang.core.acceptance import (
     OutcomeCalibration, _bin, _n_bins, read_pending, remember_plan,
 )
 from das_sglang.core.policy_config import PolicyConfig
+from das_sglang.native import online_curves
 
 N_MATCH_BINS = 6  # match length <= 1 (or unknown), 2-3, 4-7, 8-15, 16-31, 32+
 
@@ -224,13 +225,34 @@ class OnlineCalibration:
         """Rows x node ranks ``1..max_budget``: calibration factor of each row's nodes."""
         table = self.table()
         bins = np.minimum(self.node_bins(rows, max_budget), table.shape[2] - 1)
+        match = match_bin(R.match_lens(rows))
+        return np.take_along_axis(table[self._states_of(rows), match], bins, axis=1)
+
+    def _states_of(self, rows) -> np.ndarray:
+        """Each row's state (its request's last outcome; 0 before any)."""
         ids, cached = R.req_ids(rows), self._row_states
         if cached is not None and cached[0] is ids:
-            states = cached[1]
-        else:
-            states = np.fromiter(map(self._state.get, ids, repeat(0, len(rows))), np.int64, len(rows))
-        match = match_bin(R.match_lens(rows))
-        return np.take_along_axis(table[states, match], bins, axis=1)
+            return cached[1]
+        return np.fromiter(map(self._state.get, ids, repeat(0, len(rows))), np.int64, len(rows))
+
+    def curves(self, rows: R.BudgetRows, m: np.ndarray, relative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(base, acc)`` of ``_ModelBased.inputs`` (online curves) for flat rows, in one
+        native call: ``base`` the drafter's expected accepted tokens (cumulative node
+        probabilities, the first ``m[i]`` nodes of row ``i``), ``acc`` the calibrated curve
+        (each node's probability times :meth:`ratios`' factor times ``relative[i]``,
+        summed, at most the budget). The same arrays as the numpy reference, bit for bit
+        (tests/test_policy_online.py); the node bins it read serve the plan's
+        :meth:`planned` as :meth:`node_bins` would."""
+        d = rows.drafts
+        n = len(rows)
+        base, acc, bins, width = online_curves(
+            np.ascontiguousarray(d.offsets, dtype=np.int64), np.ascontiguousarray(d.probs, dtype=np.float64),
+            np.ascontiguousarray(d.depths, dtype=np.int32), np.ascontiguousarray(m, dtype=np.int64),
+            self.table(), np.ascontiguousarray(self._states_of(rows), dtype=np.int64),
+            match_bin(R.match_lens(rows)), np.ascontiguousarray(relative, dtype=np.float64),
+            self._depth_bin, self._rank_bin, int(self.config.max_budget))
+        self._bins_cache = (rows, width - 1, bins.reshape(n, width - 1))
+        return base.reshape(n, width), acc.reshape(n, width)
 
 
 class ProbeSchedule:

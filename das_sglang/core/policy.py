@@ -181,6 +181,8 @@ class UnlimitedBudget(FixedBudget):
 class _ModelBased(_Observing):
     """Policies that plan with predicted lengths, acceptance estimates and a cost model."""
 
+    NATIVE_CURVES = True  # inputs: online curves of flat rows natively (False: numpy, the reference)
+
     def __init__(self, cost_model: CostModel | str | None = None,
                  config: PolicyConfig | None = None) -> None:
         super().__init__(config)
@@ -258,6 +260,11 @@ class _ModelBased(_Observing):
         # Most drafts worth proposing: nodes found, the budget cap, and the tokens left
         # (accepted drafts plus the bonus token cannot exceed max_new_tokens).
         m = np.minimum(np.minimum(found, self.config.max_budget), np.maximum(max_new - generated - 1, 0))
+        if self.config.curve_mode == "online" and type(rows) is R.BudgetRows and self.NATIVE_CURVES:
+            # The per-step case (the session's flat rows): one native call, the same arrays.
+            relative = calibration / self.acceptance.calibration(GLOBAL)
+            self._base, acc = self._outcomes.curves(rows, m, relative)
+            return remaining, (acc, m), kv, factors
         probs = np.zeros((len(rows), int(m.max(initial=0)) + 1))
         if probs.shape[1] > 1:
             # Row i's first m[i] node probabilities into columns 1..m[i]: one masked store

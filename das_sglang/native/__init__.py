@@ -22,7 +22,9 @@ seq_lens)`` build a ragged verify's inputs from a flat draft batch (sglang/tree_
 ``lookahead_per_row(..., spread, free_tokens)`` are core/allocation.py's per-row allocators
 (the policy's per-step math; numpy there is the reference they are tested against):
 ``(budgets, width, modeled_s, baseline_s, makespan_steps)``, the lookahead None where numpy
-ranks every node instead.
+ranks every node instead. ``online_curves(offsets, probs, depths, m, table, states, match, relative,
+depth_bin, rank_bin, max_budget)`` is the policy's online acceptance curves of flat drafts
+(``_ModelBased.inputs``, curve_mode "online"): ``(base, acc, bins, width)``, numpy's bit for bit.
 """
 
 from das_sglang.native._suffix import (
@@ -37,6 +39,7 @@ from das_sglang.native._suffix import (
     extend_draft_rows,
     extend_draft_rows_start,
     lookahead_per_row,
+    online_curves,
     ragged_layout,
     ragged_mask_index,
     set_background_nice,
@@ -44,4 +47,4 @@ from das_sglang.native._suffix import (
 
 __all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row", "draft_batch",
            "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start", "lookahead_per_row",
-           "ragged_layout", "ragged_mask_index", "set_background_nice"]
+           "online_curves", "ragged_layout", "ragged_mask_index", "set_background_nice"]

@@ -251,4 +251,44 @@ bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double 
   return true;
 }
 
+void online_curves(const OnlineInputs& in, OnlineCurves& out) {
+  const size_t n = in.rows;
+  int64_t top = 0;
+  for (size_t i = 0; i < n; ++i) top = std::max(top, in.m[i]);
+  const size_t w = size_t(top) + 1, nb = w - 1;
+  out.width = w;
+  out.base.assign(n * w, 0.0);
+  out.acc.assign(n * w, 0.0);
+  out.bins.assign(n * nb, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t a = in.offsets[i];
+    const size_t len = size_t(in.offsets[i + 1] - a);
+    const size_t mi = size_t(in.m[i]);
+    double* base = out.base.data() + i * w;
+    double* acc = out.acc.data() + i * w;
+    int64_t* bins = out.bins.data() + i * nb;
+    // base = np.cumsum(probs): column 0 is 0, columns past m_i add zeros
+    for (size_t b = 1; b < w; ++b) base[b] = base[b - 1] + (b <= mi ? in.probs[size_t(a) + b - 1] : 0.0);
+    // node_bins: the node's depth bin where the row has a node (first min(len, w - 1))
+    const size_t k = std::min(len, nb);
+    for (size_t r = 0; r < nb; ++r)
+      bins[r] = r < k ? in.depth_bin[std::min<int64_t>(in.depths[size_t(a) + r], in.max_budget)] : in.rank_bin[r];
+    // ratios: table[state, match, min(bin, B - 1)]; nodes = diff(base) * shape * relative;
+    // acc = [0, cumsum(nodes)], then np.minimum(acc, b)
+    const double* cell = in.table + (size_t(in.states[i]) * in.n_match + size_t(in.match[i])) * in.n_bins;
+    const double rel = in.relative[i];
+    double run = 0.0;
+    for (size_t r = 0; r < nb; ++r) {
+      const int64_t bin = std::min<int64_t>(bins[r], int64_t(in.n_bins) - 1);
+      const double node = ((base[r + 1] - base[r]) * cell[bin]) * rel;
+      run = r == 0 ? node : run + node;
+      acc[r + 1] = run;
+    }
+    for (size_t b = 0; b < w; ++b) {  // np.minimum: a NaN wins
+      const double x = acc[b], y = double(b);
+      acc[b] = (std::isnan(x) || x <= y) ? x : y;
+    }
+  }
+}
+
 }  // namespace das::alloc

@@ -56,3 +56,40 @@ bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double 
                        Allocation& out);
 
 }  // namespace das::alloc
+
+namespace das::alloc {
+
+// The online acceptance curves of one plan's rows (policy._ModelBased.inputs with
+// curve_mode "online", flat drafts; OnlineCalibration.ratios / node_bins): per row i,
+// W = max(m) + 1 columns.
+//   base[i, b]  = sum of row i's first min(b, m_i) node probabilities (np.cumsum);
+//   bins[i, r]  = the depth bin of node r (depth_bin[min(depth, max_budget)]) for
+//                 r < min(len_i, W - 1), else rank_bin[r] (node_bins, uncapped);
+//   acc[i, b]   = min(sum_{r < b} (base[r+1] - base[r]) * table[state_i, match_i,
+//                 min(bins[i, r], B - 1)] * relative_i, b)  (running sum, sequential).
+// Every element-wise expression in numpy's order, so the arrays are numpy's bit for bit.
+struct OnlineCurves {
+  std::vector<double> base, acc;  // rows x width, row-major
+  std::vector<int64_t> bins;      // rows x (width - 1)
+  size_t width = 1;
+};
+
+struct OnlineInputs {
+  const int64_t* offsets;  // rows + 1: row i's nodes are [offsets[i], offsets[i + 1])
+  const double* probs;
+  const int32_t* depths;
+  const int64_t* m;  // nodes read per row (<= its node count)
+  size_t rows;
+  const double* table;  // states x match bins x rank bins, row-major
+  size_t n_states, n_match, n_bins;
+  const int64_t* states;
+  const int64_t* match;
+  const double* relative;
+  const int64_t* depth_bin;  // depth (capped at max_budget) -> bin
+  const int64_t* rank_bin;   // rank r (0-based) -> bin, at least width - 1 entries
+  int64_t max_budget;
+};
+
+void online_curves(const OnlineInputs& in, OnlineCurves& out);
+
+}  // namespace das::alloc

@@ -869,6 +869,76 @@ nb::object lookahead_per_row(nb::handle remaining_h, nb::handle acc_h, nb::handl
   return allocation_tuple(a);
 }
 
+using F64Cube = nb::ndarray<const double, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+
+// policy._ModelBased.inputs' online curves of flat drafts (allocation.h online_curves),
+// every argument checked first (a bad one is named): (base, acc, bins, width), the
+// matrices flat row-major (rows x width, rows x (width - 1)).
+nb::tuple online_curves(nb::handle offsets_h, nb::handle probs_h, nb::handle depths_h, nb::handle m_h,
+                        nb::handle table_h, nb::handle states_h, nb::handle match_h, nb::handle relative_h,
+                        nb::handle depth_bin_h, nb::handle rank_bin_h, int64_t max_budget) {
+  const I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
+  const F64 probs = as_array<F64>(probs_h, "probs", "float64");
+  const Tokens depths = as_array<Tokens>(depths_h, "depths", "int32");
+  const I64 m = as_array<I64>(m_h, "m", "int64");
+  const I64 states = as_array<I64>(states_h, "states", "int64");
+  const I64 match = as_array<I64>(match_h, "match", "int64");
+  const F64 relative = as_array<F64>(relative_h, "relative", "float64");
+  const I64 depth_bin = as_array<I64>(depth_bin_h, "depth_bin", "int64");
+  const I64 rank_bin = as_array<I64>(rank_bin_h, "rank_bin", "int64");
+  F64Cube table;
+  if (!nb::try_cast(table_h, table, false))
+    throw nb::value_error(("invalid table: expected a 3-D C-contiguous float64 numpy array, got " +
+                           describe(table_h)).c_str());
+  auto bad = [](const std::string& what) { throw nb::value_error(("online_curves: " + what).c_str()); };
+  const size_t n = m.shape(0);
+  if (offsets.shape(0) != n + 1 || states.shape(0) != n || match.shape(0) != n || relative.shape(0) != n)
+    bad(std::to_string(n) + " rows (m) but offsets has " + std::to_string(offsets.shape(0)) + " entries, states " +
+        std::to_string(states.shape(0)) + ", match " + std::to_string(match.shape(0)) + ", relative " +
+        std::to_string(relative.shape(0)));
+  if (probs.shape(0) != depths.shape(0) || offsets(0) != 0 || size_t(offsets(n)) != probs.shape(0))
+    bad("offsets must run from 0 to the node count (" + std::to_string(probs.shape(0)) + " probs, " +
+        std::to_string(depths.shape(0)) + " depths)");
+  const size_t S = table.shape(0), M = table.shape(1), B = table.shape(2);
+  if (B == 0) bad("table has no rank bin");
+  if (max_budget < 0 || depth_bin.shape(0) <= size_t(max_budget))
+    bad("invalid max_budget=" + std::to_string(max_budget) + " for " + std::to_string(depth_bin.shape(0)) +
+        " depth bins");
+  int64_t top = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t len = offsets(i + 1) - offsets(i);
+    if (len < 0) bad("offsets decrease at row " + std::to_string(i));
+    if (m(i) < 0 || m(i) > len)
+      bad("invalid m[" + std::to_string(i) + "]=" + std::to_string(m(i)) + ": must be in [0, " + std::to_string(len) + "]");
+    if (states(i) < 0 || size_t(states(i)) >= S || match(i) < 0 || size_t(match(i)) >= M)
+      bad("row " + std::to_string(i) + ": state " + std::to_string(states(i)) + " / match bin " +
+          std::to_string(match(i)) + " outside the table (" + std::to_string(S) + " x " + std::to_string(M) + ")");
+    top = std::max(top, m(i));
+  }
+  if (rank_bin.shape(0) < size_t(top))
+    bad(std::to_string(rank_bin.shape(0)) + " rank bins for " + std::to_string(top) + " ranks");
+  for (size_t i = 0; i < n; ++i) {  // the depths read (each row's first min(len, width - 1))
+    const size_t k = std::min<size_t>(size_t(offsets(i + 1) - offsets(i)), size_t(top));
+    for (size_t r = 0; r < k; ++r)
+      if (depths(size_t(offsets(i)) + r) < 0)
+        bad("row " + std::to_string(i) + " node " + std::to_string(r) + " has depth " +
+            std::to_string(depths(size_t(offsets(i)) + r)));
+  }
+  for (size_t q = 0; q < depth_bin.shape(0); ++q)
+    if (depth_bin(q) < 0) bad("negative depth bin at " + std::to_string(q));
+  for (size_t q = 0; q < size_t(top); ++q)
+    if (rank_bin(q) < 0) bad("negative rank bin at " + std::to_string(q));
+  const das::alloc::OnlineInputs in{offsets.data(), probs.data(), depths.data(), m.data(), n, table.data(),
+                                    S, M, B, states.data(), match.data(), relative.data(), depth_bin.data(),
+                                    rank_bin.data(), max_budget};
+  das::alloc::OnlineCurves out;
+  {
+    nb::gil_scoped_release release;
+    das::alloc::online_curves(in, out);
+  }
+  return nb::make_tuple(to_numpy(out.base), to_numpy(out.acc), to_numpy(out.bins), out.width);
+}
+
 // add_sequence / extend of at least this many tokens drop the GIL (below it the release
 // and re-take would cost more than the insertion).
 constexpr size_t kGilFreeTokens = 32;
@@ -1049,6 +1119,11 @@ NB_MODULE(_suffix, m) {
   m.def("best_per_row", &best_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"), nb::arg("kv_tokens"),
         nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"),
         "allocation._best_per_row: (budgets int32, width, modeled_s, baseline_s, makespan_steps).");
+  m.def("online_curves", &online_curves, nb::arg("offsets"), nb::arg("probs"), nb::arg("depths"), nb::arg("m"),
+        nb::arg("table"), nb::arg("states"), nb::arg("match"), nb::arg("relative"), nb::arg("depth_bin"),
+        nb::arg("rank_bin"), nb::arg("max_budget"),
+        "policy._ModelBased.inputs' online curves of flat drafts: (base, acc, bins, width), flat row-major "
+        "(rows x width, rows x (width - 1)); numpy's arrays bit for bit.");
   m.def("lookahead_per_row", &lookahead_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"),
         nb::arg("kv_tokens"), nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"), nb::arg("spread"),
         nb::arg("free_tokens"),
