@@ -497,3 +497,33 @@ def test_a_started_job_runs_its_workers_at_the_background_nice_value():
         assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # this (the caller's) thread keeps its own
     finally:
         set_background_nice(before)
+
+
+def test_calibration_rows_are_calibration_per_problem():
+    """The plan's per-row factors (one gather from the tracker's sums table) are
+    ``calibration(pid)`` bit for bit: past the table's first growth (more than 64
+    problems), after forgotten problems' rows are reused by new ones, for the pooled key
+    and unknown problems (the prior), and for a list changed in place since the last read."""
+    cfg = PolicyConfig(max_budget=8)
+    t = AcceptanceTracker(cfg)
+    rng = np.random.default_rng(11)
+
+    def feed(pids):
+        prop = rng.integers(1, 9, len(pids))
+        t.expect_many(pids, prop.tolist(), (prop * rng.random(len(pids))).tolist())
+        t.observe_many(pids, prop, np.minimum(rng.integers(0, 5, len(pids)), prop))
+
+    for _ in range(5):
+        feed([f"p{int(i)}" for i in rng.integers(0, 100, 300)])
+    ids = [f"p{i}" for i in range(0, 120, 3)] + ["*", "nobody"]
+    for _ in range(2):  # (the second read: the kept slots)
+        got = t.calibration_rows(ids)
+        assert got.tolist() == [t.calibration(p) for p in ids]
+    t.forget([f"p{i}" for i in range(0, 50)])
+    feed([f"new{i}" for i in range(30)])  # reuse the freed rows
+    ids[0] = "new3"  # in place: the same list object
+    got = t.calibration_rows(ids)
+    assert got.tolist() == [t.calibration(p) for p in ids]
+    assert got[0] != t.calibration("p0")  # the forgotten problem reads the prior now
+    assert t.calibration("p0") == t.calibration("nobody")
+    assert t.calibration_many(ids) == dict(zip(ids, got.tolist()))

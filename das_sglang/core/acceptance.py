@@ -125,17 +125,61 @@ def _squared_loss(alphas, ks, b, a, w) -> np.ndarray:
     return (w * (pred - a[None, None, :]) ** 2).sum(axis=2)
 
 
-class _ProblemStats:
-    __slots__ = ("recent", "n_obs", "sum_accepted", "sum_expected", "sum_matched", "fit", "dirty")
+class _Sums:
+    """Every problem's calibration sums, one row per problem (``slot``): column 0 the
+    accepted tokens of outcomes with a planned expectation (``sum_matched``), column 1
+    those expectations (``sum_expected``). Arrays, so a plan reads its rows' factors in one
+    gather (``AcceptanceTracker.calibration_rows``), not one attribute read per problem."""
 
-    def __init__(self, memory: int) -> None:
+    __slots__ = ("arr", "free", "next")
+
+    def __init__(self) -> None:
+        self.arr = np.zeros((64, 2))
+        self.free: list[int] = []
+        self.next = 0
+
+    def take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        if self.next == len(self.arr):
+            self.arr = np.concatenate([self.arr, np.zeros_like(self.arr)])
+        self.next += 1
+        return self.next - 1
+
+    def release(self, slot: int) -> None:
+        self.arr[slot] = 0.0
+        self.free.append(slot)
+
+
+class _ProblemStats:
+    __slots__ = ("recent", "n_obs", "sum_accepted", "fit", "dirty", "sums", "slot")
+
+    def __init__(self, memory: int, sums: _Sums) -> None:
         self.recent: deque[tuple[int, int]] = deque(maxlen=memory)
         self.n_obs = 0
         self.sum_accepted = 0.0
-        self.sum_expected = 0.0  # drafter's expectation, for calibrated outcomes only
-        self.sum_matched = 0.0  # accepted tokens of those outcomes
         self.fit: tuple[float, float] | None = None
         self.dirty = 0
+        self.sums = sums
+        self.slot = sums.take()
+
+    # drafter's expectation, for calibrated outcomes only, and the accepted tokens of those
+    # outcomes: kept in the tracker's _Sums (Python floats out, the same IEEE additions in)
+    @property
+    def sum_matched(self) -> float:
+        return float(self.sums.arr[self.slot, 0])
+
+    @sum_matched.setter
+    def sum_matched(self, v: float) -> None:
+        self.sums.arr[self.slot, 0] = v
+
+    @property
+    def sum_expected(self) -> float:
+        return float(self.sums.arr[self.slot, 1])
+
+    @sum_expected.setter
+    def sum_expected(self, v: float) -> None:
+        self.sums.arr[self.slot, 1] = v
 
 
 def _bin(budget):
@@ -162,7 +206,13 @@ class AcceptanceTracker:
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
-        self._stats: dict[str, _ProblemStats] = {GLOBAL: _ProblemStats(4 * config.acceptance_memory)}
+        self._sums = _Sums()
+        self._stats: dict[str, _ProblemStats] = {GLOBAL: _ProblemStats(4 * config.acceptance_memory, self._sums)}
+        # problem -> its _Sums row (the pooled statistics' is not here), and the slots of
+        # the latest problem list calibration_rows read (that list, the table's version)
+        self._slot: dict[str, int] = {}
+        self._slot_version = 0
+        self._slots_memo: tuple | None = None
         # Calibration by budget: per budget bin (1, 2, 3-4, 5-8, ...), pooled over problems,
         # accepted and drafter-expected tokens. Deep draft nodes are far more overconfident
         # than shallow ones (a single history continuation gets probability 1), so one
@@ -176,7 +226,10 @@ class AcceptanceTracker:
     def _get(self, problem_id: str) -> _ProblemStats:
         st = self._stats.get(problem_id)
         if st is None:
-            st = self._stats[problem_id] = _ProblemStats(self.config.acceptance_memory)
+            st = self._stats[problem_id] = _ProblemStats(self.config.acceptance_memory, self._sums)
+            if problem_id != GLOBAL:
+                self._slot[problem_id] = st.slot
+                self._slot_version += 1
         return st
 
     def forget(self, problem_ids) -> None:
@@ -185,7 +238,11 @@ class AcceptanceTracker:
         self._flush_later()
         gone = set(problem_ids) - {GLOBAL}
         for pid in gone:
-            self._stats.pop(pid, None)
+            st = self._stats.pop(pid, None)
+            if st is not None:
+                del self._slot[pid]
+                self._sums.release(st.slot)
+                self._slot_version += 1
         if gone and self._pending:
             for key in [k for k in self._pending if k[0] in gone]:
                 del self._pending[key]
@@ -295,10 +352,15 @@ class AcceptanceTracker:
         # _record per row, inlined; the pooled statistics once for the batch: its recent
         # outcomes extended in row order, its expected sum added in row order, and its
         # integer-valued sums (exact in a float below 2**53) by their batch totals.
+        # The calibration sums (_Sums rows): each matched row's expectation and accepted
+        # tokens are added to its problem's row, and the expectation to the pooled row, in
+        # row order (np.add.at adds in index order: the same additions as one by one).
         pending, get = self._pending.get, self._stats.get
         pooled = self._stats[GLOBAL]
         outcomes = list(zip(p[sel].tolist(), a[sel].tolist()))
         matched = 0
+        slots, expect, got = [], [], []
+        g = pooled.slot
         for i, k, pa in zip(sel.tolist(), bins, outcomes):
             pid = problem_ids[i]
             proposed, accepted = pa
@@ -313,10 +375,15 @@ class AcceptanceTracker:
                 cell = by_budget[k]
                 cell[0] += accepted
                 cell[1] += expected
-                st.sum_expected += expected
-                st.sum_matched += accepted
-                pooled.sum_expected += expected
+                slots += (st.slot, g)
+                expect += (expected, expected)
+                got += (accepted, 0)
                 matched += accepted
+        if slots:
+            arr = self._sums.arr
+            at = np.asarray(slots, np.int64)
+            np.add.at(arr[:, 1], at, np.asarray(expect, np.float64))
+            np.add.at(arr[:, 0], at, np.asarray(got, np.float64))
         pooled.recent.extend(outcomes)
         pooled.n_obs += len(outcomes)
         pooled.sum_accepted += sum(a for _, a in outcomes)
@@ -334,6 +401,27 @@ class AcceptanceTracker:
         if st is None or problem_id == GLOBAL:
             return prior
         return (w * prior + st.sum_matched) / (w + st.sum_expected)
+
+    def calibration_rows(self, problem_ids: list) -> np.ndarray:
+        """:meth:`calibration` of each entry of ``problem_ids`` (the same floats), as one
+        float64 array: a gather from the sums' table. The slots of the latest list are kept
+        while no problem comes or goes (a plan's rows pass equal lists step after step)."""
+        w = self.config.calibration_prior_tokens
+        pooled = self._stats[GLOBAL]
+        prior = (w + pooled.sum_matched) / (w + pooled.sum_expected)
+        memo = self._slots_memo
+        if memo is not None and memo[1] == self._slot_version and memo[0] == problem_ids:
+            slots, known = memo[2], memo[3]
+        else:  # (GLOBAL and unknown problems: -1, the prior)
+            get = self._slot.get
+            slots = np.fromiter(map(get, problem_ids, repeat(-1, len(problem_ids))), np.int64, len(problem_ids))
+            known = slots >= 0
+            self._slots_memo = (list(problem_ids), self._slot_version, slots, known)
+        sums = self._sums.arr[slots]
+        wp = w * prior
+        out = (wp + sums[:, 0]) / (w + sums[:, 1])
+        out[~known] = prior
+        return out
 
     def calibration_many(self, problem_ids) -> dict[str, float]:
         """:meth:`calibration` of each problem (the same floats), the pooled prior once."""

@@ -311,11 +311,11 @@ class _ModelBased(_Observing):
         """What :meth:`inputs` reads that the drafts do not change: per-problem calibration
         factors (and per row), predicted remaining tokens, KV tokens per forward."""
         pids = R.problem_ids(rows)
-        factors: dict[str, float] = self.acceptance.calibration_many(dict.fromkeys(pids))
+        calibration = self.acceptance.calibration_rows(pids)
         remaining, _, _ = self.lengths.predict_many(pids, generated, max_new)
-        calibration = np.fromiter(map(factors.__getitem__, pids), np.float64, len(pids))
         kv = R.prompt_len(rows).astype(np.float64) + generated
         kv += 0.5 * remaining  # mean context over the rest of the request
+        factors = dict(zip(pids, calibration.tolist()))  # (per problem: the same floats)
         return factors, remaining, calibration, kv
 
     def prepare(self, rows: Sequence[BudgetRow]) -> None:
