@@ -61,6 +61,14 @@ nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy(const std::vector<T>& v) {
   return nb::ndarray<nb::numpy, T, nb::ndim<1>>(data, {v.size()}, owner);
 }
 
+// The vector itself handed to numpy (moved, not copied): for large per-step results.
+template <typename T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy_moved(std::vector<T>&& v) {
+  auto* owned = new std::vector<T>(std::move(v));
+  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T, nb::ndim<1>>(owned->data(), {owned->size()}, owner);
+}
+
 // A {step: weight} dict as two parallel arrays (what slot_weights reads).
 struct StepTable {
   std::vector<int64_t> steps;
@@ -936,7 +944,8 @@ nb::tuple online_curves(nb::handle offsets_h, nb::handle probs_h, nb::handle dep
     nb::gil_scoped_release release;
     das::alloc::online_curves(in, out);
   }
-  return nb::make_tuple(to_numpy(out.base), to_numpy(out.acc), to_numpy(out.bins), out.width);
+  return nb::make_tuple(to_numpy_moved(std::move(out.base)), to_numpy_moved(std::move(out.acc)),
+                        to_numpy_moved(std::move(out.bins)), out.width);
 }
 
 // add_sequence / extend of at least this many tokens drop the GIL (below it the release
