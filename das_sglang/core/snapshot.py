@@ -101,6 +101,15 @@ class TokenGroup(Sequence):
         flat = np.concatenate(arrays) if arrays else np.zeros(0, _INT32)
         return cls(flat, np.array([len(a) for a in arrays], _INT32))
 
+    @classmethod
+    def single(cls, tokens: np.ndarray) -> TokenGroup:
+        """A group of one validated sequence (a contiguous int32 array, never written
+        afterwards: the group views it)."""
+        if tokens.dtype != _INT32 or tokens.ndim != 1 or not tokens.flags.c_contiguous:
+            raise ValueError(f"TokenGroup.single: expected a contiguous 1-D int32 array, got "
+                             f"dtype={tokens.dtype} shape={tokens.shape}")
+        return cls(tokens, np.array([len(tokens)], _INT32))
+
     def plus(self, tokens: np.ndarray) -> TokenGroup:
         """This group with one more sequence (``tokens``: an int32 array)."""
         n, k, m = len(self.flat), len(self.lens), len(tokens)

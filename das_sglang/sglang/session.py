@@ -199,6 +199,7 @@ class _Live:
     max_new_tokens: int
     generated: int  # response tokens the drafter has seen
     root_only: bool = False  # verified exactly at width 0 (request_constraints)
+    prompt: np.ndarray | None = None  # the prompt as validated at the start (int32)
 
 
 class DasSession:
@@ -315,7 +316,7 @@ class DasSession:
         self.counters["root_only"] += bool(root_only)
         if root_only:
             self._root_only.add(req_id)
-        self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only)
+        self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only, prompt_arr)
         self._live_version += 1
         self._rows_memo = None  # (stale now: let go of what it holds)
         if self.shards is not None:
@@ -720,7 +721,13 @@ class DasSession:
         self._rows_memo = None  # (stale now: let go of what it holds)
         self._root_only.discard(req_id)
         output = list(output)[: live.max_new_tokens]
-        tokens = as_tokens(list(prompt) + output, f"text of req_id={req_id!r}")
+        what = f"text of req_id={req_id!r}"
+        head = live.prompt
+        if head is not None and len(prompt) == len(head) and head.tolist() == list(prompt):
+            # the prompt validated at the start: only the output is converted and checked
+            tokens = np.concatenate([head, as_tokens(output, what)]) if output else head
+        else:
+            tokens = as_tokens(list(prompt) + output, what)
         stored = live.step >= self.drafter.step - self.drafter.config.window_steps
         if self._updates is not None:
             # The native removal + insertion (~us per token) run on the update thread, in
@@ -732,7 +739,7 @@ class DasSession:
         if stored and self._mirror is not None:
             steps = self._mirror.setdefault(live.problem_id, {})
             group = steps.get(live.step)
-            steps[live.step] = group.plus(tokens) if group is not None else TokenGroup.of((tokens,))
+            steps[live.step] = group.plus(tokens) if group is not None else TokenGroup.single(tokens)
         if self.shards is not None:
             self.shards.on_finished(live.problem_id, live.step, tokens)
         self._settle_outcomes()

@@ -496,3 +496,24 @@ def test_rows_resolved_once_per_batch_never_outlive_a_start_or_finish():
     with pytest.raises(ValueError, match="unknown req_id='r9'"):
         s.plan(["r0", "r9"], 8)
     s.close()
+
+
+@pytest.mark.parametrize("same_prompt", [True, False])
+def test_a_finished_request_keeps_the_text_it_returned(same_prompt, tmp_path):
+    """A finish reuses the prompt checked at the start (only the output is converted) when
+    the caller passes the same prompt; a different one is taken as given. Either way the
+    history holds exactly prompt + output, and a bad output token still names the request."""
+    s = DasSession(_opts(history_path=str(tmp_path), snapshot_interval=0))
+    s.start("a", {"das_problem_id": "p"}, [5, 6, 7], [], 50)
+    s.plan(["a"], 8)
+    s.committed_batch(["a"], [0], [[1]])
+    prompt = [5, 6, 7] if same_prompt else [9, 6, 4]
+    s.finished("a", prompt, [1, 2, 3])
+    s.sync()
+    assert [list(map(int, t)) for t in s.drafter.history()["p"][s.step]] == [prompt + [1, 2, 3]]
+    group = s._mirror["p"][s.step]
+    assert [list(map(int, g)) for g in group] == [prompt + [1, 2, 3]]
+    s.start("b", {"das_problem_id": "p"}, [5, 6, 7], [], 50)
+    with pytest.raises(ValueError, match=r"text of req_id='b'"):
+        s.finished("b", [5, 6, 7], [1, -4])
+    s.close()
