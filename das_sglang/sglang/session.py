@@ -268,11 +268,41 @@ class DasSession:
         self._yield_updates = threading.Event()
         self.worker_stats: dict | None = None  # the worker's verify counters, for shard stats
         self.shards = self._open_shards(engine_id)
+        # Starts not yet registered with the drafter (_release_starts): their arguments, in
+        # order, and their req_ids.
+        self._deferred: list[tuple] = []
+        self._deferred_ids: set[str] = set()
 
     def sync(self) -> None:
-        """Apply pending background history updates (before any other drafter access)."""
+        """Apply pending background history updates (before any other drafter access),
+        the starts not yet registered included."""
+        self._release_starts()
         if self._updates is not None:
             self._updates.flush()
+
+    # Plans of at least this many rows leave the requests started since the previous plan
+    # out of the drafter until the plan is made (_release_starts): at RL scale a few start
+    # each step, and indexing a prompt takes ~0.5-1 ms (native; bench_host_path, 512 rows),
+    # which the plan waited for after the extend job (the update thread runs in order).
+    # Such a request's first plan has an empty tree (a plain decode step, once per
+    # request) and the other rows' trees do not see its prompt yet; its registration runs
+    # during the verify forward (before_forward) and precedes its first extend. Smaller
+    # batches register before drafting. Which rule applies depends on the plan's row count
+    # only, so inline and background updates still draft alike.
+    DEFER_START_MIN_ROWS = 64
+
+    def _release_starts(self) -> None:
+        """Register the deferred starts with the drafter, in order (on the update thread
+        when there is one, ahead of anything submitted after this)."""
+        if not self._deferred:
+            return
+        items, self._deferred = self._deferred, []
+        self._deferred_ids = set()
+        for item in items:
+            if self._updates is not None:
+                self._updates.submit(self._start_in_drafter, *item)
+            else:
+                self._start_in_drafter(*item)
 
     # ------------------------------------------------------------ requests
     def start(self, req_id: str, custom_params, prompt: Sequence[int], output: Sequence[int],
@@ -293,12 +323,12 @@ class DasSession:
             pid = prompt_problem_id(prompt)
         if step is not None:
             self._tagged_since_flush = True
-        # With the update thread, the drafter registers the request there, in order after
-        # the pending updates (a finish of a sibling, say): the scheduler thread does not
-        # wait for them. The drafter is read here only for a new das_step (history_empty),
-        # after a sync; shard sync reads it on every start, so it keeps the inline path.
-        background = self._updates is not None and self.shards is None
-        if not background:
+        # The drafter registers the request later (_release_starts: on the update thread
+        # when there is one, in order after the pending updates), so the scheduler thread
+        # does not wait for them. The drafter is read here only for a new das_step
+        # (history_empty), after a sync; shard sync reads it on every start, so it keeps
+        # the inline path.
+        if self.shards is not None:
             self.sync()  # before any drafter read (history_empty) -- finishes may be pending
         step, opened = self.clock.resolve(step, self._history_empty_now)
         if opened:
@@ -309,8 +339,11 @@ class DasSession:
             raise ValueError(f"duplicate req_id={req_id!r}: already started")
         prompt_arr = as_tokens(prompt, f"prompt_tokens of req_id={req_id!r}")
         output_arr = as_tokens(output, f"tokens of req_id={req_id!r}") if len(output) else None
-        if background:
-            self._updates.submit(self._start_in_drafter, req_id, pid, prompt_arr, output_arr)
+        if self.shards is None:
+            # Registered with the drafter by the next plan or anything before it that reads
+            # or changes the drafter (DEFER_START_MIN_ROWS), in start order.
+            self._deferred.append((req_id, pid, prompt_arr, output_arr))
+            self._deferred_ids.add(req_id)
         else:
             self._start_in_drafter(req_id, pid, prompt_arr, output_arr)
         self.counters["root_only"] += bool(root_only)
@@ -500,10 +533,18 @@ class DasSession:
             # thread's native job may still be drafting them (the same plan either way).
             prepare(BudgetRows(*columns, DraftBatch.empty(n)))
         sizes = self._draft_sizes(req_ids, max_nodes)  # (also before the wait)
-        self.sync()
+        new = self._deferred_ids
+        if new and n < self.DEFER_START_MIN_ROWS:
+            self._release_starts()
+            new = ()
+        if self._updates is not None:
+            self._updates.flush()  # (the deferred starts stay out: see DEFER_START_MIN_ROWS)
         self._check_cap()
         self._plan_nodes = max_nodes
-        drafts = self.drafter.speculate_flat(req_ids, sizes)
+        if new and not new.isdisjoint(req_ids):
+            drafts = self._speculate_registered(req_ids, sizes, new)
+        else:
+            drafts = self.drafter.speculate_flat(req_ids, sizes)
         probs = drafts.probs
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
@@ -525,6 +566,8 @@ class DasSession:
                 self._evict_due = True
             else:
                 self._updates.submit(self._evict_chunk)
+        if not self._forward_hook:
+            self._release_starts()  # (with the hook: at before_forward, in the forward's shadow)
         width = drafts.width
         buckets = self.options.policy.buckets(max_nodes)
         if buckets is not None and width not in buckets:
@@ -532,6 +575,17 @@ class DasSession:
             # (rows keep their trees; the padding is never linked, so never accepted).
             width = next(b for b in buckets if b >= width)
         return drafts, width
+
+    def _speculate_registered(self, req_ids: list, sizes, new: set) -> DraftBatch:
+        """The plan's trees when some rows' starts are still deferred: those rows get an
+        empty tree, the others are drafted as usual."""
+        n = len(req_ids)
+        rows = [i for i, r in enumerate(req_ids) if r not in new]
+        sub = self.drafter.speculate_flat([req_ids[i] for i in rows],
+                                          sizes if isinstance(sizes, int) else np.asarray(sizes)[rows])
+        at = np.full(n, len(rows), np.int64)  # (the one empty tree after the drafted rows)
+        at[rows] = np.arange(len(rows))
+        return DraftBatch.concat([sub, DraftBatch.empty(1)]).take(at)
 
     def before_forward(self) -> None:
         """The worker is about to run the verify forward (its inputs are built): background
@@ -551,6 +605,7 @@ class DasSession:
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = done = threading.Event()
             self._updates.submit(self._record_outcomes, outcomes, done=done)
+        self._release_starts()  # the plan's new requests: registered during the forward
         lengths = getattr(self.policy, "lengths", None)
         if getattr(lengths, "background", False) and hasattr(lengths, "rebuild_if_stale"):
             # The length index's background rebuild (~4 ms of numpy and Python at 2,048 x
@@ -597,6 +652,7 @@ class DasSession:
         passes)."""
         live = self.live
         self._settle_outcomes(record_pending=True)  # (the previous step's, if not yet)
+        self._release_starts()  # (a row's registration precedes its extend)
         flat = None
         memo = self._rows_memo
         known = memo is not None and memo[1] == self._live_version and memo[0] == req_ids
@@ -717,6 +773,7 @@ class DasSession:
         live = self.live.pop(req_id, None)
         if live is None:
             return
+        self._release_starts()  # (its own start, if still deferred, comes first)
         self._live_version += 1
         self._rows_memo = None  # (stale now: let go of what it holds)
         self._root_only.discard(req_id)
@@ -867,6 +924,7 @@ class DasSession:
     def close(self) -> None:
         """Idempotent (atexit may call it after an explicit close)."""
         self._settle_outcomes(record_pending=True)
+        self._release_starts()
         if self._updates is not None:
             self._updates.flush()
             self._updates.close()

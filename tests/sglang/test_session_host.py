@@ -18,7 +18,7 @@ def _opts(**server):
     return load_options(9, json.dumps(cfg))
 
 
-def _drive(session, seed=0, steps=60, flush_every=20, hook=False, flat=False):
+def _drive(session, seed=0, steps=60, flush_every=20, hook=False, flat=False, rows=6):
     """A random decode workload; returns every plan's (tree tokens, width). ``hook``: call
     ``before_forward`` after each plan, as the worker does; ``flat``: feed the accepted
     tokens back as the worker does (TokenRows from a padded array), else as lists."""
@@ -28,7 +28,7 @@ def _drive(session, seed=0, steps=60, flush_every=20, hook=False, flat=False):
     for step in range(steps):
         if step and step % flush_every == 0:
             session.weights_updated()
-        while len(live) < 6:
+        while len(live) < rows:
             pid = f"p{n % 4}"
             session.start(f"r{n}", {"das_problem_id": pid}, [7, 8], [], 60)
             live[f"r{n}"] = (pid, 0)
@@ -516,4 +516,53 @@ def test_a_finished_request_keeps_the_text_it_returned(same_prompt, tmp_path):
     s.start("b", {"das_problem_id": "p"}, [5, 6, 7], [], 50)
     with pytest.raises(ValueError, match=r"text of req_id='b'"):
         s.finished("b", [5, 6, 7], [1, -4])
+    s.close()
+
+
+def test_large_batches_register_new_requests_during_the_forward():
+    """At DEFER_START_MIN_ROWS rows and more, requests started since the previous plan are
+    registered with the drafter after the plan (at before_forward): their first tree is
+    empty, the drafter knows them during the forward, and they draft from their second plan
+    on; below it they draft at once. Inline and background updates still draft alike."""
+    def session(async_updates=True):
+        s = DasSession(_opts(async_updates=async_updates))
+        s.policy.lengths.background = False
+        return s
+
+    for n, deferred in ((70, True), (20, False)):
+        s = session()
+        hist = [1, 2, 3, 4, 5, 6] * 10
+        for k in range(3):
+            s.start(f"h{k}", {"das_problem_id": "p"}, [7, 8], [], 100)
+            s.finished(f"h{k}", [7, 8], hist)
+        s.before_forward()  # (a worker's earlier step: plans leave registrations to the hook)
+        ids = [f"r{i}" for i in range(n)]
+        for r in ids:
+            s.start(r, {"das_problem_id": "p"}, [7, 8], [1, 2, 3], 100)
+        trees, _ = s.plan(ids, 8)
+        assert (sum(len(t) for t in trees) == 0) is deferred
+        assert (s._deferred_ids == set(ids)) is deferred
+        s.before_forward()
+        s.sync()
+        assert not s._deferred and all(r in s.drafter._live for r in ids)
+        s.committed_batch(ids, [len(t) for t in trees], [[4]] * n)
+        trees, _ = s.plan(ids, 8)
+        assert sum(len(t) for t in trees) > 0
+        s.close()
+    a, b = session(True), session(False)
+    a.ASYNC_MIN_ROWS = 1
+    assert _drive(a, steps=40, rows=70, hook=True) == _drive(b, steps=40, rows=70, hook=True)
+    a.close()
+    b.close()
+
+
+def test_a_deferred_start_finished_before_any_plan_is_history():
+    """A request that starts and finishes before a plan (its start still deferred) is
+    registered first, then finished: its text is history like any other."""
+    s = DasSession(_opts())
+    s.start("a", {"das_problem_id": "p"}, [7, 8], [], 50)
+    assert s._deferred_ids == {"a"}
+    s.finished("a", [7, 8], [1, 2, 3])
+    s.sync()
+    assert [list(map(int, t)) for t in s.drafter.history()["p"][s.step]] == [[7, 8, 1, 2, 3]]
     s.close()
