@@ -151,6 +151,19 @@ class _Sums:
         self.free.append(slot)
 
 
+class _SumColumn:
+    """A _ProblemStats field stored in column ``col`` of its tracker's _Sums row."""
+
+    def __init__(self, col: int) -> None:
+        self.col = col
+
+    def __get__(self, st, owner=None):
+        return self if st is None else float(st.sums.arr[st.slot, self.col])
+
+    def __set__(self, st, value: float) -> None:
+        st.sums.arr[st.slot, self.col] = value
+
+
 class _ProblemStats:
     __slots__ = ("recent", "n_obs", "sum_accepted", "fit", "dirty", "sums", "slot")
 
@@ -163,23 +176,10 @@ class _ProblemStats:
         self.sums = sums
         self.slot = sums.take()
 
-    # drafter's expectation, for calibrated outcomes only, and the accepted tokens of those
-    # outcomes: kept in the tracker's _Sums (Python floats out, the same IEEE additions in)
-    @property
-    def sum_matched(self) -> float:
-        return float(self.sums.arr[self.slot, 0])
-
-    @sum_matched.setter
-    def sum_matched(self, v: float) -> None:
-        self.sums.arr[self.slot, 0] = v
-
-    @property
-    def sum_expected(self) -> float:
-        return float(self.sums.arr[self.slot, 1])
-
-    @sum_expected.setter
-    def sum_expected(self, v: float) -> None:
-        self.sums.arr[self.slot, 1] = v
+    # the accepted tokens of outcomes with a planned expectation, and those expectations:
+    # kept in the tracker's _Sums (Python floats out, the same IEEE additions in)
+    sum_matched = _SumColumn(0)
+    sum_expected = _SumColumn(1)
 
 
 def _bin(budget):
