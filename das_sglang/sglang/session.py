@@ -224,6 +224,10 @@ class DasSession:
         self._rows_memo: tuple | None = None
         self._live_version = 0
         self._root_only: set[str] = set()  # live requests verified at width 0
+        # Starts not yet registered with the drafter (_release_starts): their arguments, in
+        # order, and their req_ids.
+        self._deferred: list[tuple] = []
+        self._deferred_ids: set[str] = set()
         # Readable counters (saved in the snapshot's meta as "das_counters"):
         # bad_params = requests served untagged because of a bad DAS tag,
         # steps_opened = new clock steps, root_only = requests verified at width 0.
@@ -268,10 +272,6 @@ class DasSession:
         self._yield_updates = threading.Event()
         self.worker_stats: dict | None = None  # the worker's verify counters, for shard stats
         self.shards = self._open_shards(engine_id)
-        # Starts not yet registered with the drafter (_release_starts): their arguments, in
-        # order, and their req_ids.
-        self._deferred: list[tuple] = []
-        self._deferred_ids: set[str] = set()
 
     def sync(self) -> None:
         """Apply pending background history updates (before any other drafter access),
