@@ -137,6 +137,7 @@ class Legacy:
 
     @staticmethod
     def plan(session, rids, max_nodes):
+        session.sync()  # (starts were registered at once then: the deferred ones now)
         trees = session.drafter.speculate_batch(list(rids), [max_nodes] * len(rids))
         rows = [BudgetRow(req_id=r, problem_id=session.live[r].problem_id,
                           generated_len=session.live[r].generated,
