@@ -210,3 +210,58 @@ def test_a_batchs_problem_list_is_looked_up_once_per_index():
     _, _, again = p.predict_many(ids, [0] * 4, [10**6] * 4)
     assert again.tolist() == [LONG, LONG, LONG, -1]
     assert p.predict_many(list(ids), [0] * 4, [10**6] * 4)[2].tolist() == again.tolist()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_native_group_queries_are_numpys_bit_for_bit(seed):
+    """``predict_many``'s per-row group queries run natively (``length_remaining``);
+    numpy (``NATIVE`` off) is the reference: the same remaining lengths, classes and
+    initial classes, bit for bit -- for rows of every initial class, unknown problems,
+    ``g`` past every rollout (the heavy-tail rule), caps below the prediction, and
+    histories where some class groups are missing."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cfg = PolicyConfig(length_window_steps=3)
+    lp = LengthPredictor(cfg)
+    n_problems = int(rng.integers(3, 60))
+    for step in range(3):
+        lp.advance_step(step)
+        for p in range(n_problems):
+            for _ in range(int(rng.integers(1, 6))):
+                lp.observe_finished(f"p{p}", int(rng.lognormal(5 + (p % 3), 0.8)))
+    rows = 300
+    pids = [f"p{int(i)}" for i in rng.integers(0, n_problems + 5, rows)]  # (some unknown)
+    g = rng.integers(0, 8000, rows)
+    g[:5] = 0
+    max_new = rng.integers(1, 9000, rows)
+    _, _, groups = lp._index()
+    assert _ALL_KEY in groups
+    native = lp.predict_many(pids, g, max_new)
+    lp.NATIVE = False
+    ref = lp.predict_many(pids, g, max_new)
+    for x, y in zip(native, ref):
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+    assert (native[1] == LONG).any() and (native[1] != LONG).any()
+
+
+_ALL_KEY = -1
+
+
+def test_native_group_queries_refuse_bad_blocks():
+    import numpy as np
+
+    from das_sglang.native import length_remaining
+
+    one = np.ones(1)
+    args = dict(g=one, cap=one * 10, c0=np.zeros(1, np.int64), present=np.array([1, 0, 0, 0], np.int64),
+                sorted=np.array([5.0]), sorted_off=np.array([0] + [1] * 12, np.int64),
+                suffix=np.array([5.0, 0.0] + [0.0] * 11), suffix_off=np.array([0] + list(range(2, 14)), np.int64),
+                tail_factor=1.0)
+    rem, cls = length_remaining(**args)
+    assert rem.tolist() == [4.0] and cls.tolist() == [0]  # (5 - 1), class short
+    with pytest.raises(ValueError, match="block 0"):
+        length_remaining(**{**args, "suffix_off": np.array([0] + list(range(1, 13)), np.int64),
+                            "suffix": np.zeros(12)})
+    with pytest.raises(ValueError, match="c0: expected a 1-D contiguous int64"):
+        length_remaining(**{**args, "c0": np.zeros(1, np.int32)})

@@ -402,3 +402,71 @@ def test_native_online_curves_refuse_bad_input_naming_it():
         online_curves(**{**args, "depths": np.array([1, 2], np.int64)})
     with pytest.raises(ValueError, match="depth -1"):
         online_curves(**{**args, "depths": np.array([1, -1], np.int32)})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_online_outcomes_are_numpys_bit_for_bit(seed):
+    """A plan's verify outcomes are added to the online cells by one native call
+    (``online_add``); numpy (NATIVE_ADD off) is the reference: the same cells, row states
+    and budgets, bit for bit, over plans where rows leave, new ones come, one request is in
+    the rows twice and some rows get no budget."""
+    rng = np.random.default_rng(100 + seed)
+    cfg = PolicyConfig(max_budget=int(rng.choice([8, 16])), curve_mode="online")
+    native, ref = make_policy("length-aware", config=cfg), make_policy("length-aware", config=cfg)
+    ref._outcomes.NATIVE_ADD = False
+    rows = _random_flat_rows(rng, 40, 2 * cfg.max_budget)
+    added = 0
+    for k in range(10):
+        plans = [p.plan(rows).budgets for p in (native, ref)]
+        assert np.array_equal(plans[0], plans[1])
+        for p in (native, ref):
+            p.settle_plan()
+        # next step: rows advance by what they "accepted"; a few leave, new ones start
+        acc_n = rng.integers(0, cfg.max_budget + 2, len(rows))
+        nxt = _random_flat_rows(rng, len(rows), 2 * cfg.max_budget, prefix=f"n{k}_")
+        keep = rng.random(len(rows)) < 0.85
+        ids = [r if kept else f"n{k}_{i}" for i, (r, kept) in enumerate(zip(rows.req_ids, keep))]
+        if k % 3 == 1:
+            ids[-1] = ids[0]  # the same request twice
+        nxt.req_ids = ids
+        nxt.generated = np.where(keep, rows.generated + acc_n + 1, 0).astype(np.int64)
+        nxt.generated[-1] = nxt.generated[0] if k % 3 == 1 else nxt.generated[-1]
+        rows = nxt
+        for p in (native, ref):
+            p._outcomes.update(rows)
+        a, b = native._outcomes, ref._outcomes
+        assert a._cells.tobytes() == b._cells.tobytes()
+        assert a._row_states[1].tolist() == b._row_states[1].tolist() and a._state == b._state
+        added += int(a._cells[..., 1].sum() > 0)
+        for p in (native, ref):  # (the plan reads the outcomes itself: start it afresh)
+            p._outcomes._pending = {}
+    assert added > 0  # (outcomes did land in the cells)
+
+
+def test_native_online_outcomes_refuse_bad_input_naming_it():
+    """``online_add`` checks what it indexes with and changes nothing on bad input."""
+    from das_sglang.native import online_add
+
+    cells = np.zeros((3, 2, 4, 2))
+    args = dict(cells=cells, generated=np.array([5], np.int64), pos=np.array([0], np.int64),
+                budget=np.array([3], np.int64), states=np.array([1], np.int64),
+                pend_generated=np.array([2], np.int64), pend_match=np.array([1], np.int64),
+                pend_nodes=np.array([[0.5, 0.25, 0.125]]), pend_bins=np.array([[0, 1, 2]], np.int64),
+                bin_before=np.array([0, 1, 2, 4], np.int64), bin_size=np.array([1, 1, 2, 4], np.int64))
+    new = online_add(**args)
+    # accepted = min(max(5 - 2 - 1, 0), 3) = 2: state 1 + ceil(log2(3)) = 3; hits 1, 1, 0, 0
+    assert new.tolist() == [3]
+    assert cells[1, 1, :, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert cells[1, 1, :, 1].tolist() == [0.5, 0.25, 0.125, 0.0]
+    before = cells.copy()
+    with pytest.raises(ValueError, match=r"invalid pos\[0\]=1"):
+        online_add(**{**args, "pos": np.array([1], np.int64)})
+    with pytest.raises(ValueError, match="state 3"):
+        online_add(**{**args, "states": np.array([3], np.int64)})
+    with pytest.raises(ValueError, match="depth bin 4"):
+        online_add(**{**args, "pend_bins": np.array([[0, 1, 4]], np.int64)})
+    with pytest.raises(ValueError, match="generated: expected a 1-D contiguous int64"):
+        online_add(**{**args, "generated": np.array([5], np.int32)})
+    with pytest.raises(ValueError, match="invalid cells"):
+        online_add(**{**args, "cells": np.zeros((3, 2, 4, 3))})
+    assert cells.tobytes() == before.tobytes()

@@ -502,6 +502,18 @@ def read_pending(calibration, rows, add) -> None:
     gets the rows planned with a budget > 0 (their request ids and generated tokens), their
     planned rows and budgets; then the per-request ``_state`` of finished requests is
     forgotten."""
+    ids = R.req_ids(rows)
+    got = pending_rows(calibration, rows)
+    if got is not None:
+        j, pos, budget = got
+        add([ids[i] for i in j.tolist()], R.generated(rows)[j], pos, budget)
+    forget_finished(calibration, ids)
+
+
+def pending_rows(calibration, rows) -> tuple | None:
+    """:func:`read_pending`'s rows: ``(j, pos, budget)`` -- the rows (indices into
+    ``rows``) of the previous plan's with a budget > 0, their planned rows and budgets --
+    or None when there is none."""
     index = calibration._pending
     ids = R.req_ids(rows)
     if len(index) == len(ids) and calibration._pending_ids == ids:  # the planned rows again, in order
@@ -509,14 +521,21 @@ def read_pending(calibration, rows, add) -> None:
     else:
         at = np.fromiter(map(index.get, ids, repeat(-1, len(ids))), np.int64, len(ids))
     j = np.flatnonzero(at >= 0)
-    if j.size:
-        pos = at[j]
-        budget = calibration._pending_budget[pos]
-        keep = budget > 0
-        if keep.any():
-            j = j[keep]
-            add([ids[i] for i in j.tolist()], R.generated(rows)[j], pos[keep], budget[keep])
-    live = set(ids)
+    if not j.size:
+        return None
+    pos = at[j]
+    budget = calibration._pending_budget[pos]
+    keep = budget > 0
+    if not keep.any():
+        return None
+    return j[keep], pos[keep], budget[keep]
+
+
+def forget_finished(calibration, ids: list, live: set | None = None) -> None:
+    """Drop the per-request ``_state`` of requests not in ``ids`` once it holds four times
+    as many (``live``: ``set(ids)``, if at hand)."""
+    if live is None:
+        live = set(ids)
     if len(calibration._state) > 4 * max(len(live), 1):  # forget finished requests
         calibration._state = {k: v for k, v in calibration._state.items() if k in live}
 

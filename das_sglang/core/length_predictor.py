@@ -37,6 +37,7 @@ import numpy as np
 import numpy.ma  # noqa: F401
 
 from das_sglang.core.policy_config import PolicyConfig
+from das_sglang.native import length_remaining
 
 SHORT, MEDIUM, LONG = 0, 1, 2
 CLASS_NAMES = ("short", "medium", "long")
@@ -121,6 +122,9 @@ class _LengthQueries:
         if thresholds is None:  # no history anywhere
             guess = np.maximum(cfg.prior_length - g, cfg.tail_factor * g)
             return np.clip(guess, 1.0, cap), np.full(n, -1), c0
+        if self.NATIVE:
+            remaining, cls = length_remaining(g, cap, c0, *self._packed(groups), float(cfg.tail_factor))
+            return remaining, cls, c0
         remaining = cfg.tail_factor * g  # heavy-tail rule unless a group has longer rollouts
         cls = np.full(n, LONG, dtype=np.int64)
         todo = np.ones(n, dtype=bool)
@@ -140,6 +144,33 @@ class _LengthQueries:
             cls[idx] = c_star[found]
             todo[idx] = False
         return np.clip(remaining, 1.0, cap), cls, c0
+
+    # The per-row group queries in one native call (``length_remaining``, a binary search
+    # per row and class); False: numpy, the reference it is tested against
+    # (tests/test_length_predictor.py), the same arrays bit for bit.
+    NATIVE = True
+    _packed_memo: tuple | None = None  # (groups dict, its packed arrays)
+
+    def _packed(self, groups: dict) -> tuple:
+        """The groups' sorted lengths and suffix sums as flat arrays (block ``slot * 3 +
+        class``, slots short / medium / long / all pooled) for ``length_remaining``; kept
+        for the index they came from."""
+        memo = self._packed_memo
+        if memo is not None and memo[0] is groups:
+            return memo[1]
+        present = np.zeros(4, np.int64)
+        sorted_parts, suffix_parts = [], []
+        for slot, key in enumerate((SHORT, MEDIUM, LONG, _ALL)):
+            grp = groups.get(key)
+            present[slot] = grp is not None
+            for c in range(3):
+                sorted_parts.append(grp.sorted[c] if grp is not None else np.zeros(0))
+                suffix_parts.append(grp.suffix[c] if grp is not None else np.zeros(1))
+        offsets = lambda parts: np.concatenate([[0], np.cumsum([len(x) for x in parts])]).astype(np.int64)  # noqa: E731
+        packed = (present, np.concatenate(sorted_parts).astype(np.float64), offsets(sorted_parts),
+                  np.concatenate(suffix_parts).astype(np.float64), offsets(suffix_parts))
+        self._packed_memo = (groups, packed)
+        return packed
 
 
 class LengthPredictor(_LengthQueries):

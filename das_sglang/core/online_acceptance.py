@@ -42,10 +42,10 @@ import numpy as np
 from das_sglang.core import budget_rows as R
 
 from das_sglang.core.acceptance import (
-    OutcomeCalibration, _bin, _n_bins, read_pending, remember_plan,
+    OutcomeCalibration, _bin, _n_bins, forget_finished, pending_rows, remember_plan,
 )
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import online_curves
+from das_sglang.native import online_add, online_curves
 
 N_MATCH_BINS = 6  # match length <= 1 (or unknown), 2-3, 4-7, 8-15, 16-31, 32+
 
@@ -156,21 +156,49 @@ class OnlineCalibration:
             out[mask] = _bin(np.minimum(np.concatenate([d for _, d in parts]), self.config.max_budget))
         return out
 
+    # The outcomes' arithmetic in one native call (``online_add``); False: numpy, the
+    # reference it is tested against (tests/test_policy_online.py), the same cells bit for bit.
+    NATIVE_ADD = True
+
     def update(self, rows) -> None:
         """Decay every cell by one plan's worth, then add the previous plan's outcomes."""
         if self._decay < 1.0:
             self._cells *= self._decay
         self._table = None
         self._bins_cache = None
-        read_pending(self, rows, self._add)
         ids = R.req_ids(rows)
+        n = len(ids)
+        # every row's state before the outcomes (those with one read theirs from here)
+        states = np.fromiter(map(self._state.get, ids, repeat(0, n)), np.int64, n)
+        live = set(ids)
+        got = pending_rows(self, rows)
+        if got is not None:
+            j, pos, budget = got
+            new = self._add(states[j], R.generated(rows)[j], pos, budget)
+            # a repeated request: the last outcome wins
+            self._state.update(zip([ids[i] for i in j.tolist()], new.tolist()))
+            if len(live) == n:
+                states[j] = new
+            else:  # (a request twice in the rows: each row reads the state it ends with)
+                states = np.fromiter(map(self._state.get, ids, repeat(0, n)), np.int64, n)
+        forget_finished(self, ids, live)
         # (ratios of these rows -- the plan that follows -- read the states from here)
-        self._row_states = (ids, np.fromiter(map(self._state.get, ids, repeat(0, len(ids))), np.int64, len(ids)))
+        self._row_states = (ids, states)
 
-    def _add(self, ids, generated, pos: np.ndarray, budget: np.ndarray) -> None:
+    def _add(self, states: np.ndarray, generated: np.ndarray, pos: np.ndarray, budget: np.ndarray) -> np.ndarray:
+        """Add the outcomes of rows in ``states`` (their states before), ``generated`` now,
+        planned rows ``pos`` with budgets ``budget`` > 0 to the cells; returns each row's
+        next state."""
+        if self.NATIVE_ADD:
+            return online_add(self._cells, np.ascontiguousarray(generated, dtype=np.int64), pos, budget, states,
+                              np.ascontiguousarray(self._pending_generated, dtype=np.int64),
+                              np.ascontiguousarray(self._pending_match, dtype=np.int64),
+                              np.ascontiguousarray(self._pending_nodes, dtype=np.float64),
+                              np.ascontiguousarray(self._pending_bins, dtype=np.int64),
+                              self._bin_before, self._bin_size)
         cells = self._cells
         n_states, n_match, n_bins, _ = cells.shape
-        n = len(ids)
+        n = len(states)
         # Accepted drafts (``generated`` grew by accepted + 1) and hits by depth bin: the
         # accepted path has one node at each depth 1..accepted. The drafter's expectation
         # at a depth bin sums its drafted nodes of those depths (a chain reading by rank
@@ -182,15 +210,13 @@ class OnlineCalibration:
         drafted = np.where(np.arange(nodes.shape[1])[None, :] < budget[:, None], nodes, 0.0)
         row_bin = np.arange(n)[:, None] * n_bins + self._pending_bins[pos]
         expected = np.bincount(row_bin.ravel(), weights=drafted.ravel(), minlength=n * n_bins)
-        states = np.fromiter(map(self._state.get, ids, repeat(0, n)), np.int64, n)
-        # a repeated request: the last outcome wins
-        self._state.update(zip(ids, new.tolist()))
         # every row's (state, match bin, depth bin) cells, summed per cell in row order
         cell = ((states * n_match + self._pending_match[pos]) * n_bins)[:, None] + np.arange(n_bins)[None, :]
         size = n_states * n_match * n_bins
         cells[..., 0] += np.bincount(cell.ravel(), weights=hit.ravel().astype(np.float64),
                                      minlength=size).reshape(cells.shape[:3])
         cells[..., 1] += np.bincount(cell.ravel(), weights=expected, minlength=size).reshape(cells.shape[:3])
+        return new
 
     # ---- queries -------------------------------------------------------------------------
     def table(self) -> np.ndarray:

@@ -25,6 +25,11 @@ seq_lens)`` build a ragged verify's inputs from a flat draft batch (sglang/tree_
 ranks every node instead. ``online_curves(offsets, probs, depths, m, table, states, match, relative,
 depth_bin, rank_bin, max_budget)`` is the policy's online acceptance curves of flat drafts
 (``_ModelBased.inputs``, curve_mode "online"): ``(base, acc, bins, width)``, numpy's bit for bit.
+``online_add(cells, generated, pos, budget, states, pend_generated, pend_match, pend_nodes, pend_bins,
+bin_before, bin_size)`` adds one plan's verify outcomes to the online calibration's cells in place
+(``OnlineCalibration._add``, numpy's sums bit for bit) and returns each row's next state.
+``length_remaining(g, cap, c0, present, sorted, sorted_off, suffix, suffix_off, tail_factor)`` is the
+length predictor's per-row group query (``_LengthQueries.predict_many``): ``(remaining, class)``.
 """
 
 from das_sglang.native._suffix import (
@@ -38,7 +43,9 @@ from das_sglang.native._suffix import (
     extend_batch,
     extend_draft_rows,
     extend_draft_rows_start,
+    length_remaining,
     lookahead_per_row,
+    online_add,
     online_curves,
     ragged_layout,
     ragged_mask_index,
@@ -46,5 +53,6 @@ from das_sglang.native._suffix import (
 )
 
 __all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row", "draft_batch",
-           "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start", "lookahead_per_row",
-           "online_curves", "ragged_layout", "ragged_mask_index", "set_background_nice"]
+           "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start", "length_remaining",
+           "lookahead_per_row",
+           "online_add", "online_curves", "ragged_layout", "ragged_mask_index", "set_background_nice"]

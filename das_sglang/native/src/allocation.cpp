@@ -291,4 +291,69 @@ void online_curves(const OnlineInputs& in, OnlineCurves& out) {
   }
 }
 
+void online_add(const OnlineOutcomes& in, int64_t* new_states) {
+  const size_t n = in.rows, nb = in.n_bins, w = in.width;
+  const size_t size = in.n_states * in.n_match * nb;
+  std::vector<double> hits(size, 0.0), expect(size, 0.0), row(nb);
+  for (size_t i = 0; i < n; ++i) {
+    const size_t p = size_t(in.pos[i]);
+    const int64_t b = in.budget[i];
+    const int64_t a = std::min<int64_t>(std::max<int64_t>(in.generated[i] - in.pend_generated[p] - 1, 0), b);
+    int64_t lg = 0;  // ceil(log2(a + 1)), a + 1 >= 1
+    while ((int64_t(1) << lg) < a + 1) ++lg;
+    new_states[i] = 1 + std::min<int64_t>(lg, 5) + (a == b ? 6 : 0);
+    std::fill(row.begin(), row.end(), 0.0);
+    const double* nodes = in.pend_nodes + p * w;
+    const int64_t* bins = in.pend_bins + p * w;
+    for (size_t j = 0; j < w; ++j) row[size_t(bins[j])] += int64_t(j) < b ? nodes[j] : 0.0;
+    const size_t cell = (size_t(in.states[i]) * in.n_match + size_t(in.pend_match[p])) * nb;
+    for (size_t k = 0; k < nb; ++k) {
+      const int64_t h = std::min<int64_t>(std::max<int64_t>(a - in.bin_before[k], 0), in.bin_size[k]);
+      hits[cell + k] += double(h);
+      expect[cell + k] += row[k];
+    }
+  }
+  for (size_t c = 0; c < size; ++c) {
+    in.cells[2 * c] += hits[c];
+    in.cells[2 * c + 1] += expect[c];
+  }
+}
+
+void length_remaining(const LengthGroups& groups, const double* g, const double* cap, const int64_t* c0,
+                      size_t rows, double tail_factor, double* remaining, int64_t* cls) {
+  for (size_t i = 0; i < rows; ++i) {
+    const double gi = g[i];
+    double rem = tail_factor * gi;
+    int64_t ci = 2;  // LONG
+    int tries[2], n_tries = 0;
+    if (c0[i] >= 0 && c0[i] < 3 && groups.present[c0[i]]) tries[n_tries++] = int(c0[i]);
+    if (groups.present[3]) tries[n_tries++] = 3;
+    for (int t = 0; t < n_tries; ++t) {
+      double counts[3], sums[3];
+      bool found = false;
+      for (int c = 0; c < 3; ++c) {
+        const int b = tries[t] * 3 + c;
+        const double* lo = groups.sorted + groups.sorted_off[b];
+        const double* hi = groups.sorted + groups.sorted_off[b + 1];
+        const int64_t at = std::upper_bound(lo, hi, gi) - lo;  // np.searchsorted(side="right")
+        counts[c] = double((hi - lo) - at);
+        sums[c] = groups.suffix[groups.suffix_off[b] + at];
+        found = found || counts[c] > 0;
+      }
+      if (!found) continue;
+      int best = 0;
+      double top = counts[0] > 0 ? counts[0] + 1.0 : -1.0;
+      for (int c = 1; c < 3; ++c) {
+        const double v = counts[c] > 0 ? counts[c] + 1.0 : -1.0;
+        if (v > top) top = v, best = c;
+      }
+      rem = sums[best] / std::max(counts[best], 1.0) - gi;
+      ci = best;
+      break;
+    }
+    remaining[i] = std::min(std::max(rem, 1.0), cap[i]);  // np.clip(remaining, 1.0, cap)
+    cls[i] = ci;
+  }
+}
+
 }  // namespace das::alloc

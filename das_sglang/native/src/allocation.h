@@ -92,4 +92,49 @@ struct OnlineInputs {
 
 void online_curves(const OnlineInputs& in, OnlineCurves& out);
 
+// One plan's verify outcomes added to the online calibration's cells
+// (online_acceptance.OnlineCalibration._add). Row i (planned row p = pos[i], budget
+// b_i > 0) accepted a_i = min(max(generated_i - pend_generated[p] - 1, 0), b_i) drafts; its
+// next state is 1 + min(ceil(log2(a_i + 1)), 5) + (a_i == b_i ? 6 : 0). For each depth bin
+// k its hits are clip(a_i - bin_before[k], 0, bin_size[k]) and its expectation the sum of
+// its first b_i planned node values whose bin is k, in node order; both are summed per
+// cell (states_i, pend_match[p], k) over the rows in order (np.bincount) and then added
+// to the cell's (accepted, expected) pair: numpy's sums bit for bit.
+struct OnlineOutcomes {
+  double* cells;  // n_states x n_match x n_bins x 2, row-major (updated in place)
+  size_t n_states, n_match, n_bins;
+  const int64_t* generated;
+  const int64_t* pos;
+  const int64_t* budget;
+  const int64_t* states;
+  size_t rows;
+  const int64_t* pend_generated;  // per planned row
+  const int64_t* pend_match;
+  const double* pend_nodes;  // planned rows x width
+  const int64_t* pend_bins;  // planned rows x width
+  size_t width;
+  const int64_t* bin_before;  // n_bins
+  const int64_t* bin_size;
+};
+
+void online_add(const OnlineOutcomes& in, int64_t* new_states);
+
+// The length predictor's queries (length_predictor._LengthQueries.predict_many, with class
+// thresholds): each row asks its initial class's group (if that group exists), then the
+// group of every problem pooled; in the first whose rollouts run longer than g somewhere,
+// per class c: count_c = rollouts longer than g, sum_c their lengths (sorted lengths and
+// suffix sums); c* = the first argmax of (count_c > 0 ? count_c + 1 : -1), remaining =
+// sum_c* / max(count_c*, 1) - g. Nowhere longer: tail_factor * g, class LONG (2). Then
+// clipped to [1, cap]. numpy's arithmetic in numpy's order: the same doubles.
+struct LengthGroups {
+  const int64_t* present;      // 4 slots: short, medium, long, all problems pooled
+  const double* sorted;        // block b = slot * 3 + class: [sorted_off[b], sorted_off[b + 1])
+  const int64_t* sorted_off;   // 13
+  const double* suffix;        // block b: [suffix_off[b], suffix_off[b + 1]), one more entry
+  const int64_t* suffix_off;   // 13
+};
+
+void length_remaining(const LengthGroups& groups, const double* g, const double* cap, const int64_t* c0,
+                      size_t rows, double tail_factor, double* remaining, int64_t* cls);
+
 }  // namespace das::alloc

@@ -948,6 +948,118 @@ nb::tuple online_curves(nb::handle offsets_h, nb::handle probs_h, nb::handle dep
                         to_numpy_moved(std::move(out.bins)), out.width);
 }
 
+using F64Cells = nb::ndarray<double, nb::ndim<4>, nb::c_contig, nb::device::cpu>;
+using I64Matrix = nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// online_acceptance.OnlineCalibration._add's arithmetic (allocation.h online_add): the
+// cells updated in place, every argument checked first (a bad one is named, nothing
+// changes); returns each row's next outcome state (int64).
+nb::object online_add(nb::handle cells_h, nb::handle generated_h, nb::handle pos_h, nb::handle budget_h,
+                      nb::handle states_h, nb::handle pend_generated_h, nb::handle pend_match_h,
+                      nb::handle pend_nodes_h, nb::handle pend_bins_h, nb::handle bin_before_h,
+                      nb::handle bin_size_h) {
+  F64Cells cells;
+  if (!nb::try_cast(cells_h, cells, false) || cells.shape(3) != 2)
+    throw nb::value_error(("invalid cells: expected a writable 4-D C-contiguous float64 numpy array "
+                           "(states x match bins x depth bins x 2), got " + describe(cells_h)).c_str());
+  const I64 generated = as_array<I64>(generated_h, "generated", "int64");
+  const I64 pos = as_array<I64>(pos_h, "pos", "int64");
+  const I64 budget = as_array<I64>(budget_h, "budget", "int64");
+  const I64 states = as_array<I64>(states_h, "states", "int64");
+  const I64 pend_generated = as_array<I64>(pend_generated_h, "pend_generated", "int64");
+  const I64 pend_match = as_array<I64>(pend_match_h, "pend_match", "int64");
+  const I64 bin_before = as_array<I64>(bin_before_h, "bin_before", "int64");
+  const I64 bin_size = as_array<I64>(bin_size_h, "bin_size", "int64");
+  F64Matrix nodes;
+  if (!nb::try_cast(pend_nodes_h, nodes, false))
+    throw nb::value_error(("invalid pend_nodes: expected a 2-D C-contiguous float64 numpy array, got " +
+                           describe(pend_nodes_h)).c_str());
+  I64Matrix bins;
+  if (!nb::try_cast(pend_bins_h, bins, false))
+    throw nb::value_error(("invalid pend_bins: expected a 2-D C-contiguous int64 numpy array, got " +
+                           describe(pend_bins_h)).c_str());
+  auto bad = [](const std::string& what) { throw nb::value_error(("online_add: " + what).c_str()); };
+  const size_t n = generated.shape(0), planned = pend_generated.shape(0), w = nodes.shape(1);
+  const size_t S = cells.shape(0), M = cells.shape(1), B = cells.shape(2);
+  if (pos.shape(0) != n || budget.shape(0) != n || states.shape(0) != n)
+    bad(std::to_string(n) + " rows (generated) but pos has " + std::to_string(pos.shape(0)) + ", budget " +
+        std::to_string(budget.shape(0)) + ", states " + std::to_string(states.shape(0)));
+  if (pend_match.shape(0) != planned || nodes.shape(0) != planned || bins.shape(0) != planned ||
+      bins.shape(1) != w)
+    bad(std::to_string(planned) + " planned rows (pend_generated) but pend_match has " +
+        std::to_string(pend_match.shape(0)) + ", pend_nodes " + std::to_string(nodes.shape(0)) + " x " +
+        std::to_string(w) + ", pend_bins " + std::to_string(bins.shape(0)) + " x " + std::to_string(bins.shape(1)));
+  if (bin_before.shape(0) != B || bin_size.shape(0) != B)
+    bad(std::to_string(B) + " depth bins in cells but bin_before has " + std::to_string(bin_before.shape(0)) +
+        ", bin_size " + std::to_string(bin_size.shape(0)));
+  for (size_t i = 0; i < n; ++i) {
+    if (pos(i) < 0 || size_t(pos(i)) >= planned)
+      bad("invalid pos[" + std::to_string(i) + "]=" + std::to_string(pos(i)) + ": must be in [0, " +
+          std::to_string(planned) + ")");
+    if (budget(i) < 0) bad("invalid budget[" + std::to_string(i) + "]=" + std::to_string(budget(i)));
+    const size_t p = size_t(pos(i));
+    if (states(i) < 0 || size_t(states(i)) >= S || pend_match(p) < 0 || size_t(pend_match(p)) >= M)
+      bad("row " + std::to_string(i) + ": state " + std::to_string(states(i)) + " / match bin " +
+          std::to_string(pend_match(p)) + " outside the cells (" + std::to_string(S) + " x " + std::to_string(M) + ")");
+    for (size_t j = 0; j < w; ++j)
+      if (bins(p, j) < 0 || size_t(bins(p, j)) >= B)
+        bad("planned row " + std::to_string(p) + " node " + std::to_string(j) + " has depth bin " +
+            std::to_string(bins(p, j)) + ": must be in [0, " + std::to_string(B) + ")");
+  }
+  const das::alloc::OnlineOutcomes in{cells.data(), S, M, B, generated.data(), pos.data(), budget.data(),
+                                      states.data(), n, pend_generated.data(), pend_match.data(), nodes.data(),
+                                      bins.data(), w, bin_before.data(), bin_size.data()};
+  std::vector<int64_t> out(n);
+  {
+    nb::gil_scoped_release release;
+    das::alloc::online_add(in, out.data());
+  }
+  return nb::cast(to_numpy_moved(std::move(out)));
+}
+
+// length_predictor._LengthQueries.predict_many's group queries (allocation.h
+// length_remaining), every argument checked first: (remaining float64, class int64).
+nb::tuple length_remaining(nb::handle g_h, nb::handle cap_h, nb::handle c0_h, nb::handle present_h,
+                           nb::handle sorted_h, nb::handle sorted_off_h, nb::handle suffix_h,
+                           nb::handle suffix_off_h, double tail_factor) {
+  const F64 g = as_array<F64>(g_h, "g", "float64");
+  const F64 cap = as_array<F64>(cap_h, "cap", "float64");
+  const I64 c0 = as_array<I64>(c0_h, "c0", "int64");
+  const I64 present = as_array<I64>(present_h, "present", "int64");
+  const F64 sorted = as_array<F64>(sorted_h, "sorted", "float64");
+  const I64 sorted_off = as_array<I64>(sorted_off_h, "sorted_off", "int64");
+  const F64 suffix = as_array<F64>(suffix_h, "suffix", "float64");
+  const I64 suffix_off = as_array<I64>(suffix_off_h, "suffix_off", "int64");
+  auto bad = [](const std::string& what) { throw nb::value_error(("length_remaining: " + what).c_str()); };
+  const size_t n = g.shape(0);
+  if (cap.shape(0) != n || c0.shape(0) != n)
+    bad(std::to_string(n) + " rows (g) but cap has " + std::to_string(cap.shape(0)) + ", c0 " +
+        std::to_string(c0.shape(0)));
+  if (present.shape(0) != 4 || sorted_off.shape(0) != 13 || suffix_off.shape(0) != 13)
+    bad("expected 4 group flags and 13 block offsets, got " + std::to_string(present.shape(0)) + ", " +
+        std::to_string(sorted_off.shape(0)) + ", " + std::to_string(suffix_off.shape(0)));
+  if (sorted_off(0) != 0 || suffix_off(0) != 0 || size_t(sorted_off(12)) != sorted.shape(0) ||
+      size_t(suffix_off(12)) != suffix.shape(0))
+    bad("block offsets must run from 0 to the array lengths");
+  for (size_t b = 0; b < 12; ++b) {
+    const int64_t len = sorted_off(b + 1) - sorted_off(b);
+    if (len < 0 || suffix_off(b + 1) - suffix_off(b) != len + 1)
+      bad("block " + std::to_string(b) + ": " + std::to_string(len) + " lengths need " + std::to_string(len + 1) +
+          " suffix sums, got " + std::to_string(suffix_off(b + 1) - suffix_off(b)));
+  }
+  if (!(std::isfinite(tail_factor))) bad("invalid tail_factor=" + std::to_string(tail_factor));
+  const das::alloc::LengthGroups groups{present.data(), sorted.data(), sorted_off.data(), suffix.data(),
+                                        suffix_off.data()};
+  std::vector<double> remaining(n);
+  std::vector<int64_t> cls(n);
+  {
+    nb::gil_scoped_release release;
+    das::alloc::length_remaining(groups, g.data(), cap.data(), c0.data(), n, tail_factor, remaining.data(),
+                                 cls.data());
+  }
+  return nb::make_tuple(to_numpy_moved(std::move(remaining)), to_numpy_moved(std::move(cls)));
+}
+
 // add_sequence / extend of at least this many tokens drop the GIL (below it the release
 // and re-take would cost more than the insertion).
 constexpr size_t kGilFreeTokens = 32;
@@ -1133,6 +1245,14 @@ NB_MODULE(_suffix, m) {
         nb::arg("rank_bin"), nb::arg("max_budget"),
         "policy._ModelBased.inputs' online curves of flat drafts: (base, acc, bins, width), flat row-major "
         "(rows x width, rows x (width - 1)); numpy's arrays bit for bit.");
+  m.def("online_add", &online_add, nb::arg("cells"), nb::arg("generated"), nb::arg("pos"), nb::arg("budget"),
+        nb::arg("states"), nb::arg("pend_generated"), nb::arg("pend_match"), nb::arg("pend_nodes"),
+        nb::arg("pend_bins"), nb::arg("bin_before"), nb::arg("bin_size"),
+        "OnlineCalibration._add: adds one plan's verify outcomes to cells (in place, numpy's sums bit "
+        "for bit) and returns each row's next state (int64).");
+  m.def("length_remaining", &length_remaining, nb::arg("g"), nb::arg("cap"), nb::arg("c0"), nb::arg("present"),
+        nb::arg("sorted"), nb::arg("sorted_off"), nb::arg("suffix"), nb::arg("suffix_off"), nb::arg("tail_factor"),
+        "length_predictor's group queries: (remaining float64, class int64), numpy's bit for bit.");
   m.def("lookahead_per_row", &lookahead_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"),
         nb::arg("kv_tokens"), nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"), nb::arg("spread"),
         nb::arg("free_tokens"),
