@@ -527,3 +527,33 @@ def test_calibration_rows_are_calibration_per_problem():
     assert got[0] != t.calibration("p0")  # the forgotten problem reads the prior now
     assert t.calibration("p0") == t.calibration("nobody")
     assert t.calibration_many(ids) == dict(zip(ids, got.tolist()))
+
+
+def test_positions_are_the_dict_lookups_they_replace():
+    """``drafter._positions`` (where the plan finds its rows among the pre-drafted ones) is
+    ``dict(zip(keys, range(n)))`` lookups: the last of a repeated key, -1 when absent."""
+    from itertools import repeat
+
+    from das_sglang.core.drafter import _positions
+
+    rng = np.random.default_rng(3)
+    for n_keys, n_q in [(0, 5), (1, 3), (50, 80), (512, 512)]:
+        keys = rng.integers(0, max(2 * n_keys, 1), n_keys).astype(np.int64)  # (repeats)
+        queries = rng.integers(-2, 2 * n_keys + 2, n_q).astype(np.int64)
+        pos = dict(zip(keys.tolist(), range(n_keys)))
+        want = np.fromiter(map(pos.get, queries.tolist(), repeat(-1, n_q)), np.int64, n_q)
+        got = _positions(keys, queries)
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+    assert len(set(keys.tolist())) < len(keys) and (want >= 0).any() and (want < 0).any()
+
+
+def test_index_versions_is_every_indexs_version():
+    from das_sglang.native import SuffixIndex, index_versions
+
+    a, b = SuffixIndex(8), SuffixIndex(8)
+    a.add_sequence(1, np.array([1, 2, 3], np.int32), 0)
+    got = index_versions([a, b, a])
+    assert got.dtype == np.uint64 and got.tolist() == [a.version, b.version, a.version]
+    assert a.version != b.version
+    with pytest.raises(ValueError, match="item 1 is not a SuffixIndex"):
+        index_versions([a, "b"])

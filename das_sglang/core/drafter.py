@@ -35,6 +35,7 @@ from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
 from das_sglang.native import (
     MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
+    index_versions,
 )
 
 # The step every sequence is filed under in the shared index: one native step slot, so it
@@ -184,6 +185,19 @@ class TokenRows:
 
     def __iter__(self):
         return (self[r] for r in range(len(self)))
+
+
+def _positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Where each of ``queries`` is in ``keys`` (int64 arrays; a repeated key: its last
+    position), -1 where absent: ``dict(zip(keys, range(len(keys))))`` lookups, in numpy
+    (a dict over a 512-row batch and its lookups took ~0.14 ms, this ~0.05)."""
+    if not len(keys):
+        return np.full(len(queries), -1, np.int64)
+    order = np.argsort(keys, kind="stable")  # (equal keys keep their order: the last is rightmost)
+    srt = keys[order]
+    k = np.searchsorted(srt, queries, side="right") - 1
+    kk = np.maximum(k, 0)
+    return np.where((k >= 0) & (srt[kk] == queries), order[kk], -1)
 
 
 def _flat_tokens(rows: Sequence[object]) -> np.ndarray | None:
@@ -839,12 +853,13 @@ class SuffixDrafter:
         n = len(seq_ids)
         if rows is seq_ids:  # the rows the job drafted, in its order
             at = np.arange(n, dtype=np.int64)
+        elif type(rows) is dict:
+            at = np.fromiter(map(rows.get, seq_ids.tolist(), repeat(-1, n)), np.int64, n)
         else:
-            pos = rows if type(rows) is dict else dict(zip(rows.tolist(), range(len(rows))))
-            at = np.fromiter(map(pos.get, seq_ids.tolist(), repeat(-1, n)), np.int64, n)
+            at = _positions(rows, seq_ids)
         ok = at >= 0
         j = at[ok]
-        now = np.fromiter((i.version for i in idx), np.uint64, n)
+        now = index_versions(idx if type(idx) is list else list(idx))
         ok[ok] = (versions[j] == now[ok]) & (budgets[j] == b[ok])
         if not ok.any():
             return None

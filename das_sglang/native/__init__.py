@@ -30,6 +30,7 @@ bin_before, bin_size)`` adds one plan's verify outcomes to the online calibratio
 (``OnlineCalibration._add``, numpy's sums bit for bit) and returns each row's next state.
 ``length_remaining(g, cap, c0, present, sorted, sorted_off, suffix, suffix_off, tail_factor)`` is the
 length predictor's per-row group query (``_LengthQueries.predict_many``): ``(remaining, class)``.
+``index_versions(indices)`` is every index's ``version`` in one call (uint64 array).
 """
 
 from das_sglang.native._suffix import (
@@ -43,6 +44,7 @@ from das_sglang.native._suffix import (
     extend_batch,
     extend_draft_rows,
     extend_draft_rows_start,
+    index_versions,
     length_remaining,
     lookahead_per_row,
     online_add,
@@ -52,7 +54,7 @@ from das_sglang.native._suffix import (
     set_background_nice,
 )
 
-__all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row", "draft_batch",
-           "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start", "length_remaining",
-           "lookahead_per_row",
-           "online_add", "online_curves", "ragged_layout", "ragged_mask_index", "set_background_nice"]
+__all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
+           "draft_batch", "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
+           "index_versions", "length_remaining", "lookahead_per_row", "online_add", "online_curves",
+           "ragged_layout", "ragged_mask_index", "set_background_nice"]

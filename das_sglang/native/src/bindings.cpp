@@ -1060,6 +1060,19 @@ nb::tuple length_remaining(nb::handle g_h, nb::handle cap_h, nb::handle c0_h, nb
   return nb::make_tuple(to_numpy_moved(std::move(remaining)), to_numpy_moved(std::move(cls)));
 }
 
+// Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows.
+nb::object index_versions(nb::list indices) {
+  const size_t n = nb::len(indices);
+  std::vector<uint64_t> out(n);
+  for (size_t r = 0; r < n; ++r) {
+    const SuffixIndex* s;
+    if (!nb::try_cast<const SuffixIndex*>(indices[r], s) || s == nullptr)
+      throw nb::value_error(("index_versions: item " + std::to_string(r) + " is not a SuffixIndex").c_str());
+    out[r] = s->version();
+  }
+  return nb::cast(to_numpy_moved(std::move(out)));
+}
+
 // add_sequence / extend of at least this many tokens drop the GIL (below it the release
 // and re-take would cost more than the insertion).
 constexpr size_t kGilFreeTokens = 32;
@@ -1253,6 +1266,8 @@ NB_MODULE(_suffix, m) {
   m.def("length_remaining", &length_remaining, nb::arg("g"), nb::arg("cap"), nb::arg("c0"), nb::arg("present"),
         nb::arg("sorted"), nb::arg("sorted_off"), nb::arg("suffix"), nb::arg("suffix_off"), nb::arg("tail_factor"),
         "length_predictor's group queries: (remaining float64, class int64), numpy's bit for bit.");
+  m.def("index_versions", &index_versions, nb::arg("indices"),
+        "Every index's SuffixIndex.version, in list order (uint64).");
   m.def("lookahead_per_row", &lookahead_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"),
         nb::arg("kv_tokens"), nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"), nb::arg("spread"),
         nb::arg("free_tokens"),
