@@ -557,3 +557,30 @@ def test_index_versions_is_every_indexs_version():
     assert a.version != b.version
     with pytest.raises(ValueError, match="item 1 is not a SuffixIndex"):
         index_versions([a, "b"])
+
+
+def test_spread_is_concat_with_empty_rows_then_take():
+    """``DraftBatch.spread`` (a plan's drafted rows placed among the empty rows of requests
+    whose starts are still deferred) gives what ``concat([batch, empty(1)]).take(...)``
+    gives, without copying the nodes; bad targets are refused."""
+    rng = np.random.default_rng(7)
+    trees = []
+    for _ in range(9):
+        k = int(rng.integers(0, 6))
+        trees.append(DraftTree(rng.integers(0, 50, k).astype(np.int32),
+                               np.array([int(rng.integers(-1, j)) for j in range(k)], np.int32),
+                               np.sort(rng.random(k))[::-1].copy(), match_len=int(rng.integers(0, 9))))
+    batch = DraftBatch.from_trees(trees)
+    rows = np.sort(rng.choice(14, 9, replace=False))
+    at = np.full(14, 9, np.int64)
+    at[rows] = np.arange(9)
+    want = DraftBatch.concat([batch, DraftBatch.empty(1)]).take(at)
+    got = batch.spread(rows, 14)
+    for f in ("tokens", "parents", "probs", "depths", "offsets", "match_len"):
+        a, b = np.asarray(getattr(got, f)), np.asarray(getattr(want, f))
+        assert a.dtype == b.dtype and a.tolist() == b.tolist(), f
+    assert got.tokens is batch.tokens  # (no copy)
+    with pytest.raises(ValueError, match="must increase"):
+        batch.spread(rows[::-1], 14)
+    with pytest.raises(ValueError, match="9 target rows|target rows"):
+        batch.spread(rows[:5], 14)

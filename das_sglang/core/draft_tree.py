@@ -209,6 +209,23 @@ class DraftBatch:
         rank = np.arange(len(self.tokens), dtype=np.int64) - np.repeat(self.offsets[:-1], lens)
         return self._select(rank < np.repeat(new, lens), offsets, self.match_len)
 
+    def spread(self, rows: np.ndarray, n: int) -> "DraftBatch":
+        """An ``n``-row batch whose rows ``rows`` (increasing) are this batch's rows, in
+        order, and every other row is empty (no nodes, match length 0): ``concat([self,
+        empty(1)]).take(...)`` without copying a node -- the node arrays are this batch's."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) != len(self):
+            raise ValueError(f"spread: {len(rows)} target rows for a batch of {len(self)}")
+        if len(rows) and (rows[0] < 0 or rows[-1] >= n or (np.diff(rows) <= 0).any()):
+            raise ValueError(f"spread: target rows must increase within [0, {n})")
+        lens = np.zeros(n, np.int64)
+        lens[rows] = self.lens()
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        match = np.zeros(n, np.asarray(self.match_len).dtype)
+        match[rows] = self.match_len
+        return DraftBatch(self.tokens, self.parents, self.probs, self.depths, offsets, match)
+
     def take(self, rows) -> "DraftBatch":
         """The rows ``rows`` (any order, repeats allowed) as a new batch."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -579,13 +579,10 @@ class DasSession:
     def _speculate_registered(self, req_ids: list, sizes, new: set) -> DraftBatch:
         """The plan's trees when some rows' starts are still deferred: those rows get an
         empty tree, the others are drafted as usual."""
-        n = len(req_ids)
         rows = [i for i, r in enumerate(req_ids) if r not in new]
         sub = self.drafter.speculate_flat([req_ids[i] for i in rows],
                                           sizes if isinstance(sizes, int) else np.asarray(sizes)[rows])
-        at = np.full(n, len(rows), np.int64)  # (the one empty tree after the drafted rows)
-        at[rows] = np.arange(len(rows))
-        return DraftBatch.concat([sub, DraftBatch.empty(1)]).take(at)
+        return sub.spread(np.asarray(rows, np.int64), len(req_ids))  # (the new rows: empty)
 
     def before_forward(self) -> None:
         """The worker is about to run the verify forward (its inputs are built): background
