@@ -53,6 +53,15 @@ A as_array(nb::handle h, const char* name, const char* want) {
 
 Tokens tokens_arg(nb::handle h, const char* name) { return as_array<Tokens>(h, name, "int32"); }
 
+// A multi-dimensional array argument (`want` describes it), no implicit conversion either.
+template <typename A>
+A nd_arg(nb::handle h, const char* name, const char* want) {
+  A a;
+  if (!nb::try_cast(h, a, false))
+    throw nb::value_error((std::string("invalid ") + name + ": expected " + want + ", got " + describe(h)).c_str());
+  return a;
+}
+
 template <typename T>
 nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy(const std::vector<T>& v) {
   T* data = new T[v.size() ? v.size() : 1];
@@ -810,9 +819,7 @@ using F64Matrix = nb::ndarray<const double, nb::ndim<2>, nb::c_contig, nb::devic
 das::alloc::Curves curves_arg(nb::handle remaining_h, nb::handle acc_h, nb::handle m_h,
                               nb::handle kv_h, F64& remaining, F64Matrix& acc, I64& m, F64& kv) {
   remaining = as_array<F64>(remaining_h, "remaining", "float64");
-  if (!nb::try_cast(acc_h, acc, false))
-    throw nb::value_error(("invalid acc: expected a 2-D C-contiguous float64 numpy array, got " +
-                           describe(acc_h)).c_str());
+  acc = nd_arg<F64Matrix>(acc_h, "acc", "a 2-D C-contiguous float64 numpy array");
   m = as_array<I64>(m_h, "m", "int64");
   kv = as_array<F64>(kv_h, "kv_tokens", "float64");
   const size_t rows = remaining.shape(0), width = acc.shape(1);
@@ -894,10 +901,7 @@ nb::tuple online_curves(nb::handle offsets_h, nb::handle probs_h, nb::handle dep
   const F64 relative = as_array<F64>(relative_h, "relative", "float64");
   const I64 depth_bin = as_array<I64>(depth_bin_h, "depth_bin", "int64");
   const I64 rank_bin = as_array<I64>(rank_bin_h, "rank_bin", "int64");
-  F64Cube table;
-  if (!nb::try_cast(table_h, table, false))
-    throw nb::value_error(("invalid table: expected a 3-D C-contiguous float64 numpy array, got " +
-                           describe(table_h)).c_str());
+  const F64Cube table = nd_arg<F64Cube>(table_h, "table", "a 3-D C-contiguous float64 numpy array");
   auto bad = [](const std::string& what) { throw nb::value_error(("online_curves: " + what).c_str()); };
   const size_t n = m.shape(0);
   if (offsets.shape(0) != n + 1 || states.shape(0) != n || match.shape(0) != n || relative.shape(0) != n)
@@ -970,14 +974,8 @@ nb::object online_add(nb::handle cells_h, nb::handle generated_h, nb::handle pos
   const I64 pend_match = as_array<I64>(pend_match_h, "pend_match", "int64");
   const I64 bin_before = as_array<I64>(bin_before_h, "bin_before", "int64");
   const I64 bin_size = as_array<I64>(bin_size_h, "bin_size", "int64");
-  F64Matrix nodes;
-  if (!nb::try_cast(pend_nodes_h, nodes, false))
-    throw nb::value_error(("invalid pend_nodes: expected a 2-D C-contiguous float64 numpy array, got " +
-                           describe(pend_nodes_h)).c_str());
-  I64Matrix bins;
-  if (!nb::try_cast(pend_bins_h, bins, false))
-    throw nb::value_error(("invalid pend_bins: expected a 2-D C-contiguous int64 numpy array, got " +
-                           describe(pend_bins_h)).c_str());
+  const F64Matrix nodes = nd_arg<F64Matrix>(pend_nodes_h, "pend_nodes", "a 2-D C-contiguous float64 numpy array");
+  const I64Matrix bins = nd_arg<I64Matrix>(pend_bins_h, "pend_bins", "a 2-D C-contiguous int64 numpy array");
   auto bad = [](const std::string& what) { throw nb::value_error(("online_add: " + what).c_str()); };
   const size_t n = generated.shape(0), planned = pend_generated.shape(0), w = nodes.shape(1);
   const size_t S = cells.shape(0), M = cells.shape(1), B = cells.shape(2);
