@@ -37,8 +37,9 @@ void step_objective(const Curves& c, const Cost& cost, const std::vector<int32_t
 // The stable ascending order of `vals` (a permutation of 0..n-1; equal values keep their
 // index order), by an LSD radix sort of their bit patterns, which order like the values
 // for finite non-negative doubles (+0.0 included, -0.0 not). False, `order` unset, when
-// some value is not one of those: the caller sorts by comparison then. ~10x faster than
-// std::sort of (value, index) pairs at a batch's ~2k entries.
+// some value is not one of those: the caller sorts by comparison then. With it,
+// lookahead_per_row took 268 us a call where std::sort of (value, index) pairs gave 390
+// (40 captured 512-row plans, both builds alternating in one process).
 bool radix_order(const double* vals, size_t n, std::vector<uint32_t>& order) {
   std::vector<uint64_t> keys(n);
   uint64_t diff = 0;

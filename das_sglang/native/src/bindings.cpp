@@ -962,10 +962,11 @@ nb::object online_add(nb::handle cells_h, nb::handle generated_h, nb::handle pos
                       nb::handle states_h, nb::handle pend_generated_h, nb::handle pend_match_h,
                       nb::handle pend_nodes_h, nb::handle pend_bins_h, nb::handle bin_before_h,
                       nb::handle bin_size_h) {
-  F64Cells cells;
-  if (!nb::try_cast(cells_h, cells, false) || cells.shape(3) != 2)
-    throw nb::value_error(("invalid cells: expected a writable 4-D C-contiguous float64 numpy array "
-                           "(states x match bins x depth bins x 2), got " + describe(cells_h)).c_str());
+  constexpr const char* kCells =
+      "a writable 4-D C-contiguous float64 numpy array (states x match bins x depth bins x 2)";
+  F64Cells cells = nd_arg<F64Cells>(cells_h, "cells", kCells);
+  if (cells.shape(3) != 2)
+    throw nb::value_error((std::string("invalid cells: expected ") + kCells + ", got " + describe(cells_h)).c_str());
   const I64 generated = as_array<I64>(generated_h, "generated", "int64");
   const I64 pos = as_array<I64>(pos_h, "pos", "int64");
   const I64 budget = as_array<I64>(budget_h, "budget", "int64");
