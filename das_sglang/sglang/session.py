@@ -60,13 +60,14 @@ class _Updates:
     re-raised by the next ``flush`` (it is a bug, not bad request input: inputs are
     validated before submission)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "das-history-updates", what: str = "history update") -> None:
+        self._what = what  # (in the error messages)
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         # Native work started off the GIL (see set_native): the callable that waits for it.
         self._native = None
         self._native_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="das-history-updates", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         # Drain before interpreter shutdown: a daemon thread stopped inside a native call
         # (threads of its own, the GIL released) must not be torn down mid-update.
@@ -88,7 +89,7 @@ class _Updates:
                 fn, args, done = item
                 fn(*args)
             except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
-                _log.exception("DAS: background history update failed")
+                _log.exception("DAS: background %s failed", self._what)
                 self._error = e
             finally:
                 item = fn = args = None  # no reference to the session while idle
@@ -139,7 +140,7 @@ class _Updates:
         """Re-raise a failed background update's error (without waiting for the rest)."""
         if self._error is not None:
             e, self._error = self._error, None
-            raise RuntimeError(f"DAS background history update failed: {e!r}") from e
+            raise RuntimeError(f"DAS background {self._what} failed: {e!r}") from e
 
     def close(self) -> None:
         self._finish_native_keeping_errors()
@@ -239,6 +240,12 @@ class DasSession:
         self._mirror: dict[str, dict[int, TokenGroup]] | None = None
         self._tagged_since_flush = False
         self._updates = _Updates() if options.server.async_updates else None
+        # The policy's recording of verify outcomes (Python, ~3 ms at 512 rows) runs on a
+        # thread of its own during the verify forward (POLICY_THREAD): on the update thread
+        # it ran before the native registrations and eviction queued behind it, serially,
+        # while the scheduler thread's core sat idle waiting on the device.
+        self._policy_updates = (_Updates("das-policy-updates", "policy recording")
+                                if options.server.async_updates and self.POLICY_THREAD else None)
         if options.server.async_updates:
             from das_sglang.native import set_background_nice
 
@@ -406,6 +413,7 @@ class DasSession:
     # in one process (bench_host_path): p50 -5 % at 8 rows, -20 % at 16, -5 to -16 % at 32
     # vs the inline extend. Below it, the thread start costs about what the extend does.
     ASYNC_MIN_ROWS = 8
+    POLICY_THREAD = True  # record verify outcomes on a thread of their own (see __init__)
     PREPARE_AHEAD = True  # plan: the policy's draft-free inputs before waiting for the drafts
     EVICT_CHUNK_S = 0.003  # native removals per decode step, inside the forward's shadow
     UNSHARE_CHUNK = 8  # shared-index copies removed per native call in the forward's shadow
@@ -601,7 +609,7 @@ class DasSession:
             # previous feedback's recording take ~1.5 ms at 512 rows.
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = done = threading.Event()
-            self._updates.submit(self._record_outcomes, outcomes, done=done)
+            (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, done=done)
         self._release_starts()  # the plan's new requests: registered during the forward
         lengths = getattr(self.policy, "lengths", None)
         if getattr(lengths, "background", False) and hasattr(lengths, "rebuild_if_stale"):
@@ -752,6 +760,8 @@ class DasSession:
         if done is not None:
             done.wait()
             self._outcomes_job = None
+            if self._policy_updates is not None:
+                self._policy_updates.raise_error()  # (the update thread's flush raises its own)
         if record_pending and self._outcomes:
             outcomes, self._outcomes = self._outcomes, []
             self._record_outcomes(outcomes)
@@ -922,6 +932,9 @@ class DasSession:
         """Idempotent (atexit may call it after an explicit close)."""
         self._settle_outcomes(record_pending=True)
         self._release_starts()
+        if self._policy_updates is not None:
+            self._policy_updates.close()
+            self._policy_updates = None
         if self._updates is not None:
             self._updates.flush()
             self._updates.close()

@@ -445,10 +445,11 @@ def test_the_session_sets_the_background_nice_of_its_native_jobs():
         set_background_nice(before)
 
 
-def test_the_plans_bookkeeping_runs_during_the_forward_on_the_update_thread():
+def test_the_plans_bookkeeping_runs_during_the_forward_on_the_policy_thread():
     """A plan leaves its bookkeeping (probe record, what the calibration remembers of it,
-    draft sizes) for later; with the worker's hook the update thread does it during the
-    verify forward, before the previous feedback's outcomes are recorded."""
+    draft sizes) for later; with the worker's hook the policy's own thread does it during
+    the verify forward, before the previous feedback's outcomes are recorded (beside the
+    update thread's native registrations, not queued before them)."""
     import threading
 
     s = DasSession(_opts(async_updates=True))
@@ -463,8 +464,57 @@ def test_the_plans_bookkeeping_runs_during_the_forward_on_the_update_thread():
         s.before_forward()
         s._settle_outcomes()  # (what the feedback does first)
         assert not s.policy.plan_pending() and len(ran) == k + 1
-        assert ran[-1] is not threading.main_thread()
+        assert ran[-1].name == "das-policy-updates"
         s.committed_batch(["r0"], [0], [[1]])
+    s.close()
+
+
+def test_the_policy_recording_runs_while_the_update_thread_is_busy():
+    """The verify outcomes are recorded during the forward even while the update thread
+    still registers the step's new requests (before: queued behind them, one thread)."""
+    import threading
+
+    s = DasSession(_opts(async_updates=True))
+    s.policy.lengths.background = False
+    s.start("r0", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.plan(["r0"], 8)
+    s.before_forward()
+    s.committed_batch(["r0"], [3], [[1, 2]])  # an outcome to record at the next forward
+    s.plan(["r0"], 8)
+    gate, recorded = threading.Event(), threading.Event()
+    s._updates.submit(gate.wait)  # the update thread: busy until the gate opens
+    observe = s.policy.observe_verify_many
+    s.policy.observe_verify_many = lambda *a: (observe(*a), recorded.set())
+    s.before_forward()
+    assert recorded.wait(10)  # recorded with the update thread still blocked
+    assert s._updates.busy()
+    gate.set()
+    s._settle_outcomes()
+    assert s.policy.acceptance._stats["p"].n_obs == 1
+    s.close()
+
+
+def test_a_failed_policy_recording_raises_at_the_next_plan_and_the_session_goes_on():
+    s = DasSession(_opts(async_updates=True))
+    s.policy.lengths.background = False
+    s.start("r0", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.plan(["r0"], 8)
+    s.before_forward()
+    s.committed_batch(["r0"], [3], [[1, 2]])
+    s.plan(["r0"], 8)
+    observe = s.policy.observe_verify_many
+
+    def boom(*a):
+        raise KeyError("broken statistics")
+
+    s.policy.observe_verify_many = boom
+    s.before_forward()
+    with pytest.raises(RuntimeError, match="background policy recording failed.*broken statistics"):
+        s.plan(["r0"], 8)
+    s.policy.observe_verify_many = observe
+    s.committed_batch(["r0"], [0], [[4]])
+    trees, _ = s.plan(["r0"], 8)  # the error was raised once; the session goes on
+    assert len(trees) == 1
     s.close()
 
 
