@@ -46,6 +46,21 @@ def test_sizes_follow_the_latest_budgets():
     assert off.draft_sizes(ids, 8) == 8
 
 
+def test_sizes_of_the_plans_own_rows_are_made_once_per_plan_and_read_only():
+    policy = LengthAware(PAID, PolicyConfig(max_budget=8, probe_budget=2, draft_headroom_min_rows=4))
+    ids = [f"r{i}" for i in range(6)]
+    budgets = policy.plan(_rows(dict.fromkeys(ids, 10), 8)).budgets.astype(np.int64)
+    first = policy.draft_sizes(list(ids), 8)
+    assert first.tolist() == [min(8, max(2, 2 * b)) for b in budgets.tolist()]
+    assert policy.draft_sizes(list(ids), 8) is first  # the same rows again: not made again
+    assert not first.flags.writeable  # (shared by the calls: nobody may change it)
+    assert policy.draft_sizes(ids, 3).tolist() == [min(3, max(2, 2 * b)) for b in budgets.tolist()]
+    other = policy.draft_sizes(ids[::-1], 8)  # other rows: looked up, not the cached array
+    assert other.tolist() == first.tolist()[::-1] and other.flags.writeable
+    policy.plan(_rows(dict.fromkeys(ids, 11), 8))  # a new plan: its own sizes
+    assert policy.draft_sizes(list(ids), 8) is not first
+
+
 def test_a_row_planned_zero_still_drafts_and_recovers():
     """Budget 0 is not absorbing with sized drafts either: the row keeps a small tree (its
     drafter's confidence, and what a probe needs), and once drafts are accepted its budget

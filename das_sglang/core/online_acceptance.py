@@ -293,15 +293,22 @@ class ProbeSchedule:
         self.config = config
         self._plans = 0  # plans recorded so far
         self._last: dict[str, int] = {}  # req_id -> the plan it was last drafted in
+        # The latest recorded plan's rows and their _last values (never: -probe_every), so
+        # the next plan of the same rows reads an array, not the dict row by row.
+        self._rows_last: tuple[list, np.ndarray, bool] | None = None  # (+ each request once)
         self.spent_s = 0.0  # modeled seconds of probe drafts
         self.total_s = 0.0  # modeled seconds of every planned forward
 
     def due(self, rows) -> np.ndarray:
-        last = self._last
+        ids = R.req_ids(rows)
+        cached = self._rows_last
+        if cached is not None and len(cached[1]) == len(ids) and cached[0] == ids:
+            return self._plans - cached[1] >= self.config.probe_every
+        return self._plans - self._last_of(ids) >= self.config.probe_every
+
+    def _last_of(self, ids) -> np.ndarray:
         never = -self.config.probe_every  # a new request is due at once
-        since = self._plans - np.fromiter(map(last.get, R.req_ids(rows), repeat(never, len(rows))),
-                                          np.int64, len(rows))
-        return since >= self.config.probe_every
+        return np.fromiter(map(self._last.get, ids, repeat(never, len(ids))), np.int64, len(ids))
 
     def affordable(self, cost_s: float) -> bool:
         return self.spent_s + cost_s <= self.config.probe_share * self.total_s
@@ -309,9 +316,18 @@ class ProbeSchedule:
     def record(self, rows, budgets: np.ndarray, forward_s: float, probe_s: float) -> None:
         self.total_s += forward_s
         self.spent_s += probe_s
-        drafted = np.flatnonzero(np.asarray(budgets) > 0).tolist()
+        drafted = np.flatnonzero(np.asarray(budgets) > 0)
         ids = R.req_ids(rows)
-        self._last.update(dict.fromkeys((ids[i] for i in drafted), self._plans))
+        self._last.update(dict.fromkeys((ids[i] for i in drafted.tolist()), self._plans))
+        cached = self._rows_last
+        if cached is not None and cached[2] and len(cached[1]) == len(ids) and cached[0] == ids:
+            # the same rows, each request once: only the drafted rows' values change
+            # (this is the plan's bookkeeping, off the next plan's path)
+            values = cached[1].copy()
+            values[drafted] = self._plans
+            self._rows_last = (cached[0], values, True)
+        else:  # (a request twice: each row reads what the dict has, the later row's update)
+            self._rows_last = (list(ids), self._last_of(ids), len(set(ids)) == len(ids))
         self._plans += 1
         if len(self._last) > 4 * max(len(rows), 1):  # forget finished requests
             live = set(ids)

@@ -466,7 +466,7 @@ class _ModelBased(_Observing):
         pos = None  # the rows' plan_rows: built once for both users
         if self.config.draft_headroom > 0 and hasattr(self, "draft_sizes"):
             pos = plan_rows(rows)
-            self._latest = (R.req_ids(rows), pos, np.asarray(budgets, dtype=np.int64).reshape(-1).copy())
+            self._latest = (R.req_ids(rows), pos, np.asarray(budgets, dtype=np.int64).reshape(-1).copy(), {})
         if self.config.curve_mode in ("outcome", "online"):
             self._outcomes.planned(rows, budgets, base, pos)
         budgets = np.asarray(budgets)
@@ -502,13 +502,21 @@ class LengthAware(_ModelBased):
         latest = self._latest
         if cfg.draft_headroom <= 0 or latest is None or len(req_ids) < cfg.draft_headroom_min_rows:
             return int(cap)
-        ids, pos, budgets = latest
+        ids, pos, budgets, same = latest
         n = len(req_ids)
-        if len(pos) == n and ids == req_ids:  # the plan's rows (the feedback after it; a step without finishes)
-            at = np.arange(n, dtype=np.int64)
-        else:
-            at = np.fromiter(map(pos.get, req_ids, repeat(-1, n)), np.int64, n)
         floor = min(max(1, cfg.probe_budget), cap)
+        if len(pos) == n and ids == req_ids:  # the plan's rows (the feedback after it; a step without finishes)
+            # Asked twice or more per plan (the feedback's pre-draft, the next plan while no
+            # request starts or ends): made once per plan and cap, read-only (~0.15 ms at 512
+            # rows cold, per call).
+            sizes = same.get(cap)
+            if sizes is None:
+                sizes = np.ceil(cfg.draft_headroom * budgets).astype(np.int64)
+                np.clip(sizes, floor, cap, out=sizes)
+                sizes.flags.writeable = False
+                same[cap] = sizes
+            return sizes
+        at = np.fromiter(map(pos.get, req_ids, repeat(-1, n)), np.int64, n)
         # (a plan has rows: budgets is never empty; rows not in it read row 0, then get cap)
         sizes = np.ceil(cfg.draft_headroom * budgets[np.maximum(at, 0)]).astype(np.int64)
         return np.where(at >= 0, np.clip(sizes, floor, cap), cap)
