@@ -239,38 +239,54 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     # tells the worker which requests finished, it does not scan the batch for it).
     pos_at, end_at = np.zeros(batch, np.int64), np.zeros(batch, np.int64)
 
-    def start(b):
+    prompt_lists: dict[str, list] = {}  # (SGLang keeps a request's prompt as a Python list)
+
+    def new_request():
+        """The next request as SGLang would hand it over (not timed): its id, tag, prompt
+        as a Python list, and the text it will decode."""
         pid = pids[int(rng.integers(len(pids)))]
         prompt, _, live = problems[pid]
         text = live[counter[0] % len(live)][: args.live_tokens]
         rid = f"r{counter[0]}"
         counter[0] += 1
-        session.start(rid, {"das_problem_id": pid}, prompt.tolist(), [], 1 << 30)
+        plist = prompt_lists.get(pid)
+        if plist is None:
+            plist = prompt_lists[pid] = prompt.tolist()
+        return rid, pid, prompt, plist, text, text.tolist()
+
+    def start(b, req):
+        rid, pid, prompt, plist, text, tlist = req
+        session.start(rid, {"das_problem_id": pid}, plist, [], 1 << 30)
         # (+ the text and prompt as Python ints: the worker reads roots and lengths from
         # SGLang's Python lists, ``req.output_ids[-1]``, not from numpy arrays)
-        slots[b] = [rid, prompt, text, 0, text.tolist(), int(prompt[-1]), len(prompt)]
+        slots[b] = [rid, prompt, text, 0, tlist, int(prompt[-1]), len(prompt), plist]
         pos_at[b], end_at[b] = 0, len(text)
 
     for b in range(batch):
-        start(b)
+        start(b, new_request())
     plan = Legacy.plan if legacy else DasSession.plan
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
     times, kinds, finishes, phases, cpus = [], [], 0, [], []
     carried = 0.0  # update-thread work still pending when the other configuration ran
     yield  # built
     for step in range(args.warmup + args.steps):
+        # This step's finishes and the requests that replace them, with their texts as the
+        # Python lists SGLang keeps (``req.origin_input_ids``, ``req.output_ids``): made
+        # before the step's clock starts (until this version the bench's own conversions
+        # of its numpy texts, ~30 us a finish, were timed as DAS's).
+        ending = [(b, slots[b][0], slots[b][7], slots[b][4][:slots[b][3]], new_request())
+                  for b in np.flatnonzero(pos_at + 1 >= end_at).tolist()]
         t_begin = time.perf_counter() - carried
         c_begin = time.thread_time()
         carried_in = carried
         kind = "decode"
         ph, cpu = {}, {}
         # finishes and starts of this step (the scheduler calls them between forwards)
-        for b in np.flatnonzero(pos_at + 1 >= end_at).tolist():
-            rid, prompt, text, pos = slots[b][:4]
-            session.finished(rid, prompt.tolist(), text[:pos].tolist())
+        for b, rid, plist, output, req in ending:
+            session.finished(rid, plist, output)
             finishes += 1
             kind = "finish"
-            start(b)
+            start(b, req)
         t1, c1 = time.perf_counter(), time.thread_time()
         ph["starts"] = t1 - t_begin - carried_in  # (the carried wait is its own phase)
         cpu["starts"] = c1 - c_begin
@@ -283,8 +299,8 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         trees, width = plan(session, rids, args.max_nodes)
         t3, c3 = time.perf_counter(), time.thread_time()
         ph["plan"], cpu["plan"] = t3 - t2, c3 - c2
-        roots = [t[p - 1] if p else last for _, _, _, p, t, last, _ in slots]
-        seq_lens = [n + p for _, _, _, p, _, _, n in slots]
+        roots = [t[p - 1] if p else last for _, _, _, p, t, last, _, _ in slots]
+        seq_lens = [n + p for _, _, _, p, _, _, n, _ in slots]
         if args.layout == "ragged" and not legacy:  # what the worker builds there
             layout = build_ragged_layout(roots, trees, seq_lens)
             t4 = time.perf_counter()
