@@ -232,6 +232,13 @@ class SuffixDrafter:
         self._unshare_pending: list[int] = []  # past shared_max_tokens: leave at the next extend
         self.shared_tokens = 0
         self._live: dict[str, _Live] = {}
+        # Prompt copies (config.dedup_prompts): (problem, prompt bytes) -> (seq_id, step,
+        # head) of a stored sequence that indexed that prompt whole; the head (the tokens
+        # before the prompt's last index_depth) of every sequence that indexed only the
+        # rest; and which key each whole copy holds (dropped with its sequence).
+        self._prompt_copies: dict[tuple[str, bytes], tuple[int, int, np.ndarray]] = {}
+        self._heads: dict[int, np.ndarray] = {}
+        self._whole_key: dict[int, tuple[str, bytes]] = {}
         # A batch's rows resolved once (see _rows): (req_ids, _live_version, lives, indexes,
         # seq_ids); _live_version counts the changes of _live, which make it stale.
         self._rows_memo: tuple | None = None
@@ -334,6 +341,8 @@ class SuffixDrafter:
             del self._step_seqs[step]
         for seq_id in seqs:
             self.history_tokens -= self._seq_len.pop(seq_id, 0)
+            if self._whole_key or self._heads:
+                self._forget_prompt(seq_id)
 
     def defer_unshare(self, seq_ids) -> None:
         """Shared-index copies :meth:`take_unshare` handed out but not removed: they leave
@@ -481,7 +490,15 @@ class SuffixDrafter:
             self._step_seqs[step] += 1
         return seq_id
 
+    def _forget_prompt(self, seq_id: int) -> None:
+        """A sequence left the index: its prompt head, or its place as a whole copy."""
+        self._heads.pop(seq_id, None)
+        key = self._whole_key.pop(seq_id, None)
+        if key is not None:
+            del self._prompt_copies[key]
+
     def _remove(self, problem_id: str, seq_id: int, step: int) -> None:
+        self._forget_prompt(seq_id)
         self._indices[problem_id].remove_sequence(seq_id)
         if self._global is not None:
             self._global.remove_sequence(seq_id)
@@ -519,8 +536,28 @@ class SuffixDrafter:
         # (a GRPO group indexes its prompt 16 times) and, as history, part of the shared
         # token cap (shared_max_tokens) from the responses. bench_peers: tokens per step
         # 3.632 / 9.023 / 3.225 vs 3.631 / 9.022 / 3.217 with whole prompts.
+        key = head = None
+        k = self.config.index_depth
+        if self.config.dedup_prompts and len(tokens) > k:
+            # Another whole copy of this prompt in the problem's index, in a weighted step:
+            # index only the last index_depth tokens (the cursors and every count a draft
+            # reads past the prompt are the same; see DrafterConfig.dedup_prompts).
+            key = (problem_id, tokens.tobytes())
+            whole = self._prompt_copies.get(key)
+            if (whole is not None and whole[1] >= self._step - self.config.window_steps
+                    and whole[1] not in self._evicting):
+                head = whole[2]
+                tokens = tokens[len(head):]
         cut = self._shared_start(len(tokens))
         seq_id = self._add(problem_id, tokens, self._step, cut)
+        if head is not None:
+            self._heads[seq_id] = head
+        elif key is not None:
+            old = self._prompt_copies.get(key)
+            if old is not None:
+                self._whole_key.pop(old[0], None)
+            self._prompt_copies[key] = (seq_id, self._step, tokens[: len(tokens) - k].copy())
+            self._whole_key[seq_id] = key
         self._live[req_id] = _Live(problem_id, seq_id, self._step, cut, self._indices[problem_id])
         self._live_version += 1
         self._rows_memo = None  # (stale now: let go of what it holds)
@@ -684,8 +721,11 @@ class SuffixDrafter:
         live = self._request(req_id)
         if live.problem_id == problem_id and live.step == step:
             have = self._indices[problem_id].sequence_tokens(live.seq_id)
-            n = len(have)
-            if n <= len(tokens) and np.array_equal(have, tokens[:n]):
+            head = self._heads.get(live.seq_id)  # (the prompt's part it never indexed)
+            h = 0 if head is None else len(head)
+            n = h + len(have)
+            if (n <= len(tokens) and np.array_equal(have, tokens[h:n])
+                    and (head is None or np.array_equal(head, tokens[:h]))):
                 if n < len(tokens):
                     self.extend_request(req_id, tokens[n:])
                 self.finish_request(req_id, keep=True)
@@ -891,11 +931,17 @@ class SuffixDrafter:
         out: History = {}
         for problem_id, by_step in self._finished.items():
             idx = self._indices[problem_id]
-            steps = {s: [idx.sequence_tokens(q) for q in seqs] for s, seqs in sorted(by_step.items())
+            steps = {s: [self._whole_text(idx, q) for q in seqs] for s, seqs in sorted(by_step.items())
                      if s not in self._evicting}
             if steps:
                 out[problem_id] = steps
         return out
+
+    def _whole_text(self, idx: SuffixIndex, seq_id: int) -> np.ndarray:
+        """A stored sequence's text, with the prompt head it did not index (dedup_prompts)."""
+        head = self._heads.get(seq_id)
+        tokens = idx.sequence_tokens(seq_id)
+        return tokens if head is None else np.concatenate([head, tokens])
 
     def load_history(self, history: Mapping[str, Mapping[int, Iterable[Sequence[int] | np.ndarray]]]) -> int:
         """Add every rollout of a :meth:`history` snapshot; returns how many were stored.
