@@ -13,8 +13,11 @@ Scale: ``--problems`` (default 2048) problems x ``--samples`` (16) history rollo
 from the bundled SkyThought AIME24 rollouts (30 problems x 22 checkpoint outputs, cut to
 ``--max-tokens``) repeated and perturbed: problem ``j`` is base problem ``j mod 30`` with
 its token ids shifted by a per-problem offset and ``--perturb`` of them replaced at random,
-so no two problems share an index. ``batch`` live requests (spread over the problems)
-replay held-out outputs token by token, accepting what the draft tree matches; a request
+so no two problems share an index. ``batch`` live requests (spread over the problems;
+they start in GRPO groups of ``--group`` (16) consecutive requests of one problem, as an RL
+rollout queue holds each prompt's samples together -- until this version every start drew a
+random problem, so a start's prompt was almost never already indexed by a sibling, which
+``DrafterConfig.dedup_prompts`` relies on) replay held-out outputs token by token, accepting what the draft tree matches; a request
 that reaches the end of its text finishes (its text becomes history) and a new one starts
 (which requests finish is one vectorised test, as SGLang hands the worker its finished
 requests: until this version a Python pass over every slot was timed too, 0.4-1.2 ms
@@ -240,11 +243,14 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     pos_at, end_at = np.zeros(batch, np.int64), np.zeros(batch, np.int64)
 
     prompt_lists: dict[str, list] = {}  # (SGLang keeps a request's prompt as a Python list)
+    group_pid = [None]
 
     def new_request():
         """The next request as SGLang would hand it over (not timed): its id, tag, prompt
         as a Python list, and the text it will decode."""
-        pid = pids[int(rng.integers(len(pids)))]
+        if counter[0] % args.group == 0:  # the next GRPO group's problem
+            group_pid[0] = pids[int(rng.integers(len(pids)))]
+        pid = group_pid[0]
         prompt, _, live = problems[pid]
         text = live[counter[0] % len(live)][: args.live_tokens]
         rid = f"r{counter[0]}"
@@ -441,6 +447,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=768, help="tokens kept per base rollout")
     ap.add_argument("--live-tokens", type=int, default=256, help="tokens a live request decodes")
     ap.add_argument("--perturb", type=float, default=0.02, help="share of tokens replaced")
+    ap.add_argument("--group", type=int, default=16,
+                    help="requests start in GRPO groups: this many consecutive starts share a "
+                         "problem (and its prompt), as an RL rollout queue holds each prompt's n "
+                         "samples together; 1 = every start a random problem (until this version)")
     ap.add_argument("--window", type=int, default=4, help="history window in steps")
     ap.add_argument("--max-nodes", type=int, default=16, help="draft nodes per request (N-1)")
     ap.add_argument("--warmup", type=int, default=10)
@@ -474,6 +484,9 @@ def main(argv=None) -> int:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
         print(f"error: invalid --batches={args.batches!r}", file=sys.stderr)
+        return 1
+    if args.group < 1:
+        print(f"error: invalid --group={args.group}: must be >= 1", file=sys.stderr)
         return 1
     if args.interleave < 1:
         print(f"error: invalid --interleave={args.interleave}: must be >= 1", file=sys.stderr)
