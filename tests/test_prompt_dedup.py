@@ -114,3 +114,30 @@ def test_lazy_eviction_forgets_prompt_copies_with_their_sequences():
     assert d._live["n"].seq_id in d._whole_key
     assert d.evict_pending(None)
     assert not d._heads and list(d._whole_key) == [d._live["n"].seq_id]
+
+
+def test_a_digest_collision_indexes_the_prompt_whole(monkeypatch):
+    import das_sglang.core.drafter as drafter_module
+
+    class Same:  # every prompt gets the same digest
+        def __init__(self, *a, **k):
+            pass
+
+        def digest(self):
+            return b"x" * 16
+
+    monkeypatch.setattr(drafter_module.hashlib, "blake2b", Same)
+    d = _drafter(True)
+    other = PROMPT.copy()
+    other[3] += 1  # differs in the head
+    d.start_request("a", "p", PROMPT)
+    d.start_request("b", "p", other)
+    assert _tokens(d) == 2 * len(PROMPT) and not d._heads  # whole: the heads differ
+    d.start_request("c", "p", other)  # the entry is b's now (the latest whole copy)
+    assert list(d._heads.values())[0].tolist() == other[: len(other) - d.config.index_depth].tolist()
+    out = np.arange(5, dtype=np.int32)
+    for r, p in (("a", PROMPT), ("b", other), ("c", other)):
+        d.extend_request(r, out)
+        d.finish_as(r, "p", 0, np.concatenate([p, out]))
+    texts = sorted(t.tolist() for t in d.history()["p"][0])
+    assert texts == sorted([np.concatenate([p, out]).tolist() for p in (PROMPT, other, other)])

@@ -23,6 +23,7 @@ Worked example (window 1, decay 0.5)::
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -232,11 +233,14 @@ class SuffixDrafter:
         self._unshare_pending: list[int] = []  # past shared_max_tokens: leave at the next extend
         self.shared_tokens = 0
         self._live: dict[str, _Live] = {}
-        # Prompt copies (config.dedup_prompts): (problem, prompt bytes) -> (seq_id, step,
-        # head) of a stored sequence that indexed that prompt whole; the head (the tokens
-        # before the prompt's last index_depth) of every sequence that indexed only the
-        # rest; and which key each whole copy holds (dropped with its sequence).
-        self._prompt_copies: dict[tuple[str, bytes], tuple[int, int, np.ndarray]] = {}
+        # Prompt copies (config.dedup_prompts): (problem, prompt digest) -> [seq_id, step,
+        # head] of a stored sequence that indexed that prompt whole (head: the tokens before
+        # the prompt's last index_depth, copied once a second copy needs it; None before);
+        # the head of every sequence that indexed only the rest (one array per prompt,
+        # shared); and which key each whole copy holds (dropped with its sequence). Keyed
+        # by a 16-byte digest, not the prompt (a stored rollout's entry costs ~0.2 kB, not
+        # two prompt copies); a head is compared token by token before it is used.
+        self._prompt_copies: dict[tuple[str, bytes], list] = {}
         self._heads: dict[int, np.ndarray] = {}
         self._whole_key: dict[int, tuple[str, bytes]] = {}
         # A batch's rows resolved once (see _rows): (req_ids, _live_version, lives, indexes,
@@ -542,12 +546,13 @@ class SuffixDrafter:
             # Another whole copy of this prompt in the problem's index, in a weighted step:
             # index only the last index_depth tokens (the cursors and every count a draft
             # reads past the prompt are the same; see DrafterConfig.dedup_prompts).
-            key = (problem_id, tokens.tobytes())
+            key = (problem_id, hashlib.blake2b(tokens.tobytes(), digest_size=16).digest())
             whole = self._prompt_copies.get(key)
             if (whole is not None and whole[1] >= self._step - self.config.window_steps
                     and whole[1] not in self._evicting):
-                head = whole[2]
-                tokens = tokens[len(head):]
+                head = self._prompt_head(problem_id, whole, tokens, len(tokens) - k)
+                if head is not None:
+                    tokens = tokens[len(head):]
         cut = self._shared_start(len(tokens))
         seq_id = self._add(problem_id, tokens, self._step, cut)
         if head is not None:
@@ -556,11 +561,25 @@ class SuffixDrafter:
             old = self._prompt_copies.get(key)
             if old is not None:
                 self._whole_key.pop(old[0], None)
-            self._prompt_copies[key] = (seq_id, self._step, tokens[: len(tokens) - k].copy())
+            self._prompt_copies[key] = [seq_id, self._step, None]
             self._whole_key[seq_id] = key
         self._live[req_id] = _Live(problem_id, seq_id, self._step, cut, self._indices[problem_id])
         self._live_version += 1
         self._rows_memo = None  # (stale now: let go of what it holds)
+
+    def _prompt_head(self, problem_id: str, whole: list, tokens: np.ndarray, n: int) -> np.ndarray | None:
+        """The first ``n`` tokens of the prompt ``tokens`` as the whole copy ``whole``
+        stored them (copied once from the index, then shared), or None when they differ
+        (a digest collision: the prompt is then indexed whole)."""
+        head = whole[2]
+        if head is None:
+            stored = self._indices[problem_id].sequence_tokens(whole[0])
+            if len(stored) < len(tokens) or not np.array_equal(stored[:len(tokens)], tokens):
+                return None
+            head = whole[2] = stored[:n].copy()
+        elif len(head) != n or not np.array_equal(head, tokens[:n]):
+            return None
+        return head
 
     def _shared_start(self, n_prompt: int) -> int:
         return max(0, n_prompt - self.config.shared_index_depth) if self._global is not None else 0
