@@ -29,8 +29,10 @@ Between two steps the engine's own work is modelled, so background work has what
 in the real worker: the forward (``--forward-ms``, GIL released: the scheduler thread
 waits on the GPU) and SGLang's own work between two decode steps -- result processing,
 output streaming, scheduling the next batch -- as ``--engine-fixed-ms`` per step plus
-``--engine-us`` per request (a GIL-holding Python loop: a fixed amount of work,
-calibrated at start on a quiet core). The defaults are what the installed SGLang was
+``--engine-us`` per request (a GIL-holding Python loop: a fixed amount of time's work,
+its loop rate measured before every block of steps while no DAS thread works,
+``--engine-calibration``; until this version once at the start, so a slow phase of the VM
+was charged to DAS as engine delay). The defaults are what the installed SGLang was
 measured to take on this 2-core VM (``measure_engine_gap.py``: 1.21 ms + 15.6 us per
 request, 9.2 ms a step at 512 requests); until this version the model was 2 us per
 request and nothing fixed, an estimate ~8x below that. Neither is counted in the step time, except what the engine's Python took
@@ -169,15 +171,21 @@ def _spin(n: int) -> int:
     return x
 
 
-def calibrate_engine() -> None:
-    """Iterations per microsecond of the engine model's loop on a quiet core: the fastest
-    of a few 20 ms runs (the least disturbed), so the model is a fixed amount of work."""
+def calibrate_engine(runs: int = 5, spins: int = 200_000) -> None:
+    """Iterations per microsecond of the engine model's loop while no DAS thread works: the
+    fastest of a few runs (the least disturbed), so the model is a fixed amount of time's
+    work at the machine's current speed. Run at the start, and (``--engine-calibration
+    block``) again before every block of steps, after the previous block's background work
+    has finished: the VM's speed moves by 1.5-2x within minutes, and a rate measured once
+    charged a slow phase's whole slowdown of the engine's Python (up to ~4.5 ms a step at
+    512 rows, the baseline alike) to DAS as ``engine_delay``, which is meant to be what
+    DAS's threads take from it."""
     global _SPINS_PER_US
     best = 0.0
-    for _ in range(5):
+    for _ in range(runs):
         t = time.perf_counter()
-        _spin(200_000)
-        best = max(best, 200_000 / ((time.perf_counter() - t) * 1e6))
+        _spin(spins)
+        best = max(best, spins / ((time.perf_counter() - t) * 1e6))
     _SPINS_PER_US = best
 
 
@@ -465,6 +473,10 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-us", type=float, default=15.6, help="SGLang's own Python per request")
     ap.add_argument("--engine-fixed-ms", type=float, default=1.21,
                     help="SGLang's own Python per decode step besides --engine-us")
+    ap.add_argument("--engine-calibration", choices=("block", "start"), default="block",
+                    help="when the engine model's loop rate is measured: before every block of "
+                         "steps (the VM's current speed; engine_delay is then what DAS's threads "
+                         "take from it) or once at the start (until this version)")
     ap.add_argument("--layout", choices=("ragged", "uniform"), default="ragged",
                     help="the worker's verify layout (sets the budgets' form: options.for_layout)")
     ap.add_argument("--mask-device", choices=("meta", "cpu"), default="meta",
@@ -522,6 +534,8 @@ def main(argv=None) -> int:
             blocks = []
 
             def block(legacy, g) -> bool:
+                if args.engine_calibration == "block":
+                    calibrate_engine(3, 40_000)  # (~1 ms each; no DAS work is running now)
                 before = MachineLoad.now()
                 try:
                     next(g)
