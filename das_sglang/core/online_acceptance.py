@@ -301,10 +301,14 @@ class ProbeSchedule:
 
     def due(self, rows) -> np.ndarray:
         ids = R.req_ids(rows)
+        cached = self._cached(ids)
+        last = cached[1] if cached is not None else self._last_of(ids)
+        return self._plans - last >= self.config.probe_every
+
+    def _cached(self, ids) -> tuple | None:
+        """``_rows_last`` when it is these rows' (the same request ids, in order)."""
         cached = self._rows_last
-        if cached is not None and len(cached[1]) == len(ids) and cached[0] == ids:
-            return self._plans - cached[1] >= self.config.probe_every
-        return self._plans - self._last_of(ids) >= self.config.probe_every
+        return cached if cached is not None and cached[0] == ids else None
 
     def _last_of(self, ids) -> np.ndarray:
         never = -self.config.probe_every  # a new request is due at once
@@ -319,8 +323,8 @@ class ProbeSchedule:
         drafted = np.flatnonzero(np.asarray(budgets) > 0)
         ids = R.req_ids(rows)
         self._last.update(dict.fromkeys((ids[i] for i in drafted.tolist()), self._plans))
-        cached = self._rows_last
-        if cached is not None and cached[2] and len(cached[1]) == len(ids) and cached[0] == ids:
+        cached = self._cached(ids)
+        if cached is not None and cached[2]:
             # the same rows, each request once: only the drafted rows' values change
             # (this is the plan's bookkeeping, off the next plan's path)
             values = cached[1].copy()
