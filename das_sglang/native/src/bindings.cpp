@@ -126,6 +126,8 @@ void set_mix(DraftParams& p, nb::handle mix) {
   if (!(p.mix_recency >= 0.0) || !(p.mix_match_half >= 0.0))
     throw nb::value_error(("invalid mix=(..., recency=" + std::to_string(p.mix_recency) + ", match_half=" +
                            std::to_string(p.mix_match_half) + "): both must be >= 0").c_str());
+  for (int m = 0; m < DraftParams::kMixPow; ++m) p.mix_pow[m] = std::pow(double(m), p.mix_alpha);
+  p.mix_pow_set = true;
 }
 
 nb::tuple draft_tuple(const Draft& d) {
