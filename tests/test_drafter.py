@@ -120,6 +120,28 @@ class TestBatch:
             assert tree.parents.tolist() == single.parents.tolist()
             assert tree.probs.tolist() == single.probs.tolist()
 
+    def test_small_budget_lists_match_the_array_path_and_bad_ones_name_their_request(self):
+        d = drafter(min_token_prob=0.0, max_budget=8)
+        for k in range(3):
+            d.add_history("p", 0, [1, 2, 3 + k, 9, 9, 4, 5])
+        d.start_request("a", "p", [1, 2])
+        d.start_request("b", "p", [2, 3])
+        # a few Python ints (checked in Python) vs the same budgets as an array, one capped
+        fast = d.speculate_batch(["a", "b"], [3, 50])
+        slow = d.speculate_batch(["a", "b"], np.array([3, 50]))
+        assert d._budget_array(["a", "b"], [3, 50]).tolist() == [3, 8]
+        assert d._budget_array(["a", "b"], [3, 50]).dtype == np.int32
+        for x, y in zip(fast, slow):
+            assert x.tokens.tolist() == y.tokens.tolist() and x.probs.tolist() == y.probs.tolist()
+        one = d.speculate_batch(["b"], [5])[0]  # (one row: the native output is the tree)
+        assert one.tokens.tolist() == d.speculate("b", 5).tokens.tolist()
+        with pytest.raises(ValueError, match=r"invalid budget=-1 for req_id='b'"):
+            d.speculate_batch(["a", "b"], [2, -1])
+        with pytest.raises(ValueError, match=r"budgets has 1 entries for 2 req_ids"):
+            d.speculate_batch(["a", "b"], [2])
+        with pytest.raises(ValueError, match=r"unknown req_id='zz'"):
+            d.speculate_batch(["a", "zz"], [2, 2])
+
     def test_native_trees_pass_the_validating_constructor(self):
         d = drafter(min_token_prob=0.0, max_budget=24)
         for k in range(5):

@@ -218,6 +218,8 @@ def _flat_tokens(rows: Sequence[object]) -> np.ndarray | None:
 
 
 class SuffixDrafter:
+    _mix_memo: tuple | None = None  # (config, its native mix tuple): _mix
+
     def __init__(self, config: DrafterConfig | None = None) -> None:
         self.config = config or DrafterConfig()
         if self.config.window_steps + 1 > MAX_STEPS:
@@ -764,9 +766,14 @@ class SuffixDrafter:
         """One native call for the whole decode batch; ``budgets=None`` asks for max_budget."""
         n = len(req_ids)
         b = self._budget_array(req_ids, self.config.max_budget if budgets is None else budgets)
-        lives = [self._request(r) for r in req_ids]
-        indices = [self._indices[lv.problem_id] for lv in lives]
-        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=n)
+        live = self._live
+        try:
+            lives = [live[r] for r in req_ids]
+        except (KeyError, TypeError):
+            lives = [self._request(r) for r in req_ids]  # (raises naming the unknown one)
+        by_problem = self._indices
+        indices = [by_problem[lv.problem_id] for lv in lives]
+        seq_ids = np.array([lv.seq_id for lv in lives], dtype=np.int64)
         trees = self._draft_rows(indices, seq_ids, b)
         if self._global is not None and not self._mixes_shared():
             empty = [r for r, t in enumerate(trees) if len(t) == 0 and b[r] > 0]
@@ -789,6 +796,13 @@ class SuffixDrafter:
             return np.full(n, min(int(budget), cap), dtype=np.int32)
         if len(budget) != n:
             raise ValueError(f"budgets has {len(budget)} entries for {n} req_ids")
+        if n <= 8 and type(budget) is list and all(type(x) is int for x in budget):
+            # A few Python ints (a small group's per-request call): checked in Python, ~3 us
+            # less than the array round trip below (the same array).
+            for x, r in zip(budget, req_ids):
+                if x < 0:
+                    raise ValueError(f"invalid budget={x} for req_id={r!r}: must be >= 0")
+            return np.array([x if x < cap else cap for x in budget], dtype=np.int32)
         b = np.asarray(budget, dtype=np.int64)
         if n and b.min() < 0:
             row = int(np.argmin(b))
@@ -799,10 +813,13 @@ class SuffixDrafter:
         """The native wide-tree parameters (one place: the tree list and flat paths must
         draft the same trees)."""
         cfg = self.config
-        if not cfg.mixture:
-            return None
-        return (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match, cfg.mix_max_fanout, cfg.mix_recency,
-                cfg.mix_match_half)
+        memo = self._mix_memo
+        if memo is not None and memo[0] is cfg:  # (the config is frozen: one tuple per config)
+            return memo[1]
+        mix = None if not cfg.mixture else (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match,
+                                            cfg.mix_max_fanout, cfg.mix_recency, cfg.mix_match_half)
+        self._mix_memo = (cfg, mix)
+        return mix
 
     def _can_predraft(self) -> bool:
         """Pre-drafted trees can stand for a later draft: no shared index, or one mixed into
@@ -828,6 +845,8 @@ class SuffixDrafter:
         tokens, parents, probs, offsets, match = draft_batch(
             indices, seq_ids, budgets, cfg.min_token_prob, steps, weights, not cfg.tree, cfg.max_match_len, mix,
             *self._shared())
+        if len(match) == 1:  # (one row: its arrays are the whole output)
+            return [_native_tree(tokens, parents, probs, int(match[0]))]
         bounds = offsets.tolist()
         return [
             _native_tree(tokens[a:z], parents[a:z], probs[a:z], m)

@@ -126,7 +126,15 @@ void set_mix(DraftParams& p, nb::handle mix) {
   if (!(p.mix_recency >= 0.0) || !(p.mix_match_half >= 0.0))
     throw nb::value_error(("invalid mix=(..., recency=" + std::to_string(p.mix_recency) + ", match_half=" +
                            std::to_string(p.mix_match_half) + "): both must be >= 0").c_str());
-  for (int m = 0; m < DraftParams::kMixPow; ++m) p.mix_pow[m] = std::pow(double(m), p.mix_alpha);
+  // (made once per alpha, not per call: 65 pow calls were ~2 us, a one-row call's budget;
+  // set_mix runs with the GIL held, so the cache needs no lock)
+  static double cached_alpha = -1.0;
+  static double cached_pow[DraftParams::kMixPow];
+  if (p.mix_alpha != cached_alpha) {
+    for (int m = 0; m < DraftParams::kMixPow; ++m) cached_pow[m] = std::pow(double(m), p.mix_alpha);
+    cached_alpha = p.mix_alpha;
+  }
+  std::memcpy(p.mix_pow, cached_pow, sizeof(cached_pow));
   p.mix_pow_set = true;
 }
 
