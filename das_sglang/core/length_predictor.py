@@ -310,7 +310,9 @@ class LengthPredictor(_LengthQueries):
 
     def _compact_pids(self) -> None:
         """Renumber the problems that still have lengths (bounded memory)."""
-        used = np.unique(self._cols[0, : self._n])
+        # (which problems still have a length: a count per problem, not np.unique's sort of
+        # every length -- 1-3 ms at 2,048 x 16 lengths on the step boundary's path)
+        used = np.flatnonzero(np.bincount(self._cols[0, : self._n], minlength=len(self._pids)))
         if len(used) == len(self._pids):
             return
         remap = np.full(len(self._pids), -1, dtype=np.int64)
