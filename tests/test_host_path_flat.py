@@ -584,3 +584,36 @@ def test_spread_is_concat_with_empty_rows_then_take():
         batch.spread(rows[::-1], 14)
     with pytest.raises(ValueError, match="9 target rows|target rows"):
         batch.spread(rows[:5], 14)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_batches_interleaving_indexes_equal_row_by_row_drafts(threads):
+    """A batch whose rows interleave many problems' indexes is drafted grouped by index
+    (native ``index_order``: siblings' reads share the cache) and handed back in row order:
+    every row's tree, depth and match length equal the row drafted alone (one-row calls
+    are never reordered), through draft_batch, draft_rows and the started extend job."""
+    d, rids, rng = _drafter(11, problems=10, requests=200, global_shard=True)
+    rows = list(rng.permutation(rids)[:96])  # interleaved problems, 96 rows >= the 16 it needs
+    assert len({d._live[r].problem_id for r in rows[:16]}) > 4
+    budgets = rng.integers(0, 17, len(rows)).astype(np.int32)
+    _, idx, seq = d._rows(rows)
+    steps, weights = d._weights
+    args = (0.05, steps, weights, False, 32, d._mix())
+    # (the job first: its appends, empty here, still touch the indexes' state the drafts read)
+    pending = extend_draft_rows_start(idx, seq, np.zeros(0, np.int32), np.zeros(len(rows) + 1, np.int64),
+                                      budgets, *args, threads, 0, *d._shared())
+    *started, _ = pending.wait()
+    alone = [draft_rows([ix], seq[i:i + 1], budgets[i:i + 1], *args, 1, *d._shared())
+             for i, ix in enumerate(idx)]
+    whole = draft_rows(idx, seq, budgets, *args, threads, *d._shared())
+    batch = draft_batch(idx, seq, budgets, *args, *d._shared())
+    for out in (whole, started):
+        tokens, parents, probs, depths, offsets, match = out
+        assert len(tokens) > 300
+        for i, one in enumerate(alone):
+            a, z = offsets[i], offsets[i + 1]
+            for got, want in zip((tokens[a:z], parents[a:z], probs[a:z], depths[a:z]), one[:4]):
+                np.testing.assert_array_equal(got, want)
+            assert match[i] == one[5][0]
+    for x, y in zip(batch, (whole[0], whole[1], whole[2], whole[4], whole[5])):
+        np.testing.assert_array_equal(x, y)
