@@ -133,8 +133,18 @@ class TestBatch:
         assert d._budget_array(["a", "b"], [3, 50]).dtype == np.int32
         for x, y in zip(fast, slow):
             assert x.tokens.tolist() == y.tokens.tolist() and x.probs.tolist() == y.probs.tolist()
-        one = d.speculate_batch(["b"], [5])[0]  # (one row: the native output is the tree)
-        assert one.tokens.tolist() == d.speculate("b", 5).tokens.tolist()
+        # one row: the index's own one-row call, the same tree as the batch call's
+        for rid, budget in (("a", 5), ("b", 5), ("b", 50), ("b", 0)):
+            one = d.speculate_batch([rid], [budget])[0]
+            via_batch = d.speculate_batch([rid], np.array([budget]))[0]
+            for f in ("tokens", "parents", "probs"):
+                assert getattr(one, f).tolist() == getattr(via_batch, f).tolist()
+            assert one.match_len == via_batch.match_len and len(one) == min(len(via_batch), 8)
+        assert d.speculate("a").tokens.tolist() == d.speculate_batch(["a"], np.array([8]))[0].tokens.tolist()
+        with pytest.raises(ValueError, match=r"invalid budget=-2 for req_id='a'"):
+            d.speculate_batch(["a"], [-2])
+        with pytest.raises(ValueError, match=r"unknown req_id='zz'"):
+            d.speculate_batch(["zz"], [2])
         with pytest.raises(ValueError, match=r"invalid budget=-1 for req_id='b'"):
             d.speculate_batch(["a", "b"], [2, -1])
         with pytest.raises(ValueError, match=r"budgets has 1 entries for 2 req_ids"):

@@ -279,3 +279,19 @@ def test_load_history_names_a_bad_rollout():
     for bad in (5, [1.5, 2]):
         with pytest.raises(ValueError, match="invalid tokens of problem 'p'"):
             d.load_history({"p": {0: [np.arange(20), bad]}})
+
+
+@pytest.mark.parametrize("shared_weight", [0.0, 0.03])
+def test_one_request_draft_equals_the_batch_call_with_either_shared_index_use(shared_weight):
+    """``speculate`` of one request takes its index's one-row call; with the fallback-only
+    shared index (weight 0) an empty own tree is filled from the shared index as in a batch,
+    with the mixed one the shared text is in the tree: the same trees as the batch path."""
+    d = SuffixDrafter(DrafterConfig(global_shard=True, shared_weight=shared_weight, min_token_prob=0.0))
+    d.advance_step(1)
+    d.add_history("other", 0, [7, 8, 9, 10, 11])
+    d.add_history("p", 0, [1, 2, 3, 4])
+    d.start_request("r", "p", [5, 7, 8])  # p's own index knows nothing after 8
+    one = d.speculate("r", 4)
+    batch = d.speculate_batch(["r"], np.array([4]))[0]
+    assert one.tokens.tolist() == batch.tokens.tolist() and one.probs.tolist() == batch.probs.tolist()
+    assert one.tokens.tolist()[:2] == [9, 10]  # (the other problem's text, either way)
