@@ -771,14 +771,7 @@ class SuffixDrafter:
             if tree is not None:
                 return [tree]
         b = self._budget_array(req_ids, self.config.max_budget if budgets is None else budgets)
-        live = self._live
-        try:
-            lives = [live[r] for r in req_ids]
-        except (KeyError, TypeError):
-            lives = [self._request(r) for r in req_ids]  # (raises naming the unknown one)
-        by_problem = self._indices
-        indices = [by_problem[lv.problem_id] for lv in lives]
-        seq_ids = np.array([lv.seq_id for lv in lives], dtype=np.int64)
+        _, indices, seq_ids = self._rows(req_ids)  # (an unknown request raises, naming it)
         trees = self._draft_rows(indices, seq_ids, b)
         if self._global is not None and not self._mixes_shared():
             empty = [r for r, t in enumerate(trees) if len(t) == 0 and b[r] > 0]

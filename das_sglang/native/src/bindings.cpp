@@ -267,13 +267,28 @@ std::vector<uint32_t> index_order(const std::vector<const SuffixIndex*>& idx) {
   first.reserve(runs);
   for (size_t r = 0; r < n; ++r) first.emplace(idx[r], uint32_t(r));
   if (first.size() == runs) return order;  // (every index's rows are contiguous already)
+  // groups in order of their first row; rows in order within a group (deterministic)
+  std::vector<uint32_t> group(n);
+  for (size_t r = 0; r < n; ++r) group[r] = first[idx[r]];
   order.resize(n);
   for (size_t r = 0; r < n; ++r) order[r] = uint32_t(r);
-  // groups in order of their first row; rows in order within a group (deterministic)
-  std::stable_sort(order.begin(), order.end(),
-                   [&](uint32_t a, uint32_t b) { return first[idx[a]] < first[idx[b]]; });
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return group[a] < group[b]; });
   return order;
 }
+
+// A draft's per-row arguments in index_order (order[k] is the k-th row drafted).
+struct OrderedRows {
+  std::vector<const SuffixIndex*> idx;
+  std::vector<int64_t> seq_ids;
+  std::vector<int32_t> budgets;
+  OrderedRows() = default;
+  OrderedRows(const std::vector<uint32_t>& order, const std::vector<const SuffixIndex*>& idx_,
+              const int64_t* seq_ids_, const int32_t* budgets_)
+      : idx(order.size()), seq_ids(order.size()), budgets(order.size()) {
+    for (size_t k = 0; k < order.size(); ++k)
+      idx[k] = idx_[order[k]], seq_ids[k] = seq_ids_[order[k]], budgets[k] = budgets_[order[k]];
+  }
+};
 
 // `in` holds rows order[0], order[1], ... (offsets as prefix sums, match per position);
 // `out` gets them in row order.
@@ -316,13 +331,10 @@ void draft_rows_impl(const std::vector<const SuffixIndex*>& idx, const int64_t* 
     draft_rows_ordered(idx, seq_ids, budgets, steps, weights, n_steps, base, want_depths, threads, out);
     return;
   }
-  const size_t n = idx.size();
-  std::vector<const SuffixIndex*> idx_p(n);
-  std::vector<int64_t> seq_p(n);
-  std::vector<int32_t> bud_p(n);
-  for (size_t k = 0; k < n; ++k) idx_p[k] = idx[order[k]], seq_p[k] = seq_ids[order[k]], bud_p[k] = budgets[order[k]];
+  const OrderedRows rows(order, idx, seq_ids, budgets);
   FlatDrafts perm;
-  draft_rows_ordered(idx_p, seq_p.data(), bud_p.data(), steps, weights, n_steps, base, want_depths, threads, perm);
+  draft_rows_ordered(rows.idx, rows.seq_ids.data(), rows.budgets.data(), steps, weights, n_steps, base,
+                     want_depths, threads, perm);
   unpermute(perm, order, want_depths, out);
 }
 
@@ -549,13 +561,7 @@ struct ExtendDraftWork {
     // the drafts go in index_order (the appends keep their own order): the chunks are of
     // that order, the result is put back in row order by finish()
     order_ = index_order(cidx);
-    if (!order_.empty()) {
-      d_idx_.resize(n);
-      d_seq_.resize(n);
-      d_bud_.resize(n);
-      for (size_t k = 0; k < n; ++k)
-        d_idx_[k] = cidx[order_[k]], d_seq_[k] = seq_ids[order_[k]], d_bud_[k] = budgets[order_[k]];
-    }
+    if (!order_.empty()) ordered_ = OrderedRows(order_, cidx, seq_ids.data(), budgets.data());
     out.offsets.assign(n + 1, 0);
     out.match.assign(n, 0);
   }
@@ -597,8 +603,8 @@ struct ExtendDraftWork {
       if (failed_.load()) continue;
       try {
         const bool perm = !order_.empty();
-        draft_range(perm ? d_idx_ : cidx, perm ? d_seq_.data() : seq_ids.data(),
-                    perm ? d_bud_.data() : budgets.data(), steps.data(), weights.data(), steps.size(), p, true,
+        draft_range(perm ? ordered_.idx : cidx, perm ? ordered_.seq_ids.data() : seq_ids.data(),
+                    perm ? ordered_.budgets.data() : budgets.data(), steps.data(), weights.data(), steps.size(), p, true,
                     c * kChunk, std::min(n, (c + 1) * kChunk), bufs_[c], out.offsets.data() + 1,
                     out.match.data());
       } catch (...) {
@@ -663,9 +669,7 @@ struct ExtendDraftWork {
   std::exception_ptr error_;
   std::vector<FlatDrafts> bufs_;
   std::vector<uint32_t> order_;  // index_order of the drafts (empty: row order)
-  std::vector<const SuffixIndex*> d_idx_;  // the draft arguments in that order
-  std::vector<int64_t> d_seq_;
-  std::vector<int32_t> d_bud_;
+  OrderedRows ordered_;          // the draft arguments in that order
 };
 
 template <class A>

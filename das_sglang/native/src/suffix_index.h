@@ -273,8 +273,9 @@ struct DraftParams {
   int mix_max_fanout = 1 << 30;
   double mix_recency = 0.0;
   double mix_match_half = 0.0;
-  // m^mix_alpha for m < kMixPow (std::pow's own results, made once per call by set_mix;
-  // add_anchor reads them instead of calling pow per anchor: 5 % of a draft's time)
+  // m^mix_alpha for m < kMixPow (std::pow's own results, filled by set_mix from a table it
+  // keeps per alpha; add_anchor reads them instead of calling pow per anchor: 5 % of a
+  // draft's time). Unset (a DraftParams not made by set_mix): add_anchor calls pow.
   static constexpr int kMixPow = 65;
   bool mix_pow_set = false;
   double mix_pow[kMixPow] = {};
