@@ -225,8 +225,8 @@ class DasSession:
         self._rows_memo: tuple | None = None
         self._live_version = 0
         self._root_only: set[str] = set()  # live requests verified at width 0
-        # Starts not yet registered with the drafter (_release_starts): their arguments, in
-        # order, and their req_ids.
+        # Starts and finishes not yet handed to the drafter (_release_starts): (function,
+        # arguments) in event order, and the deferred starts' req_ids.
         self._deferred: list[tuple] = []
         self._deferred_ids: set[str] = set()
         # Readable counters (saved in the snapshot's meta as "das_counters"):
@@ -297,19 +297,30 @@ class DasSession:
     # batches register before drafting. Which rule applies depends on the plan's row count
     # only, so inline and background updates still draft alike.
     DEFER_START_MIN_ROWS = 64
+    # Finishes wait with the deferred starts (same rule, same queue, in event order). A
+    # finish's drafter part is Python (the returned text checked against the indexed copy,
+    # the history's bookkeeping: ~50-100 us each); submitted at once it ran on the update
+    # thread beside the scheduler's own Python (SGLang's result processing, the next plan's
+    # policy), and the two took turns at the GIL: at 512 rows a step with finishes spent
+    # 1-2 ms more in the policy's Python than its CPU time (bench_host_path). Deferred, it
+    # runs during the verify forward, where the scheduler thread waits on the device. The
+    # index is the same either way in the common case (the finished text is already
+    # indexed as the request's own, ``SuffixDrafter.finish_as`` keeps it); what a plan's
+    # drafts see depends only on the order of events and its row count, never on timing.
+    DEFER_FINISHES = True
 
     def _release_starts(self) -> None:
-        """Register the deferred starts with the drafter, in order (on the update thread
-        when there is one, ahead of anything submitted after this)."""
+        """Hand the deferred starts and finishes to the drafter, in order (on the update
+        thread when there is one, ahead of anything submitted after this)."""
         if not self._deferred:
             return
         items, self._deferred = self._deferred, []
         self._deferred_ids = set()
-        for item in items:
+        for fn, args in items:
             if self._updates is not None:
-                self._updates.submit(self._start_in_drafter, *item)
+                self._updates.submit(fn, *args)
             else:
-                self._start_in_drafter(*item)
+                fn(*args)
 
     # ------------------------------------------------------------ requests
     def start(self, req_id: str, custom_params, prompt: Sequence[int], output: Sequence[int],
@@ -349,7 +360,7 @@ class DasSession:
         if self.shards is None:
             # Registered with the drafter by the next plan or anything before it that reads
             # or changes the drafter (DEFER_START_MIN_ROWS), in start order.
-            self._deferred.append((req_id, pid, prompt_arr, output_arr))
+            self._deferred.append((self._start_in_drafter, (req_id, pid, prompt_arr, output_arr)))
             self._deferred_ids.add(req_id)
         else:
             self._start_in_drafter(req_id, pid, prompt_arr, output_arr)
@@ -542,8 +553,8 @@ class DasSession:
             prepare(BudgetRows(*columns, DraftBatch.empty(n)))
         sizes = self._draft_sizes(req_ids, max_nodes)  # (also before the wait)
         new = self._deferred_ids
-        if new and n < self.DEFER_START_MIN_ROWS:
-            self._release_starts()
+        if self._deferred and n < self.DEFER_START_MIN_ROWS:
+            self._release_starts()  # (the deferred finishes too)
             new = ()
         if self._updates is not None:
             self._updates.flush()  # (the deferred starts stay out: see DEFER_START_MIN_ROWS)
@@ -780,7 +791,9 @@ class DasSession:
         live = self.live.pop(req_id, None)
         if live is None:
             return
-        self._release_starts()  # (its own start, if still deferred, comes first)
+        defer = self.DEFER_FINISHES and self._updates is not None and self.shards is None
+        if not defer:
+            self._release_starts()  # (its own start, if still deferred, comes first)
         self._live_version += 1
         self._rows_memo = None  # (stale now: let go of what it holds)
         self._root_only.discard(req_id)
@@ -793,7 +806,14 @@ class DasSession:
         else:
             tokens = as_tokens(list(prompt) + output, what)
         stored = live.step >= self.drafter.step - self.drafter.config.window_steps
-        if self._updates is not None:
+        if defer:
+            # Handed to the update thread with the deferred starts, in event order: by the
+            # next plan when it has few rows, else once its verify inputs are built (see
+            # DEFER_FINISHES).
+            self._deferred.append((self._finish_in_drafter, (req_id, live.problem_id, live.step, tokens)))
+            if not self.live:
+                self._release_starts()  # the batch drained: no forward comes to release it
+        elif self._updates is not None:
             # The native removal + insertion (~us per token) run on the update thread, in
             # order with the extends; the next drafter read waits for them.
             self._updates.submit(self._finish_in_drafter, req_id, live.problem_id, live.step, tokens)

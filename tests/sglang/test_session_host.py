@@ -616,3 +616,47 @@ def test_a_deferred_start_finished_before_any_plan_is_history():
     s.sync()
     assert [list(map(int, t)) for t in s.drafter.history()["p"][s.step]] == [[7, 8, 1, 2, 3]]
     s.close()
+
+
+def test_large_batches_hand_finishes_to_the_drafter_during_the_forward():
+    """At DEFER_START_MIN_ROWS rows and more a finish waits with the deferred starts, in
+    event order, until the next plan's verify inputs are built (before_forward): the plan's
+    drafts are those of handing it over at once (the finished text is already indexed), and
+    afterwards the text is history. Below it, and once the batch drains, it is handed over
+    by the next plan / at once."""
+    hist = [1, 2, 3, 4, 5, 6] * 10
+    plans = {}
+    for defer in (True, False):
+        for n in (70, 20):
+            s = DasSession(_opts(async_updates=True))
+            s.policy.lengths.background = False
+            s.DEFER_FINISHES = defer
+            for k in range(3):
+                s.start(f"h{k}", {"das_problem_id": "p"}, [7, 8], [], 100)
+                s.finished(f"h{k}", [7, 8], hist)
+            ids = [f"r{i}" for i in range(n)]
+            for r in ids:
+                s.start(r, {"das_problem_id": "p"}, [7, 8], [1, 2, 3], 100)
+            s.plan(ids, 8)
+            s.before_forward()
+            s.committed_batch(ids, [0] * n, [[4]] * n)
+            s.finished("r0", [7, 8], [1, 2, 3, 4])
+            assert bool(s._deferred) is defer  # (queued: the next plan applies the rule)
+            deferred = defer and n >= s.DEFER_START_MIN_ROWS
+            trees, _ = s.plan(ids[1:], 8)
+            plans[defer, n] = [t.tokens.tolist() for t in trees]
+            s._updates.flush()
+            assert ("r0" in s.drafter._live) is deferred  # not yet handed over: the plan drafted
+            s.before_forward()
+            s.sync()
+            assert "r0" not in s.drafter._live and not s._deferred
+            assert [7, 8, 1, 2, 3, 4] in [list(map(int, t)) for t in s.drafter.history()["p"][s.step]]
+            # the batch drains: its last finish is handed over without another plan
+            for r in ids[1:]:
+                s.finished(r, [7, 8], [1, 2, 3, 4])
+            assert not s._deferred
+            s.sync()
+            assert not s.drafter._live and len(s.drafter.history()["p"][s.step]) == n + 3
+            s.close()
+    assert plans[True, 70] == plans[False, 70] and plans[True, 20] == plans[False, 20]
+    assert sum(map(len, plans[True, 70])) > 0
