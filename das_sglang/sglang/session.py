@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -192,15 +191,55 @@ def _trim_heap_later() -> None:
     _TRIMMER.submit(_trim_heap)
 
 
-@dataclass
+class _Counts:
+    """The live requests' generated-token counts, one int64 array indexed by a slot per
+    request: a decode step reads its rows' counts with one gather and adds its accepted
+    tokens with one scatter, not a Python pass over request objects (~0.2 ms at 512 rows
+    in the plan and the feedback together)."""
+
+    __slots__ = ("gen", "_free")
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.gen = np.zeros(capacity, np.int64)
+        self._free = list(range(capacity - 1, -1, -1))  # (pop: the lowest slot first)
+
+    def take(self, value: int) -> int:
+        if not self._free:
+            n = len(self.gen)
+            self.gen = np.concatenate([self.gen, np.zeros(n, np.int64)])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        slot = self._free.pop()
+        self.gen[slot] = value
+        return slot
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+
+
 class _Live:
-    problem_id: str
-    step: int
-    prompt_len: int
-    max_new_tokens: int
-    generated: int  # response tokens the drafter has seen
-    root_only: bool = False  # verified exactly at width 0 (request_constraints)
-    prompt: np.ndarray | None = None  # the prompt as validated at the start (int32)
+    """A live request: its problem, step, sizes, and its slot in the session's counts."""
+
+    __slots__ = ("problem_id", "step", "prompt_len", "max_new_tokens", "root_only", "prompt",
+                 "slot", "_counts")
+
+    def __init__(self, problem_id: str, step: int, prompt_len: int, max_new_tokens: int,
+                 generated: int, counts: _Counts, root_only: bool = False,
+                 prompt: np.ndarray | None = None) -> None:
+        self.problem_id, self.step = problem_id, step
+        self.prompt_len, self.max_new_tokens = prompt_len, max_new_tokens
+        self.root_only = root_only  # verified exactly at width 0 (request_constraints)
+        self.prompt = prompt  # the prompt as validated at the start (int32)
+        self._counts = counts
+        self.slot = counts.take(generated)
+
+    @property
+    def generated(self) -> int:
+        """Response tokens the drafter has seen."""
+        return int(self._counts.gen[self.slot])
+
+    @generated.setter
+    def generated(self, value: int) -> None:
+        self._counts.gen[self.slot] = value
 
 
 class DasSession:
@@ -220,6 +259,7 @@ class DasSession:
         )
         self.step = 0
         self.live: dict[str, _Live] = {}
+        self._counts = _Counts()  # the live requests' generated tokens, by slot
         # The latest batch's rows resolved once (_rows): (req_ids, _live_version, records,
         # problem ids, max_new_tokens, prompt lengths); stale once a request starts or ends.
         self._rows_memo: tuple | None = None
@@ -367,7 +407,8 @@ class DasSession:
         self.counters["root_only"] += bool(root_only)
         if root_only:
             self._root_only.add(req_id)
-        self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), root_only, prompt_arr)
+        self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), self._counts,
+                                  root_only, prompt_arr)
         self._live_version += 1
         self._rows_memo = None  # (stale now: let go of what it holds)
         if self.shards is not None:
@@ -510,8 +551,8 @@ class DasSession:
                     self._mirror.pop(p, None)
 
     def _rows(self, req_ids: Sequence[str]) -> tuple:
-        """(records, problem ids, max_new_tokens, prompt lengths) of these live requests, in
-        row order; an unknown one raises naming it. The plan and the feedback of a decode
+        """(records, problem ids, max_new_tokens, prompt lengths, count slots, each request
+        once) of these live requests, in row order; an unknown one raises naming it. The plan and the feedback of a decode
         step (and the next steps while no request starts or ends) ask for the same batch:
         rows resolved for an equal ``req_ids`` list are reused, not looked up per row again."""
         memo = self._rows_memo
@@ -526,7 +567,9 @@ class DasSession:
         n = len(lives)
         rows = (lives, [lv.problem_id for lv in lives],
                 np.fromiter((lv.max_new_tokens for lv in lives), np.int64, n),
-                np.fromiter((lv.prompt_len for lv in lives), np.int64, n))
+                np.fromiter((lv.prompt_len for lv in lives), np.int64, n),
+                np.fromiter((lv.slot for lv in lives), np.int64, n),
+                len(set(req_ids)) == n)
         if type(req_ids) is list:
             self._rows_memo = (list(req_ids), self._live_version, *rows)
         return rows
@@ -540,12 +583,12 @@ class DasSession:
         pass: no Python object per row on this per-step path. Same trees and width as
         drafting row by row (tests/sglang/test_session_flat.py)."""
         req_ids = list(req_ids)
-        lives, problem_ids, max_new, prompt_len = self._rows(req_ids)
+        lives, problem_ids, max_new, prompt_len, slots, _ = self._rows(req_ids)
         self._settle_outcomes()  # (the policy is read from here on)
         n = len(lives)
-        # (the memo's columns are shared by plans of the same rows: no policy changes them)
-        columns = (req_ids, problem_ids, np.fromiter((lv.generated for lv in lives), np.int64, n),
-                   max_new, prompt_len)
+        # (the memo's columns are shared by plans of the same rows: no policy changes them;
+        # the generated counts are a fresh gather)
+        columns = (req_ids, problem_ids, self._counts.gen[slots], max_new, prompt_len)
         prepare = getattr(self.policy, "prepare", None)
         if prepare is not None and self.PREPARE_AHEAD and n:
             # The policy's Python that does not read the drafts runs now, while the update
@@ -720,13 +763,15 @@ class DasSession:
                                           self._draft_sizes(req_ids, self._plan_nodes))
             else:
                 self.drafter.extend_batch(req_ids, tokens)
-        lives = self._rows(req_ids)[0]
+        rows = self._rows(req_ids)
         if type(tokens) is TokenRows:
             n = tokens.lens()
         else:
             n = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
-        for lv, k in zip(lives, n.tolist()):
-            lv.generated += k
+        if rows[5]:
+            self._counts.gen[rows[4]] += n
+        else:  # (a request twice in the rows: each row's tokens count)
+            np.add.at(self._counts.gen, rows[4], n)
         p = np.asarray(proposed, dtype=np.int64).reshape(-1)
         # nothing drafted and only the bonus token: no outcome to record
         rows = np.flatnonzero((p != 0) | (n != 1))
@@ -791,6 +836,7 @@ class DasSession:
         live = self.live.pop(req_id, None)
         if live is None:
             return
+        self._counts.give(live.slot)
         defer = self.DEFER_FINISHES and self._updates is not None and self.shards is None
         if not defer:
             self._release_starts()  # (its own start, if still deferred, comes first)
@@ -851,6 +897,7 @@ class DasSession:
         live = self.live.pop(req_id, None)
         self._root_only.discard(req_id)
         if live is not None:
+            self._counts.give(live.slot)
             self._live_version += 1
             self._rows_memo = None  # (stale now: let go of what it holds)
             self.sync()

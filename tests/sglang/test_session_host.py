@@ -537,7 +537,7 @@ def test_rows_resolved_once_per_batch_never_outlive_a_start_or_finish():
     s.finished("r1", [5, 6], [2, 2, 2])
     s.start("r1", {"das_problem_id": "z"}, [4], [], 3)  # the id again: another request
     s.plan(list(rids), 8)
-    lives, pids, max_new, _ = s._rows(list(rids))
+    lives, pids, max_new, *_ = s._rows(list(rids))
     assert pids == ["p", "z"] and max_new.tolist() == [60, 3] and lives[1] is s.live["r1"]
     s.sync()
     _, idx, seq_ids = d._rows(list(rids))
@@ -660,3 +660,30 @@ def test_large_batches_hand_finishes_to_the_drafter_during_the_forward():
             s.close()
     assert plans[True, 70] == plans[False, 70] and plans[True, 20] == plans[False, 20]
     assert sum(map(len, plans[True, 70])) > 0
+
+
+def test_generated_counts_live_in_slots_that_finished_requests_hand_back():
+    """Each live request's generated count is a slot of one array (read by the plan with
+    one gather, added to by the feedback with one scatter): slots grow past the initial
+    capacity, are reused after a finish or a drop, and a request twice in a batch counts
+    both rows' tokens."""
+    s = DasSession(_opts(async_updates=False))
+    ids = [f"r{i}" for i in range(100)]  # past the first 64 slots
+    for i, r in enumerate(ids):
+        s.start(r, {"das_problem_id": f"p{i % 3}"}, [7, 8], [1] * (i % 4), 50)
+    assert len({s.live[r].slot for r in ids}) == 100
+    assert [s.live[r].generated for r in ids] == [i % 4 for i in range(100)]
+    s.plan(ids, 8)
+    s.committed_batch(ids, [0] * 100, [[5] * 1 for _ in ids])
+    assert [s.live[r].generated for r in ids] == [i % 4 + 1 for i in range(100)]
+    freed = {s.live["r3"].slot, s.live["r7"].slot}
+    s.finished("r3", [7, 8], [1, 1, 1, 5])
+    s.drop("r7")
+    s.start("n1", {"das_problem_id": "p0"}, [7, 8], [], 50)
+    s.start("n2", {"das_problem_id": "p0"}, [7, 8], [2, 2], 50)
+    assert {s.live["n1"].slot, s.live["n2"].slot} == freed
+    assert (s.live["n1"].generated, s.live["n2"].generated) == (0, 2)
+    rows = ["r0", "n2", "r0"]
+    s.committed_batch(rows, [0, 0, 0], [[5], [5], [5]])
+    assert (s.live["r0"].generated, s.live["n2"].generated) == (3, 3)
+    s.close()
