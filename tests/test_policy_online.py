@@ -470,3 +470,43 @@ def test_native_online_outcomes_refuse_bad_input_naming_it():
     with pytest.raises(ValueError, match="invalid cells"):
         online_add(**{**args, "cells": np.zeros((3, 2, 4, 3))})
     assert cells.tobytes() == before.tobytes()
+
+
+def test_same_rows_again_keep_their_states_in_an_array_with_the_dicts_results():
+    """Plans of the same rows (a decode step without starts or finishes) carry the rows'
+    states in the latest update's array and write the per-request dict only when the rows
+    change or it is read: cells, states and ratios are those of the dict path at every
+    plan, with rows changing now and then (a finish, a start, a request twice)."""
+    rng = np.random.default_rng(5)
+    cfg = PolicyConfig(max_budget=8)
+    fast, slow = OnlineCalibration(cfg), OnlineCalibration(cfg)
+    ids = [f"r{i}" for i in range(12)]
+    gen = {r: 0 for r in ids}
+    fast_paths = 0
+    for plan in range(40):
+        if plan % 9 == 8:  # a finish and a start
+            gone = ids.pop(int(rng.integers(len(ids))))
+            ids = ids + [f"n{plan}"]
+            gen[f"n{plan}"] = 0
+            del gen[gone]
+        rows_ids = ids + [ids[0]] if plan == 20 else list(ids)  # (once: a request twice)
+        rows = [BudgetRow(r, f"p{int(r[1:]) % 3}", gen[r], 1000, rng.random(int(rng.integers(0, 9))),
+                          0, int(rng.integers(-1, 40))) for r in rows_ids]
+        for oc in (fast, slow):
+            if oc is slow:
+                oc._rows_unique = False  # (never the same-rows path)
+            elif oc._row_states is not None and oc._rows_unique and oc._row_states[0] == rows_ids:
+                fast_paths += 1
+            oc.update(rows)
+        np.testing.assert_array_equal(fast._cells, slow._cells)
+        assert fast._states_of(rows).tolist() == slow._states_of(rows).tolist()
+        np.testing.assert_array_equal(fast.ratios(rows, 8), slow.ratios(rows, 8))
+        budgets = rng.integers(0, 9, len(rows))
+        base = np.cumsum(rng.random((len(rows), 9)) * 0.5, axis=1) - 0.25
+        base[:, 0] = 0.0
+        for oc in (fast, slow):
+            oc.planned(rows, budgets, base)
+        for r in set(rows_ids):
+            gen[r] += int(rng.integers(1, 4))
+    assert fast_paths > 20 and fast._rows_dirty
+    assert fast._state == slow._state and not fast._rows_dirty

@@ -92,7 +92,9 @@ class OnlineCalibration:
         self.config = config
         n_bins = _n_bins(config.max_budget)
         self._cells = np.zeros((self.N_STATES, N_MATCH_BINS, n_bins, 2))  # accepted, expected
-        self._state: dict[str, int] = {}
+        self._states: dict[str, int] = {}  # (read through _state: see _flush_row_states)
+        self._rows_dirty = False  # _row_states holds states newer than the dict's
+        self._rows_unique = False  # each request once in _row_states' rows
         self._pending: dict[str, int] = {}
         self._pending_ids: list = []  # the planned rows' req_ids (read_pending)
         self._pending_generated = np.zeros(0, dtype=np.int64)
@@ -113,6 +115,24 @@ class OnlineCalibration:
         self._decay = 0.5 ** (1.0 / hl) if hl > 0 else 1.0
         self._table: np.ndarray | None = None
         self._bins_cache: tuple | None = None
+
+    @property
+    def _state(self) -> dict[str, int]:
+        """Each request's state (its last outcome), as a dict: the rows of the latest
+        :meth:`update` written into it first, if they are newer."""
+        self._flush_row_states()
+        return self._states
+
+    @_state.setter
+    def _state(self, states: dict[str, int]) -> None:
+        self._flush_row_states()
+        self._states = states
+
+    def _flush_row_states(self) -> None:
+        if self._rows_dirty:
+            ids, states = self._row_states
+            self._states.update(zip(ids, states.tolist()))
+            self._rows_dirty = False
 
     # ---- updates -------------------------------------------------------------------------
     def planned(self, rows, budgets: np.ndarray, base: np.ndarray, pos: dict | None = None) -> None:
@@ -168,22 +188,37 @@ class OnlineCalibration:
         self._bins_cache = None
         ids = R.req_ids(rows)
         n = len(ids)
+        prev = self._row_states
+        if prev is not None and self._rows_unique and (prev[0] is ids or prev[0] == ids):
+            # The latest update's rows again (a decode step without starts or finishes):
+            # their states are that update's array; the dict is written only when the rows
+            # change or someone reads it (_flush_row_states), not per row every plan.
+            states = prev[1].copy()
+            got = pending_rows(self, rows)
+            if got is not None:
+                j, pos, budget = got
+                states[j] = self._add(states[j], R.generated(rows)[j], pos, budget)
+                self._rows_dirty = True
+            self._row_states = (ids, states)
+            return
         # every row's state before the outcomes (those with one read theirs from here)
-        states = np.fromiter(map(self._state.get, ids, repeat(0, n)), np.int64, n)
+        state = self._state
+        states = np.fromiter(map(state.get, ids, repeat(0, n)), np.int64, n)
         live = set(ids)
         got = pending_rows(self, rows)
         if got is not None:
             j, pos, budget = got
             new = self._add(states[j], R.generated(rows)[j], pos, budget)
             # a repeated request: the last outcome wins
-            self._state.update(zip([ids[i] for i in j.tolist()], new.tolist()))
+            state.update(zip([ids[i] for i in j.tolist()], new.tolist()))
             if len(live) == n:
                 states[j] = new
             else:  # (a request twice in the rows: each row reads the state it ends with)
-                states = np.fromiter(map(self._state.get, ids, repeat(0, n)), np.int64, n)
+                states = np.fromiter(map(state.get, ids, repeat(0, n)), np.int64, n)
         forget_finished(self, ids, live)
         # (ratios of these rows -- the plan that follows -- read the states from here)
         self._row_states = (ids, states)
+        self._rows_unique = len(live) == n
 
     def _add(self, states: np.ndarray, generated: np.ndarray, pos: np.ndarray, budget: np.ndarray) -> np.ndarray:
         """Add the outcomes of rows in ``states`` (their states before), ``generated`` now,
@@ -257,7 +292,7 @@ class OnlineCalibration:
     def _states_of(self, rows) -> np.ndarray:
         """Each row's state (its request's last outcome; 0 before any)."""
         ids, cached = R.req_ids(rows), self._row_states
-        if cached is not None and cached[0] is ids:
+        if cached is not None and (cached[0] is ids or cached[0] == ids):
             return cached[1]
         return np.fromiter(map(self._state.get, ids, repeat(0, len(rows))), np.int64, len(rows))
 

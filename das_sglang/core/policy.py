@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Protocol, Sequence, runtime_checkable
@@ -178,6 +179,31 @@ class UnlimitedBudget(FixedBudget):
         super().__init__(cfg.max_budget, cfg)
 
 
+class _Factors(Mapping):
+    """Problem id -> calibration factor of a plan's rows (the rows of a problem share one),
+    made into a dict only when read: the length-aware plan never reads it (~30 us at 512
+    rows per plan)."""
+
+    __slots__ = ("_pids", "_values", "_dict")
+
+    def __init__(self, pids, values: np.ndarray) -> None:
+        self._pids, self._values, self._dict = pids, values, None
+
+    def _get(self) -> dict:
+        if self._dict is None:
+            self._dict = dict(zip(self._pids, self._values.tolist()))
+        return self._dict
+
+    def __getitem__(self, pid):
+        return self._get()[pid]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 class _ModelBased(_Observing):
     """Policies that plan with predicted lengths, acceptance estimates and a cost model."""
 
@@ -315,8 +341,7 @@ class _ModelBased(_Observing):
         remaining, _, _ = self.lengths.predict_many(pids, generated, max_new)
         kv = R.prompt_len(rows).astype(np.float64) + generated
         kv += 0.5 * remaining  # mean context over the rest of the request
-        factors = dict(zip(pids, calibration.tolist()))  # (per problem: the same floats)
-        return factors, remaining, calibration, kv
+        return _Factors(pids, calibration), remaining, calibration, kv
 
     def prepare(self, rows: Sequence[BudgetRow]) -> None:
         """The part of the next :meth:`plan` of these rows that does not read their drafts:
