@@ -617,3 +617,52 @@ def test_batches_interleaving_indexes_equal_row_by_row_drafts(threads):
             assert match[i] == one[5][0]
     for x, y in zip(batch, (whole[0], whole[1], whole[2], whole[4], whole[5])):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("global_shard", [False, True])
+def test_skipped_rows_get_empty_trees_and_are_looked_up_alone_once_registered(global_shard):
+    """speculate_flat(skip=...) (a plan with deferred starts): the skipped rows' trees are
+    empty, registered or not, the others' those of drafting them alone; the feedback's
+    extend of the same list then looks up only the placeholders (registered meanwhile),
+    and the rows it resolves are those of a fresh lookup. A row outside ``skip`` that is
+    unknown still raises, naming it."""
+    d, rids, rng = _drafter(requests=80, global_shard=global_shard)
+    budgets = rng.integers(0, 17, 83)
+    batch = rids[:40] + ["n0"] + rids[40:79] + ["n1", "r79"] + ["n2"]  # n*: started later
+    skip = {"n0", "n1", "n2", "r79"}  # (r79 is registered: skipped all the same)
+    got = d.speculate_flat(batch, budgets, skip=skip)
+    keep = [i for i, r in enumerate(batch) if r not in skip]
+    alone = d.speculate_flat([batch[i] for i in keep], budgets[keep])
+    assert sum(alone.lens()) > 100
+    _same_batch(got.take(np.array(keep)), alone)
+    assert all(got.lens()[i] == 0 for i, r in enumerate(batch) if r in skip)
+    looked_up = []
+    request = d._request
+    d._request = lambda r: looked_up.append(r) or request(r)
+    for k, r in enumerate(("n0", "n1", "n2")):
+        d.start_request(r, f"p{k}", rng.integers(0, 12, 30))
+    d._rows(batch, skip)  # (with skip: placeholders again, built afresh)
+    lives, idx, seq_ids = d._rows(list(batch))
+    assert sorted(looked_up) == ["n0", "n1", "n2", "r79"]
+    d._rows_memo = None
+    fresh = d._rows(list(batch))
+    assert lives == fresh[0] and idx == fresh[1] and seq_ids.tolist() == fresh[2].tolist()
+    with pytest.raises(ValueError, match="unknown req_id='zz'"):
+        d.speculate_flat(batch[:5] + ["zz"], 4, skip={"n0"})
+
+
+def test_rows_memo_outlives_other_requests_ends_not_its_own():
+    """A batch's resolved rows stay valid while requests outside it start and end (a step's
+    finishes are handed over after its plan); the end of one of its own requests, or that
+    id coming back as another request, makes it stale."""
+    d, rids, rng = _drafter(requests=30)
+    batch = rids[:20]
+    memo_rows = d._rows(list(batch))
+    d.finish_request("r25")
+    d.start_request("x1", "p1", rng.integers(0, 12, 30))
+    assert d._rows(list(batch))[2] is memo_rows[2]  # (the memo's own array: not looked up again)
+    d.finish_request("r3")
+    d.start_request("r3", "p5", rng.integers(0, 12, 30))
+    lives, idx, seq_ids = d._rows(list(batch))
+    assert seq_ids is not memo_rows[2] and lives[3] is d._live["r3"] and lives[3].problem_id == "p5"
+    assert seq_ids[3] == d._live["r3"].seq_id != memo_rows[2][3]

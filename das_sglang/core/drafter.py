@@ -245,10 +245,10 @@ class SuffixDrafter:
         self._prompt_copies: dict[tuple[str, bytes], list] = {}
         self._heads: dict[int, np.ndarray] = {}
         self._whole_key: dict[int, tuple[str, bytes]] = {}
-        # A batch's rows resolved once (see _rows): (req_ids, _live_version, lives, indexes,
-        # seq_ids); _live_version counts the changes of _live, which make it stale.
+        # A batch's rows resolved once (see _rows): (req_ids, lives, indexes, seq_ids, rows
+        # not registered yet); stale once one of its requests ends (a start only adds a
+        # request, another's end leaves its rows what they are).
         self._rows_memo: tuple | None = None
-        self._live_version = 0
         self._finished: dict[str, dict[int, list[int]]] = {}  # problem -> step -> seq_ids
         self._step_seqs: Counter[int] = Counter()  # registered sequences per step
         # History accounting for the max_history_tokens cap: tokens per finished sequence,
@@ -566,8 +566,6 @@ class SuffixDrafter:
             self._prompt_copies[key] = [seq_id, self._step, None]
             self._whole_key[seq_id] = key
         self._live[req_id] = _Live(problem_id, seq_id, self._step, cut, self._indices[problem_id])
-        self._live_version += 1
-        self._rows_memo = None  # (stale now: let go of what it holds)
 
     def _prompt_head(self, problem_id: str, whole: list, tokens: np.ndarray, n: int) -> np.ndarray | None:
         """The first ``n`` tokens of the prompt ``tokens`` as the whole copy ``whole``
@@ -586,24 +584,52 @@ class SuffixDrafter:
     def _shared_start(self, n_prompt: int) -> int:
         return max(0, n_prompt - self.config.shared_index_depth) if self._global is not None else 0
 
-    def _rows(self, req_ids: Sequence[str]) -> tuple[list, list, np.ndarray]:
+    def _rows(self, req_ids: Sequence[str], skip: set | None = None) -> tuple[list, list, np.ndarray]:
         """(records, indexes, seq_ids) of these live requests, in row order (an unknown one
-        raises, naming it). A decode step asks for the same batch two or three times (the
-        feedback's extend, the next plan's drafts): while no request started or finished
-        in between, the rows resolved for an equal ``req_ids`` list are reused, not looked
-        up again per row (the caller must not change the arrays)."""
+        raises, naming it); the rows whose request is in ``skip`` are placeholders (record
+        and index None, seq_id -1). A decode step asks for the same batch two or three
+        times (the feedback's extend, the next plan's drafts): while none of its requests
+        ended in between (a start only adds one), the rows resolved for an equal ``req_ids`` list are
+        reused, not looked up again per row, and a plan's placeholders are looked up alone
+        once their requests are registered (the caller must not change the arrays)."""
         memo = self._rows_memo
-        if memo is not None and memo[1] == self._live_version and memo[0] == req_ids:
-            return memo[2], memo[3], memo[4]
+        if skip is None and memo is not None and memo[0] == req_ids:
+            return self._fill_rows(memo) if memo[4] else (memo[1], memo[2], memo[3])
         live = self._live
-        try:
-            lives = [live[r] for r in req_ids]
-        except KeyError:
-            lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
-        idx = [lv.index for lv in lives]
-        seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
+        pending = []
+        if skip:  # placeholders (seq_id -1, no index) for the rows in skip, registered or not
+            get = live.get
+            lives = [None if r in skip else get(r) for r in req_ids]
+            pending = [i for i, r in enumerate(req_ids) if r in skip]
+            if lives.count(None) != len(pending):
+                for r, lv in zip(req_ids, lives):
+                    if lv is None and r not in skip:
+                        self._request(r)  # raises, naming the unknown one
+            idx = [None if lv is None else lv.index for lv in lives]
+            seq_ids = np.fromiter((-1 if lv is None else lv.seq_id for lv in lives), dtype=np.int64,
+                                  count=len(lives))
+        else:
+            try:
+                lives = [live[r] for r in req_ids]
+            except KeyError:
+                lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
+            idx = [lv.index for lv in lives]
+            seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
         if type(req_ids) is list:
-            self._rows_memo = (list(req_ids), self._live_version, lives, idx, seq_ids)
+            self._rows_memo = (list(req_ids), lives, idx, seq_ids, pending)
+        return lives, idx, seq_ids
+
+    def _fill_rows(self, memo: tuple) -> tuple[list, list, np.ndarray]:
+        """A memo's rows with its placeholders (the rows a plan left out while their start
+        was deferred) resolved: only those rows are looked up (the feedback after such a
+        plan, once they are registered). The memo is replaced by copies: whoever read the
+        placeholders keeps what it read."""
+        req_ids, lives, idx, seq_ids, pending = memo
+        lives, idx, seq_ids = list(lives), list(idx), seq_ids.copy()
+        for i in pending:
+            lv = self._request(req_ids[i])  # (one still unknown raises, naming it)
+            lives[i], idx[i], seq_ids[i] = lv, lv.index, lv.seq_id
+        self._rows_memo = (req_ids, lives, idx, seq_ids, [])
         return lives, idx, seq_ids
 
     def _request(self, req_id: str) -> _Live:
@@ -723,8 +749,9 @@ class SuffixDrafter:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""
         live = self._request(req_id)
         del self._live[req_id]
-        self._live_version += 1
-        self._rows_memo = None  # (stale now: let go of what it holds)
+        memo = self._rows_memo
+        if memo is not None and req_id in memo[0]:
+            self._rows_memo = None  # (stale now: let go of what it holds)
         in_window = live.step >= self._step - self.config.window_steps
         if keep and in_window:
             n = len(self._indices[live.problem_id].sequence_tokens(live.seq_id))
@@ -875,13 +902,24 @@ class SuffixDrafter:
     DRAFT_THREADS = max(1, min(4, _CPUS))
 
     def speculate_flat(self, req_ids: Sequence[str], budget: int | Sequence[int] | np.ndarray,
-                       threads: int | None = None) -> DraftBatch:
+                       threads: int | None = None, skip: set | None = None) -> DraftBatch:
         """:meth:`speculate_batch` as one flat :class:`DraftBatch` (same trees, plus node
         depths): no Python object per row. ``budget`` is one int for every row or one per
-        row; ``threads`` None picks by batch size (the result does not depend on it)."""
+        row; ``threads`` None picks by batch size (the result does not depend on it).
+        ``skip``: requests whose rows get an empty tree, registered or not (a plan's
+        deferred starts): the others' trees are those of drafting them alone."""
         n = len(req_ids)
         b = self._budget_array(req_ids, budget)
-        _, idx, seq_ids = self._rows(req_ids)
+        _, idx, seq_ids = self._rows(req_ids, skip)
+        if skip:
+            rows = np.flatnonzero(seq_ids >= 0)
+            if len(rows) < n:
+                out = self._speculate_resolved([idx[i] for i in rows.tolist()], seq_ids[rows], b[rows], threads)
+                return out.spread(rows, n)
+        return self._speculate_resolved(idx, seq_ids, b, threads)
+
+    def _speculate_resolved(self, idx: list, seq_ids: np.ndarray, b: np.ndarray, threads) -> DraftBatch:
+        n = len(seq_ids)
         if self._predrafted is not None and self._can_predraft():
             out = self._reuse_predrafted(idx, seq_ids, b, threads)
             if out is not None:

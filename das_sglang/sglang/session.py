@@ -641,10 +641,9 @@ class DasSession:
     def _speculate_registered(self, req_ids: list, sizes, new: set) -> DraftBatch:
         """The plan's trees when some rows' starts are still deferred: those rows get an
         empty tree, the others are drafted as usual."""
-        rows = [i for i, r in enumerate(req_ids) if r not in new]
-        sub = self.drafter.speculate_flat([req_ids[i] for i in rows],
-                                          sizes if isinstance(sizes, int) else np.asarray(sizes)[rows])
-        return sub.spread(np.asarray(rows, np.int64), len(req_ids))  # (the new rows: empty)
+        # (the drafter resolves the whole list, the new rows as placeholders: the feedback
+        # after this plan then looks up only those rows, once they are registered)
+        return self.drafter.speculate_flat(req_ids, sizes, skip=new)
 
     def before_forward(self) -> None:
         """The worker is about to run the verify forward (its inputs are built): background
