@@ -673,6 +673,8 @@ def test_generated_counts_live_in_slots_that_finished_requests_hand_back():
         s.start(r, {"das_problem_id": f"p{i % 3}"}, [7, 8], [1] * (i % 4), 50)
     assert len({s.live[r].slot for r in ids}) == 100
     assert [s.live[r].generated for r in ids] == [i % 4 for i in range(100)]
+    _, _, max_new, prompt_len, *_ = s._rows(ids)
+    assert max_new.tolist() == [50] * 100 and prompt_len.tolist() == [2] * 100
     s.plan(ids, 8)
     s.committed_batch(ids, [0] * 100, [[5] * 1 for _ in ids])
     assert [s.live[r].generated for r in ids] == [i % 4 + 1 for i in range(100)]
@@ -683,6 +685,9 @@ def test_generated_counts_live_in_slots_that_finished_requests_hand_back():
     s.start("n2", {"das_problem_id": "p0"}, [7, 8], [2, 2], 50)
     assert {s.live["n1"].slot, s.live["n2"].slot} == freed
     assert (s.live["n1"].generated, s.live["n2"].generated) == (0, 2)
+    s.start("n3", {"das_problem_id": "p0"}, [7, 8, 9, 10], [], 7)
+    _, _, max_new, prompt_len, *_ = s._rows(["n3", "n1", "r0"])
+    assert max_new.tolist() == [7, 50, 50] and prompt_len.tolist() == [4, 2, 2]
     rows = ["r0", "n2", "r0"]
     s.committed_batch(rows, [0, 0, 0], [[5], [5], [5]])
     assert (s.live["r0"].generated, s.live["n2"].generated) == (3, 3)
