@@ -589,9 +589,10 @@ class SuffixDrafter:
         raises, naming it); the rows whose request is in ``skip`` are placeholders (record
         and index None, seq_id -1). A decode step asks for the same batch two or three
         times (the feedback's extend, the next plan's drafts): while none of its requests
-        ended in between (a start only adds one), the rows resolved for an equal ``req_ids`` list are
-        reused, not looked up again per row, and a plan's placeholders are looked up alone
-        once their requests are registered (the caller must not change the arrays)."""
+        ended in between (a start only adds one), the rows resolved for an equal
+        ``req_ids`` list are reused, not looked up again per row, and a plan's placeholders
+        are looked up alone once their requests are registered (the caller must not change
+        the arrays)."""
         memo = self._rows_memo
         if skip is None and memo is not None and memo[0] == req_ids:
             return self._fill_rows(memo) if memo[4] else (memo[1], memo[2], memo[3])
@@ -914,11 +915,12 @@ class SuffixDrafter:
         if skip:
             rows = np.flatnonzero(seq_ids >= 0)
             if len(rows) < n:
-                out = self._speculate_resolved([idx[i] for i in rows.tolist()], seq_ids[rows], b[rows], threads)
-                return out.spread(rows, n)
+                sub = [idx[i] for i in rows.tolist()]
+                return self._speculate_resolved(sub, seq_ids[rows], b[rows], threads).spread(rows, n)
         return self._speculate_resolved(idx, seq_ids, b, threads)
 
     def _speculate_resolved(self, idx: list, seq_ids: np.ndarray, b: np.ndarray, threads) -> DraftBatch:
+        """:meth:`speculate_flat` of resolved rows (indexes, seq_ids, int32 budgets)."""
         n = len(seq_ids)
         if self._predrafted is not None and self._can_predraft():
             out = self._reuse_predrafted(idx, seq_ids, b, threads)

@@ -264,9 +264,10 @@ class DasSession:
         )
         self.step = 0
         self.live: dict[str, _Live] = {}
-        self._counts = _Counts()  # the live requests' generated tokens, by slot
+        self._counts = _Counts()  # the live requests' generated tokens and sizes, by slot
         # The latest batch's rows resolved once (_rows): (req_ids, _live_version, records,
-        # problem ids, max_new_tokens, prompt lengths); stale once a request starts or ends.
+        # problem ids, max_new_tokens, prompt lengths, slots, each request once); stale once
+        # a request starts or ends.
         self._rows_memo: tuple | None = None
         self._live_version = 0
         self._root_only: set[str] = set()  # live requests verified at width 0
@@ -557,9 +558,10 @@ class DasSession:
 
     def _rows(self, req_ids: Sequence[str]) -> tuple:
         """(records, problem ids, max_new_tokens, prompt lengths, count slots, each request
-        once) of these live requests, in row order; an unknown one raises naming it. The plan and the feedback of a decode
-        step (and the next steps while no request starts or ends) ask for the same batch:
-        rows resolved for an equal ``req_ids`` list are reused, not looked up per row again."""
+        once) of these live requests, in row order; an unknown one raises naming it. The
+        plan and the feedback of a decode step (and the next steps while no request starts
+        or ends) ask for the same batch: rows resolved for an equal ``req_ids`` list are
+        reused, not looked up per row again."""
         memo = self._rows_memo
         if memo is not None and memo[1] == self._live_version and memo[0] == req_ids:
             return memo[2:]
