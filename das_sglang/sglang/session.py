@@ -284,6 +284,10 @@ class DasSession:
         # background writer can hold a view while the scheduler thread goes on, and one
         # array per problem-step, so the writer's encode has no Python step per sequence).
         self._mirror: dict[str, dict[int, TokenGroup]] | None = None
+        # Which problems the mirror holds per step (a problem may have left since): a step
+        # boundary visits only the problems of the steps that leave the window, not every
+        # problem (~1.8 -> 0.6 ms at 2,048 problems x 4 steps).
+        self._mirror_steps: dict[int, set[str]] = {}
         self._tagged_since_flush = False
         self._updates = _Updates() if options.server.async_updates else None
         # The policy's recording of verify outcomes (Python, ~3 ms at 512 rows) runs on a
@@ -443,12 +447,12 @@ class DasSession:
         self.policy.advance_step(step)
         if self._mirror is not None:
             oldest = step - self.drafter.config.window_steps
-            for pid in list(self._mirror):
-                steps = self._mirror[pid]
-                for s in [s for s in steps if s < oldest]:
-                    del steps[s]
-                if not steps:
-                    del self._mirror[pid]
+            mirror = self._mirror
+            for s in [s for s in self._mirror_steps if s < oldest]:
+                for pid in self._mirror_steps.pop(s):
+                    steps = mirror.get(pid)
+                    if steps is not None and steps.pop(s, None) is not None and not steps:
+                        del mirror[pid]
         self._check_cap()
         self._forget_stale()
         if not self._evicting:  # (else once the last eviction chunk has run)
@@ -875,6 +879,8 @@ class DasSession:
             steps = self._mirror.setdefault(live.problem_id, {})
             group = steps.get(live.step)
             steps[live.step] = group.plus(tokens) if group is not None else TokenGroup.single(tokens)
+            if group is None:
+                self._mirror_steps.setdefault(live.step, set()).add(live.problem_id)
         if self.shards is not None:
             self.shards.on_finished(live.problem_id, live.step, tokens)
         self._settle_outcomes()
@@ -930,6 +936,9 @@ class DasSession:
             self.drafter.load_history(history)
             self._mirror = {p: {s: TokenGroup.of(seqs) for s, seqs in steps.items()}
                             for p, steps in self.drafter.history().items()}
+            for p, steps in self._mirror.items():
+                for s in steps:
+                    self._mirror_steps.setdefault(s, set()).add(p)
             _log.info("DAS: loaded history of %d problems from %s", len(history),
                       server.history_path)
             saved = (meta or {}).get("das_step_clock") or {str(self.step): self.step}

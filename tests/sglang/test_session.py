@@ -176,3 +176,38 @@ def test_bad_saved_lengths_are_ignored_unless_strict(tmp_path):
     assert [t.tolist() for t in lenient.drafter.history()["p"][1]] == [[1, 2, 3]]  # history loads
     assert lenient.policy.lengths.num_lengths == 0
     lenient.close()  # (its save then holds the history and its own, valid, lengths)
+
+
+def test_the_snapshot_mirror_keeps_exactly_the_window_across_steps(tmp_path):
+    """Step boundaries prune the snapshot mirror through its per-step problem sets: after
+    every advance it holds exactly the drafter's history (the window's steps, problems
+    without any gone), with problems finishing in some steps only, one forgotten by the
+    history cap, and after a restart from a snapshot."""
+    raw = ('{"drafter": {"window_steps": 2}, "server": {"policy": "unlimited", "history_path": "%s",'
+           ' "snapshot_interval": 0}}')
+    opts = load_options(8, raw % tmp_path)
+    s = DasSession(opts)
+    rng = np.random.default_rng(3)
+    n = 0
+    for step in range(1, 8):
+        for p in range(6):
+            if (p + step) % 3:  # each problem skips some steps
+                s.start(f"r{n}", {"das_problem_id": f"p{p}", "das_step": step}, [1, 2], [], 8)
+                s.finished(f"r{n}", [1, 2], rng.integers(3, 50, 4).tolist())
+                n += 1
+        s.sync()
+        want = {p: {k: [t.tolist() for t in g] for k, g in steps.items()} for p, steps in s.drafter.history().items()}
+        got = {p: {k: [t.tolist() for t in g] for k, g in steps.items()} for p, steps in s._history_view().items()}
+        if step > 5:  # p1 left the mirror at step 5 (below): only what it finished since
+            want["p1"] = {k: v for k, v in want.get("p1", {}).items() if k > 5}
+            if not want["p1"]:
+                del want["p1"]
+        assert got == want and min(k for steps in got.values() for k in steps) >= step - 2
+        if step == 5:
+            s._mirror.pop("p1")  # (as the history cap forgets a problem's snapshot copy)
+    assert len(s._mirror_steps) <= 3  # (the steps in the window, pruned as they leave)
+    s.snapshot.save()
+    s.snapshot.wait()
+    again = DasSession(opts)
+    assert again._history_view().keys() == s._history_view().keys()
+    assert sorted(again._mirror_steps) == sorted({k for st in again._mirror.values() for k in st})
