@@ -271,7 +271,7 @@ class DasSession:
         self._rows_memo: tuple | None = None
         self._live_version = 0
         self._root_only: set[str] = set()  # live requests verified at width 0
-        # Starts and finishes not yet handed to the drafter (_release_starts): (function,
+        # Starts and finishes not yet handed to the drafter (_release_deferred): (function,
         # arguments) in event order, and the deferred starts' req_ids.
         self._deferred: list[tuple] = []
         self._deferred_ids: set[str] = set()
@@ -333,12 +333,12 @@ class DasSession:
     def sync(self) -> None:
         """Apply pending background history updates (before any other drafter access),
         the starts not yet registered included."""
-        self._release_starts()
+        self._release_deferred()
         if self._updates is not None:
             self._updates.flush()
 
     # Plans of at least this many rows leave the requests started since the previous plan
-    # out of the drafter until the plan is made (_release_starts): at RL scale a few start
+    # out of the drafter until the plan is made (_release_deferred): at RL scale a few start
     # each step, and indexing a prompt takes ~0.5-1 ms (native; bench_host_path, 512 rows),
     # which the plan waited for after the extend job (the update thread runs in order).
     # Such a request's first plan has an empty tree (a plain decode step, once per
@@ -359,7 +359,7 @@ class DasSession:
     # drafts see depends only on the order of events and its row count, never on timing.
     DEFER_FINISHES = True
 
-    def _release_starts(self) -> None:
+    def _release_deferred(self) -> None:
         """Hand the deferred starts and finishes to the drafter, in order (on the update
         thread when there is one, ahead of anything submitted after this)."""
         if not self._deferred:
@@ -391,7 +391,7 @@ class DasSession:
             pid = prompt_problem_id(prompt)
         if step is not None:
             self._tagged_since_flush = True
-        # The drafter registers the request later (_release_starts: on the update thread
+        # The drafter registers the request later (_release_deferred: on the update thread
         # when there is one, in order after the pending updates), so the scheduler thread
         # does not wait for them. The drafter is read here only for a new das_step
         # (history_empty), after a sync; shard sync reads it on every start, so it keeps
@@ -607,7 +607,7 @@ class DasSession:
         sizes = self._draft_sizes(req_ids, max_nodes)  # (also before the wait)
         new = self._deferred_ids
         if self._deferred and n < self.DEFER_START_MIN_ROWS:
-            self._release_starts()  # (the deferred finishes too)
+            self._release_deferred()  # (the deferred finishes too)
             new = ()
         if self._updates is not None:
             self._updates.flush()  # (the deferred starts stay out: see DEFER_START_MIN_ROWS)
@@ -639,7 +639,7 @@ class DasSession:
             else:
                 self._updates.submit(self._evict_chunk)
         if not self._forward_hook:
-            self._release_starts()  # (with the hook: at before_forward, in the forward's shadow)
+            self._release_deferred()  # (with the hook: at before_forward, in the forward's shadow)
         width = drafts.width
         buckets = self.options.policy.buckets(max_nodes)
         if buckets is not None and width not in buckets:
@@ -673,7 +673,7 @@ class DasSession:
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = done = threading.Event()
             (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, done=done)
-        self._release_starts()  # the plan's new requests: registered during the forward
+        self._release_deferred()  # the plan's new requests: registered during the forward
         lengths = getattr(self.policy, "lengths", None)
         if getattr(lengths, "background", False) and hasattr(lengths, "rebuild_if_stale"):
             # The length index's background rebuild (~4 ms of numpy and Python at 2,048 x
@@ -720,7 +720,7 @@ class DasSession:
         passes)."""
         live = self.live
         self._settle_outcomes(record_pending=True)  # (the previous step's, if not yet)
-        self._release_starts()  # (a row's registration precedes its extend)
+        self._release_deferred()  # (a row's registration precedes its extend)
         flat = None
         memo = self._rows_memo
         known = memo is not None and memo[1] == self._live_version and memo[0] == req_ids
@@ -772,20 +772,20 @@ class DasSession:
                                           self._draft_sizes(req_ids, self._plan_nodes))
             else:
                 self.drafter.extend_batch(req_ids, tokens)
-        rows = self._rows(req_ids)
+        _, problem_ids, _, _, slots, unique = self._rows(req_ids)
         if type(tokens) is TokenRows:
             n = tokens.lens()
         else:
             n = np.fromiter((len(t) for t in tokens), np.int64, len(tokens))
-        if rows[5]:
-            self._counts.gen[rows[4]] += n
+        if unique:
+            self._counts.gen[slots] += n
         else:  # (a request twice in the rows: each row's tokens count)
-            np.add.at(self._counts.gen, rows[4], n)
+            np.add.at(self._counts.gen, slots, n)
         p = np.asarray(proposed, dtype=np.int64).reshape(-1)
         # nothing drafted and only the bonus token: no outcome to record
         rows = np.flatnonzero((p != 0) | (n != 1))
         if rows.size:
-            self._defer_outcomes(self._rows(req_ids)[1], p[rows], n[rows] - 1, req_ids, rows)
+            self._defer_outcomes(problem_ids, p[rows], n[rows] - 1, req_ids, rows)
 
     def _defer_outcomes(self, problem_ids: list, proposed: np.ndarray, accepted: np.ndarray,
                         req_ids: list, rows: np.ndarray) -> None:
@@ -848,7 +848,7 @@ class DasSession:
         self._counts.give(live.slot)
         defer = self.DEFER_FINISHES and self._updates is not None and self.shards is None
         if not defer:
-            self._release_starts()  # (its own start, if still deferred, comes first)
+            self._release_deferred()  # (its own start, if still deferred, comes first)
         self._live_version += 1
         self._rows_memo = None  # (stale now: let go of what it holds)
         self._root_only.discard(req_id)
@@ -867,7 +867,7 @@ class DasSession:
             # DEFER_FINISHES).
             self._deferred.append((self._finish_in_drafter, (req_id, live.problem_id, live.step, tokens)))
             if not self.live:
-                self._release_starts()  # the batch drained: no forward comes to release it
+                self._release_deferred()  # the batch drained: no forward comes to release it
         elif self._updates is not None:
             # The native removal + insertion (~us per token) run on the update thread, in
             # order with the extends; the next drafter read waits for them.
@@ -1012,7 +1012,7 @@ class DasSession:
     def close(self) -> None:
         """Idempotent (atexit may call it after an explicit close)."""
         self._settle_outcomes(record_pending=True)
-        self._release_starts()
+        self._release_deferred()
         if self._policy_updates is not None:
             self._policy_updates.close()
             self._policy_updates = None
