@@ -153,9 +153,18 @@ def test_extend_draft_rows_equals_extend_then_draft(threads):
                                           b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
     with pytest.raises(ValueError, match="extend_threads=-1"):
         extend_draft_rows(idx, seq, flat, off, budgets, *args, 1, -1)
-    for call in (extend_draft_rows, extend_draft_rows_start):  # checked before anything starts
-        with pytest.raises(ValueError, match="unknown seq_id=999999 in row 0"):
-            call(idx[:1], np.array([999999], np.int64), flat[:1], np.array([0, 1], np.int64), budgets[:1], *args, 1)
+    bad = (idx[:1], np.array([999999], np.int64), flat[:1], np.array([0, 1], np.int64), budgets[:1], *args, 1)
+    before = idx[0].sequence_ids(), [idx[0].sequence_tokens(q).copy() for q in idx[0].sequence_ids()]
+    with pytest.raises(ValueError, match="unknown seq_id=999999 in row 0"):
+        extend_draft_rows(*bad)  # checked before anything starts
+    # The started form looks its rows up on its own worker (off the caller's thread): the
+    # same error, raised by wait(), before any index changed.
+    pending = extend_draft_rows_start(*bad)
+    with pytest.raises(ValueError, match="unknown seq_id=999999 in row 0"):
+        pending.wait()
+    assert idx[0].sequence_ids() == before[0]
+    for q, toks in zip(before[0], before[1]):
+        np.testing.assert_array_equal(idx[0].sequence_tokens(q), toks)
 
 
 def test_apply_extend_with_predraft_keeps_exact_trees():
