@@ -68,8 +68,8 @@ class Pair:
 
     def _args(self, args):
         mix = args[-1]
-        if self.removed and mix is not None and len(mix) == 6:
-            args = (*args[:-1], (*mix[:4], 0.0, mix[5]))
+        if self.removed and mix is not None and len(mix) >= 6:
+            args = (*args[:-1], (*mix[:4], 0.0, *mix[5:]))
         return args
 
     def match(self, ctx) -> None:
@@ -131,8 +131,8 @@ def draft_args():
 
 def mixes():
     """None (longest match only) or a wide-tree mix (alpha, escape, min_match, max_fanout
-    [, recency, match_half]); integer alphas and dyadic escapes / recencies keep both sides'
-    sums bit-identical."""
+    [, recency, match_half[, min_ratio]]); integer alphas and dyadic escapes / recencies keep
+    both sides' sums bit-identical."""
     base = st.tuples(st.sampled_from([0.0, 1.0, 2.0, 4.0]), st.sampled_from([0.0, 0.5, 1.0]),
                      st.integers(1, 3), st.sampled_from([1, 2, 3, 64]))
     return st.one_of(
@@ -140,6 +140,9 @@ def mixes():
         base,
         st.tuples(base, st.sampled_from([0.0, 0.25, 1.0, 4.0]), st.sampled_from([0.0, 1.0, 4.0, 0.5]))
         .map(lambda t: (*t[0], t[1], t[2])),
+        st.tuples(base, st.sampled_from([0.0, 0.25, 1.0]), st.sampled_from([0.0, 4.0]),
+                  st.sampled_from([0.0, 0.2, 0.3, 0.5, 0.9]))
+        .map(lambda t: (*t[0], t[1], t[2], t[3])),
     )
 
 

@@ -169,3 +169,43 @@ def test_bad_recency_or_match_half_is_rejected_naming_it():
         DrafterConfig(mix_recency=-0.1)
     with pytest.raises(ValueError, match="mix_match_half"):
         DrafterConfig(mix_match_half=-1.0)
+
+
+def test_min_ratio_drops_anchors_far_shorter_than_the_match():
+    # "5 1 2" matches 3 tokens: the anchors are m = 3 and 2 (merged: "5 1 2" and "1 2" have
+    # the same continuations) and m = 1 ("2": 3 once, 9 twice), which alone knows 9.
+    seqs = [[5, 1, 2, 3, 4], [7, 2, 9, 8], [6, 2, 9, 8]]
+
+    def roots(draft):
+        return {int(t): float(p) for t, p, q in zip(draft[0], draft[2], draft[1]) if q == -1}
+
+    full = both(seqs, [5, 1, 2], 4, (*MIX, 0.0, 0.0, 0.0))
+    assert set(roots(full)) == {3, 9}
+    # ceil(0.5 * 3) = 2: the 1-token anchor is not taken, so 9 is unknown and 3 is certain
+    cut = both(seqs, [5, 1, 2], 4, (*MIX, 0.0, 0.0, 0.5))
+    assert roots(cut) == {3: 1.0}
+    # ceil(0.3 * 3) = 1: every anchor stays, the same tree as without the ratio
+    kept = both(seqs, [5, 1, 2], 4, (*MIX, 0.0, 0.0, 0.3))
+    for x, y in zip(kept[:3], full[:3]):
+        np.testing.assert_array_equal(x, y)
+    # the drafter passes DrafterConfig.mix_min_ratio to the native draft
+    def drafter(ratio):
+        d = SuffixDrafter(DrafterConfig(window_steps=1, min_token_prob=0.0, mix_min_ratio=ratio))
+        d.advance_step(0)
+        for s in seqs:
+            d.add_history("p", 0, s)
+        d.start_request("r", "p", [5, 1, 2])
+        return d.speculate("r", budget=4)
+
+    assert 9 in drafter(0.0).tokens[drafter(0.0).parents == -1].tolist()
+    assert drafter(0.5).tokens[drafter(0.5).parents == -1].tolist() == [3]
+
+
+def test_bad_min_ratio_is_rejected_naming_it():
+    ix = SuffixIndex(8)
+    ix.add_sequence(0, arr([1, 2, 3]), 0)
+    with pytest.raises(ValueError, match="min_ratio"):
+        ix.draft(arr([1]), 2, 0.0, {0: 1.0}, False, 3, (*MIX, 0.0, 0.0, 1.0))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="mix_min_ratio"):
+            DrafterConfig(mix_min_ratio=bad)

@@ -79,6 +79,10 @@ class DrafterConfig:
                    start at RL scale). Snapshots and ``history()`` keep the whole text.
                    bench_peers tokens per step: 3.634 / 9.024 / 3.259 vs 3.632 / 9.023 /
                    3.225 with every copy whole.
+    mix_min_ratio  shortest anchor relative to the draft's match length L: lengths below
+                   ``ceil(mix_min_ratio * L)`` are not merged. Under ``m ** mix_alpha`` they
+                   add little to any node's prob, and their match nodes (short contexts have
+                   the most continuations) cost the most to scan. 0 = down to ``mix_min_match``.
     mix_match_half order of expansion: a node's conditional is scaled by L / (L + this)
                    for ordering only, L = match length + depth, so levels drafted under a
                    short match are trusted less (wider trees after a miss, deep paths under
@@ -105,6 +109,7 @@ class DrafterConfig:
     mix_max_fanout: int = 64
     mix_recency: float = 0.3
     mix_match_half: float = 4.0
+    mix_min_ratio: float = 0.15
     dedup_prompts: bool = True
 
     def __post_init__(self) -> None:
@@ -145,6 +150,7 @@ class DrafterConfig:
         check_field(self.shared_max_tokens >= 0, "shared_max_tokens", self.shared_max_tokens, "must be >= 0")
         check_field(self.mix_recency >= 0.0, "mix_recency", self.mix_recency, "must be >= 0")
         check_field(self.mix_match_half >= 0.0, "mix_match_half", self.mix_match_half, "must be >= 0")
+        check_field(0.0 <= self.mix_min_ratio < 1.0, "mix_min_ratio", self.mix_min_ratio, "must be in [0, 1)")
 
     @property
     def index_depth(self) -> int:

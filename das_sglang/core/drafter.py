@@ -865,7 +865,8 @@ class SuffixDrafter:
         if memo is not None and memo[0] is cfg:  # (the config is frozen: one tuple per config)
             return memo[1]
         mix = None if not cfg.mixture else (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match,
-                                            cfg.mix_max_fanout, cfg.mix_recency, cfg.mix_match_half)
+                                            cfg.mix_max_fanout, cfg.mix_recency, cfg.mix_match_half,
+                                            cfg.mix_min_ratio)
         self._mix_memo = (cfg, mix)
         return mix
 

@@ -9,6 +9,8 @@ docs/design.md "Native index"; tie-breaks are spelt out in ``draft``.
 
 from __future__ import annotations
 
+import math
+
 import heapq
 from dataclasses import dataclass, field
 
@@ -167,13 +169,16 @@ class ReferenceIndex:
         score(child) = score(parent) * prob(child) / prob(parent) * n / (n + h), n = the
         longest match + the child's depth (0 under the root)."""
         alpha, escape, min_match, max_fanout = mix[:4]
-        recency, half = mix[4:] if len(mix) == 6 else (0.0, 0.0)
+        recency, half = mix[4:6] if len(mix) >= 6 else (0.0, 0.0)
+        # shortest anchor: min_match, and min_ratio (7th) of the draft's match length
+        ratio = mix[6] if len(mix) == 7 else 0.0
+        floor = max(1, min_match, math.ceil(ratio * longest) if ratio > 0.0 else 1)
         anchors = []  # [node, C, raw, index]
         sources = [(self, longest if own is None else own, 1.0)]
         if shared is not None:  # a shared index's anchors come after the own ones
             sources.append(shared)
         for ix, top, factor in sources:
-            for m in range(top, max(1, min_match) - 1, -1):
+            for m in range(top, floor - 1, -1):
                 node = ix._find(context[len(context) - m :])
                 if len(node.children) > max_fanout:
                     break

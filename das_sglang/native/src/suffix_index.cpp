@@ -581,7 +581,7 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
   if (p.mixture && !p.chain) {
     thread_local std::vector<Anchor> anchors;
     anchors.clear();
-    for (int m = out.match_len; m >= std::max(1, p.mix_min_match); --m) {
+    for (int m = out.match_len; m >= p.mix_floor(out.match_len); --m) {
       Pos at;
       if (!walk(ctx + n - m, size_t(m), at)) break;  // cannot happen: shorter suffixes exist
       if (!add_anchor(anchors, at, m, p, 0)) break;
@@ -637,13 +637,14 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
     thread_local std::vector<Anchor> anchors;
     anchors.clear();
     const uint32_t L = uint32_t(st.tokens.size());
-    for (int m = lo; m >= std::max(1, p.mix_min_match); --m) {
+    const int floor = p.mix_floor(out.match_len);
+    for (int m = lo; m >= floor; --m) {
       const uint32_t c = st.cursors[(L - uint32_t(m)) % D];
       if (!add_anchor(anchors, Pos{c, nodes_[c].label_len}, m, p, 0)) break;
     }
     if (sst != nullptr) {
       const uint32_t L2 = uint32_t(sst->tokens.size()), D2 = uint32_t(p.shared->max_depth_);
-      for (int m = lo2; m >= std::max({1, p.mix_min_match, p.shared_min_match}); --m) {
+      for (int m = lo2; m >= std::max(floor, p.shared_min_match); --m) {
         const uint32_t c = sst->cursors[(L2 - uint32_t(m)) % D2];
         if (!p.shared->add_anchor(anchors, Pos{c, p.shared->nodes_[c].label_len}, m, p, 1)) break;
       }
@@ -682,9 +683,10 @@ void SuffixIndex::draft_lists(uint32_t s, const DraftParams& p, std::vector<List
   // the match length exactly as draft_for_sequence finds it (its cursor nodes are cached)
   const int lo = sequence_match(st, p.max_match_len);
   if (lo == 0) return;
+  // (the own match's floor: at most the draft's, which takes the longer of both matches)
   const int last = !(p.mixture && !p.chain) ? lo
-                   : as_shared ? std::max({1, p.mix_min_match, p.shared_min_match})
-                               : std::max(1, p.mix_min_match);
+                   : as_shared ? std::max(p.mix_floor(lo), p.shared_min_match)
+                               : p.mix_floor(lo);
   for (int m = lo; m >= last; --m) {
     const Node& x = nodes_[st.cursors[(L - uint32_t(m)) % D]];
     // add_anchor stops at the first match node with more continuations than this

@@ -51,6 +51,8 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -273,6 +275,16 @@ struct DraftParams {
   int mix_max_fanout = 1 << 30;
   double mix_recency = 0.0;
   double mix_match_half = 0.0;
+  // Shortest anchor relative to the draft's match length L (max of the own and shared
+  // matches): anchors are taken down to max(1, mix_min_match, ceil(mix_min_ratio * L)).
+  // Under m^alpha weights a match far shorter than L adds almost nothing to any node's
+  // prob, while its node (short matches have the most continuations) is the most costly
+  // to scan. 0 = every length down to mix_min_match.
+  double mix_min_ratio = 0.0;
+  int mix_floor(int match_len) const {
+    const int r = mix_min_ratio > 0.0 ? int(std::ceil(mix_min_ratio * double(match_len))) : 1;
+    return std::max({1, mix_min_match, r});
+  }
   // m^mix_alpha for m < kMixPow (std::pow's own results, filled by set_mix from a table it
   // keeps per alpha; add_anchor reads them instead of calling pow per anchor: 5 % of a
   // draft's time). Unset (a DraftParams not made by set_mix): add_anchor calls pow.
