@@ -1327,6 +1327,22 @@ NB_MODULE(_suffix, m) {
               set_shared(p, shared, shared_weight, t.steps.data(), t.weights.data(), t.steps.size(),
                          shared_min_match);
             }
+            // The batch path's cache stages (draft_range), for this one row: its cursor
+            // nodes requested, then every anchor's children list walked round-robin, so
+            // their misses overlap instead of coming one after another in the draft.
+            // Hints only: the draft is the same without them.
+            const SuffixIndex* sh = p.mixture && !p.chain && p.shared != nullptr && p.shared_weight > 0.0 &&
+                                            p.shared != &s ? p.shared : nullptr;
+            const uint32_t st = s.prefetch_sequence(seq_id);
+            const uint32_t st2 = sh != nullptr ? sh->prefetch_sequence(seq_id) : das::kNil;
+            if (st != das::kNil) {
+              s.prefetch_cursor_nodes(st, p.max_match_len);
+              if (sh != nullptr) sh->prefetch_cursor_nodes(st2, p.max_match_len);
+              thread_local std::vector<SuffixIndex::ListHead> heads;
+              s.draft_lists(st, p, heads);
+              if (sh != nullptr) sh->draft_lists(st2, p, heads, true);
+              SuffixIndex::walk_lists(heads);
+            }
             Draft d;
             s.draft_for_sequence(seq_id, p, d);
             return draft_tuple(d);
