@@ -887,22 +887,22 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
         continue;
       }
       const size_t first = tmp.size();
-      double sum = 0.0;
+      double sum = 0.0, newest_t = -1.0;
+      size_t newest = first;
       for (uint32_t c = x.first_child; c != kNil; c = nodes[c].next_sibling) {
         const double w = ix.weight_of(nodes[c], sw);
         sum += w;
         if (w > 0.0) {
-          const size_t k = tmp.size();
-          tmp.push_back({nodes[c].token, s.anchor, c, 1, w});
-          const Node& y = nodes[c];
-          if (rec > 0.0 && k > first) {
-            // Two or more weighted children: recency will read their storages (below);
-            // requested now, so those misses overlap the walk down the child list.
-            if (k == first + 1) __builtin_prefetch(&ix.storages_[nodes[tmp[first].node].label_storage]);
-            __builtin_prefetch(&ix.storages_[y.label_storage]);
+          if (rec > 0.0) {
+            const double t = ix.recency_of(c);
+            // ties (equal clocks: rare) go to the smaller token, as everywhere else
+            if (t > newest_t || (t == newest_t && nodes[c].token < tmp[newest].token))
+              newest_t = t, newest = tmp.size();
           }
+          tmp.push_back({nodes[c].token, s.anchor, c, 1, w});
           // Cache hint for this child's own expansion, should it be popped: its children
           // list, or the storage its edge's next token is read from.
+          const Node& y = nodes[c];
           if (y.label_len > 1)
             __builtin_prefetch(&ix.storages_[y.label_storage]);
           else if (y.first_child != kNil)
@@ -911,14 +911,6 @@ void SuffixIndex::expand_mixture(const std::vector<Anchor>& anchors, const Draft
       }
       double denom = sum + esc;
       if (rec > 0.0 && tmp.size() - first >= 2) {
-        // The newest continuation, in child order (a node with one weighted child reads
-        // no recency: it gets none). Ties (equal clocks: rare) go to the smaller token.
-        double newest_t = -1.0;
-        size_t newest = first;
-        for (size_t k = first; k < tmp.size(); ++k) {
-          const double t = ix.recency_of(tmp[k].node);
-          if (t > newest_t || (t == newest_t && tmp[k].token < tmp[newest].token)) newest_t = t, newest = k;
-        }
         tmp[newest].pa += rec * sum;
         denom += rec * sum;
       }
