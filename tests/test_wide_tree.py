@@ -197,8 +197,9 @@ def test_min_ratio_drops_anchors_far_shorter_than_the_match():
         d.start_request("r", "p", [5, 1, 2])
         return d.speculate("r", budget=4)
 
-    assert 9 in drafter(0.0).tokens[drafter(0.0).parents == -1].tolist()
-    assert drafter(0.5).tokens[drafter(0.5).parents == -1].tolist() == [3]
+    wide, cut = drafter(0.0), drafter(0.5)
+    assert 9 in wide.tokens[wide.parents == -1].tolist()
+    assert cut.tokens[cut.parents == -1].tolist() == [3]
 
 
 def test_bad_min_ratio_is_rejected_naming_it():

@@ -191,8 +191,7 @@ void draft_range(const std::vector<const SuffixIndex*>& idx, const int64_t* seq_
   // The same stages for the row's sequence in the shared index, when the drafts mix it
   // in (it is large: its misses are most of a row's fixed cost).
   constexpr size_t kAhead1 = 16, kAhead2 = 8;
-  const SuffixIndex* sh =
-      p.mixture && !p.chain && p.shared != nullptr && p.shared_weight > 0.0 ? p.shared : nullptr;
+  const SuffixIndex* sh = p.mixed_shared(nullptr);  // (a row of the shared index itself: stage1)
   uint32_t ring[kAhead1], ring2[kAhead1];
   auto stage1 = [&](size_t r) {
     ring[r % kAhead1] = idx[r]->prefetch_sequence(seq_ids[r]);
@@ -1331,8 +1330,7 @@ NB_MODULE(_suffix, m) {
             // nodes requested, then every anchor's children list walked round-robin, so
             // their misses overlap instead of coming one after another in the draft.
             // Hints only: the draft is the same without them.
-            const SuffixIndex* sh = p.mixture && !p.chain && p.shared != nullptr && p.shared_weight > 0.0 &&
-                                            p.shared != &s ? p.shared : nullptr;
+            const SuffixIndex* sh = p.mixed_shared(&s);
             const uint32_t st = s.prefetch_sequence(seq_id);
             const uint32_t st2 = sh != nullptr ? sh->prefetch_sequence(seq_id) : das::kNil;
             if (st != das::kNil) {

@@ -624,7 +624,7 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
   const bool mix = p.mixture && !p.chain;
   const Storage* sst = nullptr;  // the same sequence in the shared index
   int lo2 = 0;
-  if (mix && p.shared != nullptr && p.shared_weight > 0.0 && p.shared != this) {
+  if (p.mixed_shared(this) != nullptr) {
     auto it = p.shared->by_id_.find(seq_id);
     if (it != p.shared->by_id_.end()) {
       sst = &p.shared->storages_[it->second];

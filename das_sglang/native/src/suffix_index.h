@@ -301,6 +301,11 @@ struct DraftParams {
   double shared_weight = 0.0;
   int shared_min_match = 1;  // shortest shared-index match taken as an anchor
   double shared_slot_weight[kSlots] = {};
+  // The shared index a tree draft from index `from` mixes in, or null: a mixture tree, a
+  // shared index with weight, and not `from` itself (null `from`: any index but it).
+  const SuffixIndex* mixed_shared(const SuffixIndex* from) const {
+    return mixture && !chain && shared != nullptr && shared_weight > 0.0 && shared != from ? shared : nullptr;
+  }
 };
 
 class SuffixIndex {
