@@ -107,11 +107,55 @@ def test_predrafted_trees_are_reused_only_while_exact():
     # another budget for every row: nothing reused, still exact
     d.predraft(ask, 16)
     _same_batch(d.speculate_flat(ask, 7), _fresh_drafts(d, ask, 7))
-    # a step advance changes the weights: the kept trees are dropped
+    # a step advance changes the weights: the first plan after it still takes the kept
+    # trees (test_first_plan_after_a_boundary_reuses_the_trees_from_before_it), the next
+    # one drafts afresh
     d.predraft(ask, 16)
+    kept = d._predrafted[1]
     d.advance_step(d.step + 1)
+    assert d.speculate_flat(ask, 16) is kept
     _same_batch(d.speculate_flat(ask, 16), _fresh_drafts(d, ask, 16))
     assert d._predrafted is None
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_first_plan_after_a_boundary_reuses_the_trees_from_before_it(lazy):
+    """Across a step boundary the pre-drafted trees (made under the previous step's weights)
+    serve the next ``speculate_flat`` for every row whose index did not change otherwise --
+    the boundary's own removals of out-of-window history do not count, so eager and lazy
+    eviction give the same trees -- and only that one; rows whose index changed are drafted
+    afresh. Off (``REUSE_ACROSS_BOUNDARY``), every row is drafted again."""
+    for reuse in (True, False):
+        d, rids, rng = _drafter(11)
+        d.lazy_eviction = lazy
+        d.REUSE_ACROSS_BOUNDARY = reuse
+        d.predraft(rids, 16)
+        before = _fresh_drafts(d, rids, 16)
+        d.advance_step(d.step + 2)  # window_steps 2 at step 4: step 1's history leaves
+        assert d._evicting == ({1} if lazy else set())
+        # a row of p0 gains tokens after the boundary: drafted again, the others are not
+        grow = [r for r in rids if d._live[r].problem_id == "p0"]
+        d.extend_batch(grow, [rng.integers(0, 12, 3) for _ in grow])
+        fresh = _fresh_drafts(d, rids, 16)
+        drafted = []
+        native = d._draft_flat
+        d._draft_flat = lambda idx, *a: drafted.append(len(idx)) or native(idx, *a)
+        out = d.speculate_flat(rids, 16)
+        del d._draft_flat
+        if reuse:
+            assert drafted == [len(grow)]
+            g = set(grow)
+            for i, r in enumerate(rids):
+                want = fresh if r in g else before
+                _same_trees([out[i]], [want[i]])
+            # the history that left changed some trees: the reused ones are the old ones
+            assert any(not np.array_equal(before[i].tokens, fresh[i].tokens)
+                       for i, r in enumerate(rids) if r not in g)
+            # the next plan drafts every row under the new weights
+            _same_batch(d.speculate_flat(rids, 16), fresh)
+        else:
+            assert drafted == [len(rids)]
+            _same_batch(out, fresh)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])

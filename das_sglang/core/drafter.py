@@ -264,6 +264,7 @@ class SuffixDrafter:
         self._evicting: set[int] = set()
         self._next_seq_id = 0
         self._predrafted: tuple | None = None  # see predraft
+        self._boundary_trees = False  # the kept trees are the ones from before a boundary
         self._weights = (np.zeros(0, np.int64), np.zeros(0, np.float64))
         self._refresh_weights()
 
@@ -273,10 +274,23 @@ class SuffixDrafter:
     def step(self) -> int:
         return self._step
 
+    # The first ``speculate_flat`` after a step boundary reuses the trees pre-drafted before
+    # it (under the previous step's weights) for every row whose index did not change
+    # otherwise, as if the boundary had come right after that plan; the trees are proposals,
+    # verified exactly, and one plan per request per boundary drafts from weights one step
+    # old. Drafting every row again there took the boundary step's plan ~2.2 ms at 512 rows
+    # (bench_host_path), the largest part of the slowest steps. Depends only on the order of
+    # events: eager and lazy eviction reuse the same trees (see advance_step).
+    REUSE_ACROSS_BOUNDARY = True
+
     def advance_step(self, step: int) -> None:
         """Start training step ``step``; evict finished rollouts older than the window."""
         if step < self._step:
             raise ValueError(f"invalid step={step}: steps only advance (current {self._step})")
+        carry = self.REUSE_ACROSS_BOUNDARY and self._predrafted is not None and not self.lazy_eviction
+        if carry:  # the kept rows' indexes, before the eager evictions below change them
+            kept_idx = self._predrafted_indexes()
+            before = index_versions(kept_idx)
         self._step = step
         oldest = step - self.config.window_steps
         old = sorted(x for x in self._by_step if x < oldest and x not in self._evicting)
@@ -294,6 +308,23 @@ class SuffixDrafter:
                 for problem_id in list(self._by_step.get(s, ())):
                     self._evict(problem_id, s)
         self._refresh_weights()
+        self._boundary_trees = self.REUSE_ACROSS_BOUNDARY and self._predrafted is not None
+        if carry:
+            # Removals of out-of-window history made by the boundary itself do not count
+            # as changes of a kept tree's index (lazy eviction makes them after the plan).
+            versions = self._predrafted[2].copy()
+            same = versions == before
+            versions[same] = index_versions(kept_idx)[same]
+            self._predrafted = (*self._predrafted[:2], versions, *self._predrafted[3:])
+
+    def _predrafted_indexes(self) -> list:
+        """The index of every row of the kept pre-drafted trees, in their order (a row whose
+        request has ended reads a fresh empty index: its tree is never asked for again)."""
+        rows = self._predrafted[0]
+        seq_ids = sorted(rows, key=rows.get) if type(rows) is dict else np.asarray(rows).tolist()
+        by_seq = {lv.seq_id: lv.problem_id for lv in self._live.values()}
+        spare = SuffixIndex(2)
+        return [self._indices.get(by_seq.get(q), spare) for q in seq_ids]
 
     def evict_pending(self, max_tokens: int | None, stop=None) -> bool:
         """Remove out-of-window rollouts left by a lazy ``advance_step``, about
@@ -747,6 +778,7 @@ class SuffixDrafter:
             # (rows: the job's seq_ids array; a plan of the very same rows -- _rows' memo --
             # reads the trees in order, any other looks its rows up by seq_id)
             self._predrafted = (seq_ids, DraftBatch(*arrays), versions, token, b.astype(np.int64))
+            self._boundary_trees = False
 
         return args, keep
 
@@ -959,6 +991,7 @@ class SuffixDrafter:
         events, never on timing. Not with a fallback-only shared index (``shared_weight``
         0: it drafts the rows whose own tree is empty at plan time)."""
         self._predrafted = None
+        self._boundary_trees = False
         if not self._can_predraft() or not len(req_ids):
             return
         live = self._live
@@ -986,8 +1019,9 @@ class SuffixDrafter:
         """``speculate_flat`` from the :meth:`predraft` trees that are still exact (the
         others drafted now); None when none is."""
         rows, kept, versions, weights, budgets = self._predrafted
-        if weights is not self._weights and not self._same_weights(weights):
-            self._predrafted = None  # a step advanced: every step's weight changed
+        boundary, self._boundary_trees = self._boundary_trees, False
+        if weights is not self._weights and not boundary and not self._same_weights(weights):
+            self._predrafted = None  # a step advanced since: every step's weight changed
             return None
         n = len(seq_ids)
         if rows is seq_ids:  # the rows the job drafted, in its order

@@ -314,11 +314,10 @@ class DasSession:
         self._forward_hook = False
         self._evict_due = False
         self._trim_due = False  # a heap trim waits for no request to be live (_trim_when_idle)
-        # Pre-drafting (SuffixDrafter.predraft): the latest plan's node cap, and a counter
-        # bumped at every step advance, which drops a pre-draft not started by then (its
-        # trees would be stale: the step weights change).
+        # Pre-drafting (SuffixDrafter.predraft): the latest plan's node cap. A pre-draft
+        # queued before a step advance still runs (under the weights it was made for): the
+        # first plan after the boundary reuses it (SuffixDrafter.REUSE_ACROSS_BOUNDARY).
         self._plan_nodes: int | None = None
-        self._epoch = 0
         # Verify outcomes reach the policy one step late (_defer_outcomes): the latest
         # feedback's, not yet recorded, and the event of a recording running on the update
         # thread (set when done).
@@ -438,7 +437,6 @@ class DasSession:
         return self.drafter.stats().sequences <= len(self.live)
 
     def advance_step(self, step: int) -> None:
-        self._epoch += 1
         self._settle_outcomes()
         self.sync()
         self.step = step
@@ -759,7 +757,7 @@ class DasSession:
                 if done is not None:
                     self._updates.set_native(done)
                 else:
-                    self._updates.submit(self._extend_predraft, prepared, sizes, self._epoch)
+                    self._updates.submit(self.drafter.apply_extend, prepared, sizes)
             else:
                 self._updates.submit(self.drafter.apply_extend, prepared)
         else:  # small batches (the hand-off costs more than the extend), or a bad row
@@ -830,10 +828,6 @@ class DasSession:
         if record_pending and self._outcomes:
             outcomes, self._outcomes = self._outcomes, []
             self._record_outcomes(outcomes)
-
-    def _extend_predraft(self, prepared, sizes, epoch: int) -> None:
-        # (a step advanced since the submission: the step weights change, no pre-draft)
-        self.drafter.apply_extend(prepared, sizes if epoch == self._epoch else None)
 
     def finished(self, req_id: str, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request finished: its returned text becomes history of its problem.

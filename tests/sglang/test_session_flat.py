@@ -23,6 +23,16 @@ def _legacy_plan(session, req_ids, max_nodes):
     session._check_cap()
     sizes = session._draft_sizes(req_ids, max_nodes)  # the policy's draft sizes, as plan's
     trees = session.drafter.speculate_batch(list(req_ids), sizes)  # (an int or one per row)
+    pre = getattr(session, "_legacy_pre", None)
+    if getattr(session, "_legacy_boundary", False) and pre is not None:
+        # The first plan after a step boundary takes the trees drafted at the feedback
+        # before it, for the rows whose index is unchanged since (REUSE_ACROSS_BOUNDARY).
+        kept, versions, kept_sizes = pre
+        b = np.broadcast_to(np.asarray(sizes), (len(req_ids),))
+        for i, r in enumerate(req_ids):
+            if r in kept and kept_sizes[r] == b[i] and versions[r] == _version(session, r):
+                trees[i] = kept[r]
+    session._legacy_boundary = False
     if session._evicting and session._updates is not None:
         session._updates.submit(session._evict_chunk)
     live = session.live
@@ -42,6 +52,10 @@ def _legacy_plan(session, req_ids, max_nodes):
     return trees, width
 
 
+def _version(session, rid):
+    return session.drafter._indices[session.live[rid].problem_id].version
+
+
 def _legacy_committed(session, req_ids, proposed, tokens):
     session.sync()
     # The previous feedback's outcomes reach the policy now: one step late, as the session
@@ -55,6 +69,13 @@ def _legacy_committed(session, req_ids, proposed, tokens):
         lv.generated += len(t)
         if p or len(t) != 1:
             session._legacy_outcomes.append((lv.problem_id, p, len(t) - 1))
+    # what the flat path pre-drafts here (the next plan's trees, kept across a boundary)
+    if not session.drafter._can_predraft():  # (a fallback-only shared index: no pre-draft)
+        return
+    sizes = np.broadcast_to(np.asarray(session._draft_sizes(req_ids, 8)), (len(req_ids),))
+    trees = session.drafter.speculate_batch(list(req_ids), sizes.tolist())
+    session._legacy_pre = (dict(zip(req_ids, trees)), {r: _version(session, r) for r in req_ids},
+                           dict(zip(req_ids, sizes.tolist())))
 
 
 def _drive(session, legacy, seed=0, steps=70):
@@ -68,6 +89,7 @@ def _drive(session, legacy, seed=0, steps=70):
     for step in range(steps):
         if step and step % 25 == 0:
             session.weights_updated()
+            session._legacy_boundary = legacy
         while len(live) < 12:
             pid = f"p{n % 5}"
             session.start(f"r{n}", {"das_problem_id": pid}, [9, 9, n % 3], [], 100, root_only=n == 3)
