@@ -348,6 +348,29 @@ class TestPeriodicSnapshot:
         saver.close()
         assert snapshot_file(tmp_path).exists()
 
+    def test_held_save_waits_for_release_and_keeps_the_view_of_its_request(self, tmp_path: Path) -> None:
+        """``save(hold=True)`` takes the view now and writes it only once released (the
+        worker's verify forward); ``wait`` and ``close`` write a held save too."""
+        import time
+
+        state = {"p": {0: [np.array([1, 2], np.int32)]}}
+        saver = PeriodicSnapshot(tmp_path, lambda: {p: dict(s) for p, s in state.items()}, background=True)
+        saver.save(hold=True)
+        state["p"][1] = [np.array([3], np.int32)]  # after the request: not in its view
+        time.sleep(0.2)
+        assert not snapshot_file(tmp_path).exists()  # held
+        saver.release()
+        saver.wait()
+        assert list(load_history(tmp_path)[0]["p"]) == [0]
+        saver.save(hold=True)
+        saver.wait()  # not released: written anyway
+        assert list(load_history(tmp_path)[0]["p"]) == [0, 1]
+        state["p"][2] = [np.array([4], np.int32)]
+        saver.note_finished(hold=True)  # (every_n 0: no save)
+        saver.save(hold=True)
+        saver.close()
+        assert list(load_history(tmp_path)[0]["p"]) == [0, 1, 2]
+
     def test_negative_every_n(self, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"every_n=-1"):
             PeriodicSnapshot(tmp_path, lambda: {}, every_n=-1)

@@ -546,21 +546,31 @@ class PeriodicSnapshot:
         self.path = Path(self.path)
         self._writer: _Writer | None = _Writer(self.path) if self.background else None
 
-    def note_finished(self, count: int = 1) -> bool:
+    def note_finished(self, count: int = 1, hold: bool = False) -> bool:
         """Count finished requests; returns True when this call saved a snapshot."""
         self._since_save += count
         if self.every_n and self._since_save >= self.every_n:
-            self.save()
+            self.save(hold)
             return True
         return False
 
-    def save(self) -> Path:
+    def save(self, hold: bool = False) -> Path:
+        """Save now (the view is taken now, on this thread). ``hold`` (background only):
+        the writer starts on it at the next :meth:`release` (or ``wait`` / ``close``), not
+        at once: its encoding is Python that holds the GIL for a few ms at RL scale, so the
+        caller starts it where its own thread waits without the GIL (the SGLang worker: the
+        verify forward), not beside the next plan's Python."""
         meta = self.get_meta() if self.get_meta else None
         self._since_save = 0
         if self._writer is not None:
-            self._writer.request(self.get_history(), meta)
+            self._writer.request(self.get_history(), meta, hold)
             return snapshot_file(self.path)
         return save_history(self.path, self.get_history(), meta)
+
+    def release(self) -> None:
+        """Let the writer start on a held save (no-op otherwise)."""
+        if self._writer is not None:
+            self._writer.release()
 
     def wait(self) -> None:
         if self._writer is not None:
@@ -582,22 +592,30 @@ class _Writer:
         self.path = path
         self._cv = threading.Condition()
         self._pending: tuple | None = None
+        self._held = False  # the pending view waits for release()
         self._busy = False
         self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="das-snapshot-writer", daemon=True)
         self._thread.start()
 
-    def request(self, history, meta) -> None:
+    def request(self, history, meta, hold: bool = False) -> None:
         with self._cv:
             self._raise()
             self._pending = (history, meta)
+            self._held = hold
             self._cv.notify_all()
+
+    def release(self) -> None:
+        with self._cv:
+            if self._held:
+                self._held = False
+                self._cv.notify_all()
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while self._pending is None and not self._closed:
+                while (self._pending is None or self._held) and not self._closed:
                     self._cv.wait()
                 if self._pending is None:
                     return
@@ -620,6 +638,8 @@ class _Writer:
 
     def wait(self) -> None:
         with self._cv:
+            self._held = False  # (a held save is written now)
+            self._cv.notify_all()
             while self._pending is not None or self._busy:
                 self._cv.wait()
             self._raise()

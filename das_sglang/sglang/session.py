@@ -458,7 +458,7 @@ class DasSession:
         if self.shards is not None:
             self.shards.advance_step(step)
         if self.snapshot is not None:
-            self.snapshot.save()  # a step boundary is a natural checkpoint
+            self.snapshot.save(self._hold_snapshot())  # a step boundary is a natural checkpoint
 
     def weights_updated(self) -> None:
         """The RL step boundary: SGLang flushed its cache (``update_weights_from_*``).
@@ -672,6 +672,8 @@ class DasSession:
             self._outcomes_job = done = threading.Event()
             (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, done=done)
         self._release_deferred()  # the plan's new requests: registered during the forward
+        if self.snapshot is not None:
+            self.snapshot.release()  # a held save: encoded during the forward (_hold_snapshot)
         lengths = getattr(self.policy, "lengths", None)
         if getattr(lengths, "background", False) and hasattr(lengths, "rebuild_if_stale"):
             # The length index's background rebuild (~4 ms of numpy and Python at 2,048 x
@@ -882,12 +884,20 @@ class DasSession:
         if self._trim_due:
             self._trim_when_idle()
         if self.snapshot is not None:
-            self.snapshot.note_finished()
+            self.snapshot.note_finished(hold=self._hold_snapshot())
             if not self.live:
                 # The batch drained: nothing waits on the scheduler, so make the requested
                 # save durable now (an engine stopped right after its last request -- by a
                 # signal, without atexit -- then still leaves every finished rollout).
                 self.snapshot.wait()
+
+    def _hold_snapshot(self) -> bool:
+        """A snapshot requested while requests decode under the worker's forward hook is
+        encoded from the next ``before_forward`` on: the writer's encoding (Python, a few
+        ms at RL scale) then runs while this thread waits on the device, not beside the
+        next plan's policy Python (at a step boundary it slowed the plan's outcome update
+        ~155 -> ~610 us p50, up to 3 ms, in bench_host_path). The view is taken now."""
+        return self._forward_hook and bool(self.live)
 
     def _finish_in_drafter(self, req_id, problem_id, step, tokens) -> None:
         self.drafter.finish_as(req_id, problem_id, step, tokens)

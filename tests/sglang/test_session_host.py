@@ -147,6 +147,26 @@ def test_snapshot_written_off_thread_is_complete_and_atomic(tmp_path):
     s2.close()
 
 
+def test_snapshot_requested_between_forwards_is_written_from_the_next_forward(tmp_path):
+    """Under the worker's forward hook, a save requested while requests decode (a step
+    boundary, every ``snapshot_interval`` finishes) is encoded from the next
+    ``before_forward`` on; without requests, or without the hook, at once."""
+    s = DasSession(_opts(history_path=str(tmp_path), snapshot_interval=0))
+    _drive(s, steps=40, hook=True)
+    s.start("extra", {"das_problem_id": "p0"}, [7, 8], [], 60)  # a request decodes
+    assert s._hold_snapshot()
+    s.snapshot.wait()
+    s.weights_updated()  # a boundary under traffic: held
+    writer = s.snapshot._writer
+    assert writer._held and writer._pending is not None
+    s.before_forward()
+    s.snapshot.wait()
+    assert not writer._held
+    history, meta = load_history(tmp_path)
+    assert history and "das_counters" in meta
+    s.close()
+
+
 @pytest.mark.parametrize("async_updates", [True, False])
 def test_flat_feedback_rows_give_what_lists_give(async_updates):
     """The worker's form of a feedback (TokenRows: one flat array, validated once) gives the
