@@ -158,6 +158,22 @@ def test_first_plan_after_a_boundary_reuses_the_trees_from_before_it(lazy):
             _same_batch(out, fresh)
 
 
+def test_boundary_reuse_with_a_request_predrafted_twice():
+    """Eager eviction re-stamps the kept trees' versions entry by entry: a request that
+    appears twice in the pre-drafted rows (the dict keeps its later row) neither breaks
+    the step advance nor loses its tree."""
+    d, rids, rng = _drafter(11)
+    ask = [rids[0], rids[0]] + rids[1:5]
+    d.predraft(ask, 16)
+    before = _fresh_drafts(d, ask, 16)
+    d.advance_step(d.step + 2)  # eager: step 1's history leaves now
+    assert len(d._predrafted[2]) == len(ask)
+    out = d.speculate_flat(ask, 16)
+    _same_batch(out, before)
+    assert not all(np.array_equal(before[i].tokens, t.tokens)
+                   for i, t in enumerate(_fresh_drafts(d, ask, 16)))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 5])
 def test_extend_draft_rows_equals_extend_then_draft(threads):
     """The fused native call gives extend_batch's indices and draft_rows' trees (rows of

@@ -318,13 +318,18 @@ class SuffixDrafter:
             self._predrafted = (*self._predrafted[:2], versions, *self._predrafted[3:])
 
     def _predrafted_indexes(self) -> list:
-        """The index of every row of the kept pre-drafted trees, in their order (a row whose
-        request has ended reads a fresh empty index: its tree is never asked for again)."""
-        rows = self._predrafted[0]
-        seq_ids = sorted(rows, key=rows.get) if type(rows) is dict else np.asarray(rows).tolist()
-        by_seq = {lv.seq_id: lv.problem_id for lv in self._live.values()}
+        """The index of each entry of the kept trees' versions, in their order (an entry
+        whose request has ended, or that no row reads -- a request predrafted twice keeps
+        its later row -- gets a fresh empty index: its tree is never reused)."""
+        rows, versions = self._predrafted[0], self._predrafted[2]
+        by_seq = {lv.seq_id: lv.index for lv in self._live.values()}
         spare = SuffixIndex(2)
-        return [self._indices.get(by_seq.get(q), spare) for q in seq_ids]
+        if type(rows) is dict:  # (predraft: seq_id -> row)
+            out = [spare] * len(versions)
+            for q, i in rows.items():
+                out[i] = by_seq.get(q, spare)
+            return out
+        return [by_seq.get(q, spare) for q in np.asarray(rows).tolist()]
 
     def evict_pending(self, max_tokens: int | None, stop=None) -> bool:
         """Remove out-of-window rollouts left by a lazy ``advance_step``, about

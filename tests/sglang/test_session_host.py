@@ -165,6 +165,13 @@ def test_snapshot_requested_between_forwards_is_written_from_the_next_forward(tm
     history, meta = load_history(tmp_path)
     assert history and "das_counters" in meta
     s.close()
+    # without the hook (a caller that never calls before_forward): written at once
+    s2 = DasSession(_opts(history_path=str(tmp_path), snapshot_interval=0))
+    s2.start("r", {"das_problem_id": "p0"}, [7, 8], [], 60)
+    assert not s2._hold_snapshot()
+    s2.weights_updated()
+    assert not s2.snapshot._writer._held
+    s2.close()
 
 
 @pytest.mark.parametrize("async_updates", [True, False])
