@@ -137,6 +137,21 @@ def make_problems(base, n_problems, samples, perturb, seed):
     return out
 
 
+def history_of(problems, window: int) -> tuple[dict, dict]:
+    """The samples of every problem as history spread over the window's past steps
+    (``{problem: {step: [prompt + response]}}``), and per step the (problem, response
+    length) pairs that finished in it."""
+    finished_at: dict[int, list[tuple[str, int]]] = {}
+    history: dict[str, dict[int, list[np.ndarray]]] = {}
+    for n, pid in enumerate(sorted(problems)):
+        prompt, hist, _ = problems[pid]
+        for k, resp in enumerate(hist):
+            step = 1 + (k + n) % window
+            history.setdefault(pid, {}).setdefault(step, []).append(np.concatenate([prompt, resp]))
+            finished_at.setdefault(step, []).append((pid, len(resp)))
+    return history, finished_at
+
+
 class Legacy:
     """The host path before issue 12, on the same DasSession object."""
 
@@ -220,17 +235,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         session.policy.lengths = lengths
         session.snapshot.get_history = session.drafter.history  # copy from the index, inline
     pids = sorted(problems)
-    # History: the samples of every problem, spread over the window's past steps.
     t0 = time.perf_counter()
     session.drafter.advance_step(args.window)
-    finished_at: dict[int, list[tuple[str, int]]] = {}
-    history: dict[str, dict[int, list[np.ndarray]]] = {}
-    for n, pid in enumerate(pids):
-        prompt, hist, _ = problems[pid]
-        for k, resp in enumerate(hist):
-            step = 1 + (k + n) % args.window
-            history.setdefault(pid, {}).setdefault(step, []).append(np.concatenate([prompt, resp]))
-            finished_at.setdefault(step, []).append((pid, len(resp)))
+    history, finished_at = history_of(problems, args.window)
     session.drafter.load_history(history)  # as a restore from a snapshot loads it
     # The predictor's lengths at the steps they finished in, as a running server records
     # them: its window then drops them step by step at the boundaries, not all at once.

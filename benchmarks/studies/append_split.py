@@ -32,13 +32,8 @@ def main() -> None:
     d = SuffixDrafter(DrafterConfig(max_budget=16, window_steps=4))
     d.advance_step(4)
     pids = sorted(problems)
-    hist = {}
-    for n, pid in enumerate(pids):
-        prompt, h, _ = problems[pid]
-        for k, resp in enumerate(h):
-            hist.setdefault(pid, {}).setdefault(1 + (k + n) % 4, []).append(np.concatenate([prompt, resp]))
     t0 = time.perf_counter()
-    d.load_history(hist)
+    d.load_history(H.history_of(problems, 4)[0])
     print("built %.1fs" % (time.perf_counter() - t0), flush=True)
     rng = np.random.default_rng(0)
     rows, texts, pos = [], [], []
