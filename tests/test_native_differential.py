@@ -162,7 +162,7 @@ def operations(alphabet: int):
 @st.composite
 def scenarios(draw, max_ops: int):
     depth = draw(st.sampled_from([2, 3, 4, 6, 9]))
-    alphabet = draw(st.sampled_from([2, 3, 5, 8]))  # 8: nodes cross kScanFanout
+    alphabet = draw(st.sampled_from([2, 3, 5, 12]))  # 12: nodes cross kScanFanout (8)
     ops = draw(st.lists(operations(alphabet), min_size=max_ops // 2, max_size=max_ops))
     return depth, ops
 
@@ -269,3 +269,21 @@ def test_batch_equals_per_row_calls():
         a, z = offsets[r], offsets[r + 1]
         assert tokens[a:z].tolist() == t.tolist() and parents[a:z].tolist() == p.tolist()
         assert probs[a:z].tolist() == q.tolist() and match[r] == m
+
+
+def test_a_node_crossing_the_scan_fanout_both_ways_agrees():
+    """A node's children move into the child map when it gets a 9th child (kScanFanout 8)
+    and back to list scans when it drops to 8: integrity (the map holds exactly the
+    children of the root and of wide nodes) and every answer checked at each step."""
+    pair = Pair(3)
+    for k in range(1, 12):  # token 0 gets children 1..11: wide from the 9th on
+        pair.add([0, k, 0], k % 3)
+        pair.match([5, 0])
+        pair.draft([0], 6, 0.0, {}, False, 2, None)
+    ids = sorted(pair.ref.seqs)
+    pair.extend(ids[0], [3, 0, 9])
+    pair.draft_seq(ids[0], 8, 0.0, {0: 1.0, 1: 0.5, 2: 0.25}, False, 2, None)
+    for seq_id in ids:  # back below the threshold, then empty
+        pair.remove(seq_id)
+        pair.draft([0], 6, 0.0, {}, False, 2, None)
+    assert pair.native.num_nodes == 1

@@ -70,8 +70,13 @@ constexpr uint32_t kNil = 0xFFFFFFFFu;  // "no node" / "no storage"
 constexpr uint32_t kRoot = 0;
 // Children of a node with at most kScanFanout children are found by scanning its child
 // list (they are touched anyway; most deep nodes have one or two children); the root and
-// wider nodes keep their children in the ChildMap as well.
-constexpr uint32_t kScanFanout = 4;
+// wider nodes keep their children in the ChildMap as well. 8, not 4 (measured at RL scale,
+// 2,048 problems x 16 rollouts, two drafters on the same history in one process): 5% fewer
+// index bytes per token (95.1 -> 90.2: fewer map entries), appends of a 512-row step and
+// the removal of a step's rollouts as fast (own-index appends p50 4.01 vs 4.15 and 5.65 vs
+// 5.56 ms in two runs, shared 2.81 vs 2.81 and 3.44 vs 3.37; removals 3.945 vs 3.963 s for
+// 8,192 rollouts). 2 was slower (appends +16%) and 8.5% larger.
+constexpr uint32_t kScanFanout = 8;
 
 struct alignas(64) Node {  // one cache line: an append touches a few nodes per suffix
   uint32_t parent;        // for unlinking and merging without a search
