@@ -299,9 +299,8 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     def start(b, req):
         rid, pid, prompt, plist, text, tlist = req
         session.start(rid, {"das_problem_id": pid}, plist, [], 1 << 30)
-        # (+ the text and prompt as Python ints: the worker reads roots and lengths from
-        # SGLang's Python lists, ``req.output_ids[-1]``, not from numpy arrays)
-        slots[b] = [rid, prompt, text, 0, tlist, int(prompt[-1]), len(prompt), plist]
+        # (id, text, tokens decoded, the text and prompt as the Python lists SGLang keeps)
+        slots[b] = [rid, text, 0, tlist, plist]
         pos_at[b], end_at[b] = 0, len(text)
         reqs[b] = _Req([int(prompt[-1])])  # (the root of its first step: the prompt's last token)
         seq_lens_cpu[b] = len(prompt)
@@ -318,7 +317,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         # Python lists SGLang keeps (``req.origin_input_ids``, ``req.output_ids``): made
         # before the step's clock starts (until this version the bench's own conversions
         # of its numpy texts, ~30 us a finish, were timed as DAS's).
-        ending = [(b, slots[b][0], slots[b][7], slots[b][4][:slots[b][3]], new_request())
+        ending = [(b, slots[b][0], slots[b][4], slots[b][3][:slots[b][2]], new_request())
                   for b in np.flatnonzero(pos_at + 1 >= end_at).tolist()]
         t_begin = time.perf_counter() - carried
         c_begin = time.thread_time()
@@ -369,7 +368,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         engine_gap(0, args.forward_ms, 0.0)
         commits, proposed = [], []
         for s, tree in zip(slots, trees):
-            text, pos = s[2], s[3]
+            text, pos = s[1], s[2]
             k = tree.accept_length(text[pos: pos + len(tree) + 1].tolist())
             commits.append(text[pos: pos + k + 1].tolist())
             proposed.append(len(tree))
@@ -386,7 +385,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         t_end, c_end = time.perf_counter(), time.thread_time()
         cpu["feedback"] = c_end - c_fb
         for s, r, c in zip(slots, reqs, commits):
-            s[3] += len(c)
+            s[2] += len(c)
             r.output_ids.extend(c)
         n_commit = np.fromiter(map(len, commits), np.int64, batch)
         pos_at += n_commit
