@@ -7,7 +7,14 @@ import random
 import numpy as np
 import pytest
 
-from das_sglang.native import MAX_STEPS, SuffixIndex, draft_batch, extend_batch
+from das_sglang.native import (
+    MAX_STEPS,
+    SuffixIndex,
+    draft_batch,
+    extend_batch,
+    node_reserve_bytes,
+    set_node_reserve_bytes,
+)
 
 
 def arr(tokens) -> np.ndarray:
@@ -193,6 +200,49 @@ class TestMemory:
         ix.remove_sequence(99)
         ix.check_integrity()
         assert ix.num_nodes == before
+
+    def test_node_array_past_its_reservation_moves_intact(self):
+        """An index's node array grows in place inside the address space it reserved
+        (default 256 MiB); past it, it moves to a larger reservation by copying. With a
+        one-page reservation every growth past it moves: the index must be the same as one
+        that never moved -- nodes, sizes, drafts, removals."""
+
+        def build(rng):
+            ix = SuffixIndex(16)
+            for s in range(12):
+                ix.add_sequence(s, arr([rng.randrange(40) for _ in range(300)]), s % 3)
+            for s in range(0, 12, 3):
+                ix.extend(s, arr([rng.randrange(40) for _ in range(80)]))
+            return ix
+
+        default = node_reserve_bytes()
+        set_node_reserve_bytes(4096)  # 64 nodes
+        try:
+            moved = build(random.Random(5))
+        finally:
+            set_node_reserve_bytes(default)
+        ref = build(random.Random(5))
+        assert node_reserve_bytes() == default
+        assert moved.num_nodes == ref.num_nodes > 64 * 16  # (it moved several times)
+        assert moved.memory_bytes() == ref.memory_bytes()
+        moved.check_integrity()
+        rng = random.Random(6)
+        for _ in range(20):
+            ctx = arr([rng.randrange(40) for _ in range(6)])
+            a = moved.draft(ctx, 12, 0.0, {0: 1.0, 1: 0.5, 2: 0.25}, False, 5)
+            b = ref.draft(ctx, 12, 0.0, {0: 1.0, 1: 0.5, 2: 0.25}, False, 5)
+            assert all(np.array_equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3]
+        for s in (1, 4, 7):
+            moved.remove_sequence(s)
+            ref.remove_sequence(s)
+        moved.check_integrity()
+        assert moved.num_nodes == ref.num_nodes
+        assert moved.sequence_tokens(3).tolist() == ref.sequence_tokens(3).tolist()
+
+    def test_node_reserve_bytes_names_a_bad_value(self):
+        with pytest.raises(ValueError, match="bytes=100"):
+            set_node_reserve_bytes(100)
+        assert node_reserve_bytes() >= 4096
 
 
 def test_long_inserts_release_the_gil():

@@ -31,6 +31,9 @@ bin_before, bin_size)`` adds one plan's verify outcomes to the online calibratio
 ``length_remaining(g, cap, c0, present, sorted, sorted_off, suffix, suffix_off, tail_factor)`` is the
 length predictor's per-row group query (``_LengthQueries.predict_many``): ``(remaining, class)``.
 ``index_versions(indices)`` is every index's ``version`` in one call (uint64 array).
+``set_node_reserve_bytes(bytes)`` / ``node_reserve_bytes()``: the address space an index reserves
+for its node array when it first grows (default 256 MiB, virtual only; it grows in place within
+it and never moves, see ``MappedArray`` in src/suffix_index.h).
 """
 
 from das_sglang.native._suffix import (
@@ -46,15 +49,17 @@ from das_sglang.native._suffix import (
     extend_draft_rows_start,
     index_versions,
     length_remaining,
+    node_reserve_bytes,
     lookahead_per_row,
     online_add,
     online_curves,
     ragged_layout,
     ragged_mask_index,
     set_background_nice,
+    set_node_reserve_bytes,
 )
 
 __all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
            "draft_batch", "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "index_versions", "length_remaining", "lookahead_per_row", "online_add", "online_curves",
-           "ragged_layout", "ragged_mask_index", "set_background_nice"]
+           "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves",
+           "ragged_layout", "ragged_mask_index", "set_background_nice", "set_node_reserve_bytes"]

@@ -1407,6 +1407,18 @@ NB_MODULE(_suffix, m) {
       nb::arg("nice"),
       "Nice value (0-19) of the threads a started extend + draft job runs on (0: the caller's).");
   m.def("background_nice", [] { return g_background_nice.load(); });
+  m.def(
+      "set_node_reserve_bytes",
+      [](int64_t bytes) {
+        if (bytes < 4096 || bytes > (int64_t(1) << 40))
+          throw nb::value_error(("invalid bytes=" + std::to_string(bytes) + ": must be in [4096, 2**40]").c_str());
+        das::mapped_array_reserve_bytes().store(size_t(bytes));
+      },
+      nb::arg("bytes"),
+      "Address space an index reserves for its node array when it first grows (virtual, "
+      "not committed; growth within it is in place, past it the array moves to a reservation "
+      "twice as large by copying). Default 256 MiB. Indexes already grown keep theirs.");
+  m.def("node_reserve_bytes", [] { return int64_t(das::mapped_array_reserve_bytes().load()); });
   m.def("extend_draft_rows", &extend_draft_rows, nb::arg("indices"), nb::arg("seq_ids"),
         nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"), nb::arg("min_prob"),
         nb::arg("steps"), nb::arg("weights"), nb::arg("chain"), nb::arg("max_match_len"),

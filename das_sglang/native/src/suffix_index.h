@@ -52,6 +52,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -147,11 +148,31 @@ struct MappedAlloc {
 template <class T>
 using BigVector = std::vector<T, MappedAlloc<T>>;
 
-// Growable array of a trivially copyable T in one anonymous mapping: growth is mremap
-// (the kernel moves page-table entries; nothing is copied), so a large index grows in
-// microseconds where a vector would copy every node (tens of ms for the shared index's
-// ~60 MB, on the update thread the next plan waits for). Pages are touched only as
-// elements are added, so the reserved tail costs no RSS.
+// Address space reserved up front per MappedArray (virtual only: PROT_NONE, not
+// committed, no page tables; see MappedArray). 256 MiB = 4M nodes, more than any index
+// holds at RL scale (a problem's ~1.6 MB, the shared index's ~60 MB at its 512k-token
+// cap); 2,048 problems reserve 0.5 TiB of the 128 TiB address space.
+// (Settable for tests and tight RLIMIT_AS: node_reserve_bytes / set_node_reserve_bytes.)
+inline std::atomic<size_t>& mapped_array_reserve_bytes() {
+  static std::atomic<size_t> bytes{size_t(1) << 28};
+  return bytes;
+}
+
+// Growable array of a trivially copyable T that never moves while it fits its
+// reservation: the first growth reserves address space (mapped_array_reserve_bytes(),
+// PROT_NONE) and each growth makes more of it readable and writable in place
+// (mprotect: no copy, no new mapping). Pages are touched only as elements are added, so
+// the reserved tail costs no RSS. Past the reservation (or where it cannot be had, e.g.
+// under a tight RLIMIT_AS) it moves to a new one twice as large by copying.
+//
+// Until this version growth was mremap(MREMAP_MAYMOVE): equally copy-free, but a moved
+// mapping keeps its page offset and anon_vma, and with thousands of node arrays moving
+// the kernel's reverse map ended up with many overlapping mappings per anon_vma -- every
+// rmap walk of one of our pages (DAMON's access sampling, reclaim, compaction, page
+// migration) visited them all. Measured on the 2-vCPU dev VM (DAMON paddr monitoring on):
+// with bench_host_path's 2,048 x 16 history built and the process idle, kdamond took
+// 45-50% of a core (perf: page_vma_mapped_walk under rmap_walk_anon) vs 0.2-0.4% with
+// arrays that never move -- 19-25 ms of CPU per 512-row step taken from the native job.
 template <class T>
 class MappedArray {
   static_assert(std::is_trivially_copyable<T>::value, "MappedArray holds plain data");
@@ -161,7 +182,7 @@ class MappedArray {
   MappedArray(const MappedArray&) = delete;
   MappedArray& operator=(const MappedArray&) = delete;
   ~MappedArray() {
-    if (data_ != nullptr) munmap(data_, bytes_);
+    if (data_ != nullptr) munmap(data_, reserved_);
   }
   size_t size() const { return size_; }
   size_t capacity() const { return bytes_ / sizeof(T); }
@@ -173,21 +194,30 @@ class MappedArray {
   T& back() { return data_[size_ - 1]; }
   void reserve(size_t n) {
     if (n <= capacity()) return;
-    const size_t want = (n * sizeof(T) + 4095) & ~size_t(4095);
-#ifdef MREMAP_MAYMOVE
-    void* p = data_ == nullptr
-                  ? mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-                  : mremap(data_, bytes_, want, MREMAP_MAYMOVE);
+    const size_t want = page_up(n * sizeof(T));
+    if (want <= reserved_) {  // in place: the next part of the reservation
+      if (mprotect(reinterpret_cast<char*>(data_) + bytes_, want - bytes_, PROT_READ | PROT_WRITE) != 0)
+        throw std::bad_alloc();
+      bytes_ = want;
+      return;
+    }
+    size_t res = std::max(want, std::max(page_up(mapped_array_reserve_bytes().load()), 2 * reserved_));
+    void* p = mmap(nullptr, res, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED && res > want) {  // no room for the headroom: exactly what is needed
+      res = want;
+      p = mmap(nullptr, res, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    }
     if (p == MAP_FAILED) throw std::bad_alloc();
-#else  // no mremap (not Linux): map anew and copy
-    void* p = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw std::bad_alloc();
+    if (mprotect(p, want, PROT_READ | PROT_WRITE) != 0) {
+      munmap(p, res);
+      throw std::bad_alloc();
+    }
     if (data_ != nullptr) {
       std::memcpy(p, data_, size_ * sizeof(T));
-      munmap(data_, bytes_);
+      munmap(data_, reserved_);
     }
-#endif
     data_ = static_cast<T*>(p);
+    reserved_ = res;
     bytes_ = want;
   }
   void push_back(const T& x) {
@@ -201,9 +231,11 @@ class MappedArray {
   }
 
  private:
+  static size_t page_up(size_t b) { return (b + 4095) & ~size_t(4095); }
   T* data_ = nullptr;
   size_t size_ = 0;
-  size_t bytes_ = 0;
+  size_t bytes_ = 0;     // readable and writable (the capacity)
+  size_t reserved_ = 0;  // mapped in all (the rest PROT_NONE)
 };
 
 // Open-addressing map (parent, token) -> child, linear probing, backward-shift deletion.
