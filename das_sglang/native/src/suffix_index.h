@@ -165,14 +165,15 @@ inline std::atomic<size_t>& mapped_array_reserve_bytes() {
 // the reserved tail costs no RSS. Past the reservation (or where it cannot be had, e.g.
 // under a tight RLIMIT_AS) it moves to a new one twice as large by copying.
 //
-// Until this version growth was mremap(MREMAP_MAYMOVE): equally copy-free, but a moved
-// mapping keeps its page offset and anon_vma, and with thousands of node arrays moving
-// the kernel's reverse map ended up with many overlapping mappings per anon_vma -- every
-// rmap walk of one of our pages (DAMON's access sampling, reclaim, compaction, page
-// migration) visited them all. Measured on the 2-vCPU dev VM (DAMON paddr monitoring on):
-// with bench_host_path's 2,048 x 16 history built and the process idle, kdamond took
-// 45-50% of a core (perf: page_vma_mapped_walk under rmap_walk_anon) vs 0.2-0.4% with
-// arrays that never move -- 19-25 ms of CPU per 512-row step taken from the native job.
+// Until this version growth was mremap(MREMAP_MAYMOVE): equally copy-free, but it made
+// the kernel's reverse-map walks of our pages expensive. Measured on the 2-vCPU dev VM
+// (DAMON paddr monitoring on): with bench_host_path's 2,048 x 16 history built and the
+// process idle, kdamond took 45-50% of a core, its time in page_vma_mapped_walk under
+// rmap_walk_anon (perf), vs 0.2-0.4% with arrays that never move (copy growth, or this
+// reservation) -- 19-25 ms of CPU per 512-row step taken from the native job. (Our reading:
+// a moved mapping keeps its page offset and anon_vma, so after thousands of moves an
+// anon_vma holds many mappings whose offsets overlap, and each walk visits them all; any
+// rmap walk pays it -- reclaim, compaction, migration -- not only DAMON's sampling.)
 template <class T>
 class MappedArray {
   static_assert(std::is_trivially_copyable<T>::value, "MappedArray holds plain data");
