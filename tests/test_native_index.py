@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -243,6 +245,43 @@ class TestMemory:
         with pytest.raises(ValueError, match="bytes=100"):
             set_node_reserve_bytes(100)
         assert node_reserve_bytes() >= 4096
+
+
+_TIGHT_AS = """
+import resource, sys
+import numpy as np
+from das_sglang.native import SuffixIndex
+vsz = int(open("/proc/self/statm").read().split()[0]) * 4096
+limit = vsz + (200 << 20)  # no room for one 256 MiB reservation
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+import mmap
+try:
+    mmap.mmap(-1, 256 << 20).close()
+    fits = 1
+except OSError:
+    fits = 0
+rng = np.random.default_rng(0)
+ixs = []
+for k in range(8):
+    ix = SuffixIndex(16)
+    for s in range(6):
+        ix.add_sequence(s, rng.integers(0, 30, 400).astype(np.int32), 0)
+    ix.check_integrity()
+    ixs.append(ix)
+print(sum(ix.num_nodes for ix in ixs), fits)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
+def test_indexes_work_where_no_reservation_fits_the_address_space_limit():
+    """Under a tight ``ulimit -v`` (HPC batch systems set one) the 256 MiB reservation
+    cannot be had: node arrays then reserve exactly what they use and move by copying as
+    they grow, instead of failing."""
+    out = subprocess.run([sys.executable, "-c", _TIGHT_AS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    nodes, fits = (int(x) for x in out.stdout.split())
+    assert fits == 0  # (the limit does leave no room for a reservation)
+    assert nodes > 8 * 6 * 400 // 2  # (they were built, all eight)
 
 
 def test_long_inserts_release_the_gil():
