@@ -61,7 +61,9 @@ def test_columnar_predictor_matches_the_full_rebuild_one(thresholds):
         np.testing.assert_array_equal(new.thresholds(), old.thresholds())
 
 
-def test_background_predictor_reads_the_previous_index_then_catches_up():
+def test_background_predictor_reads_the_previous_index_then_catches_up(monkeypatch):
+    # (the rebuild path: lengths past the incremental index's trees, or INCREMENTAL off)
+    monkeypatch.setattr(LengthPredictor, "INCREMENTAL", False)
     p = LengthPredictor(PolicyConfig(class_thresholds=(100, 1000)), background=True)
     p.observe_finished("a", 50)
     assert p.predict("a", 0, 10_000).length_class == 0  # first index: built inline
@@ -72,7 +74,8 @@ def test_background_predictor_reads_the_previous_index_then_catches_up():
     assert p.initial_class("a") == 2  # median 5000: Long, once rebuilt
 
 
-def test_background_rebuild_starts_only_when_asked_once_queries_may_not_start_it():
+def test_background_rebuild_starts_only_when_asked_once_queries_may_not_start_it(monkeypatch):
+    monkeypatch.setattr(LengthPredictor, "INCREMENTAL", False)  # (the rebuild path)
     p = LengthPredictor(PolicyConfig(class_thresholds=(100, 1000)), background=True)
     p.observe_finished("a", 50)
     p.predict("a", 0, 10_000)  # first index: built inline

@@ -195,20 +195,31 @@ def test_bad_length_state_is_named_and_adds_nothing(bad, match):
     assert after["columns"].tolist() == before["columns"].tolist()
 
 
-def test_a_batchs_problem_list_is_looked_up_once_per_index():
-    """predict_many keeps the initial classes of the latest problem-id list (the session
-    hands the same list while a batch's rows stay) until the index is rebuilt; an index
-    built from new lengths is read again, and an equal list elsewhere gives the same."""
+@pytest.mark.parametrize("incremental", [True, False])
+def test_a_batchs_problem_list_is_looked_up_once_per_index(monkeypatch, incremental):
+    """predict_many keeps what it looked up for the latest problem-id list (the session
+    hands the same list while a batch's rows stay): the rebuilt index its initial classes,
+    until the index is rebuilt; the incremental one the rows' problem indices, until a
+    problem is added or renumbered. New lengths are read again, and an equal list
+    elsewhere gives the same."""
+    monkeypatch.setattr(LengthPredictor, "INCREMENTAL", incremental)
     p = _predictor([50, 60])  # q: short
     p.observe_finished("r", 5000)
     ids = ["q", "r", "q", "x"]
     _, _, c0 = p.predict_many(ids, [0] * 4, [10**6] * 4)
     assert c0.tolist() == [SHORT, LONG, SHORT, -1]
-    assert p.predict_many(ids, [0] * 4, [10**6] * 4)[2] is c0  # the same list: kept
+    if incremental:
+        assert p._problem_rows(ids) is p._problem_rows(ids)  # the same list: kept
+        assert p._problem_rows(ids).tolist() == [0, 1, 0, -1]
+        p.observe_finished("x", 70)  # a new problem: looked up again
+        assert p._problem_rows(ids).tolist() == [0, 1, 0, 2]
+        assert p.predict_many(ids, [0] * 4, [10**6] * 4)[2].tolist() == [SHORT, LONG, SHORT, SHORT]
+    else:
+        assert p.predict_many(ids, [0] * 4, [10**6] * 4)[2] is c0  # the same list: kept
     for n in (5000, 6000, 7000):
         p.observe_finished("q", n)  # q's median is long now
     _, _, again = p.predict_many(ids, [0] * 4, [10**6] * 4)
-    assert again.tolist() == [LONG, LONG, LONG, -1]
+    assert again.tolist() == [LONG, LONG, LONG, SHORT if incremental else -1]
     assert p.predict_many(list(ids), [0] * 4, [10**6] * 4)[2].tolist() == again.tolist()
 
 
@@ -237,6 +248,7 @@ def test_native_group_queries_are_numpys_bit_for_bit(seed):
     max_new = rng.integers(1, 9000, rows)
     _, _, groups = lp._index()
     assert _ALL_KEY in groups
+    lp._inc = None  # (the rebuilt index's queries: native, then numpy)
     native = lp.predict_many(pids, g, max_new)
     lp.NATIVE = False
     ref = lp.predict_many(pids, g, max_new)
@@ -265,3 +277,127 @@ def test_native_group_queries_refuse_bad_blocks():
                             "suffix": np.zeros(12)})
     with pytest.raises(ValueError, match="c0: expected a 1-D contiguous int64"):
         length_remaining(**{**args, "c0": np.zeros(1, np.int32)})
+
+
+# ---- the incremental index (native LengthIndex) vs the rebuilt one -----------------------
+
+
+def _same_answers(inc, ref, rng, n_problems):
+    import numpy as np
+
+    rows = 64
+    pids = [f"p{int(i)}" for i in rng.integers(0, n_problems + 3, rows)]  # (some unknown)
+    g = rng.integers(0, 9000, rows)
+    g[:4] = 0
+    max_new = rng.integers(1, 12000, rows)
+    got, want = inc.predict_many(pids, g, max_new), ref.predict_many(pids, g, max_new)
+    for x, y in zip(got, want):
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+    t_inc, t_ref = inc.thresholds(), ref.thresholds()
+    assert (t_inc is None) == (t_ref is None)
+    if t_ref is not None:
+        assert t_inc.tobytes() == np.asarray(t_ref, np.float64).tobytes()
+    for p in set(pids):
+        assert inc.initial_class(p) == ref.initial_class(p)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("thresholds", [None, (150, 900)])
+def test_incremental_index_answers_as_a_full_rebuild_does(monkeypatch, seed, thresholds):
+    """Every query of the incremental index -- after each finish, window steps that drop
+    lengths, an eviction, a restore, lengths that grow its trees -- is what a full rebuild
+    of the same lengths answers (``INCREMENTAL`` off, the reference), bit for bit:
+    remaining lengths, classes, initial classes, thresholds."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cfg = PolicyConfig(length_window_steps=2, class_thresholds=thresholds)
+    inc = LengthPredictor(cfg)
+    monkeypatch.setattr(LengthPredictor, "INCREMENTAL", False)
+    ref = LengthPredictor(cfg)
+    assert inc._inc is not None and ref._inc is None
+    n_problems = int(rng.integers(2, 40))
+    _same_answers(inc, ref, rng, n_problems)  # (no lengths yet: the prior)
+    for step in range(6):
+        for p in (inc, ref):
+            p.advance_step(step)
+        for k in range(int(rng.integers(20, 120))):
+            pid = f"p{int(rng.integers(n_problems))}"
+            n = int(rng.choice([rng.integers(0, 80), rng.lognormal(6, 1), rng.integers(0, 40_000)]))
+            inc.observe_finished(pid, n)
+            ref.observe_finished(pid, n)
+            if k % 7 == 0:
+                _same_answers(inc, ref, rng, n_problems)
+        if step == 3:
+            gone = [f"p{i}" for i in range(0, n_problems, 3)]
+            assert inc.evict_problems(gone) == ref.evict_problems(gone)
+            _same_answers(inc, ref, rng, n_problems)
+        _same_answers(inc, ref, rng, n_problems)
+    restored, restored_ref = LengthPredictor(cfg), LengthPredictor(cfg)
+    monkeypatch.setattr(LengthPredictor, "INCREMENTAL", True)
+    restored = LengthPredictor(cfg)
+    assert restored._inc is not None and restored_ref._inc is None
+    assert restored.restore(inc.state()) == restored_ref.restore(ref.state())
+    _same_answers(restored, restored_ref, rng, n_problems)
+
+
+def test_a_finish_is_read_by_the_next_query_without_a_rebuild(monkeypatch):
+    """Background or not, the incremental index never rebuilds on a finish: the next query
+    already reads it (the rebuilt index lagged it by up to 1% of the lengths / 0.5 s)."""
+    p = LengthPredictor(FIXED, background=True)
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(p, "_build_index", no_rebuild)
+    monkeypatch.setattr(p, "_start_rebuild", no_rebuild)
+    p.observe_finished("a", 50)
+    assert p.predict("a", 0, 10_000).length_class == SHORT
+    p.observe_finished("a", 5000)
+    p.observe_finished("a", 6000)
+    assert p.initial_class("a") == LONG  # median 5000, at once
+    assert p.predict("a", 0, 10_000) == p.predict("a", 0, 10_000)
+    assert not p.rebuild_if_stale() and p._building is None
+    p.sync()  # (nothing to wait for)
+
+
+def test_lengths_past_the_trees_fall_back_to_rebuilds():
+    """A length the incremental index's trees do not cover (``LengthIndex.MAX_LENGTH``
+    tokens) switches the predictor to the rebuilt index for good; answers stay right."""
+    from das_sglang.native import LengthIndex
+
+    p = _predictor([50, 60])
+    assert p._inc is not None
+    huge = LengthIndex.MAX_LENGTH
+    p.observe_finished("q", huge)
+    p.observe_finished("q", huge + 1)
+    assert p._inc is None
+    assert p.initial_class("q") == LONG  # median huge
+    assert p.predict("q", 100, 10 * huge).remaining == pytest.approx(huge + 0.5 - 100)
+    restored = LengthPredictor(FIXED)
+    restored.restore(p.state())  # (a restore past the trees: the rebuilt index too)
+    assert restored._inc is None and restored.initial_class("q") == LONG
+
+
+def test_length_index_refuses_bad_input_naming_it():
+    import numpy as np
+
+    from das_sglang.native import LengthIndex
+
+    ix = LengthIndex(True, 100.0, 1000.0)
+    with pytest.raises(ValueError, match="invalid length -3"):
+        ix.add(0, -3)
+    with pytest.raises(ValueError, match="invalid problem index -1"):
+        ix.add(-1, 5)
+    with pytest.raises(ValueError, match="no lengths"):
+        ix.query(np.zeros(1), np.ones(1), np.zeros(1, np.int64), 1.0)
+    ix.add(0, 5)
+    with pytest.raises(ValueError, match="problems: expected a 1-D contiguous int64"):
+        ix.query(np.zeros(1), np.ones(1), np.zeros(1, np.int32), 1.0)
+    with pytest.raises(ValueError, match="1 rows .g. but cap has 2"):
+        ix.query(np.zeros(1), np.ones(2), np.zeros(1, np.int64), 1.0)
+    with pytest.raises(ValueError, match="invalid problem index 4 of 2"):
+        ix.build(np.array([0, 4], np.int64), np.array([1, 2], np.int64), 2)
+    assert ix.num_lengths == 1  # (a refused build changed nothing)
+    rem, cls, c0 = ix.query(np.zeros(1), np.full(1, 99.0), np.zeros(1, np.int64), 1.0)
+    assert rem.tolist() == [5.0] and cls.tolist() == [SHORT] and c0.tolist() == [SHORT]

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.ma  # noqa: F401
 
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import length_remaining
+from das_sglang.native import LengthIndex, length_remaining
 
 SHORT, MEDIUM, LONG = 0, 1, 2
 CLASS_NAMES = ("short", "medium", "long")
@@ -174,8 +174,17 @@ class _LengthQueries:
 
 
 class LengthPredictor(_LengthQueries):
-    """Finished lengths kept columnar (problem index, step, length: O(1) per finish); the
-    query index is rebuilt lazily with whole-array numpy (no per-problem Python loop), and
+    """Finished lengths kept columnar (problem index, step, length: O(1) per finish), and
+    an incremental query index (native ``LengthIndex``, src/length_index.h): a finish is
+    one insertion into its problem's sorted lengths and a few Fenwick-tree updates, never a
+    rebuild; thresholds and initial classes are brought up to date at the next query, so
+    every query answers from every finish so far -- what a full rebuild of the columns
+    (``_build_index``, kept as the reference and tested against bit for bit) would answer.
+    Only dropping lengths (the window's step, an eviction, a restore) builds the index
+    again from the columns. Lengths of ``LengthIndex.MAX_LENGTH`` tokens and more fall back
+    to the rebuilds described next (once seen, for good).
+
+    The fallback (and ``INCREMENTAL = False``): the query index is rebuilt lazily with whole-array numpy (no per-problem Python loop), and
     with ``background=True`` off the caller's thread: queries then read the latest built
     index (double-buffered) and never wait for a rebuild once the first one exists; a
     rebuild starts once 1% of the lengths changed or 0.5 s after the previous one, so the
@@ -197,6 +206,16 @@ class LengthPredictor(_LengthQueries):
         self._building = None  # threading.Thread of a background rebuild
         self._last_start = 0.0
         self.rebuild_on_query = True  # background: a query starts a due rebuild
+        self._inc = None  # the incremental index (None: rebuilds)
+        self._numbering = 0  # bumped when problem indices are renumbered
+        self._rows_memo = None  # (problem_ids list, numbering, problems known, their indices)
+        if self.INCREMENTAL:
+            cfg = self.config
+            fixed = cfg.class_thresholds is not None
+            a, b = cfg.class_thresholds if fixed else cfg.class_quantiles
+            self._inc = LengthIndex(fixed, float(a), float(b))
+
+    INCREMENTAL = True  # False: the rebuilt index only (the reference)
 
     # ---- updates ---------------------------------------------------------------------
     def observe_finished(self, problem_id: str, length: int) -> None:
@@ -207,9 +226,15 @@ class LengthPredictor(_LengthQueries):
             i = self._pid_index[problem_id] = len(self._pids)
             self._pids.append(problem_id)
         self._reserve(1)
-        self._cols[:, self._n] = (i, self._step, int(length))
+        length = int(length)
+        self._cols[:, self._n] = (i, self._step, length)
         self._n += 1
         self._version += 1
+        if self._inc is not None:
+            if length < LengthIndex.MAX_LENGTH:
+                self._inc.add(i, length)
+            else:
+                self._inc = None  # (longer than its trees cover: rebuilds from now on)
 
     def observe_finished_many(self, problem_ids, lengths) -> None:
         for p, n in zip(problem_ids, lengths):
@@ -227,6 +252,7 @@ class LengthPredictor(_LengthQueries):
             self._cols[:, : kept.shape[1]] = kept
             self._n = kept.shape[1]
             self._compact_pids()
+            self._build_incremental()
         self._version += 1
 
     # ---- snapshots -------------------------------------------------------------------
@@ -286,6 +312,7 @@ class LengthPredictor(_LengthQueries):
             self._n += n
         before = self._n
         self.advance_step(self._step)  # the window, as for lengths observed here (bumps the version)
+        self._build_incremental()
         return n - (before - self._n)
 
     def _reserve(self, n: int) -> None:
@@ -305,6 +332,7 @@ class LengthPredictor(_LengthQueries):
         self._cols[:, : kept.shape[1]] = kept
         self._n = kept.shape[1]
         self._compact_pids()
+        self._build_incremental()
         self._version += 1
         return removed
 
@@ -315,6 +343,7 @@ class LengthPredictor(_LengthQueries):
         used = np.flatnonzero(np.bincount(self._cols[0, : self._n], minlength=len(self._pids)))
         if len(used) == len(self._pids):
             return
+        self._numbering += 1
         remap = np.full(len(self._pids), -1, dtype=np.int64)
         remap[used] = np.arange(len(used))
         self._cols[0, : self._n] = remap[self._cols[0, : self._n]]
@@ -328,7 +357,56 @@ class LengthPredictor(_LengthQueries):
         return self._n
 
     def memory_bytes(self) -> int:
-        return int(self._cols.nbytes) + 100 * len(self._pids)
+        inc = self._inc.memory_bytes() if self._inc is not None else 0
+        return int(self._cols.nbytes) + 100 * len(self._pids) + inc
+
+    # ---- the incremental index -------------------------------------------------------
+    def _build_incremental(self) -> None:
+        """The incremental index from the columns (after lengths were dropped)."""
+        if self._inc is None:
+            return
+        cols = self._cols[:, : self._n]
+        if self._n and int(cols[2].max()) >= LengthIndex.MAX_LENGTH:
+            self._inc = None
+            return
+        self._inc.build(np.ascontiguousarray(cols[0]), np.ascontiguousarray(cols[2]), len(self._pids))
+
+    def _problem_rows(self, problem_ids) -> np.ndarray:
+        """Each row's problem index (-1: no lengths). A decode batch's problem ids come as
+        one list object while its rows stay the same: the answer for that list is kept while
+        no problem is added or renumbered (the caller must not change the array)."""
+        memo = self._rows_memo
+        known = len(self._pids)
+        if memo is not None and memo[0] is problem_ids and memo[1] == self._numbering and memo[2] == known:
+            return memo[3]
+        rows = np.fromiter(map(self._pid_index.get, problem_ids, repeat(-1)), np.int64, len(problem_ids))
+        if type(problem_ids) is list:
+            self._rows_memo = (problem_ids, self._numbering, known, rows)
+        return rows
+
+    def predict_many(self, problem_ids, generated_lens, max_new_tokens):
+        inc = self._inc
+        if inc is None or not inc.num_lengths:
+            return super().predict_many(problem_ids, generated_lens, max_new_tokens)
+        cfg = self.config
+        g = np.maximum(np.asarray(generated_lens, dtype=np.float64), 0.0)
+        cap = np.maximum(1.0, np.asarray(max_new_tokens, dtype=np.float64) - g)
+        if g.ndim != 1 or cap.shape != g.shape or len(problem_ids) != len(g):
+            raise ValueError(f"predict_many: {len(problem_ids)} problem ids, generated lengths of shape "
+                             f"{g.shape} and max_new_tokens of shape {cap.shape} must be one per row")
+        return inc.query(g, cap, self._problem_rows(problem_ids), float(cfg.tail_factor))
+
+    def thresholds(self) -> np.ndarray | None:
+        if self._inc is None:
+            return super().thresholds()
+        return self._inc.thresholds()
+
+    def initial_class(self, problem_id: str) -> int | None:
+        if self._inc is None:
+            return super().initial_class(problem_id)
+        i = self._pid_index.get(problem_id)
+        c = -1 if i is None else self._inc.initial_class(i)
+        return None if c < 0 else int(c)
 
     def _index(self):
         cache = self._cache
@@ -345,7 +423,7 @@ class LengthPredictor(_LengthQueries):
     def rebuild_if_stale(self) -> bool:
         """Background: start a rebuild now if one is due (the rule above); whether it did."""
         cache = self._cache
-        if (not self.background or cache is None or cache[0] == self._version or self._busy()
+        if (self._inc is not None or not self.background or cache is None or cache[0] == self._version or self._busy()
                 or not self._stale_enough(cache[0])):
             return False
         self._start_rebuild()
@@ -409,7 +487,10 @@ class LengthPredictor(_LengthQueries):
                     self._job_cv.wait()
 
     def sync(self) -> None:
-        """Wait for a background rebuild and bring the index up to date."""
+        """Wait for a background rebuild and bring the index up to date (the incremental
+        index always is)."""
+        if self._inc is not None:
+            return
         self._wait()
         if self._cache is None or self._cache[0] != self._version:
             self._cache = (self._version, self._build_index(*self._columns()))

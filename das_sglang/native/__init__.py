@@ -30,6 +30,8 @@ bin_before, bin_size)`` adds one plan's verify outcomes to the online calibratio
 (``OnlineCalibration._add``, numpy's sums bit for bit) and returns each row's next state.
 ``length_remaining(g, cap, c0, present, sorted, sorted_off, suffix, suffix_off, tail_factor)`` is the
 length predictor's per-row group query (``_LengthQueries.predict_many``): ``(remaining, class)``.
+``LengthIndex(fixed, a, b)`` is the length predictor's incremental query index (``add`` one
+finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 ``index_versions(indices)`` is every index's ``version`` in one call (uint64 array).
 ``set_node_reserve_bytes(bytes)`` / ``node_reserve_bytes()``: the address space an index reserves
 for its node array when it first grows (default 256 MiB, virtual only; it grows in place within
@@ -38,6 +40,7 @@ it and never moves, see ``MappedArray`` in src/suffix_index.h).
 
 from das_sglang.native._suffix import (
     MAX_STEPS,
+    LengthIndex,
     PendingExtendDraft,
     SuffixIndex,
     background_nice,
@@ -59,7 +62,7 @@ from das_sglang.native._suffix import (
     set_node_reserve_bytes,
 )
 
-__all__ = ["MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
+__all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
            "draft_batch", "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
            "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves",
            "ragged_layout", "ragged_mask_index", "set_background_nice", "set_node_reserve_bytes"]

@@ -20,6 +20,7 @@
 #include <sys/resource.h>
 
 #include "allocation.h"
+#include "length_index.h"
 #include "suffix_index.h"
 
 namespace nb = nanobind;
@@ -1220,6 +1221,43 @@ nb::tuple length_remaining(nb::handle g_h, nb::handle cap_h, nb::handle c0_h, nb
   return nb::make_tuple(to_numpy_moved(std::move(remaining)), to_numpy_moved(std::move(cls)));
 }
 
+// length_predictor.LengthPredictor's incremental index (length_index.h): arguments checked
+// here, every error a ValueError naming the bad value.
+using das::lengths::LengthIndex;
+
+void length_index_build(LengthIndex& self, nb::handle problems_h, nb::handle lengths_h, int64_t n_problems) {
+  const I64 problems = as_array<I64>(problems_h, "problems", "int64");
+  const I64 lengths = as_array<I64>(lengths_h, "lengths", "int64");
+  if (problems.shape(0) != lengths.shape(0))
+    throw nb::value_error(("LengthIndex.build: " + std::to_string(problems.shape(0)) + " problem indices but " +
+                           std::to_string(lengths.shape(0)) + " lengths").c_str());
+  if (n_problems < 0) throw nb::value_error(("invalid n_problems=" + std::to_string(n_problems)).c_str());
+  try {
+    self.build(problems.data(), lengths.data(), problems.shape(0), size_t(n_problems));
+  } catch (const std::invalid_argument& e) {
+    throw nb::value_error((std::string("LengthIndex.build: ") + e.what()).c_str());
+  }
+}
+
+nb::tuple length_index_query(LengthIndex& self, nb::handle g_h, nb::handle cap_h, nb::handle problems_h,
+                             double tail_factor) {
+  const F64 g = as_array<F64>(g_h, "g", "float64");
+  const F64 cap = as_array<F64>(cap_h, "cap", "float64");
+  const I64 problems = as_array<I64>(problems_h, "problems", "int64");
+  const size_t n = g.shape(0);
+  if (cap.shape(0) != n || problems.shape(0) != n)
+    throw nb::value_error(("LengthIndex.query: " + std::to_string(n) + " rows (g) but cap has " +
+                           std::to_string(cap.shape(0)) + ", problems " + std::to_string(problems.shape(0)))
+                              .c_str());
+  if (!std::isfinite(tail_factor)) throw nb::value_error(("invalid tail_factor=" + std::to_string(tail_factor)).c_str());
+  if (!self.num_lengths()) throw nb::value_error("LengthIndex.query: no lengths (no thresholds to classify by)");
+  std::vector<double> remaining(n);
+  std::vector<int64_t> cls(n), c0(n);
+  self.query(g.data(), cap.data(), problems.data(), n, tail_factor, remaining.data(), cls.data(), c0.data());
+  return nb::make_tuple(to_numpy_moved(std::move(remaining)), to_numpy_moved(std::move(cls)),
+                        to_numpy_moved(std::move(c0)));
+}
+
 // Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows.
 nb::object index_versions(nb::list indices) {
   const size_t n = nb::len(indices);
@@ -1453,6 +1491,36 @@ NB_MODULE(_suffix, m) {
   m.def("length_remaining", &length_remaining, nb::arg("g"), nb::arg("cap"), nb::arg("c0"), nb::arg("present"),
         nb::arg("sorted"), nb::arg("sorted_off"), nb::arg("suffix"), nb::arg("suffix_off"), nb::arg("tail_factor"),
         "length_predictor's group queries: (remaining float64, class int64), numpy's bit for bit.");
+  nb::class_<LengthIndex>(m, "LengthIndex")
+      .def(nb::init<bool, double, double>(), nb::arg("fixed"), nb::arg("a"), nb::arg("b"),
+           "fixed: class thresholds (a, b) in tokens; else the quantiles (a, b) of the lengths.")
+      .def(
+          "add",
+          [](LengthIndex& self, int64_t problem, int64_t length) {
+            try {
+              self.add(problem, length);
+            } catch (const std::invalid_argument& e) {
+              throw nb::value_error((std::string("LengthIndex.add: ") + e.what()).c_str());
+            }
+          },
+          nb::arg("problem"), nb::arg("length"), "One finished length of problem index `problem`.")
+      .def("build", &length_index_build, nb::arg("problems"), nb::arg("lengths"), nb::arg("n_problems"),
+           "Everything from columns (problem index, length) of n_problems problems.")
+      .def("query", &length_index_query, nb::arg("g"), nb::arg("cap"), nb::arg("problems"), nb::arg("tail_factor"),
+           "(remaining float64, class int64, initial class int64) per row; problems: index or -1.")
+      .def(
+          "thresholds",
+          [](LengthIndex& self) -> nb::object {
+            double t[2];
+            if (!self.thresholds(t)) return nb::none();
+            return nb::cast(to_numpy(std::vector<double>{t[0], t[1]}));
+          },
+          "The class thresholds (float64 [2]), None without lengths.")
+      .def("initial_class", &LengthIndex::initial_class, nb::arg("problem"),
+           "A problem index's initial class (-1: none).")
+      .def_prop_ro("num_lengths", &LengthIndex::num_lengths)
+      .def("memory_bytes", &LengthIndex::memory_bytes)
+      .def_ro_static("MAX_LENGTH", &LengthIndex::kMaxLength);
   m.def("index_versions", &index_versions, nb::arg("indices"),
         "Every index's SuffixIndex.version, in list order (uint64).");
   m.def("lookahead_per_row", &lookahead_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"),
