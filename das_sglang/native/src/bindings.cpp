@@ -1239,6 +1239,29 @@ void length_index_build(LengthIndex& self, nb::handle problems_h, nb::handle len
   }
 }
 
+void length_index_remove(LengthIndex& self, nb::handle problems_h, nb::handle lengths_h) {
+  const I64 problems = as_array<I64>(problems_h, "problems", "int64");
+  const I64 lengths = as_array<I64>(lengths_h, "lengths", "int64");
+  if (problems.shape(0) != lengths.shape(0))
+    throw nb::value_error(("LengthIndex.remove: " + std::to_string(problems.shape(0)) + " problem indices but " +
+                           std::to_string(lengths.shape(0)) + " lengths").c_str());
+  try {
+    self.remove(problems.data(), lengths.data(), problems.shape(0));
+  } catch (const std::invalid_argument& e) {
+    throw nb::value_error((std::string("LengthIndex.remove: ") + e.what()).c_str());
+  }
+}
+
+void length_index_renumber(LengthIndex& self, nb::handle remap_h, int64_t n_problems) {
+  const I64 remap = as_array<I64>(remap_h, "remap", "int64");
+  if (n_problems < 0) throw nb::value_error(("invalid n_problems=" + std::to_string(n_problems)).c_str());
+  try {
+    self.renumber(remap.data(), remap.shape(0), size_t(n_problems));
+  } catch (const std::invalid_argument& e) {
+    throw nb::value_error((std::string("LengthIndex.renumber: ") + e.what()).c_str());
+  }
+}
+
 nb::tuple length_index_query(LengthIndex& self, nb::handle g_h, nb::handle cap_h, nb::handle problems_h,
                              double tail_factor) {
   const F64 g = as_array<F64>(g_h, "g", "float64");
@@ -1504,6 +1527,10 @@ NB_MODULE(_suffix, m) {
             }
           },
           nb::arg("problem"), nb::arg("length"), "One finished length of problem index `problem`.")
+      .def("remove", &length_index_remove, nb::arg("problems"), nb::arg("lengths"),
+           "Lengths that left, each a (problem index, length) present now; checked first.")
+      .def("renumber", &length_index_renumber, nb::arg("remap"), nb::arg("n_problems"),
+           "Problem i becomes remap[i] (-1: gone; it must have no lengths).")
       .def("build", &length_index_build, nb::arg("problems"), nb::arg("lengths"), nb::arg("n_problems"),
            "Everything from columns (problem index, length) of n_problems problems.")
       .def("query", &length_index_query, nb::arg("g"), nb::arg("cap"), nb::arg("problems"), nb::arg("tail_factor"),

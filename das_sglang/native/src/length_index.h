@@ -24,20 +24,37 @@
 
 namespace das::lengths {
 
-// Counts and sums of integer values in [0, size), size a power of two.
+// Counts and sums of integer values in [0, size), size a power of two (a count and its sum
+// side by side: one cache line per tree level).
 struct Fenwick {
-  std::vector<int64_t> cnt, sum;  // 1-based
+  struct Cell {
+    int64_t c = 0, s = 0;
+  };
+  std::vector<Cell> cell;  // 1-based
   int64_t size = 0;
 
-  void reset(int64_t n) {
+  void reset(int64_t n) {  // (keeps the vector's memory: no fresh pages to fault in)
     size = n;
-    cnt.assign(size_t(n) + 1, 0);
-    sum.assign(size_t(n) + 1, 0);
+    cell.assign(size_t(n) + 1, Cell{});
+  }
+  // the tree of a histogram (hist[v]: how many values v), in O(size)
+  void assign(const std::vector<int64_t>& hist) {
+    cell.resize(size_t(size) + 1);
+    cell[0] = Cell{};
+    for (int64_t v = 0; v < size; ++v) cell[v + 1] = Cell{hist[v], hist[v] * v};
+    for (int64_t i = 1; i <= size; ++i) {
+      const int64_t j = i + (i & -i);
+      if (j <= size) {
+        cell[j].c += cell[i].c;
+        cell[j].s += cell[i].s;
+      }
+    }
   }
   void add(int64_t v, int64_t dc) {
+    const int64_t ds = dc * v;
     for (int64_t i = v + 1; i <= size; i += i & -i) {
-      cnt[i] += dc;
-      sum[i] += dc * v;
+      cell[i].c += dc;
+      cell[i].s += ds;
     }
   }
   // count and sum of the values <= v
@@ -45,8 +62,8 @@ struct Fenwick {
     c = s = 0;
     if (v < 0) return;
     for (int64_t i = std::min(v + 1, size); i > 0; i -= i & -i) {
-      c += cnt[i];
-      s += sum[i];
+      c += cell[i].c;
+      s += cell[i].s;
     }
   }
   int64_t total() const {
@@ -58,9 +75,9 @@ struct Fenwick {
   int64_t kth(int64_t k) const {
     int64_t pos = 0;
     for (int64_t step = size; step > 0; step >>= 1) {
-      if (pos + step <= size && cnt[pos + step] <= k) {
+      if (pos + step <= size && cell[pos + step].c <= k) {
         pos += step;
-        k -= cnt[pos];
+        k -= cell[pos].c;
       }
     }
     return pos;  // tree index pos + 1 holds value pos
@@ -95,8 +112,53 @@ class LengthIndex {
     dirty_ = true;
   }
 
-  // Everything from columns (problem index, length), n_problems problems: after a window
-  // step or an eviction drops lengths (the only full rebuilds).
+  // Lengths that left (a window step, an eviction), each one a (problem, length) present
+  // now: removed from the problem's sorted lengths and the trees, O(log V) each. A pair not
+  // present throws, the removals before it undone: nothing changes.
+  void remove(const int64_t* problems, const int64_t* lengths, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t p = problems[i], x = lengths[i];
+      std::vector<int64_t>* v = (p >= 0 && size_t(p) < lens_.size()) ? &lens_[p] : nullptr;
+      const auto at = v ? std::lower_bound(v->begin(), v->end(), x) : std::vector<int64_t>::iterator();
+      if (!v || at == v->end() || *at != x) {
+        for (size_t k = i; k-- > 0;) add(problems[k], lengths[k]);  // (undo: they were present)
+        throw std::invalid_argument(v ? "length " + std::to_string(x) + " of problem index " + std::to_string(p) +
+                                            " is not present"
+                                      : "invalid problem index " + std::to_string(p) + " of " +
+                                            std::to_string(lens_.size()));
+      }
+      v->erase(at);
+      all_.add(x, -1);
+      if (group_[p] >= 0) grp_[group_[p]].add(x, -1);
+      --n_;
+      dirty_ = true;
+    }
+  }
+
+  // The problems renumbered: problem i becomes remap[i] (-1: gone, it must have no lengths
+  // left), n_problems in all.
+  void renumber(const int64_t* remap, size_t n, size_t n_problems) {
+    if (n != lens_.size())
+      throw std::invalid_argument("remap has " + std::to_string(n) + " entries for " +
+                                  std::to_string(lens_.size()) + " problems");
+    for (size_t i = 0; i < n; ++i) {
+      if (remap[i] < -1 || remap[i] >= int64_t(n_problems) || (remap[i] < 0 && !lens_[i].empty()))
+        throw std::invalid_argument("invalid remap[" + std::to_string(i) + "]=" + std::to_string(remap[i]) +
+                                    " (" + std::to_string(lens_[i].size()) + " lengths, " +
+                                    std::to_string(n_problems) + " problems)");
+    }
+    std::vector<std::vector<int64_t>> lens(n_problems);
+    std::vector<int8_t> group(n_problems, -1);
+    for (size_t i = 0; i < n; ++i) {
+      if (remap[i] < 0) continue;
+      lens[remap[i]].swap(lens_[i]);
+      group[remap[i]] = group_[i];
+    }
+    lens_.swap(lens);
+    group_.swap(group);
+  }
+
+  // Everything from columns (problem index, length), n_problems problems (a restore).
   void build(const int64_t* problems, const int64_t* lengths, size_t n, size_t n_problems) {
     int64_t top = 0;
     for (size_t i = 0; i < n; ++i) {
@@ -114,10 +176,8 @@ class LengthIndex {
     for (auto& v : lens_) std::sort(v.begin(), v.end());
     int64_t size = 1024;
     while (size <= top) size *= 2;
-    reset(size);
-    for (size_t i = 0; i < n; ++i) all_.add(lengths[i], 1);
     n_ = n;
-    dirty_ = true;
+    rebuild_trees(size);
   }
 
   // false while there are no lengths (then no thresholds either)
@@ -186,7 +246,8 @@ class LengthIndex {
   }
 
   size_t memory_bytes() const {
-    size_t b = 4 * 2 * (size_t(all_.size) + 1) * sizeof(int64_t) + group_.size();
+    size_t b = 4 * (size_t(all_.size) + 1) * sizeof(Fenwick::Cell) + group_.size();
+    for (const auto& h : hist_) b += h.capacity() * sizeof(int64_t);
     for (const auto& v : lens_) b += sizeof(v) + v.capacity() * sizeof(int64_t);
     return b;
   }
@@ -198,14 +259,48 @@ class LengthIndex {
     std::fill(group_.begin(), group_.end(), int8_t(-1));
   }
 
-  // the trees re-made over a larger value range (every problem's lengths re-assigned)
+  // the trees re-made over a larger value range
   void grow(int64_t len) {
     int64_t size = all_.size;
     while (size <= len) size *= 2;
-    reset(size);
+    rebuild_trees(size);
+  }
+
+  // Every tree from the problems' lengths in O(lengths + size) (histograms, not one tree
+  // update per length), thresholds and groups up to date: a window step's rebuild at RL
+  // scale (~40k lengths) is then well under a millisecond.
+  void rebuild_trees(int64_t size) {
+    for (Fenwick* f : {&all_, &grp_[0], &grp_[1], &grp_[2]}) f->size = size;
+    for (auto& h : hist_) h.assign(size_t(size), 0);
+    std::vector<int64_t>& all = hist_[3];
     for (const auto& v : lens_)
-      for (int64_t x : v) all_.add(x, 1);
-    dirty_ = true;
+      for (int64_t x : v) ++all[x];
+    all_.assign(all);
+    dirty_ = false;
+    if (n_) update_thresholds();
+    for (size_t p = 0; p < lens_.size(); ++p) {
+      group_[p] = n_ ? median_class(lens_[p]) : int8_t(-1);
+      if (group_[p] >= 0)
+        for (int64_t x : lens_[p]) ++hist_[group_[p]][x];
+    }
+    for (int k = 0; k < 3; ++k) grp_[k].assign(hist_[k]);
+  }
+
+  void update_thresholds() {
+    if (fixed_) {
+      thr_[0] = a_;
+      thr_[1] = b_;
+    } else {
+      thr_[0] = quantile(a_);
+      thr_[1] = quantile(b_);
+    }
+  }
+
+  int8_t median_class(const std::vector<int64_t>& v) const {
+    if (v.empty()) return -1;
+    const size_t c = v.size();
+    const double median = (double(v[(c - 1) / 2]) + double(v[c / 2])) / 2.0;
+    return int8_t(classify(median, thr_));
   }
 
   // floor(x) clamped to [-1, size]: the bound of "values <= x" for integer values
@@ -245,21 +340,10 @@ class LengthIndex {
     if (!dirty_) return;
     dirty_ = false;
     if (!n_) return;
-    if (fixed_) {
-      thr_[0] = a_;
-      thr_[1] = b_;
-    } else {
-      thr_[0] = quantile(a_);
-      thr_[1] = quantile(b_);
-    }
+    update_thresholds();
     for (size_t p = 0; p < lens_.size(); ++p) {
       const std::vector<int64_t>& v = lens_[p];
-      int8_t want = -1;
-      if (!v.empty()) {
-        const size_t c = v.size();
-        const double median = (double(v[(c - 1) / 2]) + double(v[c / 2])) / 2.0;
-        want = int8_t(classify(median, thr_));
-      }
+      const int8_t want = median_class(v);
       if (want == group_[p]) continue;
       if (group_[p] >= 0)
         for (int64_t x : v) grp_[group_[p]].add(x, -1);
@@ -275,6 +359,7 @@ class LengthIndex {
   std::vector<std::vector<int64_t>> lens_;  // per problem, sorted
   std::vector<int8_t> group_;               // the group tree a problem's lengths are in (-1: none)
   Fenwick all_, grp_[3];
+  std::vector<int64_t> hist_[4];  // rebuild_trees' histograms (per group, all), kept allocated
   size_t n_ = 0;
   bool dirty_ = true;
 };
