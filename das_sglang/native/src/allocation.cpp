@@ -392,14 +392,7 @@ void length_remaining(const LengthGroups& groups, const double* g, const double*
         found = found || counts[c] > 0;
       }
       if (!found) continue;
-      int best = 0;
-      double top = counts[0] > 0 ? counts[0] + 1.0 : -1.0;
-      for (int c = 1; c < 3; ++c) {
-        const double v = counts[c] > 0 ? counts[c] + 1.0 : -1.0;
-        if (v > top) top = v, best = c;
-      }
-      rem = sums[best] / std::max(counts[best], 1.0) - gi;
-      ci = best;
+      ci = pick_length_class(counts, sums, gi, rem);
       break;
     }
     remaining[i] = std::min(std::max(rem, 1.0), cap[i]);  // np.clip(remaining, 1.0, cap)

@@ -10,6 +10,7 @@
 // numpy may use its own SIMD one: one ulp apart at most).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -133,6 +134,20 @@ struct LengthGroups {
   const double* suffix;        // block b: [suffix_off[b], suffix_off[b + 1]), one more entry
   const int64_t* suffix_off;   // 13
 };
+
+// The class a row is re-classified to from its group's counts and sums of longer lengths
+// per class (some count > 0): the first argmax of (count_c > 0 ? count_c + 1 : -1); sets
+// remaining = sum_c* / max(count_c*, 1) - g. (Shared with lengths::LengthIndex.)
+inline int64_t pick_length_class(const double counts[3], const double sums[3], double g, double& remaining) {
+  int best = 0;
+  double top = counts[0] > 0 ? counts[0] + 1.0 : -1.0;
+  for (int c = 1; c < 3; ++c) {
+    const double v = counts[c] > 0 ? counts[c] + 1.0 : -1.0;
+    if (v > top) top = v, best = c;
+  }
+  remaining = sums[best] / std::max(counts[best], 1.0) - g;
+  return best;
+}
 
 void length_remaining(const LengthGroups& groups, const double* g, const double* cap, const int64_t* c0,
                       size_t rows, double tail_factor, double* remaining, int64_t* cls);

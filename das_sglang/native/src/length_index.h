@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "allocation.h"
+
 namespace das::lengths {
 
 // Counts and sums of integer values in [0, size), size a power of two (a count and its sum
@@ -230,14 +232,7 @@ class LengthIndex {
           found = found || counts[c] > 0;
         }
         if (!found) continue;
-        int best = 0;
-        double top = counts[0] > 0 ? counts[0] + 1.0 : -1.0;
-        for (int c = 1; c < 3; ++c) {
-          const double v = counts[c] > 0 ? counts[c] + 1.0 : -1.0;
-          if (v > top) top = v, best = c;
-        }
-        rem = sums[best] / std::max(counts[best], 1.0) - gi;
-        ci = best;
+        ci = das::alloc::pick_length_class(counts, sums, gi, rem);
         break;
       }
       remaining[i] = std::min(std::max(rem, 1.0), cap[i]);  // np.clip(remaining, 1.0, cap)
