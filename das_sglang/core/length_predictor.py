@@ -180,14 +180,14 @@ class LengthPredictor(_LengthQueries):
     rebuild; thresholds and initial classes are brought up to date at the next query, so
     every query answers from every finish so far -- what a full rebuild of the columns
     (``_build_index``, kept as the reference and tested against bit for bit) would answer.
-    Only dropping lengths (the window's step, an eviction, a restore) builds the index
-    again from the columns. Lengths of ``LengthIndex.MAX_LENGTH`` tokens and more fall back
-    to the rebuilds described next (once seen, for good).
+    Lengths that leave (the window's step, an eviction) are removed from it, O(log V) each;
+    only a restore builds it from the columns. Lengths of ``LengthIndex.MAX_LENGTH`` tokens
+    and more fall back to the rebuilds described next (once seen, for good).
 
-    The fallback (and ``INCREMENTAL = False``): the query index is rebuilt lazily with whole-array numpy (no per-problem Python loop), and
-    with ``background=True`` off the caller's thread: queries then read the latest built
-    index (double-buffered) and never wait for a rebuild once the first one exists; a
-    rebuild starts once 1% of the lengths changed or 0.5 s after the previous one, so the
+    The fallback (and ``INCREMENTAL = False``): the query index is rebuilt lazily with
+    whole-array numpy (no per-problem Python loop), and with ``background=True`` off the
+    caller's thread: queries then read the latest built index (double-buffered) and never
+    wait for a rebuild once the first one exists; a rebuild starts once 1% of the lengths changed or 0.5 s after the previous one, so the
     index lags the newest finishes by at most that. A rebuild starts on a query, or, with
     ``rebuild_on_query`` False, only when the owner calls :meth:`rebuild_if_stale` (the
     session does at each verify forward: the rebuild's Python then runs while the
