@@ -11,11 +11,16 @@ through the environment) makes that path work without the wheel:
 - a ``sgl_kernel`` stand-in first on ``sys.path`` / ``PYTHONPATH``: every name imports,
   unknown names raise NotImplementedError naming themselves when called (never silently
   wrong); ``sgl_kernel.utils.is_arch_support_pdl`` answers as the real one does;
-- ``SGLANG_FORCE_FUSED_OP_BACKEND=native``: SGLang's fused ops (RMSNorm, SiLU-and-mul,
+- ``SGLANG_FORCE_FUSED_OP_BACKEND=torch``: SGLang's fused ops (RMSNorm, SiLU-and-mul,
   rotary embedding, ...) take their own pure-torch ``forward_native`` (SGLang's global
   switch, meant for exactly this kind of bisecting);
 - ``SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1`` (the engine otherwise insists on the wheel)
   and ``SGLANG_IS_FLASHINFER_AVAILABLE=false`` (no FlashInfer either);
+- ``SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python``: SGLang's radix cache in Python, not
+  its bundled Rust tree core, which is built with SGLang's pinned torch (2.14): under the
+  image's torch 2.11 it misreads tensor dtypes at the first prefill ("insert value must be
+  an int64 tensor, got QInt8"; reproduced on the CPU with torch 2.11 and the carried
+  wheels, and gone with this switch);
 - engine settings :data:`ENGINE_KWARGS`: Triton attention (supports TARGET_VERIFY with
   the tree mask), the pytorch sampling backend.
 
@@ -38,8 +43,9 @@ STANDINS = str(Path(__file__).resolve().parent / "standins")
 
 ENV = {
     "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1",
-    "SGLANG_FORCE_FUSED_OP_BACKEND": "native",
+    "SGLANG_FORCE_FUSED_OP_BACKEND": "torch",
     "SGLANG_IS_FLASHINFER_AVAILABLE": "false",
+    "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": "python",
 }
 
 ENGINE_KWARGS = dict(

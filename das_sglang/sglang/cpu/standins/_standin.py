@@ -27,17 +27,45 @@ class _PlaceholderMeta(type):
         )
 
 
-def placeholder(qualname: str) -> type:
-    return _PlaceholderMeta(qualname.rsplit(".", 1)[-1], (), {"__qualname__": qualname})
+class _DecoratorPlaceholderMeta(_PlaceholderMeta):
+    """A placeholder that can also decorate: ``@pkg.jit`` on a function at import time
+    gives a function that raises NotImplementedError naming both when it is called."""
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return placeholder(f"{cls.__qualname__}.{name}", decorators=True)
+
+    def __call__(cls, *args, **kwargs):
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            fn, deco = args[0], cls.__qualname__
+
+            def unavailable(*_a, **_k):
+                raise NotImplementedError(
+                    f"{getattr(fn, '__qualname__', fn)} (decorated by {deco}) is not "
+                    "available: its package is a das-sglang stand-in"
+                )
+
+            unavailable.__name__ = getattr(fn, "__name__", "unavailable")
+            unavailable.__qualname__ = getattr(fn, "__qualname__", unavailable.__name__)
+            return unavailable
+        raise NotImplementedError(
+            f"{cls.__qualname__} is not available: its package is a das-sglang stand-in"
+        )
 
 
-def module_getattr(module_name: str):
+def placeholder(qualname: str, decorators: bool = False) -> type:
+    meta = _DecoratorPlaceholderMeta if decorators else _PlaceholderMeta
+    return meta(qualname.rsplit(".", 1)[-1], (), {"__qualname__": qualname})
+
+
+def module_getattr(module_name: str, decorators: bool = False):
     """A module-level ``__getattr__`` returning placeholders for unknown names."""
 
     def __getattr__(name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        return placeholder(f"{module_name}.{name}")
+        return placeholder(f"{module_name}.{name}", decorators)
 
     return __getattr__
 
@@ -45,8 +73,9 @@ def module_getattr(module_name: str):
 class _SubmoduleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Serves ``<package>.<anything>`` as an empty placeholder module."""
 
-    def __init__(self, package: str):
+    def __init__(self, package: str, decorators: bool = False):
         self.package = package
+        self.decorators = decorators
 
     def find_spec(self, fullname, path, target=None):
         if not fullname.startswith(self.package + "."):
@@ -65,13 +94,13 @@ class _SubmoduleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = module_getattr(spec.name)
+        module.__getattr__ = module_getattr(spec.name, self.decorators)
         return module
 
     def exec_module(self, module):
         return None
 
 
-def install_submodule_finder(package: str) -> None:
+def install_submodule_finder(package: str, decorators: bool = False) -> None:
     if not any(isinstance(f, _SubmoduleFinder) and f.package == package for f in sys.meta_path):
-        sys.meta_path.append(_SubmoduleFinder(package))
+        sys.meta_path.append(_SubmoduleFinder(package, decorators))
