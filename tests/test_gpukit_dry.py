@@ -48,8 +48,14 @@ def test_greedy_identity_and_sampled_check(kit):
     summary = json.loads((kit[0] / "summary.json").read_text())
     assert summary["greedy_mismatches"] == 0
     assert summary["greedy_requests"] == 12
+    assert summary["greedy_mismatches_unexplained"] == 0
     das = summary["stages"]["das32"]["stages"]["greedy"]
     assert das["verify_forwards"] > 0  # DAS really verified drafts
+    assert len(das["round_seconds"]) == 2
+    # the worker's own counters for the stage: every verify, none a CUDA graph on the CPU
+    worker = das["worker"]
+    assert worker["verify_steps"] > 0 and worker["graph_steps"] == 0
+    assert worker["host"]["plan_ms_per_step"] > 0
     assert isinstance(summary["sampled_ok"], bool) and summary["sampled"]["pvalues"]
     assert summary["sampled"]["distributions_match"]
 

@@ -202,10 +202,12 @@ def stage_greedy(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
     # verify forward and a decode forward may pick differently with no DAS error.
     reference = role == plan.reference
     extra = {"return_logprob": True, "top_logprobs_num": 2} if reference else {}
-    outputs, metas, gaps = [], [], []
+    outputs, metas, gaps, round_s = [], [], [], []
     for r in range(plan.greedy_rounds):
         tags = [(f"greedy-{i}", r) for i in range(len(prompts))]
+        t = time.perf_counter()
         got = generate(engine, prompts, params, tags, **extra)
+        round_s.append(time.perf_counter() - t)  # (round 0 also compiles kernels)
         outputs += [o["output_ids"] for o in got]
         metas += [o["meta_info"] for o in got]
         if reference:
@@ -213,7 +215,7 @@ def stage_greedy(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
     (out / f"greedy_{role}.json").write_text(json.dumps(outputs))
     if reference:
         (out / f"greedy_{role}_gaps.json").write_text(json.dumps(gaps))
-    return {"requests": len(outputs), **spec_counts(metas)}
+    return {"requests": len(outputs), "round_seconds": round_s, **spec_counts(metas)}
 
 
 def stage_sampled(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
@@ -314,8 +316,14 @@ def run_role(role: str, plan_name: str, model: str, out: Path) -> int:
     t0 = time.perf_counter()
     try:
         result["backend"] = activate_backend()
+        stats_file = None
         if algorithm in ("DAS", "DAS_COST_PROBE"):
-            os.environ["DAS_CONFIG"] = FULL_WIDTH if role == plan.speculative else "{}"
+            config = json.loads(FULL_WIDTH if role == plan.speculative else "{}")
+            # the worker's counters (verifies, CUDA-graph replays, host ms per step),
+            # rewritten every step: read after each stage (worker_stats_delta)
+            stats_file = out / f"das_stats_{role}.json"
+            config.setdefault("server", {})["stats_path"] = str(stats_file)
+            os.environ["DAS_CONFIG"] = json.dumps(config)
         if dtype == "float32":
             # Triton's tl.dot rounds float32 inputs to TF32 unless told otherwise: SGLang's
             # extend / verify attention kernel uses tl.dot, its decode kernel does not, so
@@ -336,9 +344,13 @@ def run_role(role: str, plan_name: str, model: str, out: Path) -> int:
     try:
         for stage in stages:
             t = time.perf_counter()
+            before = _read_json(stats_file)
             try:
                 got = STAGES[stage](engine, plan, vocab, out, role)
                 result["stages"][stage] = {"ok": True, "seconds": time.perf_counter() - t, **got}
+                if stats_file is not None:
+                    result["stages"][stage]["worker"] = worker_stats_delta(
+                        _read_json(stats_file), before)
             except Exception:
                 result["stages"][stage] = {"ok": False, "seconds": time.perf_counter() - t,
                                            "error": traceback.format_exc(limit=8)}
@@ -536,6 +548,29 @@ def _finish(out: Path, summary: dict) -> None:
                                          "cost_table", "tokens_per_s")}
     short["failed"] = sorted(k for k, v in summary["stages"].items() if not v.get("ok", True))
     print(json.dumps(short, indent=1))
+
+
+def _read_json(path: Path | None) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def worker_stats_delta(after: dict | None, before: dict | None) -> dict | None:
+    """What the DAS worker counted during one stage: verify forwards, how many SGLang
+    replayed as a CUDA graph and how many were ragged, and DAS's host ms per step
+    (``das_sglang.sglang.host_time``: plan + verify inputs, feedback, SGLang's gap)."""
+    if after is None:
+        return None
+    from das_sglang.sglang import host_time
+
+    before = before or {}
+    counts = {k: after.get(k, 0) - before.get(k, 0)
+              for k in ("verify_steps", "graph_steps", "ragged_steps", "verify_tokens",
+                        "proposed", "accepted")}
+    host = host_time.delta(after.get("host", {}), before.get("host", {}))
+    return {**counts, "host": host_time.summary(host) if host else None}
 
 
 def _tail(path: Path, lines: int = 25) -> str:

@@ -98,8 +98,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.session = DasSession(self.options, write_snapshots=self.tp.is_writer,
                                   engine_id=shard_engine_id(server_args, self.options))
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
+        # graph_steps: verify forwards SGLang replayed as a CUDA graph (the rest ran eagerly)
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
-                      "ragged_steps": 0, "layout": self.layout, "budgets": self._budget_form()}
+                      "ragged_steps": 0, "graph_steps": 0, "layout": self.layout,
+                      "budgets": self._budget_form()}
         # Host time per decode step (stats "host"): DAS's own (plan + verify inputs,
         # feedback) and SGLang's between two decode steps (its result processing and
         # scheduling: the time DAS's background work overlaps). See host_time().
@@ -179,6 +181,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         KV (``move_kv(num_correct)``, called with the cut counts), logprobs, feedback to
         the drafter and policy, and SGLang's result."""
         logits_output = result.logits_output
+        self.stats["graph_steps"] += bool(result.can_run_cuda_graph)
         num_correct = self._cut_at_stops(batch.reqs, predict, accept_index, num_correct)
         accept_lens = num_correct + 1
         new_seq_lens = batch.seq_lens + accept_lens

@@ -125,6 +125,8 @@ class TestGreedyIdentity:
         assert stats["budgets"] == "per-request"  # budgets follow the layout (for_layout)
         # steps where requests verified different tree sizes in one forward
         assert 0 < stats["ragged_steps"] <= stats["verify_steps"]
+        # CPU mode runs without CUDA graphs: no verify can have replayed one
+        assert stats["graph_steps"] == 0
 
     def test_host_time_counts_every_decode_step_and_the_engine_gaps(self, das, das_stats):
         host = json.loads(das_stats.read_text())["host"]
