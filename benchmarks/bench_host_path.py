@@ -600,6 +600,13 @@ def main(argv=None) -> int:
                 entry.update(s)
                 entry["per_step_ms"] = times
                 entry["phases_p50_ms"] = o["phases"]
+                # Where the slow steps' time goes: each phase's p50 and max over the steps
+                # of each kind (decode / finish / boundary).
+                entry["phases_by_kind_ms"] = {
+                    kind: {ph: {"p50": float(np.percentile(v, 50)), "max": float(np.max(v))}
+                           for ph in o["phase_rows"][0]
+                           for v in [[r[ph] for r, k in zip(o["phase_rows"], kinds) if k == kind]]}
+                    for kind in sorted(set(kinds))}
                 # The scheduler thread's own CPU time in the timed phases (no waits, and on a
                 # VM not the time the hypervisor took from it: steal): what the host path
                 # computes there, steadier than the wall-clock split on a shared machine.

@@ -78,6 +78,12 @@ def test_bench_host_path_writes_the_issue_keys_and_the_machine_load(tmp_path):
     assert all(b["max_ms"] <= e["max_ms"] for b in m["blocks"])
     assert max(b["max_ms"] for b in m["blocks"]) == e["max_ms"]
     assert d["machine_info"]["cpus"] >= 1 and isinstance(d["machine_info"]["damon"], list)
+    # each phase's p50 and max per step kind: the kinds that ran, every phase, p50 <= max
+    by_kind = e["phases_by_kind_ms"]
+    assert set(by_kind) <= {"decode", "finish", "boundary"} and "decode" in by_kind
+    for phases in by_kind.values():
+        assert set(phases) == set(e["phases_p50_ms"])
+        assert all(0.0 <= v["p50"] <= v["max"] for v in phases.values())
 
 
 def test_quiet_blocks_are_those_where_other_tasks_left_the_machine_alone():
