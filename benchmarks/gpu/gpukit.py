@@ -140,6 +140,10 @@ def engine_kwargs(plan: Plan, algorithm: str | None, dtype: str) -> dict:
     if on_gpu():
         from das_sglang.sglang import nokernel
 
+        # SGLang's own timings (weights, kernel JIT, CUDA-graph capture) into the role log:
+        # the first run's ~50 s engine starts could not be split without them.
+        kwargs["log_level"] = "info"
+
         if not nokernel.real_sgl_kernel_installed():
             kwargs.update(nokernel.ENGINE_KWARGS)
         kwargs.update(mem_fraction_static=0.5, disable_prefill_cuda_graph=True,
