@@ -330,10 +330,11 @@ def run_role(role: str, plan_name: str, model: str, out: Path) -> int:
             os.environ["DAS_CONFIG"] = json.dumps(config)
         if dtype == "float32":
             # Triton's tl.dot rounds float32 inputs to TF32 unless told otherwise: SGLang's
-            # extend / verify attention kernel uses tl.dot, its decode kernel does not, so
-            # in the first GPU run (2026-12-04) a verify and a decode of the same position
-            # disagreed at near-ties (9 of 240 greedy requests, 3 prompts). IEEE float32
-            # in both makes the greedy identity check a check of DAS, not of TF32.
+            # extend / verify attention kernel and its grouped (GQA) decode kernel both use
+            # tl.dot, with different tiling and reduction, so in the first GPU run
+            # (2026-12-04) a verify and a decode of the same position disagreed at
+            # near-ties (9 of 240 greedy requests, 3 prompts). IEEE float32 in both makes
+            # the greedy identity check a check of DAS, not of TF32.
             os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
         import sglang
 
