@@ -127,3 +127,50 @@ def test_ragged_verify_is_scored_per_request_not_per_token():
     mid = t.ragged_time(512, 512 * 3 + 256)
     assert t.ragged_time(512, 512 * 3) < mid < t.ragged_time(512, 512 * 5)
     assert t.ragged_time(64, 64) == pytest.approx(t.forward_time(64))
+
+
+def test_stock_graphs_charge_only_the_captured_width_as_a_graph():
+    """``--graphs stock`` (the default): SGLang 0.5.23 captures a speculative target's
+    verify graphs at one width (speculative_num_draft_tokens = max budget + 1), so only a
+    batch verifying exactly that width replays one; narrower widths, a step without drafts
+    and ragged steps run eagerly. ``buckets``: the table's graph rows everywhere."""
+    from das_sglang.core.cost_model import CostTable
+    from das_sglang.replay.simulator import _Scorer
+
+    t = CostTable.roofline("h100", "7b")
+    stock = _Scorer(t, False, "stock", captured=16)
+    buckets = _Scorer(t, False, "buckets", captured=16)
+    rows = 64
+    graph = lambda w: t.mode_time(True, rows, 1 + w)  # noqa: E731
+    eager = lambda w: t.mode_time(False, rows, 1 + w)  # noqa: E731
+    assert eager(4) > graph(4)  # the table's eager tier costs more
+    # uniform engine, full captured width: the graph
+    assert stock.verify_time("uniform", rows, 16, rows * 17, 0) == pytest.approx(graph(16))
+    # narrower uniform widths and a 1-token verify (no drafts): eager
+    assert stock.verify_time("uniform", rows, 4, rows * 5, 0) == pytest.approx(eager(4))
+    assert stock.verify_time("uniform", rows, 0, rows, 0) == pytest.approx(eager(0))
+    # ragged: eager at the mean tokens per request, unless every row verifies full width
+    assert stock.verify_time("ragged", rows, 16, rows * 3, 0) == pytest.approx(t.mode_time(False, rows, 3))
+    assert stock.verify_time("ragged", rows, 16, rows * 17, 0) == pytest.approx(graph(16))
+    # buckets: as before (graph rows at every bucket width, ragged from graphs)
+    assert buckets.verify_time("uniform", rows, 4, rows * 5, 0) == pytest.approx(t.step_time(rows, 4))
+    assert buckets.verify_time("ragged", rows, 16, rows * 3, 0) == pytest.approx(t.ragged_time(rows, rows * 3))
+    with pytest.raises(ValueError, match="graphs='nope'"):
+        _Scorer(t, False, "nope")
+
+
+def test_replay_stock_graphs_cost_speculation_more_and_plain_decode_the_same():
+    from das_sglang.core.cost_model import CostTable
+
+    rollouts = _rollouts(seed=2, problems=3, per_step=4, length=120)
+    table = CostTable.roofline("h100", "7b")
+    none = Contender("none", lambda: Recording(COST, PolicyConfig()), None, 0)
+    res = {g: replay(rollouts, [_contender(BUCKETS, []), none], COST, "ragged", decode_steps=[1],
+                     score=table, graphs=g) for g in ("stock", "buckets")}
+    das = {g: r[0] for g, r in res.items()}
+    plain = {g: r[1] for g, r in res.items()}
+    # the same decisions (the policy plans with the linear model), other prices
+    assert das["stock"].total("forward_passes") == das["buckets"].total("forward_passes")
+    assert das["stock"].total("makespan_s") > das["buckets"].total("makespan_s")
+    # no speculation replays SGLang's decode graph either way
+    assert plain["stock"].total("makespan_s") == pytest.approx(plain["buckets"].total("makespan_s"))

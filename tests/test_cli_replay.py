@@ -54,6 +54,8 @@ class TestHappyPath:
         assert res.exit_code == 0, res.output
         doc = json.loads(out.read_text())
         assert doc["decoded_steps"] == [1] and doc["history_steps"] == [0]
+        # scored with the roofline table, verify graphs as stock SGLang captures them
+        assert doc["scored_with"].startswith("roofline-table") and doc["graphs"] == "stock"
         assert set(doc["policies"]) == {"none", "suffix-decoding", "das", "das-fixed"}
         for name, p in doc["policies"].items():
             assert REQUIRED <= set(p), name
@@ -110,6 +112,7 @@ class TestBadInput:
         (["--policies", "none,turbo"], "unknown policies ['turbo']"),
         (["--cost-preset", "tpu-1t"], "unknown cost-model preset 'tpu-1t'"),
         (["--engine", "gpu"], "--engine 'gpu'"),
+        (["--graphs", "all"], "--graphs 'all'"),
         (["--dataset", "skythought-short", "--steps", "12"], "steps [12] are not in the data"),
         (["--dataset", "skythought-short", "--steps", "x"], "'x' is not a step number"),
         (["--dataset", "skythought-short", "--problems", "0"], "problems=0"),

@@ -28,7 +28,7 @@ from das_sglang.replay.contenders import (
     CONTENDER_HELP, CONTENDER_NAMES, DEFAULT_CONTENDERS, build_contenders,
 )
 from das_sglang.replay.report import TABLE_HEADER, run_summary, table_rows
-from das_sglang.replay.simulator import ENGINES, replay as run_replay
+from das_sglang.replay.simulator import DEFAULT_GRAPHS, ENGINES, GRAPHS, replay as run_replay
 
 
 class Dataset(str, Enum):
@@ -152,6 +152,11 @@ def replay(
     host_time: Annotated[bool, typer.Option(
         "--host-time/--no-host-time", help="Add each decode step's measured host time "
                                            "(drafter + policy + feedback) to its modeled cost.")] = True,
+    graphs: Annotated[str, typer.Option(
+        help="Which verify forwards a cost table charges as CUDA graphs: stock (SGLang 0.5.23: "
+             "only a batch verifying exactly the captured width, max budget + 1 tokens; every "
+             "other verify, ragged or a step without drafts, eager) or buckets (a graph at "
+             "every bucket width and ragged token count).")] = DEFAULT_GRAPHS,
     tokenizer: TokenizerPath = None,
     cache_dir: CacheDir = None,
     json_out: JsonOut = None,
@@ -163,6 +168,8 @@ def replay(
         defaults = DATASETS[dataset]
         if engine not in ENGINES:
             raise ValueError(f"--engine {engine!r}: choose one of {list(ENGINES)}")
+        if graphs not in GRAPHS:
+            raise ValueError(f"--graphs {graphs!r}: choose one of {list(GRAPHS)}")
         cost = CostModel.preset(cost_preset or defaults.cost_preset)
         scorer = _scorer(score, cost)
         names = list(CONTENDER_NAMES) if policies.strip() == "all" else [
@@ -197,8 +204,9 @@ def replay(
             info["max_new_tokens_source"] = cap_note
             info["scored_with"] = scorer.name if scorer is not None else f"linear:{cost.name}"
             info["host_time"] = host_time
+            info["graphs"] = graphs if scorer is not None else None  # (the linear model has no graph tiers)
             results = _run(console, selected, build_contenders(names, cost, engine), cost, engine, present,
-                           label, scorer, host_time)
+                           label, scorer, host_time, graphs)
             runs.append((run_summary(results, info), results))
     except ValueError as e:
         raise fail(str(e)) from None
@@ -273,7 +281,8 @@ def _scorer(score: str, cost: CostModel):
     return CostTable.from_csv(path)
 
 
-def _run(console, selected, contenders, cost, engine, decode, label, scorer=None, host_time=False):
+def _run(console, selected, contenders, cost, engine, decode, label, scorer=None, host_time=False,
+         graphs=DEFAULT_GRAPHS):
     columns = (TextColumn("{task.description:<40}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         tasks = {c.name: progress.add_task(f"{label}: {c.name}", total=1.0, start=False) for c in contenders}
@@ -285,7 +294,7 @@ def _run(console, selected, contenders, cost, engine, decode, label, scorer=None
 
         t0 = time.perf_counter()
         results = run_replay(selected, contenders, cost, engine, decode, on_progress, score=scorer,
-                             host_time=host_time)
+                             host_time=host_time, graphs=graphs)
         console.print(f"{label}: replayed in {time.perf_counter() - t0:.1f} s")
     return results
 
@@ -297,7 +306,8 @@ def _print_tables(runs) -> None:
                         f"(steps {summary['decoded_steps']}, {summary['rollouts_decoded']} rollouts, "
                         f"{summary['tokens_decoded']:,} tokens, planned with {summary['cost_model']['name']}, "
                         f"scored with {summary.get('scored_with', summary['cost_model']['name'])}"
-                        f"{' + host time' if summary.get('host_time') else ''}, {summary['engine']})")
+                        f"{' + host time' if summary.get('host_time') else ''}, {summary['engine']}"
+                        f"{', graphs ' + summary['graphs'] if summary.get('graphs') else ''})")
         for i, col in enumerate(TABLE_HEADER):
             t.add_column(col, justify="left" if i == 0 else "right")
         for row in table_rows(summary):

@@ -392,14 +392,26 @@ class CostTable:
         mode = 1 if (int(width) in self.graph_widths or 0 not in self._modes) else 0
         return self._ms(mode, rows, 1 + width) * 1e-3
 
+    def mode_time(self, graph: bool, rows: int, tokens_per_request: float) -> float:
+        """Seconds of a forward of ``rows`` requests x ``tokens_per_request`` tokens, from
+        the CUDA-graph times (``graph``) or the eager ones (the other mode's where the table
+        has only one)."""
+        mode = 1 if graph else 0
+        if mode not in self._modes:
+            mode = 1 - mode
+        return self._ms(mode, max(int(rows), 1), max(float(tokens_per_request), 1.0)) * 1e-3
+
     def ragged_time(self, rows: int, n_tokens: int, kv_tokens=0) -> float:
         """Seconds of a ragged verify forward: ``rows`` requests submitting ``n_tokens``
-        tokens in all (each its root plus its own drafts). SGLang replays ragged verify
-        from CUDA graphs captured per total token count (``ragged_verify.round_up_grid``
-        over ``batch x width`` tiers), so the graph times apply, read at the batch's mean
-        tokens per request: weights and each request's KV are read once per forward, the
-        matmuls follow the total tokens. (Not ``forward_time(n_tokens)``: that would read
-        the KV of every draft token as if it were a request of its own.)"""
+        tokens in all (each its root plus its own drafts), from the graph times, read at the
+        batch's mean tokens per request: weights and each request's KV are read once per
+        forward, the matmuls follow the total tokens. (Not ``forward_time(n_tokens)``: that
+        would read the KV of every draft token as if it were a request of its own.) Graph
+        times: what SGLang's compact ragged-verify mode gives (graphs per total token count,
+        ``ragged_verify.round_up_grid``; ``SGLANG_RAGGED_VERIFY_MODE=compact`` and an
+        algorithm declaring ``supports_ragged_verify``, which DAS does not yet) -- the
+        replay's ``--graphs buckets``; its default ``stock`` charges ragged steps eagerly
+        (:meth:`mode_time`)."""
         rows = max(int(rows), 1)
         mode = 1 if 1 in self._modes else 0
         return self._ms(mode, rows, max(float(n_tokens), rows) / rows) * 1e-3
@@ -416,8 +428,12 @@ class CostTable:
         form -- max(weight + KV reads, matmul FLOPs) instead of their sum -- at a 2k-token
         context, plus per-forward overhead: 1 ms with a CUDA graph (as the presets), and
         for an eager forward 1 ms + 5 us of launch per kernel x 10 kernels per layer. Graph
-        widths: 0, 1, 2, 4, 8, 16, 32 (SGLang's defaults are powers of two). Derived, not
-        measured: replace it with a GPU run's table (``--score PATH``)."""
+        rows at widths 0, 1, 2, 4, 8, 16, 32: what a worker with a graph per bucket width
+        would replay. Stock SGLang 0.5.23 captures a speculative target's verify graphs at
+        one width only (``speculative_num_draft_tokens``); ``das replay``'s default
+        ``--graphs stock`` charges every other verify from the eager rows
+        (``replay.simulator._Scorer``). Derived, not measured: replace it with a GPU run's
+        table (``--score PATH``)."""
         bandwidth, flops = _GPUS[gpu]
         params, layers, kv_heads, head_dim = _MODELS[model]
         mem_bw, fl = bandwidth * MEM_EFFICIENCY, flops * FLOP_EFFICIENCY

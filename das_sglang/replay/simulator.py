@@ -42,6 +42,10 @@ from das_sglang.replay.datasets import Rollout
 
 ENGINES = ("uniform", "ragged", "ragged-width")
 DEFAULT_ENGINE = "ragged"  # what the SGLang worker verifies with where it can (sglang/ragged.py)
+# Which verify forwards a cost table charges as CUDA graphs (_Scorer): SGLang 0.5.23 as it
+# ships (one captured verify width), or a graph at every bucket width.
+GRAPHS = ("stock", "buckets")
+DEFAULT_GRAPHS = "stock"
 SHARED_PROBLEM = "*all*"  # problem id the "global index" ablation gives every rollout
 
 
@@ -149,6 +153,7 @@ def replay(
     on_progress: Callable[[str, int, int], None] | None = None,
     score: object | None = None,
     host_time: bool = False,
+    graphs: str = DEFAULT_GRAPHS,
 ) -> list[ContenderResult]:
     """Replay ``rollouts`` under every contender; steps not in ``decode_steps`` (default: all)
     that precede a decoded step only feed history. ``on_progress(name, tokens_done, total)``.
@@ -156,7 +161,8 @@ def replay(
     ``score``: what forwards are charged with (default ``cost``): e.g. a
     ``cost_model.CostTable``, so policies planning with a linear model are judged by costs
     they did not choose. ``host_time``: add each decode iteration's measured host time
-    (drafter, policy, feedback) to the modeled makespan, so a slow planner pays for it."""
+    (drafter, policy, feedback) to the modeled makespan, so a slow planner pays for it.
+    ``graphs``: which verify forwards a cost table charges as CUDA graphs (``_Scorer``)."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {ENGINES}")
     if not rollouts:
@@ -166,24 +172,49 @@ def replay(
     missing = [s for s in decode if s not in by_step]
     if missing:
         raise ValueError(f"steps {missing} have no rollouts (steps present: {sorted(by_step)})")
-    scorer = _Scorer(cost if score is None else score, host_time)
-    return [_replay_one(c, by_step, decode, scorer, engine, on_progress) for c in contenders]
+    scorer = _Scorer(cost if score is None else score, host_time, graphs)
+    return [_replay_one(c, by_step, decode, scorer.for_contender(c), engine, on_progress)
+            for c in contenders]
 
 
 class _Scorer:
     """Charges a forward: ``step_time(rows, width)`` where the scorer has it (padded uniform
     verify), ``ragged_time(rows, n_tokens)`` where it has that (ragged verify: a cost table),
-    else ``forward_time(n_tokens, kv)``."""
+    else ``forward_time(n_tokens, kv)``.
 
-    def __init__(self, cost, host_time: bool) -> None:
-        self.cost, self.host_time = cost, host_time
+    ``graphs`` (cost tables only: which verify forwards replay a CUDA graph):
+
+    - ``stock`` (default): what SGLang 0.5.23 does for a speculative target. Its decode
+      graph runner captures TARGET_VERIFY graphs at one width, ``speculative_num_draft_tokens``
+      (the contender's ``max_budget`` + 1), and replays one only for a batch verifying
+      exactly that width; every other verify -- narrower uniform widths, a step without
+      drafts (a 1-token verify), ragged steps -- runs eagerly (the table's eager rows). A
+      plain decode step (no speculation) replays SGLang's decode graph.
+    - ``buckets``: a graph at every width the table has graph rows for, ragged steps from
+      graphs per total token count -- a worker that captures per-width graphs, or SGLang's
+      compact ragged-verify mode (not used by DAS yet).
+    """
+
+    def __init__(self, cost, host_time: bool, graphs: str = DEFAULT_GRAPHS, captured: int | None = None) -> None:
+        if graphs not in GRAPHS:
+            raise ValueError(f"graphs={graphs!r}: choose one of {GRAPHS}")
+        self.cost, self.host_time, self.graphs, self.captured = cost, host_time, graphs, captured
         self._step = getattr(cost, "step_time", None)
         self._ragged = getattr(cost, "ragged_time", None)
+        self._mode = getattr(cost, "mode_time", None)
+
+    def for_contender(self, c: "Contender") -> "_Scorer":
+        """This scorer for one contender: its captured verify width is its ``max_budget``."""
+        return _Scorer(self.cost, self.host_time, self.graphs, int(c.max_budget))
 
     def forward_time(self, n_tokens, kv_tokens=0):
         return self.cost.forward_time(n_tokens, kv_tokens)
 
     def verify_time(self, engine: str, rows: int, width: int, n_tokens: int, kv: int) -> float:
+        if self.graphs == "stock" and self._mode is not None and self.captured is not None:
+            rows = max(int(rows), 1)
+            graph = width == self.captured and n_tokens == rows * (1 + width)  # every row full width
+            return float(self._mode(graph, rows, max(n_tokens, rows) / rows))
         if engine == "uniform" and self._step is not None:
             return float(self._step(rows, width, kv, host=False))
         if self._ragged is not None and width > 0:

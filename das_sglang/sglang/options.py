@@ -27,8 +27,11 @@ from das_sglang.core.policy_config import PolicyConfig
 
 ENV = "DAS_CONFIG"
 VERIFY_LAYOUTS = ("auto", "ragged", "uniform")
-# Verify widths (draft tokens per request) the worker uses by default: few enough for SGLang
-# to capture each as a CUDA graph; the largest is always max_nodes (PolicyConfig.buckets).
+# Verify widths (draft tokens per request) the worker uses by default; the largest is always
+# max_nodes (PolicyConfig.buckets). Few, so that few shapes reach the attention kernels and a
+# graph per width could be captured; stock SGLang 0.5.23 captures a speculative target's
+# verify graphs at max_nodes + 1 tokens only, every other width runs eagerly (what
+# `das replay --graphs stock` charges; docs/cost_model.md).
 GRAPH_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
 
 
