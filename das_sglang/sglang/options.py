@@ -63,7 +63,9 @@ class ServerConfig:
                       request, priced by its own tokens, where verify is ragged; one
                       batch width, padding priced, where it pads (``for_layout``).
     stats_path        file the worker rewrites (atomically) after every verify step with
-                      its counters (verify steps, verify tokens submitted to the target,
+                      its counters (verify steps, of them ragged (``ragged_steps``) and
+                      replayed as a CUDA graph (``graph_steps``), verify tokens submitted
+                      to the target,
                       draft tokens proposed and accepted, layout, budget form, and
                       ``host``: DAS's plan and feedback ms and SGLang's own ms between
                       two decode steps, ``sglang/host_time.py``); None = off. For
