@@ -413,8 +413,7 @@ class CostTable:
         replay's ``--graphs buckets``; its default ``stock`` charges ragged steps eagerly
         (:meth:`mode_time`)."""
         rows = max(int(rows), 1)
-        mode = 1 if 1 in self._modes else 0
-        return self._ms(mode, rows, max(float(n_tokens), rows) / rows) * 1e-3
+        return self.mode_time(True, rows, max(float(n_tokens), rows) / rows)
 
     def forward_time(self, n_tokens, kv_tokens=0):
         """A forward over ``n_tokens`` single-token rows (plain decode)."""

@@ -19,7 +19,8 @@ class _PlaceholderMeta(type):
     def __getattr__(cls, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        return placeholder(f"{cls.__qualname__}.{name}")
+        # (a placeholder's attributes are placeholders of its own kind)
+        return type(cls)(name, (), {"__qualname__": f"{cls.__qualname__}.{name}"})
 
     def __call__(cls, *args, **kwargs):
         raise NotImplementedError(
@@ -30,11 +31,6 @@ class _PlaceholderMeta(type):
 class _DecoratorPlaceholderMeta(_PlaceholderMeta):
     """A placeholder that can also decorate: ``@pkg.jit`` on a function at import time
     gives a function that raises NotImplementedError naming both when it is called."""
-
-    def __getattr__(cls, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return placeholder(f"{cls.__qualname__}.{name}", decorators=True)
 
     def __call__(cls, *args, **kwargs):
         if len(args) == 1 and not kwargs and callable(args[0]):
