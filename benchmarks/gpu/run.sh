@@ -50,7 +50,7 @@ if [ "${DAS_SGLANG_CPU:-}" != "1" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 
-left=$(( ${GPUKIT_BUDGET_S:-540} - ($(date +%s) - start) ))
+left=$(( ${GPUKIT_BUDGET_S:-575} - ($(date +%s) - start) ))
 "$PY" benchmarks/gpu/gpukit.py run --out "$out" --budget-s "$left" \
   --model-dir "${GPUKIT_MODEL_DIR:-/tmp/gpukit-model}" ${GPUKIT_ROLES:+--roles "$GPUKIT_ROLES"}
 rc=$?
