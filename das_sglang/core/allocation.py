@@ -289,7 +289,19 @@ def _best_per_row_numpy(remaining, acc, m, kv_tokens, cost) -> StepAllocation:
     return StepAllocation(budgets, int(budgets.max(initial=0)), modeled, baseline, makespan)
 
 
+def _to_graph_widths(acc: np.ndarray, cost: CostModel) -> np.ndarray:
+    """``acc`` edge-padded out to the cost model's widest CUDA-graph width: a uniform
+    forward may be padded past every row's tree when the graph replay is cheaper than an
+    eager forward at the trees' own width (``CostModel.graph_widths``; the padding is never
+    accepted, so the acceptance stays the rows' last)."""
+    top = max(cost.graph_widths, default=-1)
+    if top < acc.shape[1]:
+        return acc
+    return np.concatenate([acc, np.repeat(acc[:, -1:], top + 1 - acc.shape[1], axis=1)], axis=1)
+
+
 def _best_uniform(remaining, acc, m, kv_tokens, cost, buckets=None) -> StepAllocation:
+    acc = _to_graph_widths(acc, cost)
     steps = remaining[:, None] / (1.0 + acc)  # rows x widths (acc is edge-padded)
     w = np.arange(acc.shape[1], dtype=np.float64)
     charged, extra = bucket_charges(buckets, acc.shape[1], cost)
@@ -301,8 +313,9 @@ def _best_uniform(remaining, acc, m, kv_tokens, cost, buckets=None) -> StepAlloc
         t = t + extra * makespan
     best = int(np.argmin(t))  # ties: the smallest width
     budgets = np.minimum(best, m).astype(np.int32)
-    return StepAllocation(budgets, int(budgets.max(initial=0)), float(t[best]), float(t[0]),
-                          float(makespan[best]))
+    # (the forward's width: past every tree only when a graph width made that cheaper)
+    width = best if cost.is_graph_width(best) else int(budgets.max(initial=0))
+    return StepAllocation(budgets, width, float(t[best]), float(t[0]), float(makespan[best]))
 
 
 # ---- one-step lookahead allocator -----------------------------------------------------------
@@ -383,6 +396,8 @@ def lookahead_step_budgets(
             budgets, width, modeled, baseline, makespan = got
             return StepAllocation(budgets, int(width), modeled, baseline, makespan)
     value, future = token_values(remaining, (acc, m), kv_tokens, cost, uniform_width, spread)
+    if uniform_width:
+        acc = _to_graph_widths(acc, cost)
     b = np.arange(acc.shape[1], dtype=np.float64)
     # Draft tokens paid this forward: those past the rows' own tokens and the cost model's
     # free_tokens (the roofline ridge point; 0 = every draft token costs c_tok).
@@ -400,9 +415,12 @@ def lookahead_step_budgets(
         width = int(np.argmax(gain))  # ties: the smallest width
         budgets = np.minimum(width, m).astype(np.int32)
         best_gain = float(gain[width])
+        if not cost.is_graph_width(width):  # (a graph width stays the forward's width)
+            width = int(budgets.max(initial=0))
     else:
         budgets, best_gain = _fill_nodes(value, acc, m, cost.c_tok_s, max(cost.free_tokens - n, 0.0))
-    return StepAllocation(budgets, int(budgets.max(initial=0)), future.baseline_s - best_gain,
+        width = int(budgets.max(initial=0))
+    return StepAllocation(budgets, width, future.baseline_s - best_gain,
                           future.baseline_s, future.makespan_steps)
 
 

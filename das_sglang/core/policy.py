@@ -565,7 +565,10 @@ class LengthAware(_ModelBased):
             budgets = np.zeros(len(rows), dtype=np.int32)
         budgets, probe_record = self._probe(rows, budgets, curves[1], kv)
         budgets = self._defer(rows, budgets, remaining, probe_record)
-        return BudgetPlan(budgets, _padded_width(int(budgets.max(initial=0)), buckets))
+        width = _padded_width(int(budgets.max(initial=0)), buckets)
+        if self.config.uniform_width and alloc.width > width and self.cost.is_graph_width(alloc.width):
+            width = alloc.width  # padded out to a CUDA-graph width: cheaper than eager
+        return BudgetPlan(budgets, width)
 
 
 class PaperClosedForm(_ModelBased):

@@ -12,6 +12,12 @@ DAS ablations, each a (drafter, policy) pair built fresh per run.
 | das-chain        | chains instead of trees                   | LengthAware     |
 | das-global       | one index for all problems                | LengthAware     |
 | das-paper        | SuffixDrafter                             | PaperClosedForm |
+| das-graphs       | SuffixDrafter, uniform verify             | LengthAware + CUDA-graph tiers |
+
+``das-graphs`` is the SGLang worker on a uniform-verify backend with CUDA graphs (the
+Triton backend; FlashInfer with ``verify_layout=uniform``): its policy plans with the
+measured price of an eager verify beside the one width SGLang replays as a graph
+(``core.graph_tiers``), so it pads the batch out to that width when that is cheaper.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ def _make_policy(kind: str, cost: CostModel, uniform: bool, budget: int, fixed: 
 
 CONTENDER_NAMES = (
     "none", "suffix-decoding", "das", "das-no-window", "das-fixed", "das-unlimited", "das-chain", "das-global",
-    "das-paper",
+    "das-paper", "das-graphs",
 )
 
 # One line per contender, for `das replay --help` (the table in the module docstring).
@@ -80,6 +86,8 @@ CONTENDER_HELP = {
     "das-chain": "ablation: chain drafts instead of trees, LengthAware",
     "das-global": "ablation: one index for all problems, LengthAware",
     "das-paper": "DAS drafter + the paper's closed-form budget",
+    "das-graphs": "DAS on the uniform verify, planning with the CUDA-graph tiers the worker measures "
+                  "(pads to the graph width when cheaper than an eager verify)",
 }
 
 # What `das replay` compares unless told otherwise: the baselines, DAS, and one ablation per
@@ -124,6 +132,10 @@ def build_contenders(
                                        k, description="ablation: chain drafts instead of trees"),
         "das-paper": lambda: Contender("das-paper", pol("paper"), _das_drafter(drafter), k,
                                        description="DAS drafter + the paper's closed-form budget"),
+        "das-graphs": lambda: Contender(
+            "das-graphs", _make_policy("length-aware", cost, True, k), _das_drafter(drafter), k,
+            engine="uniform", graph_tiers=True,
+            description="DAS on the uniform verify, planning with the measured CUDA-graph tiers"),
         "das-global": lambda: Contender("das-global", pol("length-aware"), _das_drafter(drafter), k,
                                         shared_problem=True, description="ablation: one index for all problems"),
     }

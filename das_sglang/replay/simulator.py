@@ -85,6 +85,11 @@ class Contender:
     max_budget: int = 32
     shared_problem: bool = False
     description: str = ""
+    # Decode on this engine whatever the run's (``das-graphs``: the uniform layout).
+    engine: str | None = None
+    # Plan with the scorer's CUDA-graph tiers, as the worker's online ``GraphTiers``
+    # learns them on that engine (``plan_with_graph_tiers``).
+    graph_tiers: bool = False
 
 
 @dataclass
@@ -173,8 +178,28 @@ def replay(
     if missing:
         raise ValueError(f"steps {missing} have no rollouts (steps present: {sorted(by_step)})")
     scorer = _Scorer(cost if score is None else score, host_time, graphs)
-    return [_replay_one(c, by_step, decode, scorer.for_contender(c), engine, on_progress)
+    return [_replay_one(c, by_step, decode, scorer.for_contender(c), c.engine or engine, on_progress)
             for c in contenders]
+
+
+def plan_with_graph_tiers(policy, scorer: "_Scorer", width: int, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256)):
+    """Give ``policy`` the CUDA-graph tiers the SGLang worker measures online
+    (``core.graph_tiers.GraphTiers``: graph replays at the captured width, the eager
+    forwards' median excess over them), here from the scorer's own times at every batch
+    size and width -- the estimate after warm-up, without the exploring steps' cost. A
+    no-op where the scorer has no graph / eager split (a linear model, ``--graphs
+    buckets``)."""
+    from das_sglang.core.graph_tiers import GraphSpec, GraphTiers
+
+    if scorer.graphs != "stock" or scorer._mode is None or not hasattr(policy, "cost") or width < 1:
+        return
+    tiers = GraphTiers(GraphSpec(width=width, max_bs=max(batches)), min_samples=1,
+                       window=len(batches) * (width + 1))
+    for rows in batches:
+        for w in range(width + 1):
+            tiers.observe(rows, w, w == width,
+                          scorer.verify_time("uniform", rows, w, rows * (1 + w), 0))
+    policy.cost = tiers.cost_model(policy.cost)
 
 
 class _Scorer:
@@ -232,6 +257,8 @@ def _group_by_step(rollouts: Sequence[Rollout]) -> dict[int, list[Rollout]]:
 def _replay_one(c: Contender, by_step, decode, cost, engine, on_progress) -> ContenderResult:
     drafter = c.make_drafter() if c.make_drafter is not None else None
     policy = c.make_policy()
+    if c.graph_tiers:
+        plan_with_graph_tiers(policy, cost, int(c.max_budget))
     total = sum(r.length for s in decode for r in by_step[s])
     done = 0
     if on_progress:

@@ -644,6 +644,12 @@ class DasSession:
             # Policies that do not price buckets themselves: pad up to the next bucket
             # (rows keep their trees; the padding is never linked, so never accepted).
             width = next(b for b in buckets if b >= width)
+        planned = int(getattr(plan, "width", 0) or 0)
+        cost = getattr(self.policy, "cost", None)
+        if width < planned <= max_nodes and cost is not None and cost.is_graph_width(planned):
+            # The policy chose a CUDA-graph width (cheaper, padding included, than an eager
+            # forward at the trees' own width): verify at it even where the trees are shorter.
+            width = planned
         return drafts, width
 
     def _speculate_registered(self, req_ids: list, sizes, new: set) -> DraftBatch:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
@@ -36,9 +37,10 @@ from sglang.srt.speculative.ngram_worker import NGRAMWorker
 from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcache
 
 from das_sglang.core.drafter import TokenRows
+from das_sglang.core.graph_tiers import GraphSpec, GraphTiers
 from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cut
 from das_sglang.sglang.host_time import add_engine_gap, add_feedback, add_plan, new_host_time
-from das_sglang.sglang.options import for_layout, load_options
+from das_sglang.sglang.options import GRAPH_BUCKETS, for_layout, load_options
 from das_sglang.sglang.ragged import (
     DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
     verify_backend_name, walk_ragged,
@@ -64,6 +66,19 @@ def write_json_atomic(path: str, data: dict) -> None:
 
     with atomic_file(Path(path), binary=False, tmp_prefix=".das-stats-") as f:
         json.dump(data, f)
+
+
+def captured_verify_graphs(model_runner) -> GraphSpec | None:
+    """The TARGET_VERIFY CUDA graphs SGLang captured for this target (its decode graph
+    runner's capture width, in draft tokens, and largest batch), or None: no graphs
+    (CPU, ``--disable-cuda-graph``, or a runner that is the eager one)."""
+    runner = getattr(model_runner, "decode_cuda_graph_runner", None)
+    if runner is None or runner is getattr(model_runner, "eager_runner", None):
+        return None
+    width, bs = getattr(runner, "captured_req_width", None), getattr(runner, "max_bs", None)
+    if not isinstance(width, int) or not isinstance(bs, int) or width < 2 or bs < 1:
+        return None
+    return GraphSpec(width=width - 1, max_bs=bs)
 
 
 class DasWorker(NoExternalCorpus, NGRAMWorker):
@@ -107,6 +122,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         # scheduling: the time DAS's background work overlaps). See host_time().
         self.stats["host"] = new_host_time()
         self._decode_exit: float | None = None  # when the last decode step returned
+        self.graph_tiers: GraphTiers | None = None  # (set at the first decode step)
+        self._forward_start: float | None = None  # the uniform verify's launch time
         self.session.worker_stats = self.stats  # read by the shard stats (scale-out)
         atexit.register(self.session.close)
         _log.info("DAS worker: %s", self.options)
@@ -138,7 +155,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
 
     def _decode(self, batch, on_publish, pp_proxy_tensors, t_in):
         bs = len(batch.reqs)
-        trees = self._plan(batch)
+        trees, planned = self._plan(batch)
         if not self._layout_confirmed:  # the attention backends exist from here on
             layout = confirm_layout(self.layout, self.model_runner.attn_backend)
             if layout != self.layout:  # padded after all: plan (and pay) one batch width
@@ -149,12 +166,14 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             self.layout = self.stats["layout"] = layout
             self.stats["budgets"] = self._budget_form()
             self._layout_confirmed = True
+            self._init_graph_tiers()
         if (self.layout == "ragged" and len(set(tree_lens(trees).tolist())) > 1
                 and not needs_uniform_rows(batch.sampling_info)):
             return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors, t_in)
-        layout = self._prepare_verify(batch, trees)
+        layout = self._prepare_verify(batch, trees, self._verify_width(trees, planned, bs))
         add_plan(self.stats["host"], time.perf_counter() - t_in, bs)
         self.session.before_forward()
+        self._forward_start = time.perf_counter()
         result = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
         )
@@ -183,6 +202,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         logits_output = result.logits_output
         self.stats["graph_steps"] += bool(result.can_run_cuda_graph)
         num_correct = self._cut_at_stops(batch.reqs, predict, accept_index, num_correct)
+        self._observe_forward(batch, result, predict)
         accept_lens = num_correct + 1
         new_seq_lens = batch.seq_lens + accept_lens
         accept_tokens = predict[accept_index.clamp(min=0).long()]
@@ -224,14 +244,89 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         """Draft trees of the batch, truncated to the policy's per-request budgets."""
         for req in batch.reqs:
             self._register(req)
-        trees, _ = self.session.plan([req.rid for req in batch.reqs], self.options.max_nodes)
-        return trees
+        return self.session.plan([req.rid for req in batch.reqs], self.options.max_nodes)
 
-    def _prepare_verify(self, batch, trees):
-        """Drafts -> uniform TARGET_VERIFY batch (tokens, KV slots, mask, positions,
-        links): every request padded to the batch's widest tree."""
-        bs = len(batch.reqs)
+    # ------------------------------------------------------------- CUDA-graph widths
+    def _init_graph_tiers(self) -> None:
+        """Which verify widths SGLang replays as CUDA graphs here, and what an eager
+        verify costs beside one (``core.graph_tiers``; docs/sglang.md "CUDA graphs").
+
+        Stock SGLang captures TARGET_VERIFY graphs at the full width only
+        (``captured_req_width`` tokens per request, batches up to ``max_bs``). Unless
+        ``DAS_CONFIG`` set measured tiers (``cost_graph_widths`` / ``cost_eager_*``), the
+        worker times its own verifies and hands the policy the measured eager extra, so
+        it plans the full, graph-replayed width when that is cheaper. Without captured
+        graphs (CPU, ``--disable-cuda-graph``, the ragged layout) every verify is eager:
+        no tiers, and no padding to bucket widths that nothing replays."""
+        self.graph_tiers = None
+        policy = self.session.policy
+        cfg = self.options.policy
+        if cfg.width_buckets == GRAPH_BUCKETS:
+            # (the default buckets assumed a graph at every bucket width: stock SGLang has
+            # one, so a bucket-padded eager verify would only add rows)
+            self.options = replace(self.options, policy=replace(cfg, width_buckets=None))
+            self.session.options = self.options
+            if hasattr(policy, "config"):
+                policy.config = self.options.policy
+        spec = captured_verify_graphs(self.model_runner)
+        self.stats["graph_width"] = None if spec is None else spec.width
+        if (spec is None or self.layout != "uniform" or not hasattr(policy, "cost")
+                or cfg.cost_graph_widths or cfg.cost_eager_widths):
+            return
+        if spec.width != self.options.max_nodes:
+            _log.warning("DAS: SGLang captured verify graphs at %d draft tokens, the worker plans "
+                         "up to %d: no graph tiers", spec.width, self.options.max_nodes)
+            return
+        self.graph_tiers = GraphTiers(spec)
+        self._base_cost = self._tiered_cost = policy.cost
+        self._tiers_seen = -1
+        _log.info("DAS: SGLang replays verify graphs at %d draft tokens for batches <= %d; "
+                  "eager verifies are timed to price the other widths", spec.width, spec.max_bs)
+
+    def _verify_width(self, trees, planned: int, bs: int) -> int:
+        """The uniform verify's draft width: the widest tree, or the policy's planned
+        width when it is a graph width (the padding buys the replay), or the graph width
+        for an exploring step (``GraphTiers.explore``)."""
         width = int(tree_lens(trees).max(initial=0))
+        cost = getattr(self.session.policy, "cost", None)
+        if planned > width and cost is not None and cost.is_graph_width(planned):
+            width = planned
+        tiers = self.graph_tiers
+        if tiers is not None:
+            if width != tiers.spec.width and tiers.explore(bs):
+                width = tiers.spec.width
+            self._set_tiers_cost(bs)
+        return width
+
+    def _set_tiers_cost(self, bs: int) -> None:
+        """The policy's cost model for the next plan: with the measured tiers while the
+        batch fits the captured graphs, the configured model otherwise."""
+        tiers = self.graph_tiers
+        seen = tiers.samples
+        if seen != self._tiers_seen and seen % 8 == 0:
+            self._tiers_seen = seen
+            self._tiered_cost = tiers.cost_model(self._base_cost)
+        self.session.policy.cost = self._tiered_cost if tiers.spec.covers(bs) else self._base_cost
+
+    def _observe_forward(self, batch, result, predict) -> None:
+        """Feed the verify's seconds (launch to the host sync after the tree walk) to the
+        tiers; uniform verifies only (ragged ones never replay a stock graph)."""
+        t0, self._forward_start = self._forward_start, None
+        if self.graph_tiers is None or t0 is None:
+            return
+        n = batch.spec_info.draft_token_num if batch.spec_info is not None else 0
+        if n >= 1:
+            self.graph_tiers.observe(len(batch.reqs), n - 1, bool(result.can_run_cuda_graph),
+                                     time.perf_counter() - t0)
+            self.stats["graph_tiers"] = self.graph_tiers.stats()
+
+    def _prepare_verify(self, batch, trees, width: int | None = None):
+        """Drafts -> uniform TARGET_VERIFY batch (tokens, KV slots, mask, positions,
+        links): every request padded to ``width`` draft tokens (default: the batch's
+        widest tree)."""
+        bs = len(batch.reqs)
+        widest = int(tree_lens(trees).max(initial=0))
+        width = widest if width is None else max(int(width), widest)
         seq_lens = batch.seq_lens_cpu.numpy()  # (int64, no copy: see _verify_ragged)
         roots = [req.output_ids[-1] for req in batch.reqs]
         layout = build_layout(roots, trees, seq_lens, width)

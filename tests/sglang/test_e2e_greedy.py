@@ -151,6 +151,29 @@ def test_uniform_layout_is_identical_too(tiny_model, reference):
     assert accept_length(got["grpo-step2"][1]) > 1.5
 
 
+def test_uniform_verifies_padded_to_a_graph_width_are_identical(tiny_model, reference, tmp_path):
+    """Tiers saying the full width (7 drafts) replays a CUDA graph and every other width
+    runs eagerly at +1 s (DAS_CONFIG, as a GPU calibration sets them): the policy plans
+    the graph width and the worker pads every verify out to it, even past the trees
+    (the padding is never linked) -- and the outputs stay those of no speculation."""
+    batches = [b for b in workload() if b[0].startswith("grpo")]
+    stats_path = tmp_path / "stats.json"
+    cfg = {"server": {"verify_layout": "uniform", "stats_path": str(stats_path)},
+           "policy": {"cost_graph_widths": [7], "cost_graph_ms": [0.0],
+                      "cost_eager_widths": [0], "cost_eager_ms": [1000.0]}}
+    with launch(tiny_model, "DAS", env={"DAS_CONFIG": json.dumps(cfg)}) as engine:
+        got = run(engine, batches)
+    for label, _, _ in batches:
+        assert mismatches(reference[label][0], got[label][0]) == 0, label
+    stats = json.loads(stats_path.read_text())
+    print(f"worker counters: {stats}")
+    assert stats["layout"] == "uniform" and stats["graph_width"] is None  # (CPU: no graphs)
+    # every verify row carried the root + 7 draft slots, drafted or padding
+    assert stats["verify_tokens"] == 8 * stats["host"]["rows"] > 0
+    assert stats["proposed"] < 7 * stats["host"]["rows"]  # some of them were padding
+    assert accept_length(got["grpo-step2"][1]) > 1.5
+
+
 def test_negative_control_corrupted_tree_mask_breaks_identity(tiny_model, reference):
     batches = [b for b in workload() if b[0].startswith("grpo")]
     from das_test_doubles import CORRUPT_MASK  # the test plugin's wrong worker

@@ -38,8 +38,8 @@ class CorruptMaskWorker(DasWorker):
         super().__init__(*args, **kwargs)
         self.layout, self._layout_confirmed = "uniform", True  # the mask below is uniform
 
-    def _prepare_verify(self, batch, trees):
-        layout = super()._prepare_verify(batch, trees)
+    def _prepare_verify(self, batch, trees, width=None):
+        layout = super()._prepare_verify(batch, trees, width)
         spec, n, bs = batch.spec_info, layout.n, len(batch.reqs)
         if spec.custom_mask.numel() != bs * n * n:
             raise RuntimeError("the corrupt-mask control expects the CPU tree-block mask")

@@ -1,0 +1,144 @@
+"""What a CUDA-graph replay saves, measured online from the verify forwards themselves.
+
+Stock SGLang (0.5.23) captures a speculative target's TARGET_VERIFY graphs at one width
+only -- ``speculative_num_draft_tokens`` tokens per request, for batch sizes up to its
+largest captured one -- and runs every other verify eagerly (``can_run_graph`` checks
+``num_tokens_per_req == captured_req_width``). How much dearer an eager forward is depends
+on the model, the GPU and the kernels installed: on the first GPU kit run (H200, a 0.6B
+Llama, SGLang without ``sgl_kernel``) an eager verify cost 30-57 ms at every batch size and
+width, a replayed graph at the full width 4.5 ms (batch 1) to 28.5 ms (batch 256), so a
+worker that verified at the trees' own width (2..15) paid up to 8x for it.
+
+:class:`GraphTiers` learns that price where the worker runs: it is fed each verify
+forward's measured seconds (rows, width, whether SGLang replayed a graph), fits the graph
+replays as ``a + b * tokens`` and takes the median of the eager forwards' excess over that
+line as the eager extra. The policy then plans with a cost model whose tiers say so
+(``CostModel.graph_widths`` = the captured width, ``eager_extra_s`` = the excess), and
+picks the full, graph-replayed width when its padding is cheaper than an eager forward.
+Padding never changes what is accepted (padded rows are never linked), so the choice is
+pure cost, and lossless either way.
+
+Until both kinds have been seen the tiers stay off (the linear model alone); a batch that
+has not replayed a graph for ``explore_every`` steps (an eighth of that until the graph
+line has ``min_samples``) is verified at the graph width once (``explore``), so the
+estimate can start, and can recover when prices change.
+Pure Python + numpy: no torch, no SGLang.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from das_sglang.core.cost_model import CostModel
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The verify graphs SGLang captured: draft width (tokens per request - 1) and the
+    largest batch size that replays one (0: none captured)."""
+
+    width: int
+    max_bs: int
+
+    def covers(self, rows: int) -> bool:
+        return 0 < rows <= self.max_bs
+
+
+class GraphTiers:
+    """Online estimate of the eager forward's extra cost over a graph replay."""
+
+    def __init__(self, spec: GraphSpec, min_samples: int = 4, window: int = 256,
+                 explore_every: int = 64) -> None:
+        if spec.width < 0 or spec.max_bs < 0:
+            raise ValueError(f"invalid GraphSpec {spec!r}: width and max_bs must be >= 0")
+        if min_samples < 1 or window < min_samples or explore_every < 1:
+            raise ValueError(
+                f"invalid GraphTiers min_samples={min_samples!r}, window={window!r}, "
+                f"explore_every={explore_every!r}: need 1 <= min_samples <= window, explore_every >= 1")
+        self.spec = spec
+        self.min_samples = min_samples
+        self.explore_every = explore_every
+        self._graph: deque = deque(maxlen=window)  # (tokens, seconds)
+        self._eager: deque = deque(maxlen=window)
+        self._since_graph = 0  # graph-coverable steps since the last graph replay
+        self._cached: tuple[int, float | None] | None = None
+        self._observed = 0
+        self.explored = 0
+
+    # ------------------------------------------------------------------ feeding
+    def observe(self, rows: int, width: int, graph: bool, seconds: float) -> None:
+        """One verify forward: ``rows`` requests at ``width`` draft tokens each, replayed as
+        a CUDA graph or not, taking ``seconds`` (launch to the first host sync after it)."""
+        if rows <= 0 or not np.isfinite(seconds) or seconds <= 0.0:
+            return
+        tokens = rows * (width + 1)
+        self._observed += 1
+        if graph:
+            self._graph.append((tokens, float(seconds)))
+            self._since_graph = 0
+        else:
+            self._eager.append((tokens, float(seconds)))
+            if self.spec.covers(rows):
+                self._since_graph += 1
+
+    def explore(self, rows: int) -> bool:
+        """Verify this step at the graph width regardless of the plan (a measurement)?"""
+        # (every ``explore_every // 8`` steps until the graph line has its samples)
+        every = self.explore_every if len(self._graph) >= self.min_samples else max(1, self.explore_every // 8)
+        if not self.spec.covers(rows) or self._since_graph < every:
+            return False
+        self._since_graph = 0
+        self.explored += 1
+        return True
+
+    @property
+    def samples(self) -> int:
+        """Forwards observed so far (both kinds; the window keeps the latest)."""
+        return self._observed
+
+    # ------------------------------------------------------------------ estimate
+    def _graph_line(self) -> tuple[float, float] | None:
+        """``seconds = a + b * tokens`` through the recent graph replays (b >= 0)."""
+        if len(self._graph) < self.min_samples:
+            return None
+        t, s = np.asarray(self._graph, dtype=np.float64).T
+        if np.ptp(t) > 0:
+            b, a = np.polyfit(t, s, 1)
+            if b >= 0:
+                return float(a), float(b)
+        return float(np.median(s)), 0.0
+
+    def eager_extra_s(self) -> float | None:
+        """Median excess of the recent eager forwards over the graph line at their token
+        count (>= 0); None until both kinds have ``min_samples``."""
+        key = self._observed
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        line = self._graph_line()
+        out = None
+        if line is not None and len(self._eager) >= self.min_samples:
+            t, s = np.asarray(self._eager, dtype=np.float64).T
+            out = max(float(np.median(s - (line[0] + line[1] * t))), 0.0)
+        self._cached = (key, out)
+        return out
+
+    def cost_model(self, base: CostModel) -> CostModel:
+        """``base`` with this engine's tiers: the graph width at no extra, every other
+        width at the measured eager extra (``base`` itself until both are measured)."""
+        extra = self.eager_extra_s()
+        if extra is None:
+            return base
+        return base.with_coefficients(graph_widths=(self.spec.width,), graph_extra_s=(0.0,),
+                                      eager_widths=(0,), eager_extra_s=(extra,))
+
+    def stats(self) -> dict:
+        extra = self.eager_extra_s()
+        line = self._graph_line()
+        return {"graph_width": self.spec.width, "graph_max_bs": self.spec.max_bs,
+                "graph_samples": len(self._graph), "eager_samples": len(self._eager),
+                "eager_extra_ms": None if extra is None else extra * 1e3,
+                "graph_ms_per_token": None if line is None else line[1] * 1e3,
+                "explored_steps": self.explored}
