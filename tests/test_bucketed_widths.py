@@ -176,28 +176,37 @@ def test_replay_stock_graphs_cost_speculation_more_and_plain_decode_the_same():
     assert plain["stock"].total("makespan_s") == pytest.approx(plain["buckets"].total("makespan_s"))
 
 
-def test_das_graphs_pads_to_the_captured_width_when_eager_verifies_cost_more():
-    """``das-graphs`` (the worker's online CUDA-graph tiers, core.graph_tiers): scored with
-    a table like the first GPU kit run's (an eager verify ~35 ms at any width, a replayed
-    graph at the full width 4-11 ms), its policy pads the batch out to the captured width
-    and beats the same DAS on the same uniform engine planning with the linear model."""
-    from dataclasses import replace
-
+def test_replay_follows_the_worker_to_the_graph_width_when_eager_verifies_cost_more():
+    """Scored with a table like the first GPU kit run's (an eager verify ~35 ms at any
+    width, a replayed graph at the full width 4-11 ms): ``das-graphs`` (the worker on the
+    uniform layout, planning with the tiers it measures, core.graph_tiers) pads the batch
+    out to the captured width, and DAS on the ragged engine sends its steps to the graph
+    (the worker's ``prefer_graph``): both pay graph prices, not eager ones."""
     from das_sglang.core.cost_model import CostTable
     from das_sglang.replay.contenders import build_contenders
+    from das_sglang.replay.simulator import _Scorer, plan_with_graph_tiers
 
     rows = [(b, t, 0, 35.0) for b in (1, 8, 64, 256) for t in range(1, 18)]
     rows += [(b, 17, 1, 4.0 + 0.03 * b * 17 / 16) for b in (1, 8, 64, 256)]
     table = CostTable(rows, name="kit-like")
     rollouts = _rollouts(seed=3, problems=4, per_step=6, length=200)
-    das, graphs = build_contenders(["das", "das-graphs"], COST, engine="uniform",
+    das, graphs = build_contenders(["das", "das-graphs"], COST,
                                    drafter=DrafterConfig(max_budget=16, global_shard=False))
-    assert graphs.engine == "uniform" and graphs.graph_tiers
-    das = replace(das, engine="uniform")
-    res = replay(rollouts, [das, graphs], COST, "ragged", decode_steps=[1], score=table, graphs="stock")
-    plain, tiered = res
+    assert graphs.engine == "uniform" and das.engine is None
+    policy = graphs.make_policy()
+    plan_with_graph_tiers(policy, _Scorer(table, False, "stock", captured=16), 16)
+    assert policy.cost.graph_widths == (16,)
+    assert policy.cost.width_extra_s(4) - policy.cost.width_extra_s(16) > 0.025
+    ragged, tiered = replay(rollouts, [das, graphs], COST, "ragged", decode_steps=[1], score=table,
+                            graphs="stock")
     assert tiered.total("padded_tokens") > 0
-    assert tiered.total("makespan_s") < 0.5 * plain.total("makespan_s")
-    # the tiers are a no-op without a graph / eager split: same run as plain DAS
-    lin = replay(rollouts, [das, graphs], COST, "ragged", decode_steps=[1])
+    for r in (ragged, tiered):
+        assert r.total("makespan_s") / r.total("forward_passes") < 0.015  # graph, not 35 ms eager
+    # without a graph / eager split (a linear scorer) nothing changes: the same run as DAS
+    # on the uniform engine
+    from dataclasses import replace
+
+    (uniform,) = build_contenders(["das"], COST, engine="uniform",
+                                  drafter=DrafterConfig(max_budget=16, global_shard=False))
+    lin = replay(rollouts, [replace(uniform, engine="uniform"), graphs], COST, "ragged", decode_steps=[1])
     assert lin[0].total("makespan_s") == pytest.approx(lin[1].total("makespan_s"))

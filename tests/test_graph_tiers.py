@@ -119,3 +119,20 @@ def test_estimate_follows_a_changing_price_past_the_window():
         tiers.observe(16, 5, False, 0.010)
     assert tiers.samples == 6 + 15 + 40
     assert tiers.eager_extra_s() < first / 4
+
+
+def test_prefer_graph_over_a_ragged_eager_forward_by_the_measured_lines():
+    """Ragged layout: a step goes padded to the graph when the graph line at the padded
+    token count is below the eager line at the ragged one (the kit's prices: always, at
+    small batches); not beyond the captured batch sizes, not before both are measured."""
+    tiers = GraphTiers(GraphSpec(width=16, max_bs=256))
+    assert not tiers.prefer_graph(8, 8 * 3)
+    fed(tiers)
+    assert tiers.prefer_graph(8, 8 * 3)  # ~4.6 ms replay vs ~40 ms eager
+    assert not tiers.prefer_graph(300, 300 * 3)  # no graph captured for 300 rows
+    cheap = fed(GraphTiers(GraphSpec(width=16, max_bs=256)), eager_ms=2.0)
+    assert not cheap.prefer_graph(8, 8 * 3)
+    # ragged forwards report their own token count
+    t = GraphTiers(GraphSpec(width=16, max_bs=256), min_samples=1)
+    t.observe(4, 0, False, 0.01, tokens=13)
+    assert t.stats()["eager_samples"] == 1

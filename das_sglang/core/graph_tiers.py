@@ -18,6 +18,10 @@ picks the full, graph-replayed width when its padding is cheaper than an eager f
 Padding never changes what is accepted (padded rows are never linked), so the choice is
 pure cost, and lossless either way.
 
+On the ragged layout (per-request verify rows; SGLang replays no graph for them) the same
+estimates decide, step by step, whether the batch goes to the graph instead, every row
+padded to the full width (``prefer_graph``): the same trees, one cheaper forward.
+
 Until both kinds have been seen the tiers stay off (the linear model alone); a batch that
 has not replayed a graph for ``explore_every`` steps (an eighth of that until the graph
 line has ``min_samples``) is verified at the graph width once (``explore``), so the
@@ -69,12 +73,14 @@ class GraphTiers:
         self.explored = 0
 
     # ------------------------------------------------------------------ feeding
-    def observe(self, rows: int, width: int, graph: bool, seconds: float) -> None:
-        """One verify forward: ``rows`` requests at ``width`` draft tokens each, replayed as
-        a CUDA graph or not, taking ``seconds`` (launch to the first host sync after it)."""
+    def observe(self, rows: int, width: int, graph: bool, seconds: float,
+                tokens: int | None = None) -> None:
+        """One verify forward: ``rows`` requests at ``width`` draft tokens each (``tokens``
+        in all when the rows differ: a ragged verify), replayed as a CUDA graph or not,
+        taking ``seconds`` (launch to the first host sync after it)."""
         if rows <= 0 or not np.isfinite(seconds) or seconds <= 0.0:
             return
-        tokens = rows * (width + 1)
+        tokens = rows * (width + 1) if tokens is None else int(tokens)
         self._observed += 1
         if graph:
             self._graph.append((tokens, float(seconds)))
@@ -102,9 +108,12 @@ class GraphTiers:
     # ------------------------------------------------------------------ estimate
     def _graph_line(self) -> tuple[float, float] | None:
         """``seconds = a + b * tokens`` through the recent graph replays (b >= 0)."""
-        if len(self._graph) < self.min_samples:
+        return self._line(self._graph)
+
+    def _line(self, samples) -> tuple[float, float] | None:
+        if len(samples) < self.min_samples:
             return None
-        t, s = np.asarray(self._graph, dtype=np.float64).T
+        t, s = np.asarray(samples, dtype=np.float64).T
         if np.ptp(t) > 0:
             b, a = np.polyfit(t, s, 1)
             if b >= 0:
@@ -124,6 +133,18 @@ class GraphTiers:
             out = max(float(np.median(s - (line[0] + line[1] * t))), 0.0)
         self._cached = (key, out)
         return out
+
+    def prefer_graph(self, rows: int, eager_tokens: int) -> bool:
+        """Would a graph replay at the full width (``rows`` padded requests) be faster than
+        an eager forward over ``eager_tokens`` (a ragged verify's rows)? From the recent
+        forwards' lines; False until both kinds have ``min_samples``."""
+        if not self.spec.covers(rows):
+            return False
+        graph, eager = self._graph_line(), self._line(self._eager)
+        if graph is None or eager is None:
+            return False
+        full = rows * (self.spec.width + 1)
+        return graph[0] + graph[1] * full < eager[0] + eager[1] * eager_tokens
 
     def cost_model(self, base: CostModel) -> CostModel:
         """``base`` with this engine's tiers: the graph width at no extra, every other

@@ -134,7 +134,7 @@ def build_contenders(
                                        description="DAS drafter + the paper's closed-form budget"),
         "das-graphs": lambda: Contender(
             "das-graphs", _make_policy("length-aware", cost, True, k), _das_drafter(drafter), k,
-            engine="uniform", graph_tiers=True,
+            engine="uniform",
             description="DAS on the uniform verify, planning with the measured CUDA-graph tiers"),
         "das-global": lambda: Contender("das-global", pol("length-aware"), _das_drafter(drafter), k,
                                         shared_problem=True, description="ablation: one index for all problems"),

@@ -87,9 +87,6 @@ class Contender:
     description: str = ""
     # Decode on this engine whatever the run's (``das-graphs``: the uniform layout).
     engine: str | None = None
-    # Plan with the scorer's CUDA-graph tiers, as the worker's online ``GraphTiers``
-    # learns them on that engine (``plan_with_graph_tiers``).
-    graph_tiers: bool = False
 
 
 @dataclass
@@ -239,7 +236,12 @@ class _Scorer:
         if self.graphs == "stock" and self._mode is not None and self.captured is not None:
             rows = max(int(rows), 1)
             graph = width == self.captured and n_tokens == rows * (1 + width)  # every row full width
-            return float(self._mode(graph, rows, max(n_tokens, rows) / rows))
+            t = float(self._mode(graph, rows, max(n_tokens, rows) / rows))
+            if engine == "ragged" and not graph:
+                # The worker's ragged layout sends a step to the graph width instead when
+                # its measured replay is cheaper (core.graph_tiers.prefer_graph).
+                t = min(t, float(self._mode(True, rows, 1 + self.captured)))
+            return t
         if engine == "uniform" and self._step is not None:
             return float(self._step(rows, width, kv, host=False))
         if self._ragged is not None and width > 0:
@@ -257,7 +259,7 @@ def _group_by_step(rollouts: Sequence[Rollout]) -> dict[int, list[Rollout]]:
 def _replay_one(c: Contender, by_step, decode, cost, engine, on_progress) -> ContenderResult:
     drafter = c.make_drafter() if c.make_drafter is not None else None
     policy = c.make_policy()
-    if c.graph_tiers:
+    if engine == "uniform":  # as the worker on a uniform layout with CUDA graphs
         plan_with_graph_tiers(policy, cost, int(c.max_budget))
     total = sum(r.length for s in decode for r in by_step[s])
     done = 0

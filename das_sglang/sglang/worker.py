@@ -123,7 +123,9 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.stats["host"] = new_host_time()
         self._decode_exit: float | None = None  # when the last decode step returned
         self.graph_tiers: GraphTiers | None = None  # (set at the first decode step)
-        self._forward_start: float | None = None  # the uniform verify's launch time
+        self._tiers_plan = False  # the policy plans with graph_tiers' cost (uniform layout)
+        self._forward_start: float | None = None  # the verify's launch time
+        self._forward_tokens = 0  # and the tokens it submits
         self.session.worker_stats = self.stats  # read by the shard stats (scale-out)
         atexit.register(self.session.close)
         _log.info("DAS worker: %s", self.options)
@@ -167,10 +169,13 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             self.stats["budgets"] = self._budget_form()
             self._layout_confirmed = True
             self._init_graph_tiers()
-        if (self.layout == "ragged" and len(set(tree_lens(trees).tolist())) > 1
-                and not needs_uniform_rows(batch.sampling_info)):
-            return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors, t_in)
-        layout = self._prepare_verify(batch, trees, self._verify_width(trees, planned, bs))
+        graph = False
+        if self.layout == "ragged" and not needs_uniform_rows(batch.sampling_info):
+            lens = tree_lens(trees)
+            graph = self._graph_over_ragged(bs, lens)
+            if not graph and len(set(lens.tolist())) > 1:
+                return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors, t_in)
+        layout = self._prepare_verify(batch, trees, self._verify_width(trees, planned, bs, graph))
         add_plan(self.stats["host"], time.perf_counter() - t_in, bs)
         self.session.before_forward()
         self._forward_start = time.perf_counter()
@@ -202,7 +207,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         logits_output = result.logits_output
         self.stats["graph_steps"] += bool(result.can_run_cuda_graph)
         num_correct = self._cut_at_stops(batch.reqs, predict, accept_index, num_correct)
-        self._observe_forward(batch, result, predict)
+        self._observe_forward(batch, result, self._forward_tokens)
         accept_lens = num_correct + 1
         new_seq_lens = batch.seq_lens + accept_lens
         accept_tokens = predict[accept_index.clamp(min=0).long()]
@@ -268,34 +273,52 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             self.session.options = self.options
             if hasattr(policy, "config"):
                 policy.config = self.options.policy
-        spec = captured_verify_graphs(self.model_runner)
+        spec = self._captured_graphs()
         self.stats["graph_width"] = None if spec is None else spec.width
-        if (spec is None or self.layout != "uniform" or not hasattr(policy, "cost")
-                or cfg.cost_graph_widths or cfg.cost_eager_widths):
+        if spec is None:
             return
         if spec.width != self.options.max_nodes:
             _log.warning("DAS: SGLang captured verify graphs at %d draft tokens, the worker plans "
                          "up to %d: no graph tiers", spec.width, self.options.max_nodes)
             return
         self.graph_tiers = GraphTiers(spec)
-        self._base_cost = self._tiered_cost = policy.cost
-        self._tiers_seen = -1
+        # Uniform layout: the policy plans with the tiers (unless DAS_CONFIG set measured
+        # ones); ragged: each step goes ragged (eager) or padded to the graph, by the times.
+        self._tiers_plan = (self.layout == "uniform" and hasattr(policy, "cost")
+                            and not (cfg.cost_graph_widths or cfg.cost_eager_widths))
+        if self._tiers_plan:
+            self._base_cost = self._tiered_cost = policy.cost
+            self._tiers_seen = -1
         _log.info("DAS: SGLang replays verify graphs at %d draft tokens for batches <= %d; "
-                  "eager verifies are timed to price the other widths", spec.width, spec.max_bs)
+                  "eager verifies are timed to price the other widths (%s layout)",
+                  spec.width, spec.max_bs, self.layout)
 
-    def _verify_width(self, trees, planned: int, bs: int) -> int:
+    def _captured_graphs(self) -> GraphSpec | None:
+        return captured_verify_graphs(self.model_runner)
+
+    def _graph_over_ragged(self, bs: int, lens) -> bool:
+        """Ragged layout: verify this step padded to the graph width instead of at its
+        trees' own sizes (ragged, or uniform narrower: eager either way) -- a replay
+        measured cheaper, or an exploring step? The same trees either way: lossless."""
+        tiers = self.graph_tiers
+        if tiers is None or bool((lens == tiers.spec.width).all()):
+            return False
+        return tiers.prefer_graph(bs, int(lens.sum()) + bs) or tiers.explore(bs)
+
+    def _verify_width(self, trees, planned: int, bs: int, graph: bool = False) -> int:
         """The uniform verify's draft width: the widest tree, or the policy's planned
         width when it is a graph width (the padding buys the replay), or the graph width
-        for an exploring step (``GraphTiers.explore``)."""
+        (``graph``: chosen over a ragged verify; or an exploring step, ``GraphTiers.explore``)."""
         width = int(tree_lens(trees).max(initial=0))
         cost = getattr(self.session.policy, "cost", None)
         if planned > width and cost is not None and cost.is_graph_width(planned):
             width = planned
         tiers = self.graph_tiers
         if tiers is not None:
-            if width != tiers.spec.width and tiers.explore(bs):
+            if graph or (width != tiers.spec.width and self.layout == "uniform" and tiers.explore(bs)):
                 width = tiers.spec.width
-            self._set_tiers_cost(bs)
+            if self._tiers_plan:
+                self._set_tiers_cost(bs)
         return width
 
     def _set_tiers_cost(self, bs: int) -> None:
@@ -308,17 +331,16 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             self._tiered_cost = tiers.cost_model(self._base_cost)
         self.session.policy.cost = self._tiered_cost if tiers.spec.covers(bs) else self._base_cost
 
-    def _observe_forward(self, batch, result, predict) -> None:
-        """Feed the verify's seconds (launch to the host sync after the tree walk) to the
-        tiers; uniform verifies only (ragged ones never replay a stock graph)."""
+    def _observe_forward(self, batch, result, tokens: int) -> None:
+        """Feed the verify's seconds (launch to the host sync after the tree walk) and its
+        ``tokens`` to the tiers."""
         t0, self._forward_start = self._forward_start, None
-        if self.graph_tiers is None or t0 is None:
+        if self.graph_tiers is None or t0 is None or not batch.reqs:
             return
-        n = batch.spec_info.draft_token_num if batch.spec_info is not None else 0
-        if n >= 1:
-            self.graph_tiers.observe(len(batch.reqs), n - 1, bool(result.can_run_cuda_graph),
-                                     time.perf_counter() - t0)
-            self.stats["graph_tiers"] = self.graph_tiers.stats()
+        bs = len(batch.reqs)
+        self.graph_tiers.observe(bs, max(tokens // bs - 1, 0), bool(result.can_run_cuda_graph),
+                                 time.perf_counter() - t0, tokens=tokens)
+        self.stats["graph_tiers"] = self.graph_tiers.stats()
 
     def _prepare_verify(self, batch, trees, width: int | None = None):
         """Drafts -> uniform TARGET_VERIFY batch (tokens, KV slots, mask, positions,
@@ -346,6 +368,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         )
         self.stats["verify_steps"] += 1
         self.stats["verify_tokens"] += bs * n
+        self._forward_tokens = bs * n
         return layout
 
     def _budget_form(self) -> str:
@@ -399,8 +422,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.stats["verify_steps"] += 1
         self.stats["ragged_steps"] += 1
         self.stats["verify_tokens"] += rl.total
+        self._forward_tokens = rl.total
         add_plan(self.stats["host"], time.perf_counter() - t_in, len(batch.reqs))
         self.session.before_forward()
+        self._forward_start = time.perf_counter()
         result = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
         )

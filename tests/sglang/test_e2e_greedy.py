@@ -174,6 +174,30 @@ def test_uniform_verifies_padded_to_a_graph_width_are_identical(tiny_model, refe
     assert accept_length(got["grpo-step2"][1]) > 1.5
 
 
+def test_ragged_steps_sent_to_the_graph_width_are_identical(tiny_model, reference, tmp_path):
+    """A worker that believes SGLang captured verify graphs (the DAS_FAKE_GRAPHS double):
+    its graph tiers explore, verifying some steps padded to the full width instead of
+    ragged -- what a GPU does when the replay is cheaper. Still token-identical."""
+    from das_test_doubles import FAKE_GRAPHS
+
+    batches = [b for b in workload() if b[0].startswith("grpo")]
+    stats_path = tmp_path / "stats.json"
+    env = {"DAS_CONFIG": json.dumps({"server": {"stats_path": str(stats_path)}})}
+    with launch(tiny_model, FAKE_GRAPHS, env=env) as engine:
+        got = run(engine, batches)
+    for label, _, _ in batches:
+        assert mismatches(reference[label][0], got[label][0]) == 0, label
+    stats = json.loads(stats_path.read_text())
+    tiers = stats["graph_tiers"]
+    print(f"worker counters: {stats}")
+    assert stats["layout"] == "ragged" and stats["graph_width"] == 7
+    assert tiers["explored_steps"] > 0 and stats["ragged_steps"] > 0
+    # nothing replays on the CPU: every verify was timed as an eager one
+    assert tiers["graph_samples"] == 0 and tiers["eager_samples"] > 0
+    assert tiers["eager_extra_ms"] is None
+    assert accept_length(got["grpo-step2"][1]) > 1.5
+
+
 def test_negative_control_corrupted_tree_mask_breaks_identity(tiny_model, reference):
     batches = [b for b in workload() if b[0].startswith("grpo")]
     from das_test_doubles import CORRUPT_MASK  # the test plugin's wrong worker

@@ -15,6 +15,11 @@ and scheduler processes discover it. Production code carries no test switch.
 - ``DAS_TP_RECORD``: the production worker, recording every accept decision of its
   tensor-parallel rank to ``$DAS_TEST_TP_RECORD_DIR/rank<r>.jsonl`` (the TP test compares
   the ranks).
+- ``DAS_FAKE_GRAPHS``: the production worker told that SGLang captured verify CUDA graphs
+  at its full width for batches up to 32 (``_captured_graphs``). On the CPU nothing
+  replays, so its graph tiers only explore: now and then a ragged step is verified padded
+  to the full width instead -- the path a GPU takes when the graph is the cheaper one --
+  and the outputs must not change.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 GREEDY_ACCEPT = "DAS_GREEDY_ACCEPT"
 CORRUPT_MASK = "DAS_CORRUPT_MASK"
 TP_RECORD = "DAS_TP_RECORD"
+FAKE_GRAPHS = "DAS_FAKE_GRAPHS"
 
 
 def register() -> None:
@@ -32,7 +38,7 @@ def register() -> None:
 
     from das_sglang.sglang.spec import register_das
 
-    for name in (GREEDY_ACCEPT, CORRUPT_MASK, TP_RECORD):
+    for name in (GREEDY_ACCEPT, CORRUPT_MASK, TP_RECORD, FAKE_GRAPHS):
         if get_spec(name) is None:
             register_das(name, worker_class=_worker_factory(name))
 
@@ -43,6 +49,7 @@ def _worker_factory(name: str):
 
         return {GREEDY_ACCEPT: workers.GreedyAcceptWorker,
                 CORRUPT_MASK: workers.CorruptMaskWorker,
-                TP_RECORD: workers.TpRecordWorker}[name]
+                TP_RECORD: workers.TpRecordWorker,
+                FAKE_GRAPHS: workers.FakeGraphsWorker}[name]
 
     return worker_class

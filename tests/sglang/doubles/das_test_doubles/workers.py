@@ -67,3 +67,12 @@ class TpRecordWorker(DasWorker):
     def _log(self, record: dict) -> None:
         with open(self._record, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class FakeGraphsWorker(DasWorker):
+    """Told that SGLang captured verify graphs at the full width (batches <= 32)."""
+
+    def _captured_graphs(self):
+        from das_sglang.core.graph_tiers import GraphSpec
+
+        return GraphSpec(width=self.options.max_nodes, max_bs=32)
