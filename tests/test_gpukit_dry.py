@@ -55,6 +55,8 @@ def test_greedy_identity_and_sampled_check(kit):
     # the worker's own counters for the stage: every verify, none a CUDA graph on the CPU
     worker = das["worker"]
     assert worker["verify_steps"] > 0 and worker["graph_steps"] == 0
+    # no captured graphs on the CPU: no graph tiers to estimate (a GPU run reads both)
+    assert worker["graph_width"] is None and worker["graph_tiers"] is None
     assert worker["host"]["plan_ms_per_step"] > 0
     assert isinstance(summary["sampled_ok"], bool) and summary["sampled"]["pvalues"]
     assert summary["sampled"]["distributions_match"]

@@ -571,8 +571,9 @@ def _read_json(path: Path | None) -> dict | None:
 
 def worker_stats_delta(after: dict | None, before: dict | None) -> dict | None:
     """What the DAS worker counted during one stage: verify forwards, how many SGLang
-    replayed as a CUDA graph and how many were ragged, and DAS's host ms per step
-    (``das_sglang.sglang.host_time``: plan + verify inputs, feedback, SGLang's gap)."""
+    replayed as a CUDA graph and how many were ragged, DAS's host ms per step
+    (``das_sglang.sglang.host_time``: plan + verify inputs, feedback, SGLang's gap), and
+    its CUDA-graph tier estimate at the end of the stage."""
     if after is None:
         return None
     from das_sglang.sglang import host_time
@@ -582,7 +583,10 @@ def worker_stats_delta(after: dict | None, before: dict | None) -> dict | None:
               for k in ("verify_steps", "graph_steps", "ragged_steps", "verify_tokens",
                         "proposed", "accepted")}
     host = host_time.delta(after.get("host", {}), before.get("host", {}))
-    return {**counts, "host": host_time.summary(host) if host else None}
+    # (the worker's graph-tier estimate at the stage's end: graph / eager samples, the
+    # measured eager extra, exploring steps; core/graph_tiers.py)
+    return {**counts, "host": host_time.summary(host) if host else None,
+            "graph_width": after.get("graph_width"), "graph_tiers": after.get("graph_tiers")}
 
 
 def _tail(path: Path, lines: int = 25) -> str:
