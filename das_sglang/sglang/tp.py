@@ -9,7 +9,9 @@ differ in the last bit and sampling kernels are not bitwise reproducible, which 
 make ranks accept different drafts, commit different text and then desynchronise the
 collective forward passes. So the target tokens are decided once, on TP rank 0, and
 broadcast (:meth:`TpGroup.agree`); every rank then walks the same trees with the same
-targets and takes the same accept decision. Only TP rank 0 writes history snapshots
+targets and takes the same accept decision. The verify's measured seconds, from which the
+worker's CUDA-graph tiers choose verify widths, are rank 0's too (:meth:`TpGroup.agree_value`).
+Only TP rank 0 writes history snapshots
 (:attr:`TpGroup.is_writer`); every rank loads them.
 """
 
@@ -36,6 +38,18 @@ class TpGroup:
         if self.size > 1:
             torch.distributed.broadcast(tokens, src=self.src, group=self.group)
         return tokens
+
+    def agree_value(self, value: float, device="cpu") -> float:
+        """TP rank 0's ``value`` on every rank (``value`` itself without TP). For host
+        inputs that differ per rank by nature -- the verify forward's measured seconds
+        that the CUDA-graph tiers (core/graph_tiers.py) decide widths from: decided on
+        one rank, or the ranks would submit different verify shapes to one collective
+        forward."""
+        if self.size <= 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.broadcast(t, src=self.src, group=self.group)
+        return float(t.item())
 
 
 SINGLE = TpGroup(rank=0, size=1, src=0)

@@ -338,8 +338,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         if self.graph_tiers is None or t0 is None or not batch.reqs:
             return
         bs = len(batch.reqs)
+        # (rank 0's time on every TP rank: the widths planned from it must agree)
+        seconds = self.tp.agree_value(time.perf_counter() - t0, self.device)
         self.graph_tiers.observe(bs, max(tokens // bs - 1, 0), bool(result.can_run_cuda_graph),
-                                 time.perf_counter() - t0, tokens=tokens)
+                                 seconds, tokens=tokens)
         self.stats["graph_tiers"] = self.graph_tiers.stats()
 
     def _prepare_verify(self, batch, trees, width: int | None = None):

@@ -53,6 +53,14 @@ def test_ranks_agree_on_every_accept_decision(ranks):
     assert accepted > 0  # the trees really branch into accept decisions
 
 
+def test_ranks_take_rank0s_measured_seconds(ranks):
+    """The CUDA-graph tiers choose verify widths from measured forward times, which
+    differ per rank: every rank reads rank 0's (TpGroup.agree_value)."""
+    expected = [0.010 + 0.001 * i for i in range(3)]
+    for r in ranks:
+        assert r["seconds"] == pytest.approx(expected)
+
+
 def test_negative_control_without_the_broadcast_ranks_disagree(ranks):
     assert ranks[0]["control"]["decisions"] != ranks[1]["control"]["decisions"]
 
