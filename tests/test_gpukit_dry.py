@@ -33,7 +33,8 @@ def test_run_writes_few_files_and_every_stage_succeeds(kit):
     out, proc = kit
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} <= {
-        "summary.json", "cost_table.csv", "coefficients.json", "details.tgz"}
+        "summary.json", "cost_table.csv", "coefficients.json", "decode_table.csv",
+        "score_table.csv", "details.tgz"}
     assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files
     summary = json.loads((out / "summary.json").read_text())
     failed = {k: v.get("error", v.get("stages")) for k, v in summary["stages"].items()
@@ -72,6 +73,26 @@ def test_cost_table_covers_the_grid_and_is_fitted(kit):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["fit"]["ok"], summary["stages"]["fit"]
     assert "cost_c_tok_us" in summary["coefficients"]["policy"]
+
+
+def test_plain_decode_rows_join_the_verify_table_for_replay(kit):
+    """The no-speculation engine's decode step per batch (decode_table.csv) and the
+    table `das replay --score` reads: the verify rows plus those (its `none` baseline)."""
+    from das_sglang.core.cost_model import CostTable
+
+    out, _ = kit
+    with open(out / "decode_table.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["batch", "tokens_per_request", "cuda_graph", "ms"]
+    assert [(int(b), int(t), int(g)) for b, t, g, _ in rows[1:]] == [(1, 1, 0), (2, 1, 0), (4, 1, 0)]
+    assert all(float(ms) > 0 for *_, ms in rows[1:])
+    summary = json.loads((out / "summary.json").read_text())
+    score = CostTable.from_csv(summary["score_table"])
+    with open(out / "cost_table.csv", newline="") as f:
+        verify_rows = len(list(csv.reader(f))) - 1
+    with open(summary["score_table"], newline="") as f:
+        assert len(list(csv.reader(f))) - 1 == verify_rows + 3
+    assert score.forward_time(2) > 0
 
 
 def test_end_to_end_tokens_per_second_per_mode(kit):

@@ -65,6 +65,7 @@ class Plan:
     e2e_new_tokens: int
     max_running: int
     draft_tokens: int  # --speculative-num-draft-tokens (>= max cost width)
+    decode_tokens: tuple  # (short, long) decode lengths of the plain-decode step timing
     # role -> (speculative algorithm, engine dtype, stages, seconds), run in this order:
     # the correctness roles first, so a short run still answers the first questions.
     roles: dict = field(default_factory=dict)
@@ -80,7 +81,7 @@ PLANS = {
         cost_batches=[1, 2, 4, 8, 16, 32, 64, 128, 256], cost_widths=list(range(1, 18)),
         cost_warmup=2, cost_repeats=5,
         e2e_prompts=32, e2e_n=8, e2e_steps=3, e2e_new_tokens=256,
-        max_running=256, draft_tokens=17,
+        max_running=256, draft_tokens=17, decode_tokens=(16, 80),
         roles={
             # Boxes from the first H200 run (2026-12-04): an engine starts in ~50 s
             # (weights, JIT and Triton kernels, decode CUDA graphs for 9 batch sizes);
@@ -97,7 +98,8 @@ PLANS = {
             # DAS_COST_PROBE decodes exactly like DAS when no request arms the probe, so
             # its engine serves the DAS end-to-end run too (one engine start less).
             "probe16": ("DAS_COST_PROBE", "bfloat16", ["cost", "e2e"], 190),
-            "none16": (None, "bfloat16", ["e2e"], 90),
+            # (decode: ~2 x 9 batch sizes x 96 steps of a replayed graph, ~15 s)
+            "none16": (None, "bfloat16", ["decode", "e2e"], 110),
             "ngram16": ("NGRAM", "bfloat16", ["e2e"], 100),
         },
         e2e_modes={"none16": "none", "probe16": "das", "ngram16": "ngram"},
@@ -107,12 +109,12 @@ PLANS = {
         sampled_samples=32, sampled_warmup=8, sampled_new_tokens=6, sampled_min_accepted=0.0,
         cost_batches=[1, 2, 4], cost_widths=[1, 2, 5], cost_warmup=1, cost_repeats=2,
         e2e_prompts=2, e2e_n=2, e2e_steps=2, e2e_new_tokens=8,
-        max_running=16, draft_tokens=5,
+        max_running=16, draft_tokens=5, decode_tokens=(2, 6),
         # The CPU computes in float32 whatever the dtype, so the dry run folds the GPU's
         # five engines into two (engine starts dominate a CPU run): the same stage code,
         # with NGRAM's end-to-end left to `--roles` (its C++ corpus compiles for ~40 s).
         roles={
-            "none32": (None, "float32", ["greedy", "sampled", "e2e"], 240),
+            "none32": (None, "float32", ["greedy", "sampled", "decode", "e2e"], 240),
             "das32": ("DAS_COST_PROBE", "float32", ["greedy", "sampled", "cost", "e2e"], 300),
             "ngram16": ("NGRAM", "float32", ["e2e"], 300),
         },
@@ -285,6 +287,35 @@ def stage_cost(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
             "batches_not_reached": missing, "table": str(table)}
 
 
+def stage_decode(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
+    """Plain decode step times of a no-speculation engine, per batch size: ``B`` requests
+    decoding ``decode_tokens[0]`` and then ``decode_tokens[1]`` tokens (greedy, ignore_eos),
+    the step time the slope between the two runs (prefill and scheduling start-up cancel).
+    Rows ``(B, 1, cuda_graph, ms)`` into ``decode_table.csv``: a no-speculation engine
+    replays SGLang's decode graphs (captured for every cost batch on the GPU), so
+    ``das replay`` can charge its ``none`` baseline from measurement -- the verify table
+    of a speculative engine has no plain-decode rows."""
+    short, long_ = plan.decode_tokens
+    graph = int(on_gpu())
+    rows = []
+    for b in plan.cost_batches:
+        prompts = random_prompts(b, vocab, seed=200 + b, lo=32, hi=32)
+        seconds = []
+        for n in (short, long_, short, long_):  # (the first pair warms the batch shape up)
+            t0 = time.perf_counter()
+            generate(engine, prompts, {"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True})
+            seconds.append(time.perf_counter() - t0)
+        ms = max((seconds[3] - seconds[2]) / (long_ - short), 1e-7) * 1e3
+        rows.append((b, 1, graph, ms))
+    table = out / "decode_table.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(COST_HEADER)
+        for r in rows:
+            w.writerow([r[0], r[1], r[2], f"{r[3]:.4f}"])
+    return {"rows": len(rows), "table": str(table), "ms": {str(r[0]): r[3] for r in rows}}
+
+
 def stage_e2e(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
     from das_sglang.rollout import Prompt, Sampling, run_step
     from das_sglang.sglang.cpu.tiny_model import _corpus
@@ -304,7 +335,8 @@ def stage_e2e(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
             "steps": steps}
 
 
-STAGES = {"greedy": stage_greedy, "sampled": stage_sampled, "cost": stage_cost, "e2e": stage_e2e}
+STAGES = {"greedy": stage_greedy, "sampled": stage_sampled, "cost": stage_cost,
+          "decode": stage_decode, "e2e": stage_e2e}
 
 
 def spec_counts(metas) -> dict:
@@ -529,6 +561,14 @@ def combine(out: Path, summary: dict) -> None:
         summary["sampled"] = verdict.as_dict()
         summary["sampled_ok"] = verdict.ok
     table = out / "cost_table.csv"
+    decode = out / "decode_table.csv"
+    if table.exists() and decode.exists():
+        # What `das replay --score` reads: the speculative engine's verify rows plus the
+        # plain engine's decode rows (its `none` baseline); the fit reads the verify rows.
+        score = out / "score_table.csv"
+        lines = table.read_text().splitlines() + decode.read_text().splitlines()[1:]
+        score.write_text("\n".join(lines) + "\n")
+        summary["score_table"] = str(score)
     if table.exists():
         summary["cost_table"] = str(table)
         summary["stages"]["fit"] = fit(table, out / "coefficients.json")

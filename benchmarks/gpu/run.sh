@@ -56,6 +56,6 @@ left=$(( ${GPUKIT_BUDGET_S:-575} - ($(date +%s) - start) ))
 rc=$?
 # Few files back: keep summary, table and coefficients; pack the rest.
 (cd "$out" && ls | grep -v -e '^summary.json$' -e '^cost_table.csv$' -e '^coefficients.json$' \
-   -e '^details.tgz$' > .pack && [ -s .pack ] && tar czf details.tgz -T .pack && xargs rm -rf < .pack; rm -f .pack)
+   -e '^decode_table.csv$' -e '^score_table.csv$' -e '^details.tgz$' > .pack && [ -s .pack ] && tar czf details.tgz -T .pack && xargs rm -rf < .pack; rm -f .pack)
 echo "== kit done in $(( $(date +%s) - start )) s (rc $rc); results in $out"
 exit $rc
