@@ -136,3 +136,11 @@ def test_prefer_graph_over_a_ragged_eager_forward_by_the_measured_lines():
     t = GraphTiers(GraphSpec(width=16, max_bs=256), min_samples=1)
     t.observe(4, 0, False, 0.01, tokens=13)
     assert t.stats()["eager_samples"] == 1
+
+
+def test_eager_forwards_beyond_the_captured_batches_are_not_compared():
+    tiers = GraphTiers(GraphSpec(width=16, max_bs=64), min_samples=1)
+    tiers.observe(128, 4, False, 0.5)
+    assert tiers.stats()["eager_samples"] == 0
+    tiers.observe(64, 4, False, 0.05)
+    assert tiers.stats()["eager_samples"] == 1

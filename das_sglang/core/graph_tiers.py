@@ -85,10 +85,11 @@ class GraphTiers:
         if graph:
             self._graph.append((tokens, float(seconds)))
             self._since_graph = 0
-        else:
+        elif self.spec.covers(rows):
+            # (only batches a graph could have served: the eager price compared with the
+            # graph line where both exist, not extrapolated past the captured batches)
             self._eager.append((tokens, float(seconds)))
-            if self.spec.covers(rows):
-                self._since_graph += 1
+            self._since_graph += 1
 
     def explore(self, rows: int) -> bool:
         """Verify this step at the graph width regardless of the plan (a measurement)?"""
