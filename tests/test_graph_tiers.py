@@ -144,3 +144,18 @@ def test_eager_forwards_beyond_the_captured_batches_are_not_compared():
     assert tiers.stats()["eager_samples"] == 0
     tiers.observe(64, 4, False, 0.05)
     assert tiers.stats()["eager_samples"] == 1
+
+
+def test_compile_spikes_are_left_out_and_the_eager_price_is_re_measured():
+    tiers = fed(GraphTiers(GraphSpec(width=16, max_bs=256), explore_every=4))
+    extra = tiers.eager_extra_s()
+    tiers.observe(16, 5, False, 3.0)  # a first-time kernel compile: 3 s
+    assert tiers.eager_extra_s() == extra and tiers.stats()["spikes"] == 1
+    # the graph is always chosen: after explore_every replays, one step plans eagerly
+    seen = []
+    for _ in range(8):
+        tiers.observe(16, 16, True, 0.005)
+        seen.append(tiers.explore_eager(16))
+    assert seen == [False, False, False, True, False, False, False, True]
+    assert not tiers.explore_eager(300)  # (no graph for such a batch: nothing to compare)
+    assert tiers.stats()["explored_eager_steps"] == 2

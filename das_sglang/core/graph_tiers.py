@@ -24,8 +24,10 @@ padded to the full width (``prefer_graph``): the same trees, one cheaper forward
 
 Until both kinds have been seen the tiers stay off (the linear model alone); a batch that
 has not replayed a graph for ``explore_every`` steps (an eighth of that until the graph
-line has ``min_samples``) is verified at the graph width once (``explore``), so the
-estimate can start, and can recover when prices change.
+line has ``min_samples``) is verified at the graph width once (``explore``), and after as
+many graph replays in a row one step is planned without the tiers (``explore_eager``), so
+the estimate can start, and follows prices that change. Forwards 20x their kind's median
+(first-time kernel compiles) are left out.
 Pure Python + numpy: no torch, no SGLang.
 """
 
@@ -37,6 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from das_sglang.core.cost_model import CostModel
+
+
+# A forward taking this many times its kind's median is not a price (a first-time Triton
+# compile, an allocator stall): left out of the estimate.
+SPIKE = 20.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class GraphTiers:
     """Online estimate of the eager forward's extra cost over a graph replay."""
 
     def __init__(self, spec: GraphSpec, min_samples: int = 4, window: int = 256,
-                 explore_every: int = 64) -> None:
+                 explore_every: int = 64, spike: float | None = SPIKE) -> None:
         if spec.width < 0 or spec.max_bs < 0:
             raise ValueError(f"invalid GraphSpec {spec!r}: width and max_bs must be >= 0")
         if min_samples < 1 or window < min_samples or explore_every < 1:
@@ -63,14 +70,18 @@ class GraphTiers:
                 f"invalid GraphTiers min_samples={min_samples!r}, window={window!r}, "
                 f"explore_every={explore_every!r}: need 1 <= min_samples <= window, explore_every >= 1")
         self.spec = spec
+        self.spike = spike  # None: keep every sample (a table's exact times)
         self.min_samples = min_samples
         self.explore_every = explore_every
         self._graph: deque = deque(maxlen=window)  # (tokens, seconds)
         self._eager: deque = deque(maxlen=window)
         self._since_graph = 0  # graph-coverable steps since the last graph replay
+        self._since_eager = 0  # graph replays since the last graph-coverable eager step
         self._cached: tuple[int, float | None] | None = None
         self._observed = 0
         self.explored = 0
+        self.explored_eager = 0
+        self.spikes = 0
 
     # ------------------------------------------------------------------ feeding
     def observe(self, rows: int, width: int, graph: bool, seconds: float,
@@ -81,15 +92,22 @@ class GraphTiers:
         if rows <= 0 or not np.isfinite(seconds) or seconds <= 0.0:
             return
         tokens = rows * (width + 1) if tokens is None else int(tokens)
+        if not graph and not self.spec.covers(rows):
+            return  # (the eager price is compared with the graph line only where a graph
+            #          could have served the batch, not extrapolated past the captured ones)
+        kind = self._graph if graph else self._eager
+        if (self.spike is not None and len(kind) >= self.min_samples
+                and seconds > self.spike * float(np.median([x[1] for x in kind]))):
+            self.spikes += 1  # a first-time kernel compile or a stall, not a price
+            return
         self._observed += 1
+        kind.append((tokens, float(seconds)))
         if graph:
-            self._graph.append((tokens, float(seconds)))
             self._since_graph = 0
-        elif self.spec.covers(rows):
-            # (only batches a graph could have served: the eager price compared with the
-            # graph line where both exist, not extrapolated past the captured batches)
-            self._eager.append((tokens, float(seconds)))
+            self._since_eager += 1
+        else:
             self._since_graph += 1
+            self._since_eager = 0
 
     def explore(self, rows: int) -> bool:
         """Verify this step at the graph width regardless of the plan (a measurement)?"""
@@ -99,6 +117,17 @@ class GraphTiers:
             return False
         self._since_graph = 0
         self.explored += 1
+        return True
+
+    def explore_eager(self, rows: int) -> bool:
+        """Plan this step without the tiers (the policy's own width, eager unless it is the
+        graph width) after ``explore_every`` graph replays in a row, so the eager price
+        stays measured while the graph is always chosen (it may have been overestimated,
+        or may drop)."""
+        if not self.spec.covers(rows) or self._since_eager < self.explore_every:
+            return False
+        self._since_eager = 0
+        self.explored_eager += 1
         return True
 
     @property
@@ -163,4 +192,5 @@ class GraphTiers:
                 "graph_samples": len(self._graph), "eager_samples": len(self._eager),
                 "eager_extra_ms": None if extra is None else extra * 1e3,
                 "graph_ms_per_token": None if line is None else line[1] * 1e3,
-                "explored_steps": self.explored}
+                "explored_steps": self.explored, "explored_eager_steps": self.explored_eager,
+                "spikes": self.spikes}

@@ -191,7 +191,7 @@ def plan_with_graph_tiers(policy, scorer: "_Scorer", width: int, batches=(1, 2, 
     if scorer.graphs != "stock" or scorer._mode is None or not hasattr(policy, "cost") or width < 1:
         return
     tiers = GraphTiers(GraphSpec(width=width, max_bs=max(batches)), min_samples=1,
-                       window=len(batches) * (width + 1))
+                       window=len(batches) * (width + 1), spike=None)
     for rows in batches:
         for w in range(width + 1):
             tiers.observe(rows, w, w == width,

@@ -303,7 +303,9 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         tiers = self.graph_tiers
         if tiers is None or bool((lens == tiers.spec.width).all()):
             return False
-        return tiers.prefer_graph(bs, int(lens.sum()) + bs) or tiers.explore(bs)
+        if tiers.prefer_graph(bs, int(lens.sum()) + bs):
+            return not tiers.explore_eager(bs)  # (now and then ragged: its price measured)
+        return tiers.explore(bs)
 
     def _verify_width(self, trees, planned: int, bs: int, graph: bool = False) -> int:
         """The uniform verify's draft width: the widest tree, or the policy's planned
@@ -329,7 +331,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         if seen != self._tiers_seen and seen % 8 == 0:
             self._tiers_seen = seen
             self._tiered_cost = tiers.cost_model(self._base_cost)
-        self.session.policy.cost = self._tiered_cost if tiers.spec.covers(bs) else self._base_cost
+        use = tiers.spec.covers(bs) and not tiers.explore_eager(bs)  # (one plan without)
+        self.session.policy.cost = self._tiered_cost if use else self._base_cost
 
     def _observe_forward(self, batch, result, tokens: int) -> None:
         """Feed the verify's seconds (launch to the host sync after the tree walk) and its
