@@ -73,6 +73,11 @@ def test_cost_table_covers_the_grid_and_is_fitted(kit):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["fit"]["ok"], summary["stages"]["fit"]
     assert "cost_c_tok_us" in summary["coefficients"]["policy"]
+    # the probe's forwards (3 batches x 3 widths x (1 warm-up + 2 timed)) are counted as
+    # such, not as the engine's verifies
+    worker = summary["stages"]["das32"]["stages"]["cost"]["worker"]
+    assert worker["probe_forwards"] == 27
+    assert worker["verify_steps"] < 27
 
 
 def test_plain_decode_rows_join_the_verify_table_for_replay(kit):

@@ -621,7 +621,7 @@ def worker_stats_delta(after: dict | None, before: dict | None) -> dict | None:
     before = before or {}
     counts = {k: after.get(k, 0) - before.get(k, 0)
               for k in ("verify_steps", "graph_steps", "ragged_steps", "verify_tokens",
-                        "proposed", "accepted")}
+                        "proposed", "accepted", "probe_forwards")}
     host = host_time.delta(after.get("host", {}), before.get("host", {}))
     # (the worker's graph-tier estimate at the stage's end: graph / eager samples, the
     # measured eager extra, exploring steps; core/graph_tiers.py)

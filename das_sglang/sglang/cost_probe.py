@@ -52,6 +52,11 @@ class CostProbeWorker(DasWorker):
     def _probe(self, batch, cfg, pp_proxy_tensors) -> None:
         saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info)
         plan = self.session.plan
+        # (the probe's forwards are not the engine's verifies: its counters stay those of
+        # the real decode steps -- the first GPU table's 1,098 "verify steps" were 1,071
+        # probe forwards and 27 verifies)
+        counted = {k: self.stats[k] for k in ("verify_steps", "verify_tokens")}
+        forwards = 0
         rows, error = [], None
         try:
             for n in cfg["widths"]:
@@ -68,6 +73,7 @@ class CostProbeWorker(DasWorker):
                     result = self.target_worker.forward_batch_generation(
                         batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True)
                     _sync(self.device)
+                    forwards += 1
                     if i >= cfg["warmup"]:
                         times.append((time.perf_counter() - start) * 1e3)
                         graph = bool(result.can_run_cuda_graph)
@@ -81,6 +87,8 @@ class CostProbeWorker(DasWorker):
         finally:
             self.session.plan = plan
             (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.spec_info) = saved
+            self.stats.update(counted)
+            self.stats["probe_forwards"] = self.stats.get("probe_forwards", 0) + forwards
         _write_json(Path(cfg["out"]) / f"probe_b{cfg['batch']}.json",
                     {"batch": len(batch.reqs), "rows": rows, "error": error})
 
