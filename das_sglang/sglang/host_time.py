@@ -1,11 +1,14 @@
 """Host time per decode step, as the worker measures it (its stats' ``"host"`` entry).
 
-Three clocks, all on the scheduler thread:
+Four clocks, all on the scheduler thread:
 
 - ``plan``: from the worker's entry to the verify forward's launch -- DAS's drafting, the
   policy's plan and the verify inputs (what DAS adds before every forward);
 - ``feedback``: the session's ``committed_batch`` after the verify (the accepted tokens
   to the drafter and policy);
+- ``verify``: from the verify forward's launch to the first host sync after its tree walk
+  -- the forward's device time plus the walk (not host work of DAS's: the clock that tells
+  a slow forward from slow host code, and what the CUDA-graph tiers are measured from);
 - ``engine_gap``: from one decode step's return to the next decode step's entry, with no
   prefill in between -- SGLang's own work between two forwards (result processing,
   output streaming, scheduling the next batch). Not DAS's cost: the window in which the
@@ -16,7 +19,8 @@ Three clocks, all on the scheduler thread:
 
 Kept as running sums and maxima (the stats file is rewritten every step, so nothing here
 grows with the run): ``steps``, ``rows`` (requests over those steps), ``plan_ms``,
-``plan_max_ms``, ``feedback_ms``, ``feedback_max_ms``, ``engine_gap_steps``,
+``plan_max_ms``, ``feedback_ms``, ``feedback_max_ms``, ``verify_ms``, ``verify_max_ms``,
+``engine_gap_steps``,
 ``engine_gap_rows``, ``engine_gap_ms``, ``engine_gap_max_ms``. On a GPU the verify's
 device work is asynchronous: ``plan`` ends at the launch and ``feedback`` starts after the
 accepted tokens reached the host, so neither includes device time.
@@ -27,7 +31,8 @@ from __future__ import annotations
 
 def new_host_time() -> dict:
     return {"steps": 0, "rows": 0, "plan_ms": 0.0, "plan_max_ms": 0.0, "feedback_ms": 0.0,
-            "feedback_max_ms": 0.0, "engine_gap_steps": 0, "engine_gap_rows": 0,
+            "feedback_max_ms": 0.0, "verify_ms": 0.0, "verify_max_ms": 0.0,
+            "engine_gap_steps": 0, "engine_gap_rows": 0,
             "engine_gap_ms": 0.0, "engine_gap_max_ms": 0.0}
 
 
@@ -47,6 +52,12 @@ def add_feedback(host: dict, seconds: float) -> None:
     _add(host, "feedback", seconds)
 
 
+def add_verify(host: dict, seconds: float) -> None:
+    host.setdefault("verify_ms", 0.0)
+    host.setdefault("verify_max_ms", 0.0)
+    _add(host, "verify", seconds)
+
+
 def add_engine_gap(host: dict, seconds: float, rows: int) -> None:
     host["engine_gap_steps"] += 1
     host["engine_gap_rows"] += rows
@@ -59,6 +70,7 @@ def summary(host: dict) -> dict:
     return {
         "plan_ms_per_step": host["plan_ms"] / steps if steps else None,
         "feedback_ms_per_step": host["feedback_ms"] / steps if steps else None,
+        "verify_ms_per_step": host.get("verify_ms", 0.0) / steps if steps else None,
         "rows_per_step": host["rows"] / steps if steps else None,
         "engine_gap_ms_per_step": host["engine_gap_ms"] / gaps if gaps else None,
         "engine_gap_us_per_row": (host["engine_gap_ms"] * 1e3 / host["engine_gap_rows"]

@@ -66,10 +66,12 @@ class ServerConfig:
                       its counters (verify steps, of them ragged (``ragged_steps``) and
                       replayed as a CUDA graph (``graph_steps``), verify tokens submitted
                       to the target,
-                      draft tokens proposed and accepted, layout, budget form, and
-                      ``host``: DAS's plan and feedback ms and SGLang's own ms between
-                      two decode steps, ``sglang/host_time.py``); None = off. For
-                      benchmarks and debugging.
+                      draft tokens proposed and accepted, layout, budget form,
+                      ``host``: DAS's plan and feedback ms, the verify's forward + tree
+                      walk ms and SGLang's own ms between two decode steps,
+                      ``sglang/host_time.py``; and the captured verify graph's width and
+                      the measured CUDA-graph tiers, ``graph_width`` / ``graph_tiers``,
+                      ``core/graph_tiers.py``); None = off. For benchmarks and debugging.
     async_updates     history updates (the drafter's batch extend, GIL-free), the length
                       index rebuild and snapshot writes run off the scheduler thread; reads
                       wait for pending updates first (True, default). False: all inline.

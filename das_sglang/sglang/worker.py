@@ -39,7 +39,9 @@ from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcac
 from das_sglang.core.drafter import TokenRows
 from das_sglang.core.graph_tiers import GraphSpec, GraphTiers
 from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cut
-from das_sglang.sglang.host_time import add_engine_gap, add_feedback, add_plan, new_host_time
+from das_sglang.sglang.host_time import (
+    add_engine_gap, add_feedback, add_plan, add_verify, new_host_time,
+)
 from das_sglang.sglang.options import GRAPH_BUCKETS, for_layout, load_options
 from das_sglang.sglang.ragged import (
     DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
@@ -335,14 +337,18 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.session.policy.cost = self._tiered_cost if use else self._base_cost
 
     def _observe_forward(self, batch, result, tokens: int) -> None:
-        """Feed the verify's seconds (launch to the host sync after the tree walk) and its
-        ``tokens`` to the tiers."""
+        """The verify's seconds (launch to the host sync after the tree walk): into the
+        host stats' ``verify`` clock, and with its ``tokens`` to the tiers."""
         t0, self._forward_start = self._forward_start, None
-        if self.graph_tiers is None or t0 is None or not batch.reqs:
+        if t0 is None or not batch.reqs:
+            return
+        seconds = time.perf_counter() - t0
+        add_verify(self.stats["host"], seconds)
+        if self.graph_tiers is None:
             return
         bs = len(batch.reqs)
         # (rank 0's time on every TP rank: the widths planned from it must agree)
-        seconds = self.tp.agree_value(time.perf_counter() - t0, self.device)
+        seconds = self.tp.agree_value(seconds, self.device)
         self.graph_tiers.observe(bs, max(tokens // bs - 1, 0), bool(result.can_run_cuda_graph),
                                  seconds, tokens=tokens)
         self.stats["graph_tiers"] = self.graph_tiers.stats()

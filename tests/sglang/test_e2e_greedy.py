@@ -133,6 +133,8 @@ class TestGreedyIdentity:
         # every verify step was planned (the stats are rewritten after each feedback)
         assert host["steps"] == json.loads(das_stats.read_text())["verify_steps"]
         assert host["rows"] >= host["steps"] and host["plan_ms"] > 0 and host["feedback_ms"] > 0
+        # every verify's forward + tree walk timed (ragged and uniform steps alike)
+        assert host["verify_ms"] > 0 and host["verify_max_ms"] * host["steps"] >= host["verify_ms"]
         assert host["plan_max_ms"] * host["steps"] >= host["plan_ms"]
         # consecutive decode steps of one batch: SGLang's time between them was measured;
         # a step after a prefill is not a gap (fewer gaps than steps)

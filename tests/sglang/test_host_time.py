@@ -3,7 +3,7 @@
 import pytest
 
 from das_sglang.sglang.host_time import (
-    add_engine_gap, add_feedback, add_plan, delta, new_host_time, summary,
+    add_engine_gap, add_feedback, add_plan, add_verify, delta, new_host_time, summary,
 )
 
 
@@ -14,12 +14,16 @@ def test_sums_maxima_and_means():
     add_feedback(h, 0.001)
     add_feedback(h, 0.003)
     add_engine_gap(h, 0.010, 32)
+    add_verify(h, 0.020)
+    add_verify(h, 0.040)
     assert h["steps"] == 2 and h["rows"] == 64
+    assert h["verify_max_ms"] == pytest.approx(40.0)
     assert h["plan_ms"] == pytest.approx(6.0) and h["plan_max_ms"] == pytest.approx(4.0)
     assert h["feedback_max_ms"] == pytest.approx(3.0)
     s = summary(h)
     assert s["plan_ms_per_step"] == pytest.approx(3.0)
     assert s["feedback_ms_per_step"] == pytest.approx(2.0)
+    assert s["verify_ms_per_step"] == pytest.approx(30.0)
     assert s["engine_gap_ms_per_step"] == pytest.approx(10.0)
     assert s["engine_gap_us_per_row"] == pytest.approx(10_000 / 32)
 
