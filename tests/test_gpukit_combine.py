@@ -55,3 +55,21 @@ def test_top2_gap_reads_sglang_top_logprobs():
     meta = {"output_top_logprobs": [[(-0.1, 7, None), (-2.6, 3, None)],
                                     [(-1.0, 2, None), (-1.0, 9, None)], None]}
     assert kit.top2_gaps(meta) == [2.5, 0.0, None]
+
+
+def test_a_stage_cut_short_gives_a_verdict_on_the_rounds_both_engines_finished(tmp_path):
+    """Greedy results are written after every round: when DAS's time box ended after 1 of
+    2 rounds, the verdict covers the first round's requests and says how many were planned."""
+    kit = _gpukit()
+    ref = [[1, 2], [3, 4], [5, 6], [7, 8]]  # 2 rounds x 2 prompts
+    das = [[1, 2], [3, 9]]  # round 0 only, one mismatch
+    (tmp_path / "greedy_none32.json").write_text(json.dumps(ref))
+    (tmp_path / "greedy_das32.json").write_text(json.dumps(das))
+    summary = {"plan": "gpu", "stages": {}, "tokens_per_s": {}}
+    kit.combine(tmp_path, summary)
+    assert summary["greedy_requests"] == 2 and summary["greedy_mismatches"] == 1
+    assert summary["greedy_requests_planned"] == 240
+    (tmp_path / "greedy_das32.json").write_text(json.dumps([]))
+    fresh = {"plan": "gpu", "stages": {}, "tokens_per_s": {}}
+    kit.combine(tmp_path, fresh)
+    assert "greedy_mismatches" not in fresh  # nothing to compare: no verdict, not "0"

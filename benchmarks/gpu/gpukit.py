@@ -225,9 +225,11 @@ def stage_greedy(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
         metas += [o["meta_info"] for o in got]
         if reference:
             gaps += [top2_gaps(o["meta_info"]) for o in got]
-    (out / f"greedy_{role}.json").write_text(json.dumps(outputs))
-    if reference:
-        (out / f"greedy_{role}_gaps.json").write_text(json.dumps(gaps))
+        # Written after every round: an engine whose time box ends mid-stage still leaves
+        # its finished rounds, and the verdict covers the rounds both engines finished.
+        if reference:
+            _atomic_write(out / f"greedy_{role}_gaps.json", gaps)
+        _atomic_write(out / f"greedy_{role}.json", outputs)
     return {"requests": len(outputs), "round_seconds": round_s, **spec_counts(metas)}
 
 
@@ -533,10 +535,15 @@ def combine(out: Path, summary: dict) -> None:
     a, b = out / f"greedy_{plan.reference}.json", out / f"greedy_{plan.speculative}.json"
     if a.exists() and b.exists():
         ref, got = json.loads(a.read_text()), json.loads(b.read_text())
-        if len(ref) == len(got):
+        # (whole rounds, in the same order: a time box may have ended either engine's stage
+        # after some rounds; the verdict covers those both finished, and says so)
+        common = min(len(ref), len(got))
+        if common:
+            ref, got = ref[:common], got[:common]
             bad = [i for i, (x, y) in enumerate(zip(ref, got)) if x != y]
             summary["greedy_mismatches"] = len(bad)
-            summary["greedy_requests"] = len(ref)
+            summary["greedy_requests"] = common
+            summary["greedy_requests_planned"] = plan.greedy_prompts * plan.greedy_rounds
             gaps_file = out / f"greedy_{plan.reference}_gaps.json"
             gaps = json.loads(gaps_file.read_text()) if gaps_file.exists() else None
             firsts, unexplained = [], 0
