@@ -261,10 +261,12 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         Stock SGLang captures TARGET_VERIFY graphs at the full width only
         (``captured_req_width`` tokens per request, batches up to ``max_bs``). Unless
         ``DAS_CONFIG`` set measured tiers (``cost_graph_widths`` / ``cost_eager_*``), the
-        worker times its own verifies and hands the policy the measured eager extra, so
-        it plans the full, graph-replayed width when that is cheaper. Without captured
-        graphs (CPU, ``--disable-cuda-graph``, the ragged layout) every verify is eager:
-        no tiers, and no padding to bucket widths that nothing replays."""
+        worker times its own verifies: on the uniform layout it hands the policy the
+        measured eager extra, so it plans the full, graph-replayed width when that is
+        cheaper; on the ragged layout (whose verifies never replay a stock graph) each
+        step goes ragged or padded to the graph, whichever the times say is cheaper.
+        Without captured graphs (CPU, ``--disable-cuda-graph``) every verify is eager: no
+        tiers, and no padding to bucket widths that nothing replays."""
         self.graph_tiers = None
         policy = self.session.policy
         cfg = self.options.policy
