@@ -33,7 +33,6 @@ Pure Python + numpy: no torch, no SGLang.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +57,49 @@ class GraphSpec:
         return 0 < rows <= self.max_bs
 
 
+class _Samples:
+    """The latest ``size`` (tokens, seconds) forwards of one kind, kept as two numpy ring
+    buffers (fits and medians do not depend on the order), and its ``a + b * tokens`` line
+    computed once per new sample (the worker reads it every step: a fit per read was
+    ~100 us of the scheduler thread's time)."""
+
+    def __init__(self, size: int) -> None:
+        self.t = np.empty(size, dtype=np.float64)
+        self.s = np.empty(size, dtype=np.float64)
+        self.n = self.pos = self.version = 0
+        self._line_at, self._line = -1, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, tokens: float, seconds: float) -> None:
+        self.t[self.pos], self.s[self.pos] = tokens, seconds
+        self.pos = (self.pos + 1) % len(self.t)
+        self.n = min(self.n + 1, len(self.t))
+        self.version += 1
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.t[: self.n], self.s[: self.n]
+
+    def line(self, min_samples: int) -> tuple[float, float] | None:
+        """Least-squares ``seconds = a + b * tokens`` (b >= 0; the median with b = 0 where the
+        samples share one token count or the slope comes out negative); None below
+        ``min_samples``."""
+        if self._line_at != self.version:
+            self._line_at, self._line = self.version, None
+            if self.n >= min_samples:
+                t, s = self.arrays()
+                dt = t - t.mean()
+                var = float(dt @ dt)
+                if var > 0:
+                    b = float(dt @ (s - s.mean())) / var
+                    if b >= 0:
+                        self._line = (float(s.mean()) - b * float(t.mean()), b)
+                if self._line is None:
+                    self._line = (float(np.median(s)), 0.0)
+        return self._line
+
+
 class GraphTiers:
     """Online estimate of the eager forward's extra cost over a graph replay."""
 
@@ -73,11 +115,11 @@ class GraphTiers:
         self.spike = spike  # None: keep every sample (a table's exact times)
         self.min_samples = min_samples
         self.explore_every = explore_every
-        self._graph: deque = deque(maxlen=window)  # (tokens, seconds)
-        self._eager: deque = deque(maxlen=window)
+        self._graph = _Samples(window)
+        self._eager = _Samples(window)
         self._since_graph = 0  # graph-coverable steps since the last graph replay
         self._since_eager = 0  # graph replays since the last graph-coverable eager step
-        self._cached: tuple[int, float | None] | None = None
+        self._cached: tuple[tuple[int, int], float | None] | None = None
         self._observed = 0
         self.explored = 0
         self.explored_eager = 0
@@ -97,11 +139,11 @@ class GraphTiers:
             #          could have served the batch, not extrapolated past the captured ones)
         kind = self._graph if graph else self._eager
         if (self.spike is not None and len(kind) >= self.min_samples
-                and seconds > self.spike * float(np.median([x[1] for x in kind]))):
+                and seconds > self.spike * float(np.median(kind.arrays()[1]))):
             self.spikes += 1  # a first-time kernel compile or a stall, not a price
             return
         self._observed += 1
-        kind.append((tokens, float(seconds)))
+        kind.append(tokens, float(seconds))
         if graph:
             self._since_graph = 0
             self._since_eager += 1
@@ -138,28 +180,18 @@ class GraphTiers:
     # ------------------------------------------------------------------ estimate
     def _graph_line(self) -> tuple[float, float] | None:
         """``seconds = a + b * tokens`` through the recent graph replays (b >= 0)."""
-        return self._line(self._graph)
-
-    def _line(self, samples) -> tuple[float, float] | None:
-        if len(samples) < self.min_samples:
-            return None
-        t, s = np.asarray(samples, dtype=np.float64).T
-        if np.ptp(t) > 0:
-            b, a = np.polyfit(t, s, 1)
-            if b >= 0:
-                return float(a), float(b)
-        return float(np.median(s)), 0.0
+        return self._graph.line(self.min_samples)
 
     def eager_extra_s(self) -> float | None:
         """Median excess of the recent eager forwards over the graph line at their token
         count (>= 0); None until both kinds have ``min_samples``."""
-        key = self._observed
+        key = (self._graph.version, self._eager.version)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         line = self._graph_line()
         out = None
         if line is not None and len(self._eager) >= self.min_samples:
-            t, s = np.asarray(self._eager, dtype=np.float64).T
+            t, s = self._eager.arrays()
             out = max(float(np.median(s - (line[0] + line[1] * t))), 0.0)
         self._cached = (key, out)
         return out
@@ -170,7 +202,7 @@ class GraphTiers:
         forwards' lines; False until both kinds have ``min_samples``."""
         if not self.spec.covers(rows):
             return False
-        graph, eager = self._graph_line(), self._line(self._eager)
+        graph, eager = self._graph_line(), self._eager.line(self.min_samples)
         if graph is None or eager is None:
             return False
         full = rows * (self.spec.width + 1)
