@@ -132,6 +132,9 @@ class DasOptions:
     # policy.uniform_width was not configured: the worker sets it from its verify layout
     # (for_layout): per-request budgets where it verifies ragged, one padded width elsewhere.
     width_from_layout: bool = False
+    # policy.width_buckets was not configured: GRAPH_BUCKETS until the worker knows which
+    # widths its engine replays as CUDA graphs (for_engine_graphs).
+    buckets_from_engine: bool = False
 
 
 _SECTIONS = {"drafter": DrafterConfig, "policy": PolicyConfig, "server": ServerConfig}
@@ -159,11 +162,13 @@ def load_options(num_draft_tokens: int | None, raw: str | None = None) -> DasOpt
     if auto_width:
         # Until the worker knows its verify layout (for_layout): the padded layout's pricing.
         policy = replace(policy, uniform_width=True)
-    if "width_buckets" not in sections.get("policy", {}):
-        # CUDA graphs are captured per width: the worker verifies only bucket widths.
+    auto_buckets = "width_buckets" not in sections.get("policy", {})
+    if auto_buckets:
+        # A graph per bucket width assumed until the worker knows its engine's graphs
+        # (for_engine_graphs); sessions without a worker (benchmarks) keep them.
         policy = replace(policy, width_buckets=GRAPH_BUCKETS)
     return DasOptions(drafter=drafter, policy=policy, server=built["server"], max_nodes=max_nodes,
-                      width_from_layout=auto_width)
+                      width_from_layout=auto_width, buckets_from_engine=auto_buckets)
 
 
 def for_layout(options: DasOptions, layout: str) -> DasOptions:
@@ -179,6 +184,17 @@ def for_layout(options: DasOptions, layout: str) -> DasOptions:
     if layout not in ("ragged", "uniform"):
         raise ValueError(f"invalid verify layout {layout!r}: choose ragged or uniform")
     return replace(options, policy=replace(options.policy, uniform_width=layout == "uniform"))
+
+
+def for_engine_graphs(options: DasOptions) -> DasOptions:
+    """``options`` for a worker on stock SGLang, which captures verify graphs at one width
+    (the full one) or none: unless ``policy.width_buckets`` was configured, no buckets --
+    a bucket-padded verify narrower than the full width runs eagerly anyway, so its padding
+    would only add rows (the full width is priced by the CUDA-graph tiers instead)."""
+    if not options.buckets_from_engine:
+        return options
+    return replace(options, policy=replace(options.policy, width_buckets=None),
+                   buckets_from_engine=False)
 
 
 def parse_config(text: str) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import logging
 import time
-from dataclasses import replace
 
 import torch
 from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
@@ -42,7 +41,7 @@ from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cu
 from das_sglang.sglang.host_time import (
     add_engine_gap, add_feedback, add_plan, add_verify, new_host_time,
 )
-from das_sglang.sglang.options import GRAPH_BUCKETS, for_layout, load_options
+from das_sglang.sglang.options import for_engine_graphs, for_layout, load_options
 from das_sglang.sglang.ragged import (
     DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
     verify_backend_name, walk_ragged,
@@ -163,10 +162,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         if not self._layout_confirmed:  # the attention backends exist from here on
             layout = confirm_layout(self.layout, self.model_runner.attn_backend)
             if layout != self.layout:  # padded after all: plan (and pay) one batch width
-                self.options = for_layout(self.options, layout)
-                self.session.options = self.options
-                if hasattr(self.session.policy, "config"):
-                    self.session.policy.config = self.options.policy
+                self._set_options(for_layout(self.options, layout))
             self.layout = self.stats["layout"] = layout
             self.stats["budgets"] = self._budget_form()
             self._layout_confirmed = True
@@ -253,6 +249,12 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             self._register(req)
         return self.session.plan([req.rid for req in batch.reqs], self.options.max_nodes)
 
+    def _set_options(self, options) -> None:
+        """New options for the worker, its session and the session's policy."""
+        self.options = self.session.options = options
+        if hasattr(self.session.policy, "config"):
+            self.session.policy.config = options.policy
+
     # ------------------------------------------------------------- CUDA-graph widths
     def _init_graph_tiers(self) -> None:
         """Which verify widths SGLang replays as CUDA graphs here, and what an eager
@@ -270,13 +272,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.graph_tiers = None
         policy = self.session.policy
         cfg = self.options.policy
-        if cfg.width_buckets == GRAPH_BUCKETS:
-            # (the default buckets assumed a graph at every bucket width: stock SGLang has
-            # one, so a bucket-padded eager verify would only add rows)
-            self.options = replace(self.options, policy=replace(cfg, width_buckets=None))
-            self.session.options = self.options
-            if hasattr(policy, "config"):
-                policy.config = self.options.policy
+        self._set_options(for_engine_graphs(self.options))
         spec = self._captured_graphs()
         self.stats["graph_width"] = None if spec is None else spec.width
         if spec is None:

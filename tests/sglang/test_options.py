@@ -76,3 +76,20 @@ def test_engine_start_fails_fast_on_bad_das_config(tiny_model, monkeypatch):
     with pytest.raises(ValueError, match=r"drafter\.\['window'\]"):
         sglang.Engine(model_path=tiny_model, speculative_algorithm="DAS",
                       disable_overlap_schedule=True, **cpu.ENGINE_KWARGS)
+
+
+def test_engine_graphs_drop_only_default_buckets():
+    """Stock SGLang replays one verify width: the worker drops the default buckets
+    (for_engine_graphs), but keeps buckets a user configured, even equal to the default."""
+    import json
+
+    from das_sglang.sglang.options import GRAPH_BUCKETS, for_engine_graphs, load_options
+
+    default = load_options(17)
+    assert default.buckets_from_engine and default.policy.width_buckets == GRAPH_BUCKETS
+    dropped = for_engine_graphs(default)
+    assert dropped.policy.width_buckets is None and not dropped.buckets_from_engine
+    assert for_engine_graphs(dropped) is dropped
+    mine = load_options(17, json.dumps({"policy": {"width_buckets": list(GRAPH_BUCKETS)}}))
+    assert not mine.buckets_from_engine
+    assert for_engine_graphs(mine).policy.width_buckets == GRAPH_BUCKETS
