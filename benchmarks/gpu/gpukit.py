@@ -277,16 +277,22 @@ def stage_cost(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
             if got.get("error"):
                 errors.append(f"batch {b}: {got['error']}")
     table = out / "cost_table.csv"
-    with open(table, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(COST_HEADER)
-        for r in sorted(rows, key=lambda r: (r["cuda_graph"], r["tokens_per_request"], r["batch"])):
-            w.writerow([r["batch"], r["tokens_per_request"], r["cuda_graph"], f"{r['ms']:.4f}"])
+    _write_table(table, sorted(((r["batch"], r["tokens_per_request"], r["cuda_graph"], r["ms"])
+                                for r in rows), key=lambda r: (r[2], r[1], r[0])))
     if errors or not rows:
         raise RuntimeError(f"cost probe: {len(rows)} rows; errors {errors}; "
                            f"batches never reached {missing}")
     return {"rows": len(rows), "graph_rows": sum(r["cuda_graph"] for r in rows),
             "batches_not_reached": missing, "table": str(table)}
+
+
+def _write_table(path: Path, rows) -> None:
+    """A cost table CSV (``COST_HEADER``) of ``(batch, tokens_per_request, cuda_graph, ms)``."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(COST_HEADER)
+        for b, t, g, ms in rows:
+            w.writerow([b, t, g, f"{ms:.4f}"])
 
 
 def stage_decode(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
@@ -310,11 +316,7 @@ def stage_decode(engine, plan: Plan, vocab: int, out: Path, role: str) -> dict:
         ms = max((seconds[3] - seconds[2]) / (long_ - short), 1e-7) * 1e3
         rows.append((b, 1, graph, ms))
     table = out / "decode_table.csv"
-    with open(table, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(COST_HEADER)
-        for r in rows:
-            w.writerow([r[0], r[1], r[2], f"{r[3]:.4f}"])
+    _write_table(table, rows)
     return {"rows": len(rows), "table": str(table), "ms": {str(r[0]): r[3] for r in rows}}
 
 

@@ -53,8 +53,6 @@ def add_feedback(host: dict, seconds: float) -> None:
 
 
 def add_verify(host: dict, seconds: float) -> None:
-    host.setdefault("verify_ms", 0.0)
-    host.setdefault("verify_max_ms", 0.0)
     _add(host, "verify", seconds)
 
 
@@ -70,7 +68,7 @@ def summary(host: dict) -> dict:
     return {
         "plan_ms_per_step": host["plan_ms"] / steps if steps else None,
         "feedback_ms_per_step": host["feedback_ms"] / steps if steps else None,
-        "verify_ms_per_step": host.get("verify_ms", 0.0) / steps if steps else None,
+        "verify_ms_per_step": host["verify_ms"] / steps if steps else None,
         "rows_per_step": host["rows"] / steps if steps else None,
         "engine_gap_ms_per_step": host["engine_gap_ms"] / gaps if gaps else None,
         "engine_gap_us_per_row": (host["engine_gap_ms"] * 1e3 / host["engine_gap_rows"]
