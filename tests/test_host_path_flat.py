@@ -118,6 +118,50 @@ def test_predrafted_trees_are_reused_only_while_exact():
     assert d._predrafted is None
 
 
+def test_predrafted_trees_with_placeholders_in_place_and_moved():
+    """A plan with deferred starts (``skip``) over pre-drafted rows: the finished rows'
+    places taken by new requests (placeholders, empty trees) and the other rows reused --
+    found in place without a search, or moved (another order) -- and a row whose index
+    changed drafted again; every tree equals drafting afresh with the placeholders empty."""
+    d, rids, rng = _drafter(5, requests=120)
+    d.predraft(rids, 16)
+    for moved in (False, True):
+        batch = list(rids)
+        batch[7], batch[50] = "new_a", "new_b"  # (r7, r50 finished; their rows re-used)
+        if moved:
+            batch = batch[::-1]
+        skip = {"new_a", "new_b"}
+        for change in (False, True):
+            d.predraft(rids, 16)
+            if change:  # one problem's index changes: its rows are drafted again
+                grow = [r for r in rids if d._live[r].problem_id == "p3"]
+                d.extend_batch(grow, [rng.integers(0, 12, 2) for _ in grow])
+            drafted = []
+            native = d._draft_flat
+            d._draft_flat = lambda idx, *a: drafted.append(len(idx)) or native(idx, *a)
+            got = d.speculate_flat(batch, 16, skip=skip)
+            del d._draft_flat
+            assert len(got) == len(batch)
+            hole = [i for i, r in enumerate(batch) if r in skip]
+            assert all(got.lens()[i] == 0 and got.match_len[i] == 0 for i in hole)
+            keep = [i for i, r in enumerate(batch) if r not in skip]
+            _same_batch(got.take(np.array(keep)), _fresh_drafts(d, [batch[i] for i in keep], 16))
+            n_p3 = sum(d._live[batch[i]].problem_id == "p3" for i in keep)
+            assert drafted == ([n_p3] if change else []) and n_p3 > 0
+
+
+def test_take_rows_makes_minus_one_rows_empty():
+    d, rids, _ = _drafter(6, requests=20)
+    out = d.speculate_flat(rids, 16)
+    rows = np.array([3, -1, 0, 3, -1, 19])
+    got = out.take_rows(rows)
+    assert got.lens().tolist() == [out.lens()[3], 0, out.lens()[0], out.lens()[3], 0, out.lens()[19]]
+    assert sum(got.lens()) > 0
+    assert np.asarray(got.match_len)[[1, 4]].tolist() == [0, 0]
+    _same_batch(got.take(np.array([0, 2, 3, 5])), out.take(np.array([3, 0, 3, 19])))
+    _same_batch(out.take_rows(np.array([2, 1])), out.take(np.array([2, 1])))
+
+
 @pytest.mark.parametrize("lazy", [True, False])
 def test_first_plan_after_a_boundary_reuses_the_trees_from_before_it(lazy):
     """Across a step boundary the pre-drafted trees (made under the previous step's weights)
@@ -735,3 +779,68 @@ def test_rows_memo_outlives_other_requests_ends_not_its_own():
     lives, idx, seq_ids = d._rows(list(batch))
     assert seq_ids is not memo_rows[2] and lives[3] is d._live["r3"] and lives[3].problem_id == "p5"
     assert seq_ids[3] == d._live["r3"].seq_id != memo_rows[2][3]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_native_select_equals_numpy_take_truncate(seed):
+    """DraftBatch.take / take_rows / truncate natively (native.draft_select) give the numpy
+    reference's arrays (dtypes included), for any rows (repeats, -1 holes) and budgets
+    (per row, a scalar, negative, past the tree), and a truncate that cuts nothing returns
+    the batch itself either way."""
+    d, rids, rng = _drafter(seed, requests=60)
+    out = d.speculate_flat(rids, rng.integers(0, 17, 60))
+    assert out._native_ok() and sum(out.lens()) > 200
+    cases = [("take", rng.integers(0, 60, 90)), ("take", np.zeros(0, np.int64)),
+             ("take_rows", np.where(rng.random(70) < 0.2, -1, rng.integers(0, 60, 70))),
+             ("truncate", rng.integers(-2, 20, 60)), ("truncate", 3), ("truncate", np.full(60, 99))]
+    for name, arg in cases:
+        DraftBatch.NATIVE = True
+        try:
+            got = getattr(out, name)(arg)
+        finally:
+            DraftBatch.NATIVE = False
+        try:
+            want = getattr(out, name)(arg)
+        finally:
+            DraftBatch.NATIVE = True
+        _same_batch(got, want)
+        for f in ("tokens", "parents", "probs", "depths", "offsets"):
+            assert getattr(got, f).dtype == getattr(want, f).dtype, (name, f)
+        assert np.asarray(got.match_len).dtype == np.asarray(want.match_len).dtype
+        if name == "truncate" and not isinstance(arg, int) and (arg >= 17).all():
+            assert got is out and want is out
+    with pytest.raises(ValueError, match="rows"):
+        out.take_rows(np.array([0, 60]))
+
+
+def test_native_from_padded_equals_numpy_and_bad_rows_are_named():
+    """TokenRows.from_padded natively (native.padded_rows, int64 and int32 arrays) gives the
+    numpy reference's rows; a bad length or token id falls back to the numpy path, whose
+    error names it."""
+    from das_sglang.core.drafter import TokenRows
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.int64, np.int32):
+        tokens = rng.integers(0, 150_000, (64, 17)).astype(dtype)
+        lens = rng.integers(0, 18, 64)
+        got = TokenRows.from_padded(tokens, lens)
+        TokenRows.NATIVE = False
+        try:
+            want = TokenRows.from_padded(tokens, lens)
+        finally:
+            TokenRows.NATIVE = True
+        assert got.flat.dtype == want.flat.dtype == np.int32 and got.offsets.dtype == np.int64
+        np.testing.assert_array_equal(got.flat, want.flat)
+        np.testing.assert_array_equal(got.offsets, want.offsets)
+        np.testing.assert_array_equal(got.lens(), want.lens())
+        assert [r.tolist() for r in got] == [list(t[:k]) for t, k in zip(tokens.tolist(), lens)]
+    tokens = np.ones((3, 4), np.int64)
+    with pytest.raises(ValueError, match="invalid length 5 in row 1"):
+        TokenRows.from_padded(tokens, [1, 5, 0])
+    tokens[2, 1] = -7
+    with pytest.raises(ValueError, match="invalid token id -7 in row 2"):
+        TokenRows.from_padded(tokens, [1, 4, 2])
+    tokens[2, 1] = 2**31
+    with pytest.raises(ValueError, match="invalid token id 2147483648 in row 2"):
+        TokenRows.from_padded(tokens, [1, 4, 2])
+    assert TokenRows.from_padded(tokens, [1, 4, 1]).flat.tolist() == [1, 1, 1, 1, 1, 1]

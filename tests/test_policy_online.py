@@ -443,6 +443,72 @@ def test_native_online_outcomes_are_numpys_bit_for_bit(seed):
     assert added > 0  # (outcomes did land in the cells)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_native_online_update_over_decode_steps_is_numpys(seed):
+    """The batch's update in one native call (``online_update``) over the per-step pattern:
+    plans of the very same rows (the same ``req_ids`` list: decode steps, the states kept as
+    an array), then a step where rows finish and start (the per-request dict read and
+    written), with outcomes every step; numpy row by row (NATIVE_ADD off) is the reference:
+    the same budgets, cells, row states and per-request states, bit for bit."""
+    rng = np.random.default_rng(200 + seed)
+    cfg = PolicyConfig(max_budget=8, curve_mode="online", outcome_halflife=float(rng.choice([0, 50])))
+    native, ref = make_policy("length-aware", config=cfg), make_policy("length-aware", config=cfg)
+    ref._outcomes.NATIVE_ADD = False
+    rows = _random_flat_rows(rng, 48, 16)
+    rows.generated = rows.generated.copy()
+    changed_rows = 0
+    for k in range(12):
+        plans = [p.plan(rows).budgets for p in (native, ref)]
+        assert np.array_equal(plans[0], plans[1])
+        if k % 4 == 3:  # a few finish, new ones start: other rows (the dict path)
+            nxt = _random_flat_rows(rng, len(rows), 16, prefix=f"n{k}_")
+            keep = rng.random(len(rows)) < 0.8
+            nxt.req_ids = [r if kept else f"n{k}_{i}" for i, (r, kept) in enumerate(zip(rows.req_ids, keep))]
+            nxt.generated = np.where(keep, rows.generated + rng.integers(1, 10, len(rows)), 0).astype(np.int64)
+            rows = nxt
+        else:  # a decode step: the same list, every row advanced by what it "accepted"
+            acc = rng.integers(0, cfg.max_budget + 2, len(rows))
+            rows = type(rows)(rows.req_ids, rows.problem_ids, rows.generated + acc + 1, rows.max_new,
+                              rows.prompt_len, rows.drafts)
+        for p in (native, ref):
+            p.settle_plan()
+            p._outcomes.update(rows)
+        a, b = native._outcomes, ref._outcomes
+        assert a._cells.tobytes() == b._cells.tobytes()
+        assert a._row_states[1].tolist() == b._row_states[1].tolist()
+        assert a._state == b._state
+        changed_rows += int((a._row_states[1] > 0).sum())
+        for p in (native, ref):  # (the plan reads the outcomes again: nothing pending twice)
+            p._outcomes._pending = {}
+    assert changed_rows > 0 and native._outcomes._cells[..., 1].sum() > 0
+
+
+def test_native_online_update_refuses_bad_input_naming_it():
+    from das_sglang.native import online_update
+
+    cells = np.zeros((3, 2, 4, 2))
+    args = dict(cells=cells, decay=1.0, at=None, generated=np.array([5], np.int64), states=np.array([1], np.int64),
+                pend_budget=np.array([3], np.int64), pend_generated=np.array([2], np.int64),
+                pend_match=np.array([1], np.int64), pend_nodes=np.array([[0.5, 0.25, 0.125]]),
+                pend_bins=np.array([[0, 1, 2]], np.int64), bin_before=np.array([0, 1, 2, 4], np.int64),
+                bin_size=np.array([1, 1, 2, 4], np.int64))
+    before = cells.copy()
+    with pytest.raises(ValueError, match=r"invalid at\[0\]=1"):
+        online_update(**{**args, "at": np.array([1], np.int64)})
+    with pytest.raises(ValueError, match="state 3"):
+        online_update(**{**args, "states": np.array([3], np.int64)})
+    with pytest.raises(ValueError, match="depth bin 4"):
+        online_update(**{**args, "pend_bins": np.array([[0, 1, 4]], np.int64)})
+    with pytest.raises(ValueError, match="decay"):
+        online_update(**{**args, "decay": 0.0})
+    assert cells.tobytes() == before.tobytes()  # (nothing changed on bad input)
+    new, added = online_update(**args)
+    assert new.tolist() == [3] and added == 1  # (online_add's worked example)
+    assert cells[1, 1, :, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    new, added = online_update(**{**args, "at": np.array([-1], np.int64)})
+    assert new.tolist() == [1] and added == 0
+
+
 def test_native_online_outcomes_refuse_bad_input_naming_it():
     """``online_add`` checks what it indexes with and changes nothing on bad input."""
     from das_sglang.native import online_add
@@ -510,3 +576,15 @@ def test_same_rows_again_keep_their_states_in_an_array_with_the_dicts_results():
             gen[r] += int(rng.integers(1, 4))
     assert fast_paths > 20 and fast._rows_dirty
     assert fast._state == slow._state and not fast._rows_dirty
+
+
+def test_match_bin_table_is_the_log2_rule():
+    """match_bin (a table lookup) is floor(log2(max(m, 1))) capped at the last bin, for
+    unknown (-1), small and long matches, any integer dtype, scalars included."""
+    m = np.arange(-3, 5000)
+    want = np.minimum(np.floor(np.log2(np.maximum(m, 1))).astype(np.int64), 5)
+    for dtype in (np.int64, np.int32):
+        got = match_bin(m.astype(dtype))
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+    assert [match_bin(x) for x in (-1, 0, 1, 2, 3, 4, 31, 32, 10**9)] == [0, 0, 0, 1, 1, 2, 4, 5, 5]
+    assert match_bin([2.0, 9.0]).tolist() == [1, 3]

@@ -28,6 +28,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain, repeat
+from operator import attrgetter
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -36,7 +37,7 @@ from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
 from das_sglang.native import (
     MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
-    index_versions,
+    index_versions, padded_rows,
 )
 
 # The step every sequence is filed under in the shared index: one native step slot, so it
@@ -50,7 +51,7 @@ History = dict[str, dict[int, list[np.ndarray]]]
 
 _CPUS = os.cpu_count() or 1  # read once: the call costs ~50 us (per-step path)
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # (identity: a batch's ``count(None)`` never calls a Python __eq__)
 class _Live:
     """A request being decoded: which index and which sequence in it."""
 
@@ -152,11 +153,24 @@ class TokenRows:
             _bad_token(flat, offsets)
         self.flat, self.offsets, self._lens = flat, offsets, lens
 
+    # from_padded of int64 / int32 arrays in one native pass (``native.padded_rows``, ~10
+    # numpy operations otherwise); False: numpy, the reference (tests/test_host_path_flat.py).
+    NATIVE = True
+
     @classmethod
     def from_padded(cls, tokens, lens) -> "TokenRows":
         """Row ``r`` = the first ``lens[r]`` entries of row ``r`` of a 2-D ``tokens`` array
         (any integer dtype: a verify's ``[requests, stride]`` accepted tokens)."""
         tokens, lens = np.asarray(tokens), np.asarray(lens, dtype=np.int64).reshape(-1)
+        if (TokenRows.NATIVE and tokens.ndim == 2 and tokens.dtype in (np.int64, np.int32)
+                and len(lens) == tokens.shape[0]):
+            # (one native pass; None: a bad length or token, named by the numpy path below)
+            got = padded_rows(np.ascontiguousarray(tokens), np.ascontiguousarray(lens))
+            if got is not None:
+                rows = object.__new__(cls)
+                rows.flat, rows.offsets = got
+                rows._lens = lens.copy()
+                return rows
         if tokens.ndim != 2 or tokens.dtype.kind not in "iu" or len(lens) != tokens.shape[0]:
             raise ValueError(f"TokenRows.from_padded needs a 2-D integer tokens array with one row per "
                              f"length, got dtype={tokens.dtype} shape={tokens.shape} for {len(lens)} lengths")
@@ -190,6 +204,12 @@ class TokenRows:
 
     def __iter__(self):
         return (self[r] for r in range(len(self)))
+
+
+# (C-level per-row reads of a batch's records; _HOLE: a placeholder row's record)
+_index_of = attrgetter("index")
+_seq_id_of = attrgetter("seq_id")
+_HOLE = _Live("", -1, 0, 0, None)
 
 
 def _positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -640,22 +660,20 @@ class SuffixDrafter:
         pending = []
         if skip:  # placeholders (seq_id -1, no index) for the rows in skip, registered or not
             get = live.get
-            lives = [None if r in skip else get(r) for r in req_ids]
-            pending = [i for i, r in enumerate(req_ids) if r in skip]
-            if lives.count(None) != len(pending):
-                for r, lv in zip(req_ids, lives):
-                    if lv is None and r not in skip:
-                        self._request(r)  # raises, naming the unknown one
-            idx = [None if lv is None else lv.index for lv in lives]
-            seq_ids = np.fromiter((-1 if lv is None else lv.seq_id for lv in lives), dtype=np.int64,
-                                  count=len(lives))
+            lives = [_HOLE if r in skip else get(r, _HOLE) for r in req_ids]
+            seq_ids = np.fromiter(map(_seq_id_of, lives), dtype=np.int64, count=len(lives))
+            pending = np.flatnonzero(seq_ids < 0).tolist()
+            for i in pending:
+                if req_ids[i] not in skip:
+                    self._request(req_ids[i])  # raises, naming the unknown one
+            idx = list(map(_index_of, lives))
         else:
             try:
                 lives = [live[r] for r in req_ids]
             except KeyError:
                 lives = [self._request(r) for r in req_ids]  # raises, naming the unknown one
-            idx = [lv.index for lv in lives]
-            seq_ids = np.fromiter((lv.seq_id for lv in lives), dtype=np.int64, count=len(lives))
+            idx = list(map(_index_of, lives))
+            seq_ids = np.fromiter(map(_seq_id_of, lives), dtype=np.int64, count=len(lives))
         if type(req_ids) is list:
             self._rows_memo = (list(req_ids), lives, idx, seq_ids, pending)
         return lives, idx, seq_ids
@@ -951,23 +969,24 @@ class SuffixDrafter:
         row; ``threads`` None picks by batch size (the result does not depend on it).
         ``skip``: requests whose rows get an empty tree, registered or not (a plan's
         deferred starts): the others' trees are those of drafting them alone."""
-        n = len(req_ids)
         b = self._budget_array(req_ids, budget)
         _, idx, seq_ids = self._rows(req_ids, skip)
-        if skip:
+        return self._speculate_resolved(idx, seq_ids, b, threads, bool(skip))
+
+    def _speculate_resolved(self, idx: list, seq_ids: np.ndarray, b: np.ndarray, threads,
+                            holes: bool = False) -> DraftBatch:
+        """:meth:`speculate_flat` of resolved rows (indexes, seq_ids, int32 budgets); with
+        ``holes``, rows with seq_id -1 (placeholders, no index) get an empty tree."""
+        n = len(seq_ids)
+        if self._predrafted is not None and self._can_predraft():
+            out = self._reuse_predrafted(idx, seq_ids, b, threads, holes)
+            if out is not None:
+                return out
+        if holes:
             rows = np.flatnonzero(seq_ids >= 0)
             if len(rows) < n:
                 sub = [idx[i] for i in rows.tolist()]
                 return self._speculate_resolved(sub, seq_ids[rows], b[rows], threads).spread(rows, n)
-        return self._speculate_resolved(idx, seq_ids, b, threads)
-
-    def _speculate_resolved(self, idx: list, seq_ids: np.ndarray, b: np.ndarray, threads) -> DraftBatch:
-        """:meth:`speculate_flat` of resolved rows (indexes, seq_ids, int32 budgets)."""
-        n = len(seq_ids)
-        if self._predrafted is not None and self._can_predraft():
-            out = self._reuse_predrafted(idx, seq_ids, b, threads)
-            if out is not None:
-                return out
         if threads is None:
             threads = max(1, min(self.DRAFT_THREADS, n // self.DRAFT_ROWS_PER_THREAD))
         out = self._draft_flat(idx, seq_ids, b, threads)
@@ -1020,38 +1039,52 @@ class SuffixDrafter:
         now = self._weight_dict
         return all(now.get(s, w) == w for s, w in zip(token[0].tolist(), token[1].tolist()))
 
-    def _reuse_predrafted(self, idx, seq_ids: np.ndarray, b: np.ndarray, threads) -> DraftBatch | None:
+    def _reuse_predrafted(self, idx, seq_ids: np.ndarray, b: np.ndarray, threads,
+                          holes: bool = False) -> DraftBatch | None:
         """``speculate_flat`` from the :meth:`predraft` trees that are still exact (the
-        others drafted now); None when none is."""
+        others drafted now; with ``holes``, rows with seq_id -1 empty); None when none is."""
         rows, kept, versions, weights, budgets = self._predrafted
         boundary, self._boundary_trees = self._boundary_trees, False
         if weights is not self._weights and not boundary and not self._same_weights(weights):
             self._predrafted = None  # a step advanced since: every step's weight changed
             return None
         n = len(seq_ids)
+        hole = seq_ids < 0 if holes else None
         if rows is seq_ids:  # the rows the job drafted, in its order
             at = np.arange(n, dtype=np.int64)
         elif type(rows) is dict:
             at = np.fromiter(map(rows.get, seq_ids.tolist(), repeat(-1, n)), np.int64, n)
+        elif len(rows) == n and ((same := rows == seq_ids).all() or (hole is not None and (same | hole).all())):
+            # The job's rows in the same places (a step whose finished rows were replaced
+            # in place, or none): no search.
+            at = np.arange(n, dtype=np.int64)
+            if hole is not None:
+                at[hole] = -1
         else:
-            at = _positions(rows, seq_ids)
+            at = _positions(rows, seq_ids)  # (a placeholder's -1 is never a job row)
         ok = at >= 0
         j = at[ok]
-        now = index_versions(idx if type(idx) is list else list(idx))
-        ok[ok] = (versions[j] == now[ok]) & (budgets[j] == b[ok])
+        if hole is not None and hole.any():  # (a placeholder has no index to read)
+            now = index_versions([idx[i] for i in np.flatnonzero(ok).tolist()])
+        else:
+            now = index_versions(idx if type(idx) is list else list(idx))[ok]
+        ok[ok] = (versions[j] == now) & (budgets[j] == b[ok])
         if not ok.any():
             return None
         if ok.all():
             if n == len(kept) and np.array_equal(at, np.arange(n)):
                 return kept
             return kept.take(at)
-        miss = np.flatnonzero(~ok)
+        miss = ~ok if hole is None else ~ok & ~hole
+        if not miss.any():  # (only placeholders besides the reused rows)
+            return kept.take_rows(np.where(ok, at, -1))
+        miss = np.flatnonzero(miss)
         if threads is None:
             threads = max(1, min(self.DRAFT_THREADS, len(miss) // self.DRAFT_ROWS_PER_THREAD))
         fresh = self._draft_flat([idx[i] for i in miss.tolist()], seq_ids[miss], b[miss], threads)
-        rows = at.copy()
+        rows = np.where(ok, at, -1)
         rows[miss] = len(kept) + np.arange(len(miss))
-        return DraftBatch.concat([kept, fresh]).take(rows)
+        return DraftBatch.concat([kept, fresh]).take_rows(rows)
 
     def _draft_flat(self, indices, seq_ids: np.ndarray, budgets: np.ndarray, threads: int) -> DraftBatch:
         cfg = self.config

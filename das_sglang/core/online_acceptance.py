@@ -45,7 +45,7 @@ from das_sglang.core.acceptance import (
     OutcomeCalibration, _bin, _n_bins, forget_finished, pending_rows, remember_plan,
 )
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import online_add, online_curves
+from das_sglang.native import online_add, online_curves, online_update
 
 N_MATCH_BINS = 6  # match length <= 1 (or unknown), 2-3, 4-7, 8-15, 16-31, 32+
 
@@ -71,10 +71,18 @@ def tree_depths(parents_list) -> list[np.ndarray]:
     return np.split(depth, np.cumsum(sizes)[:-1])
 
 
+# match length 0..2**(N_MATCH_BINS - 1) -> its bin: floor(log2(max(m, 1))), at most the last
+_MATCH_LUT = np.minimum(np.floor(np.log2(np.maximum(np.arange(2 ** (N_MATCH_BINS - 1) + 1), 1))),
+                        N_MATCH_BINS - 1).astype(np.int64)
+
+
 def match_bin(match_len):
-    """Match-length bin: 0 for <= 1 (or unknown, -1), 1 for 2-3, 2 for 4-7, ..., 5 for 32+."""
-    m = np.maximum(np.asarray(match_len, dtype=np.int64), 1)
-    out = np.minimum(np.floor(np.log2(m)).astype(np.int64), N_MATCH_BINS - 1)
+    """Match-length bin: 0 for <= 1 (or unknown, -1), 1 for 2-3, 2 for 4-7, ..., 5 for 32+
+    (one table lookup: the per-step rows' bins without a log per row)."""
+    m = np.asarray(match_len)
+    if m.dtype.kind not in "iu":
+        m = m.astype(np.int64)
+    out = _MATCH_LUT[np.clip(m, 0, len(_MATCH_LUT) - 1)]
     return int(out) if out.ndim == 0 else out
 
 
@@ -182,6 +190,14 @@ class OnlineCalibration:
 
     def update(self, rows) -> None:
         """Decay every cell by one plan's worth, then add the previous plan's outcomes."""
+        if self.NATIVE_ADD:
+            self._update_native(rows)
+        else:
+            self._update_rows(rows)
+
+    def _update_rows(self, rows) -> None:
+        """:meth:`update` row by row (numpy, or ``online_add`` for the additions): the
+        reference path, and the one for rows holding a request twice."""
         if self._decay < 1.0:
             self._cells *= self._decay
         self._table = None
@@ -219,6 +235,55 @@ class OnlineCalibration:
         # (ratios of these rows -- the plan that follows -- read the states from here)
         self._row_states = (ids, states)
         self._rows_unique = len(live) == n
+
+    def _update_native(self, rows) -> None:
+        """:meth:`update` in one native call (``online_update``: the decay and every row's
+        outcome; the same cells and states bit for bit as the numpy path,
+        tests/test_policy_online.py): the per-request dict is read and written only when
+        the rows change (a start or a finish), and then only for the rows whose state
+        changed."""
+        self._table = None
+        self._bins_cache = None
+        ids = R.req_ids(rows)
+        n = len(ids)
+        prev = self._row_states
+        same = prev is not None and self._rows_unique and (prev[0] is ids or prev[0] == ids)
+        live = None
+        if same:
+            states = prev[1]
+        else:
+            live = set(ids)
+            if len(live) != n:  # (a request twice in the rows: the reference path's rule)
+                self._update_rows(rows)
+                return
+            state = self._state
+            states = np.fromiter(map(state.get, ids, repeat(0, n)), np.int64, n)
+        index = self._pending
+        if len(index) == len(ids) and self._pending_ids == ids:
+            at = None  # the planned rows again, in order
+        else:
+            at = np.fromiter(map(index.get, ids, repeat(-1, n)), np.int64, n)
+        if at is None and n > len(self._pending_budget):
+            at = np.arange(n, dtype=np.int64)  # (nothing planned yet: no row has an outcome)
+            at[len(self._pending_budget):] = -1
+        new, added = online_update(
+            self._cells, self._decay, at, np.ascontiguousarray(R.generated(rows), dtype=np.int64), states,
+            np.ascontiguousarray(self._pending_budget, dtype=np.int64),
+            np.ascontiguousarray(self._pending_generated, dtype=np.int64),
+            np.ascontiguousarray(self._pending_match, dtype=np.int64),
+            np.ascontiguousarray(self._pending_nodes, dtype=np.float64),
+            np.ascontiguousarray(self._pending_bins, dtype=np.int64), self._bin_before, self._bin_size)
+        if same:
+            if added:
+                self._rows_dirty = True
+            self._row_states = (ids, new)
+            return
+        if added:
+            changed = np.flatnonzero(new != states).tolist()
+            state.update(zip([ids[i] for i in changed], new[changed].tolist()))
+        forget_finished(self, ids, live)
+        self._row_states = (ids, new)
+        self._rows_unique = True
 
     def _add(self, states: np.ndarray, generated: np.ndarray, pos: np.ndarray, budget: np.ndarray) -> np.ndarray:
         """Add the outcomes of rows in ``states`` (their states before), ``generated`` now,

@@ -28,11 +28,17 @@ depth_bin, rank_bin, max_budget)`` is the policy's online acceptance curves of f
 ``online_add(cells, generated, pos, budget, states, pend_generated, pend_match, pend_nodes, pend_bins,
 bin_before, bin_size)`` adds one plan's verify outcomes to the online calibration's cells in place
 (``OnlineCalibration._add``, numpy's sums bit for bit) and returns each row's next state.
+``online_update(cells, decay, at, generated, states, pend_budget, ...)`` is the whole batch's
+``OnlineCalibration.update`` (decay, then the planned rows' outcomes): ``(next states, rows added)``.
 ``length_remaining(g, cap, c0, present, sorted, sorted_off, suffix, suffix_off, tail_factor)`` is the
 length predictor's per-row group query (``_LengthQueries.predict_many``): ``(remaining, class)``.
 ``LengthIndex(fixed, a, b)`` is the length predictor's incremental query index (``add`` one
 finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 ``index_versions(indices)`` is every index's ``version`` in one call (uint64 array).
+``padded_rows(tokens, lens)`` is ``TokenRows.from_padded`` in one pass: ``(flat, offsets)``, None on bad input.
+``draft_select(offsets, rows, keep, tokens, parents, probs, depths, match_len)`` is DraftBatch's
+``take`` / ``take_rows`` / ``truncate`` in one pass (rows None: every row; -1: an empty row;
+keep None: whole rows): ``(tokens, parents, probs, depths, offsets, match)``.
 ``set_node_reserve_bytes(bytes)`` / ``node_reserve_bytes()``: the address space an index reserves
 for its node array when it first grows (default 256 MiB, virtual only; it grows in place within
 it and never moves, see ``MappedArray`` in src/suffix_index.h).
@@ -47,6 +53,7 @@ from das_sglang.native._suffix import (
     best_per_row,
     draft_batch,
     draft_rows,
+    draft_select,
     extend_batch,
     extend_draft_rows,
     extend_draft_rows_start,
@@ -56,6 +63,8 @@ from das_sglang.native._suffix import (
     lookahead_per_row,
     online_add,
     online_curves,
+    online_update,
+    padded_rows,
     ragged_layout,
     ragged_mask_index,
     set_background_nice,
@@ -63,6 +72,6 @@ from das_sglang.native._suffix import (
 )
 
 __all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
-           "draft_batch", "draft_rows", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves",
+           "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
+           "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_update", "padded_rows",
            "ragged_layout", "ragged_mask_index", "set_background_nice", "set_node_reserve_bytes"]

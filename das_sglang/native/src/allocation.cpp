@@ -370,6 +370,37 @@ void online_add(const OnlineOutcomes& in, int64_t* new_states) {
   }
 }
 
+size_t online_update(const OnlineOutcomes& in, double decay, const int64_t* at, const int64_t* pend_budget,
+                     size_t planned, size_t rows, int64_t* new_states) {
+  const size_t cells = in.n_states * in.n_match * in.n_bins * 2;
+  if (decay < 1.0)
+    for (size_t c = 0; c < cells; ++c) in.cells[c] *= decay;  // self._cells *= self._decay
+  // The rows online_add would get (pending_rows: planned with a budget > 0), in order.
+  std::vector<int64_t> pos, budget, states, generated;
+  std::vector<size_t> which;
+  for (size_t i = 0; i < rows; ++i) {
+    new_states[i] = in.states[i];
+    const int64_t p = at ? at[i] : int64_t(i);
+    if (p < 0 || size_t(p) >= planned || pend_budget[p] <= 0) continue;
+    which.push_back(i);
+    pos.push_back(p);
+    budget.push_back(pend_budget[p]);
+    states.push_back(in.states[i]);
+    generated.push_back(in.generated[i]);
+  }
+  if (which.empty()) return 0;
+  OnlineOutcomes sub = in;
+  sub.generated = generated.data();
+  sub.pos = pos.data();
+  sub.budget = budget.data();
+  sub.states = states.data();
+  sub.rows = which.size();
+  std::vector<int64_t> out(which.size());
+  online_add(sub, out.data());
+  for (size_t k = 0; k < which.size(); ++k) new_states[which[k]] = out[k];
+  return which.size();
+}
+
 void length_remaining(const LengthGroups& groups, const double* g, const double* cap, const int64_t* c0,
                       size_t rows, double tail_factor, double* remaining, int64_t* cls) {
   for (size_t i = 0; i < rows; ++i) {

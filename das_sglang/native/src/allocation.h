@@ -120,6 +120,14 @@ struct OnlineOutcomes {
 
 void online_add(const OnlineOutcomes& in, int64_t* new_states);
 
+// OnlineCalibration.update's arithmetic for a whole batch: cells *= decay (when decay < 1),
+// then the outcomes of the rows whose planned row (at[i], or i itself when at is null; -1:
+// none) had a budget > 0 are added as online_add adds them (rows in order, the same
+// doubles); every other row keeps its state. in.pos / in.budget / in.rows are unused here:
+// in.states and the result are per batch row (rows entries). Returns the rows updated.
+size_t online_update(const OnlineOutcomes& in, double decay, const int64_t* at, const int64_t* pend_budget,
+                     size_t planned, size_t rows, int64_t* new_states);
+
 // The length predictor's queries (length_predictor._LengthQueries.predict_many, with class
 // thresholds): each row asks its initial class's group (if that group exists), then the
 // group of every problem pooled; in the first whose rollouts run longer than g somewhere,

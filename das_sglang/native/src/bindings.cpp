@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <atomic>
 #include <condition_variable>
@@ -953,6 +954,108 @@ nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle of
 // ragged_custom_mask): request b has verify_lens[b] rows of [seq_len prefix | tree
 // columns]; entry (b, i, j) of its tree block lands at start_b + i * row_len_b + seq_len_b
 // + j. Returns (index int64[sum vl^2], the mask's total length).
+// DraftBatch.take / take_rows / truncate in one pass (core/draft_tree.py, the numpy
+// reference): output row q is input row rows[q] (-1: an empty row, match length 0; rows
+// None: q itself), cut to its first keep[q] nodes (keep None: all of them). A tree's
+// prefix is a tree (parent index < node index), so the cut keeps parents valid.
+// Returns (tokens, parents, probs, depths, offsets, match); () when rows is None and no
+// row was cut (the caller keeps its batch).
+nb::tuple draft_select(nb::handle offsets_h, nb::handle rows_h, nb::handle keep_h, nb::handle tokens_h,
+                       nb::handle parents_h, nb::handle probs_h, nb::handle depths_h, nb::handle match_h) {
+  const I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
+  const Tokens tokens = tokens_arg(tokens_h, "tokens");
+  const Tokens parents = tokens_arg(parents_h, "parents");
+  const F64 probs = as_array<F64>(probs_h, "probs", "float64");
+  const Tokens depths = tokens_arg(depths_h, "depths");
+  const Tokens match = tokens_arg(match_h, "match_len");
+  if (offsets.shape(0) < 1) throw nb::value_error("draft_select: offsets must have rows + 1 entries");
+  const size_t n_in = offsets.shape(0) - 1;
+  const size_t nodes = tokens.shape(0);
+  if (parents.shape(0) != nodes || probs.shape(0) != nodes || depths.shape(0) != nodes || match.shape(0) != n_in)
+    throw nb::value_error("draft_select: tokens, parents, probs and depths must have one entry per node, "
+                          "match_len one per row");
+  if (offsets(0) != 0 || size_t(offsets(n_in)) != nodes)
+    throw nb::value_error("draft_select: offsets must run from 0 to the node count");
+  const bool has_rows = !rows_h.is_none(), has_keep = !keep_h.is_none();
+  I64 rows, keep;
+  if (has_rows) rows = as_array<I64>(rows_h, "rows", "int64");
+  if (has_keep) keep = as_array<I64>(keep_h, "keep", "int64");
+  const size_t n_out = has_rows ? rows.shape(0) : n_in;
+  if (has_keep && keep.shape(0) != n_out)
+    throw nb::value_error(("draft_select: keep has " + std::to_string(keep.shape(0)) + " entries for " +
+                           std::to_string(n_out) + " rows").c_str());
+  std::vector<int64_t> src(n_out), len(n_out), out_off(n_out + 1, 0);
+  for (size_t q = 0; q < n_out; ++q) {
+    const int64_t r = has_rows ? rows(q) : int64_t(q);
+    if (r < -1 || r >= int64_t(n_in))
+      throw nb::value_error(("draft_select: invalid rows[" + std::to_string(q) + "]=" + std::to_string(r) +
+                             ": must be in [-1, " + std::to_string(n_in) + ")").c_str());
+    int64_t k = r < 0 ? 0 : offsets(size_t(r) + 1) - offsets(size_t(r));
+    if (has_keep) k = std::min(k, std::max<int64_t>(keep(q), 0));
+    src[q] = r;
+    len[q] = k;
+    out_off[q + 1] = out_off[q] + k;
+  }
+  const size_t total = size_t(out_off[n_out]);
+  if (!has_rows && total == nodes) return nb::make_tuple();  // (a truncate that cuts nothing)
+  std::vector<int32_t> t(total), p(total), d(total), mo(n_out);
+  std::vector<double> pr(total);
+  for (size_t q = 0; q < n_out; ++q) {
+    mo[q] = src[q] < 0 ? 0 : match(size_t(src[q]));
+    if (!len[q]) continue;
+    const size_t a = size_t(offsets(size_t(src[q]))), o = size_t(out_off[q]), k = size_t(len[q]);
+    std::memcpy(t.data() + o, tokens.data() + a, k * sizeof(int32_t));
+    std::memcpy(p.data() + o, parents.data() + a, k * sizeof(int32_t));
+    std::memcpy(d.data() + o, depths.data() + a, k * sizeof(int32_t));
+    std::memcpy(pr.data() + o, probs.data() + a, k * sizeof(double));
+  }
+  return nb::make_tuple(to_numpy_moved(std::move(t)), to_numpy_moved(std::move(p)), to_numpy_moved(std::move(pr)),
+                        to_numpy_moved(std::move(d)), to_numpy_moved(std::move(out_off)),
+                        to_numpy_moved(std::move(mo)));
+}
+
+// TokenRows.from_padded in one pass (core/drafter.py, the numpy reference): row r = the
+// first lens[r] entries of row r of a 2-D C-contiguous int64 or int32 array. Returns
+// (flat int32, offsets int64), or None when a length or a token id is invalid (the caller's
+// numpy path then names it).
+template <typename T>
+nb::object padded_rows_impl(const T* tok, size_t rows, size_t stride, const int64_t* lens) {
+  std::vector<int64_t> off(rows + 1, 0);
+  for (size_t r = 0; r < rows; ++r) {
+    if (lens[r] < 0 || size_t(lens[r]) > stride) return nb::none();
+    off[r + 1] = off[r] + lens[r];
+  }
+  std::vector<int32_t> flat(size_t(off[rows]));
+  for (size_t r = 0; r < rows; ++r) {
+    const T* src = tok + r * stride;
+    int32_t* dst = flat.data() + off[r];
+    for (int64_t k = 0; k < lens[r]; ++k) {
+      const T v = src[k];
+      if (v < 0 || int64_t(v) > int64_t(INT32_MAX)) return nb::none();
+      dst[k] = int32_t(v);
+    }
+  }
+  return nb::make_tuple(to_numpy_moved(std::move(flat)), to_numpy_moved(std::move(off)));
+}
+
+nb::object padded_rows(nb::handle tokens_h, nb::handle lens_h) {
+  using I64M = nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+  using I32M = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+  const I64 lens = as_array<I64>(lens_h, "lens", "int64");
+  I64M t64;
+  I32M t32;
+  if (nb::try_cast(tokens_h, t64, false)) {
+    if (t64.shape(0) != lens.shape(0)) throw nb::value_error("padded_rows: one length per tokens row");
+    return padded_rows_impl(t64.data(), t64.shape(0), t64.shape(1), lens.data());
+  }
+  if (nb::try_cast(tokens_h, t32, false)) {
+    if (t32.shape(0) != lens.shape(0)) throw nb::value_error("padded_rows: one length per tokens row");
+    return padded_rows_impl(t32.data(), t32.shape(0), t32.shape(1), lens.data());
+  }
+  throw nb::value_error(("invalid tokens: expected a 2-D C-contiguous int64 or int32 numpy array, got " +
+                         describe(tokens_h)).c_str());
+}
+
 nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h) {
   I64 vl = as_array<I64>(verify_lens_h, "verify_lens", "int64");
   I64 lens = as_array<I64>(seq_lens_h, "seq_lens", "int64");
@@ -1176,6 +1279,80 @@ nb::object online_add(nb::handle cells_h, nb::handle generated_h, nb::handle pos
     das::alloc::online_add(in, out.data());
   }
   return nb::cast(to_numpy_moved(std::move(out)));
+}
+
+// online_acceptance.OnlineCalibration.update's arithmetic for a batch (allocation.h
+// online_update): the cells decayed and the previous plan's outcomes added in place, every
+// argument checked first (a bad one is named, nothing changes); returns (each row's state
+// after it, int64; how many rows had an outcome). at: each row's planned row (-1: none), or
+// None when the rows are the planned rows in order.
+nb::tuple online_update(nb::handle cells_h, double decay, nb::handle at_h, nb::handle generated_h,
+                        nb::handle states_h, nb::handle pend_budget_h, nb::handle pend_generated_h,
+                        nb::handle pend_match_h, nb::handle pend_nodes_h, nb::handle pend_bins_h,
+                        nb::handle bin_before_h, nb::handle bin_size_h) {
+  constexpr const char* kCells =
+      "a writable 4-D C-contiguous float64 numpy array (states x match bins x depth bins x 2)";
+  F64Cells cells = nd_arg<F64Cells>(cells_h, "cells", kCells);
+  if (cells.shape(3) != 2)
+    throw nb::value_error((std::string("invalid cells: expected ") + kCells + ", got " + describe(cells_h)).c_str());
+  const I64 generated = as_array<I64>(generated_h, "generated", "int64");
+  const I64 states = as_array<I64>(states_h, "states", "int64");
+  const I64 pend_budget = as_array<I64>(pend_budget_h, "pend_budget", "int64");
+  const I64 pend_generated = as_array<I64>(pend_generated_h, "pend_generated", "int64");
+  const I64 pend_match = as_array<I64>(pend_match_h, "pend_match", "int64");
+  const I64 bin_before = as_array<I64>(bin_before_h, "bin_before", "int64");
+  const I64 bin_size = as_array<I64>(bin_size_h, "bin_size", "int64");
+  const F64Matrix nodes = nd_arg<F64Matrix>(pend_nodes_h, "pend_nodes", "a 2-D C-contiguous float64 numpy array");
+  const I64Matrix bins = nd_arg<I64Matrix>(pend_bins_h, "pend_bins", "a 2-D C-contiguous int64 numpy array");
+  auto bad = [](const std::string& what) { throw nb::value_error(("online_update: " + what).c_str()); };
+  const size_t n = generated.shape(0), planned = pend_generated.shape(0), w = nodes.shape(1);
+  const size_t S = cells.shape(0), M = cells.shape(1), B = cells.shape(2);
+  I64 at;
+  const bool has_at = !at_h.is_none();
+  if (has_at) at = as_array<I64>(at_h, "at", "int64");
+  if (states.shape(0) != n || (has_at && at.shape(0) != n))
+    bad(std::to_string(n) + " rows (generated) but states has " + std::to_string(states.shape(0)) +
+        (has_at ? ", at " + std::to_string(at.shape(0)) : std::string()));
+  if (!has_at && n > planned)
+    bad(std::to_string(n) + " rows read as the planned rows, but only " + std::to_string(planned) + " were planned");
+  if (pend_budget.shape(0) != planned || pend_match.shape(0) != planned || nodes.shape(0) != planned ||
+      bins.shape(0) != planned || bins.shape(1) != w)
+    bad(std::to_string(planned) + " planned rows (pend_generated) but pend_budget has " +
+        std::to_string(pend_budget.shape(0)) + ", pend_match " + std::to_string(pend_match.shape(0)) +
+        ", pend_nodes " + std::to_string(nodes.shape(0)) + " x " + std::to_string(w) + ", pend_bins " +
+        std::to_string(bins.shape(0)) + " x " + std::to_string(bins.shape(1)));
+  if (bin_before.shape(0) != B || bin_size.shape(0) != B)
+    bad(std::to_string(B) + " depth bins in cells but bin_before has " + std::to_string(bin_before.shape(0)) +
+        ", bin_size " + std::to_string(bin_size.shape(0)));
+  if (!(decay > 0.0 && decay <= 1.0)) bad("invalid decay=" + std::to_string(decay) + ": must be in (0, 1]");
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t p = has_at ? at(i) : int64_t(i);
+    if (p < -1 || p >= int64_t(planned))
+      bad("invalid at[" + std::to_string(i) + "]=" + std::to_string(p) + ": must be in [-1, " +
+          std::to_string(planned) + ")");
+    if (states(i) < 0 || size_t(states(i)) >= S)
+      bad("row " + std::to_string(i) + ": state " + std::to_string(states(i)) + " outside the cells (" +
+          std::to_string(S) + " states)");
+    if (p < 0 || pend_budget(size_t(p)) <= 0) continue;
+    if (pend_match(size_t(p)) < 0 || size_t(pend_match(size_t(p))) >= M)
+      bad("planned row " + std::to_string(p) + ": match bin " + std::to_string(pend_match(size_t(p))) +
+          " outside the cells (" + std::to_string(M) + " match bins)");
+    for (size_t j = 0; j < w; ++j)
+      if (bins(size_t(p), j) < 0 || size_t(bins(size_t(p), j)) >= B)
+        bad("planned row " + std::to_string(p) + " node " + std::to_string(j) + " has depth bin " +
+            std::to_string(bins(size_t(p), j)) + ": must be in [0, " + std::to_string(B) + ")");
+  }
+  const das::alloc::OnlineOutcomes in{cells.data(), S, M, B, generated.data(), nullptr, nullptr,
+                                      states.data(), n, pend_generated.data(), pend_match.data(), nodes.data(),
+                                      bins.data(), w, bin_before.data(), bin_size.data()};
+  std::vector<int64_t> out(n);
+  size_t added;
+  {
+    nb::gil_scoped_release release;
+    added = das::alloc::online_update(in, decay, has_at ? at.data() : nullptr, pend_budget.data(), planned, n,
+                                      out.data());
+  }
+  return nb::make_tuple(to_numpy_moved(std::move(out)), added);
 }
 
 // length_predictor._LengthQueries.predict_many's group queries (allocation.h
@@ -1496,6 +1673,16 @@ NB_MODULE(_suffix, m) {
         nb::arg("tokens"), nb::arg("parents"),
         "Ragged tree-verify inputs of a flat draft batch: (tokens, positions, verify_lens, offsets, "
         "mask bool[sum vl^2], candidates, retrieve_index, next_token, next_sibling (each int64[bs*n]), n).");
+  m.def("draft_select", &draft_select, nb::arg("offsets"), nb::arg("rows").none(), nb::arg("keep").none(),
+        nb::arg("tokens"), nb::arg("parents"), nb::arg("probs"), nb::arg("depths"), nb::arg("match_len"),
+        "DraftBatch.take / take_rows / truncate in one pass: (tokens, parents, probs, depths, offsets, match).");
+  m.def("online_update", &online_update, nb::arg("cells"), nb::arg("decay"), nb::arg("at").none(),
+        nb::arg("generated"), nb::arg("states"), nb::arg("pend_budget"), nb::arg("pend_generated"),
+        nb::arg("pend_match"), nb::arg("pend_nodes"), nb::arg("pend_bins"), nb::arg("bin_before"),
+        nb::arg("bin_size"),
+        "OnlineCalibration.update's arithmetic for a batch: (next states int64, rows with an outcome).");
+  m.def("padded_rows", &padded_rows, nb::arg("tokens"), nb::arg("lens"),
+        "TokenRows.from_padded in one pass: (flat int32, offsets int64), None on an invalid length or token.");
   m.def("ragged_mask_index", &ragged_mask_index, nb::arg("verify_lens"), nb::arg("seq_lens"),
         "Flat positions of the ragged tree blocks in the [seq_len prefix | tree] mask: (index, length).");
   m.def("best_per_row", &best_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"), nb::arg("kv_tokens"),
