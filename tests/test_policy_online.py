@@ -588,3 +588,24 @@ def test_match_bin_table_is_the_log2_rule():
         assert got.dtype == np.int64 and got.tolist() == want.tolist()
     assert [match_bin(x) for x in (-1, 0, 1, 2, 3, 4, 31, 32, 10**9)] == [0, 0, 0, 1, 1, 2, 4, 5, 5]
     assert match_bin([2.0, 9.0]).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_native_online_table_is_numpys_bit_for_bit(seed):
+    """OnlineCalibration.table natively (online_table) is numpy's table, bit for bit: cells
+    of every magnitude, empty cells, nothing accepted anywhere (the states' effect is 1)."""
+    rng = np.random.default_rng(seed)
+    cfg = PolicyConfig(max_budget=int(rng.choice([4, 8, 16])), curve_mode="online",
+                       calibration_prior_tokens=float(rng.choice([8.0, 32.0, 7.5])))
+    oc = OnlineCalibration(cfg)
+    c = rng.random(oc._cells.shape) * 10 ** rng.uniform(-4, 4, oc._cells.shape)
+    c[rng.random(oc._cells.shape[:3]) < 0.3] = 0.0
+    if seed == 0:
+        c[..., 0] = 0.0  # nothing accepted
+    oc._cells[...] = c
+    got = oc.table().copy()
+    oc._table = None
+    oc.NATIVE_ADD = False
+    want = oc.table()
+    assert got.shape == want.shape and got.tobytes() == want.tobytes()
+    assert np.isfinite(got).all() and (got != got.flat[0]).any()

@@ -28,6 +28,7 @@ depth_bin, rank_bin, max_budget)`` is the policy's online acceptance curves of f
 ``online_add(cells, generated, pos, budget, states, pend_generated, pend_match, pend_nodes, pend_bins,
 bin_before, bin_size)`` adds one plan's verify outcomes to the online calibration's cells in place
 (``OnlineCalibration._add``, numpy's sums bit for bit) and returns each row's next state.
+``online_table(cells, w, prior)`` is ``OnlineCalibration.table`` (the shrunk ratios), numpy's doubles.
 ``online_update(cells, decay, at, generated, states, pend_budget, ...)`` is the whole batch's
 ``OnlineCalibration.update`` (decay, then the planned rows' outcomes): ``(next states, rows added)``.
 ``length_remaining(g, cap, c0, present, sorted, sorted_off, suffix, suffix_off, tail_factor)`` is the
@@ -63,6 +64,7 @@ from das_sglang.native._suffix import (
     lookahead_per_row,
     online_add,
     online_curves,
+    online_table,
     online_update,
     padded_rows,
     ragged_layout,
@@ -73,5 +75,5 @@ from das_sglang.native._suffix import (
 
 __all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_update", "padded_rows",
+           "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
            "ragged_layout", "ragged_mask_index", "set_background_nice", "set_node_reserve_bytes"]

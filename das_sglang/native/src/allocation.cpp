@@ -370,6 +370,44 @@ void online_add(const OnlineOutcomes& in, int64_t* new_states) {
   }
 }
 
+void online_table(const double* c, size_t S, size_t M, size_t B, double w, double prior, double* out) {
+  auto at = [&](size_t i, size_t j, size_t k, size_t l) { return c[((i * M + j) * B + k) * 2 + l]; };
+  auto shrink = [w](double a, double e, double p) { return (w * p + a) / (w + e); };
+  double total[2] = {0.0, 0.0};  // c.sum(axis=(0, 1, 2))
+  for (size_t i = 0; i < S; ++i)
+    for (size_t j = 0; j < M; ++j)
+      for (size_t k = 0; k < B; ++k)
+        for (size_t l = 0; l < 2; ++l) total[l] += at(i, j, k, l);
+  std::vector<double> effect(S, 1.0);
+  if (total[0] > 0) {
+    const double ratio = total[1] / total[0];
+    for (size_t i = 0; i < S; ++i) {  // by_state = c.sum(axis=(1, 2))
+      double acc[2] = {0.0, 0.0};
+      for (size_t j = 0; j < M; ++j)
+        for (size_t k = 0; k < B; ++k)
+          for (size_t l = 0; l < 2; ++l) acc[l] += at(i, j, k, l);
+      effect[i] = (w + acc[0] * ratio) / (w + acc[1]);
+    }
+  }
+  std::vector<double> r_match(M);
+  for (size_t j = 0; j < M; ++j) {  // by_match = c.sum(axis=(0, 2))
+    double acc[2] = {0.0, 0.0};
+    for (size_t i = 0; i < S; ++i)
+      for (size_t k = 0; k < B; ++k)
+        for (size_t l = 0; l < 2; ++l) acc[l] += at(i, j, k, l);
+    r_match[j] = shrink(acc[0], acc[1], prior);
+  }
+  for (size_t i = 0; i < S; ++i)
+    for (size_t j = 0; j < M; ++j) {
+      double acc[2] = {0.0, 0.0};  // by_cell = c.sum(axis=2)
+      for (size_t k = 0; k < B; ++k)
+        for (size_t l = 0; l < 2; ++l) acc[l] += at(i, j, k, l);
+      double below = shrink(acc[0], acc[1], effect[i] * r_match[j]);  // r_sm
+      for (size_t k = 0; k < B; ++k)
+        below = out[(i * M + j) * B + k] = shrink(at(i, j, k, 0), at(i, j, k, 1), below);
+    }
+}
+
 size_t online_update(const OnlineOutcomes& in, double decay, const int64_t* at, const int64_t* pend_budget,
                      size_t planned, size_t rows, int64_t* new_states) {
   const size_t cells = in.n_states * in.n_match * in.n_bins * 2;

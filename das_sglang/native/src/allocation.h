@@ -120,6 +120,11 @@ struct OnlineOutcomes {
 
 void online_add(const OnlineOutcomes& in, int64_t* new_states);
 
+// OnlineCalibration.table: (state, match bin, depth bin) -> accepted / expected, shrunk
+// (module docstring of online_acceptance.py) from the S x M x B x 2 cells into out (S x M x
+// B); numpy's sums (sequential over the reduced axes, C order) and arithmetic, the same doubles.
+void online_table(const double* cells, size_t S, size_t M, size_t B, double w, double prior, double* out);
+
 // OnlineCalibration.update's arithmetic for a whole batch: cells *= decay (when decay < 1),
 // then the outcomes of the rows whose planned row (at[i], or i itself when at is null; -1:
 // none) had a budget > 0 are added as online_add adds them (rows in order, the same

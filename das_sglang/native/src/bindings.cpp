@@ -1281,6 +1281,21 @@ nb::object online_add(nb::handle cells_h, nb::handle generated_h, nb::handle pos
   return nb::cast(to_numpy_moved(std::move(out)));
 }
 
+// online_acceptance.OnlineCalibration.table (allocation.h online_table): a new
+// states x match bins x depth bins float64 array.
+nb::object online_table(nb::handle cells_h, double w, double prior) {
+  using F64Cube4 = nb::ndarray<const double, nb::ndim<4>, nb::c_contig, nb::device::cpu>;
+  constexpr const char* kCells = "a 4-D C-contiguous float64 numpy array (states x match bins x depth bins x 2)";
+  const F64Cube4 cells = nd_arg<F64Cube4>(cells_h, "cells", kCells);
+  if (cells.shape(3) != 2)
+    throw nb::value_error((std::string("invalid cells: expected ") + kCells + ", got " + describe(cells_h)).c_str());
+  const size_t S = cells.shape(0), M = cells.shape(1), B = cells.shape(2);
+  double* data = new double[std::max<size_t>(1, S * M * B)];
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<double*>(p); });
+  das::alloc::online_table(cells.data(), S, M, B, w, prior, data);
+  return nb::cast(nb::ndarray<nb::numpy, double, nb::ndim<3>>(data, {S, M, B}, owner));
+}
+
 // online_acceptance.OnlineCalibration.update's arithmetic for a batch (allocation.h
 // online_update): the cells decayed and the previous plan's outcomes added in place, every
 // argument checked first (a bad one is named, nothing changes); returns (each row's state
@@ -1683,6 +1698,8 @@ NB_MODULE(_suffix, m) {
         "OnlineCalibration.update's arithmetic for a batch: (next states int64, rows with an outcome).");
   m.def("padded_rows", &padded_rows, nb::arg("tokens"), nb::arg("lens"),
         "TokenRows.from_padded in one pass: (flat int32, offsets int64), None on an invalid length or token.");
+  m.def("online_table", &online_table, nb::arg("cells"), nb::arg("w"), nb::arg("prior"),
+        "OnlineCalibration.table's shrunk (state, match bin, depth bin) ratios: numpy's doubles.");
   m.def("ragged_mask_index", &ragged_mask_index, nb::arg("verify_lens"), nb::arg("seq_lens"),
         "Flat positions of the ragged tree blocks in the [seq_len prefix | tree] mask: (index, length).");
   m.def("best_per_row", &best_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"), nb::arg("kv_tokens"),
