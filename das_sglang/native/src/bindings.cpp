@@ -1220,6 +1220,68 @@ nb::tuple online_curves(nb::handle offsets_h, nb::handle probs_h, nb::handle dep
 using F64Cells = nb::ndarray<double, nb::ndim<4>, nb::c_contig, nb::device::cpu>;
 using I64Matrix = nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
+// The online calibration's cells and the previous plan's pending arrays (online_add,
+// online_update), checked for shape and dtype (a bad one is named, prefixed with `fn`).
+struct OnlinePending {
+  F64Cells cells;
+  I64 pend_generated, pend_match, bin_before, bin_size;
+  F64Matrix nodes;
+  I64Matrix bins;
+  size_t planned = 0, w = 0, S = 0, M = 0, B = 0;
+};
+
+OnlinePending online_pending_args(const std::string& fn, nb::handle cells_h, nb::handle pend_generated_h,
+                                  nb::handle pend_match_h, nb::handle pend_nodes_h, nb::handle pend_bins_h,
+                                  nb::handle bin_before_h, nb::handle bin_size_h) {
+  constexpr const char* kCells =
+      "a writable 4-D C-contiguous float64 numpy array (states x match bins x depth bins x 2)";
+  OnlinePending a;
+  a.cells = nd_arg<F64Cells>(cells_h, "cells", kCells);
+  if (a.cells.shape(3) != 2)
+    throw nb::value_error((std::string("invalid cells: expected ") + kCells + ", got " + describe(cells_h)).c_str());
+  a.pend_generated = as_array<I64>(pend_generated_h, "pend_generated", "int64");
+  a.pend_match = as_array<I64>(pend_match_h, "pend_match", "int64");
+  a.bin_before = as_array<I64>(bin_before_h, "bin_before", "int64");
+  a.bin_size = as_array<I64>(bin_size_h, "bin_size", "int64");
+  a.nodes = nd_arg<F64Matrix>(pend_nodes_h, "pend_nodes", "a 2-D C-contiguous float64 numpy array");
+  a.bins = nd_arg<I64Matrix>(pend_bins_h, "pend_bins", "a 2-D C-contiguous int64 numpy array");
+  a.planned = a.pend_generated.shape(0);
+  a.w = a.nodes.shape(1);
+  a.S = a.cells.shape(0);
+  a.M = a.cells.shape(1);
+  a.B = a.cells.shape(2);
+  auto bad = [&fn](const std::string& what) { throw nb::value_error((fn + ": " + what).c_str()); };
+  if (a.pend_match.shape(0) != a.planned || a.nodes.shape(0) != a.planned || a.bins.shape(0) != a.planned ||
+      a.bins.shape(1) != a.w)
+    bad(std::to_string(a.planned) + " planned rows (pend_generated) but pend_match has " +
+        std::to_string(a.pend_match.shape(0)) + ", pend_nodes " + std::to_string(a.nodes.shape(0)) + " x " +
+        std::to_string(a.w) + ", pend_bins " + std::to_string(a.bins.shape(0)) + " x " +
+        std::to_string(a.bins.shape(1)));
+  if (a.bin_before.shape(0) != a.B || a.bin_size.shape(0) != a.B)
+    bad(std::to_string(a.B) + " depth bins in cells but bin_before has " + std::to_string(a.bin_before.shape(0)) +
+        ", bin_size " + std::to_string(a.bin_size.shape(0)));
+  return a;
+}
+
+// Planned row p's match bin and node depth bins are inside the cells (else raises, naming them).
+void check_planned_row(const OnlinePending& a, size_t p, const std::string& fn) {
+  auto bad = [&fn](const std::string& what) { throw nb::value_error((fn + ": " + what).c_str()); };
+  if (a.pend_match(p) < 0 || size_t(a.pend_match(p)) >= a.M)
+    bad("planned row " + std::to_string(p) + ": match bin " + std::to_string(a.pend_match(p)) +
+        " outside the cells (" + std::to_string(a.M) + " match bins)");
+  for (size_t j = 0; j < a.w; ++j)
+    if (a.bins(p, j) < 0 || size_t(a.bins(p, j)) >= a.B)
+      bad("planned row " + std::to_string(p) + " node " + std::to_string(j) + " has depth bin " +
+          std::to_string(a.bins(p, j)) + ": must be in [0, " + std::to_string(a.B) + ")");
+}
+
+das::alloc::OnlineOutcomes online_outcomes(OnlinePending& a, const I64& generated, const int64_t* pos,
+                                           const int64_t* budget, const I64& states) {
+  return das::alloc::OnlineOutcomes{a.cells.data(), a.S, a.M, a.B, generated.data(), pos, budget, states.data(),
+                                    generated.shape(0), a.pend_generated.data(), a.pend_match.data(),
+                                    a.nodes.data(), a.bins.data(), a.w, a.bin_before.data(), a.bin_size.data()};
+}
+
 // online_acceptance.OnlineCalibration._add's arithmetic (allocation.h online_add): the
 // cells updated in place, every argument checked first (a bad one is named, nothing
 // changes); returns each row's next outcome state (int64).
@@ -1227,52 +1289,28 @@ nb::object online_add(nb::handle cells_h, nb::handle generated_h, nb::handle pos
                       nb::handle states_h, nb::handle pend_generated_h, nb::handle pend_match_h,
                       nb::handle pend_nodes_h, nb::handle pend_bins_h, nb::handle bin_before_h,
                       nb::handle bin_size_h) {
-  constexpr const char* kCells =
-      "a writable 4-D C-contiguous float64 numpy array (states x match bins x depth bins x 2)";
-  F64Cells cells = nd_arg<F64Cells>(cells_h, "cells", kCells);
-  if (cells.shape(3) != 2)
-    throw nb::value_error((std::string("invalid cells: expected ") + kCells + ", got " + describe(cells_h)).c_str());
+  OnlinePending a = online_pending_args("online_add", cells_h, pend_generated_h, pend_match_h, pend_nodes_h,
+                                        pend_bins_h, bin_before_h, bin_size_h);
   const I64 generated = as_array<I64>(generated_h, "generated", "int64");
   const I64 pos = as_array<I64>(pos_h, "pos", "int64");
   const I64 budget = as_array<I64>(budget_h, "budget", "int64");
   const I64 states = as_array<I64>(states_h, "states", "int64");
-  const I64 pend_generated = as_array<I64>(pend_generated_h, "pend_generated", "int64");
-  const I64 pend_match = as_array<I64>(pend_match_h, "pend_match", "int64");
-  const I64 bin_before = as_array<I64>(bin_before_h, "bin_before", "int64");
-  const I64 bin_size = as_array<I64>(bin_size_h, "bin_size", "int64");
-  const F64Matrix nodes = nd_arg<F64Matrix>(pend_nodes_h, "pend_nodes", "a 2-D C-contiguous float64 numpy array");
-  const I64Matrix bins = nd_arg<I64Matrix>(pend_bins_h, "pend_bins", "a 2-D C-contiguous int64 numpy array");
   auto bad = [](const std::string& what) { throw nb::value_error(("online_add: " + what).c_str()); };
-  const size_t n = generated.shape(0), planned = pend_generated.shape(0), w = nodes.shape(1);
-  const size_t S = cells.shape(0), M = cells.shape(1), B = cells.shape(2);
+  const size_t n = generated.shape(0);
   if (pos.shape(0) != n || budget.shape(0) != n || states.shape(0) != n)
     bad(std::to_string(n) + " rows (generated) but pos has " + std::to_string(pos.shape(0)) + ", budget " +
         std::to_string(budget.shape(0)) + ", states " + std::to_string(states.shape(0)));
-  if (pend_match.shape(0) != planned || nodes.shape(0) != planned || bins.shape(0) != planned ||
-      bins.shape(1) != w)
-    bad(std::to_string(planned) + " planned rows (pend_generated) but pend_match has " +
-        std::to_string(pend_match.shape(0)) + ", pend_nodes " + std::to_string(nodes.shape(0)) + " x " +
-        std::to_string(w) + ", pend_bins " + std::to_string(bins.shape(0)) + " x " + std::to_string(bins.shape(1)));
-  if (bin_before.shape(0) != B || bin_size.shape(0) != B)
-    bad(std::to_string(B) + " depth bins in cells but bin_before has " + std::to_string(bin_before.shape(0)) +
-        ", bin_size " + std::to_string(bin_size.shape(0)));
   for (size_t i = 0; i < n; ++i) {
-    if (pos(i) < 0 || size_t(pos(i)) >= planned)
+    if (pos(i) < 0 || size_t(pos(i)) >= a.planned)
       bad("invalid pos[" + std::to_string(i) + "]=" + std::to_string(pos(i)) + ": must be in [0, " +
-          std::to_string(planned) + ")");
+          std::to_string(a.planned) + ")");
     if (budget(i) < 0) bad("invalid budget[" + std::to_string(i) + "]=" + std::to_string(budget(i)));
-    const size_t p = size_t(pos(i));
-    if (states(i) < 0 || size_t(states(i)) >= S || pend_match(p) < 0 || size_t(pend_match(p)) >= M)
-      bad("row " + std::to_string(i) + ": state " + std::to_string(states(i)) + " / match bin " +
-          std::to_string(pend_match(p)) + " outside the cells (" + std::to_string(S) + " x " + std::to_string(M) + ")");
-    for (size_t j = 0; j < w; ++j)
-      if (bins(p, j) < 0 || size_t(bins(p, j)) >= B)
-        bad("planned row " + std::to_string(p) + " node " + std::to_string(j) + " has depth bin " +
-            std::to_string(bins(p, j)) + ": must be in [0, " + std::to_string(B) + ")");
+    if (states(i) < 0 || size_t(states(i)) >= a.S)
+      bad("row " + std::to_string(i) + ": state " + std::to_string(states(i)) + " outside the cells (" +
+          std::to_string(a.S) + " states)");
+    check_planned_row(a, size_t(pos(i)), "online_add");
   }
-  const das::alloc::OnlineOutcomes in{cells.data(), S, M, B, generated.data(), pos.data(), budget.data(),
-                                      states.data(), n, pend_generated.data(), pend_match.data(), nodes.data(),
-                                      bins.data(), w, bin_before.data(), bin_size.data()};
+  const das::alloc::OnlineOutcomes in = online_outcomes(a, generated, pos.data(), budget.data(), states);
   std::vector<int64_t> out(n);
   {
     nb::gil_scoped_release release;
@@ -1305,23 +1343,13 @@ nb::tuple online_update(nb::handle cells_h, double decay, nb::handle at_h, nb::h
                         nb::handle states_h, nb::handle pend_budget_h, nb::handle pend_generated_h,
                         nb::handle pend_match_h, nb::handle pend_nodes_h, nb::handle pend_bins_h,
                         nb::handle bin_before_h, nb::handle bin_size_h) {
-  constexpr const char* kCells =
-      "a writable 4-D C-contiguous float64 numpy array (states x match bins x depth bins x 2)";
-  F64Cells cells = nd_arg<F64Cells>(cells_h, "cells", kCells);
-  if (cells.shape(3) != 2)
-    throw nb::value_error((std::string("invalid cells: expected ") + kCells + ", got " + describe(cells_h)).c_str());
+  OnlinePending a = online_pending_args("online_update", cells_h, pend_generated_h, pend_match_h, pend_nodes_h,
+                                        pend_bins_h, bin_before_h, bin_size_h);
   const I64 generated = as_array<I64>(generated_h, "generated", "int64");
   const I64 states = as_array<I64>(states_h, "states", "int64");
   const I64 pend_budget = as_array<I64>(pend_budget_h, "pend_budget", "int64");
-  const I64 pend_generated = as_array<I64>(pend_generated_h, "pend_generated", "int64");
-  const I64 pend_match = as_array<I64>(pend_match_h, "pend_match", "int64");
-  const I64 bin_before = as_array<I64>(bin_before_h, "bin_before", "int64");
-  const I64 bin_size = as_array<I64>(bin_size_h, "bin_size", "int64");
-  const F64Matrix nodes = nd_arg<F64Matrix>(pend_nodes_h, "pend_nodes", "a 2-D C-contiguous float64 numpy array");
-  const I64Matrix bins = nd_arg<I64Matrix>(pend_bins_h, "pend_bins", "a 2-D C-contiguous int64 numpy array");
   auto bad = [](const std::string& what) { throw nb::value_error(("online_update: " + what).c_str()); };
-  const size_t n = generated.shape(0), planned = pend_generated.shape(0), w = nodes.shape(1);
-  const size_t S = cells.shape(0), M = cells.shape(1), B = cells.shape(2);
+  const size_t n = generated.shape(0), planned = a.planned;
   I64 at;
   const bool has_at = !at_h.is_none();
   if (has_at) at = as_array<I64>(at_h, "at", "int64");
@@ -1330,36 +1358,21 @@ nb::tuple online_update(nb::handle cells_h, double decay, nb::handle at_h, nb::h
         (has_at ? ", at " + std::to_string(at.shape(0)) : std::string()));
   if (!has_at && n > planned)
     bad(std::to_string(n) + " rows read as the planned rows, but only " + std::to_string(planned) + " were planned");
-  if (pend_budget.shape(0) != planned || pend_match.shape(0) != planned || nodes.shape(0) != planned ||
-      bins.shape(0) != planned || bins.shape(1) != w)
+  if (pend_budget.shape(0) != planned)
     bad(std::to_string(planned) + " planned rows (pend_generated) but pend_budget has " +
-        std::to_string(pend_budget.shape(0)) + ", pend_match " + std::to_string(pend_match.shape(0)) +
-        ", pend_nodes " + std::to_string(nodes.shape(0)) + " x " + std::to_string(w) + ", pend_bins " +
-        std::to_string(bins.shape(0)) + " x " + std::to_string(bins.shape(1)));
-  if (bin_before.shape(0) != B || bin_size.shape(0) != B)
-    bad(std::to_string(B) + " depth bins in cells but bin_before has " + std::to_string(bin_before.shape(0)) +
-        ", bin_size " + std::to_string(bin_size.shape(0)));
+        std::to_string(pend_budget.shape(0)));
   if (!(decay > 0.0 && decay <= 1.0)) bad("invalid decay=" + std::to_string(decay) + ": must be in (0, 1]");
   for (size_t i = 0; i < n; ++i) {
     const int64_t p = has_at ? at(i) : int64_t(i);
     if (p < -1 || p >= int64_t(planned))
       bad("invalid at[" + std::to_string(i) + "]=" + std::to_string(p) + ": must be in [-1, " +
           std::to_string(planned) + ")");
-    if (states(i) < 0 || size_t(states(i)) >= S)
+    if (states(i) < 0 || size_t(states(i)) >= a.S)
       bad("row " + std::to_string(i) + ": state " + std::to_string(states(i)) + " outside the cells (" +
-          std::to_string(S) + " states)");
-    if (p < 0 || pend_budget(size_t(p)) <= 0) continue;
-    if (pend_match(size_t(p)) < 0 || size_t(pend_match(size_t(p))) >= M)
-      bad("planned row " + std::to_string(p) + ": match bin " + std::to_string(pend_match(size_t(p))) +
-          " outside the cells (" + std::to_string(M) + " match bins)");
-    for (size_t j = 0; j < w; ++j)
-      if (bins(size_t(p), j) < 0 || size_t(bins(size_t(p), j)) >= B)
-        bad("planned row " + std::to_string(p) + " node " + std::to_string(j) + " has depth bin " +
-            std::to_string(bins(size_t(p), j)) + ": must be in [0, " + std::to_string(B) + ")");
+          std::to_string(a.S) + " states)");
+    if (p >= 0 && pend_budget(size_t(p)) > 0) check_planned_row(a, size_t(p), "online_update");
   }
-  const das::alloc::OnlineOutcomes in{cells.data(), S, M, B, generated.data(), nullptr, nullptr,
-                                      states.data(), n, pend_generated.data(), pend_match.data(), nodes.data(),
-                                      bins.data(), w, bin_before.data(), bin_size.data()};
+  const das::alloc::OnlineOutcomes in = online_outcomes(a, generated, nullptr, nullptr, states);
   std::vector<int64_t> out(n);
   size_t added;
   {
