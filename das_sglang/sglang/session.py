@@ -309,6 +309,7 @@ class DasSession:
             # while the forward runs (one chunk per plan, started at before_forward).
             self.drafter.lazy_eviction = True
         self._evicting = False
+        self._advance_due = False  # a deferred step advance ran: _after_advance is due
         # The worker calls before_forward() once the verify inputs are built: from then on
         # plan leaves the step's eviction chunk due there (_evict_due), not submitted itself.
         self._forward_hook = False
@@ -335,6 +336,8 @@ class DasSession:
         self._release_deferred()
         if self._updates is not None:
             self._updates.flush()
+        if self._advance_due:
+            self._after_advance()
 
     # Plans of at least this many rows leave the requests started since the previous plan
     # out of the drafter until the plan is made (_release_deferred): at RL scale a few start
@@ -436,12 +439,29 @@ class DasSession:
         # Finished rollouts = indexed sequences minus the live requests' own.
         return self.drafter.stats().sequences <= len(self.live)
 
+    # A step boundary while a batch decodes (between two forwards) does not wait for the
+    # step's deferred starts and finishes: the drafter's advance is queued behind them (their
+    # requests belong to the step that ends) and runs with them during the next verify
+    # forward (before_forward). At 512 rows the boundary waited ~1 ms for them and the
+    # plan after it drafted their rows and their siblings again (bench_host_path); now
+    # that plan is an ordinary step's, from the trees pre-drafted before the boundary (as
+    # REUSE_ACROSS_BOUNDARY already had it for the other rows). What a draft sees still
+    # depends only on the order of events: the drafter's state at the plan is the one
+    # before the boundary, on every path that defers starts (DEFER_START_MIN_ROWS).
+    DEFER_ADVANCE = True
+
     def advance_step(self, step: int) -> None:
         self._settle_outcomes()
-        self.sync()
+        # (idle -- nothing decodes, the usual RL boundary -- the advance is applied at once)
+        defer = (self.DEFER_ADVANCE and self.DEFER_FINISHES and self._updates is not None
+                 and self.shards is None and bool(self.live))
+        if not defer:
+            self.sync()
         self.step = step
-        self.drafter.advance_step(step)
-        self._evicting = bool(self.drafter._evicting)
+        if defer:
+            self._deferred.append((self._advance_drafter, (step,)))
+        else:
+            self._advance_drafter(step, deferred=False)
         self.policy.advance_step(step)
         if self._mirror is not None:
             oldest = step - self.drafter.config.window_steps
@@ -451,14 +471,29 @@ class DasSession:
                     steps = mirror.get(pid)
                     if steps is not None and steps.pop(s, None) is not None and not steps:
                         del mirror[pid]
-        self._check_cap()
-        self._forget_stale()
-        if not self._evicting:  # (else once the last eviction chunk has run)
-            self._trim_when_idle()
+        if not defer:  # (else by the first plan after the drafter advanced: _after_advance)
+            self._after_advance()
         if self.shards is not None:
             self.shards.advance_step(step)
         if self.snapshot is not None:
             self.snapshot.save(self._hold_snapshot())  # a step boundary is a natural checkpoint
+
+    def _advance_drafter(self, step: int, deferred: bool = True) -> None:
+        """The drafter's part of a step boundary (on the update thread when deferred)."""
+        self.drafter.advance_step(step)
+        self._evicting = bool(self.drafter._evicting)
+        if deferred:
+            self._advance_due = True  # (read by the scheduler thread after a flush only)
+
+    def _after_advance(self) -> None:
+        """What a boundary does once the drafter has advanced (with its deferred starts and
+        finishes applied): the history cap, the statistics of problems without history or
+        live requests, and a heap trim when no eviction follows."""
+        self._advance_due = False
+        self._check_cap()
+        self._forget_stale()
+        if not self._evicting:  # (else once the last eviction chunk has run)
+            self._trim_when_idle()
 
     def weights_updated(self) -> None:
         """The RL step boundary: SGLang flushed its cache (``update_weights_from_*``).
@@ -609,7 +644,10 @@ class DasSession:
             new = ()
         if self._updates is not None:
             self._updates.flush()  # (the deferred starts stay out: see DEFER_START_MIN_ROWS)
-        self._check_cap()
+        if self._advance_due:
+            self._after_advance()  # (a deferred step advance has run meanwhile)
+        else:
+            self._check_cap()
         self._plan_nodes = max_nodes
         if new and not new.isdisjoint(req_ids):
             drafts = self._speculate_registered(req_ids, sizes, new)
@@ -862,7 +900,8 @@ class DasSession:
             tokens = np.concatenate([head, as_tokens(output, what)]) if output else head
         else:
             tokens = as_tokens(list(prompt) + output, what)
-        stored = live.step >= self.drafter.step - self.drafter.config.window_steps
+        stored = live.step >= self.step - self.drafter.config.window_steps  # (the session's step: the
+        # drafter's may still be advancing, see DEFER_ADVANCE)
         if defer:
             # Handed to the update thread with the deferred starts, in event order: by the
             # next plan when it has few rows, else once its verify inputs are built (see

@@ -724,3 +724,56 @@ def test_generated_counts_live_in_slots_that_finished_requests_hand_back():
     s.committed_batch(rows, [0, 0, 0], [[5], [5], [5]])
     assert (s.live["r0"].generated, s.live["n2"].generated) == (3, 3)
     s.close()
+
+
+def test_boundary_mid_batch_queues_the_drafter_advance_behind_the_steps_starts():
+    """A step boundary while a large batch decodes (deferred starts: >= DEFER_START_MIN_ROWS
+    rows) does not wait for the update thread: the drafter's advance is queued behind the
+    step's deferred starts and finishes and runs with them at the next before_forward. A
+    request started before the boundary is history of the old step, one started after it
+    of the new one; the plan right after the boundary drafts from the drafter as it was
+    (the new request a placeholder); the plan after that sees the advanced drafter, and the
+    boundary's follow-up (stale problems forgotten) has run. Idle boundaries apply at once."""
+    s = DasSession(_opts(async_updates=True))
+    rng = np.random.default_rng(0)
+    text = rng.integers(0, 6, 400).tolist()
+    n = s.DEFER_START_MIN_ROWS + 8
+    rids = [f"r{i}" for i in range(n)]
+    s.weights_updated()  # nothing decodes: at once
+    assert s.step == 1 and s.drafter.step == 1
+    for i, r in enumerate(rids):
+        s.start(r, {"das_problem_id": f"p{i % 5}"}, [7, 8, i % 5], [], 300)
+    pos = dict.fromkeys(rids, 0)
+
+    def step(rows):
+        trees, _ = s.plan(rows, 8)
+        s.before_forward()
+        commits = []
+        for r, t in zip(rows, trees):
+            k = t.accept_length(text[pos[r]: pos[r] + len(t) + 1])
+            commits.append(text[pos[r]: pos[r] + k + 1])
+            pos[r] += k + 1
+        s.committed_batch(rows, [len(t) for t in trees], commits)
+        return trees
+
+    for _ in range(3):
+        step(rids)
+    s.finished(rids[0], [7, 8, 0], text[: pos[rids[0]]])  # history of step 1
+    s.start("old", {"das_problem_id": "p1"}, [7, 8, 1], [], 300)  # (deferred: step 1)
+    rows = rids[1:] + ["old"]
+    pos["old"] = 0
+    s.weights_updated()  # mid-batch: the drafter's advance waits in the queue
+    assert s.step == 2 and s.drafter.step == 1 and s._deferred
+    s.start("new", {"das_problem_id": "p2"}, [7, 8, 2], [], 300)  # after the boundary: step 2
+    rows.append("new")
+    pos["new"] = 0
+    trees = step(rows)
+    assert len(trees[-1]) == 0 and len(trees[-2]) == 0  # placeholders: registered at before_forward
+    s.sync()
+    assert s.drafter.step == 2 and not s._advance_due
+    assert s.drafter._live["old"].step == 1 and s.drafter._live["new"].step == 2
+    step(rows)
+    assert s.drafter.history()["p0"].keys() == {1}
+    tracked = set(s.policy.acceptance.problem_ids())
+    assert tracked <= s.drafter.history_problems() | {lv.problem_id for lv in s.live.values()}
+    s.close()
