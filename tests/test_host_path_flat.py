@@ -844,3 +844,42 @@ def test_native_from_padded_equals_numpy_and_bad_rows_are_named():
     with pytest.raises(ValueError, match="invalid token id 2147483648 in row 2"):
         TokenRows.from_padded(tokens, [1, 4, 2])
     assert TokenRows.from_padded(tokens, [1, 4, 1]).flat.tolist() == [1, 1, 1, 1, 1, 1]
+
+
+def test_native_select_refuses_bad_input_naming_it():
+    """native.draft_select checks what it copies with before copying: bad rows, a keep of
+    the wrong length, offsets that do not span the nodes or that decrease, wrong dtypes."""
+    from das_sglang.native import draft_select
+
+    d, rids, _ = _drafter(7, requests=10)
+    b = d.speculate_flat(rids, 16)
+    args = [b.offsets, None, None, b.tokens, b.parents, b.probs, b.depths, b.match_len]
+
+    def call(**kw):
+        names = ["offsets", "rows", "keep", "tokens", "parents", "probs", "depths", "match"]
+        a = list(args)
+        for k, v in kw.items():
+            a[names.index(k)] = v
+        return draft_select(*a)
+
+    assert sum(b.lens()) > 20 and call(keep=np.full(10, 99, np.int64)) == ()
+    with pytest.raises(ValueError, match=r"invalid rows\[1\]=10"):
+        call(rows=np.array([0, 10], np.int64))
+    with pytest.raises(ValueError, match=r"invalid rows\[0\]=-2"):
+        call(rows=np.array([-2], np.int64))
+    with pytest.raises(ValueError, match="keep has 3 entries for 10 rows"):
+        call(keep=np.zeros(3, np.int64))
+    bad = b.offsets.copy()
+    bad[-1] += 1
+    with pytest.raises(ValueError, match="offsets must run from 0"):
+        call(offsets=bad)
+    lens = b.lens()
+    r = int(np.flatnonzero(lens > 1)[0])
+    bad = b.offsets.copy()
+    bad[r + 1] = bad[r] - 1  # a row of negative length
+    with pytest.raises(ValueError, match="must not decrease"):
+        call(offsets=bad)
+    with pytest.raises(ValueError, match="tokens: expected a 1-D contiguous int32"):
+        call(tokens=b.tokens.astype(np.int64))
+    with pytest.raises(ValueError, match="one entry per node"):
+        call(probs=b.probs[:-1])

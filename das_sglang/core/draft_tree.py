@@ -260,11 +260,21 @@ class DraftBatch:
         rows = np.asarray(rows, dtype=np.int64)
         if self._native_ok() and rows.ndim == 1 and (not len(rows) or rows.min() >= 0):
             return self._native_select(np.ascontiguousarray(rows), None)
+        return self._gather(rows)
+
+    def _gather(self, rows: np.ndarray, hole: np.ndarray | None = None) -> "DraftBatch":
+        """The numpy gather of :meth:`take` (and of :meth:`take_rows`: rows where ``hole``
+        are emptied, match length 0)."""
         lens = self.lens()[rows]
+        if hole is not None:
+            lens = np.where(hole, 0, lens)
         offsets = np.zeros(len(rows) + 1, np.int64)
         np.cumsum(lens, out=offsets[1:])
         src = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(self.offsets[:-1][rows] - offsets[:-1], lens)
-        return self._select(src, offsets, np.asarray(self.match_len)[rows])
+        match = np.asarray(self.match_len)[rows]
+        if hole is not None:
+            match = np.where(hole, 0, match).astype(match.dtype, copy=False)
+        return self._select(src, offsets, match)
 
     def take_rows(self, rows) -> "DraftBatch":
         """:meth:`take` where a row ``-1`` is an empty row (no nodes, match length 0):
@@ -276,16 +286,9 @@ class DraftBatch:
         hole = rows < 0
         if not hole.any():
             return self.take(rows)
-        src_rows = np.where(hole, 0, rows)
-        lens = np.where(hole, 0, self.lens()[src_rows]) if len(self) else np.zeros(len(rows), np.int64)
-        offsets = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(lens, out=offsets[1:])
         if not len(self):
             return DraftBatch.empty(len(rows))
-        src = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(self.offsets[:-1][src_rows] - offsets[:-1], lens)
-        match = np.asarray(self.match_len)[src_rows].copy()
-        match[hole] = 0
-        return self._select(src, offsets, match)
+        return self._gather(np.where(hole, 0, rows), hole)
 
     @staticmethod
     def concat(batches: Sequence["DraftBatch"]) -> "DraftBatch":

@@ -264,9 +264,6 @@ class OnlineCalibration:
             at = None  # the planned rows again, in order
         else:
             at = np.fromiter(map(index.get, ids, repeat(-1, n)), np.int64, n)
-        if at is None and n > len(self._pending_budget):
-            at = np.arange(n, dtype=np.int64)  # (nothing planned yet: no row has an outcome)
-            at[len(self._pending_budget):] = -1
         new, added = online_update(
             self._cells, self._decay, at, np.ascontiguousarray(R.generated(rows), dtype=np.int64), states,
             np.ascontiguousarray(self._pending_budget, dtype=np.int64),

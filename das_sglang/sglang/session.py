@@ -900,8 +900,8 @@ class DasSession:
             tokens = np.concatenate([head, as_tokens(output, what)]) if output else head
         else:
             tokens = as_tokens(list(prompt) + output, what)
-        stored = live.step >= self.step - self.drafter.config.window_steps  # (the session's step: the
-        # drafter's may still be advancing, see DEFER_ADVANCE)
+        # (the session's step: the drafter's may still be advancing, see DEFER_ADVANCE)
+        stored = live.step >= self.step - self.drafter.config.window_steps
         if defer:
             # Handed to the update thread with the deferred starts, in event order: by the
             # next plan when it has few rows, else once its verify inputs are built (see

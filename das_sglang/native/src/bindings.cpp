@@ -950,10 +950,6 @@ nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle of
                         to_numpy_moved(std::move(next_sib)), n);
 }
 
-// Where the ragged tree blocks go in the FlashInfer-form mask (sglang/tree_inputs.
-// ragged_custom_mask): request b has verify_lens[b] rows of [seq_len prefix | tree
-// columns]; entry (b, i, j) of its tree block lands at start_b + i * row_len_b + seq_len_b
-// + j. Returns (index int64[sum vl^2], the mask's total length).
 // DraftBatch.take / take_rows / truncate in one pass (core/draft_tree.py, the numpy
 // reference): output row q is input row rows[q] (-1: an empty row, match length 0; rows
 // None: q itself), cut to its first keep[q] nodes (keep None: all of them). A tree's
@@ -976,6 +972,9 @@ nb::tuple draft_select(nb::handle offsets_h, nb::handle rows_h, nb::handle keep_
                           "match_len one per row");
   if (offsets(0) != 0 || size_t(offsets(n_in)) != nodes)
     throw nb::value_error("draft_select: offsets must run from 0 to the node count");
+  for (size_t r = 0; r < n_in; ++r)
+    if (offsets(r + 1) < offsets(r))
+      throw nb::value_error(("draft_select: offsets must not decrease (row " + std::to_string(r) + ")").c_str());
   const bool has_rows = !rows_h.is_none(), has_keep = !keep_h.is_none();
   I64 rows, keep;
   if (has_rows) rows = as_array<I64>(rows_h, "rows", "int64");
@@ -1056,6 +1055,10 @@ nb::object padded_rows(nb::handle tokens_h, nb::handle lens_h) {
                          describe(tokens_h)).c_str());
 }
 
+// Where the ragged tree blocks go in the FlashInfer-form mask (sglang/tree_inputs.
+// ragged_custom_mask): request b has verify_lens[b] rows of [seq_len prefix | tree
+// columns]; entry (b, i, j) of its tree block lands at start_b + i * row_len_b + seq_len_b
+// + j. Returns (index int64[sum vl^2], the mask's total length).
 nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h) {
   I64 vl = as_array<I64>(verify_lens_h, "verify_lens", "int64");
   I64 lens = as_array<I64>(seq_lens_h, "seq_lens", "int64");
