@@ -670,6 +670,44 @@ def test_index_versions_is_every_indexs_version():
     assert a.version != b.version
     with pytest.raises(ValueError, match="item 1 is not a SuffixIndex"):
         index_versions([a, "b"])
+    assert index_versions([None, a]).tolist() == [0, a.version]  # (a placeholder row)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_row_map_is_the_dict_lookup_and_set_size(seed):
+    """``native.row_map(prev, new)`` gives what ``dict(zip(prev, range(len(prev))))`` lookups
+    (-1 where absent: a repeated item's last row) and ``len(set(new)) == len(new)`` give,
+    for strings, ints, equal-but-distinct objects and hash collisions; ``gather_list`` is
+    the list gather with a fill; bad input raises naming it."""
+    from das_sglang.native import gather_list, row_map
+
+    class Clash:  # (every instance hashes alike: equality decides)
+        def __init__(self, v):
+            self.v = v
+
+        def __hash__(self):
+            return 7
+
+        def __eq__(self, other):
+            return isinstance(other, Clash) and other.v == self.v
+
+    rng = np.random.default_rng(seed)
+    for make in (lambda v: f"r{v}", int, lambda v: "".join(["x", str(v)]), Clash):
+        for n_prev, n_new in ((0, 5), (40, 0), (300, 320), (9, 9)):
+            prev = [make(int(v)) for v in rng.integers(0, 400, n_prev)]
+            new = [make(int(v)) for v in rng.integers(0, 400, n_new)]
+            want = dict(zip(prev, range(len(prev))))
+            at, unique = row_map(prev, new)
+            assert at.dtype == np.int64 and at.tolist() == [want.get(x, -1) for x in new]
+            assert unique == (len(set(new)) == len(new))
+    ids = [f"r{i}" for i in range(6)]
+    assert row_map(ids, ids[::-1])[0].tolist() == [5, 4, 3, 2, 1, 0]
+    assert row_map(ids, ids + ["r0"]) [1] is False
+    assert gather_list(ids, np.array([2, -1, 0], np.int64), None) == ["r2", None, "r0"]
+    with pytest.raises(ValueError, match=r"at\[1\]=6 is out of range for 6 items"):
+        gather_list(ids, np.array([0, 6], np.int64), None)
+    with pytest.raises(TypeError):
+        row_map(ids, [["unhashable"]])
 
 
 def test_spread_is_concat_with_empty_rows_then_take():
@@ -779,6 +817,41 @@ def test_rows_memo_outlives_other_requests_ends_not_its_own():
     lives, idx, seq_ids = d._rows(list(batch))
     assert seq_ids is not memo_rows[2] and lives[3] is d._live["r3"] and lives[3].problem_id == "p5"
     assert seq_ids[3] == d._live["r3"].seq_id != memo_rows[2][3]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rows_through_the_memo_equal_rows_looked_up(seed):
+    """From ROWMAP_MIN_ROWS rows on, a changed batch's rows are gathered from the memo
+    (``_rows_from``): rows moved, new ones, placeholders (``skip``), a request that ended
+    and an id that came back as another request resolve as a fresh lookup does; an ended
+    request still in the rows raises, naming it."""
+    d, rids, rng = _drafter(seed, requests=160)
+    fresh, _, _ = _drafter(seed, requests=160)  # (the same drafter: looked up row by row)
+    fresh.ROWMAP_MIN_ROWS = 10**9
+    batch = rids[:100]
+    d._rows(list(batch))
+    for k in range(6):
+        gone = batch[int(rng.integers(0, len(batch)))]
+        for x in (d, fresh):
+            x.finish_request(gone)
+        batch = [r for r in batch if r != gone]
+        if k % 2:  # the id comes back as another problem's request
+            prompt = rng.integers(0, 12, 30)
+            for x in (d, fresh):
+                x.start_request(gone, "p3", prompt)
+            batch.append(gone)
+        shift = int(rng.integers(0, len(batch)))
+        batch = batch[shift:] + batch[:shift] + rids[100 + 3 * k: 103 + 3 * k]
+        skip = set(batch[-2:]) if k == 4 else None
+        got, want = d._rows(list(batch), skip), fresh._rows(list(batch), skip)
+        assert [(lv.problem_id, lv.seq_id) for lv in got[0]] == [(lv.problem_id, lv.seq_id) for lv in want[0]]
+        assert all(lv is d._live[r] for r, lv in zip(batch, got[0]) if not skip or r not in skip)
+        assert got[1] == [None if lv.index is None else d._indices[lv.problem_id] for lv in got[0]]
+        assert got[2].tolist() == want[2].tolist()
+        assert (got[2] < 0).sum() == (2 if skip else 0)
+    with pytest.raises(ValueError, match="unknown req_id='r1'"):
+        d.finish_request("r1")
+        d._rows(["r1"] + batch[:80])
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -38,6 +38,7 @@ import numpy as np
 
 from das_sglang.core import budget_rows as R
 from das_sglang.core.policy_config import PolicyConfig
+from das_sglang.native import row_map
 
 
 def saturating_accept(budget, alpha: float, k: float):
@@ -414,7 +415,16 @@ class AcceptanceTracker:
             slots, known = memo[2], memo[3]
         else:  # (GLOBAL and unknown problems: -1, the prior)
             get = self._slot.get
-            slots = np.fromiter(map(get, problem_ids, repeat(-1, len(problem_ids))), np.int64, len(problem_ids))
+            n = len(problem_ids)
+            if (memo is not None and memo[1] == self._slot_version and type(problem_ids) is list
+                    and n >= R.ROWMAP_MIN_ROWS):
+                # the memo's problems read their slot from it, only the others are looked up
+                back = row_map(memo[0], problem_ids)[0]
+                slots = memo[2][np.maximum(back, 0)]
+                for i in np.flatnonzero(back < 0).tolist():
+                    slots[i] = get(problem_ids[i], -1)
+            else:
+                slots = np.fromiter(map(get, problem_ids, repeat(-1, n)), np.int64, n)
             known = slots >= 0
             self._slots_memo = (list(problem_ids), self._slot_version, slots, known)
         sums = self._sums.arr[slots]
@@ -531,12 +541,17 @@ def pending_rows(calibration, rows) -> tuple | None:
     return j[keep], pos[keep], budget[keep]
 
 
-def forget_finished(calibration, ids: list, live: set | None = None) -> None:
+def forget_finished(calibration, ids: list, live: set | None = None, n_live: int | None = None) -> None:
     """Drop the per-request ``_state`` of requests not in ``ids`` once it holds four times
-    as many (``live``: ``set(ids)``, if at hand)."""
-    if live is None:
-        live = set(ids)
-    if len(calibration._state) > 4 * max(len(live), 1):  # forget finished requests
+    as many (``live``: ``set(ids)``, if at hand; ``n_live``: its size, when known without
+    it -- the set is then made only when something is dropped)."""
+    if n_live is None:
+        if live is None:
+            live = set(ids)
+        n_live = len(live)
+    if len(calibration._state) > 4 * max(n_live, 1):  # forget finished requests
+        if live is None:
+            live = set(ids)
         calibration._state = {k: v for k, v in calibration._state.items() if k in live}
 
 

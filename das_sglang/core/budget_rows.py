@@ -18,6 +18,12 @@ import numpy as np
 
 from das_sglang.core.draft_tree import DraftBatch
 
+# The per-step parts keep per-row values for the latest rows they were asked about. When
+# a start or a finish changes the rows, from this many rows on they gather the values of
+# the rows they already had through ``native.row_map`` (one C pass) and look up only the
+# others; below it looking every row up costs about as much.
+ROWMAP_MIN_ROWS = 64
+
 
 class BudgetRows:
     """Columns of a plan's rows: ``req_ids``/``problem_ids`` (lists), ``generated``,

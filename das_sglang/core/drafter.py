@@ -33,11 +33,12 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
 from das_sglang.native import (
     MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
-    index_versions, padded_rows,
+    gather_list, index_versions, padded_rows, row_map,
 )
 
 # The step every sequence is filed under in the shared index: one native step slot, so it
@@ -273,6 +274,7 @@ class SuffixDrafter:
         # not registered yet); stale once one of its requests ends (a start only adds a
         # request, another's end leaves its rows what they are).
         self._rows_memo: tuple | None = None
+        self._rows_dead: set[str] = set()  # requests ended since the memo was made
         self._finished: dict[str, dict[int, list[int]]] = {}  # problem -> step -> seq_ids
         self._step_seqs: Counter[int] = Counter()  # registered sequences per step
         # History accounting for the max_history_tokens cap: tokens per finished sequence,
@@ -654,8 +656,15 @@ class SuffixDrafter:
         are looked up alone once their requests are registered (the caller must not change
         the arrays)."""
         memo = self._rows_memo
-        if skip is None and memo is not None and memo[0] == req_ids:
+        if memo is not None and self._rows_dead:
+            if (row_map(memo[0], list(self._rows_dead))[0] < 0).all():
+                self._rows_dead = set()  # (only requests outside the memo's rows ended)
+            elif skip is None and memo[0] == req_ids:
+                memo = None  # (a request of these rows ended: look them up, so an unknown one raises)
+        if memo is not None and not self._rows_dead and skip is None and memo[0] == req_ids:
             return self._fill_rows(memo) if memo[4] else (memo[1], memo[2], memo[3])
+        if memo is not None and type(req_ids) is list and len(req_ids) >= self.ROWMAP_MIN_ROWS:
+            return self._rows_from(memo, req_ids, skip)
         live = self._live
         pending = []
         if skip:  # placeholders (seq_id -1, no index) for the rows in skip, registered or not
@@ -676,6 +685,41 @@ class SuffixDrafter:
             seq_ids = np.fromiter(map(_seq_id_of, lives), dtype=np.int64, count=len(lives))
         if type(req_ids) is list:
             self._rows_memo = (list(req_ids), lives, idx, seq_ids, pending)
+            self._rows_dead = set()
+        return lives, idx, seq_ids
+
+    # Rows resolved through the latest memo (_rows_from) from this many rows on; below it
+    # looking every row up costs about as much.
+    ROWMAP_MIN_ROWS = ROWMAP_MIN_ROWS
+
+    def _rows_from(self, memo: tuple, req_ids: list, skip: set | None) -> tuple[list, list, np.ndarray]:
+        """:meth:`_rows` when some rows changed since the memo (a start or a finish): the
+        rows the memo resolved are gathered from it (``row_map``: one C pass), only the
+        others are looked up -- the same records, indexes and seq_ids. A memo row whose
+        request ended since (``_rows_dead``), or that was a placeholder there, is looked up
+        again; a row in ``skip`` is a placeholder whatever the memo says."""
+        m_ids, m_lives, m_idx, m_seq, _ = memo
+        back, _ = row_map(m_ids, req_ids)
+        if self._rows_dead:
+            back[row_map(list(self._rows_dead), req_ids)[0] >= 0] = -1
+        if skip:
+            back[row_map(list(skip), req_ids)[0] >= 0] = -1
+        seq_ids = np.where(back >= 0, m_seq[np.maximum(back, 0)], -1)
+        look = np.flatnonzero(seq_ids < 0).tolist()  # (new rows, and the memo's placeholders)
+        lives = gather_list(m_lives, back, _HOLE)
+        idx = gather_list(m_idx, back, None)
+        live = self._live
+        pending = []
+        for i in look:
+            r = req_ids[i]
+            lv = _HOLE if skip and r in skip else live.get(r, _HOLE)
+            if lv is _HOLE:
+                if not skip or r not in skip:
+                    self._request(r)  # raises, naming the unknown one
+                pending.append(i)
+            lives[i], idx[i], seq_ids[i] = lv, lv.index, lv.seq_id
+        self._rows_memo = (list(req_ids), lives, idx, seq_ids, pending)
+        self._rows_dead = set()
         return lives, idx, seq_ids
 
     def _fill_rows(self, memo: tuple) -> tuple[list, list, np.ndarray]:
@@ -809,9 +853,8 @@ class SuffixDrafter:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""
         live = self._request(req_id)
         del self._live[req_id]
-        memo = self._rows_memo
-        if memo is not None and req_id in memo[0]:
-            self._rows_memo = None  # (stale now: let go of what it holds)
+        if self._rows_memo is not None:
+            self._rows_dead.add(req_id)  # (its memo row, if any, is stale now: see _rows)
         in_window = live.step >= self._step - self.config.window_steps
         if keep and in_window:
             n = len(self._indices[live.problem_id].sequence_tokens(live.seq_id))
@@ -1064,10 +1107,8 @@ class SuffixDrafter:
             at = _positions(rows, seq_ids)  # (a placeholder's -1 is never a job row)
         ok = at >= 0
         j = at[ok]
-        if hole is not None and hole.any():  # (a placeholder has no index to read)
-            now = index_versions([idx[i] for i in np.flatnonzero(ok).tolist()])
-        else:
-            now = index_versions(idx if type(idx) is list else list(idx))[ok]
+        # (a placeholder's None index reads version 0; its row is not ok here anyway)
+        now = index_versions(idx if type(idx) is list else list(idx))[ok]
         ok[ok] = (versions[j] == now) & (budgets[j] == b[ok])
         if not ok.any():
             return None

@@ -37,7 +37,8 @@ import numpy as np
 import numpy.ma  # noqa: F401
 
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import LengthIndex, length_remaining
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS
+from das_sglang.native import LengthIndex, length_remaining, row_map
 
 SHORT, MEDIUM, LONG = 0, 1, 2
 CLASS_NAMES = ("short", "medium", "long")
@@ -397,7 +398,18 @@ class LengthPredictor(_LengthQueries):
         known = len(self._pids)
         if memo is not None and memo[0] is problem_ids and memo[1] == self._numbering and memo[2] == known:
             return memo[3]
-        rows = np.fromiter(map(self._pid_index.get, problem_ids, repeat(-1)), np.int64, len(problem_ids))
+        n = len(problem_ids)
+        if (memo is not None and memo[1] == self._numbering and memo[2] == known
+                and type(problem_ids) is list and n >= ROWMAP_MIN_ROWS):
+            # Another list (a start or a finish changed the rows): the problems the memo's
+            # list has read their index from it (one C pass), only the others are looked up.
+            back = row_map(memo[0], problem_ids)[0]
+            rows = memo[3][np.maximum(back, 0)]
+            get = self._pid_index.get
+            for i in np.flatnonzero(back < 0).tolist():
+                rows[i] = get(problem_ids[i], -1)
+        else:
+            rows = np.fromiter(map(self._pid_index.get, problem_ids, repeat(-1)), np.int64, n)
         if type(problem_ids) is list:
             self._rows_memo = (problem_ids, self._numbering, known, rows)
         return rows

@@ -45,7 +45,7 @@ from das_sglang.core.acceptance import (
     OutcomeCalibration, _bin, _n_bins, forget_finished, pending_rows, remember_plan,
 )
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import online_add, online_curves, online_table, online_update
+from das_sglang.native import online_add, online_curves, online_table, online_update, row_map
 
 N_MATCH_BINS = 6  # match length <= 1 (or unknown), 2-3, 4-7, 8-15, 16-31, 32+
 
@@ -249,21 +249,33 @@ class OnlineCalibration:
         n = len(ids)
         prev = self._row_states
         same = prev is not None and self._rows_unique and (prev[0] is ids or prev[0] == ids)
-        live = None
         if same:
             states = prev[1]
         else:
-            live = set(ids)
-            if len(live) != n:  # (a request twice in the rows: the reference path's rule)
+            # Rows changed (a start or a finish): the rows the latest update also had read
+            # their state from its array (newer than the dict, which it is flushed into),
+            # only the others from the dict; row_map also says whether each request is
+            # there once.
+            state = self._states
+            if prev is not None and self._rows_unique:
+                back, unique = row_map(prev[0], ids)
+                if unique:
+                    states = prev[1][np.maximum(back, 0)]
+                    for i in np.flatnonzero(back < 0).tolist():
+                        states[i] = state.get(ids[i], 0)
+            else:
+                unique = len(set(ids)) == n
+                if unique:
+                    state = self._state
+                    states = np.fromiter(map(state.get, ids, repeat(0, n)), np.int64, n)
+            if not unique:  # (a request twice in the rows: the reference path's rule)
                 self._update_rows(rows)
                 return
-            state = self._state
-            states = np.fromiter(map(state.get, ids, repeat(0, n)), np.int64, n)
         index = self._pending
         if len(index) == len(ids) and self._pending_ids == ids:
             at = None  # the planned rows again, in order
-        else:
-            at = np.fromiter(map(index.get, ids, repeat(-1, n)), np.int64, n)
+        else:  # (the planned row of each request: the later one, as the plan's dict has it)
+            at = row_map(self._pending_ids, ids)[0] if index else np.full(n, -1, np.int64)
         new, added = online_update(
             self._cells, self._decay, at, np.ascontiguousarray(R.generated(rows), dtype=np.int64), states,
             np.ascontiguousarray(self._pending_budget, dtype=np.int64),
@@ -276,10 +288,11 @@ class OnlineCalibration:
                 self._rows_dirty = True
             self._row_states = (ids, new)
             return
+        state = self._state  # (flushed: the dict is the latest update's truth from here)
         if added:
             changed = np.flatnonzero(new != states).tolist()
             state.update(zip([ids[i] for i in changed], new[changed].tolist()))
-        forget_finished(self, ids, live)
+        forget_finished(self, ids, n_live=n)
         self._row_states = (ids, new)
         self._rows_unique = True
 
@@ -404,7 +417,7 @@ class ProbeSchedule:
     def due(self, rows) -> np.ndarray:
         ids = R.req_ids(rows)
         cached = self._cached(ids)
-        last = cached[1] if cached is not None else self._last_of(ids)
+        last = cached[1] if cached is not None else self._last_of(ids, self._rows_last)
         return self._plans - last >= self.config.probe_every
 
     def _cached(self, ids) -> tuple | None:
@@ -412,9 +425,19 @@ class ProbeSchedule:
         cached = self._rows_last
         return cached if cached is not None and cached[0] == ids else None
 
-    def _last_of(self, ids) -> np.ndarray:
+    def _last_of(self, ids, near: tuple | None = None) -> np.ndarray:
+        """Each request's ``_last`` value (``near``: the latest rows' cache, each request
+        once there: the requests it holds read their values from it)."""
         never = -self.config.probe_every  # a new request is due at once
-        return np.fromiter(map(self._last.get, ids, repeat(never, len(ids))), np.int64, len(ids))
+        n = len(ids)
+        if near is not None and near[2] and type(ids) is list and n >= R.ROWMAP_MIN_ROWS:
+            back = row_map(near[0], ids)[0]
+            out = near[1][np.maximum(back, 0)]
+            get = self._last.get
+            for i in np.flatnonzero(back < 0).tolist():
+                out[i] = get(ids[i], never)
+            return out
+        return np.fromiter(map(self._last.get, ids, repeat(never, n)), np.int64, n)
 
     def affordable(self, cost_s: float) -> bool:
         return self.spent_s + cost_s <= self.config.probe_share * self.total_s

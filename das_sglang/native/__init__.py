@@ -35,7 +35,10 @@ bin_before, bin_size)`` adds one plan's verify outcomes to the online calibratio
 length predictor's per-row group query (``_LengthQueries.predict_many``): ``(remaining, class)``.
 ``LengthIndex(fixed, a, b)`` is the length predictor's incremental query index (``add`` one
 finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
-``index_versions(indices)`` is every index's ``version`` in one call (uint64 array).
+``index_versions(indices)`` is every index's ``version`` in one call (uint64 array; None reads 0).
+``row_map(prev, new)`` is, per item of ``new``, the index of its last equal item in ``prev`` (-1: none)
+plus whether ``new`` holds each item once; ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
+fill for j in at]``: the per-step parts gather their latest rows' values through them.
 ``padded_rows(tokens, lens)`` is ``TokenRows.from_padded`` in one pass: ``(flat, offsets)``, None on bad input.
 ``draft_select(offsets, rows, keep, tokens, parents, probs, depths, match_len)`` is DraftBatch's
 ``take`` / ``take_rows`` / ``truncate`` in one pass (rows None: every row; -1: an empty row;
@@ -58,6 +61,7 @@ from das_sglang.native._suffix import (
     extend_batch,
     extend_draft_rows,
     extend_draft_rows_start,
+    gather_list,
     index_versions,
     length_remaining,
     node_reserve_bytes,
@@ -69,11 +73,12 @@ from das_sglang.native._suffix import (
     padded_rows,
     ragged_layout,
     ragged_mask_index,
+    row_map,
     set_background_nice,
     set_node_reserve_bytes,
 )
 
 __all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
-           "ragged_layout", "ragged_mask_index", "set_background_nice", "set_node_reserve_bytes"]
+           "gather_list", "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
+           "ragged_layout", "ragged_mask_index", "row_map", "set_background_nice", "set_node_reserve_bytes"]

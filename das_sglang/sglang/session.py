@@ -17,11 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from das_sglang.core.budget_rows import BudgetRows
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows
 from das_sglang.core.draft_tree import DraftBatch
 from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
 from das_sglang.core.snapshot import TokenGroup
+from das_sglang.native import gather_list, row_map
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
     PROBLEM_KEY,  # noqa: F401  (re-exported)
@@ -270,6 +271,7 @@ class DasSession:
         # a request starts or ends.
         self._rows_memo: tuple | None = None
         self._live_version = 0
+        self._rows_dead: set[str] = set()  # requests ended since the memo was made
         self._root_only: set[str] = set()  # live requests verified at width 0
         # Starts and finishes not yet handed to the drafter (_release_deferred): (function,
         # arguments) in event order, and the deferred starts' req_ids.
@@ -421,8 +423,7 @@ class DasSession:
             self._root_only.add(req_id)
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), self._counts,
                                   root_only, prompt_arr)
-        self._live_version += 1
-        self._rows_memo = None  # (stale now: let go of what it holds)
+        self._live_version += 1  # (the memo's rows stay theirs: see _rows_from)
         if self.shards is not None:
             self.shards.on_start(pid, step)  # lazy load of a problem this engine lacks
 
@@ -602,6 +603,8 @@ class DasSession:
         memo = self._rows_memo
         if memo is not None and memo[1] == self._live_version and memo[0] == req_ids:
             return memo[2:]
+        if memo is not None and type(req_ids) is list and len(req_ids) >= self.ROWMAP_MIN_ROWS:
+            return self._rows_from(memo, req_ids)
         live = self.live
         try:
             lives = [live[r] for r in req_ids]
@@ -615,6 +618,34 @@ class DasSession:
                 slots, len(set(req_ids)) == n)
         if type(req_ids) is list:
             self._rows_memo = (list(req_ids), self._live_version, *rows)
+            self._rows_dead = set()
+        return rows
+
+    # Rows resolved through the latest memo (_rows_from) from this many rows on.
+    ROWMAP_MIN_ROWS = ROWMAP_MIN_ROWS
+
+    def _rows_from(self, memo: tuple, req_ids: list) -> tuple:
+        """:meth:`_rows` when requests started or ended since the memo: the rows it
+        resolved are gathered from it (``row_map``, one C pass), only the others (new
+        requests, and those that ended since -- ``_rows_dead``: an id may come back as
+        another request) are looked up. The same records, columns and slots."""
+        m_ids, _, m_lives, m_pids, _, _, m_slots, _ = memo
+        back, unique = row_map(m_ids, req_ids)
+        if self._rows_dead:
+            back[row_map(list(self._rows_dead), req_ids)[0] >= 0] = -1
+        lives = gather_list(m_lives, back, None)
+        pids = gather_list(m_pids, back, None)
+        slots = m_slots[np.maximum(back, 0)]
+        live = self.live
+        for i in np.flatnonzero(back < 0).tolist():
+            lv = live.get(req_ids[i])
+            if lv is None:
+                raise ValueError(f"unknown req_id={req_ids[i]!r}: not started or already finished")
+            lives[i], pids[i], slots[i] = lv, lv.problem_id, lv.slot
+        counts = self._counts
+        rows = (lives, pids, counts.max_new[slots], counts.prompt_len[slots], slots, unique)
+        self._rows_memo = (list(req_ids), self._live_version, *rows)
+        self._rows_dead = set()
         return rows
 
     def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[DraftBatch, int]:
@@ -890,7 +921,8 @@ class DasSession:
         if not defer:
             self._release_deferred()  # (its own start, if still deferred, comes first)
         self._live_version += 1
-        self._rows_memo = None  # (stale now: let go of what it holds)
+        if self._rows_memo is not None:
+            self._rows_dead.add(req_id)  # (its memo row, if any, is stale now: see _rows_from)
         self._root_only.discard(req_id)
         output = list(output)[: live.max_new_tokens]
         what = f"text of req_id={req_id!r}"
@@ -959,7 +991,8 @@ class DasSession:
         if live is not None:
             self._counts.give(live.slot)
             self._live_version += 1
-            self._rows_memo = None  # (stale now: let go of what it holds)
+            if self._rows_memo is not None:
+                self._rows_dead.add(req_id)
             self.sync()
             self.drafter.finish_request(req_id, keep=False)
             if self.shards is not None:

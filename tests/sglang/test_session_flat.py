@@ -186,3 +186,94 @@ def test_start_off_thread_checks_on_the_scheduler_thread():
     assert tree.tokens.tolist()[:4] == [1, 2, 3, 4]  # drafts from a's history
     assert "b" not in s.live
     s.close()
+
+
+def _drive_shuffled(session, seed, steps=40, batch=80):
+    """Decode traffic at a batch past ROWMAP_MIN_ROWS whose rows move between steps (SGLang
+    filters finished requests out and appends new ones; here the rows are also rotated),
+    with finishes, a drop, a finished id started again as another request, GRPO siblings
+    and a weight update; returns every plan's trees and width."""
+    rng = np.random.default_rng(seed)
+    texts = {f"p{i}": rng.integers(0, 8, 150).tolist() for i in range(9)}
+    live, out, n = {}, [], 0
+    order: list[str] = []
+    ended: list[str] = []
+    for step in range(steps):
+        if step == 20:
+            session.weights_updated()
+        ended = ended[-1:] if step % 2 == 0 else []  # (one that ended in the previous step)
+        while len(live) < batch:
+            # (every 2nd step an id that ended in the step before comes back as another
+            # problem's request, before the next plan)
+            again = bool(step % 2 == 0 and ended)
+            rid = ended.pop() if again else f"r{n}"
+            pid = f"p{(n // 8 + 4 * again) % 9}"  # (groups of 8 siblings)
+            session.start(rid, {"das_problem_id": pid}, [9, 9, n % 3], [], 100)
+            live[rid] = (pid, 0, n % 3)
+            order.append(rid)
+            n += 1
+        if step % 3 == 1:
+            k = int(rng.integers(1, len(order)))
+            order = order[k:] + order[:k]
+        trees, width = session.plan(list(order), 8)
+        out.append(([(t.tokens.tolist(), t.parents.tolist(), t.probs.tolist(), t.match_len) for t in trees],
+                    width))
+        commits = []
+        for rid, tree in zip(order, trees):
+            pid, pos, p = live[rid]
+            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
+            commits.append(texts[pid][pos: pos + k + 1])
+            live[rid] = (pid, pos + k + 1, p)
+        session.committed_batch(list(order), [len(t) for t in trees], commits)
+        for rid in list(order):
+            pid, pos, p = live[rid]
+            if pos >= 30 + 9 * (int(rid[1:]) % 5) or (step == 7 and rid == order[3]):
+                if step == 7 and rid == order[3]:
+                    session.drop(rid)
+                else:
+                    session.finished(rid, [9, 9, p], texts[pid][:pos])
+                del live[rid]
+                order.remove(rid)
+                ended.append(rid)
+    return out
+
+
+def test_rows_gathered_through_row_map_equal_rows_looked_up(monkeypatch):
+    """The per-step parts that keep the latest rows' values (the session's and the
+    drafter's rows, the online calibration's states, the probe schedule, the length rows,
+    the calibration slots, the draft sizes) gather them through ``native.row_map`` when a
+    start or a finish changed the rows; the plans are those of looking every row up."""
+    from das_sglang.core import budget_rows
+    from das_sglang.core.drafter import SuffixDrafter
+
+    cfg = json.dumps({"server": {"policy": "length-aware"}, "policy": {"draft_headroom_min_rows": 0},
+                      "drafter": {"window_steps": 2}})
+    runs = []
+    for threshold in (10**9, 64):
+        monkeypatch.setattr(budget_rows, "ROWMAP_MIN_ROWS", threshold)
+        monkeypatch.setattr(DasSession, "ROWMAP_MIN_ROWS", threshold)
+        monkeypatch.setattr(SuffixDrafter, "ROWMAP_MIN_ROWS", threshold)
+        s = DasSession(load_options(9, cfg))
+        if s.policy.lengths is not None:
+            s.policy.lengths.background = False
+        gathered = []
+        if threshold == 64:  # (the row map does run)
+            for cls, name in ((DasSession, "_rows_from"), (SuffixDrafter, "_rows_from")):
+                orig = getattr(cls, name)
+                monkeypatch.setattr(cls, name, lambda self, *a, _o=orig, _n=name: (gathered.append(_n), _o(self, *a))[1])
+        orig_start = s.start
+        restarted = [0]
+
+        def start(rid, *a, _seen=set(), **k):
+            restarted[0] += rid in _seen
+            _seen.add(rid)
+            return orig_start(rid, *a, **k)
+
+        s.start = start
+        plans = _drive_shuffled(s, seed=3)
+        runs.append((plans, s.policy.outcomes._state, dict(s.policy.probes._last), gathered))
+        s.close()
+    (a, state_a, last_a, _), (b, state_b, last_b, gathered) = runs
+    assert len(gathered) > 20 and sum(len(t[0]) for trees, _ in a for t in trees) > 500
+    assert restarted[0] >= 3  # (ids did come back)
+    assert a == b and state_a == state_b and last_a == last_b

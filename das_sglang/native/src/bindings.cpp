@@ -1489,17 +1489,117 @@ nb::tuple length_index_query(LengthIndex& self, nb::handle g_h, nb::handle cap_h
                         to_numpy_moved(std::move(c0)));
 }
 
-// Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows.
+// Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows;
+// a None item (a placeholder row, no index) reads 0.
 nb::object index_versions(nb::list indices) {
   const size_t n = nb::len(indices);
   std::vector<uint64_t> out(n);
   for (size_t r = 0; r < n; ++r) {
+    if (indices[r].is_none()) {
+      out[r] = 0;
+      continue;
+    }
     const SuffixIndex* s;
     if (!nb::try_cast<const SuffixIndex*>(indices[r], s) || s == nullptr)
       throw nb::value_error(("index_versions: item " + std::to_string(r) + " is not a SuffixIndex").c_str());
     out[r] = s->version();
   }
   return nb::cast(to_numpy_moved(std::move(out)));
+}
+
+// row_map(prev, new): for each item of ``new``, the index of its LAST equal item in
+// ``prev`` (-1: none), and whether ``new`` holds each item once -- what
+// ``dict(zip(prev, range(len(prev))))`` and ``len(set(new)) == len(new)`` give, in one C pass
+// (Python's hash and ==; a str caches its hash). The per-step parts that keep per-row
+// arrays for the latest rows gather them through it when a start or a finish changed the
+// rows, instead of looking every row up in a dict again.
+class ItemTable {
+ public:
+  explicit ItemTable(size_t n) {
+    size_t cap = 16;
+    while (cap < 2 * n + 1) cap <<= 1;
+    mask_ = cap - 1;
+    slots_.assign(cap, Slot{nullptr, 0, -1});
+  }
+  // index stored for an item equal to ``item`` (-1: none); ``put`` stores ``at`` for it
+  // (overwriting an equal item's); returns the index it held before (-1: none).
+  int64_t find_or_put(PyObject* item, Py_hash_t h, int64_t at, bool put) {
+    size_t i = size_t(h) & mask_;
+    while (true) {
+      Slot& s = slots_[i];
+      if (s.at < 0) {
+        if (put) s = Slot{item, h, at};
+        return -1;
+      }
+      if (s.hash == h) {
+        int eq = s.item == item ? 1 : PyObject_RichCompareBool(s.item, item, Py_EQ);
+        if (eq < 0) throw nb::python_error();
+        if (eq) {
+          int64_t was = s.at;
+          if (put) s.at = at;
+          return was;
+        }
+      }
+      i = (i + 1) & mask_;
+    }
+  }
+
+ private:
+  struct Slot {
+    PyObject* item;
+    Py_hash_t hash;
+    int64_t at;
+  };
+  std::vector<Slot> slots_;
+  size_t mask_;
+};
+
+nb::tuple row_map(nb::handle prev, nb::handle now) {
+  nb::object pf = nb::steal(PySequence_Fast(prev.ptr(), "row_map: prev must be a sequence"));
+  if (!pf.is_valid()) throw nb::python_error();
+  nb::object nf = nb::steal(PySequence_Fast(now.ptr(), "row_map: new must be a sequence"));
+  if (!nf.is_valid()) throw nb::python_error();
+  const Py_ssize_t np_ = PySequence_Fast_GET_SIZE(pf.ptr()), nn = PySequence_Fast_GET_SIZE(nf.ptr());
+  PyObject** pi = PySequence_Fast_ITEMS(pf.ptr());
+  PyObject** ni = PySequence_Fast_ITEMS(nf.ptr());
+  ItemTable old{static_cast<size_t>(np_)}, seen{static_cast<size_t>(nn)};
+  for (Py_ssize_t i = 0; i < np_; ++i) {
+    Py_hash_t h = PyObject_Hash(pi[i]);
+    if (h == -1 && PyErr_Occurred()) throw nb::python_error();
+    old.find_or_put(pi[i], h, i, true);
+  }
+  std::vector<int64_t> at(static_cast<size_t>(nn));
+  bool unique = true;
+  for (Py_ssize_t i = 0; i < nn; ++i) {
+    Py_hash_t h = PyObject_Hash(ni[i]);
+    if (h == -1 && PyErr_Occurred()) throw nb::python_error();
+    at[size_t(i)] = old.find_or_put(ni[i], h, 0, false);
+    if (unique && seen.find_or_put(ni[i], h, i, true) >= 0) unique = false;
+  }
+  return nb::make_tuple(to_numpy_moved(std::move(at)), unique);
+}
+
+// gather_list(src, at, fill): [src[j] if j >= 0 else fill for j in at], in one C pass.
+nb::list gather_list(nb::handle src, nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> at,
+                     nb::handle fill) {
+  nb::object sf = nb::steal(PySequence_Fast(src.ptr(), "gather_list: src must be a sequence"));
+  if (!sf.is_valid()) throw nb::python_error();
+  const Py_ssize_t ns = PySequence_Fast_GET_SIZE(sf.ptr());
+  PyObject** si = PySequence_Fast_ITEMS(sf.ptr());
+  const size_t n = at.shape(0);
+  const int64_t* a = at.data();
+  for (size_t i = 0; i < n; ++i)
+    if (a[i] >= ns)
+      throw nb::value_error(("gather_list: at[" + std::to_string(i) + "]=" + std::to_string(a[i]) +
+                             " is out of range for " + std::to_string(ns) + " items").c_str());
+  PyObject* out = PyList_New(Py_ssize_t(n));
+  if (out == nullptr) throw nb::python_error();
+  for (size_t i = 0; i < n; ++i) {
+    PyObject* item = a[i] >= 0 ? si[a[i]] : fill.ptr();
+    Py_INCREF(item);
+    PyList_SET_ITEM(out, Py_ssize_t(i), item);
+  }
+  return nb::steal<nb::list>(out);
 }
 
 // add_sequence / extend of at least this many tokens drop the GIL (below it the release
@@ -1768,6 +1868,11 @@ NB_MODULE(_suffix, m) {
       .def_prop_ro("num_lengths", &LengthIndex::num_lengths)
       .def("memory_bytes", &LengthIndex::memory_bytes)
       .def_ro_static("MAX_LENGTH", &LengthIndex::kMaxLength);
+  m.def("row_map", &row_map, nb::arg("prev"), nb::arg("new"),
+        "For each item of new, the index of its last equal item in prev (-1: none), and whether new "
+        "holds each item once: (int64 array, bool).");
+  m.def("gather_list", &gather_list, nb::arg("src"), nb::arg("at"), nb::arg("fill").none(),
+        "[src[j] if j >= 0 else fill for j in at] (at: int64).");
   m.def("index_versions", &index_versions, nb::arg("indices"),
         "Every index's SuffixIndex.version, in list order (uint64).");
   m.def("lookahead_per_row", &lookahead_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"),
