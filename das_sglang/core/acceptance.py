@@ -541,15 +541,17 @@ def pending_rows(calibration, rows) -> tuple | None:
     return j[keep], pos[keep], budget[keep]
 
 
-def forget_finished(calibration, ids: list, live: set | None = None, n_live: int | None = None) -> None:
+def forget_finished(calibration, ids: list, live: set | None = None, n_live: int | None = None,
+                    size: int | None = None) -> None:
     """Drop the per-request ``_state`` of requests not in ``ids`` once it holds four times
     as many (``live``: ``set(ids)``, if at hand; ``n_live``: its size, when known without
-    it -- the set is then made only when something is dropped)."""
+    it -- the set is then made only when something is dropped; ``size``: how many states
+    it holds, when known without reading it)."""
     if n_live is None:
         if live is None:
             live = set(ids)
         n_live = len(live)
-    if len(calibration._state) > 4 * max(n_live, 1):  # forget finished requests
+    if (len(calibration._state) if size is None else size) > 4 * max(n_live, 1):  # forget finished requests
         if live is None:
             live = set(ids)
         calibration._state = {k: v for k, v in calibration._state.items() if k in live}

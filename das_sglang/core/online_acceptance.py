@@ -119,6 +119,7 @@ class OnlineCalibration:
         self._bin_size = np.array([(self._rank_bin == k).sum() for k in range(n_bins)], np.int64)
         # the latest update's rows (their req_ids list) and each one's state after it
         self._row_states: tuple | None = None
+        self._rows_split = False  # (_update_native: the rows that left were written, not the rest)
         hl = config.outcome_halflife
         self._decay = 0.5 ** (1.0 / hl) if hl > 0 else 1.0
         self._table: np.ndarray | None = None
@@ -139,7 +140,10 @@ class OnlineCalibration:
     def _flush_row_states(self) -> None:
         if self._rows_dirty:
             ids, states = self._row_states
-            self._states.update(zip(ids, states.tolist()))
+            # (0, no outcome yet, is what the dict reads for a request it lacks: and a
+            # state, once set, is never 0 again)
+            at = np.flatnonzero(states).tolist()
+            self._states.update(zip([ids[i] for i in at], states[at].tolist()))
             self._rows_dirty = False
 
     # ---- updates -------------------------------------------------------------------------
@@ -253,9 +257,10 @@ class OnlineCalibration:
             states = prev[1]
         else:
             # Rows changed (a start or a finish): the rows the latest update also had read
-            # their state from its array (newer than the dict, which it is flushed into),
-            # only the others from the dict; row_map also says whether each request is
-            # there once.
+            # their state from its array (newer than the dict), only the others from the
+            # dict; row_map also says whether each request is there once. The dict is
+            # written only for the rows that left the array (else their state would be
+            # lost); the array stays the truth for its rows (flushed when read, _state).
             state = self._states
             if prev is not None and self._rows_unique:
                 back, unique = row_map(prev[0], ids)
@@ -263,6 +268,11 @@ class OnlineCalibration:
                     states = prev[1][np.maximum(back, 0)]
                     for i in np.flatnonzero(back < 0).tolist():
                         states[i] = state.get(ids[i], 0)
+                    if self._rows_dirty:
+                        left = np.flatnonzero((row_map(ids, prev[0])[0] < 0) & (prev[1] != 0)).tolist()
+                        old_ids = prev[0]
+                        state.update(zip([old_ids[i] for i in left], prev[1][left].tolist()))
+                    self._rows_split = True
             else:
                 unique = len(set(ids)) == n
                 if unique:
@@ -287,6 +297,13 @@ class OnlineCalibration:
             if added:
                 self._rows_dirty = True
             self._row_states = (ids, new)
+            return
+        if self._rows_split:  # (the rows that left are in the dict: the array is these rows' truth)
+            self._rows_split = False
+            self._row_states = (ids, new)
+            self._rows_unique = True
+            self._rows_dirty = True
+            forget_finished(self, ids, n_live=n, size=len(self._states))
             return
         state = self._state  # (flushed: the dict is the latest update's truth from here)
         if added:
