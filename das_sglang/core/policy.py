@@ -233,8 +233,10 @@ class _ModelBased(_Observing):
         # they read changed)
         self._read_ahead: list | None = None
         self._prepared: tuple | None = None
-        # the latest plan's budgets (req_id -> row, budgets) for draft_sizes
+        # the latest plan's budgets (req_id -> row, budgets) for draft_sizes, and the cap it
+        # was last asked for (the plan's bookkeeping makes the sizes for it)
         self._latest: tuple[dict, np.ndarray] | None = None
+        self._sizes_cap: int | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
@@ -492,7 +494,9 @@ class _ModelBased(_Observing):
         pos = None  # the rows' plan_rows: built once for both users
         if self.config.draft_headroom > 0 and hasattr(self, "draft_sizes"):
             pos = plan_rows(rows)
-            self._latest = (R.req_ids(rows), pos, np.asarray(budgets, dtype=np.int64).reshape(-1).copy(), {})
+            b = np.asarray(budgets, dtype=np.int64).reshape(-1).copy()
+            cap = self._sizes_cap
+            self._latest = (R.req_ids(rows), pos, b, {} if cap is None else {cap: self._same_sizes(b, cap)})
         if self.config.curve_mode in ("outcome", "online"):
             self._outcomes.planned(rows, budgets, base, pos)
         budgets = np.asarray(budgets)
@@ -531,16 +535,15 @@ class LengthAware(_ModelBased):
         ids, pos, budgets, same = latest
         n = len(req_ids)
         floor = min(max(1, cfg.probe_budget), cap)
+        self._sizes_cap = cap
         if len(pos) == n and ids == req_ids:  # the plan's rows (the feedback after it; a step without finishes)
             # Asked twice or more per plan (the feedback's pre-draft, the next plan while no
             # request starts or ends): made once per plan and cap, read-only (~0.15 ms at 512
-            # rows cold, per call).
+            # rows cold, per call) -- by the plan's bookkeeping for the latest cap asked
+            # (_remember: off the path, during the verify forward; ~40 us at 512 rows).
             sizes = same.get(cap)
             if sizes is None:
-                sizes = np.ceil(cfg.draft_headroom * budgets).astype(np.int64)
-                np.clip(sizes, floor, cap, out=sizes)
-                sizes.flags.writeable = False
-                same[cap] = sizes
+                sizes = same[cap] = self._same_sizes(budgets, cap)
             return sizes
         if type(req_ids) is list and n >= R.ROWMAP_MIN_ROWS:
             at = row_map(ids, req_ids)[0]  # (the later row of a request twice, as pos has it)
@@ -549,6 +552,14 @@ class LengthAware(_ModelBased):
         # (a plan has rows: budgets is never empty; rows not in it read row 0, then get cap)
         sizes = np.ceil(cfg.draft_headroom * budgets[np.maximum(at, 0)]).astype(np.int64)
         return np.where(at >= 0, np.clip(sizes, floor, cap), cap)
+
+    def _same_sizes(self, budgets: np.ndarray, cap: int) -> np.ndarray:
+        """:meth:`draft_sizes` of the latest plan's own rows (read-only)."""
+        cfg = self.config
+        sizes = np.ceil(cfg.draft_headroom * budgets).astype(np.int64)
+        np.clip(sizes, min(max(1, cfg.probe_budget), cap), cap, out=sizes)
+        sizes.flags.writeable = False
+        return sizes
 
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         self.settle_plan()
