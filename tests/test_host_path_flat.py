@@ -956,3 +956,26 @@ def test_native_select_refuses_bad_input_naming_it():
         call(tokens=b.tokens.astype(np.int64))
     with pytest.raises(ValueError, match="one entry per node"):
         call(probs=b.probs[:-1])
+
+
+def test_as_tokens_fast_path_equals_numpys():
+    """``as_tokens`` converts a list / tuple of Python ints in one C pass
+    (``native.int32_tokens``): the same int32 array as numpy's conversion; anything else
+    (bools, numpy scalars, out-of-range ids, nested lists) takes the numpy path, which
+    converts it or raises naming the bad value."""
+    from das_sglang.core.drafter import as_tokens
+    from das_sglang.native import int32_tokens
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 2**31 - 1, 300).tolist() + [0, 2**31 - 1]
+    for seq in (ids, tuple(ids), [], [7]):
+        got = as_tokens(seq, "t")
+        assert got.dtype == np.int32 and got.tolist() == list(seq)
+        assert int32_tokens(seq) is not None
+    for odd in ([True, 2], [np.int64(3), 4], [1, -1], [2**31], [1, 2**70], [[1]], [1.0], "abc", np.arange(3)):
+        assert int32_tokens(odd) is None
+    assert as_tokens([np.int64(3), 4], "t").tolist() == [3, 4]  # (numpy path: converted)
+    for bad, msg in (([1, -1], r"in \[0, 2\*\*31\), got -1\.\.1"), ([2**31], "2147483648"),
+                     ([[1]], "expected a 1-D sequence"), ([1.5], "dtype=float64")):
+        with pytest.raises(ValueError, match=msg):
+            as_tokens(bad, "t")

@@ -38,7 +38,7 @@ from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
 from das_sglang.native import (
     MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
-    gather_list, index_versions, padded_rows, row_map,
+    gather_list, index_versions, int32_tokens, padded_rows, row_map,
 )
 
 # The step every sequence is filed under in the shared index: one native step slot, so it
@@ -107,6 +107,8 @@ def as_tokens(tokens: object, what: str) -> np.ndarray:
     """Validated 1-D int32 copy-free view where possible; ValueError names the bad value."""
     if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32 and tokens.ndim == 1:
         arr = tokens
+    elif (type(tokens) is list or type(tokens) is tuple) and (arr := int32_tokens(tokens)) is not None:
+        return arr  # (every item a Python int in range: converted in one C pass)
     else:
         arr = np.asarray(tokens)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):

@@ -39,6 +39,7 @@ finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 ``row_map(prev, new)`` is, per item of ``new``, the index of its last equal item in ``prev`` (-1: none)
 plus whether ``new`` holds each item once; ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
 fill for j in at]``: the per-step parts gather their latest rows' values through them.
+``int32_tokens(seq)`` is a list / tuple of Python ints in [0, 2**31) as int32 (None otherwise: ``as_tokens``' fast path).
 ``padded_rows(tokens, lens)`` is ``TokenRows.from_padded`` in one pass: ``(flat, offsets)``, None on bad input.
 ``draft_select(offsets, rows, keep, tokens, parents, probs, depths, match_len)`` is DraftBatch's
 ``take`` / ``take_rows`` / ``truncate`` in one pass (rows None: every row; -1: an empty row;
@@ -63,6 +64,7 @@ from das_sglang.native._suffix import (
     extend_draft_rows_start,
     gather_list,
     index_versions,
+    int32_tokens,
     length_remaining,
     node_reserve_bytes,
     lookahead_per_row,
@@ -80,5 +82,5 @@ from das_sglang.native._suffix import (
 
 __all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "gather_list", "index_versions", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
+           "gather_list", "index_versions", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
            "ragged_layout", "ragged_mask_index", "row_map", "set_background_nice", "set_node_reserve_bytes"]
