@@ -777,3 +777,47 @@ def test_boundary_mid_batch_queues_the_drafter_advance_behind_the_steps_starts()
     tracked = set(s.policy.acceptance.problem_ids())
     assert tracked <= s.drafter.history_problems() | {lv.problem_id for lv in s.live.values()}
     s.close()
+
+
+def test_boundary_mid_batch_defers_the_length_windows_advance_to_the_forward():
+    """With a batch decoding, a step boundary leaves the policy's advance (the length
+    window's removals) to the next forward's outcome job: the plan right after the boundary
+    predicts from the window as it was, the lengths leave during that forward, and a finish
+    before that forward applies the advance first, so its length is filed at the new step.
+    An idle boundary applies at once."""
+    cfg = {"drafter": {"window_steps": 2}, "policy": {"length_window_steps": 1},
+           "server": {"policy": "length-aware", "async_updates": True}}
+    s = DasSession(load_options(9, json.dumps(cfg)))
+    lengths = s.policy.lengths
+    lengths.background = False
+    n = s.DEFER_START_MIN_ROWS + 8
+    rids = [f"r{i}" for i in range(n)]
+    for i, r in enumerate(rids):
+        s.start(r, {"das_problem_id": f"p{i % 4}"}, [7, 8, i % 4], [], 300)
+    s.plan(rids, 8)
+    s.before_forward()
+    s.committed_batch(rids, [0] * n, [[1]] * n)
+    for r in rids[:4]:
+        s.finished(r, [7, 8, int(r[1:]) % 4], [1] * (50 + int(r[1:])))  # lengths at step 0
+    rows = rids[4:]
+    s.weights_updated()  # step 1: the window (1 step) still holds step 0's lengths
+    assert s.step == 1 and s._policy_advance == 1 and lengths.num_lengths == 4
+    s.plan(rows, 8)  # (predicts from step 0's lengths)
+    assert lengths.num_lengths == 4
+    s.before_forward()  # the outcome job takes the advance
+    s.committed_batch(rows, [0] * len(rows), [[1]] * len(rows))  # (waits for it)
+    assert s._policy_advance is None and lengths.num_lengths == 4  # (window 1: step 0 stays)
+    s.weights_updated()  # step 2: step 0 leaves the window, at the next forward
+    assert s._policy_advance == 2 and lengths.num_lengths == 4
+    s.finished(rows[0], [7, 8, int(rows[0][1:]) % 4], [1] * 30)  # applies the advance first
+    assert s._policy_advance is None and lengths.num_lengths == 1
+    assert lengths.state()["columns"][1].tolist() == [2]  # filed at step 2
+    rows = rows[1:]
+    s.plan(rows, 8)
+    s.before_forward()
+    s.committed_batch(rows, [0] * len(rows), [[1]] * len(rows))
+    for r in rows:
+        s.finished(r, [7, 8, 0], [1] * 10)
+    s.weights_updated()  # idle: at once
+    assert s._policy_advance is None and s.policy.lengths._step == 3
+    s.close()
