@@ -326,7 +326,6 @@ class DasSession:
         # thread (set when done).
         self._outcomes: list[tuple] = []
         self._outcomes_job: threading.Event | None = None
-        self._policy_advance: int | None = None  # a boundary's policy advance not applied yet
         # Set by a feedback waiting for the update thread: yieldable work (eviction chunks,
         # shared-index removals) stops at its next unit and leaves the rest for later.
         self._yield_updates = threading.Event()
@@ -464,16 +463,7 @@ class DasSession:
             self._deferred.append((self._advance_drafter, (step,)))
         else:
             self._advance_drafter(step, deferred=False)
-        self._apply_policy_advance()  # (an earlier one still pending goes first)
-        if defer and self.DEFER_POLICY_ADVANCE and self._policy_updates is not None:
-            # The policy's part (the length window: ~0.4-0.6 ms of removals at 2,048 x 16
-            # lengths) runs with the next forward's outcome job, in the forward's shadow:
-            # the plan right after the boundary predicts from the window as it was (as its
-            # drafts read the drafter as it was, DEFER_ADVANCE). Anything else that changes
-            # the policy on this thread first applies it (_apply_policy_advance).
-            self._policy_advance = step
-        else:
-            self.policy.advance_step(step)
+        self.policy.advance_step(step)
         if self._mirror is not None:
             oldest = step - self.drafter.config.window_steps
             mirror = self._mirror
@@ -488,23 +478,6 @@ class DasSession:
             self.shards.advance_step(step)
         if self.snapshot is not None:
             self.snapshot.save(self._hold_snapshot())  # a step boundary is a natural checkpoint
-
-    # A boundary while a batch decodes: the policy's advance waits for the next forward's
-    # outcome job (see advance_step).
-    DEFER_POLICY_ADVANCE = True
-
-    def _apply_policy_advance(self) -> None:
-        """The policy's deferred step advance, now (this thread), if still pending."""
-        step, self._policy_advance = self._policy_advance, None
-        if step is not None:
-            self._settle_outcomes()
-            self.policy.advance_step(step)
-
-    def _policy_job(self, outcomes: list, advance: int | None) -> None:
-        """The forward's policy work: a deferred step advance, then the outcomes."""
-        if advance is not None:
-            self.policy.advance_step(advance)
-        self._record_outcomes(outcomes)
 
     def _advance_drafter(self, step: int, deferred: bool = True) -> None:
         """The drafter's part of a step boundary (on the update thread when deferred)."""
@@ -607,7 +580,6 @@ class DasSession:
         keep = self.drafter.history_problems() | {lv.problem_id for lv in self.live.values()}
         stale = [p for p in tracker.problem_ids() if p not in keep]
         if stale:
-            self._apply_policy_advance()  # (in event order)
             forget(stale)
 
     def _enforce_cap(self) -> None:
@@ -617,7 +589,6 @@ class DasSession:
             gone = [p for p in gone if p not in live]
             forget = getattr(self.policy, "forget_problems", None)
             if forget is not None and gone:
-                self._apply_policy_advance()  # (in event order)
                 forget(gone)
             if self._mirror is not None:
                 for p in gone:
@@ -767,15 +738,14 @@ class DasSession:
         drafts between here and the feedback, so every draft sees what it saw before."""
         self._forward_hook = True
         plan_pending = getattr(self.policy, "plan_pending", None)
-        if ((self._outcomes or (plan_pending is not None and plan_pending()) or self._policy_advance is not None)
+        if ((self._outcomes or (plan_pending is not None and plan_pending()))
                 and self._updates is not None and self._outcomes_job is None):
             # First in the queue: the step's other background work (eviction chunk, shared
             # removals) may take the whole forward; this plan's bookkeeping and the
             # previous feedback's recording take ~1.5 ms at 512 rows.
             outcomes, self._outcomes = self._outcomes, []
-            advance, self._policy_advance = self._policy_advance, None
             self._outcomes_job = done = threading.Event()
-            (self._policy_updates or self._updates).submit(self._policy_job, outcomes, advance, done=done)
+            (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, done=done)
         self._release_deferred()  # the plan's new requests: registered during the forward
         if self.snapshot is not None:
             self.snapshot.release()  # a held save: encoded during the forward (_hold_snapshot)
@@ -932,8 +902,6 @@ class DasSession:
             self._outcomes_job = None
             if self._policy_updates is not None:
                 self._policy_updates.raise_error()  # (the update thread's flush raises its own)
-        if record_pending and self._policy_advance is not None:
-            self._apply_policy_advance()  # (no forward took it: a caller without before_forward)
         if record_pending and self._outcomes:
             outcomes, self._outcomes = self._outcomes, []
             self._record_outcomes(outcomes)
@@ -989,7 +957,6 @@ class DasSession:
         if self.shards is not None:
             self.shards.on_finished(live.problem_id, live.step, tokens)
         self._settle_outcomes()
-        self._apply_policy_advance()  # (its length is filed at the step it finished in)
         self.policy.observe_finished(live.problem_id, len(output))
         if self._trim_due:
             self._trim_when_idle()
