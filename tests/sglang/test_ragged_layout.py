@@ -98,6 +98,29 @@ class TestMasks:
         assert r0[3, 3:].tolist() == [True, True, False, True]
 
 
+    def test_flashinfer_form_of_random_batches_equals_the_blocks(self):
+        """The device form made as ones with the tree blocks' False entries cleared equals
+        the per-request ``[seq_len ones | tree block]`` rows, for random trees (chains,
+        empty trees and roots with many children among them)."""
+        rng = np.random.default_rng(5)
+        for _ in range(20):
+            trees_, roots, seq = [], [], []
+            for _ in range(int(rng.integers(1, 6))):
+                n = int(rng.integers(0, 9))
+                parents = np.array([int(rng.integers(-1, i)) for i in range(n)], np.int32)
+                trees_.append(DraftTree(rng.integers(0, 50, n).astype(np.int32), parents, np.full(n, 0.5)))
+                roots.append(int(rng.integers(0, 50)))
+                seq.append(int(rng.integers(1, 7)))
+            rag = build_ragged_layout(roots, trees_, seq)
+            flat = ragged_custom_mask(rag, seq, "cuda", target="cpu")
+            want = []
+            for b, s_len in enumerate(seq):
+                block = rag.block(b)
+                k = block.shape[0]
+                want.append(np.concatenate([np.ones((k, s_len), bool), block], axis=1).reshape(-1))
+            assert flat.tolist() == np.concatenate(want).tolist()
+
+
 class TestWalk:
     """SGLang's tree-walk kernel (CPU stand-in) over ragged rows."""
 
