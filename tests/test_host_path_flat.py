@@ -979,3 +979,22 @@ def test_as_tokens_fast_path_equals_numpys():
                      ([[1]], "expected a 1-D sequence"), ([1.5], "dtype=float64")):
         with pytest.raises(ValueError, match=msg):
             as_tokens(bad, "t")
+
+
+def test_budget_array_reuses_only_the_same_read_only_sizes():
+    """The per-row budgets of a read-only sizes array (a policy's ``draft_sizes``: asked by
+    the feedback's pre-draft, then by the plan) are converted once; any other array is
+    converted afresh (a writeable one may have changed since)."""
+    d, rids, _ = _drafter(requests=20)
+    sizes = np.arange(20, dtype=np.int64)
+    sizes.flags.writeable = False
+    a = d._budget_array(rids, sizes)
+    assert a.tolist() == np.minimum(np.arange(20), d.config.max_budget).tolist()
+    assert d._budget_array(rids, sizes) is a and not a.flags.writeable
+    other = np.full(20, 3, np.int64)
+    other.flags.writeable = False
+    assert d._budget_array(rids, other).tolist() == [3] * 20
+    w = np.full(20, 2, np.int64)
+    first = d._budget_array(rids, w)
+    w[:] = 5
+    assert d._budget_array(rids, w).tolist() == [5] * 20 and first.tolist() == [2] * 20

@@ -277,6 +277,8 @@ class SuffixDrafter:
         # request, another's end leaves its rows what they are).
         self._rows_memo: tuple | None = None
         self._rows_dead: set[str] = set()  # requests ended since the memo was made
+        # the latest read-only per-row budgets (a policy's draft_sizes) and their int32 form
+        self._budget_memo: tuple | None = None
         self._finished: dict[str, dict[int, list[int]]] = {}  # problem -> step -> seq_ids
         self._step_seqs: Counter[int] = Counter()  # registered sequences per step
         # History accounting for the max_history_tokens cap: tokens per finished sequence,
@@ -951,11 +953,18 @@ class SuffixDrafter:
                 if x < 0:
                     raise ValueError(f"invalid budget={x} for req_id={r!r}: must be >= 0")
             return np.array([x if x < cap else cap for x in budget], dtype=np.int32)
+        memo = self._budget_memo
+        if memo is not None and memo[0] is budget:
+            return memo[1]  # (the same read-only sizes: the feedback's pre-draft, then the plan)
         b = np.asarray(budget, dtype=np.int64)
         if n and b.min() < 0:
             row = int(np.argmin(b))
             raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
-        return np.minimum(b, cap).astype(np.int32)
+        out = np.minimum(b, cap).astype(np.int32)
+        if isinstance(budget, np.ndarray) and not budget.flags.writeable and budget.base is None:
+            out.flags.writeable = False
+            self._budget_memo = (budget, out)
+        return out
 
     def _mix(self) -> tuple | None:
         """The native wide-tree parameters (one place: the tree list and flat paths must

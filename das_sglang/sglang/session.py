@@ -22,7 +22,7 @@ from das_sglang.core.draft_tree import DraftBatch
 from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
 from das_sglang.core.snapshot import TokenGroup
-from das_sglang.native import gather_list, row_map
+from das_sglang.native import gather_list, int32_tokens, row_map
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
     PROBLEM_KEY,  # noqa: F401  (re-exported)
@@ -42,6 +42,16 @@ def problem_of(custom_params: dict | None, prompt: Sequence[int]) -> tuple[str, 
     ValueError naming a bad value (``request_params.parse_tag``)."""
     pid, step = parse_tag(custom_params)
     return (prompt_problem_id(prompt) if pid is None else pid), step
+
+
+def _same_tokens(arr: np.ndarray, seq: Sequence[int]) -> bool:
+    """``arr.tolist() == list(seq)`` (``arr`` int32): a list of Python ints is converted
+    and compared in C (a 300-token prompt: ~2 us instead of ~6)."""
+    if type(seq) is list or type(seq) is tuple:
+        conv = int32_tokens(seq)
+        if conv is not None:
+            return bool(np.array_equal(arr, conv))
+    return arr.tolist() == list(seq)
 
 
 def prompt_problem_id(prompt: Sequence[int]) -> str:
@@ -927,7 +937,7 @@ class DasSession:
         output = list(output)[: live.max_new_tokens]
         what = f"text of req_id={req_id!r}"
         head = live.prompt
-        if head is not None and len(prompt) == len(head) and head.tolist() == list(prompt):
+        if head is not None and len(prompt) == len(head) and _same_tokens(head, prompt):
             # the prompt validated at the start: only the output is converted and checked
             tokens = np.concatenate([head, as_tokens(output, what)]) if output else head
         else:

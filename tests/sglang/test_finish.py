@@ -71,3 +71,18 @@ def test_server_warmup_is_recognised(tokenizer):
     assert not is_server_warmup(make_req(tokenizer, warm, [], temperature=0, max_new_tokens=8,
                                          custom_params={"das_problem_id": "x"}))
     assert not is_server_warmup(make_req(tokenizer, [3, 4, 5], [], temperature=0, max_new_tokens=8))
+
+
+def test_same_tokens_is_the_list_comparison():
+    """``_same_tokens`` (the finish's check that the returned prompt is the one validated
+    at the start) answers what ``arr.tolist() == list(seq)`` answers, for lists, tuples,
+    numpy arrays and items the C conversion refuses."""
+    import numpy as np
+
+    from das_sglang.sglang.session import _same_tokens
+
+    arr = np.array([5, 0, 2**31 - 1, 7], np.int32)
+    for seq in ([5, 0, 2**31 - 1, 7], (5, 0, 2**31 - 1, 7), np.array([5, 0, 2**31 - 1, 7]),
+                [5, 0, 2**31 - 1, 8], [5, 0, -1, 7], [5, 0, 2**31, 7], [5, 0, True, 7],
+                [np.int64(5), 0, 2**31 - 1, 7], [5.0, 0, 2**31 - 1, 7]):
+        assert _same_tokens(arr, seq) == (arr.tolist() == list(seq)), seq
