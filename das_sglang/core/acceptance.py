@@ -38,7 +38,6 @@ import numpy as np
 
 from das_sglang.core import budget_rows as R
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import row_map
 
 
 def saturating_accept(budget, alpha: float, k: float):
@@ -419,10 +418,7 @@ class AcceptanceTracker:
             if (memo is not None and memo[1] == self._slot_version and type(problem_ids) is list
                     and n >= R.ROWMAP_MIN_ROWS):
                 # the memo's problems read their slot from it, only the others are looked up
-                back = row_map(memo[0], problem_ids)[0]
-                slots = memo[2][np.maximum(back, 0)]
-                for i in np.flatnonzero(back < 0).tolist():
-                    slots[i] = get(problem_ids[i], -1)
+                slots = R.regather(memo[0], memo[2], problem_ids, get, -1)
             else:
                 slots = np.fromiter(map(get, problem_ids, repeat(-1, n)), np.int64, n)
             known = slots >= 0

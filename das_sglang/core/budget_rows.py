@@ -11,18 +11,35 @@ which take either form and give the same values.
 
 from __future__ import annotations
 
+from itertools import repeat
 from operator import attrgetter
 from typing import Sequence
 
 import numpy as np
 
 from das_sglang.core.draft_tree import DraftBatch
+from das_sglang.native import row_map
 
 # The per-step parts keep per-row values for the latest rows they were asked about. When
 # a start or a finish changes the rows, from this many rows on they gather the values of
 # the rows they already had through ``native.row_map`` (one C pass) and look up only the
 # others; below it looking every row up costs about as much.
 ROWMAP_MIN_ROWS = 64
+
+
+def regather(prev_ids: list, prev_values: np.ndarray, ids: list, get, default, back=None) -> np.ndarray:
+    """Per entry of ``ids``: ``prev_values`` at its (last) row in ``prev_ids``, or
+    ``get(id, default)`` where ``prev_ids`` lacks it -- a lookup for every entry, when
+    ``prev_values`` holds what ``get`` gives for ``prev_ids``, with only the new entries
+    looked up (``native.row_map``: one C pass; ``back``: its rows, if at hand)."""
+    if not len(prev_values):
+        return np.fromiter(map(get, ids, repeat(default, len(ids))), prev_values.dtype, len(ids))
+    if back is None:
+        back = row_map(prev_ids, ids)[0]
+    out = prev_values[np.maximum(back, 0)]
+    for i in np.flatnonzero(back < 0).tolist():
+        out[i] = get(ids[i], default)
+    return out
 
 
 class BudgetRows:

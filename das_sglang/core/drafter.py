@@ -667,7 +667,7 @@ class SuffixDrafter:
                 memo = None  # (a request of these rows ended: look them up, so an unknown one raises)
         if memo is not None and not self._rows_dead and skip is None and memo[0] == req_ids:
             return self._fill_rows(memo) if memo[4] else (memo[1], memo[2], memo[3])
-        if memo is not None and type(req_ids) is list and len(req_ids) >= self.ROWMAP_MIN_ROWS:
+        if memo is not None and len(memo[0]) and type(req_ids) is list and len(req_ids) >= self.ROWMAP_MIN_ROWS:
             return self._rows_from(memo, req_ids, skip)
         live = self._live
         pending = []

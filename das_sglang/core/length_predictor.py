@@ -37,8 +37,8 @@ import numpy as np
 import numpy.ma  # noqa: F401
 
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS
-from das_sglang.native import LengthIndex, length_remaining, row_map
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, regather
+from das_sglang.native import LengthIndex, length_remaining
 
 SHORT, MEDIUM, LONG = 0, 1, 2
 CLASS_NAMES = ("short", "medium", "long")
@@ -403,11 +403,7 @@ class LengthPredictor(_LengthQueries):
                 and type(problem_ids) is list and n >= ROWMAP_MIN_ROWS):
             # Another list (a start or a finish changed the rows): the problems the memo's
             # list has read their index from it (one C pass), only the others are looked up.
-            back = row_map(memo[0], problem_ids)[0]
-            rows = memo[3][np.maximum(back, 0)]
-            get = self._pid_index.get
-            for i in np.flatnonzero(back < 0).tolist():
-                rows[i] = get(problem_ids[i], -1)
+            rows = regather(memo[0], memo[3], problem_ids, self._pid_index.get, -1)
         else:
             rows = np.fromiter(map(self._pid_index.get, problem_ids, repeat(-1)), np.int64, n)
         if type(problem_ids) is list:

@@ -265,9 +265,7 @@ class OnlineCalibration:
             if prev is not None and self._rows_unique:
                 back, unique = row_map(prev[0], ids)
                 if unique:
-                    states = prev[1][np.maximum(back, 0)]
-                    for i in np.flatnonzero(back < 0).tolist():
-                        states[i] = state.get(ids[i], 0)
+                    states = R.regather(prev[0], prev[1], ids, state.get, 0, back)
                     if self._rows_dirty:
                         left = np.flatnonzero((row_map(ids, prev[0])[0] < 0) & (prev[1] != 0)).tolist()
                         old_ids = prev[0]
@@ -448,12 +446,7 @@ class ProbeSchedule:
         never = -self.config.probe_every  # a new request is due at once
         n = len(ids)
         if near is not None and near[2] and type(ids) is list and n >= R.ROWMAP_MIN_ROWS:
-            back = row_map(near[0], ids)[0]
-            out = near[1][np.maximum(back, 0)]
-            get = self._last.get
-            for i in np.flatnonzero(back < 0).tolist():
-                out[i] = get(ids[i], never)
-            return out
+            return R.regather(near[0], near[1], ids, self._last.get, never)
         return np.fromiter(map(self._last.get, ids, repeat(never, n)), np.int64, n)
 
     def affordable(self, cost_s: float) -> bool:

@@ -613,7 +613,7 @@ class DasSession:
         memo = self._rows_memo
         if memo is not None and memo[1] == self._live_version and memo[0] == req_ids:
             return memo[2:]
-        if memo is not None and type(req_ids) is list and len(req_ids) >= self.ROWMAP_MIN_ROWS:
+        if memo is not None and len(memo[0]) and type(req_ids) is list and len(req_ids) >= self.ROWMAP_MIN_ROWS:
             return self._rows_from(memo, req_ids)
         live = self.live
         try:

@@ -277,3 +277,20 @@ def test_rows_gathered_through_row_map_equal_rows_looked_up(monkeypatch):
     assert len(gathered) > 20 and sum(len(t[0]) for trees, _ in a for t in trees) > 500
     assert restarted[0] >= 3  # (ids did come back)
     assert a == b and state_a == state_b and last_a == last_b
+
+
+def test_rows_after_an_empty_batch_are_looked_up():
+    """A plan of no rows leaves an empty memo: the next batch (past ROWMAP_MIN_ROWS) is
+    resolved row by row, and the parts with per-row caches answer for every row."""
+    s = DasSession(load_options(9, json.dumps({"server": {"policy": "length-aware"}})))
+    s.plan([], 8)
+    rids = [f"r{i}" for i in range(80)]
+    for i, r in enumerate(rids):
+        s.start(r, {"das_problem_id": f"p{i % 5}"}, [1, 2, i % 3], [], 50)
+    trees, _ = s.plan(list(rids), 8)
+    assert len(trees) == 80 and s._rows(list(rids))[0][7] is s.live["r7"]
+    probes = s.policy.probes
+    never = -probes.config.probe_every
+    got = probes._last_of(list(rids), ([], np.zeros(0, np.int64), True))  # (an empty recorded plan)
+    assert got.tolist() == [probes._last.get(r, never) for r in rids]
+    s.close()
