@@ -1103,6 +1103,12 @@ class SuffixDrafter:
             self._predrafted = None  # a step advanced since: every step's weight changed
             return None
         n = len(seq_ids)
+        if rows is seq_ids and not holes and n == len(kept):
+            # The rows the job drafted, in its order (a decode step): every tree is still
+            # exact unless an index changed or a budget differs (then the general path).
+            if ((versions == index_versions(idx if type(idx) is list else list(idx))).all()
+                    and (budgets == b).all()):
+                return kept
         hole = seq_ids < 0 if holes else None
         if rows is seq_ids:  # the rows the job drafted, in its order
             at = np.arange(n, dtype=np.int64)
