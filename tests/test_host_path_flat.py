@@ -709,6 +709,17 @@ def test_row_map_is_the_dict_lookup_and_set_size(seed):
     with pytest.raises(TypeError):
         row_map(ids, [["unhashable"]])
 
+    class Clears(Clash):  # (an __eq__ that empties the caller's list mid-call)
+        __hash__ = Clash.__hash__
+
+        def __eq__(self, other):
+            victim.clear()
+            return super().__eq__(other)
+
+    victim = [Clears(v) for v in range(50)]
+    probe = [Clears(v) for v in (3, 60, 49)]
+    assert row_map(victim, probe)[0].tolist() == [3, -1, 49] and victim == []  # (the lists as passed)
+
 
 def test_spread_is_concat_with_empty_rows_then_take():
     """``DraftBatch.spread`` (a plan's drafted rows placed among the empty rows of requests

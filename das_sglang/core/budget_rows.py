@@ -27,6 +27,17 @@ from das_sglang.native import row_map
 ROWMAP_MIN_ROWS = 64
 
 
+def kept_rows(prev_ids: list, ids: list, drop=None) -> tuple[np.ndarray, bool]:
+    """``native.row_map(prev_ids, ids)`` -- each row's (last) row in ``prev_ids``, -1 where
+    new, and whether ``ids`` holds each id once -- with the rows whose id is in ``drop``
+    marked new as well (ids that ended since ``prev_ids`` was resolved: one may come back
+    as another request; or rows that must be looked up afresh)."""
+    back, unique = row_map(prev_ids, ids)
+    if drop:
+        back[row_map(list(drop), ids)[0] >= 0] = -1
+    return back, unique
+
+
 def regather(prev_ids: list, prev_values: np.ndarray, ids: list, get, default, back=None) -> np.ndarray:
     """Per entry of ``ids``: ``prev_values`` at its (last) row in ``prev_ids``, or
     ``get(id, default)`` where ``prev_ids`` lacks it -- a lookup for every entry, when

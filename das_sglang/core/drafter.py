@@ -33,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, kept_rows
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
 from das_sglang.native import (
@@ -703,11 +703,7 @@ class SuffixDrafter:
         request ended since (``_rows_dead``), or that was a placeholder there, is looked up
         again; a row in ``skip`` is a placeholder whatever the memo says."""
         m_ids, m_lives, m_idx, m_seq, _ = memo
-        back, _ = row_map(m_ids, req_ids)
-        if self._rows_dead:
-            back[row_map(list(self._rows_dead), req_ids)[0] >= 0] = -1
-        if skip:
-            back[row_map(list(skip), req_ids)[0] >= 0] = -1
+        back, _ = kept_rows(m_ids, req_ids, self._rows_dead | skip if skip else self._rows_dead)
         seq_ids = np.where(back >= 0, m_seq[np.maximum(back, 0)], -1)
         look = np.flatnonzero(seq_ids < 0).tolist()  # (new rows, and the memo's placeholders)
         lives = gather_list(m_lives, back, _HOLE)

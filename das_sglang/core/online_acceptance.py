@@ -267,7 +267,11 @@ class OnlineCalibration:
                 if unique:
                     states = R.regather(prev[0], prev[1], ids, state.get, 0, back)
                     if self._rows_dirty:
-                        left = np.flatnonzero((row_map(ids, prev[0])[0] < 0) & (prev[1] != 0)).tolist()
+                        # (the previous rows are each request once: a row no new row maps
+                        # back to has left)
+                        stays = np.zeros(len(prev[0]), bool)
+                        stays[back[back >= 0]] = True
+                        left = np.flatnonzero(~stays & (prev[1] != 0)).tolist()
                         old_ids = prev[0]
                         state.update(zip([old_ids[i] for i in left], prev[1][left].tolist()))
                     self._rows_split = True

@@ -17,12 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows, kept_rows
 from das_sglang.core.draft_tree import DraftBatch
 from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
 from das_sglang.core.snapshot import TokenGroup
-from das_sglang.native import gather_list, int32_tokens, row_map
+from das_sglang.native import gather_list, int32_tokens
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
     PROBLEM_KEY,  # noqa: F401  (re-exported)
@@ -640,9 +640,7 @@ class DasSession:
         requests, and those that ended since -- ``_rows_dead``: an id may come back as
         another request) are looked up. The same records, columns and slots."""
         m_ids, _, m_lives, m_pids, _, _, m_slots, _ = memo
-        back, unique = row_map(m_ids, req_ids)
-        if self._rows_dead:
-            back[row_map(list(self._rows_dead), req_ids)[0] >= 0] = -1
+        back, unique = kept_rows(m_ids, req_ids, self._rows_dead)
         lives = gather_list(m_lives, back, None)
         pids = gather_list(m_pids, back, None)
         slots = m_slots[np.maximum(back, 0)]

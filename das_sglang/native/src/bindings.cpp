@@ -1555,13 +1555,15 @@ class ItemTable {
 };
 
 nb::tuple row_map(nb::handle prev, nb::handle now) {
-  nb::object pf = nb::steal(PySequence_Fast(prev.ptr(), "row_map: prev must be a sequence"));
+  // Tuples (a list is copied, ~1 us at 512 rows): the items stay alive and in place even
+  // if an item's __eq__ changes the caller's list while the tables hold borrowed pointers.
+  nb::object pf = nb::steal(PySequence_Tuple(prev.ptr()));
   if (!pf.is_valid()) throw nb::python_error();
-  nb::object nf = nb::steal(PySequence_Fast(now.ptr(), "row_map: new must be a sequence"));
+  nb::object nf = nb::steal(PySequence_Tuple(now.ptr()));
   if (!nf.is_valid()) throw nb::python_error();
-  const Py_ssize_t np_ = PySequence_Fast_GET_SIZE(pf.ptr()), nn = PySequence_Fast_GET_SIZE(nf.ptr());
-  PyObject** pi = PySequence_Fast_ITEMS(pf.ptr());
-  PyObject** ni = PySequence_Fast_ITEMS(nf.ptr());
+  const Py_ssize_t np_ = PyTuple_GET_SIZE(pf.ptr()), nn = PyTuple_GET_SIZE(nf.ptr());
+  PyObject** pi = &PyTuple_GET_ITEM(pf.ptr(), 0);
+  PyObject** ni = &PyTuple_GET_ITEM(nf.ptr(), 0);
   ItemTable old{static_cast<size_t>(np_)}, seen{static_cast<size_t>(nn)};
   for (Py_ssize_t i = 0; i < np_; ++i) {
     Py_hash_t h = PyObject_Hash(pi[i]);
