@@ -612,6 +612,92 @@ def test_a_started_job_runs_its_workers_at_the_background_nice_value():
         set_background_nice(before)
 
 
+def _threads_at_nice(nice: int) -> set[str]:
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                if int(f.read().rpartition(")")[2].split()[16]) == nice:
+                    out.add(tid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_started_jobs_reuse_kept_threads():
+    """Started jobs run on a kept pool of threads, not one new thread per job (a thread made
+    per job started at the caller's priority and could take its core for a time slice):
+    after each of many jobs the threads that ran it, at the background nice value, are
+    still there (idle), the pool made no more, and every job's result equals the sequential
+    calls'."""
+    from das_sglang.native import background_nice, background_threads, set_background_nice
+
+    (a, rids, _), (b, _, _) = _drafter(5, requests=200), _drafter(5, requests=200)
+    rng = np.random.default_rng(5)
+    budgets = rng.integers(0, 9, len(rids)).astype(np.int32)
+    steps, weights = a._weights
+    args = (0.05, steps, weights, False, 32, a._mix())
+    before = background_nice()
+    set_background_nice(3)
+    try:
+        kept = []
+        for _ in range(6):
+            toks = [rng.integers(0, 12, 3) for _ in rids]
+            *got, _ = extend_draft_rows_start(*a.prepare_extend(rids, toks), budgets, *args, 2, 0).wait()
+            idx, seq, flat, off = b.prepare_extend(rids, toks)
+            extend_batch(idx, seq, flat, off)
+            want = draft_rows(idx, seq, budgets, *args, 1)
+            for x, y in zip(got, want):
+                np.testing.assert_array_equal(x, y)
+            kept.append((_threads_at_nice(3), background_threads()))
+    finally:
+        set_background_nice(before)
+    assert kept[0][0] and kept[0][1] >= 2, kept  # the job's worker threads outlive it
+    # the next jobs run on the kept threads: none is made, none goes away (which idle
+    # thread takes a task varies)
+    assert all(n == kept[0][1] for _, n in kept), kept
+    assert all(x <= y for (x, _), (y, _) in zip(kept, kept[1:])), kept
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_runs_started_jobs():
+    """A process forked after the pool made its threads (SGLang's launchers fork) starts
+    with an empty pool of its own: its jobs complete, they do not wait on threads that
+    exist only in the parent."""
+    (a, rids, _), (b, _, _) = _drafter(6, requests=100), _drafter(6, requests=100)
+    steps, weights = a._weights
+    args = (0.05, steps, weights, False, 32, a._mix())
+    budgets = np.full(len(rids), 4, np.int32)
+    toks = [np.array([1, 2, 3])] * len(rids)
+    extend_draft_rows_start(*a.prepare_extend(rids, toks), budgets, *args, 2, 0).wait()  # the pool exists
+    idx, seq, flat, off = b.prepare_extend(rids, toks)
+    extend_batch(idx, seq, flat, off)
+    toks2 = [np.array([4, 5])] * len(rids)
+    pid = os.fork()
+    if pid == 0:  # the child: one job, then exit with its verdict (never back into pytest)
+        code = 1
+        try:
+            *got, _ = extend_draft_rows_start(*a.prepare_extend(rids, toks2), budgets, *args, 2, 0).wait()
+            idx2, seq2, flat2, off2 = b.prepare_extend(rids, toks2)
+            extend_batch(idx2, seq2, flat2, off2)
+            want = draft_rows(idx2, seq2, budgets, *args, 1)
+            code = 0 if all(np.array_equal(x, y) for x, y in zip(got, want)) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60.0
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's started job never finished")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_calibration_rows_are_calibration_per_problem():
     """The plan's per-row factors (one gather from the tracker's sums table) are
     ``calibration(pid)`` bit for bit: past the table's first growth (more than 64

@@ -804,7 +804,7 @@ class SuffixDrafter:
             extend_batch([self._global] * len(idx), seq_ids, flat, offsets)
 
     def start_extend(self, prepared: tuple, predraft):
-        """:meth:`apply_extend` with ``predraft``, started now on a native thread of its own
+        """:meth:`apply_extend` with ``predraft``, started now on the native background pool
         (it never needs the GIL, so it runs while this thread goes on with Python). Returns
         a callable that waits for it and keeps the trees; until it has returned nothing may
         read or change this drafter's indices. None (nothing started) with ``global_shard``

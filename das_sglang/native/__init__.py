@@ -14,7 +14,7 @@ distinct steps one index can hold at once.
 ``extend_draft_rows(indices, seq_ids, tokens, offsets, budgets, min_prob, steps, weights, chain,
 max_match_len, mix, threads, extend_threads)`` is ``extend_batch`` (on ``extend_threads``, 0: as
 it picks) then ``draft_rows`` (on ``threads``) of the same rows in one GIL-free call, plus every row's index ``version`` after it (uint64);
-``extend_draft_rows_start(...)`` (same arguments) starts it on a native thread of its own and
+``extend_draft_rows_start(...)`` (same arguments) starts it on the native background pool (threads made once and kept) and
 returns a ``PendingExtendDraft`` whose ``wait()`` gives the result.
 ``ragged_layout(roots, seq_lens, offsets, tokens, parents)`` and ``ragged_mask_index(verify_lens,
 seq_lens)`` build a ragged verify's inputs from a flat draft batch (sglang/tree_inputs.py).
@@ -55,6 +55,7 @@ from das_sglang.native._suffix import (
     PendingExtendDraft,
     SuffixIndex,
     background_nice,
+    background_threads,
     best_per_row,
     draft_batch,
     draft_rows,
@@ -80,7 +81,7 @@ from das_sglang.native._suffix import (
     set_node_reserve_bytes,
 )
 
-__all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "best_per_row",
+__all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "background_threads", "best_per_row",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
            "gather_list", "index_versions", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
            "ragged_layout", "ragged_mask_index", "row_map", "set_background_nice", "set_node_reserve_bytes"]

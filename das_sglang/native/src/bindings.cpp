@@ -10,6 +10,9 @@
 #include <cmath>
 #include <atomic>
 #include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -18,6 +21,7 @@
 #include <type_traits>
 #include <unordered_map>
 
+#include <pthread.h>
 #include <sys/resource.h>
 
 #include "allocation.h"
@@ -794,69 +798,181 @@ nb::tuple extend_draft_rows(nb::list indices, nb::handle seq_ids_h, nb::handle t
 // job must not slow down; the caller's own share of the job (wait()) keeps its priority.
 std::atomic<int> g_background_nice{0};
 
-void lower_priority() {
-  const int nice = g_background_nice.load(std::memory_order_relaxed);
-  if (nice > 0) setpriority(PRIO_PROCESS, 0, nice);  // (best effort: an error leaves it)
-}
+// The threads started jobs run on: made once and kept (waiting on a condition variable),
+// not one std::thread per job. A thread made per job started at the caller's priority and
+// lowered itself only once running; on a 2-core host the new thread then sometimes took
+// the scheduler thread's core for a whole time slice, right inside the feedback (1.8-2.8 ms
+// instead of ~0.06 ms, with an involuntary context switch; bench_host_path, 512 rows). A
+// kept thread sleeps at the background nice value, so waking it does not preempt the
+// caller, and nothing is created per step. Each thread applies the nice value before every
+// task; one that cannot go back to a lower nice value (raising priority needs privileges)
+// leaves the pool and a new one is made at the caller's. After fork() the child starts
+// with an empty pool (its parent's threads do not exist there).
+class BackgroundPool {
+ public:
+  static BackgroundPool& get() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      pthread_atfork(nullptr, nullptr, [] {
+        new (&create_mu()) std::mutex();  // (a lock held in the parent at fork() stays held)
+        instance() = new BackgroundPool();
+      });
+    });
+    std::lock_guard<std::mutex> l(create_mu());
+    if (instance() == nullptr) instance() = new BackgroundPool();  // (never freed: threads may outlive exit)
+    return *instance();
+  }
 
-// extend_draft_rows started at once on `threads` threads of its own (it never takes the
-// GIL, so it runs while the caller's thread goes on with Python); wait() takes part in what
-// is left (ExtendDraftWork::work, GIL released), joins the workers and returns the result
-// (or raises its error). Keeps the index list alive until then. The caller must not touch
-// these indices before wait() returns.
+  // Runs each task on a pool thread, making threads until there are as many as tasks.
+  void submit(std::vector<std::function<void()>> tasks) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& t : tasks) queue_.push_back(std::move(t));
+    while (idle_ < queue_.size()) {
+      std::thread(&BackgroundPool::loop, this).detach();
+      ++idle_;  // (counted idle until it takes a task)
+      ++threads_;
+    }
+    cv_.notify_all();
+  }
+
+  size_t threads() {
+    std::lock_guard<std::mutex> l(mu_);
+    return threads_;
+  }
+
+ private:
+  static BackgroundPool*& instance() {
+    static BackgroundPool* p = nullptr;
+    return p;
+  }
+  static std::mutex& create_mu() {
+    static std::mutex m;
+    return m;
+  }
+
+  void loop() {
+    int applied = 0;  // (a new thread has its creator's nice value: the caller's, 0 here)
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      cv_.wait(l, [&] { return !queue_.empty(); });
+      const int nice = g_background_nice.load(std::memory_order_relaxed);
+      if (nice != applied) {
+        if (setpriority(PRIO_PROCESS, 0, nice) != 0 && nice < applied) {
+          --idle_;  // cannot go back: leave the task to another (new) thread
+          --threads_;
+          if (idle_ < queue_.size()) {
+            std::thread(&BackgroundPool::loop, this).detach();
+            ++idle_;
+            ++threads_;
+          }
+          cv_.notify_all();
+          return;
+        }
+        applied = nice;
+      }
+      std::function<void()> task = std::move(queue_.front());
+      queue_.pop_front();
+      --idle_;
+      l.unlock();
+      task();  // (tasks keep their own errors)
+      task = nullptr;
+      l.lock();
+      ++idle_;
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  size_t idle_ = 0, threads_ = 0;
+};
+
+// extend_draft_rows started at once on `threads` background pool threads (it never takes
+// the GIL, so it runs while the caller's thread goes on with Python); wait() takes part in
+// what is left (ExtendDraftWork::work, GIL released), waits for the pool threads working
+// on it and returns the result (or raises its error). Keeps the index list alive until
+// then. The caller must not touch these indices before wait() returns. A pool thread that
+// gets to the job only once wait() has closed it leaves it untouched (the job's state is
+// shared with the queued tasks, so it outlives them).
 class PendingExtendDraft {
+  struct Job {
+    ExtendDraftWork w;
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t running = 0;
+    bool closed = false;
+    std::atomic<bool> prepare_claimed{false};
+
+    void prepare_or_wait() {  // the first to arrive looks the rows up and plans the job
+      if (!prepare_claimed.exchange(true))
+        w.prepare();
+      else
+        w.wait_prepared();
+    }
+    void close_and_wait() {  // no pool thread starts on it after this; the running ones end
+      std::unique_lock<std::mutex> l(mu);
+      closed = true;
+      cv.wait(l, [&] { return running == 0; });
+    }
+  };
+
  public:
   PendingExtendDraft(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h,
                      nb::handle budgets_h, double min_prob, nb::handle steps_h, nb::handle weights_h,
                      bool chain, int max_match_len, nb::handle mix, int threads, int extend_threads,
                      nb::handle shared, double shared_weight, int shared_min_match, nb::handle unshare)
-      : keep_(indices), keep_shared_(nb::borrow(shared)) {
-    extend_draft_args(w_, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
+      : keep_(indices), keep_shared_(nb::borrow(shared)), job_(std::make_shared<Job>()) {
+    extend_draft_args(job_->w, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
                       chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows_start", shared,
                       shared_weight, shared_min_match, unshare);
-    // The rows' storage ids are looked up and the job planned by the first worker, off
+    // The rows' storage ids are looked up and the job planned by its first worker, off
     // this thread (an unknown seq_id is raised by wait(), before any index changed).
     // prepare() and work() record their own errors (finish() rethrows them).
-    for (size_t t = 0; t < std::max<size_t>(1, w_.threads); ++t)
-      workers_.emplace_back([this, t] {
-        lower_priority();
-        if (t == 0)
-          w_.prepare();
-        else
-          w_.wait_prepared();
-        w_.work();
+    std::vector<std::function<void()>> tasks;
+    for (size_t t = 0; t < std::max<size_t>(1, job_->w.threads); ++t)
+      tasks.emplace_back([job = job_] {
+        {
+          std::lock_guard<std::mutex> l(job->mu);
+          if (job->closed) return;
+          ++job->running;
+        }
+        job->prepare_or_wait();
+        job->w.work();
+        {
+          std::lock_guard<std::mutex> l(job->mu);
+          --job->running;
+        }
+        job->cv.notify_all();
       });
+    nb::gil_scoped_release release;  // (the pool's lock may be held by a thread making a thread)
+    BackgroundPool::get().submit(std::move(tasks));
   }
-  ~PendingExtendDraft() {
+  ~PendingExtendDraft() {  // a job never waited for still completes (its errors are lost)
     nb::gil_scoped_release release;
-    join();
+    if (!done_) {
+      job_->prepare_or_wait();
+      job_->w.work();
+    }
+    job_->close_and_wait();
   }
-  // Helps with what is left (this thread takes tasks too), then joins the workers.
+  // Helps with what is left (this thread takes tasks too), then waits for the pool threads.
   nb::tuple wait() {
     if (done_) throw nb::value_error("extend_draft_rows_start: wait() already returned the result");
     {
       nb::gil_scoped_release release;
-      if (!joined_) {
-        w_.wait_prepared();
-        w_.work();
-      }
-      join();
+      job_->prepare_or_wait();
+      job_->w.work();
+      job_->close_and_wait();
     }
     done_ = true;
-    w_.finish();
-    return w_.result();
+    job_->w.finish();
+    return job_->w.result();
   }
 
  private:
-  void join() {
-    for (auto& th : workers_)
-      if (th.joinable()) th.join();
-    joined_ = true;
-  }
   nb::object keep_, keep_shared_;
-  ExtendDraftWork w_;
-  std::vector<std::thread> workers_;
-  bool joined_ = false, done_ = false;
+  std::shared_ptr<Job> job_;
+  bool done_ = false;
 };
 
 // Ragged tree-verify inputs of one decode batch (sglang/tree_inputs.build_ragged_layout,
@@ -1801,6 +1917,8 @@ NB_MODULE(_suffix, m) {
       nb::arg("nice"),
       "Nice value (0-19) of the threads a started extend + draft job runs on (0: the caller's).");
   m.def("background_nice", [] { return g_background_nice.load(); });
+  m.def("background_threads", [] { return BackgroundPool::get().threads(); },
+        "Threads the started jobs' pool has made (kept; made when more tasks wait than threads idle).");
   m.def(
       "set_node_reserve_bytes",
       [](int64_t bytes) {
