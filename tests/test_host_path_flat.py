@@ -118,6 +118,61 @@ def test_predrafted_trees_are_reused_only_while_exact():
     assert d._predrafted is None
 
 
+def test_mutation_epoch_moves_with_every_index_change():
+    """``mutation_epoch`` changes with any SuffixIndex's add / extend / remove (and only
+    then: drafting reads nothing that bumps it)."""
+    from das_sglang.native import mutation_epoch
+
+    a, b = SuffixIndex(8), SuffixIndex(8)
+    seen = [mutation_epoch()]
+
+    def moved():
+        seen.append(mutation_epoch())
+        return seen[-1] != seen[-2]
+
+    a.add_sequence(1, np.array([1, 2, 3], np.int32), 0)
+    assert moved()
+    b.add_sequence(2, np.array([1, 2], np.int32), 0)
+    assert moved()
+    b.extend(2, np.array([3], np.int32))
+    assert moved()
+    draft_rows([a, b], np.array([1, 2], np.int64), np.array([4, 4], np.int32), 0.0,
+               np.array([0], np.int64), np.array([1.0]), False, 8)
+    assert not moved()
+    a.remove_sequence(1)
+    assert moved()
+
+
+def test_predrafted_trees_skip_the_version_reads_while_no_index_changed(monkeypatch):
+    """While no index changed since the pre-draft (``mutation_epoch``), a plan of its rows
+    -- the same ones, or moved, with placeholders -- reuses the trees without reading one
+    version per row; once any index changed it reads them, and only the rows whose index
+    changed are drafted again. Always the trees of drafting afresh."""
+    import das_sglang.core.drafter as drafter_mod
+
+    d, rids, rng = _drafter(4)
+    reads = []
+    real = drafter_mod.index_versions
+    monkeypatch.setattr(drafter_mod, "index_versions", lambda idx: reads.append(len(idx)) or real(idx))
+    d.predraft(rids, 16)
+    kept = d._predrafted[1]
+    assert d.speculate_flat(rids, 16) is kept
+    moved = rids[::-1]
+    _same_batch(d.speculate_flat(moved, 16), _fresh_drafts(d, moved, 16))
+    _same_batch(d.speculate_flat(rids, 16, skip={rids[3]}).take([i for i in range(len(rids)) if i != 3]),
+                _fresh_drafts(d, [r for i, r in enumerate(rids) if i != 3], 16))
+    assert reads == []  # (the fresh drafts above never reuse: nothing read there either)
+    grow = [r for r in rids if d._live[r].problem_id == "p0"]
+    d.extend_batch(grow, [rng.integers(0, 12, 2) for _ in grow])
+    drafted = []
+    native = d._draft_flat
+    d._draft_flat = lambda idx, *a: drafted.append(len(idx)) or native(idx, *a)
+    out = d.speculate_flat(rids, 16)
+    del d._draft_flat
+    assert reads == [len(rids)] and drafted == [len(grow)]
+    _same_batch(out, _fresh_drafts(d, rids, 16))
+
+
 def test_predrafted_trees_with_placeholders_in_place_and_moved():
     """A plan with deferred starts (``skip``) over pre-drafted rows: the finished rows'
     places taken by new requests (placeholders, empty trees) and the other rows reused --

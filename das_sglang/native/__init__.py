@@ -36,6 +36,7 @@ length predictor's per-row group query (``_LengthQueries.predict_many``): ``(rem
 ``LengthIndex(fixed, a, b)`` is the length predictor's incremental query index (``add`` one
 finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 ``index_versions(indices)`` is every index's ``version`` in one call (uint64 array; None reads 0).
+``mutation_epoch()`` is bumped with every index's version, process-wide: unchanged, no index changed.
 ``row_map(prev, new)`` is, per item of ``new``, the index of its last equal item in ``prev`` (-1: none)
 plus whether ``new`` holds each item once; ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
 fill for j in at]``: the per-step parts gather their latest rows' values through them.
@@ -65,6 +66,7 @@ from das_sglang.native._suffix import (
     extend_draft_rows_start,
     gather_list,
     index_versions,
+    mutation_epoch,
     int32_tokens,
     length_remaining,
     node_reserve_bytes,
@@ -83,5 +85,5 @@ from das_sglang.native._suffix import (
 
 __all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "background_threads", "best_per_row",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "gather_list", "index_versions", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
+           "gather_list", "index_versions", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
            "ragged_layout", "ragged_mask_index", "row_map", "set_background_nice", "set_node_reserve_bytes"]

@@ -2018,6 +2018,9 @@ NB_MODULE(_suffix, m) {
         "holds each item once: (int64 array, bool).");
   m.def("gather_list", &gather_list, nb::arg("src"), nb::arg("at"), nb::arg("fill").none(),
         "[src[j] if j >= 0 else fill for j in at] (at: int64).");
+  m.def("mutation_epoch", &SuffixIndex::mutation_epoch,
+        "A process-wide count bumped with every SuffixIndex's version (add / extend / remove): "
+        "while it is unchanged no index changed, so versions read before are still current.");
   m.def("index_versions", &index_versions, nb::arg("indices"),
         "Every index's SuffixIndex.version, in list order (uint64).");
   m.def("lookahead_per_row", &lookahead_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"),

@@ -269,7 +269,7 @@ bool SuffixIndex::is_pass_through(uint32_t n) const {
 void SuffixIndex::add_sequence(int64_t seq_id, const int32_t* tokens, size_t n, int64_t step) {
   if (by_id_.count(seq_id)) bad("duplicate seq_id=" + std::to_string(seq_id));
   int slot = acquire_slot(step);
-  ++version_;
+  bump_version();
   uint32_t s = new_storage();
   Storage& st = storages_[s];
   st.seq_id = seq_id;
@@ -301,7 +301,7 @@ void SuffixIndex::prefetch_storage(uint32_t s, bool record_only) const {
 void SuffixIndex::extend_storage(uint32_t s, const int32_t* tokens, size_t n) {
   if (s >= storages_.size() || !storages_[s].registered)
     bad("extend_storage: storage " + std::to_string(s) + " holds no registered sequence");
-  ++version_;
+  bump_version();
   // The first token moves every active suffix end (up to max_depth nodes, independent
   // of each other): fetch them all at once instead of one cache miss after another.
   if (n) prefetch_cursor_nodes(s, max_depth_);
@@ -420,7 +420,7 @@ void SuffixIndex::merge_into_child(uint32_t n) {
 
 void SuffixIndex::remove_sequence(int64_t seq_id) {
   const uint32_t X = storage_of(seq_id);
-  ++version_;
+  bump_version();
   const int slot = storages_[X].slot;
   const std::vector<int32_t>& tok = storages_[X].tokens;
   const uint32_t L = uint32_t(tok.size()), D = uint32_t(max_depth_);

@@ -398,6 +398,10 @@ class SuffixIndex {
   // Bumped by every mutation (add / extend / remove): a draft computed at version v is
   // still exact while the version is v (draft_rows results can be reused across calls).
   uint64_t version() const { return version_; }
+  // Bumped with every index's version, process-wide: while it is unchanged no SuffixIndex
+  // changed at all, so every version read before is still current (one read instead of
+  // one per index: SuffixDrafter's pre-drafted trees at the next plan).
+  static uint64_t mutation_epoch() { return epoch_.load(std::memory_order_acquire); }
   size_t memory_bytes() const;
   std::vector<int64_t> steps() const;
   bool has_sequence(int64_t seq_id) const { return by_id_.count(seq_id) != 0; }
@@ -468,6 +472,11 @@ class SuffixIndex {
   size_t num_tokens_ = 0;               // tokens of registered sequences
   size_t num_orphans_ = 0;
   uint64_t version_ = 0;
+  void bump_version() {
+    ++version_;
+    epoch_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  static inline std::atomic<uint64_t> epoch_{0};
   uint64_t clock_ = 0;                  // tokens added so far, any sequence (recency_of)
 };
 
