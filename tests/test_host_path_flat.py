@@ -862,6 +862,39 @@ def test_row_map_is_the_dict_lookup_and_set_size(seed):
     assert row_map(victim, probe)[0].tolist() == [3, -1, 49] and victim == []  # (the lists as passed)
 
 
+def test_shared_row_map_reuses_a_map_only_for_equal_lists():
+    """``budget_rows.shared_row_map`` (one map per step for every part that keeps per-row
+    values) is ``row_map``'s result, reused for lists equal to a recent pair's -- copies,
+    or the same lists unchanged -- and never for a list changed in place since; the map is
+    read-only, and ``kept_rows`` with ended ids marks them on a copy, leaving it intact."""
+    import das_sglang.core.budget_rows as R
+    from das_sglang.native import row_map
+
+    calls = []
+    real = R.row_map
+    R.row_map = lambda a, b: calls.append(1) or real(a, b)
+    try:
+        prev = [f"q{i}" for i in range(100)]
+        new = prev[:50] + ["fresh"] + prev[51:]
+        back, unique = R.shared_row_map(prev, new)
+        assert back.tolist() == row_map(prev, new)[0].tolist() and unique
+        assert not back.flags.writeable
+        again, _ = R.shared_row_map(list(prev), list(new))  # (copies: the same ids)
+        assert again is back and len(calls) == 1
+        other = prev[::-1]
+        R.shared_row_map(prev, other)
+        assert R.shared_row_map(prev, new)[0] is back and len(calls) == 2  # (a few are kept)
+        new[0] = "changed"  # in place: the same list object
+        moved, _ = R.shared_row_map(prev, new)
+        assert moved is not back and moved.tolist() == row_map(prev, new)[0].tolist() and len(calls) == 3
+        kept, _ = R.kept_rows(prev, new, {"q1"})
+        assert kept[1] == -1 and moved[1] == 1  # the memo's map is untouched
+        r = R.regather(prev, np.arange(100), new, {"changed": -5}.get, 0)
+        assert r[0] == -5 and r[50] == 0 and r[1] == 1 and len(calls) == 4  # (drop's map; the pair is kept)
+    finally:
+        R.row_map = real
+
+
 def test_spread_is_concat_with_empty_rows_then_take():
     """``DraftBatch.spread`` (a plan's drafted rows placed among the empty rows of requests
     whose starts are still deferred) gives what ``concat([batch, empty(1)]).take(...)``

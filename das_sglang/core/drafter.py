@@ -38,7 +38,7 @@ from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
 from das_sglang.native import (
     MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
-    gather_list, index_versions, int32_tokens, mutation_epoch, padded_rows, row_map,
+    gather_list, index_versions, int32_tokens, mutation_epoch, padded_rows,
 )
 
 # The step every sequence is filed under in the shared index: one native step slot, so it
@@ -661,7 +661,7 @@ class SuffixDrafter:
         the arrays)."""
         memo = self._rows_memo
         if memo is not None and self._rows_dead:
-            if (row_map(memo[0], list(self._rows_dead))[0] < 0).all():
+            if self._rows_dead.isdisjoint(memo[0]):
                 self._rows_dead = set()  # (only requests outside the memo's rows ended)
             elif skip is None and memo[0] == req_ids:
                 memo = None  # (a request of these rows ended: look them up, so an unknown one raises)

@@ -45,7 +45,7 @@ from das_sglang.core.acceptance import (
     OutcomeCalibration, _bin, _n_bins, forget_finished, pending_rows, remember_plan,
 )
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import online_add, online_curves, online_table, online_update, row_map
+from das_sglang.native import online_add, online_curves, online_table, online_update
 
 N_MATCH_BINS = 6  # match length <= 1 (or unknown), 2-3, 4-7, 8-15, 16-31, 32+
 
@@ -263,7 +263,7 @@ class OnlineCalibration:
             # lost); the array stays the truth for its rows (flushed when read, _state).
             state = self._states
             if prev is not None and self._rows_unique:
-                back, unique = row_map(prev[0], ids)
+                back, unique = R.shared_row_map(prev[0], ids)
                 if unique:
                     states = R.regather(prev[0], prev[1], ids, state.get, 0, back)
                     if self._rows_dirty:
@@ -287,7 +287,7 @@ class OnlineCalibration:
         if len(index) == len(ids) and self._pending_ids == ids:
             at = None  # the planned rows again, in order
         else:  # (the planned row of each request: the later one, as the plan's dict has it)
-            at = row_map(self._pending_ids, ids)[0] if index else np.full(n, -1, np.int64)
+            at = R.shared_row_map(self._pending_ids, ids)[0] if index else np.full(n, -1, np.int64)
         new, added = online_update(
             self._cells, self._decay, at, np.ascontiguousarray(R.generated(rows), dtype=np.int64), states,
             np.ascontiguousarray(self._pending_budget, dtype=np.int64),

@@ -50,7 +50,6 @@ from das_sglang.core.cost_model import CostModel
 from das_sglang.core.length_predictor import LengthPredictor
 from das_sglang.core.online_acceptance import OnlineCalibration, ProbeSchedule
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import row_map
 
 _log = logging.getLogger(__name__)
 
@@ -546,7 +545,7 @@ class LengthAware(_ModelBased):
                 sizes = same[cap] = self._same_sizes(budgets, cap)
             return sizes
         if type(req_ids) is list and n >= R.ROWMAP_MIN_ROWS:
-            at = row_map(ids, req_ids)[0]  # (the later row of a request twice, as pos has it)
+            at = R.shared_row_map(ids, req_ids)[0]  # (the later row of a request twice, as pos has it)
         else:
             at = np.fromiter(map(pos.get, req_ids, repeat(-1, n)), np.int64, n)
         # (a plan has rows: budgets is never empty; rows not in it read row 0, then get cap)
