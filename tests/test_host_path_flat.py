@@ -715,6 +715,43 @@ def test_started_jobs_reuse_kept_threads():
     assert all(x <= y for (x, _), (y, _) in zip(kept, kept[1:])), kept
 
 
+def test_started_jobs_dropped_waited_and_renice_keep_the_indices_exact():
+    """Jobs on the kept pool, many in a row with 1-4 threads each: waited at once, waited
+    late, or dropped unwaited (completed by the drop), while the background nice value
+    goes up and down (a pool thread that may not lower its value again -- no
+    CAP_SYS_NICE -- is replaced): every waited result and the final indices equal the
+    sequential calls'."""
+    from das_sglang.native import background_nice, set_background_nice
+
+    (a, rids, _), (b, _, _) = _drafter(8, requests=150), _drafter(8, requests=150)
+    rng = np.random.default_rng(8)
+    budgets = rng.integers(0, 9, len(rids)).astype(np.int32)
+    steps, weights = a._weights
+    args = (0.05, steps, weights, False, 32, a._mix())
+    before = background_nice()
+    try:
+        for it in range(60):
+            set_background_nice(int(rng.choice([0, 4, 9, 19])))
+            toks = [rng.integers(0, 12, 2) for _ in rids]
+            pending = extend_draft_rows_start(*a.prepare_extend(rids, toks), budgets, *args,
+                                              int(rng.integers(1, 5)), int(rng.integers(0, 9)))
+            idx, seq, flat, off = b.prepare_extend(rids, toks)
+            extend_batch(idx, seq, flat, off)
+            if it % 3 == 0:
+                del pending
+                continue
+            if it % 3 == 1:
+                time.sleep(0.0005)
+            *got, _ = pending.wait()
+            for x, y in zip(got, draft_rows(idx, seq, budgets, *args, 1)):
+                np.testing.assert_array_equal(x, y)
+    finally:
+        set_background_nice(before)
+    for r in rids:
+        np.testing.assert_array_equal(a._indices[a._live[r].problem_id].sequence_tokens(a._live[r].seq_id),
+                                      b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_forked_child_runs_started_jobs():
     """A process forked after the pool made its threads (SGLang's launchers fork) starts
