@@ -715,6 +715,53 @@ def test_started_jobs_reuse_kept_threads():
     assert all(x <= y for (x, _), (y, _) in zip(kept, kept[1:])), kept
 
 
+def _allowed_cpus(tid: str) -> set[int] | None:
+    try:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+    except (OSError, StopIteration):
+        return None
+    out = set()
+    for part in line.split(":", 1)[1].strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux /proc and two allowed CPUs")
+def test_a_started_job_keeps_off_the_submitting_core():
+    """A pool thread woken for a job is placed next to the thread that woke it (the
+    scheduler thread, whose Python runs next): while it works on the job it is allowed
+    every CPU but one -- the submitter's -- and afterwards its whole mask again."""
+    from das_sglang.native import background_nice, set_background_nice
+
+    d, rids, rng = _drafter(7, requests=300)
+    allowed = os.sched_getaffinity(0)
+    before = background_nice()
+    set_background_nice(6)
+    try:
+        d.start_extend(d.prepare_extend(rids, [rng.integers(0, 12, 3) for _ in rids]), 4)()  # (the pool exists)
+        done = d.start_extend(d.prepare_extend(rids, [rng.integers(0, 12, 200) for _ in rids]), 16)
+        seen = []
+        deadline = time.monotonic() + 5.0
+        while not seen and time.monotonic() < deadline:
+            for tid in _threads_at_nice(6):
+                cpus = _allowed_cpus(tid)
+                if cpus is not None and cpus != allowed:
+                    seen.append((tid, cpus))
+        done()
+        assert seen, "no pool thread was seen keeping off a core"
+        tid, cpus = seen[0]
+        assert cpus < allowed and len(allowed - cpus) == 1
+        deadline = time.monotonic() + 5.0
+        while _allowed_cpus(tid) not in (allowed, None) and time.monotonic() < deadline:
+            time.sleep(0.001)  # (the thread restores its mask right after its task)
+        assert _allowed_cpus(tid) in (allowed, None)
+    finally:
+        set_background_nice(before)
+
+
 def test_started_jobs_dropped_waited_and_renice_keep_the_indices_exact():
     """Jobs on the kept pool, many in a row with 1-4 threads each: waited at once, waited
     late, or dropped unwaited (completed by the drop), while the background nice value
