@@ -11,8 +11,11 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <iterator>
+#include <set>
 #include <functional>
 #include <memory>
+#include <cerrno>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -807,7 +810,7 @@ std::atomic<int> g_background_nice{0};
 // kept thread sleeps at the background nice value, so waking it does not preempt the
 // caller, and nothing is created per step. Each thread applies the nice value before every
 // task; one that cannot go back to a lower nice value (raising priority needs privileges)
-// leaves the pool and a new one is made at the caller's. After fork() the child starts
+// leaves the pool, and the next submit makes a new one at its caller's. After fork() the child starts
 // with an empty pool (its parent's threads do not exist there).
 class BackgroundPool {
  public:
@@ -824,16 +827,30 @@ class BackgroundPool {
     return *instance();
   }
 
-  // Runs each task on a pool thread, making threads until there are as many as tasks.
+  // Queues the tasks for the pool's threads, making threads until there are as many as
+  // this call's tasks. Not one per queued task: tasks of jobs whose caller did the work
+  // itself (wait(), under load, before a thread woke) stay queued until a thread finds
+  // their job closed, and counting them grew the pool -- a new thread per job again.
   void submit(std::vector<std::function<void()>> tasks) {
     const int cpu = sched_getcpu();  // (the caller's core: the tasks keep off it, see loop)
     std::lock_guard<std::mutex> l(mu_);
     submit_cpu_ = cpu;
+    const size_t want = tasks.size();
     for (auto& t : tasks) queue_.push_back(std::move(t));
-    while (idle_ < queue_.size()) {
+    // Once a thread could not lower its nice value (no CAP_SYS_NICE), a thread above the
+    // background value would leave the pool on waking: only the others are counted. New
+    // threads have this caller's value (and register it when they start).
+    size_t able = threads_;
+    if (cannot_lower_) {
+      const int nice = g_background_nice.load(std::memory_order_relaxed);
+      able = size_t(std::distance(applied_.begin(), applied_.upper_bound(nice))) + starting_;
+    }
+    while (able < want) {
       std::thread(&BackgroundPool::loop, this).detach();
       ++idle_;  // (counted idle until it takes a task)
       ++threads_;
+      ++starting_;
+      ++able;
     }
     cv_.notify_all();
   }
@@ -854,23 +871,31 @@ class BackgroundPool {
   }
 
   void loop() {
-    int applied = 0;  // (a new thread has its creator's nice value: the caller's, 0 here)
+    // (a new thread has the nice value of the thread that made it: a submitter's)
+    errno = 0;
+    int applied = getpriority(PRIO_PROCESS, 0);
+    if (errno != 0) applied = 0;
     std::unique_lock<std::mutex> l(mu_);
+    --starting_;
+    applied_.insert(applied);
     for (;;) {
       cv_.wait(l, [&] { return !queue_.empty(); });
       const int nice = g_background_nice.load(std::memory_order_relaxed);
       if (nice != applied) {
         if (setpriority(PRIO_PROCESS, 0, nice) != 0 && nice < applied) {
-          --idle_;  // cannot go back: leave the task to another (new) thread
+          // Cannot go back: this thread leaves the pool, and the next submit makes a new
+          // one at its caller's value (made here, it would have this thread's). The task
+          // stays queued for another thread; its job never depends on it (wait() and a
+          // dropped job's destructor do what no pool thread has taken).
+          --idle_;
           --threads_;
-          if (idle_ < queue_.size()) {
-            std::thread(&BackgroundPool::loop, this).detach();
-            ++idle_;
-            ++threads_;
-          }
+          applied_.erase(applied_.find(applied));
+          cannot_lower_ = true;
           cv_.notify_all();
           return;
         }
+        applied_.erase(applied_.find(applied));
+        applied_.insert(nice);
         applied = nice;
       }
       std::function<void()> task = std::move(queue_.front());
@@ -906,6 +931,9 @@ class BackgroundPool {
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
   size_t idle_ = 0, threads_ = 0;
+  size_t starting_ = 0;       // made, not yet registered in applied_
+  std::multiset<int> applied_;  // each registered thread's nice value
+  bool cannot_lower_ = false;   // a thread failed to lower its nice value
   int submit_cpu_ = -1;
 };
 
