@@ -626,9 +626,7 @@ def test_started_job_shares_its_tasks_and_equals_the_sequential_calls(threads):
     more = [rng.integers(0, 30, 2) for _ in rids]
     extend_draft_rows_start(*a.prepare_extend(rids, more), budgets, *args, threads, 0, *shared_a)
     b.extend_batch(rids, more)
-    for r in rids[:50]:
-        np.testing.assert_array_equal(a._indices[a._live[r].problem_id].sequence_tokens(a._live[r].seq_id),
-                                      b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
+    _same_sequences(a, b, rids[:50])
 
 
 def _thread_nices() -> list[int]:
@@ -679,6 +677,27 @@ def _threads_at_nice(nice: int) -> set[str]:
     return out
 
 
+def _twin_drafters(seed: int, requests: int):
+    """Two equal drafters -- ``a`` for started jobs, ``b`` for the sequential calls -- their
+    rows, and the draft arguments after the budgets."""
+    (a, rids, _), (b, _, _) = _drafter(seed, requests=requests), _drafter(seed, requests=requests)
+    steps, weights = a._weights
+    return a, b, rids, (0.05, steps, weights, False, 32, a._mix())
+
+
+def _sequential(b, rids, toks, budgets, args):
+    """A started job's step as the two sequential calls on ``b``: its trees."""
+    idx, seq, flat, off = b.prepare_extend(rids, toks)
+    extend_batch(idx, seq, flat, off)
+    return draft_rows(idx, seq, budgets, *args, 1)
+
+
+def _same_sequences(a, b, rids) -> None:
+    for r in rids:
+        np.testing.assert_array_equal(a._indices[a._live[r].problem_id].sequence_tokens(a._live[r].seq_id),
+                                      b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
 def test_started_jobs_reuse_kept_threads():
     """Started jobs run on a kept pool of threads, not one new thread per job (a thread made
@@ -688,11 +707,9 @@ def test_started_jobs_reuse_kept_threads():
     calls'."""
     from das_sglang.native import background_nice, background_threads, set_background_nice
 
-    (a, rids, _), (b, _, _) = _drafter(5, requests=200), _drafter(5, requests=200)
+    a, b, rids, args = _twin_drafters(5, 200)
     rng = np.random.default_rng(5)
     budgets = rng.integers(0, 9, len(rids)).astype(np.int32)
-    steps, weights = a._weights
-    args = (0.05, steps, weights, False, 32, a._mix())
     before = background_nice()
     set_background_nice(19)
     try:
@@ -700,10 +717,7 @@ def test_started_jobs_reuse_kept_threads():
         for _ in range(6):
             toks = [rng.integers(0, 12, 3) for _ in rids]
             *got, _ = extend_draft_rows_start(*a.prepare_extend(rids, toks), budgets, *args, 2, 0).wait()
-            idx, seq, flat, off = b.prepare_extend(rids, toks)
-            extend_batch(idx, seq, flat, off)
-            want = draft_rows(idx, seq, budgets, *args, 1)
-            for x, y in zip(got, want):
+            for x, y in zip(got, _sequential(b, rids, toks, budgets, args)):
                 np.testing.assert_array_equal(x, y)
             kept.append((_threads_at_nice(19), background_threads()))
     finally:
@@ -770,11 +784,9 @@ def test_started_jobs_dropped_waited_and_renice_keep_the_indices_exact():
     sequential calls'."""
     from das_sglang.native import background_nice, background_threads, set_background_nice
 
-    (a, rids, _), (b, _, _) = _drafter(8, requests=150), _drafter(8, requests=150)
+    a, b, rids, args = _twin_drafters(8, 150)
     rng = np.random.default_rng(8)
     budgets = rng.integers(0, 9, len(rids)).astype(np.int32)
-    steps, weights = a._weights
-    args = (0.05, steps, weights, False, 32, a._mix())
     before = background_nice()
     try:
         for it in range(60):
@@ -782,24 +794,21 @@ def test_started_jobs_dropped_waited_and_renice_keep_the_indices_exact():
             toks = [rng.integers(0, 12, 2) for _ in rids]
             pending = extend_draft_rows_start(*a.prepare_extend(rids, toks), budgets, *args,
                                               int(rng.integers(1, 5)), int(rng.integers(0, 9)))
-            idx, seq, flat, off = b.prepare_extend(rids, toks)
-            extend_batch(idx, seq, flat, off)
+            want = _sequential(b, rids, toks, budgets, args)
             if it % 3 == 0:
                 del pending
                 continue
             if it % 3 == 1:
                 time.sleep(0.0005)
             *got, _ = pending.wait()
-            for x, y in zip(got, draft_rows(idx, seq, budgets, *args, 1)):
+            for x, y in zip(got, want):
                 np.testing.assert_array_equal(x, y)
     finally:
         set_background_nice(before)
     # the pool stays about as wide as the widest job (not a thread per queued task or per
     # change of the nice value)
     assert background_threads() <= 8
-    for r in rids:
-        np.testing.assert_array_equal(a._indices[a._live[r].problem_id].sequence_tokens(a._live[r].seq_id),
-                                      b._indices[b._live[r].problem_id].sequence_tokens(b._live[r].seq_id))
+    _same_sequences(a, b, rids)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
@@ -807,23 +816,18 @@ def test_a_forked_child_runs_started_jobs():
     """A process forked after the pool made its threads (SGLang's launchers fork) starts
     with an empty pool of its own: its jobs complete, they do not wait on threads that
     exist only in the parent."""
-    (a, rids, _), (b, _, _) = _drafter(6, requests=100), _drafter(6, requests=100)
-    steps, weights = a._weights
-    args = (0.05, steps, weights, False, 32, a._mix())
+    a, b, rids, args = _twin_drafters(6, 100)
     budgets = np.full(len(rids), 4, np.int32)
     toks = [np.array([1, 2, 3])] * len(rids)
     extend_draft_rows_start(*a.prepare_extend(rids, toks), budgets, *args, 2, 0).wait()  # the pool exists
-    idx, seq, flat, off = b.prepare_extend(rids, toks)
-    extend_batch(idx, seq, flat, off)
+    _sequential(b, rids, toks, budgets, args)
     toks2 = [np.array([4, 5])] * len(rids)
     pid = os.fork()
     if pid == 0:  # the child: one job, then exit with its verdict (never back into pytest)
         code = 1
         try:
             *got, _ = extend_draft_rows_start(*a.prepare_extend(rids, toks2), budgets, *args, 2, 0).wait()
-            idx2, seq2, flat2, off2 = b.prepare_extend(rids, toks2)
-            extend_batch(idx2, seq2, flat2, off2)
-            want = draft_rows(idx2, seq2, budgets, *args, 1)
+            want = _sequential(b, rids, toks2, budgets, args)
             code = 0 if all(np.array_equal(x, y) for x, y in zip(got, want)) else 2
         finally:
             os._exit(code)

@@ -1101,6 +1101,10 @@ class SuffixDrafter:
         # its version is still the recorded one -- one read, not one per row (~20-50 us at
         # 512 rows, each a cache miss in another index).
         current = epoch == mutation_epoch()
+
+        def versions_now() -> np.ndarray:  # (a placeholder's None index reads version 0)
+            return index_versions(idx if type(idx) is list else list(idx))
+
         if weights is not self._weights and not boundary and not self._same_weights(weights):
             self._predrafted = None  # a step advanced since: every step's weight changed
             return None
@@ -1108,8 +1112,7 @@ class SuffixDrafter:
         if rows is seq_ids and not holes and n == len(kept):
             # The rows the job drafted, in its order (a decode step): every tree is still
             # exact unless an index changed or a budget differs (then the general path).
-            if ((current or (versions == index_versions(idx if type(idx) is list else list(idx))).all())
-                    and (budgets == b).all()):
+            if (current or (versions == versions_now()).all()) and (budgets == b).all():
                 return kept
         hole = seq_ids < 0 if holes else None
         if rows is seq_ids:  # the rows the job drafted, in its order
@@ -1128,10 +1131,8 @@ class SuffixDrafter:
         j = at[ok]
         if current:
             ok[ok] = budgets[j] == b[ok]
-        else:
-            # (a placeholder's None index reads version 0; its row is not ok here anyway)
-            now = index_versions(idx if type(idx) is list else list(idx))[ok]
-            ok[ok] = (versions[j] == now) & (budgets[j] == b[ok])
+        else:  # (a placeholder's row is not ok here anyway)
+            ok[ok] = (versions[j] == versions_now()[ok]) & (budgets[j] == b[ok])
         if not ok.any():
             return None
         if ok.all():

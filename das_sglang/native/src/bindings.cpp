@@ -847,7 +847,6 @@ class BackgroundPool {
     }
     while (able < want) {
       std::thread(&BackgroundPool::loop, this).detach();
-      ++idle_;  // (counted idle until it takes a task)
       ++threads_;
       ++starting_;
       ++able;
@@ -887,7 +886,6 @@ class BackgroundPool {
           // one at its caller's value (made here, it would have this thread's). The task
           // stays queued for another thread; its job never depends on it (wait() and a
           // dropped job's destructor do what no pool thread has taken).
-          --idle_;
           --threads_;
           applied_.erase(applied_.find(applied));
           cannot_lower_ = true;
@@ -900,7 +898,6 @@ class BackgroundPool {
       }
       std::function<void()> task = std::move(queue_.front());
       queue_.pop_front();
-      --idle_;
       const int avoid = submit_cpu_;
       l.unlock();
       cpu_set_t allowed;
@@ -909,7 +906,6 @@ class BackgroundPool {
       task = nullptr;
       if (moved) sched_setaffinity(0, sizeof(allowed), &allowed);
       l.lock();
-      ++idle_;
     }
   }
 
@@ -930,7 +926,7 @@ class BackgroundPool {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
-  size_t idle_ = 0, threads_ = 0;
+  size_t threads_ = 0;
   size_t starting_ = 0;       // made, not yet registered in applied_
   std::multiset<int> applied_;  // each registered thread's nice value
   bool cannot_lower_ = false;   // a thread failed to lower its nice value
@@ -963,6 +959,11 @@ class PendingExtendDraft {
       std::unique_lock<std::mutex> l(mu);
       closed = true;
       cv.wait(l, [&] { return running == 0; });
+    }
+    void complete() {  // what no pool thread has taken, on this thread; then the rest ends
+      prepare_or_wait();
+      w.work();
+      close_and_wait();
     }
   };
 
@@ -999,20 +1000,14 @@ class PendingExtendDraft {
   }
   ~PendingExtendDraft() {  // a job never waited for still completes (its errors are lost)
     nb::gil_scoped_release release;
-    if (!done_) {
-      job_->prepare_or_wait();
-      job_->w.work();
-    }
-    job_->close_and_wait();
+    if (!done_) job_->complete();
   }
   // Helps with what is left (this thread takes tasks too), then waits for the pool threads.
   nb::tuple wait() {
     if (done_) throw nb::value_error("extend_draft_rows_start: wait() already returned the result");
     {
       nb::gil_scoped_release release;
-      job_->prepare_or_wait();
-      job_->w.work();
-      job_->close_and_wait();
+      job_->complete();
     }
     done_ = true;
     job_->w.finish();
@@ -1968,7 +1963,7 @@ NB_MODULE(_suffix, m) {
       "Nice value (0-19) of the threads a started extend + draft job runs on (0: the caller's).");
   m.def("background_nice", [] { return g_background_nice.load(); });
   m.def("background_threads", [] { return BackgroundPool::get().threads(); },
-        "Threads the started jobs' pool has made (kept; made when more tasks wait than threads idle).");
+        "Threads the started jobs' pool has (kept; a start makes threads up to its own task count).");
   m.def(
       "set_node_reserve_bytes",
       [](int64_t bytes) {
