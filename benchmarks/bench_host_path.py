@@ -116,7 +116,7 @@ from das_sglang.core.policy import BudgetRow  # noqa: E402
 from das_sglang.sglang.options import for_layout, load_options  # noqa: E402
 from das_sglang.sglang.session import DasSession, _trim_heap  # noqa: E402
 from das_sglang.sglang.tree_inputs import (  # noqa: E402
-    build_layout, build_ragged_layout, custom_mask, ragged_custom_mask,
+    build_layout, build_ragged_layout, custom_mask, ragged_custom_mask, tree_lens,
 )
 
 VOCAB = 151_000
@@ -278,7 +278,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     reqs = [None] * batch
     seq_lens_cpu = np.zeros(batch, np.int64)
 
-    prompt_lists: dict[str, list] = {}  # (SGLang keeps a request's prompt as a Python list)
+    prompt_lists: dict[str, tuple] = {}  # (a problem's prompt, as the tuple the worker passes)
     group_pid = [None]
 
     def new_request():
@@ -293,7 +293,8 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         counter[0] += 1
         plist = prompt_lists.get(pid)
         if plist is None:
-            plist = prompt_lists[pid] = prompt.tolist()
+            # (the worker starts and finishes a request with one tuple of its prompt)
+            plist = prompt_lists[pid] = tuple(prompt.tolist())
         return rid, pid, prompt, plist, text, text.tolist()
 
     def start(b, req):
@@ -381,7 +382,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             padded[np.arange(args.max_nodes + 1)[None, :] < n_acc[:, None]] = np.fromiter(
                 chain.from_iterable(commits), np.int64, int(n_acc.sum()))
         t_fb, c_fb = time.perf_counter(), time.thread_time()
-        feed(session, rids, proposed, commits if legacy else TokenRows.from_padded(padded, n_acc))
+        # (the worker passes the trees' node counts as tree_lens gives them: an int64 array)
+        feed(session, rids, proposed if legacy else tree_lens(trees),
+             commits if legacy else TokenRows.from_padded(padded, n_acc))
         t_end, c_end = time.perf_counter(), time.thread_time()
         cpu["feedback"] = c_end - c_fb
         for s, r, c in zip(slots, reqs, commits):

@@ -29,7 +29,7 @@ ROWMAP_MIN_ROWS = 64
 
 # shared_row_map's latest results: (copy of prev, copy of new, back, unique), newest last.
 _ROW_MAPS: list = []
-_ROW_MAPS_KEPT = 4
+_ROW_MAPS_KEPT = 8  # (a step's maps: request ids, problem ids, the ended ids, the pending ids)
 
 
 def shared_row_map(prev: list, new: list) -> tuple[np.ndarray, bool]:
@@ -61,7 +61,8 @@ def kept_rows(prev_ids: list, ids: list, drop=None) -> tuple[np.ndarray, bool]:
     back, unique = shared_row_map(prev_ids, ids)
     if drop:
         back = back.copy()
-        back[row_map(list(drop), ids)[0] >= 0] = -1
+        # (the session and the drafter drop the same ended ids from the same rows: one map)
+        back[shared_row_map(list(drop), ids)[0] >= 0] = -1
     return back, unique
 
 

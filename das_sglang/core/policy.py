@@ -550,13 +550,16 @@ class LengthAware(_ModelBased):
             at = np.fromiter(map(pos.get, req_ids, repeat(-1, n)), np.int64, n)
         # (a plan has rows: budgets is never empty; rows not in it read row 0, then get cap)
         sizes = np.ceil(cfg.draft_headroom * budgets[np.maximum(at, 0)]).astype(np.int64)
-        return np.where(at >= 0, np.clip(sizes, floor, cap), cap)
+        # (the same values as np.clip, whose dispatch costs ~2x: 3.2 vs 1.5 us at 512 rows)
+        np.minimum(np.maximum(sizes, floor, out=sizes), cap, out=sizes)
+        sizes[at < 0] = cap
+        return sizes
 
     def _same_sizes(self, budgets: np.ndarray, cap: int) -> np.ndarray:
         """:meth:`draft_sizes` of the latest plan's own rows (read-only)."""
         cfg = self.config
         sizes = np.ceil(cfg.draft_headroom * budgets).astype(np.int64)
-        np.clip(sizes, min(max(1, cfg.probe_budget), cap), cap, out=sizes)
+        np.minimum(np.maximum(sizes, min(max(1, cfg.probe_budget), cap), out=sizes), cap, out=sizes)
         sizes.flags.writeable = False
         return sizes
 

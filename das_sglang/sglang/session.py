@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -111,6 +111,20 @@ class _Updates:
         """Queue ``fn(*args)``; ``done`` is set once it has run (and left the queue)."""
         self._q.put((fn, args, done))
 
+    def submit_each(self, items: list) -> None:
+        """Queue ``fn(*args)`` for every ``(fn, args)`` of ``items``, in order, as one item:
+        each runs whatever the others do (an error is logged and kept, as for items queued
+        one by one; a flush then raises the last one)."""
+        self._q.put((self._run_each, (items,), None))
+
+    def _run_each(self, items: list) -> None:
+        for fn, args in items:
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 (re-raised on the scheduler thread)
+                _log.exception("DAS: background %s failed", self._what)
+                self._error = e
+
     def busy(self) -> bool:
         """Some update is queued or running."""
         return bool(self._q.unfinished_tasks) or self._native is not None
@@ -156,6 +170,13 @@ class _Updates:
         self._finish_native_keeping_errors()
         self._q.put(None)
         self._thread.join(timeout=30)
+
+
+class _Finished(NamedTuple):
+    """A finished request's length, pending for the policy with the verify outcomes."""
+
+    problem_id: str
+    length: int
 
 
 def _check_outcomes(proposed: np.ndarray, accepted: np.ndarray, req_ids: list, rows=None) -> None:
@@ -236,15 +257,16 @@ class _Live:
     """A live request: its problem, step, sizes, and its slot in the session's counts."""
 
     __slots__ = ("problem_id", "step", "prompt_len", "max_new_tokens", "root_only", "prompt",
-                 "slot", "_counts")
+                 "given", "slot", "_counts")
 
     def __init__(self, problem_id: str, step: int, prompt_len: int, max_new_tokens: int,
                  generated: int, counts: _Counts, root_only: bool = False,
-                 prompt: np.ndarray | None = None) -> None:
+                 prompt: np.ndarray | None = None, given: tuple | None = None) -> None:
         self.problem_id, self.step = problem_id, step
         self.prompt_len, self.max_new_tokens = prompt_len, max_new_tokens
         self.root_only = root_only  # verified exactly at width 0 (request_constraints)
         self.prompt = prompt  # the prompt as validated at the start (int32)
+        self.given = given  # the prompt tuple the start was given (immutable), if it was one
         self._counts = counts
         self.slot = counts.take(generated, max_new_tokens, prompt_len)
 
@@ -331,9 +353,9 @@ class DasSession:
         # queued before a step advance still runs (under the weights it was made for): the
         # first plan after the boundary reuses it (SuffixDrafter.REUSE_ACROSS_BOUNDARY).
         self._plan_nodes: int | None = None
-        # Verify outcomes reach the policy one step late (_defer_outcomes): the latest
-        # feedback's, not yet recorded, and the event of a recording running on the update
-        # thread (set when done).
+        # Verify outcomes and finished lengths reach the policy one step late
+        # (_defer_outcomes, finished): those not yet recorded, in event order, and the
+        # event of a recording running on the update thread (set when done).
         self._outcomes: list[tuple] = []
         self._outcomes_job: threading.Event | None = None
         # Set by a feedback waiting for the update thread: yieldable work (eviction chunks,
@@ -376,15 +398,25 @@ class DasSession:
     def _release_deferred(self) -> None:
         """Hand the deferred starts and finishes to the drafter, in order (on the update
         thread when there is one, ahead of anything submitted after this)."""
-        if not self._deferred:
+        items = self._take_deferred()
+        if not items:
             return
+        if self._updates is not None:
+            # One queue item for all of them (a step's finishes and starts: ~10 at batch
+            # 512), not one each: every put locks the queue and may wake the update thread
+            # (5-50 us each on the scheduler thread, bench_host_path).
+            self._updates.submit_each(items)
+            return
+        for fn, args in items:
+            fn(*args)
+
+    def _take_deferred(self) -> list:
+        """The deferred starts and finishes, in order, handed over (no longer deferred)."""
+        if not self._deferred:
+            return []
         items, self._deferred = self._deferred, []
         self._deferred_ids = set()
-        for fn, args in items:
-            if self._updates is not None:
-                self._updates.submit(fn, *args)
-            else:
-                fn(*args)
+        return items
 
     # ------------------------------------------------------------ requests
     def start(self, req_id: str, custom_params, prompt: Sequence[int], output: Sequence[int],
@@ -394,6 +426,8 @@ class DasSession:
         A bad DAS tag never raises here (this runs inside SGLang's scheduler): the
         request is served untagged, with a rate-limited warning and a counter.
         ``root_only`` requests are never drafted for (budget 0, see ``plan``).
+        A ``prompt`` tuple is kept: :meth:`finished` given that same tuple skips comparing
+        it with the start's tokens (what the worker does).
         """
         try:
             pid, step = parse_tag(custom_params)
@@ -432,7 +466,7 @@ class DasSession:
         if root_only:
             self._root_only.add(req_id)
         self.live[req_id] = _Live(pid, step, len(prompt), max_new_tokens, len(output), self._counts,
-                                  root_only, prompt_arr)
+                                  root_only, prompt_arr, prompt if type(prompt) is tuple else None)
         self._live_version += 1  # (the memo's rows stay theirs: see _rows_from)
         if self.shards is not None:
             self.shards.on_start(pid, step)  # lazy load of a problem this engine lacks
@@ -462,7 +496,7 @@ class DasSession:
     DEFER_ADVANCE = True
 
     def advance_step(self, step: int) -> None:
-        self._settle_outcomes()
+        self._record_finishes()
         # (idle -- nothing decodes, the usual RL boundary -- the advance is applied at once)
         defer = (self.DEFER_ADVANCE and self.DEFER_FINISHES and self._updates is not None
                  and self.shards is None and bool(self.live))
@@ -587,6 +621,7 @@ class DasSession:
         forget = getattr(self.policy, "forget_problems", None)
         if tracker is None or forget is None:
             return
+        self._record_finishes()
         keep = self.drafter.history_problems() | {lv.problem_id for lv in self.live.values()}
         stale = [p for p in tracker.problem_ids() if p not in keep]
         if stale:
@@ -595,6 +630,7 @@ class DasSession:
     def _enforce_cap(self) -> None:
         gone = self.drafter.enforce_cap()
         if gone:
+            self._record_finishes()
             live = {lv.problem_id for lv in self.live.values()}
             gone = [p for p in gone if p not in live]
             forget = getattr(self.policy, "forget_problems", None)
@@ -745,16 +781,24 @@ class DasSession:
         :meth:`plan` itself and the removal done by the next feedback's extend. Nothing
         drafts between here and the feedback, so every draft sees what it saw before."""
         self._forward_hook = True
+        # What the update thread does during this forward, in order, as one queue item: a
+        # put may wake the thread it hands work to, 5-50 us on the scheduler thread here
+        # (before, one put each: a step's registrations, its eviction chunk, removals).
+        work: list = []
         plan_pending = getattr(self.policy, "plan_pending", None)
         if ((self._outcomes or (plan_pending is not None and plan_pending()))
                 and self._updates is not None and self._outcomes_job is None):
             # First in the queue: the step's other background work (eviction chunk, shared
-            # removals) may take the whole forward; this plan's bookkeeping and the
-            # previous feedback's recording take ~1.5 ms at 512 rows.
+            # removals) may take the whole forward; this plan's bookkeeping and the previous
+            # feedback's recording take ~1.5 ms at 512 rows. (On a thread of its own, so a
+            # busy update thread never holds it up.)
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = done = threading.Event()
             (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, done=done)
-        self._release_deferred()  # the plan's new requests: registered during the forward
+        if self._updates is not None:
+            work.extend(self._take_deferred())  # the plan's new requests: registered now
+        else:
+            self._release_deferred()
         if self.snapshot is not None:
             self.snapshot.release()  # a held save: encoded during the forward (_hold_snapshot)
         lengths = getattr(self.policy, "lengths", None)
@@ -768,12 +812,14 @@ class DasSession:
         if self._evict_due:
             self._evict_due = False
             if self._evicting and self._updates is not None:
-                self._updates.submit(self._evict_chunk)
+                work.append((self._evict_chunk, ()))
         if self._updates is not None:
             take = getattr(self.drafter, "take_unshare", None)
             ids = take() if take is not None else None
             if ids is not None:
-                self._updates.submit(self._remove_shared, ids)
+                work.append((self._remove_shared, (ids,)))
+            if work:
+                self._updates.submit_each(work)
 
     def _draft_sizes(self, req_ids: Sequence[str], max_nodes: int):
         """Nodes to draft per row: the policy's ``draft_sizes`` (small trees for rows with
@@ -890,7 +936,11 @@ class DasSession:
         if settle is not None:
             settle()  # the latest plan's bookkeeping first (policy.settle_plan: its order)
         many = getattr(self.policy, "observe_verify_many", None)
-        for pids, p, a, rows in outcomes:
+        for item in outcomes:
+            if type(item) is _Finished:
+                self.policy.observe_finished(item.problem_id, item.length)
+                continue
+            pids, p, a, rows = item
             if rows is not None:
                 pids = [pids[i] for i in rows.tolist()]
             if many is not None:
@@ -899,6 +949,21 @@ class DasSession:
                 observe = self.policy.observe_verify
                 for pid, pi, ai in zip(pids, p.tolist(), a.tolist()):
                     observe(pid, pi, ai)
+
+    def _record_finishes(self) -> None:
+        """Record the pending finished lengths now, in order (the verify outcomes stay
+        pending): before the policy's step advances (a length belongs to the step it
+        finished in), a snapshot's meta reads the lengths, or problems are forgotten (a
+        later record would bring one back)."""
+        self._settle_outcomes()
+        if any(type(o) is _Finished for o in self._outcomes):
+            keep = []
+            for o in self._outcomes:
+                if type(o) is _Finished:
+                    self.policy.observe_finished(o.problem_id, o.length)
+                else:
+                    keep.append(o)
+            self._outcomes = keep
 
     def _settle_outcomes(self, record_pending: bool = False) -> None:
         """Wait for a recording running on the update thread (before the policy is read or
@@ -935,7 +1000,11 @@ class DasSession:
         output = list(output)[: live.max_new_tokens]
         what = f"text of req_id={req_id!r}"
         head = live.prompt
-        if head is not None and len(prompt) == len(head) and _same_tokens(head, prompt):
+        # The very tuple the start was given (immutable: the same tokens; the worker passes
+        # it again) needs no compare: a compare reads every token's int object, cold by
+        # the time a request ends (~15 us a 300-token prompt at batch 512, bench_host_path).
+        if head is not None and ((prompt is live.given and prompt is not None)
+                                 or (len(prompt) == len(head) and _same_tokens(head, prompt))):
             # the prompt validated at the start: only the output is converted and checked
             tokens = np.concatenate([head, as_tokens(output, what)]) if output else head
         else:
@@ -964,8 +1033,12 @@ class DasSession:
                 self._mirror_steps.setdefault(live.step, set()).add(live.problem_id)
         if self.shards is not None:
             self.shards.on_finished(live.problem_id, live.step, tokens)
-        self._settle_outcomes()
-        self.policy.observe_finished(live.problem_id, len(output))
+        # The policy learns the length with the verify outcomes: recorded during the next
+        # forward (before_forward), else by the next feedback -- one step late on every
+        # path, and off this one (~16 us a finish at batch 512). What reads the lengths
+        # before (a step boundary, a snapshot's meta, forgetting problems) records the
+        # pending ones first (_record_finishes).
+        self._outcomes.append(_Finished(live.problem_id, len(output)))
         if self._trim_due:
             self._trim_when_idle()
         if self.snapshot is not None:
@@ -1072,6 +1145,7 @@ class DasSession:
         return {p: dict(steps) for p, steps in self._mirror.items()}
 
     def _snapshot_meta(self) -> dict:
+        self._record_finishes()  # (every finished rollout in the history has its length)
         meta = {
             "das_step_clock": {str(k): v for k, v in self.clock.known().items()},
             "das_counters": dict(self.counters),

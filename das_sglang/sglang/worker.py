@@ -114,6 +114,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.session = DasSession(self.options, write_snapshots=self.tp.is_writer,
                                   engine_id=shard_engine_id(server_args, self.options))
         self._reqs: dict = {}  # rid -> Req of requests the drafter knows
+        self._prompts: dict = {}  # rid -> (SGLang's prompt object, the tuple started with)
         # graph_steps: verify forwards SGLang replayed as a CUDA graph (the rest ran eagerly)
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
                       "ragged_steps": 0, "graph_steps": 0, "layout": self.layout,
@@ -455,15 +456,21 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
     def _register(self, req) -> None:
         if req.rid in self._reqs:
             return
+        origin = req.origin_input_ids_unpadded
+        prompt = tuple(origin)
         self.session.start(
             req.rid,
             req.sampling_params.custom_params,
-            list(req.origin_input_ids_unpadded),
+            prompt,
             list(req.output_ids),
             req.sampling_params.max_new_tokens or 1 << 30,
             root_only=needs_root_only(req),
         )
         self._reqs[req.rid] = req
+        # The prompt as started (an immutable copy) and the object SGLang holds: the
+        # finish passes that same tuple while SGLang still holds that object, and the
+        # session then skips comparing the prompt (DasSession.finished).
+        self._prompts[req.rid] = (origin, prompt)
 
     def _feed_back(self, batch, trees, accept_tokens, accept_lens) -> None:
         # One device->host copy each, then flat arrays (TokenRows): no Python list per
@@ -472,7 +479,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         lens = accept_lens.numpy()
         rows = TokenRows.from_padded(accept_tokens.numpy(), lens)
         proposed = tree_lens(trees)
-        self.session.committed_batch([req.rid for req in batch.reqs], proposed.tolist(), rows)
+        # (the counts as the int64 array they are: a list made here was made an array again)
+        self.session.committed_batch([req.rid for req in batch.reqs], proposed, rows)
         add_feedback(self.stats["host"], time.perf_counter() - t)
         self.stats["proposed"] += int(proposed.sum())
         self.stats["accepted"] += int(lens.sum()) - len(lens)
@@ -518,11 +526,12 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
     # ---------------------------------------------------------------- finished
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
         req = self._reqs.pop(rid, None)
+        origin, prompt = self._prompts.pop(rid, (None, None))
         if req is None:
             return
         if isinstance(req.finished_reason, FINISH_ABORT) or is_server_warmup(req):
             self.session.drop(rid)  # an aborted rollout / warmup is not a policy sample
             return
-        self.session.finished(
-            rid, list(req.origin_input_ids_unpadded), delivered_output(req)
-        )
+        if req.origin_input_ids_unpadded is not origin:
+            prompt = list(req.origin_input_ids_unpadded)  # (another prompt object: compared)
+        self.session.finished(rid, prompt, delivered_output(req))

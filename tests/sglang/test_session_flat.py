@@ -63,6 +63,11 @@ def _legacy_committed(session, req_ids, proposed, tokens):
     for pid, p, a in getattr(session, "_legacy_outcomes", []):
         session.policy.observe_verify(pid, p, a)
     session._legacy_outcomes = []
+    # ... and so do the lengths of the requests that finished since (DasSession.finished
+    # queues them after those outcomes; nothing else is queued on this path)
+    for f in session._outcomes:
+        session.policy.observe_finished(f.problem_id, f.length)
+    session._outcomes = []
     session.drafter.extend_batch(req_ids, tokens)
     for rid, p, t in zip(req_ids, proposed, tokens):
         lv = session.live[rid]

@@ -273,9 +273,11 @@ def test_eviction_chunks_wait_for_the_forward_hook_and_still_finish():
         s.EVICT_CHUNK_S = 0.0  # the smallest chunks: many plans see evictions pending
         s.policy.lengths.background = False
     submitted = []
-    submit = hooked._updates.submit
+    submit, submit_each = hooked._updates.submit, hooked._updates.submit_each
     hooked._updates.submit = lambda fn, *a, **kw: (submitted.append(getattr(fn, "__name__", "")),
                                                    submit(fn, *a, **kw))
+    hooked._updates.submit_each = lambda items: (submitted.extend(getattr(fn, "__name__", "") for fn, _ in items),
+                                                 submit_each(items))
     orig_plan = hooked.plan
     chunks_in_plan = []
 
@@ -776,4 +778,90 @@ def test_boundary_mid_batch_queues_the_drafter_advance_behind_the_steps_starts()
     assert s.drafter.history()["p0"].keys() == {1}
     tracked = set(s.policy.acceptance.problem_ids())
     assert tracked <= s.drafter.history_problems() | {lv.problem_id for lv in s.live.values()}
+    s.close()
+
+
+def test_a_finish_given_the_start_s_prompt_tuple_skips_the_compare_and_keeps_the_text(monkeypatch):
+    """The worker starts and finishes a request with one tuple of its prompt: the finish
+    does not compare it with the start's tokens (tuples are immutable), and the history is
+    the prompt + output either way. Any other prompt object is compared: a changed prompt
+    makes the returned text the history."""
+    import das_sglang.sglang.session as S
+
+    def histories(session):
+        session.drain()
+        return {p: [t.tolist() for t in seqs] for p, steps in session.drafter.history().items()
+                for seqs in steps.values()}
+
+    compared = []
+    same = S._same_tokens
+    monkeypatch.setattr(S, "_same_tokens", lambda a, b: (compared.append(1), same(a, b))[1])
+    s = DasSession(_opts(async_updates=True))
+    prompt = (7, 8, 9, 10)
+    s.start("r0", {"das_problem_id": "p"}, prompt, [], 60)
+    s.committed_batch(["r0"], [0], [[1]])
+    s.committed_batch(["r0"], [0], [[2]])
+    s.finished("r0", prompt, [1, 2])
+    assert compared == []  # the very tuple: no compare
+    assert histories(s) == {"p": [[7, 8, 9, 10, 1, 2]]}
+    s.start("r1", {"das_problem_id": "q"}, prompt, [], 60)
+    s.committed_batch(["r1"], [0], [[3]])
+    s.finished("r1", list(prompt), [3])  # an equal list: compared, the same text kept
+    assert compared == [1]
+    s.start("r2", {"das_problem_id": "u"}, prompt, [], 60)
+    s.committed_batch(["r2"], [0], [[4]])
+    s.finished("r2", (7, 8, 9, 11), [4])  # another tuple, another prompt: its text is the history
+    assert compared == [1, 1]
+    h = histories(s)
+    assert h["q"] == [[7, 8, 9, 10, 3]] and h["u"] == [[7, 8, 9, 11, 4]]
+    s.close()
+
+
+def test_update_items_queued_together_each_run_and_an_error_is_raised_once():
+    """``_Updates.submit_each``: one queue item for several updates; each runs in order even
+    when one before it fails, and the next flush raises that failure, once."""
+    from das_sglang.sglang.session import _Updates
+
+    u = _Updates()
+    ran = []
+
+    def boom():
+        ran.append("boom")
+        raise KeyError("bad update")
+
+    u.submit_each([(ran.append, ("a",)), (boom, ()), (ran.append, ("b",))])
+    with pytest.raises(RuntimeError, match="bad update"):
+        u.flush()
+    assert ran == ["a", "boom", "b"]
+    u.flush()  # raised once
+    u.close()
+
+
+def test_a_finished_length_reaches_the_policy_one_step_late_and_before_a_boundary_or_a_snapshot(tmp_path):
+    """A finish queues its length with the verify outcomes: the policy records it during
+    the next forward (or by the next feedback), off the finish's path; a step boundary, a
+    snapshot's meta and forgetting problems record the pending ones first, so a length
+    belongs to the step it finished in and every saved rollout has its length."""
+    s = DasSession(_opts(async_updates=True, history_path=str(tmp_path)))
+    s.policy.lengths.background = False
+    lengths = s.policy.lengths
+    for r in ("r0", "r1", "r2"):
+        s.start(r, {"das_problem_id": "p", "das_step": 3}, [7, 8, 9], [], 60)
+    s.plan(["r0", "r1", "r2"], 8)
+    s.before_forward()
+    s.committed_batch(["r0", "r1", "r2"], [0, 0, 0], [[1], [2], [3]])
+    s.finished("r0", [7, 8, 9], [1])
+    assert lengths.num_lengths == 0  # pending: not on the finish's path
+    s.plan(["r1", "r2"], 8)  # (this plan does not see it either: one step late)
+    s.before_forward()  # handed to the policy thread with the outcomes
+    s._settle_outcomes()
+    assert lengths.num_lengths == 1
+    s.committed_batch(["r1", "r2"], [0, 0], [[4], [5]])
+    s.finished("r1", [7, 8, 9], [2, 4])
+    meta = s._snapshot_meta()  # a snapshot's meta records it first
+    assert meta["das_lengths"]["columns"][2].tolist() == [1, 2]
+    s.finished("r2", [7, 8, 9], [3, 5])
+    s.start("r3", {"das_problem_id": "p", "das_step": 4}, [7, 8, 9], [], 60)  # a new step
+    cols = lengths.state()["columns"]
+    assert cols[1].tolist() == [3, 3, 3] and cols[2].tolist() == [1, 2, 2]  # at the step it finished in
     s.close()
