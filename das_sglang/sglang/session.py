@@ -1039,6 +1039,8 @@ class DasSession:
         # before (a step boundary, a snapshot's meta, forgetting problems) records the
         # pending ones first (_record_finishes).
         self._outcomes.append(_Finished(live.problem_id, len(output)))
+        if not self.live:
+            self._record_finishes()  # the batch drained: no forward or feedback records them
         if self._trim_due:
             self._trim_when_idle()
         if self.snapshot is not None:

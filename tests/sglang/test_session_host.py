@@ -865,3 +865,20 @@ def test_a_finished_length_reaches_the_policy_one_step_late_and_before_a_boundar
     cols = lengths.state()["columns"]
     assert cols[1].tolist() == [3, 3, 3] and cols[2].tolist() == [1, 2, 2]  # at the step it finished in
     s.close()
+
+
+def test_the_last_finish_of_a_drained_batch_reaches_the_policy_at_once():
+    """No forward or feedback follows the last finish of a batch: its length is recorded
+    then, not left pending until the next batch's first feedback."""
+    s = DasSession(_opts(async_updates=True))
+    s.policy.lengths.background = False
+    for r in ("r0", "r1"):
+        s.start(r, {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.plan(["r0", "r1"], 8)
+    s.before_forward()
+    s.committed_batch(["r0", "r1"], [0, 0], [[1], [2]])
+    s.finished("r0", [7, 8, 9], [1])
+    assert s.policy.lengths.num_lengths == 0  # r1 still decodes: pending
+    s.finished("r1", [7, 8, 9], [2])
+    assert s.policy.lengths.num_lengths == 2
+    s.close()
