@@ -175,6 +175,14 @@ class Legacy:
         return trees, max((len(t) for t in trees), default=0)
 
     @staticmethod
+    def finished(session, rid, prompt, output):
+        # A list (compared with the start's prompt, as every finish was then), and the
+        # policy observes the length at once (since issue 12 it is queued with the verify
+        # outcomes and recorded during the next forward).
+        session.finished(rid, list(prompt), output)
+        session._record_finishes()
+
+    @staticmethod
     def committed_batch(session, rids, proposed, tokens):
         session.drafter.extend_batch(rids, tokens)
         for rid, p, t in zip(rids, proposed, tokens):
@@ -310,6 +318,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         start(b, new_request())
     plan = Legacy.plan if legacy else DasSession.plan
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
+    finish = Legacy.finished if legacy else DasSession.finished
     times, kinds, finishes, phases, cpus = [], [], 0, [], []
     carried = 0.0  # update-thread work still pending when the other configuration ran
     yield  # built
@@ -327,7 +336,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         ph, cpu = {}, {}
         # finishes and starts of this step (the scheduler calls them between forwards)
         for b, rid, plist, output, req in ending:
-            session.finished(rid, plist, output)
+            finish(session, rid, plist, output)
             finishes += 1
             kind = "finish"
             start(b, req)
