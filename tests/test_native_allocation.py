@@ -123,3 +123,45 @@ def test_native_allocator_rejects_bad_inputs_naming_them():
     got = A.optimal_step_budgets(remaining.astype(np.float32), (np.asfortranarray(acc), np.array([2, 1], np.int32)),
                                  kv, cost)
     _same(got, A._best_per_row_numpy(remaining, acc, np.array([2, 1]), kv, cost))
+
+
+def _best_per_row_every_event(remaining, acc, m, kv_tokens, cost):
+    """The per-row budgets ranking every event, as _best_per_row_numpy did before it ranked
+    only the events above n_lo."""
+    b = np.arange(acc.shape[1])
+    usable = b[None, :] <= m[:, None]
+    steps = remaining[:, None] / (1.0 + acc)
+    row_cost = np.where(usable, steps * (cost.c_tok_s * (1.0 + b)[None, :] + cost.c_kv_s * kv_tokens[:, None]),
+                        np.inf)
+    best_cost = np.minimum.accumulate(row_cost[:, ::-1], axis=1)[:, ::-1]
+    ev = usable[:, 1:]
+    rows_a, vals_a = np.nonzero(ev)[0], steps[:, :-1][ev]
+    with np.errstate(invalid="ignore"):
+        deltas_a = np.diff(best_cost, axis=1)[ev]
+    n_lo, top = float(steps[np.arange(len(m)), m].max()), float(remaining.max())
+    base = float(best_cost[:, 0].sum())
+    order = A.stable_argsort(vals_a)
+    v_sorted = vals_a[order]
+    prefix = np.concatenate([[0.0], np.cumsum(deltas_a[order])])
+    cand = A._sorted_unique(np.concatenate([[n_lo], v_sorted[(v_sorted >= n_lo) & (v_sorted < top)], [top]]))
+    t = cost.c_base_s * cand + base + (prefix[-1] - prefix[np.searchsorted(v_sorted, cand, side="right")])
+    n_star = float(cand[int(np.flatnonzero(t <= t.min() * (1 + 1e-12))[-1])])
+    least = np.bincount(rows_a[vals_a > n_star], minlength=len(m))
+    return np.argmin(np.where(b[None, :] >= least[:, None], row_cost, np.inf), axis=1).astype(np.int32)
+
+
+def test_ranking_only_the_events_above_the_least_makespan_gives_the_same_budgets():
+    # An event at or below n_lo has fired for every candidate makespan: leaving it out of
+    # the ranking (what makes the per-step allocation ~35 % cheaper at batch 512) changes
+    # no budget, here on random curves, ties and flat curves included.
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        remaining, acc, m, kv, cost, _ = _case(rng, trial)
+        want = _best_per_row_every_event(remaining, acc, m, kv, cost)
+        for native in (False, True):
+            A.NATIVE = native
+            try:
+                got = A.optimal_step_budgets(remaining, (acc, m), kv, cost)
+            finally:
+                A.NATIVE = True
+            np.testing.assert_array_equal(got.budgets, want)

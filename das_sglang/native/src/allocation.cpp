@@ -114,25 +114,26 @@ Allocation best_per_row(const Curves& c, const Cost& cost) {
     cost0[i] = rc[0];
     best0[i] = bc[0];
   }
-  // Events (i, j), j + 1 <= m_i, row-major: value steps[i, j], delta best_cost[i, j+1] - [i, j].
-  std::vector<std::pair<double, uint32_t>> ev;  // (value, event number): sorts stably
-  ev.reserve(at[n] - n);
-  std::vector<uint32_t> ev_row;
-  ev_row.reserve(at[n] - n);
-  std::vector<double> ev_delta;
-  ev_delta.reserve(at[n] - n);
   double n_lo = -kInf, top = -kInf;
+  for (size_t i = 0; i < n; ++i) {
+    n_lo = std::max(n_lo, steps[at[i] + size_t(c.m[i])]);
+    top = std::max(top, c.remaining[i]);
+  }
+  // Events (i, j), j + 1 <= m_i, row-major, with value steps[i, j] > n_lo (the others have
+  // fired for every candidate, see the numpy reference): delta best_cost[i, j+1] - [i, j].
+  std::vector<std::pair<double, uint32_t>> ev;  // (value, event number): sorts stably
+  std::vector<uint32_t> ev_row;
+  std::vector<double> ev_delta;
   for (size_t i = 0; i < n; ++i) {
     const size_t mi = size_t(c.m[i]);
     const double* st = steps.data() + at[i];
     const double* bc = best_cost.data() + at[i];
     for (size_t j = 0; j < mi; ++j) {
+      if (!(st[j] > n_lo)) continue;
       ev.emplace_back(st[j], uint32_t(ev.size()));
       ev_row.push_back(uint32_t(i));
       ev_delta.push_back(bc[j + 1] - bc[j]);
     }
-    n_lo = std::max(n_lo, st[mi]);
-    top = std::max(top, c.remaining[i]);
   }
   out.baseline_s = cost.c_base * top + pairwise_sum(cost0.data(), n);
   const double base = pairwise_sum(best0.data(), n);
