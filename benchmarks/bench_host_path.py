@@ -308,7 +308,8 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     def start(b, req):
         rid, pid, prompt, plist, text, tlist = req
         session.start(rid, {"das_problem_id": pid}, plist, [], 1 << 30)
-        # (id, text, tokens decoded, the text and prompt as the Python lists SGLang keeps)
+        # (id, text, tokens decoded, the text as the Python list SGLang keeps, the prompt
+        # as the tuple the worker starts and finishes a request with)
         slots[b] = [rid, text, 0, tlist, plist]
         pos_at[b], end_at[b] = 0, len(text)
         reqs[b] = _Req([int(prompt[-1])])  # (the root of its first step: the prompt's last token)
@@ -323,8 +324,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     carried = 0.0  # update-thread work still pending when the other configuration ran
     yield  # built
     for step in range(args.warmup + args.steps):
-        # This step's finishes and the requests that replace them, with their texts as the
-        # Python lists SGLang keeps (``req.origin_input_ids``, ``req.output_ids``): made
+        # This step's finishes and the requests that replace them, with their prompts as
+        # the worker passes them (its start's tuple) and outputs as SGLang keeps them
+        # (``req.output_ids``): made
         # before the step's clock starts (until this version the bench's own conversions
         # of its numpy texts, ~30 us a finish, were timed as DAS's).
         ending = [(b, slots[b][0], slots[b][4], slots[b][3][:slots[b][2]], new_request())

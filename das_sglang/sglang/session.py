@@ -954,7 +954,8 @@ class DasSession:
         """Record the pending finished lengths now, in order (the verify outcomes stay
         pending): before the policy's step advances (a length belongs to the step it
         finished in), a snapshot's meta reads the lengths, or problems are forgotten (a
-        later record would bring one back)."""
+        later record would bring one back), and when the batch drained (no forward or
+        feedback comes to record them)."""
         self._settle_outcomes()
         if any(type(o) is _Finished for o in self._outcomes):
             keep = []
