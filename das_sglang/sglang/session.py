@@ -781,6 +781,17 @@ class DasSession:
         :meth:`plan` itself and the removal done by the next feedback's extend. Nothing
         drafts between here and the feedback, so every draft sees what it saw before."""
         self._forward_hook = True
+        lengths = getattr(self.policy, "lengths", None)
+        if getattr(lengths, "background", False) and hasattr(lengths, "rebuild_if_stale"):
+            # The length index's background rebuild (~4 ms of numpy and Python at 2,048 x
+            # 16 lengths) starts here, in the forward's shadow; started by a query it ran
+            # beside the next plan, and the GIL it took made the plan's calls wait (policy
+            # prepare up to 38 ms at 512 rows, bench_host_path). It copies the lengths now,
+            # while no recording runs (after a plan none does), before the one below starts
+            # adding finished lengths on its own thread.
+            self._settle_outcomes()
+            lengths.rebuild_on_query = False
+            lengths.rebuild_if_stale()
         # What the update thread does during this forward, in order, as one queue item: a
         # put may wake the thread it hands work to, 5-50 us on the scheduler thread here
         # (before, one put each: a step's registrations, its eviction chunk, removals).
@@ -801,14 +812,6 @@ class DasSession:
             self._release_deferred()
         if self.snapshot is not None:
             self.snapshot.release()  # a held save: encoded during the forward (_hold_snapshot)
-        lengths = getattr(self.policy, "lengths", None)
-        if getattr(lengths, "background", False) and hasattr(lengths, "rebuild_if_stale"):
-            # The length index's background rebuild (~4 ms of numpy and Python at 2,048 x
-            # 16 lengths) starts here, in the forward's shadow; started by a query it ran
-            # beside the next plan, and the GIL it took made the plan's calls wait (policy
-            # prepare up to 38 ms at 512 rows, bench_host_path).
-            lengths.rebuild_on_query = False
-            lengths.rebuild_if_stale()
         if self._evict_due:
             self._evict_due = False
             if self._evicting and self._updates is not None:

@@ -882,3 +882,34 @@ def test_the_last_finish_of_a_drained_batch_reaches_the_policy_at_once():
     s.finished("r1", [7, 8, 9], [2])
     assert s.policy.lengths.num_lengths == 2
     s.close()
+
+
+def test_the_length_rebuild_copies_the_lengths_before_the_forward_s_recording_adds_any():
+    """The background length-index rebuild (the predictor's fallback once a length past
+    LengthIndex.MAX_LENGTH was seen) copies the finished lengths at before_forward; the
+    recording started there adds the step's finished lengths on the policy thread, so the
+    copy must be taken first, with no recording running."""
+    s = DasSession(_opts(async_updates=True))
+    lengths = s.policy.lengths
+    lengths._inc = None  # the fallback: rebuilt from the columns, in the background
+    lengths.REBUILD_EVERY_S = 0.0  # a rebuild at every forward
+    copies = []
+    columns = lengths._columns
+    lengths._columns = lambda: (copies.append(s._outcomes_job is None and not s._outcomes), columns())[1]
+    for r in ("r0", "r1", "r2"):
+        s.start(r, {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.plan(["r0", "r1", "r2"], 8)  # (the first query builds the index inline)
+    s.before_forward()
+    s.committed_batch(["r0", "r1", "r2"], [0, 0, 0], [[1], [2], [3]])
+    s.finished("r0", [7, 8, 9], [1])  # pending: recorded during the next forward
+    s.plan(["r1", "r2"], 8)
+    s.before_forward()  # records it: the lengths changed
+    s.committed_batch(["r1", "r2"], [0, 0], [[4], [5]])
+    s.plan(["r1", "r2"], 8)
+    copies.clear()
+    s.before_forward()  # a rebuild is due, and so is this plan's recording
+    s._settle_outcomes()
+    assert lengths.num_lengths == 1
+    assert copies == [True]  # copied with no recording running or handed over
+    del lengths._columns  # (the spy holds the session; the rebuild thread holds the predictor)
+    s.close()
