@@ -961,13 +961,9 @@ class DasSession:
         feedback comes to record them)."""
         self._settle_outcomes()
         if any(type(o) is _Finished for o in self._outcomes):
-            keep = []
-            for o in self._outcomes:
-                if type(o) is _Finished:
-                    self.policy.observe_finished(o.problem_id, o.length)
-                else:
-                    keep.append(o)
-            self._outcomes = keep
+            finished = [o for o in self._outcomes if type(o) is _Finished]
+            self._outcomes = [o for o in self._outcomes if type(o) is not _Finished]
+            self._record_outcomes(finished)
 
     def _settle_outcomes(self, record_pending: bool = False) -> None:
         """Wait for a recording running on the update thread (before the policy is read or

@@ -113,8 +113,9 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self._layout_confirmed = False
         self.session = DasSession(self.options, write_snapshots=self.tp.is_writer,
                                   engine_id=shard_engine_id(server_args, self.options))
-        self._reqs: dict = {}  # rid -> Req of requests the drafter knows
-        self._prompts: dict = {}  # rid -> (SGLang's prompt object, the tuple started with)
+        # rid -> (Req, SGLang's prompt object, the tuple started with) of requests the
+        # drafter knows
+        self._reqs: dict = {}
         # graph_steps: verify forwards SGLang replayed as a CUDA graph (the rest ran eagerly)
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
                       "ragged_steps": 0, "graph_steps": 0, "layout": self.layout,
@@ -466,11 +467,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             req.sampling_params.max_new_tokens or 1 << 30,
             root_only=needs_root_only(req),
         )
-        self._reqs[req.rid] = req
         # The prompt as started (an immutable copy) and the object SGLang holds: the
         # finish passes that same tuple while SGLang still holds that object, and the
         # session then skips comparing the prompt (DasSession.finished).
-        self._prompts[req.rid] = (origin, prompt)
+        self._reqs[req.rid] = (req, origin, prompt)
 
     def _feed_back(self, batch, trees, accept_tokens, accept_lens) -> None:
         # One device->host copy each, then flat arrays (TokenRows): no Python list per
@@ -525,10 +525,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
 
     # ---------------------------------------------------------------- finished
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
-        req = self._reqs.pop(rid, None)
-        origin, prompt = self._prompts.pop(rid, (None, None))
-        if req is None:
+        entry = self._reqs.pop(rid, None)
+        if entry is None:
             return
+        req, origin, prompt = entry
         if isinstance(req.finished_reason, FINISH_ABORT) or is_server_warmup(req):
             self.session.drop(rid)  # an aborted rollout / warmup is not a policy sample
             return

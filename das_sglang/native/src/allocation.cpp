@@ -150,12 +150,12 @@ Allocation best_per_row(const Curves& c, const Cost& cost) {
   const size_t ne = ev.size();
   std::vector<double> prefix(ne + 1, 0.0);
   for (size_t k = 0; k < ne; ++k) prefix[k + 1] = prefix[k] + ev_delta[ev[k].second];
-  // Candidate makespans: n_lo, the event values in [n_lo, top), top; sorted, unique.
+  // Candidate makespans: n_lo, the event values in (n_lo, top), top; sorted, unique.
   std::vector<double> cand;
   cand.reserve(ne + 2);
   cand.push_back(n_lo);
   for (const auto& e : ev)
-    if (e.first >= n_lo && e.first < top) cand.push_back(e.first);
+    if (e.first < top) cand.push_back(e.first);  // (every event is above n_lo)
   cand.push_back(top);
   if (!std::is_sorted(cand.begin(), cand.end())) std::sort(cand.begin(), cand.end());
   cand.erase(std::unique(cand.begin(), cand.end()), cand.end());
