@@ -1,5 +1,6 @@
 """LengthPredictor: classes from the window, re-classification as a request grows."""
 
+import numpy as np
 import pytest
 
 from das_sglang.core.length_predictor import LONG, MEDIUM, SHORT, LengthPredictor
@@ -401,3 +402,28 @@ def test_length_index_refuses_bad_input_naming_it():
     assert ix.num_lengths == 1  # (a refused build changed nothing)
     rem, cls, c0 = ix.query(np.zeros(1), np.full(1, 99.0), np.zeros(1, np.int64), 1.0)
     assert rem.tolist() == [5.0] and cls.tolist() == [SHORT] and c0.tolist() == [SHORT]
+
+
+def test_a_state_s_columns_never_change_after_it_is_taken():
+    """``state()`` hands out a read-only view of the columns (no copy on the snapshot's
+    path): a window step, an eviction, a renumbering and the appends after them rewrite a
+    copy, never what a snapshot writer may still be encoding."""
+    lp = LengthPredictor(PolicyConfig(length_window_steps=2))
+    for step in range(4):
+        lp.advance_step(step)
+        for j in range(6):
+            lp.observe_finished(f"p{j % 3}", 10 * step + j)
+    state = lp.state()
+    before = state["columns"].copy()
+    assert not state["columns"].flags.writeable
+    lp.advance_step(5)  # drops steps 1-2 in place ...
+    lp.evict_problems(["p0"])  # ... and a problem (renumbered)
+    for j in range(40):  # ... then appends where the dropped entries were
+        lp.observe_finished("p1", 1000 + j)
+    assert np.array_equal(state["columns"], before)
+    assert state["problems"] == ["p0", "p1", "p2"]
+    # the predictor itself kept step 3's lengths of p1 and p2, then the new ones
+    now = lp.state()["columns"]
+    assert now[2].tolist() == [31, 32, 34, 35] + list(range(1000, 1040))
+    fresh = LengthPredictor(PolicyConfig(length_window_steps=2))
+    assert fresh.restore(state, at=5) == 6  # (step 3's: the rest is older than the window)

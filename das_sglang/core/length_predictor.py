@@ -199,6 +199,7 @@ class LengthPredictor(_LengthQueries):
         self._pid_index: dict[str, int] = {}
         self._pids: list[str] = []
         self._cols = np.zeros((3, 1024), dtype=np.int64)  # rows: problem index, step, length
+        self._cols_shared = False  # a state() view of _cols is out: copy before rewriting it
         self._n = 0
         self._step = 0
         self._version = 0  # bumped by every change
@@ -256,10 +257,23 @@ class LengthPredictor(_LengthQueries):
     def state(self) -> dict:
         """The finished lengths for a history snapshot's meta (the snapshot writer encodes
         the array): ``{"step", "problems", "columns"}``, columns = (problem index into
-        ``problems``, step, length) per finished request. A copy: it may be handed to
-        another thread."""
-        return {"step": int(self._step), "problems": list(self._pids),
-                "columns": self._cols[:, : self._n].copy()}
+        ``problems``, step, length) per finished request. It may be handed to another
+        thread: the columns are a read-only view that never changes -- the predictor
+        copies its columns before it next rewrites any it holds (copy-on-write; new
+        lengths go past them). Copying them here took ~0.25 ms of a step boundary's
+        snapshot at 2,048 x 16 lengths, on the scheduler thread."""
+        view = self._cols[:, : self._n].view()
+        view.flags.writeable = False
+        self._cols_shared = True
+        return {"step": int(self._step), "problems": list(self._pids), "columns": view}
+
+    def _own_columns(self) -> None:
+        """Before rewriting columns in place: a copy of them if a state() view holds them."""
+        if self._cols_shared:
+            cols = np.empty_like(self._cols)
+            cols[:, : self._n] = self._cols[:, : self._n]
+            self._cols = cols
+            self._cols_shared = False
 
     def restore(self, state: dict, at: int | None = None) -> int:
         """Add the lengths of another predictor's :meth:`state` (a snapshot written by an
@@ -337,6 +351,7 @@ class LengthPredictor(_LengthQueries):
         used = np.flatnonzero(np.bincount(self._cols[0, : self._n], minlength=len(self._pids)))
         if len(used) == len(self._pids):
             return None
+        self._own_columns()
         self._numbering += 1
         remap = np.full(len(self._pids), -1, dtype=np.int64)
         remap[used] = np.arange(len(used))
@@ -372,6 +387,7 @@ class LengthPredictor(_LengthQueries):
         length: at RL scale a rebuild's trees took ~5 ms of the boundary) -- and the problems
         are renumbered in both. (Row by row: numpy's boolean selection of a 2-D array's
         columns took 1.9 ms at 40k lengths, the rows' 0.3.)"""
+        self._own_columns()
         n = self._n
         rows = [self._cols[r, :n] for r in range(3)]
         gone_p, gone_len = rows[0][~keep], rows[2][~keep]

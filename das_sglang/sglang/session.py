@@ -179,6 +179,13 @@ class _Finished(NamedTuple):
     length: int
 
 
+class _Advanced(NamedTuple):
+    """A step boundary for the policy (its length window), pending with the verify
+    outcomes, in order with the finished lengths around it."""
+
+    step: int
+
+
 def _check_outcomes(proposed: np.ndarray, accepted: np.ndarray, req_ids: list, rows=None) -> None:
     """Verify outcomes kept for the policy (recorded later): a bad row raises now, naming
     its request (``0 <= accepted <= proposed``, as the statistics require). ``rows``: the
@@ -496,18 +503,24 @@ class DasSession:
     DEFER_ADVANCE = True
 
     def advance_step(self, step: int) -> None:
-        self._record_finishes()
         # (idle -- nothing decodes, the usual RL boundary -- the advance is applied at once)
         defer = (self.DEFER_ADVANCE and self.DEFER_FINISHES and self._updates is not None
                  and self.shards is None and bool(self.live))
+        self._record_finishes(advances=not defer)  # (applied now: the earlier ones first)
         if not defer:
             self.sync()
         self.step = step
         if defer:
             self._deferred.append((self._advance_drafter, (step,)))
+            # The policy's advance (its length window drops the oldest step's lengths:
+            # ~0.5 ms at 2,048 x 16 lengths) is queued with the verify outcomes, in order
+            # with the finished lengths, and recorded during the next forward like them:
+            # the plan right after the boundary reads the lengths as they were before it
+            # -- on every path, so plans never depend on thread timing.
+            self._outcomes.append(_Advanced(step))
         else:
             self._advance_drafter(step, deferred=False)
-        self.policy.advance_step(step)
+            self.policy.advance_step(step)
         if self._mirror is not None:
             oldest = step - self.drafter.config.window_steps
             mirror = self._mirror
@@ -943,6 +956,9 @@ class DasSession:
             if type(item) is _Finished:
                 self.policy.observe_finished(item.problem_id, item.length)
                 continue
+            if type(item) is _Advanced:
+                self.policy.advance_step(item.step)
+                continue
             pids, p, a, rows = item
             if rows is not None:
                 pids = [pids[i] for i in rows.tolist()]
@@ -953,17 +969,27 @@ class DasSession:
                 for pid, pi, ai in zip(pids, p.tolist(), a.tolist()):
                     observe(pid, pi, ai)
 
-    def _record_finishes(self) -> None:
+    def _record_finishes(self, advances: bool = False) -> None:
         """Record the pending finished lengths now, in order (the verify outcomes stay
         pending): before the policy's step advances (a length belongs to the step it
         finished in), a snapshot's meta reads the lengths, or problems are forgotten (a
         later record would bring one back), and when the batch drained (no forward or
-        feedback comes to record them)."""
+        feedback comes to record them). A pending step advance (``_Advanced``) queued
+        before one of them is recorded first, in order (the length is filed under the step
+        it finished in); one after the last stays pending -- what reads the lengths here
+        does not need it (a snapshot's lengths are restored up to the session's step, and
+        forgetting a problem's lengths and a window's drop give the same lengths in either
+        order) -- unless ``advances`` (the batch drained: every pending advance too)."""
         self._settle_outcomes()
-        if any(type(o) is _Finished for o in self._outcomes):
-            finished = [o for o in self._outcomes if type(o) is _Finished]
-            self._outcomes = [o for o in self._outcomes if type(o) is not _Finished]
-            self._record_outcomes(finished)
+        pending = self._outcomes
+        kinds = (_Finished, _Advanced) if advances else (_Finished,)
+        last = max((i for i, o in enumerate(pending) if type(o) in kinds), default=-1)
+        if last < 0:
+            return
+        now = [o for o in pending[: last + 1] if type(o) in (_Finished, _Advanced)]
+        self._outcomes = [o for i, o in enumerate(pending)
+                          if i > last or type(o) not in (_Finished, _Advanced)]
+        self._record_outcomes(now)
 
     def _settle_outcomes(self, record_pending: bool = False) -> None:
         """Wait for a recording running on the update thread (before the policy is read or
@@ -1040,7 +1066,7 @@ class DasSession:
         # pending ones first (_record_finishes).
         self._outcomes.append(_Finished(live.problem_id, len(output)))
         if not self.live:
-            self._record_finishes()  # the batch drained: no forward or feedback records them
+            self._record_finishes(advances=True)  # the batch drained: no forward or feedback records them
         if self._trim_due:
             self._trim_when_idle()
         if self.snapshot is not None:

@@ -64,9 +64,13 @@ def _legacy_committed(session, req_ids, proposed, tokens):
         session.policy.observe_verify(pid, p, a)
     session._legacy_outcomes = []
     # ... and so do the lengths of the requests that finished since (DasSession.finished
-    # queues them after those outcomes; nothing else is queued on this path)
+    # queues them after those outcomes) and a step boundary's advance of the policy, in
+    # order (nothing else is queued on this path)
     for f in session._outcomes:
-        session.policy.observe_finished(f.problem_id, f.length)
+        if hasattr(f, "problem_id"):
+            session.policy.observe_finished(f.problem_id, f.length)
+        else:
+            session.policy.advance_step(f.step)
     session._outcomes = []
     session.drafter.extend_batch(req_ids, tokens)
     for rid, p, t in zip(req_ids, proposed, tokens):

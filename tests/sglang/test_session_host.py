@@ -913,3 +913,55 @@ def test_the_length_rebuild_copies_the_lengths_before_the_forward_s_recording_ad
     assert copies == [True]  # copied with no recording running or handed over
     del lengths._columns  # (the spy holds the session; the rebuild thread holds the predictor)
     s.close()
+
+
+def test_a_boundary_mid_batch_reaches_the_policy_one_step_late_in_order_with_the_finishes(tmp_path):
+    """A step boundary while requests decode queues the policy's advance (its length
+    window) with the verify outcomes: the plan right after it reads the lengths as they
+    were, the next forward records it. A finish after the boundary is filed under the new
+    step whoever records it (a snapshot's meta records the advance before it); an advance
+    after the last finish stays pending there; a drained batch, or an idle boundary after
+    the batch was dropped, records the pending ones first, in order."""
+    s = DasSession(_opts(async_updates=True, history_path=str(tmp_path)))
+    s.policy.lengths.background = False
+    lengths = s.policy.lengths
+    rows = ["r0", "r1", "r2", "r3", "r4"]
+    for r in rows:
+        s.start(r, {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.plan(rows, 8)
+    s.before_forward()
+    s.committed_batch(rows, [0] * 5, [[1], [2], [3], [4], [5]])
+    s.finished("r0", [7, 8, 9], [1])
+    first = s.step
+    s.weights_updated()  # r1..r4 still decode
+    assert s.step == first + 1
+    assert lengths._step == first  # pending with the outcomes ...
+    assert lengths.state()["columns"][1].tolist() == [first]  # ... after the finish before it
+    s.plan(rows[1:], 8)  # reads the lengths as before the boundary
+    assert lengths._step == first
+    s.before_forward()
+    s._settle_outcomes()
+    assert lengths._step == first + 1  # recorded during the forward
+    s.committed_batch(rows[1:], [0] * 4, [[6], [7], [8], [9]])
+    s.weights_updated()
+    s.finished("r1", [7, 8, 9], [2, 6])  # after the second boundary
+    meta = s._snapshot_meta()  # records the advance, then the finish
+    assert lengths._step == first + 2
+    assert meta["das_lengths"]["columns"][1].tolist() == [first, first + 2]
+    s.weights_updated()  # nothing finishes after this one
+    s._snapshot_meta()
+    assert lengths._step == first + 2  # pending still: the snapshot's lengths are restored up to s.step
+    s.finished("r2", [7, 8, 9], [3, 7])
+    s.finished("r3", [7, 8, 9], [4, 8])  # (pending, after the third boundary's advance)
+    s.weights_updated()  # records both finishes at the step they finished in, first
+    assert lengths.state()["columns"][1].tolist() == [first, first + 2, first + 3, first + 3]
+    assert lengths._step == first + 3  # this boundary's advance pending: r4 decodes
+    s.drop("r4")  # the batch ends without a finish: the advance is still pending
+    s.weights_updated()  # idle: the pending advance first, then this one
+    assert lengths._step == first + 5 == s.step
+    s.start("r5", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.weights_updated()
+    s.finished("r5", [7, 8, 9], [1, 2, 3])  # the batch drained: every pending advance too
+    assert lengths._step == first + 6
+    assert lengths.state()["columns"][1].tolist()[-1] == first + 6
+    s.close()
