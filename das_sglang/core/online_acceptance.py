@@ -82,7 +82,9 @@ def match_bin(match_len):
     m = np.asarray(match_len)
     if m.dtype.kind not in "iu":
         m = m.astype(np.int64)
-    out = _MATCH_LUT[np.clip(m, 0, len(_MATCH_LUT) - 1)]
+    # (take's clip mode bounds the index in the same C pass: -1 -> entry 0, the <= 1 bin;
+    # np.clip then a gather took ~4x as long at 512 rows)
+    out = np.take(_MATCH_LUT, m, mode="clip")
     return int(out) if out.ndim == 0 else out
 
 
