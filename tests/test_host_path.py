@@ -228,3 +228,32 @@ def test_history_problems_leave_out_problems_whose_history_is_all_evicting():
     assert d.history_problems() == reference() == expect
     assert d.evict_pending(None)
     assert d.history_problems() == expect == set(d._finished)
+
+
+def test_without_history_is_the_candidates_minus_history_problems():
+    """without_history(c) == c - history_problems() (what the session forgets at a step
+    boundary), with evictions pending, part-run and done, for candidates in and out of the
+    history; the candidates' set is never changed."""
+    d = _drafter()  # window 1
+    d.lazy_eviction = True
+    rng = np.random.default_rng(5)
+    for step in range(4):
+        d.advance_step(step)
+        for p in rng.choice(12, size=6, replace=False).tolist():
+            d.add_history(f"p{p}", step, [1, 2, 3, step, p])
+    d.advance_step(4)
+    checked = 0
+    for stage in ("pending", "part", "done"):
+        if stage == "part":
+            d.evict_pending(3)
+        elif stage == "done":
+            assert d.evict_pending(None)
+        assert bool(d._evicting) == (stage != "done")
+        for k in range(20):
+            cand = {f"p{p}" for p in rng.choice(16, size=int(rng.integers(0, 16)), replace=False).tolist()}
+            before = set(cand)
+            got = d.without_history(cand)
+            assert got == cand - d.history_problems()
+            assert cand == before
+            checked += bool(got) and got != cand
+    assert checked  # some candidates were partly in the history

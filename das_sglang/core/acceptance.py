@@ -254,6 +254,12 @@ class AcceptanceTracker:
     def problem_ids(self) -> list[str]:
         return [p for p in self._stats if p != GLOBAL]
 
+    def problem_id_set(self) -> set[str]:
+        """:meth:`problem_ids` as a set (one C pass over the statistics' keys)."""
+        out = set(self._stats)
+        out.discard(GLOBAL)
+        return out
+
     def expect(self, problem_id: str, budget: int, expected: float) -> None:
         """Record the drafter's expected accepted tokens for a planned row (for calibration)."""
         self._flush_later()

@@ -511,6 +511,21 @@ class SuffixDrafter:
                 out.update(problems)
         return out
 
+    def without_history(self, problem_ids: set[str]) -> set[str]:
+        """The problems of ``problem_ids`` with no finished rollout in the window: ``problem_ids
+        - history_problems()`` without making the union (~0.3 ms at a step boundary with
+        2,048 problems): C set differences over ``problem_ids``' own entries, newest step
+        first (it holds the most problems, so the rest are differences of a small set)."""
+        if not self._evicting:
+            return problem_ids.difference(self._finished)
+        out = set(problem_ids)
+        for s in sorted(self._by_step, reverse=True):
+            if not out:
+                break
+            if s not in self._evicting:
+                out = out.difference(self._by_step[s])
+        return out
+
     def _refresh_weights(self) -> None:
         # Every step still present is weighted (live requests of older steps included);
         # the native side maps steps to slots.
