@@ -441,7 +441,10 @@ def summarize(run: PeerRun, keep) -> dict:
 
 
 def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set[int], window: int,
-                budget: int, log) -> dict[str, PeerRun]:
+                budget: int, log, sequential: bool = False) -> dict[str, PeerRun]:
+    """Every peer over the target groups. ``sequential`` (server protocol only): a group's
+    members decode one after another instead of in lockstep, each from what the earlier
+    ones wrote whole (their texts went in as they were decoded, then as finished)."""
     by_ps: dict[tuple[str, int], list[ds.Rollout]] = {}
     for r in rollouts:
         by_ps.setdefault((r.problem_id, r.step), []).append(r)
@@ -464,7 +467,11 @@ def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set
                         seen.add((p, h))
                         hist += history_of(by_ps, p, h + 1, 1)
                 seen.add((p, s))
-                run_group(peer, p, s, hist, by_ps[(p, s)], budget, run)
+                if sequential:
+                    for i, member in enumerate(by_ps[(p, s)]):
+                        run_group(peer, p, s, hist if i == 0 else [], [member], budget, run)
+                else:
+                    run_group(peer, p, s, hist, by_ps[(p, s)], budget, run)
         else:
             for p, s in groups:
                 run_group(peer, p, s, history_of(by_ps, p, s, window), by_ps[(p, s)], budget, run)
@@ -540,10 +547,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--isolated", action="store_true",
                     help="the earlier protocol: every group gets fresh peer state holding only its own "
                          "problem's history (default: one server state across all groups)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="a group's members decode one after another, not in lockstep (each sees "
+                         "the earlier siblings' whole text; server protocol only)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
     if args.budget < 1:
         print(f"error: invalid --budget={args.budget}: must be >= 1", file=sys.stderr)
+        return 1
+    if args.sequential and args.isolated:
+        print("error: --sequential needs the server protocol (--isolated resets a peer's state "
+              "per group, so a later sibling would not see the earlier ones)", file=sys.stderr)
         return 1
 
     def log(msg: str) -> None:
@@ -570,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok = TextTokenizer(cache_dir=args.cache_dir)
     out: dict = {"budget": args.budget, "window_steps": cfg.window_steps, "full": args.full,
                  "protocol": "isolated" if args.isolated else "server",
+                 "siblings": "sequential" if args.sequential else "lockstep",
                  "peers": status, "datasets": {}}
     names = set(args.datasets.split(","))
     t_all = time.perf_counter()
@@ -590,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_p = set(pids[:: max(1, args.problems_every)])
         rollouts = [r for r in rollouts if r.problem_id in keep_p]
         log(f"skythought: {len({r.problem_id for r in rollouts})} problems, target steps {sorted(steps)}")
-        runs = run_dataset(peers, rollouts, steps, cfg.window_steps, args.budget, log)
+        runs = run_dataset(peers, rollouts, steps, cfg.window_steps, args.budget, log, args.sequential)
         out["datasets"]["skythought"] = {
             "target_steps": sorted(steps),
             "uncapped": slice_report(runs, lambda t: not t.capped),
@@ -601,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "verl_gsm8k" in names:
         rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), tok)
         log(f"verl_gsm8k: {len(ds.problem_ids(rollouts))} groups, {len(rollouts)} rollouts")
-        runs = run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log)
+        runs = run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log,
+                           args.sequential)
         out["datasets"]["verl_gsm8k"] = {"all": slice_report(runs, lambda t: True)}
         machine_runs["verl_gsm8k"] = {name: run.machine for name, run in runs.items()}
     out["wall_s"] = round(time.perf_counter() - t_all, 1)

@@ -93,3 +93,22 @@ def test_verl_run_writes_the_issue_keys_and_the_machine_load(tmp_path):
     run = d["machine"]["runs"]["verl_gsm8k"]["das"]
     assert run["wall_s"] > 0.0 and run["own_cpu_s"] > 0.0
     assert d["machine"]["cpus"] >= 1
+
+
+def test_sequential_siblings_see_the_earlier_siblings_whole_and_need_the_server_protocol(capsys):
+    """--sequential: a group's members decode one after another, so a later sibling drafts
+    from an earlier one's whole text (in lockstep it is only as far as that sibling got);
+    with --isolated (state reset per group) it is refused."""
+    text = [int(x) for x in np.random.default_rng(0).integers(10, 500, 60)]
+    members = [rollout("a", 1, [1, 2], text), rollout("b", 1, [1, 2], text)]
+    per = {}
+    for sequential in (False, True):
+        runs = bp.run_dataset([bp.DasPeer(DrafterConfig(max_budget=16, window_steps=1))], members, {1}, 1, 16,
+                              lambda msg: None, sequential)
+        per[sequential] = {t.req_id: t for t in runs["das"].targets}
+        assert per[sequential]["a"].tokens == per[sequential]["b"].tokens == len(text)
+    # b copies a's text: sequentially from the first token on, in lockstep never ahead of a
+    assert per[True]["b"].tokens_per_step > 8 > per[False]["b"].tokens_per_step
+    assert per[True]["a"].steps == per[False]["a"].steps  # a: no sibling ahead of it either way
+    assert bp.main(["--json", "/dev/null", "--sequential", "--isolated"]) == 1
+    assert "--sequential needs the server protocol" in capsys.readouterr().err
