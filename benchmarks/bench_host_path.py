@@ -69,7 +69,9 @@ that phase is the forward hook and the tensors' wrapping).
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
 "config": ...}``; per batch also ``phases_p50_ms`` (the step split into carried update-thread
 wait, finishes/starts, boundary, plan, layout, mask, feedback, engine_delay; the phases
-add up to the step) and ``worst_steps`` (the five slowest steps with the same split). Roots and sequence
+add up to the step), ``worst_steps`` (the five slowest steps with the same split), and per
+step kind (decode / finish / boundary) its steps, p50 and max (``decode_p50_ms`` ...) with
+``per_step_kind`` beside ``per_step_ms``. Roots and sequence
 lengths are read as the worker reads them (``_verify_ragged``): ``[req.output_ids[-1] for req in
 batch.reqs]`` from each request's Python list of generated tokens and ``batch.seq_lens_cpu.numpy()``,
 both kept by SGLang (here: untimed, as the step's tokens commit). Until this version the timed
@@ -449,6 +451,9 @@ def summarize(times, kinds):
         if sel:
             out[f"{k}_max_ms"] = float(max(sel))
             out[f"{k}_steps"] = len(sel)
+            # (each kind's own p50: the step p50 at 512 rows sits between the decode steps'
+            # and the finish steps', about half of each)
+            out[f"{k}_p50_ms"] = float(np.percentile(sel, 50))
     return out
 
 
@@ -613,6 +618,7 @@ def main(argv=None) -> int:
             else:
                 entry.update(s)
                 entry["per_step_ms"] = times
+                entry["per_step_kind"] = kinds  # (decode / finish / boundary, step by step)
                 entry["phases_p50_ms"] = o["phases"]
                 # Where the slow steps' time goes: each phase's p50 and max over the steps
                 # of each kind (decode / finish / boundary).

@@ -84,6 +84,13 @@ def test_bench_host_path_writes_the_issue_keys_and_the_machine_load(tmp_path):
     for phases in by_kind.values():
         assert set(phases) == set(e["phases_p50_ms"])
         assert all(0.0 <= v["p50"] <= v["max"] for v in phases.values())
+    # each step's kind beside its time, and each kind's own p50 and max from them
+    kinds = e["per_step_kind"]
+    assert len(kinds) == 20 and set(kinds) == set(by_kind)
+    for kind in set(kinds):
+        own = [t for t, k in zip(e["per_step_ms"], kinds) if k == kind]
+        assert e[f"{kind}_steps"] == len(own) and e[f"{kind}_max_ms"] == max(own)
+        assert min(own) <= e[f"{kind}_p50_ms"] <= max(own)
 
 
 def test_quiet_blocks_are_those_where_other_tasks_left_the_machine_alone():
