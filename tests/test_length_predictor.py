@@ -427,3 +427,32 @@ def test_a_state_s_columns_never_change_after_it_is_taken():
     assert now[2].tolist() == [31, 32, 34, 35] + list(range(1000, 1040))
     fresh = LengthPredictor(PolicyConfig(length_window_steps=2))
     assert fresh.restore(state, at=5) == 6  # (step 3's: the rest is older than the window)
+
+
+def test_growing_past_a_state_view_keeps_both_and_copies_only_the_held_lengths():
+    """The columns double as they fill: the lengths held move to a fresh array (a state()
+    view taken before keeps the old one, unchanged), and the fresh array is the
+    predictor's own -- an eviction right after rewrites it in place, no second copy --
+    with the same lengths as a predictor that never shared a view."""
+    lp = LengthPredictor(PolicyConfig(length_window_steps=2))
+    ref = LengthPredictor(PolicyConfig(length_window_steps=2))
+    for p in (lp, ref):
+        p.advance_step(0)
+        for j in range(1000):
+            p.observe_finished(f"p{j % 7}", 10 + j)
+    state = lp.state()
+    before = state["columns"].copy()
+    for p in (lp, ref):
+        for j in range(100):  # past the first 1,024 columns: they double
+            p.observe_finished(f"p{j % 5}", 3000 + j)
+    assert lp._cols.shape[1] == 2048
+    assert np.array_equal(state["columns"], before)
+    grown = lp._cols
+    for p in (lp, ref):
+        p.evict_problems(["p6"])  # drops and renumbers in place
+    assert lp._cols is grown
+    assert np.array_equal(state["columns"], before)
+    assert np.array_equal(lp.state()["columns"], ref.state()["columns"])
+    assert lp.num_lengths == 1100 - 1000 // 7
+    assert lp.predict_many(["p1", "p5"], [0, 0], [10**6] * 2)[0].tolist() == \
+        ref.predict_many(["p1", "p5"], [0, 0], [10**6] * 2)[0].tolist()
