@@ -518,3 +518,31 @@ def test_token_group_appends_without_copying_the_group():
     assert branch.flat.base is not old.flat.base
     assert groups[11][10].tolist() == [10] * 1 and branch[10].tolist() == [77]
     assert [a.tolist() for a in groups[-1]][:11] == [a.tolist() for a in groups[11]]
+
+
+def test_a_background_writer_pauses_between_slices_and_writes_the_same_file(tmp_path, monkeypatch):
+    """The background writer's encoding lets go of the GIL between slices of (problem,
+    step) groups and of the JSON index's problems (a waiting scheduler thread took the
+    GIL only at the interpreter's forced switch, 5 ms): it pauses at least once per
+    slice, and the file is byte for byte the one written in one go."""
+    monkeypatch.setattr(snapshot, "_PAUSE_GROUPS", 4)
+    monkeypatch.setattr(snapshot, "_PAUSE_PROBLEMS", 3)
+    hist = _history(seed=3, problems=10, steps=2, per_step=3)
+    grouped = {p: {s: snapshot.TokenGroup.of(seqs) for s, seqs in steps.items()} for p, steps in hist.items()}
+    meta = {"das_lengths": {"step": 2, "problems": ["p1"], "columns": np.arange(6).reshape(3, 2)}, "x": 1}
+    pauses = []
+    snapshot._save(tmp_path / "paused", grouped, meta, lambda: pauses.append(1))
+    save_history(tmp_path / "plain", grouped, meta)
+    # groups: a pause before every problem once 4 groups were encoded (every 2nd of the
+    # 10 problems: 4); index: between its 4 slices of 3 problems (3)
+    assert len(pauses) == 4 + 3
+    assert snapshot_file(tmp_path / "paused").read_bytes() == snapshot_file(tmp_path / "plain").read_bytes()
+    got, got_meta = load_history(tmp_path / "paused")
+    _assert_same(hist, got)
+    assert got_meta["x"] == 1 and got_meta["das_lengths"]["columns"].tolist() == [[0, 1], [2, 3], [4, 5]]
+    writes = []
+    monkeypatch.setattr(snapshot, "_gil_pause", lambda: writes.append(1))
+    snap = PeriodicSnapshot(tmp_path / "bg", lambda: grouped, get_meta=lambda: meta, background=True)
+    snap.close()  # (the writer thread's save)
+    assert len(writes) == 7
+    assert snapshot_file(tmp_path / "bg").read_bytes() == snapshot_file(tmp_path / "plain").read_bytes()
