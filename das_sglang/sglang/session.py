@@ -186,6 +186,11 @@ class _Advanced(NamedTuple):
     step: int
 
 
+# What _record_finishes records in order before what reads the lengths (the rest of the
+# pending items are verify outcomes)
+_LENGTH_EVENTS = (_Finished, _Advanced)
+
+
 def _check_outcomes(proposed: np.ndarray, accepted: np.ndarray, req_ids: list, rows=None) -> None:
     """Verify outcomes kept for the policy (recorded later): a bad row raises now, naming
     its request (``0 <= accepted <= proposed``, as the statistics require). ``rows``: the
@@ -986,13 +991,13 @@ class DasSession:
         order) -- unless ``advances`` (the batch drained: every pending advance too)."""
         self._settle_outcomes()
         pending = self._outcomes
-        kinds = (_Finished, _Advanced) if advances else (_Finished,)
+        kinds = _LENGTH_EVENTS if advances else (_Finished,)
         last = max((i for i, o in enumerate(pending) if type(o) in kinds), default=-1)
         if last < 0:
             return
-        now = [o for o in pending[: last + 1] if type(o) in (_Finished, _Advanced)]
+        now = [o for o in pending[: last + 1] if type(o) in _LENGTH_EVENTS]
         self._outcomes = [o for i, o in enumerate(pending)
-                          if i > last or type(o) not in (_Finished, _Advanced)]
+                          if i > last or type(o) not in _LENGTH_EVENTS]
         self._record_outcomes(now)
 
     def _settle_outcomes(self, record_pending: bool = False) -> None:
