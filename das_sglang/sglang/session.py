@@ -186,6 +186,12 @@ class _Advanced(NamedTuple):
     step: int
 
 
+def _pause_gil() -> None:
+    """A background job's pause between pieces of Python: a sleep releases the GIL for
+    long enough that a thread waiting for it takes it (see ``_record_outcomes``)."""
+    time.sleep(20e-6)
+
+
 # What _record_finishes records in order before what reads the lengths (the rest of the
 # pending items are verify outcomes)
 _LENGTH_EVENTS = (_Finished, _Advanced)
@@ -827,7 +833,7 @@ class DasSession:
             # busy update thread never holds it up.)
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = done = threading.Event()
-            (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, done=done)
+            (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, _pause_gil, done=done)
         if self._updates is not None:
             work.extend(self._take_deferred())  # the plan's new requests: registered now
         else:
@@ -956,12 +962,20 @@ class DasSession:
         # (the rows' problem ids are picked when recorded: off the feedback's path)
         self._outcomes.append((problem_ids, proposed, accepted, rows))
 
-    def _record_outcomes(self, outcomes: list) -> None:
+    def _record_outcomes(self, outcomes: list, pause=None) -> None:
+        """Record pending verify outcomes, finished lengths and step advances, in order.
+        ``pause`` (on a background thread): called between the items, so the scheduler
+        thread waiting for the GIL (the feedback after the forward) gets it within one
+        item, not at the interpreter's forced switch (5 ms): at a step boundary the job
+        held it ~2-10 ms in one go (the plan's bookkeeping, the outcomes, the length
+        window's step)."""
         settle = getattr(self.policy, "settle_plan", None)
         if settle is not None:
             settle()  # the latest plan's bookkeeping first (policy.settle_plan: its order)
         many = getattr(self.policy, "observe_verify_many", None)
         for item in outcomes:
+            if pause is not None and type(item) is not _Finished:  # (a length is ~5 us: none)
+                pause()
             if type(item) is _Finished:
                 self.policy.observe_finished(item.problem_id, item.length)
                 continue

@@ -3,6 +3,7 @@ RL step advances on cache flushes, the history cap evicts statistics too, widths
 buckets, snapshots are written off the scheduler thread."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -965,3 +966,39 @@ def test_a_boundary_mid_batch_reaches_the_policy_one_step_late_in_order_with_the
     assert lengths._step == first + 6
     assert lengths.state()["columns"][1].tolist()[-1] == first + 6
     s.close()
+
+
+def test_the_forward_s_recording_job_pauses_for_the_gil_between_its_heavy_items(tmp_path, monkeypatch):
+    """The verify outcomes and a step advance, recorded on the policy thread during the
+    forward, are separated by a GIL pause each (the scheduler thread waiting for the GIL
+    after the forward gets it within one item, not at the 5 ms forced switch); a finished
+    length is too small to need one. The policy ends as recorded inline."""
+    from das_sglang.sglang import session as session_mod
+
+    pauses = []
+    monkeypatch.setattr(session_mod, "_pause_gil", lambda: pauses.append(threading.current_thread().name))
+    states = []
+    for background in (True, False):
+        s = DasSession(_opts(async_updates=background, history_path=str(tmp_path / str(background))))
+        s.policy.lengths.background = False
+        rows = ["r0", "r1", "r2"]
+        for r in rows:
+            s.start(r, {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+        s.plan(rows, 8)
+        s.before_forward()
+        s.committed_batch(rows, [1] * 3, [[1], [2], [3]])  # one outcome item
+        s.finished("r0", [7, 8, 9], [1])  # a length
+        s.weights_updated()  # an advance (r1, r2 decode: queued)
+        s.plan(rows[1:], 8)
+        before = len(pauses)
+        s.before_forward()  # the job: outcomes, length, advance
+        s._settle_outcomes(record_pending=True)  # (inline: recorded here)
+        if background:
+            assert len(pauses) - before == 2
+            assert all(name != threading.main_thread().name for name in pauses[before:])
+        else:
+            assert len(pauses) == before  # inline: no pause
+        lengths = s.policy.lengths
+        states.append((lengths._step, lengths.state()["columns"].tolist(), s.policy.acceptance.num_problems))
+        s.close()
+    assert states[0] == states[1]
