@@ -456,3 +456,18 @@ def test_growing_past_a_state_view_keeps_both_and_copies_only_the_held_lengths()
     assert lp.num_lengths == 1100 - 1000 // 7
     assert lp.predict_many(["p1", "p5"], [0, 0], [10**6] * 2)[0].tolist() == \
         ref.predict_many(["p1", "p5"], [0, 0], [10**6] * 2)[0].tolist()
+
+
+def test_a_step_leaves_room_for_as_many_lengths_again():
+    """After a step the columns hold twice the lengths kept: the finishes of the next step
+    (a window's share of them) never grow the columns on whichever thread records them."""
+    lp = LengthPredictor(PolicyConfig(length_window_steps=4))
+    for step in range(6):
+        lp.advance_step(step)
+        assert lp._cols.shape[1] >= 2 * lp.num_lengths
+        cols = lp._cols
+        for j in range(lp.num_lengths + 700):  # up to twice what it holds
+            if lp.num_lengths >= cols.shape[1] // 2 + 300:
+                break
+            lp.observe_finished(f"p{j % 9}", 100 + j)
+        assert lp._cols is cols

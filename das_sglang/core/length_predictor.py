@@ -251,6 +251,11 @@ class LengthPredictor(_LengthQueries):
         keep = cols[1] >= oldest
         if not keep.all():
             self._drop_columns(keep)
+        # Room for as many lengths again as it holds: a step's finishes then never grow the
+        # columns (the growth's ~0.5 ms of fresh pages ran on the scheduler thread when the
+        # plan after a boundary recorded the finishes before it); this call runs on the
+        # policy thread when the session defers a boundary. (_compact_pids shrinks past 4x.)
+        self._reserve(self._n)
         self._version += 1
 
     # ---- snapshots -------------------------------------------------------------------
