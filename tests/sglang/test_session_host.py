@@ -1002,3 +1002,38 @@ def test_the_forward_s_recording_job_pauses_for_the_gil_between_its_heavy_items(
         states.append((lengths._step, lengths.state()["columns"].tolist(), s.policy.acceptance.num_problems))
         s.close()
     assert states[0] == states[1]
+
+
+def test_a_boundary_s_snapshot_is_encoded_from_the_forward_after_the_boundary_s(tmp_path):
+    """A step boundary while requests decode takes its snapshot's view at once and holds
+    it; the boundary's own forward carries the deferred advance, registrations and the
+    policy's window step, so the writer starts on it one forward later. A periodic save
+    (no boundary) starts at the next forward, as before."""
+    s = DasSession(_opts(async_updates=True, history_path=str(tmp_path), snapshot_interval=0))
+    s.policy.lengths.background = False
+    rows = ["r0", "r1", "r2"]
+    for r in rows:
+        s.start(r, {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.plan(rows, 8)
+    s.before_forward()  # (the worker's forward hook is on from here)
+    s.committed_batch(rows, [0] * 3, [[1], [2], [3]])
+    writer = s.snapshot._writer
+    s.weights_updated()  # mid-batch: deferred, its save held
+    assert writer._pending is not None and writer._held
+    s.plan(rows, 8)
+    s.before_forward()  # the boundary's forward: still held
+    assert writer._pending is not None and writer._held
+    s.committed_batch(rows, [0] * 3, [[4], [5], [6]])
+    s.plan(rows, 8)
+    s.before_forward()  # the next one: the writer starts
+    assert not writer._held
+    s.snapshot.wait()
+    meta = load_history(tmp_path)[1]
+    assert meta["das_lengths"]["step"] == s.step - 1  # (the view as of the boundary: the advance pending)
+    s.finished("r0", [7, 8, 9], [1, 4])
+    s.snapshot.save(s._hold_snapshot())  # a periodic save: held until the next forward only
+    assert writer._held
+    s.plan(rows[1:], 8)
+    s.before_forward()
+    assert not writer._held
+    s.close()
