@@ -1110,6 +1110,7 @@ class DasSession:
                 # save durable now (an engine stopped right after its last request -- by a
                 # signal, without atexit -- then still leaves every finished rollout).
                 self.snapshot.wait()
+                self._snapshot_skip = 0  # (a boundary's held save went with it)
 
     def _hold_snapshot(self) -> bool:
         """A snapshot requested while requests decode under the worker's forward hook is
@@ -1140,6 +1141,8 @@ class DasSession:
             self.drafter.finish_request(req_id, keep=False)
             if self.shards is not None:
                 self.shards.on_drop(live.problem_id)
+            if not self.live:
+                self._snapshot_skip = 0  # (a held save starts at the next batch's first forward)
             if self._trim_due:
                 self._trim_when_idle()
 

@@ -1036,4 +1036,17 @@ def test_a_boundary_s_snapshot_is_encoded_from_the_forward_after_the_boundary_s(
     s.plan(rows[1:], 8)
     s.before_forward()
     assert not writer._held
+    # A boundary's save whose batch drains before the next forward is written then; a
+    # periodic save of the next batch still starts at its next forward.
+    s.weights_updated()
+    assert writer._held
+    s.finished("r1", [7, 8, 9], [2, 5])
+    s.finished("r2", [7, 8, 9], [3, 6])  # (drained: written now)
+    assert not writer._held and writer._pending is None
+    s.start("r9", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.snapshot.save(s._hold_snapshot())  # (a periodic save, before the batch's first forward)
+    assert writer._held
+    s.plan(["r9"], 8)
+    s.before_forward()
+    assert not writer._held
     s.close()
