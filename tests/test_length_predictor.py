@@ -471,3 +471,37 @@ def test_a_step_leaves_room_for_as_many_lengths_again():
                 break
             lp.observe_finished(f"p{j % 9}", 100 + j)
         assert lp._cols is cols
+
+
+@pytest.mark.parametrize("too_long", [False, True])
+def test_many_finishes_at_once_are_the_finishes_one_by_one(too_long):
+    """``observe_finished_many`` (a boundary's wave of finishes in one call) leaves the
+    columns, the version and every answer as the same finishes one by one -- new problems
+    numbered in order, and a length past the incremental index's trees switching to
+    rebuilds at the same point; a negative length is named and adds nothing."""
+    from das_sglang.native import LengthIndex
+
+    one, many = (LengthPredictor(PolicyConfig(length_window_steps=3)) for _ in range(2))
+    for p in (one, many):
+        p.advance_step(2)
+        for j in range(30):
+            p.observe_finished(f"p{j % 4}", 50 + 7 * j)
+        p.advance_step(3)
+    pids = ["p1", "new", "p3", "p1", "other", "new"]
+    lens = [40, 900, 12, 3000, 77, 5]
+    if too_long:
+        lens[3] = LengthIndex.MAX_LENGTH + 5
+    for pid, n in zip(pids, lens):
+        one.observe_finished(pid, n)
+    many.observe_finished_many(pids, lens)
+    assert many.state()["problems"] == one.state()["problems"]
+    assert np.array_equal(many.state()["columns"], one.state()["columns"])
+    assert many._version == one._version and (many._inc is None) == (one._inc is None) == too_long
+    ids = ["p0", "p1", "p2", "p3", "new", "other", "unseen"]
+    g, cap = [0, 10, 100, 0, 5, 0, 0], [10**6] * 7
+    for a, b in zip(one.predict_many(ids, g, cap), many.predict_many(ids, g, cap)):
+        assert np.array_equal(a, b)
+    before = many.state()["columns"].copy()
+    with pytest.raises(ValueError, match="invalid finished length -3 for problem 'q'"):
+        many.observe_finished_many(["p0", "q"], [5, -3])
+    assert np.array_equal(many.state()["columns"], before)

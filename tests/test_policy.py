@@ -206,3 +206,26 @@ class TestPaperClosedForm:
 def test_budget_plan_none():
     plan = BudgetPlan.none(3)
     assert plan.width == 0 and plan.budgets.tolist() == [0, 0, 0]
+
+
+def test_finished_lengths_at_once_keep_a_subclass_s_own_observe_finished():
+    """``observe_finished_many`` (the session's call for a run of finished lengths) gives
+    what one ``observe_finished`` per length gives, for a policy that overrides the
+    one-by-one method too: then it is called per length."""
+    seen = []
+
+    class Counting(LengthAware):
+        def observe_finished(self, problem_id, length):
+            seen.append((problem_id, length))
+            super().observe_finished(problem_id, length)
+
+    a, b = LengthAware(), LengthAware()
+    for pid, n in [("x", 10), ("y", 2000), ("x", 30)]:
+        a.observe_finished(pid, n)
+    b.observe_finished_many(["x", "y", "x"], [10, 2000, 30])
+    assert np.array_equal(a.lengths.state()["columns"], b.lengths.state()["columns"])
+    assert a._log_err == b._log_err
+    c = Counting()
+    c.observe_finished_many(["x", "y"], [10, 2000])
+    assert seen == [("x", 10), ("y", 2000)]
+    assert c.lengths.num_lengths == 2

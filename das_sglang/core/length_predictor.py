@@ -239,8 +239,42 @@ class LengthPredictor(_LengthQueries):
                 self._inc = None  # (longer than its trees cover: rebuilds from now on)
 
     def observe_finished_many(self, problem_ids, lengths) -> None:
+        """:meth:`observe_finished` of each (problem, length) in order -- the same columns
+        and index -- with one column write for all of them (a step boundary records a
+        wave of finishes on the scheduler thread). A negative length raises naming it,
+        before anything is added."""
+        lengths = [int(n) for n in lengths]
+        problem_ids = list(problem_ids)
+        if len(problem_ids) != len(lengths):
+            raise ValueError(f"observe_finished_many: {len(problem_ids)} problem ids but {len(lengths)} lengths")
         for p, n in zip(problem_ids, lengths):
-            self.observe_finished(p, n)
+            if n < 0:
+                raise ValueError(f"invalid finished length {n!r} for problem {p!r}: must be >= 0")
+        k = len(lengths)
+        if k == 0:
+            return
+        index, pids = self._pid_index, self._pids
+        rows = []
+        for p in problem_ids:
+            i = index.get(p)
+            if i is None:
+                i = index[p] = len(pids)
+                pids.append(p)
+            rows.append(i)
+        self._reserve(k)
+        n = self._n
+        self._cols[0, n: n + k] = rows
+        self._cols[1, n: n + k] = self._step
+        self._cols[2, n: n + k] = lengths
+        self._n += k
+        self._version += k
+        inc = self._inc
+        if inc is not None:
+            for i, length in zip(rows, lengths):
+                if length >= LengthIndex.MAX_LENGTH:
+                    self._inc = None  # (longer than its trees cover: rebuilds from now on)
+                    break
+                inc.add(i, length)
 
     def advance_step(self, step: int) -> None:
         if step < self._step:

@@ -132,6 +132,11 @@ class _Observing:
     def observe_finished(self, problem_id: str, length: int) -> None:
         self.lengths.observe_finished(problem_id, length)
 
+    def observe_finished_many(self, problem_ids: Sequence[str], lengths: Sequence[int]) -> None:
+        """``observe_finished`` of each, in order."""
+        for p, n in zip(problem_ids, lengths):
+            self.observe_finished(p, n)
+
     def advance_step(self, step: int) -> None:
         self.lengths.advance_step(step)
 
@@ -401,6 +406,21 @@ class _ModelBased(_Observing):
     def observe_finished(self, problem_id: str, length: int) -> None:
         self._inputs_changed()
         super().observe_finished(problem_id, length)
+        self._note_length_error(problem_id, length)
+
+    def observe_finished_many(self, problem_ids: Sequence[str], lengths: Sequence[int]) -> None:
+        """``observe_finished`` of each, in order (the same statistics), the lengths in one
+        call (``LengthPredictor.observe_finished_many``)."""
+        many = getattr(self.lengths, "observe_finished_many", None)
+        if type(self).observe_finished is not _ModelBased.observe_finished or many is None:
+            super().observe_finished_many(problem_ids, lengths)  # (a subclass's own, one by one)
+            return
+        self._inputs_changed()
+        many(problem_ids, lengths)
+        for p, n in zip(problem_ids, lengths):
+            self._note_length_error(p, n)
+
+    def _note_length_error(self, problem_id: str, length: int) -> None:
         predicted = self._predicted_total.get(problem_id)
         if predicted is not None:
             err = float(np.log(max(length, 1) / max(predicted, 1.0)))

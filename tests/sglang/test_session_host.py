@@ -1050,3 +1050,37 @@ def test_a_boundary_s_snapshot_is_encoded_from_the_forward_after_the_boundary_s(
     s.before_forward()
     assert not writer._held
     s.close()
+
+
+def test_a_run_of_finished_lengths_is_recorded_in_one_call_with_the_same_statistics(tmp_path, monkeypatch):
+    """Consecutive finished lengths pending with the verify outcomes (a boundary records a
+    wave of them on the scheduler thread) reach the policy in one ``observe_finished_many``
+    call; its length statistics and length-error estimate end as one call per length."""
+    from das_sglang.core.policy import _ModelBased, _Observing
+
+    ends = []
+    for batched in (True, False):
+        if not batched:  # one observe_finished per length
+            monkeypatch.setattr(_ModelBased, "observe_finished_many", _Observing.observe_finished_many)
+        calls = []
+        s = DasSession(_opts(async_updates=True, history_path=str(tmp_path / str(batched))))
+        s.policy.lengths.background = False
+        if batched:
+            orig = s.policy.observe_finished_many
+            monkeypatch.setattr(s.policy, "observe_finished_many",
+                                lambda p, n: (calls.append(len(n)), orig(p, n))[1])
+        rows = [f"r{i}" for i in range(6)]
+        for i, r in enumerate(rows):
+            s.start(r, {"das_problem_id": f"p{i % 2}"}, [7, 8, 9], [], 60)
+        s.plan(rows, 8)  # (predicted totals: the length error is updated by the finishes)
+        s.before_forward()
+        s.committed_batch(rows, [1] * 6, [[1], [2], [3], [4], [5], [6]])
+        for i, r in enumerate(rows[:4]):
+            s.finished(r, [7, 8, 9], list(range(1, 3 + 5 * i)))
+        s.weights_updated()  # records the four lengths (mid-batch: before the deferred advance)
+        if batched:
+            assert calls == [4]
+        lengths = s.policy.lengths
+        ends.append((lengths.state()["columns"].tolist(), lengths.state()["problems"], s.policy._log_err))
+        s.close()
+    assert ends[0] == ends[1]
