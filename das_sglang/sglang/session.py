@@ -539,8 +539,13 @@ class DasSession:
             for s in [s for s in self._mirror_steps if s < oldest]:
                 for pid in self._mirror_steps.pop(s):
                     steps = mirror.get(pid)
-                    if steps is not None and steps.pop(s, None) is not None and not steps:
-                        del mirror[pid]
+                    if steps is not None and s in steps:
+                        # (a new dict: a snapshot's view may hold the old one, _history_view)
+                        rest = {k: g for k, g in steps.items() if k != s}
+                        if rest:
+                            mirror[pid] = rest
+                        else:
+                            del mirror[pid]
         if not defer:  # (else by the first plan after the drafter advanced: _after_advance)
             self._after_advance()
         if self.shards is not None:
@@ -1101,9 +1106,13 @@ class DasSession:
             self._finish_in_drafter(req_id, live.problem_id, live.step, tokens)
             self._check_cap()
         if stored and self._mirror is not None:
-            steps = self._mirror.setdefault(live.problem_id, {})
+            # (a new dict per change, never one changed in place: a snapshot's view holds
+            # the problems' dicts as they were, _history_view)
+            old = self._mirror.get(live.problem_id)
+            steps = dict(old) if old is not None else {}
             group = steps.get(live.step)
             steps[live.step] = group.plus(tokens) if group is not None else TokenGroup.single(tokens)
+            self._mirror[live.problem_id] = steps
             if group is None:
                 self._mirror_steps.setdefault(live.step, set()).add(live.problem_id)
         if self.shards is not None:
@@ -1220,9 +1229,12 @@ class DasSession:
             stats.draft_tokens_accepted = w.get("accepted", 0)
 
     def _history_view(self):
-        """The history as immutable per-step TokenGroups: cheap to take on the scheduler thread
-        (one dict per problem), safe for the background writer to read afterwards."""
-        return {p: dict(steps) for p, steps in self._mirror.items()}
+        """The history as immutable per-step TokenGroups, safe for the background writer to
+        read afterwards: a copy of the outer dict only -- a problem's dict of groups is
+        never changed once in the mirror (a finish or a window step puts a new one in its
+        place), so the view shares them. (A copy of each problem's dict took 0.27-0.48 ms
+        of every snapshot on the scheduler thread at 2,048 problems.)"""
+        return dict(self._mirror)
 
     def _snapshot_meta(self) -> dict:
         self._record_finishes()  # (every finished rollout in the history has its length)

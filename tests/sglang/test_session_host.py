@@ -1084,3 +1084,26 @@ def test_a_run_of_finished_lengths_is_recorded_in_one_call_with_the_same_statist
         ends.append((lengths.state()["columns"].tolist(), lengths.state()["problems"], s.policy._log_err))
         s.close()
     assert ends[0] == ends[1]
+
+
+def test_a_snapshot_s_history_view_never_changes_after_it_is_taken(tmp_path):
+    """The history view handed to the snapshot writer shares the mirror's per-problem
+    dicts (no copy per problem on the scheduler thread): a later finish of the same problem
+    and step, a new problem and a window step leave every dict it holds as it was."""
+    s = DasSession(_opts(async_updates=True, history_path=str(tmp_path)))
+    s.policy.lengths.background = False
+    for i, r in enumerate(["a", "b", "c"]):
+        s.start(r, {"das_problem_id": "p"}, [7, 8, 9], [], 60)
+    s.finished("a", [7, 8, 9], [1, 2])
+    view = s._history_view()
+    frozen = {p: {k: (len(g), g.flat.tolist()) for k, g in steps.items()} for p, steps in view.items()}
+    s.finished("b", [7, 8, 9], [3, 4, 5])  # same problem and step: a new group in a new dict
+    s.start("d", {"das_problem_id": "q"}, [6], [], 60)
+    s.finished("d", [6], [9])  # a new problem
+    s.finished("c", [7, 8, 9], [1])
+    for _ in range(s.drafter.config.window_steps + 1):
+        s.weights_updated()  # the window moves past the step: the mirror drops it
+    assert {p: {k: (len(g), g.flat.tolist()) for k, g in steps.items()} for p, steps in view.items()} == frozen
+    assert len(view["p"][min(view["p"])]) == 1 and "q" not in view
+    assert s._history_view() == {}
+    s.close()
