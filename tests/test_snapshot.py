@@ -541,7 +541,7 @@ def test_a_background_writer_pauses_between_slices_and_writes_the_same_file(tmp_
     _assert_same(hist, got)
     assert got_meta["x"] == 1 and got_meta["das_lengths"]["columns"].tolist() == [[0, 1], [2, 3], [4, 5]]
     writes = []
-    monkeypatch.setattr(snapshot, "_gil_pause", lambda: writes.append(1))
+    monkeypatch.setattr(snapshot, "gil_pause", lambda: writes.append(1))
     snap = PeriodicSnapshot(tmp_path / "bg", lambda: grouped, get_meta=lambda: meta, background=True)
     snap.close()  # (the writer thread's save)
     assert len(writes) == 7

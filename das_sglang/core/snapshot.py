@@ -171,7 +171,7 @@ def save_history(
 
 
 def _save(path, history, meta, pause: Callable[[], None] | None) -> Path:
-    """:func:`save_history`; ``pause`` (a background writer's :func:`_gil_pause`) is
+    """:func:`save_history`; ``pause`` (a background writer's :func:`gil_pause`) is
     called between slices of the encoding's Python. (The payload's chunks need none: the
     concatenations, sha256 and writes hold the GIL for ~50 us a chunk or release it.)"""
     index, parts, payload_len = _encode(history, meta, pause)
@@ -189,14 +189,16 @@ def _save(path, history, meta, pause: Callable[[], None] | None) -> Path:
 # the JSON index: 8-12 ms at 2,048 problems x 4 steps) that another thread waiting for the
 # GIL gets only when the interpreter forces a switch, after ``sys.getswitchinterval()``
 # (5 ms): the scheduler thread then stalled up to ~5-10 ms per save. The writer now
-# sleeps briefly between slices of that work (a sleep releases the GIL and lasts long
-# enough for a waiting thread to take it), so a waiter gets it within one slice.
+# pauses between slices of that work (gil_pause), so a waiter gets it within one slice.
 _PAUSE_GROUPS = 256  # (problem, step) groups encoded between two pauses (~0.2-0.3 ms)
 _PAUSE_PROBLEMS = 256  # problems of the JSON index dumped between two pauses
 _PAUSE_S = 20e-6
 
 
-def _gil_pause() -> None:
+def gil_pause() -> None:
+    """A background thread's pause between pieces of Python: a sleep releases the GIL and
+    lasts long enough for a thread waiting for it to take it (the snapshot writer here,
+    the session's policy-thread recording job)."""
     time.sleep(_PAUSE_S)
 
 
@@ -662,7 +664,7 @@ class _Writer:
                 job, self._pending = self._pending, None
                 self._busy = True
             try:
-                _save(self.path, *job, _gil_pause)
+                _save(self.path, *job, gil_pause)
             except BaseException as e:  # noqa: BLE001 (re-raised by wait/close/request)
                 _log.exception("DAS: background snapshot write failed")
                 self._error = e

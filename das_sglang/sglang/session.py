@@ -21,7 +21,7 @@ from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows, kept_rows
 from das_sglang.core.draft_tree import DraftBatch
 from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
-from das_sglang.core.snapshot import TokenGroup
+from das_sglang.core.snapshot import TokenGroup, gil_pause
 from das_sglang.native import gather_list, int32_tokens
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
@@ -184,12 +184,6 @@ class _Advanced(NamedTuple):
     outcomes, in order with the finished lengths around it."""
 
     step: int
-
-
-def _pause_gil() -> None:
-    """A background job's pause between pieces of Python: a sleep releases the GIL for
-    long enough that a thread waiting for it takes it (see ``_record_outcomes``)."""
-    time.sleep(20e-6)
 
 
 # What _record_finishes records in order before what reads the lengths (the rest of the
@@ -846,7 +840,7 @@ class DasSession:
             # busy update thread never holds it up.)
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = done = threading.Event()
-            (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, _pause_gil, done=done)
+            (self._policy_updates or self._updates).submit(self._record_outcomes, outcomes, gil_pause, done=done)
         if self._updates is not None:
             work.extend(self._take_deferred())  # the plan's new requests: registered now
         else:

@@ -976,7 +976,7 @@ def test_the_forward_s_recording_job_pauses_for_the_gil_between_its_heavy_items(
     from das_sglang.sglang import session as session_mod
 
     pauses = []
-    monkeypatch.setattr(session_mod, "_pause_gil", lambda: pauses.append(threading.current_thread().name))
+    monkeypatch.setattr(session_mod, "gil_pause", lambda: pauses.append(threading.current_thread().name))
     states = []
     for background in (True, False):
         s = DasSession(_opts(async_updates=background, history_path=str(tmp_path / str(background))))
