@@ -223,10 +223,7 @@ class LengthPredictor(_LengthQueries):
     def observe_finished(self, problem_id: str, length: int) -> None:
         if length < 0:
             raise ValueError(f"invalid finished length {length!r} for problem {problem_id!r}: must be >= 0")
-        i = self._pid_index.get(problem_id)
-        if i is None:
-            i = self._pid_index[problem_id] = len(self._pids)
-            self._pids.append(problem_id)
+        i = self._problem_index(problem_id)
         self._reserve(1)
         length = int(length)
         self._cols[:, self._n] = (i, self._step, length)
@@ -237,6 +234,14 @@ class LengthPredictor(_LengthQueries):
                 self._inc.add(i, length)
             else:
                 self._inc = None  # (longer than its trees cover: rebuilds from now on)
+
+    def _problem_index(self, problem_id: str) -> int:
+        """The problem's index in the columns, a new one for a problem not seen before."""
+        i = self._pid_index.get(problem_id)
+        if i is None:
+            i = self._pid_index[problem_id] = len(self._pids)
+            self._pids.append(problem_id)
+        return i
 
     def observe_finished_many(self, problem_ids, lengths) -> None:
         """:meth:`observe_finished` of each (problem, length) in order -- the same columns
@@ -253,14 +258,7 @@ class LengthPredictor(_LengthQueries):
         k = len(lengths)
         if k == 0:
             return
-        index, pids = self._pid_index, self._pids
-        rows = []
-        for p in problem_ids:
-            i = index.get(p)
-            if i is None:
-                i = index[p] = len(pids)
-                pids.append(p)
-            rows.append(i)
+        rows = [self._problem_index(p) for p in problem_ids]
         self._reserve(k)
         n = self._n
         self._cols[0, n: n + k] = rows
@@ -309,10 +307,15 @@ class LengthPredictor(_LengthQueries):
     def _own_columns(self) -> None:
         """Before rewriting columns in place: a copy of them if a state() view holds them."""
         if self._cols_shared:
-            cols = np.empty_like(self._cols)
-            cols[:, : self._n] = self._cols[:, : self._n]
-            self._cols = cols
-            self._cols_shared = False
+            self._move_columns(self._cols.shape[1])
+
+    def _move_columns(self, capacity: int) -> None:
+        """The lengths held, copied into a fresh array of ``capacity`` columns that is the
+        predictor's own (a state() view keeps the old one)."""
+        cols = np.empty((3, capacity), dtype=np.int64)
+        cols[:, : self._n] = self._cols[:, : self._n]
+        self._cols = cols
+        self._cols_shared = False
 
     def restore(self, state: dict, at: int | None = None) -> int:
         """Add the lengths of another predictor's :meth:`state` (a snapshot written by an
@@ -348,13 +351,7 @@ class LengthPredictor(_LengthQueries):
         if now > self._step:
             self.advance_step(now)
         cols[1] = np.minimum(cols[1], self._step)
-        remap = np.empty(len(problems), np.int64)
-        for k, p in enumerate(problems):
-            i = self._pid_index.get(p)
-            if i is None:
-                i = self._pid_index[p] = len(self._pids)
-                self._pids.append(p)
-            remap[k] = i
+        remap = np.fromiter(map(self._problem_index, problems), np.int64, len(problems))
         n = cols.shape[1]
         self._reserve(n)
         if n:
@@ -376,10 +373,7 @@ class LengthPredictor(_LengthQueries):
             return
         while self._n + n > cap:
             cap *= 2
-        cols = np.empty((3, cap), dtype=np.int64)
-        cols[:, : self._n] = self._cols[:, : self._n]
-        self._cols = cols
-        self._cols_shared = False
+        self._move_columns(cap)
 
     def evict_problems(self, problem_ids) -> int:
         """Forget every finished length of ``problem_ids`` (memory cap); returns how many."""
