@@ -360,7 +360,7 @@ class DasSession:
         # plan leaves the step's eviction chunk due there (_evict_due), not submitted itself.
         self._forward_hook = False
         self._evict_due = False
-        self._snapshot_skip = 0  # forwards a held boundary save waits before it is encoded
+        self._snapshot_skip = False  # a held boundary save waits one more forward to be encoded
         self._trim_due = False  # a heap trim waits for no request to be live (_trim_when_idle)
         # Pre-drafting (SuffixDrafter.predraft): the latest plan's node cap. A pre-draft
         # queued before a step advance still runs (under the weights it was made for): the
@@ -552,7 +552,7 @@ class DasSession:
             # the writer (a core for ~10 ms at RL scale, 2,048 x 16 rollouts) then starts a
             # forward later, so they do not run past this one (the feedback waited for them
             # 1.1-1.5 ms, bench_host_path at 512 rows).
-            self._snapshot_skip = 1 if (hold and defer) else 0
+            self._snapshot_skip = hold and defer
 
     def _advance_drafter(self, step: int, deferred: bool = True) -> None:
         """The drafter's part of a step boundary (on the update thread when deferred)."""
@@ -847,7 +847,7 @@ class DasSession:
             self._release_deferred()
         if self.snapshot is not None:
             if self._snapshot_skip:
-                self._snapshot_skip -= 1  # (a boundary's save: from the next forward on)
+                self._snapshot_skip = False  # (a boundary's save: from the next forward on)
             else:
                 self.snapshot.release()  # a held save: encoded during the forward (_hold_snapshot)
         if self._evict_due:
@@ -1128,7 +1128,7 @@ class DasSession:
                 # save durable now (an engine stopped right after its last request -- by a
                 # signal, without atexit -- then still leaves every finished rollout).
                 self.snapshot.wait()
-                self._snapshot_skip = 0  # (a boundary's held save went with it)
+                self._snapshot_skip = False  # (a boundary's held save went with it)
 
     def _hold_snapshot(self) -> bool:
         """A snapshot requested while requests decode under the worker's forward hook is
@@ -1160,7 +1160,7 @@ class DasSession:
             if self.shards is not None:
                 self.shards.on_drop(live.problem_id)
             if not self.live:
-                self._snapshot_skip = 0  # (a held save starts at the next batch's first forward)
+                self._snapshot_skip = False  # (a held save starts at the next batch's first forward)
             if self._trim_due:
                 self._trim_when_idle()
 
