@@ -167,3 +167,22 @@ def test_free_tokens_are_the_ridge_point():
     assert CostModel.preset("cpu-tiny").free_tokens == 0
     with pytest.raises(ValueError, match="free_tokens"):
         CostModel(0.01, 0.001, free_tokens=-1)
+
+
+def test_forward_time_of_one_forward_is_the_same_float_as_the_array_path():
+    """A plan prices one forward with Python numbers (``forward_time(int, int)``): the
+    scalar path gives bit for bit the float the numpy path gives, with and without free
+    tokens, and the array path still broadcasts."""
+    rng = np.random.default_rng(0)
+    models = [CostModel(c_base_s=0.011, c_tok_s=3.1e-6, c_kv_s=2.3e-9),
+              CostModel(c_base_s=0.0082, c_tok_s=1.7e-5, c_kv_s=0.0, free_tokens=192.0),
+              *PRESETS.values()]
+    for cost in models:
+        for n, kv in [(0, 0), (1, 0), (191, 5), (192, 10), (193, 7), *zip(rng.integers(0, 9000, 50).tolist(),
+                                                                         rng.integers(0, 2_000_000, 50).tolist())]:
+            fast = cost.forward_time(n, kv)
+            ref = cost.forward_time(np.array([n]), np.array([kv]))[0]
+            assert type(fast) is float and fast == float(ref), (cost, n, kv)
+            assert cost.forward_time(float(n), float(kv)) == fast
+    out = models[0].forward_time(np.array([1, 2, 3]), 100)
+    assert out.shape == (3,) and np.all(np.diff(out) > 0)

@@ -48,6 +48,9 @@ class FitInfo:
     r2: float
 
 
+_SCALARS = (int, float)
+
+
 @dataclass(frozen=True)
 class CostModel:
     c_base_s: float
@@ -118,6 +121,12 @@ class CostModel:
 
         Accepts scalars or numpy arrays (broadcast); returns a float for scalar input.
         """
+        if type(n_tokens) in _SCALARS and type(kv_tokens) in _SCALARS:
+            # (one forward, as a plan asks: float arithmetic in the numpy path's order, the
+            # same float, without six array round trips)
+            n = float(n_tokens)
+            paid = max(n - self.free_tokens, 0.0) if self.free_tokens else n
+            return self.c_base_s + self.c_tok_s * paid + self.c_kv_s * float(kv_tokens)
         n = np.asarray(n_tokens, dtype=np.float64)
         t = self.c_base_s + self.c_tok_s * self.paid_tokens(n)
         t = t + self.c_kv_s * np.asarray(kv_tokens, dtype=np.float64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 from das_sglang.core.config import DrafterConfig, check_field
 from das_sglang.core.cost_model import DEFAULT_PRESET, PRESETS, CostModel
@@ -211,9 +212,14 @@ class PolicyConfig:
         always one of them (SGLang captures its graphs at the full width); None: any."""
         if self.width_buckets is None:
             return None
-        top = self.max_budget if max_width is None else int(max_width)
-        return tuple(sorted({w for w in self.width_buckets if w <= top} | {top}))
+        return _buckets(self.width_buckets, self.max_budget if max_width is None else int(max_width))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+@lru_cache(maxsize=64)
+def _buckets(width_buckets: tuple[int, ...], top: int) -> tuple[int, ...]:
+    """:meth:`PolicyConfig.buckets` (asked twice a plan: made once per buckets and width)."""
+    return tuple(sorted({w for w in width_buckets if w <= top} | {top}))
