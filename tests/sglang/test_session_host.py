@@ -838,6 +838,34 @@ def test_update_items_queued_together_each_run_and_an_error_is_raised_once():
     u.close()
 
 
+def test_update_thread_busy_and_flush_cover_every_queued_item_not_only_the_latest():
+    """``_Updates`` keeps one done-signal per item (the latest): the thread runs items in
+    order, so the latest done means all done. While the first of three items blocks, the
+    thread is busy and a flush waits; once it returns every item has run, in order, and
+    each item's signal is set (``submit`` returns it, the session waits on it)."""
+    import threading
+
+    from das_sglang.sglang.session import _Updates
+
+    u = _Updates()
+    gate, ran = threading.Event(), []
+    first = u.submit(lambda: (gate.wait(5), ran.append(1)))
+    u.submit(ran.append, 2)
+    last = u.submit(ran.append, 3)
+    assert u.busy() and not first.is_set() and not last.is_set()
+    flushed = threading.Event()
+    t = threading.Thread(target=lambda: (u.flush(), flushed.set()))
+    t.start()
+    assert not flushed.wait(0.05)  # (the first item still blocks)
+    gate.set()
+    t.join(5)
+    assert flushed.is_set() and ran == [1, 2, 3]
+    assert first.is_set() and last.is_set() and not u.busy()
+    first.wait()  # (a set signal: any number of waits return at once)
+    last.wait()
+    u.close()
+
+
 def test_a_finished_length_reaches_the_policy_one_step_late_and_before_a_boundary_or_a_snapshot(tmp_path):
     """A finish queues its length with the verify outcomes: the policy records it during
     the next forward (or by the next feedback), off the finish's path; a step boundary, a
