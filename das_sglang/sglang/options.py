@@ -27,6 +27,7 @@ from das_sglang.core.policy_config import PolicyConfig
 
 ENV = "DAS_CONFIG"
 VERIFY_LAYOUTS = ("auto", "ragged", "uniform")
+FORWARD_HOOKS = ("auto", "before_launch", "after_launch")
 # Verify widths (draft tokens per request) the worker uses by default; the largest is always
 # max_nodes (PolicyConfig.buckets). Few, so that few shapes reach the attention kernels and a
 # graph per width could be captured; stock SGLang 0.5.23 captures a speculative target's
@@ -75,6 +76,15 @@ class ServerConfig:
     async_updates     history updates (the drafter's batch extend, GIL-free), the length
                       index rebuild and snapshot writes run off the scheduler thread; reads
                       wait for pending updates first (True, default). False: all inline.
+    forward_hook      where the worker starts the step's background work
+                      (``DasSession.before_forward``: the policy's recording, the eviction
+                      chunk, the plan's new requests' registration): ``after_launch`` once
+                      the verify forward is launched (its ~0.05-0.1 ms at 512 rows then
+                      overlaps the device's forward instead of delaying its start),
+                      ``before_launch`` just before it (the forward is synchronous there:
+                      started after it, that work would run beside the host work that
+                      follows instead of beside the forward). ``auto`` (default):
+                      ``after_launch`` on a CUDA device, ``before_launch`` elsewhere.
     background_nice   nice value (0-19) of the native threads the feedback's extend +
                       pre-draft job runs on beside SGLang's own result processing (Linux:
                       per thread). On a host with spare cores it changes nothing; where
@@ -99,6 +109,7 @@ class ServerConfig:
     verify_layout: str = "auto"
     stats_path: str | None = None
     async_updates: bool = True
+    forward_hook: str = "auto"
     background_nice: int = 10
     shard_path: str | None = None
     engine_id: str | None = None
@@ -111,6 +122,8 @@ class ServerConfig:
         if (isinstance(self.background_nice, bool) or not isinstance(self.background_nice, int)
                 or not 0 <= self.background_nice <= 19):
             raise ValueError(f"invalid background_nice={self.background_nice!r}: must be an int in [0, 19]")
+        if self.forward_hook not in FORWARD_HOOKS:
+            raise ValueError(f"invalid forward_hook={self.forward_hook!r}: must be one of {FORWARD_HOOKS}")
         if self.verify_layout not in VERIFY_LAYOUTS:
             raise ValueError(
                 f"invalid verify_layout={self.verify_layout!r}: must be one of {VERIFY_LAYOUTS}"
@@ -138,6 +151,17 @@ class DasOptions:
 
 
 _SECTIONS = {"drafter": DrafterConfig, "policy": PolicyConfig, "server": ServerConfig}
+
+
+def hook_after_launch(forward_hook: str, device) -> bool:
+    """Whether the worker starts the step's background work after launching the verify
+    forward (``server.forward_hook``; ``auto``: where ``device`` is a CUDA device, whose
+    launch returns before the forward ends)."""
+    if forward_hook not in FORWARD_HOOKS:
+        raise ValueError(f"invalid forward_hook={forward_hook!r}: must be one of {FORWARD_HOOKS}")
+    if forward_hook == "auto":
+        return str(device).split(":")[0] == "cuda"
+    return forward_hook == "after_launch"
 
 
 def load_options(num_draft_tokens: int | None, raw: str | None = None) -> DasOptions:

@@ -41,7 +41,7 @@ from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cu
 from das_sglang.sglang.host_time import (
     add_engine_gap, add_feedback, add_plan, add_verify, new_host_time,
 )
-from das_sglang.sglang.options import for_engine_graphs, for_layout, load_options
+from das_sglang.sglang.options import for_engine_graphs, for_layout, hook_after_launch, load_options
 from das_sglang.sglang.ragged import (
     DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
     verify_backend_name, walk_ragged,
@@ -128,6 +128,10 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.graph_tiers: GraphTiers | None = None  # (set at the first decode step)
         self._tiers_plan = False  # the policy plans with graph_tiers' cost (uniform layout)
         self._forward_start: float | None = None  # the verify's launch time
+        # The step's background work starts once the verify forward is launched where the
+        # launch is asynchronous (CUDA): server.forward_hook.
+        self._hook_after_launch = hook_after_launch(self.options.server.forward_hook, self.device)
+        self.stats["forward_hook"] = "after_launch" if self._hook_after_launch else "before_launch"
         self._forward_tokens = 0  # and the tokens it submits
         self.session.worker_stats = self.stats  # read by the shard stats (scale-out)
         atexit.register(self.session.close)
@@ -177,11 +181,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
                 return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors, t_in)
         layout = self._prepare_verify(batch, trees, self._verify_width(trees, planned, bs, graph))
         add_plan(self.stats["host"], time.perf_counter() - t_in, bs)
-        self.session.before_forward()
-        self._forward_start = time.perf_counter()
-        result = self.target_worker.forward_batch_generation(
-            batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
-        )
+        result = self._launch_verify(batch, pp_proxy_tensors)
         logits_output = result.logits_output
         spec = batch.spec_info
         target = self.target_tokens(
@@ -198,6 +198,20 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             lambda k: move_accept_tokens_to_target_kvcache(
                 batch, accept_index, k, self.token_to_kv_pool_allocator),
         )
+
+    def _launch_verify(self, batch, pp_proxy_tensors):
+        """The verify forward, with the session's forward hook (its background work) just
+        before the launch or, where the launch is asynchronous, just after it: the hook's
+        host time then overlaps the device's forward (server.forward_hook)."""
+        if not self._hook_after_launch:
+            self.session.before_forward()
+        self._forward_start = time.perf_counter()
+        result = self.target_worker.forward_batch_generation(
+            batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
+        )
+        if self._hook_after_launch:
+            self.session.before_forward()
+        return result
 
     def _commit(self, batch, trees, result, predict, accept_index, num_correct, on_publish,
                 move_kv):
@@ -435,11 +449,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self.stats["verify_tokens"] += rl.total
         self._forward_tokens = rl.total
         add_plan(self.stats["host"], time.perf_counter() - t_in, len(batch.reqs))
-        self.session.before_forward()
-        self._forward_start = time.perf_counter()
-        result = self.target_worker.forward_batch_generation(
-            batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
-        )
+        result = self._launch_verify(batch, pp_proxy_tensors)
         logits_output = result.logits_output
         target = self.target_tokens(logits_output.next_token_logits, batch.sampling_info,
                                     batch.spec_info.positions, verify_lens)

@@ -209,3 +209,22 @@ def test_negative_control_corrupted_tree_mask_breaks_identity(tiny_model, refere
     wrong = sum(mismatches(reference[label][0], bad[label][0]) for label, _, _ in batches)
     print(f"corrupted mask: {wrong} of {PROBLEMS * SIBLINGS * 2} outputs differ")
     assert wrong > 0
+
+
+def test_background_work_started_after_the_launch_is_identical_too(tiny_model, reference, tmp_path):
+    """``server.forward_hook`` ``after_launch`` (what ``auto`` picks on a CUDA device, where
+    the launch returns while the forward runs): the step's background work starts after
+    the verify forward is launched instead of before. Forced here on the CPU, whose
+    forward is synchronous, so that work starts once the forward is done. Nothing drafts
+    between the hook and the feedback, so the drafts are the same, and the outputs are
+    still those of no speculation."""
+    batches = [b for b in workload() if b[0].startswith("grpo")]
+    stats_path = tmp_path / "stats.json"
+    cfg = {"server": {"forward_hook": "after_launch", "stats_path": str(stats_path)}}
+    with launch(tiny_model, "DAS", env={"DAS_CONFIG": json.dumps(cfg)}) as engine:
+        got = run(engine, batches)
+    for label, _, _ in batches:
+        assert mismatches(reference[label][0], got[label][0]) == 0, label
+    stats = json.loads(stats_path.read_text())
+    assert stats["forward_hook"] == "after_launch" and stats["ragged_steps"] > 0
+    assert accept_length(got["grpo-step2"][1]) > 1.5

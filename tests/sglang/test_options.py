@@ -51,6 +51,7 @@ def test_sections_map_one_to_one_onto_the_dataclasses(tmp_path):
     ('{"drafter": {"window_steps": -1}}', "window_steps=-1"),
     ('{"policy": {"max_budget": 20}}', "policy.max_budget=20"),
     ('{"server": {"policy": "nope"}}', "policy='nope'"),
+    ('{"server": {"forward_hook": "later"}}', "forward_hook='later'"),
     ('{"server": []}', "section server"),
     ("{oops", "not valid JSON"),
     ("/no/such/file.json", "neither a JSON object nor a file"),
@@ -93,3 +94,16 @@ def test_engine_graphs_drop_only_default_buckets():
     mine = load_options(17, json.dumps({"policy": {"width_buckets": list(GRAPH_BUCKETS)}}))
     assert not mine.buckets_from_engine
     assert for_engine_graphs(mine).policy.width_buckets == GRAPH_BUCKETS
+
+
+def test_forward_hook_follows_the_device_unless_configured():
+    """``auto``: after the launch on a CUDA device (its launch returns while the forward
+    runs), before it elsewhere; an explicit choice holds on any device."""
+    from das_sglang.sglang.options import hook_after_launch
+
+    assert load_options(8, "").server.forward_hook == "auto"
+    assert hook_after_launch("auto", "cuda") and hook_after_launch("auto", "cuda:3")
+    assert not hook_after_launch("auto", "cpu") and not hook_after_launch("auto", "xpu")
+    assert hook_after_launch("after_launch", "cpu") and not hook_after_launch("before_launch", "cuda")
+    with pytest.raises(ValueError, match="forward_hook='soon'"):
+        hook_after_launch("soon", "cuda")
