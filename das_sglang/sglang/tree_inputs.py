@@ -246,16 +246,18 @@ def ragged_custom_mask(layout: RaggedLayout, seq_lens: Sequence[int], device, ta
     import torch
 
     target = device if target is None else target
-    tree = torch.from_numpy(layout.mask)
     if str(device) == "cpu":
-        return tree.to(target)
+        return torch.from_numpy(layout.mask).to(target)
     # Mostly ones (``n_b * seq_len_b`` prefix entries per request): made where it is used,
-    # the small tree blocks scattered into it by a host-built index (sum n_b^2 entries).
+    # then the tree blocks' False entries cleared through a host-built index of just those
+    # (one host-to-device copy of about half the index: until this version every tree entry
+    # was scattered with its value, an index and a value tensor copied over).
     from das_sglang.native import ragged_mask_index
 
-    index, length = ragged_mask_index(np.ascontiguousarray(layout.verify_lens, dtype=np.int64),
-                                      np.asarray(seq_lens, dtype=np.int64))
+    zeros, length = ragged_mask_index(np.ascontiguousarray(layout.verify_lens, dtype=np.int64),
+                                      np.asarray(seq_lens, dtype=np.int64),
+                                      np.ascontiguousarray(layout.mask, dtype=bool).reshape(-1))
     out = torch.ones(int(length), dtype=torch.bool, device=target)
-    out[torch.from_numpy(index).to(target)] = tree.to(target)
+    out[torch.from_numpy(zeros).to(target)] = False  # (index_fill_: ~3x the host dispatch)
     return out
 

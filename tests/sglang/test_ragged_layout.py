@@ -209,6 +209,12 @@ class TestNativeLayout:
         ref_idx, ref_len = _mask_index_reference(got.verify_lens, seq_lens)
         assert length == ref_len
         np.testing.assert_array_equal(idx, ref_idx)
+        # with the tree blocks: only where they are False (what the device form clears)
+        zeros, length = ragged_mask_index(got.verify_lens, np.asarray(seq_lens, np.int64), got.mask)
+        assert length == ref_len
+        np.testing.assert_array_equal(zeros, ref_idx[~got.mask])
+        with pytest.raises(ValueError, match="tree has"):
+            ragged_mask_index(got.verify_lens, np.asarray(seq_lens, np.int64), np.ones(len(got.mask) + 1, bool))
 
     def test_bad_input_is_refused_naming_it(self):
         from das_sglang.native import ragged_layout

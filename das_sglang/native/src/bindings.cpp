@@ -1220,7 +1220,10 @@ nb::object padded_rows(nb::handle tokens_h, nb::handle lens_h) {
 // ragged_custom_mask): request b has verify_lens[b] rows of [seq_len prefix | tree
 // columns]; entry (b, i, j) of its tree block lands at start_b + i * row_len_b + seq_len_b
 // + j. Returns (index int64[sum vl^2], the mask's total length).
-nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h) {
+// With `tree` (the layout's flat bool tree blocks, sum vl^2 entries): only the positions
+// of its False entries -- what a mask of ones needs written (one index_fill_ instead of a
+// scatter of every tree entry with its value).
+nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h, nb::handle tree_h) {
   I64 vl = as_array<I64>(verify_lens_h, "verify_lens", "int64");
   I64 lens = as_array<I64>(seq_lens_h, "seq_lens", "int64");
   const size_t bs = vl.shape(0);
@@ -1228,14 +1231,30 @@ nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h) {
     throw nb::value_error(("ragged_mask_index: " + std::to_string(bs) + " verify_lens but " +
                            std::to_string(lens.shape(0)) + " seq_lens").c_str());
   size_t count = 0;
-  for (size_t b = 0; b < bs; ++b) count += size_t(vl(b) * vl(b));
-  std::vector<int64_t> index(count);
+  for (size_t b = 0; b < bs; ++b) {
+    if (vl(b) < 0 || lens(b) < 0)
+      throw nb::value_error(("ragged_mask_index: negative verify_len or seq_len at row " + std::to_string(b)).c_str());
+    count += size_t(vl(b) * vl(b));
+  }
+  const bool* tree = nullptr;
+  nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu> tree_arr;
+  if (!tree_h.is_none()) {
+    tree_arr = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
+        tree_h, "tree", "a 1-D contiguous bool numpy array");
+    if (tree_arr.shape(0) != count)
+      throw nb::value_error(("ragged_mask_index: tree has " + std::to_string(tree_arr.shape(0)) +
+                             " entries for " + std::to_string(count) + " tree-block entries").c_str());
+    tree = tree_arr.data();
+  }
+  std::vector<int64_t> index;
+  index.reserve(count);
   int64_t start = 0;
   size_t at = 0;
   for (size_t b = 0; b < bs; ++b) {
     const int64_t w = vl(b), row_len = lens(b) + w;
     for (int64_t i = 0; i < w; ++i)
-      for (int64_t j = 0; j < w; ++j) index[at++] = start + i * row_len + lens(b) + j;
+      for (int64_t j = 0; j < w; ++j, ++at)
+        if (tree == nullptr || !tree[at]) index.push_back(start + i * row_len + lens(b) + j);
     start += w * row_len;
   }
   return nb::make_tuple(to_numpy_moved(std::move(index)), start);
@@ -2005,7 +2024,9 @@ NB_MODULE(_suffix, m) {
   m.def("online_table", &online_table, nb::arg("cells"), nb::arg("w"), nb::arg("prior"),
         "OnlineCalibration.table's shrunk (state, match bin, depth bin) ratios: numpy's doubles.");
   m.def("ragged_mask_index", &ragged_mask_index, nb::arg("verify_lens"), nb::arg("seq_lens"),
-        "Flat positions of the ragged tree blocks in the [seq_len prefix | tree] mask: (index, length).");
+        nb::arg("tree") = nb::none(),
+        "Flat positions of the ragged tree blocks in the [seq_len prefix | tree] mask: (index, length); "
+        "with tree (the flat bool blocks), only the positions of its False entries.");
   m.def("best_per_row", &best_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"), nb::arg("kv_tokens"),
         nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"),
         "allocation._best_per_row: (budgets int32, width, modeled_s, baseline_s, makespan_steps).");
