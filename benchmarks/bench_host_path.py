@@ -80,7 +80,9 @@ JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...
 wait, finishes/starts, boundary, plan, layout, mask, feedback, engine_delay; the phases
 add up to the step; ``hook``: the forward hook past the forward's end), ``worst_steps`` (the five slowest steps with the same split), and per
 step kind (decode / finish / boundary) its steps, p50 and max (``decode_p50_ms`` ...) with
-``per_step_kind`` beside ``per_step_ms``. Roots and sequence
+``per_step_kind`` beside ``per_step_ms``, and ``decode_p50_by_block_position_ms`` (the
+decode steps' p50 at each position of the ``--interleave`` blocks: the first positions
+after the baseline's block run colder). Roots and sequence
 lengths are read as the worker reads them (``_verify_ragged``): ``[req.output_ids[-1] for req in
 batch.reqs]`` from each request's Python list of generated tokens and ``batch.seq_lens_cpu.numpy()``,
 both kept by SGLang (here: untimed, as the step's tokens commit). Until this version the timed
@@ -647,6 +649,16 @@ def main(argv=None) -> int:
                 entry.update(s)
                 entry["per_step_ms"] = times
                 entry["per_step_kind"] = kinds  # (decode / finish / boundary, step by step)
+                # The decode steps' p50 by position in their block of --interleave steps
+                # (0: the first after the baseline's block): with the baseline the first
+                # positions run colder (its work between them), docs/design.md stop 47.
+                # (Timed steps start after --warmup steps: position = (warmup + i) mod block.)
+                blk = max(1, args.interleave)
+                entry["decode_p50_by_block_position_ms"] = [
+                    float(np.percentile(v, 50)) if v else None
+                    for pos in range(blk)
+                    for v in [[t for i, (t, k) in enumerate(zip(times, kinds))
+                               if k == "decode" and (args.warmup + i) % blk == pos]]]
                 entry["phases_p50_ms"] = o["phases"]
                 # Where the slow steps' time goes: each phase's p50 and max over the steps
                 # of each kind (decode / finish / boundary).
