@@ -459,8 +459,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     session.close()
     worst = sorted(range(len(times)), key=lambda i: -times[i])[:5]
     cpu_ms = [sum(c.values()) for c in cpus]
-    out.update(hooks=hooks)
-    out.update(times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats, phase_rows=phases,
+    out.update(hooks=hooks, times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats, phase_rows=phases,
                phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]},
                cpu_ms=cpu_ms, cpu_phases={k: float(np.percentile([c[k] for c in cpus], 50)) for k in cpus[0]},
                worst=[{"step": i, "kind": kinds[i], "ms": times[i], **phases[i]} for i in worst])

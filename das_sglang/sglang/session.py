@@ -62,8 +62,8 @@ def prompt_problem_id(prompt: Sequence[int]) -> str:
 class _Done:
     """Set once by the update thread when its item has run; waited for by any thread, any
     number of times. A lock held until then: made and waited for in C, where a
-    ``threading.Event`` (a Condition, Python code) cost ~20 us cold on every step's
-    recording job at 512 rows (bench_host_path)."""
+    ``threading.Event`` is a Condition in Python code (~20 us a step at 512 rows under a
+    line profiler; the step times showed no difference, docs/design.md stop 47)."""
 
     __slots__ = ("_lock",)
 
@@ -96,8 +96,9 @@ class _Updates:
     Items are submitted from one thread (the scheduler's). The queue is a C
     ``SimpleQueue`` and each item carries a :class:`_Done`: the thread runs them in order,
     so the latest item done means every item done (``busy``, ``flush``). A
-    ``queue.Queue`` (a put, a ``task_done`` and the ``unfinished_tasks`` test, each Python
-    under a Condition) cost the scheduler thread 20-60 us a put at 512 rows."""
+    ``queue.Queue`` runs a put, a ``task_done`` and the ``unfinished_tasks`` test as Python
+    under a Condition (20-60 us a put at 512 rows under a line profiler; no difference in
+    the step times, docs/design.md stop 47)."""
 
     def __init__(self, name: str = "das-history-updates", what: str = "history update") -> None:
         self._what = what  # (in the error messages)

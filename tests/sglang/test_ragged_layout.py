@@ -215,6 +215,8 @@ class TestNativeLayout:
         np.testing.assert_array_equal(zeros, ref_idx[~got.mask])
         with pytest.raises(ValueError, match="tree has"):
             ragged_mask_index(got.verify_lens, np.asarray(seq_lens, np.int64), np.ones(len(got.mask) + 1, bool))
+        with pytest.raises(ValueError, match="negative verify_len or seq_len at row 0"):
+            ragged_mask_index(got.verify_lens, np.asarray([-1] + list(seq_lens[1:]), np.int64), got.mask)
 
     def test_bad_input_is_refused_naming_it(self):
         from das_sglang.native import ragged_layout

@@ -1221,8 +1221,8 @@ nb::object padded_rows(nb::handle tokens_h, nb::handle lens_h) {
 // columns]; entry (b, i, j) of its tree block lands at start_b + i * row_len_b + seq_len_b
 // + j. Returns (index int64[sum vl^2], the mask's total length).
 // With `tree` (the layout's flat bool tree blocks, sum vl^2 entries): only the positions
-// of its False entries -- what a mask of ones needs written (one index_fill_ instead of a
-// scatter of every tree entry with its value).
+// of its False entries -- what a mask of ones needs cleared (one indexed store of False
+// instead of a scatter of every tree entry with its value).
 nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h, nb::handle tree_h) {
   I64 vl = as_array<I64>(verify_lens_h, "verify_lens", "int64");
   I64 lens = as_array<I64>(seq_lens_h, "seq_lens", "int64");
