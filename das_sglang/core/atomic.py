@@ -15,8 +15,10 @@ from typing import IO, Iterator
 
 
 @contextmanager
-def atomic_file(target: Path, *, binary: bool, tmp_prefix: str) -> Iterator[IO]:
-    """Yield an open temp file; on normal exit it atomically replaces ``target``."""
+def atomic_file(target: Path, *, binary: bool, tmp_prefix: str, durable: bool = True) -> Iterator[IO]:
+    """Yield an open temp file; on normal exit it atomically replaces ``target``.
+    ``durable=False``: no fsync (a reader still sees the old file or the new one; after a
+    crash either may be there) -- for files rewritten often whose loss costs nothing."""
     directory = target.parent
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, suffix=".tmp", dir=directory)
     try:
@@ -24,12 +26,14 @@ def atomic_file(target: Path, *, binary: bool, tmp_prefix: str) -> Iterator[IO]:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -23,6 +23,7 @@ import atexit
 import logging
 import time
 
+import numpy as np
 import torch
 from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
 from sglang.srt.layers.logprob_processor import compute_spec_logprobs
@@ -37,6 +38,7 @@ from sglang.srt.speculative.spec_utils import move_accept_tokens_to_target_kvcac
 
 from das_sglang.core.drafter import TokenRows
 from das_sglang.core.graph_tiers import GraphSpec, GraphTiers
+from das_sglang.sglang.batch_rows import BatchRows, StopRules
 from das_sglang.sglang.finish import delivered_output, is_server_warmup, stop_cut
 from das_sglang.sglang.host_time import (
     add_engine_gap, add_feedback, add_plan, add_verify, new_host_time,
@@ -60,12 +62,16 @@ _log = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: str, data: dict) -> None:
+    """Replace ``path`` by ``data`` as JSON, atomically (a reader sees the old file or the
+    new one) but not fsynced: the worker's counters (``server.stats_path``) are rewritten
+    after every verify step, where two fsyncs cost milliseconds on the scheduler thread,
+    and a crash loses nothing the next run does not count again."""
     import json
     from pathlib import Path
 
     from das_sglang.core.atomic import atomic_file
 
-    with atomic_file(Path(path), binary=False, tmp_prefix=".das-stats-") as f:
+    with atomic_file(Path(path), binary=False, tmp_prefix=".das-stats-", durable=False) as f:
         json.dump(data, f)
 
 
@@ -116,6 +122,12 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         # rid -> (Req, SGLang's prompt object, the tuple started with) of requests the
         # drafter knows
         self._reqs: dict = {}
+        # What each decode step reads of batch.reqs: ids and stop rules made once per batch
+        # composition (SGLang rebinds batch.reqs when it changes), the stop cut vectorised
+        # (batch_rows.py), with the registered requests' stop rules.
+        self._stop_rules = StopRules()
+        self._rows = BatchRows(self._stop_rules)
+        self._committed: tuple | None = None
         # graph_steps: verify forwards SGLang replayed as a CUDA graph (the rest ran eagerly)
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
                       "ragged_steps": 0, "graph_steps": 0, "layout": self.layout,
@@ -164,6 +176,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
 
     def _decode(self, batch, on_publish, pp_proxy_tensors, t_in):
         bs = len(batch.reqs)
+        self._committed = None  # (the output lengths read with this step's roots: _roots)
         trees, planned = self._plan(batch)
         if not self._layout_confirmed:  # the attention backends exist from here on
             layout = confirm_layout(self.layout, self.model_runner.attn_backend)
@@ -177,7 +190,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         if self.layout == "ragged" and not needs_uniform_rows(batch.sampling_info):
             lens = tree_lens(trees)
             graph = self._graph_over_ragged(bs, lens)
-            if not graph and len(set(lens.tolist())) > 1:
+            if not graph and lens.size and lens.min() != lens.max():  # (rows of different widths)
                 return self._verify_ragged(batch, trees, on_publish, pp_proxy_tensors, t_in)
         layout = self._prepare_verify(batch, trees, self._verify_width(trees, planned, bs, graph))
         add_plan(self.stats["host"], time.perf_counter() - t_in, bs)
@@ -243,27 +256,57 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             speculative_num_draft_tokens=self.draft_token_num,
         )
 
-    @staticmethod
-    def _cut_at_stops(reqs, predict, accept_index, num_correct):
+    def _cut_at_stops(self, reqs, predict, accept_index, num_correct):
         """End each accepted run where one-token-at-a-time decoding would end it
-        (``finish.stop_cut``); ``accept_index`` is cut in place."""
-        if num_correct.numel() == 0 or int(num_correct.max()) == 0:
-            return num_correct  # one token per request: nothing to cut
-        lens = (num_correct + 1).tolist()
-        runs = predict[accept_index.clamp(min=0).long()].tolist()
-        cut = [stop_cut(req, run[:k]) for req, run, k in zip(reqs, runs, lens)]
-        if cut == lens:
+        (``finish.stop_cut``; over the batch's rows at once, ``BatchRows.cut``);
+        ``accept_index`` is cut in place."""
+        if num_correct.numel() == 0:
             return num_correct
-        for b, (k, full) in enumerate(zip(cut, lens)):
-            if k < full:
-                accept_index[b, k:] = -1
-        return torch.tensor(cut, dtype=num_correct.dtype, device=num_correct.device) - 1
+        k = num_correct.cpu().numpy()  # (one copy; the runs' below only if a draft was accepted)
+        if int(k.max()) == 0:
+            return num_correct  # one token per request: nothing to cut
+        lens = k.astype(np.int64) + 1
+        runs = predict[accept_index.clamp(min=0).long()].cpu().numpy()
+        read, self._committed = self._committed, None
+        if reqs is self._rows.reqs:
+            cut = self._rows.cut(runs, lens, read[1] if read is not None and read[0] is reqs else None)
+        else:  # (rows the worker did not plan: the reference, request by request)
+            cut = np.array([stop_cut(req, run[:n].tolist()) for req, run, n in zip(reqs, runs, lens)],
+                           dtype=np.int64)
+        rows = np.flatnonzero(cut < lens)
+        if not rows.size:
+            return num_correct
+        for b in rows.tolist():
+            accept_index[b, int(cut[b]):] = -1
+        return torch.from_numpy(cut - 1).to(dtype=num_correct.dtype, device=num_correct.device)
 
     def _plan(self, batch):
-        """Draft trees of the batch, truncated to the policy's per-request budgets."""
-        for req in batch.reqs:
-            self._register(req)
-        return self.session.plan([req.rid for req in batch.reqs], self.options.max_nodes)
+        """Draft trees of the batch, truncated to the policy's per-request budgets. New
+        requests are registered when the batch's requests changed (SGLang rebinds
+        ``batch.reqs`` then); a step without a start or a finish reuses the ids."""
+        reqs = batch.reqs
+        if self._rows.changed(reqs):
+            rids = [req.rid for req in reqs]
+            rules = self._stop_rules
+            rule = rules.of(rids)  # (-1: not registered yet; kept from _register to the finish)
+            for i in np.flatnonzero(rule < 0).tolist():
+                self._register(reqs[i])
+                rule[i] = rules.rule.get(rids[i], -1)
+            self._rows.update(reqs, rids, rule)
+        return self.session.plan(self._rows.rids, self.options.max_nodes)
+
+    def _rids(self, batch) -> list:
+        return self._rows.rids if batch.reqs is self._rows.reqs else [req.rid for req in batch.reqs]
+
+    def _roots(self, batch):
+        """Each request's last token (the verify's roots). With them the output lengths
+        are read, for this step's stop cut (SGLang appends the step's tokens after it)."""
+        if batch.reqs is self._rows.reqs:
+            roots, committed = self._rows.tails()
+            self._committed = (batch.reqs, committed)
+            return roots
+        self._committed = None
+        return [req.output_ids[-1] for req in batch.reqs]
 
     def _set_options(self, options) -> None:
         """New options for the worker, its session and the session's policy."""
@@ -375,7 +418,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         widest = int(tree_lens(trees).max(initial=0))
         width = widest if width is None else max(int(width), widest)
         seq_lens = batch.seq_lens_cpu.numpy()  # (int64, no copy: see _verify_ragged)
-        roots = [req.output_ids[-1] for req in batch.reqs]
+        roots = self._roots(batch)
         layout = build_layout(roots, trees, seq_lens, width)
         n, dev = layout.n, self.device
         draft_tokens = torch.from_numpy(layout.tokens).to(dev)
@@ -422,7 +465,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         # (SGLang's int64 CPU tensor viewed as numpy: the layout and the mask index read it
         # as is, where a list -- .tolist() -- was converted back twice: ~50 us at 512 rows)
         seq_lens = batch.seq_lens_cpu.numpy()
-        roots = [req.output_ids[-1] for req in batch.reqs]
+        roots = self._roots(batch)
         rl = build_ragged_layout(roots, trees, seq_lens)
         sg_layout = make_layout(rl.verify_lens.tolist(), dev)
         verify_lens = torch.from_numpy(rl.verify_lens).to(dev)
@@ -481,6 +524,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         # finish passes that same tuple while SGLang still holds that object, and the
         # session then skips comparing the prompt (DasSession.finished).
         self._reqs[req.rid] = (req, origin, prompt)
+        self._stop_rules.add(req.rid, req)
 
     def _feed_back(self, batch, trees, accept_tokens, accept_lens) -> None:
         # One device->host copy each, then flat arrays (TokenRows): no Python list per
@@ -490,7 +534,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         rows = TokenRows.from_padded(accept_tokens.numpy(), lens)
         proposed = tree_lens(trees)
         # (the counts as the int64 array they are: a list made here was made an array again)
-        self.session.committed_batch([req.rid for req in batch.reqs], proposed, rows)
+        self.session.committed_batch(self._rids(batch), proposed, rows)
         add_feedback(self.stats["host"], time.perf_counter() - t)
         self.stats["proposed"] += int(proposed.sum())
         self.stats["accepted"] += int(lens.sum()) - len(lens)
@@ -536,6 +580,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
     # ---------------------------------------------------------------- finished
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
         entry = self._reqs.pop(rid, None)
+        self._stop_rules.remove(rid)
         if entry is None:
             return
         req, origin, prompt = entry

@@ -1,0 +1,214 @@
+"""What the worker reads of a decode batch's requests each step, made once per batch
+composition, and the stop cut vectorised over the batch.
+
+Until this module the worker read ``batch.reqs`` request by request in Python several
+times a step: a registration check per request, the request ids twice (plan and
+feedback), the roots, and :func:`~das_sglang.sglang.finish.stop_cut` per request on
+every step with an accepted draft (its stop-token set rebuilt each call; the accepted
+runs made Python lists first). At 512 rows that was ~2.3 ms a step with EOS stops only
+and ~8 ms with a stop string (``benchmarks/bench_host_path.py``'s ``worker_rows``
+report), more than all of the drafter's and the policy's host work.
+
+SGLang rebinds ``ScheduleBatch.reqs`` to a new list whenever the batch's requests change
+(``filter_batch``, ``merge_batch``, retraction; nothing in ``sglang.srt`` changes the
+list in place), so :class:`BatchRows` keys what it derives from the requests -- their
+ids, their stop rules -- on the list object itself (held, so its id is never reused),
+and a decode step without a start or a finish reads only the last token and the length
+of each request's output, with C-level ``map`` passes.
+
+A request's stop rule (:func:`stop_rule`: its stop-token ids, whether it has stop
+strings or regexes, ``max_new_tokens``) is fixed for its life; :class:`StopRules` keeps
+it from the request's registration to its finish, its stop-token set interned, so a
+batch's rows share a few sets (usually one: the model's EOS). :meth:`BatchRows.cut` then gives what ``stop_cut`` gives per
+row: token stops and the length limit as array operations per distinct stop set; rows
+with stop strings or regexes (which need the tokenizer's text) go through ``stop_cut``
+itself, so their cut is the reference's by construction.
+"""
+
+from __future__ import annotations
+
+from itertools import repeat
+from operator import attrgetter
+
+import numpy as np
+
+from das_sglang.native import output_tails, stop_rows
+from das_sglang.sglang.finish import TextStops, _stop_token_ids, stop_cut
+
+_rid = attrgetter("rid")
+NO_LIMIT = np.iinfo(np.int64).max // 4  # max_new_tokens None: no length limit
+
+
+def stop_rule(req) -> tuple[frozenset, bool, int]:
+    """(stop-token ids, has stop strings or regexes, max_new_tokens) of ``req``: what
+    :func:`~das_sglang.sglang.finish.stop_cut` reads of it besides its output."""
+    sp = req.sampling_params
+    text = bool(sp.stop_strs or sp.stop_regex_strs)
+    max_new = sp.max_new_tokens
+    return frozenset(_stop_token_ids(req)), text, NO_LIMIT if max_new is None else int(max_new)
+
+
+class StopRules:
+    """The live requests' stop rules, interned: per request id the index of its rule
+    (stop-token set, stop text or not, ``max_new_tokens``) in small tables, and for a
+    request with stop strings or regexes its :class:`TextStops`. A batch's rows share a
+    few rules (an RL rollout batch usually one: the model's EOS and one
+    ``max_new_tokens``), each counted, so a rule no live request uses is dropped: memory
+    stays bounded by the live requests whatever rules a stream of requests brings."""
+
+    def __init__(self) -> None:
+        self.rule: dict = {}  # rid -> rule index
+        self.text: dict = {}  # rid -> TextStops (requests with stop strings or regexes)
+        self.set_ids: list = []  # rule index -> its sorted int64 stop-token ids (None: free)
+        self._index: dict[tuple, int] = {}
+        self._keys: list = []
+        self._count: list[int] = []
+        self._free: list[int] = []
+        self._tables: tuple | None = None
+
+    def add(self, rid, req) -> None:
+        """Keep ``req``'s rule under ``rid`` (replacing one kept under it)."""
+        self.remove(rid)
+        key = stop_rule(req)
+        j = self._index.get(key)
+        if j is None:
+            j = self._free.pop() if self._free else len(self.set_ids)
+            if j == len(self.set_ids):
+                self.set_ids.append(None)
+                self._keys.append(None)
+                self._count.append(0)
+            self._index[key] = j
+            self._keys[j] = key
+            self.set_ids[j] = np.array(sorted(key[0]), dtype=np.int64)
+            self._tables = None
+        self._count[j] += 1
+        self.rule[rid] = j
+        if key[1]:
+            self.text[rid] = TextStops(req, key[0])
+
+    def remove(self, rid) -> None:
+        j = self.rule.pop(rid, None)
+        if j is None:
+            return
+        self.text.pop(rid, None)
+        self._count[j] -= 1
+        if not self._count[j]:
+            del self._index[self._keys[j]]
+            self._keys[j] = self.set_ids[j] = None
+            self._free.append(j)
+            self._tables = None
+
+    def of(self, rids: list) -> np.ndarray:
+        """Each request's rule index (-1: none kept), int64."""
+        n = len(rids)
+        return np.fromiter(map(self.rule.get, rids, repeat(-1, n)), np.int64, n)
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(max_new_tokens, stop text) per rule index; one more entry at the end for
+        "no rule kept" (no limit, cut one by one)."""
+        if self._tables is None:
+            keys = [k if k is not None else (frozenset(), False, NO_LIMIT) for k in self._keys]
+            self._tables = (np.array([k[2] for k in keys] + [NO_LIMIT], dtype=np.int64),
+                            np.array([k[1] for k in keys] + [True], dtype=bool))
+        return self._tables
+
+    def __len__(self) -> int:
+        return len(self.rule)
+
+    def rules_held(self) -> int:
+        """Distinct rules kept (those of live requests)."""
+        return len(self._index)
+
+
+class BatchRows:
+    """The decode batch's rows as the worker reads them: request ids and the stop cut's
+    per-row rules (made once per ``batch.reqs`` list object), roots and output lengths
+    (read each step). ``rules``: the registered requests' stop rules; a row without one
+    is cut by ``stop_cut`` itself."""
+
+    def __init__(self, rules: StopRules) -> None:
+        self.rules = rules
+        self.reqs: list | None = None  # the list object the rows were made from (held)
+        self.rids: list = []
+        self._rule: np.ndarray | None = None
+        self._cut_plan: tuple | None = None
+
+    def changed(self, reqs: list) -> bool:
+        """Whether ``reqs`` is another list than the one the rows were made from."""
+        return reqs is not self.reqs
+
+    def update(self, reqs: list, rids: list | None = None, rule: np.ndarray | None = None) -> list:
+        """The request ids of ``reqs`` (the same list object while ``reqs`` is);
+        ``rule``: their rule indexes if at hand (``StopRules.of``)."""
+        if reqs is self.reqs:
+            return self.rids
+        self.rids = list(map(_rid, reqs)) if rids is None else rids
+        self.reqs = reqs
+        self._rule = rule
+        self._cut_plan = None
+        return self.rids
+
+    def tails(self) -> tuple[np.ndarray, np.ndarray]:
+        """(each request's last output token -- the verify's roots --, its output length)
+        now, int64 each: one native pass (``native.output_tails``)."""
+        return output_tails(self.reqs)
+
+    def roots(self) -> np.ndarray:
+        """Each request's last output token (the verify's roots; int64)."""
+        return output_tails(self.reqs)[0]
+
+    def committed(self) -> np.ndarray:
+        """Each request's output length so far (int64)."""
+        return output_tails(self.reqs)[1]
+
+    def _plan(self) -> tuple:
+        """(max_new per row, [(row, TextStops or None)] of the rows cut one by one -- stop
+        strings or regexes, or no rule kept --, each other row's stop-token set (-1:
+        none) and those sets flat with their offsets) for the current list."""
+        if self._cut_plan is None:
+            rules, n = self.rules, len(self.rids)
+            rule = self._rule if self._rule is not None else rules.of(self.rids)
+            max_new_t, text_t = rules.tables()
+            if n and rule[0] >= 0 and not text_t[rule[0]] and (rule == rule[0]).all():
+                # one rule for the whole batch (the usual RL batch): no per-row tables
+                ids = rules.set_ids[int(rule[0])]
+                self._cut_plan = (np.full(n, max_new_t[rule[0]], dtype=np.int64), [],
+                                  np.full(n, 0 if len(ids) else -1, dtype=np.int64), ids,
+                                  np.array([0, len(ids)], dtype=np.int64))
+            else:
+                at = np.where(rule < 0, len(max_new_t) - 1, rule)
+                each = np.flatnonzero(text_t[at])
+                used = np.unique(rule).tolist()
+                row_set = np.searchsorted(np.asarray(used, dtype=np.int64), rule)
+                flat = [rules.set_ids[j] if j >= 0 else np.zeros(0, dtype=np.int64) for j in used]
+                empty = np.array([not len(f) for f in flat] + [True])
+                row_set[empty[row_set]] = -1
+                row_set[each] = -1
+                offsets = np.zeros(len(flat) + 1, dtype=np.int64)
+                np.cumsum([len(f) for f in flat], out=offsets[1:])
+                ids = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
+                text, rids = rules.text, self.rids
+                self._cut_plan = (max_new_t[at], [(b, text.get(rids[b])) for b in each.tolist()],
+                                  row_set, ids, offsets)
+        return self._cut_plan
+
+    def cut(self, runs: np.ndarray, lens: np.ndarray, committed: np.ndarray | None = None) -> np.ndarray:
+        """Per row, how many tokens of its accepted run (``runs[b, :lens[b]]``, bonus
+        included; ``lens`` >= 1) one-token-at-a-time decoding would emit before the
+        request finishes: ``stop_cut(req, runs[b, :lens[b]])`` for every row (int64).
+        ``committed``: the output lengths (:meth:`tails`) if read since the last tokens
+        were appended (else read now). Token stops and the length limit in one native pass (``native.stop_rows``); the
+        rows with stop text one by one (``TextStops.cut``, ``stop_cut`` without a rule)."""
+        max_new, each, row_set, ids, offsets = self._plan()
+        runs = np.ascontiguousarray(runs, dtype=np.int64)
+        lens = np.ascontiguousarray(lens, dtype=np.int64)
+        if committed is None:
+            committed = self.committed()
+        cut, limit = stop_rows(runs, lens, max_new, committed, row_set, ids, offsets)
+        for b, stops in each:
+            run = runs[b, : lens[b]].tolist()
+            if stops is None:  # (no rule kept for it)
+                cut[b] = stop_cut(self.reqs[b], run)
+            else:
+                cut[b] = stops.cut(self.reqs[b].output_ids, run, int(limit[b]))
+        return cut

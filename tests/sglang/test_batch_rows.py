@@ -1,0 +1,193 @@
+"""The worker's per-step reads of a decode batch (``batch_rows.py``): the vectorised stop
+cut gives ``finish.stop_cut`` row for row (real SGLang Req objects, the tiny model's real
+tokenizer; no engine), the rows are remade only for another ``batch.reqs`` list, and the
+kept stop rules stay bounded by the live requests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from das_sglang.sglang.batch_rows import NO_LIMIT, BatchRows, StopRules
+from das_sglang.sglang.finish import TextStops, _fast_decode, stop_cut
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
+
+    return get_tokenizer(tiny_model)
+
+
+def make_req(tokenizer, rid, output, **params):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    sp = SamplingParams(**params)
+    sp.normalize(tokenizer)
+    sp.verify(tokenizer.vocab_size)
+    req = Req(rid, "", [5, 6, 7], sp, eos_token_ids={tokenizer.eos_token_id})
+    req.tokenizer = tokenizer
+    req.output_ids.extend(output)
+    return req
+
+
+def _words(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _mixed_batch(tokenizer, rng, n):
+    """Rows of every kind stop_cut tells apart: EOS only, ignore_eos, extra stop token
+    ids, max_new_tokens about to bind, stop strings (listed out of text order), a stop
+    regex, and no tokenizer."""
+    vocab = _words(tokenizer, "the cat sat on a mat and then ran off to see the dog at home")
+    reqs = []
+    for i in range(n):
+        kind = i % 7
+        out = [int(t) for t in rng.choice(vocab, int(rng.integers(1, 40)))]
+        params = dict(temperature=1.0, max_new_tokens=4096)
+        if kind == 1:
+            params["ignore_eos"] = True
+        elif kind == 2:
+            params["stop_token_ids"] = [int(vocab[0]), int(vocab[3])]
+        elif kind == 3:
+            params["max_new_tokens"] = len(out) + int(rng.integers(0, 5))
+        elif kind == 4:
+            params["stop"] = ["ran", " sat on"]
+        elif kind == 5:
+            params["stop_regex"] = [r"the \w+ sat"]
+        req = make_req(tokenizer, f"r{i}", out, **params)
+        if kind == 6:
+            params["stop"] = ["dog"]
+            req = make_req(tokenizer, f"r{i}", out, **params)
+            req.tokenizer = None  # (skip_tokenizer_init: stop text never matches)
+        reqs.append(req)
+    return reqs, vocab
+
+
+def _runs(tokenizer, rng, vocab, n, width=8):
+    pool = np.array(list(vocab) + [tokenizer.eos_token_id], dtype=np.int64)
+    runs = rng.choice(pool, (n, width))
+    lens = rng.integers(1, width + 1, n).astype(np.int64)
+    return runs, lens
+
+
+def test_vectorised_cut_is_stop_cut_row_for_row(tokenizer):
+    rng = np.random.default_rng(0)
+    reqs, vocab = _mixed_batch(tokenizer, rng, 70)
+    rules = StopRules()
+    for r in reqs[:-5]:  # (the last rows without a rule kept: stop_cut itself)
+        rules.add(r.rid, r)
+    rows = BatchRows(rules)
+    rows.update(reqs)
+    cut_somewhere = 0
+    for _ in range(40):
+        runs, lens = _runs(tokenizer, rng, vocab, len(reqs))
+        want = [stop_cut(r, runs[b, : lens[b]].tolist()) for b, r in enumerate(reqs)]
+        got = rows.cut(runs, lens)
+        assert got.tolist() == want
+        cut_somewhere += int((got < lens).sum())
+    assert cut_somewhere > 50  # (the batches did stop inside runs)
+
+
+def test_one_shared_stop_set_covers_the_batch(tokenizer):
+    rng = np.random.default_rng(1)
+    eos = tokenizer.eos_token_id
+    reqs = [make_req(tokenizer, f"q{i}", [11, 12], temperature=1.0, max_new_tokens=4096) for i in range(16)]
+    rules = StopRules()
+    for r in reqs:
+        rules.add(r.rid, r)
+    assert rules.rules_held() == 1
+    rows = BatchRows(rules)
+    rows.update(reqs)
+    runs = rng.integers(20, 40, (16, 5))
+    runs[3, 2] = eos
+    runs[7, 0] = eos
+    lens = np.full(16, 5)
+    got = rows.cut(runs, lens)
+    assert got[3] == 3 and got[7] == 1 and (np.delete(got, [3, 7]) == 5).all()
+
+
+def test_rows_are_remade_only_for_another_list(tokenizer):
+    reqs = [make_req(tokenizer, f"s{i}", [30 + i], temperature=0, max_new_tokens=8) for i in range(4)]
+    rows = BatchRows(StopRules())
+    rids = rows.update(reqs)
+    assert rids == ["s0", "s1", "s2", "s3"] and rows.update(reqs) is rids and not rows.changed(reqs)
+    reqs[0].output_ids.append(99)
+    assert rows.roots().tolist() == [99, 31, 32, 33]  # (read each step: the current outputs)
+    assert rows.committed().tolist() == [2, 1, 1, 1]
+    other = list(reqs[1:])  # (SGLang's filter_batch: a new list)
+    assert rows.changed(other) and rows.update(other) == ["s1", "s2", "s3"]
+
+
+def test_stop_rules_stay_bounded_by_the_live_requests(tokenizer):
+    rules = StopRules()
+    for i in range(300):  # a stream of requests, each with stop tokens of its own
+        req = make_req(tokenizer, f"t{i}", [1], temperature=0, max_new_tokens=8, stop_token_ids=[100 + i])
+        rules.add(req.rid, req)
+        if i >= 2:
+            rules.remove(f"t{i - 2}")
+    assert len(rules) == 2 and rules.rules_held() == 2 and len(rules.set_ids) <= 3
+    rules.remove("t298")
+    rules.remove("t299")
+    rules.remove("t299")  # (twice: nothing)
+    assert len(rules) == 0 and rules.rules_held() == 0
+
+
+def test_max_new_tokens_none_is_no_limit(tokenizer):
+    req = make_req(tokenizer, "u", [1, 2], temperature=0, max_new_tokens=8, ignore_eos=True)
+    req.sampling_params.max_new_tokens = None
+    rules = StopRules()
+    rules.add("u", req)
+    assert rules.tables()[0][rules.rule["u"]] == NO_LIMIT
+    rows = BatchRows(rules)
+    rows.update([req])
+    assert rows.cut(np.array([[5, 6, 7]]), np.array([3])).tolist() == [stop_cut(req, [5, 6, 7])] == [3]
+
+
+def test_fast_decode_is_the_tokenizers_decode(tokenizer):
+    rng = np.random.default_rng(2)
+    fast = _fast_decode(tokenizer)
+    for _ in range(200):
+        ids = [int(t) for t in rng.integers(0, tokenizer.vocab_size, int(rng.integers(0, 20)))]
+        assert fast(ids) == tokenizer.decode(ids)
+    assert _fast_decode(None) is None
+
+    class Own(type(tokenizer)):  # (a decode of its own: called as it is)
+        def decode(self, token_ids, **kwargs):
+            return "own"
+
+    mine = object.__new__(Own)
+    assert _fast_decode(mine) == mine.decode
+
+
+def test_text_stops_read_once_cut_as_stop_cut(tokenizer):
+    ids = _words(tokenizer, "one two three four five six")
+    req = make_req(tokenizer, "v", ids[:2], temperature=0, max_new_tokens=64, stop=[" four"])
+    stops = TextStops(req, frozenset({tokenizer.eos_token_id}))
+    run = ids[2:]
+    assert stops.cut(req.output_ids, run, len(run)) == stop_cut(req, run) < len(run)
+
+
+def test_native_reads_refuse_bad_input_naming_it(tokenizer):
+    from das_sglang.native import output_tails, stop_rows
+
+    reqs = [make_req(tokenizer, "w0", [4, 5], temperature=0, max_new_tokens=8),
+            make_req(tokenizer, "w1", [], temperature=0, max_new_tokens=8)]
+    with pytest.raises(ValueError, match="row 1 has no output token"):
+        output_tails(reqs)
+    last, length = output_tails(reqs[:1])
+    assert last.tolist() == [5] and length.tolist() == [2]
+    runs = np.array([[3, 2, 9], [2, 7, 7]], dtype=np.int64)
+    one = np.ones(2, dtype=np.int64)
+    ids, offs = np.array([2], dtype=np.int64), np.array([0, 1], dtype=np.int64)
+    cut, limit = stop_rows(runs, np.array([3, 3]), np.array([50, 5]), np.array([0, 4]), np.array([0, 0]), ids, offs)
+    assert cut.tolist() == [2, 1] and limit.tolist() == [3, 1]
+    with pytest.raises(ValueError, match=r"lens\[1\]=4 is outside \[1, 3\]"):
+        stop_rows(runs, np.array([3, 4]), one, one * 0, one * 0, ids, offs)
+    with pytest.raises(ValueError, match=r"row_set\[0\]=1 but 1 sets"):
+        stop_rows(runs, one, one, one, np.array([1, 0]), ids, offs)
+    with pytest.raises(ValueError, match="2 runs but"):
+        stop_rows(runs, np.ones(3, dtype=np.int64), one, one, one, ids, offs)
+    with pytest.raises(ValueError, match="invalid runs"):
+        stop_rows(runs.astype(np.int32), one, one, one, one, ids, offs)
