@@ -82,15 +82,23 @@ add up to the step; ``hook``: the forward hook past the forward's end), ``worst_
 step kind (decode / finish / boundary) its steps, p50 and max (``decode_p50_ms`` ...) with
 ``per_step_kind`` beside ``per_step_ms``, and ``decode_p50_by_block_position_ms`` (the
 decode steps' p50 at each position of the ``--interleave`` blocks: the first positions
-after the baseline's block run colder). Roots and sequence
-lengths are read as the worker reads them (``_verify_ragged``): ``[req.output_ids[-1] for req in
-batch.reqs]`` from each request's Python list of generated tokens and ``batch.seq_lens_cpu.numpy()``,
-both kept by SGLang (here: untimed, as the step's tokens commit). Until this version the timed
-layout phase built both from the bench's own per-slot records (two Python passes unpacking an
-8-field record per request: 92 us at 512 rows in isolation vs 45 us for the worker's reads as
-they were, with ``.tolist()``), bench bookkeeping charged to DAS; the values are the same (checked
-step by step when it changed). The worker now views the lengths as numpy instead of a list,
-which the layout and the mask index converted back to an array each (~50 us at 512 rows).
+after the baseline's block run colder).
+
+The requests are SGLang's own ``Req`` objects (the model's EOS as their stop token; CPU
+development mode is switched on to import SGLang where no GPU is), and the worker's reads
+of them are timed as the worker does them (``das_sglang/sglang/batch_rows.py``): the
+request ids and their stop rules once per ``batch.reqs`` list -- a new list on every step
+with a finish or a start, as SGLang's ``filter_batch`` / ``merge_batch`` rebind it --, the
+roots (``req.output_ids[-1]``) every step, and the stop cut (``BatchRows.cut``) over the
+accepted runs on every step where a draft was accepted (feedback phase; the texts hold
+no EOS, so it never cuts here). Sequence lengths are ``batch.seq_lens_cpu.numpy()``. A
+request's first root is its prompt's last token, as before (it stands as the ``Req``'s
+first output token; the requests' length limit is far off). Until this version the
+requests were a stand-in holding a Python list of tokens, the ids were made every step
+and the stop cut was not modelled at all, although the worker ran ``finish.stop_cut``
+per request on every step: ~2 ms a step at 512 rows with EOS stops only, ~6.6 ms with a
+stop string (per batch ``worker_rows``: that read, before and after ``BatchRows``, in
+this process, with rows of both kinds).
 
 What else the machine did (``machine_load.py``), so a slow tail can be told from a slow
 host path: per batch ``machine`` -- per configuration the CPU other tasks took, DAMON's
@@ -131,6 +139,18 @@ from das_sglang.sglang.session import DasSession, _trim_heap  # noqa: E402
 from das_sglang.sglang.tree_inputs import (  # noqa: E402
     build_layout, build_ragged_layout, custom_mask, ragged_custom_mask, tree_lens,
 )
+
+if not torch.cuda.is_available():  # (SGLang's own Req: importable here in CPU development mode)
+    from das_sglang.sglang import cpu as _cpu  # noqa: E402
+
+    _cpu.activate()
+from sglang.srt.managers.schedule_batch import Req  # noqa: E402
+from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
+
+from das_sglang.sglang.batch_rows import BatchRows, StopRules  # noqa: E402
+from das_sglang.sglang.finish import stop_cut  # noqa: E402
+
+EOS = 151_643  # Qwen2's <|endoftext|>: the requests' EOS (the bundled tokenizer's)
 
 VOCAB = 151_000
 
@@ -204,13 +224,16 @@ class Legacy:
             session.policy.observe_verify(lv.problem_id, p, len(t) - 1)
 
 
-class _Req:
-    """The part of an SGLang ``Req`` the worker reads here: its generated tokens."""
-
-    __slots__ = ("output_ids",)
-
-    def __init__(self, output_ids: list) -> None:
-        self.output_ids = output_ids
+def sglang_req(rid: str, prompt: list, first: int, stop: list | None = None, tokenizer=None):
+    """An SGLang ``Req`` as the scheduler hands a decoding request to the worker: its
+    prompt, its first output token (the prefill's) and sampling parameters with the
+    model's EOS (``stop`` strings need ``tokenizer``)."""
+    sp = SamplingParams(max_new_tokens=1 << 20, stop=stop)
+    sp.normalize(tokenizer)
+    req = Req(rid, "", list(prompt), sp, eos_token_ids={EOS})
+    req.tokenizer = tokenizer
+    req.output_ids.append(int(first))
+    return req
 
 
 _SPINS_PER_US = 0.0  # the engine model's loop iterations per microsecond (calibrate_engine)
@@ -294,10 +317,17 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     # tells the worker which requests finished, it does not scan the batch for it).
     pos_at, end_at = np.zeros(batch, np.int64), np.zeros(batch, np.int64)
     # What the worker reads roots and sequence lengths from, kept as SGLang keeps them (not
-    # timed: SGLang's own bookkeeping): each request's ``output_ids`` Python list and the
-    # batch's ``seq_lens_cpu`` array.
+    # timed: SGLang's own bookkeeping): each request as SGLang's ``Req`` (its
+    # ``output_ids``) and the batch's ``seq_lens_cpu`` array. ``batch_reqs[0]`` is the
+    # batch's list of requests, a new list whenever requests finish or start (SGLang's
+    # ``filter_batch`` / ``merge_batch`` rebind ``batch.reqs``), on which the worker's
+    # ``BatchRows`` keys the request ids and stop rules it reads per step.
     reqs = [None] * batch
+    batch_reqs = [None]
     seq_lens_cpu = np.zeros(batch, np.int64)
+    rules = StopRules()  # the worker's stop rules of its registered requests
+    rows = BatchRows(rules)
+    registered: dict = {}  # the worker's _reqs (rid -> its Req)
 
     prompt_lists: dict[str, tuple] = {}  # (a problem's prompt, as the tuple the worker passes)
     group_pid = [None]
@@ -316,20 +346,34 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         if plist is None:
             # (the worker starts and finishes a request with one tuple of its prompt)
             plist = prompt_lists[pid] = tuple(prompt.tolist())
-        return rid, pid, prompt, plist, text, text.tolist()
+        tlist = text.tolist()
+        # (the root of its first step is the prompt's last token, as in earlier versions of
+        # this bench: it stands as the Req's first output token, so the worker reads it
+        # where it reads every later root, and the steps match earlier runs')
+        return rid, pid, prompt, plist, text, tlist, sglang_req(rid, plist, int(prompt[-1]))
 
     def start(b, req):
-        rid, pid, prompt, plist, text, tlist = req
+        rid, pid, prompt, plist, text, tlist, sreq = req
+        # (the worker's _register: the session's start and, since BatchRows, the stop rule)
         session.start(rid, {"das_problem_id": pid}, plist, [], 1 << 30)
+        if not legacy:
+            rules.add(rid, sreq)
+            registered[rid] = sreq
         # (id, text, tokens decoded, the text as the Python list SGLang keeps, the prompt
         # as the tuple the worker starts and finishes a request with)
         slots[b] = [rid, text, 0, tlist, plist]
         pos_at[b], end_at[b] = 0, len(text)
-        reqs[b] = _Req([int(prompt[-1])])  # (the root of its first step: the prompt's last token)
+        reqs[b] = sreq
         seq_lens_cpu[b] = len(prompt)
+
+    def end(rid):  # the worker's note_request_finished: its stop rule goes
+        if not legacy:
+            rules.remove(rid)
+            registered.pop(rid, None)
 
     for b in range(batch):
         start(b, new_request())
+    batch_reqs[0] = list(reqs)
     plan = Legacy.plan if legacy else DasSession.plan
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
     finish = Legacy.finished if legacy else DasSession.finished
@@ -344,6 +388,10 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         # of its numpy texts, ~30 us a finish, were timed as DAS's).
         ending = [(b, slots[b][0], slots[b][4], slots[b][3][:slots[b][2]], new_request())
                   for b in np.flatnonzero(pos_at + 1 >= end_at).tolist()]
+        if ending:  # (SGLang's filter and merge of the batch: a new list of its requests)
+            batch_reqs[0] = list(batch_reqs[0])
+            for b, *_, req in ending:
+                batch_reqs[0][b] = req[-1]
         t_begin = time.perf_counter() - carried
         c_begin = time.thread_time()
         carried_in = carried
@@ -352,6 +400,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         # finishes and starts of this step (the scheduler calls them between forwards)
         for b, rid, plist, output, req in ending:
             finish(session, rid, plist, output)
+            end(rid)
             finishes += 1
             kind = "finish"
             start(b, req)
@@ -361,7 +410,15 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         if step and step % args.step_every == 0:
             session.weights_updated()
             kind = "boundary"
-        rids = [s[0] for s in slots]
+        breqs = batch_reqs[0]
+        if legacy:
+            rids = [s[0] for s in slots]
+        else:  # the worker's _plan: ids (and the registration check) when the list changed
+            if rows.changed(breqs):
+                rids = [req.rid for req in breqs]
+                rule = rules.of(rids)  # (the registration check: none new, start() registered them)
+                rows.update(breqs, rids, rule)
+            rids = rows.rids
         t2, c2 = time.perf_counter(), time.thread_time()
         ph["boundary"], cpu["boundary"] = t2 - t1, c2 - c1
         trees, width = plan(session, rids, args.max_nodes)
@@ -369,7 +426,10 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         ph["plan"], cpu["plan"] = t3 - t2, c3 - c2
         # As the worker reads them (``_verify_ragged``): ``[req.output_ids[-1] for req in
         # batch.reqs]`` and ``batch.seq_lens_cpu.numpy()`` (a view of SGLang's int64 array).
-        roots = [r.output_ids[-1] for r in reqs]
+        if legacy:
+            roots = [r.output_ids[-1] for r in breqs]
+        else:  # (with the output lengths, for this step's stop cut)
+            roots, committed = rows.tails()
         seq_lens = seq_lens_cpu
         if args.layout == "ragged" and not legacy:  # what the worker builds there
             layout = build_ragged_layout(roots, trees, seq_lens)
@@ -415,6 +475,14 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             padded[np.arange(args.max_nodes + 1)[None, :] < n_acc[:, None]] = np.fromiter(
                 chain.from_iterable(commits), np.int64, int(n_acc.sum()))
         t_fb, c_fb = time.perf_counter(), time.thread_time()
+        if not legacy and int(n_acc.max()) > 1:
+            # The worker's stop cut (_cut_at_stops: BatchRows.cut over the accepted runs,
+            # on every step where a draft was accepted). The texts hold no EOS: it never
+            # cuts here, but a cut is applied as the worker applies it.
+            cut = rows.cut(padded, n_acc, committed)
+            for b in np.flatnonzero(cut < n_acc).tolist():
+                n_acc[b] = cut[b]
+                commits[b] = commits[b][: cut[b]]
         # (the worker passes the trees' node counts as tree_lens gives them: an int64 array)
         feed(session, rids, proposed if legacy else tree_lens(trees),
              commits if legacy else TokenRows.from_padded(padded, n_acc))
@@ -463,6 +531,75 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
                phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]},
                cpu_ms=cpu_ms, cpu_phases={k: float(np.percentile([c[k] for c in cpus], 50)) for k in cpus[0]},
                worst=[{"step": i, "kind": kinds[i], "ms": times[i], **phases[i]} for i in worst])
+
+
+def _text_tokenizer():
+    """The bundled Qwen2 tokenizer as transformers loads it (what SGLang gives a request:
+    its ``decode`` reads stop strings)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from das_sglang.core.tokenize import BUNDLED_TOKENIZER, _read_tokenizer_json
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_read_tokenizer_json(BUNDLED_TOKENIZER)))
+
+
+def worker_rows(batch: int, problems: dict, tokenizer, reps: int = 40, seed: int = 0) -> dict:
+    """What the worker reads of ``batch.reqs`` in one decode step, before and after
+    ``BatchRows`` (``das_sglang/sglang/batch_rows.py``), in this process, ms p50:
+    ``before`` -- a registration check per request, the request ids twice (plan and
+    feedback), the roots and ``finish.stop_cut`` per request over the accepted runs made
+    Python lists (the worker until this version); ``after`` -- the ids kept for the batch's
+    list, the roots, ``BatchRows.cut``; ``after_new_list`` -- the same on a step whose list
+    is new (a start or a finish: the ids, the registration check and the cut's rows made
+    again). Rows with EOS stops only (``eos``) and with a stop string too
+    (``stop_string``: ``"</answer>"``, decoded with the bundled tokenizer). Accepted runs:
+    1 + Geometric accepted drafts (mean ~2), 17 wide; outputs of 256 tokens from the
+    bundled texts."""
+    rng = np.random.default_rng(seed)
+    texts = [t for _, (_, _, live) in sorted(problems.items())[:64] for t in live]
+    out = {}
+    for label, stop in (("eos", None), ("stop_string", ["</answer>"])):
+        reqs = []
+        for i in range(batch):
+            text = texts[i % len(texts)][:256].tolist()
+            req = sglang_req(f"w{i}", [1, 2, 3], text[0], stop, tokenizer)
+            req.output_ids.extend(text[1:])
+            reqs.append(req)
+        known = {r.rid: r for r in reqs}
+        rules = StopRules()
+        for r in reqs:
+            rules.add(r.rid, r)
+        rows = BatchRows(rules)
+        rows.update(reqs)
+        times = {"before": [], "after": [], "after_new_list": []}
+        for _ in range(reps):
+            lens = np.minimum(rng.geometric(0.45, batch), 17).astype(np.int64)
+            runs = rng.integers(1000, 30000, (batch, 17)).astype(np.int64)
+            t = time.perf_counter()
+            _ = [req.rid in known for req in reqs]
+            _ = [req.rid for req in reqs]
+            _ = [req.output_ids[-1] for req in reqs]
+            a = [stop_cut(req, run[:k]) for req, run, k in zip(reqs, runs.tolist(), lens.tolist())]
+            _ = [req.rid for req in reqs]
+            times["before"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            _ = rows.update(reqs)
+            _, committed = rows.tails()
+            c = rows.cut(runs, lens, committed)
+            times["after"].append(time.perf_counter() - t)
+            fresh = list(reqs)
+            t = time.perf_counter()
+            rids = [req.rid for req in fresh]
+            rows.update(fresh, rids, rules.of(rids))
+            _, committed = rows.tails()
+            c2 = rows.cut(runs, lens, committed)
+            times["after_new_list"].append(time.perf_counter() - t)
+            reqs = fresh
+            if c.tolist() != a or c2.tolist() != a:
+                raise AssertionError("BatchRows.cut differs from stop_cut")
+        out[label] = {k: float(np.percentile(v[5:], 50) * 1e3) for k, v in times.items()}
+    return out
 
 
 def summarize(times, kinds):
@@ -589,6 +726,7 @@ def main(argv=None) -> int:
     calibrate_engine()
     base = load_problems(30, args.max_tokens, args.cache_dir)
     problems = make_problems(base, args.problems, args.samples, args.perturb, args.seed)
+    text_tokenizer = _text_tokenizer()
     results = {"config": vars(args), "batches": {},
                "machine_info": {"cpus": os.cpu_count(), "damon": damon()}}
     for batch in batches:
@@ -700,6 +838,11 @@ def main(argv=None) -> int:
             print(f"           machine during the current path's steps: other tasks took "
                   f"{m['others_cpu_ms_per_step']:.2f} ms CPU per step (DAMON's kdamond "
                   f"{'n/a' if kd is None else f'{kd:.2f}'}), steal {m['steal_ms_per_step']:.2f}", flush=True)
+        entry["worker_rows"] = worker_rows(batch, problems, text_tokenizer)
+        wr = entry["worker_rows"]
+        print("           worker's reads of the batch (ms p50, before -> after BatchRows): "
+              + "; ".join(f"{k} {v['before']:.3f} -> {v['after']:.3f} (new list {v['after_new_list']:.3f})"
+                          for k, v in wr.items()), flush=True)
         results["batches"][str(batch)] = entry
     Path(args.json).write_text(json.dumps(results, indent=1))
     if args.png:

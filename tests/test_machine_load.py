@@ -78,6 +78,10 @@ def test_bench_host_path_writes_the_issue_keys_and_the_machine_load(tmp_path):
     assert all(b["max_ms"] <= e["max_ms"] for b in m["blocks"])
     assert max(b["max_ms"] for b in m["blocks"]) == e["max_ms"]
     assert d["machine_info"]["cpus"] >= 1 and isinstance(d["machine_info"]["damon"], list)
+    # the worker's reads of the batch before / after BatchRows (checked equal in the run)
+    wr = e["worker_rows"]
+    assert set(wr) == {"eos", "stop_string"}
+    assert all(set(v) == {"before", "after", "after_new_list"} and min(v.values()) > 0.0 for v in wr.values())
     # each phase's p50 and max per step kind: the kinds that ran, every phase, p50 <= max
     by_kind = e["phases_by_kind_ms"]
     assert set(by_kind) <= {"decode", "finish", "boundary"} and "decode" in by_kind
