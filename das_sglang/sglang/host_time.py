@@ -4,8 +4,9 @@ Four clocks, all on the scheduler thread:
 
 - ``plan``: from the worker's entry to the verify forward's launch -- DAS's drafting, the
   policy's plan and the verify inputs (what DAS adds before every forward);
-- ``feedback``: the session's ``committed_batch`` after the verify (the accepted tokens
-  to the drafter and policy);
+- ``feedback``: the stop cut of the accepted runs (``BatchRows.cut``) and the session's
+  ``committed_batch`` after the verify (the accepted tokens to the drafter and policy);
+  until stop 48 the cut ran inside the ``verify`` clock;
 - ``verify``: from the verify forward's launch to the first host sync after its tree walk
   -- the forward's device time plus the walk (not host work of DAS's: the clock that tells
   a slow forward from slow host code, and what the CUDA-graph tiers are measured from);

@@ -128,6 +128,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self._stop_rules = StopRules()
         self._rows = BatchRows(self._stop_rules)
         self._committed: tuple | None = None
+        self._walked: float | None = None  # the verify's end (_cut_at_stops' first sync)
+        self._cut_s = 0.0
         # graph_steps: verify forwards SGLang replayed as a CUDA graph (the rest ran eagerly)
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
                       "ragged_steps": 0, "graph_steps": 0, "layout": self.layout,
@@ -233,8 +235,15 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         the drafter and policy, and SGLang's result."""
         logits_output = result.logits_output
         self.stats["graph_steps"] += bool(result.can_run_cuda_graph)
+        self._walked = None
+        t_cut = time.perf_counter()
         num_correct = self._cut_at_stops(batch.reqs, predict, accept_index, num_correct)
-        self._observe_forward(batch, result, self._forward_tokens)
+        # The verify ends at the cut's first host sync (after the tree walk); the cut after
+        # it is DAS's host work, counted with the feedback (until stop 48 the verify clock
+        # ran to the cut's end and held it: ~2 ms a step at 512 rows then).
+        walked = self._walked if self._walked is not None else t_cut
+        self._cut_s = time.perf_counter() - walked
+        self._observe_forward(batch, result, self._forward_tokens, end=walked)
         accept_lens = num_correct + 1
         new_seq_lens = batch.seq_lens + accept_lens
         accept_tokens = predict[accept_index.clamp(min=0).long()]
@@ -263,6 +272,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         if num_correct.numel() == 0:
             return num_correct
         k = num_correct.cpu().numpy()  # (one copy; the runs' below only if a draft was accepted)
+        self._walked = time.perf_counter()  # (the first host sync after the tree walk)
         if int(k.max()) == 0:
             return num_correct  # one token per request: nothing to cut
         lens = k.astype(np.int64) + 1
@@ -393,13 +403,14 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         use = tiers.spec.covers(bs) and not tiers.explore_eager(bs)  # (one plan without)
         self.session.policy.cost = self._tiered_cost if use else self._base_cost
 
-    def _observe_forward(self, batch, result, tokens: int) -> None:
-        """The verify's seconds (launch to the host sync after the tree walk): into the
-        host stats' ``verify`` clock, and with its ``tokens`` to the tiers."""
+    def _observe_forward(self, batch, result, tokens: int, end: float | None = None) -> None:
+        """The verify's seconds (launch to ``end``, the host sync after the tree walk;
+        default now): into the host stats' ``verify`` clock, and with its ``tokens`` to
+        the tiers."""
         t0, self._forward_start = self._forward_start, None
         if t0 is None or not batch.reqs:
             return
-        seconds = time.perf_counter() - t0
+        seconds = (time.perf_counter() if end is None else end) - t0
         add_verify(self.stats["host"], seconds)
         if self.graph_tiers is None:
             return
@@ -535,7 +546,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         proposed = tree_lens(trees)
         # (the counts as the int64 array they are: a list made here was made an array again)
         self.session.committed_batch(self._rids(batch), proposed, rows)
-        add_feedback(self.stats["host"], time.perf_counter() - t)
+        cut_s, self._cut_s = self._cut_s, 0.0  # (the stop cut's host time, this step's)
+        add_feedback(self.stats["host"], time.perf_counter() - t + cut_s)
         self.stats["proposed"] += int(proposed.sum())
         self.stats["accepted"] += int(lens.sum()) - len(lens)
         if self.options.server.stats_path:
