@@ -1,28 +1,29 @@
 """What the worker reads of a decode batch's requests each step, made once per batch
-composition, and the stop cut vectorised over the batch.
+composition, and the stop cut over the whole batch.
 
-Until this module the worker read ``batch.reqs`` request by request in Python several
-times a step: a registration check per request, the request ids twice (plan and
-feedback), the roots, and :func:`~das_sglang.sglang.finish.stop_cut` per request on
-every step with an accepted draft (its stop-token set rebuilt each call; the accepted
-runs made Python lists first). At 512 rows that was ~2.3 ms a step with EOS stops only
-and ~8 ms with a stop string (``benchmarks/bench_host_path.py``'s ``worker_rows``
-report), more than all of the drafter's and the policy's host work.
+Until stop 48 the worker read ``batch.reqs`` request by request in Python several times
+a step: a registration check per request, the request ids twice (plan and feedback), the
+roots, and :func:`~das_sglang.sglang.finish.stop_cut` per request on every step with an
+accepted draft (its stop-token set rebuilt each call; the accepted runs made Python lists
+first). With SGLang's own ``Req`` objects at 512 rows that was ~2.0 ms a step with EOS
+stops only and ~5.3 ms with a stop string (``benchmarks/bench_host_path.py``,
+``worker_rows``), more than the rest of DAS's host path.
 
 SGLang rebinds ``ScheduleBatch.reqs`` to a new list whenever the batch's requests change
 (``filter_batch``, ``merge_batch``, retraction; nothing in ``sglang.srt`` changes the
 list in place), so :class:`BatchRows` keys what it derives from the requests -- their
-ids, their stop rules -- on the list object itself (held, so its id is never reused),
-and a decode step without a start or a finish reads only the last token and the length
-of each request's output, with C-level ``map`` passes.
+ids, their stop rules -- on the list object itself (held, so its id is never reused).
+A decode step without a start or a finish reads only each request's last output token
+and output length, in one native pass (``native.output_tails``).
 
 A request's stop rule (:func:`stop_rule`: its stop-token ids, whether it has stop
 strings or regexes, ``max_new_tokens``) is fixed for its life; :class:`StopRules` keeps
-it from the request's registration to its finish, its stop-token set interned, so a
-batch's rows share a few sets (usually one: the model's EOS). :meth:`BatchRows.cut` then gives what ``stop_cut`` gives per
-row: token stops and the length limit as array operations per distinct stop set; rows
-with stop strings or regexes (which need the tokenizer's text) go through ``stop_cut``
-itself, so their cut is the reference's by construction.
+it from the request's registration to its finish, interned and counted, so a batch's
+rows share a few rules (usually one). :meth:`BatchRows.cut` gives what ``stop_cut``
+gives row for row: token stops and the length limit of every row in one native pass
+(``native.stop_rows``); rows with stop strings or regexes (which need the tokenizer's
+text) through :class:`~das_sglang.sglang.finish.TextStops` (``stop_cut`` with the
+request's parameters read once), rows without a rule kept through ``stop_cut`` itself.
 """
 
 from __future__ import annotations
@@ -197,8 +198,9 @@ class BatchRows:
         included; ``lens`` >= 1) one-token-at-a-time decoding would emit before the
         request finishes: ``stop_cut(req, runs[b, :lens[b]])`` for every row (int64).
         ``committed``: the output lengths (:meth:`tails`) if read since the last tokens
-        were appended (else read now). Token stops and the length limit in one native pass (``native.stop_rows``); the
-        rows with stop text one by one (``TextStops.cut``, ``stop_cut`` without a rule)."""
+        were appended (else read now). Token stops and the length limit in one native
+        pass (``native.stop_rows``); the rows with stop text one by one
+        (``TextStops.cut``; ``stop_cut`` for a row without a rule kept)."""
         max_new, each, row_set, ids, offsets = self._plan()
         runs = np.ascontiguousarray(runs, dtype=np.int64)
         lens = np.ascontiguousarray(lens, dtype=np.int64)
