@@ -121,6 +121,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from itertools import chain
 from pathlib import Path
 
@@ -386,7 +387,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         # (``req.output_ids``): made
         # before the step's clock starts (until this version the bench's own conversions
         # of its numpy texts, ~30 us a finish, were timed as DAS's).
-        ending = [(b, slots[b][0], slots[b][4], slots[b][3][:slots[b][2]], new_request())
+        # (the output as the worker hands it over, delivered_output: a slice of SGLang's
+        # array("q") of the request's tokens)
+        ending = [(b, slots[b][0], slots[b][4], array("q", slots[b][3][:slots[b][2]]), new_request())
                   for b in np.flatnonzero(pos_at + 1 >= end_at).tolist()]
         if ending:  # (SGLang's filter and merge of the batch: a new list of its requests)
             batch_reqs[0] = list(batch_reqs[0])

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from array import array
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -1109,7 +1110,9 @@ class DasSession:
         if self._rows_memo is not None:
             self._rows_dead.add(req_id)  # (its memo row, if any, is stale now: see _rows_from)
         self._root_only.discard(req_id)
-        output = list(output)[: live.max_new_tokens]
+        if not isinstance(output, (list, tuple, np.ndarray, array)):
+            output = list(output)  # (any iterable; SGLang's array("q") and lists are sliced as they are)
+        output = output[: live.max_new_tokens]
         what = f"text of req_id={req_id!r}"
         head = live.prompt
         # The very tuple the start was given (immutable: the same tokens; the worker passes
@@ -1118,9 +1121,9 @@ class DasSession:
         if head is not None and ((prompt is live.given and prompt is not None)
                                  or (len(prompt) == len(head) and _same_tokens(head, prompt))):
             # the prompt validated at the start: only the output is converted and checked
-            tokens = np.concatenate([head, as_tokens(output, what)]) if output else head
+            tokens = np.concatenate([head, as_tokens(output, what)]) if len(output) else head
         else:
-            tokens = as_tokens(list(prompt) + output, what)
+            tokens = as_tokens(list(prompt) + list(output), what)
         # (the session's step: the drafter's may still be advancing, see DEFER_ADVANCE)
         stored = live.step >= self.step - self.drafter.config.window_steps
         if defer:

@@ -58,9 +58,9 @@ def test_eos_and_stop_token_ids_and_max_new_tokens(tokenizer):
 
 def test_delivered_output_is_sglangs_finished_len(tokenizer):
     req = make_req(tokenizer, [5], [7, 8, 9, 10, 11], temperature=0, max_new_tokens=4)
-    assert delivered_output(req) == [7, 8, 9, 10]
+    assert list(delivered_output(req)) == [7, 8, 9, 10]
     req.finished_len = 2
-    assert delivered_output(req) == [7, 8]
+    assert list(delivered_output(req)) == [7, 8]
 
 
 def test_server_warmup_is_recognised(tokenizer):

@@ -604,6 +604,28 @@ def test_a_finished_request_keeps_the_text_it_returned(same_prompt, tmp_path):
     s.close()
 
 
+@pytest.mark.parametrize("form", ["array", "ndarray", "tuple", "iterator"])
+def test_a_finish_takes_the_output_as_sglang_keeps_it(form, tmp_path):
+    """The worker hands a finish the output as SGLang keeps it (``delivered_output``: a
+    slice of its ``array("q")``, no Python list); any sequence or iterable of ids gives
+    the same history, cut at max_new_tokens, and a bad id still names the request."""
+    from array import array
+
+    make = {"array": lambda t: array("q", t), "ndarray": lambda t: np.asarray(t, dtype=np.int64),
+            "tuple": tuple, "iterator": iter}[form]
+    s = DasSession(_opts(history_path=str(tmp_path), snapshot_interval=0))
+    s.start("a", {"das_problem_id": "p"}, [5, 6, 7], [], 4)
+    s.finished("a", [5, 6, 7], make([1, 2, 3, 4, 99]))  # (one past max_new_tokens)
+    s.start("e", {"das_problem_id": "p"}, [5, 6, 7], [], 4)
+    s.finished("e", [5, 6, 7], make([]))
+    s.sync()
+    assert [list(map(int, t)) for t in s.drafter.history()["p"][s.step]] == [[5, 6, 7, 1, 2, 3, 4], [5, 6, 7]]
+    s.start("b", {"das_problem_id": "p"}, [5, 6, 7], [], 50)
+    with pytest.raises(ValueError, match=r"text of req_id='b'"):
+        s.finished("b", [5, 6, 7], make([1, -4]))
+    s.close()
+
+
 def test_large_batches_register_new_requests_during_the_forward():
     """At DEFER_START_MIN_ROWS rows and more, requests started since the previous plan are
     registered with the drafter after the plan (at before_forward): their first tree is
