@@ -41,7 +41,7 @@ finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 plus whether ``new`` holds each item once; ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
 fill for j in at]``: the per-step parts gather their latest rows' values through them.
 ``int32_tokens(seq)`` is a list / tuple of Python ints in [0, 2**31) as int32 (None otherwise: ``as_tokens``' fast path).
-``output_tails(reqs)`` is each request's last ``output_ids`` token and output length (int64 arrays);
+``seq_tails(seqs)`` is each sequence's last item and length (int64 arrays: the decode rows' outputs);
 ``stop_rows(runs, lens, max_new, committed, row_set, set_ids, set_offsets)`` is the token-stop cut of
 each row's accepted run and its length limit (``sglang/batch_rows.py``): ``(cut, limit)``.
 ``padded_rows(tokens, lens)`` is ``TokenRows.from_padded`` in one pass: ``(flat, offsets)``, None on bad input.
@@ -78,17 +78,17 @@ from das_sglang.native._suffix import (
     online_curves,
     online_table,
     online_update,
-    output_tails,
     padded_rows,
     ragged_layout,
     ragged_mask_index,
     row_map,
     set_background_nice,
+    seq_tails,
     set_node_reserve_bytes,
     stop_rows,
 )
 
 __all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "background_threads", "best_per_row",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "gather_list", "index_versions", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "output_tails", "padded_rows",
-           "ragged_layout", "ragged_mask_index", "row_map", "set_background_nice", "set_node_reserve_bytes", "stop_rows"]
+           "gather_list", "index_versions", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
+           "ragged_layout", "ragged_mask_index", "row_map", "seq_tails", "set_background_nice", "set_node_reserve_bytes", "stop_rows"]

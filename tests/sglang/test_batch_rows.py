@@ -170,14 +170,14 @@ def test_text_stops_read_once_cut_as_stop_cut(tokenizer):
 
 
 def test_native_reads_refuse_bad_input_naming_it(tokenizer):
-    from das_sglang.native import output_tails, stop_rows
+    from array import array
 
-    reqs = [make_req(tokenizer, "w0", [4, 5], temperature=0, max_new_tokens=8),
-            make_req(tokenizer, "w1", [], temperature=0, max_new_tokens=8)]
-    with pytest.raises(ValueError, match="row 1 has no output token"):
-        output_tails(reqs)
-    last, length = output_tails(reqs[:1])
-    assert last.tolist() == [5] and length.tolist() == [2]
+    from das_sglang.native import seq_tails, stop_rows
+
+    with pytest.raises(ValueError, match="sequence at row 1 is empty"):
+        seq_tails([array("q", [4, 5]), array("q")])
+    last, length = seq_tails([array("q", [4, 5]), [7], (1, 2, 3)])
+    assert last.tolist() == [5, 7, 3] and length.tolist() == [2, 1, 3]
     runs = np.array([[3, 2, 9], [2, 7, 7]], dtype=np.int64)
     one = np.ones(2, dtype=np.int64)
     ids, offs = np.array([2], dtype=np.int64), np.array([0, 1], dtype=np.int64)
@@ -191,3 +191,34 @@ def test_native_reads_refuse_bad_input_naming_it(tokenizer):
         stop_rows(runs, np.ones(3, dtype=np.int64), one, one, one, ids, offs)
     with pytest.raises(ValueError, match="invalid runs"):
         stop_rows(runs.astype(np.int32), one, one, one, one, ids, offs)
+
+
+def test_sglang_keeps_the_contract_batch_rows_relies_on():
+    """What BatchRows keys on, read from the installed SGLang's source: nothing changes a
+    batch's ``reqs`` list in place (filter / merge / retract rebind it), and a request's
+    ``output_ids`` is rebound only where it leaves decoding (retraction, disaggregated
+    prefill, a streaming session's finish) -- so the arrays held for a list's life are
+    the ones SGLang appends the batch's tokens to. A new SGLang that breaks either
+    fails here."""
+    import re
+    from pathlib import Path
+
+    import sglang
+
+    root = Path(sglang.__file__).parent / "srt"
+    in_place = re.compile(r"\.reqs\s*(\[[^\]]*\]\s*=[^=]|\.(append|extend|insert|pop|remove|sort|clear|reverse)\(|\+=)")
+    rebind = re.compile(r"\.output_ids\s*=[^=]")
+    in_place_hits, rebinds = [], []
+    for path in root.rglob("*.py"):
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if in_place.search(code):
+                in_place_hits.append(f"{path.relative_to(root)}:{n}")
+            if rebind.search(code):
+                rebinds.append((str(path.relative_to(root)), code.strip()))
+    assert in_place_hits == []
+    known = {("managers/schedule_batch.py", 'self.output_ids = array("q")'),  # __init__ and retraction
+             ("disaggregation/prefill.py", 'req.output_ids = array("q")'),
+             ("disaggregation/utils.py", "self.output_ids = torch.zeros((size, 16), dtype=torch.int32, device=device)"),
+             ("session/streaming_session.py", "req.output_ids = req.output_ids[:finished_len]")}
+    assert set(rebinds) <= known and len(rebinds) >= 3

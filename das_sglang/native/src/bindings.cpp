@@ -1216,26 +1216,24 @@ nb::object padded_rows(nb::handle tokens_h, nb::handle lens_h) {
                          describe(tokens_h)).c_str());
 }
 
-// output_tails(reqs): each request's last output token and output length -- what the
-// worker reads of ``req.output_ids`` per decode step (the verify's roots; the stop cut's
-// length limit) -- in one C pass over the batch's requests (sglang/batch_rows.py:
-// two list comprehensions were ~40 us at 512 rows). Any sequence works (SGLang keeps an
-// array("q"), earlier versions a list); an empty output is an error naming its row.
-nb::tuple output_tails(nb::handle reqs_h) {
-  nb::object f = nb::steal(PySequence_Fast(reqs_h.ptr(), "output_tails: reqs must be a sequence"));
+// seq_tails(seqs): each sequence's last item and length -- the worker reads each decode
+// row's ``req.output_ids`` (SGLang's array("q"), a list in earlier versions) for the
+// verify's roots and the stop cut's length limit (sglang/batch_rows.py: the arrays are
+// gathered once per batch composition; two list comprehensions over the requests were
+// ~40 us at 512 rows warm, and each read a cold Req's attribute dict). An empty sequence
+// is an error naming its row.
+nb::tuple seq_tails(nb::handle seqs_h) {
+  nb::object f = nb::steal(PySequence_Fast(seqs_h.ptr(), "seq_tails: seqs must be a sequence"));
   if (!f.is_valid()) throw nb::python_error();
-  static PyObject* name = PyUnicode_InternFromString("output_ids");
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(f.ptr());
   PyObject** items = PySequence_Fast_ITEMS(f.ptr());
   std::vector<int64_t> last(static_cast<size_t>(n)), length(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    nb::object out = nb::steal(PyObject_GetAttr(items[i], name));
-    if (!out.is_valid()) throw nb::python_error();
-    const Py_ssize_t m = PySequence_Size(out.ptr());
+    PyObject* seq = items[i];
+    const Py_ssize_t m = PySequence_Size(seq);
     if (m < 0) throw nb::python_error();
-    if (m == 0)
-      throw nb::value_error(("output_tails: request at row " + std::to_string(i) + " has no output token").c_str());
-    nb::object t = nb::steal(PySequence_GetItem(out.ptr(), m - 1));
+    if (m == 0) throw nb::value_error(("seq_tails: the sequence at row " + std::to_string(i) + " is empty").c_str());
+    nb::object t = nb::steal(PySequence_GetItem(seq, m - 1));
     if (!t.is_valid()) throw nb::python_error();
     const long long v = PyLong_AsLongLong(t.ptr());
     if (v == -1 && PyErr_Occurred()) throw nb::python_error();
@@ -2111,8 +2109,8 @@ NB_MODULE(_suffix, m) {
         "TokenRows.from_padded in one pass: (flat int32, offsets int64), None on an invalid length or token.");
   m.def("online_table", &online_table, nb::arg("cells"), nb::arg("w"), nb::arg("prior"),
         "OnlineCalibration.table's shrunk (state, match bin, depth bin) ratios: numpy's doubles.");
-  m.def("output_tails", &output_tails, nb::arg("reqs"),
-        "Each request's last output_ids token and output length: (int64 array, int64 array).");
+  m.def("seq_tails", &seq_tails, nb::arg("seqs"),
+        "Each sequence's last item and length: (int64 array, int64 array).");
   m.def("stop_rows", &stop_rows, nb::arg("runs"), nb::arg("lens"), nb::arg("max_new"), nb::arg("committed"),
         nb::arg("row_set"), nb::arg("set_ids"), nb::arg("set_offsets"),
         "The token-stop cut of each row's accepted run and its length limit: (cut, limit), int64.");
