@@ -417,10 +417,16 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         if legacy:
             rids = [s[0] for s in slots]
         else:  # the worker's _plan: ids (and the registration check) when the list changed
-            if rows.changed(breqs):
-                rids = [req.rid for req in breqs]
-                rule = rules.of(rids)  # (the registration check: none new, start() registered them)
-                rows.update(breqs, rids, rule)
+            if rows.changed(breqs):  # (the registration check finds none new: start() registered them)
+                rids = rows.update(breqs)
+                rule, fresh = rows.known_rules()
+                if rule is None:
+                    rule = rules.of(rids)
+                else:
+                    for i in fresh.tolist():
+                        rule[i] = rules.rule.get(rids[i], -1)
+                _ = np.flatnonzero(rule < 0)
+                rows.set_rules(rule)
             rids = rows.rids
         t2, c2 = time.perf_counter(), time.thread_time()
         ph["boundary"], cpu["boundary"] = t2 - t1, c2 - c1
@@ -593,8 +599,11 @@ def worker_rows(batch: int, problems: dict, tokenizer, reps: int = 40, seed: int
             times["after"].append(time.perf_counter() - t)
             fresh = list(reqs)
             t = time.perf_counter()
-            rids = [req.rid for req in fresh]
-            rows.update(fresh, rids, rules.of(rids))
+            rids = rows.update(fresh)
+            rule, new = rows.known_rules()
+            if rule is None:
+                rule = rules.of(rids)
+            rows.set_rules(rule)
             _, committed = rows.tails()
             c2 = rows.cut(runs, lens, committed)
             times["after_new_list"].append(time.perf_counter() - t)

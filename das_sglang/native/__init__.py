@@ -37,8 +37,8 @@ length predictor's per-row group query (``_LengthQueries.predict_many``): ``(rem
 finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 ``index_versions(indices)`` is every index's ``version`` in one call (uint64 array; None reads 0).
 ``mutation_epoch()`` is bumped with every index's version, process-wide: unchanged, no index changed.
-``row_map(prev, new)`` is, per item of ``new``, the index of its last equal item in ``prev`` (-1: none)
-plus whether ``new`` holds each item once; ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
+``row_map(prev, new, identity=False)`` is, per item of ``new``, the index of its last equal item in
+``prev`` (-1: none) plus whether ``new`` holds each item once (``identity``: equal = the same object); ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
 fill for j in at]``: the per-step parts gather their latest rows' values through them.
 ``int32_tokens(seq)`` is a list / tuple of Python ints in [0, 2**31) as int32 (None otherwise: ``as_tokens``' fast path).
 ``seq_tails(seqs)`` is each sequence's last item and length (int64 arrays: the decode rows' outputs);

@@ -29,14 +29,13 @@ request's parameters read once), rows without a rule kept through ``stop_cut`` i
 from __future__ import annotations
 
 from itertools import repeat
-from operator import attrgetter
 
 import numpy as np
 
-from das_sglang.native import seq_tails, stop_rows
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS
+from das_sglang.native import gather_list, row_map, seq_tails, stop_rows
 from das_sglang.sglang.finish import TextStops, _stop_token_ids, stop_cut
 
-_rid = attrgetter("rid")
 NO_LIMIT = np.iinfo(np.int64).max // 4  # max_new_tokens None: no length limit
 
 
@@ -133,28 +132,65 @@ class BatchRows:
         self.rids: list = []
         self._outs: list = []  # each row's req.output_ids (the object SGLang appends to)
         self._rule: np.ndarray | None = None
+        self._known: tuple | None = None  # (update: rules kept from the previous list)
         self._cut_plan: tuple | None = None
 
     def changed(self, reqs: list) -> bool:
         """Whether ``reqs`` is another list than the one the rows were made from."""
         return reqs is not self.reqs
 
-    def update(self, reqs: list, rids: list | None = None, rule: np.ndarray | None = None) -> list:
-        """The request ids of ``reqs`` (the same list object while ``reqs`` is);
-        ``rule``: their rule indexes if at hand (``StopRules.of``)."""
+    def update(self, reqs: list) -> list:
+        """The request ids of ``reqs`` (the same list object while ``reqs`` is).
+
+        For a new list the ids and the output arrays of the rows the previous list also
+        had are taken from it: its rows are mapped to the new list's by object identity
+        (``native.row_map(..., identity=True)``: only the lists' pointers are read, no
+        ``Req``) and only the new requests are read. Reading every ``Req`` of a new list cost
+        ~0.19 ms at 512 rows in bench_host_path (a real ``Req``'s attribute dict is large
+        and cold by then), more than the rest of a finish step's batch reads.
+
+        SGLang appends a decoding request's tokens to its ``output_ids`` array in place and
+        rebinds it only when the request leaves the batch (retraction) or outside decoding
+        (tests/sglang/test_batch_rows.py reads the installed SGLang for it): the arrays are
+        held for the list's life, so a step reads them, not each ``Req``'s attribute
+        dict."""
         if reqs is self.reqs:
             return self.rids
-        self.rids = list(map(_rid, reqs)) if rids is None else rids
-        # SGLang appends a decoding request's tokens to its output_ids array in place and
-        # rebinds it only when the request leaves the batch (retraction) or outside
-        # decoding (tests/sglang/test_batch_rows.py reads the installed SGLang for it):
-        # the arrays are held for the list's life, so a step reads them, not each Req's
-        # attribute dict (~130 us at 512 rows in bench_host_path, cold).
-        self._outs = [req.output_ids for req in reqs]
-        self.reqs = reqs
-        self._rule = rule
+        prev, n = self.reqs, len(reqs)
+        if prev and n >= ROWMAP_MIN_ROWS:
+            back, _ = row_map(prev, reqs, identity=True)
+            fresh = np.flatnonzero(back < 0)
+            rids = gather_list(self.rids, back, None)
+            outs = gather_list(self._outs, back, None)
+            for i in fresh.tolist():
+                req = reqs[i]
+                rids[i], outs[i] = req.rid, req.output_ids
+            if self._rule is not None:
+                rule = self._rule[np.maximum(back, 0)]
+                rule[fresh] = -1
+                self._known = (rule, fresh)
+            else:
+                self._known = None
+        else:
+            rids = [req.rid for req in reqs]
+            outs = [req.output_ids for req in reqs]
+            self._known = None
+        self.rids, self._outs, self.reqs = rids, outs, reqs
+        self._rule = None
         self._cut_plan = None
         return self.rids
+
+    def known_rules(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """After :meth:`update` of a new list: (the rows' rule indexes kept from the
+        previous list, -1 for the rows to look up; those rows), or (None, None) when
+        every row has to be looked up (``StopRules.of``)."""
+        return self._known if self._known is not None else (None, None)
+
+    def set_rules(self, rule: np.ndarray) -> None:
+        """The rows' rule indexes (``StopRules.of`` of :attr:`rids`), if the caller has
+        them (else read at the first cut)."""
+        self._rule = rule
+        self._cut_plan = None
 
     def tails(self) -> tuple[np.ndarray, np.ndarray]:
         """(each request's last output token -- the verify's roots --, its output length)

@@ -296,13 +296,19 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         ``batch.reqs`` then); a step without a start or a finish reuses the ids."""
         reqs = batch.reqs
         if self._rows.changed(reqs):
-            rids = [req.rid for req in reqs]
+            rids = self._rows.update(reqs)
             rules = self._stop_rules
-            rule = rules.of(rids)  # (-1: not registered yet; kept from _register to the finish)
+            # (a rule is kept from _register to the finish: -1 = not registered yet)
+            rule, fresh = self._rows.known_rules()  # (the rows kept from the previous list)
+            if rule is None:
+                rule = rules.of(rids)
+            else:
+                for i in fresh.tolist():
+                    rule[i] = rules.rule.get(rids[i], -1)
             for i in np.flatnonzero(rule < 0).tolist():
                 self._register(reqs[i])
                 rule[i] = rules.rule.get(rids[i], -1)
-            self._rows.update(reqs, rids, rule)
+            self._rows.set_rules(rule)
         return self.session.plan(self._rows.rids, self.options.max_nodes)
 
     def _rids(self, batch) -> list:

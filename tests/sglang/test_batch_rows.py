@@ -118,6 +118,23 @@ def test_rows_are_remade_only_for_another_list(tokenizer):
     assert rows.committed().tolist() == [2, 1, 1, 1]
     other = list(reqs[1:])  # (SGLang's filter_batch: a new list)
     assert rows.changed(other) and rows.update(other) == ["s1", "s2", "s3"]
+    # A large list: rows kept from the previous list are taken from it (by identity), the
+    # new ones read; the rules kept with them, the new rows' to look up.
+    big = [make_req(tokenizer, f"b{i}", [40 + i], temperature=0, max_new_tokens=8) for i in range(80)]
+    rules = StopRules()
+    for r in big:
+        rules.add(r.rid, r)
+    rows = BatchRows(rules)
+    rows.update(big)
+    assert rows.known_rules() == (None, None)
+    rows.set_rules(rules.of(rows.rids))
+    newcomer = make_req(tokenizer, "n", [7], temperature=0, max_new_tokens=8, stop_token_ids=[3])
+    rules.add("n", newcomer)
+    nxt = big[:10] + big[11:] + [newcomer]  # (one finished, one merged at the end)
+    assert rows.update(nxt) == [r.rid for r in nxt]
+    assert rows.roots().tolist() == [r.output_ids[-1] for r in nxt]
+    rule, fresh = rows.known_rules()
+    assert fresh.tolist() == [79] and rule[79] == -1 and (rule[:79] == rules.rule["b0"]).all()
 
 
 def test_stop_rules_stay_bounded_by_the_live_requests(tokenizer):
@@ -172,7 +189,13 @@ def test_text_stops_read_once_cut_as_stop_cut(tokenizer):
 def test_native_reads_refuse_bad_input_naming_it(tokenizer):
     from array import array
 
-    from das_sglang.native import seq_tails, stop_rows
+    from das_sglang.native import row_map, seq_tails, stop_rows
+
+    a, b, c = tuple([1]), tuple([1]), tuple([1])  # (equal, not the same object)
+    assert a is not b and b is not c
+    assert row_map([a, b], [b, c])[0].tolist() == [1, 1]
+    assert row_map([a, b], [b, c], identity=True)[0].tolist() == [1, -1]
+    assert row_map([[1]], [[2]], identity=True)[0].tolist() == [-1]  # (items never hashed)
 
     with pytest.raises(ValueError, match="sequence at row 1 is empty"):
         seq_tails([array("q", [4, 5]), array("q")])

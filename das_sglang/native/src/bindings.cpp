@@ -1789,7 +1789,7 @@ class ItemTable {
   }
   // index stored for an item equal to ``item`` (-1: none); ``put`` stores ``at`` for it
   // (overwriting an equal item's); returns the index it held before (-1: none).
-  int64_t find_or_put(PyObject* item, Py_hash_t h, int64_t at, bool put) {
+  int64_t find_or_put(PyObject* item, Py_hash_t h, int64_t at, bool put, bool identity = false) {
     size_t i = size_t(h) & mask_;
     while (true) {
       Slot& s = slots_[i];
@@ -1798,7 +1798,7 @@ class ItemTable {
         return -1;
       }
       if (s.hash == h) {
-        int eq = s.item == item ? 1 : PyObject_RichCompareBool(s.item, item, Py_EQ);
+        int eq = s.item == item ? 1 : identity ? 0 : PyObject_RichCompareBool(s.item, item, Py_EQ);
         if (eq < 0) throw nb::python_error();
         if (eq) {
           int64_t was = s.at;
@@ -1820,7 +1820,15 @@ class ItemTable {
   size_t mask_;
 };
 
-nb::tuple row_map(nb::handle prev, nb::handle now) {
+// identity: items are equal only if they are the same object, hashed by their address
+// (no item is read: for objects that hash and compare by identity anyway, such as
+// SGLang's Req, the map touches only the lists -- each Req's header was a cold read).
+static inline Py_hash_t address_hash(PyObject* o) {
+  const uint64_t a = reinterpret_cast<uintptr_t>(o) >> 4;
+  return static_cast<Py_hash_t>((a * 0x9E3779B97F4A7C15ull) >> 1);
+}
+
+nb::tuple row_map(nb::handle prev, nb::handle now, bool identity) {
   // Tuples (a list is copied, ~1 us at 512 rows): the items stay alive and in place even
   // if an item's __eq__ changes the caller's list while the tables hold borrowed pointers.
   nb::object pf = nb::steal(PySequence_Tuple(prev.ptr()));
@@ -1832,17 +1840,17 @@ nb::tuple row_map(nb::handle prev, nb::handle now) {
   PyObject** ni = &PyTuple_GET_ITEM(nf.ptr(), 0);
   ItemTable old{static_cast<size_t>(np_)}, seen{static_cast<size_t>(nn)};
   for (Py_ssize_t i = 0; i < np_; ++i) {
-    Py_hash_t h = PyObject_Hash(pi[i]);
+    Py_hash_t h = identity ? address_hash(pi[i]) : PyObject_Hash(pi[i]);
     if (h == -1 && PyErr_Occurred()) throw nb::python_error();
-    old.find_or_put(pi[i], h, i, true);
+    old.find_or_put(pi[i], h, i, true, identity);
   }
   std::vector<int64_t> at(static_cast<size_t>(nn));
   bool unique = true;
   for (Py_ssize_t i = 0; i < nn; ++i) {
-    Py_hash_t h = PyObject_Hash(ni[i]);
+    Py_hash_t h = identity ? address_hash(ni[i]) : PyObject_Hash(ni[i]);
     if (h == -1 && PyErr_Occurred()) throw nb::python_error();
-    at[size_t(i)] = old.find_or_put(ni[i], h, 0, false);
-    if (unique && seen.find_or_put(ni[i], h, i, true) >= 0) unique = false;
+    at[size_t(i)] = old.find_or_put(ni[i], h, 0, false, identity);
+    if (unique && seen.find_or_put(ni[i], h, i, true, identity) >= 0) unique = false;
   }
   return nb::make_tuple(to_numpy_moved(std::move(at)), unique);
 }
@@ -2170,9 +2178,9 @@ NB_MODULE(_suffix, m) {
       .def_ro_static("MAX_LENGTH", &LengthIndex::kMaxLength);
   m.def("int32_tokens", &int32_tokens, nb::arg("seq"),
         "A list / tuple of Python ints in [0, 2**31) as an int32 array; None otherwise.");
-  m.def("row_map", &row_map, nb::arg("prev"), nb::arg("new"),
+  m.def("row_map", &row_map, nb::arg("prev"), nb::arg("new"), nb::arg("identity") = false,
         "For each item of new, the index of its last equal item in prev (-1: none), and whether new "
-        "holds each item once: (int64 array, bool).");
+        "holds each item once: (int64 array, bool). identity: equal = the same object (items unread).");
   m.def("gather_list", &gather_list, nb::arg("src"), nb::arg("at"), nb::arg("fill").none(),
         "[src[j] if j >= 0 else fill for j in at] (at: int64).");
   m.def("mutation_epoch", &SuffixIndex::mutation_epoch,
