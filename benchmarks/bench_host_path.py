@@ -91,7 +91,10 @@ request ids and their stop rules once per ``batch.reqs`` list -- a new list on e
 with a finish or a start, as SGLang's ``filter_batch`` / ``merge_batch`` rebind it --, the
 roots (``req.output_ids[-1]``) every step, and the stop cut (``BatchRows.cut``) over the
 accepted runs on every step where a draft was accepted (feedback phase; the texts hold
-no EOS, so it never cuts here). Sequence lengths are ``batch.seq_lens_cpu.numpy()``. A
+no EOS, so it never cuts here), and SGLang's ragged layout object is made in the mask
+phase as the worker makes it (``ragged.make_layout``, from the verify lengths on the
+device: until this version it was not modelled, and the worker built it from a host
+list, ~80 us at 512 rows). Sequence lengths are ``batch.seq_lens_cpu.numpy()``. A
 request's first root is its prompt's last token, as before (it stands as the ``Req``'s
 first output token; the requests' length limit is far off). Until this version the
 requests were a stand-in holding a Python list of tokens, the ids were made every step
@@ -149,6 +152,7 @@ from sglang.srt.managers.schedule_batch import Req  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 
 from das_sglang.sglang.batch_rows import BatchRows, StopRules  # noqa: E402
+from das_sglang.sglang.ragged import make_layout  # noqa: E402
 from das_sglang.sglang.finish import stop_cut  # noqa: E402
 
 EOS = 151_643  # Qwen2's <|endoftext|>: the requests' EOS (the bundled tokenizer's)
@@ -445,6 +449,8 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             t4 = time.perf_counter()
             tensors = [torch.from_numpy(a) for a in (layout.tokens, layout.positions, layout.retrieve_index,
                                                       layout.next_token, layout.next_sibling)]
+            if not legacy:  # (SGLang's ragged layout object, as the worker makes it: make_layout)
+                tensors.append(make_layout(torch.from_numpy(layout.verify_lens), layout.total))
             mask = ragged_custom_mask(layout, seq_lens, "cuda", target=args.mask_device)
         else:
             layout = build_layout(roots, trees, seq_lens, width)

@@ -484,8 +484,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         seq_lens = batch.seq_lens_cpu.numpy()
         roots = self._roots(batch)
         rl = build_ragged_layout(roots, trees, seq_lens)
-        sg_layout = make_layout(rl.verify_lens.tolist(), dev)
         verify_lens = torch.from_numpy(rl.verify_lens).to(dev)
+        sg_layout = make_layout(verify_lens, rl.total)
         offsets = torch.from_numpy(rl.offsets).to(dev)
         tokens = torch.from_numpy(rl.tokens).to(dev)
         batch.forward_mode = ForwardMode.TARGET_VERIFY
@@ -496,6 +496,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
                  (rl.candidates, rl.retrieve_index, rl.next_token, rl.next_sibling)]
         batch.spec_info = DasVerifyInput(
             layout=sg_layout,
+            total_tokens=rl.total,
             draft_token=tokens,
             custom_mask=ragged_custom_mask(rl, seq_lens, dev),
             positions=torch.from_numpy(rl.positions).to(dev),

@@ -232,3 +232,25 @@ class TestNativeLayout:
         with pytest.raises(ValueError, match="offsets must run from 0"):
             ragged_layout(np.array([1], np.int64), np.array([3], np.int64), np.array([0, 3], np.int64), tok,
                           np.array([-1, 0], np.int32))
+
+
+def test_make_layout_is_sglangs_host_list_layout():
+    """The worker's SGLang layout from the device's verify lengths (make_layout) has what
+    SGLang's host-list form gives: lengths, qo_indptr, start locations, graph tier."""
+    from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
+
+    from das_sglang.sglang.ragged import DasVerifyInput, make_layout
+
+    rng = np.random.default_rng(3)
+    for bs in (1, 7, 512):
+        lens = rng.integers(1, 18, bs)
+        total = int(lens.sum())
+        got = make_layout(torch.from_numpy(lens), total)
+        want = RaggedVerifyLayout.from_verify_lens(verify_lens_cpu=lens.tolist(), device=torch.device("cpu"),
+                                                   grid=[total])
+        assert got.graph_num_tokens == want.graph_num_tokens == total and got.bs == bs
+        for field in ("verify_lens", "qo_indptr_device", "extend_start_loc"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+        mask = torch.ones(1, dtype=torch.bool)  # (the verify input's total: its own, or SGLang's)
+        assert DasVerifyInput(layout=got, total_tokens=total, custom_mask=mask, draft_token_num=18).total_tokens == total
+        assert DasVerifyInput(layout=want, custom_mask=mask, draft_token_num=18).total_tokens == total
