@@ -250,10 +250,14 @@ class BatchRows:
         if committed is None:
             committed = self.committed()
         cut, limit = stop_rows(runs, lens, max_new, committed, row_set, ids, offsets)
-        for b, stops in each:
-            run = runs[b, : lens[b]].tolist()
-            if stops is None:  # (no rule kept for it)
-                cut[b] = stop_cut(self.reqs[b], run)
-            else:
-                cut[b] = stops.cut(self.reqs[b].output_ids, run, int(limit[b]))
+        if each:
+            # (Python ints once for all such rows: a numpy slice and tolist per row cost
+            # more; the held output arrays, not each Req's attribute)
+            runs_l, lens_l, limit_l, outs = runs.tolist(), lens.tolist(), limit.tolist(), self._outs
+            for b, stops in each:
+                run = runs_l[b][: lens_l[b]]
+                if stops is None:  # (no rule kept for it)
+                    cut[b] = stop_cut(self.reqs[b], run)
+                else:
+                    cut[b] = stops.cut(outs[b], run, limit_l[b])
         return cut

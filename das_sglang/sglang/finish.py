@@ -130,7 +130,14 @@ class TextStops:
         sp = req.sampling_params
         self.stop_ids = stop_ids
         self.strs = [s for s in (sp.stop_strs or ()) if s]
-        self.regexes = list(sp.stop_regex_strs or ())
+        # compiled once (a pattern that does not compile never matches: SGLang aborts
+        # that request itself, as _stop_text_matches skips it)
+        self.regexes = []
+        for pattern in sp.stop_regex_strs or ():
+            try:
+                self.regexes.append(re.compile(pattern))
+            except (re.error, RecursionError):
+                continue
         self.keep = max(sp.stop_str_max_len + 1, sp.stop_regex_max_len + 1)
         # (no tokenizer, or nothing to match: the text never ends the request here)
         self.decode = _fast_decode(req.tokenizer) if (self.strs or self.regexes) else None
@@ -139,32 +146,33 @@ class TextStops:
         """``stop_cut(req, run)`` for ``req.output_ids == output``, whose length limit
         (``max_new_tokens``) leaves ``limit`` tokens of ``run``."""
         stop_ids, decode, keep = self.stop_ids, self.decode, self.keep
-        n0 = len(output)
-        seq = (list(output[-keep:]) if n0 > keep else list(output)) if decode is not None else None
+        if decode is None:
+            for k in range(1, limit + 1):
+                if int(run[k - 1]) in stop_ids:
+                    return k
+            return limit
+        strs, regexes = self.strs, self.regexes
+        seq = list(output[-keep:])  # (the tails _stop_text_matches decodes: the last `keep`)
         for k in range(1, limit + 1):
             token = int(run[k - 1])
             if token in stop_ids:
                 return k
-            if seq is not None:
-                seq.append(token)
-                if k < limit and self._matches(seq[-min(keep, len(seq)):], decode):
-                    return k
+            seq.append(token)
+            if k < limit:
+                try:
+                    tail = decode(seq[-keep:])
+                except Exception:  # noqa: BLE001 - as _stop_text_matches: SGLang's own check follows
+                    continue
+                for stop in strs:
+                    if stop in tail:
+                        return k
+                for pattern in regexes:
+                    try:
+                        if pattern.search(tail):
+                            return k
+                    except RecursionError:
+                        continue
         return limit
-
-    def _matches(self, tokens: list, decode) -> bool:
-        try:
-            tail = decode(tokens)
-        except Exception:  # noqa: BLE001 - as _stop_text_matches: SGLang's own check follows
-            return False
-        if any(s in tail for s in self.strs):
-            return True
-        for pattern in self.regexes:
-            try:
-                if re.search(pattern, tail):
-                    return True
-            except (re.error, RecursionError):
-                continue
-        return False
 
 
 def delivered_output(req) -> Sequence[int]:
