@@ -93,9 +93,10 @@ roots (``req.output_ids[-1]``) every step, and the stop cut (``BatchRows.cut``) 
 accepted runs on every step where a draft was accepted (feedback phase; the texts hold
 no EOS, so it never cuts here), and SGLang's ragged layout object is made in the mask
 phase as the worker makes it (``ragged.make_layout``, from the verify lengths on the
-device -- ``--mask-device``, as the mask: on ``meta`` its ops' dispatch, where a GPU runs
-one Triton kernel for them --: until this version it was not modelled, and the worker
-built it from a host list, ~80 us at 512 rows). Sequence lengths are ``batch.seq_lens_cpu.numpy()``. A
+device: until this version it was not modelled, and the worker built it from a host
+list, ~80 us at 512 rows). It is made on the CPU (six small torch ops, ~0.1-0.16 ms a
+step in the bench; a GPU runs one Triton kernel for them), not on ``meta``, whose ops
+here run Python meta kernels (~1 ms a step). Sequence lengths are ``batch.seq_lens_cpu.numpy()``. A
 request's first root is its prompt's last token, as before (it stands as the ``Req``'s
 first output token; the requests' length limit is far off). Until this version the
 requests were a stand-in holding a Python list of tokens, the ids were made every step
@@ -451,9 +452,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             tensors = [torch.from_numpy(a) for a in (layout.tokens, layout.positions, layout.retrieve_index,
                                                       layout.next_token, layout.next_sibling)]
             if not legacy:  # (SGLang's ragged layout object, as the worker makes it: make_layout,
-                # from the verify lengths on the device: on --mask-device, as the mask)
-                tensors.append(make_layout(torch.from_numpy(layout.verify_lens).to(args.mask_device),
-                                           layout.total))
+                # here on the CPU: its six torch ops on meta tensors run Python meta kernels,
+                # ~1 ms, far from a GPU's one Triton launch for them)
+                tensors.append(make_layout(torch.from_numpy(layout.verify_lens), layout.total))
             mask = ragged_custom_mask(layout, seq_lens, "cuda", target=args.mask_device)
         else:
             layout = build_layout(roots, trees, seq_lens, width)
