@@ -436,7 +436,10 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             rids = rows.rids
         t2, c2 = time.perf_counter(), time.thread_time()
         ph["boundary"], cpu["boundary"] = t2 - t1, c2 - c1
-        trees, width = plan(session, rids, args.max_nodes)
+        if legacy:
+            trees, width = plan(session, rids, args.max_nodes)
+        else:  # (with the worker's map of its batch lists: BatchRows.kept)
+            trees, width = plan(session, rids, args.max_nodes, kept=rows.kept)
         t3, c3 = time.perf_counter(), time.thread_time()
         ph["plan"], cpu["plan"] = t3 - t2, c3 - c2
         # As the worker reads them (``_verify_ragged``): ``[req.output_ids[-1] for req in

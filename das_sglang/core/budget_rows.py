@@ -53,6 +53,18 @@ def shared_row_map(prev: list, new: list) -> tuple[np.ndarray, bool]:
     return back, unique
 
 
+def seed_row_map(prev: list, new: list, back: np.ndarray, unique: bool) -> None:
+    """Keep ``back`` as :func:`shared_row_map`'s answer for ``(prev, new)``: a caller that
+    knows the map another way (the worker maps SGLang's batch lists by object identity,
+    the same rows as by id) saves the parts that ask for it the map of the ids."""
+    if back.flags.writeable:
+        back = back.copy()
+        back.flags.writeable = False
+    _ROW_MAPS.append((list(prev), list(new), back, unique))
+    if len(_ROW_MAPS) > _ROW_MAPS_KEPT:
+        del _ROW_MAPS[0]
+
+
 def kept_rows(prev_ids: list, ids: list, drop=None) -> tuple[np.ndarray, bool]:
     """``native.row_map(prev_ids, ids)`` -- each row's (last) row in ``prev_ids``, -1 where
     new, and whether ``ids`` holds each id once -- with the rows whose id is in ``drop``

@@ -228,6 +228,22 @@ def _positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return np.where((k >= 0) & (srt[kk] == queries), order[kk], -1)
 
 
+def _kept_back(kept: tuple, memo_ids: list, req_ids: list, skip: set | None) -> np.ndarray | None:
+    """``kept``'s map (``(previous req_ids, back)``: rows of the previous batch, by the
+    caller's identity of its requests, -1 for new ones) when it maps the rows a memo
+    resolved (``memo_ids`` equal to the previous ids) to ``req_ids``, and no row it keeps
+    is in ``skip`` (the placeholders of deferred starts are new rows); else None. A kept
+    row is the same live request, so no request that ended since can be among them."""
+    prev, back = kept[0], kept[1]
+    if len(back) != len(req_ids) or len(prev) != len(memo_ids) or prev != memo_ids:
+        return None
+    if skip:
+        fresh = {req_ids[i] for i in np.flatnonzero(back < 0).tolist()}
+        if not skip <= fresh:
+            return None
+    return back
+
+
 def _flat_tokens(rows: Sequence[object]) -> np.ndarray | None:
     """All rows as one int32 array when every row is a list/tuple of valid token ids,
     converted and range-checked once for the batch (per-row ``as_tokens`` costs ~5 us a
@@ -665,7 +681,8 @@ class SuffixDrafter:
     def _shared_start(self, n_prompt: int) -> int:
         return max(0, n_prompt - self.config.shared_index_depth) if self._global is not None else 0
 
-    def _rows(self, req_ids: Sequence[str], skip: set | None = None) -> tuple[list, list, np.ndarray]:
+    def _rows(self, req_ids: Sequence[str], skip: set | None = None,
+              kept: tuple | None = None) -> tuple[list, list, np.ndarray]:
         """(records, indexes, seq_ids) of these live requests, in row order (an unknown one
         raises, naming it); the rows whose request is in ``skip`` are placeholders (record
         and index None, seq_id -1). A decode step asks for the same batch two or three
@@ -673,8 +690,12 @@ class SuffixDrafter:
         ended in between (a start only adds one), the rows resolved for an equal
         ``req_ids`` list are reused, not looked up again per row, and a plan's placeholders
         are looked up alone once their requests are registered (the caller must not change
-        the arrays)."""
+        the arrays). ``kept``: see :meth:`speculate_flat`."""
         memo = self._rows_memo
+        if kept is not None and memo is not None and type(req_ids) is list:
+            back = _kept_back(kept, memo[0], req_ids, skip)
+            if back is not None:
+                return self._rows_from(memo, req_ids, skip, back)
         if memo is not None and self._rows_dead:
             if self._rows_dead.isdisjoint(memo[0]):
                 self._rows_dead = set()  # (only requests outside the memo's rows ended)
@@ -711,14 +732,17 @@ class SuffixDrafter:
     # looking every row up costs about as much.
     ROWMAP_MIN_ROWS = ROWMAP_MIN_ROWS
 
-    def _rows_from(self, memo: tuple, req_ids: list, skip: set | None) -> tuple[list, list, np.ndarray]:
+    def _rows_from(self, memo: tuple, req_ids: list, skip: set | None,
+                   back: np.ndarray | None = None) -> tuple[list, list, np.ndarray]:
         """:meth:`_rows` when some rows changed since the memo (a start or a finish): the
         rows the memo resolved are gathered from it (``row_map``: one C pass), only the
         others are looked up -- the same records, indexes and seq_ids. A memo row whose
         request ended since (``_rows_dead``), or that was a placeholder there, is looked up
-        again; a row in ``skip`` is a placeholder whatever the memo says."""
+        again; a row in ``skip`` is a placeholder whatever the memo says. ``back``: the
+        memo rows' map to these rows if the caller has it (``_kept_back``)."""
         m_ids, m_lives, m_idx, m_seq, _ = memo
-        back, _ = kept_rows(m_ids, req_ids, self._rows_dead | skip if skip else self._rows_dead)
+        if back is None:
+            back, _ = kept_rows(m_ids, req_ids, self._rows_dead | skip if skip else self._rows_dead)
         seq_ids = np.where(back >= 0, m_seq[np.maximum(back, 0)], -1)
         look = np.flatnonzero(seq_ids < 0).tolist()  # (new rows, and the memo's placeholders)
         lives = gather_list(m_lives, back, _HOLE)
@@ -1029,14 +1053,20 @@ class SuffixDrafter:
     DRAFT_THREADS = max(1, min(4, _CPUS))
 
     def speculate_flat(self, req_ids: Sequence[str], budget: int | Sequence[int] | np.ndarray,
-                       threads: int | None = None, skip: set | None = None) -> DraftBatch:
+                       threads: int | None = None, skip: set | None = None,
+                       kept: tuple | None = None) -> DraftBatch:
         """:meth:`speculate_batch` as one flat :class:`DraftBatch` (same trees, plus node
         depths): no Python object per row. ``budget`` is one int for every row or one per
         row; ``threads`` None picks by batch size (the result does not depend on it).
         ``skip``: requests whose rows get an empty tree, registered or not (a plan's
-        deferred starts): the others' trees are those of drafting them alone."""
+        deferred starts): the others' trees are those of drafting them alone.
+        ``kept``: ``(previous req_ids, back)`` -- each row's row in the caller's previous
+        batch (-1: a new request), known to be the same live request there (the worker
+        maps SGLang's batch lists by object identity, ``batch_rows.BatchRows``). Used when
+        the previous batch is the rows this drafter resolved last: then its rows are
+        gathered through ``back`` instead of a map of the ids (the same rows)."""
         b = self._budget_array(req_ids, budget)
-        _, idx, seq_ids = self._rows(req_ids, skip)
+        _, idx, seq_ids = self._rows(req_ids, skip, kept)
         return self._speculate_resolved(idx, seq_ids, b, threads, bool(skip))
 
     def _speculate_resolved(self, idx: list, seq_ids: np.ndarray, b: np.ndarray, threads,

@@ -133,6 +133,9 @@ class BatchRows:
         self._outs: list = []  # each row's req.output_ids (the object SGLang appends to)
         self._rule: np.ndarray | None = None
         self._known: tuple | None = None  # (update: rules kept from the previous list)
+        # (update of a new list mapped from the previous one: (previous ids, back, unique)
+        # for DasSession.plan's ``kept``; None otherwise)
+        self.kept: tuple | None = None
         self._cut_plan: tuple | None = None
 
     def changed(self, reqs: list) -> bool:
@@ -157,8 +160,11 @@ class BatchRows:
         if reqs is self.reqs:
             return self.rids
         prev, n = self.reqs, len(reqs)
+        self.kept = None
         if prev and n >= ROWMAP_MIN_ROWS:
-            back, _ = row_map(prev, reqs, identity=True)
+            back, unique = row_map(prev, reqs, identity=True)
+            back.flags.writeable = False
+            self.kept = (self.rids, back, unique)
             fresh = np.flatnonzero(back < 0)
             rids = gather_list(self.rids, back, None)
             outs = gather_list(self._outs, back, None)

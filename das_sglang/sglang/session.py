@@ -18,9 +18,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows, kept_rows
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows, kept_rows, seed_row_map
 from das_sglang.core.draft_tree import DraftBatch
-from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
+from das_sglang.core.drafter import TokenRows, _flat_tokens, _kept_back, as_tokens
 from das_sglang.core.policy import make_policy
 from das_sglang.core.snapshot import TokenGroup, gil_pause
 from das_sglang.native import gather_list, int32_tokens
@@ -353,6 +353,7 @@ class DasSession:
         # problem ids, max_new_tokens, prompt lengths, slots, each request once); stale once
         # a request starts or ends.
         self._rows_memo: tuple | None = None
+        self._kept_hit = False  # (the latest plan gathered its rows through the caller's kept map)
         self._live_version = 0
         self._rows_dead: set[str] = set()  # requests ended since the memo was made
         self._root_only: set[str] = set()  # live requests verified at width 0
@@ -714,7 +715,7 @@ class DasSession:
                 for p in gone:
                     self._mirror.pop(p, None)
 
-    def _rows(self, req_ids: Sequence[str]) -> tuple:
+    def _rows(self, req_ids: Sequence[str], kept: tuple | None = None) -> tuple:
         """(records, problem ids, max_new_tokens, prompt lengths, count slots, each request
         once) of these live requests, in row order; an unknown one raises naming it. The
         plan and the feedback of a decode step (and the next steps while no request starts
@@ -724,7 +725,7 @@ class DasSession:
         if memo is not None and memo[1] == self._live_version and memo[0] == req_ids:
             return memo[2:]
         if memo is not None and len(memo[0]) and type(req_ids) is list and len(req_ids) >= self.ROWMAP_MIN_ROWS:
-            return self._rows_from(memo, req_ids)
+            return self._rows_from(memo, req_ids, kept)
         live = self.live
         try:
             lives = [live[r] for r in req_ids]
@@ -744,13 +745,19 @@ class DasSession:
     # Rows resolved through the latest memo (_rows_from) from this many rows on.
     ROWMAP_MIN_ROWS = ROWMAP_MIN_ROWS
 
-    def _rows_from(self, memo: tuple, req_ids: list) -> tuple:
+    def _rows_from(self, memo: tuple, req_ids: list, kept: tuple | None = None) -> tuple:
         """:meth:`_rows` when requests started or ended since the memo: the rows it
         resolved are gathered from it (``row_map``, one C pass), only the others (new
         requests, and those that ended since -- ``_rows_dead``: an id may come back as
         another request) are looked up. The same records, columns and slots."""
         m_ids, _, m_lives, m_pids, _, _, m_slots, _ = memo
-        back, unique = kept_rows(m_ids, req_ids, self._rows_dead)
+        back = _kept_back(kept, m_ids, req_ids, None) if kept is not None else None
+        self._kept_hit = back is not None
+        if back is not None:  # (the caller's map of its batches: see plan's kept)
+            unique = kept[2]
+            seed_row_map(m_ids, req_ids, back, unique)  # (the policy's parts ask for it next)
+        else:
+            back, unique = kept_rows(m_ids, req_ids, self._rows_dead)
         lives = gather_list(m_lives, back, None)
         pids = gather_list(m_pids, back, None)
         slots = m_slots[np.maximum(back, 0)]
@@ -766,16 +773,27 @@ class DasSession:
         self._rows_dead = set()
         return rows
 
-    def plan(self, req_ids: Sequence[str], max_nodes: int) -> tuple[DraftBatch, int]:
+    def plan(self, req_ids: Sequence[str], max_nodes: int, kept: tuple | None = None) -> tuple[DraftBatch, int]:
         """Draft trees truncated to the policy's budgets (a flat :class:`DraftBatch`, a
         sequence of DraftTree), and the batch width.
 
         One native call drafts every row (flat arrays, node depths included), the policy
         reads the rows as columns (:class:`BudgetRows`), and the truncation is one numpy
         pass: no Python object per row on this per-step path. Same trees and width as
-        drafting row by row (tests/sglang/test_session_flat.py)."""
+        drafting row by row (tests/sglang/test_session_flat.py).
+
+        ``kept``: ``(previous req_ids, back, unique)`` when the caller knows each row's row
+        in its previous batch (-1: a new request) as the same live request -- the worker
+        maps SGLang's batch lists by object identity (``batch_rows.BatchRows.kept``). Where
+        the previous batch is the rows the session (and the drafter) resolved last, their
+        per-row state is gathered through it instead of a map of the ids: the same rows
+        (tests/sglang/test_batch_rows.py), without reading 512 request ids after a start or
+        a finish."""
         req_ids = list(req_ids)
-        lives, problem_ids, max_new, prompt_len, slots, _ = self._rows(req_ids)
+        self._kept_hit = False
+        lives, problem_ids, max_new, prompt_len, slots, _ = self._rows(req_ids, kept)
+        # (the drafter's rows are the session's: it takes the map where the session did)
+        drafter_kept = kept[:2] if self._kept_hit and hasattr(self.drafter, "_rows_from") else None
         self._settle_outcomes()  # (the policy is read from here on)
         n = len(lives)
         # (the memo's columns are shared by plans of the same rows: no policy changes them;
@@ -799,7 +817,9 @@ class DasSession:
             self._check_cap()
         self._plan_nodes = max_nodes
         if new and not new.isdisjoint(req_ids):
-            drafts = self._speculate_registered(req_ids, sizes, new)
+            drafts = self._speculate_registered(req_ids, sizes, new, drafter_kept)
+        elif drafter_kept is not None:
+            drafts = self.drafter.speculate_flat(req_ids, sizes, kept=drafter_kept)
         else:
             drafts = self.drafter.speculate_flat(req_ids, sizes)
         probs = drafts.probs
@@ -839,11 +859,13 @@ class DasSession:
             width = planned
         return drafts, width
 
-    def _speculate_registered(self, req_ids: list, sizes, new: set) -> DraftBatch:
+    def _speculate_registered(self, req_ids: list, sizes, new: set, kept: tuple | None = None) -> DraftBatch:
         """The plan's trees when some rows' starts are still deferred: those rows get an
         empty tree, the others are drafted as usual."""
         # (the drafter resolves the whole list, the new rows as placeholders: the feedback
         # after this plan then looks up only those rows, once they are registered)
+        if kept is not None:
+            return self.drafter.speculate_flat(req_ids, sizes, skip=new, kept=kept)
         return self.drafter.speculate_flat(req_ids, sizes, skip=new)
 
     def before_forward(self) -> None:

@@ -309,7 +309,9 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
                 self._register(reqs[i])
                 rule[i] = rules.rule.get(rids[i], -1)
             self._rows.set_rules(rule)
-        return self.session.plan(self._rows.rids, self.options.max_nodes)
+        # (kept: the rows carried over from the previous list, mapped by identity: the
+        # session and drafter gather their per-row state through it, not by the ids)
+        return self.session.plan(self._rows.rids, self.options.max_nodes, kept=self._rows.kept)
 
     def _rids(self, batch) -> list:
         return self._rows.rids if batch.reqs is self._rows.reqs else [req.rid for req in batch.reqs]

@@ -245,3 +245,81 @@ def test_sglang_keeps_the_contract_batch_rows_relies_on():
              ("disaggregation/utils.py", "self.output_ids = torch.zeros((size, 16), dtype=torch.int32, device=device)"),
              ("session/streaming_session.py", "req.output_ids = req.output_ids[:finished_len]")}
     assert set(rebinds) <= known and len(rebinds) >= 3
+
+
+class _Req:
+    """What BatchRows reads of an SGLang Req (hashed and compared by identity, as Req)."""
+
+    def __init__(self, rid):
+        from array import array
+
+        self.rid = rid
+        self.output_ids = array("q", [8])
+
+
+def _drive_batches(session, use_kept: bool, steps=40, rows=80, seed=0):
+    """SGLang's batch lists over a GRPO-like workload: finished requests filtered out in
+    order, new ones merged at the end (new list objects), the session planned with or
+    without BatchRows' map of the lists; every plan's (trees, width), and how many plans
+    took the map."""
+    import json
+
+    from das_sglang.sglang.options import load_options
+
+    rng = np.random.default_rng(seed)
+    texts = {f"p{i}": rng.integers(0, 6, 120).tolist() for i in range(6)}
+    rows_ = BatchRows(StopRules())
+    batch, pos, out, n, hits = [], {}, [], 0, 0
+    for step in range(steps):
+        fresh = []
+        while len(batch) + len(fresh) < rows:
+            fresh.append(_Req(f"r{n}"))
+            session.start(f"r{n}", {"das_problem_id": f"p{n % 6}"}, [7, 8], [], 200)
+            pos[f"r{n}"] = 0
+            n += 1
+        if fresh or not step:
+            batch = batch + fresh  # (merge_batch: a new list)
+        rids = rows_.update(batch)
+        trees, width = session.plan(rids, 8, kept=rows_.kept if use_kept else None)
+        hits += session._kept_hit
+        out.append(([t.tokens.tolist() for t in trees], width))
+        session.before_forward()
+        commits = []
+        for req, tree in zip(batch, trees):
+            text = texts[f"p{int(req.rid[1:]) % 6}"]
+            p = pos[req.rid]
+            k = tree.accept_length(text[p: p + len(tree) + 1])
+            commits.append(text[p: p + k + 1])
+            pos[req.rid] = p + k + 1
+        session.committed_batch(rids, [len(t) for t in trees], commits)
+        done = [r for r in batch if pos[r.rid] >= 30 + 7 * (int(r.rid[1:]) % 5)]
+        for r in done:
+            session.finished(r.rid, [7, 8], texts[f"p{int(r.rid[1:]) % 6}"][: pos[r.rid]])
+        if done:
+            batch = [r for r in batch if r not in done]  # (filter_batch: a new list)
+    return out, hits
+
+
+def test_plans_through_batch_rows_map_are_the_plans_without_it():
+    """The session and the drafter gather their per-row state through BatchRows' identity
+    map of SGLang's batch lists (plan's ``kept``) after a start or a finish: the same
+    trees and widths as mapping the request ids, step for step."""
+    import json
+
+    from das_sglang.sglang.options import load_options
+    from das_sglang.sglang.session import DasSession
+
+    def session():
+        cfg = {"drafter": {"window_steps": 2}, "server": {"policy": "length-aware"}}
+        s = DasSession(load_options(9, json.dumps(cfg)))
+        s.policy.lengths.background = False
+        return s
+
+    a, b = session(), session()
+    got, hits = _drive_batches(a, True)
+    want, none = _drive_batches(b, False)
+    a.close()
+    b.close()
+    assert got == want
+    assert hits >= 10 and none == 0  # (the map was taken on the steps whose list changed)
+    assert sum(len(t) for trees, _ in got for t in trees) > 0
