@@ -425,14 +425,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         else:  # the worker's _plan: ids (and the registration check) when the list changed
             if rows.changed(breqs):  # (the registration check finds none new: start() registered them)
                 rids = rows.update(breqs)
-                rule, fresh = rows.known_rules()
-                if rule is None:
-                    rule = rules.of(rids)
-                else:
-                    for i in fresh.tolist():
-                        rule[i] = rules.rule.get(rids[i], -1)
-                _ = np.flatnonzero(rule < 0)
-                rows.set_rules(rule)
+                _ = np.flatnonzero(rows.lookup_rules() < 0)
             rids = rows.rids
         t2, c2 = time.perf_counter(), time.thread_time()
         ph["boundary"], cpu["boundary"] = t2 - t1, c2 - c1
@@ -613,11 +606,8 @@ def worker_rows(batch: int, problems: dict, tokenizer, reps: int = 40, seed: int
             times["after"].append(time.perf_counter() - t)
             fresh = list(reqs)
             t = time.perf_counter()
-            rids = rows.update(fresh)
-            rule, new = rows.known_rules()
-            if rule is None:
-                rule = rules.of(rids)
-            rows.set_rules(rule)
+            rows.update(fresh)
+            rows.lookup_rules()
             _, committed = rows.tails()
             c2 = rows.cut(runs, lens, committed)
             times["after_new_list"].append(time.perf_counter() - t)

@@ -47,10 +47,14 @@ def shared_row_map(prev: list, new: list) -> tuple[np.ndarray, bool]:
             return m[2], m[3]
     back, unique = row_map(prev, new)
     back.flags.writeable = False
+    _keep_row_map(prev, new, back, unique)
+    return back, unique
+
+
+def _keep_row_map(prev: list, new: list, back: np.ndarray, unique: bool) -> None:
     _ROW_MAPS.append((list(prev), list(new), back, unique))
     if len(_ROW_MAPS) > _ROW_MAPS_KEPT:
         del _ROW_MAPS[0]
-    return back, unique
 
 
 def seed_row_map(prev: list, new: list, back: np.ndarray, unique: bool) -> None:
@@ -60,9 +64,24 @@ def seed_row_map(prev: list, new: list, back: np.ndarray, unique: bool) -> None:
     if back.flags.writeable:
         back = back.copy()
         back.flags.writeable = False
-    _ROW_MAPS.append((list(prev), list(new), back, unique))
-    if len(_ROW_MAPS) > _ROW_MAPS_KEPT:
-        del _ROW_MAPS[0]
+    _keep_row_map(prev, new, back, unique)
+
+
+def kept_back(kept: tuple, memo_ids: list, req_ids: list, skip: set | None = None) -> np.ndarray | None:
+    """``kept``'s map (``(previous req_ids, back, ...)``: rows of the caller's previous
+    batch, by the caller's identity of its requests, -1 for new ones) when it maps the rows
+    a memo resolved (``memo_ids`` equal to the previous ids) to ``req_ids``, and no row it
+    keeps is in ``skip`` (the placeholders of deferred starts are new rows); else None. A
+    kept row is the same live request, so no request that ended since can be among them
+    (the session's and the drafter's rows, ``DasSession.plan``'s ``kept``)."""
+    prev, back = kept[0], kept[1]
+    if len(back) != len(req_ids) or len(prev) != len(memo_ids) or prev != memo_ids:
+        return None
+    if skip:
+        fresh = {req_ids[i] for i in np.flatnonzero(back < 0).tolist()}
+        if not skip <= fresh:
+            return None
+    return back
 
 
 def kept_rows(prev_ids: list, ids: list, drop=None) -> tuple[np.ndarray, bool]:

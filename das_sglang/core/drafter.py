@@ -33,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, kept_rows
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, kept_back, kept_rows
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree
 from das_sglang.native import (
@@ -226,22 +226,6 @@ def _positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     k = np.searchsorted(srt, queries, side="right") - 1
     kk = np.maximum(k, 0)
     return np.where((k >= 0) & (srt[kk] == queries), order[kk], -1)
-
-
-def _kept_back(kept: tuple, memo_ids: list, req_ids: list, skip: set | None) -> np.ndarray | None:
-    """``kept``'s map (``(previous req_ids, back)``: rows of the previous batch, by the
-    caller's identity of its requests, -1 for new ones) when it maps the rows a memo
-    resolved (``memo_ids`` equal to the previous ids) to ``req_ids``, and no row it keeps
-    is in ``skip`` (the placeholders of deferred starts are new rows); else None. A kept
-    row is the same live request, so no request that ended since can be among them."""
-    prev, back = kept[0], kept[1]
-    if len(back) != len(req_ids) or len(prev) != len(memo_ids) or prev != memo_ids:
-        return None
-    if skip:
-        fresh = {req_ids[i] for i in np.flatnonzero(back < 0).tolist()}
-        if not skip <= fresh:
-            return None
-    return back
 
 
 def _flat_tokens(rows: Sequence[object]) -> np.ndarray | None:
@@ -693,7 +677,7 @@ class SuffixDrafter:
         the arrays). ``kept``: see :meth:`speculate_flat`."""
         memo = self._rows_memo
         if kept is not None and memo is not None and type(req_ids) is list:
-            back = _kept_back(kept, memo[0], req_ids, skip)
+            back = kept_back(kept, memo[0], req_ids, skip)
             if back is not None:
                 return self._rows_from(memo, req_ids, skip, back)
         if memo is not None and self._rows_dead:
@@ -739,7 +723,7 @@ class SuffixDrafter:
         others are looked up -- the same records, indexes and seq_ids. A memo row whose
         request ended since (``_rows_dead``), or that was a placeholder there, is looked up
         again; a row in ``skip`` is a placeholder whatever the memo says. ``back``: the
-        memo rows' map to these rows if the caller has it (``_kept_back``)."""
+        memo rows' map to these rows if the caller has it (``kept_back``)."""
         m_ids, m_lives, m_idx, m_seq, _ = memo
         if back is None:
             back, _ = kept_rows(m_ids, req_ids, self._rows_dead | skip if skip else self._rows_dead)
@@ -1060,7 +1044,7 @@ class SuffixDrafter:
         row; ``threads`` None picks by batch size (the result does not depend on it).
         ``skip``: requests whose rows get an empty tree, registered or not (a plan's
         deferred starts): the others' trees are those of drafting them alone.
-        ``kept``: ``(previous req_ids, back)`` -- each row's row in the caller's previous
+        ``kept``: ``(previous req_ids, back, ...)`` -- each row's row in the caller's previous
         batch (-1: a new request), known to be the same live request there (the worker
         maps SGLang's batch lists by object identity, ``batch_rows.BatchRows``). Used when
         the previous batch is the rows this drafter resolved last: then its rows are

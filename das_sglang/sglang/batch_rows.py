@@ -186,11 +186,22 @@ class BatchRows:
         self._cut_plan = None
         return self.rids
 
-    def known_rules(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """After :meth:`update` of a new list: (the rows' rule indexes kept from the
-        previous list, -1 for the rows to look up; those rows), or (None, None) when
-        every row has to be looked up (``StopRules.of``)."""
-        return self._known if self._known is not None else (None, None)
+    def lookup_rules(self) -> np.ndarray:
+        """After :meth:`update` of a new list: each row's rule index (-1: no rule kept, a
+        request the caller registers and then sets with :meth:`set_rules`). The rows kept
+        from the previous list take theirs from it; only the others are looked up
+        (``StopRules.of`` of every row where the list was not mapped)."""
+        known, rids = self._known, self.rids
+        self._known = None
+        if known is None:
+            rule = self.rules.of(rids)
+        else:
+            rule, fresh = known
+            get = self.rules.rule.get
+            for i in fresh.tolist():
+                rule[i] = get(rids[i], -1)
+        self.set_rules(rule)
+        return rule
 
     def set_rules(self, rule: np.ndarray) -> None:
         """The rows' rule indexes (``StopRules.of`` of :attr:`rids`), if the caller has
@@ -217,7 +228,7 @@ class BatchRows:
         none) and those sets flat with their offsets) for the current list."""
         if self._cut_plan is None:
             rules, n = self.rules, len(self.rids)
-            rule = self._rule if self._rule is not None else rules.of(self.rids)
+            rule = self._rule if self._rule is not None else self.lookup_rules()
             max_new_t, text_t = rules.tables()
             if n and rule[0] >= 0 and not text_t[rule[0]] and (rule == rule[0]).all():
                 # one rule for the whole batch (the usual RL batch): no per-row tables

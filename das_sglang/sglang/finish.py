@@ -86,7 +86,7 @@ def stop_cut(req, run: Sequence[int]) -> int:
         # whole output gives, without copying a long output per request and step.
         sp = req.sampling_params
         keep = max(sp.stop_str_max_len + 1, sp.stop_regex_max_len + 1)
-        seq = list(req.output_ids[-keep:]) if committed > keep else list(req.output_ids)
+        seq = list(req.output_ids[-keep:])
     for k in range(1, limit + 1):
         token = int(run[k - 1])
         if token in stop_ids:

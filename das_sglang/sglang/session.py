@@ -18,9 +18,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows, kept_rows, seed_row_map
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows, kept_back, kept_rows, seed_row_map
 from das_sglang.core.draft_tree import DraftBatch
-from das_sglang.core.drafter import TokenRows, _flat_tokens, _kept_back, as_tokens
+from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
 from das_sglang.core.snapshot import TokenGroup, gil_pause
 from das_sglang.native import gather_list, int32_tokens
@@ -751,7 +751,7 @@ class DasSession:
         requests, and those that ended since -- ``_rows_dead``: an id may come back as
         another request) are looked up. The same records, columns and slots."""
         m_ids, _, m_lives, m_pids, _, _, m_slots, _ = memo
-        back = _kept_back(kept, m_ids, req_ids, None) if kept is not None else None
+        back = kept_back(kept, m_ids, req_ids) if kept is not None else None
         self._kept_hit = back is not None
         if back is not None:  # (the caller's map of its batches: see plan's kept)
             unique = kept[2]
@@ -792,8 +792,9 @@ class DasSession:
         req_ids = list(req_ids)
         self._kept_hit = False
         lives, problem_ids, max_new, prompt_len, slots, _ = self._rows(req_ids, kept)
-        # (the drafter's rows are the session's: it takes the map where the session did)
-        drafter_kept = kept[:2] if self._kept_hit and hasattr(self.drafter, "_rows_from") else None
+        # (the drafter's rows are the session's: it takes the map where the session did;
+        # a drafter is asked for it only then)
+        drafter_kw = {"kept": kept} if self._kept_hit else {}
         self._settle_outcomes()  # (the policy is read from here on)
         n = len(lives)
         # (the memo's columns are shared by plans of the same rows: no policy changes them;
@@ -817,11 +818,9 @@ class DasSession:
             self._check_cap()
         self._plan_nodes = max_nodes
         if new and not new.isdisjoint(req_ids):
-            drafts = self._speculate_registered(req_ids, sizes, new, drafter_kept)
-        elif drafter_kept is not None:
-            drafts = self.drafter.speculate_flat(req_ids, sizes, kept=drafter_kept)
+            drafts = self._speculate_registered(req_ids, sizes, new, **drafter_kw)
         else:
-            drafts = self.drafter.speculate_flat(req_ids, sizes)
+            drafts = self.drafter.speculate_flat(req_ids, sizes, **drafter_kw)
         probs = drafts.probs
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
@@ -859,14 +858,12 @@ class DasSession:
             width = planned
         return drafts, width
 
-    def _speculate_registered(self, req_ids: list, sizes, new: set, kept: tuple | None = None) -> DraftBatch:
+    def _speculate_registered(self, req_ids: list, sizes, new: set, **drafter_kw) -> DraftBatch:
         """The plan's trees when some rows' starts are still deferred: those rows get an
         empty tree, the others are drafted as usual."""
         # (the drafter resolves the whole list, the new rows as placeholders: the feedback
         # after this plan then looks up only those rows, once they are registered)
-        if kept is not None:
-            return self.drafter.speculate_flat(req_ids, sizes, skip=new, kept=kept)
-        return self.drafter.speculate_flat(req_ids, sizes, skip=new)
+        return self.drafter.speculate_flat(req_ids, sizes, skip=new, **drafter_kw)
 
     def before_forward(self) -> None:
         """The worker is about to run the verify forward (its inputs are built): background

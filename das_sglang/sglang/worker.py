@@ -297,18 +297,14 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         reqs = batch.reqs
         if self._rows.changed(reqs):
             rids = self._rows.update(reqs)
-            rules = self._stop_rules
             # (a rule is kept from _register to the finish: -1 = not registered yet)
-            rule, fresh = self._rows.known_rules()  # (the rows kept from the previous list)
-            if rule is None:
-                rule = rules.of(rids)
-            else:
-                for i in fresh.tolist():
-                    rule[i] = rules.rule.get(rids[i], -1)
-            for i in np.flatnonzero(rule < 0).tolist():
+            rule = self._rows.lookup_rules()
+            missing = np.flatnonzero(rule < 0).tolist()
+            for i in missing:
                 self._register(reqs[i])
-                rule[i] = rules.rule.get(rids[i], -1)
-            self._rows.set_rules(rule)
+                rule[i] = self._stop_rules.rule.get(rids[i], -1)
+            if missing:
+                self._rows.set_rules(rule)
         # (kept: the rows carried over from the previous list, mapped by identity: the
         # session and drafter gather their per-row state through it, not by the ids)
         return self.session.plan(self._rows.rids, self.options.max_nodes, kept=self._rows.kept)

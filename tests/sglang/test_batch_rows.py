@@ -12,24 +12,13 @@ from das_sglang.sglang.batch_rows import NO_LIMIT, BatchRows, StopRules
 from das_sglang.sglang.finish import TextStops, _fast_decode, stop_cut
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
-
-    return get_tokenizer(tiny_model)
+from test_finish import make_req as _finish_req
+from test_finish import tokenizer  # noqa: F401 - the fixture
 
 
 def make_req(tokenizer, rid, output, **params):
-    from sglang.srt.managers.schedule_batch import Req
-    from sglang.srt.sampling.sampling_params import SamplingParams
-
-    sp = SamplingParams(**params)
-    sp.normalize(tokenizer)
-    sp.verify(tokenizer.vocab_size)
-    req = Req(rid, "", [5, 6, 7], sp, eos_token_ids={tokenizer.eos_token_id})
-    req.tokenizer = tokenizer
-    req.output_ids.extend(output)
-    return req
+    """A real SGLang Req with prompt [5, 6, 7] (test_finish.make_req) named ``rid``."""
+    return _finish_req(tokenizer, [5, 6, 7], output, rid=rid, **params)
 
 
 def _words(tokenizer, text):
@@ -126,15 +115,16 @@ def test_rows_are_remade_only_for_another_list(tokenizer):
         rules.add(r.rid, r)
     rows = BatchRows(rules)
     rows.update(big)
-    assert rows.known_rules() == (None, None)
-    rows.set_rules(rules.of(rows.rids))
+    j = rules.rule["b0"]
+    assert rows.lookup_rules().tolist() == rules.of(rows.rids).tolist() == [j] * 80  # (no previous list)
     newcomer = make_req(tokenizer, "n", [7], temperature=0, max_new_tokens=8, stop_token_ids=[3])
     rules.add("n", newcomer)
     nxt = big[:10] + big[11:] + [newcomer]  # (one finished, one merged at the end)
     assert rows.update(nxt) == [r.rid for r in nxt]
     assert rows.roots().tolist() == [r.output_ids[-1] for r in nxt]
-    rule, fresh = rows.known_rules()
-    assert fresh.tolist() == [79] and rule[79] == -1 and (rule[:79] == rules.rule["b0"]).all()
+    rules.remove("b5")  # (looked up, its row would read -1: kept, it reads the previous list's)
+    rule = rows.lookup_rules()
+    assert (rule[:79] == j).all() and rule[79] == rules.rule["n"] != j
 
 
 def test_stop_rules_stay_bounded_by_the_live_requests(tokenizer):
@@ -183,6 +173,13 @@ def test_text_stops_read_once_cut_as_stop_cut(tokenizer):
     req = make_req(tokenizer, "v", ids[:2], temperature=0, max_new_tokens=64, stop=[" four"])
     stops = TextStops(req, frozenset({tokenizer.eos_token_id}))
     run = ids[2:]
+    assert stops.cut(req.output_ids, run, len(run)) == stop_cut(req, run) < len(run)
+    # A pattern that does not compile (SGLang aborts such a request itself) never ends a
+    # run, beside one that does, as in stop_cut.
+    req = make_req(tokenizer, "w", ids[:2], temperature=0, max_new_tokens=64, stop_regex=[r"f\w+e"])
+    req.sampling_params.stop_regex_strs = ["(", r"f\w+e"]
+    stops = TextStops(req, frozenset({tokenizer.eos_token_id}))
+    assert len(stops.regexes) == 1
     assert stops.cut(req.output_ids, run, len(run)) == stop_cut(req, run) < len(run)
 
 

@@ -15,14 +15,14 @@ def tokenizer(tiny_model):
     return get_tokenizer(tiny_model)
 
 
-def make_req(tokenizer, prompt, output, **params):
+def make_req(tokenizer, prompt, output, rid="r", **params):
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     sp = SamplingParams(**params)
     sp.normalize(tokenizer)
     sp.verify(tokenizer.vocab_size)
-    req = Req("r", "", list(prompt), sp, eos_token_ids={tokenizer.eos_token_id})
+    req = Req(rid, "", list(prompt), sp, eos_token_ids={tokenizer.eos_token_id})
     req.tokenizer = tokenizer
     req.output_ids.extend(output)
     return req
