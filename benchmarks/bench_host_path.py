@@ -91,12 +91,14 @@ request ids and their stop rules once per ``batch.reqs`` list -- a new list on e
 with a finish or a start, as SGLang's ``filter_batch`` / ``merge_batch`` rebind it --, the
 roots (``req.output_ids[-1]``) every step, and the stop cut (``BatchRows.cut``) over the
 accepted runs on every step where a draft was accepted (feedback phase; the texts hold
-no EOS, so it never cuts here), and SGLang's ragged layout object is made in the mask
-phase as the worker makes it (``ragged.make_layout``, from the verify lengths on the
-device: until this version it was not modelled, and the worker built it from a host
-list, ~80 us at 512 rows). It is made on the CPU (six small torch ops, ~0.1-0.16 ms a
-step in the bench; a GPU runs one Triton kernel for them), not on ``meta``, whose ops
-here run Python meta kernels (~1 ms a step). Sequence lengths are ``batch.seq_lens_cpu.numpy()``. A
+no EOS, so it never cuts here). The verify inputs are made as the worker makes them: the
+host arrays in one packed buffer (``build_ragged_layout(..., mask_zeros=True)``, layout
+phase), then one copy of it to the device (meta here), views of it, the mask, and SGLang's
+ragged layout object from the buffer's host-built int32 qo arrays
+(``ragged_device_inputs``, ``ragged.layout_from_inputs``; mask phase). Until this version
+the worker copied each array on its own and made SGLang's layout with device ops from the
+lengths (``from_verify_lens_device``: ~0.18 ms a step in the bench, made on the CPU since
+meta tensors here run Python meta kernels (~1 ms a step). Sequence lengths are ``batch.seq_lens_cpu.numpy()``. A
 request's first root is its prompt's last token, as before (it stands as the ``Req``'s
 first output token; the requests' length limit is far off). Until this version the
 requests were a stand-in holding a Python list of tokens, the ids were made every step
@@ -143,7 +145,7 @@ from das_sglang.core.policy import BudgetRow  # noqa: E402
 from das_sglang.sglang.options import for_layout, load_options  # noqa: E402
 from das_sglang.sglang.session import DasSession, _trim_heap  # noqa: E402
 from das_sglang.sglang.tree_inputs import (  # noqa: E402
-    build_layout, build_ragged_layout, custom_mask, ragged_custom_mask, tree_lens,
+    build_layout, build_ragged_layout, custom_mask, ragged_device_inputs, tree_lens,
 )
 
 if not torch.cuda.is_available():  # (SGLang's own Req: importable here in CPU development mode)
@@ -154,7 +156,7 @@ from sglang.srt.managers.schedule_batch import Req  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 
 from das_sglang.sglang.batch_rows import BatchRows, StopRules  # noqa: E402
-from das_sglang.sglang.ragged import make_layout  # noqa: E402
+from das_sglang.sglang.ragged import layout_from_inputs  # noqa: E402
 from das_sglang.sglang.finish import stop_cut  # noqa: E402
 
 EOS = 151_643  # Qwen2's <|endoftext|>: the requests' EOS (the bundled tokenizer's)
@@ -443,15 +445,15 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             roots, committed = rows.tails()
         seq_lens = seq_lens_cpu
         if args.layout == "ragged" and not legacy:  # what the worker builds there
-            layout = build_ragged_layout(roots, trees, seq_lens)
+            # (the host arrays in one packed buffer, with the device mask's positions)
+            layout = build_ragged_layout(roots, trees, seq_lens, mask_zeros=True)
             t4 = time.perf_counter()
-            tensors = [torch.from_numpy(a) for a in (layout.tokens, layout.positions, layout.retrieve_index,
-                                                      layout.next_token, layout.next_sibling)]
-            if not legacy:  # (SGLang's ragged layout object, as the worker makes it: make_layout,
-                # here on the CPU: its six torch ops on meta tensors run Python meta kernels,
-                # ~1 ms, far from a GPU's one Triton launch for them)
-                tensors.append(make_layout(torch.from_numpy(layout.verify_lens), layout.total))
-            mask = ragged_custom_mask(layout, seq_lens, "cuda", target=args.mask_device)
+            # The worker's device inputs: one copy of the buffer (to the meta device here:
+            # no data moves), views of it, the mask, and SGLang's layout object from the
+            # buffer's int32 qo arrays (ragged_device_inputs, layout_from_inputs).
+            inputs = ragged_device_inputs(layout, seq_lens, "cuda", target=args.mask_device)
+            tensors = [inputs, layout_from_inputs(inputs, layout.total)]
+            mask = inputs.custom_mask
         else:
             layout = build_layout(roots, trees, seq_lens, width)
             t4 = time.perf_counter()

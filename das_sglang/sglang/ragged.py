@@ -137,7 +137,7 @@ class DasVerifyInput(NgramVerifyInput):
     def __init__(self, *, layout: RaggedVerifyLayout, total_tokens: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.ragged_verify_layout = layout
-        # verify rows in all (make_layout's layout has no host total of its own)
+        # verify rows in all (layout_from_inputs' layout has no host total of its own)
         self.total_tokens = layout.total_verify_tokens if total_tokens is None else int(total_tokens)
         # SGLang's convention for ragged forwards (spec_info.py): 1 here, so no
         # uniform-width consumer (graph replay, fast plans) mistakes it for uniform.
@@ -176,15 +176,15 @@ class DasVerifyInput(NgramVerifyInput):
         return kv_indices, cum_kv_seq_len, self.qo_indptr, self.custom_mask
 
 
-def make_layout(verify_lens: torch.Tensor, total: int) -> RaggedVerifyLayout:
-    """SGLang's layout for eager verify from the verify lengths already on the device
-    (``from_verify_lens_device``; the graph tier is the exact token count ``total``).
-    SGLang's host-list form (``from_verify_lens``: a Python list, ``int`` of each entry,
-    a tensor made from the list and checks over it) took ~80 us at 512 rows, this ~18;
-    the same ``qo_indptr`` and start locations (tests/sglang/test_ragged_layout.py). The
-    layout then carries no host copy of the lengths and no total: the verify input keeps
-    the total itself (``DasVerifyInput.total_tokens``)."""
-    return RaggedVerifyLayout.from_verify_lens_device(verify_lens=verify_lens, graph_num_tokens=int(total))
+def layout_from_inputs(inputs, total: int) -> RaggedVerifyLayout:
+    """SGLang's layout for eager verify from the worker's packed inputs
+    (``tree_inputs.ragged_device_inputs``: the int32 lengths, ``qo_indptr`` and start
+    locations computed on the host with the rest and copied with them): the object
+    ``from_verify_lens_device`` assembles, without its device ops (a dtype conversion and
+    the qo_indptr kernel: two launches a step on a GPU, ~0.2 ms of host time at 512 rows
+    on the CPU). The same fields (tests/sglang/test_ragged_layout.py)."""
+    return RaggedVerifyLayout(verify_lens=inputs.verify_lens32, graph_num_tokens=int(total),
+                              extend_start_loc=inputs.extend_start_loc, qo_indptr_device=inputs.qo_indptr)
 
 
 def walk_ragged(candidates, retrieve_index, next_token, next_sibling, target, stride: int,

@@ -17,7 +17,7 @@ Worked example, width 3, root r, tree ``cat(-1) sat(0)`` (one pad row)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -171,6 +171,13 @@ class RaggedLayout:
     next_token: np.ndarray  # int64 [bs, n]
     next_sibling: np.ndarray  # int64 [bs, n]
     n: int  # columns of the dense link arrays: max(verify_lens)
+    # The native layout's one int64 buffer holding every integer array above (they are
+    # views of it), SGLang's int32 qo_indptr arrays and, built with ``mask_zeros``, the
+    # flat mask's False positions; ``starts``: its sections (:data:`RAGGED_SECTIONS`).
+    # None for the numpy layout (:func:`pack_ragged` packs it on demand).
+    packed: np.ndarray | None = None
+    starts: np.ndarray | None = None
+    flat_mask_len: int = -1  # the [seq_len prefix | tree] mask's length (with the zeros)
 
     @property
     def total(self) -> int:
@@ -184,27 +191,139 @@ class RaggedLayout:
 
 
 def build_ragged_layout(
-    roots: Sequence[int], trees: Sequence[DraftTree] | DraftBatch, seq_lens: Sequence[int]
+    roots: Sequence[int], trees: Sequence[DraftTree] | DraftBatch, seq_lens: Sequence[int],
+    mask_zeros: bool = False,
 ) -> RaggedLayout:
     """Ragged verify inputs: request ``b`` verifies its root and its ``len(trees[b])``
     draft nodes, no more. Same rows, masks, positions and links as
     :func:`build_layout` restricted to each request's real rows (the pad rows the uniform
     layout adds are simply not there). A flat :class:`DraftBatch` (the worker's per-step
     form) is laid out by one native call (``native.ragged_layout``, the same arrays:
-    tests/sglang/test_ragged_layout.py); a list of trees by numpy."""
+    tests/sglang/test_ragged_layout.py), all of them in one packed buffer
+    (:func:`ragged_device_inputs` moves it with one copy); a list of trees by numpy.
+    ``mask_zeros``: also the positions the device mask clears (:func:`ragged_custom_mask`)."""
     if isinstance(trees, DraftBatch):
         from das_sglang.native import ragged_layout
 
         bs = len(trees)  # (the native call checks roots, seq_lens and offsets agree, naming them)
-        tok, pos, vl, offs, mask, cand, ret, nxt, sib, n = ragged_layout(
+        buf, starts, mask, n, total, flat_len = ragged_layout(
             np.asarray(roots, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64),
             np.ascontiguousarray(trees.offsets, dtype=np.int64),
             np.ascontiguousarray(trees.tokens, dtype=np.int32),
-            np.ascontiguousarray(trees.parents, dtype=np.int32))
-        return RaggedLayout(tokens=tok, positions=pos, verify_lens=vl, offsets=offs, mask=mask,
-                            candidates=cand.reshape(bs, n), retrieve_index=ret.reshape(bs, n),
-                            next_token=nxt.reshape(bs, n), next_sibling=sib.reshape(bs, n), n=n)
-    return build_ragged_layout_numpy(roots, trees, seq_lens)
+            np.ascontiguousarray(trees.parents, dtype=np.int32), bool(mask_zeros))
+        return _packed_layout(buf, starts, mask, bs, n, total, flat_len if mask_zeros else -1)
+    rag = build_ragged_layout_numpy(roots, trees, seq_lens)
+    return pack_ragged(rag, seq_lens) if mask_zeros else rag
+
+
+# The packed buffer's parts, in order (native.ragged_layout): int64 arrays, the four dense
+# link arrays adjacent, then (at an even word: 16-byte aligned) the int32 arrays SGLang's
+# layout takes, each padded to 4 entries (16 bytes), then the flat mask's False positions
+# (int64; built with mask_zeros). ``starts``: each part's first word, then the length.
+RAGGED_PARTS = ("tokens", "positions", "verify_lens", "offsets", "links", "qo", "mask_zeros")
+_LINKS = ("candidates", "retrieve_index", "next_token", "next_sibling")
+
+
+def _round4(x: int) -> int:
+    return (x + 3) & ~3
+
+
+def ragged_starts(bs: int, n: int, total: int, zeros: int) -> np.ndarray:
+    """The parts' first words and the buffer's length (``len(RAGGED_PARTS) + 1``)."""
+    s = [0, total, 2 * total, 2 * total + bs, 2 * total + 2 * bs]
+    s.append((s[4] + 4 * bs * n + 1) & ~1)
+    s.append(s[5] + (_round4(bs) + _round4(bs + 1) + _round4(bs)) // 2)
+    s.append(s[6] + zeros)
+    return np.asarray(s, dtype=np.int64)
+
+
+def _packed_layout(buf, starts, mask, bs: int, n: int, total: int, flat_len: int) -> RaggedLayout:
+    s = starts.tolist()
+    links = buf[s[4]:s[4] + 4 * bs * n].reshape(4, bs, n)
+    return RaggedLayout(
+        tokens=buf[:total], positions=buf[s[1]:s[2]], verify_lens=buf[s[2]:s[3]], offsets=buf[s[3]:s[4]],
+        mask=mask, candidates=links[0], retrieve_index=links[1], next_token=links[2], next_sibling=links[3],
+        n=n, packed=buf, starts=starts, flat_mask_len=flat_len)
+
+
+def pack_ragged(layout: RaggedLayout, seq_lens: Sequence[int]) -> RaggedLayout:
+    """``layout`` (any form) as the native layout built with ``mask_zeros`` holds it: one
+    int64 buffer of every array, SGLang's int32 qo arrays and the mask's False positions
+    (numpy; the reference the native buffer is tested against)."""
+    from das_sglang.native import ragged_mask_index
+
+    vl = np.ascontiguousarray(layout.verify_lens, dtype=np.int64)
+    bs, n, total = len(vl), int(layout.n), int(vl.sum())
+    zeros, flat_len = ragged_mask_index(vl, np.asarray(seq_lens, dtype=np.int64),
+                                        np.ascontiguousarray(layout.mask, dtype=bool).reshape(-1))
+    starts = ragged_starts(bs, n, total, len(zeros))
+    s = starts.tolist()
+    buf = np.zeros(s[-1], dtype=np.int64)
+    for i, name in enumerate(RAGGED_PARTS[:4]):
+        buf[s[i]:s[i + 1]] = getattr(layout, name)
+    buf[s[4]:s[4] + 4 * bs * n] = np.concatenate([np.asarray(getattr(layout, k), np.int64).reshape(-1)
+                                                  for k in _LINKS])
+    qo = np.concatenate([[0], np.cumsum(vl)]).astype(np.int32)
+    words = buf[s[5]:s[6]].view(np.int32)
+    at = 0
+    for part in (vl.astype(np.int32), qo, qo[:-1]):
+        words[at:at + len(part)] = part
+        at += _round4(len(part))
+    buf[s[6]:s[7]] = zeros
+    return _packed_layout(buf, starts, layout.mask, bs, n, total, int(flat_len))
+
+
+class RaggedDeviceInputs(NamedTuple):
+    """A ragged verify's inputs where the forward runs (views of one copied buffer)."""
+
+    tokens: object  # torch int64 [total]
+    positions: object  # int64 [total]
+    verify_lens: object  # int64 [bs]
+    offsets: object  # int64 [bs]
+    candidates: object  # int64 [bs, n]
+    retrieve_index: object
+    next_token: object
+    next_sibling: object
+    verify_lens32: object  # int32 [bs]: SGLang's RaggedVerifyLayout.verify_lens
+    qo_indptr: object  # int32 [bs + 1]
+    extend_start_loc: object  # int32 [bs]
+    custom_mask: object  # bool: ragged_custom_mask's
+
+
+def ragged_device_inputs(layout: RaggedLayout, seq_lens: Sequence[int], device, target=None) -> RaggedDeviceInputs:
+    """Every integer input of a ragged verify on ``device`` from ONE host-to-device copy of
+    the layout's packed buffer (views of it; ``target``: where that copy goes instead, as
+    in :func:`ragged_custom_mask`), and the custom mask. Until this version each array was
+    copied on its own (ten copies a step) and SGLang's qo_indptr was computed by device
+    ops from the lengths. The views are taken by two splits (each tensor op's dispatch
+    costs the host ~5-50 us a step, cold: ~10 ops here). On the CPU the views are of the
+    host buffer itself (no copy) and the mask is the tree blocks (:func:`ragged_custom_mask`)."""
+    import torch
+
+    target = device if target is None else target
+    cpu = str(device) == "cpu"
+    if layout.packed is None or (not cpu and layout.flat_mask_len < 0):
+        layout = pack_ragged(layout, seq_lens)  # (the numpy layout, or built without the zeros)
+    buf = torch.from_numpy(layout.packed)
+    if str(target) != "cpu":
+        buf = buf.to(target)
+    s = layout.starts.tolist()
+    bs, n = len(layout.verify_lens), layout.n
+    sizes = [s[i + 1] - s[i] for i in range(len(s) - 1)]
+    links = sizes[4]
+    sizes[4:5] = [4 * bs * n, links - 4 * bs * n]  # (the links, then the odd word before the int32 part)
+    tok, pos, vl, offs, links, _, qo, zeros = buf.split(sizes)
+    r4 = (_round4(bs), _round4(bs + 1), _round4(bs))
+    vl32, _, qo_indptr, _, start, _ = qo.view(torch.int32).split(
+        [bs, r4[0] - bs, bs + 1, r4[1] - bs - 1, bs, r4[2] - bs])
+    if cpu:
+        mask = torch.from_numpy(layout.mask)
+        if str(target) != "cpu":
+            mask = mask.to(target)
+    else:
+        mask = torch.ones(int(layout.flat_mask_len), dtype=torch.bool, device=target)
+        mask[zeros] = False
+    return RaggedDeviceInputs(tok, pos, vl, offs, *links.view(4, bs, n).unbind(), vl32, qo_indptr, start, mask)
 
 
 def build_ragged_layout_numpy(

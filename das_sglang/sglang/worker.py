@@ -45,7 +45,7 @@ from das_sglang.sglang.host_time import (
 )
 from das_sglang.sglang.options import for_engine_graphs, for_layout, hook_after_launch, load_options
 from das_sglang.sglang.ragged import (
-    DasVerifyInput, choose_layout, confirm_layout, make_layout, move_accepted_kv,
+    DasVerifyInput, choose_layout, confirm_layout, layout_from_inputs, move_accepted_kv,
     verify_backend_name, walk_ragged,
 )
 from das_sglang.sglang.request_constraints import needs_root_only, needs_uniform_rows
@@ -54,7 +54,7 @@ from das_sglang.sglang.session import DasSession
 from das_sglang.sglang.support import NoExternalCorpus, check_model_supported
 from das_sglang.sglang.tp import from_sglang as tp_group_of_worker
 from das_sglang.sglang.tree_inputs import (
-    build_layout, build_ragged_layout, custom_mask, ragged_custom_mask, tree_lens,
+    build_layout, build_ragged_layout, custom_mask, ragged_device_inputs, tree_lens,
 )
 from das_sglang.sglang.verify import target_tokens, walk_trees
 
@@ -481,23 +481,22 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         # as is, where a list -- .tolist() -- was converted back twice: ~50 us at 512 rows)
         seq_lens = batch.seq_lens_cpu.numpy()
         roots = self._roots(batch)
-        rl = build_ragged_layout(roots, trees, seq_lens)
-        verify_lens = torch.from_numpy(rl.verify_lens).to(dev)
-        sg_layout = make_layout(verify_lens, rl.total)
-        offsets = torch.from_numpy(rl.offsets).to(dev)
-        tokens = torch.from_numpy(rl.tokens).to(dev)
+        rl = build_ragged_layout(roots, trees, seq_lens, mask_zeros=str(dev) != "cpu")
+        # every integer input in one host-to-device copy (views of it), SGLang's layout
+        # from its host-built qo arrays
+        d = ragged_device_inputs(rl, seq_lens, dev)
+        verify_lens, offsets, tokens = d.verify_lens, d.offsets, d.tokens
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.input_ids = tokens
         # allocation bound rl.n: bs * n >= total rows
         batch.out_cache_loc = self._verify_cache_locs(batch, batch.seq_lens + verify_lens, rl.n)[: rl.total]
-        links = [torch.from_numpy(a).to(dev) for a in
-                 (rl.candidates, rl.retrieve_index, rl.next_token, rl.next_sibling)]
+        links = [d.candidates, d.retrieve_index, d.next_token, d.next_sibling]
         batch.spec_info = DasVerifyInput(
-            layout=sg_layout,
+            layout=layout_from_inputs(d, rl.total),
             total_tokens=rl.total,
             draft_token=tokens,
-            custom_mask=ragged_custom_mask(rl, seq_lens, dev),
-            positions=torch.from_numpy(rl.positions).to(dev),
+            custom_mask=d.custom_mask,
+            positions=d.positions,
             retrieve_index=links[1],
             retrieve_next_token=links[2],
             retrieve_next_sibling=links[3],

@@ -234,23 +234,124 @@ class TestNativeLayout:
                           np.array([-1, 0], np.int32))
 
 
-def test_make_layout_is_sglangs_host_list_layout():
-    """The worker's SGLang layout from the device's verify lengths (make_layout) has what
+def test_layout_from_inputs_is_sglangs_host_list_layout():
+    """The worker's SGLang layout from its packed inputs (layout_from_inputs) has what
     SGLang's host-list form gives: lengths, qo_indptr, start locations, graph tier."""
     from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
 
-    from das_sglang.sglang.ragged import DasVerifyInput, make_layout
+    from das_sglang.core.draft_tree import DraftBatch
+    from das_sglang.sglang.ragged import DasVerifyInput, layout_from_inputs
+    from das_sglang.sglang.tree_inputs import ragged_device_inputs
 
     rng = np.random.default_rng(3)
     for bs in (1, 7, 512):
-        lens = rng.integers(1, 18, bs)
-        total = int(lens.sum())
-        got = make_layout(torch.from_numpy(lens), total)
-        want = RaggedVerifyLayout.from_verify_lens(verify_lens_cpu=lens.tolist(), device=torch.device("cpu"),
-                                                   grid=[total])
+        tree_list = [DraftTree.chain(rng.integers(0, 50, int(k)).tolist()) for k in rng.integers(0, 17, bs)]
+        rag = build_ragged_layout(rng.integers(0, 50, bs), DraftBatch.from_trees(tree_list),
+                                  rng.integers(1, 300, bs), mask_zeros=True)
+        total = rag.total
+        got = layout_from_inputs(ragged_device_inputs(rag, rng.integers(1, 300, bs), "cuda", target="cpu"), total)
+        want = RaggedVerifyLayout.from_verify_lens(verify_lens_cpu=rag.verify_lens.tolist(),
+                                                   device=torch.device("cpu"), grid=[total])
         assert got.graph_num_tokens == want.graph_num_tokens == total and got.bs == bs
         for field in ("verify_lens", "qo_indptr_device", "extend_start_loc"):
             assert torch.equal(getattr(got, field), getattr(want, field)), field
         mask = torch.ones(1, dtype=torch.bool)  # (the verify input's total: its own, or SGLang's)
         assert DasVerifyInput(layout=got, total_tokens=total, custom_mask=mask, draft_token_num=18).total_tokens == total
         assert DasVerifyInput(layout=want, custom_mask=mask, draft_token_num=18).total_tokens == total
+
+
+class TestPackedInputs:
+    """The worker's verify inputs come from one packed buffer (one host-to-device copy):
+    the native buffer is the numpy packing of the numpy layout word for word, the device
+    views are the arrays the separate copies gave, and SGLang's layout made from the
+    buffer's int32 qo arrays is the one its own ops make from the lengths."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(trees(), min_size=1, max_size=6), st.data())
+    def test_native_buffer_is_the_numpy_packing(self, tree_list, data):
+        from das_sglang.core.draft_tree import DraftBatch
+        from das_sglang.sglang.tree_inputs import RAGGED_PARTS, build_ragged_layout_numpy, pack_ragged
+
+        roots, seq_lens = _batch(data, tree_list)
+        got = build_ragged_layout(roots, DraftBatch.from_trees(tree_list), seq_lens, mask_zeros=True)
+        want = pack_ragged(build_ragged_layout_numpy(roots, tree_list, seq_lens), seq_lens)
+        np.testing.assert_array_equal(got.starts, want.starts)
+        assert len(got.starts) == len(RAGGED_PARTS) + 1 and got.starts[-1] == len(got.packed)
+        assert got.flat_mask_len == want.flat_mask_len == _mask_index_reference(got.verify_lens, seq_lens)[1]
+        assert got.starts[5] % 2 == 0 and got.starts[6] % 2 == 0  # the int32 part 16-byte aligned
+        np.testing.assert_array_equal(got.packed, want.packed)  # word for word, padding included
+        # the layout's arrays are views of the buffer, equal to the unpacked layout's
+        plain = build_ragged_layout(roots, DraftBatch.from_trees(tree_list), seq_lens)
+        for name in ("tokens", "positions", "verify_lens", "offsets", "candidates", "retrieve_index",
+                     "next_token", "next_sibling"):
+            assert np.shares_memory(getattr(got, name), got.packed), name
+            np.testing.assert_array_equal(getattr(got, name), getattr(plain, name), err_msg=name)
+        assert plain.flat_mask_len == -1 and plain.starts[-1] == plain.starts[-2]  # no zeros part
+        # the zeros are the device mask's (ragged_custom_mask from the separate index)
+        zeros, _ = _mask_index_reference(got.verify_lens, seq_lens)
+        np.testing.assert_array_equal(got.packed[got.starts[6]:], zeros[~got.mask])
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(trees(), min_size=1, max_size=6), st.data())
+    def test_device_views_are_the_separate_copies(self, tree_list, data):
+        from das_sglang.core.draft_tree import DraftBatch
+        from das_sglang.sglang.tree_inputs import ragged_device_inputs
+
+        roots, seq_lens = _batch(data, tree_list)
+        # a device other than the CPU (the copy made to the CPU here, as the mask tests do)
+        rag = build_ragged_layout(roots, DraftBatch.from_trees(tree_list), seq_lens, mask_zeros=True)
+        d = ragged_device_inputs(rag, seq_lens, "cuda", target="cpu")
+        for name in ("tokens", "positions", "verify_lens", "offsets", "candidates", "retrieve_index",
+                     "next_token", "next_sibling"):
+            t = getattr(d, name)
+            assert t.dtype == torch.int64 and t.is_contiguous(), name
+            assert torch.equal(t, torch.from_numpy(np.ascontiguousarray(getattr(rag, name)))), name
+        vl = rag.verify_lens
+        assert d.verify_lens32.dtype == d.qo_indptr.dtype == d.extend_start_loc.dtype == torch.int32
+        assert d.verify_lens32.tolist() == vl.tolist()
+        assert d.qo_indptr.tolist() == [0] + np.cumsum(vl).tolist()
+        assert d.extend_start_loc.tolist() == (np.cumsum(vl) - vl).tolist()
+        assert torch.equal(d.custom_mask, ragged_custom_mask(rag, seq_lens, "cuda", target="cpu"))
+        # the numpy layout (no buffer) and a layout built without the zeros are packed on demand
+        for other in (build_ragged_layout(roots, tree_list, seq_lens),
+                      build_ragged_layout(roots, DraftBatch.from_trees(tree_list), seq_lens)):
+            e = ragged_device_inputs(other, seq_lens, "cuda", target="cpu")
+            for a, b in zip(d, e):
+                assert torch.equal(a, b)
+        # on the CPU: views of the host buffer (no copy) and the tree blocks as the mask
+        c = ragged_device_inputs(rag, seq_lens, "cpu")
+        assert c.tokens.data_ptr() == rag.tokens.ctypes.data
+        assert torch.equal(c.custom_mask, ragged_custom_mask(rag, seq_lens, "cpu"))
+
+    def test_sglang_layout_from_the_buffer(self):
+        from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout
+
+        from das_sglang.core.draft_tree import DraftBatch, DraftTree
+        from das_sglang.sglang.ragged import layout_from_inputs
+        from das_sglang.sglang.tree_inputs import ragged_device_inputs
+
+        rng = np.random.default_rng(5)
+        for bs in (1, 7, 512):
+            tree_list = [DraftTree.chain(rng.integers(0, 50, int(k)).tolist()) for k in rng.integers(0, 17, bs)]
+            seq = rng.integers(1, 300, bs)
+            rag = build_ragged_layout(rng.integers(0, 50, bs), DraftBatch.from_trees(tree_list), seq,
+                                      mask_zeros=True)
+            d = ragged_device_inputs(rag, seq, "cuda", target="cpu")
+            got = layout_from_inputs(d, rag.total)
+            want = RaggedVerifyLayout.from_verify_lens_device(verify_lens=torch.from_numpy(rag.verify_lens),
+                                                              graph_num_tokens=rag.total)
+            assert type(got) is RaggedVerifyLayout
+            for field in RaggedVerifyLayout.__struct_fields__:
+                a, b = getattr(got, field), getattr(want, field)
+                if isinstance(a, torch.Tensor):
+                    assert a.dtype == b.dtype and torch.equal(a, b), field
+                else:
+                    assert a == b, field
+
+    def test_bad_seq_len_is_refused_naming_it(self):
+        from das_sglang.native import ragged_layout
+
+        off = np.array([0, 1], np.int64)
+        with pytest.raises(ValueError, match="negative seq_len -4 at row 0"):
+            ragged_layout(np.array([1], np.int64), np.array([-4], np.int64), off, np.array([5], np.int32),
+                          np.array([-1], np.int32), True)

@@ -1027,8 +1027,24 @@ class PendingExtendDraft {
 // what the stable (row, parent) sort of the numpy version gives). The dense [bs, n] link
 // arrays use n = the widest request's row count; columns past a request's rows are never
 // linked. parents are row-local, -1 = the root; a parent not before its node is refused.
+//
+// Every integer array the verify forward reads is written into ONE int64 buffer, so the
+// worker moves them to the device with one copy and takes views (until this version: ten
+// host-to-device copies and SGLang's qo_indptr ops, ~0.2 ms of host time a step at 512 rows
+// on the CPU). Its parts, back to back, their first words in `starts` (the last entry:
+// the buffer's length):
+//   0 tokens[total], 1 positions[total], 2 verify_lens[bs], 3 offsets[bs] (int64),
+//   4 candidates, retrieve_index, next_token, next_sibling (int64 [bs, n] each, adjacent),
+//   5 (an even word) int32 verify_lens[bs], qo_indptr[bs+1] (0, running sum) and
+//     extend_start_loc[bs] (qo_indptr[:-1]), each padded to 4 int32 (16 bytes),
+//   6 with mask_zeros: the int64 positions of the tree blocks' False entries in the
+//     [seq_len prefix | tree] mask (ragged_mask_index's with `tree`); its length returned.
+constexpr int RAGGED_PARTS = 7;
+
+inline int64_t round4(int64_t x) { return (x + 3) & ~int64_t(3); }
+
 nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle offsets_h, nb::handle tokens_h,
-                        nb::handle parents_h) {
+                        nb::handle parents_h, bool mask_zeros) {
   I64 roots = as_array<I64>(roots_h, "roots", "int64");
   I64 seq_lens = as_array<I64>(seq_lens_h, "seq_lens", "int64");
   I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
@@ -1044,31 +1060,65 @@ nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle of
     throw nb::value_error(("ragged_layout: offsets must run from 0 to the node count (" +
                            std::to_string(tokens.shape(0)) + " tokens, " + std::to_string(parents.shape(0)) +
                            " parents)").c_str());
-  std::vector<int64_t> vl(bs), offs(bs);
   int64_t n = 0, total = 0, mask_len = 0;
   for (size_t b = 0; b < bs; ++b) {
     const int64_t k = offsets(b + 1) - offsets(b);
     if (k < 0) throw nb::value_error(("ragged_layout: offsets decrease at row " + std::to_string(b)).c_str());
-    vl[b] = k + 1;
-    offs[b] = total;
+    if (mask_zeros && seq_lens(b) < 0)
+      throw nb::value_error(("ragged_layout: negative seq_len " + std::to_string(seq_lens(b)) + " at row " +
+                             std::to_string(b)).c_str());
     total += k + 1;
     mask_len += (k + 1) * (k + 1);
     n = std::max(n, k + 1);
   }
-  std::vector<int64_t> tok(static_cast<size_t>(total)), pos(static_cast<size_t>(total));
+  const int64_t ubs = int64_t(bs), dense = ubs * n;
+  std::vector<int64_t> starts(RAGGED_PARTS + 1, 0);
+  starts[1] = total;
+  starts[2] = 2 * total;
+  starts[3] = starts[2] + ubs;
+  starts[4] = starts[3] + ubs;
+  starts[5] = (starts[4] + 4 * dense + 1) & ~int64_t(1);
+  starts[6] = starts[5] + (round4(ubs) + round4(ubs + 1) + round4(ubs)) / 2;
+  // (the zeros' capacity: at most every tree entry; only the written part is handed over)
+  const int64_t capacity = starts[6] + (mask_zeros ? mask_len : 0);
+  auto* buf = new int64_t[size_t(std::max<int64_t>(capacity, 1))];
+  std::unique_ptr<int64_t[]> owned(buf);
+  int64_t* tok = buf;
+  int64_t* pos = buf + starts[1];
+  int64_t* vl = buf + starts[2];
+  int64_t* offs = buf + starts[3];
+  int64_t* cand = buf + starts[4];
+  int64_t* retrieve = cand + dense;
+  int64_t* next_tok = retrieve + dense;
+  int64_t* next_sib = next_tok + dense;
+  auto* vl32 = reinterpret_cast<int32_t*>(buf + starts[5]);
+  int32_t* qo = vl32 + round4(ubs);
+  int32_t* start_loc = qo + round4(ubs + 1);
+  std::fill(buf + starts[4] + 4 * dense, buf + starts[6], 0);  // (the padding words: defined)
+  std::fill(cand, cand + dense, 0);
+  std::fill(retrieve, retrieve + 3 * dense, -1);  // retrieve_index, next_token, next_sibling
   std::vector<uint8_t> mask(static_cast<size_t>(mask_len), 0);
-  std::vector<int64_t> cand(bs * size_t(n), 0), retrieve(bs * size_t(n), -1), next_tok(bs * size_t(n), -1),
-      next_sib(bs * size_t(n), -1);
   std::vector<int64_t> depth, last_child;
+  int64_t row0 = 0;
+  qo[0] = 0;
+  for (size_t b = 0; b < bs; ++b) {
+    const int64_t k = offsets(b + 1) - offsets(b), w = k + 1;
+    vl[b] = w;
+    offs[b] = row0;
+    vl32[b] = int32_t(w);
+    start_loc[b] = int32_t(row0);
+    qo[b + 1] = int32_t(row0 + w);
+    row0 += w;
+  }
   size_t m0 = 0;  // where request b's mask block starts
   for (size_t b = 0; b < bs; ++b) {
     const int64_t k = vl[b] - 1, a = offsets(b), w = vl[b];
     depth.assign(size_t(w), 0);
     last_child.assign(size_t(w), -1);
-    int64_t* row_cand = cand.data() + b * size_t(n);
-    int64_t* row_ret = retrieve.data() + b * size_t(n);
-    int64_t* row_next = next_tok.data() + b * size_t(n);
-    int64_t* row_sib = next_sib.data() + b * size_t(n);
+    int64_t* row_cand = cand + b * size_t(n);
+    int64_t* row_ret = retrieve + b * size_t(n);
+    int64_t* row_next = next_tok + b * size_t(n);
+    int64_t* row_sib = next_sib + b * size_t(n);
     uint8_t* blk = mask.data() + m0;
     tok[size_t(offs[b])] = roots(b);
     pos[size_t(offs[b])] = seq_lens(b);
@@ -1098,17 +1148,31 @@ nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle of
     }
     m0 += size_t(w * w);
   }
-  // (every array handed to numpy as it is, not copied: ~0.3 MB a step at 512 rows)
+  int64_t flat_len = 0;  // the [seq_len prefix | tree] mask's length
+  int64_t end = starts[6];
+  if (mask_zeros) {  // (as ragged_mask_index with the tree: its False entries' positions)
+    int64_t* zeros = buf + end;
+    size_t at = 0;
+    for (size_t b = 0; b < bs; ++b) {
+      const int64_t w = vl[b], row_len = seq_lens(b) + w;
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t j = 0; j < w; ++j, ++at)
+          if (!mask[at]) *zeros++ = flat_len + i * row_len + seq_lens(b) + j;
+      flat_len += w * row_len;
+    }
+    end = zeros - buf;
+  }
+  starts[RAGGED_PARTS] = end;
+  nb::capsule owner(owned.release(), [](void* q) noexcept { delete[] static_cast<int64_t*>(q); });
+  auto buf_np = nb::ndarray<nb::numpy, int64_t, nb::ndim<1>>(buf, {size_t(end)}, owner);
+  // (the mask handed to numpy as it is, not copied)
   auto mask_np = [&] {
-    auto* owned = new std::vector<uint8_t>(std::move(mask));
-    nb::capsule owner(owned, [](void* q) noexcept { delete static_cast<std::vector<uint8_t>*>(q); });
-    return nb::ndarray<nb::numpy, bool, nb::ndim<1>>(reinterpret_cast<bool*>(owned->data()), {owned->size()},
-                                                     owner);
+    auto* kept = new std::vector<uint8_t>(std::move(mask));
+    nb::capsule keeper(kept, [](void* q) noexcept { delete static_cast<std::vector<uint8_t>*>(q); });
+    return nb::ndarray<nb::numpy, bool, nb::ndim<1>>(reinterpret_cast<bool*>(kept->data()), {kept->size()},
+                                                     keeper);
   }();
-  return nb::make_tuple(to_numpy_moved(std::move(tok)), to_numpy_moved(std::move(pos)), to_numpy_moved(std::move(vl)),
-                        to_numpy_moved(std::move(offs)), mask_np, to_numpy_moved(std::move(cand)),
-                        to_numpy_moved(std::move(retrieve)), to_numpy_moved(std::move(next_tok)),
-                        to_numpy_moved(std::move(next_sib)), n);
+  return nb::make_tuple(buf_np, to_numpy_moved(std::move(starts)), mask_np, n, total, flat_len);
 }
 
 // DraftBatch.take / take_rows / truncate in one pass (core/draft_tree.py, the numpy
@@ -2102,9 +2166,12 @@ NB_MODULE(_suffix, m) {
         "for the shared index, the work shared by `threads` threads (the result never depends on "
         "either).");
   m.def("ragged_layout", &ragged_layout, nb::arg("roots"), nb::arg("seq_lens"), nb::arg("offsets"),
-        nb::arg("tokens"), nb::arg("parents"),
-        "Ragged tree-verify inputs of a flat draft batch: (tokens, positions, verify_lens, offsets, "
-        "mask bool[sum vl^2], candidates, retrieve_index, next_token, next_sibling (each int64[bs*n]), n).");
+        nb::arg("tokens"), nb::arg("parents"), nb::arg("mask_zeros") = false,
+        "Ragged tree-verify inputs of a flat draft batch, every integer array in one int64 buffer: "
+        "(buffer, part starts int64[8], mask bool[sum vl^2], n, total, flat mask length (mask_zeros)). "
+        "Parts: tokens, positions, verify_lens, offsets, [candidates, retrieve_index, next_token, "
+        "next_sibling] (int64), [verify_lens, qo_indptr, extend_start_loc] (int32, each padded to 16 "
+        "bytes), the flat mask's False positions (int64, mask_zeros).");
   m.def("draft_select", &draft_select, nb::arg("offsets"), nb::arg("rows").none(), nb::arg("keep").none(),
         nb::arg("tokens"), nb::arg("parents"), nb::arg("probs"), nb::arg("depths"), nb::arg("match_len"),
         "DraftBatch.take / take_rows / truncate in one pass: (tokens, parents, probs, depths, offsets, match).");
