@@ -424,7 +424,8 @@ class AcceptanceTracker:
             if (memo is not None and memo[1] == self._slot_version and type(problem_ids) is list
                     and n >= R.ROWMAP_MIN_ROWS):
                 # the memo's problems read their slot from it, only the others are looked up
-                slots = R.regather(memo[0], memo[2], problem_ids, get, -1)
+                slots = R.regather(memo[0], memo[2], problem_ids, get, -1,
+                                   R.gather_map(memo[0], problem_ids))
             else:
                 slots = np.fromiter(map(get, problem_ids, repeat(-1, n)), np.int64, n)
             known = slots >= 0

@@ -67,6 +67,41 @@ def seed_row_map(prev: list, new: list, back: np.ndarray, unique: bool) -> None:
     _keep_row_map(prev, new, back, unique)
 
 
+# Maps seeded for lists of per-row keys whose values are a function of the key (problem
+# ids): (copy of prev, copy of new, back), newest last. See gather_map.
+_GATHER_MAPS: list = []
+_GATHER_MAPS_KEPT = 2
+
+
+def seed_gather_map(prev: list, new: list, back: np.ndarray) -> None:
+    """Keep ``back`` (each row of ``new``: a row of ``prev`` with the same key, -1 for
+    none known) as :func:`gather_map`'s answer for ``(prev, new)``. The session seeds it
+    for the plan's problem ids from its map of the request rows (a kept request keeps its
+    problem), so after a start or a finish the policy's parts that read per-problem values
+    (the calibration factors, the length index rows) gather them without hashing 512
+    problem ids again (~50-80 us a finish step, cold)."""
+    if len(back) != len(new):
+        raise ValueError(f"seed_gather_map: {len(back)} rows mapped for {len(new)} keys")
+    if back.flags.writeable:
+        back = back.copy()
+        back.flags.writeable = False
+    _GATHER_MAPS.append((list(prev), list(new), back))
+    if len(_GATHER_MAPS) > _GATHER_MAPS_KEPT:
+        del _GATHER_MAPS[0]
+
+
+def gather_map(prev: list, new: list) -> np.ndarray:
+    """For :func:`regather` of values that are a function of the key: each row of ``new``
+    with a row of ``prev`` holding the same key (-1: look it up). A seeded map
+    (:func:`seed_gather_map`) where one is kept for equal lists, else
+    :func:`shared_row_map`'s (the last such row)."""
+    np_, nn = len(prev), len(new)
+    for m in reversed(_GATHER_MAPS):
+        if len(m[0]) == np_ and len(m[1]) == nn and m[1] == new and m[0] == prev:
+            return m[2]
+    return shared_row_map(prev, new)[0]
+
+
 def kept_back(kept: tuple, memo_ids: list, req_ids: list, skip: set | None = None) -> np.ndarray | None:
     """``kept``'s map (``(previous req_ids, back, ...)``: rows of the caller's previous
     batch, by the caller's identity of its requests, -1 for new ones) when it maps the rows

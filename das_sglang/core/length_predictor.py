@@ -37,7 +37,7 @@ import numpy as np
 import numpy.ma  # noqa: F401
 
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, regather
+from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, gather_map, regather
 from das_sglang.native import LengthIndex, length_remaining
 
 SHORT, MEDIUM, LONG = 0, 1, 2
@@ -463,7 +463,8 @@ class LengthPredictor(_LengthQueries):
                 and type(problem_ids) is list and n >= ROWMAP_MIN_ROWS):
             # Another list (a start or a finish changed the rows): the problems the memo's
             # list has read their index from it (one C pass), only the others are looked up.
-            rows = regather(memo[0], memo[3], problem_ids, self._pid_index.get, -1)
+            rows = regather(memo[0], memo[3], problem_ids, self._pid_index.get, -1,
+                            gather_map(memo[0], problem_ids))
         else:
             rows = np.fromiter(map(self._pid_index.get, problem_ids, repeat(-1)), np.int64, n)
         if type(problem_ids) is list:

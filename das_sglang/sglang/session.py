@@ -18,7 +18,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, BudgetRows, kept_back, kept_rows, seed_row_map
+from das_sglang.core.budget_rows import (
+    ROWMAP_MIN_ROWS, BudgetRows, kept_back, kept_rows, seed_gather_map, seed_row_map,
+)
 from das_sglang.core.draft_tree import DraftBatch
 from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
@@ -767,6 +769,9 @@ class DasSession:
             if lv is None:
                 raise ValueError(f"unknown req_id={req_ids[i]!r}: not started or already finished")
             lives[i], pids[i], slots[i] = lv, lv.problem_id, lv.slot
+        # (a kept row is the same request, so the same problem: the policy's per-problem
+        # reads of these ids gather through this map too)
+        seed_gather_map(m_pids, pids, back)
         counts = self._counts
         rows = (lives, pids, counts.max_new[slots], counts.prompt_len[slots], slots, unique)
         self._rows_memo = (list(req_ids), self._live_version, *rows)

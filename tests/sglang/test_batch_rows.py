@@ -320,3 +320,66 @@ def test_plans_through_batch_rows_map_are_the_plans_without_it():
     assert got == want
     assert hits >= 10 and none == 0  # (the map was taken on the steps whose list changed)
     assert sum(len(t) for trees, _ in got for t in trees) > 0
+
+
+def test_plans_are_the_same_without_the_seeded_problem_map(monkeypatch):
+    """The session seeds the map of its problem-id lists (a kept request keeps its problem)
+    for the policy's per-problem reads (calibration factors, length-index rows): the same
+    trees and widths as when each part maps the problem ids itself."""
+    import json
+
+    import das_sglang.sglang.session as session_mod
+    from das_sglang.core import budget_rows
+    from das_sglang.sglang.options import load_options
+    from das_sglang.sglang.session import DasSession
+
+    def session():
+        cfg = {"drafter": {"window_steps": 2}, "server": {"policy": "length-aware"}}
+        s = DasSession(load_options(9, json.dumps(cfg)))
+        s.policy.lengths.background = False
+        return s
+
+    seeded = []
+    real = budget_rows.seed_gather_map
+    monkeypatch.setattr(session_mod, "seed_gather_map", lambda *a: (seeded.append(1), real(*a)))
+    a = session()
+    got, _ = _drive_batches(a, True)
+    a.close()
+    assert len(seeded) >= 10
+    budget_rows._GATHER_MAPS.clear()
+    monkeypatch.setattr(session_mod, "seed_gather_map", lambda *a: None)
+    b = session()
+    want, _ = _drive_batches(b, True)
+    b.close()
+    assert got == want
+
+
+def test_gather_map_is_seeded_or_the_row_map():
+    """gather_map answers a seeded pair of lists (equal lists, not only the same objects)
+    with the seeded map, and any other pair with row_map's; the per-problem reads take it
+    (a wrong seeded map changes what they read: it is used)."""
+    from das_sglang.core import budget_rows as R
+    from das_sglang.core.acceptance import AcceptanceTracker
+    from das_sglang.core.policy_config import PolicyConfig
+
+    prev = [f"p{i % 5}" for i in range(100)]
+    new = prev[3:] + ["p9", "p1"]
+    want = R.shared_row_map(prev, new)[0]
+    assert R.gather_map(prev, new).tolist() == want.tolist()
+    back = np.concatenate([np.arange(3, 100), [-1, -1]])
+    R.seed_gather_map(prev, new, back)
+    assert R.gather_map(list(prev), list(new)).tolist() == back.tolist()
+    assert R.gather_map(prev, new[:-1]).tolist() == want[:-1].tolist()
+    tracker = AcceptanceTracker(PolicyConfig())
+    for i, pid in enumerate(["p0", "p1", "p2", "p3", "p4", "p9"]):
+        tracker.expect(pid, 4, 2.0)
+        tracker.observe(pid, 4, i % 5)
+    first = tracker.calibration_rows(prev)
+    assert len(set(first.tolist())) == 5
+    looked_up = np.array([tracker.calibration(p) for p in new])
+    np.testing.assert_array_equal(tracker.calibration_rows(new), looked_up)
+    # a wrong seeded map for the same lists: its rows are read
+    tracker.calibration_rows(prev)
+    R.seed_gather_map(prev, new, np.zeros(len(new), np.int64))
+    assert (tracker.calibration_rows(new) == first[0]).all()
+    R._GATHER_MAPS.clear()
