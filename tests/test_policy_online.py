@@ -609,3 +609,74 @@ def test_native_online_table_is_numpys_bit_for_bit(seed):
     want = oc.table()
     assert got.shape == want.shape and got.tobytes() == want.tobytes()
     assert np.isfinite(got).all() and (got != got.flat[0]).any()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_plan_is_the_stepwise_plan(seed):
+    """LengthAware.plan of flat rows in one native call (``online_plan``: usable nodes,
+    online curves, the lookahead, the min-gain rule, the probe drafts) gives what the
+    steps give (FUSED off): the same budgets and width, ``last``, curves and node bins the
+    bookkeeping reads, and -- over plans whose outcomes move the statistics, probes due
+    and affordable or not -- the same probe record and calibration state."""
+    rng = np.random.default_rng(seed)
+    cfg = PolicyConfig(max_budget=int(rng.choice([4, 8, 16])), curve_mode="online",
+                       probe_every=int(rng.choice([1, 2, 4])), probe_share=float(rng.choice([0.0, 0.02, 0.5])),
+                       min_gain=float(rng.choice([0.0, 0.05])))
+    fused, ref = make_policy("length-aware", config=cfg), make_policy("length-aware", config=cfg)
+    ref.FUSED = False
+    calls = []
+    inner = fused._plan_fused
+    fused._plan_fused = lambda *a: calls.append(inner(*a)) or calls[-1]
+    for p in (fused, ref):
+        for k in range(30):
+            p.observe_finished(f"p{k % 5}", int(200 + 37 * k % 300))
+    rows = _random_flat_rows(rng, 48, 2 * cfg.max_budget)
+    for k in range(12):
+        outs = []
+        for p in (fused, ref):
+            plan = p.plan(rows)
+            outs.append((plan.budgets, np.int64(plan.width), p.last.budgets, np.int64(p.last.width),
+                         np.float64(p.last.modeled_s), np.float64(p.last.baseline_s),
+                         np.float64(p.last.makespan_steps), p._base, p._outcomes._bins_cache[2]))
+            p.settle_plan()
+        for x, y in zip(*outs):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert x.tobytes() == y.tobytes()
+        assert fused.probes.spent_s == ref.probes.spent_s and fused.probes.total_s == ref.probes.total_s
+        # outcomes: every row accepted part of its budget; some problems finish
+        budgets = outs[0][0]
+        acc_n = np.array([int(rng.integers(0, b + 1)) for b in budgets.tolist()], np.int64)
+        for p in (fused, ref):
+            p.observe_verify_many(rows.problem_ids, budgets, acc_n)
+        nxt = _random_flat_rows(rng, len(rows), 2 * cfg.max_budget)
+        nxt.generated = rows.generated + acc_n + 1
+        rows = nxt
+    assert len(calls) == 12 and all(c is not None for c in calls)  # (planned by the fused call)
+    np.testing.assert_array_equal(fused._outcomes._pending_budget, ref._outcomes._pending_budget)
+    assert fused.acceptance.calibration_rows([f"p{i}" for i in range(5)]).tobytes() == \
+        ref.acceptance.calibration_rows([f"p{i}" for i in range(5)]).tobytes()
+
+
+def test_fused_plan_refuses_bad_input_naming_it():
+    """online_plan checks its own arguments (and the curves' as online_curves does)."""
+    from das_sglang.native import online_plan
+
+    args = dict(offsets=np.array([0, 2], np.int64), probs=np.array([0.5, 0.4]), depths=np.array([1, 2], np.int32),
+                table=np.ones((2, 3, 4)), states=np.array([1], np.int64), match=np.array([2], np.int64),
+                relative=np.ones(1), depth_bin=np.arange(5, dtype=np.int64), rank_bin=np.arange(4, dtype=np.int64),
+                max_budget=4, generated=np.array([3], np.int64), max_new=np.array([100], np.int64),
+                remaining=np.array([50.0]), kv_tokens=np.array([80.0]), c_base=0.01, c_tok=1e-5, c_kv=1e-8,
+                spread=0.2, free_tokens=0.0, min_gain=0.0, probe_budget=1, due=np.array([True]), probe_spent=0.0,
+                probe_limit=1.0)
+    got = online_plan(**args)
+    assert got[3] == 3 and got[4].tolist() == [2] and got[10].dtype == np.int32
+    with pytest.raises(ValueError, match="1 rows .generated. but max_new has 2"):
+        online_plan(**{**args, "max_new": np.array([1, 2], np.int64)})
+    with pytest.raises(ValueError, match="state 2"):
+        online_plan(**{**args, "states": np.array([2], np.int64)})
+    with pytest.raises(ValueError, match="1 rows but due has 2"):
+        online_plan(**{**args, "due": np.array([True, False])})
+    with pytest.raises(ValueError, match="invalid due"):
+        online_plan(**{**args, "due": None})
+    with pytest.raises(ValueError, match="kv_tokens 2"):
+        online_plan(**{**args, "kv_tokens": np.array([1.0, 2.0])})

@@ -397,6 +397,18 @@ class OnlineCalibration:
             return cached[1]
         return np.fromiter(map(self._state.get, ids, repeat(0, len(rows))), np.int64, len(rows))
 
+    def curve_inputs(self, rows: R.BudgetRows) -> tuple:
+        """What :meth:`curves` reads besides the drafts, ``m`` and ``relative``: (table,
+        states, match bins, depth bins, rank bins, max budget), as the native call takes
+        them (``native.online_plan`` takes them too)."""
+        return (self.table(), np.ascontiguousarray(self._states_of(rows), dtype=np.int64),
+                match_bin(R.match_lens(rows)), self._depth_bin, self._rank_bin, int(self.config.max_budget))
+
+    def keep_bins(self, rows, bins: np.ndarray, width: int) -> None:
+        """The node bins the plan's curves read (``native.online_curves`` / ``online_plan``),
+        for the plan's :meth:`planned` (as :meth:`node_bins` would give them)."""
+        self._bins_cache = (rows, width - 1, bins.reshape(len(rows), width - 1))
+
     def curves(self, rows: R.BudgetRows, m: np.ndarray, relative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(base, acc)`` of ``_ModelBased.inputs`` (online curves) for flat rows, in one
         native call: ``base`` the drafter's expected accepted tokens (cumulative node
@@ -407,13 +419,12 @@ class OnlineCalibration:
         :meth:`planned` as :meth:`node_bins` would."""
         d = rows.drafts
         n = len(rows)
+        table, states, match, depth_bin, rank_bin, max_budget = self.curve_inputs(rows)
         base, acc, bins, width = online_curves(
             np.ascontiguousarray(d.offsets, dtype=np.int64), np.ascontiguousarray(d.probs, dtype=np.float64),
             np.ascontiguousarray(d.depths, dtype=np.int32), np.ascontiguousarray(m, dtype=np.int64),
-            self.table(), np.ascontiguousarray(self._states_of(rows), dtype=np.int64),
-            match_bin(R.match_lens(rows)), np.ascontiguousarray(relative, dtype=np.float64),
-            self._depth_bin, self._rank_bin, int(self.config.max_budget))
-        self._bins_cache = (rows, width - 1, bins.reshape(n, width - 1))
+            table, states, match, np.ascontiguousarray(relative, dtype=np.float64), depth_bin, rank_bin, max_budget)
+        self.keep_bins(rows, bins, width)
         return base.reshape(n, width), acc.reshape(n, width)
 
 

@@ -29,6 +29,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from das_sglang.core import allocation as _allocation
 from das_sglang.core import budget_rows as R
 from das_sglang.core.acceptance import (
     GLOBAL,
@@ -50,6 +51,7 @@ from das_sglang.core.cost_model import CostModel
 from das_sglang.core.length_predictor import LengthPredictor
 from das_sglang.core.online_acceptance import OnlineCalibration, ProbeSchedule
 from das_sglang.core.policy_config import PolicyConfig
+from das_sglang.native import online_plan
 
 _log = logging.getLogger(__name__)
 
@@ -583,11 +585,19 @@ class LengthAware(_ModelBased):
         sizes.flags.writeable = False
         return sizes
 
+    # The per-step case (flat rows, online curves, per-row widths, the marginal lookahead)
+    # in one native call (native.online_plan); False: the steps below, the reference it
+    # is tested against (tests/test_policy_online.py: the same plans and bookkeeping).
+    FUSED = True
+
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         self.settle_plan()
         if not rows:
             return BudgetPlan.none(0)
         prepared = self._start_plan(rows)
+        fused = self._plan_fused(rows, prepared)
+        if fused is not None:
+            return fused
         remaining, curves, kv, _ = self.inputs(rows, prepared)
         buckets = self.config.buckets() if self.config.uniform_width else None
         if self.config.lookahead == "stationary":
@@ -606,6 +616,46 @@ class LengthAware(_ModelBased):
         if self.config.uniform_width and alloc.width > width and self.cost.is_graph_width(alloc.width):
             width = alloc.width  # padded out to a CUDA-graph width: cheaper than eager
         return BudgetPlan(budgets, width)
+
+
+    def _plan_fused(self, rows, prepared: tuple | None) -> BudgetPlan | None:
+        """:meth:`plan` of flat rows in one native call (``native.online_plan``: the usable
+        nodes, the online curves, ``lookahead_per_row``, the min-gain rule and ``_probe``'s
+        probe drafts), with what the steps leave behind (``last``, the curves and node bins
+        the bookkeeping reads, the probe record) set as they set it: the same plan. At 512
+        rows it leaves out ~35 numpy calls of Python between the native ones, each cold on
+        every step. None where it does not apply (or the lookahead defers to numpy)."""
+        cfg, cost = self.config, self.cost
+        if not (self.FUSED and cfg.curve_mode == "online" and self.NATIVE_CURVES and type(rows) is R.BudgetRows
+                and not cfg.uniform_width and cfg.lookahead != "stationary" and _allocation.NATIVE):
+            return None
+        generated, max_new = R.generated(rows), R.max_new(rows)
+        if prepared is None:
+            prepared = self._draft_free_inputs(rows, generated, max_new)
+        _, remaining, calibration, kv = prepared
+        n = len(rows)
+        outcomes, probes = self._outcomes, self._probes
+        table, states, match, depth_bin, rank_bin, max_budget = outcomes.curve_inputs(rows)
+        d = rows.drafts
+        probing = cfg.probe_budget > 0
+        got = online_plan(
+            np.ascontiguousarray(d.offsets, dtype=np.int64), np.ascontiguousarray(d.probs, dtype=np.float64),
+            np.ascontiguousarray(d.depths, dtype=np.int32), table, states, match,
+            np.ascontiguousarray(calibration / self.acceptance.calibration(GLOBAL), dtype=np.float64),
+            depth_bin, rank_bin, max_budget, np.ascontiguousarray(generated, dtype=np.int64),
+            np.ascontiguousarray(max_new, dtype=np.int64), np.ascontiguousarray(remaining, dtype=np.float64),
+            np.ascontiguousarray(kv, dtype=np.float64), cost.c_base_s, cost.c_tok_s, cost.c_kv_s, self.spread(),
+            max(cost.free_tokens - n, 0.0), float(cfg.min_gain), int(cfg.probe_budget),
+            probes.due(rows) if probing else None, probes.spent_s, cfg.probe_share * probes.total_s)
+        if got is None:
+            return None
+        base, _, bins, width, _, alloc_budgets, alloc_width, modeled, baseline, makespan, budgets, probe_s = got
+        self._base = base.reshape(n, width)
+        outcomes.keep_bins(rows, bins, width)
+        self.last = StepAllocation(alloc_budgets, int(alloc_width), modeled, baseline, makespan)
+        probe_record = (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)
+        budgets = self._defer(rows, budgets, remaining, probe_record)
+        return BudgetPlan(budgets, int(budgets.max(initial=0)))
 
 
 class PaperClosedForm(_ModelBased):

@@ -24,7 +24,9 @@ seq_lens)`` build a ragged verify's inputs from a flat draft batch (sglang/tree_
 ``(budgets, width, modeled_s, baseline_s, makespan_steps)``, the lookahead None where numpy
 ranks every node instead. ``online_curves(offsets, probs, depths, m, table, states, match, relative,
 depth_bin, rank_bin, max_budget)`` is the policy's online acceptance curves of flat drafts
-(``_ModelBased.inputs``, curve_mode "online"): ``(base, acc, bins, width)``, numpy's bit for bit.
+(``_ModelBased.inputs``, curve_mode "online"): ``(base, acc, bins, width)``, numpy's bit for bit;
+``online_plan(...)`` is ``LengthAware.plan``'s per-row work for such rows in one call (usable
+nodes, those curves, ``lookahead_per_row``, the min-gain rule and the probe drafts).
 ``online_add(cells, generated, pos, budget, states, pend_generated, pend_match, pend_nodes, pend_bins,
 bin_before, bin_size)`` adds one plan's verify outcomes to the online calibration's cells in place
 (``OnlineCalibration._add``, numpy's sums bit for bit) and returns each row's next state.
@@ -76,6 +78,7 @@ from das_sglang.native._suffix import (
     lookahead_per_row,
     online_add,
     online_curves,
+    online_plan,
     online_table,
     online_update,
     padded_rows,
@@ -90,5 +93,5 @@ from das_sglang.native._suffix import (
 
 __all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "background_threads", "best_per_row",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "gather_list", "index_versions", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_table", "online_update", "padded_rows",
+           "gather_list", "index_versions", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_plan", "online_table", "online_update", "padded_rows",
            "ragged_layout", "ragged_mask_index", "row_map", "seq_tails", "set_background_nice", "set_node_reserve_bytes", "stop_rows"]

@@ -1487,67 +1487,186 @@ using F64Cube = nb::ndarray<const double, nb::ndim<3>, nb::c_contig, nb::device:
 // policy._ModelBased.inputs' online curves of flat drafts (allocation.h online_curves),
 // every argument checked first (a bad one is named): (base, acc, bins, width), the
 // matrices flat row-major (rows x width, rows x (width - 1)).
-nb::tuple online_curves(nb::handle offsets_h, nb::handle probs_h, nb::handle depths_h, nb::handle m_h,
-                        nb::handle table_h, nb::handle states_h, nb::handle match_h, nb::handle relative_h,
-                        nb::handle depth_bin_h, nb::handle rank_bin_h, int64_t max_budget) {
-  const I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
-  const F64 probs = as_array<F64>(probs_h, "probs", "float64");
-  const Tokens depths = as_array<Tokens>(depths_h, "depths", "int32");
-  const I64 m = as_array<I64>(m_h, "m", "int64");
-  const I64 states = as_array<I64>(states_h, "states", "int64");
-  const I64 match = as_array<I64>(match_h, "match", "int64");
-  const F64 relative = as_array<F64>(relative_h, "relative", "float64");
-  const I64 depth_bin = as_array<I64>(depth_bin_h, "depth_bin", "int64");
-  const I64 rank_bin = as_array<I64>(rank_bin_h, "rank_bin", "int64");
-  const F64Cube table = nd_arg<F64Cube>(table_h, "table", "a 3-D C-contiguous float64 numpy array");
-  auto bad = [](const std::string& what) { throw nb::value_error(("online_curves: " + what).c_str()); };
-  const size_t n = m.shape(0);
-  if (offsets.shape(0) != n + 1 || states.shape(0) != n || match.shape(0) != n || relative.shape(0) != n)
+// online_curves' arguments (also online_plan's), every one checked (a bad one is named,
+// prefixed with `fn`); m: the nodes read per row (n of them).
+struct OnlineArgs {
+  I64 offsets;
+  F64 probs;
+  Tokens depths;
+  I64 states, match;
+  F64 relative;
+  I64 depth_bin, rank_bin;
+  F64Cube table;
+  das::alloc::OnlineInputs in{};
+};
+
+void online_args(OnlineArgs& a, const char* fn, nb::handle offsets_h, nb::handle probs_h, nb::handle depths_h,
+                 const int64_t* m, size_t n, nb::handle table_h, nb::handle states_h, nb::handle match_h,
+                 nb::handle relative_h, nb::handle depth_bin_h, nb::handle rank_bin_h, int64_t max_budget) {
+  a.offsets = as_array<I64>(offsets_h, "offsets", "int64");
+  a.probs = as_array<F64>(probs_h, "probs", "float64");
+  a.depths = as_array<Tokens>(depths_h, "depths", "int32");
+  a.states = as_array<I64>(states_h, "states", "int64");
+  a.match = as_array<I64>(match_h, "match", "int64");
+  a.relative = as_array<F64>(relative_h, "relative", "float64");
+  a.depth_bin = as_array<I64>(depth_bin_h, "depth_bin", "int64");
+  a.rank_bin = as_array<I64>(rank_bin_h, "rank_bin", "int64");
+  a.table = nd_arg<F64Cube>(table_h, "table", "a 3-D C-contiguous float64 numpy array");
+  auto bad = [fn](const std::string& what) { throw nb::value_error((std::string(fn) + ": " + what).c_str()); };
+  const I64& offsets = a.offsets;
+  const I64& states = a.states;
+  const I64& match = a.match;
+  if (offsets.shape(0) != n + 1 || states.shape(0) != n || match.shape(0) != n || a.relative.shape(0) != n)
     bad(std::to_string(n) + " rows (m) but offsets has " + std::to_string(offsets.shape(0)) + " entries, states " +
         std::to_string(states.shape(0)) + ", match " + std::to_string(match.shape(0)) + ", relative " +
-        std::to_string(relative.shape(0)));
-  if (probs.shape(0) != depths.shape(0) || offsets(0) != 0 || size_t(offsets(n)) != probs.shape(0))
-    bad("offsets must run from 0 to the node count (" + std::to_string(probs.shape(0)) + " probs, " +
-        std::to_string(depths.shape(0)) + " depths)");
-  const size_t S = table.shape(0), M = table.shape(1), B = table.shape(2);
+        std::to_string(a.relative.shape(0)));
+  if (a.probs.shape(0) != a.depths.shape(0) || offsets(0) != 0 || size_t(offsets(n)) != a.probs.shape(0))
+    bad("offsets must run from 0 to the node count (" + std::to_string(a.probs.shape(0)) + " probs, " +
+        std::to_string(a.depths.shape(0)) + " depths)");
+  const size_t S = a.table.shape(0), M = a.table.shape(1), B = a.table.shape(2);
   if (B == 0) bad("table has no rank bin");
-  if (max_budget < 0 || depth_bin.shape(0) <= size_t(max_budget))
-    bad("invalid max_budget=" + std::to_string(max_budget) + " for " + std::to_string(depth_bin.shape(0)) +
+  if (max_budget < 0 || a.depth_bin.shape(0) <= size_t(max_budget))
+    bad("invalid max_budget=" + std::to_string(max_budget) + " for " + std::to_string(a.depth_bin.shape(0)) +
         " depth bins");
   int64_t top = 0;
   for (size_t i = 0; i < n; ++i) {
     const int64_t len = offsets(i + 1) - offsets(i);
     if (len < 0) bad("offsets decrease at row " + std::to_string(i));
-    if (m(i) < 0 || m(i) > len)
-      bad("invalid m[" + std::to_string(i) + "]=" + std::to_string(m(i)) + ": must be in [0, " + std::to_string(len) + "]");
+    if (m[i] < 0 || m[i] > len)
+      bad("invalid m[" + std::to_string(i) + "]=" + std::to_string(m[i]) + ": must be in [0, " + std::to_string(len) + "]");
     if (states(i) < 0 || size_t(states(i)) >= S || match(i) < 0 || size_t(match(i)) >= M)
       bad("row " + std::to_string(i) + ": state " + std::to_string(states(i)) + " / match bin " +
           std::to_string(match(i)) + " outside the table (" + std::to_string(S) + " x " + std::to_string(M) + ")");
-    top = std::max(top, m(i));
+    top = std::max(top, m[i]);
   }
-  if (rank_bin.shape(0) < size_t(top))
-    bad(std::to_string(rank_bin.shape(0)) + " rank bins for " + std::to_string(top) + " ranks");
+  if (a.rank_bin.shape(0) < size_t(top))
+    bad(std::to_string(a.rank_bin.shape(0)) + " rank bins for " + std::to_string(top) + " ranks");
   for (size_t i = 0; i < n; ++i) {  // the depths read (each row's first min(len, width - 1))
     const size_t k = std::min<size_t>(size_t(offsets(i + 1) - offsets(i)), size_t(top));
     for (size_t r = 0; r < k; ++r)
-      if (depths(size_t(offsets(i)) + r) < 0)
+      if (a.depths(size_t(offsets(i)) + r) < 0)
         bad("row " + std::to_string(i) + " node " + std::to_string(r) + " has depth " +
-            std::to_string(depths(size_t(offsets(i)) + r)));
+            std::to_string(a.depths(size_t(offsets(i)) + r)));
   }
-  for (size_t q = 0; q < depth_bin.shape(0); ++q)
-    if (depth_bin(q) < 0) bad("negative depth bin at " + std::to_string(q));
+  for (size_t q = 0; q < a.depth_bin.shape(0); ++q)
+    if (a.depth_bin(q) < 0) bad("negative depth bin at " + std::to_string(q));
   for (size_t q = 0; q < size_t(top); ++q)
-    if (rank_bin(q) < 0) bad("negative rank bin at " + std::to_string(q));
-  const das::alloc::OnlineInputs in{offsets.data(), probs.data(), depths.data(), m.data(), n, table.data(),
-                                    S, M, B, states.data(), match.data(), relative.data(), depth_bin.data(),
-                                    rank_bin.data(), max_budget};
+    if (a.rank_bin(q) < 0) bad("negative rank bin at " + std::to_string(q));
+  a.in = das::alloc::OnlineInputs{offsets.data(), a.probs.data(), a.depths.data(), m, n, a.table.data(),
+                                  S, M, B, states.data(), match.data(), a.relative.data(), a.depth_bin.data(),
+                                  a.rank_bin.data(), max_budget};
+}
+
+nb::tuple online_curves(nb::handle offsets_h, nb::handle probs_h, nb::handle depths_h, nb::handle m_h,
+                        nb::handle table_h, nb::handle states_h, nb::handle match_h, nb::handle relative_h,
+                        nb::handle depth_bin_h, nb::handle rank_bin_h, int64_t max_budget) {
+  const I64 m = as_array<I64>(m_h, "m", "int64");
+  OnlineArgs a;
+  online_args(a, "online_curves", offsets_h, probs_h, depths_h, m.data(), m.shape(0), table_h, states_h, match_h,
+              relative_h, depth_bin_h, rank_bin_h, max_budget);
   das::alloc::OnlineCurves out;
   {
     nb::gil_scoped_release release;
-    das::alloc::online_curves(in, out);
+    das::alloc::online_curves(a.in, out);
   }
   return nb::make_tuple(to_numpy_moved(std::move(out.base)), to_numpy_moved(std::move(out.acc)),
                         to_numpy_moved(std::move(out.bins)), out.width);
+}
+
+// policy.LengthAware.plan for flat rows with online curves and the marginal lookahead
+// (per-row widths) in one call: each row's usable nodes m (min(nodes, max_budget,
+// max_new - generated - 1), at least 0), online_curves, lookahead_per_row, the min_gain
+// rule (no speculation unless the plan saves that share) and _probe's probe drafts
+// (rows `due` without a budget and with nodes get min(probe_budget, m) while
+// probe_spent + their modeled seconds <= probe_limit). The same arrays and numbers as
+// those steps in Python and numpy (tests/test_policy_online.py), without the Python
+// between them (~35 numpy calls, cold on every step). None where lookahead_per_row
+// defers to numpy (a NaN or a non-positive value): the caller plans the unfused way.
+// Returns (base, acc, bins, width, m, alloc budgets int32, alloc width, modeled_s,
+// baseline_s, makespan_steps, budgets int32, probe_s).
+nb::object online_plan(nb::handle offsets_h, nb::handle probs_h, nb::handle depths_h, nb::handle table_h,
+                       nb::handle states_h, nb::handle match_h, nb::handle relative_h, nb::handle depth_bin_h,
+                       nb::handle rank_bin_h, int64_t max_budget, nb::handle generated_h, nb::handle max_new_h,
+                       nb::handle remaining_h, nb::handle kv_h, double c_base, double c_tok, double c_kv,
+                       double spread, double free_tokens, double min_gain, int64_t probe_budget, nb::handle due_h,
+                       double probe_spent, double probe_limit) {
+  const I64 generated = as_array<I64>(generated_h, "generated", "int64");
+  const I64 max_new = as_array<I64>(max_new_h, "max_new", "int64");
+  const I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
+  const size_t n = generated.shape(0);
+  if (max_new.shape(0) != n || offsets.shape(0) != n + 1)
+    throw nb::value_error(("online_plan: " + std::to_string(n) + " rows (generated) but max_new has " +
+                           std::to_string(max_new.shape(0)) + ", offsets " + std::to_string(offsets.shape(0)) +
+                           " entries").c_str());
+  if (max_budget < 0) throw nb::value_error(("online_plan: invalid max_budget=" + std::to_string(max_budget)).c_str());
+  std::vector<int64_t> m(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t found = offsets(i + 1) - offsets(i);
+    m[i] = std::min(std::min(found, max_budget), std::max<int64_t>(max_new(i) - generated(i) - 1, 0));
+  }
+  OnlineArgs a;
+  online_args(a, "online_plan", offsets_h, probs_h, depths_h, m.data(), n, table_h, states_h, match_h, relative_h,
+              depth_bin_h, rank_bin_h, max_budget);
+  const F64 remaining = as_array<F64>(remaining_h, "remaining", "float64");
+  const F64 kv = as_array<F64>(kv_h, "kv_tokens", "float64");
+  if (remaining.shape(0) != n || kv.shape(0) != n)
+    throw nb::value_error(("online_plan: " + std::to_string(n) + " rows but remaining has " +
+                           std::to_string(remaining.shape(0)) + ", kv_tokens " + std::to_string(kv.shape(0))).c_str());
+  const das::alloc::Cost cost = cost_arg(c_base, c_tok, c_kv);
+  if (!(free_tokens >= 0.0) || !std::isfinite(spread))
+    throw nb::value_error(("online_plan: invalid free_tokens=" + std::to_string(free_tokens) + " or spread=" +
+                           std::to_string(spread) + ": must be >= 0 / finite").c_str());
+  nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu> due;
+  const bool probing = probe_budget > 0;
+  if (probing) {
+    due = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
+        due_h, "due", "a 1-D contiguous bool numpy array");
+    if (due.shape(0) != n)
+      throw nb::value_error(("online_plan: " + std::to_string(n) + " rows but due has " +
+                             std::to_string(due.shape(0))).c_str());
+  }
+  das::alloc::OnlineCurves curves;
+  das::alloc::Allocation alloc;
+  std::vector<int32_t> budgets;
+  double probe_s = 0.0;
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    das::alloc::online_curves(a.in, curves);
+    const das::alloc::Curves c{remaining.data(), curves.acc.data(), m.data(), kv.data(), n, curves.width};
+    ok = das::alloc::lookahead_per_row(c, cost, spread, free_tokens, alloc);
+    if (ok) {
+      budgets = alloc.budgets;
+      if (alloc.width == 0 || alloc.modeled_s > (1.0 - min_gain) * alloc.baseline_s)
+        std::fill(budgets.begin(), budgets.end(), 0);
+      if (probing) {  // (_probe, per-row widths: the due rows without a budget, with nodes)
+        std::vector<int32_t> probe(n, 0);
+        int64_t tokens = 0;
+        bool any = false;
+        for (size_t i = 0; i < n; ++i)
+          if (due(i) && budgets[i] == 0 && m[i] > 0) {
+            any = true;
+            probe[i] = int32_t(std::min<int64_t>(probe_budget, m[i]));
+            tokens += probe[i];
+          }
+        if (any) {
+          probe_s = c_tok * double(tokens);
+          if (probe_spent + probe_s <= probe_limit) {
+            for (size_t i = 0; i < n; ++i) budgets[i] = std::max(budgets[i], probe[i]);
+          } else {
+            probe_s = 0.0;
+          }
+        }
+      }
+    }
+  }
+  if (!ok) return nb::none();
+  const size_t w = curves.width;
+  auto as_i32 = [](std::vector<int32_t>&& v) { return to_numpy_moved(std::move(v)); };
+  return nb::make_tuple(to_numpy_moved(std::move(curves.base)), to_numpy_moved(std::move(curves.acc)),
+                        to_numpy_moved(std::move(curves.bins)), w, to_numpy_moved(std::move(m)),
+                        as_i32(std::move(alloc.budgets)), alloc.width, alloc.modeled_s, alloc.baseline_s,
+                        alloc.makespan_steps, as_i32(std::move(budgets)), probe_s);
 }
 
 using F64Cells = nb::ndarray<double, nb::ndim<4>, nb::c_contig, nb::device::cpu>;
@@ -2175,6 +2294,15 @@ NB_MODULE(_suffix, m) {
   m.def("draft_select", &draft_select, nb::arg("offsets"), nb::arg("rows").none(), nb::arg("keep").none(),
         nb::arg("tokens"), nb::arg("parents"), nb::arg("probs"), nb::arg("depths"), nb::arg("match_len"),
         "DraftBatch.take / take_rows / truncate in one pass: (tokens, parents, probs, depths, offsets, match).");
+  m.def("online_plan", &online_plan, nb::arg("offsets"), nb::arg("probs"), nb::arg("depths"), nb::arg("table"),
+        nb::arg("states"), nb::arg("match"), nb::arg("relative"), nb::arg("depth_bin"), nb::arg("rank_bin"),
+        nb::arg("max_budget"), nb::arg("generated"), nb::arg("max_new"), nb::arg("remaining"), nb::arg("kv_tokens"),
+        nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"), nb::arg("spread"), nb::arg("free_tokens"),
+        nb::arg("min_gain"), nb::arg("probe_budget"), nb::arg("due").none(), nb::arg("probe_spent"),
+        nb::arg("probe_limit"),
+        "LengthAware.plan for flat rows (online curves, marginal lookahead) in one call: (base, acc, bins, width, "
+        "m, alloc budgets, alloc width, modeled_s, baseline_s, makespan_steps, budgets, probe_s), or None where "
+        "the lookahead defers to numpy.");
   m.def("online_update", &online_update, nb::arg("cells"), nb::arg("decay"), nb::arg("at").none(),
         nb::arg("generated"), nb::arg("states"), nb::arg("pend_budget"), nb::arg("pend_generated"),
         nb::arg("pend_match"), nb::arg("pend_nodes"), nb::arg("pend_bins"), nb::arg("bin_before"),
