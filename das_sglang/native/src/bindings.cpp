@@ -648,6 +648,17 @@ struct ExtendDraftWork {
       } catch (...) {
         fail(std::current_exception());
       }
+      // The thread that drafted the last chunk builds the result (the chunks joined in
+      // row order, the indices' versions): on a background thread of a started job, not
+      // in the caller's wait() -- there, with the GIL held, it took ~50-70 us of the
+      // scheduler thread's plan at 512 rows (a version read is a cache miss per index).
+      if (chunks_done_.fetch_add(1) + 1 == chunks_ && !failed_.load()) {
+        try {
+          build();
+        } catch (...) {
+          fail(std::current_exception());
+        }
+      }
     }
   }
 
@@ -667,18 +678,23 @@ struct ExtendDraftWork {
   }
 
   // After every work() call has returned: the result arrays (or the first error).
+  // After every work() returned: the error, if any; else the result, built here unless
+  // the last chunk's thread built it (nothing then reads or changes it concurrently: the
+  // caller waited for every worker).
   void finish() {
     if (error_) std::rethrow_exception(error_);
-    const size_t n = idx.size();
-    concat_chunks(bufs_, out);
-    bufs_.clear();
-    for (size_t r = 0; r < n; ++r) out.offsets[r + 1] += out.offsets[r];  // lengths -> offsets
-    if (!order_.empty()) {  // (drafted in index_order: back to row order)
-      FlatDrafts perm = std::move(out);
-      unpermute(perm, order_, true, out);
+    if (!built_) build();
+  }
+
+  // finish()'s build where it cannot throw (its error is kept for finish()): a started
+  // job's wait() runs it without the GIL.
+  void build_now() {
+    if (built_ || error_) return;
+    try {
+      build();
+    } catch (...) {
+      fail(std::current_exception());
     }
-    versions.resize(n);
-    for (size_t r = 0; r < n; ++r) versions[r] = idx[r]->version();
   }
 
   // The started form's first step, run by its first worker: lookup() and plan(). An error
@@ -707,20 +723,39 @@ struct ExtendDraftWork {
     finish();
   }
 
-  nb::tuple result() const {
-    return nb::make_tuple(to_numpy(out.tokens), to_numpy(out.parents), to_numpy(out.probs),
-                          to_numpy(out.depths), to_numpy(out.offsets), to_numpy(out.match),
-                          to_numpy(versions));
+  // The result, once (after finish()): the vectors handed to numpy as they are.
+  nb::tuple result() {
+    return nb::make_tuple(to_numpy_moved(std::move(out.tokens)), to_numpy_moved(std::move(out.parents)),
+                          to_numpy_moved(std::move(out.probs)), to_numpy_moved(std::move(out.depths)),
+                          to_numpy_moved(std::move(out.offsets)), to_numpy_moved(std::move(out.match)),
+                          to_numpy_moved(std::move(versions)));
   }
 
  private:
+  // The chunks joined in row order (offsets from lengths) and each row's index version,
+  // once every chunk is drafted.
+  void build() {
+    const size_t n = idx.size();
+    concat_chunks(bufs_, out);
+    bufs_.clear();
+    for (size_t r = 0; r < n; ++r) out.offsets[r + 1] += out.offsets[r];  // lengths -> offsets
+    if (!order_.empty()) {  // (drafted in index_order: back to row order)
+      FlatDrafts perm = std::move(out);
+      unpermute(perm, order_, true, out);
+    }
+    versions.resize(n);
+    for (size_t r = 0; r < n; ++r) versions[r] = idx[r]->version();
+    built_ = true;
+  }
+
   void fail(std::exception_ptr e) {
     std::lock_guard<std::mutex> l(mu_);
     if (!error_) error_ = e;
     failed_.store(true);
   }
   size_t buckets_ = 1, ext_tasks_ = 0, chunks_ = 0;
-  std::atomic<size_t> next_ext_{0}, ext_done_{0}, next_chunk_{0};
+  std::atomic<size_t> next_ext_{0}, ext_done_{0}, next_chunk_{0}, chunks_done_{0};
+  bool built_ = false;  // (set by build(): see finish() for who reads it when)
   std::atomic<bool> failed_{false};
   bool prepared_ = false;  // (under mu_)
   std::mutex mu_;
@@ -1008,6 +1043,7 @@ class PendingExtendDraft {
     {
       nb::gil_scoped_release release;
       job_->complete();
+      job_->w.build_now();  // (if no pool thread built the result: still without the GIL)
     }
     done_ = true;
     job_->w.finish();
