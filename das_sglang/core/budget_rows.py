@@ -41,14 +41,23 @@ def shared_row_map(prev: list, new: list) -> tuple[np.ndarray, bool]:
     to them (``==``: the same ids; ~2 us a compare when the ids are the same objects, as
     the parts' copies of the session's lists hold), so a list changed in place since is
     never answered from the memo."""
-    np_, nn = len(prev), len(new)
-    for m in reversed(_ROW_MAPS):
-        if len(m[0]) == np_ and len(m[1]) == nn and m[1] == new and m[0] == prev:
-            return m[2], m[3]
+    m = _kept_for(_ROW_MAPS, prev, new)
+    if m is not None:
+        return m[2], m[3]
     back, unique = row_map(prev, new)
     back.flags.writeable = False
     _keep_row_map(prev, new, back, unique)
     return back, unique
+
+
+def _kept_for(maps: list, prev: list, new: list) -> tuple | None:
+    """The newest of ``maps`` (``(copy of prev, copy of new, back, ...)``) kept for lists
+    equal to ``prev`` and ``new``, else None."""
+    np_, nn = len(prev), len(new)
+    for m in reversed(maps):
+        if len(m[0]) == np_ and len(m[1]) == nn and m[1] == new and m[0] == prev:
+            return m
+    return None
 
 
 def _keep_row_map(prev: list, new: list, back: np.ndarray, unique: bool) -> None:
@@ -95,11 +104,8 @@ def gather_map(prev: list, new: list) -> np.ndarray:
     with a row of ``prev`` holding the same key (-1: look it up). A seeded map
     (:func:`seed_gather_map`) where one is kept for equal lists, else
     :func:`shared_row_map`'s (the last such row)."""
-    np_, nn = len(prev), len(new)
-    for m in reversed(_GATHER_MAPS):
-        if len(m[0]) == np_ and len(m[1]) == nn and m[1] == new and m[0] == prev:
-            return m[2]
-    return shared_row_map(prev, new)[0]
+    m = _kept_for(_GATHER_MAPS, prev, new)
+    return m[2] if m is not None else shared_row_map(prev, new)[0]
 
 
 def kept_back(kept: tuple, memo_ids: list, req_ids: list, skip: set | None = None) -> np.ndarray | None:

@@ -317,9 +317,7 @@ def ragged_device_inputs(layout: RaggedLayout, seq_lens: Sequence[int], device, 
     vl32, _, qo_indptr, _, start, _ = qo.view(torch.int32).split(
         [bs, r4[0] - bs, bs + 1, r4[1] - bs - 1, bs, r4[2] - bs])
     if cpu:
-        mask = torch.from_numpy(layout.mask)
-        if str(target) != "cpu":
-            mask = mask.to(target)
+        mask = ragged_custom_mask(layout, seq_lens, device, target)
     else:
         mask = torch.ones(int(layout.flat_mask_len), dtype=torch.bool, device=target)
         mask[zeros] = False
