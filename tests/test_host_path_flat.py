@@ -1238,24 +1238,35 @@ def test_native_select_refuses_bad_input_naming_it():
 
 
 def test_as_tokens_fast_path_equals_numpys():
-    """``as_tokens`` converts a list / tuple of Python ints in one C pass
+    """``as_tokens`` converts a list / tuple of Python ints, or a 1-D buffer of 32- / 64-bit
+    ints (SGLang's ``array("q")`` of output ids, an int64 numpy array), in one C pass
     (``native.int32_tokens``): the same int32 array as numpy's conversion; anything else
-    (bools, numpy scalars, out-of-range ids, nested lists) takes the numpy path, which
-    converts it or raises naming the bad value."""
+    (bools, numpy scalars, out-of-range ids, nested lists, floats, strided or 2-D arrays,
+    other item sizes) takes the numpy path, which converts it or raises naming the bad
+    value."""
+    from array import array
+
     from das_sglang.core.drafter import as_tokens
     from das_sglang.native import int32_tokens
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 2**31 - 1, 300).tolist() + [0, 2**31 - 1]
-    for seq in (ids, tuple(ids), [], [7]):
+    for seq in (ids, tuple(ids), [], [7], array("q", ids), array("q"), array("l", ids), array("i", ids),
+                np.array(ids, np.int64), np.array(ids, np.int32).astype(np.intc)):
         got = as_tokens(seq, "t")
         assert got.dtype == np.int32 and got.tolist() == list(seq)
-        assert int32_tokens(seq) is not None
-    for odd in ([True, 2], [np.int64(3), 4], [1, -1], [2**31], [1, 2**70], [[1]], [1.0], "abc", np.arange(3)):
-        assert int32_tokens(odd) is None
+        assert int32_tokens(seq) is not None and int32_tokens(seq).tolist() == list(seq)
+    for odd in ([True, 2], [np.int64(3), 4], [1, -1], [2**31], [1, 2**70], [[1]], [1.0], "abc",
+                array("q", [1, -1]), array("q", [2**31]), np.array([2**40]), np.arange(6)[::2],
+                np.zeros((2, 2), np.int64), np.array([1.0]), array("h", [1]), np.arange(3, dtype=np.uint64),
+                b"abc", bytearray(4)):
+        assert int32_tokens(odd) is None, odd
     assert as_tokens([np.int64(3), 4], "t").tolist() == [3, 4]  # (numpy path: converted)
+    assert as_tokens(np.arange(6)[::2], "t").tolist() == [0, 2, 4]
+    assert as_tokens(array("h", [1, 2]), "t").tolist() == [1, 2]
     for bad, msg in (([1, -1], r"in \[0, 2\*\*31\), got -1\.\.1"), ([2**31], "2147483648"),
-                     ([[1]], "expected a 1-D sequence"), ([1.5], "dtype=float64")):
+                     ([[1]], "expected a 1-D sequence"), ([1.5], "dtype=float64"),
+                     (array("q", [5, -7]), r"got -7\.\.5"), (np.array([3, 2**40]), "1099511627776")):
         with pytest.raises(ValueError, match=msg):
             as_tokens(bad, "t")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain, repeat
@@ -103,12 +104,17 @@ def truncate_trusted(tree: DraftTree, k: int) -> DraftTree:
     return _native_tree(tree.tokens[:k], tree.parents[:k], tree.probs[:k], tree.match_len)
 
 
+# Sequences int32_tokens converts in one pass (Python ints, or SGLang's array("q") of output
+# ids; a numpy array of another int dtype too): None from it means the numpy path below.
+_NATIVE_TOKENS = (list, tuple, array)
+
+
 def as_tokens(tokens: object, what: str) -> np.ndarray:
     """Validated 1-D int32 copy-free view where possible; ValueError names the bad value."""
     if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32 and tokens.ndim == 1:
         arr = tokens
-    elif (type(tokens) is list or type(tokens) is tuple) and (arr := int32_tokens(tokens)) is not None:
-        return arr  # (every item a Python int in range: converted in one C pass)
+    elif (type(tokens) in _NATIVE_TOKENS or type(tokens) is np.ndarray) and (arr := int32_tokens(tokens)) is not None:
+        return arr  # (every item an int in range: converted in one C pass)
     else:
         arr = np.asarray(tokens)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):

@@ -42,7 +42,7 @@ finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 ``row_map(prev, new, identity=False)`` is, per item of ``new``, the index of its last equal item in
 ``prev`` (-1: none) plus whether ``new`` holds each item once (``identity``: equal = the same object); ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
 fill for j in at]``: the per-step parts gather their latest rows' values through them.
-``int32_tokens(seq)`` is a list / tuple of Python ints in [0, 2**31) as int32 (None otherwise: ``as_tokens``' fast path).
+``int32_tokens(seq)`` is a list / tuple of Python ints, or a 1-D buffer of 32- / 64-bit ints (SGLang's ``array("q")``, an int64 numpy array), in [0, 2**31) as int32 (None otherwise: ``as_tokens``' fast path).
 ``seq_tails(seqs)`` is each sequence's last item and length (int64 arrays: the decode rows' outputs);
 ``stop_rows(runs, lens, max_new, committed, row_set, set_ids, set_offsets)`` is the token-stop cut of
 each row's accepted run and its length limit (``sglang/batch_rows.py``): ``(cut, limit)``.

@@ -2097,13 +2097,49 @@ nb::list gather_list(nb::handle src, nb::ndarray<const int64_t, nb::ndim<1>, nb:
   return nb::steal<nb::list>(out);
 }
 
+// int32_tokens' buffers: a 1-D C-contiguous buffer of signed 32- or 64-bit ints in native
+// byte order -- SGLang's array("q") of a request's output ids, an int64 numpy array -- in
+// [0, 2**31) as an int32 array, in one pass (as_tokens' numpy path: asarray, min, max,
+// astype, ~30 us cold per finished request at 512 rows in bench_host_path); None for any
+// other object or an id out of range (the numpy path then converts it or names the value).
+template <class T>
+nb::object int32_checked(const T* p, size_t n) {
+  std::vector<int32_t> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (p[i] < 0 || p[i] > T(INT32_MAX)) return nb::none();
+    out[i] = static_cast<int32_t>(p[i]);
+  }
+  return nb::cast(to_numpy_moved(std::move(out)));
+}
+
+nb::object int32_from_buffer(nb::handle obj) {
+  if (!PyObject_CheckBuffer(obj.ptr())) return nb::none();
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+    PyErr_Clear();
+    return nb::none();
+  }
+  struct Release {
+    Py_buffer* v;
+    ~Release() { PyBuffer_Release(v); }
+  } release{&view};
+  if (view.ndim != 1 || view.format == nullptr) return nb::none();
+  std::string fmt(view.format);
+  if (!fmt.empty() && (fmt[0] == '@' || fmt[0] == '=' || fmt[0] == '<')) fmt = fmt.substr(1);  // (native, little-endian host)
+  if (fmt.size() != 1 || std::string("qli").find(fmt[0]) == std::string::npos) return nb::none();
+  const size_t n = size_t(view.shape != nullptr ? view.shape[0] : view.len / view.itemsize);
+  if (view.itemsize == 8) return int32_checked(static_cast<const int64_t*>(view.buf), n);
+  if (view.itemsize == 4) return int32_checked(static_cast<const int32_t*>(view.buf), n);
+  return nb::none();
+}
+
 // int32_tokens(seq): a list / tuple of Python ints in [0, 2**31) as an int32 array, in one
 // C pass (as_tokens' per-request conversion of SGLang's token lists: np.asarray + min + max
 // + astype was ~15 us for 256 tokens); None when any item is not such an int (a bool, a
 // numpy scalar, out of range): the caller's numpy path then converts it or names the bad
-// value.
+// value. A buffer of ints (array("q"), an int64 numpy array): int32_from_buffer.
 nb::object int32_tokens(nb::handle seq) {
-  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return nb::none();
+  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return int32_from_buffer(seq);
   nb::object f = nb::steal(PySequence_Fast(seq.ptr(), "int32_tokens: not a sequence"));
   if (!f.is_valid()) throw nb::python_error();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(f.ptr());
@@ -2408,7 +2444,8 @@ NB_MODULE(_suffix, m) {
       .def("memory_bytes", &LengthIndex::memory_bytes)
       .def_ro_static("MAX_LENGTH", &LengthIndex::kMaxLength);
   m.def("int32_tokens", &int32_tokens, nb::arg("seq"),
-        "A list / tuple of Python ints in [0, 2**31) as an int32 array; None otherwise.");
+        "A list / tuple of Python ints, or a 1-D buffer of 32- / 64-bit ints (array('q'), int64 numpy), "
+        "in [0, 2**31) as an int32 array; None otherwise.");
   m.def("row_map", &row_map, nb::arg("prev"), nb::arg("new"), nb::arg("identity") = false,
         "For each item of new, the index of its last equal item in prev (-1: none), and whether new "
         "holds each item once: (int64 array, bool). identity: equal = the same object (items unread).");
