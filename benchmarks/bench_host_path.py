@@ -82,7 +82,11 @@ add up to the step; ``hook``: the forward hook past the forward's end), ``worst_
 step kind (decode / finish / boundary) its steps, p50 and max (``decode_p50_ms`` ...) with
 ``per_step_kind`` beside ``per_step_ms``, and ``decode_p50_by_block_position_ms`` (the
 decode steps' p50 at each position of the ``--interleave`` blocks: the first positions
-after the baseline's block run colder).
+after the baseline's block run colder). ``engine_wait``: per step, how long the scheduler
+thread waited for a core during the engine's work (its run-queue wait, Linux schedstat),
+with how many steps over 5 ms would not be without it (``steps_over_5ms_less_wait``):
+reported beside the step times, never subtracted from them -- a wait behind another
+process (the VM's kdamond, say) is charged to DAS like one behind a DAS thread.
 
 The requests are SGLang's own ``Req`` objects (the model's EOS as their stop token; CPU
 development mode is switched on to import SGLang where no GPU is), and the worker's reads
@@ -273,18 +277,37 @@ def calibrate_engine(runs: int = 5, spins: int = 200_000) -> None:
     _SPINS_PER_US = best
 
 
+def _run_queue_wait_s() -> float | None:
+    """This thread's time spent runnable but not running so far (Linux schedstat), or
+    None where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) * 1e-9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+LAST_ENGINE_WAIT = [None]  # the latest engine_gap's run-queue wait (s), None if unknown
+
+
 def engine_gap(rows: int, forward_ms: float, engine_us: float, fixed_ms: float = 0.0) -> float:
     """The engine's own work between two DAS calls. Returns how much longer than nominal
     its Python took (seconds, >= 0): a fixed amount of work (``fixed_ms`` per step plus
     ``engine_us`` per request), so DAS's background threads taking its core slow it down,
-    and that delay is charged to DAS."""
+    and that delay is charged to DAS. How much of it the thread spent waiting for a core
+    (preempted, by anything) goes to ``LAST_ENGINE_WAIT``: reported, not subtracted."""
     time.sleep(forward_ms * 1e-3)  # the GPU forward: the scheduler thread waits, GIL free
     nominal = fixed_ms * 1e-3 + rows * engine_us * 1e-6
+    LAST_ENGINE_WAIT[0] = 0.0
     if nominal <= 0:
         return 0.0
+    w0 = _run_queue_wait_s()
     t = time.perf_counter()
     _spin(int(nominal * 1e6 * _SPINS_PER_US))  # SGLang's per-request Python: holds the GIL
-    return max(0.0, time.perf_counter() - t - nominal)
+    delay = max(0.0, time.perf_counter() - t - nominal)
+    w1 = _run_queue_wait_s()
+    LAST_ENGINE_WAIT[0] = None if w0 is None or w1 is None else w1 - w0
+    return delay
 
 
 def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
@@ -386,7 +409,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     plan = Legacy.plan if legacy else DasSession.plan
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
     finish = Legacy.finished if legacy else DasSession.finished
-    times, kinds, finishes, phases, cpus, hooks = [], [], 0, [], [], []
+    times, kinds, finishes, phases, cpus, hooks, waits = [], [], 0, [], [], [], []
     carried = 0.0  # update-thread work still pending when the other configuration ran
     yield  # built
     for step in range(args.warmup + args.steps):
@@ -514,6 +537,7 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         del tensors, mask
         delay = engine_gap(batch, 0.0, args.engine_us, args.engine_fixed_ms)
         if step >= args.warmup:
+            waits.append(None if LAST_ENGINE_WAIT[0] is None else LAST_ENGINE_WAIT[0] * 1e3)
             over = max(0.0, hook_s - args.forward_ms * 1e-3)  # (the hook past the forward's end)
             times.append(((t_mid - t_begin) + (t_end - t_fb) + delay + over) * 1e3)
             kinds.append(kind)
@@ -544,10 +568,11 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
     session.close()
     worst = sorted(range(len(times)), key=lambda i: -times[i])[:5]
     cpu_ms = [sum(c.values()) for c in cpus]
-    out.update(hooks=hooks, times=times, kinds=kinds, finishes=finishes, build_s=build_s, stats=stats, phase_rows=phases,
+    out.update(hooks=hooks, times=times, kinds=kinds, waits=waits, finishes=finishes, build_s=build_s, stats=stats, phase_rows=phases,
                phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]},
                cpu_ms=cpu_ms, cpu_phases={k: float(np.percentile([c[k] for c in cpus], 50)) for k in cpus[0]},
-               worst=[{"step": i, "kind": kinds[i], "ms": times[i], **phases[i]} for i in worst])
+               worst=[{"step": i, "kind": kinds[i], "ms": times[i], **phases[i], "engine_wait": waits[i]}
+                      for i in worst])
 
 
 def _text_tokenizer():
@@ -829,6 +854,16 @@ def main(argv=None) -> int:
                 entry["thread_cpu"] = {"p50_ms": float(np.percentile(c, 50)), "p99_ms": float(np.percentile(c, 99)),
                                        "max_ms": float(c.max()), "phases_p50_ms": o["cpu_phases"]}
                 entry["worst_steps"] = o["worst"]  # the slowest steps, by phase (ms)
+                # Of each step's engine_delay, the time the scheduler thread waited for a
+                # core during the engine's work (run-queue wait: preempted by another
+                # process, or by a DAS thread on its core; the pool's threads keep off it).
+                # Reported, not subtracted: the step times charge all of engine_delay.
+                wt = [w for w in o["waits"] if w is not None]
+                entry["engine_wait"] = None if not wt else {
+                    "per_step_ms": o["waits"], "p50_ms": float(np.percentile(wt, 50)), "max_ms": float(max(wt)),
+                    "steps_over_1ms": int(sum(w > 1.0 for w in wt)),
+                    "steps_over_5ms_less_wait": int(sum(t > 5.0 and t - (w or 0.0) <= 5.0
+                                                        for t, w in zip(times, o["waits"])))}
                 # The forward hook's own time (--forward-hook after_launch: during the
                 # forward, not in the step unless past its end, phase "hook")
                 hk = np.asarray(o["hooks"])
