@@ -86,7 +86,9 @@ after the baseline's block run colder). ``engine_wait``: per step, how long the 
 thread waited for a core during the engine's work (its run-queue wait, Linux schedstat),
 with how many steps over 5 ms would not be without it (``steps_over_5ms_less_wait``):
 reported beside the step times, never subtracted from them -- a wait behind another
-process (the VM's kdamond, say) is charged to DAS like one behind a DAS thread.
+process (the VM's kdamond, say) is charged to DAS like one behind a DAS thread. Time the
+hypervisor took the whole vCPU away (steal) is not in it: to the guest the thread was
+running (``machine`` reports steal per block).
 
 The requests are SGLang's own ``Req`` objects (the model's EOS as their stop token; CPU
 development mode is switched on to import SGLang where no GPU is), and the worker's reads
