@@ -142,6 +142,7 @@ import time
 from array import array
 from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -294,32 +295,31 @@ def _run_queue_wait_s() -> float | None:
         return None
 
 
-LAST_ENGINE_WAIT = [None]  # the latest engine_gap's run-queue wait (s), None if unknown
-LAST_ENGINE_OFF_CPU = [0.0]  # ... and its time off the CPU (wall - thread CPU time, s)
+class EngineGap(NamedTuple):
+    delay: float  # s the engine's work took beyond nominal (>= 0): charged to DAS
+    wait: float | None  # s of it the thread waited for a core (run queue), None if unknown
+    off_cpu: float  # s the thread was off the CPU meanwhile (wall - thread CPU time)
 
 
-def engine_gap(rows: int, forward_ms: float, engine_us: float, fixed_ms: float = 0.0) -> float:
-    """The engine's own work between two DAS calls. Returns how much longer than nominal
-    its Python took (seconds, >= 0): a fixed amount of work (``fixed_ms`` per step plus
+def engine_gap(rows: int, forward_ms: float, engine_us: float, fixed_ms: float = 0.0) -> EngineGap:
+    """The engine's own work between two DAS calls: how much longer than nominal its
+    Python took (``delay``, s, >= 0): a fixed amount of work (``fixed_ms`` per step plus
     ``engine_us`` per request), so DAS's background threads taking its core slow it down,
-    and that delay is charged to DAS. How much of it the thread spent waiting for a core
-    (preempted, by anything) goes to ``LAST_ENGINE_WAIT``: reported, not subtracted."""
+    and that delay is charged to DAS. Also how much of the time the thread waited for a
+    core (``wait``: preempted, by anything) or was off the CPU at all (``off_cpu``):
+    reported, not subtracted."""
     time.sleep(forward_ms * 1e-3)  # the GPU forward: the scheduler thread waits, GIL free
     nominal = fixed_ms * 1e-3 + rows * engine_us * 1e-6
-    LAST_ENGINE_WAIT[0] = 0.0
-    LAST_ENGINE_OFF_CPU[0] = 0.0
     if nominal <= 0:
-        return 0.0
+        return EngineGap(0.0, 0.0, 0.0)
     w0 = _run_queue_wait_s()
     c = time.thread_time()
     t = time.perf_counter()
     _spin(int(nominal * 1e6 * _SPINS_PER_US))  # SGLang's per-request Python: holds the GIL
     wall = time.perf_counter() - t
-    LAST_ENGINE_OFF_CPU[0] = max(0.0, wall - (time.thread_time() - c))
-    delay = max(0.0, wall - nominal)
+    off_cpu = max(0.0, wall - (time.thread_time() - c))
     w1 = _run_queue_wait_s()
-    LAST_ENGINE_WAIT[0] = None if w0 is None or w1 is None else w1 - w0
-    return delay
+    return EngineGap(max(0.0, wall - nominal), None if w0 is None or w1 is None else w1 - w0, off_cpu)
 
 
 def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
@@ -547,12 +547,13 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         pos_at += n_commit
         seq_lens_cpu += n_commit
         del tensors, mask
-        delay = engine_gap(batch, 0.0, args.engine_us, args.engine_fixed_ms)
+        gap = engine_gap(batch, 0.0, args.engine_us, args.engine_fixed_ms)
+        delay = gap.delay
         if step >= args.warmup:
-            waits.append(None if LAST_ENGINE_WAIT[0] is None else LAST_ENGINE_WAIT[0] * 1e3)
+            waits.append(None if gap.wait is None else gap.wait * 1e3)
             # (the same step with only the engine delay spent off the CPU charged: see
             # off_cpu_rule)
-            off_cpu_delays.append(min(delay, LAST_ENGINE_OFF_CPU[0]) * 1e3)
+            off_cpu_delays.append(min(delay, gap.off_cpu) * 1e3)
             over = max(0.0, hook_s - args.forward_ms * 1e-3)  # (the hook past the forward's end)
             times.append(((t_mid - t_begin) + (t_end - t_fb) + delay + over) * 1e3)
             kinds.append(kind)

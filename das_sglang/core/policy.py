@@ -617,7 +617,6 @@ class LengthAware(_ModelBased):
             width = alloc.width  # padded out to a CUDA-graph width: cheaper than eager
         return BudgetPlan(budgets, width)
 
-
     def _plan_fused(self, rows, prepared: tuple | None) -> BudgetPlan | None:
         """:meth:`plan` of flat rows in one native call (``native.online_plan``: the usable
         nodes, the online curves, ``lookahead_per_row``, the min-gain rule and ``_probe``'s

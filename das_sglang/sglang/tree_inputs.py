@@ -173,7 +173,7 @@ class RaggedLayout:
     n: int  # columns of the dense link arrays: max(verify_lens)
     # The native layout's one int64 buffer holding every integer array above (they are
     # views of it), SGLang's int32 qo_indptr arrays and, built with ``mask_zeros``, the
-    # flat mask's False positions; ``starts``: its sections (:data:`RAGGED_SECTIONS`).
+    # flat mask's False positions; ``starts``: its parts (:data:`RAGGED_PARTS`).
     # None for the numpy layout (:func:`pack_ragged` packs it on demand).
     packed: np.ndarray | None = None
     starts: np.ndarray | None = None
@@ -319,8 +319,7 @@ def ragged_device_inputs(layout: RaggedLayout, seq_lens: Sequence[int], device, 
     if cpu:
         mask = ragged_custom_mask(layout, seq_lens, device, target)
     else:
-        mask = torch.ones(int(layout.flat_mask_len), dtype=torch.bool, device=target)
-        mask[zeros] = False
+        mask = _ones_but(int(layout.flat_mask_len), zeros, target)
     return RaggedDeviceInputs(tok, pos, vl, offs, *links.view(4, bs, n).unbind(), vl32, qo_indptr, start, mask)
 
 
@@ -374,7 +373,15 @@ def ragged_custom_mask(layout: RaggedLayout, seq_lens: Sequence[int], device, ta
     zeros, length = ragged_mask_index(np.ascontiguousarray(layout.verify_lens, dtype=np.int64),
                                       np.asarray(seq_lens, dtype=np.int64),
                                       np.ascontiguousarray(layout.mask, dtype=bool).reshape(-1))
-    out = torch.ones(int(length), dtype=torch.bool, device=target)
-    out[torch.from_numpy(zeros).to(target)] = False  # (index_fill_: ~3x the host dispatch)
+    return _ones_but(int(length), torch.from_numpy(zeros).to(target), target)
+
+
+def _ones_but(length: int, zeros, target):
+    """The GPU-form mask: ``length`` entries on ``target``, True but at ``zeros`` (an int64
+    tensor there)."""
+    import torch
+
+    out = torch.ones(length, dtype=torch.bool, device=target)
+    out[zeros] = False  # (index_fill_: ~3x the host dispatch)
     return out
 

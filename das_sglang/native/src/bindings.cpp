@@ -1079,6 +1079,25 @@ constexpr int RAGGED_PARTS = 7;
 
 inline int64_t round4(int64_t x) { return (x + 3) & ~int64_t(3); }
 
+// The flat GPU-form verify mask (request b: verify_len(b) rows of [seq_len(b) prefix |
+// tree columns], blocks back to back): calls emit(position) for each tree-block entry
+// (b, i, j) in (b, i, j) order that `pick(at)` keeps (`at`: the entry's index in the
+// blocks' flat order), and returns the mask's length. ragged_mask_index's index and
+// ragged_layout's zeros both walk it here.
+template <class VerifyLen, class SeqLen, class Pick, class Emit>
+int64_t mask_tree_positions(size_t bs, VerifyLen verify_len, SeqLen seq_len, Pick pick, Emit emit) {
+  int64_t start = 0;
+  size_t at = 0;
+  for (size_t b = 0; b < bs; ++b) {
+    const int64_t w = verify_len(b), prefix = seq_len(b), row_len = prefix + w;
+    for (int64_t i = 0; i < w; ++i)
+      for (int64_t j = 0; j < w; ++j, ++at)
+        if (pick(at)) emit(start + i * row_len + prefix + j);
+    start += w * row_len;
+  }
+  return start;
+}
+
 nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle offsets_h, nb::handle tokens_h,
                         nb::handle parents_h, bool mask_zeros) {
   I64 roots = as_array<I64>(roots_h, "roots", "int64");
@@ -1188,14 +1207,9 @@ nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle of
   int64_t end = starts[6];
   if (mask_zeros) {  // (as ragged_mask_index with the tree: its False entries' positions)
     int64_t* zeros = buf + end;
-    size_t at = 0;
-    for (size_t b = 0; b < bs; ++b) {
-      const int64_t w = vl[b], row_len = seq_lens(b) + w;
-      for (int64_t i = 0; i < w; ++i)
-        for (int64_t j = 0; j < w; ++j, ++at)
-          if (!mask[at]) *zeros++ = flat_len + i * row_len + seq_lens(b) + j;
-      flat_len += w * row_len;
-    }
+    flat_len = mask_tree_positions(
+        bs, [&](size_t b) { return vl[b]; }, [&](size_t b) { return seq_lens(b); },
+        [&](size_t at) { return !mask[at]; }, [&](int64_t q) { *zeros++ = q; });
     end = zeros - buf;
   }
   starts[RAGGED_PARTS] = end;
@@ -1434,16 +1448,10 @@ nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h, nb:
   }
   std::vector<int64_t> index;
   index.reserve(count);
-  int64_t start = 0;
-  size_t at = 0;
-  for (size_t b = 0; b < bs; ++b) {
-    const int64_t w = vl(b), row_len = lens(b) + w;
-    for (int64_t i = 0; i < w; ++i)
-      for (int64_t j = 0; j < w; ++j, ++at)
-        if (tree == nullptr || !tree[at]) index.push_back(start + i * row_len + lens(b) + j);
-    start += w * row_len;
-  }
-  return nb::make_tuple(to_numpy_moved(std::move(index)), start);
+  const int64_t length = mask_tree_positions(
+      bs, [&](size_t b) { return vl(b); }, [&](size_t b) { return lens(b); },
+      [&](size_t at) { return tree == nullptr || !tree[at]; }, [&](int64_t q) { index.push_back(q); });
+  return nb::make_tuple(to_numpy_moved(std::move(index)), length);
 }
 
 using F64Matrix = nb::ndarray<const double, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
