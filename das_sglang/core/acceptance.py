@@ -412,9 +412,30 @@ class AcceptanceTracker:
         """:meth:`calibration` of each entry of ``problem_ids`` (the same floats), as one
         float64 array: a gather from the sums' table. The slots of the latest list are kept
         while no problem comes or goes (a plan's rows pass equal lists step after step)."""
+        w, prior = self.calibration_prior()
+        slots, known = self.calibration_slots(problem_ids)
+        sums = self._sums.arr[slots]
+        wp = w * prior
+        out = (wp + sums[:, 0]) / (w + sums[:, 1])
+        out[~known] = prior
+        return out
+
+    def calibration_prior(self) -> tuple:
+        """(w, prior): the shrinkage weight and the pooled factor (:meth:`calibration` of a
+        problem without outcomes, and of GLOBAL)."""
         w = self.config.calibration_prior_tokens
         pooled = self._stats[GLOBAL]
-        prior = (w + pooled.sum_matched) / (w + pooled.sum_expected)
+        return w, (w + pooled.sum_matched) / (w + pooled.sum_expected)
+
+    def calibration_inputs(self, problem_ids: list) -> tuple:
+        """What :meth:`calibration_rows` reads, for the native plan-ahead (``native.plan_ahead``):
+        (the sums' table, each row's slot in it, -1 for GLOBAL and unknown problems)."""
+        slots, _ = self.calibration_slots(problem_ids)
+        return self._sums.arr, slots
+
+    def calibration_slots(self, problem_ids: list) -> tuple:
+        """(slots, known) of ``problem_ids`` in the sums' table (-1 / False: GLOBAL and
+        unknown problems): kept for the latest list while no problem comes or goes."""
         memo = self._slots_memo
         if memo is not None and memo[1] == self._slot_version and memo[0] == problem_ids:
             slots, known = memo[2], memo[3]
@@ -430,11 +451,7 @@ class AcceptanceTracker:
                 slots = np.fromiter(map(get, problem_ids, repeat(-1, n)), np.int64, n)
             known = slots >= 0
             self._slots_memo = (list(problem_ids), self._slot_version, slots, known)
-        sums = self._sums.arr[slots]
-        wp = w * prior
-        out = (wp + sums[:, 0]) / (w + sums[:, 1])
-        out[~known] = prior
-        return out
+        return slots, known
 
     def calibration_many(self, problem_ids) -> dict[str, float]:
         """:meth:`calibration` of each problem (the same floats), the pooled prior once."""

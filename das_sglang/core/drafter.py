@@ -832,18 +832,19 @@ class SuffixDrafter:
             self._apply_unshare()
             extend_batch([self._global] * len(idx), seq_ids, flat, offsets)
 
-    def start_extend(self, prepared: tuple, predraft):
+    def start_extend(self, prepared: tuple, predraft, ahead=None):
         """:meth:`apply_extend` with ``predraft``, started now on the native background pool
         (it never needs the GIL, so it runs while this thread goes on with Python). Returns
         a callable that waits for it and keeps the trees; until it has returned nothing may
         read or change this drafter's indices. None (nothing started) with ``global_shard``
-        or no rows: use :meth:`apply_extend`."""
+        or no rows: use :meth:`apply_extend`. ``ahead``: a ``native.PlanAhead`` of the same
+        rows (the policy's ``plan_ahead``), run by the job on its trees once drafted."""
         if not self._can_predraft() or not len(prepared[0]):
             return None
         # The caller's thread keeps running Python meanwhile: leave it a core. When it
         # waits (``wait()``), it drafts too: then every core works on the rest.
         args, keep = self._extend_draft_args(prepared, predraft, spare=1)
-        pending = extend_draft_rows_start(*args)
+        pending = extend_draft_rows_start(*args, ahead=ahead)
         if args[-1] is not None:
             self._unshare_pending = []  # the job removes them, before its appends
         return lambda: keep(pending.wait())
@@ -878,6 +879,12 @@ class SuffixDrafter:
             self._boundary_trees = False
 
         return args, keep
+
+    def predrafted_trees(self) -> DraftBatch | None:
+        """The latest pre-draft's trees (the object a plan of its very rows gets back from
+        :meth:`speculate_flat` when every tree is still exact), or None."""
+        kept = self._predrafted
+        return kept[1] if kept is not None else None
 
     def finish_request(self, req_id: str, keep: bool = True) -> None:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""

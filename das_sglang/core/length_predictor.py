@@ -483,6 +483,17 @@ class LengthPredictor(_LengthQueries):
                              f"{g.shape} and max_new_tokens of shape {cap.shape} must be one per row")
         return inc.query(g, cap, self._problem_rows(problem_ids), float(cfg.tail_factor))
 
+    def query_inputs(self, problem_ids):
+        """What :meth:`predict_many` reads natively, for a query made off this thread
+        (``native.plan_ahead``): (the incremental index, each row's problem index,
+        tail_factor), its lazy update done now (so that query only reads it); None where
+        :meth:`predict_many` would not query the index."""
+        inc = self._inc
+        if inc is None or not inc.num_lengths:
+            return None
+        inc.thresholds()  # (brings the index up to date: the query then changes nothing)
+        return inc, self._problem_rows(problem_ids), float(self.config.tail_factor)
+
     def thresholds(self) -> np.ndarray | None:
         if self._inc is None:
             return super().thresholds()

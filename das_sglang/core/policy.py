@@ -25,7 +25,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Protocol, Sequence, runtime_checkable
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -49,9 +49,9 @@ from das_sglang.core.allocation import (
 )
 from das_sglang.core.cost_model import CostModel
 from das_sglang.core.length_predictor import LengthPredictor
-from das_sglang.core.online_acceptance import OnlineCalibration, ProbeSchedule
+from das_sglang.core.online_acceptance import _MATCH_LUT, OnlineCalibration, ProbeSchedule
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import online_plan
+from das_sglang.native import online_plan, plan_ahead
 
 _log = logging.getLogger(__name__)
 
@@ -211,6 +211,19 @@ class _Factors(Mapping):
         return len(self._get())
 
 
+class _Ahead(NamedTuple):
+    """A plan made ahead (``LengthAware.plan_ahead``): its native inputs and results, and
+    what must be unchanged for the next plan to use them."""
+
+    native: object  # native.PlanAhead
+    ids: list  # the rows' request ids
+    generated: np.ndarray  # their generated counts
+    epoch: int
+    cells: np.ndarray  # OnlineCalibration._cells (the object)
+    row_states: tuple  # OnlineCalibration._row_states (the object)
+    wait: object  # waits for the job (before the length index changes), or None
+
+
 class _ModelBased(_Observing):
     """Policies that plan with predicted lengths, acceptance estimates and a cost model."""
 
@@ -243,6 +256,15 @@ class _ModelBased(_Observing):
         # was last asked for (the plan's bookkeeping makes the sizes for it)
         self._latest: tuple[dict, np.ndarray] | None = None
         self._sizes_cap: int | None = None
+        # plan_ahead: the next plan of a feedback's rows, computed by its native job (an
+        # _Ahead); prepare adopts what it computed, plan its online_plan (_ahead_plan) when
+        # the drafts are that job's (ahead_drafts). _epoch counts what changes the inputs.
+        self._ahead: _Ahead | None = None
+        self._ahead_pre: tuple | None = None  # prepare_ahead's PlanAhead, for plan_ahead
+        self._planned_rows = None  # the latest plan's rows
+        self._ahead_plan: tuple | None = None
+        self._ahead_trees = None
+        self._epoch = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
@@ -278,6 +300,7 @@ class _ModelBased(_Observing):
         with self._post_lock:
             post, self._post = self._post, None
             if post is not None:
+                self._epoch += 1
                 self._bookkeep(*post)
 
     def inputs(self, rows: Sequence[BudgetRow], prepared: tuple | None = None):
@@ -362,6 +385,9 @@ class _ModelBased(_Observing):
         read in between (an observation, a step, forgotten problems) drops the inputs, and
         ``plan`` computes them again."""
         self.settle_plan()
+        self._ahead_plan = None
+        if self._ahead is not None and self._adopt_ahead(rows):
+            return
         self._read_outcomes(rows)
         if self.config.curve_mode == "online":
             self._outcomes.table()  # (cached until the next plan's outcomes: made now, off the wait)
@@ -372,6 +398,7 @@ class _ModelBased(_Observing):
     def _start_plan(self, rows: Sequence[BudgetRow]) -> tuple | None:
         """Read the previous plan's outcomes unless :meth:`prepare` did for these rows;
         the prepared inputs when they are still these rows' (else None)."""
+        self._ahead = None  # (a plan not prepared from it: the job only read copies)
         ids = R.req_ids(rows)
         read, prepared = self._read_ahead, self._prepared
         self._read_ahead = self._prepared = None
@@ -386,8 +413,53 @@ class _ModelBased(_Observing):
         return prepared[1]
 
     def _inputs_changed(self) -> None:
+        self.drop_ahead()  # (first: its job may still read the length index)
         self.settle_plan()  # (before what the latest plan's bookkeeping reads changes)
         self._prepared = None
+        self._epoch += 1
+
+    # ---- the next plan, ahead (LengthAware.plan_ahead) -------------------------------------
+    def drop_ahead(self) -> None:
+        """Forget the plan made ahead, if any, once its job no longer runs (it reads the
+        length index, which the caller may be about to change)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.wait is not None:
+            ahead.wait()
+
+    def ahead_drafts(self, drafts) -> None:
+        """The drafts of the job that planned ahead, when they are the next plan's trees (the
+        session: the drafter reused every tree that job drafted); else None."""
+        self._ahead_trees = drafts
+
+    def _adopt_ahead(self, rows) -> bool:
+        """:meth:`prepare` from what the job computed ahead for these rows, if nothing it read
+        changed since (the same rows, generated counts, outcome state and epoch): the same
+        cells, states, table and draft-free inputs as :meth:`prepare` computes, bit for bit
+        (tests/test_plan_ahead.py)."""
+        ahead, self._ahead = self._ahead, None
+        oc = self._outcomes
+        ids = R.req_ids(rows)
+        if (ahead.epoch != self._epoch or oc._cells is not ahead.cells or oc._row_states is not ahead.row_states
+                or not (ahead.ids is ids or ahead.ids == ids)):
+            return False
+        generated = R.generated(rows)
+        if not np.array_equal(ahead.generated, generated):
+            return False
+        got = ahead.native.result()
+        if got is None:  # (the job did not plan: PlanAhead.error)
+            return False
+        cells, states, added, table, calibration, relative, remaining, kv, plan = got
+        np.copyto(oc._cells, cells)  # (OnlineCalibration.update, then table(): see _update_native)
+        oc._table = table
+        oc._bins_cache = None
+        if added:
+            oc._rows_dirty = True
+        oc._row_states = (ids, states)
+        prepared = (_Factors(R.problem_ids(rows), calibration), remaining, calibration, kv)
+        self._read_ahead = ids
+        self._prepared = (generated.copy(), prepared)
+        self._ahead_plan = (prepared, plan)
+        return True
 
     def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None:
         self._inputs_changed()
@@ -499,6 +571,7 @@ class _ModelBased(_Observing):
         """Leave the plan's bookkeeping for :meth:`settle_plan`; returns the budgets the
         caller gets (a copy: what the bookkeeping keeps cannot change under it)."""
         self._post = (rows, budgets, self._base, remaining, probe_record)
+        self._planned_rows = rows  # (prepare_ahead's rows)
         return budgets.copy()
 
     def _bookkeep(self, rows, budgets: np.ndarray, base: np.ndarray, remaining, probe_record) -> None:
@@ -628,24 +701,29 @@ class LengthAware(_ModelBased):
         if not (self.FUSED and cfg.curve_mode == "online" and self.NATIVE_CURVES and type(rows) is R.BudgetRows
                 and not cfg.uniform_width and cfg.lookahead != "stationary" and _allocation.NATIVE):
             return None
+        ahead, self._ahead_plan = self._ahead_plan, None
+        trees, self._ahead_trees = self._ahead_trees, None
         generated, max_new = R.generated(rows), R.max_new(rows)
         if prepared is None:
             prepared = self._draft_free_inputs(rows, generated, max_new)
         _, remaining, calibration, kv = prepared
         n = len(rows)
         outcomes, probes = self._outcomes, self._probes
-        table, states, match, depth_bin, rank_bin, max_budget = outcomes.curve_inputs(rows)
         d = rows.drafts
-        probing = cfg.probe_budget > 0
-        got = online_plan(
-            np.ascontiguousarray(d.offsets, dtype=np.int64), np.ascontiguousarray(d.probs, dtype=np.float64),
-            np.ascontiguousarray(d.depths, dtype=np.int32), table, states, match,
-            np.ascontiguousarray(calibration / self.acceptance.calibration(GLOBAL), dtype=np.float64),
-            depth_bin, rank_bin, max_budget, np.ascontiguousarray(generated, dtype=np.int64),
-            np.ascontiguousarray(max_new, dtype=np.int64), np.ascontiguousarray(remaining, dtype=np.float64),
-            np.ascontiguousarray(kv, dtype=np.float64), cost.c_base_s, cost.c_tok_s, cost.c_kv_s, self.spread(),
-            max(cost.free_tokens - n, 0.0), float(cfg.min_gain), int(cfg.probe_budget),
-            probes.due(rows) if probing else None, probes.spent_s, cfg.probe_share * probes.total_s)
+        if ahead is not None and ahead[0] is prepared and d is trees and trees is not None:
+            got = ahead[1]  # (online_plan of these inputs and drafts, by the job: plan_ahead)
+        else:
+            table, states, match, depth_bin, rank_bin, max_budget = outcomes.curve_inputs(rows)
+            probing = cfg.probe_budget > 0
+            got = online_plan(
+                np.ascontiguousarray(d.offsets, dtype=np.int64), np.ascontiguousarray(d.probs, dtype=np.float64),
+                np.ascontiguousarray(d.depths, dtype=np.int32), table, states, match,
+                np.ascontiguousarray(calibration / self.acceptance.calibration(GLOBAL), dtype=np.float64),
+                depth_bin, rank_bin, max_budget, np.ascontiguousarray(generated, dtype=np.int64),
+                np.ascontiguousarray(max_new, dtype=np.int64), np.ascontiguousarray(remaining, dtype=np.float64),
+                np.ascontiguousarray(kv, dtype=np.float64), cost.c_base_s, cost.c_tok_s, cost.c_kv_s, self.spread(),
+                max(cost.free_tokens - n, 0.0), float(cfg.min_gain), int(cfg.probe_budget),
+                probes.due(rows) if probing else None, probes.spent_s, cfg.probe_share * probes.total_s)
         if got is None:
             return None
         base, _, bins, width, _, alloc_budgets, alloc_width, modeled, baseline, makespan, budgets, probe_s = got
@@ -655,6 +733,87 @@ class LengthAware(_ModelBased):
         probe_record = (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)
         budgets = self._defer(rows, budgets, remaining, probe_record)
         return BudgetPlan(budgets, int(budgets.max(initial=0)))
+
+
+    # The next plan of a feedback's rows, made by its native job (prepare_ahead, plan_ahead);
+    # False: the plan makes it (the reference: the same plans, tests/sglang/test_plan_ahead.py).
+    AHEAD = True
+
+    def prepare_ahead(self) -> None:
+        """During the verify forward (the session's recording job, after the recording):
+        the next plan's inputs of the latest plan's rows that the verify outcomes do not
+        change -- the outcome calibration's cells and pending arrays, the rows' calibration
+        factors, the length index (brought up to date), the probe schedule and the cost
+        model -- copied into a ``native.PlanAhead``, which waits for the feedback's
+        generated counts (:meth:`plan_ahead`). Built here, in the forward's shadow, so the
+        feedback only adds those counts. Nothing where the plan would not take the fused
+        path or the rows are not the planned ones (their outcomes read with no row map)."""
+        self._ahead_pre = None
+        rows = self._planned_rows
+        cfg, cost = self.config, self.cost
+        if (rows is None or not (self.AHEAD and self.FUSED and cfg.curve_mode == "online" and self.NATIVE_CURVES
+                                 and type(rows) is R.BudgetRows and not cfg.uniform_width
+                                 and cfg.lookahead != "stationary" and _allocation.NATIVE and len(rows))):
+            return
+        oc = self._outcomes
+        if type(oc) is not OnlineCalibration or not oc.NATIVE_ADD:
+            return
+        self.settle_plan()
+        ids = R.req_ids(rows)
+        n = len(ids)
+        prev = oc._row_states
+        # (OnlineCalibration._update_native's "same rows" case: the planned rows, each once)
+        if (prev is None or not oc._rows_unique or not (prev[0] is ids or prev[0] == ids)
+                or len(oc._pending) != n or oc._pending_ids != ids):
+            return
+        pids = R.problem_ids(rows)
+        query = getattr(self.lengths, "query_inputs", None)
+        lengths = query(pids) if query is not None else None
+        if lengths is None:
+            return
+        w, prior = self.acceptance.calibration_prior()
+        sums, slots = self.acceptance.calibration_inputs(pids)
+        probes = self._probes
+        native = plan_ahead(
+            oc._cells, oc._decay, np.ascontiguousarray(R.generated(rows), dtype=np.int64), prev[1],
+            np.ascontiguousarray(oc._pending_budget, dtype=np.int64),
+            np.ascontiguousarray(oc._pending_generated, dtype=np.int64),
+            np.ascontiguousarray(oc._pending_match, dtype=np.int64),
+            np.ascontiguousarray(oc._pending_nodes, dtype=np.float64),
+            np.ascontiguousarray(oc._pending_bins, dtype=np.int64), oc._bin_before, oc._bin_size,
+            float(cfg.calibration_prior_tokens), float(cfg.prior_alpha), oc._depth_bin, oc._rank_bin,
+            int(cfg.max_budget), _MATCH_LUT, sums, slots, float(w), float(w * prior), float(prior), *lengths[:2],
+            lengths[2], np.ascontiguousarray(R.max_new(rows), dtype=np.int64),
+            np.ascontiguousarray(R.prompt_len(rows), dtype=np.int64), cost.c_base_s, cost.c_tok_s, cost.c_kv_s,
+            self.spread(), max(cost.free_tokens - n, 0.0), float(cfg.min_gain), int(cfg.probe_budget),
+            probes.due(rows) if cfg.probe_budget > 0 else None, probes.spent_s, cfg.probe_share * probes.total_s)
+        self._ahead_pre = (native, ids, self._epoch, oc._cells, prev)
+
+    def plan_ahead(self, req_ids: list, generated: np.ndarray, wait=None):
+        """At a feedback of the rows :meth:`prepare_ahead` prepared (``req_ids``, their
+        generated counts after it, int64): the ``native.PlanAhead`` to hand the feedback's
+        extend + draft job (``SuffixDrafter.start_extend(..., ahead=)``). The job runs what
+        the next :meth:`prepare` and :meth:`plan` of these rows would compute --
+        ``OnlineCalibration.update`` and ``table``, the calibration factors, the length
+        predictions, ``online_plan`` -- on its drafts, without the GIL, while the engine
+        processes the step's results. The next plan uses the results if nothing they read
+        has changed: the same rows and generated counts, no observation, step or
+        bookkeeping since, its drafts the job's (:meth:`ahead_drafts`); otherwise it
+        computes them itself. ``wait`` waits for the job: called before anything changes
+        the length index the job reads. None when nothing was prepared for these rows (or
+        anything changed since)."""
+        pre, self._ahead_pre = self._ahead_pre, None
+        self.drop_ahead()
+        if pre is None:
+            return None
+        native, ids, epoch, cells, row_states = pre
+        oc = self._outcomes
+        if (epoch != self._epoch or oc._cells is not cells or oc._row_states is not row_states
+                or not (ids is req_ids or ids == req_ids)):
+            return None
+        native.set_generated(generated)
+        self._ahead = _Ahead(native, ids, generated, epoch, cells, row_states, wait)
+        return native
 
 
 class PaperClosedForm(_ModelBased):

@@ -47,6 +47,10 @@ fill for j in at]``: the per-step parts gather their latest rows' values through
 ``stop_rows(runs, lens, max_new, committed, row_set, set_ids, set_offsets)`` is the token-stop cut of
 each row's accepted run and its length limit (``sglang/batch_rows.py``): ``(cut, limit)``.
 ``padded_rows(tokens, lens)`` is ``TokenRows.from_padded`` in one pass: ``(flat, offsets)``, None on bad input.
+``plan_ahead(...)`` copies the policy's inputs for its next plan of a feedback's rows
+(``_ModelBased.plan_ahead``); passed to ``extend_draft_rows_start(..., ahead=)``, the job runs
+``OnlineCalibration.update`` / ``table``, the calibration factors, the length predictions and
+``online_plan`` on its drafts; ``PlanAhead.result()`` gives them (None if it did not run).
 ``draft_select(offsets, rows, keep, tokens, parents, probs, depths, match_len)`` is DraftBatch's
 ``take`` / ``take_rows`` / ``truncate`` in one pass (rows None: every row; -1: an empty row;
 keep None: whole rows): ``(tokens, parents, probs, depths, offsets, match)``.
@@ -59,6 +63,7 @@ from das_sglang.native._suffix import (
     MAX_STEPS,
     LengthIndex,
     PendingExtendDraft,
+    PlanAhead,
     SuffixIndex,
     background_nice,
     background_threads,
@@ -82,6 +87,7 @@ from das_sglang.native._suffix import (
     online_table,
     online_update,
     padded_rows,
+    plan_ahead,
     ragged_layout,
     ragged_mask_index,
     row_map,

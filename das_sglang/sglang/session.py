@@ -409,6 +409,7 @@ class DasSession:
         # first plan after the boundary reuses it (SuffixDrafter.REUSE_ACROSS_BOUNDARY).
         self._plan_nodes: int | None = None
         self._empty_drafts: DraftBatch | None = None  # (see _no_drafts)
+        self._ahead_pending = False  # the latest feedback's job also plans ahead (_plan_ahead)
         # Verify outcomes and finished lengths reach the policy one step late
         # (_defer_outcomes, finished): those not yet recorded, in event order, and the
         # event of a recording running on the update thread (set when done).
@@ -806,6 +807,9 @@ class DasSession:
         # (the memo's columns are shared by plans of the same rows: no policy changes them;
         # the generated counts are a fresh gather)
         columns = (req_ids, problem_ids, self._counts.gen[slots], max_new, prompt_len)
+        ahead, self._ahead_pending = self._ahead_pending, False
+        if ahead and self._updates is not None:
+            self._updates.flush()  # (the feedback's job planned ahead: prepare reads its results)
         prepare = getattr(self.policy, "prepare", None)
         if prepare is not None and self.PREPARE_AHEAD and n:
             # The policy's Python that does not read the drafts runs now, while the update
@@ -827,6 +831,8 @@ class DasSession:
             drafts = self._speculate_registered(req_ids, sizes, new, **drafter_kw)
         else:
             drafts = self.drafter.speculate_flat(req_ids, sizes, **drafter_kw)
+        if ahead:  # (the job's own trees, every one reused: the plan it made ahead is of them)
+            self.policy.ahead_drafts(drafts if drafts is self.drafter.predrafted_trees() else None)
         probs = drafts.probs
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
@@ -916,7 +922,7 @@ class DasSession:
             # busy update thread never holds it up.)
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_job = (self._policy_updates or self._updates).submit(
-                self._record_outcomes, outcomes, gil_pause)
+                self._record_then_look_ahead, outcomes, gil_pause)
         if self._updates is not None:
             work.extend(self._take_deferred())  # the plan's new requests: registered now
         else:
@@ -998,10 +1004,17 @@ class DasSession:
                 # this step's results (exact: rows whose index changes meanwhile, by a finish
                 # or a start, are drafted again by the plan). With nothing queued before it,
                 # the work starts now on a native thread: queued, it would wait for the GIL
-                # until this thread blocks.
+                # until this thread blocks. The job also makes the policy's next plan of these
+                # rows on those trees (plan_ahead), used if the rows are the same then.
                 done = None
                 if not self._updates.busy():
-                    done = self.drafter.start_extend(prepared, sizes)
+                    ahead = self._plan_ahead(req_ids, tokens)
+                    done = self.drafter.start_extend(prepared, sizes, ahead=ahead)
+                    if ahead is not None:
+                        if done is None:
+                            self.policy.drop_ahead()
+                        else:
+                            self._ahead_pending = True
                 if done is not None:
                     self._updates.set_native(done)
                 else:
@@ -1032,6 +1045,30 @@ class DasSession:
         rows = np.flatnonzero((p != 0) | (n != 1))
         if rows.size:
             self._defer_outcomes(problem_ids, p[rows], n[rows] - 1, req_ids, rows)
+
+    # The feedback's job also makes the policy's next plan of its rows (plan_ahead).
+    PLAN_AHEAD = True
+
+    def _plan_ahead(self, req_ids, tokens):
+        """The policy's ``plan_ahead`` of a feedback's rows, their generated counts after it
+        (a ``native.PlanAhead`` for the feedback's job), or None."""
+        make = getattr(self.policy, "plan_ahead", None)
+        if not self.PLAN_AHEAD or make is None or type(tokens) is not TokenRows:
+            return None
+        _, _, _, _, slots, unique = self._rows(req_ids)
+        if not unique:
+            return None
+        return make(req_ids, self._counts.gen[slots] + tokens.lens(), self._updates._finish_native_keeping_errors)
+
+    def _record_then_look_ahead(self, outcomes: list, pause=None) -> None:
+        """The forward's recording job (:meth:`_record_outcomes`), then the policy's
+        ``prepare_ahead`` of the latest plan's rows (its next plan's inputs that the
+        verify outcomes do not change, for the feedback's job): both in the forward's
+        shadow."""
+        self._record_outcomes(outcomes, pause)
+        ahead = getattr(self.policy, "prepare_ahead", None)
+        if ahead is not None and self.PLAN_AHEAD:
+            ahead()
 
     def _defer_outcomes(self, problem_ids: list, proposed: np.ndarray, accepted: np.ndarray,
                         req_ids: list, rows: np.ndarray) -> None:

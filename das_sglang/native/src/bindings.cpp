@@ -552,6 +552,54 @@ void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, n
 // shared index (every row, row order); then, once every append is done, the drafts in
 // chunks of kChunk rows, each into its own buffer, concatenated in chunk order. Which
 // thread runs which task never changes the result: it equals the sequential loop's.
+// policy._ModelBased's next plan of a feedback's rows (plan_ahead), computed by the feedback's
+// extend + draft job right after its drafts are built, while the engine processes the step's
+// results: OnlineCalibration.update (on a copy of the cells) and table, the rows'
+// calibration factors, the length predictor's remaining tokens and the KV tokens (prepare),
+// then online_plan on the job's drafts. The inputs are copies taken by the constructor,
+// except the length index, which the query only reads (the caller refreshed it; the policy
+// waits for the job before anything changes it). The plan is used only if nothing it read
+// changed by the next plan (the policy checks); every number is what those calls give.
+struct PlanAhead {
+  // OnlineCalibration.update's arguments (same rows as planned: no row map)
+  std::vector<double> cells;  // S x M x B x 2 (a copy: updated here)
+  size_t S = 0, M = 0, B = 0;
+  double decay = 1.0;
+  std::vector<int64_t> generated, states, pend_budget, pend_generated, pend_match, pend_bins, bin_before, bin_size;
+  std::vector<double> pend_nodes;
+  size_t planned = 0, pend_w = 0;
+  double table_w = 0.0, table_prior = 0.0;  // online_table's
+  // curves
+  std::vector<int64_t> depth_bin, rank_bin, match_lut;
+  int64_t max_budget = 0;
+  // calibration factors: per row the tracker's sums (known rows), wp = w * prior
+  std::vector<double> sum_matched, sum_expected;
+  std::vector<uint8_t> known;
+  double cal_w = 0.0, cal_wp = 0.0, cal_prior = 1.0;
+  // length predictor
+  das::lengths::LengthIndex* lengths = nullptr;
+  std::vector<int64_t> problem_rows, max_new, prompt_len;
+  double tail_factor = 0.0;
+  // online_plan's scalars
+  double c_base = 0.0, c_tok = 0.0, c_kv = 0.0, spread = 0.0, free_tokens = 0.0, min_gain = 0.0;
+  int64_t probe_budget = 0;
+  std::vector<uint8_t> due;
+  double probe_spent = 0.0, probe_limit = 0.0;
+  // results (set by run_plan_ahead, read after the job was waited for)
+  std::atomic<bool> ran{false};
+  bool planned_ok = false;  // lookahead_per_row gave a plan (else: the caller plans the numpy way)
+  std::string error;        // why nothing ran (a drafts / inputs mismatch)
+  size_t added = 0;
+  std::vector<int64_t> new_states, m, match;
+  std::vector<double> table, calibration, relative, remaining, kv;
+  das::alloc::OnlineCurves curves;
+  das::alloc::Allocation alloc;
+  std::vector<int32_t> budgets;
+  double probe_s = 0.0;
+  nb::object keep_lengths;  // (the LengthIndex's Python object: alive while the job runs)
+};
+void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept;
+
 struct ExtendDraftWork {
   static constexpr size_t kChunk = 32;
   std::vector<SuffixIndex*> idx;
@@ -567,6 +615,7 @@ struct ExtendDraftWork {
   std::vector<uint32_t> own_st, shared_st;
   size_t threads = 1, extend_threads = 1;
   const char* fn = "extend_draft_rows";  // the Python name errors are raised under
+  PlanAhead* ahead = nullptr;  // run on the drafts once they are built (kept alive by the caller)
   FlatDrafts out;
   std::vector<uint64_t> versions;
 
@@ -746,6 +795,7 @@ struct ExtendDraftWork {
     versions.resize(n);
     for (size_t r = 0; r < n; ++r) versions[r] = idx[r]->version();
     built_ = true;
+    if (ahead != nullptr) run_plan_ahead(*ahead, out);  // (never throws: a failed plan reads as none)
   }
 
   void fail(std::exception_ptr e) {
@@ -1006,11 +1056,21 @@ class PendingExtendDraft {
   PendingExtendDraft(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, nb::handle offsets_h,
                      nb::handle budgets_h, double min_prob, nb::handle steps_h, nb::handle weights_h,
                      bool chain, int max_match_len, nb::handle mix, int threads, int extend_threads,
-                     nb::handle shared, double shared_weight, int shared_min_match, nb::handle unshare)
-      : keep_(indices), keep_shared_(nb::borrow(shared)), job_(std::make_shared<Job>()) {
+                     nb::handle shared, double shared_weight, int shared_min_match, nb::handle unshare,
+                     nb::handle ahead)
+      : keep_(indices), keep_shared_(nb::borrow(shared)), keep_ahead_(nb::borrow(ahead)),
+        job_(std::make_shared<Job>()) {
     extend_draft_args(job_->w, indices, seq_ids_h, tokens_h, offsets_h, budgets_h, min_prob, steps_h, weights_h,
                       chain, max_match_len, mix, threads, extend_threads, "extend_draft_rows_start", shared,
                       shared_weight, shared_min_match, unshare);
+    if (!ahead.is_none()) {
+      PlanAhead* a = nb::cast<PlanAhead*>(ahead);
+      if (a->ran.load() || a->generated.size() != job_->w.idx.size())
+        throw nb::value_error(("extend_draft_rows_start: ahead is for " + std::to_string(a->generated.size()) +
+                               " rows (or already ran), the job has " + std::to_string(job_->w.idx.size()))
+                                  .c_str());
+      job_->w.ahead = a;
+    }
     // The rows' storage ids are looked up and the job planned by its first worker, off
     // this thread (an unknown seq_id is raised by wait(), before any index changed).
     // prepare() and work() record their own errors (finish() rethrows them).
@@ -1051,7 +1111,7 @@ class PendingExtendDraft {
   }
 
  private:
-  nb::object keep_, keep_shared_;
+  nb::object keep_, keep_shared_, keep_ahead_;
   std::shared_ptr<Job> job_;
   bool done_ = false;
 };
@@ -1982,6 +2042,254 @@ nb::tuple length_index_query(LengthIndex& self, nb::handle g_h, nb::handle cap_h
                         to_numpy_moved(std::move(c0)));
 }
 
+// PlanAhead (defined before ExtendDraftWork): the policy's inputs, copied and checked here
+// (a bad one is named, as online_update / online_plan name theirs).
+PlanAhead* make_plan_ahead(nb::handle cells_h, double decay, nb::handle generated_h, nb::handle states_h,
+                           nb::handle pend_budget_h, nb::handle pend_generated_h, nb::handle pend_match_h,
+                           nb::handle pend_nodes_h, nb::handle pend_bins_h, nb::handle bin_before_h,
+                           nb::handle bin_size_h, double table_w, double table_prior, nb::handle depth_bin_h,
+                           nb::handle rank_bin_h, int64_t max_budget, nb::handle match_lut_h, nb::handle sums_h,
+                           nb::handle slots_h, double cal_w, double cal_wp, double cal_prior, nb::handle lengths_h,
+                           nb::handle problem_rows_h, double tail_factor, nb::handle max_new_h,
+                           nb::handle prompt_len_h, double c_base, double c_tok, double c_kv, double spread,
+                           double free_tokens, double min_gain, int64_t probe_budget, nb::handle due_h,
+                           double probe_spent, double probe_limit) {
+  const char* fn = "plan_ahead";
+  auto bad = [fn](const std::string& what) { throw nb::value_error((std::string(fn) + ": " + what).c_str()); };
+  OnlinePending p = online_pending_args(fn, cells_h, pend_generated_h, pend_match_h, pend_nodes_h, pend_bins_h,
+                                        bin_before_h, bin_size_h);
+  const I64 generated = as_array<I64>(generated_h, "generated", "int64");
+  const I64 states = as_array<I64>(states_h, "states", "int64");
+  const I64 pend_budget = as_array<I64>(pend_budget_h, "pend_budget", "int64");
+  const size_t n = generated.shape(0);
+  if (states.shape(0) != n) bad(std::to_string(n) + " rows (generated) but states has " + std::to_string(states.shape(0)));
+  if (n > p.planned)
+    bad(std::to_string(n) + " rows read as the planned rows, but only " + std::to_string(p.planned) + " were planned");
+  if (pend_budget.shape(0) != p.planned)
+    bad(std::to_string(p.planned) + " planned rows (pend_generated) but pend_budget has " +
+        std::to_string(pend_budget.shape(0)));
+  if (!(decay > 0.0 && decay <= 1.0)) bad("invalid decay=" + std::to_string(decay) + ": must be in (0, 1]");
+  for (size_t i = 0; i < n; ++i) {
+    if (states(i) < 0 || size_t(states(i)) >= p.S)
+      bad("row " + std::to_string(i) + ": state " + std::to_string(states(i)) + " outside the cells (" +
+          std::to_string(p.S) + " states)");
+    if (pend_budget(i) > 0) check_planned_row(p, i, fn);
+  }
+  const I64 depth_bin = as_array<I64>(depth_bin_h, "depth_bin", "int64");
+  const I64 rank_bin = as_array<I64>(rank_bin_h, "rank_bin", "int64");
+  const I64 match_lut = as_array<I64>(match_lut_h, "match_lut", "int64");
+  if (max_budget < 0 || depth_bin.shape(0) <= size_t(max_budget))
+    bad("invalid max_budget=" + std::to_string(max_budget) + " for " + std::to_string(depth_bin.shape(0)) +
+        " depth bins");
+  for (size_t q = 0; q < depth_bin.shape(0); ++q)
+    if (depth_bin(q) < 0) bad("negative depth bin at " + std::to_string(q));
+  for (size_t q = 0; q < rank_bin.shape(0); ++q)
+    if (rank_bin(q) < 0) bad("negative rank bin at " + std::to_string(q));
+  if (match_lut.shape(0) == 0) bad("empty match_lut");
+  for (size_t q = 0; q < match_lut.shape(0); ++q)
+    if (match_lut(q) < 0 || size_t(match_lut(q)) >= p.M)
+      bad("match_lut[" + std::to_string(q) + "]=" + std::to_string(match_lut(q)) + " outside the cells (" +
+          std::to_string(p.M) + " match bins)");
+  const F64Matrix sums = nd_arg<F64Matrix>(sums_h, "sums", "a 2-D C-contiguous float64 numpy array");
+  const I64 slots = as_array<I64>(slots_h, "slots", "int64");
+  const I64 problem_rows = as_array<I64>(problem_rows_h, "problem_rows", "int64");
+  const I64 max_new = as_array<I64>(max_new_h, "max_new", "int64");
+  const I64 prompt_len = as_array<I64>(prompt_len_h, "prompt_len", "int64");
+  if (slots.shape(0) != n || problem_rows.shape(0) != n || max_new.shape(0) != n || prompt_len.shape(0) != n)
+    bad(std::to_string(n) + " rows (generated) but slots has " + std::to_string(slots.shape(0)) + ", problem_rows " +
+        std::to_string(problem_rows.shape(0)) + ", max_new " + std::to_string(max_new.shape(0)) + ", prompt_len " +
+        std::to_string(prompt_len.shape(0)));
+  if (sums.shape(1) < 2) bad("sums needs 2 columns (matched, expected)");
+  if (!std::isfinite(tail_factor)) bad("invalid tail_factor=" + std::to_string(tail_factor));
+  cost_arg(c_base, c_tok, c_kv);  // (checks them)
+  if (!(free_tokens >= 0.0) || !std::isfinite(spread))
+    bad("invalid free_tokens=" + std::to_string(free_tokens) + " or spread=" + std::to_string(spread) +
+        ": must be >= 0 / finite");
+  LengthIndex* lengths = nb::cast<LengthIndex*>(lengths_h);
+  if (!lengths->num_lengths()) bad("the length index has no lengths (no thresholds to classify by)");
+
+  auto a = std::make_unique<PlanAhead>();
+  a->cells.assign(p.cells.data(), p.cells.data() + p.S * p.M * p.B * 2);
+  a->S = p.S, a->M = p.M, a->B = p.B, a->decay = decay;
+  a->generated = copy_of(generated);
+  a->states = copy_of(states);
+  a->pend_budget = copy_of(pend_budget);
+  a->pend_generated = copy_of(p.pend_generated);
+  a->pend_match = copy_of(p.pend_match);
+  a->pend_nodes.assign(p.nodes.data(), p.nodes.data() + p.planned * p.w);
+  a->pend_bins.assign(p.bins.data(), p.bins.data() + p.planned * p.w);
+  a->bin_before = copy_of(p.bin_before);
+  a->bin_size = copy_of(p.bin_size);
+  a->planned = p.planned, a->pend_w = p.w;
+  a->table_w = table_w, a->table_prior = table_prior;
+  a->depth_bin = copy_of(depth_bin);
+  a->rank_bin = copy_of(rank_bin);
+  a->match_lut = copy_of(match_lut);
+  a->max_budget = max_budget;
+  a->sum_matched.assign(n, 0.0);
+  a->sum_expected.assign(n, 0.0);
+  a->known.assign(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t q = slots(i);
+    if (q < -1 || q >= int64_t(sums.shape(0)))
+      bad("invalid slots[" + std::to_string(i) + "]=" + std::to_string(q) + ": must be in [-1, " +
+          std::to_string(sums.shape(0)) + ")");
+    if (q >= 0) a->known[i] = 1, a->sum_matched[i] = sums(size_t(q), 0), a->sum_expected[i] = sums(size_t(q), 1);
+  }
+  a->cal_w = cal_w, a->cal_wp = cal_wp, a->cal_prior = cal_prior;
+  a->lengths = lengths;
+  a->keep_lengths = nb::borrow(lengths_h);
+  a->problem_rows = copy_of(problem_rows);
+  a->max_new = copy_of(max_new);
+  a->prompt_len = copy_of(prompt_len);
+  a->tail_factor = tail_factor;
+  a->c_base = c_base, a->c_tok = c_tok, a->c_kv = c_kv, a->spread = spread, a->free_tokens = free_tokens;
+  a->min_gain = min_gain, a->probe_budget = probe_budget;
+  if (probe_budget > 0) {
+    const auto due = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
+        due_h, "due", "a 1-D contiguous bool numpy array");
+    if (due.shape(0) != n) bad(std::to_string(n) + " rows but due has " + std::to_string(due.shape(0)));
+    a->due.assign(n, 0);
+    for (size_t i = 0; i < n; ++i) a->due[i] = due(i) ? 1 : 0;
+  }
+  a->probe_spent = probe_spent, a->probe_limit = probe_limit;
+  return a.release();
+}
+
+// What plan_ahead's calls give for the job's drafts d (without the GIL, never throws: an
+// error leaves `ran` false, its message in `error`). Each step is the function the policy's
+// Python calls for it (OnlineCalibration.update / table, AcceptanceTracker.calibration_rows'
+// arithmetic, LengthPredictor.predict_many, _draft_free_inputs' KV tokens, online_plan).
+void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept {
+  try {
+    const size_t n = a.generated.size();
+    if (d.offsets.size() != n + 1 || d.match.size() != n) {
+      a.error = "the drafts have " + std::to_string(d.match.size()) + " rows, the plan " + std::to_string(n);
+      return;
+    }
+    // OnlineCalibration._update_native (the planned rows again, in order: no row map)
+    const das::alloc::OnlineOutcomes in{a.cells.data(), a.S, a.M, a.B, a.generated.data(), nullptr, nullptr,
+                                        a.states.data(), n, a.pend_generated.data(), a.pend_match.data(),
+                                        a.pend_nodes.data(), a.pend_bins.data(), a.pend_w, a.bin_before.data(),
+                                        a.bin_size.data()};
+    a.new_states.assign(n, 0);
+    a.added = das::alloc::online_update(in, a.decay, nullptr, a.pend_budget.data(), a.planned, n,
+                                        a.new_states.data());
+    a.table.assign(std::max<size_t>(1, a.S * a.M * a.B), 0.0);
+    das::alloc::online_table(a.cells.data(), a.S, a.M, a.B, a.table_w, a.table_prior, a.table.data());
+    // calibration_rows: (w * prior + matched) / (w + expected), the prior for unknown problems;
+    // relative to the pooled factor (calibration(GLOBAL), which is the prior)
+    a.calibration.assign(n, 0.0);
+    a.relative.assign(n, 0.0);
+    for (size_t i = 0; i < n; ++i) {
+      a.calibration[i] = a.known[i] ? (a.cal_wp + a.sum_matched[i]) / (a.cal_w + a.sum_expected[i]) : a.cal_prior;
+      a.relative[i] = a.calibration[i] / a.cal_prior;
+    }
+    // predict_many (g = max(generated, 0), cap = max(1, max_new - g)), then the KV tokens
+    std::vector<double> g(n), cap(n);
+    for (size_t i = 0; i < n; ++i) {
+      g[i] = std::max(double(a.generated[i]), 0.0);
+      cap[i] = std::max(1.0, double(a.max_new[i]) - g[i]);
+    }
+    a.remaining.assign(n, 0.0);
+    std::vector<int64_t> cls(n), c0(n);
+    a.lengths->query(g.data(), cap.data(), a.problem_rows.data(), n, a.tail_factor, a.remaining.data(), cls.data(),
+                     c0.data());
+    a.kv.assign(n, 0.0);
+    for (size_t i = 0; i < n; ++i) {
+      a.kv[i] = double(a.prompt_len[i]) + double(a.generated[i]);
+      const double half = 0.5 * a.remaining[i];
+      a.kv[i] += half;
+    }
+    // online_plan: usable nodes, match bins (match_bin's table, clipped), the curves' checks
+    a.m.assign(n, 0);
+    a.match.assign(n, 0);
+    int64_t top = 0;
+    const int64_t lut_last = int64_t(a.match_lut.size()) - 1;
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t found = d.offsets[i + 1] - d.offsets[i];
+      a.m[i] = std::min(std::min(found, a.max_budget), std::max<int64_t>(a.max_new[i] - a.generated[i] - 1, 0));
+      if (a.m[i] < 0) a.m[i] = 0;
+      a.match[i] = a.match_lut[size_t(std::min<int64_t>(std::max<int64_t>(d.match[i], 0), lut_last))];
+      top = std::max(top, a.m[i]);
+      for (int64_t r = 0; r < a.m[i]; ++r)
+        if (d.depths[size_t(d.offsets[i] + r)] < 0) {
+          a.error = "row " + std::to_string(i) + " has a negative node depth";
+          return;
+        }
+    }
+    if (a.rank_bin.size() < size_t(top)) {
+      a.error = std::to_string(a.rank_bin.size()) + " rank bins for " + std::to_string(top) + " ranks";
+      return;
+    }
+    const das::alloc::OnlineInputs oi{d.offsets.data(), d.probs.data(), d.depths.data(), a.m.data(), n,
+                                      a.table.data(), a.S, a.M, a.B, a.new_states.data(), a.match.data(),
+                                      a.relative.data(), a.depth_bin.data(), a.rank_bin.data(), a.max_budget};
+    das::alloc::online_curves(oi, a.curves);
+    const das::alloc::Curves c{a.remaining.data(), a.curves.acc.data(), a.m.data(), a.kv.data(), n, a.curves.width};
+    const das::alloc::Cost cost{a.c_base, a.c_tok, a.c_kv};
+    a.planned_ok = das::alloc::lookahead_per_row(c, cost, a.spread, a.free_tokens, a.alloc);
+    if (a.planned_ok) {  // (online_plan's min-gain rule and probe drafts, as there)
+      a.budgets = a.alloc.budgets;
+      if (a.alloc.width == 0 || a.alloc.modeled_s > (1.0 - a.min_gain) * a.alloc.baseline_s)
+        std::fill(a.budgets.begin(), a.budgets.end(), 0);
+      if (a.probe_budget > 0) {
+        std::vector<int32_t> probe(n, 0);
+        int64_t tokens = 0;
+        bool any = false;
+        for (size_t i = 0; i < n; ++i)
+          if (a.due[i] && a.budgets[i] == 0 && a.m[i] > 0) {
+            any = true;
+            probe[i] = int32_t(std::min<int64_t>(a.probe_budget, a.m[i]));
+            tokens += probe[i];
+          }
+        if (any) {
+          a.probe_s = a.c_tok * double(tokens);
+          if (a.probe_spent + a.probe_s <= a.probe_limit) {
+            for (size_t i = 0; i < n; ++i) a.budgets[i] = std::max(a.budgets[i], probe[i]);
+          } else {
+            a.probe_s = 0.0;
+          }
+        }
+      }
+    }
+    a.ran.store(true);
+  } catch (const std::exception& e) {
+    a.error = e.what();
+  } catch (...) {
+    a.error = "unknown error";
+  }
+}
+
+// PlanAhead.result(): None if the job did not run it (or it stopped: `error` says why), else
+// (cells, states, rows added, table, calibration, relative, remaining, kv, plan) with plan
+// online_plan's tuple (None where lookahead_per_row declined). Once.
+nb::object plan_ahead_result(PlanAhead& a) {
+  if (!a.ran.load()) return nb::none();
+  a.ran.store(false);  // (the vectors are handed over: once)
+  nb::object plan = nb::none();
+  if (a.planned_ok) {
+    const size_t w = a.curves.width;
+    plan = nb::make_tuple(to_numpy_moved(std::move(a.curves.base)), to_numpy_moved(std::move(a.curves.acc)),
+                          to_numpy_moved(std::move(a.curves.bins)), w, to_numpy(a.m),
+                          to_numpy_moved(std::move(a.alloc.budgets)), a.alloc.width, a.alloc.modeled_s,
+                          a.alloc.baseline_s, a.alloc.makespan_steps, to_numpy_moved(std::move(a.budgets)),
+                          a.probe_s);
+  }
+  const size_t S = a.S, M = a.M, B = a.B;
+  double* cells = new double[std::max<size_t>(1, S * M * B * 2)];
+  std::copy(a.cells.begin(), a.cells.end(), cells);
+  nb::capsule owner(cells, [](void* q) noexcept { delete[] static_cast<double*>(q); });
+  double* table = new double[std::max<size_t>(1, S * M * B)];
+  std::copy(a.table.begin(), a.table.end(), table);
+  nb::capsule towner(table, [](void* q) noexcept { delete[] static_cast<double*>(q); });
+  return nb::make_tuple(nb::ndarray<nb::numpy, double, nb::ndim<4>>(cells, {S, M, B, 2}, owner),
+                        to_numpy_moved(std::move(a.new_states)), a.added,
+                        nb::ndarray<nb::numpy, double, nb::ndim<3>>(table, {S, M, B}, towner),
+                        to_numpy_moved(std::move(a.calibration)), to_numpy_moved(std::move(a.relative)),
+                        to_numpy_moved(std::move(a.remaining)), to_numpy_moved(std::move(a.kv)), plan);
+}
+
 // Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows;
 // a None item (a placeholder row, no index) reads 0.
 nb::object index_versions(nb::list indices) {
@@ -2316,16 +2624,16 @@ NB_MODULE(_suffix, m) {
       [](nb::list indices, nb::handle seq_ids, nb::handle tokens, nb::handle offsets, nb::handle budgets,
          double min_prob, nb::handle steps, nb::handle weights, bool chain, int max_match_len,
          nb::handle mix, int threads, int extend_threads, nb::handle shared, double shared_weight,
-         int shared_min_match, nb::handle unshare) {
+         int shared_min_match, nb::handle unshare, nb::handle ahead) {
         return new PendingExtendDraft(indices, seq_ids, tokens, offsets, budgets, min_prob, steps, weights,
                                       chain, max_match_len, mix, threads, extend_threads, shared,
-                                      shared_weight, shared_min_match, unshare);
+                                      shared_weight, shared_min_match, unshare, ahead);
       },
       nb::arg("indices"), nb::arg("seq_ids"), nb::arg("tokens"), nb::arg("offsets"), nb::arg("budgets"),
       nb::arg("min_prob"), nb::arg("steps"), nb::arg("weights"), nb::arg("chain"),
       nb::arg("max_match_len"), nb::arg("mix") = nb::none(), nb::arg("threads") = 1,
       nb::arg("extend_threads") = 0, nb::arg("shared") = nb::none(), nb::arg("shared_weight") = 0.0,
-      nb::arg("shared_min_match") = 1, nb::arg("unshare") = nb::none(),
+      nb::arg("shared_min_match") = 1, nb::arg("unshare") = nb::none(), nb::arg("ahead") = nb::none(),
       nb::rv_policy::take_ownership,
       "extend_draft_rows on `threads` native threads of their own, started now (arguments checked "
       "here); returns a PendingExtendDraft whose wait() helps finish it and gives the result.");
@@ -2462,6 +2770,34 @@ NB_MODULE(_suffix, m) {
   m.def("mutation_epoch", &SuffixIndex::mutation_epoch,
         "A process-wide count bumped with every SuffixIndex's version (add / extend / remove): "
         "while it is unchanged no index changed, so versions read before are still current.");
+  nb::class_<PlanAhead>(m, "PlanAhead")
+      .def(
+          "set_generated",
+          [](PlanAhead& a, nb::handle generated_h) {
+            const I64 generated = as_array<I64>(generated_h, "generated", "int64");
+            if (generated.shape(0) != a.generated.size())
+              throw nb::value_error(("PlanAhead.set_generated: " + std::to_string(generated.shape(0)) +
+                                     " counts for " + std::to_string(a.generated.size()) + " rows").c_str());
+            if (a.ran.load()) throw nb::value_error("PlanAhead.set_generated: the plan already ran");
+            std::copy(generated.data(), generated.data() + generated.shape(0), a.generated.begin());
+          },
+          nb::arg("generated"), "The rows' generated counts the plan is made for (int64, one per row; "
+          "before a job runs it).")
+      .def("result", &plan_ahead_result,
+           "None if the job did not plan (see error), else (cells, states, added, table, calibration, "
+           "relative, remaining, kv, plan); plan is online_plan's tuple or None. Once.")
+      .def_prop_ro("error", [](const PlanAhead& a) { return a.error; });
+  m.def("plan_ahead", &make_plan_ahead, nb::arg("cells"), nb::arg("decay"), nb::arg("generated"), nb::arg("states"),
+        nb::arg("pend_budget"), nb::arg("pend_generated"), nb::arg("pend_match"), nb::arg("pend_nodes"),
+        nb::arg("pend_bins"), nb::arg("bin_before"), nb::arg("bin_size"), nb::arg("table_w"), nb::arg("table_prior"),
+        nb::arg("depth_bin"), nb::arg("rank_bin"), nb::arg("max_budget"), nb::arg("match_lut"), nb::arg("sums"),
+        nb::arg("slots"), nb::arg("cal_w"), nb::arg("cal_wp"), nb::arg("cal_prior"), nb::arg("lengths"),
+        nb::arg("problem_rows"), nb::arg("tail_factor"), nb::arg("max_new"), nb::arg("prompt_len"),
+        nb::arg("c_base"), nb::arg("c_tok"), nb::arg("c_kv"), nb::arg("spread"), nb::arg("free_tokens"),
+        nb::arg("min_gain"), nb::arg("probe_budget"), nb::arg("due").none(), nb::arg("probe_spent"),
+        nb::arg("probe_limit"), nb::rv_policy::take_ownership,
+        "The policy's next plan of a feedback's rows, to run in its extend_draft_rows_start job "
+        "(ahead=): the inputs copied and checked now.");
   m.def("index_versions", &index_versions, nb::arg("indices"),
         "Every index's SuffixIndex.version, in list order (uint64).");
   m.def("lookahead_per_row", &lookahead_per_row, nb::arg("remaining"), nb::arg("acc"), nb::arg("m"),

@@ -1,0 +1,158 @@
+"""Issue 12, the next plan made ahead (``LengthAware.plan_ahead``): the feedback's native job
+computes the policy's next plan of its rows on its own trees; the plan uses it only when
+nothing it read has changed, and then plans exactly what the policy plans itself."""
+
+import json
+
+import numpy as np
+import pytest
+
+from das_sglang.core import policy as P
+from das_sglang.core.drafter import TokenRows
+from das_sglang.native import extend_draft_rows_start, plan_ahead
+from das_sglang.sglang.options import for_layout, load_options
+from das_sglang.sglang.session import DasSession
+
+
+def _session(plan_ahead_on: bool) -> DasSession:
+    cfg = {"drafter": {"window_steps": 2}, "server": {"policy": "length-aware", "async_updates": True}}
+    s = DasSession(for_layout(load_options(9, json.dumps(cfg)), "ragged"))  # (per-row budgets)
+    s.PLAN_AHEAD = plan_ahead_on
+    s.ASYNC_MIN_ROWS = 1
+    s.policy.lengths.background = False
+    return s
+
+
+def _drive(session, seed=0, steps=120, flush_every=40, rows=12, observe_at=()):
+    """A random decode workload fed back as the worker does (TokenRows, the forward hook);
+    ``observe_at``: steps after whose feedback an outcome is observed directly (an input of
+    the plan made ahead changes). Returns every plan's trees, width and budgets."""
+    rng = np.random.default_rng(seed)
+    texts = {f"p{i}": rng.integers(0, 5, 300).tolist() for i in range(5)}
+    live, out, n = {}, [], 0
+    for step in range(steps):
+        if step and step % flush_every == 0:
+            session.weights_updated()
+        while len(live) < rows:
+            pid = f"p{n % 5}"
+            session.start(f"r{n}", {"das_problem_id": pid}, [7, 8], [], 250)
+            live[f"r{n}"] = (pid, 0)
+            n += 1
+        rids = sorted(live)
+        trees, width = session.plan(rids, 8)
+        last = session.policy.last
+        out.append(([t.tokens.tolist() for t in trees], width,
+                    None if last is None else (last.budgets.tolist(), last.modeled_s)))
+        session.before_forward()
+        commits = []
+        for rid, tree in zip(rids, trees):
+            pid, pos = live[rid]
+            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
+            commits.append(texts[pid][pos: pos + k + 1])
+            live[rid] = (pid, pos + k + 1)
+        padded = np.full((len(commits), 9), -1)
+        for i, c in enumerate(commits):
+            padded[i, :len(c)] = c
+        session.committed_batch(rids, [len(t) for t in trees],
+                                TokenRows.from_padded(padded, [len(c) for c in commits]))
+        if step in observe_at:
+            session.policy.observe_verify("p1", 4, 2)
+        for rid in rids:
+            pid, pos = live[rid]
+            if pos >= (30 if n <= 24 else 150) + 7 * (int(rid[1:]) % 4):  # (the first two waves short)
+                session.finished(rid, [7, 8], texts[pid][:pos])
+                del live[rid]
+    session.drain()
+    oc = session.policy.outcomes
+    out.append((oc._cells.tolist(), oc.table().tolist()))
+    return out
+
+
+def _count(monkeypatch):
+    used = []
+    fused = P.LengthAware._plan_fused
+
+    def spy(self, rows, prepared):
+        a, t = self._ahead_plan, self._ahead_trees
+        used.append(a is not None and a[0] is prepared and rows.drafts is t and t is not None)
+        return fused(self, rows, prepared)
+
+    monkeypatch.setattr(P.LengthAware, "_plan_fused", spy)
+    return used
+
+
+@pytest.mark.parametrize("observe_at", [(), (60, 61, 90, 91, 92)])
+def test_plans_made_ahead_are_the_plans_the_policy_makes(monkeypatch, observe_at):
+    used = _count(monkeypatch)
+    a, b = _session(True), _session(False)
+    got_a = _drive(a, observe_at=observe_at)
+    n_a = len(used)
+    got_b = _drive(b, observe_at=observe_at)
+    assert got_a == got_b  # trees, widths, budgets, modeled seconds, cells and table: bit for bit
+    assert sum(used[:n_a]) > 40  # (the job's plan was used on many steps ...)
+    assert not any(used[n_a:])  # (... and never without it)
+    for step in observe_at:  # an observation after a feedback: the next plan makes its own
+        assert not used[step + 1]
+    a.close()
+    b.close()
+
+
+def test_an_observation_waits_for_the_job_and_drops_its_plan():
+    s = _session(True)
+    _drive(s, steps=30)
+    waited = []
+    pol = s.policy
+    pol._ahead = P._Ahead(None, [], np.zeros(0, np.int64), pol._epoch, None, None, lambda: waited.append(1))
+    pol.observe_verify("p0", 3, 1)
+    assert waited == [1] and pol._ahead is None
+    s.close()
+
+
+def _ahead_args(**change):
+    cells = np.zeros((12, 6, 5, 2))
+    n = 3
+    args = dict(
+        cells=cells, decay=0.9, generated=np.array([5, 6, 7]), states=np.zeros(n, np.int64),
+        pend_budget=np.zeros(n, np.int64), pend_generated=np.zeros(n, np.int64), pend_match=np.zeros(n, np.int64),
+        pend_nodes=np.zeros((n, 2)), pend_bins=np.zeros((n, 2), np.int64), bin_before=np.zeros(5, np.int64),
+        bin_size=np.ones(5, np.int64), table_w=8.0, table_prior=0.5, depth_bin=np.zeros(9, np.int64),
+        rank_bin=np.zeros(8, np.int64), max_budget=8, match_lut=np.zeros(4, np.int64), sums=np.zeros((4, 2)),
+        slots=np.array([0, -1, 1]), cal_w=8.0, cal_wp=4.0, cal_prior=0.5, lengths=None,
+        problem_rows=np.zeros(n, np.int64), tail_factor=1.0, max_new=np.full(n, 100), prompt_len=np.full(n, 4),
+        c_base=0.01, c_tok=1e-4, c_kv=0.0, spread=0.1, free_tokens=0.0, min_gain=0.0, probe_budget=0, due=None,
+        probe_spent=0.0, probe_limit=0.0)
+    args.update(change)
+    return args
+
+
+def test_plan_ahead_checks_its_inputs_naming_the_bad_one():
+    from das_sglang.native import LengthIndex
+
+    lengths = LengthIndex(False, 0.33, 0.67)
+    lengths.add(0, 40)
+    ok = plan_ahead(**_ahead_args(lengths=lengths))
+    assert ok.result() is None and ok.error == ""  # (made, not run: no job took it)
+    with pytest.raises(ValueError, match="generated"):
+        plan_ahead(**_ahead_args(lengths=lengths, generated=np.array([5, 6, 7], np.int32)))
+    with pytest.raises(ValueError, match="slots"):
+        plan_ahead(**_ahead_args(lengths=lengths, slots=np.array([0, -1, 9])))
+    with pytest.raises(ValueError, match="state 12"):
+        plan_ahead(**_ahead_args(lengths=lengths, states=np.array([0, 12, 0])))
+    with pytest.raises(ValueError, match="no lengths"):
+        plan_ahead(**_ahead_args(lengths=LengthIndex(False, 0.33, 0.67)))
+    with pytest.raises(ValueError, match="match_lut"):
+        plan_ahead(**_ahead_args(lengths=lengths, match_lut=np.array([0, 6])))
+
+
+def test_a_job_refuses_a_plan_ahead_of_other_rows():
+    from das_sglang.native import LengthIndex, SuffixIndex
+
+    lengths = LengthIndex(False, 0.33, 0.67)
+    lengths.add(0, 40)
+    ahead = plan_ahead(**_ahead_args(lengths=lengths))  # 3 rows
+    idx = SuffixIndex()
+    idx.add_sequence(1, np.array([1, 2, 3], np.int32), 0)
+    with pytest.raises(ValueError, match="ahead is for 3 rows"):
+        extend_draft_rows_start([idx], np.array([1]), np.array([4], np.int32), np.array([0, 1]),
+                                np.array([4], np.int32), 0.0, np.array([0]), np.array([1.0]), False, 16,
+                                ahead=ahead)
