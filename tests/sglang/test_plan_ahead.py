@@ -132,6 +132,10 @@ def test_plan_ahead_checks_its_inputs_naming_the_bad_one():
     lengths.add(0, 40)
     ok = plan_ahead(**_ahead_args(lengths=lengths))
     assert ok.result() is None and ok.error == ""  # (made, not run: no job took it)
+    with pytest.raises(ValueError, match="2 counts for 3 rows"):
+        ok.set_generated(np.array([1, 2], np.int64))
+    with pytest.raises(ValueError, match="generated"):
+        ok.set_generated(np.array([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="generated"):
         plan_ahead(**_ahead_args(lengths=lengths, generated=np.array([5, 6, 7], np.int32)))
     with pytest.raises(ValueError, match="slots"):
