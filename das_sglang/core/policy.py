@@ -265,6 +265,7 @@ class _ModelBased(_Observing):
         self._ahead_plan: tuple | None = None
         self._ahead_trees = None
         self._epoch = 0
+        self.ahead_used = False  # the latest plan was the job's (plan_ahead)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
@@ -665,6 +666,7 @@ class LengthAware(_ModelBased):
 
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         self.settle_plan()
+        self.ahead_used = False
         if not rows:
             return BudgetPlan.none(0)
         prepared = self._start_plan(rows)
@@ -710,7 +712,8 @@ class LengthAware(_ModelBased):
         n = len(rows)
         outcomes, probes = self._outcomes, self._probes
         d = rows.drafts
-        if ahead is not None and ahead[0] is prepared and d is trees and trees is not None:
+        self.ahead_used = ahead is not None and ahead[0] is prepared and d is trees and trees is not None
+        if self.ahead_used:
             got = ahead[1]  # (online_plan of these inputs and drafts, by the job: plan_ahead)
         else:
             table, states, match, depth_bin, rank_bin, max_budget = outcomes.curve_inputs(rows)

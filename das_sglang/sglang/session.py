@@ -366,7 +366,8 @@ class DasSession:
         # Readable counters (saved in the snapshot's meta as "das_counters"):
         # bad_params = requests served untagged because of a bad DAS tag,
         # steps_opened = new clock steps, root_only = requests verified at width 0.
-        self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0}
+        # plans_ahead: plans that used the plan the feedback's job made (_plan_ahead)
+        self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0, "plans_ahead": 0}
         self.clock = StepClock(options.drafter.window_steps)
         # History mirror for snapshots (problem -> step -> TokenGroup: immutable, so a
         # background writer can hold a view while the scheduler thread goes on, and one
@@ -837,6 +838,8 @@ class DasSession:
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
         plan = self.policy.plan(BudgetRows(*columns, drafts))
+        if ahead and self.policy.ahead_used:
+            self.counters["plans_ahead"] += 1
         keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
         if self._root_only:
             for i in [i for i, r in enumerate(req_ids) if r in self._root_only]:

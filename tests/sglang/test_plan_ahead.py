@@ -91,6 +91,7 @@ def test_plans_made_ahead_are_the_plans_the_policy_makes(monkeypatch, observe_at
     assert got_a == got_b  # trees, widths, budgets, modeled seconds, cells and table: bit for bit
     assert sum(used[:n_a]) > 40  # (the job's plan was used on many steps ...)
     assert not any(used[n_a:])  # (... and never without it)
+    assert a.counters["plans_ahead"] == sum(used[:n_a]) and b.counters["plans_ahead"] == 0
     for step in observe_at:  # an observation after a feedback: the next plan makes its own
         assert not used[step + 1]
     a.close()

@@ -1677,6 +1677,33 @@ nb::tuple online_curves(nb::handle offsets_h, nb::handle probs_h, nb::handle dep
                         to_numpy_moved(std::move(out.bins)), out.width);
 }
 
+// online_plan's budgets from its allocation (no GIL): none unless the plan saves min_gain
+// (LengthAware.plan's rule), then _probe's probe drafts (per-row widths): the rows `due`
+// (empty: no probing) without a budget and with nodes get min(probe_budget, m) while
+// probe_spent + their modelled seconds stay within probe_limit. Returns those seconds.
+double final_budgets(const das::alloc::Allocation& alloc, const int64_t* m, size_t n, double min_gain,
+                     const std::function<bool(size_t)>& due, int64_t probe_budget, double c_tok, double probe_spent,
+                     double probe_limit, std::vector<int32_t>& budgets) {
+  budgets = alloc.budgets;
+  if (alloc.width == 0 || alloc.modeled_s > (1.0 - min_gain) * alloc.baseline_s)
+    std::fill(budgets.begin(), budgets.end(), 0);
+  if (!due) return 0.0;
+  std::vector<int32_t> probe(n, 0);
+  int64_t tokens = 0;
+  bool any = false;
+  for (size_t i = 0; i < n; ++i)
+    if (due(i) && budgets[i] == 0 && m[i] > 0) {
+      any = true;
+      probe[i] = int32_t(std::min<int64_t>(probe_budget, m[i]));
+      tokens += probe[i];
+    }
+  if (!any) return 0.0;
+  const double probe_s = c_tok * double(tokens);
+  if (probe_spent + probe_s > probe_limit) return 0.0;
+  for (size_t i = 0; i < n; ++i) budgets[i] = std::max(budgets[i], probe[i]);
+  return probe_s;
+}
+
 // policy.LengthAware.plan for flat rows with online curves and the marginal lookahead
 // (per-row widths) in one call: each row's usable nodes m (min(nodes, max_budget,
 // max_new - generated - 1), at least 0), online_curves, lookahead_per_row, the min_gain
@@ -1740,28 +1767,10 @@ nb::object online_plan(nb::handle offsets_h, nb::handle probs_h, nb::handle dept
     const das::alloc::Curves c{remaining.data(), curves.acc.data(), m.data(), kv.data(), n, curves.width};
     ok = das::alloc::lookahead_per_row(c, cost, spread, free_tokens, alloc);
     if (ok) {
-      budgets = alloc.budgets;
-      if (alloc.width == 0 || alloc.modeled_s > (1.0 - min_gain) * alloc.baseline_s)
-        std::fill(budgets.begin(), budgets.end(), 0);
-      if (probing) {  // (_probe, per-row widths: the due rows without a budget, with nodes)
-        std::vector<int32_t> probe(n, 0);
-        int64_t tokens = 0;
-        bool any = false;
-        for (size_t i = 0; i < n; ++i)
-          if (due(i) && budgets[i] == 0 && m[i] > 0) {
-            any = true;
-            probe[i] = int32_t(std::min<int64_t>(probe_budget, m[i]));
-            tokens += probe[i];
-          }
-        if (any) {
-          probe_s = c_tok * double(tokens);
-          if (probe_spent + probe_s <= probe_limit) {
-            for (size_t i = 0; i < n; ++i) budgets[i] = std::max(budgets[i], probe[i]);
-          } else {
-            probe_s = 0.0;
-          }
-        }
-      }
+      const std::function<bool(size_t)> is_due =
+          probing ? std::function<bool(size_t)>([&](size_t i) { return bool(due(i)); }) : std::function<bool(size_t)>();
+      probe_s = final_budgets(alloc, m.data(), n, min_gain, is_due, probe_budget, c_tok, probe_spent, probe_limit,
+                              budgets);
     }
   }
   if (!ok) return nb::none();
@@ -2212,7 +2221,10 @@ void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept {
       if (a.m[i] < 0) a.m[i] = 0;
       a.match[i] = a.match_lut[size_t(std::min<int64_t>(std::max<int64_t>(d.match[i], 0), lut_last))];
       top = std::max(top, a.m[i]);
-      for (int64_t r = 0; r < a.m[i]; ++r)
+    }
+    for (size_t i = 0; i < n; ++i) {  // (the depths the curves read: each row's first min(len, top))
+      const int64_t k = std::min<int64_t>(d.offsets[i + 1] - d.offsets[i], top);
+      for (int64_t r = 0; r < k; ++r)
         if (d.depths[size_t(d.offsets[i] + r)] < 0) {
           a.error = "row " + std::to_string(i) + " has a negative node depth";
           return;
@@ -2229,30 +2241,11 @@ void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept {
     const das::alloc::Curves c{a.remaining.data(), a.curves.acc.data(), a.m.data(), a.kv.data(), n, a.curves.width};
     const das::alloc::Cost cost{a.c_base, a.c_tok, a.c_kv};
     a.planned_ok = das::alloc::lookahead_per_row(c, cost, a.spread, a.free_tokens, a.alloc);
-    if (a.planned_ok) {  // (online_plan's min-gain rule and probe drafts, as there)
-      a.budgets = a.alloc.budgets;
-      if (a.alloc.width == 0 || a.alloc.modeled_s > (1.0 - a.min_gain) * a.alloc.baseline_s)
-        std::fill(a.budgets.begin(), a.budgets.end(), 0);
-      if (a.probe_budget > 0) {
-        std::vector<int32_t> probe(n, 0);
-        int64_t tokens = 0;
-        bool any = false;
-        for (size_t i = 0; i < n; ++i)
-          if (a.due[i] && a.budgets[i] == 0 && a.m[i] > 0) {
-            any = true;
-            probe[i] = int32_t(std::min<int64_t>(a.probe_budget, a.m[i]));
-            tokens += probe[i];
-          }
-        if (any) {
-          a.probe_s = a.c_tok * double(tokens);
-          if (a.probe_spent + a.probe_s <= a.probe_limit) {
-            for (size_t i = 0; i < n; ++i) a.budgets[i] = std::max(a.budgets[i], probe[i]);
-          } else {
-            a.probe_s = 0.0;
-          }
-        }
-      }
-    }
+    if (a.planned_ok)  // (online_plan's min-gain rule and probe drafts)
+      a.probe_s = final_budgets(a.alloc, a.m.data(), n, a.min_gain,
+                                a.probe_budget > 0 ? std::function<bool(size_t)>([&](size_t i) { return a.due[i] != 0; })
+                                                   : std::function<bool(size_t)>(),
+                                a.probe_budget, a.c_tok, a.probe_spent, a.probe_limit, a.budgets);
     a.ran.store(true);
   } catch (const std::exception& e) {
     a.error = e.what();
