@@ -367,7 +367,8 @@ class DasSession:
         # bad_params = requests served untagged because of a bad DAS tag,
         # steps_opened = new clock steps, root_only = requests verified at width 0.
         # plans_ahead: plans that used the plan the feedback's job made (_plan_ahead)
-        self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0, "plans_ahead": 0}
+        self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0, "plans_ahead": 0,
+                         "plan_ahead_errors": 0}
         self.clock = StepClock(options.drafter.window_steps)
         # History mirror for snapshots (problem -> step -> TokenGroup: immutable, so a
         # background writer can hold a view while the scheduler thread goes on, and one
@@ -1061,7 +1062,22 @@ class DasSession:
         _, _, _, _, slots, unique = self._rows(req_ids)
         if not unique:
             return None
-        return make(req_ids, self._counts.gen[slots] + tokens.lens(), self._updates._finish_native_keeping_errors)
+        try:
+            return make(req_ids, self._counts.gen[slots] + tokens.lens(), self._updates._finish_native_keeping_errors)
+        except Exception:  # noqa: BLE001 (an optimisation: the plans go on without it)
+            self._plan_ahead_failed("plan_ahead")
+            return None
+
+    def _plan_ahead_failed(self, where: str) -> None:
+        """The plan made ahead raised (never expected: its inputs are the policy's own):
+        logged and counted, and switched off for this session; every plan is then made
+        the usual way, so no request is affected."""
+        self.counters["plan_ahead_errors"] += 1
+        self.PLAN_AHEAD = False
+        drop = getattr(self.policy, "drop_ahead", None)
+        if drop is not None:
+            drop()
+        _log.exception("DAS: the plan made ahead failed in %s; plans are made without it from now on", where)
 
     def _record_then_look_ahead(self, outcomes: list, pause=None) -> None:
         """The forward's recording job (:meth:`_record_outcomes`), then the policy's
@@ -1071,7 +1087,10 @@ class DasSession:
         self._record_outcomes(outcomes, pause)
         ahead = getattr(self.policy, "prepare_ahead", None)
         if ahead is not None and self.PLAN_AHEAD:
-            ahead()
+            try:
+                ahead()
+            except Exception:  # noqa: BLE001 (an optimisation: the plans go on without it)
+                self._plan_ahead_failed("prepare_ahead")
 
     def _defer_outcomes(self, problem_ids: list, proposed: np.ndarray, accepted: np.ndarray,
                         req_ids: list, rows: np.ndarray) -> None:

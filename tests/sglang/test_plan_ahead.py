@@ -161,3 +161,17 @@ def test_a_job_refuses_a_plan_ahead_of_other_rows():
         extend_draft_rows_start([idx], np.array([1]), np.array([4], np.int32), np.array([0, 1]),
                                 np.array([4], np.int32), 0.0, np.array([0]), np.array([1.0]), False, 16,
                                 ahead=ahead)
+
+
+def test_a_failing_plan_ahead_is_switched_off_and_the_plans_go_on(monkeypatch):
+    def broken(self):
+        raise RuntimeError("broken prepare_ahead")
+
+    monkeypatch.setattr(P.LengthAware, "prepare_ahead", broken)
+    a, b = _session(True), _session(False)
+    got_a, got_b = _drive(a, steps=40), _drive(b, steps=40)
+    assert got_a == got_b
+    assert a.counters["plan_ahead_errors"] == 1 and a.counters["plans_ahead"] == 0
+    assert not a.PLAN_AHEAD
+    a.close()
+    b.close()
