@@ -436,7 +436,7 @@ class _ModelBased(_Observing):
         """:meth:`prepare` from what the job computed ahead for these rows, if nothing it read
         changed since (the same rows, generated counts, outcome state and epoch): the same
         cells, states, table and draft-free inputs as :meth:`prepare` computes, bit for bit
-        (tests/test_plan_ahead.py)."""
+        (tests/sglang/test_plan_ahead.py)."""
         ahead, self._ahead = self._ahead, None
         oc = self._outcomes
         ids = R.req_ids(rows)
@@ -736,7 +736,6 @@ class LengthAware(_ModelBased):
         probe_record = (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)
         budgets = self._defer(rows, budgets, remaining, probe_record)
         return BudgetPlan(budgets, int(budgets.max(initial=0)))
-
 
     # The next plan of a feedback's rows, made by its native job (prepare_ahead, plan_ahead);
     # False: the plan makes it (the reference: the same plans, tests/sglang/test_plan_ahead.py).
