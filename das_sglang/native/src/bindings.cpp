@@ -539,19 +539,6 @@ void extend_batch(nb::list indices, nb::handle seq_ids_h, nb::handle tokens_h, n
   });
 }
 
-// extend_batch, then draft_rows of the same rows (budgets[r]): the work of both, GIL-free,
-// plus every row's SuffixIndex.version afterwards. (Drafting each row right after its
-// index's appends measured slower than the row-pipelined draft_range: the draft reads far
-// more than the appends touch.)
-//
-// Work sharing: the job is a list of tasks taken from atomic counters by every thread that
-// calls work() -- the `threads` workers started with it and, in PendingExtendDraft::wait,
-// the caller that would otherwise only wait (so a 2-core host drafts on both cores once the
-// scheduler thread has nothing left but to wait). First the appends: one task per bucket of
-// per-problem indices (owns: each index in one task, its rows in row order) and one for the
-// shared index (every row, row order); then, once every append is done, the drafts in
-// chunks of kChunk rows, each into its own buffer, concatenated in chunk order. Which
-// thread runs which task never changes the result: it equals the sequential loop's.
 // policy._ModelBased's next plan of a feedback's rows (plan_ahead), computed by the feedback's
 // extend + draft job right after its drafts are built, while the engine processes the step's
 // results: OnlineCalibration.update (on a copy of the cells) and table, the rows'
@@ -600,6 +587,19 @@ struct PlanAhead {
 };
 void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept;
 
+// extend_batch, then draft_rows of the same rows (budgets[r]): the work of both, GIL-free,
+// plus every row's SuffixIndex.version afterwards. (Drafting each row right after its
+// index's appends measured slower than the row-pipelined draft_range: the draft reads far
+// more than the appends touch.)
+//
+// Work sharing: the job is a list of tasks taken from atomic counters by every thread that
+// calls work() -- the `threads` workers started with it and, in PendingExtendDraft::wait,
+// the caller that would otherwise only wait (so a 2-core host drafts on both cores once the
+// scheduler thread has nothing left but to wait). First the appends: one task per bucket of
+// per-problem indices (owns: each index in one task, its rows in row order) and one for the
+// shared index (every row, row order); then, once every append is done, the drafts in
+// chunks of kChunk rows, each into its own buffer, concatenated in chunk order. Which
+// thread runs which task never changes the result: it equals the sequential loop's.
 struct ExtendDraftWork {
   static constexpr size_t kChunk = 32;
   std::vector<SuffixIndex*> idx;
@@ -2207,8 +2207,7 @@ void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept {
     a.kv.assign(n, 0.0);
     for (size_t i = 0; i < n; ++i) {
       a.kv[i] = double(a.prompt_len[i]) + double(a.generated[i]);
-      const double half = 0.5 * a.remaining[i];
-      a.kv[i] += half;
+      a.kv[i] += 0.5 * a.remaining[i];  // (exact product: the same double as numpy's two steps)
     }
     // online_plan: usable nodes, match bins (match_bin's table, clipped), the curves' checks
     a.m.assign(n, 0);
@@ -2218,7 +2217,6 @@ void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept {
     for (size_t i = 0; i < n; ++i) {
       const int64_t found = d.offsets[i + 1] - d.offsets[i];
       a.m[i] = std::min(std::min(found, a.max_budget), std::max<int64_t>(a.max_new[i] - a.generated[i] - 1, 0));
-      if (a.m[i] < 0) a.m[i] = 0;
       a.match[i] = a.match_lut[size_t(std::min<int64_t>(std::max<int64_t>(d.match[i], 0), lut_last))];
       top = std::max(top, a.m[i]);
     }
