@@ -526,18 +526,27 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             padded = np.zeros((batch, args.max_nodes + 1), np.int64)
             padded[np.arange(args.max_nodes + 1)[None, :] < n_acc[:, None]] = np.fromiter(
                 chain.from_iterable(commits), np.int64, int(n_acc.sum()))
+            # (the rows whose text ends with this step: the end of a text stands for its
+            # EOS, which the worker's stop cut sees in the accepted run -- untimed, the
+            # bench's own bookkeeping)
+            ends = pos_at + n_acc + 1 >= end_at
         t_fb, c_fb = time.perf_counter(), time.thread_time()
+        finishing = None
         if not legacy and int(n_acc.max()) > 1:
             # The worker's stop cut (_cut_at_stops: BatchRows.cut over the accepted runs,
             # on every step where a draft was accepted). The texts hold no EOS: it never
-            # cuts here, but a cut is applied as the worker applies it.
+            # cuts here, but a cut is applied as the worker applies it; the rows it says
+            # finish (BatchRows.finishing) are those whose text ends.
             cut = rows.cut(padded, n_acc, committed)
             for b in np.flatnonzero(cut < n_acc).tolist():
                 n_acc[b] = cut[b]
                 commits[b] = commits[b][: cut[b]]
+            finishing = rows.finishing | ends
         # (the worker passes the trees' node counts as tree_lens gives them: an int64 array)
-        feed(session, rids, proposed if legacy else tree_lens(trees),
-             commits if legacy else TokenRows.from_padded(padded, n_acc))
+        if legacy:
+            feed(session, rids, proposed, commits)
+        else:
+            feed(session, rids, tree_lens(trees), TokenRows.from_padded(padded, n_acc), finishing=finishing)
         t_end, c_end = time.perf_counter(), time.thread_time()
         cpu["feedback"] = c_end - c_fb
         for s, r, c in zip(slots, reqs, commits):

@@ -296,6 +296,7 @@ class SuffixDrafter:
         self._evicting: set[int] = set()
         self._next_seq_id = 0
         self._predrafted: tuple | None = None  # see predraft
+        self._reused: tuple | None = None  # (the latest reuse of its trees by row: predrafted_rows)
         self._boundary_trees = False  # the kept trees are the ones from before a boundary
         self._weights = (np.zeros(0, np.int64), np.zeros(0, np.float64))
         self._refresh_weights()
@@ -886,6 +887,14 @@ class SuffixDrafter:
         kept = self._predrafted
         return kept[1] if kept is not None else None
 
+    def predrafted_rows(self, drafts: DraftBatch) -> np.ndarray | None:
+        """Where ``drafts`` (what :meth:`speculate_flat` returned last) is the latest
+        pre-draft's trees gathered by row -- every row's tree reused, the others empty
+        placeholders (deferred starts) -- each row's row in them (-1: a placeholder); else
+        None (some row was drafted now, or ``drafts`` is another batch)."""
+        got = self._reused
+        return got[1] if got is not None and got[0] is drafts else None
+
     def finish_request(self, req_id: str, keep: bool = True) -> None:
         """End a request; ``keep`` makes it history of its step, otherwise it is dropped."""
         live = self._request(req_id)
@@ -1138,6 +1147,7 @@ class SuffixDrafter:
         others drafted now; with ``holes``, rows with seq_id -1 empty); None when none is."""
         rows, kept, versions, weights, budgets, epoch = self._predrafted
         boundary, self._boundary_trees = self._boundary_trees, False
+        self._reused = None
         # No index changed at all since the trees' versions were read (the usual case at a
         # plan: starts and finishes wait for the forward): a row's index is its seq_id's, so
         # its version is still the recorded one -- one read, not one per row (~20-50 us at
@@ -1180,10 +1190,15 @@ class SuffixDrafter:
         if ok.all():
             if n == len(kept) and np.array_equal(at, np.arange(n)):
                 return kept
-            return kept.take(at)
+            out = kept.take(at)
+            self._reused = (out, at)
+            return out
         miss = ~ok if hole is None else ~ok & ~hole
         if not miss.any():  # (only placeholders besides the reused rows)
-            return kept.take_rows(np.where(ok, at, -1))
+            rows = np.where(ok, at, -1)
+            out = kept.take_rows(rows)
+            self._reused = (out, rows)
+            return out
         miss = np.flatnonzero(miss)
         if threads is None:
             threads = max(1, min(self.DRAFT_THREADS, len(miss) // self.DRAFT_ROWS_PER_THREAD))

@@ -317,6 +317,26 @@ class OnlineCalibration:
         self._row_states = (ids, new)
         self._rows_unique = True
 
+    def outcomes_of(self, pos: np.ndarray, generated: np.ndarray, states: np.ndarray) -> np.ndarray | None:
+        """What :meth:`update` adds to the cells for the pending plan's rows ``pos`` (int64),
+        given their ``generated`` counts now and their ``states`` before it (a cells-shaped
+        array; after the decay an update adds each row's outcome as is), or None when none
+        of them had a budget. The plan made ahead counted every row of the plan before; a
+        plan of other rows subtracts this for the rows that left (``_adopt_kept``)."""
+        budget = self._pending_budget[pos]
+        keep = budget > 0
+        if not keep.any():
+            return None
+        out = np.zeros_like(self._cells)
+        online_add(out, np.ascontiguousarray(generated[keep], dtype=np.int64), np.ascontiguousarray(pos[keep]),
+                   np.ascontiguousarray(budget[keep], dtype=np.int64),
+                   np.ascontiguousarray(states[keep], dtype=np.int64),
+                   np.ascontiguousarray(self._pending_generated, dtype=np.int64),
+                   np.ascontiguousarray(self._pending_match, dtype=np.int64),
+                   np.ascontiguousarray(self._pending_nodes, dtype=np.float64),
+                   np.ascontiguousarray(self._pending_bins, dtype=np.int64), self._bin_before, self._bin_size)
+        return out
+
     def _add(self, states: np.ndarray, generated: np.ndarray, pos: np.ndarray, budget: np.ndarray) -> np.ndarray:
         """Add the outcomes of rows in ``states`` (their states before), ``generated`` now,
         planned rows ``pos`` with budgets ``budget`` > 0 to the cells; returns each row's

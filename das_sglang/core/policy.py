@@ -35,6 +35,7 @@ from das_sglang.core.acceptance import (
     GLOBAL,
     AcceptanceTracker,
     OutcomeCalibration,
+    forget_finished,
     paper_params,
     plan_rows,
     saturating_accept,
@@ -222,6 +223,7 @@ class _Ahead(NamedTuple):
     cells: np.ndarray  # OnlineCalibration._cells (the object)
     row_states: tuple  # OnlineCalibration._row_states (the object)
     wait: object  # waits for the job (before the length index changes), or None
+    skipped: np.ndarray | None = None  # the rows whose outcomes the job left out (finishing), or None
 
 
 class _ModelBased(_Observing):
@@ -429,23 +431,32 @@ class _ModelBased(_Observing):
 
     def ahead_drafts(self, drafts) -> None:
         """The drafts of the job that planned ahead, when they are the next plan's trees (the
-        session: the drafter reused every tree that job drafted); else None."""
+        session: the drafter reused every tree that job drafted), or ``(drafts, rows)`` when
+        the rows changed since and ``drafts`` are its trees gathered by row (``rows``: each
+        row's row in the job's, -1 an empty placeholder: a deferred start); else None."""
         self._ahead_trees = drafts
+
+    # A plan whose rows changed since the feedback (finishes; starts, still without a tree)
+    # takes the job's plan for the rows it kept (_adopt_kept); False: such a plan computes
+    # everything itself (the reference: the same plans as without the job).
+    AHEAD_KEPT = True
 
     def _adopt_ahead(self, rows) -> bool:
         """:meth:`prepare` from what the job computed ahead for these rows, if nothing it read
         changed since (the same rows, generated counts, outcome state and epoch): the same
         cells, states, table and draft-free inputs as :meth:`prepare` computes, bit for bit
-        (tests/sglang/test_plan_ahead.py)."""
+        (tests/sglang/test_plan_ahead.py). Rows that changed since the feedback -- some
+        finished, new ones started -- adopt it through the row map (:meth:`_adopt_kept`)."""
         ahead, self._ahead = self._ahead, None
         oc = self._outcomes
         ids = R.req_ids(rows)
-        if (ahead.epoch != self._epoch or oc._cells is not ahead.cells or oc._row_states is not ahead.row_states
-                or not (ahead.ids is ids or ahead.ids == ids)):
+        if ahead.epoch != self._epoch or oc._cells is not ahead.cells or oc._row_states is not ahead.row_states:
             return False
         generated = R.generated(rows)
-        if not np.array_equal(ahead.generated, generated):
-            return False
+        if not (ahead.ids is ids or ahead.ids == ids):
+            return self.AHEAD_KEPT and self._adopt_kept(ahead, rows, ids, generated)
+        if ahead.skipped is not None or not np.array_equal(ahead.generated, generated):
+            return False  # (a row the job took for finishing is still here: its outcome counts)
         got = ahead.native.result()
         if got is None:  # (the job did not plan: PlanAhead.error)
             return False
@@ -459,7 +470,86 @@ class _ModelBased(_Observing):
         prepared = (_Factors(R.problem_ids(rows), calibration), remaining, calibration, kv)
         self._read_ahead = ids
         self._prepared = (generated.copy(), prepared)
-        self._ahead_plan = (prepared, plan)
+        self._ahead_plan = (prepared, plan, None)
+        return True
+
+    def _adopt_kept(self, ahead: _Ahead, rows, ids: list, generated: np.ndarray) -> bool:
+        """:meth:`_adopt_ahead` for rows that changed since the feedback: requests finished
+        (their rows left) and new ones started. The job counted every planned row's outcome,
+        a finished request's last one too, which the plan of the new rows does not read (the
+        request is gone): its cells are taken less those rows' part, each kept row its state,
+        calibration factor, predicted remaining tokens and KV tokens through the row map; a
+        new row gets its state and draft-free inputs here (a handful of rows). The
+        plan then takes the job's budgets for the kept rows (:meth:`_plan_fused`): made at
+        the feedback, with the finished requests still in the batch and the new ones not
+        yet. It applies only where every row is there once, each kept row's generated count
+        is the job's and a new row has no tree (a deferred start: the plan checks that the
+        trees are the job's, gathered through the same map)."""
+        n = len(ids)
+        if type(ids) is not list or type(ahead.ids) is not list:
+            return False
+        at, unique = R.shared_row_map(ahead.ids, ids)
+        kept = at >= 0
+        if not unique or not kept.any() or not np.array_equal(ahead.generated[at[kept]], generated[kept]):
+            return False
+        skipped = ahead.skipped
+        if skipped is not None and skipped[at[kept]].any():
+            return False  # (a row the job took for finishing is still here: its outcome counts)
+        got = ahead.native.result()
+        if got is None:
+            return False
+        cells, states, added, table, calibration, relative, remaining, kv, plan = got
+        oc = self._outcomes
+        old = ahead.ids
+        stays = np.zeros(len(old), dtype=bool)
+        stays[at[kept]] = True
+        left = np.flatnonzero(~stays)
+        before = ahead.row_states[1]  # (the rows' states before the job's update)
+        # A request that left since takes its last outcome with it, as in a plan made
+        # without the job. The job left out the rows the feedback said finish (finishing);
+        # the part of any other row that left (a finish the stop rules could not tell, an
+        # abort) is taken out here (the same cells up to rounding: sums in another order).
+        # So the policy learns what it learns without the job. (A finished request's last
+        # run is cut short by its stop -- drafts past its end are never accepted --: counted,
+        # it would read as a rejection.)
+        counted = left if skipped is None else left[~skipped[left]]
+        part = oc.outcomes_of(counted, ahead.generated[counted], before[counted]) if counted.size else None
+        np.copyto(oc._cells, cells)
+        if part is None:
+            oc._table = table
+        else:
+            oc._cells -= part
+            oc._table = None  # (made from these cells when next read)
+        oc._bins_cache = None
+        # Row states: the kept rows' from the job; the rows that left go to the dict as they
+        # were before it (a request that comes back -- a retracted one -- reads it there); a
+        # new row reads the dict (never in the feedback's rows, whose states the dict may
+        # lack: no flush needed).
+        left = left[before[left] != 0].tolist()
+        if left:
+            oc._states.update(zip([old[i] for i in left], before[left].tolist()))
+        src = np.maximum(at, 0)
+        new_states = states[src]
+        fresh = np.flatnonzero(~kept)
+        pids = R.problem_ids(rows)
+        calibration, remaining, kv = calibration[src], remaining[src], kv[src]
+        if fresh.size:
+            fl = fresh.tolist()
+            get = oc._states.get
+            new_states[fresh] = [get(ids[i], 0) for i in fl]
+            fpids = [pids[i] for i in fl]
+            calibration[fresh] = self.acceptance.calibration_rows(fpids)
+            g = generated[fresh]
+            remaining[fresh] = self.lengths.predict_many(fpids, g, R.max_new(rows)[fresh])[0]
+            kv[fresh] = R.prompt_len(rows)[fresh].astype(np.float64) + g + 0.5 * remaining[fresh]
+        oc._row_states = (ids, new_states)
+        oc._rows_dirty = True
+        oc._rows_unique = True
+        forget_finished(oc, ids, n_live=n, size=len(oc._states))
+        prepared = (_Factors(pids, calibration), remaining, calibration, kv)
+        self._read_ahead = ids
+        self._prepared = (generated.copy(), prepared)
+        self._ahead_plan = (prepared, plan, at)
         return True
 
     def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None:
@@ -712,7 +802,14 @@ class LengthAware(_ModelBased):
         n = len(rows)
         outcomes, probes = self._outcomes, self._probes
         d = rows.drafts
-        self.ahead_used = ahead is not None and ahead[0] is prepared and d is trees and trees is not None
+        at = None if ahead is None else ahead[2]
+        if at is None:  # (the job's rows: its trees themselves)
+            self.ahead_used = ahead is not None and ahead[0] is prepared and d is trees and trees is not None
+        else:  # (rows kept since the feedback: its trees gathered through the same row map)
+            self.ahead_used = (ahead[0] is prepared and type(trees) is tuple and trees[0] is d
+                               and np.array_equal(trees[1], at))
+        if self.ahead_used and ahead[1] is not None and at is not None:
+            return self._plan_kept(rows, ahead[1], at, remaining, kv)
         if self.ahead_used:
             got = ahead[1]  # (online_plan of these inputs and drafts, by the job: plan_ahead)
         else:
@@ -733,6 +830,35 @@ class LengthAware(_ModelBased):
         self._base = base.reshape(n, width)
         outcomes.keep_bins(rows, bins, width)
         self.last = StepAllocation(alloc_budgets, int(alloc_width), modeled, baseline, makespan)
+        probe_record = (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)
+        budgets = self._defer(rows, budgets, remaining, probe_record)
+        return BudgetPlan(budgets, int(budgets.max(initial=0)))
+
+    def _plan_kept(self, rows, got: tuple, at: np.ndarray, remaining: np.ndarray, kv: np.ndarray) -> BudgetPlan:
+        """:meth:`_plan_fused` for rows that changed since the feedback (``at``: each row's row
+        there, -1 for a new one): the job's plan of the feedback's rows (``got``, its
+        ``online_plan`` tuple) for the rows kept, no budget for the new ones (they have no
+        tree yet), and what the plan's bookkeeping reads gathered the same way -- the
+        curves' base, their node bins, the allocation -- with the probe record of these
+        rows (their forward, and the probes among the kept rows' budgets)."""
+        cfg, cost = self.config, self.cost
+        base, _, bins, width, _, alloc_budgets, alloc_width, modeled, baseline, makespan, budgets, _ = got
+        n, n_old = len(at), len(base) // max(width, 1)
+        kept = at >= 0
+        src = np.maximum(at, 0)
+        base = base.reshape(n_old, width)[src]
+        base[~kept] = 0.0
+        bins = bins.reshape(n_old, width - 1)[src]
+        budgets = np.where(kept, budgets[src], 0).astype(np.int32)
+        alloc_budgets = np.where(kept, alloc_budgets[src], 0).astype(np.int32)
+        self._base = base
+        self._outcomes.keep_bins(rows, bins, width)
+        self.last = StepAllocation(alloc_budgets, int(alloc_width), modeled, baseline, makespan)
+        # (the probes: budgets above the allocation's, or any budget where the min-gain rule
+        # left none -- final_budgets' rule)
+        none = alloc_width == 0 or modeled > (1.0 - cfg.min_gain) * baseline
+        probed = budgets > (0 if none else alloc_budgets)
+        probe_s = cost.c_tok_s * float(budgets[probed].sum()) if cfg.probe_budget > 0 else 0.0
         probe_record = (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)
         budgets = self._defer(rows, budgets, remaining, probe_record)
         return BudgetPlan(budgets, int(budgets.max(initial=0)))
@@ -791,7 +917,7 @@ class LengthAware(_ModelBased):
             probes.due(rows) if cfg.probe_budget > 0 else None, probes.spent_s, cfg.probe_share * probes.total_s)
         self._ahead_pre = (native, ids, self._epoch, oc._cells, prev)
 
-    def plan_ahead(self, req_ids: list, generated: np.ndarray, wait=None):
+    def plan_ahead(self, req_ids: list, generated: np.ndarray, wait=None, finishing: np.ndarray | None = None):
         """At a feedback of the rows :meth:`prepare_ahead` prepared (``req_ids``, their
         generated counts after it, int64): the ``native.PlanAhead`` to hand the feedback's
         extend + draft job (``SuffixDrafter.start_extend(..., ahead=)``). The job runs what
@@ -802,8 +928,12 @@ class LengthAware(_ModelBased):
         has changed: the same rows and generated counts, no observation, step or
         bookkeeping since, its drafts the job's (:meth:`ahead_drafts`); otherwise it
         computes them itself. ``wait`` waits for the job: called before anything changes
-        the length index the job reads. None when nothing was prepared for these rows (or
-        anything changed since)."""
+        the length index the job reads. ``finishing``: the rows whose requests finish with
+        this step (bool per row, or None): the job leaves their outcomes out of its
+        calibration update -- the next plan, without those requests, does not read them
+        either (a finished request's last run is cut by its stop) -- and a plan of rows that
+        still hold one of them does not use it. None when nothing was prepared for these
+        rows (or anything changed since)."""
         pre, self._ahead_pre = self._ahead_pre, None
         self.drop_ahead()
         if pre is None:
@@ -814,7 +944,11 @@ class LengthAware(_ModelBased):
                 or not (ids is req_ids or ids == req_ids)):
             return None
         native.set_generated(generated)
-        self._ahead = _Ahead(native, ids, generated, epoch, cells, row_states, wait)
+        skipped = None
+        if finishing is not None and finishing.any():
+            skipped = finishing.copy()
+            native.skip_outcomes(np.flatnonzero(finishing))
+        self._ahead = _Ahead(native, ids, generated, epoch, cells, row_states, wait, skipped)
         return native
 
 

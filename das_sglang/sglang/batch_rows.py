@@ -137,6 +137,7 @@ class BatchRows:
         # for DasSession.plan's ``kept``; None otherwise)
         self.kept: tuple | None = None
         self._cut_plan: tuple | None = None
+        self.finishing: np.ndarray | None = None  # (the latest cut's: see cut)
 
     def changed(self, reqs: list) -> bool:
         """Whether ``reqs`` is another list than the one the rows were made from."""
@@ -260,13 +261,21 @@ class BatchRows:
         ``committed``: the output lengths (:meth:`tails`) if read since the last tokens
         were appended (else read now). Token stops and the length limit in one native
         pass (``native.stop_rows``); the rows with stop text one by one
-        (``TextStops.cut``; ``stop_cut`` for a row without a rule kept)."""
+        (``TextStops.cut``; ``stop_cut`` for a row without a rule kept).
+
+        Also sets ``finishing``: per row, whether its request finishes with this run as cut
+        (a stop token ends it, or the length limit; a row with stop text where the cut
+        ended the run early) -- what SGLang's finish check will find, for the rows it can
+        tell (a stop text matching at the run's very end is not among them)."""
         max_new, each, row_set, ids, offsets = self._plan()
         runs = np.ascontiguousarray(runs, dtype=np.int64)
         lens = np.ascontiguousarray(lens, dtype=np.int64)
         if committed is None:
             committed = self.committed()
-        cut, limit = stop_rows(runs, lens, max_new, committed, row_set, ids, offsets)
+        cut, limit, stopped = stop_rows(runs, lens, max_new, committed, row_set, ids, offsets)
+        finishing = stopped
+        finishing |= committed + cut >= max_new
+        self.finishing = finishing
         if each:
             # (Python ints once for all such rows: a numpy slice and tolist per row cost
             # more; the held output arrays, not each Req's attribute)
@@ -277,4 +286,5 @@ class BatchRows:
                     cut[b] = stop_cut(self.reqs[b], run)
                 else:
                     cut[b] = stops.cut(outs[b], run, limit_l[b])
+                finishing[b] = cut[b] < lens_l[b] or committed[b] + cut[b] >= max_new[b]
         return cut

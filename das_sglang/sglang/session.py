@@ -834,7 +834,11 @@ class DasSession:
         else:
             drafts = self.drafter.speculate_flat(req_ids, sizes, **drafter_kw)
         if ahead:  # (the job's own trees, every one reused: the plan it made ahead is of them)
-            self.policy.ahead_drafts(drafts if drafts is self.drafter.predrafted_trees() else None)
+            if drafts is self.drafter.predrafted_trees():
+                self.policy.ahead_drafts(drafts)
+            else:  # (rows changed since: its trees gathered by row, new rows empty -- or None)
+                rows_at = self.drafter.predrafted_rows(drafts)
+                self.policy.ahead_drafts(None if rows_at is None else (drafts, rows_at))
         probs = drafts.probs
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
@@ -968,12 +972,15 @@ class DasSession:
             self._outcomes.append(([live.problem_id], p, a, None))
 
     def committed_batch(self, req_ids: Sequence[str], proposed: Sequence[int],
-                        tokens: Sequence[Sequence[int]]) -> None:
+                        tokens: Sequence[Sequence[int]], finishing: np.ndarray | None = None) -> None:
         """:meth:`committed` for a whole decode batch. The drafter's extend (one native
         call for the batch) runs on the background thread without the GIL; the next
         :meth:`plan` waits for it. ``tokens``: one sequence of ids per row, or a
         :class:`~das_sglang.core.drafter.TokenRows` (flat, validated once: what the worker
-        passes)."""
+        passes). ``finishing``: per row (bool), whether its request finishes with this
+        step, where the caller can tell (the worker's stop cut): the plan the feedback's job
+        makes ahead leaves those rows' outcomes out of its calibration update, as the next
+        plan -- without those requests -- does."""
         live = self.live
         self._settle_outcomes(record_pending=True)  # (the previous step's, if not yet)
         self._release_deferred()  # (a row's registration precedes its extend)
@@ -1012,7 +1019,7 @@ class DasSession:
                 # rows on those trees (plan_ahead), used if the rows are the same then.
                 done = None
                 if not self._updates.busy():
-                    ahead = self._plan_ahead(req_ids, tokens)
+                    ahead = self._plan_ahead(req_ids, tokens, finishing)
                     done = self.drafter.start_extend(prepared, sizes, ahead=ahead)
                     if ahead is not None:
                         if done is None:
@@ -1053,17 +1060,23 @@ class DasSession:
     # The feedback's job also makes the policy's next plan of its rows (plan_ahead).
     PLAN_AHEAD = True
 
-    def _plan_ahead(self, req_ids, tokens):
+    def _plan_ahead(self, req_ids, tokens, finishing=None):
         """The policy's ``plan_ahead`` of a feedback's rows, their generated counts after it
-        (a ``native.PlanAhead`` for the feedback's job), or None."""
+        (a ``native.PlanAhead`` for the feedback's job), or None. ``finishing``: the rows
+        whose requests finish with this step (bool per row; a bad one is refused, naming it)."""
         make = getattr(self.policy, "plan_ahead", None)
         if not self.PLAN_AHEAD or make is None or type(tokens) is not TokenRows:
             return None
+        if finishing is not None and not (isinstance(finishing, np.ndarray) and finishing.dtype == bool
+                                          and finishing.shape == (len(req_ids),)):
+            raise ValueError(f"invalid finishing={finishing!r}: expected a bool numpy array of one entry per "
+                             f"row ({len(req_ids)})")
         _, _, _, _, slots, unique = self._rows(req_ids)
         if not unique:
             return None
         try:
-            return make(req_ids, self._counts.gen[slots] + tokens.lens(), self._updates._finish_native_keeping_errors)
+            return make(req_ids, self._counts.gen[slots] + tokens.lens(), self._updates._finish_native_keeping_errors,
+                        finishing)
         except Exception:  # noqa: BLE001 (an optimisation: the plans go on without it)
             self._plan_ahead_failed("plan_ahead")
             return None

@@ -130,6 +130,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self._committed: tuple | None = None
         self._walked: float | None = None  # the verify's end (_cut_at_stops' first sync)
         self._cut_s = 0.0
+        self._finishing = None  # (the stop cut's rows that finish with this step: BatchRows.cut)
         # graph_steps: verify forwards SGLang replayed as a CUDA graph (the rest ran eagerly)
         # plans_ahead: plans that were the feedback's job's (DasSession: plan made ahead)
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
@@ -274,6 +275,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             return num_correct
         k = num_correct.cpu().numpy()  # (one copy; the runs' below only if a draft was accepted)
         self._walked = time.perf_counter()  # (the first host sync after the tree walk)
+        self._finishing = None
         if int(k.max()) == 0:
             return num_correct  # one token per request: nothing to cut
         lens = k.astype(np.int64) + 1
@@ -281,6 +283,9 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         read, self._committed = self._committed, None
         if reqs is self._rows.reqs:
             cut = self._rows.cut(runs, lens, read[1] if read is not None and read[0] is reqs else None)
+            # (which requests finish with this step, as far as the stop rules tell: the
+            # feedback's job leaves their last outcome out of the next plan's calibration)
+            self._finishing = self._rows.finishing
         else:  # (rows the worker did not plan: the reference, request by request)
             cut = np.array([stop_cut(req, run[:n].tolist()) for req, run, n in zip(reqs, runs, lens)],
                            dtype=np.int64)
@@ -550,7 +555,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         rows = TokenRows.from_padded(accept_tokens.numpy(), lens)
         proposed = tree_lens(trees)
         # (the counts as the int64 array they are: a list made here was made an array again)
-        self.session.committed_batch(self._rids(batch), proposed, rows)
+        finishing, self._finishing = self._finishing, None
+        self.session.committed_batch(self._rids(batch), proposed, rows, finishing=finishing)
         cut_s, self._cut_s = self._cut_s, 0.0  # (the stop cut's host time, this step's)
         add_feedback(self.stats["host"], time.perf_counter() - t + cut_s)
         self.stats["plans_ahead"] = self.session.counters["plans_ahead"]

@@ -201,8 +201,12 @@ def test_native_reads_refuse_bad_input_naming_it(tokenizer):
     runs = np.array([[3, 2, 9], [2, 7, 7]], dtype=np.int64)
     one = np.ones(2, dtype=np.int64)
     ids, offs = np.array([2], dtype=np.int64), np.array([0, 1], dtype=np.int64)
-    cut, limit = stop_rows(runs, np.array([3, 3]), np.array([50, 5]), np.array([0, 4]), np.array([0, 0]), ids, offs)
+    cut, limit, stopped = stop_rows(runs, np.array([3, 3]), np.array([50, 5]), np.array([0, 4]), np.array([0, 0]), ids, offs)
     assert cut.tolist() == [2, 1] and limit.tolist() == [3, 1]
+    assert stopped.dtype == bool and stopped.tolist() == [True, True]  # (the requests finish with these runs)
+    cut, limit, stopped = stop_rows(np.array([[3, 4, 9]]), np.array([3]), np.array([50]), np.array([0]),
+                                    np.array([0]), ids, offs)
+    assert cut.tolist() == [3] and stopped.tolist() == [False]
     with pytest.raises(ValueError, match=r"lens\[1\]=4 is outside \[1, 3\]"):
         stop_rows(runs, np.array([3, 4]), one, one * 0, one * 0, ids, offs)
     with pytest.raises(ValueError, match=r"row_set\[0\]=1 but 1 sets"):

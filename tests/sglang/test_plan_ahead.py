@@ -14,19 +14,23 @@ from das_sglang.sglang.options import for_layout, load_options
 from das_sglang.sglang.session import DasSession
 
 
-def _session(plan_ahead_on: bool) -> DasSession:
+def _session(plan_ahead_on: bool, kept: bool = False) -> DasSession:
+    """``kept``: plans whose rows changed since the feedback take the job's plan for the rows
+    kept (``AHEAD_KEPT``; off: such plans are made as without the job, bit for bit)."""
     cfg = {"drafter": {"window_steps": 2}, "server": {"policy": "length-aware", "async_updates": True}}
     s = DasSession(for_layout(load_options(9, json.dumps(cfg)), "ragged"))  # (per-row budgets)
     s.PLAN_AHEAD = plan_ahead_on
+    s.policy.AHEAD_KEPT = kept
     s.ASYNC_MIN_ROWS = 1
     s.policy.lengths.background = False
     return s
 
 
-def _drive(session, seed=0, steps=120, flush_every=40, rows=12, observe_at=()):
+def _drive(session, seed=0, steps=120, flush_every=40, rows=12, observe_at=(), tell_finishing=False):
     """A random decode workload fed back as the worker does (TokenRows, the forward hook);
     ``observe_at``: steps after whose feedback an outcome is observed directly (an input of
-    the plan made ahead changes). Returns every plan's trees, width and budgets."""
+    the plan made ahead changes); ``tell_finishing``: the feedback says which requests
+    finish with it (the worker's stop cut). Returns every plan's trees, width and budgets."""
     rng = np.random.default_rng(seed)
     texts = {f"p{i}": rng.integers(0, 5, 300).tolist() for i in range(5)}
     live, out, n = {}, [], 0
@@ -53,13 +57,15 @@ def _drive(session, seed=0, steps=120, flush_every=40, rows=12, observe_at=()):
         padded = np.full((len(commits), 9), -1)
         for i, c in enumerate(commits):
             padded[i, :len(c)] = c
-        session.committed_batch(rids, [len(t) for t in trees],
-                                TokenRows.from_padded(padded, [len(c) for c in commits]))
+        ends = [live[rid][1] >= (30 if n <= 24 else 150) + 7 * (int(rid[1:]) % 4) for rid in rids]  # (the first
+        session.committed_batch(rids, [len(t) for t in trees],  # two waves short)
+                                TokenRows.from_padded(padded, [len(c) for c in commits]),
+                                finishing=np.array(ends) if tell_finishing else None)
         if step in observe_at:
             session.policy.observe_verify("p1", 4, 2)
-        for rid in rids:
-            pid, pos = live[rid]
-            if pos >= (30 if n <= 24 else 150) + 7 * (int(rid[1:]) % 4):  # (the first two waves short)
+        for rid, end in zip(rids, ends):
+            if end:
+                pid, pos = live[rid]
                 session.finished(rid, [7, 8], texts[pid][:pos])
                 del live[rid]
     session.drain()
@@ -175,3 +181,81 @@ def test_a_failing_plan_ahead_is_switched_off_and_the_plans_go_on(monkeypatch):
     assert not a.PLAN_AHEAD
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("tell_finishing", [False, True])
+def test_a_plan_of_changed_rows_takes_the_jobs_plan_for_the_rows_kept(monkeypatch, tell_finishing):
+    """Finishes and (deferred) starts between a feedback and the next plan: the plan takes
+    the job's cells without the outcomes of the rows that left -- left out by the job where
+    the feedback said they finish, else taken out -- (the cells the plan's own update gives,
+    up to rounding), each kept row's state and budget through the row map, and no budget for
+    a new row (it has no tree yet)."""
+    import copy
+
+    from das_sglang.core import budget_rows as R
+    from das_sglang.core.draft_tree import DraftBatch
+
+    checked = {"cells": 0, "plans": 0, "left": 0}
+    adopt, plan_kept = P._ModelBased._adopt_kept, P.LengthAware._plan_kept
+
+    def spy_adopt(self, ahead, rows, ids, generated):
+        # the reference: the update a plan of these rows makes itself (the rows that left
+        # since take their last outcome with them)
+        ref = copy.deepcopy(self._outcomes)
+        n = len(ids)
+        ref.update(R.BudgetRows(ids, ["p"] * n, generated, np.zeros(n, np.int64), np.zeros(n, np.int64),
+                                DraftBatch.empty(n)))
+        ok = adopt(self, ahead, rows, ids, generated)
+        if ok:
+            oc = self._outcomes
+            assert np.allclose(oc._cells, ref._cells, rtol=1e-12, atol=1e-12)  # (sums in another order)
+            assert np.allclose(oc.table(), ref.table(), rtol=1e-9, atol=1e-12)
+            assert oc._row_states[0] is ids
+            assert np.array_equal(oc._row_states[1], ref._row_states[1])
+            checked["cells"] += 1
+            checked["left"] += len(set(ahead.ids) - set(ids))
+        return ok
+
+    def spy_plan(self, rows, got, at, remaining, kv):
+        out = plan_kept(self, rows, got, at, remaining, kv)
+        job_budgets = got[10]
+        kept = at >= 0
+        assert np.array_equal(out.budgets[kept], job_budgets[at[kept]])
+        assert (out.budgets[~kept] == 0).all() and (~kept).any()
+        assert (rows.drafts.lens()[~kept] == 0).all()  # (a deferred start: no tree)
+        checked["plans"] += 1
+        return out
+
+    skips = []
+    made = P.LengthAware.plan_ahead
+
+    def spy_made(self, *a, **k):  # (told: the job leaves those rows' outcomes out itself)
+        out = made(self, *a, **k)
+        if out is not None and self._ahead.skipped is not None:
+            skips.append(int(self._ahead.skipped.sum()))
+        return out
+
+    monkeypatch.setattr(P.LengthAware, "plan_ahead", spy_made)
+    monkeypatch.setattr(P._ModelBased, "_adopt_kept", spy_adopt)
+    monkeypatch.setattr(P.LengthAware, "_plan_kept", spy_plan)
+    s = _session(True, kept=True)
+    s.DEFER_START_MIN_ROWS = 1  # (starts deferred at any batch size: their first plan has no tree)
+    _drive(s, steps=120, tell_finishing=tell_finishing)
+    assert (len(skips) >= 10) == tell_finishing
+    assert checked["plans"] >= 10 and checked["cells"] >= checked["plans"] and checked["left"] >= 10
+    assert s.counters["plans_ahead"] > 60
+    s.close()
+
+
+def test_a_new_row_with_a_tree_is_planned_by_the_plan_itself(monkeypatch):
+    """Starts not deferred (drafted at their first plan): the job has no plan of those rows,
+    so the plan is made as usual (on the cells the job updated)."""
+    called = []
+    plan_kept = P.LengthAware._plan_kept
+    monkeypatch.setattr(P.LengthAware, "_plan_kept", lambda *a: called.append(1) or plan_kept(*a))
+    s = _session(True, kept=True)  # (12 rows: below DEFER_START_MIN_ROWS, starts drafted at once)
+    got = _drive(s, steps=80)
+    assert not called and s.counters["plans_ahead"] > 20
+    assert len(got) == 81
+    s.close()
+

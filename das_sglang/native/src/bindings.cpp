@@ -1422,8 +1422,9 @@ nb::tuple seq_tails(nb::handle seqs_h) {
 // finish.stop_cut gives it). Row b's accepted run is runs[b, :lens[b]] (bonus included,
 // lens >= 1); its length limit max(1, min(lens[b], max_new[b] - committed[b])); with
 // row_set[b] = s >= 0 its run ends at the first of its first `limit` tokens in
-// set_ids[set_offsets[s]:set_offsets[s + 1]]. Returns (cut, limit), int64 each (cut =
-// limit where row_set is -1: the caller cuts those rows itself).
+// set_ids[set_offsets[s]:set_offsets[s + 1]]. Returns (cut, limit, stopped): int64 each
+// (cut = limit where row_set is -1: the caller cuts those rows itself), and per row whether
+// its cut ends at one of its stop tokens (bool: the request finishes with this run).
 nb::tuple stop_rows(nb::handle runs_h, nb::handle lens_h, nb::handle max_new_h, nb::handle committed_h,
                     nb::handle row_set_h, nb::handle set_ids_h, nb::handle set_offsets_h) {
   using I64M = nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
@@ -1449,6 +1450,7 @@ nb::tuple stop_rows(nb::handle runs_h, nb::handle lens_h, nb::handle max_new_h, 
     if (offs.data()[s] < 0 || offs.data()[s] > offs.data()[s + 1] || offs.data()[s + 1] > int64_t(ids.shape(0)))
       throw nb::value_error(("stop_rows: set_offsets out of order or past set_ids at set " + std::to_string(s)).c_str());
   std::vector<int64_t> cut(bs), limit(bs);
+  std::vector<uint8_t> stopped(bs, 0);
   const int64_t* r = runs.data();
   for (size_t b = 0; b < bs; ++b) {
     const int64_t n = lens.data()[b];
@@ -1470,10 +1472,15 @@ nb::tuple stop_rows(nb::handle runs_h, nb::handle lens_h, nb::handle max_new_h, 
     for (int64_t k = 0; k < lim; ++k)
       if (std::find(lo, hi, row[k]) != hi) {
         cut[b] = k + 1;
+        stopped[b] = 1;
         break;
       }
   }
-  return nb::make_tuple(to_numpy_moved(std::move(cut)), to_numpy_moved(std::move(limit)));
+  auto* kept = new std::vector<uint8_t>(std::move(stopped));
+  nb::capsule owner(kept, [](void* q) noexcept { delete static_cast<std::vector<uint8_t>*>(q); });
+  return nb::make_tuple(to_numpy_moved(std::move(cut)), to_numpy_moved(std::move(limit)),
+                        nb::ndarray<nb::numpy, bool, nb::ndim<1>>(reinterpret_cast<bool*>(kept->data()),
+                                                                 {kept->size()}, owner));
 }
 
 // Where the ragged tree blocks go in the FlashInfer-form mask (sglang/tree_inputs.
@@ -2774,6 +2781,21 @@ NB_MODULE(_suffix, m) {
           },
           nb::arg("generated"), "The rows' generated counts the plan is made for (int64, one per row; "
           "before a job runs it).")
+      .def(
+          "skip_outcomes",
+          [](PlanAhead& a, nb::handle rows_h) {
+            const I64 rows = as_array<I64>(rows_h, "rows", "int64");
+            if (a.ran.load()) throw nb::value_error("PlanAhead.skip_outcomes: the plan already ran");
+            for (size_t i = 0; i < rows.shape(0); ++i)
+              if (rows(i) < 0 || size_t(rows(i)) >= a.generated.size())
+                throw nb::value_error(("PlanAhead.skip_outcomes: row " + std::to_string(rows(i)) + " of " +
+                                       std::to_string(a.generated.size())).c_str());
+            for (size_t i = 0; i < rows.shape(0); ++i)
+              if (size_t(rows(i)) < a.pend_budget.size()) a.pend_budget[size_t(rows(i))] = 0;
+          },
+          nb::arg("rows"), "Leave these rows' verify outcomes out of the plan's calibration update "
+          "(int64 row indices; requests that finish with this step: their last run is cut by the stop). "
+          "Before a job runs it.")
       .def("result", &plan_ahead_result,
            "None if the job did not plan (see error), else (cells, states, added, table, calibration, "
            "relative, remaining, kv, plan); plan is online_plan's tuple or None. Once.")
