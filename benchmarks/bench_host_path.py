@@ -102,7 +102,10 @@ request ids and their stop rules once per ``batch.reqs`` list -- a new list on e
 with a finish or a start, as SGLang's ``filter_batch`` / ``merge_batch`` rebind it --, the
 roots (``req.output_ids[-1]``) every step, and the stop cut (``BatchRows.cut``) over the
 accepted runs on every step where a draft was accepted (feedback phase; the texts hold
-no EOS, so it never cuts here). The verify inputs are made as the worker makes them: the
+no EOS, so it never cuts here). The end of a text stands for its EOS: the rows whose text
+ends with a step are the rows the worker's stop cut says finish (``BatchRows.finishing``,
+passed to the feedback as ``finishing``: the feedback's job leaves their outcomes out of
+the next plan's calibration; until this version nothing was passed). The verify inputs are made as the worker makes them: the
 host arrays in one packed buffer (``build_ragged_layout(..., mask_zeros=True)``, layout
 phase), then one copy of it to the device (meta here), views of it, the mask, and SGLang's
 ragged layout object from the buffer's host-built int32 qo arrays
