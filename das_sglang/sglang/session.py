@@ -1063,18 +1063,19 @@ class DasSession:
     def _plan_ahead(self, req_ids, tokens, finishing=None):
         """The policy's ``plan_ahead`` of a feedback's rows, their generated counts after it
         (a ``native.PlanAhead`` for the feedback's job), or None. ``finishing``: the rows
-        whose requests finish with this step (bool per row; a bad one is refused, naming it)."""
+        whose requests finish with this step (bool per row; a bad one is the plan made
+        ahead's failure: logged naming it, counted, the feature off -- the step goes on)."""
         make = getattr(self.policy, "plan_ahead", None)
         if not self.PLAN_AHEAD or make is None or type(tokens) is not TokenRows:
             return None
-        if finishing is not None and not (isinstance(finishing, np.ndarray) and finishing.dtype == bool
-                                          and finishing.shape == (len(req_ids),)):
-            raise ValueError(f"invalid finishing={finishing!r}: expected a bool numpy array of one entry per "
-                             f"row ({len(req_ids)})")
         _, _, _, _, slots, unique = self._rows(req_ids)
         if not unique:
             return None
         try:
+            if finishing is not None and not (isinstance(finishing, np.ndarray) and finishing.dtype == bool
+                                              and finishing.shape == (len(req_ids),)):
+                raise ValueError(f"invalid finishing={finishing!r}: expected a bool numpy array of one entry "
+                                 f"per row ({len(req_ids)})")
             return make(req_ids, self._counts.gen[slots] + tokens.lens(), self._updates._finish_native_keeping_errors,
                         finishing)
         except Exception:  # noqa: BLE001 (an optimisation: the plans go on without it)

@@ -387,3 +387,39 @@ def test_gather_map_is_seeded_or_the_row_map():
     R.seed_gather_map(prev, new, np.zeros(len(new), np.int64))
     assert (tracker.calibration_rows(new) == first[0]).all()
     R._GATHER_MAPS.clear()
+
+
+def test_finishing_rows_are_the_rows_sglang_finishes(tokenizer):
+    """``BatchRows.finishing`` after a cut: the rows whose request SGLang's own finish check
+    (``Req.update_finish_state`` on the cut run) ends -- every one of them where the stops
+    are tokens or the length limit; a row with stop text only where the cut ended its run
+    early (a stop text matching at the run's very end is SGLang's to find). Never a row
+    SGLang does not finish."""
+    rng = np.random.default_rng(2)
+    reqs, vocab = _mixed_batch(tokenizer, rng, 70)
+    rules = StopRules()
+    for r in reqs:
+        rules.add(r.rid, r)
+    rows = BatchRows(rules)
+    rows.update(reqs)
+    text = {i for i, r in enumerate(reqs) if r.sampling_params.stop_strs or r.sampling_params.stop_regex_strs}
+    flagged = finished_n = 0
+    for _ in range(30):
+        runs, lens = _runs(tokenizer, rng, vocab, len(reqs))
+        cut = rows.cut(runs, lens)
+        got = rows.finishing.copy()
+        for b, req in enumerate(reqs):
+            if req.tokenizer is None:  # (stop text without a tokenizer: SGLang's check cannot run)
+                continue
+            n0 = len(req.output_ids)
+            req.output_ids.extend(int(t) for t in runs[b, : cut[b]])
+            req.update_finish_state(int(cut[b]))
+            done = req.finished()
+            del req.output_ids[n0:]
+            req.finished_reason, req.finished_len, req.to_finish = None, None, None
+            assert done or not got[b], f"row {b} flagged but SGLang does not finish it"
+            if b not in text:
+                assert got[b] == done, f"row {b}: finishing {got[b]} but SGLang says {done}"
+            flagged += int(got[b])
+            finished_n += int(done)
+    assert flagged > 100 and finished_n >= flagged

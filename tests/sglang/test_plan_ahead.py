@@ -259,3 +259,20 @@ def test_a_new_row_with_a_tree_is_planned_by_the_plan_itself(monkeypatch):
     assert len(got) == 81
     s.close()
 
+
+
+def test_a_bad_finishing_mask_switches_the_plan_made_ahead_off_not_the_step(caplog):
+    s = _session(True, kept=True)
+    _drive(s, steps=10)
+    rids = sorted(s.live)
+    trees, _ = s.plan(rids, 8)
+    s.before_forward()
+    padded = np.zeros((len(rids), 9), np.int64)
+    with caplog.at_level("ERROR"):
+        s.committed_batch(rids, [len(t) for t in trees], TokenRows.from_padded(padded, [1] * len(rids)),
+                          finishing=np.zeros(len(rids) + 1, bool))
+    assert s.counters["plan_ahead_errors"] == 1 and not s.PLAN_AHEAD
+    assert "invalid finishing=" in caplog.text
+    trees, _ = s.plan(rids, 8)  # (the plans go on, made the usual way)
+    assert len(trees) == len(rids)
+    s.close()
