@@ -268,6 +268,7 @@ class _ModelBased(_Observing):
         self._ahead_trees = None
         self._epoch = 0
         self.ahead_used = False  # the latest plan was the job's (plan_ahead)
+        self.ahead_kept = False  # ... for the rows kept since its feedback (_plan_kept)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cost={self.cost.name}, uniform_width={self.config.uniform_width})"
@@ -756,7 +757,7 @@ class LengthAware(_ModelBased):
 
     def plan(self, rows: Sequence[BudgetRow]) -> BudgetPlan:
         self.settle_plan()
-        self.ahead_used = False
+        self.ahead_used = self.ahead_kept = False
         if not rows:
             return BudgetPlan.none(0)
         prepared = self._start_plan(rows)
@@ -809,6 +810,7 @@ class LengthAware(_ModelBased):
             self.ahead_used = (ahead[0] is prepared and type(trees) is tuple and trees[0] is d
                                and np.array_equal(trees[1], at))
         if self.ahead_used and ahead[1] is not None and at is not None:
+            self.ahead_kept = True
             return self._plan_kept(rows, ahead[1], at, remaining, kv)
         if self.ahead_used:
             got = ahead[1]  # (online_plan of these inputs and drafts, by the job: plan_ahead)

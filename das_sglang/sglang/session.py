@@ -366,9 +366,10 @@ class DasSession:
         # Readable counters (saved in the snapshot's meta as "das_counters"):
         # bad_params = requests served untagged because of a bad DAS tag,
         # steps_opened = new clock steps, root_only = requests verified at width 0.
-        # plans_ahead: plans that used the plan the feedback's job made (_plan_ahead)
+        # plans_ahead: plans that used the plan the feedback's job made (_plan_ahead), of
+        # them plans_ahead_kept for rows that changed since (finishes, deferred starts)
         self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0, "plans_ahead": 0,
-                         "plan_ahead_errors": 0}
+                         "plans_ahead_kept": 0, "plan_ahead_errors": 0}
         self.clock = StepClock(options.drafter.window_steps)
         # History mirror for snapshots (problem -> step -> TokenGroup: immutable, so a
         # background writer can hold a view while the scheduler thread goes on, and one
@@ -845,6 +846,7 @@ class DasSession:
         plan = self.policy.plan(BudgetRows(*columns, drafts))
         if ahead and self.policy.ahead_used:
             self.counters["plans_ahead"] += 1
+            self.counters["plans_ahead_kept"] += bool(getattr(self.policy, "ahead_kept", False))
         keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
         if self._root_only:
             for i in [i for i, r in enumerate(req_ids) if r in self._root_only]:

@@ -132,9 +132,11 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self._cut_s = 0.0
         self._finishing = None  # (the stop cut's rows that finish with this step: BatchRows.cut)
         # graph_steps: verify forwards SGLang replayed as a CUDA graph (the rest ran eagerly)
-        # plans_ahead: plans that were the feedback's job's (DasSession: plan made ahead)
+        # plans_ahead: plans that were the feedback's job's (DasSession: plan made ahead),
+        # of them plans_ahead_kept for the rows kept since (finishes, deferred starts)
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
-                      "ragged_steps": 0, "graph_steps": 0, "plans_ahead": 0, "layout": self.layout,
+                      "ragged_steps": 0, "graph_steps": 0, "plans_ahead": 0, "plans_ahead_kept": 0,
+                      "layout": self.layout,
                       "budgets": self._budget_form()}
         # Host time per decode step (stats "host"): DAS's own (plan + verify inputs,
         # feedback) and SGLang's between two decode steps (its result processing and
@@ -560,6 +562,7 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         cut_s, self._cut_s = self._cut_s, 0.0  # (the stop cut's host time, this step's)
         add_feedback(self.stats["host"], time.perf_counter() - t + cut_s)
         self.stats["plans_ahead"] = self.session.counters["plans_ahead"]
+        self.stats["plans_ahead_kept"] = self.session.counters["plans_ahead_kept"]
         self.stats["proposed"] += int(proposed.sum())
         self.stats["accepted"] += int(lens.sum()) - len(lens)
         if self.options.server.stats_path:

@@ -130,6 +130,9 @@ class TestGreedyIdentity:
         # batches of 8 and more: some plans were made ahead by the feedback's job (and the
         # outputs above are identical all the same)
         assert 0 < stats["plans_ahead"] < stats["verify_steps"]
+        # of them some on steps where requests had finished since the feedback (the job's
+        # plan for the rows kept)
+        assert 0 < stats["plans_ahead_kept"] < stats["plans_ahead"]
 
     def test_host_time_counts_every_decode_step_and_the_engine_gaps(self, das, das_stats):
         host = json.loads(das_stats.read_text())["host"]

@@ -243,7 +243,7 @@ def test_a_plan_of_changed_rows_takes_the_jobs_plan_for_the_rows_kept(monkeypatc
     _drive(s, steps=120, tell_finishing=tell_finishing)
     assert (len(skips) >= 10) == tell_finishing
     assert checked["plans"] >= 10 and checked["cells"] >= checked["plans"] and checked["left"] >= 10
-    assert s.counters["plans_ahead"] > 60
+    assert s.counters["plans_ahead"] > 60 and s.counters["plans_ahead_kept"] == checked["plans"]
     s.close()
 
 
@@ -255,7 +255,7 @@ def test_a_new_row_with_a_tree_is_planned_by_the_plan_itself(monkeypatch):
     monkeypatch.setattr(P.LengthAware, "_plan_kept", lambda *a: called.append(1) or plan_kept(*a))
     s = _session(True, kept=True)  # (12 rows: below DEFER_START_MIN_ROWS, starts drafted at once)
     got = _drive(s, steps=80)
-    assert not called and s.counters["plans_ahead"] > 20
+    assert not called and s.counters["plans_ahead"] > 20 and s.counters["plans_ahead_kept"] == 0
     assert len(got) == 81
     s.close()
 
