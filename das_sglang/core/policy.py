@@ -373,11 +373,17 @@ class _ModelBased(_Observing):
         """What :meth:`inputs` reads that the drafts do not change: per-problem calibration
         factors (and per row), predicted remaining tokens, KV tokens per forward."""
         pids = R.problem_ids(rows)
+        calibration, remaining, kv = self._row_inputs(pids, generated, max_new, R.prompt_len(rows))
+        return _Factors(pids, calibration), remaining, calibration, kv
+
+    def _row_inputs(self, pids: list, generated: np.ndarray, max_new: np.ndarray, prompt_len: np.ndarray) -> tuple:
+        """Per row of these columns: its problem's calibration factor, predicted remaining
+        tokens and KV tokens per forward (:meth:`_draft_free_inputs`' arrays)."""
         calibration = self.acceptance.calibration_rows(pids)
         remaining, _, _ = self.lengths.predict_many(pids, generated, max_new)
-        kv = R.prompt_len(rows).astype(np.float64) + generated
+        kv = prompt_len.astype(np.float64) + generated
         kv += 0.5 * remaining  # mean context over the rest of the request
-        return _Factors(pids, calibration), remaining, calibration, kv
+        return calibration, remaining, kv
 
     def prepare(self, rows: Sequence[BudgetRow]) -> None:
         """The part of the next :meth:`plan` of these rows that does not read their drafts:
@@ -468,10 +474,8 @@ class _ModelBased(_Observing):
         if added:
             oc._rows_dirty = True
         oc._row_states = (ids, states)
-        prepared = (_Factors(R.problem_ids(rows), calibration), remaining, calibration, kv)
-        self._read_ahead = ids
-        self._prepared = (generated.copy(), prepared)
-        self._ahead_plan = (prepared, plan, None)
+        self._adopted(ids, generated, (_Factors(R.problem_ids(rows), calibration), remaining, calibration, kv),
+                      plan, None)
         return True
 
     def _adopt_kept(self, ahead: _Ahead, rows, ids: list, generated: np.ndarray) -> bool:
@@ -538,20 +542,21 @@ class _ModelBased(_Observing):
             fl = fresh.tolist()
             get = oc._states.get
             new_states[fresh] = [get(ids[i], 0) for i in fl]
-            fpids = [pids[i] for i in fl]
-            calibration[fresh] = self.acceptance.calibration_rows(fpids)
-            g = generated[fresh]
-            remaining[fresh] = self.lengths.predict_many(fpids, g, R.max_new(rows)[fresh])[0]
-            kv[fresh] = R.prompt_len(rows)[fresh].astype(np.float64) + g + 0.5 * remaining[fresh]
+            calibration[fresh], remaining[fresh], kv[fresh] = self._row_inputs(
+                [pids[i] for i in fl], generated[fresh], R.max_new(rows)[fresh], R.prompt_len(rows)[fresh])
         oc._row_states = (ids, new_states)
         oc._rows_dirty = True
         oc._rows_unique = True
         forget_finished(oc, ids, n_live=n, size=len(oc._states))
-        prepared = (_Factors(pids, calibration), remaining, calibration, kv)
+        self._adopted(ids, generated, (_Factors(pids, calibration), remaining, calibration, kv), plan, at)
+        return True
+
+    def _adopted(self, ids: list, generated: np.ndarray, prepared: tuple, plan, at) -> None:
+        """What :meth:`prepare` leaves for :meth:`plan` once it took the job's results:
+        the rows read, their draft-free inputs, and the job's plan with its row map."""
         self._read_ahead = ids
         self._prepared = (generated.copy(), prepared)
         self._ahead_plan = (prepared, plan, at)
-        return True
 
     def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None:
         self._inputs_changed()

@@ -143,6 +143,13 @@ def test_plan_ahead_checks_its_inputs_naming_the_bad_one():
         ok.set_generated(np.array([1, 2], np.int64))
     with pytest.raises(ValueError, match="generated"):
         ok.set_generated(np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="skip_outcomes: row 3 of 3"):
+        ok.skip_outcomes(np.array([0, 3], np.int64))
+    with pytest.raises(ValueError, match="skip_outcomes: row -1 of 3"):
+        ok.skip_outcomes(np.array([-1], np.int64))
+    with pytest.raises(ValueError, match="rows"):
+        ok.skip_outcomes(np.array([0], np.int32))
+    ok.skip_outcomes(np.array([0, 2], np.int64))
     with pytest.raises(ValueError, match="generated"):
         plan_ahead(**_ahead_args(lengths=lengths, generated=np.array([5, 6, 7], np.int32)))
     with pytest.raises(ValueError, match="slots"):

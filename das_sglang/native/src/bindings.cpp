@@ -88,6 +88,13 @@ nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy_moved(std::vector<T>&& v) {
   return nb::ndarray<nb::numpy, T, nb::ndim<1>>(owned->data(), {owned->size()}, owner);
 }
 
+// A vector of 0/1 bytes handed to numpy as a bool array, not copied.
+nb::ndarray<nb::numpy, bool, nb::ndim<1>> to_bool_numpy_moved(std::vector<uint8_t>&& v) {
+  auto* owned = new std::vector<uint8_t>(std::move(v));
+  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
+  return nb::ndarray<nb::numpy, bool, nb::ndim<1>>(reinterpret_cast<bool*>(owned->data()), {owned->size()}, owner);
+}
+
 // A {step: weight} dict as two parallel arrays (what slot_weights reads).
 struct StepTable {
   std::vector<int64_t> steps;
@@ -1276,13 +1283,8 @@ nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle of
   nb::capsule owner(owned.release(), [](void* q) noexcept { delete[] static_cast<int64_t*>(q); });
   auto buf_np = nb::ndarray<nb::numpy, int64_t, nb::ndim<1>>(buf, {size_t(end)}, owner);
   // (the mask handed to numpy as it is, not copied)
-  auto mask_np = [&] {
-    auto* kept = new std::vector<uint8_t>(std::move(mask));
-    nb::capsule keeper(kept, [](void* q) noexcept { delete static_cast<std::vector<uint8_t>*>(q); });
-    return nb::ndarray<nb::numpy, bool, nb::ndim<1>>(reinterpret_cast<bool*>(kept->data()), {kept->size()},
-                                                     keeper);
-  }();
-  return nb::make_tuple(buf_np, to_numpy_moved(std::move(starts)), mask_np, n, total, flat_len);
+  return nb::make_tuple(buf_np, to_numpy_moved(std::move(starts)), to_bool_numpy_moved(std::move(mask)), n, total,
+                        flat_len);
 }
 
 // DraftBatch.take / take_rows / truncate in one pass (core/draft_tree.py, the numpy
@@ -1476,11 +1478,8 @@ nb::tuple stop_rows(nb::handle runs_h, nb::handle lens_h, nb::handle max_new_h, 
         break;
       }
   }
-  auto* kept = new std::vector<uint8_t>(std::move(stopped));
-  nb::capsule owner(kept, [](void* q) noexcept { delete static_cast<std::vector<uint8_t>*>(q); });
   return nb::make_tuple(to_numpy_moved(std::move(cut)), to_numpy_moved(std::move(limit)),
-                        nb::ndarray<nb::numpy, bool, nb::ndim<1>>(reinterpret_cast<bool*>(kept->data()),
-                                                                 {kept->size()}, owner));
+                        to_bool_numpy_moved(std::move(stopped)));
 }
 
 // Where the ragged tree blocks go in the FlashInfer-form mask (sglang/tree_inputs.
@@ -2790,8 +2789,8 @@ NB_MODULE(_suffix, m) {
               if (rows(i) < 0 || size_t(rows(i)) >= a.generated.size())
                 throw nb::value_error(("PlanAhead.skip_outcomes: row " + std::to_string(rows(i)) + " of " +
                                        std::to_string(a.generated.size())).c_str());
-            for (size_t i = 0; i < rows.shape(0); ++i)
-              if (size_t(rows(i)) < a.pend_budget.size()) a.pend_budget[size_t(rows(i))] = 0;
+            for (size_t i = 0; i < rows.shape(0); ++i)  // (rows < generated.size() <= pend_budget.size())
+              a.pend_budget[size_t(rows(i))] = 0;
           },
           nb::arg("rows"), "Leave these rows' verify outcomes out of the plan's calibration update "
           "(int64 row indices; requests that finish with this step: their last run is cut by the stop). "
