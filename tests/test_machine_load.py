@@ -95,6 +95,18 @@ def test_bench_host_path_writes_the_issue_keys_and_the_machine_load(tmp_path):
         own = [t for t, k in zip(e["per_step_ms"], kinds) if k == kind]
         assert e[f"{kind}_steps"] == len(own) and e[f"{kind}_max_ms"] == max(own)
         assert min(own) <= e[f"{kind}_p50_ms"] <= max(own)
+    # the headline under the off-CPU rule, both rules kept; the engine model's delay in
+    # the steps beside the same model run alone (3 gaps before and after each current-path block)
+    assert e["headline_rule"] == "off_cpu" and set(e["rules"]) == {"off_cpu", "all"}
+    assert e["p50_ms"] == e["rules"]["off_cpu"]["p50_ms"] and e["max_ms"] == e["rules"]["off_cpu"]["max_ms"]
+    assert all(a <= b + 1e-9 for a, b in zip(e["per_step_ms"], e["per_step_all_ms"]))
+    assert e["rules"]["off_cpu"]["p99_ms"] <= e["rules"]["all"]["p99_ms"] + 1e-9
+    assert set(e["baseline_rules_p50_ms"]) == {"off_cpu", "all"}
+    ed, ec = e["engine_delay"], e["engine_control"]
+    assert ed["gaps"] == 20 and ec["gaps"] >= 15 and ec["gaps"] % 3 == 0
+    for st in (ed, ec):
+        for q in ("p50", "p90", "p99", "max"):
+            assert 0.0 <= st[f"off_cpu_{q}_ms"] <= st[f"delay_{q}_ms"] + 1e-9
 
 
 def test_quiet_blocks_are_those_where_other_tasks_left_the_machine_alone():
