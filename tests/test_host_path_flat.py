@@ -877,6 +877,40 @@ def test_calibration_rows_are_calibration_per_problem():
     assert t.calibration_many(ids) == dict(zip(ids, got.tolist()))
 
 
+def test_row_inputs_of_a_few_rows_are_the_batch_path_bit_for_bit():
+    """A step's few new rows read their calibration factors per problem (the plan adopted
+    from the feedback's job, ``_adopt_kept``): the same floats as the batch path's gather,
+    for known, unknown and pooled problems, and the batch's memos untouched."""
+    from das_sglang.core.policy import LengthAware
+
+    pol = LengthAware(config=PolicyConfig(max_budget=8))
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        pids = [f"p{int(i)}" for i in rng.integers(0, 40, 200)]
+        prop = rng.integers(1, 9, len(pids))
+        pol.acceptance.expect_many(pids, prop.tolist(), (prop * rng.random(len(pids))).tolist())
+        pol.observe_verify_many(pids, prop, np.minimum(rng.integers(0, 5, len(pids)), prop))
+        for pid in pids[:20]:
+            pol.observe_finished(pid, int(rng.integers(50, 900)))
+    batch = [f"p{i}" for i in range(40)]
+    gen = rng.integers(0, 300, 40)
+    pol._row_inputs(batch, gen, np.full(40, 1024), np.full(40, 100))  # (the batch's memo)
+    memo = pol.acceptance._slots_memo
+    few = ["p3", "p3", "nobody", "*", "p17"]
+    g, m, pl = np.array([0, 5, 9, 0, 40]), np.full(5, 1024), np.array([30, 30, 12, 7, 50])
+    assert len(few) <= LengthAware.FEW_ROWS
+    got = pol._row_inputs(few, g, m, pl)
+    assert pol.acceptance._slots_memo is memo  # (the per-problem path leaves it)
+    try:
+        LengthAware.FEW_ROWS = 0  # the batch path
+        want = pol._row_inputs(few, g, m, pl)
+    finally:
+        LengthAware.FEW_ROWS = 16
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.tolist() == b.tolist()
+    assert got[0][0] != got[0][2]  # (a known problem's factor is not the prior)
+
+
 def test_positions_are_the_dict_lookups_they_replace():
     """``drafter._positions`` (where the plan finds its rows among the pre-drafted ones) is
     ``dict(zip(keys, range(n)))`` lookups: the last of a repeated key, -1 when absent."""
