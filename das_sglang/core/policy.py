@@ -52,7 +52,7 @@ from das_sglang.core.cost_model import CostModel
 from das_sglang.core.length_predictor import LengthPredictor
 from das_sglang.core.online_acceptance import _MATCH_LUT, OnlineCalibration, ProbeSchedule
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import online_plan, plan_ahead
+from das_sglang.native import kept_rows, online_plan, plan_ahead
 
 _log = logging.getLogger(__name__)
 
@@ -266,6 +266,7 @@ class _ModelBased(_Observing):
         self._planned_rows = None  # the latest plan's rows
         self._ahead_plan: tuple | None = None
         self._ahead_trees = None
+        self._kept_src: tuple | None = None  # _adopt_kept's (at, src, fresh), for _plan_kept
         self._epoch = 0
         self.ahead_used = False  # the latest plan was the job's (plan_ahead)
         self.ahead_kept = False  # ... for the rows kept since its feedback (_plan_kept)
@@ -503,21 +504,21 @@ class _ModelBased(_Observing):
         if type(ids) is not list or type(ahead.ids) is not list:
             return False
         at, unique = R.shared_row_map(ahead.ids, ids)
-        kept = at >= 0
-        if not unique or not kept.any() or not np.array_equal(ahead.generated[at[kept]], generated[kept]):
+        if not unique:
             return False
+        # (one pass: src = max(at, 0), the new rows, the job's rows that left; not ok where
+        # no row is kept, a kept row's generated count is not the job's, or a kept row is
+        # one the job took for finishing -- its outcome counts)
         skipped = ahead.skipped
-        if skipped is not None and skipped[at[kept]].any():
-            return False  # (a row the job took for finishing is still here: its outcome counts)
+        ok, src, fresh, left = kept_rows(at, ahead.generated, np.asarray(generated, dtype=np.int64), skipped)
+        if not ok:
+            return False
         got = ahead.native.result()
         if got is None:
             return False
         cells, states, added, table, calibration, relative, remaining, kv, plan = got
         oc = self._outcomes
         old = ahead.ids
-        stays = np.zeros(len(old), dtype=bool)
-        stays[at[kept]] = True
-        left = np.flatnonzero(~stays)
         before = ahead.row_states[1]  # (the rows' states before the job's update)
         # A request that left since takes its last outcome with it, as in a plan made
         # without the job. The job left out the rows the feedback said finish (finishing);
@@ -542,9 +543,7 @@ class _ModelBased(_Observing):
         left = left[before[left] != 0].tolist()
         if left:
             oc._states.update(zip([old[i] for i in left], before[left].tolist()))
-        src = np.maximum(at, 0)
         new_states = states[src]
-        fresh = np.flatnonzero(~kept)
         pids = R.problem_ids(rows)
         calibration, remaining, kv = calibration[src], remaining[src], kv[src]
         if fresh.size:
@@ -558,6 +557,7 @@ class _ModelBased(_Observing):
         oc._rows_unique = True
         forget_finished(oc, ids, n_live=n, size=len(oc._states))
         self._adopted(ids, generated, (_Factors(pids, calibration), remaining, calibration, kv), plan, at)
+        self._kept_src = (at, src, fresh)  # (the plan's gathers through the same map: _plan_kept)
         return True
 
     def _adopted(self, ids: list, generated: np.ndarray, prepared: tuple, plan, at) -> None:
@@ -860,13 +860,18 @@ class LengthAware(_ModelBased):
         cfg, cost = self.config, self.cost
         base, _, bins, width, _, alloc_budgets, alloc_width, modeled, baseline, makespan, budgets, _ = got
         n, n_old = len(at), len(base) // max(width, 1)
-        kept = at >= 0
-        src = np.maximum(at, 0)
+        kept_src, self._kept_src = self._kept_src, None
+        if kept_src is not None and kept_src[0] is at:  # (the adoption's reading of the map)
+            src, fresh = kept_src[1], kept_src[2]
+        else:
+            src, fresh = np.maximum(at, 0), np.flatnonzero(at < 0)
         base = base.reshape(n_old, width)[src]
-        base[~kept] = 0.0
+        base[fresh] = 0.0
         bins = bins.reshape(n_old, width - 1)[src]
-        budgets = np.where(kept, budgets[src], 0).astype(np.int32)
-        alloc_budgets = np.where(kept, alloc_budgets[src], 0).astype(np.int32)
+        budgets = budgets[src].astype(np.int32)
+        budgets[fresh] = 0
+        alloc_budgets = alloc_budgets[src].astype(np.int32)
+        alloc_budgets[fresh] = 0
         self._base = base
         self._outcomes.keep_bins(rows, bins, width)
         self.last = StepAllocation(alloc_budgets, int(alloc_width), modeled, baseline, makespan)

@@ -2410,6 +2410,54 @@ nb::list gather_list(nb::handle src, nb::ndarray<const int64_t, nb::ndim<1>, nb:
   return nb::steal<nb::list>(out);
 }
 
+// kept_rows(at, old_generated, generated, skipped): a plan adopting the feedback job's
+// results for the rows it kept (policy.py _ModelBased._adopt_kept), from the row map `at`
+// (each row's row in the job's batch, -1: a new row) in one pass: (ok: some row kept, every
+// kept row's generated count the job's and none of them `skipped` (bool per old row, or
+// None), src: max(at, 0), fresh: the rows at -1, left: the job's rows no row maps to).
+// Until this version ~10 numpy calls, ~70 us cold at 512 rows.
+nb::tuple kept_rows(nb::handle at_h, nb::handle old_h, nb::handle gen_h, nb::handle skipped_h) {
+  I64 at = as_array<I64>(at_h, "at", "int64");
+  I64 old_generated = as_array<I64>(old_h, "old_generated", "int64");
+  I64 generated = as_array<I64>(gen_h, "generated", "int64");
+  const size_t n = at.shape(0), n_old = old_generated.shape(0);
+  if (generated.shape(0) != n)
+    throw nb::value_error(("kept_rows: " + std::to_string(n) + " rows in at but " +
+                           std::to_string(generated.shape(0)) + " generated counts").c_str());
+  const bool* skipped = nullptr;
+  nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu> skipped_arr;
+  if (!skipped_h.is_none()) {
+    skipped_arr = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
+        skipped_h, "skipped", "a 1-D contiguous bool numpy array");
+    if (skipped_arr.shape(0) != n_old)
+      throw nb::value_error(("kept_rows: skipped has " + std::to_string(skipped_arr.shape(0)) + " rows for " +
+                             std::to_string(n_old) + " old rows").c_str());
+    skipped = skipped_arr.data();
+  }
+  std::vector<int64_t> src(n), fresh, left;
+  std::vector<uint8_t> stays(n_old, 0);
+  bool any = false, same = true;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t j = at(i);
+    if (j < -1 || j >= int64_t(n_old))
+      throw nb::value_error(("kept_rows: at[" + std::to_string(i) + "]=" + std::to_string(j) +
+                             " is out of range for " + std::to_string(n_old) + " rows").c_str());
+    if (j < 0) {
+      src[i] = 0;
+      fresh.push_back(int64_t(i));
+      continue;
+    }
+    src[i] = j;
+    any = true;
+    stays[size_t(j)] = 1;
+    if (old_generated(size_t(j)) != generated(i) || (skipped != nullptr && skipped[j])) same = false;
+  }
+  for (size_t j = 0; j < n_old; ++j)
+    if (!stays[j]) left.push_back(int64_t(j));
+  return nb::make_tuple(any && same, to_numpy_moved(std::move(src)), to_numpy_moved(std::move(fresh)),
+                        to_numpy_moved(std::move(left)));
+}
+
 // int32_tokens' buffers: a 1-D C-contiguous buffer of signed 32- or 64-bit ints in native
 // byte order -- SGLang's array("q") of a request's output ids, an int64 numpy array -- in
 // [0, 2**31) as an int32 array, in one pass (as_tokens' numpy path: asarray, min, max,
@@ -2762,6 +2810,10 @@ NB_MODULE(_suffix, m) {
   m.def("row_map", &row_map, nb::arg("prev"), nb::arg("new"), nb::arg("identity") = false,
         "For each item of new, the index of its last equal item in prev (-1: none), and whether new "
         "holds each item once: (int64 array, bool). identity: equal = the same object (items unread).");
+  m.def("kept_rows", &kept_rows, nb::arg("at"), nb::arg("old_generated"), nb::arg("generated"),
+        nb::arg("skipped").none(),
+        "A plan's reading of its row map into the feedback job's rows (policy._adopt_kept): "
+        "(ok, src, fresh, left).");
   m.def("gather_list", &gather_list, nb::arg("src"), nb::arg("at"), nb::arg("fill").none(),
         "[src[j] if j >= 0 else fill for j in at] (at: int64).");
   m.def("mutation_epoch", &SuffixIndex::mutation_epoch,
