@@ -1242,6 +1242,34 @@ def test_native_select_equals_numpy_take_truncate(seed):
         out.take_rows(np.array([0, 60]))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rows_of_is_take_rows_made_when_read_and_truncated_in_one_pass(seed):
+    """draft_tree.RowsOf (the drafter's reused trees gathered by row, made when first read):
+    its length without making it, its arrays, lens and rows as take_rows gives them once
+    read, and a truncate before any read -- one pass from the source -- the gather's
+    truncate (rows with -1 holes, repeats, budgets per row, scalar, negative, past the tree);
+    node_probs covers the rows' nodes without making it."""
+    from das_sglang.core.draft_tree import RowsOf
+
+    d, rids, rng = _drafter(seed, requests=60)
+    src = d.speculate_flat(rids, rng.integers(0, 17, 60))
+    rows = np.where(rng.random(70) < 0.2, -1, rng.integers(0, 60, 70))
+    want = src.take_rows(rows)
+    for keep in (rng.integers(-2, 20, 70), 3, np.full(70, 99)):
+        lazy = RowsOf(src, rows)
+        assert len(lazy) == 70 and not lazy._made
+        assert lazy.node_probs() is src.probs and not lazy._made
+        got = lazy.truncate(keep)
+        assert not lazy._made and type(got) is DraftBatch
+        _same_batch(got, want.truncate(keep))
+    lazy = RowsOf(src, rows)
+    assert lazy.lens().tolist() == want.lens().tolist() and lazy._made
+    _same_batch(lazy, want)
+    assert lazy[5].tokens.tolist() == want[5].tokens.tolist() and lazy.width == want.width
+    _same_batch(lazy.truncate(np.full(70, 4)), want.truncate(np.full(70, 4)))  # (made: DraftBatch's)
+    assert lazy.node_probs() is lazy.probs
+
+
 def test_native_from_padded_equals_numpy_and_bad_rows_are_named():
     """TokenRows.from_padded natively (native.padded_rows, int64 and int32 arrays) gives the
     numpy reference's rows; a bad length or token id falls back to the numpy path, whose

@@ -290,6 +290,11 @@ class DraftBatch:
             return DraftBatch.empty(len(rows))
         return self._gather(np.where(hole, 0, rows), hole)
 
+    def node_probs(self) -> np.ndarray:
+        """Every node's probability (a gather not made yet, :class:`RowsOf`: its source's,
+        which holds them)."""
+        return self.probs
+
     @staticmethod
     def concat(batches: Sequence["DraftBatch"]) -> "DraftBatch":
         """The rows of every batch, in order."""
@@ -301,3 +306,46 @@ class DraftBatch:
         return DraftBatch(*(np.concatenate([getattr(b, f) for b in batches])
                             for f in ("tokens", "parents", "probs", "depths")),
                           np.concatenate(offsets), np.concatenate([np.asarray(b.match_len) for b in batches]))
+
+
+_ARRAYS = frozenset(("tokens", "parents", "probs", "depths", "offsets", "match_len", "_lens"))
+
+
+class RowsOf(DraftBatch):
+    """``src.take_rows(rows)``, made when first read (an array, ``lens``, a row: any
+    :class:`DraftBatch` use). What a plan truncates before it reads it -- the pre-drafted
+    trees of the rows kept since the feedback, whose budgets the plan made ahead gives --
+    is cut in one pass from ``src`` (``truncate``: native ``draft_select`` with the rows
+    and the budgets), not gathered and then cut: at 512 rows two copies of every node,
+    ~50 + ~30 us cold. The same trees either way (tests/test_host_path_flat.py)."""
+
+    __slots__ = ("_src", "_rows", "_made")
+
+    def __init__(self, src: DraftBatch, rows: np.ndarray) -> None:  # (no arrays yet)
+        self._src, self._rows, self._made = src, rows, False
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _make(self) -> None:
+        out = self._src.take_rows(self._rows)
+        DraftBatch.__init__(self, out.tokens, out.parents, out.probs, out.depths, out.offsets, out.match_len)
+        self._made = True
+
+    def __getattr__(self, name: str):  # (only for what is not set: the arrays before _make)
+        if name in _ARRAYS and not object.__getattribute__(self, "_made"):
+            self._make()
+            return object.__getattribute__(self, name)
+        raise AttributeError(name)
+
+    def node_probs(self) -> np.ndarray:
+        return self.probs if self._made else self._src.node_probs()
+
+    def truncate(self, budgets) -> DraftBatch:
+        src = self._src
+        if self._made or not src._native_ok():
+            return DraftBatch.truncate(self, budgets)
+        keep = np.ascontiguousarray(budgets, dtype=np.int64)
+        if keep.shape != (len(self),):  # (numpy's broadcasting, as DraftBatch.truncate)
+            keep = np.ascontiguousarray(np.broadcast_to(keep, (len(self),)))
+        return src._native_select(np.ascontiguousarray(self._rows, dtype=np.int64), keep)

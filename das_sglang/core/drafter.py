@@ -36,7 +36,7 @@ import numpy as np
 
 from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, kept_back, kept_rows
 from das_sglang.core.config import DrafterConfig
-from das_sglang.core.draft_tree import DraftBatch, DraftTree
+from das_sglang.core.draft_tree import DraftBatch, DraftTree, RowsOf
 from das_sglang.native import (
     MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
     gather_list, index_versions, int32_tokens, mutation_epoch, padded_rows,
@@ -1141,6 +1141,11 @@ class SuffixDrafter:
         now = self._weight_dict
         return all(now.get(s, w) == w for s, w in zip(token[0].tolist(), token[1].tolist()))
 
+    # The reused trees gathered by row are made when first read (draft_tree.RowsOf): a plan
+    # that truncates them first cuts them in one pass from the pre-draft. False: gathered
+    # at once (the same trees).
+    LAZY_ROWS = True
+
     def _reuse_predrafted(self, idx, seq_ids: np.ndarray, b: np.ndarray, threads,
                           holes: bool = False) -> DraftBatch | None:
         """``speculate_flat`` from the :meth:`predraft` trees that are still exact (the
@@ -1190,13 +1195,13 @@ class SuffixDrafter:
         if ok.all():
             if n == len(kept) and np.array_equal(at, np.arange(n)):
                 return kept
-            out = kept.take(at)
+            out = RowsOf(kept, at) if self.LAZY_ROWS else kept.take(at)
             self._reused = (out, at)
             return out
         miss = ~ok if hole is None else ~ok & ~hole
         if not miss.any():  # (only placeholders besides the reused rows)
             rows = np.where(ok, at, -1)
-            out = kept.take_rows(rows)
+            out = RowsOf(kept, rows) if self.LAZY_ROWS else kept.take_rows(rows)
             self._reused = (out, rows)
             return out
         miss = np.flatnonzero(miss)

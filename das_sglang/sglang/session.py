@@ -840,7 +840,7 @@ class DasSession:
             else:  # (rows changed since: its trees gathered by row, new rows empty -- or None)
                 rows_at = self.drafter.predrafted_rows(drafts)
                 self.policy.ahead_drafts(None if rows_at is None else (drafts, rows_at))
-        probs = drafts.probs
+        probs = drafts.node_probs()  # (a gather not made yet: the nodes it takes them from)
         if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
             raise ValueError("drafter returned node probabilities outside [0, 1]")
         plan = self.policy.plan(BudgetRows(*columns, drafts))
