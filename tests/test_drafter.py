@@ -131,6 +131,14 @@ class TestBatch:
         slow = d.speculate_batch(["a", "b"], np.array([3, 50]))
         assert d._budget_array(["a", "b"], [3, 50]).tolist() == [3, 8]
         assert d._budget_array(["a", "b"], [3, 50]).dtype == np.int32
+        # an int64 array (the policy's sizes): one native pass, the numpy path's array
+        sizes = np.array([0, 7, 8, 9, 2**40], np.int64)
+        ids5 = ["a", "b", "c", "d", "e"]
+        got = d._budget_array(ids5, sizes)
+        assert got.dtype == np.int32 and got.tolist() == [0, 7, 8, 8, 8]
+        assert d._budget_array(ids5[:4], sizes[:4].astype(np.int32)).tolist() == got[:4].tolist()  # (numpy path)
+        with pytest.raises(ValueError, match=r"invalid budget=-3 for req_id='c'"):
+            d._budget_array(ids5, np.array([1, 2, -3, 4, -5], np.int64))
         for x, y in zip(fast, slow):
             assert x.tokens.tolist() == y.tokens.tolist() and x.probs.tolist() == y.probs.tolist()
         # one row: the index's own one-row call, the same tree as the batch call's

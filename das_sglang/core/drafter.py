@@ -38,7 +38,7 @@ from das_sglang.core.budget_rows import ROWMAP_MIN_ROWS, kept_back, kept_rows
 from das_sglang.core.config import DrafterConfig
 from das_sglang.core.draft_tree import DraftBatch, DraftTree, RowsOf
 from das_sglang.native import (
-    MAX_STEPS, SuffixIndex, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
+    MAX_STEPS, SuffixIndex, clip_budgets, draft_batch, draft_rows, extend_batch, extend_draft_rows, extend_draft_rows_start,
     gather_list, index_versions, int32_tokens, mutation_epoch, padded_rows,
 )
 
@@ -998,11 +998,18 @@ class SuffixDrafter:
         memo = self._budget_memo
         if memo is not None and memo[0] is budget:
             return memo[1]  # (the same read-only sizes: the feedback's pre-draft, then the plan)
-        b = np.asarray(budget, dtype=np.int64)
-        if n and b.min() < 0:
-            row = int(np.argmin(b))
-            raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
-        out = np.minimum(b, cap).astype(np.int32)
+        if type(budget) is np.ndarray and budget.dtype == np.int64 and budget.ndim == 1 \
+                and budget.flags.c_contiguous:
+            # (the policy's sizes: checked and clipped in one native pass, ~25 us -> ~3 cold)
+            row, out = clip_budgets(budget, cap)
+            if row >= 0:
+                raise ValueError(f"invalid budget={int(budget[row])} for req_id={req_ids[row]!r}: must be >= 0")
+        else:
+            b = np.asarray(budget, dtype=np.int64)
+            if n and b.min() < 0:
+                row = int(np.argmin(b))
+                raise ValueError(f"invalid budget={int(b[row])} for req_id={req_ids[row]!r}: must be >= 0")
+            out = np.minimum(b, cap).astype(np.int32)
         if isinstance(budget, np.ndarray) and not budget.flags.writeable and budget.base is None:
             out.flags.writeable = False
             self._budget_memo = (budget, out)
