@@ -991,11 +991,11 @@ def test_row_map_is_the_dict_lookup_and_set_size(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_kept_rows_is_its_numpy_reading_of_a_row_map(seed):
-    """native.kept_rows (the plan adopted for kept rows, _adopt_kept) is the numpy it
+def test_ahead_rows_is_its_numpy_reading_of_a_row_map(seed):
+    """native.ahead_rows (the plan adopted for kept rows, _adopt_kept) is the numpy it
     replaced: whether some row is kept with the job's generated count and none of them
     skipped, max(at, 0), the new rows, the job's rows no row maps to."""
-    from das_sglang.native import kept_rows
+    from das_sglang.native import ahead_rows
 
     rng = np.random.default_rng(seed)
     n_old, n = int(rng.integers(1, 40)), int(rng.integers(1, 40))
@@ -1014,7 +1014,7 @@ def test_kept_rows_is_its_numpy_reading_of_a_row_map(seed):
             skipped = rng.random(n_old) < 0.2
             if case == 3 and kept.any():  # a kept row the job took for finishing
                 skipped[at[np.flatnonzero(kept)[-1]]] = True
-        ok, src, fresh, left = kept_rows(at, old_gen, g, skipped)
+        ok, src, fresh, left = ahead_rows(at, old_gen, g, skipped)
         stays = np.zeros(n_old, bool)
         stays[at[kept]] = True
         want_ok = bool(kept.any() and np.array_equal(old_gen[at[kept]], g[kept])
@@ -1024,13 +1024,13 @@ def test_kept_rows_is_its_numpy_reading_of_a_row_map(seed):
         assert fresh.tolist() == np.flatnonzero(~kept).tolist()
         assert left.tolist() == np.flatnonzero(~stays).tolist()
     with pytest.raises(ValueError, match="at\\[0\\]=99"):
-        kept_rows(np.array([99] + [-1] * (n - 1), np.int64), old_gen, gen, None)
+        ahead_rows(np.array([99] + [-1] * (n - 1), np.int64), old_gen, gen, None)
     with pytest.raises(ValueError, match="generated counts"):
-        kept_rows(at, old_gen, gen[:-1], None)
+        ahead_rows(at, old_gen, gen[:-1], None)
     with pytest.raises(ValueError, match="skipped has"):
-        kept_rows(at, old_gen, gen, np.zeros(n_old + 1, bool))
+        ahead_rows(at, old_gen, gen, np.zeros(n_old + 1, bool))
     with pytest.raises(ValueError, match="int64"):
-        kept_rows(at.astype(np.int32), old_gen, gen, None)
+        ahead_rows(at.astype(np.int32), old_gen, gen, None)
 
 
 def test_shared_row_map_reuses_a_map_only_for_equal_lists():

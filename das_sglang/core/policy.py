@@ -52,7 +52,7 @@ from das_sglang.core.cost_model import CostModel
 from das_sglang.core.length_predictor import LengthPredictor
 from das_sglang.core.online_acceptance import _MATCH_LUT, OnlineCalibration, ProbeSchedule
 from das_sglang.core.policy_config import PolicyConfig
-from das_sglang.native import kept_rows, online_plan, plan_ahead
+from das_sglang.native import ahead_rows, online_plan, plan_ahead
 
 _log = logging.getLogger(__name__)
 
@@ -384,8 +384,9 @@ class _ModelBased(_Observing):
         """Per row of these columns: its problem's calibration factor, predicted remaining
         tokens and KV tokens per forward (:meth:`_draft_free_inputs`' arrays)."""
         if len(pids) <= self.FEW_ROWS:
-            # (a step's new requests: the per-problem floats read one by one -- the same
-            # floats as calibration_rows' gather, without its batch memo and ~10 numpy calls)
+            # (a few rows -- a step's new requests, a small batch --: the per-problem floats
+            # read one by one, the same floats as calibration_rows' gather, without its
+            # batch memo and ~10 numpy calls)
             few = self.acceptance.calibration_many(pids)
             calibration = np.fromiter(map(few.__getitem__, pids), np.float64, len(pids))
         else:
@@ -510,7 +511,7 @@ class _ModelBased(_Observing):
         # no row is kept, a kept row's generated count is not the job's, or a kept row is
         # one the job took for finishing -- its outcome counts)
         skipped = ahead.skipped
-        ok, src, fresh, left = kept_rows(at, ahead.generated, np.asarray(generated, dtype=np.int64), skipped)
+        ok, src, fresh, left = ahead_rows(at, ahead.generated, np.asarray(generated, dtype=np.int64), skipped)
         if not ok:
             return False
         got = ahead.native.result()

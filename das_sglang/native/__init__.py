@@ -44,7 +44,7 @@ finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 fill for j in at]``: the per-step parts gather their latest rows' values through them.
 ``clip_budgets(budgets, cap)`` is the drafter's per-row budgets (int64) as int32 at most ``cap``:
 ``(-1, array)``, or ``(the first negative row, None)``.
-``kept_rows(at, old_generated, generated, skipped)`` reads a row map into a plan made ahead's
+``ahead_rows(at, old_generated, generated, skipped)`` reads a row map into a plan made ahead's
 rows (``_ModelBased._adopt_kept``): ``(ok, src, fresh, left)``.
 ``int32_tokens(seq)`` is a list / tuple of Python ints, or a 1-D buffer of 32- / 64-bit ints (SGLang's ``array("q")``, an int64 numpy array), in [0, 2**31) as int32 (None otherwise: ``as_tokens``' fast path).
 ``seq_tails(seqs)`` is each sequence's last item and length (int64 arrays: the decode rows' outputs);
@@ -69,6 +69,7 @@ from das_sglang.native._suffix import (
     PendingExtendDraft,
     PlanAhead,
     SuffixIndex,
+    ahead_rows,
     background_nice,
     background_threads,
     best_per_row,
@@ -83,7 +84,6 @@ from das_sglang.native._suffix import (
     index_versions,
     mutation_epoch,
     int32_tokens,
-    kept_rows,
     length_remaining,
     node_reserve_bytes,
     lookahead_per_row,
@@ -103,7 +103,7 @@ from das_sglang.native._suffix import (
     stop_rows,
 )
 
-__all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "background_threads", "best_per_row", "clip_budgets",
+__all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "background_threads", "ahead_rows", "best_per_row", "clip_budgets",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "gather_list", "index_versions", "kept_rows", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_plan", "online_table", "online_update", "padded_rows",
+           "gather_list", "index_versions", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_plan", "online_table", "online_update", "padded_rows",
            "ragged_layout", "ragged_mask_index", "row_map", "seq_tails", "set_background_nice", "set_node_reserve_bytes", "stop_rows"]

@@ -2410,19 +2410,19 @@ nb::list gather_list(nb::handle src, nb::ndarray<const int64_t, nb::ndim<1>, nb:
   return nb::steal<nb::list>(out);
 }
 
-// kept_rows(at, old_generated, generated, skipped): a plan adopting the feedback job's
+// ahead_rows(at, old_generated, generated, skipped): a plan adopting the feedback job's
 // results for the rows it kept (policy.py _ModelBased._adopt_kept), from the row map `at`
 // (each row's row in the job's batch, -1: a new row) in one pass: (ok: some row kept, every
 // kept row's generated count the job's and none of them `skipped` (bool per old row, or
 // None), src: max(at, 0), fresh: the rows at -1, left: the job's rows no row maps to).
 // Until this version ~10 numpy calls, ~70 us cold at 512 rows.
-nb::tuple kept_rows(nb::handle at_h, nb::handle old_h, nb::handle gen_h, nb::handle skipped_h) {
+nb::tuple ahead_rows(nb::handle at_h, nb::handle old_h, nb::handle gen_h, nb::handle skipped_h) {
   I64 at = as_array<I64>(at_h, "at", "int64");
   I64 old_generated = as_array<I64>(old_h, "old_generated", "int64");
   I64 generated = as_array<I64>(gen_h, "generated", "int64");
   const size_t n = at.shape(0), n_old = old_generated.shape(0);
   if (generated.shape(0) != n)
-    throw nb::value_error(("kept_rows: " + std::to_string(n) + " rows in at but " +
+    throw nb::value_error(("ahead_rows: " + std::to_string(n) + " rows in at but " +
                            std::to_string(generated.shape(0)) + " generated counts").c_str());
   const bool* skipped = nullptr;
   nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu> skipped_arr;
@@ -2430,7 +2430,7 @@ nb::tuple kept_rows(nb::handle at_h, nb::handle old_h, nb::handle gen_h, nb::han
     skipped_arr = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
         skipped_h, "skipped", "a 1-D contiguous bool numpy array");
     if (skipped_arr.shape(0) != n_old)
-      throw nb::value_error(("kept_rows: skipped has " + std::to_string(skipped_arr.shape(0)) + " rows for " +
+      throw nb::value_error(("ahead_rows: skipped has " + std::to_string(skipped_arr.shape(0)) + " rows for " +
                              std::to_string(n_old) + " old rows").c_str());
     skipped = skipped_arr.data();
   }
@@ -2440,7 +2440,7 @@ nb::tuple kept_rows(nb::handle at_h, nb::handle old_h, nb::handle gen_h, nb::han
   for (size_t i = 0; i < n; ++i) {
     const int64_t j = at(i);
     if (j < -1 || j >= int64_t(n_old))
-      throw nb::value_error(("kept_rows: at[" + std::to_string(i) + "]=" + std::to_string(j) +
+      throw nb::value_error(("ahead_rows: at[" + std::to_string(i) + "]=" + std::to_string(j) +
                              " is out of range for " + std::to_string(n_old) + " rows").c_str());
     if (j < 0) {
       src[i] = 0;
@@ -2459,7 +2459,7 @@ nb::tuple kept_rows(nb::handle at_h, nb::handle old_h, nb::handle gen_h, nb::han
 }
 
 // clip_budgets(budgets, cap): the drafter's per-row budgets (SuffixDrafter._budget_array) as
-// int32, each at most cap, in one pass; (-1, None) for none negative, else (the first
+// int32, each at most cap, in one pass: (-1, the array) for none negative, else (the first
 // negative row, None) so the caller names it. Until this version ~5 numpy calls, ~25 us
 // cold at 512 rows, twice on a step with finishes (the plan, the feedback's pre-draft).
 nb::tuple clip_budgets(nb::handle budgets_h, int64_t cap) {
@@ -2829,7 +2829,7 @@ NB_MODULE(_suffix, m) {
         "holds each item once: (int64 array, bool). identity: equal = the same object (items unread).");
   m.def("clip_budgets", &clip_budgets, nb::arg("budgets"), nb::arg("cap"),
         "Per-row draft budgets as int32 at most cap: (-1, array), or (first negative row, None).");
-  m.def("kept_rows", &kept_rows, nb::arg("at"), nb::arg("old_generated"), nb::arg("generated"),
+  m.def("ahead_rows", &ahead_rows, nb::arg("at"), nb::arg("old_generated"), nb::arg("generated"),
         nb::arg("skipped").none(),
         "A plan's reading of its row map into the feedback job's rows (policy._adopt_kept): "
         "(ok, src, fresh, left).");
