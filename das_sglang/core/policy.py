@@ -266,7 +266,6 @@ class _ModelBased(_Observing):
         self._planned_rows = None  # the latest plan's rows
         self._ahead_plan: tuple | None = None
         self._ahead_trees = None
-        self._kept_src: tuple | None = None  # _adopt_kept's (at, src, fresh), for _plan_kept
         self._epoch = 0
         self.ahead_used = False  # the latest plan was the job's (plan_ahead)
         self.ahead_kept = False  # ... for the rows kept since its feedback (_plan_kept)
@@ -557,16 +556,17 @@ class _ModelBased(_Observing):
         oc._rows_dirty = True
         oc._rows_unique = True
         forget_finished(oc, ids, n_live=n, size=len(oc._states))
-        self._adopted(ids, generated, (_Factors(pids, calibration), remaining, calibration, kv), plan, at)
-        self._kept_src = (at, src, fresh)  # (the plan's gathers through the same map: _plan_kept)
+        self._adopted(ids, generated, (_Factors(pids, calibration), remaining, calibration, kv), plan, at,
+                      (src, fresh))
         return True
 
-    def _adopted(self, ids: list, generated: np.ndarray, prepared: tuple, plan, at) -> None:
+    def _adopted(self, ids: list, generated: np.ndarray, prepared: tuple, plan, at, kept=None) -> None:
         """What :meth:`prepare` leaves for :meth:`plan` once it took the job's results:
-        the rows read, their draft-free inputs, and the job's plan with its row map."""
+        the rows read, their draft-free inputs, and the job's plan with its row map (and,
+        for rows kept since the feedback, ``kept``: the map's ``max(at, 0)`` and new rows)."""
         self._read_ahead = ids
         self._prepared = (generated.copy(), prepared)
-        self._ahead_plan = (prepared, plan, at)
+        self._ahead_plan = (prepared, plan, at, kept)
 
     def observe_verify(self, problem_id: str, proposed: int, accepted: int) -> None:
         self._inputs_changed()
@@ -826,7 +826,7 @@ class LengthAware(_ModelBased):
                                and np.array_equal(trees[1], at))
         if self.ahead_used and ahead[1] is not None and at is not None:
             self.ahead_kept = True
-            return self._plan_kept(rows, ahead[1], at, remaining, kv)
+            return self._plan_kept(rows, ahead[1], at, ahead[3], remaining, kv)
         if self.ahead_used:
             got = ahead[1]  # (online_plan of these inputs and drafts, by the job: plan_ahead)
         else:
@@ -851,9 +851,10 @@ class LengthAware(_ModelBased):
         budgets = self._defer(rows, budgets, remaining, probe_record)
         return BudgetPlan(budgets, int(budgets.max(initial=0)))
 
-    def _plan_kept(self, rows, got: tuple, at: np.ndarray, remaining: np.ndarray, kv: np.ndarray) -> BudgetPlan:
+    def _plan_kept(self, rows, got: tuple, at: np.ndarray, kept: tuple, remaining: np.ndarray,
+                   kv: np.ndarray) -> BudgetPlan:
         """:meth:`_plan_fused` for rows that changed since the feedback (``at``: each row's row
-        there, -1 for a new one): the job's plan of the feedback's rows (``got``, its
+        there, -1 for a new one; ``kept``: ``_adopt_kept``'s ``max(at, 0)`` and new rows): the job's plan of the feedback's rows (``got``, its
         ``online_plan`` tuple) for the rows kept, no budget for the new ones (they have no
         tree yet), and what the plan's bookkeeping reads gathered the same way -- the
         curves' base, their node bins, the allocation -- with the probe record of these
@@ -861,11 +862,7 @@ class LengthAware(_ModelBased):
         cfg, cost = self.config, self.cost
         base, _, bins, width, _, alloc_budgets, alloc_width, modeled, baseline, makespan, budgets, _ = got
         n, n_old = len(at), len(base) // max(width, 1)
-        kept_src, self._kept_src = self._kept_src, None
-        if kept_src is not None and kept_src[0] is at:  # (the adoption's reading of the map)
-            src, fresh = kept_src[1], kept_src[2]
-        else:
-            src, fresh = np.maximum(at, 0), np.flatnonzero(at < 0)
+        src, fresh = kept
         base = base.reshape(n_old, width)[src]
         base[fresh] = 0.0
         bins = bins.reshape(n_old, width - 1)[src]

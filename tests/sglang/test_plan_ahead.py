@@ -223,10 +223,12 @@ def test_a_plan_of_changed_rows_takes_the_jobs_plan_for_the_rows_kept(monkeypatc
             checked["left"] += len(set(ahead.ids) - set(ids))
         return ok
 
-    def spy_plan(self, rows, got, at, remaining, kv):
-        out = plan_kept(self, rows, got, at, remaining, kv)
+    def spy_plan(self, rows, got, at, read, remaining, kv):
+        out = plan_kept(self, rows, got, at, read, remaining, kv)
         job_budgets = got[10]
         kept = at >= 0
+        # (the adoption's reading of the map: max(at, 0) and the new rows)
+        assert read[0].tolist() == np.maximum(at, 0).tolist() and read[1].tolist() == np.flatnonzero(~kept).tolist()
         assert np.array_equal(out.budgets[kept], job_budgets[at[kept]])
         assert (out.budgets[~kept] == 0).all() and (~kept).any()
         assert (rows.drafts.lens()[~kept] == 0).all()  # (a deferred start: no tree)
