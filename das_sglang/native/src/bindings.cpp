@@ -41,6 +41,7 @@ namespace {
 
 using Tokens = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using I64 = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Bools = nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using F64 = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 std::string describe(nb::handle h) {
@@ -1503,10 +1504,9 @@ nb::tuple ragged_mask_index(nb::handle verify_lens_h, nb::handle seq_lens_h, nb:
     count += size_t(vl(b) * vl(b));
   }
   const bool* tree = nullptr;
-  nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu> tree_arr;
+  Bools tree_arr;
   if (!tree_h.is_none()) {
-    tree_arr = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
-        tree_h, "tree", "a 1-D contiguous bool numpy array");
+    tree_arr = nd_arg<Bools>(tree_h, "tree", "a 1-D contiguous bool numpy array");
     if (tree_arr.shape(0) != count)
       throw nb::value_error(("ragged_mask_index: tree has " + std::to_string(tree_arr.shape(0)) +
                              " entries for " + std::to_string(count) + " tree-block entries").c_str());
@@ -1753,11 +1753,10 @@ nb::object online_plan(nb::handle offsets_h, nb::handle probs_h, nb::handle dept
   if (!(free_tokens >= 0.0) || !std::isfinite(spread))
     throw nb::value_error(("online_plan: invalid free_tokens=" + std::to_string(free_tokens) + " or spread=" +
                            std::to_string(spread) + ": must be >= 0 / finite").c_str());
-  nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu> due;
+  Bools due;
   const bool probing = probe_budget > 0;
   if (probing) {
-    due = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
-        due_h, "due", "a 1-D contiguous bool numpy array");
+    due = nd_arg<Bools>(due_h, "due", "a 1-D contiguous bool numpy array");
     if (due.shape(0) != n)
       throw nb::value_error(("online_plan: " + std::to_string(n) + " rows but due has " +
                              std::to_string(due.shape(0))).c_str());
@@ -2161,8 +2160,7 @@ PlanAhead* make_plan_ahead(nb::handle cells_h, double decay, nb::handle generate
   a->c_base = c_base, a->c_tok = c_tok, a->c_kv = c_kv, a->spread = spread, a->free_tokens = free_tokens;
   a->min_gain = min_gain, a->probe_budget = probe_budget;
   if (probe_budget > 0) {
-    const auto due = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
-        due_h, "due", "a 1-D contiguous bool numpy array");
+    const auto due = nd_arg<Bools>(due_h, "due", "a 1-D contiguous bool numpy array");
     if (due.shape(0) != n) bad(std::to_string(n) + " rows but due has " + std::to_string(due.shape(0)));
     a->due.assign(n, 0);
     for (size_t i = 0; i < n; ++i) a->due[i] = due(i) ? 1 : 0;
@@ -2425,10 +2423,9 @@ nb::tuple ahead_rows(nb::handle at_h, nb::handle old_h, nb::handle gen_h, nb::ha
     throw nb::value_error(("ahead_rows: " + std::to_string(n) + " rows in at but " +
                            std::to_string(generated.shape(0)) + " generated counts").c_str());
   const bool* skipped = nullptr;
-  nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu> skipped_arr;
+  Bools skipped_arr;
   if (!skipped_h.is_none()) {
-    skipped_arr = nd_arg<nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>>(
-        skipped_h, "skipped", "a 1-D contiguous bool numpy array");
+    skipped_arr = nd_arg<Bools>(skipped_h, "skipped", "a 1-D contiguous bool numpy array");
     if (skipped_arr.shape(0) != n_old)
       throw nb::value_error(("ahead_rows: skipped has " + std::to_string(skipped_arr.shape(0)) + " rows for " +
                              std::to_string(n_old) + " old rows").c_str());
