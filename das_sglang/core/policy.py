@@ -266,6 +266,9 @@ class _ModelBased(_Observing):
         self._planned_rows = None  # the latest plan's rows
         self._ahead_plan: tuple | None = None
         self._ahead_trees = None
+        # _adopt_kept: the new rows' draft-free inputs, not computed yet (LAZY_NEW_ROWS): a
+        # callable that writes them into the prepared arrays, or None
+        self._fill_new_rows = None
         self._epoch = 0
         self.ahead_used = False  # the latest plan was the job's (plan_ahead)
         self.ahead_kept = False  # ... for the rows kept since its feedback (_plan_kept)
@@ -405,7 +408,7 @@ class _ModelBased(_Observing):
         read in between (an observation, a step, forgotten problems) drops the inputs, and
         ``plan`` computes them again."""
         self.settle_plan()
-        self._ahead_plan = None
+        self._ahead_plan = self._fill_new_rows = None
         if self._ahead is not None and self._adopt_ahead(rows):
             return
         self._read_outcomes(rows)
@@ -486,6 +489,7 @@ class _ModelBased(_Observing):
         oc._row_states = (ids, states)
         self._adopted(ids, generated, (_Factors(R.problem_ids(rows), calibration), remaining, calibration, kv),
                       plan, None)
+        self._fill_new_rows = None
         return True
 
     def _adopt_kept(self, ahead: _Ahead, rows, ids: list, generated: np.ndarray) -> bool:
@@ -546,19 +550,36 @@ class _ModelBased(_Observing):
         new_states = states[src]
         pids = R.problem_ids(rows)
         calibration, remaining, kv = calibration[src], remaining[src], kv[src]
+        fill = None
         if fresh.size:
             fl = fresh.tolist()
             get = oc._states.get
             new_states[fresh] = [get(ids[i], 0) for i in fl]
-            calibration[fresh], remaining[fresh], kv[fresh] = self._row_inputs(
-                [pids[i] for i in fl], generated[fresh], R.max_new(rows)[fresh], R.prompt_len(rows)[fresh])
+
+            def fill() -> None:  # (the new rows' draft-free inputs: see _fill_new_rows)
+                calibration[fresh], remaining[fresh], kv[fresh] = self._row_inputs(
+                    [pids[i] for i in fl], generated[fresh], R.max_new(rows)[fresh], R.prompt_len(rows)[fresh])
+
+            if not self.LAZY_NEW_ROWS:
+                fill()
+                fill = None
         oc._row_states = (ids, new_states)
         oc._rows_dirty = True
         oc._rows_unique = True
         forget_finished(oc, ids, n_live=n, size=len(oc._states))
         self._adopted(ids, generated, (_Factors(pids, calibration), remaining, calibration, kv), plan, at,
                       (src, fresh))
+        self._fill_new_rows = fill
         return True
+
+    # A plan that takes the job's plan for the rows kept (_plan_kept) gives a new row no
+    # budget: what it computes for the new rows (their draft-free inputs) and what it
+    # gathers through the row map for the plan's bookkeeping only (the curves' base, the
+    # node bins, the probe record's forward) are made by that bookkeeping (settle_plan: in
+    # the verify forward's shadow), not on the path to the forward. False: made by the
+    # plan itself (the reference: the same plans and bookkeeping bit for bit,
+    # tests/sglang/test_plan_ahead.py).
+    LAZY_NEW_ROWS = True
 
     def _adopted(self, ids: list, generated: np.ndarray, prepared: tuple, plan, at, kept=None) -> None:
         """What :meth:`prepare` leaves for :meth:`plan` once it took the job's results:
@@ -674,15 +695,19 @@ class _ModelBased(_Observing):
         return budgets, (cost.forward_time(tokens, int(kv.sum())), probe_s)
 
     def _defer(self, rows: Sequence[BudgetRow], budgets: np.ndarray, remaining: np.ndarray | None = None,
-               probe_record: tuple | None = None) -> np.ndarray:
+               probe_record: tuple | None = None, later=None) -> np.ndarray:
         """Leave the plan's bookkeeping for :meth:`settle_plan`; returns the budgets the
-        caller gets (a copy: what the bookkeeping keeps cannot change under it)."""
-        self._post = (rows, budgets, self._base, remaining, probe_record)
+        caller gets (a copy: what the bookkeeping keeps cannot change under it). ``later``:
+        what makes the curves' base and the probe record when the bookkeeping runs (it reads
+        nothing a plan, an observation or a step changes before that: each settles first)."""
+        self._post = (rows, budgets, self._base, remaining, probe_record, later)
         self._planned_rows = rows  # (prepare_ahead's rows)
         return budgets.copy()
 
-    def _bookkeep(self, rows, budgets: np.ndarray, base: np.ndarray, remaining, probe_record) -> None:
+    def _bookkeep(self, rows, budgets: np.ndarray, base: np.ndarray, remaining, probe_record, later=None) -> None:
         """A plan's bookkeeping (:meth:`settle_plan`), in the order the plan once did it."""
+        if later is not None:
+            base, probe_record = later()
         if remaining is not None:
             self._note_predictions(rows, remaining)
         if probe_record is not None:
@@ -811,6 +836,9 @@ class LengthAware(_ModelBased):
             return None
         ahead, self._ahead_plan = self._ahead_plan, None
         trees, self._ahead_trees = self._ahead_trees, None
+        fill, self._fill_new_rows = self._fill_new_rows, None
+        if ahead is None or ahead[0] is not prepared:
+            fill = None  # (its arrays are not the ones read here)
         generated, max_new = R.generated(rows), R.max_new(rows)
         if prepared is None:
             prepared = self._draft_free_inputs(rows, generated, max_new)
@@ -826,7 +854,9 @@ class LengthAware(_ModelBased):
                                and np.array_equal(trees[1], at))
         if self.ahead_used and ahead[1] is not None and at is not None:
             self.ahead_kept = True
-            return self._plan_kept(rows, ahead[1], at, ahead[3], remaining, kv)
+            return self._plan_kept(rows, ahead[1], at, ahead[3], remaining, kv, fill)
+        if fill is not None:
+            fill()
         if self.ahead_used:
             got = ahead[1]  # (online_plan of these inputs and drafts, by the job: plan_ahead)
         else:
@@ -852,35 +882,47 @@ class LengthAware(_ModelBased):
         return BudgetPlan(budgets, int(budgets.max(initial=0)))
 
     def _plan_kept(self, rows, got: tuple, at: np.ndarray, kept: tuple, remaining: np.ndarray,
-                   kv: np.ndarray) -> BudgetPlan:
+                   kv: np.ndarray, fill=None) -> BudgetPlan:
         """:meth:`_plan_fused` for rows that changed since the feedback (``at``: each row's row
         there, -1 for a new one; ``kept``: ``_adopt_kept``'s ``max(at, 0)`` and new rows): the job's plan of the feedback's rows (``got``, its
         ``online_plan`` tuple) for the rows kept, no budget for the new ones (they have no
         tree yet), and what the plan's bookkeeping reads gathered the same way -- the
         curves' base, their node bins, the allocation -- with the probe record of these
-        rows (their forward, and the probes among the kept rows' budgets)."""
+        rows (their forward, and the probes among the kept rows' budgets). ``fill``: what
+        writes the new rows' draft-free inputs into ``remaining`` and ``kv`` (None: they
+        are). With ``LAZY_NEW_ROWS`` what only the plan's bookkeeping reads -- those inputs,
+        the base and bins gathered by row, the probe record's forward -- is made by it."""
         cfg, cost = self.config, self.cost
         base, _, bins, width, _, alloc_budgets, alloc_width, modeled, baseline, makespan, budgets, _ = got
         n, n_old = len(at), len(base) // max(width, 1)
         src, fresh = kept
-        base = base.reshape(n_old, width)[src]
-        base[fresh] = 0.0
-        bins = bins.reshape(n_old, width - 1)[src]
         budgets = budgets[src].astype(np.int32)
         budgets[fresh] = 0
         alloc_budgets = alloc_budgets[src].astype(np.int32)
         alloc_budgets[fresh] = 0
-        self._base = base
-        self._outcomes.keep_bins(rows, bins, width)
         self.last = StepAllocation(alloc_budgets, int(alloc_width), modeled, baseline, makespan)
         # (the probes: budgets above the allocation's, or any budget where the min-gain rule
         # left none -- final_budgets' rule)
         none = alloc_width == 0 or modeled > (1.0 - cfg.min_gain) * baseline
         probed = budgets > (0 if none else alloc_budgets)
         probe_s = cost.c_tok_s * float(budgets[probed].sum()) if cfg.probe_budget > 0 else 0.0
-        probe_record = (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)
-        budgets = self._defer(rows, budgets, remaining, probe_record)
-        return BudgetPlan(budgets, int(budgets.max(initial=0)))
+        tokens = n + int(budgets.sum())
+
+        def later() -> tuple:
+            """(the curves' base gathered by row, the probe record); the node bins kept."""
+            if fill is not None:
+                fill()
+            b = base.reshape(n_old, width)[src]
+            b[fresh] = 0.0
+            self._base = b
+            self._outcomes.keep_bins(rows, bins.reshape(n_old, width - 1)[src], width)
+            return b, (cost.forward_time(tokens, int(kv.sum())), probe_s)
+
+        if self.LAZY_NEW_ROWS:
+            out = self._defer(rows, budgets, remaining, later=later)
+        else:
+            out = self._defer(rows, budgets, remaining, later()[1])
+        return BudgetPlan(out, int(out.max(initial=0)))
 
     # The next plan of a feedback's rows, made by its native job (prepare_ahead, plan_ahead);
     # False: the plan makes it (the reference: the same plans, tests/sglang/test_plan_ahead.py).

@@ -223,8 +223,8 @@ def test_a_plan_of_changed_rows_takes_the_jobs_plan_for_the_rows_kept(monkeypatc
             checked["left"] += len(set(ahead.ids) - set(ids))
         return ok
 
-    def spy_plan(self, rows, got, at, read, remaining, kv):
-        out = plan_kept(self, rows, got, at, read, remaining, kv)
+    def spy_plan(self, rows, got, at, read, remaining, kv, fill=None):
+        out = plan_kept(self, rows, got, at, read, remaining, kv, fill)
         job_budgets = got[10]
         kept = at >= 0
         # (the adoption's reading of the map: max(at, 0) and the new rows)
@@ -285,3 +285,65 @@ def test_a_bad_finishing_mask_switches_the_plan_made_ahead_off_not_the_step(capl
     trees, _ = s.plan(rids, 8)  # (the plans go on, made the usual way)
     assert len(trees) == len(rids)
     s.close()
+
+
+def test_a_kept_plans_bookkeeping_only_parts_are_made_by_the_bookkeeping(monkeypatch):
+    """``LAZY_NEW_ROWS``: a plan that takes the job's plan for the rows kept leaves the new
+    rows' draft-free inputs, the base and node bins gathered by row and the probe record's
+    forward to its bookkeeping (settle_plan, in the forward's shadow). The same plans and
+    the same bookkeeping -- length predictions, probe totals, cells, table -- bit for bit
+    as making them in the plan (the reference)."""
+    lazy_plans = []
+    defer = P._ModelBased._defer
+
+    def spy_defer(self, rows, budgets, remaining=None, probe_record=None, later=None):
+        if getattr(self, "ahead_kept", False):
+            lazy_plans.append(later is not None and probe_record is None)
+        return defer(self, rows, budgets, remaining, probe_record, later)
+
+    monkeypatch.setattr(P._ModelBased, "_defer", spy_defer)
+    runs = []
+    for lazy in (True, False):
+        monkeypatch.setattr(P._ModelBased, "LAZY_NEW_ROWS", lazy)
+        s = _session(True, kept=True)
+        s.DEFER_START_MIN_ROWS = 1  # (starts deferred: their first plan takes the job's plan)
+        got = _drive(s, steps=120, tell_finishing=True)
+        pol = s.policy
+        pol.settle_plan()
+        runs.append((got, sorted(pol._predicted_total.items()), list(pol._log_err), pol.probes.spent_s,
+                     pol.probes.total_s, s.counters["plans_ahead_kept"]))
+        s.close()
+    n_lazy = len(lazy_plans) // 2
+    assert runs[0] == runs[1]
+    assert runs[0][-1] >= 10 and runs[0][1]  # (kept plans made, first-plan predictions noted)
+    assert all(lazy_plans[:n_lazy]) and not any(lazy_plans[n_lazy:])
+
+
+def test_a_kept_plan_whose_trees_are_not_the_jobs_fills_the_new_rows_first(monkeypatch):
+    """The new rows' inputs are only left for later where the plan takes the job's plan:
+    a plan that makes its own on the adopted inputs (here the job's trees, gathered by row,
+    are said not to be the job's) reads them complete -- the same plans as the reference."""
+    real = P._ModelBased.ahead_drafts
+    monkeypatch.setattr(P._ModelBased, "ahead_drafts",
+                        lambda self, drafts: real(self, None if type(drafts) is tuple else drafts))
+    kept_plans = []
+    plan_kept = P.LengthAware._plan_kept
+    monkeypatch.setattr(P.LengthAware, "_plan_kept", lambda *a: kept_plans.append(1) or plan_kept(*a))
+    fills = []
+    adopt = P._ModelBased._adopt_kept
+
+    def spy_adopt(self, *a):
+        ok = adopt(self, *a)
+        fills.append(ok and self._fill_new_rows is not None)
+        return ok
+
+    monkeypatch.setattr(P._ModelBased, "_adopt_kept", spy_adopt)
+    runs = []
+    for lazy in (True, False):
+        monkeypatch.setattr(P._ModelBased, "LAZY_NEW_ROWS", lazy)
+        s = _session(True, kept=True)
+        s.DEFER_START_MIN_ROWS = 1
+        runs.append(_drive(s, steps=80, tell_finishing=True))
+        s.close()
+    assert runs[0] == runs[1]
+    assert not kept_plans and sum(fills) >= 5  # (adopted with the new rows left to fill, then planned itself)
