@@ -266,7 +266,7 @@ class _ModelBased(_Observing):
         self._planned_rows = None  # the latest plan's rows
         self._ahead_plan: tuple | None = None
         self._ahead_trees = None
-        # _adopt_kept: the new rows' draft-free inputs, not computed yet (LAZY_NEW_ROWS): a
+        # _adopt_kept: the new rows' draft-free inputs, not computed yet (LAZY_BOOKKEEPING): a
         # callable that writes them into the prepared arrays, or None
         self._fill_new_rows = None
         self._epoch = 0
@@ -560,7 +560,7 @@ class _ModelBased(_Observing):
                 calibration[fresh], remaining[fresh], kv[fresh] = self._row_inputs(
                     [pids[i] for i in fl], generated[fresh], R.max_new(rows)[fresh], R.prompt_len(rows)[fresh])
 
-            if not self.LAZY_NEW_ROWS:
+            if not self.LAZY_BOOKKEEPING:
                 fill()
                 fill = None
         oc._row_states = (ids, new_states)
@@ -572,14 +572,14 @@ class _ModelBased(_Observing):
         self._fill_new_rows = fill
         return True
 
-    # A plan that takes the job's plan for the rows kept (_plan_kept) gives a new row no
-    # budget: what it computes for the new rows (their draft-free inputs) and what it
-    # gathers through the row map for the plan's bookkeeping only (the curves' base, the
-    # node bins, the probe record's forward) are made by that bookkeeping (settle_plan: in
-    # the verify forward's shadow), not on the path to the forward. False: made by the
-    # plan itself (the reference: the same plans and bookkeeping bit for bit,
-    # tests/sglang/test_plan_ahead.py).
-    LAZY_NEW_ROWS = True
+    # What only a plan's bookkeeping reads is made by that bookkeeping (settle_plan: in the
+    # verify forward's shadow), not on the path to the forward: the probe record's forward
+    # (the fused plans); for a plan that takes the job's plan for the rows kept
+    # (_plan_kept), which gives a new row no budget, also the new rows' draft-free inputs
+    # and the curves' base and node bins gathered by row. False: made by the plan itself
+    # (the reference: the same plans and bookkeeping bit for bit, tests/sglang/
+    # test_plan_ahead.py, tests/test_policy_online.py).
+    LAZY_BOOKKEEPING = True
 
     def _adopted(self, ids: list, generated: np.ndarray, prepared: tuple, plan, at, kept=None) -> None:
         """What :meth:`prepare` leaves for :meth:`plan` once it took the job's results:
@@ -874,12 +874,16 @@ class LengthAware(_ModelBased):
         if got is None:
             return None
         base, _, bins, width, _, alloc_budgets, alloc_width, modeled, baseline, makespan, budgets, probe_s = got
-        self._base = base.reshape(n, width)
+        self._base = base = base.reshape(n, width)
         outcomes.keep_bins(rows, bins, width)
         self.last = StepAllocation(alloc_budgets, int(alloc_width), modeled, baseline, makespan)
-        probe_record = (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)
-        budgets = self._defer(rows, budgets, remaining, probe_record)
-        return BudgetPlan(budgets, int(budgets.max(initial=0)))
+        if self.LAZY_BOOKKEEPING:  # (the probe record's forward: made by the bookkeeping)
+            out = self._defer(rows, budgets, remaining, later=lambda: (
+                base, (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)))
+        else:
+            out = self._defer(rows, budgets, remaining, (cost.forward_time(n + int(budgets.sum()), int(kv.sum())),
+                                                         probe_s))
+        return BudgetPlan(out, int(out.max(initial=0)))
 
     def _plan_kept(self, rows, got: tuple, at: np.ndarray, kept: tuple, remaining: np.ndarray,
                    kv: np.ndarray, fill=None) -> BudgetPlan:
@@ -890,7 +894,7 @@ class LengthAware(_ModelBased):
         curves' base, their node bins, the allocation -- with the probe record of these
         rows (their forward, and the probes among the kept rows' budgets). ``fill``: what
         writes the new rows' draft-free inputs into ``remaining`` and ``kv`` (None: they
-        are). With ``LAZY_NEW_ROWS`` what only the plan's bookkeeping reads -- those inputs,
+        are). With ``LAZY_BOOKKEEPING`` what only the plan's bookkeeping reads -- those inputs,
         the base and bins gathered by row, the probe record's forward -- is made by it."""
         cfg, cost = self.config, self.cost
         base, _, bins, width, _, alloc_budgets, alloc_width, modeled, baseline, makespan, budgets, _ = got
@@ -918,7 +922,7 @@ class LengthAware(_ModelBased):
             self._outcomes.keep_bins(rows, bins.reshape(n_old, width - 1)[src], width)
             return b, (cost.forward_time(tokens, int(kv.sum())), probe_s)
 
-        if self.LAZY_NEW_ROWS:
+        if self.LAZY_BOOKKEEPING:
             out = self._defer(rows, budgets, remaining, later=later)
         else:
             out = self._defer(rows, budgets, remaining, later()[1])

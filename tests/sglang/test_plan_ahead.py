@@ -288,7 +288,7 @@ def test_a_bad_finishing_mask_switches_the_plan_made_ahead_off_not_the_step(capl
 
 
 def test_a_kept_plans_bookkeeping_only_parts_are_made_by_the_bookkeeping(monkeypatch):
-    """``LAZY_NEW_ROWS``: a plan that takes the job's plan for the rows kept leaves the new
+    """``LAZY_BOOKKEEPING``: a plan that takes the job's plan for the rows kept leaves the new
     rows' draft-free inputs, the base and node bins gathered by row and the probe record's
     forward to its bookkeeping (settle_plan, in the forward's shadow). The same plans and
     the same bookkeeping -- length predictions, probe totals, cells, table -- bit for bit
@@ -297,14 +297,13 @@ def test_a_kept_plans_bookkeeping_only_parts_are_made_by_the_bookkeeping(monkeyp
     defer = P._ModelBased._defer
 
     def spy_defer(self, rows, budgets, remaining=None, probe_record=None, later=None):
-        if getattr(self, "ahead_kept", False):
-            lazy_plans.append(later is not None and probe_record is None)
+        lazy_plans.append((bool(getattr(self, "ahead_kept", False)), later is not None and probe_record is None))
         return defer(self, rows, budgets, remaining, probe_record, later)
 
     monkeypatch.setattr(P._ModelBased, "_defer", spy_defer)
     runs = []
     for lazy in (True, False):
-        monkeypatch.setattr(P._ModelBased, "LAZY_NEW_ROWS", lazy)
+        monkeypatch.setattr(P._ModelBased, "LAZY_BOOKKEEPING", lazy)
         s = _session(True, kept=True)
         s.DEFER_START_MIN_ROWS = 1  # (starts deferred: their first plan takes the job's plan)
         got = _drive(s, steps=120, tell_finishing=True)
@@ -316,7 +315,9 @@ def test_a_kept_plans_bookkeeping_only_parts_are_made_by_the_bookkeeping(monkeyp
     n_lazy = len(lazy_plans) // 2
     assert runs[0] == runs[1]
     assert runs[0][-1] >= 10 and runs[0][1]  # (kept plans made, first-plan predictions noted)
-    assert all(lazy_plans[:n_lazy]) and not any(lazy_plans[n_lazy:])
+    lazy, ref = lazy_plans[:n_lazy], lazy_plans[n_lazy:]
+    assert all(later for kept, later in lazy if kept) and not any(later for _, later in ref)
+    assert sum(later for kept, later in lazy if not kept) >= 60  # (the other fused plans' probe record too)
 
 
 def test_a_kept_plan_whose_trees_are_not_the_jobs_fills_the_new_rows_first(monkeypatch):
@@ -340,7 +341,7 @@ def test_a_kept_plan_whose_trees_are_not_the_jobs_fills_the_new_rows_first(monke
     monkeypatch.setattr(P._ModelBased, "_adopt_kept", spy_adopt)
     runs = []
     for lazy in (True, False):
-        monkeypatch.setattr(P._ModelBased, "LAZY_NEW_ROWS", lazy)
+        monkeypatch.setattr(P._ModelBased, "LAZY_BOOKKEEPING", lazy)
         s = _session(True, kept=True)
         s.DEFER_START_MIN_ROWS = 1
         runs.append(_drive(s, steps=80, tell_finishing=True))
