@@ -942,6 +942,13 @@ def test_index_versions_is_every_indexs_version():
     assert index_versions([None, a]).tolist() == [0, a.version]  # (a placeholder row)
 
 
+def iter_seq(items):
+    """A sequence that is neither a list nor a tuple."""
+    from collections import deque
+
+    return deque(items)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_row_map_is_the_dict_lookup_and_set_size(seed):
     """``native.row_map(prev, new)`` gives what ``dict(zip(prev, range(len(prev))))`` lookups
@@ -969,6 +976,17 @@ def test_row_map_is_the_dict_lookup_and_set_size(seed):
             at, unique = row_map(prev, new)
             assert at.dtype == np.int64 and at.tolist() == [want.get(x, -1) for x in new]
             assert unique == (len(set(new)) == len(new))
+    # by identity (the worker's Req lists, read in place: no item is touched), from lists,
+    # tuples or any sequence alike: the dict of the objects' ids
+    objs = [object() for _ in range(400)]
+    for n_prev, n_new in ((0, 5), (40, 0), (300, 320), (9, 9)):
+        prev = [objs[int(v)] for v in rng.integers(0, 400, n_prev)]
+        new = [objs[int(v)] for v in rng.integers(0, 400, n_new)]
+        want = {id(x): i for i, x in enumerate(prev)}
+        ref = ([want.get(id(x), -1) for x in new], len({id(x) for x in new}) == len(new))
+        for a, b in ((prev, new), (tuple(prev), new), (prev, tuple(new)), (iter_seq(prev), iter_seq(new))):
+            at, unique = row_map(a, b, identity=True)
+            assert (at.tolist(), unique) == ref
     ids = [f"r{i}" for i in range(6)]
     assert row_map(ids, ids[::-1])[0].tolist() == [5, 4, 3, 2, 1, 0]
     assert row_map(ids, ids + ["r0"]) [1] is False
