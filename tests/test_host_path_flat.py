@@ -293,13 +293,16 @@ def test_extend_draft_rows_equals_extend_then_draft(threads):
             arrays = draft_rows(idx, seq, budgets, *args, 1)
         else:
             if mode == "fused":
-                *arrays, versions = extend_draft_rows(idx, seq, flat, off, budgets, *args, threads, threads)
+                *arrays, versions, probs_ok = extend_draft_rows(idx, seq, flat, off, budgets, *args, threads,
+                                                                threads)
             else:
                 pending = extend_draft_rows_start(idx, seq, flat, off, budgets, *args, threads)
-                *arrays, versions = pending.wait()
+                *arrays, versions, probs_ok = pending.wait()
                 with pytest.raises(ValueError, match="already returned"):
                     pending.wait()
             np.testing.assert_array_equal(versions, [ix.version for ix in idx])
+            # (the job's check of its trees' node probabilities: the numpy one's answer)
+            assert probs_ok is bool(((arrays[2] >= 0.0) & (arrays[2] <= 1.0)).all()) is True
         out.append(arrays)
         assert len(arrays[0]) > 200
     for x, y, z in zip(*out):
@@ -617,7 +620,7 @@ def test_started_job_shares_its_tasks_and_equals_the_sequential_calls(threads):
     want = draft_rows(idx, seq, budgets, *args, 1, *shared_b)
     idx, seq, flat, off = a.prepare_extend(rids, toks)
     pending = extend_draft_rows_start(idx, seq, flat, off, budgets, *args, threads, 0, *shared_a)
-    *got, versions = pending.wait()
+    *got, versions, _ = pending.wait()
     for x, y in zip(got, want):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(versions, [ix.version for ix in idx])
@@ -716,7 +719,7 @@ def test_started_jobs_reuse_kept_threads():
         kept = []
         for _ in range(6):
             toks = [rng.integers(0, 12, 3) for _ in rids]
-            *got, _ = extend_draft_rows_start(*a.prepare_extend(rids, toks), budgets, *args, 2, 0).wait()
+            *got, _, _ = extend_draft_rows_start(*a.prepare_extend(rids, toks), budgets, *args, 2, 0).wait()
             for x, y in zip(got, _sequential(b, rids, toks, budgets, args)):
                 np.testing.assert_array_equal(x, y)
             kept.append((_threads_at_nice(19), background_threads()))
@@ -800,7 +803,7 @@ def test_started_jobs_dropped_waited_and_renice_keep_the_indices_exact():
                 continue
             if it % 3 == 1:
                 time.sleep(0.0005)
-            *got, _ = pending.wait()
+            *got, _, _ = pending.wait()
             for x, y in zip(got, want):
                 np.testing.assert_array_equal(x, y)
     finally:
@@ -827,7 +830,7 @@ def test_a_forked_child_runs_started_jobs():
     if pid == 0:  # the child: one job, then exit with its verdict (never back into pytest)
         code = 1
         try:
-            *got, _ = extend_draft_rows_start(*a.prepare_extend(rids, toks2), budgets, *args, 2, 0).wait()
+            *got, _, _ = extend_draft_rows_start(*a.prepare_extend(rids, toks2), budgets, *args, 2, 0).wait()
             want = _sequential(b, rids, toks2, budgets, args)
             code = 0 if all(np.array_equal(x, y) for x, y in zip(got, want)) else 2
             if code == 0 and os.path.exists("/proc/self/task") and len(os.listdir("/proc/self/task")) < 2:
@@ -1127,7 +1130,7 @@ def test_batches_interleaving_indexes_equal_row_by_row_drafts(threads):
     # (the job first: its appends, empty here, still touch the indexes' state the drafts read)
     pending = extend_draft_rows_start(idx, seq, np.zeros(0, np.int32), np.zeros(len(rows) + 1, np.int64),
                                       budgets, *args, threads, 0, *d._shared())
-    *started, _ = pending.wait()
+    *started, _, _ = pending.wait()
     alone = [draft_rows([ix], seq[i:i + 1], budgets[i:i + 1], *args, 1, *d._shared())
              for i, ix in enumerate(idx)]
     whole = draft_rows(idx, seq, budgets, *args, threads, *d._shared())
@@ -1266,7 +1269,7 @@ def test_rows_of_is_take_rows_made_when_read_and_truncated_in_one_pass(seed):
     its length without making it, its arrays, lens and rows as take_rows gives them once
     read, and a truncate before any read -- one pass from the source -- the gather's
     truncate (rows with -1 holes, repeats, budgets per row, scalar, negative, past the tree);
-    node_probs covers the rows' nodes without making it."""
+    the probability check covers the rows' nodes without making it."""
     from das_sglang.core.draft_tree import RowsOf
 
     d, rids, rng = _drafter(seed, requests=60)
@@ -1276,7 +1279,7 @@ def test_rows_of_is_take_rows_made_when_read_and_truncated_in_one_pass(seed):
     for keep in (rng.integers(-2, 20, 70), 3, np.full(70, 99)):
         lazy = RowsOf(src, rows)
         assert len(lazy) == 70 and not lazy._made
-        assert lazy.node_probs() is src.probs and not lazy._made
+        assert lazy.probs_in_range() and not lazy._made
         got = lazy.truncate(keep)
         assert not lazy._made and type(got) is DraftBatch
         _same_batch(got, want.truncate(keep))
@@ -1285,7 +1288,7 @@ def test_rows_of_is_take_rows_made_when_read_and_truncated_in_one_pass(seed):
     _same_batch(lazy, want)
     assert lazy[5].tokens.tolist() == want[5].tokens.tolist() and lazy.width == want.width
     _same_batch(lazy.truncate(np.full(70, 4)), want.truncate(np.full(70, 4)))  # (made: DraftBatch's)
-    assert lazy.node_probs() is lazy.probs
+    assert lazy.probs_in_range() and lazy.probs_ok
 
 
 def test_native_from_padded_equals_numpy_and_bad_rows_are_named():
@@ -1411,3 +1414,62 @@ def test_budget_array_reuses_only_the_same_read_only_sizes():
     first = d._budget_array(rids, w)
     w[:] = 5
     assert d._budget_array(rids, w).tolist() == [5] * 20 and first.tolist() == [2] * 20
+
+
+def test_the_probability_check_is_the_pre_draft_jobs_for_its_trees():
+    """DraftBatch.probs_in_range: every node probability in [0, 1] (NaN not), computed once;
+    the native pre-draft job checks its trees itself (the plan then computes nothing), a
+    RowsOf answers for its source's nodes, and a session whose drafter returns probabilities
+    out of range refuses the plan, as before."""
+    from das_sglang.core.draft_tree import RowsOf
+
+    def batch(probs):
+        n = len(probs)
+        return DraftBatch(np.zeros(n, np.int32), np.full(n, -1, np.int32), np.asarray(probs, np.float64),
+                          np.ones(n, np.int32), np.array([0, n], np.int64), np.zeros(1, np.int32))
+
+    for probs, ok in (([], True), ([0.0, 1.0, 0.5], True), ([0.5, 1.0000001], False), ([-0.0, -1e-9], False),
+                      ([0.2, float("nan")], False)):
+        b = batch(probs)
+        assert b.probs_ok is None and b.probs_in_range() is ok and b.probs_ok is ok
+        lazy = RowsOf(b, np.array([0, -1]))
+        assert lazy.probs_in_range() is ok and not lazy._made
+    known = batch([7.0])
+    known.probs_ok = True  # (who made the arrays said so: not computed again)
+    assert known.probs_in_range()
+
+    d, rids, rng = _drafter(0, requests=24)
+    from das_sglang.core.drafter import TokenRows
+
+    prepared = d.prepare_extend(rids, TokenRows.from_padded(np.full((24, 2), 5, np.int64), np.ones(24, np.int64)))
+    done = d.start_extend(prepared, 8)
+    assert done is not None
+    done()
+    trees = d.predrafted_trees()
+    assert trees is not None and trees.probs_ok is True and len(trees.probs)
+    assert trees.probs_in_range()
+
+
+def test_a_plan_refuses_drafts_with_probabilities_out_of_range(monkeypatch):
+    """The session's check of the drafter's node probabilities (before the policy reads them)
+    still refuses a drafter that returns one outside [0, 1]."""
+    import json
+
+    from das_sglang.sglang.options import load_options
+    from das_sglang.sglang.session import DasSession
+
+    s = DasSession(load_options(9, json.dumps({"server": {"policy": "length-aware"}})))
+    s.start("r0", {"das_problem_id": "p"}, [1, 2, 3], [], 100)
+    real = s.drafter.speculate_flat
+
+    def bad(*a, **k):
+        out = real(*a, **k)
+        return DraftBatch(out.tokens, out.parents, np.full(len(out.probs), 1.5), out.depths, out.offsets,
+                          out.match_len) if len(out.probs) else DraftBatch(
+            np.zeros(1, np.int32), np.full(1, -1, np.int32), np.full(1, 1.5), np.ones(1, np.int32),
+            np.array([0, 1], np.int64), np.zeros(1, np.int32))
+
+    monkeypatch.setattr(s.drafter, "speculate_flat", bad)
+    with pytest.raises(ValueError, match=r"node probabilities outside \[0, 1\]"):
+        s.plan(["r0"], 8)
+    s.close()

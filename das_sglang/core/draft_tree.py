@@ -130,9 +130,9 @@ class DraftBatch:
     instead (one numpy operation per batch, not one Python call per row).
     """
 
-    __slots__ = ("tokens", "parents", "probs", "depths", "offsets", "match_len", "_lens")
+    __slots__ = ("tokens", "parents", "probs", "depths", "offsets", "match_len", "_lens", "probs_ok")
 
-    def __init__(self, tokens, parents, probs, depths, offsets, match_len) -> None:
+    def __init__(self, tokens, parents, probs, depths, offsets, match_len, probs_ok: bool | None = None) -> None:
         self.tokens = tokens
         self.parents = parents
         self.probs = probs
@@ -140,6 +140,16 @@ class DraftBatch:
         self.offsets = offsets  # int64 [rows + 1]
         self.match_len = match_len  # int [rows]
         self._lens = None
+        # whether every node probability is in [0, 1], where whoever made the arrays checked
+        # (the native pre-draft job: its trees are checked there); None: not known yet
+        self.probs_ok = probs_ok
+
+    def probs_in_range(self) -> bool:
+        """Every node probability is in [0, 1] (a NaN is not)."""
+        if self.probs_ok is None:
+            p = self.probs
+            self.probs_ok = bool(not p.size or (p.min() >= 0.0 and p.max() <= 1.0))
+        return self.probs_ok
 
     @classmethod
     def from_trees(cls, trees: Sequence[DraftTree]) -> "DraftBatch":
@@ -290,11 +300,6 @@ class DraftBatch:
             return DraftBatch.empty(len(rows))
         return self._gather(np.where(hole, 0, rows), hole)
 
-    def node_probs(self) -> np.ndarray:
-        """Every node's probability (a gather not made yet, :class:`RowsOf`: its source's,
-        which holds them)."""
-        return self.probs
-
     @staticmethod
     def concat(batches: Sequence["DraftBatch"]) -> "DraftBatch":
         """The rows of every batch, in order."""
@@ -338,8 +343,8 @@ class RowsOf(DraftBatch):
             return object.__getattribute__(self, name)
         raise AttributeError(name)
 
-    def node_probs(self) -> np.ndarray:
-        return self.probs if self._made else self._src.node_probs()
+    def probs_in_range(self) -> bool:  # (not made: its source's nodes, which hold them)
+        return DraftBatch.probs_in_range(self) if self._made else self._src.probs_in_range()
 
     def truncate(self, budgets) -> DraftBatch:
         src = self._src

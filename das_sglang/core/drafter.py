@@ -872,10 +872,11 @@ class SuffixDrafter:
                 cfg.max_match_len, self._mix(), threads, extend_threads, *shared, unshare)
 
         def keep(result) -> None:
-            *arrays, versions = result
+            *arrays, versions, probs_ok = result
             # (rows: the job's seq_ids array; a plan of the very same rows -- _rows' memo --
-            # reads the trees in order, any other looks its rows up by seq_id)
-            self._predrafted = (seq_ids, DraftBatch(*arrays), versions, token, b.astype(np.int64),
+            # reads the trees in order, any other looks its rows up by seq_id; probs_ok: the
+            # job checked the node probabilities, DraftBatch.probs_in_range)
+            self._predrafted = (seq_ids, DraftBatch(*arrays, probs_ok), versions, token, b.astype(np.int64),
                                 mutation_epoch())
             self._boundary_trees = False
 

@@ -13,7 +13,8 @@ depths, offsets, match_lens)``. ``SuffixIndex.version`` changes with every mutat
 distinct steps one index can hold at once.
 ``extend_draft_rows(indices, seq_ids, tokens, offsets, budgets, min_prob, steps, weights, chain,
 max_match_len, mix, threads, extend_threads)`` is ``extend_batch`` (on ``extend_threads``, 0: as
-it picks) then ``draft_rows`` (on ``threads``) of the same rows in one GIL-free call, plus every row's index ``version`` after it (uint64);
+it picks) then ``draft_rows`` (on ``threads``) of the same rows in one GIL-free call, plus every row's index ``version`` after it (uint64)
+and whether every node probability is in [0, 1] (the session's check of the trees, made by the job);
 ``extend_draft_rows_start(...)`` (same arguments) starts it on the native background pool (threads made once and kept) and
 returns a ``PendingExtendDraft`` whose ``wait()`` gives the result.
 ``ragged_layout(roots, seq_lens, offsets, tokens, parents)`` and ``ragged_mask_index(verify_lens,

@@ -840,8 +840,9 @@ class DasSession:
             else:  # (rows changed since: its trees gathered by row, new rows empty -- or None)
                 rows_at = self.drafter.predrafted_rows(drafts)
                 self.policy.ahead_drafts(None if rows_at is None else (drafts, rows_at))
-        probs = drafts.node_probs()  # (a gather not made yet: the nodes it takes them from)
-        if probs.size and not (probs.min() >= 0.0 and probs.max() <= 1.0):
+        # (a gather not made yet: the nodes it takes them from; the pre-draft job's trees
+        # were checked by the job)
+        if not drafts.probs_in_range():
             raise ValueError("drafter returned node probabilities outside [0, 1]")
         plan = self.policy.plan(BudgetRows(*columns, drafts))
         if ahead and self.policy.ahead_used:

@@ -626,6 +626,7 @@ struct ExtendDraftWork {
   PlanAhead* ahead = nullptr;  // run on the drafts once they are built (kept alive by the caller)
   FlatDrafts out;
   std::vector<uint64_t> versions;
+  bool probs_in_range = true;  // every node probability in [0, 1] (the session's check, made here)
 
   // Each row's storage ids (own index, shared index); an unknown seq_id throws, naming it
   // and its row. Before any append, so a bad row leaves every index untouched. The started
@@ -785,7 +786,7 @@ struct ExtendDraftWork {
     return nb::make_tuple(to_numpy_moved(std::move(out.tokens)), to_numpy_moved(std::move(out.parents)),
                           to_numpy_moved(std::move(out.probs)), to_numpy_moved(std::move(out.depths)),
                           to_numpy_moved(std::move(out.offsets)), to_numpy_moved(std::move(out.match)),
-                          to_numpy_moved(std::move(versions)));
+                          to_numpy_moved(std::move(versions)), probs_in_range);
   }
 
  private:
@@ -803,6 +804,11 @@ struct ExtendDraftWork {
     versions.resize(n);
     for (size_t r = 0; r < n; ++r) versions[r] = idx[r]->version();
     built_ = true;
+    for (const double q : out.probs)  // (NaN is out of range too)
+      if (!(q >= 0.0 && q <= 1.0)) {
+        probs_in_range = false;
+        break;
+      }
     if (ahead != nullptr) run_plan_ahead(*ahead, out);  // (never throws: a failed plan reads as none)
   }
 
