@@ -1341,6 +1341,13 @@ def test_native_select_refuses_bad_input_naming_it():
         return draft_select(*a)
 
     assert sum(b.lens()) > 20 and call(keep=np.full(10, 99, np.int64)) == ()
+    keep = np.arange(10, dtype=np.int64) % 4
+    *arrays, lens, width = call(rows=np.array([3, -1, 0, 3, 9, 1, 2, 4, 5, 6], np.int64), keep=keep)
+    want = b.take_rows(np.array([3, -1, 0, 3, 9, 1, 2, 4, 5, 6])).truncate(keep)
+    assert lens.tolist() == np.diff(want.offsets).tolist() and width == max(lens.tolist())
+    cut = b.truncate(np.full(10, 2))  # (lens and width as counted by the select)
+    assert cut._lens is not None and cut.width == int(np.diff(cut.offsets).max()) and cut.lens().tolist() == \
+        np.diff(cut.offsets).tolist()
     with pytest.raises(ValueError, match=r"invalid rows\[1\]=10"):
         call(rows=np.array([0, 10], np.int64))
     with pytest.raises(ValueError, match=r"invalid rows\[0\]=-2"):

@@ -130,7 +130,7 @@ class DraftBatch:
     instead (one numpy operation per batch, not one Python call per row).
     """
 
-    __slots__ = ("tokens", "parents", "probs", "depths", "offsets", "match_len", "_lens", "probs_ok")
+    __slots__ = ("tokens", "parents", "probs", "depths", "offsets", "match_len", "_lens", "_width", "probs_ok")
 
     def __init__(self, tokens, parents, probs, depths, offsets, match_len, probs_ok: bool | None = None) -> None:
         self.tokens = tokens
@@ -139,7 +139,7 @@ class DraftBatch:
         self.depths = depths
         self.offsets = offsets  # int64 [rows + 1]
         self.match_len = match_len  # int [rows]
-        self._lens = None
+        self._lens = self._width = None
         # whether every node probability is in [0, 1], where whoever made the arrays checked
         # (the native pre-draft job: its trees are checked there); None: not known yet
         self.probs_ok = probs_ok
@@ -184,7 +184,9 @@ class DraftBatch:
     @property
     def width(self) -> int:
         """The widest row's node count."""
-        return int(self.lens().max(initial=0))
+        if self._width is None:
+            self._width = int(self.lens().max(initial=0))
+        return self._width
 
     def __getitem__(self, r: int) -> DraftTree:
         if not -len(self) <= r < len(self):
@@ -227,8 +229,10 @@ class DraftBatch:
                            np.ascontiguousarray(self.depths), np.ascontiguousarray(self.match_len))
         if not out:
             return None
-        tokens, parents, probs, depths, offsets, match = out
-        return DraftBatch(tokens, parents, probs, depths, offsets, match)
+        tokens, parents, probs, depths, offsets, match, lens, width = out
+        batch = DraftBatch(tokens, parents, probs, depths, offsets, match)
+        batch._lens, batch._width = lens, width  # (counted by the select)
+        return batch
 
     def truncate(self, budgets) -> "DraftBatch":
         """Row ``r`` cut to its first ``budgets[r]`` nodes (``DraftTree.truncate`` per row,
@@ -313,7 +317,7 @@ class DraftBatch:
                           np.concatenate(offsets), np.concatenate([np.asarray(b.match_len) for b in batches]))
 
 
-_ARRAYS = frozenset(("tokens", "parents", "probs", "depths", "offsets", "match_len", "_lens"))
+_ARRAYS = frozenset(("tokens", "parents", "probs", "depths", "offsets", "match_len", "_lens", "_width"))
 
 
 class RowsOf(DraftBatch):

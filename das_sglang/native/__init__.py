@@ -58,7 +58,7 @@ each row's accepted run and its length limit (``sglang/batch_rows.py``): ``(cut,
 ``online_plan`` on its drafts; ``PlanAhead.result()`` gives them (None if it did not run).
 ``draft_select(offsets, rows, keep, tokens, parents, probs, depths, match_len)`` is DraftBatch's
 ``take`` / ``take_rows`` / ``truncate`` in one pass (rows None: every row; -1: an empty row;
-keep None: whole rows): ``(tokens, parents, probs, depths, offsets, match)``.
+keep None: whole rows): ``(tokens, parents, probs, depths, offsets, match, lens, width)``.
 ``set_node_reserve_bytes(bytes)`` / ``node_reserve_bytes()``: the address space an index reserves
 for its node array when it first grows (default 256 MiB, virtual only; it grows in place within
 it and never moves, see ``MappedArray`` in src/suffix_index.h).

@@ -1298,8 +1298,9 @@ nb::tuple ragged_layout(nb::handle roots_h, nb::handle seq_lens_h, nb::handle of
 // reference): output row q is input row rows[q] (-1: an empty row, match length 0; rows
 // None: q itself), cut to its first keep[q] nodes (keep None: all of them). A tree's
 // prefix is a tree (parent index < node index), so the cut keeps parents valid.
-// Returns (tokens, parents, probs, depths, offsets, match); () when rows is None and no
-// row was cut (the caller keeps its batch).
+// Returns (tokens, parents, probs, depths, offsets, match, lens, width): the rows' node counts
+// (int64) and the widest one's, which the caller would compute again; () when rows is None
+// and no row was cut (the caller keeps its batch).
 nb::tuple draft_select(nb::handle offsets_h, nb::handle rows_h, nb::handle keep_h, nb::handle tokens_h,
                        nb::handle parents_h, nb::handle probs_h, nb::handle depths_h, nb::handle match_h) {
   const I64 offsets = as_array<I64>(offsets_h, "offsets", "int64");
@@ -1343,6 +1344,7 @@ nb::tuple draft_select(nb::handle offsets_h, nb::handle rows_h, nb::handle keep_
   if (!has_rows && total == nodes) return nb::make_tuple();  // (a truncate that cuts nothing)
   std::vector<int32_t> t(total), p(total), d(total), mo(n_out);
   std::vector<double> pr(total);
+  const int64_t width = n_out ? *std::max_element(len.begin(), len.end()) : 0;
   for (size_t q = 0; q < n_out; ++q) {
     mo[q] = src[q] < 0 ? 0 : match(size_t(src[q]));
     if (!len[q]) continue;
@@ -1354,7 +1356,7 @@ nb::tuple draft_select(nb::handle offsets_h, nb::handle rows_h, nb::handle keep_
   }
   return nb::make_tuple(to_numpy_moved(std::move(t)), to_numpy_moved(std::move(p)), to_numpy_moved(std::move(pr)),
                         to_numpy_moved(std::move(d)), to_numpy_moved(std::move(out_off)),
-                        to_numpy_moved(std::move(mo)));
+                        to_numpy_moved(std::move(mo)), to_numpy_moved(std::move(len)), width);
 }
 
 // TokenRows.from_padded in one pass (core/drafter.py, the numpy reference): row r = the
