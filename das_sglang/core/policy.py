@@ -49,6 +49,7 @@ from das_sglang.core.allocation import (
     step_objective,
 )
 from das_sglang.core.cost_model import CostModel
+from das_sglang.core.draft_tree import DraftBatch
 from das_sglang.core.length_predictor import LengthPredictor
 from das_sglang.core.online_acceptance import _MATCH_LUT, OnlineCalibration, ProbeSchedule
 from das_sglang.core.policy_config import PolicyConfig
@@ -224,6 +225,7 @@ class _Ahead(NamedTuple):
     row_states: tuple  # OnlineCalibration._row_states (the object)
     wait: object  # waits for the job (before the length index changes), or None
     skipped: np.ndarray | None = None  # the rows whose outcomes the job left out (finishing), or None
+    cut_cap: int = -1  # the job also cut its trees to min(budget, cut_cap) nodes (-1: not)
 
 
 class _ModelBased(_Observing):
@@ -269,6 +271,8 @@ class _ModelBased(_Observing):
         # _adopt_kept: the new rows' draft-free inputs, not computed yet (LAZY_BOOKKEEPING): a
         # callable that writes them into the prepared arrays, or None
         self._fill_new_rows = None
+        # _adopt_ahead: the job's trees cut to its budgets (cut_at), (cap, native tuple), or None
+        self._ahead_cut = None
         self._epoch = 0
         self.ahead_used = False  # the latest plan was the job's (plan_ahead)
         self.ahead_kept = False  # ... for the rows kept since its feedback (_plan_kept)
@@ -408,7 +412,7 @@ class _ModelBased(_Observing):
         read in between (an observation, a step, forgotten problems) drops the inputs, and
         ``plan`` computes them again."""
         self.settle_plan()
-        self._ahead_plan = self._fill_new_rows = None
+        self._ahead_plan = self._fill_new_rows = self._ahead_cut = None
         if self._ahead is not None and self._adopt_ahead(rows):
             return
         self._read_outcomes(rows)
@@ -456,6 +460,19 @@ class _ModelBased(_Observing):
         row's row in the job's, -1 an empty placeholder: a deferred start); else None."""
         self._ahead_trees = drafts
 
+    def take_ahead_cut(self, cap: int) -> DraftBatch | None:
+        """Where the latest plan was the job's plan of its own trees (``ahead_used``, the rows
+        unchanged) and the job cut them at ``cap`` (``plan_ahead``'s ``cut``): those trees cut
+        to min(budget, ``cap``) nodes per row -- what ``truncate`` of the plan's drafts to its
+        budgets capped at ``cap`` gives (tests/sglang/test_plan_ahead.py) --, else None. Once."""
+        got, self._ahead_cut = self._ahead_cut, None
+        if got is None or got[0] != cap or not self.ahead_used or self.ahead_kept:
+            return None
+        tokens, parents, probs, depths, offsets, match, lens, width = got[1]
+        out = DraftBatch(tokens, parents, probs, depths, offsets, match, probs_ok=True)
+        out._lens, out._width = lens, width  # (the job's counts; its nodes are the checked trees')
+        return out
+
     # A plan whose rows changed since the feedback (finishes; starts, still without a tree)
     # takes the job's plan for the rows it kept (_adopt_kept); False: such a plan computes
     # everything itself (the reference: the same plans as without the job).
@@ -480,7 +497,7 @@ class _ModelBased(_Observing):
         got = ahead.native.result()
         if got is None:  # (the job did not plan: PlanAhead.error)
             return False
-        cells, states, added, table, calibration, relative, remaining, kv, plan = got
+        cells, states, added, table, calibration, relative, remaining, kv, plan, cut = got
         np.copyto(oc._cells, cells)  # (OnlineCalibration.update, then table(): see _update_native)
         oc._table = table
         oc._bins_cache = None
@@ -490,6 +507,7 @@ class _ModelBased(_Observing):
         self._adopted(ids, generated, (_Factors(R.problem_ids(rows), calibration), remaining, calibration, kv),
                       plan, None)
         self._fill_new_rows = None
+        self._ahead_cut = cut if cut is None else (ahead.cut_cap, cut)
         return True
 
     def _adopt_kept(self, ahead: _Ahead, rows, ids: list, generated: np.ndarray) -> bool:
@@ -520,7 +538,7 @@ class _ModelBased(_Observing):
         got = ahead.native.result()
         if got is None:
             return False
-        cells, states, added, table, calibration, relative, remaining, kv, plan = got
+        cells, states, added, table, calibration, relative, remaining, kv, plan, _ = got
         oc = self._outcomes
         old = ahead.ids
         before = ahead.row_states[1]  # (the rows' states before the job's update)
@@ -982,7 +1000,8 @@ class LengthAware(_ModelBased):
             probes.due(rows) if cfg.probe_budget > 0 else None, probes.spent_s, cfg.probe_share * probes.total_s)
         self._ahead_pre = (native, ids, self._epoch, oc._cells, prev)
 
-    def plan_ahead(self, req_ids: list, generated: np.ndarray, wait=None, finishing: np.ndarray | None = None):
+    def plan_ahead(self, req_ids: list, generated: np.ndarray, wait=None, finishing: np.ndarray | None = None,
+                   cut: int = -1):
         """At a feedback of the rows :meth:`prepare_ahead` prepared (``req_ids``, their
         generated counts after it, int64): the ``native.PlanAhead`` to hand the feedback's
         extend + draft job (``SuffixDrafter.start_extend(..., ahead=)``). The job runs what
@@ -997,8 +1016,9 @@ class LengthAware(_ModelBased):
         this step (bool per row, or None): the job leaves their outcomes out of its
         calibration update -- the next plan, without those requests, does not read them
         either (a finished request's last run is cut by its stop) -- and a plan of rows that
-        still hold one of them does not use it. None when nothing was prepared for these
-        rows (or anything changed since)."""
+        still hold one of them does not use it. ``cut`` >= 0: the job also cuts its trees to
+        the plan's budgets, at most ``cut`` nodes a row (:meth:`take_ahead_cut`). None when
+        nothing was prepared for these rows (or anything changed since)."""
         pre, self._ahead_pre = self._ahead_pre, None
         self.drop_ahead()
         if pre is None:
@@ -1013,7 +1033,9 @@ class LengthAware(_ModelBased):
         if finishing is not None and finishing.any():
             skipped = finishing.copy()
             native.skip_outcomes(np.flatnonzero(finishing))
-        self._ahead = _Ahead(native, ids, generated, epoch, cells, row_states, wait, skipped)
+        if cut >= 0:
+            native.cut_at(cut)
+        self._ahead = _Ahead(native, ids, generated, epoch, cells, row_states, wait, skipped, int(cut))
         return native
 
 

@@ -848,11 +848,19 @@ class DasSession:
         if ahead and self.policy.ahead_used:
             self.counters["plans_ahead"] += 1
             self.counters["plans_ahead_kept"] += bool(getattr(self.policy, "ahead_kept", False))
-        keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
-        if self._root_only:
-            for i in [i for i, r in enumerate(req_ids) if r in self._root_only]:
-                keep[i] = 0  # constrained requests are verified at the root only
-        drafts = drafts.truncate(keep)
+        cut = None
+        if ahead and self.policy.ahead_used and not self._root_only:
+            # (the job's plan of its own trees: it also cut them to the plan's budgets,
+            # capped at max_nodes -- the truncate below, made off this thread)
+            cut = self.policy.take_ahead_cut(max_nodes)
+        if cut is not None:
+            drafts = cut
+        else:
+            keep = np.minimum(np.asarray(plan.budgets, dtype=np.int64), max_nodes)
+            if self._root_only:
+                for i in [i for i, r in enumerate(req_ids) if r in self._root_only]:
+                    keep[i] = 0  # constrained requests are verified at the root only
+            drafts = drafts.truncate(keep)
         if self._evicting and self._updates is not None:
             # The index is not read again until the next plan or update: remove a chunk of
             # out-of-window history meanwhile (native removals, during the forward).
@@ -1062,6 +1070,9 @@ class DasSession:
 
     # The feedback's job also makes the policy's next plan of its rows (plan_ahead).
     PLAN_AHEAD = True
+    # ... and cuts its trees to that plan's budgets (the plan's truncate, off this thread:
+    # policy.take_ahead_cut); False: the plan truncates them (the same trees).
+    JOB_CUTS = True
 
     def _plan_ahead(self, req_ids, tokens, finishing=None):
         """The policy's ``plan_ahead`` of a feedback's rows, their generated counts after it
@@ -1080,7 +1091,8 @@ class DasSession:
                 raise ValueError(f"invalid finishing={finishing!r}: expected a bool numpy array of one entry "
                                  f"per row ({len(req_ids)})")
             return make(req_ids, self._counts.gen[slots] + tokens.lens(), self._updates._finish_native_keeping_errors,
-                        finishing)
+                        finishing, **({"cut": self._plan_nodes} if self.JOB_CUTS and self._plan_nodes is not None
+                                      else {}))
         except Exception:  # noqa: BLE001 (an optimisation: the plans go on without it)
             self._plan_ahead_failed("plan_ahead")
             return None

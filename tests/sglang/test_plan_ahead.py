@@ -348,3 +348,94 @@ def test_a_kept_plan_whose_trees_are_not_the_jobs_fills_the_new_rows_first(monke
         s.close()
     assert runs[0] == runs[1]
     assert not kept_plans and sum(fills) >= 5  # (adopted with the new rows left to fill, then planned itself)
+
+
+def test_the_job_cuts_its_trees_to_the_plan_it_made(monkeypatch):
+    """``JOB_CUTS``: the feedback's job also cuts its trees to the plan it made (at most the
+    plan's ``max_nodes`` a row), and a plan that takes that plan for the same rows uses the
+    cut trees instead of truncating: the same trees, widths and budgets as the plan's own
+    truncate (the reference), on every step; a cap other than the plan's is not used."""
+    from das_sglang.core.draft_tree import DraftBatch
+
+    used, compared, capped = [], [], []
+    take = P._ModelBased.take_ahead_cut
+    truncate = DraftBatch.truncate
+
+    def spy(self, cap):
+        out = take(self, cap)
+        used.append(out is not None)
+        if out is not None:  # (the plan's drafts are the job's trees: the cut is their truncate)
+            capped.append(bool((np.asarray(self.last_budgets) > cap).any()))
+            want = truncate(self._ahead_cut_check, np.minimum(np.asarray(self.last_budgets, np.int64), cap))
+            compared.append(out.offsets.tolist() == want.offsets.tolist()
+                            and out.tokens.tolist() == want.tokens.tolist()
+                            and out.probs.tolist() == want.probs.tolist()
+                            and out.lens().tolist() == want.lens().tolist() and out.width == want.width)
+        return out
+
+    plan_fused = P.LengthAware._plan_fused
+
+    def keep_inputs(self, rows, prepared):  # (what the spy compares against)
+        self._ahead_cut_check = rows.drafts
+        out = plan_fused(self, rows, prepared)
+        self.last_budgets = None if out is None else out.budgets
+        return out
+
+    monkeypatch.setattr(P._ModelBased, "take_ahead_cut", spy)
+    monkeypatch.setattr(P.LengthAware, "_plan_fused", keep_inputs)
+    runs = []
+    for cuts in (True, False):
+        s = _session(True)
+        s.JOB_CUTS = cuts
+        runs.append(_drive(s, steps=120))
+        s.close()
+    assert runs[0] == runs[1]  # trees, widths, budgets, modeled seconds, cells, table
+    assert sum(used) > 40 and all(compared) and len(compared) == sum(used)
+    # (the session's cap is the plan's max_nodes, which its pre-drafts are drafted at: it
+    # binds only at the native level, test_plan_ahead_cut_is_the_truncate_of_its_trees_at_the_cap)
+    assert not any(capped)
+    s = _session(True)
+    _drive(s, steps=30)
+    pol = s.policy
+    assert pol.take_ahead_cut(8) is None  # (consumed by the last plan)
+    s.close()
+
+
+def test_plan_ahead_cut_is_the_truncate_of_its_trees_at_the_cap():
+    """``PlanAhead.cut_at(cap)``: the job's trees cut to min(budget, cap) nodes a row --
+    DraftBatch.truncate of them, with the rows' counts and the widest --; none without it;
+    refused once the job ran."""
+    from das_sglang.core.draft_tree import DraftBatch
+    from das_sglang.native import LengthIndex, SuffixIndex
+
+    lengths = LengthIndex(False, 0.33, 0.67)
+    lengths.add(0, 400)
+    for cap in (2, 5, -1):
+        ahead = plan_ahead(**_ahead_args(lengths=lengths, max_new=np.full(3, 400), rank_bin=np.zeros(16, np.int64),
+                                         depth_bin=np.zeros(17, np.int64)))
+        if cap >= 0:
+            ahead.cut_at(cap)
+        idxs = []
+        for r in range(3):
+            ix = SuffixIndex()
+            ix.add_sequence(1, np.tile(np.arange(1, 6 + r, dtype=np.int32), 20), 0)
+            ix.add_sequence(2, np.array([1, 2], np.int32), 0)
+            idxs.append(ix)
+        job = extend_draft_rows_start(idxs, np.array([2, 2, 2]), np.array([3, 4, 5], np.int32), np.array([0, 1, 2, 3]),
+                                      np.array([8, 3, 8], np.int32), 0.0, np.array([0]), np.array([1.0]), False, 16,
+                                      ahead=ahead)
+        *trees, _, _ = job.wait()
+        if cap >= 0:
+            with pytest.raises(ValueError, match="already ran"):
+                ahead.cut_at(1)
+        got = ahead.result()
+        budgets, cut = got[8][10], got[9]
+        assert (budgets > 2).any()
+        if cap < 0:
+            assert cut is None
+            continue
+        want = DraftBatch(*trees).truncate(np.minimum(budgets.astype(np.int64), cap))
+        *arrays, lens, width = cut
+        for a, b in zip(arrays, (want.tokens, want.parents, want.probs, want.depths, want.offsets, want.match_len)):
+            assert a.tolist() == b.tolist()
+        assert lens.tolist() == want.lens().tolist() and width == want.width and width <= cap

@@ -591,6 +591,13 @@ struct PlanAhead {
   das::alloc::Allocation alloc;
   std::vector<int32_t> budgets;
   double probe_s = 0.0;
+  // the job's trees cut to min(budget, cut_cap) (cut_at; -1: not asked): what the plan's
+  // DraftBatch.truncate of them gives, with its rows' node counts and the widest
+  int64_t cut_cap = -1;
+  bool cut_ok = false;
+  FlatDrafts cut;
+  std::vector<int64_t> cut_lens;
+  int64_t cut_width = 0;
   nb::object keep_lengths;  // (the LengthIndex's Python object: alive while the job runs)
 };
 void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept;
@@ -2256,6 +2263,33 @@ void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept {
                                 a.probe_budget > 0 ? std::function<bool(size_t)>([&](size_t i) { return a.due[i] != 0; })
                                                    : std::function<bool(size_t)>(),
                                 a.probe_budget, a.c_tok, a.probe_spent, a.probe_limit, a.budgets);
+    if (a.planned_ok && a.cut_cap >= 0 && a.budgets.size() == n) {  // (draft_select's cut, rows in order)
+      FlatDrafts& c = a.cut;
+      a.cut_lens.assign(n, 0);
+      c.offsets.assign(n + 1, 0);
+      a.cut_width = 0;
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t len = d.offsets[i + 1] - d.offsets[i];
+        const int64_t k = std::min(len, std::max<int64_t>(std::min<int64_t>(a.budgets[i], a.cut_cap), 0));
+        a.cut_lens[i] = k;
+        c.offsets[i + 1] = c.offsets[i] + k;
+        a.cut_width = std::max(a.cut_width, k);
+      }
+      const size_t total = size_t(c.offsets[n]);
+      c.tokens.resize(total);
+      c.parents.resize(total);
+      c.depths.resize(total);
+      c.probs.resize(total);
+      for (size_t i = 0; i < n; ++i) {
+        const size_t from = size_t(d.offsets[i]), to = size_t(c.offsets[i]), k = size_t(a.cut_lens[i]);
+        std::copy_n(d.tokens.data() + from, k, c.tokens.data() + to);
+        std::copy_n(d.parents.data() + from, k, c.parents.data() + to);
+        std::copy_n(d.depths.data() + from, k, c.depths.data() + to);
+        std::copy_n(d.probs.data() + from, k, c.probs.data() + to);
+      }
+      c.match = d.match;
+      a.cut_ok = true;
+    }
     a.ran.store(true);
   } catch (const std::exception& e) {
     a.error = e.what();
@@ -2286,11 +2320,20 @@ nb::object plan_ahead_result(PlanAhead& a) {
   double* table = new double[std::max<size_t>(1, S * M * B)];
   std::copy(a.table.begin(), a.table.end(), table);
   nb::capsule towner(table, [](void* q) noexcept { delete[] static_cast<double*>(q); });
+  nb::object cut = nb::none();
+  if (a.cut_ok) {
+    FlatDrafts& c = a.cut;
+    cut = nb::make_tuple(to_numpy_moved(std::move(c.tokens)), to_numpy_moved(std::move(c.parents)),
+                         to_numpy_moved(std::move(c.probs)), to_numpy_moved(std::move(c.depths)),
+                         to_numpy_moved(std::move(c.offsets)), to_numpy_moved(std::move(c.match)),
+                         to_numpy_moved(std::move(a.cut_lens)), a.cut_width);
+    a.cut_ok = false;
+  }
   return nb::make_tuple(nb::ndarray<nb::numpy, double, nb::ndim<4>>(cells, {S, M, B, 2}, owner),
                         to_numpy_moved(std::move(a.new_states)), a.added,
                         nb::ndarray<nb::numpy, double, nb::ndim<3>>(table, {S, M, B}, towner),
                         to_numpy_moved(std::move(a.calibration)), to_numpy_moved(std::move(a.relative)),
-                        to_numpy_moved(std::move(a.remaining)), to_numpy_moved(std::move(a.kv)), plan);
+                        to_numpy_moved(std::move(a.remaining)), to_numpy_moved(std::move(a.kv)), plan, cut);
 }
 
 // Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows;
@@ -2877,9 +2920,19 @@ NB_MODULE(_suffix, m) {
           nb::arg("rows"), "Leave these rows' verify outcomes out of the plan's calibration update "
           "(int64 row indices; requests that finish with this step: their last run is cut by the stop). "
           "Before a job runs it.")
+      .def(
+          "cut_at",
+          [](PlanAhead& a, int64_t cap) {
+            if (a.ran.load()) throw nb::value_error("PlanAhead.cut_at: the plan already ran");
+            a.cut_cap = cap;
+          },
+          nb::arg("cap"), "Also cut the job's trees to min(budget, cap) nodes per row once it planned "
+          "(result's cut; -1: not). Before a job runs it.")
       .def("result", &plan_ahead_result,
            "None if the job did not plan (see error), else (cells, states, added, table, calibration, "
-           "relative, remaining, kv, plan); plan is online_plan's tuple or None. Once.")
+           "relative, remaining, kv, plan, cut); plan is online_plan's tuple or None, cut the trees cut "
+           "to the plan's budgets (cut_at: tokens, parents, probs, depths, offsets, match, lens, width) "
+           "or None. Once.")
       .def_prop_ro("error", [](const PlanAhead& a) { return a.error; });
   m.def("plan_ahead", &make_plan_ahead, nb::arg("cells"), nb::arg("decay"), nb::arg("generated"), nb::arg("states"),
         nb::arg("pend_budget"), nb::arg("pend_generated"), nb::arg("pend_match"), nb::arg("pend_nodes"),
