@@ -271,7 +271,7 @@ class _ModelBased(_Observing):
         # _adopt_kept: the new rows' draft-free inputs, not computed yet (LAZY_BOOKKEEPING): a
         # callable that writes them into the prepared arrays, or None
         self._fill_new_rows = None
-        # _adopt_ahead: the job's trees cut to its budgets (cut_at), (cap, native tuple), or None
+        # _adopt_ahead: where the job cut its trees to its budgets (cut_at): (cap, its PlanAhead)
         self._ahead_cut = None
         self._epoch = 0
         self.ahead_used = False  # the latest plan was the job's (plan_ahead)
@@ -468,7 +468,10 @@ class _ModelBased(_Observing):
         got, self._ahead_cut = self._ahead_cut, None
         if got is None or got[0] != cap or not self.ahead_used or self.ahead_kept:
             return None
-        tokens, parents, probs, depths, offsets, match, lens, width = got[1]
+        got = got[1].cut()
+        if got is None:
+            return None
+        tokens, parents, probs, depths, offsets, match, lens, width = got
         out = DraftBatch(tokens, parents, probs, depths, offsets, match, probs_ok=True)
         out._lens, out._width = lens, width  # (the job's counts; its nodes are the checked trees')
         return out
@@ -497,7 +500,7 @@ class _ModelBased(_Observing):
         got = ahead.native.result()
         if got is None:  # (the job did not plan: PlanAhead.error)
             return False
-        cells, states, added, table, calibration, relative, remaining, kv, plan, cut = got
+        cells, states, added, table, calibration, relative, remaining, kv, plan = got
         np.copyto(oc._cells, cells)  # (OnlineCalibration.update, then table(): see _update_native)
         oc._table = table
         oc._bins_cache = None
@@ -507,7 +510,7 @@ class _ModelBased(_Observing):
         self._adopted(ids, generated, (_Factors(R.problem_ids(rows), calibration), remaining, calibration, kv),
                       plan, None)
         self._fill_new_rows = None
-        self._ahead_cut = cut if cut is None else (ahead.cut_cap, cut)
+        self._ahead_cut = (ahead.cut_cap, ahead.native) if ahead.cut_cap >= 0 else None
         return True
 
     def _adopt_kept(self, ahead: _Ahead, rows, ids: list, generated: np.ndarray) -> bool:
@@ -538,7 +541,7 @@ class _ModelBased(_Observing):
         got = ahead.native.result()
         if got is None:
             return False
-        cells, states, added, table, calibration, relative, remaining, kv, plan, _ = got
+        cells, states, added, table, calibration, relative, remaining, kv, plan = got
         oc = self._outcomes
         old = ahead.ids
         before = ahead.row_states[1]  # (the rows' states before the job's update)

@@ -2320,20 +2320,24 @@ nb::object plan_ahead_result(PlanAhead& a) {
   double* table = new double[std::max<size_t>(1, S * M * B)];
   std::copy(a.table.begin(), a.table.end(), table);
   nb::capsule towner(table, [](void* q) noexcept { delete[] static_cast<double*>(q); });
-  nb::object cut = nb::none();
-  if (a.cut_ok) {
-    FlatDrafts& c = a.cut;
-    cut = nb::make_tuple(to_numpy_moved(std::move(c.tokens)), to_numpy_moved(std::move(c.parents)),
-                         to_numpy_moved(std::move(c.probs)), to_numpy_moved(std::move(c.depths)),
-                         to_numpy_moved(std::move(c.offsets)), to_numpy_moved(std::move(c.match)),
-                         to_numpy_moved(std::move(a.cut_lens)), a.cut_width);
-    a.cut_ok = false;
-  }
   return nb::make_tuple(nb::ndarray<nb::numpy, double, nb::ndim<4>>(cells, {S, M, B, 2}, owner),
                         to_numpy_moved(std::move(a.new_states)), a.added,
                         nb::ndarray<nb::numpy, double, nb::ndim<3>>(table, {S, M, B}, towner),
                         to_numpy_moved(std::move(a.calibration)), to_numpy_moved(std::move(a.relative)),
-                        to_numpy_moved(std::move(a.remaining)), to_numpy_moved(std::move(a.kv)), plan, cut);
+                        to_numpy_moved(std::move(a.remaining)), to_numpy_moved(std::move(a.kv)), plan);
+}
+
+// PlanAhead.cut(): the job's trees cut at cut_at's cap (tokens, parents, probs, depths, offsets,
+// match, lens, width), or None (not asked, or not planned). Once; apart from result(), so a
+// plan that does not use it (its rows changed) converts nothing.
+nb::object plan_ahead_cut(PlanAhead& a) {
+  if (!a.cut_ok) return nb::none();
+  a.cut_ok = false;
+  FlatDrafts& c = a.cut;
+  return nb::make_tuple(to_numpy_moved(std::move(c.tokens)), to_numpy_moved(std::move(c.parents)),
+                        to_numpy_moved(std::move(c.probs)), to_numpy_moved(std::move(c.depths)),
+                        to_numpy_moved(std::move(c.offsets)), to_numpy_moved(std::move(c.match)),
+                        to_numpy_moved(std::move(a.cut_lens)), a.cut_width);
 }
 
 // Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows;
@@ -2927,12 +2931,13 @@ NB_MODULE(_suffix, m) {
             a.cut_cap = cap;
           },
           nb::arg("cap"), "Also cut the job's trees to min(budget, cap) nodes per row once it planned "
-          "(result's cut; -1: not). Before a job runs it.")
+          "(cut(); -1: not). Before a job runs it.")
+      .def("cut", &plan_ahead_cut,
+           "The job's trees cut at cut_at's cap: (tokens, parents, probs, depths, offsets, match, lens, "
+           "width), or None. Once.")
       .def("result", &plan_ahead_result,
            "None if the job did not plan (see error), else (cells, states, added, table, calibration, "
-           "relative, remaining, kv, plan, cut); plan is online_plan's tuple or None, cut the trees cut "
-           "to the plan's budgets (cut_at: tokens, parents, probs, depths, offsets, match, lens, width) "
-           "or None. Once.")
+           "relative, remaining, kv, plan); plan is online_plan's tuple or None. Once.")
       .def_prop_ro("error", [](const PlanAhead& a) { return a.error; });
   m.def("plan_ahead", &make_plan_ahead, nb::arg("cells"), nb::arg("decay"), nb::arg("generated"), nb::arg("states"),
         nb::arg("pend_budget"), nb::arg("pend_generated"), nb::arg("pend_match"), nb::arg("pend_nodes"),
