@@ -1480,3 +1480,22 @@ def test_a_plan_refuses_drafts_with_probabilities_out_of_range(monkeypatch):
     with pytest.raises(ValueError, match=r"node probabilities outside \[0, 1\]"):
         s.plan(["r0"], 8)
     s.close()
+
+
+def test_same_ints_is_array_equal_for_integer_arrays_of_one_dtype():
+    """budget_rows.same_ints: np.array_equal for int arrays of one dtype and shape; another
+    dtype or a float array reads as different (the callers then take their exact path)."""
+    from das_sglang.core.budget_rows import same_ints
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(-5, 5, 512)
+    for b, want in ((a.copy(), True), (a[::-1].copy(), False), (a[:-1].copy(), False), (a.reshape(2, 256), False),
+                    (a.astype(np.int32), False), (a.astype(np.float64), False), (np.zeros(0, np.int64), False)):
+        assert same_ints(a, b) is want
+        if want:
+            assert np.array_equal(a, b)
+    assert same_ints(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert not same_ints(np.zeros(3), np.zeros(3))  # (floats: -0.0 / NaN are not bytes)
+    c = a.copy()
+    c[300] += 1
+    assert not same_ints(a, c) and same_ints(a[::2], a[::2].copy())  # (a strided view too)

@@ -435,7 +435,7 @@ class _ModelBased(_Observing):
                              "outcomes were read for both")
             self._read_outcomes(rows)
             return None
-        if prepared is None or not np.array_equal(prepared[0], R.generated(rows)):
+        if prepared is None or not R.same_ints(prepared[0], R.generated(rows)):
             return None
         return prepared[1]
 
@@ -495,7 +495,7 @@ class _ModelBased(_Observing):
         generated = R.generated(rows)
         if not (ahead.ids is ids or ahead.ids == ids):
             return self.AHEAD_KEPT and self._adopt_kept(ahead, rows, ids, generated)
-        if ahead.skipped is not None or not np.array_equal(ahead.generated, generated):
+        if ahead.skipped is not None or not R.same_ints(ahead.generated, generated):
             return False  # (a row the job took for finishing is still here: its outcome counts)
         got = ahead.native.result()
         if got is None:  # (the job did not plan: PlanAhead.error)
@@ -872,7 +872,7 @@ class LengthAware(_ModelBased):
             self.ahead_used = ahead is not None and ahead[0] is prepared and d is trees and trees is not None
         else:  # (rows kept since the feedback: its trees gathered through the same row map)
             self.ahead_used = (ahead[0] is prepared and type(trees) is tuple and trees[0] is d
-                               and np.array_equal(trees[1], at))
+                               and R.same_ints(trees[1], at))
         if self.ahead_used and ahead[1] is not None and at is not None:
             self.ahead_kept = True
             return self._plan_kept(rows, ahead[1], at, ahead[3], remaining, kv, fill)
