@@ -128,7 +128,7 @@ def kept_back(kept: tuple, memo_ids: list, req_ids: list, skip: set | None = Non
     if len(back) != len(req_ids) or len(prev) != len(memo_ids) or prev != memo_ids:
         return None
     if skip:
-        fresh = {req_ids[i] for i in np.flatnonzero(back < 0).tolist()}
+        fresh = {req_ids[i] for i in (back < 0).nonzero()[0].tolist()}
         if not skip <= fresh:
             return None
     return back
@@ -157,7 +157,7 @@ def regather(prev_ids: list, prev_values: np.ndarray, ids: list, get, default, b
     if back is None:
         back = shared_row_map(prev_ids, ids)[0]
     out = prev_values[np.maximum(back, 0)]
-    for i in np.flatnonzero(back < 0).tolist():
+    for i in (back < 0).nonzero()[0].tolist():
         out[i] = get(ids[i], default)
     return out
 

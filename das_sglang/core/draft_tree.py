@@ -178,7 +178,8 @@ class DraftBatch:
     def lens(self) -> np.ndarray:
         """Nodes per row (int64)."""
         if self._lens is None:
-            self._lens = np.diff(self.offsets)
+            o = self.offsets
+            self._lens = o[1:] - o[:-1]  # (np.diff's values, without its Python)
         return self._lens
 
     @property

@@ -195,7 +195,7 @@ class TokenRows:
         # Checked here already (the rows' lengths, every token): built without __init__'s
         # second pass over them (~40 us less at 512 rows, the worker's per-step feedback).
         rows = object.__new__(cls)
-        rows.flat, rows.offsets, rows._lens = flat.astype(np.int32), offsets, np.diff(offsets)
+        rows.flat, rows.offsets, rows._lens = flat.astype(np.int32), offsets, offsets[1:] - offsets[:-1]
         return rows
 
     def __len__(self) -> int:
@@ -735,7 +735,7 @@ class SuffixDrafter:
         if back is None:
             back, _ = kept_rows(m_ids, req_ids, self._rows_dead | skip if skip else self._rows_dead)
         seq_ids = np.where(back >= 0, m_seq[np.maximum(back, 0)], -1)
-        look = np.flatnonzero(seq_ids < 0).tolist()  # (new rows, and the memo's placeholders)
+        look = (seq_ids < 0).nonzero()[0].tolist()  # (new rows, and the memo's placeholders)
         lives = gather_list(m_lives, back, _HOLE)
         idx = gather_list(m_idx, back, None)
         live = self._live

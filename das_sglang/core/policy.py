@@ -1035,7 +1035,7 @@ class LengthAware(_ModelBased):
         skipped = None
         if finishing is not None and finishing.any():
             skipped = finishing.copy()
-            native.skip_outcomes(np.flatnonzero(finishing))
+            native.skip_outcomes(finishing.nonzero()[0])
         if cut >= 0:
             native.cut_at(cut)
         self._ahead = _Ahead(native, ids, generated, epoch, cells, row_states, wait, skipped, int(cut))

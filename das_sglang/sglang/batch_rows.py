@@ -166,7 +166,7 @@ class BatchRows:
             back, unique = row_map(prev, reqs, identity=True)
             back.flags.writeable = False
             self.kept = (self.rids, back, unique)
-            fresh = np.flatnonzero(back < 0)
+            fresh = (back < 0).nonzero()[0]
             rids = gather_list(self.rids, back, None)
             outs = gather_list(self._outs, back, None)
             for i in fresh.tolist():

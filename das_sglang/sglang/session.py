@@ -769,7 +769,7 @@ class DasSession:
         pids = gather_list(m_pids, back, None)
         slots = m_slots[np.maximum(back, 0)]
         live = self.live
-        for i in np.flatnonzero(back < 0).tolist():
+        for i in (back < 0).nonzero()[0].tolist():
             lv = live.get(req_ids[i])
             if lv is None:
                 raise ValueError(f"unknown req_id={req_ids[i]!r}: not started or already finished")
@@ -1064,7 +1064,7 @@ class DasSession:
             np.add.at(self._counts.gen, slots, n)
         p = np.asarray(proposed, dtype=np.int64).reshape(-1)
         # nothing drafted and only the bonus token: no outcome to record
-        rows = np.flatnonzero((p != 0) | (n != 1))
+        rows = ((p != 0) | (n != 1)).nonzero()[0]
         if rows.size:
             self._defer_outcomes(problem_ids, p[rows], n[rows] - 1, req_ids, rows)
 
