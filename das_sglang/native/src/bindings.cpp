@@ -177,6 +177,49 @@ struct FlatDrafts {
   std::vector<int32_t> match;
 };
 
+// Rows of flat drafts cut out (draft_select; the plan made ahead's cut of its trees): output
+// row q is input row src[q] (-1: an empty row, match length 0) cut to its first lens[q]
+// nodes (at most the row's), with the output's node counts and the widest.
+struct SelectedRows {
+  FlatDrafts out;
+  std::vector<int64_t> lens;
+  int64_t width = 0;
+};
+void select_rows(const int64_t* offsets, const int32_t* tokens, const int32_t* parents, const double* probs,
+                 const int32_t* depths, const int32_t* match, const std::vector<int64_t>& src,
+                 std::vector<int64_t> lens, SelectedRows& s) {
+  const size_t n = src.size();
+  FlatDrafts& o = s.out;
+  o.offsets.assign(n + 1, 0);
+  for (size_t q = 0; q < n; ++q) o.offsets[q + 1] = o.offsets[q] + lens[q];
+  const size_t total = size_t(o.offsets[n]);
+  o.tokens.resize(total);
+  o.parents.resize(total);
+  o.depths.resize(total);
+  o.probs.resize(total);
+  o.match.assign(n, 0);
+  s.width = n ? *std::max_element(lens.begin(), lens.end()) : 0;
+  for (size_t q = 0; q < n; ++q) {
+    if (src[q] < 0) continue;
+    o.match[q] = match[size_t(src[q])];
+    const size_t a = size_t(offsets[size_t(src[q])]), at = size_t(o.offsets[q]), k = size_t(lens[q]);
+    std::memcpy(o.tokens.data() + at, tokens + a, k * sizeof(int32_t));
+    std::memcpy(o.parents.data() + at, parents + a, k * sizeof(int32_t));
+    std::memcpy(o.depths.data() + at, depths + a, k * sizeof(int32_t));
+    std::memcpy(o.probs.data() + at, probs + a, k * sizeof(double));
+  }
+  s.lens = std::move(lens);
+}
+
+// (tokens, parents, probs, depths, offsets, match, lens, width) of selected rows (handed over)
+nb::tuple selected_tuple(SelectedRows& s) {
+  FlatDrafts& o = s.out;
+  return nb::make_tuple(to_numpy_moved(std::move(o.tokens)), to_numpy_moved(std::move(o.parents)),
+                        to_numpy_moved(std::move(o.probs)), to_numpy_moved(std::move(o.depths)),
+                        to_numpy_moved(std::move(o.offsets)), to_numpy_moved(std::move(o.match)),
+                        to_numpy_moved(std::move(s.lens)), s.width);
+}
+
 template <class F>
 void on_threads(size_t n_threads, F run) {
   if (n_threads <= 1) {
@@ -595,9 +638,7 @@ struct PlanAhead {
   // DraftBatch.truncate of them gives, with its rows' node counts and the widest
   int64_t cut_cap = -1;
   bool cut_ok = false;
-  FlatDrafts cut;
-  std::vector<int64_t> cut_lens;
-  int64_t cut_width = 0;
+  SelectedRows cut;
   nb::object keep_lengths;  // (the LengthIndex's Python object: alive while the job runs)
 };
 void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept;
@@ -1335,7 +1376,8 @@ nb::tuple draft_select(nb::handle offsets_h, nb::handle rows_h, nb::handle keep_
   if (has_keep && keep.shape(0) != n_out)
     throw nb::value_error(("draft_select: keep has " + std::to_string(keep.shape(0)) + " entries for " +
                            std::to_string(n_out) + " rows").c_str());
-  std::vector<int64_t> src(n_out), len(n_out), out_off(n_out + 1, 0);
+  std::vector<int64_t> src(n_out), len(n_out);
+  size_t total = 0;
   for (size_t q = 0; q < n_out; ++q) {
     const int64_t r = has_rows ? rows(q) : int64_t(q);
     if (r < -1 || r >= int64_t(n_in))
@@ -1345,25 +1387,13 @@ nb::tuple draft_select(nb::handle offsets_h, nb::handle rows_h, nb::handle keep_
     if (has_keep) k = std::min(k, std::max<int64_t>(keep(q), 0));
     src[q] = r;
     len[q] = k;
-    out_off[q + 1] = out_off[q] + k;
+    total += size_t(k);
   }
-  const size_t total = size_t(out_off[n_out]);
   if (!has_rows && total == nodes) return nb::make_tuple();  // (a truncate that cuts nothing)
-  std::vector<int32_t> t(total), p(total), d(total), mo(n_out);
-  std::vector<double> pr(total);
-  const int64_t width = n_out ? *std::max_element(len.begin(), len.end()) : 0;
-  for (size_t q = 0; q < n_out; ++q) {
-    mo[q] = src[q] < 0 ? 0 : match(size_t(src[q]));
-    if (!len[q]) continue;
-    const size_t a = size_t(offsets(size_t(src[q]))), o = size_t(out_off[q]), k = size_t(len[q]);
-    std::memcpy(t.data() + o, tokens.data() + a, k * sizeof(int32_t));
-    std::memcpy(p.data() + o, parents.data() + a, k * sizeof(int32_t));
-    std::memcpy(d.data() + o, depths.data() + a, k * sizeof(int32_t));
-    std::memcpy(pr.data() + o, probs.data() + a, k * sizeof(double));
-  }
-  return nb::make_tuple(to_numpy_moved(std::move(t)), to_numpy_moved(std::move(p)), to_numpy_moved(std::move(pr)),
-                        to_numpy_moved(std::move(d)), to_numpy_moved(std::move(out_off)),
-                        to_numpy_moved(std::move(mo)), to_numpy_moved(std::move(len)), width);
+  SelectedRows s;
+  select_rows(offsets.data(), tokens.data(), parents.data(), probs.data(), depths.data(), match.data(), src,
+              std::move(len), s);
+  return selected_tuple(s);
 }
 
 // TokenRows.from_padded in one pass (core/drafter.py, the numpy reference): row r = the
@@ -2264,30 +2294,14 @@ void run_plan_ahead(PlanAhead& a, const FlatDrafts& d) noexcept {
                                                    : std::function<bool(size_t)>(),
                                 a.probe_budget, a.c_tok, a.probe_spent, a.probe_limit, a.budgets);
     if (a.planned_ok && a.cut_cap >= 0 && a.budgets.size() == n) {  // (draft_select's cut, rows in order)
-      FlatDrafts& c = a.cut;
-      a.cut_lens.assign(n, 0);
-      c.offsets.assign(n + 1, 0);
-      a.cut_width = 0;
+      std::vector<int64_t> src(n), keep(n);
       for (size_t i = 0; i < n; ++i) {
-        const int64_t len = d.offsets[i + 1] - d.offsets[i];
-        const int64_t k = std::min(len, std::max<int64_t>(std::min<int64_t>(a.budgets[i], a.cut_cap), 0));
-        a.cut_lens[i] = k;
-        c.offsets[i + 1] = c.offsets[i] + k;
-        a.cut_width = std::max(a.cut_width, k);
+        src[i] = int64_t(i);
+        keep[i] = std::min(d.offsets[i + 1] - d.offsets[i],
+                           std::max<int64_t>(std::min<int64_t>(a.budgets[i], a.cut_cap), 0));
       }
-      const size_t total = size_t(c.offsets[n]);
-      c.tokens.resize(total);
-      c.parents.resize(total);
-      c.depths.resize(total);
-      c.probs.resize(total);
-      for (size_t i = 0; i < n; ++i) {
-        const size_t from = size_t(d.offsets[i]), to = size_t(c.offsets[i]), k = size_t(a.cut_lens[i]);
-        std::copy_n(d.tokens.data() + from, k, c.tokens.data() + to);
-        std::copy_n(d.parents.data() + from, k, c.parents.data() + to);
-        std::copy_n(d.depths.data() + from, k, c.depths.data() + to);
-        std::copy_n(d.probs.data() + from, k, c.probs.data() + to);
-      }
-      c.match = d.match;
+      select_rows(d.offsets.data(), d.tokens.data(), d.parents.data(), d.probs.data(), d.depths.data(),
+                  d.match.data(), src, std::move(keep), a.cut);
       a.cut_ok = true;
     }
     a.ran.store(true);
@@ -2333,11 +2347,7 @@ nb::object plan_ahead_result(PlanAhead& a) {
 nb::object plan_ahead_cut(PlanAhead& a) {
   if (!a.cut_ok) return nb::none();
   a.cut_ok = false;
-  FlatDrafts& c = a.cut;
-  return nb::make_tuple(to_numpy_moved(std::move(c.tokens)), to_numpy_moved(std::move(c.parents)),
-                        to_numpy_moved(std::move(c.probs)), to_numpy_moved(std::move(c.depths)),
-                        to_numpy_moved(std::move(c.offsets)), to_numpy_moved(std::move(c.match)),
-                        to_numpy_moved(std::move(a.cut_lens)), a.cut_width);
+  return selected_tuple(a.cut);
 }
 
 // Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows;
