@@ -167,6 +167,15 @@ class DraftBatch:
                    np.fromiter((t.match_len for t in trees), np.int32, len(trees)))
 
     @classmethod
+    def selected(cls, out: tuple, probs_ok: bool | None = None) -> "DraftBatch":
+        """A batch from a native row selection's result (``draft_select``, the plan made
+        ahead's cut: the six arrays, then the rows' node counts and the widest, kept)."""
+        tokens, parents, probs, depths, offsets, match, lens, width = out
+        batch = cls(tokens, parents, probs, depths, offsets, match, probs_ok)
+        batch._lens, batch._width = lens, width
+        return batch
+
+    @classmethod
     def empty(cls, rows: int) -> "DraftBatch":
         """``rows`` rows without nodes."""
         return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64),
@@ -230,10 +239,7 @@ class DraftBatch:
                            np.ascontiguousarray(self.depths), np.ascontiguousarray(self.match_len))
         if not out:
             return None
-        tokens, parents, probs, depths, offsets, match, lens, width = out
-        batch = DraftBatch(tokens, parents, probs, depths, offsets, match)
-        batch._lens, batch._width = lens, width  # (counted by the select)
-        return batch
+        return DraftBatch.selected(out)
 
     def truncate(self, budgets) -> "DraftBatch":
         """Row ``r`` cut to its first ``budgets[r]`` nodes (``DraftTree.truncate`` per row,

@@ -468,13 +468,8 @@ class _ModelBased(_Observing):
         got, self._ahead_cut = self._ahead_cut, None
         if got is None or got[0] != cap or not self.ahead_used or self.ahead_kept:
             return None
-        got = got[1].cut()
-        if got is None:
-            return None
-        tokens, parents, probs, depths, offsets, match, lens, width = got
-        out = DraftBatch(tokens, parents, probs, depths, offsets, match, probs_ok=True)
-        out._lens, out._width = lens, width  # (the job's counts; its nodes are the checked trees')
-        return out
+        got = got[1].cut()  # (its nodes are the job's checked trees')
+        return None if got is None else DraftBatch.selected(got, probs_ok=True)
 
     # A plan whose rows changed since the feedback (finishes; starts, still without a tree)
     # takes the job's plan for the rows it kept (_adopt_kept); False: such a plan computes
@@ -898,12 +893,13 @@ class LengthAware(_ModelBased):
         self._base = base = base.reshape(n, width)
         outcomes.keep_bins(rows, bins, width)
         self.last = StepAllocation(alloc_budgets, int(alloc_width), modeled, baseline, makespan)
+        def record() -> tuple:  # (the probe record)
+            return cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s
+
         if self.LAZY_BOOKKEEPING:  # (the probe record's forward: made by the bookkeeping)
-            out = self._defer(rows, budgets, remaining, later=lambda: (
-                base, (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)))
+            out = self._defer(rows, budgets, remaining, later=lambda: (base, record()))
         else:
-            out = self._defer(rows, budgets, remaining, (cost.forward_time(n + int(budgets.sum()), int(kv.sum())),
-                                                         probe_s))
+            out = self._defer(rows, budgets, remaining, record())
         return BudgetPlan(out, int(out.max(initial=0)))
 
     def _plan_kept(self, rows, got: tuple, at: np.ndarray, kept: tuple, remaining: np.ndarray,
@@ -931,7 +927,6 @@ class LengthAware(_ModelBased):
         none = alloc_width == 0 or modeled > (1.0 - cfg.min_gain) * baseline
         probed = budgets > (0 if none else alloc_budgets)
         probe_s = cost.c_tok_s * float(budgets[probed].sum()) if cfg.probe_budget > 0 else 0.0
-        tokens = n + int(budgets.sum())
 
         def later() -> tuple:
             """(the curves' base gathered by row, the probe record); the node bins kept."""
@@ -941,7 +936,7 @@ class LengthAware(_ModelBased):
             b[fresh] = 0.0
             self._base = b
             self._outcomes.keep_bins(rows, bins.reshape(n_old, width - 1)[src], width)
-            return b, (cost.forward_time(tokens, int(kv.sum())), probe_s)
+            return b, (cost.forward_time(n + int(budgets.sum()), int(kv.sum())), probe_s)
 
         if self.LAZY_BOOKKEEPING:
             out = self._defer(rows, budgets, remaining, later=later)

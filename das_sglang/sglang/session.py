@@ -1091,8 +1091,7 @@ class DasSession:
                 raise ValueError(f"invalid finishing={finishing!r}: expected a bool numpy array of one entry "
                                  f"per row ({len(req_ids)})")
             return make(req_ids, self._counts.gen[slots] + tokens.lens(), self._updates._finish_native_keeping_errors,
-                        finishing, **({"cut": self._plan_nodes} if self.JOB_CUTS and self._plan_nodes is not None
-                                      else {}))
+                        finishing, cut=self._plan_nodes if self.JOB_CUTS and self._plan_nodes is not None else -1)
         except Exception:  # noqa: BLE001 (an optimisation: the plans go on without it)
             self._plan_ahead_failed("plan_ahead")
             return None
