@@ -200,6 +200,10 @@ class TestNativeLayout:
         want = build_ragged_layout_numpy(roots, tree_list, seq_lens)
         got = build_ragged_layout(roots, DraftBatch.from_trees(tree_list), seq_lens)
         assert got.n == want.n
+        # (the packed layout's views are made when first read: the worker's verify reads
+        # only the buffer, its parts and the counts -- the native call's, not a sum)
+        assert got._views is None
+        assert type(got.total) is int and got.total == want.total and len(got) == len(want) == len(tree_list)
         for field in ("tokens", "positions", "verify_lens", "offsets", "mask", "candidates",
                       "retrieve_index", "next_token", "next_sibling"):
             a, b = getattr(got, field), getattr(want, field)
