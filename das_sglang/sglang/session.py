@@ -227,9 +227,17 @@ class _Advanced(NamedTuple):
     step: int
 
 
+class _Forget(NamedTuple):
+    """Problems whose policy statistics go (neither history nor a live request: see
+    ``DasSession._forget_stale``), pending with the verify outcomes, in order with the
+    finished lengths before them (a length recorded after would bring its problem back)."""
+
+    problem_ids: frozenset
+
+
 # What _record_finishes records in order before what reads the lengths (the rest of the
 # pending items are verify outcomes)
-_LENGTH_EVENTS = (_Finished, _Advanced)
+_LENGTH_EVENTS = (_Finished, _Advanced, _Forget)
 
 
 def _check_outcomes(proposed: np.ndarray, accepted: np.ndarray, req_ids: list, rows=None) -> None:
@@ -608,13 +616,15 @@ class DasSession:
         if deferred:
             self._advance_due = True  # (read by the scheduler thread after a flush only)
 
-    def _after_advance(self) -> None:
+    def _after_advance(self, deferred: bool = False) -> None:
         """What a boundary does once the drafter has advanced (with its deferred starts and
         finishes applied): the history cap, the statistics of problems without history or
-        live requests, and a heap trim when no eviction follows."""
+        live requests, and a heap trim when no eviction follows. ``deferred`` (the plan
+        after a boundary mid-batch): the statistics go with the verify outcomes (see
+        ``_forget_stale``)."""
         self._advance_due = False
         self._check_cap()
-        self._forget_stale()
+        self._forget_stale(defer=deferred and self.DEFER_FORGET)
         if not self._evicting:  # (else once the last eviction chunk has run)
             self._trim_when_idle()
 
@@ -693,21 +703,44 @@ class DasSession:
             self._trim_due = False
             _trim_heap()
 
-    def _forget_stale(self) -> None:
-        """Bounded memory: statistics of problems with neither history nor live requests."""
+    # The plan after a boundary mid-batch (its deferred advance has run) finds the stale
+    # problems and leaves forgetting them to the recording of the verify outcomes, in the
+    # forward's shadow and in order after the finished lengths pending before it (each
+    # policy call as inline, one step later). Forgotten inline, the finished lengths were
+    # recorded on this thread first and the policy's inputs changed, so that plan dropped
+    # the plan made ahead and made its own: _after_advance + the plan 1.5-2.5 ms at 512
+    # rows vs ~0.25 (bench_host_path, the four steps after boundaries in 200). Those
+    # problems have no live request: the plan never reads them. False: inline (the
+    # reference: the same statistics once recorded, tests/sglang/test_session_host.py).
+    DEFER_FORGET = True
+
+    def _forget_stale(self, defer: bool = False) -> None:
+        """Bounded memory: statistics of problems with neither history nor live requests.
+        ``defer``: found now, forgotten with the next recording of the verify outcomes."""
         tracker = getattr(self.policy, "acceptance", None)
         forget = getattr(self.policy, "forget_problems", None)
         if tracker is None or forget is None:
             return
-        self._record_finishes()
+        if defer:
+            self._settle_outcomes()  # (the tracker is read here: no recording runs)
+        else:
+            self._record_finishes()
         # (set differences in C, not a union of every window step's problems and a Python
         # pass over every tracked one: ~0.3 ms of the plan after a boundary at 2,048 problems)
         ids = getattr(tracker, "problem_id_set", None)
         stale = self.drafter.without_history(ids() if ids is not None else set(tracker.problem_ids()))
         if stale:
             stale.difference_update(lv.problem_id for lv in self.live.values())
-        if stale:
-            forget([p for p in tracker.problem_ids() if p in stale])  # (in the tracker's order)
+        if not stale:
+            return
+        if defer:
+            self._outcomes.append(_Forget(frozenset(stale)))
+        else:
+            self._forget_now(stale)
+
+    def _forget_now(self, stale) -> None:
+        tracker = self.policy.acceptance
+        self.policy.forget_problems([p for p in tracker.problem_ids() if p in stale])  # (in the tracker's order)
 
     def _enforce_cap(self) -> None:
         gone = self.drafter.enforce_cap()
@@ -826,7 +859,7 @@ class DasSession:
         if self._updates is not None:
             self._updates.flush()  # (the deferred starts stay out: see DEFER_START_MIN_ROWS)
         if self._advance_due:
-            self._after_advance()  # (a deferred step advance has run meanwhile)
+            self._after_advance(deferred=True)  # (a deferred step advance has run meanwhile)
         else:
             self._check_cap()
         self._plan_nodes = max_nodes
@@ -1169,6 +1202,9 @@ class DasSession:
                 pause()
             if type(item) is _Advanced:
                 self.policy.advance_step(item.step)
+                continue
+            if type(item) is _Forget:
+                self._forget_now(item.problem_ids)
                 continue
             pids, p, a, rows = item
             if rows is not None:

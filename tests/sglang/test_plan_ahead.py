@@ -440,3 +440,84 @@ def test_plan_ahead_cut_is_the_truncate_of_its_trees_at_the_cap():
         for a, b in zip(arrays, (want.tokens, want.parents, want.probs, want.depths, want.offsets, want.match_len)):
             assert a.tolist() == b.tolist()
         assert lens.tolist() == want.lens().tolist() and width == want.width and width <= cap
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_the_plan_after_a_boundary_forgets_stale_problems_in_the_forwards_shadow(monkeypatch, defer):
+    """The plan after a boundary mid-batch (its deferred advance has run) finds the problems
+    with neither history nor a live request and leaves forgetting them to the next recording
+    of the verify outcomes (``DEFER_FORGET``): that plan is then the plan made ahead, the
+    problems are still tracked while it runs and gone once the feedback after it settled;
+    forgotten inline (the reference), the finished lengths are recorded first and the plan
+    ahead is dropped. Either way the tracked problems stay within history + live."""
+    import das_sglang.sglang.session as S
+
+    s = _session(True, kept=True)
+    s.DEFER_FORGET = defer
+    events = []
+    after, forget_now = S.DasSession._after_advance, S.DasSession._forget_now
+
+    def spy_after(self, deferred=False):
+        after(self, deferred)
+        events.append(("after", deferred, set(self.policy.acceptance.problem_ids())))
+
+    def spy_forget(self, stale):
+        events.append(("forget", frozenset(stale)))
+        forget_now(self, stale)
+
+    monkeypatch.setattr(S.DasSession, "_after_advance", spy_after)
+    monkeypatch.setattr(S.DasSession, "_forget_now", spy_forget)
+    rng = np.random.default_rng(3)
+    texts = {f"{c}{i}": rng.integers(0, 5, 400).tolist() for c in "pq" for i in range(6)}
+    live, n, checked = {}, 0, 0
+    for step in range(150):
+        if step and step % 15 == 0:
+            s.weights_updated()
+        while len(live) < 10:  # the p problems first; from step 30 on only q problems start
+            pid = f"{'p' if step < 30 else 'q'}{n % 6}"
+            s.start(f"r{n}", {"das_problem_id": pid}, [7, 8], [], 60)
+            live[f"r{n}"] = (pid, 0)
+            n += 1
+        rids = sorted(live)
+        ahead_before, before = s.counters["plans_ahead"], len(events)
+        trees, _ = s.plan(rids, 8)
+        mine = [e for e in events[before:] if e[0] == "after"]
+        if mine and mine[0][1]:  # this plan ran a deferred advance's follow-up
+            stale = [e[1] for e in events[before:] if e[0] == "forget"]
+            pending = [o for o in s._outcomes if type(o) is S._Forget]
+            if defer and pending:
+                checked += 1
+                assert s.counters["plans_ahead"] == ahead_before + 1  # the plan made ahead
+                assert not stale and pending[0].problem_ids <= mine[0][2]  # still tracked
+                gone = pending[0].problem_ids
+            elif not defer and stale:
+                checked += 1
+                assert s.counters["plans_ahead"] == ahead_before  # inline: dropped
+                gone = stale[0]
+            else:
+                gone = None
+        else:
+            gone = None
+        s.before_forward()
+        commits = []
+        for rid, tree in zip(rids, trees):
+            pid, pos = live[rid]
+            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
+            commits.append(texts[pid][pos: pos + k + 1])
+            live[rid] = (pid, pos + k + 1)
+        padded = np.full((len(commits), 9), -1)
+        for i, c in enumerate(commits):
+            padded[i, :len(c)] = c
+        s.committed_batch(rids, [len(t) for t in trees], TokenRows.from_padded(padded, [len(c) for c in commits]))
+        if gone is not None:  # settled by the feedback: forgotten
+            assert gone and not gone & set(s.policy.acceptance.problem_ids())
+        for rid in rids:
+            pid, pos = live[rid]
+            if pos >= 40 + 3 * (int(rid[1:]) % 5):
+                s.finished(rid, [7, 8], texts[pid][:pos])
+                del live[rid]
+    s.drain()
+    assert checked >= 1  # (a boundary found stale problems)
+    tracked = set(s.policy.acceptance.problem_ids())
+    assert tracked <= s.drafter.history_problems() | {lv.problem_id for lv in s.live.values()}
+    s.close()
