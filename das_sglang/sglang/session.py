@@ -414,6 +414,7 @@ class DasSession:
         self._forward_hook = False
         self._evict_due = False
         self._snapshot_skip = False  # a held boundary save waits one more forward to be encoded
+        self._boundary_save = False  # a boundary's save is made by the next before_forward
         self._trim_due = False  # a heap trim waits for no request to be live (_trim_when_idle)
         # Pre-drafting (SuffixDrafter.predraft): the latest plan's node cap. A pre-draft
         # queued before a step advance still runs (under the weights it was made for): the
@@ -562,12 +563,24 @@ class DasSession:
     # depends only on the order of events: the drafter's state at the plan is the one
     # before the boundary, on every path that defers starts (DEFER_START_MIN_ROWS).
     DEFER_ADVANCE = True
+    # ... and its snapshot is saved by the boundary's forward hook (before_forward, in the
+    # forward's shadow), not by the boundary itself: the save's meta records the pending
+    # finished lengths (_snapshot_meta), which changes the policy's inputs, so the plan
+    # right after the boundary dropped the plan made ahead and made its own (bench_host_path,
+    # 512 rows: 5 of 8 boundary plans, ~1.0-1.3 ms vs ~0.3-0.8 with it). Nothing changes
+    # the view or the lengths it saves in between (the plan only; a finish there is in it).
+    # The advance itself queues behind the pending finished lengths (_Advanced), so they
+    # are filed under the step they finished in without recording them first. False: saved
+    # (and the lengths recorded) at the boundary, as before.
+    DEFER_BOUNDARY_SAVE = True
 
     def advance_step(self, step: int) -> None:
         # (idle -- nothing decodes, the usual RL boundary -- the advance is applied at once)
         defer = (self.DEFER_ADVANCE and self.DEFER_FINISHES and self._updates is not None
                  and self.shards is None and bool(self.live))
-        self._record_finishes(advances=not defer)  # (applied now: the earlier ones first)
+        later = defer and self.DEFER_BOUNDARY_SAVE and self._forward_hook and self.snapshot is not None
+        if not (defer and self.DEFER_BOUNDARY_SAVE):
+            self._record_finishes(advances=not defer)  # (applied now: the earlier ones first)
         if not defer:
             self.sync()
         self.step = step
@@ -599,7 +612,9 @@ class DasSession:
             self._after_advance()
         if self.shards is not None:
             self.shards.advance_step(step)
-        if self.snapshot is not None:
+        if later:
+            self._boundary_save = True  # (by the next before_forward, held as below)
+        elif self.snapshot is not None:
             hold = self._hold_snapshot()
             self.snapshot.save(hold)  # a step boundary is a natural checkpoint
             # Deferred, the boundary's forward already carries the drafter's advance, the
@@ -950,6 +965,13 @@ class DasSession:
         :meth:`plan` itself and the removal done by the next feedback's extend. Nothing
         drafts between here and the feedback, so every draft sees what it saw before."""
         self._forward_hook = True
+        if self._boundary_save:
+            # A boundary's save (DEFER_BOUNDARY_SAVE): its view and lengths as at the
+            # boundary, before this forward's recording job starts; held, as a boundary's
+            # save made there is, until the next forward.
+            self._boundary_save = False
+            self.snapshot.save(True)
+            self._snapshot_skip = True
         lengths = getattr(self.policy, "lengths", None)
         if getattr(lengths, "background", False) and hasattr(lengths, "rebuild_if_stale"):
             # The length index's background rebuild (~4 ms of numpy and Python at 2,048 x
@@ -1323,6 +1345,9 @@ class DasSession:
         if self._trim_due:
             self._trim_when_idle()
         if self.snapshot is not None:
+            if self._boundary_save and not self.live:
+                self._boundary_save = False  # (the batch drained before the boundary's forward)
+                self.snapshot.save(False)
             self.snapshot.note_finished(hold=self._hold_snapshot())
             if not self.live:
                 # The batch drained: nothing waits on the scheduler, so make the requested
@@ -1362,6 +1387,9 @@ class DasSession:
                 self.shards.on_drop(live.problem_id)
             if not self.live:
                 self._snapshot_skip = False  # (a held save starts at the next batch's first forward)
+                if self._boundary_save and self.snapshot is not None:
+                    self._boundary_save = False  # (the batch drained before the boundary's forward)
+                    self.snapshot.save(False)
             if self._trim_due:
                 self._trim_when_idle()
 

@@ -521,3 +521,64 @@ def test_the_plan_after_a_boundary_forgets_stale_problems_in_the_forwards_shadow
     tracked = set(s.policy.acceptance.problem_ids())
     assert tracked <= s.drafter.history_problems() | {lv.problem_id for lv in s.live.values()}
     s.close()
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_a_boundary_s_snapshot_saved_in_its_forward_keeps_the_plan_made_ahead(tmp_path, defer):
+    """A step boundary mid-batch with a history snapshot has the snapshot saved by its
+    forward hook (``DEFER_BOUNDARY_SAVE``), so the finished lengths it records do not
+    change the policy's inputs before the plan right after the boundary: that plan is the
+    plan made ahead (saved at the boundary -- the reference -- it never is where a request
+    finished since the last forward). The boundary's save still has those lengths."""
+    from das_sglang.core.snapshot import load_history
+
+    cfg = {"drafter": {"window_steps": 2},
+           "server": {"policy": "length-aware", "async_updates": True, "history_path": str(tmp_path),
+                      "snapshot_interval": 0}}
+    s = DasSession(for_layout(load_options(9, json.dumps(cfg)), "ragged"))
+    s.ASYNC_MIN_ROWS = 1
+    s.policy.lengths.background = False
+    s.policy.AHEAD_KEPT = True
+    s.DEFER_BOUNDARY_SAVE = defer
+    s.DEFER_START_MIN_ROWS = 1  # (a new request's first plan is the root: the worker's case at scale)
+    rng = np.random.default_rng(5)
+    texts = {f"p{i}": rng.integers(0, 5, 600).tolist() for i in range(4)}
+    live, n, after, saved = {}, 0, [], []
+    for step in range(80):
+        boundary = step and step % 10 == 0
+        if boundary:
+            s.weights_updated()
+        while len(live) < 12:
+            pid = f"p{n % 4}"
+            s.start(f"r{n}", {"das_problem_id": pid}, [7, 8], [], 400)
+            live[f"r{n}"] = (pid, 0)
+            n += 1
+        rids = list(live)  # (the oldest first: SGLang's order, new requests at the end)
+        before = s.counters["plans_ahead"]
+        trees, _ = s.plan(rids, 8)
+        if boundary:
+            after.append(s.counters["plans_ahead"] - before)
+        s.before_forward()
+        if boundary:
+            s.snapshot.wait()
+            cols = load_history(tmp_path)[1]["das_lengths"]["columns"]
+            saved.append((int(cols[1].max()), int((cols[1] == s.step - 1).sum()), s.step))
+        commits = []
+        for rid, tree in zip(rids, trees):
+            pid, pos = live[rid]
+            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
+            commits.append(texts[pid][pos: pos + k + 1])
+            live[rid] = (pid, pos + k + 1)
+        padded = np.full((len(commits), 9), -1)
+        for i, c in enumerate(commits):
+            padded[i, :len(c)] = c
+        s.committed_batch(rids, [len(t) for t in trees], TokenRows.from_padded(padded, [len(c) for c in commits]),
+                          finishing=np.arange(len(rids)) == 0)
+        pid, pos = live.pop(rids[0])  # the oldest request finishes with every step
+        s.finished(rids[0], [7, 8], texts[pid][:pos])
+    assert len(after) == 7
+    assert sum(after) == (7 if defer else 0)
+    # every boundary's save has the lengths of the requests finished before it (one a step:
+    # ten of the step that ends), none after it
+    assert all(top == step - 1 and ended == 10 for top, ended, step in saved[1:]), saved
+    s.close()

@@ -157,8 +157,10 @@ def test_snapshot_requested_between_forwards_is_written_from_the_next_forward(tm
     s.start("extra", {"das_problem_id": "p0"}, [7, 8], [], 60)  # a request decodes
     assert s._hold_snapshot()
     s.snapshot.wait()
-    s.weights_updated()  # a boundary under traffic: held
+    s.weights_updated()  # a boundary under traffic: saved by its forward hook, held
     writer = s.snapshot._writer
+    assert s._boundary_save and writer._pending is None
+    s.before_forward()
     assert writer._held and writer._pending is not None
     s.before_forward()
     s.snapshot.wait()
@@ -986,12 +988,13 @@ def test_a_boundary_mid_batch_reaches_the_policy_one_step_late_in_order_with_the
     first = s.step
     s.weights_updated()  # r1..r4 still decode
     assert s.step == first + 1
-    assert lengths._step == first  # pending with the outcomes ...
-    assert lengths.state()["columns"][1].tolist() == [first]  # ... after the finish before it
+    assert lengths._step == first  # pending with the outcomes, behind the finish before it
+    assert lengths.state()["columns"][1].tolist() == []  # (its save is made by its forward hook)
     s.plan(rows[1:], 8)  # reads the lengths as before the boundary
     assert lengths._step == first
-    s.before_forward()
+    s.before_forward()  # the boundary's save records the finish; the job, the advance
     s._settle_outcomes()
+    assert lengths.state()["columns"][1].tolist() == [first]  # filed under the step it finished in
     assert lengths._step == first + 1  # recorded during the forward
     s.committed_batch(rows[1:], [0] * 4, [[6], [7], [8], [9]])
     s.weights_updated()
@@ -1004,10 +1007,11 @@ def test_a_boundary_mid_batch_reaches_the_policy_one_step_late_in_order_with_the
     assert lengths._step == first + 2  # pending still: the snapshot's lengths are restored up to s.step
     s.finished("r2", [7, 8, 9], [3, 7])
     s.finished("r3", [7, 8, 9], [4, 8])  # (pending, after the third boundary's advance)
-    s.weights_updated()  # records both finishes at the step they finished in, first
+    s.weights_updated()  # queued behind both finishes (its save waits for its forward)
+    assert lengths.state()["columns"][1].tolist() == [first, first + 2]
+    s.drop("r4")  # the batch ends without a finish: the boundary's save now ...
     assert lengths.state()["columns"][1].tolist() == [first, first + 2, first + 3, first + 3]
-    assert lengths._step == first + 3  # this boundary's advance pending: r4 decodes
-    s.drop("r4")  # the batch ends without a finish: the advance is still pending
+    assert lengths._step == first + 3  # ... which records both finishes at their step; the advance pending
     s.weights_updated()  # idle: the pending advance first, then this one
     assert lengths._step == first + 5 == s.step
     s.start("r5", {"das_problem_id": "p"}, [7, 8, 9], [], 60)
@@ -1055,9 +1059,10 @@ def test_the_forward_s_recording_job_pauses_for_the_gil_between_its_heavy_items(
 
 
 def test_a_boundary_s_snapshot_is_encoded_from_the_forward_after_the_boundary_s(tmp_path):
-    """A step boundary while requests decode takes its snapshot's view at once and holds
-    it; the boundary's own forward carries the deferred advance, registrations and the
-    policy's window step, so the writer starts on it one forward later. A periodic save
+    """A step boundary while requests decode has its snapshot saved by its own forward hook
+    (DEFER_BOUNDARY_SAVE: the view and lengths as at the boundary; the plan between
+    changes neither) and held: that forward carries the deferred advance, registrations and
+    the policy's window step, so the writer starts on it one forward later. A periodic save
     (no boundary) starts at the next forward, as before."""
     s = DasSession(_opts(async_updates=True, history_path=str(tmp_path), snapshot_interval=0))
     s.policy.lengths.background = False
@@ -1068,10 +1073,10 @@ def test_a_boundary_s_snapshot_is_encoded_from_the_forward_after_the_boundary_s(
     s.before_forward()  # (the worker's forward hook is on from here)
     s.committed_batch(rows, [0] * 3, [[1], [2], [3]])
     writer = s.snapshot._writer
-    s.weights_updated()  # mid-batch: deferred, its save held
-    assert writer._pending is not None and writer._held
+    s.weights_updated()  # mid-batch: deferred, its save made by the boundary's forward hook
+    assert writer._pending is None and s._boundary_save
     s.plan(rows, 8)
-    s.before_forward()  # the boundary's forward: still held
+    s.before_forward()  # the boundary's forward: saved, held
     assert writer._pending is not None and writer._held
     s.committed_batch(rows, [0] * 3, [[4], [5], [6]])
     s.plan(rows, 8)
@@ -1089,7 +1094,7 @@ def test_a_boundary_s_snapshot_is_encoded_from_the_forward_after_the_boundary_s(
     # A boundary's save whose batch drains before the next forward is written then; a
     # periodic save of the next batch still starts at its next forward.
     s.weights_updated()
-    assert writer._held
+    assert s._boundary_save and not writer._held  # (saved by the boundary's forward hook)
     s.finished("r1", [7, 8, 9], [2, 5])
     s.finished("r2", [7, 8, 9], [3, 6])  # (drained: written now)
     assert not writer._held and writer._pending is None
@@ -1103,8 +1108,8 @@ def test_a_boundary_s_snapshot_is_encoded_from_the_forward_after_the_boundary_s(
 
 
 def test_a_run_of_finished_lengths_is_recorded_in_one_call_with_the_same_statistics(tmp_path, monkeypatch):
-    """Consecutive finished lengths pending with the verify outcomes (a boundary records a
-    wave of them on the scheduler thread) reach the policy in one ``observe_finished_many``
+    """Consecutive finished lengths pending with the verify outcomes (a boundary's save
+    records a wave of them on the scheduler thread) reach the policy in one ``observe_finished_many``
     call; its length statistics and length-error estimate end as one call per length."""
     from das_sglang.core.policy import _ModelBased, _Observing
 
@@ -1127,7 +1132,10 @@ def test_a_run_of_finished_lengths_is_recorded_in_one_call_with_the_same_statist
         s.committed_batch(rows, [1] * 6, [[1], [2], [3], [4], [5], [6]])
         for i, r in enumerate(rows[:4]):
             s.finished(r, [7, 8, 9], list(range(1, 3 + 5 * i)))
-        s.weights_updated()  # records the four lengths (mid-batch: before the deferred advance)
+        s.weights_updated()  # mid-batch: the advance queued behind the four lengths
+        s.plan(rows[4:], 8)
+        s.before_forward()  # the boundary's save records the four lengths (then the job, the advance)
+        s._settle_outcomes()
         if batched:
             assert calls == [4]
         lengths = s.policy.lengths
