@@ -723,10 +723,11 @@ class DasSession:
     # forward's shadow and in order after the finished lengths pending before it (each
     # policy call as inline, one step later). Forgotten inline, the finished lengths were
     # recorded on this thread first and the policy's inputs changed, so that plan dropped
-    # the plan made ahead and made its own: _after_advance + the plan 1.5-2.5 ms at 512
-    # rows vs ~0.25 (bench_host_path, the four steps after boundaries in 200). Those
-    # problems have no live request: the plan never reads them. False: inline (the
-    # reference: the same statistics once recorded, tests/sglang/test_session_host.py).
+    # the plan made ahead and made its own: _after_advance 0.3-1.6 ms and the plan ~0.5-0.8
+    # at 512 rows vs ~50 us and the plan made ahead (bench_host_path, 400 steps: the steps
+    # right after boundaries ~1.6-2.0 ms median vs ~2.7-2.9). Those problems have no live
+    # request: the plan never reads them. False: inline (the reference; both forget the
+    # same problems, tests/sglang/test_plan_ahead.py).
     DEFER_FORGET = True
 
     def _forget_stale(self, defer: bool = False) -> None:
