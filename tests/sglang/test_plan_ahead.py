@@ -26,6 +26,21 @@ def _session(plan_ahead_on: bool, kept: bool = False) -> DasSession:
     return s
 
 
+def _verify(live: dict, texts: dict, rids: list, trees) -> TokenRows:
+    """What verification accepts of each row's tree against its request's text (``live``:
+    request -> (problem, position), advanced here), in the form the worker feeds back."""
+    commits = []
+    for rid, tree in zip(rids, trees):
+        pid, pos = live[rid]
+        k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
+        commits.append(texts[pid][pos: pos + k + 1])
+        live[rid] = (pid, pos + k + 1)
+    padded = np.full((len(commits), 9), -1)
+    for i, c in enumerate(commits):
+        padded[i, :len(c)] = c
+    return TokenRows.from_padded(padded, [len(c) for c in commits])
+
+
 def _drive(session, seed=0, steps=120, flush_every=40, rows=12, observe_at=(), tell_finishing=False):
     """A random decode workload fed back as the worker does (TokenRows, the forward hook);
     ``observe_at``: steps after whose feedback an outcome is observed directly (an input of
@@ -48,18 +63,9 @@ def _drive(session, seed=0, steps=120, flush_every=40, rows=12, observe_at=(), t
         out.append(([t.tokens.tolist() for t in trees], width,
                     None if last is None else (last.budgets.tolist(), last.modeled_s)))
         session.before_forward()
-        commits = []
-        for rid, tree in zip(rids, trees):
-            pid, pos = live[rid]
-            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
-            commits.append(texts[pid][pos: pos + k + 1])
-            live[rid] = (pid, pos + k + 1)
-        padded = np.full((len(commits), 9), -1)
-        for i, c in enumerate(commits):
-            padded[i, :len(c)] = c
+        accepted = _verify(live, texts, rids, trees)
         ends = [live[rid][1] >= (30 if n <= 24 else 150) + 7 * (int(rid[1:]) % 4) for rid in rids]  # (the first
-        session.committed_batch(rids, [len(t) for t in trees],  # two waves short)
-                                TokenRows.from_padded(padded, [len(c) for c in commits]),
+        session.committed_batch(rids, [len(t) for t in trees], accepted,  # two waves short)
                                 finishing=np.array(ends) if tell_finishing else None)
         if step in observe_at:
             session.policy.observe_verify("p1", 4, 2)
@@ -499,16 +505,7 @@ def test_the_plan_after_a_boundary_forgets_stale_problems_in_the_forwards_shadow
         else:
             gone = None
         s.before_forward()
-        commits = []
-        for rid, tree in zip(rids, trees):
-            pid, pos = live[rid]
-            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
-            commits.append(texts[pid][pos: pos + k + 1])
-            live[rid] = (pid, pos + k + 1)
-        padded = np.full((len(commits), 9), -1)
-        for i, c in enumerate(commits):
-            padded[i, :len(c)] = c
-        s.committed_batch(rids, [len(t) for t in trees], TokenRows.from_padded(padded, [len(c) for c in commits]))
+        s.committed_batch(rids, [len(t) for t in trees], _verify(live, texts, rids, trees))
         if gone is not None:  # settled by the feedback: forgotten
             assert gone and not gone & set(s.policy.acceptance.problem_ids())
         for rid in rids:
@@ -563,16 +560,7 @@ def test_a_boundary_s_snapshot_saved_in_its_forward_keeps_the_plan_made_ahead(tm
             s.snapshot.wait()
             cols = load_history(tmp_path)[1]["das_lengths"]["columns"]
             saved.append((int(cols[1].max()), int((cols[1] == s.step - 1).sum()), s.step))
-        commits = []
-        for rid, tree in zip(rids, trees):
-            pid, pos = live[rid]
-            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
-            commits.append(texts[pid][pos: pos + k + 1])
-            live[rid] = (pid, pos + k + 1)
-        padded = np.full((len(commits), 9), -1)
-        for i, c in enumerate(commits):
-            padded[i, :len(c)] = c
-        s.committed_batch(rids, [len(t) for t in trees], TokenRows.from_padded(padded, [len(c) for c in commits]),
+        s.committed_batch(rids, [len(t) for t in trees], _verify(live, texts, rids, trees),
                           finishing=np.arange(len(rids)) == 0)
         pid, pos = live.pop(rids[0])  # the oldest request finishes with every step
         s.finished(rids[0], [7, 8], texts[pid][:pos])
