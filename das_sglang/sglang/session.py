@@ -725,7 +725,7 @@ class DasSession:
     # recorded on this thread first and the policy's inputs changed, so that plan dropped
     # the plan made ahead and made its own: _after_advance 0.3-1.6 ms and the plan ~0.5-0.8
     # at 512 rows vs ~50 us and the plan made ahead (bench_host_path, 400 steps: the steps
-    # right after boundaries ~1.6-2.0 ms median vs ~2.7-2.9). Those problems have no live
+    # right after boundaries ~1.6-2.0 ms median vs ~2.5-2.9). Those problems have no live
     # request: the plan never reads them. False: inline (the reference; both forget the
     # same problems, tests/sglang/test_plan_ahead.py).
     DEFER_FORGET = True
