@@ -1346,9 +1346,8 @@ class DasSession:
         if self._trim_due:
             self._trim_when_idle()
         if self.snapshot is not None:
-            if self._boundary_save and not self.live:
-                self._boundary_save = False  # (the batch drained before the boundary's forward)
-                self.snapshot.save(False)
+            if not self.live:
+                self._save_boundary_drained()
             self.snapshot.note_finished(hold=self._hold_snapshot())
             if not self.live:
                 # The batch drained: nothing waits on the scheduler, so make the requested
@@ -1356,6 +1355,13 @@ class DasSession:
                 # signal, without atexit -- then still leaves every finished rollout).
                 self.snapshot.wait()
                 self._snapshot_skip = False  # (a boundary's held save went with it)
+
+    def _save_boundary_drained(self) -> None:
+        """The batch drained before the forward that was to make a boundary's save
+        (DEFER_BOUNDARY_SAVE): made now, not held (no forward comes to release it)."""
+        if self._boundary_save:
+            self._boundary_save = False
+            self.snapshot.save(False)
 
     def _hold_snapshot(self) -> bool:
         """A snapshot requested while requests decode under the worker's forward hook is
@@ -1388,9 +1394,7 @@ class DasSession:
                 self.shards.on_drop(live.problem_id)
             if not self.live:
                 self._snapshot_skip = False  # (a held save starts at the next batch's first forward)
-                if self._boundary_save and self.snapshot is not None:
-                    self._boundary_save = False  # (the batch drained before the boundary's forward)
-                    self.snapshot.save(False)
+                self._save_boundary_drained()
             if self._trim_due:
                 self._trim_when_idle()
 
