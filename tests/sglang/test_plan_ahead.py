@@ -12,6 +12,7 @@ from das_sglang.core.drafter import TokenRows
 from das_sglang.native import extend_draft_rows_start, plan_ahead
 from das_sglang.sglang.options import for_layout, load_options
 from das_sglang.sglang.session import DasSession
+from text_runs import accepted_runs
 
 
 def _session(plan_ahead_on: bool, kept: bool = False) -> DasSession:
@@ -29,12 +30,7 @@ def _session(plan_ahead_on: bool, kept: bool = False) -> DasSession:
 def _verify(live: dict, texts: dict, rids: list, trees) -> TokenRows:
     """What verification accepts of each row's tree against its request's text (``live``:
     request -> (problem, position), advanced here), in the form the worker feeds back."""
-    commits = []
-    for rid, tree in zip(rids, trees):
-        pid, pos = live[rid]
-        k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
-        commits.append(texts[pid][pos: pos + k + 1])
-        live[rid] = (pid, pos + k + 1)
+    commits = accepted_runs(texts, live, rids, trees)
     padded = np.full((len(commits), 9), -1)
     for i, c in enumerate(commits):
         padded[i, :len(c)] = c

@@ -14,6 +14,7 @@ from das_sglang.core.policy import BudgetRow
 from das_sglang.sglang.options import load_options
 from das_sglang.sglang.session import DasSession
 from das_sglang.sglang.tree_inputs import build_layout, build_ragged_layout
+from text_runs import accepted_runs
 
 
 def _legacy_plan(session, req_ids, max_nodes):
@@ -108,13 +109,7 @@ def _drive(session, legacy, seed=0, steps=70):
         trees, width = plan(rids, 8)
         out.append(([(t.tokens.tolist(), t.parents.tolist(), t.probs.tolist(), t.match_len) for t in trees],
                      width))
-        commits = []
-        for rid, tree in zip(rids, trees):
-            pid, pos = live[rid]
-            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
-            commits.append(texts[pid][pos: pos + k + 1])
-            live[rid] = (pid, pos + k + 1)
-        feed(rids, [len(t) for t in trees], commits)
+        feed(rids, [len(t) for t in trees], accepted_runs(texts, live, rids, trees))
         for rid in rids:
             pid, pos = live[rid]
             if pos >= 60 + 7 * (int(rid[1:]) % 4):
@@ -227,13 +222,7 @@ def _drive_shuffled(session, seed, steps=40, batch=80):
         trees, width = session.plan(list(order), 8)
         out.append(([(t.tokens.tolist(), t.parents.tolist(), t.probs.tolist(), t.match_len) for t in trees],
                     width))
-        commits = []
-        for rid, tree in zip(order, trees):
-            pid, pos, p = live[rid]
-            k = tree.accept_length(texts[pid][pos: pos + len(tree) + 1])
-            commits.append(texts[pid][pos: pos + k + 1])
-            live[rid] = (pid, pos + k + 1, p)
-        session.committed_batch(list(order), [len(t) for t in trees], commits)
+        session.committed_batch(list(order), [len(t) for t in trees], accepted_runs(texts, live, order, trees))
         for rid in list(order):
             pid, pos, p = live[rid]
             if pos >= 30 + 9 * (int(rid[1:]) % 5) or (step == 7 and rid == order[3]):
