@@ -321,3 +321,49 @@ def test_long_inserts_release_the_gil():
         sys.setswitchinterval(old)
     assert counts["seqs"] == 201
     assert counts["add"] > 0 and counts["extend"] > 0, counts
+
+
+def _rss_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/statm is Linux's")
+def test_freed_nodes_give_their_pages_back_and_are_reused_intact():
+    """A removal that frees many nodes hands the pages whose nodes are all free back to the
+    OS (an index that lost a step of history no longer keeps it resident until it grows
+    again): RSS drops by most of the freed nodes' bytes. The free nodes are reused after,
+    from zeroed pages: the index stays the same as one built from what it holds."""
+    rng = np.random.default_rng(3)
+    old = rng.integers(0, 1000, 150_000).astype(np.int32)
+    kept = rng.integers(0, 1000, 20_000).astype(np.int32)
+    new = rng.integers(0, 1000, 60_000).astype(np.int32)
+    ix = SuffixIndex(16)
+    ix.add_sequence(1, old, 0)
+    ix.add_sequence(2, kept, 1)
+    before_nodes, before_rss = ix.num_nodes, _rss_bytes()
+    ix.remove_sequence(1)
+    freed = (before_nodes - ix.num_nodes) * 64
+    released = before_rss - _rss_bytes()
+    assert freed > 8 << 20
+    assert released > freed // 2, (released, freed)
+    ix.check_integrity()
+
+    def same(a, b, steps):
+        q = np.random.default_rng(4)
+        for _ in range(40):
+            src = kept if q.random() < 0.5 else new
+            at = int(q.integers(8, len(src) - 8))
+            ctx = src[at - 8: at]
+            x = a.draft(ctx, 12, 0.0, steps, False, 8)
+            y = b.draft(ctx, 12, 0.0, steps, False, 8)
+            assert all(np.array_equal(u, v) for u, v in zip(x[:3], y[:3])) and x[3] == y[3]
+
+    ref = SuffixIndex(16)
+    ref.add_sequence(2, kept, 1)
+    assert ix.num_nodes == ref.num_nodes
+    same(ix, ref, {1: 1.0})
+    ix.add_sequence(3, new, 2)  # (into the free nodes, on pages read back as zeros)
+    ref.add_sequence(3, new, 2)
+    ix.check_integrity()
+    assert ix.num_nodes == ref.num_nodes
+    same(ix, ref, {1: 1.0, 2: 0.5})

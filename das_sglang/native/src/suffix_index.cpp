@@ -190,6 +190,38 @@ void SuffixIndex::free_node(uint32_t n) {
   x.label_storage = kNil;
   x.parent = kNil;  // marks "free" for check_integrity
   free_nodes_.push_back(n);
+  ++frees_since_release_;
+}
+
+// Free nodes stay in nodes_ for reuse, so an index that lost history (a step evicted while
+// the problem stays in the window) kept their pages resident until it got as much text
+// again or was dropped: RSS followed the largest size each problem had had, not what it
+// holds (bench_memory: 0.1-0.34 M free nodes, 6-22 MB, most of its step-to-step RSS
+// swing). Once many nodes were freed, pages whose 64 nodes are all free go back to the
+// OS; new_node() clears a node before use, so a page read back as zeros is fine.
+// O(nodes) per run, run once at least 1/8 of the nodes (>= 1,024) were freed since the last.
+void SuffixIndex::maybe_release_free_pages() {
+  constexpr size_t K = MappedArray<Node>::kPerPage;
+  const size_t N = nodes_.size();
+  if (frees_since_release_ < std::max<size_t>(1024, N / 8) || free_nodes_.size() < K) return;
+  frees_since_release_ = 0;
+  BigVector<uint8_t>& mark = removal_marks_;  // zero between removals: borrowed, cleared after
+  if (mark.size() < N) mark.resize(nodes_.capacity(), 0);
+  for (uint32_t f : free_nodes_) mark[f] = 1;
+  size_t run = 0;  // first page of the current run of free pages (in nodes)
+  bool in_run = false;
+  for (size_t p = K; p + K <= N; p += K) {  // (page 0 holds the root)
+    bool all = true;
+    for (size_t i = p; i < p + K; ++i)
+      if (!mark[i]) { all = false; break; }
+    if (all && !in_run) { run = p; in_run = true; }
+    if (!all && in_run) {
+      nodes_.release(run, p);
+      in_run = false;
+    }
+  }
+  if (in_run) nodes_.release(run, N - N % K);
+  for (uint32_t f : free_nodes_) mark[f] = 0;
 }
 
 void SuffixIndex::set_label(uint32_t n, uint32_t storage, uint32_t start, uint32_t len) {
@@ -456,6 +488,7 @@ void SuffixIndex::remove_sequence(int64_t seq_id) {
   // Every label that referenced X was re-pointed or orphaned in phase B.
   assert(storages_[X].refs == 0);
   free_storage(X);
+  maybe_release_free_pages();
 }
 
 void SuffixIndex::fix_after_removal(uint32_t n, uint32_t removed) {

@@ -230,6 +230,14 @@ class MappedArray {
     data_[size_] = T{};
     return data_[size_++];
   }
+  // Hand the pages of elements [first, last) back to the OS (both page-aligned element
+  // indices below size()): they read as zeros afterwards and cost RSS again only once
+  // written. For elements the owner no longer uses (SuffixIndex's free nodes).
+  void release(size_t first, size_t last) {
+    if (last > first)
+      madvise(reinterpret_cast<char*>(data_) + first * sizeof(T), (last - first) * sizeof(T), MADV_DONTNEED);
+  }
+  static constexpr size_t kPerPage = 4096 / sizeof(T);
 
  private:
   static size_t page_up(size_t b) { return (b + 4095) & ~size_t(4095); }
@@ -461,6 +469,8 @@ class SuffixIndex {
   int max_depth_;
   MappedArray<Node> nodes_;             // nodes_[kRoot] is the root
   std::vector<uint32_t> free_nodes_;    // freed node ids, reused first
+  size_t frees_since_release_ = 0;      // nodes freed since release_free_pages last ran
+  void maybe_release_free_pages();
   BigVector<uint8_t> removal_marks_;    // remove_sequence scratch: touched-node marks, kept
                                         // zeroed so a removal costs O(its paths), not O(nodes)
   ChildMap children_;
