@@ -200,12 +200,13 @@ void SuffixIndex::free_node(uint32_t n) {
 // swing). Once many nodes were freed, pages whose 64 nodes are all free go back to the
 // OS; new_node() clears a node before use, so a page read back as zeros is fine.
 // O(nodes) per run, run once at least 1/8 of the nodes (>= 1,024) were freed since the last
-// and a quarter of them is free: not in an index whose removals new text refills at once
-// (the shared index under its cap keeps few free nodes), where pages would go and come back.
+// and a third of them is free: not where removals are refilled soon, where pages would go
+// and come back -- the shared index under its cap keeps few free nodes, and a problem that
+// lost its oldest of four window steps (~1/4 of its nodes) gets new rollouts next step.
 void SuffixIndex::maybe_release_free_pages() {
   constexpr size_t K = MappedArray<Node>::kPerPage;
   const size_t N = nodes_.size();
-  if (frees_since_release_ < std::max<size_t>(1024, N / 8) || free_nodes_.size() < std::max(K, N / 4)) return;
+  if (frees_since_release_ < std::max<size_t>(1024, N / 8) || free_nodes_.size() < std::max(K, N / 3)) return;
   frees_since_release_ = 0;
   BigVector<uint8_t>& mark = removal_marks_;  // zero between removals: borrowed, cleared after
   if (mark.size() < N) mark.resize(nodes_.capacity(), 0);
