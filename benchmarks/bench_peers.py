@@ -71,7 +71,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -357,6 +357,7 @@ class TargetResult:
     first_miss: int = 0  # iterations where not even the first drafted token was right
     root_children: int = 0
     nodes: int = 0
+    prefilled: int = 0  # environment-turn tokens put in the context, not decoded (--env-prefill)
 
     @property
     def tokens_per_step(self) -> float:
@@ -371,7 +372,12 @@ class PeerRun:
 
 
 def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence[ds.Rollout],
-              budget: int, run: PeerRun) -> None:
+              budget: int, run: PeerRun, env: dict | None = None) -> None:
+    """Decode a GRPO group in lockstep. ``env``: per req_id, the (start, end) token ranges
+    of its response that the environment wrote (tool responses, ``--env-prefill``): when a
+    member reaches one, the range goes into its context as the next turn's prompt does (the
+    peers' extend, no step, not counted as decoded), and no step accepts past its start
+    (the model's turn ended there)."""
     if isinstance(peer, NgramPeer):
         NgramPeer._live_tokens = sum(r.length for r in members)
     peer.begin(problem_id, step, history, [(r.req_id, r.prompt_ids) for r in members])
@@ -379,7 +385,23 @@ def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence
     pos = {r.req_id: 0 for r in members}
     by_id = {r.req_id: r for r in members}
     ctx = {r.req_id: r.prompt_ids for r in members}
-    live = [r.req_id for r in members]
+    spans = {rid: list(v) for rid, v in (env or {}).items() if rid in by_id and v}
+
+    def add(rid: str, new: np.ndarray) -> None:
+        ctx[rid] = np.concatenate([ctx[rid], new]) if not isinstance(peer, DasPeer) else ctx[rid]
+        peer.extend(rid, ctx[rid], new)
+
+    def prefill(rid: str) -> bool:
+        """The environment's turns starting where ``rid`` stands; True while it has more to decode."""
+        todo = spans.get(rid)
+        while todo and todo[0][0] == pos[rid]:
+            s, e = todo.pop(0)
+            add(rid, by_id[rid].response_ids[s:e])
+            pos[rid] = e
+            res[rid].prefilled += e - s
+        return pos[rid] < by_id[rid].length
+
+    live = [r.req_id for r in members if prefill(r.req_id)]
     while live:
         if peer.needs_truth:
             peer.reveal({rid: by_id[rid].response_ids[pos[rid]:pos[rid] + budget] for rid in live})
@@ -391,7 +413,8 @@ def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence
         for rid, tree in zip(live, trees):
             r, p = by_id[rid], pos[rid]
             acc = tree.accept_length(r.response_ids[p:p + budget].tolist()) if len(tree) else 0
-            n = min(acc + 1, r.length - p)
+            todo = spans.get(rid)
+            n = min(acc + 1, (todo[0][0] if todo else r.length) - p)
             tr = res[rid]
             tr.tokens += n
             tr.steps += 1
@@ -400,13 +423,45 @@ def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence
             tr.root_children += int((tree.parents == -1).sum()) if len(tree) else 0
             new = r.response_ids[p:p + n]
             pos[rid] = p + n
-            ctx[rid] = np.concatenate([ctx[rid], new]) if not isinstance(peer, DasPeer) else ctx[rid]
-            peer.extend(rid, ctx[rid], new)
-            if pos[rid] < r.length:
+            add(rid, new)
+            if prefill(rid):
                 still.append(rid)
         live = still
     peer.end()
     run.targets.extend(res.values())
+
+
+# What the environment writes into a verl multi-turn rollout between two assistant turns:
+# the tool's response, framed as the next user turn (the dump strips the special tokens).
+ENV_TURN = re.compile(r"user\n<tool_response>.*?</tool_response>\nassistant\n", re.S)
+
+
+def env_turns(texts: Sequence[ds.TextRollout], rollouts: Sequence[ds.Rollout], tok) -> tuple[list, dict]:
+    """``--env-prefill``: each response tokenized turn by turn (the assistant's text and the
+    environment's, ``ENV_TURN``, each on its own, as an engine sees them: the environment's
+    turn arrives as the next request's prompt) and, per req_id, the token ranges of the
+    environment's turns. Same rollouts otherwise."""
+    per, parts = [], []  # (per rollout: its parts' (index, is_env)); every part's text
+    for t in texts:
+        cuts, at = [], 0
+        for m in ENV_TURN.finditer(t.response):
+            cuts += [(t.response[at:m.start()], False), (m.group(0), True)]
+            at = m.end()
+        cuts.append((t.response[at:], False))
+        per.append([(len(parts) + k, is_env) for k, (_, is_env) in enumerate(c for c in cuts if c[0])])
+        parts += [text for text, _ in cuts if text]
+    toks = tok.encode_many(parts)  # (one call: one cache entry)
+    out, env = [], {}
+    for t, r, mine in zip(texts, rollouts, per):
+        assert t.req_id == r.req_id
+        ids, spans = [], []
+        for k, is_env in mine:
+            if is_env:
+                spans.append((len(ids), len(ids) + len(toks[k])))
+            ids.extend(int(x) for x in toks[k])
+        env[r.req_id] = spans
+        out.append(replace(r, response_ids=np.asarray(ids, np.int32)))
+    return out, env
 
 
 def history_of(by_problem_step: dict, problem_id: str, step: int, window: int) -> list[tuple[int, np.ndarray]]:
@@ -441,7 +496,7 @@ def summarize(run: PeerRun, keep) -> dict:
 
 
 def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set[int], window: int,
-                budget: int, log, sequential: bool = False) -> dict[str, PeerRun]:
+                budget: int, log, sequential: bool = False, env: dict | None = None) -> dict[str, PeerRun]:
     """Every peer over the target groups. ``sequential`` (server protocol only): a group's
     members decode one after another instead of in lockstep, each from what the earlier
     ones wrote whole (their texts went in as they were decoded, then as finished)."""
@@ -469,12 +524,12 @@ def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set
                 seen.add((p, s))
                 if sequential:
                     for i, member in enumerate(by_ps[(p, s)]):
-                        run_group(peer, p, s, hist if i == 0 else [], [member], budget, run)
+                        run_group(peer, p, s, hist if i == 0 else [], [member], budget, run, env)
                 else:
-                    run_group(peer, p, s, hist, by_ps[(p, s)], budget, run)
+                    run_group(peer, p, s, hist, by_ps[(p, s)], budget, run, env)
         else:
             for p, s in groups:
-                run_group(peer, p, s, history_of(by_ps, p, s, window), by_ps[(p, s)], budget, run)
+                run_group(peer, p, s, history_of(by_ps, p, s, window), by_ps[(p, s)], budget, run, env)
         run.machine = {k: None if v is None else round(v, 3) for k, v in MachineLoad.now().since(load0).items()}
         log(f"  {peer.name}: {len(groups)} groups in {time.perf_counter() - t0:.1f}s")
     return runs
@@ -550,6 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sequential", action="store_true",
                     help="a group's members decode one after another, not in lockstep (each sees "
                          "the earlier siblings' whole text; server protocol only)")
+    ap.add_argument("--env-prefill", action="store_true",
+                    help="verl: the environment's turns (tool responses) go into the context as the "
+                         "next turn's prompt, as an engine serves a multi-turn rollout, instead of being "
+                         "decoded as if the model wrote them (the default, the committed runs' protocol)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
     if args.budget < 1:
@@ -585,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: dict = {"budget": args.budget, "window_steps": cfg.window_steps, "full": args.full,
                  "protocol": "isolated" if args.isolated else "server",
                  "siblings": "sequential" if args.sequential else "lockstep",
+                 "env_turns": "prefilled" if args.env_prefill else "decoded",
                  "peers": status, "datasets": {}}
     names = set(args.datasets.split(","))
     t_all = time.perf_counter()
@@ -614,11 +674,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         machine_runs["skythought"] = {name: run.machine for name, run in runs.items()}
     if "verl_gsm8k" in names:
-        rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), tok)
+        texts = ds.load_verl([ds.VERL_SAMPLE])
+        rollouts = ds.tokenize_rollouts(texts, tok)
+        env = None
+        if args.env_prefill:
+            rollouts, env = env_turns(texts, rollouts, tok)
         log(f"verl_gsm8k: {len(ds.problem_ids(rollouts))} groups, {len(rollouts)} rollouts")
         runs = run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log,
-                           args.sequential)
+                           args.sequential, env)
         out["datasets"]["verl_gsm8k"] = {"all": slice_report(runs, lambda t: True)}
+        if env is not None:  # (the environment's tokens, in every peer's context, decoded by none)
+            out["env_prefilled_tokens"] = {"verl_gsm8k": sum(t.prefilled for t in next(iter(runs.values())).targets)}
         machine_runs["verl_gsm8k"] = {name: run.machine for name, run in runs.items()}
     out["wall_s"] = round(time.perf_counter() - t_all, 1)
     path = Path(args.json)

@@ -112,3 +112,34 @@ def test_sequential_siblings_see_the_earlier_siblings_whole_and_need_the_server_
     assert per[True]["a"].steps == per[False]["a"].steps  # a: no sibling ahead of it either way
     assert bp.main(["--json", "/dev/null", "--sequential", "--isolated"]) == 1
     assert "--sequential needs the server protocol" in capsys.readouterr().err
+
+
+def test_env_prefill_puts_the_environments_turns_in_the_context_without_decoding_them(tmp_path):
+    """--env-prefill: a range the environment wrote (a tool response) goes into the context as
+    the next turn's prompt -- no step, not counted as decoded -- and no step accepts past its
+    start; the turns are found in the text and tokenized on their own."""
+    text = [5, 6, 7, 8, 9, 10]
+    env_turn = [90, 91, 92]
+    history = [(0, np.asarray([1, 2] + text + env_turn + text, np.int32))]
+    member = rollout("a", 1, [1, 2], text + env_turn + text)
+    spans = {"a": [(6, 9)]}
+    runs = {}
+    for env in (None, spans):
+        run = runs[env is None] = bp.PeerRun()
+        bp.run_group(bp.DasPeer(DrafterConfig(max_budget=16, window_steps=1)), "p", 1, history, [member], 16, run, env)
+    (plain,), (pre,) = runs[True].targets, runs[False].targets
+    assert plain.tokens == 15 and plain.prefilled == 0
+    assert pre.tokens == 12 and pre.prefilled == 3
+    assert plain.steps == 1 and pre.steps == 2  # (the whole text in one step vs one step a turn)
+
+    from das_sglang.core.tokenize import TextTokenizer
+    from das_sglang.replay.datasets import TextRollout
+
+    tok = TextTokenizer(cache_dir=tmp_path)
+    turn = "user\n<tool_response>\nCurrent parsed answer='21' reward=1.0\n</tool_response>\nassistant\n"
+    response = '<tool_call>\n{"answer": "21"}\n</tool_call>\n' + turn + "So the answer is 21.\n#### 21"
+    t = TextRollout("a", "p", 1, "Q?", response, None, "x:1")
+    (r,), env = bp.env_turns([t], [rollout("a", 1, [1], [0])], tok)
+    ((s, e),) = env["a"]
+    assert r.response_ids[s:e].tolist() == tok.encode_many([turn])[0].tolist()
+    assert len(r.response_ids) == s + (e - s) + len(tok.encode_many(["So the answer is 21.\n#### 21"])[0])

@@ -469,7 +469,7 @@ class SuffixIndex {
   int max_depth_;
   MappedArray<Node> nodes_;             // nodes_[kRoot] is the root
   std::vector<uint32_t> free_nodes_;    // freed node ids, reused first
-  size_t frees_since_release_ = 0;      // nodes freed since release_free_pages last ran
+  size_t frees_since_release_ = 0;      // nodes freed since maybe_release_free_pages last ran
   void maybe_release_free_pages();
   BigVector<uint8_t> removal_marks_;    // remove_sequence scratch: touched-node marks, kept
                                         // zeroed so a removal costs O(its paths), not O(nodes)
