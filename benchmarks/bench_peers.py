@@ -112,17 +112,25 @@ class Peer:
 
     def extend(self, rid: str, context: np.ndarray, new: np.ndarray) -> None: ...
 
+    def turn(self, rid: str, context: np.ndarray, new: np.ndarray) -> None:
+        """The environment's turn ``new`` (``--env-prefill``); ``context``: the whole text so
+        far, the turn included. A peer whose engine serves each turn as a new request
+        overrides it; by default the turn extends the request."""
+        self.extend(rid, context, new)
+
     def end(self) -> None: ...
 
 
 class DasPeer(Peer):
     name = "das"
 
-    def __init__(self, config: DrafterConfig, server: bool = True):
+    def __init__(self, config: DrafterConfig, server: bool = True, turn_requests: bool = False):
         self.config = config
         self.server = server
+        self.turn_requests = turn_requests  # each turn a request of its own (--turn-requests)
         self.d: SuffixDrafter | None = SuffixDrafter(config) if server else None
         self.members: list[str] = []
+        self._as: dict[str, str] = {}  # a member's current request (its latest turn's)
 
     def begin(self, problem_id, step, history, members):
         if not self.server:
@@ -135,20 +143,31 @@ class DasPeer(Peer):
         for rid, prompt in members:
             d.start_request(rid, problem_id, prompt)
         self.members = [rid for rid, _ in members]
+        self._as = {rid: rid for rid in self.members}
+        self._problem = problem_id
 
     def fresh(self) -> "DasPeer":
-        return DasPeer(self.config, self.server)
+        return DasPeer(self.config, self.server, self.turn_requests)
 
     def propose(self, rids, budget):
-        return self.d.speculate_batch(rids, [budget] * len(rids))
+        return self.d.speculate_batch([self._as[r] for r in rids], [budget] * len(rids))
 
     def extend(self, rid, context, new):
-        self.d.extend_request(rid, new)
+        self.d.extend_request(self._as[rid], new)
+
+    def turn(self, rid, context, new):
+        if not self.turn_requests:
+            return self.extend(rid, context, new)
+        # As verl's ToolAgentLoop sends it: the turn so far finishes (kept as history), the
+        # next one starts with the whole conversation as its prompt.
+        self.d.finish_request(self._as[rid], keep=True)
+        self._as[rid] = nxt = f"{rid}#{len(context)}"
+        self.d.start_request(nxt, self._problem, np.ascontiguousarray(context, dtype=np.int32))
 
     def end(self):
         if self.server:  # the finished rollouts stay as history of their step
             for rid in self.members:
-                self.d.finish_request(rid, keep=True)
+                self.d.finish_request(self._as[rid], keep=True)
         else:
             self.d = None
 
@@ -396,7 +415,10 @@ def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence
         todo = spans.get(rid)
         while todo and todo[0][0] == pos[rid]:
             s, e = todo.pop(0)
-            add(rid, by_id[rid].response_ids[s:e])
+            r = by_id[rid]
+            new = r.response_ids[s:e]
+            ctx[rid] = np.concatenate([ctx[rid], new]) if not isinstance(peer, DasPeer) else ctx[rid]
+            peer.turn(rid, np.concatenate([r.prompt_ids, r.response_ids[:e]]), new)
             pos[rid] = e
             res[rid].prefilled += e - s
         return pos[rid] < by_id[rid].length
@@ -609,10 +631,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="verl: the environment's turns (tool responses) go into the context as the "
                          "next turn's prompt, as an engine serves a multi-turn rollout, instead of being "
                          "decoded as if the model wrote them (the default, the committed runs' protocol)")
+    ap.add_argument("--turn-requests", action="store_true",
+                    help="with --env-prefill: DAS serves each turn as a request of its own whose prompt "
+                         "is the whole conversation so far (as verl's ToolAgentLoop sends it; the "
+                         "earlier turn finishes as history), not as one request extended")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
     if args.budget < 1:
         print(f"error: invalid --budget={args.budget}: must be >= 1", file=sys.stderr)
+        return 1
+    if args.turn_requests and not args.env_prefill:
+        print("error: --turn-requests needs --env-prefill (it is how the environment's turns are served)",
+              file=sys.stderr)
         return 1
     if args.sequential and args.isolated:
         print("error: --sequential needs the server protocol (--isolated resets a peer's state "
@@ -640,11 +670,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     peers, status = make_peers(args.budget, cfg, set(filter(None, args.skip.split(","))), log,
                                server=not args.isolated, bound=args.bound)
+    peers[0].turn_requests = args.turn_requests  # (the DAS peer)
     tok = TextTokenizer(cache_dir=args.cache_dir)
     out: dict = {"budget": args.budget, "window_steps": cfg.window_steps, "full": args.full,
                  "protocol": "isolated" if args.isolated else "server",
                  "siblings": "sequential" if args.sequential else "lockstep",
-                 "env_turns": "prefilled" if args.env_prefill else "decoded",
+                 "env_turns": ("prefilled, DAS: a request per turn" if args.turn_requests else "prefilled")
+                 if args.env_prefill else "decoded",
                  "peers": status, "datasets": {}}
     names = set(args.datasets.split(","))
     t_all = time.perf_counter()

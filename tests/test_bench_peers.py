@@ -131,6 +131,16 @@ def test_env_prefill_puts_the_environments_turns_in_the_context_without_decoding
     assert plain.tokens == 15 and plain.prefilled == 0
     assert pre.tokens == 12 and pre.prefilled == 3
     assert plain.steps == 1 and pre.steps == 2  # (the whole text in one step vs one step a turn)
+    # --turn-requests: the turn after the environment's is a request of its own, its prompt
+    # the whole conversation; the first turn stays as history. The same tokens are decoded.
+    peer = bp.DasPeer(DrafterConfig(max_budget=16, window_steps=1), turn_requests=True)
+    run = bp.PeerRun()
+    bp.run_group(peer, "p", 1, history, [member], 16, run, spans)
+    (t,) = run.targets
+    assert (t.tokens, t.prefilled) == (12, 3) and peer._as["a"] != "a"
+    held = peer.d.history()["p"][1]
+    assert sorted(len(x) for x in held) == [2 + 6, 2 + 9 + 6]  # turn 1; turn 2 with its prompt
+    assert bp.main(["--json", "/dev/null", "--turn-requests"]) == 1
 
     from das_sglang.core.tokenize import TextTokenizer
     from das_sglang.replay.datasets import TextRollout
