@@ -131,6 +131,7 @@ class DasPeer(Peer):
         self.d: SuffixDrafter | None = SuffixDrafter(config) if server else None
         self.members: list[str] = []
         self._as: dict[str, str] = {}  # a member's current request (its latest turn's)
+        self._problem: str | None = None  # the group's (begin)
 
     def begin(self, problem_id, step, history, members):
         if not self.server:
@@ -406,8 +407,12 @@ def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence
     ctx = {r.req_id: r.prompt_ids for r in members}
     spans = {rid: list(v) for rid, v in (env or {}).items() if rid in by_id and v}
 
+    def grow(rid: str, new: np.ndarray) -> None:  # (the DAS peer keeps its text itself)
+        if not isinstance(peer, DasPeer):
+            ctx[rid] = np.concatenate([ctx[rid], new])
+
     def add(rid: str, new: np.ndarray) -> None:
-        ctx[rid] = np.concatenate([ctx[rid], new]) if not isinstance(peer, DasPeer) else ctx[rid]
+        grow(rid, new)
         peer.extend(rid, ctx[rid], new)
 
     def prefill(rid: str) -> bool:
@@ -417,7 +422,7 @@ def run_group(peer: Peer, problem_id: str, step: int, history, members: Sequence
             s, e = todo.pop(0)
             r = by_id[rid]
             new = r.response_ids[s:e]
-            ctx[rid] = np.concatenate([ctx[rid], new]) if not isinstance(peer, DasPeer) else ctx[rid]
+            grow(rid, new)
             peer.turn(rid, np.concatenate([r.prompt_ids, r.response_ids[:e]]), new)
             pos[rid] = e
             res[rid].prefilled += e - s
@@ -574,8 +579,8 @@ def slice_report(runs: dict[str, PeerRun], keep) -> dict:
 
 
 def make_peers(budget: int, cfg: DrafterConfig, skip: set[str], log, server: bool = True,
-               bound: bool = False) -> tuple[list[Peer], dict]:
-    peers: list[Peer] = [DasPeer(cfg, server)]
+               bound: bool = False, turn_requests: bool = False) -> tuple[list[Peer], dict]:
+    peers: list[Peer] = [DasPeer(cfg, server, turn_requests)]
     status = {"das": {"available": True, "config": {f: getattr(cfg, f) for f in cfg.field_names()}}}
     if "sglang_ngram" not in skip:
         try:
@@ -669,8 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     peers, status = make_peers(args.budget, cfg, set(filter(None, args.skip.split(","))), log,
-                               server=not args.isolated, bound=args.bound)
-    peers[0].turn_requests = args.turn_requests  # (the DAS peer)
+                               server=not args.isolated, bound=args.bound, turn_requests=args.turn_requests)
     tok = TextTokenizer(cache_dir=args.cache_dir)
     out: dict = {"budget": args.budget, "window_steps": cfg.window_steps, "full": args.full,
                  "protocol": "isolated" if args.isolated else "server",

@@ -214,7 +214,7 @@ def build_ragged_layout(
             np.ascontiguousarray(trees.offsets, dtype=np.int64),
             np.ascontiguousarray(trees.tokens, dtype=np.int32),
             np.ascontiguousarray(trees.parents, dtype=np.int32), bool(mask_zeros))
-        return _packed_layout(buf, starts, mask, bs, n, total, flat_len if mask_zeros else -1)
+        return PackedRaggedLayout(buf, starts, mask, bs, n, total, flat_len if mask_zeros else -1)
     rag = build_ragged_layout_numpy(roots, trees, seq_lens)
     return pack_ragged(rag, seq_lens) if mask_zeros else rag
 
@@ -282,10 +282,6 @@ class PackedRaggedLayout:
     block = RaggedLayout.block
 
 
-def _packed_layout(buf, starts, mask, bs: int, n: int, total: int, flat_len: int) -> PackedRaggedLayout:
-    return PackedRaggedLayout(buf, starts, mask, bs, n, total, flat_len)
-
-
 def pack_ragged(layout: RaggedLayout, seq_lens: Sequence[int]) -> RaggedLayout:
     """``layout`` (any form) as the native layout built with ``mask_zeros`` holds it: one
     int64 buffer of every array, SGLang's int32 qo arrays and the mask's False positions
@@ -310,7 +306,7 @@ def pack_ragged(layout: RaggedLayout, seq_lens: Sequence[int]) -> RaggedLayout:
         words[at:at + len(part)] = part
         at += _round4(len(part))
     buf[s[6]:s[7]] = zeros
-    return _packed_layout(buf, starts, layout.mask, bs, n, total, int(flat_len))
+    return PackedRaggedLayout(buf, starts, layout.mask, bs, n, total, int(flat_len))
 
 
 class RaggedDeviceInputs(NamedTuple):

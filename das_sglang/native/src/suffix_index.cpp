@@ -208,8 +208,7 @@ void SuffixIndex::maybe_release_free_pages() {
   const size_t N = nodes_.size();
   if (frees_since_release_ < std::max<size_t>(1024, N / 8) || free_nodes_.size() < std::max(K, N / 3)) return;
   frees_since_release_ = 0;
-  BigVector<uint8_t>& mark = removal_marks_;  // zero between removals: borrowed, cleared after
-  if (mark.size() < N) mark.resize(nodes_.capacity(), 0);
+  BigVector<uint8_t>& mark = node_marks();  // (borrowed, cleared after)
   for (uint32_t f : free_nodes_) mark[f] = 1;
   size_t run = 0;  // first page of the current run of free pages (in nodes)
   bool in_run = false;
@@ -462,8 +461,7 @@ void SuffixIndex::remove_sequence(int64_t seq_id) {
   // Phase A: decrement along every truncated suffix path; remember each touched node once,
   // bucketed by depth so phase B can go deepest first.
   std::vector<std::vector<uint32_t>> by_depth(D + 1);
-  BigVector<uint8_t>& seen = removal_marks_;  // all zero between removals
-  if (seen.size() < nodes_.size()) seen.resize(nodes_.capacity(), 0);
+  BigVector<uint8_t>& seen = node_marks();
   for (uint32_t i = 0; i < L; ++i) {
     uint32_t end = std::min(L, i + D), j = i, cur = kRoot;
     while (j < end) {

@@ -473,6 +473,10 @@ class SuffixIndex {
   void maybe_release_free_pages();
   BigVector<uint8_t> removal_marks_;    // remove_sequence scratch: touched-node marks, kept
                                         // zeroed so a removal costs O(its paths), not O(nodes)
+  BigVector<uint8_t>& node_marks() {    // removal_marks_, one per node (all zero between uses)
+    if (removal_marks_.size() < nodes_.size()) removal_marks_.resize(nodes_.capacity(), 0);
+    return removal_marks_;
+  }
   ChildMap children_;
   std::vector<Storage> storages_;
   std::vector<uint32_t> free_storages_;
