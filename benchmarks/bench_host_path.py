@@ -411,13 +411,14 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         # where it reads every later root, and the steps match earlier runs')
         return rid, pid, prompt, plist, text, tlist, sglang_req(rid, plist, int(prompt[-1]))
 
+    unregistered: dict = {}  # rid -> (problem id, prompt tuple) of requests the worker has not seen
+
     def start(b, req):
         rid, pid, prompt, plist, text, tlist, sreq = req
-        # (the worker's _register: the session's start and, since BatchRows, the stop rule)
-        session.start(rid, {"das_problem_id": pid}, plist, [], 1 << 30)
-        if not legacy:
-            rules.add(rid, sreq)
-            registered[rid] = sreq
+        if legacy:
+            session.start(rid, {"das_problem_id": pid}, plist, [], 1 << 30)
+        else:  # (registered where the worker registers it: register_new)
+            unregistered[rid] = (pid, plist)
         # (id, text, tokens decoded, the text as the Python list SGLang keeps, the prompt
         # as the tuple the worker starts and finishes a request with)
         slots[b] = [rid, text, 0, tlist, plist]
@@ -430,9 +431,30 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             rules.remove(rid)
             registered.pop(rid, None)
 
+    def register_new(breqs, changed):
+        """The worker's _register_new: the requests new in a changed batch list (the
+        session's start and, since BatchRows, the stop rule)."""
+        if not changed:
+            return
+        rule = rows.lookup_rules()
+        missing = np.flatnonzero(rule < 0).tolist()
+        rids_now = rows.rids
+        for i in missing:
+            rid, sreq = rids_now[i], breqs[i]
+            pid, plist = unregistered.pop(rid)
+            session.start(rid, {"das_problem_id": pid}, plist, [], 1 << 30)
+            rules.add(rid, sreq)
+            registered[rid] = sreq
+            rule[i] = rules.rule.get(rid, -1)
+        if missing:
+            rows.set_rules(rule)
+
     for b in range(batch):
         start(b, new_request())
     batch_reqs[0] = list(reqs)
+    if not legacy:
+        rows.update(batch_reqs[0])
+        register_new(batch_reqs[0], True)
     plan = Legacy.plan if legacy else DasSession.plan
     feed = Legacy.committed_batch if legacy else DasSession.committed_batch
     finish = Legacy.finished if legacy else DasSession.finished
@@ -472,19 +494,29 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             session.weights_updated()
             kind = "boundary"
         breqs = batch_reqs[0]
+        changed = False
         if legacy:
             rids = [s[0] for s in slots]
-        else:  # the worker's _plan: ids (and the registration check) when the list changed
-            if rows.changed(breqs):  # (the registration check finds none new: start() registered them)
-                rids = rows.update(breqs)
-                _ = np.flatnonzero(rows.lookup_rules() < 0)
+        else:  # the worker's _plan: ids when the list changed
+            changed = rows.changed(breqs)
+            if changed:
+                rows.update(breqs)
             rids = rows.rids
         t2, c2 = time.perf_counter(), time.thread_time()
         ph["boundary"], cpu["boundary"] = t2 - t1, c2 - c1
+        fast = None
         if legacy:
             trees, width = plan(session, rids, args.max_nodes)
-        else:  # (with the worker's map of its batch lists: BatchRows.kept)
-            trees, width = plan(session, rids, args.max_nodes, kept=rows.kept)
+        else:
+            if args.forward_hook == "after_launch" and args.launch_first:
+                # (the worker's _plan with its hook after the launch: the plan made ahead
+                # verified at once, the registration and the plan in the forward's shadow)
+                fast = session.launch_plan(rids, args.max_nodes, kept=rows.kept if changed else None)
+            if fast is None:  # (with the worker's map of its batch lists: BatchRows.kept)
+                register_new(breqs, changed)
+                trees, width = plan(session, rids, args.max_nodes, kept=rows.kept)
+            else:
+                trees, width = fast
         t3, c3 = time.perf_counter(), time.thread_time()
         ph["plan"], cpu["plan"] = t3 - t2, c3 - c2
         # As the worker reads them (``_verify_ragged``): ``[req.output_ids[-1] for req in
@@ -524,6 +556,9 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
         hook_s = 0.0
         if not legacy and not hook_now:
             t_h = time.perf_counter()
+            if fast is not None:  # (the worker's _settle_launch)
+                register_new(breqs, changed)
+                session.settle_launch(fast, rows.rids, args.max_nodes, kept=rows.kept)
             session.before_forward()
             hook_s = time.perf_counter() - t_h
         engine_gap(0, max(0.0, args.forward_ms - hook_s * 1e3), 0.0)
@@ -605,13 +640,15 @@ def run(problems, batch, args, legacy: bool, snap_dir: Path, out: dict):
             if session.snapshot is not None:
                 session.snapshot.wait()
             yield
+    counters = {k: session.counters.get(k, 0) for k in ("plans_ahead", "plans_ahead_kept", "launched_first",
+                                                          "launch_mismatch")}
     session.close()
     cpu_ms = [sum(c.values()) for c in cpus]
     # (each step with its engine delay charged only where the engine was off the CPU)
     off_cpu_times = [t - p["engine_delay"] + d for t, p, d in zip(times, phases, off_cpu_delays)]
     head = off_cpu_times if args.delay_rule == "off_cpu" else times
     worst = sorted(range(len(head)), key=lambda i: -head[i])[:5]
-    out.update(off_cpu_delays=off_cpu_delays, hooks=hooks, times=times, kinds=kinds, waits=waits, off_cpu_times=off_cpu_times, finishes=finishes, build_s=build_s, stats=stats, phase_rows=phases,
+    out.update(counters=counters, off_cpu_delays=off_cpu_delays, hooks=hooks, times=times, kinds=kinds, waits=waits, off_cpu_times=off_cpu_times, finishes=finishes, build_s=build_s, stats=stats, phase_rows=phases,
                phases={k: float(np.percentile([p[k] for p in phases], 50)) for k in phases[0]},
                cpu_ms=cpu_ms, cpu_phases={k: float(np.percentile([c[k] for c in cpus], 50)) for k in cpus[0]},
                worst=[{"step": i, "kind": kinds[i], "ms": head[i], "ms_all_delay": times[i], **phases[i],
@@ -808,6 +845,11 @@ def main(argv=None) -> int:
                          "host's part (the native scatter index, the tensor ops' dispatch) and "
                          "leaves the fills to the device, as on a GPU; cpu fills it on the CPU "
                          "(the accounting until this version: the fill, with its page faults, at 512 rows)")
+    ap.add_argument("--no-launch-first", dest="launch_first", action="store_false",
+                    help="plan every step before its verify is launched (DasSession.LAUNCH_FIRST off: "
+                         "the worker before this version); by default, with --forward-hook after_launch, "
+                         "a step whose plan is the one made ahead verifies that plan's trees at once and "
+                         "the plan runs in the forward's shadow (DasSession.launch_plan)")
     ap.add_argument("--forward-hook", choices=("after_launch", "before_launch"), default="after_launch",
                     help="where the worker calls DasSession.before_forward (server.forward_hook): "
                          "after_launch (default: the worker on a CUDA device, whose launch returns "
@@ -972,6 +1014,9 @@ def main(argv=None) -> int:
                                          "max_ms": float(hk.max())}
                 entry.update(finishes=fin, history_tokens=st.tokens, history_sequences=st.sequences,
                              index_bytes_per_token=st.bytes_per_token, build_s=build_s)
+                # (plans: made ahead by the feedback's job; of them for rows changed since;
+                # verified before the plan ran, and of those whose plan drafted otherwise)
+                entry["plans"] = o["counters"]
                 entry["machine"] = _machine(loads, n_blocks, blocks, entry["per_step_ms"], args)
             print(f"batch {batch:4d} {'baseline' if legacy else 'now     '} p50 {s['p50_ms']:.3f} "
                   f"p99 {s['p99_ms']:.3f} max {s['max_ms']:.3f} ms "
@@ -979,6 +1024,7 @@ def main(argv=None) -> int:
                   f"{s.get('boundary_max_ms', 0):.2f}); history {st.tokens} tokens; phases p50 "
                   + " ".join(f"{k} {v:.2f}" for k, v in o["phases"].items()), flush=True)
             if not legacy:
+                print(f"           plans: {o['counters']}", flush=True)
                 tc = entry["thread_cpu"]
                 print(f"           scheduler thread CPU: p50 {tc['p50_ms']:.3f} p99 {tc['p99_ms']:.3f} ms; phases p50 "
                       + " ".join(f"{k} {v:.2f}" for k, v in tc["phases_p50_ms"].items()), flush=True)

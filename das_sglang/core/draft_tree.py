@@ -184,6 +184,13 @@ class DraftBatch:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def same_trees(self, other: "DraftBatch") -> bool:
+        """Whether ``other`` holds the same rows, nodes and node values."""
+        return len(self) == len(other) and all(
+            np.array_equal(a, b) for a, b in (
+                (self.offsets, other.offsets), (self.tokens, other.tokens), (self.parents, other.parents),
+                (self.depths, other.depths), (self.probs, other.probs), (self.match_len, other.match_len)))
+
     def lens(self) -> np.ndarray:
         """Nodes per row (int64)."""
         if self._lens is None:

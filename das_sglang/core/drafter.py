@@ -328,7 +328,7 @@ class SuffixDrafter:
         oldest = step - self.config.window_steps
         old = sorted(x for x in self._by_step if x < oldest and x not in self._evicting)
         if self.lazy_eviction:
-            # Out of the window now (weight 0: drafts ignore them), removed from the index
+            # Out of the window now (weight 0: see evict_pending), removed from the index
             # later in chunks (``evict_pending``), e.g. on a background thread while the
             # GPU runs a forward: one step's history is ~1/window of everything stored.
             self._evicting.update(old)
@@ -369,8 +369,10 @@ class SuffixDrafter:
         ``max_tokens`` tokens' worth (None: all). ``stop``: a callable asked between
         rollouts (after the first); once it says True the call returns (the rest stays
         pending). Returns True
-        when none are left. (Out-of-window history has weight 0: when it leaves changes no
-        draft.)"""
+        when none are left. (Out-of-window history has weight 0: it never lengthens a
+        match or blocks an anchor, but a draft still reads some of it -- a node's recency,
+        the shared index's copies -- so callers remove it at points fixed by the events,
+        never by time: ``DasSession._evict_chunk``.)"""
         removed, started = 0, False
         while self._evicting:
             s = min(self._evicting)
@@ -887,6 +889,15 @@ class SuffixDrafter:
         :meth:`speculate_flat` when every tree is still exact), or None."""
         kept = self._predrafted
         return kept[1] if kept is not None else None
+
+    def predraft_current(self) -> bool:
+        """Whether every tree of the latest pre-draft still stands for a draft of its row now:
+        no index changed since it was made (``mutation_epoch``) and the step weights are
+        the same (what :meth:`speculate_flat` checks before it reuses them; the per-row
+        budgets it also compares are the caller's)."""
+        kept = self._predrafted
+        return (kept is not None and kept[5] == mutation_epoch() and kept[3] is self._weights
+                and self._can_predraft())
 
     def predrafted_rows(self, drafts: DraftBatch) -> np.ndarray | None:
         """Where ``drafts`` (what :meth:`speculate_flat` returned last) is the latest

@@ -471,6 +471,40 @@ class _ModelBased(_Observing):
         got = got[1].cut()  # (its nodes are the job's checked trees')
         return None if got is None else DraftBatch.selected(got, probs_ok=True)
 
+    def launch_trees(self, ids: list, at: np.ndarray | None, cap: int, generated: np.ndarray | None = None,
+                     prev: list | None = None) -> tuple[DraftBatch, int] | None:
+        """What the next plan of these rows gives when it takes the job's plan (the trees cut
+        to its budgets, at most ``cap`` nodes a row, and the widest budget), read before that
+        plan runs and without changing anything it reads: the session verifies these trees at
+        once and makes the plan itself in the forward's shadow (``DasSession.launch_plan``).
+        ``at``: each row's row in the job's (-1: a new row, no tree), or None for the job's
+        rows themselves, whose ``generated`` counts must be the job's (``prev``: the rows
+        ``at`` maps from, the job's). None where the plan
+        would not take the job's plan for a reason known here (the job did not plan or cut
+        at ``cap``, an observation or a step since, a row the job took for finishing kept)."""
+        ahead = self._ahead
+        if ahead is None or ahead.cut_cap != cap:
+            return None
+        oc = self._outcomes
+        if ahead.epoch != self._epoch or oc._cells is not ahead.cells or oc._row_states is not ahead.row_states:
+            return None
+        if at is None:
+            if ahead.skipped is not None or not (ahead.ids is ids or ahead.ids == ids):
+                return None
+            if generated is None or not R.same_ints(ahead.generated, generated):
+                return None
+        else:
+            kept = at[at >= 0]
+            if prev is None or not (ahead.ids is prev or ahead.ids == prev):
+                return None
+            if not self.AHEAD_KEPT or not kept.size or (ahead.skipped is not None and ahead.skipped[kept].any()):
+                return None
+        got = ahead.native.launch(at)
+        if got is None:
+            return None
+        cut, widest = got
+        return DraftBatch.selected(cut, probs_ok=True), int(widest)
+
     # A plan whose rows changed since the feedback (finishes; starts, still without a tree)
     # takes the job's plan for the rows it kept (_adopt_kept); False: such a plan computes
     # everything itself (the reference: the same plans as without the job).

@@ -376,8 +376,11 @@ class DasSession:
         # steps_opened = new clock steps, root_only = requests verified at width 0.
         # plans_ahead: plans that used the plan the feedback's job made (_plan_ahead), of
         # them plans_ahead_kept for rows that changed since (finishes, deferred starts)
+        # launched_first: steps that verified the plan made ahead before their plan ran
+        # (launch_plan), launch_mismatch: of them, those whose plan drafted other trees
         self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0, "plans_ahead": 0,
-                         "plans_ahead_kept": 0, "plan_ahead_errors": 0}
+                         "plans_ahead_kept": 0, "plan_ahead_errors": 0, "launched_first": 0,
+                         "launch_mismatch": 0}
         self.clock = StepClock(options.drafter.window_steps)
         # History mirror for snapshots (problem -> step -> TokenGroup: immutable, so a
         # background writer can hold a view while the scheduler thread goes on, and one
@@ -658,7 +661,9 @@ class DasSession:
     ASYNC_MIN_ROWS = 8
     POLICY_THREAD = True  # record verify outcomes on a thread of their own (see __init__)
     PREPARE_AHEAD = True  # plan: the policy's draft-free inputs before waiting for the drafts
-    EVICT_CHUNK_S = 0.003  # native removals per decode step, inside the forward's shadow
+    # Out-of-window history removed per decode step, inside the forward's shadow (~3 ms of
+    # native removals on the 2-core VM, bench_host_path: ~2,700 tokens per CPU ms)
+    EVICT_CHUNK_TOKENS = 8192
     UNSHARE_CHUNK = 8  # shared-index copies removed per native call in the forward's shadow
 
     def _remove_shared(self, ids: np.ndarray) -> None:
@@ -673,17 +678,21 @@ class DasSession:
             self.drafter.remove_shared(ids[i:i + step])
 
     def _evict_chunk(self) -> None:
-        end = time.perf_counter() + self.EVICT_CHUNK_S
-        yielding = self._yield_updates.is_set
+        """One forward's share of the out-of-window history's removal: rollouts, oldest step
+        first, until ``EVICT_CHUNK_TOKENS`` tokens left. A fixed amount, not a time budget:
+        what a plan's drafts read must depend only on the order of events, never on timing
+        (TP ranks each run their own and must draft the same trees; a time-bounded chunk
+        left the index in a state that depended on the machine's speed at that moment,
+        and a tree's recency order with it)."""
+        drafter = self.drafter
+        target = drafter.history_tokens - self.EVICT_CHUNK_TOKENS
 
-        def stop() -> bool:  # asked between rollouts: the chunk's time is up, or a feedback waits
-            return yielding() or time.perf_counter() >= end
+        def stop() -> bool:  # asked between rollouts
+            return drafter.history_tokens <= target
 
-        while not self.drafter.evict_pending(2048, stop):
-            if stop():
-                return
-        self._evicting = False
-        self._trim_due = True  # a step's history went: hand its pages back once idle
+        if drafter.evict_pending(self.EVICT_CHUNK_TOKENS, stop):
+            self._evicting = False
+            self._trim_due = True  # a step's history went: hand its pages back once idle
 
     def _trim_when_idle(self) -> None:
         """Hand freed heap pages back to the OS (``malloc_trim``) while no request decodes.
@@ -924,18 +933,89 @@ class DasSession:
                 self._updates.submit(self._evict_chunk)
         if not self._forward_hook:
             self._release_deferred()  # (with the hook: at before_forward, in the forward's shadow)
+        return drafts, self._width(drafts, int(getattr(plan, "width", 0) or 0), max_nodes)
+
+    def _width(self, drafts: DraftBatch, planned: int, max_nodes: int) -> int:
+        """The verify width of a plan's trees (``planned``: the plan's own width)."""
         width = drafts.width
         buckets = self.options.policy.buckets(max_nodes)
         if buckets is not None and width not in buckets:
             # Policies that do not price buckets themselves: pad up to the next bucket
             # (rows keep their trees; the padding is never linked, so never accepted).
             width = next(b for b in buckets if b >= width)
-        planned = int(getattr(plan, "width", 0) or 0)
         cost = getattr(self.policy, "cost", None)
         if width < planned <= max_nodes and cost is not None and cost.is_graph_width(planned):
             # The policy chose a CUDA-graph width (cheaper, padding included, than an eager
             # forward at the trees' own width): verify at it even where the trees are shorter.
             width = planned
+        return width
+
+    # -------------------------------------------------------- launch first, plan after
+    # Where the verify forward is launched asynchronously (the worker's forward hook after
+    # the launch, a CUDA device), a step whose plan would be the one the feedback's job made
+    # ahead verifies the job's trees at once (launch_plan) and the plan itself runs in the
+    # forward's shadow (settle_launch), before the step's background work: on the path to
+    # the launch only the job's wait and a read of its trees. False: every plan before its
+    # launch (the reference).
+    LAUNCH_FIRST = True
+
+    def launch_plan(self, req_ids: list, max_nodes: int, kept: tuple | None = None
+                    ) -> tuple[DraftBatch, int] | None:
+        """The trees and width :meth:`plan` of these rows would give, where that plan would
+        take the plan the latest feedback's job made ahead (its budgets, its trees cut to
+        them, a new row none) -- read without running it and without changing what it reads
+        --, else None (then :meth:`plan` runs as before). The caller verifies them and then,
+        in the forward's shadow, has the plan made by :meth:`settle_launch` (the new requests
+        registered first, as before a plan): every bookkeeping part is the plan's own, and it
+        checks that its trees are these. Verification is exact whatever the trees, so a plan
+        that would have drafted otherwise (not expected: counted as ``launch_mismatch``)
+        costs only acceptance. ``kept``: ``(previous req_ids, back, unique)`` where the rows
+        changed since the feedback (``back``: each row's row there, -1 a new request not
+        registered yet), None where they are the feedback's rows."""
+        if not (self.LAUNCH_FIRST and self._ahead_pending) or self._updates is None:
+            return None
+        n = len(req_ids)
+        # (what the plan does first otherwise: starts drafted at once, a step advance or the
+        # history cap applied, constrained rows verified at the root only)
+        if n < self.DEFER_START_MIN_ROWS or self._root_only or self._advance_due or self.shards is not None:
+            return None
+        launch = getattr(self.policy, "launch_trees", None)
+        if launch is None:
+            return None
+        generated = at = None
+        if kept is None:
+            memo = self._rows_memo
+            if memo is None or memo[1] != self._live_version or not (memo[0] is req_ids or memo[0] == req_ids):
+                return None
+            generated = self._counts.gen[memo[6]]
+        else:
+            prev, at, unique = kept
+            if not unique:
+                return None
+        self._updates.flush()  # (the job's trees and plan)
+        cap = self.drafter.config.max_history_tokens
+        if (cap and self.drafter.history_tokens > cap) or not self.drafter.predraft_current():
+            return None
+        got = launch(req_ids, at, max_nodes, generated, None if kept is None else prev)
+        if got is None:
+            return None
+        drafts, planned = got
+        return drafts, self._width(drafts, planned, max_nodes)
+
+    def settle_launch(self, launched: tuple, req_ids: list, max_nodes: int,
+                      kept: tuple | None = None) -> tuple[DraftBatch, int]:
+        """:meth:`plan` of the rows whose trees were verified from :meth:`launch_plan`
+        (``launched``: what it returned), made in the verify forward's shadow; counts the
+        step (``launched_first``) and, where its trees or width are not the verified ones,
+        ``launch_mismatch`` (logged once). Returns the plan's."""
+        drafts, width = self.plan(req_ids, max_nodes, kept=kept)
+        self.counters["launched_first"] += 1
+        ran, ran_width = launched
+        if width != ran_width or not drafts.same_trees(ran):
+            self.counters["launch_mismatch"] += 1
+            if self.counters["launch_mismatch"] == 1:
+                _log.warning("DAS: a step verified the trees of the plan made ahead where its plan "
+                             "drafted others (exact all the same; counted as launch_mismatch)")
         return drafts, width
 
     def _no_drafts(self, n: int) -> DraftBatch:

@@ -131,11 +131,17 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         self._walked: float | None = None  # the verify's end (_cut_at_stops' first sync)
         self._cut_s = 0.0
         self._finishing = None  # (the stop cut's rows that finish with this step: BatchRows.cut)
+        # (batch.reqs, whether it changed, the trees and width) of a step that verifies the
+        # plan made ahead before its plan is made (_plan, _settle_launch)
+        self._launched: tuple | None = None
         # graph_steps: verify forwards SGLang replayed as a CUDA graph (the rest ran eagerly)
         # plans_ahead: plans that were the feedback's job's (DasSession: plan made ahead),
-        # of them plans_ahead_kept for the rows kept since (finishes, deferred starts)
+        # of them plans_ahead_kept for the rows kept since (finishes, deferred starts);
+        # launched_first: steps that verified it before their plan ran (the plan in the
+        # forward's shadow), launch_mismatch: of them, those whose plan drafted otherwise
         self.stats = {"verify_steps": 0, "proposed": 0, "accepted": 0, "verify_tokens": 0,
                       "ragged_steps": 0, "graph_steps": 0, "plans_ahead": 0, "plans_ahead_kept": 0,
+                      "launched_first": 0, "launch_mismatch": 0,
                       "layout": self.layout,
                       "budgets": self._budget_form()}
         # Host time per decode step (stats "host"): DAS's own (plan + verify inputs,
@@ -229,6 +235,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
             batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True
         )
         if self._hook_after_launch:
+            if self._launched is not None:
+                self._settle_launch()
             self.session.before_forward()
         return result
 
@@ -302,20 +310,46 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         """Draft trees of the batch, truncated to the policy's per-request budgets. New
         requests are registered when the batch's requests changed (SGLang rebinds
         ``batch.reqs`` then); a step without a start or a finish reuses the ids."""
+        if self._launched is not None:  # (a step that never reached its launch: its plan now)
+            self._settle_launch()
         reqs = batch.reqs
-        if self._rows.changed(reqs):
-            rids = self._rows.update(reqs)
-            # (a rule is kept from _register to the finish: -1 = not registered yet)
-            rule = self._rows.lookup_rules()
-            missing = np.flatnonzero(rule < 0).tolist()
-            for i in missing:
-                self._register(reqs[i])
-                rule[i] = self._stop_rules.rule.get(rids[i], -1)
-            if missing:
-                self._rows.set_rules(rule)
+        changed = self._rows.changed(reqs)
+        if changed:
+            self._rows.update(reqs)
+        if self._hook_after_launch and self._layout_confirmed:
+            # The plan made ahead verified at once, the plan itself (and the new requests'
+            # registration before it) in the forward's shadow: DasSession.launch_plan.
+            fast = self.session.launch_plan(self._rows.rids, self.options.max_nodes,
+                                            kept=self._rows.kept if changed else None)
+            if fast is not None:
+                self._launched = (reqs, changed, fast)
+                return fast
+        self._register_new(reqs, changed)
         # (kept: the rows carried over from the previous list, mapped by identity: the
         # session and drafter gather their per-row state through it, not by the ids)
         return self.session.plan(self._rows.rids, self.options.max_nodes, kept=self._rows.kept)
+
+    def _register_new(self, reqs, changed: bool) -> None:
+        """Register the requests new in a changed ``batch.reqs`` list (after its update)."""
+        if not changed:
+            return
+        rids = self._rows.rids
+        # (a rule is kept from _register to the finish: -1 = not registered yet)
+        rule = self._rows.lookup_rules()
+        missing = np.flatnonzero(rule < 0).tolist()
+        for i in missing:
+            self._register(reqs[i])
+            rule[i] = self._stop_rules.rule.get(rids[i], -1)
+        if missing:
+            self._rows.set_rules(rule)
+
+    def _settle_launch(self) -> None:
+        """After a launch of the plan made ahead (``_plan``): the new requests registered
+        and the plan made, as before the launch otherwise (DasSession.settle_launch)."""
+        reqs, changed, fast = self._launched
+        self._launched = None
+        self._register_new(reqs, changed)
+        self.session.settle_launch(fast, self._rows.rids, self.options.max_nodes, kept=self._rows.kept)
 
     def _rids(self, batch) -> list:
         return self._rows.rids if batch.reqs is self._rows.reqs else [req.rid for req in batch.reqs]
@@ -563,6 +597,8 @@ class DasWorker(NoExternalCorpus, NGRAMWorker):
         add_feedback(self.stats["host"], time.perf_counter() - t + cut_s)
         self.stats["plans_ahead"] = self.session.counters["plans_ahead"]
         self.stats["plans_ahead_kept"] = self.session.counters["plans_ahead_kept"]
+        self.stats["launched_first"] = self.session.counters["launched_first"]
+        self.stats["launch_mismatch"] = self.session.counters["launch_mismatch"]
         self.stats["proposed"] += int(proposed.sum())
         self.stats["accepted"] += int(lens.sum()) - len(lens)
         if self.options.server.stats_path:

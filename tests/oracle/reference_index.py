@@ -104,7 +104,8 @@ class ReferenceIndex:
         only) merges several match lengths, see ``_mixture``.
 
         Match: the longest suffix of ``context`` (<= max_match_len, < max_depth) present
-        with at least one continuation. Expansion: conditional prob = W(child) / sum of W
+        with a continuation of weight > 0 (text of weight 0 -- out of the window, not
+        removed yet -- is as if it were not stored). Expansion: conditional prob = W(child) / sum of W
         over the children; children with W = 0 are never proposed; nodes below
         ``min_prob`` are not proposed. Tree: best first by (higher prob, smaller token,
         smaller parent index). Chain: at each node the child with the largest W (then the
@@ -114,7 +115,7 @@ class ReferenceIndex:
         top = min(max_match_len, len(context), self.max_depth - 1)
         for m in range(top, 0, -1):
             node = self._find(context[len(context) - m :])
-            if node is not None and node.children:
+            if node is not None and self._weighted_children(node, step_weights)[1] > 0.0:
                 break
         else:
             return [], [], [], 0
@@ -154,7 +155,7 @@ class ReferenceIndex:
 
     def _mixture(self, context, longest, budget, min_prob, w, mix, own=None, shared=None):
         """Wide tree. Anchors: the match nodes of context suffixes m = longest .. min_match
-        (stop at the first with more than max_fanout children). An anchor's continuation
+        (stop at the first with more than max_fanout children of weight > 0). An anchor's continuation
         weight C = sum of its children's W; anchors with C = 0 are skipped; an anchor whose C
         equals the previous (longer) kept anchor's replaces it (same occurrences continue),
         adding its raw weight m ** alpha to it. lambda = raw / sum(raw).
@@ -180,7 +181,7 @@ class ReferenceIndex:
         for ix, top, factor in sources:
             for m in range(top, floor - 1, -1):
                 node = ix._find(context[len(context) - m :])
-                if len(node.children) > max_fanout:
+                if len(ix._weighted_children(node, w)[0]) > max_fanout:
                     break
                 _, c = ix._weighted_children(node, w)
                 if c <= 0.0:
@@ -281,7 +282,8 @@ class ReferenceIndex:
         context = self.seqs[seq_id][0]
         if shared is None or shared_weight <= 0.0 or mix is None or chain or seq_id not in shared.seqs:
             return self.draft(context, budget, min_prob, step_weights, chain, max_match_len, mix)
-        own, other = self._longest(context, max_match_len), shared._longest(context, max_match_len)
+        own = self._longest(context, max_match_len, step_weights)
+        other = shared._longest(context, max_match_len, step_weights)
         if own == 0 and other == 0:
             return [], [], [], 0
         longest = max(own, other)
@@ -289,13 +291,13 @@ class ReferenceIndex:
                                                step_weights, mix, own, (shared, other, shared_weight))
         return tokens, parents, probs, longest
 
-    def _longest(self, context, max_match_len) -> int:
-        """The longest suffix of ``context`` with a continuation here (0: none)."""
+    def _longest(self, context, max_match_len, w) -> int:
+        """The longest suffix of ``context`` with a continuation of weight > 0 here (0: none)."""
         context = [int(t) for t in context]
         top = min(max_match_len, len(context), self.max_depth - 1)
         for m in range(top, 0, -1):
             node = self._find(context[len(context) - m :])
-            if node is not None and node.children:
+            if node is not None and self._weighted_children(node, w)[1] > 0.0:
                 return m
         return 0
 

@@ -30,15 +30,15 @@ def launch(model: str, algorithm: str | None, env: dict[str, str] | None = None,
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     try:
-        engine = sglang.Engine(
-            model_path=model,
-            log_level="error",
-            max_running_requests=32,
-            random_seed=0,
+        engine = sglang.Engine(**{
+            "model_path": model,
+            "log_level": "error",
+            "max_running_requests": 32,
+            "random_seed": 0,
             **cpu.ENGINE_KWARGS,
             **spec,
             **kwargs,
-        )
+        })
     finally:
         for k, v in saved.items():
             if v is None:

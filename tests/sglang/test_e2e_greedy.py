@@ -234,3 +234,25 @@ def test_background_work_started_after_the_launch_is_identical_too(tiny_model, r
     stats = json.loads(stats_path.read_text())
     assert stats["forward_hook"] == "after_launch" and stats["ragged_steps"] > 0
     assert accept_length(got["grpo-step2"][1]) > 1.5
+    # (48 requests: below DEFER_START_MIN_ROWS every plan runs before its launch)
+    assert stats["launched_first"] == 0
+
+
+def test_steps_that_verify_the_plan_made_ahead_first_are_identical_too(tiny_model, reference, tmp_path):
+    """With the hook after the launch and a batch of 96 (above ``DEFER_START_MIN_ROWS``: starts
+    deferred, as at RL scale), steps whose plan is the one the feedback's job made ahead verify
+    its trees before the plan runs, and the plan is made after the launch
+    (``DasSession.launch_plan``): through the real scheduler -- its batch lists changing as
+    requests finish and new ones are merged -- the outputs are still those of no
+    speculation, and every such plan drafted the trees that were verified."""
+    step1 = next(b for b in workload() if b[0] == "grpo-step1")
+    prompts, tags = step1[1] * 2, [(pid, 1) for pid, _ in step1[2]] * 2
+    stats_path = tmp_path / "stats.json"
+    cfg = {"server": {"forward_hook": "after_launch", "stats_path": str(stats_path)}}
+    with launch(tiny_model, "DAS", env={"DAS_CONFIG": json.dumps(cfg)}, max_running_requests=96) as engine:
+        got = generate(engine, prompts, GREEDY, tags)
+    want = reference["grpo-step1"][0] * 2
+    assert mismatches(want, got[0]) == 0
+    stats = json.loads(stats_path.read_text())
+    assert stats["launched_first"] >= 3 and stats["launch_mismatch"] == 0
+    assert stats["plans_ahead"] >= stats["launched_first"]

@@ -66,7 +66,7 @@ def test_background_updates_draft_exactly_like_inline_ones():
     assert a.drafter.lazy_eviction and not b.drafter.lazy_eviction
     a.policy.lengths.background = False  # compare drafts and plans with the same predictions
     a.ASYNC_MIN_ROWS = 1  # every batch's extend on the update thread
-    a.EVICT_CHUNK_S = 0.0  # evictions in the smallest chunks: many plans see them pending
+    a.EVICT_CHUNK_TOKENS = 1  # evictions in the smallest chunks (a rollout): many plans see them pending
     reused = []  # plans that took trees pre-drafted on the update thread (exact, see below)
     reuse = a.drafter._reuse_predrafted
     a.drafter._reuse_predrafted = lambda *x: (lambda out: reused.append(out is not None) or out)(reuse(*x))
@@ -273,7 +273,7 @@ def test_eviction_chunks_wait_for_the_forward_hook_and_still_finish():
     # without the hook, and the out-of-window history still leaves the index.
     hooked, plain = DasSession(_opts()), DasSession(_opts())
     for s in (hooked, plain):
-        s.EVICT_CHUNK_S = 0.0  # the smallest chunks: many plans see evictions pending
+        s.EVICT_CHUNK_TOKENS = 1  # the smallest chunks (a rollout): many plans see evictions pending
         s.policy.lengths.background = False
     submitted = []
     submit, submit_each = hooked._updates.submit, hooked._updates.submit_each

@@ -2350,6 +2350,42 @@ nb::object plan_ahead_cut(PlanAhead& a) {
   return selected_tuple(a.cut);
 }
 
+// PlanAhead.launch(rows): what a plan of these rows that takes the job's plan gives, read
+// without handing anything over (result() and cut() stay for that plan, made after the
+// launch): the job's cut trees of the rows (rows[q] >= 0: the job's row rows[q]; -1 a new
+// row, empty; None: the job's rows themselves) as (tokens, parents, probs, depths, offsets,
+// match, lens, width), and the widest budget the plan gives them (a new row none). None if
+// the job did not plan or cut.
+nb::object plan_ahead_launch(PlanAhead& a, nb::handle rows_h) {
+  if (!a.ran.load() || !a.planned_ok || !a.cut_ok) return nb::none();
+  const size_t old = a.cut.lens.size();
+  if (a.budgets.size() != old || a.cut.out.offsets.size() != old + 1) return nb::none();
+  std::vector<int64_t> src;
+  if (rows_h.is_none()) {
+    src.resize(old);
+    for (size_t i = 0; i < old; ++i) src[i] = int64_t(i);
+  } else {
+    const I64 rows = as_array<I64>(rows_h, "rows", "int64");
+    src.assign(rows.data(), rows.data() + rows.shape(0));
+    for (size_t q = 0; q < src.size(); ++q)
+      if (src[q] < -1 || src[q] >= int64_t(old))
+        throw nb::value_error(("PlanAhead.launch: row " + std::to_string(src[q]) + " of " +
+                               std::to_string(old)).c_str());
+  }
+  std::vector<int64_t> lens(src.size(), 0);
+  int64_t widest_budget = 0;
+  for (size_t q = 0; q < src.size(); ++q) {
+    if (src[q] < 0) continue;
+    lens[q] = a.cut.lens[size_t(src[q])];
+    widest_budget = std::max<int64_t>(widest_budget, a.budgets[size_t(src[q])]);
+  }
+  SelectedRows s;
+  const FlatDrafts& c = a.cut.out;
+  select_rows(c.offsets.data(), c.tokens.data(), c.parents.data(), c.probs.data(), c.depths.data(),
+              c.match.data(), src, std::move(lens), s);
+  return nb::make_tuple(selected_tuple(s), widest_budget);
+}
+
 // Every index's SuffixIndex.version, in list order (uint64): one call for a batch's rows;
 // a None item (a placeholder row, no index) reads 0.
 nb::object index_versions(nb::list indices) {
@@ -2945,6 +2981,10 @@ NB_MODULE(_suffix, m) {
       .def("cut", &plan_ahead_cut,
            "The job's trees cut at cut_at's cap: (tokens, parents, probs, depths, offsets, match, lens, "
            "width), or None. Once.")
+      .def("launch", &plan_ahead_launch, nb::arg("rows").none(),
+           "(the job's cut trees of these rows -- rows[q]: the job's row, -1 a new row (empty); None: "
+           "the job's rows -- as cut() gives them, the widest budget the plan gives them), or None; "
+           "hands nothing over (cut() and result() stay).")
       .def("result", &plan_ahead_result,
            "None if the job did not plan (see error), else (cells, states, added, table, calibration, "
            "relative, remaining, kv, plan); plan is online_plan's tuple or None. Once.")

@@ -611,6 +611,13 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
   out.probs.clear();
   Pos pos;
   out.match_len = longest_match(ctx, n, p.max_match_len, pos);
+  // Only weighted text counts: a longer match whose continuations all weigh 0 (history out
+  // of the window, not removed yet) is not a match, so a draft never depends on how much of
+  // that history is still stored (its lazy removal runs in time-bounded chunks).
+  while (out.match_len > 0 && continuation_weight(pos, p.slot_weight) <= 0.0) {
+    --out.match_len;
+    if (out.match_len > 0 && !walk(ctx + n - out.match_len, size_t(out.match_len), pos)) out.match_len = 0;
+  }
   if (out.match_len == 0) return;
   if (p.mixture && !p.chain) {
     thread_local std::vector<Anchor> anchors;
@@ -627,6 +634,19 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
     expand_chain(pos, p, out);
   else
     expand(pos, p, out);
+}
+
+// The longest suffix of the sequence, of at most ``m`` tokens, whose continuations weigh
+// more than 0 under ``w`` (sequence_match's ``m`` less the lengths whose continuations are
+// only unweighted text: see draft).
+int SuffixIndex::weighted_match(const Storage& st, int m, const double* w) const {
+  const uint32_t L = uint32_t(st.tokens.size()), D = uint32_t(max_depth_);
+  while (m > 0) {
+    const uint32_t c = st.cursors[(L - uint32_t(m)) % D];
+    if (continuation_weight(Pos{c, nodes_[c].label_len}, w) > 0.0) break;
+    --m;
+  }
+  return m;
 }
 
 // The longest suffix of the sequence with a continuation, read from its live cursors.
@@ -654,7 +674,7 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
   out.probs.clear();
   out.match_len = 0;
   const uint32_t D = uint32_t(max_depth_);
-  const int lo = sequence_match(st, p.max_match_len);
+  const int lo = weighted_match(st, sequence_match(st, p.max_match_len), p.slot_weight);
   const bool mix = p.mixture && !p.chain;
   const Storage* sst = nullptr;  // the same sequence in the shared index
   int lo2 = 0;
@@ -662,7 +682,8 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
     auto it = p.shared->by_id_.find(seq_id);
     if (it != p.shared->by_id_.end()) {
       sst = &p.shared->storages_[it->second];
-      lo2 = p.shared->sequence_match(*sst, p.max_match_len);
+      lo2 = p.shared->weighted_match(*sst, p.shared->sequence_match(*sst, p.max_match_len),
+                                     p.shared_slot_weight);
     }
   }
   if (lo == 0 && lo2 == 0) return;
@@ -805,6 +826,18 @@ void SuffixIndex::expand(const Pos& start, const DraftParams& p, Draft& out) con
   }
 }
 
+// x's children that weigh more than 0 under ``w``, counted up to cap + 1: its fanout where
+// every stored slot weighs more than 0 (no scan), so a fanout limit never depends on how
+// much unweighted history is still stored.
+uint32_t SuffixIndex::weighted_fanout(const Node& x, const double* w, uint32_t cap) const {
+  bool unweighted = false;
+  for (int s = 0; s < kSlots; ++s) unweighted |= slot_seqs_[s] != 0 && !(w[s] > 0.0);
+  if (!unweighted) return x.fanout;
+  uint32_t k = 0;
+  for (uint32_t c = x.first_child; c != kNil && k <= cap; c = nodes_[c].next_sibling) k += weight_of(nodes_[c], w) > 0.0;
+  return k;
+}
+
 double SuffixIndex::continuation_weight(const Pos& pos, const double* w) const {
   const Node& x = nodes_[pos.node];
   if (pos.off < x.label_len) return weight_of(x, w);
@@ -818,9 +851,11 @@ double SuffixIndex::continuation_weight(const Pos& pos, const double* w) const {
 bool SuffixIndex::add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m,
                              const DraftParams& p, int src) const {
   const Node& x = nodes_[pos.node];
+  const double* w = src ? p.shared_slot_weight : p.slot_weight;
   const uint32_t fanout = pos.off < x.label_len ? 1u : x.fanout;
-  if (fanout > uint32_t(std::max(0, p.mix_max_fanout))) return false;
-  const double cont = continuation_weight(pos, src ? p.shared_slot_weight : p.slot_weight);
+  const uint32_t cap = uint32_t(std::max(0, p.mix_max_fanout));
+  if (fanout > cap && weighted_fanout(x, w, cap) > cap) return false;
+  const double cont = continuation_weight(pos, w);
   if (cont <= 0.0) return true;  // nothing weighted here (continuation weight only grows as m shrinks)
   const double mpow = p.mix_pow_set && m >= 0 && m < DraftParams::kMixPow ? p.mix_pow[m]
                                                                            : std::pow(double(m), p.mix_alpha);

@@ -428,6 +428,8 @@ class SuffixIndex {
   uint32_t storage_of(int64_t seq_id) const;  // throws std::invalid_argument naming seq_id
   // Longest suffix of the sequence with a continuation (<= max_match_len), from its cursors.
   int sequence_match(const Storage& st, int max_match_len) const;
+  int weighted_match(const Storage& st, int m, const double* w) const;
+  uint32_t weighted_fanout(const Node& x, const double* w, uint32_t cap) const;
   int acquire_slot(int64_t step);
   void release_slot(int slot);
   uint32_t new_storage();
