@@ -371,6 +371,9 @@ class DasSession:
         # arguments) in event order, and the deferred starts' req_ids.
         self._deferred: list[tuple] = []
         self._deferred_ids: set[str] = set()
+        # Finishes whose work waits for the next call (finished, DEFER_FINISH_WORK):
+        # (req_id, its live record, prompt, output) in finish order.
+        self._finish_work: list[tuple] = []
         # Readable counters (saved in the snapshot's meta as "das_counters"):
         # bad_params = requests served untagged because of a bad DAS tag,
         # steps_opened = new clock steps, root_only = requests verified at width 0.
@@ -484,6 +487,7 @@ class DasSession:
 
     def _take_deferred(self) -> list:
         """The deferred starts and finishes, in order, handed over (no longer deferred)."""
+        self._settle_finishes()
         if not self._deferred:
             return []
         items, self._deferred = self._deferred, []
@@ -501,6 +505,7 @@ class DasSession:
         A ``prompt`` tuple is kept: :meth:`finished` given that same tuple skips comparing
         it with the start's tokens (what the worker does).
         """
+        self._settle_finishes()
         try:
             pid, step = parse_tag(custom_params)
         except ValueError as e:
@@ -650,6 +655,7 @@ class DasSession:
         """The RL step boundary: SGLang flushed its cache (``update_weights_from_*``).
         Untagged traffic gets a sliding window this way; when tagged requests
         (``das_step``) advanced the step since the last flush, they drive it instead."""
+        self._settle_finishes()
         if not self._tagged_since_flush:
             self.advance_step(self.clock.tick())
         self._tagged_since_flush = False
@@ -661,9 +667,11 @@ class DasSession:
     ASYNC_MIN_ROWS = 8
     POLICY_THREAD = True  # record verify outcomes on a thread of their own (see __init__)
     PREPARE_AHEAD = True  # plan: the policy's draft-free inputs before waiting for the drafts
-    # Out-of-window history removed per decode step, inside the forward's shadow (~3 ms of
-    # native removals on the 2-core VM, bench_host_path: ~2,700 tokens per CPU ms)
-    EVICT_CHUNK_TOKENS = 8192
+    # Out-of-window history removed per decode step, inside the forward's shadow (~1.5-2 ms
+    # of native removals on the 2-core VM, bench_host_path: ~2,700 tokens per CPU ms). A
+    # chunk runs to its end: a feedback that comes first waits for the rest (at 8,192
+    # tokens 1-4 of 210 feedbacks a run waited 1.1-2.5 ms on one; at 4,096 none).
+    EVICT_CHUNK_TOKENS = 4096
     UNSHARE_CHUNK = 8  # shared-index copies removed per native call in the forward's shadow
 
     def _remove_shared(self, ids: np.ndarray) -> None:
@@ -719,6 +727,7 @@ class DasSession:
         """Apply pending updates and finish pending evictions now (tests, benchmarks,
         shutdown); serving spreads the evictions over the step's forwards instead. The
         verify outcomes not yet recorded are recorded now."""
+        self._settle_finishes()
         self._settle_outcomes(record_pending=True)
         self.sync()
         if self._evicting:
@@ -857,6 +866,7 @@ class DasSession:
         per-row state is gathered through it instead of a map of the ids: the same rows
         (tests/sglang/test_batch_rows.py), without reading 512 request ids after a start or
         a finish."""
+        self._settle_finishes()
         req_ids = list(req_ids)
         self._kept_hit = False
         lives, problem_ids, max_new, prompt_len, slots, _ = self._rows(req_ids, kept)
@@ -1045,6 +1055,7 @@ class DasSession:
         a few per step, ~1 ms each). Callers that never call it get the chunk submitted by
         :meth:`plan` itself and the removal done by the next feedback's extend. Nothing
         drafts between here and the feedback, so every draft sees what it saw before."""
+        self._settle_finishes()
         self._forward_hook = True
         if self._boundary_save:
             # A boundary's save (DEFER_BOUNDARY_SAVE): its view and lengths as at the
@@ -1128,6 +1139,7 @@ class DasSession:
         step, where the caller can tell (the worker's stop cut): the plan the feedback's job
         makes ahead leaves those rows' outcomes out of its calibration update, as the next
         plan -- without those requests -- does."""
+        self._settle_finishes()
         live = self.live
         self._settle_outcomes(record_pending=True)  # (the previous step's, if not yet)
         self._release_deferred()  # (a row's registration precedes its extend)
@@ -1345,6 +1357,7 @@ class DasSession:
         """Wait for a recording running on the update thread (before the policy is read or
         changed on this thread); ``record_pending`` also records, inline, the outcomes no
         forward took yet (a feedback, ``drain``, ``close``)."""
+        self._settle_finishes()
         done = self._outcomes_job
         if done is not None:
             done.wait()
@@ -1366,13 +1379,42 @@ class DasSession:
         if live is None:
             return
         self._counts.give(live.slot)
-        defer = self.DEFER_FINISHES and self._updates is not None and self.shards is None
-        if not defer:
-            self._release_deferred()  # (its own start, if still deferred, comes first)
         self._live_version += 1
         if self._rows_memo is not None:
             self._rows_dead.add(req_id)  # (its memo row, if any, is stale now: see _rows_from)
         self._root_only.discard(req_id)
+        if not isinstance(output, (list, tuple, np.ndarray, array)):
+            output = list(output)  # (any iterable: held until the work below runs)
+        if self.DEFER_FINISH_WORK and self.live and self.shards is None:
+            self._finish_work.append((req_id, live, prompt, output))
+            return
+        self._settle_finishes()
+        self._finished_work(req_id, live, prompt, output)
+
+    # A finish's work beyond taking the request out of the live rows -- its text checked
+    # and made history, the history mirror, the length the policy learns, the snapshot's
+    # count -- waits for the session's next call (a start, a plan, the forward hook, a
+    # feedback, a step advance, a snapshot's view ...: _settle_finishes), in finish order,
+    # before anything that call does: what every call sees is what it saw when the work ran
+    # in ``finished``. SGLang reports finishes while processing a step's results; the next
+    # call is the next step's plan, or with launch first (launch_plan) the plan after the
+    # verify's launch, in the forward's shadow (~20 us a finish at 512 rows, bench_host_path).
+    # Not with scale-out shards (their hand-off runs in the finish) or when the batch drained.
+    DEFER_FINISH_WORK = True
+
+    def _settle_finishes(self) -> None:
+        """The finishes' work left by :meth:`finished`, in order (see DEFER_FINISH_WORK)."""
+        work = self._finish_work
+        if work:
+            self._finish_work = []
+            for item in work:
+                self._finished_work(*item)
+
+    def _finished_work(self, req_id: str, live, prompt: Sequence[int], output) -> None:
+        """:meth:`finished`'s work once the request left the live rows."""
+        defer = self.DEFER_FINISHES and self._updates is not None and self.shards is None
+        if not defer:
+            self._release_deferred()  # (its own start, if still deferred, comes first)
         if not isinstance(output, (list, tuple, np.ndarray, array)):
             output = list(output)  # (any iterable; SGLang's array("q") and lists are sliced as they are)
         output = output[: live.max_new_tokens]
@@ -1461,6 +1503,7 @@ class DasSession:
 
     def drop(self, req_id: str) -> None:
         """A request left without finishing (aborted, retracted): forget its text."""
+        self._settle_finishes()
         live = self.live.pop(req_id, None)
         self._root_only.discard(req_id)
         if live is not None:
@@ -1542,6 +1585,7 @@ class DasSession:
         never changed once in the mirror (a finish or a window step puts a new one in its
         place), so the view shares them. (A copy of each problem's dict took 0.27-0.48 ms
         of every snapshot on the scheduler thread at 2,048 problems.)"""
+        self._settle_finishes()
         return dict(self._mirror)
 
     def _snapshot_meta(self) -> dict:

@@ -189,3 +189,31 @@ def test_plan_ahead_launch_reads_the_cut_without_handing_it_over():
         got = DraftBatch.selected(some)
         assert got.same_trees(want) and got.lens().tolist() == want.lens().tolist()
         assert widest_some == int(budgets[[2, 0]].max()) and got.width == want.width
+
+
+def test_a_finish_s_work_waits_for_the_next_call_and_changes_nothing():
+    """``DEFER_FINISH_WORK``: ``finished`` takes the request out of the live rows and leaves
+    the rest of its work (its text made history, the mirror, the length to learn, the
+    snapshot's count) to the session's next call, which runs it first, in finish order.
+    With launch first that call is the plan after the launch: the finishes reported before a
+    step are still pending when its trees are launched. The run -- every plan, the cells
+    and table, the history -- is the one where each finish does its work at once."""
+    runs, pending_at_launch = [], []
+    for defer in (True, False):
+        s = _session(True)
+        s.DEFER_FINISH_WORK = defer
+        launch = s.launch_plan
+
+        def spy(*a, _s=s, **k):
+            pending_at_launch.append((defer, len(_s._finish_work)))
+            return launch(*a, **k)
+
+        s.launch_plan = spy
+        got, how = _drive(s)
+        s.sync()
+        runs.append((got, {p: {st: sorted(map(tuple, g)) for st, g in by.items()}
+                           for p, by in s.drafter.history().items()}))
+        s.close()
+    assert runs[0] == runs[1]
+    assert sum(n for d, n in pending_at_launch if d) > 20
+    assert not any(n for d, n in pending_at_launch if not d)

@@ -700,6 +700,8 @@ def test_large_batches_hand_finishes_to_the_drafter_during_the_forward():
             s.before_forward()
             s.committed_batch(ids, [0] * n, [[4]] * n)
             s.finished("r0", [7, 8], [1, 2, 3, 4])
+            assert s._finish_work and not s._deferred  # (its work waits for the next call ...)
+            s._settle_finishes()  # (... which runs it first)
             assert bool(s._deferred) is defer  # (queued: the next plan applies the rule)
             deferred = defer and n >= s.DEFER_START_MIN_ROWS
             trees, _ = s.plan(ids[1:], 8)
