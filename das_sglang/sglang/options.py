@@ -85,6 +85,12 @@ class ServerConfig:
                       started after it, that work would run beside the host work that
                       follows instead of beside the forward). ``auto`` (default):
                       ``after_launch`` on a CUDA device, ``before_launch`` elsewhere.
+                      With ``after_launch`` a step whose plan is the one the feedback's
+                      job made ahead (at least 64 rows) also verifies that plan's trees
+                      at once and registers the step's new requests and makes the plan
+                      itself after the launch (``DasSession.launch_plan``; worker stats
+                      ``launched_first``, ``launch_mismatch``: docs/design.md "Launch
+                      first, plan after").
     background_nice   nice value (0-19) of the native threads the feedback's extend +
                       pre-draft job runs on beside SGLang's own result processing (Linux:
                       per thread). On a host with spare cores it changes nothing; where

@@ -37,6 +37,7 @@ from das_sglang.sglang.request_params import (
 
 _log = logging.getLogger(__name__)
 _warn_bad_params = RateLimitedWarning(_log)
+_warn_bad_finish = RateLimitedWarning(_log)
 
 
 def problem_of(custom_params: dict | None, prompt: Sequence[int]) -> tuple[str, int | None]:
@@ -380,10 +381,11 @@ class DasSession:
         # plans_ahead: plans that used the plan the feedback's job made (_plan_ahead), of
         # them plans_ahead_kept for rows that changed since (finishes, deferred starts)
         # launched_first: steps that verified the plan made ahead before their plan ran
-        # (launch_plan), launch_mismatch: of them, those whose plan drafted other trees
+        # (launch_plan), launch_mismatch: of them, those whose plan drafted other trees;
+        # finish_errors: finished requests whose text was bad, not kept (_finish_one)
         self.counters = {"bad_params": 0, "steps_opened": 0, "root_only": 0, "plans_ahead": 0,
                          "plans_ahead_kept": 0, "plan_ahead_errors": 0, "launched_first": 0,
-                         "launch_mismatch": 0}
+                         "launch_mismatch": 0, "finish_errors": 0}
         self.clock = StepClock(options.drafter.window_steps)
         # History mirror for snapshots (problem -> step -> TokenGroup: immutable, so a
         # background writer can hold a view while the scheduler thread goes on, and one
@@ -1389,7 +1391,7 @@ class DasSession:
             self._finish_work.append((req_id, live, prompt, output))
             return
         self._settle_finishes()
-        self._finished_work(req_id, live, prompt, output)
+        self._finish_one(req_id, live, prompt, output)
 
     # A finish's work beyond taking the request out of the live rows -- its text checked
     # and made history, the history mirror, the length the policy learns, the snapshot's
@@ -1408,7 +1410,18 @@ class DasSession:
         if work:
             self._finish_work = []
             for item in work:
-                self._finished_work(*item)
+                self._finish_one(*item)
+
+    def _finish_one(self, req_id: str, live, prompt, output) -> None:
+        """:meth:`_finished_work`; a finish whose text is bad (a token id out of range, a
+        prompt that is not the started one's length ...) is logged, counted
+        (``finish_errors``) and not made history -- that request only: the other finishes,
+        and the call that runs them, go on."""
+        try:
+            self._finished_work(req_id, live, prompt, output)
+        except ValueError as e:
+            self.counters["finish_errors"] += 1
+            _warn_bad_finish("DAS: finished request %s not kept as history: %s", req_id, e)
 
     def _finished_work(self, req_id: str, live, prompt: Sequence[int], output) -> None:
         """:meth:`finished`'s work once the request left the live rows."""

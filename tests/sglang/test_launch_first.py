@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from das_sglang.core.draft_tree import DraftBatch
-from das_sglang.native import LengthIndex, SuffixIndex, extend_draft_rows_start, plan_ahead, row_map
+from das_sglang.native import row_map
 from das_sglang.sglang.options import for_layout, load_options
 from das_sglang.sglang.session import DasSession
-from test_plan_ahead import _ahead_args, _verify
+from test_plan_ahead import _verify, cut_job
 
 
 def _session(launch_first: bool) -> DasSession:
@@ -153,24 +153,11 @@ def test_plan_ahead_launch_reads_the_cut_without_handing_it_over():
     """``PlanAhead.launch(rows)``: the job's cut trees of the rows (the job's own rows for
     None; -1 an empty row) and the widest budget of those rows; ``cut()`` and ``result()``
     still give everything afterwards; a row out of range is named; nothing without a cut."""
-    lengths = LengthIndex(False, 0.33, 0.67)
-    lengths.add(0, 400)
-    for cap in (5, -1):
-        ahead = plan_ahead(**_ahead_args(lengths=lengths, max_new=np.full(3, 400), rank_bin=np.zeros(16, np.int64),
-                                         depth_bin=np.zeros(17, np.int64)))
-        if cap >= 0:
-            ahead.cut_at(cap)
+    def not_run(ahead):
         assert ahead.launch(None) is None  # (not run yet)
-        idxs = []
-        for r in range(3):
-            ix = SuffixIndex()
-            ix.add_sequence(1, np.tile(np.arange(1, 6 + r, dtype=np.int32), 20), 0)
-            ix.add_sequence(2, np.array([1, 2], np.int32), 0)
-            idxs.append(ix)
-        job = extend_draft_rows_start(idxs, np.array([2, 2, 2]), np.array([3, 4, 5], np.int32), np.array([0, 1, 2, 3]),
-                                      np.array([8, 3, 8], np.int32), 0.0, np.array([0]), np.array([1.0]), False, 16,
-                                      ahead=ahead)
-        job.wait()
+
+    for cap in (5, -1):
+        ahead, _ = cut_job(cap, not_run)
         if cap < 0:
             assert ahead.launch(None) is None
             continue
@@ -217,3 +204,29 @@ def test_a_finish_s_work_waits_for_the_next_call_and_changes_nothing():
     assert runs[0] == runs[1]
     assert sum(n for d, n in pending_at_launch if d) > 20
     assert not any(n for d, n in pending_at_launch if not d)
+
+
+@pytest.mark.parametrize("live_after", [True, False])
+def test_a_finish_with_a_bad_text_is_counted_and_the_rest_go_on(caplog, monkeypatch, live_after):
+    """A finished request whose text is bad (a token id out of range) is logged, counted
+    (``finish_errors``) and not kept as history, whether its work waited for the next call
+    (requests still live) or ran at once (the batch drained): the other finishes are kept
+    and the call goes on."""
+    from das_sglang.sglang import session as S
+
+    monkeypatch.setattr(S._warn_bad_finish, "_last", float("-inf"))  # (rate-limited: one line per 10 s)
+    s = _session(True)
+    for r in ("a", "b", "c"):
+        s.start(r, {"das_problem_id": "p"}, [7, 8], [], 100)
+    with caplog.at_level(logging.WARNING, logger="das_sglang"):
+        s.finished("a", [7, 8], [1, 2, -5])
+        s.finished("b", [7, 8], [1, 2, 3])
+        if not live_after:
+            s.finished("c", [7, 8], [4, 5])
+        s.start("d", {"das_problem_id": "p"}, [7, 8], [], 100)  # (the next call)
+        s.sync()
+    assert s.counters["finish_errors"] == 1
+    assert any("not kept as history" in r.getMessage() and "-5" in r.getMessage() for r in caplog.records)
+    kept = sorted(tuple(map(int, t)) for t in s.drafter.history()["p"][s.step])
+    assert kept == ([(7, 8, 1, 2, 3)] if live_after else [(7, 8, 1, 2, 3), (7, 8, 4, 5)])
+    s.close()

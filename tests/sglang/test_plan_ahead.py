@@ -403,30 +403,41 @@ def test_the_job_cuts_its_trees_to_the_plan_it_made(monkeypatch):
     s.close()
 
 
+def cut_job(cap: int, before_run=None) -> tuple:
+    """A ``PlanAhead`` (its trees cut at ``cap``; -1: not) run by a feedback's extend + draft
+    job over three small indexes: (the PlanAhead, the job's trees). ``before_run``: called
+    with the PlanAhead before the job starts."""
+    from das_sglang.native import LengthIndex, SuffixIndex
+
+    lengths = LengthIndex(False, 0.33, 0.67)
+    lengths.add(0, 400)
+    ahead = plan_ahead(**_ahead_args(lengths=lengths, max_new=np.full(3, 400), rank_bin=np.zeros(16, np.int64),
+                                     depth_bin=np.zeros(17, np.int64)))
+    if cap >= 0:
+        ahead.cut_at(cap)
+    if before_run is not None:
+        before_run(ahead)
+    idxs = []
+    for r in range(3):
+        ix = SuffixIndex()
+        ix.add_sequence(1, np.tile(np.arange(1, 6 + r, dtype=np.int32), 20), 0)
+        ix.add_sequence(2, np.array([1, 2], np.int32), 0)
+        idxs.append(ix)
+    job = extend_draft_rows_start(idxs, np.array([2, 2, 2]), np.array([3, 4, 5], np.int32), np.array([0, 1, 2, 3]),
+                                  np.array([8, 3, 8], np.int32), 0.0, np.array([0]), np.array([1.0]), False, 16,
+                                  ahead=ahead)
+    *trees, _, _ = job.wait()
+    return ahead, trees
+
+
 def test_plan_ahead_cut_is_the_truncate_of_its_trees_at_the_cap():
     """``PlanAhead.cut_at(cap)``: the job's trees cut to min(budget, cap) nodes a row --
     DraftBatch.truncate of them, with the rows' counts and the widest --; none without it;
     refused once the job ran."""
     from das_sglang.core.draft_tree import DraftBatch
-    from das_sglang.native import LengthIndex, SuffixIndex
 
-    lengths = LengthIndex(False, 0.33, 0.67)
-    lengths.add(0, 400)
     for cap in (2, 5, -1):
-        ahead = plan_ahead(**_ahead_args(lengths=lengths, max_new=np.full(3, 400), rank_bin=np.zeros(16, np.int64),
-                                         depth_bin=np.zeros(17, np.int64)))
-        if cap >= 0:
-            ahead.cut_at(cap)
-        idxs = []
-        for r in range(3):
-            ix = SuffixIndex()
-            ix.add_sequence(1, np.tile(np.arange(1, 6 + r, dtype=np.int32), 20), 0)
-            ix.add_sequence(2, np.array([1, 2], np.int32), 0)
-            idxs.append(ix)
-        job = extend_draft_rows_start(idxs, np.array([2, 2, 2]), np.array([3, 4, 5], np.int32), np.array([0, 1, 2, 3]),
-                                      np.array([8, 3, 8], np.int32), 0.0, np.array([0]), np.array([1.0]), False, 16,
-                                      ahead=ahead)
-        *trees, _, _ = job.wait()
+        ahead, trees = cut_job(cap)
         if cap >= 0:
             with pytest.raises(ValueError, match="already ran"):
                 ahead.cut_at(1)
