@@ -1413,10 +1413,9 @@ class DasSession:
                 self._finish_one(*item)
 
     def _finish_one(self, req_id: str, live, prompt, output) -> None:
-        """:meth:`_finished_work`; a finish whose text is bad (a token id out of range, a
-        prompt that is not the started one's length ...) is logged, counted
-        (``finish_errors``) and not made history -- that request only: the other finishes,
-        and the call that runs them, go on."""
+        """:meth:`_finished_work`; a finish whose text is bad (a token id out of range) is
+        logged, counted (``finish_errors``) and not made history -- that request only: the
+        other finishes, and the call that runs them, go on."""
         try:
             self._finished_work(req_id, live, prompt, output)
         except ValueError as e:
