@@ -489,17 +489,15 @@ class _ModelBased(_Observing):
         if ahead.epoch != self._epoch or oc._cells is not ahead.cells or oc._row_states is not ahead.row_states:
             return None
         if at is None:
-            if ahead.skipped is not None or not (ahead.ids is ids or ahead.ids == ids):
+            if ahead.skipped is not None or generated is None or not (ahead.ids is ids or ahead.ids == ids):
                 return None
-            if generated is None or not R.same_ints(ahead.generated, generated):
-                return None
+            # (its generated counts the job's: checked in the native call)
+            got = ahead.native.launch(None, np.ascontiguousarray(generated, dtype=np.int64))
         else:
-            kept = at[at >= 0]
-            if prev is None or not (ahead.ids is prev or ahead.ids == prev):
+            if not self.AHEAD_KEPT or prev is None or not (ahead.ids is prev or ahead.ids == prev):
                 return None
-            if not self.AHEAD_KEPT or not kept.size or (ahead.skipped is not None and ahead.skipped[kept].any()):
-                return None
-        got = ahead.native.launch(at)
+            # (some row kept, none the job took for finishing: checked in the native call)
+            got = ahead.native.launch(at, None, ahead.skipped)
         if got is None:
             return None
         cut, widest = got

@@ -152,7 +152,9 @@ def test_a_step_with_a_root_only_request_plans_before_its_launch():
 def test_plan_ahead_launch_reads_the_cut_without_handing_it_over():
     """``PlanAhead.launch(rows)``: the job's cut trees of the rows (the job's own rows for
     None; -1 an empty row) and the widest budget of those rows; ``cut()`` and ``result()``
-    still give everything afterwards; a row out of range is named; nothing without a cut."""
+    still give everything afterwards; a row out of range is named; nothing without a cut,
+    nor where the plan would not take the job's (generated counts, no row kept, a kept row
+    the job took for finishing)."""
     def not_run(ahead):
         assert ahead.launch(None) is None  # (not run yet)
 
@@ -166,6 +168,15 @@ def test_plan_ahead_launch_reads_the_cut_without_handing_it_over():
         some, widest_some = ahead.launch(rows)
         with pytest.raises(ValueError, match="row 3 of 3"):
             ahead.launch(np.array([0, 3], np.int64))
+        # where the plan would not take the job's: other generated counts for its rows, no
+        # row kept, a kept row the job took for finishing (skipped)
+        assert ahead.launch(None, np.array([5, 6, 7])) is not None
+        assert ahead.launch(None, np.array([5, 6, 8])) is None
+        assert ahead.launch(np.array([-1, -1], np.int64)) is None
+        assert ahead.launch(rows, None, np.array([False, False, True])) is None
+        assert ahead.launch(rows, None, np.array([False, True, False])) is not None  # (row 1 not kept)
+        with pytest.raises(ValueError, match="skipped has 2 rows, the job 3"):
+            ahead.launch(rows, None, np.array([False, True]))
         budgets = ahead.result()[8][10]
         cut = ahead.cut()
         assert cut is not None

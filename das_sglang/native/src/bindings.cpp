@@ -2350,18 +2350,26 @@ nb::object plan_ahead_cut(PlanAhead& a) {
   return selected_tuple(a.cut);
 }
 
-// PlanAhead.launch(rows): what a plan of these rows that takes the job's plan gives, read
-// without handing anything over (result() and cut() stay for that plan, made after the
-// launch): the job's cut trees of the rows (rows[q] >= 0: the job's row rows[q]; -1 a new
-// row, empty; None: the job's rows themselves) as (tokens, parents, probs, depths, offsets,
-// match, lens, width), and the widest budget the plan gives them (a new row none). None if
-// the job did not plan or cut.
-nb::object plan_ahead_launch(PlanAhead& a, nb::handle rows_h) {
+// PlanAhead.launch(rows, generated, skipped): what a plan of these rows that takes the job's
+// plan gives, read without handing anything over (result() and cut() stay for that plan,
+// made after the launch): the job's cut trees of the rows (rows[q] >= 0: the job's row
+// rows[q]; -1 a new row, empty; None: the job's rows themselves) as (tokens, parents, probs,
+// depths, offsets, match, lens, width), and the widest budget the plan gives them (a new
+// row none). None if the job did not plan or cut, or where that plan would not take the
+// job's: the job's rows whose generated counts (int64, given for rows None) are not the
+// job's, or rows of which none is kept or a kept one is ``skipped`` (bool per job row: the
+// rows the job took for finishing).
+nb::object plan_ahead_launch(PlanAhead& a, nb::handle rows_h, nb::handle generated_h, nb::handle skipped_h) {
   if (!a.ran.load() || !a.planned_ok || !a.cut_ok) return nb::none();
   const size_t old = a.cut.lens.size();
   if (a.budgets.size() != old || a.cut.out.offsets.size() != old + 1) return nb::none();
   std::vector<int64_t> src;
   if (rows_h.is_none()) {
+    if (!generated_h.is_none()) {
+      const I64 g = as_array<I64>(generated_h, "generated", "int64");
+      if (g.shape(0) != a.generated.size() || !std::equal(g.data(), g.data() + g.shape(0), a.generated.begin()))
+        return nb::none();
+    }
     src.resize(old);
     for (size_t i = 0; i < old; ++i) src[i] = int64_t(i);
   } else {
@@ -2371,6 +2379,21 @@ nb::object plan_ahead_launch(PlanAhead& a, nb::handle rows_h) {
       if (src[q] < -1 || src[q] >= int64_t(old))
         throw nb::value_error(("PlanAhead.launch: row " + std::to_string(src[q]) + " of " +
                                std::to_string(old)).c_str());
+    Bools skipped;
+    const bool has_skipped = !skipped_h.is_none();
+    if (has_skipped) {
+      skipped = nd_arg<Bools>(skipped_h, "skipped", "a 1-D contiguous bool numpy array");
+      if (skipped.shape(0) != old)
+        throw nb::value_error(("PlanAhead.launch: skipped has " + std::to_string(skipped.shape(0)) + " rows, the job " +
+                               std::to_string(old)).c_str());
+    }
+    bool any_kept = false;
+    for (int64_t j : src) {
+      if (j < 0) continue;
+      any_kept = true;
+      if (has_skipped && skipped(size_t(j))) return nb::none();
+    }
+    if (!any_kept) return nb::none();
   }
   std::vector<int64_t> lens(src.size(), 0);
   int64_t widest_budget = 0;
@@ -2981,10 +3004,12 @@ NB_MODULE(_suffix, m) {
       .def("cut", &plan_ahead_cut,
            "The job's trees cut at cut_at's cap: (tokens, parents, probs, depths, offsets, match, lens, "
            "width), or None. Once.")
-      .def("launch", &plan_ahead_launch, nb::arg("rows").none(),
+      .def("launch", &plan_ahead_launch, nb::arg("rows").none(), nb::arg("generated").none() = nb::none(),
+           nb::arg("skipped").none() = nb::none(),
            "(the job's cut trees of these rows -- rows[q]: the job's row, -1 a new row (empty); None: "
-           "the job's rows -- as cut() gives them, the widest budget the plan gives them), or None; "
-           "hands nothing over (cut() and result() stay).")
+           "the job's rows -- as cut() gives them, the widest budget the plan gives them), or None (not "
+           "planned or cut; for the job's rows, generated counts not the job's; else no row kept, or a "
+           "kept row skipped); hands nothing over (cut() and result() stay).")
       .def("result", &plan_ahead_result,
            "None if the job did not plan (see error), else (cells, states, added, table, calibration, "
            "relative, remaining, kv, plan); plan is online_plan's tuple or None. Once.")
