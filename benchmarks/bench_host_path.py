@@ -75,6 +75,14 @@ forward's end (phase ``hook``); per batch ``forward_hook`` gives its own p50 / m
 this version it was timed in the mask phase, before the forward (``--forward-hook
 before_launch``, the CPU worker's placement: its forward is synchronous).
 
+With the hook after the launch (the default) a step runs as the worker runs it on a CUDA
+device since stop 57: where its plan is the one the feedback's job made ahead, the job's
+trees are verified first (``DasSession.launch_plan``) and the new requests' registration
+and the plan itself run in the forward's shadow (``settle_launch``, in the ``hook`` time);
+``--no-launch-first`` plans every step before its launch, as before. Per batch ``plans``
+counts the plans made ahead, of them for rows that changed, the steps launched first and
+their mismatches.
+
 JSON: ``{"batches": {"32": {"p50_ms", "p99_ms", "max_ms", "baseline_p50_ms", ...}, ...},
 "config": ...}``; per batch also ``phases_p50_ms`` (the step split into carried update-thread
 wait, finishes/starts, boundary, plan, layout, mask, feedback, engine_delay; the phases
