@@ -612,8 +612,8 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
   Pos pos;
   out.match_len = longest_match(ctx, n, p.max_match_len, pos);
   // Only weighted text counts: a longer match whose continuations all weigh 0 (history out
-  // of the window, not removed yet) is not a match, so a draft never depends on how much of
-  // that history is still stored (its lazy removal runs in time-bounded chunks).
+  // of the window, not removed yet: its lazy removal runs in chunks, one per forward) is not
+  // a match, so the match length never depends on how much of that history is still stored.
   while (out.match_len > 0 && continuation_weight(pos, p.slot_weight) <= 0.0) {
     --out.match_len;
     if (out.match_len > 0 && !walk(ctx + n - out.match_len, size_t(out.match_len), pos)) out.match_len = 0;
