@@ -50,7 +50,8 @@ rows (``_ModelBased._adopt_kept``): ``(ok, src, fresh, left)``.
 ``int32_tokens(seq)`` is a list / tuple of Python ints, or a 1-D buffer of 32- / 64-bit ints (SGLang's ``array("q")``, an int64 numpy array), in [0, 2**31) as int32 (None otherwise: ``as_tokens``' fast path).
 ``seq_tails(seqs)`` is each sequence's last item and length (int64 arrays: the decode rows' outputs);
 ``stop_rows(runs, lens, max_new, committed, row_set, set_ids, set_offsets)`` is the token-stop cut of
-each row's accepted run and its length limit (``sglang/batch_rows.py``): ``(cut, limit)``.
+each row's accepted run and its length limit (``sglang/batch_rows.py``): ``(cut, limit, finishing)``
+(finishing: a stop token or the length limit ends the request with its run as cut).
 ``padded_rows(tokens, lens)`` is ``TokenRows.from_padded`` in one pass: ``(flat, offsets)``, None on bad input.
 ``plan_ahead(...)`` copies the policy's inputs for its next plan of a feedback's rows
 (``_ModelBased.plan_ahead``); passed to ``extend_draft_rows_start(..., ahead=)``, the job runs

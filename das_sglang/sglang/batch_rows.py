@@ -272,9 +272,9 @@ class BatchRows:
         lens = np.ascontiguousarray(lens, dtype=np.int64)
         if committed is None:
             committed = self.committed()
-        cut, limit, stopped = stop_rows(runs, lens, max_new, committed, row_set, ids, offsets)
-        finishing = stopped
-        finishing |= committed + cut >= max_new
+        # (finishing: a stop token ends the run, or the length limit -- committed + cut >=
+        # max_new --, in the same native pass)
+        cut, limit, finishing = stop_rows(runs, lens, max_new, committed, row_set, ids, offsets)
         self.finishing = finishing
         if each:
             # (Python ints once for all such rows: a numpy slice and tolist per row cost

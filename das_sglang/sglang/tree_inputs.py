@@ -342,21 +342,29 @@ def ragged_device_inputs(layout: RaggedLayout, seq_lens: Sequence[int], device, 
         layout = pack_ragged(layout, seq_lens)  # (the numpy layout, or built without the zeros)
     buf = torch.from_numpy(layout.packed)
     if str(target) != "cpu":
-        buf = buf.to(target)
+        buf = buf.to(_device(target))
     s = layout.starts.tolist()
     bs, n = len(layout), layout.n
     sizes = [s[i + 1] - s[i] for i in range(len(s) - 1)]
-    links = sizes[4]
-    sizes[4:5] = [4 * bs * n, links - 4 * bs * n]  # (the links, then the odd word before the int32 part)
-    tok, pos, vl, offs, links, _, qo, zeros = buf.split(sizes)
+    links, bn = sizes[4], bs * n
+    # (the four link arrays, then the odd word before the int32 part)
+    sizes[4:5] = [bn, bn, bn, bn, links - 4 * bn]
+    # The views: one split of the buffer, one of its int32 part, a shape view of each link
+    # array. A step's first call of each tensor op costs the host ~20-60 us in
+    # bench_host_path (its second ~3 us: the dispatcher's code and data are cold after the
+    # engine's ~10 ms of other work), so these are the fewest distinct ops: split_with_sizes
+    # (Tensor.split's Python wrapper calls it), the link arrays by the split and a view each
+    # (until stop 58: a view to [4, bs, n] and an unbind, one more distinct op).
+    tok, pos, vl, offs, c, r, nt, ns, _, qo, zeros = buf.split_with_sizes(sizes)
     r4 = (_round4(bs), _round4(bs + 1), _round4(bs))
-    vl32, _, qo_indptr, _, start, _ = qo.view(torch.int32).split(
+    vl32, _, qo_indptr, _, start, _ = qo.view(torch.int32).split_with_sizes(
         [bs, r4[0] - bs, bs + 1, r4[1] - bs - 1, bs, r4[2] - bs])
     if cpu:
         mask = ragged_custom_mask(layout, seq_lens, device, target)
     else:
         mask = _ones_but(int(layout.flat_mask_len), zeros, target)
-    return RaggedDeviceInputs(tok, pos, vl, offs, *links.view(4, bs, n).unbind(), vl32, qo_indptr, start, mask)
+    return RaggedDeviceInputs(tok, pos, vl, offs, c.view(bs, n), r.view(bs, n), nt.view(bs, n), ns.view(bs, n),
+                              vl32, qo_indptr, start, mask)
 
 
 def build_ragged_layout_numpy(
@@ -412,12 +420,34 @@ def ragged_custom_mask(layout: RaggedLayout, seq_lens: Sequence[int], device, ta
     return _ones_but(int(length), torch.from_numpy(zeros).to(target), target)
 
 
-def _ones_but(length: int, zeros, target):
-    """The GPU-form mask: ``length`` entries on ``target``, True but at ``zeros`` (an int64
-    tensor there)."""
+# Per target: its torch.device (a string is parsed again by every op given it) and a
+# 0-dim False there for the mask's clearing (see _ones_but).
+_DEVICES: dict = {}
+_FALSE: dict = {}
+
+
+def _device(target):
     import torch
 
-    out = torch.ones(length, dtype=torch.bool, device=target)
-    out[zeros] = False  # (index_fill_: ~3x the host dispatch)
+    dev = _DEVICES.get(target)
+    if dev is None:
+        dev = _DEVICES[target] = torch.device(target)
+    return dev
+
+
+def _ones_but(length: int, zeros, target):
+    """The GPU-form mask: ``length`` entries on ``target``, True but at ``zeros`` (an int64
+    tensor there). The cleared value is a 0-dim bool tensor made once per device: ``out[zeros]
+    = False`` wraps the Python scalar in a new CPU tensor every call (and hands a CUDA
+    ``index_put_`` a host value), ~15 us of host time a step at 512 rows in bench_host_path;
+    ``index_fill_`` costs ~3x the dispatch."""
+    import torch
+
+    dev = _device(target)
+    false = _FALSE.get(dev)
+    if false is None:
+        false = _FALSE[dev] = torch.zeros((), dtype=torch.bool, device=dev)
+    out = torch.ones(length, dtype=torch.bool, device=dev)
+    out.index_put_((zeros,), false)
     return out
 

@@ -207,6 +207,13 @@ def test_native_reads_refuse_bad_input_naming_it(tokenizer):
     cut, limit, stopped = stop_rows(np.array([[3, 4, 9]]), np.array([3]), np.array([50]), np.array([0]),
                                     np.array([0]), ids, offs)
     assert cut.tolist() == [3] and stopped.tolist() == [False]
+    # the length limit finishes a request too (committed + cut >= max_new), stop set or not
+    cut, limit, stopped = stop_rows(np.array([[3, 4, 9], [3, 4, 9], [3, 4, 9]]), np.array([3, 3, 3]),
+                                    np.array([50, 50, 6]), np.array([47, 46, 0]), np.array([0, -1, -1]), ids, offs)
+    assert cut.tolist() == [3, 3, 3] and stopped.tolist() == [True, False, False]
+    cut, limit, stopped = stop_rows(np.array([[3, 4, 9]]), np.array([3]), np.array([50]), np.array([48]),
+                                    np.array([-1]), ids, offs)
+    assert cut.tolist() == [2] and limit.tolist() == [2] and stopped.tolist() == [True]
     with pytest.raises(ValueError, match=r"lens\[1\]=4 is outside \[1, 3\]"):
         stop_rows(runs, np.array([3, 4]), one, one * 0, one * 0, ids, offs)
     with pytest.raises(ValueError, match=r"row_set\[0\]=1 but 1 sets"):

@@ -1470,9 +1470,11 @@ nb::tuple seq_tails(nb::handle seqs_h) {
 // finish.stop_cut gives it). Row b's accepted run is runs[b, :lens[b]] (bonus included,
 // lens >= 1); its length limit max(1, min(lens[b], max_new[b] - committed[b])); with
 // row_set[b] = s >= 0 its run ends at the first of its first `limit` tokens in
-// set_ids[set_offsets[s]:set_offsets[s + 1]]. Returns (cut, limit, stopped): int64 each
+// set_ids[set_offsets[s]:set_offsets[s + 1]]. Returns (cut, limit, finishing): int64 each
 // (cut = limit where row_set is -1: the caller cuts those rows itself), and per row whether
-// its cut ends at one of its stop tokens (bool: the request finishes with this run).
+// the request finishes with its run as cut (bool): the cut ends at one of its stop tokens,
+// or the run reaches its length limit (committed + cut >= max_new; until stop 58 the caller
+// added that with numpy, ~3 cold array ops a step).
 nb::tuple stop_rows(nb::handle runs_h, nb::handle lens_h, nb::handle max_new_h, nb::handle committed_h,
                     nb::handle row_set_h, nb::handle set_ids_h, nb::handle set_offsets_h) {
   using I64M = nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
@@ -1510,6 +1512,7 @@ nb::tuple stop_rows(nb::handle runs_h, nb::handle lens_h, nb::handle max_new_h, 
     limit[b] = lim;
     cut[b] = lim;
     const int64_t s = row_set.data()[b];
+    if (lim >= left) stopped[b] = 1;  // (the length limit: committed + cut >= max_new)
     if (s < 0) continue;
     if (s >= n_sets)
       throw nb::value_error(("stop_rows: row_set[" + std::to_string(b) + "]=" + std::to_string(s) + " but " +
