@@ -296,6 +296,7 @@ class SuffixDrafter:
         self._evicting: set[int] = set()
         self._next_seq_id = 0
         self._predrafted: tuple | None = None  # see predraft
+        self._predrafted_idx: tuple | None = None  # (its trees, the job's rows' indexes)
         self._reused: tuple | None = None  # (the latest reuse of its trees by row: predrafted_rows)
         self._boundary_trees = False  # the kept trees are the ones from before a boundary
         self._weights = (np.zeros(0, np.int64), np.zeros(0, np.float64))
@@ -880,6 +881,7 @@ class SuffixDrafter:
             # job checked the node probabilities, DraftBatch.probs_in_range)
             self._predrafted = (seq_ids, DraftBatch(*arrays, probs_ok), versions, token, b.astype(np.int64),
                                 mutation_epoch())
+            self._predrafted_idx = (self._predrafted[1], idx)  # (its rows' indexes: predraft_current)
             self._boundary_trees = False
 
         return args, keep
@@ -892,12 +894,24 @@ class SuffixDrafter:
 
     def predraft_current(self) -> bool:
         """Whether every tree of the latest pre-draft still stands for a draft of its row now:
-        no index changed since it was made (``mutation_epoch``) and the step weights are
-        the same (what :meth:`speculate_flat` checks before it reuses them; the per-row
-        budgets it also compares are the caller's)."""
+        no index changed since it was made (``mutation_epoch``) -- or, where some index did,
+        not one of its rows' indexes (their versions, the rule :meth:`speculate_flat` reuses
+        a tree by when the epoch moved) -- and the step weights are the same (what
+        :meth:`speculate_flat` checks before it reuses them; the per-row budgets it also
+        compares are the caller's). The epoch counts every index's changes in the process:
+        another session's (two engines' sessions in one process; bench_host_path runs the
+        previous host path beside this one) moved it, and the launch first of the plan made
+        ahead then failed for no change of this drafter's (until stop 58)."""
         kept = self._predrafted
-        return (kept is not None and kept[5] == mutation_epoch() and kept[3] is self._weights
-                and self._can_predraft())
+        if kept is None or kept[3] is not self._weights or not self._can_predraft():
+            return False
+        if kept[5] == mutation_epoch():
+            return True
+        own = self._predrafted_idx
+        if own is None or own[0] is not kept[1]:  # (trees the plan drafted itself: no row list)
+            return False
+        idx = own[1]
+        return bool((kept[2] == index_versions(idx if type(idx) is list else list(idx))).all())
 
     def predrafted_rows(self, drafts: DraftBatch) -> np.ndarray | None:
         """Where ``drafts`` (what :meth:`speculate_flat` returned last) is the latest

@@ -53,6 +53,9 @@ rows (``_ModelBased._adopt_kept``): ``(ok, src, fresh, left)``.
 each row's accepted run and its length limit (``sglang/batch_rows.py``): ``(cut, limit, finishing)``
 (finishing: a stop token or the length limit ends the request with its run as cut).
 ``padded_rows(tokens, lens)`` is ``TokenRows.from_padded`` in one pass: ``(flat, offsets)``, None on bad input.
+``outcome_rows(proposed, committed)`` is a feedback's verify outcomes (``DasSession.committed_batch``):
+``(rows, proposed, accepted, bad)`` for the rows with one (something drafted, or more than the bonus
+token), ``bad`` the first of them that is invalid (-1: none).
 ``plan_ahead(...)`` copies the policy's inputs for its next plan of a feedback's rows
 (``_ModelBased.plan_ahead``); passed to ``extend_draft_rows_start(..., ahead=)``, the job runs
 ``OnlineCalibration.update`` / ``table``, the calibration factors, the length predictions and
@@ -94,6 +97,7 @@ from das_sglang.native._suffix import (
     online_plan,
     online_table,
     online_update,
+    outcome_rows,
     padded_rows,
     plan_ahead,
     ragged_layout,
@@ -107,5 +111,5 @@ from das_sglang.native._suffix import (
 
 __all__ = ["LengthIndex", "MAX_STEPS", "PendingExtendDraft", "SuffixIndex", "background_nice", "background_threads", "ahead_rows", "best_per_row", "clip_budgets",
            "draft_batch", "draft_rows", "draft_select", "extend_batch", "extend_draft_rows", "extend_draft_rows_start",
-           "gather_list", "index_versions", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_plan", "online_table", "online_update", "padded_rows",
+           "gather_list", "index_versions", "mutation_epoch", "int32_tokens", "length_remaining", "lookahead_per_row", "node_reserve_bytes", "online_add", "online_curves", "online_plan", "online_table", "online_update", "outcome_rows", "padded_rows",
            "ragged_layout", "ragged_mask_index", "row_map", "seq_tails", "set_background_nice", "set_node_reserve_bytes", "stop_rows"]

@@ -25,7 +25,7 @@ from das_sglang.core.draft_tree import DraftBatch
 from das_sglang.core.drafter import TokenRows, _flat_tokens, as_tokens
 from das_sglang.core.policy import make_policy
 from das_sglang.core.snapshot import TokenGroup, gil_pause
-from das_sglang.native import gather_list, int32_tokens
+from das_sglang.native import gather_list, int32_tokens, outcome_rows
 from das_sglang.sglang.options import DasOptions
 from das_sglang.sglang.request_params import (
     PROBLEM_KEY,  # noqa: F401  (re-exported)
@@ -431,7 +431,7 @@ class DasSession:
         self._empty_drafts: DraftBatch | None = None  # (see _no_drafts)
         self._ahead_pending = False  # the latest feedback's job also plans ahead (_plan_ahead)
         # Verify outcomes and finished lengths reach the policy one step late
-        # (_defer_outcomes, finished): those not yet recorded, in event order, and the
+        # (committed_batch, finished): those not yet recorded, in event order, and the
         # event of a recording running on the update thread (set when done).
         self._outcomes: list[tuple] = []
         self._outcomes_job: _Done | None = None
@@ -987,9 +987,13 @@ class DasSession:
         if not (self.LAUNCH_FIRST and self._ahead_pending) or self._updates is None:
             return None
         n = len(req_ids)
-        # (what the plan does first otherwise: starts drafted at once, a step advance or the
-        # history cap applied, constrained rows verified at the root only)
-        if n < self.DEFER_START_MIN_ROWS or self._root_only or self._advance_due or self.shards is not None:
+        # (what the plan does first otherwise: starts drafted at once, the history cap
+        # applied -- checked below --, constrained rows verified at the root only; a step
+        # advance's bookkeeping (_after_advance) changes no draft and no input of the plan
+        # where stale problems are forgotten with the next recording (DEFER_FORGET), so the
+        # step right after a boundary launches first too since stop 58)
+        if (n < self.DEFER_START_MIN_ROWS or self._root_only or (self._advance_due and not self.DEFER_FORGET)
+                or self.shards is not None):
             return None
         launch = getattr(self.policy, "launch_trees", None)
         if launch is None:
@@ -1213,10 +1217,22 @@ class DasSession:
         else:  # (a request twice in the rows: each row's tokens count)
             np.add.at(self._counts.gen, slots, n)
         p = np.asarray(proposed, dtype=np.int64).reshape(-1)
-        # nothing drafted and only the bonus token: no outcome to record
-        rows = ((p != 0) | (n != 1)).nonzero()[0]
+        # The rows with an outcome (nothing drafted and only the bonus token: none), their
+        # counts and the first invalid one, in one native pass (numpy's ~10 operations
+        # before stop 58). Kept for the policy's statistics and recorded one step late,
+        # during the next verify forward (before_forward hands them to the update thread;
+        # without that hook, or without the thread, the next feedback records them first):
+        # the plan after a feedback reads the statistics of the steps before it, whichever
+        # path runs -- the same plans, never timing-dependent -- and the recording (~1 ms of
+        # per-row Python at 512 rows) leaves the path from a verify result to the next
+        # forward. The statistics average hundreds of outcomes per problem; one step of lag
+        # changes a budget by the weight of one. A bad outcome raises now, naming its
+        # request (the rows' problem ids are picked when recorded: off this path).
+        rows, p_rows, a_rows, bad = outcome_rows(p, np.ascontiguousarray(n, dtype=np.int64))
         if rows.size:
-            self._defer_outcomes(problem_ids, p[rows], n[rows] - 1, req_ids, rows)
+            if bad >= 0:
+                _check_outcomes(p_rows, a_rows, req_ids, rows)  # (raises naming the request)
+            self._outcomes.append((problem_ids, p_rows, a_rows, rows))
 
     # The feedback's job also makes the policy's next plan of its rows (plan_ahead).
     PLAN_AHEAD = True
@@ -1269,21 +1285,6 @@ class DasSession:
                 ahead()
             except Exception:  # noqa: BLE001 (an optimisation: the plans go on without it)
                 self._plan_ahead_failed("prepare_ahead")
-
-    def _defer_outcomes(self, problem_ids: list, proposed: np.ndarray, accepted: np.ndarray,
-                        req_ids: list, rows: np.ndarray) -> None:
-        """Keep a feedback's verify outcomes for the policy's statistics; they are recorded
-        one step late, during the next verify forward (``before_forward`` hands them to the
-        update thread; without that hook, or without the thread, the next feedback records
-        them first). So the plan after a feedback reads the statistics of the steps before
-        it, whichever path runs -- the same plans, never timing-dependent -- and the
-        recording (~1 ms of per-row Python at 512 rows) leaves the scheduler thread's path
-        from a verify result to the next forward. The statistics average hundreds of
-        outcomes per problem; one step of lag changes a budget by the weight of one. The
-        outcomes are checked now: a bad one raises here, naming its request."""
-        _check_outcomes(proposed, accepted, req_ids, rows)
-        # (the rows' problem ids are picked when recorded: off the feedback's path)
-        self._outcomes.append((problem_ids, proposed, accepted, rows))
 
     def _record_outcomes(self, outcomes: list, pause=None) -> None:
         """Record pending verify outcomes, finished lengths and step advances, in order.

@@ -100,6 +100,9 @@ def test_a_step_verifies_the_plan_made_ahead_first_and_its_plan_is_the_same():
     decode = sum(f and not c for f, c, _ in how_a)
     changed = sum(f and c for f, c, _ in how_a)
     assert decode > 30 and changed > 10  # (both kinds of steps launched first)
+    # so do the steps right after a boundary (every 40 steps here: the drafter's advance
+    # has run by then and its bookkeeping waits for the plan after the launch)
+    assert all(how_a[i][0] for i in (41, 81))
     assert a.counters["launched_first"] == decode + changed and a.counters["launch_mismatch"] == 0
     assert b.counters["launched_first"] == 0
     # (it is the plan made ahead that launches: as many as the plans that took it)
@@ -240,4 +243,55 @@ def test_a_finish_with_a_bad_text_is_counted_and_the_rest_go_on(caplog, monkeypa
     assert any("not kept as history" in r.getMessage() and "-5" in r.getMessage() for r in caplog.records)
     kept = sorted(tuple(map(int, t)) for t in s.drafter.history()["p"][s.step])
     assert kept == ([(7, 8, 1, 2, 3)] if live_after else [(7, 8, 1, 2, 3), (7, 8, 4, 5)])
+    s.close()
+
+
+def test_another_session_s_index_changes_do_not_stop_launch_first():
+    """The native epoch counts every index's changes in the process. Another session's
+    (here an index changed before every launch, after the job's trees were kept) moves it although none of this drafter's
+    indexes changed: the plan made ahead still launches first wherever it did without them
+    (the job's rows' index versions decide then, the rule the plan's reuse of the trees
+    follows), with no mismatch and the same run, bit for bit. A change of one of the job's
+    own rows' indexes does stop it (the plan drafts that row again)."""
+    from das_sglang.native import SuffixIndex
+
+    ref = _session(True)
+    want, how_ref = _drive(ref)
+    ref.close()
+    foreign = SuffixIndex(8)
+    s = _session(True)
+    launch_plan = s.launch_plan
+
+    def after_a_foreign_change(*a, **k):
+        s._updates.flush()  # (the job's trees kept first, as at a flush the worker makes)
+        foreign.add_sequence(len(foreign_ids), np.array([1, 2, 3], np.int32), 0)
+        foreign_ids.append(1)
+        return launch_plan(*a, **k)
+
+    foreign_ids: list = []
+    s.launch_plan = after_a_foreign_change
+    got, how = _drive(s)
+    assert foreign_ids and got == want
+    assert [f for f, _, _ in how] == [f for f, _, _ in how_ref] and sum(f for f, _, _ in how) > 40
+    assert s.counters["launch_mismatch"] == 0
+    s.close()
+
+    # one of the job's own rows' indexes changed: not current any more
+    s = _session(True)
+    launch_plan = s.launch_plan
+    changed = []
+
+    def after_an_own_change(rids, *a, **k):
+        if s.drafter.predraft_current() and len(changed) < 3:
+            live = s.drafter._live[rids[0]]
+            before = s.drafter.predraft_current()
+            live.index.add_sequence(10_000 + len(changed), np.array([4, 4, 4], np.int32), s.drafter._step)
+            changed.append((before, s.drafter.predraft_current()))
+            assert launch_plan(rids, *a, **k) is None
+            return None
+        return launch_plan(rids, *a, **k)
+
+    s.launch_plan = after_an_own_change
+    _drive(s, steps=60)
+    assert changed and all(b and not a for b, a in changed)
     s.close()

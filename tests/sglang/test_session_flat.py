@@ -60,7 +60,7 @@ def _version(session, rid):
 def _legacy_committed(session, req_ids, proposed, tokens):
     session.sync()
     # The previous feedback's outcomes reach the policy now: one step late, as the session
-    # records them (DasSession._defer_outcomes), one observe_verify per row.
+    # records them (DasSession.committed_batch keeps them), one observe_verify per row.
     for pid, p, a in getattr(session, "_legacy_outcomes", []):
         session.policy.observe_verify(pid, p, a)
     session._legacy_outcomes = []
@@ -291,4 +291,32 @@ def test_rows_after_an_empty_batch_are_looked_up():
     never = -probes.config.probe_every
     got = probes._last_of(list(rids), ([], np.zeros(0, np.int64), True))  # (an empty recorded plan)
     assert got.tolist() == [probes._last.get(r, never) for r in rids]
+    s.close()
+
+
+def test_feedback_outcomes_are_picked_natively_and_a_bad_one_is_refused_naming_its_request():
+    """``committed_batch`` keeps the rows with a verify outcome (something drafted, or more
+    than the bonus token) with their proposed and accepted counts (``native.outcome_rows``,
+    one pass), and refuses an outcome where more was accepted than proposed, naming the
+    request -- before it is kept for the policy."""
+    from das_sglang.native import outcome_rows
+
+    rows, p, a, bad = outcome_rows(np.array([0, 3, 0, 2, 4]), np.array([1, 2, 1, 1, 5]))
+    assert rows.tolist() == [1, 3, 4] and p.tolist() == [3, 2, 4] and a.tolist() == [1, 0, 4] and bad == -1
+    assert outcome_rows(np.array([0, 3, 0]), np.array([1, 2, 3]))[3] == 1  # (row 2: 2 accepted of 0)
+    assert outcome_rows(np.array([-1]), np.array([1]))[3] == 0
+    with pytest.raises(ValueError, match="2 proposed counts but 1 committed"):
+        outcome_rows(np.array([1, 2]), np.array([1]))
+
+    cfg = {"server": {"policy": "length-aware", "async_updates": True}}
+    s = DasSession(load_options(9, json.dumps(cfg)))
+    for r in ("a", "b", "c"):
+        s.start(r, {"das_problem_id": "p"}, [1, 2, 3], [], 100)
+    s.plan(["a", "b", "c"], 8)
+    s.committed_batch(["a", "b", "c"], [2, 0, 3], [[5, 6], [7], [8]])
+    kept = s._outcomes[-1]
+    assert kept[3].tolist() == [0, 2] and kept[1].tolist() == [2, 3] and kept[2].tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"req_id='b': proposed=0, accepted=1"):
+        s.committed_batch(["a", "b", "c"], [2, 0, 3], [[5], [7, 7], [8]])
+    assert s._outcomes == []  # (the earlier ones recorded by this feedback first; the bad one not kept)
     s.close()

@@ -1420,6 +1420,33 @@ nb::object padded_rows_impl(const T* tok, size_t rows, size_t stride, const int6
   return nb::make_tuple(to_numpy_moved(std::move(flat)), to_numpy_moved(std::move(off)));
 }
 
+// outcome_rows(proposed, committed): a feedback's verify outcomes in one pass (DasSession.
+// committed_batch): the rows with one (something drafted, or more than the bonus token
+// committed), their proposed counts and accepted counts (committed - 1), and the first of
+// those rows whose outcome is invalid (accepted < 0, proposed < 0 or accepted > proposed;
+// -1: none) -- until stop 58 about ten numpy operations a step.
+nb::tuple outcome_rows(nb::handle proposed_h, nb::handle committed_h) {
+  const I64 p = as_array<I64>(proposed_h, "proposed", "int64");
+  const I64 n = as_array<I64>(committed_h, "committed", "int64");
+  const size_t bs = p.shape(0);
+  if (n.shape(0) != bs)
+    throw nb::value_error(("outcome_rows: " + std::to_string(bs) + " proposed counts but " +
+                           std::to_string(n.shape(0)) + " committed counts").c_str());
+  std::vector<int64_t> rows, prop, acc;
+  int64_t bad = -1;
+  for (size_t b = 0; b < bs; ++b) {
+    const int64_t pb = p.data()[b], nb_ = n.data()[b];
+    if (pb == 0 && nb_ == 1) continue;  // nothing drafted, only the bonus token: no outcome
+    const int64_t a = nb_ - 1;
+    if (bad < 0 && (pb < 0 || a < 0 || a > pb)) bad = int64_t(rows.size());
+    rows.push_back(int64_t(b));
+    prop.push_back(pb);
+    acc.push_back(a);
+  }
+  return nb::make_tuple(to_numpy_moved(std::move(rows)), to_numpy_moved(std::move(prop)),
+                        to_numpy_moved(std::move(acc)), bad);
+}
+
 nb::object padded_rows(nb::handle tokens_h, nb::handle lens_h) {
   using I64M = nb::ndarray<const int64_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
   using I32M = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
@@ -2888,6 +2915,8 @@ NB_MODULE(_suffix, m) {
         nb::arg("pend_match"), nb::arg("pend_nodes"), nb::arg("pend_bins"), nb::arg("bin_before"),
         nb::arg("bin_size"),
         "OnlineCalibration.update's arithmetic for a batch: (next states int64, rows with an outcome).");
+  m.def("outcome_rows", &outcome_rows, nb::arg("proposed"), nb::arg("committed"),
+        "A feedback's verify outcomes: (rows, proposed, accepted, first invalid row or -1).");
   m.def("padded_rows", &padded_rows, nb::arg("tokens"), nb::arg("lens"),
         "TokenRows.from_padded in one pass: (flat int32, offsets int64), None on an invalid length or token.");
   m.def("online_table", &online_table, nb::arg("cells"), nb::arg("w"), nb::arg("prior"),
