@@ -987,9 +987,16 @@ def test_row_map_is_the_dict_lookup_and_set_size(seed):
         new = [objs[int(v)] for v in rng.integers(0, 400, n_new)]
         want = {id(x): i for i, x in enumerate(prev)}
         ref = ([want.get(id(x), -1) for x in new], len({id(x) for x in new}) == len(new))
+        fresh = [i for i, x in enumerate(new) if id(x) not in want]
         for a, b in ((prev, new), (tuple(prev), new), (prev, tuple(new)), (iter_seq(prev), iter_seq(new))):
             at, unique = row_map(a, b, identity=True)
             assert (at.tolist(), unique) == ref
+            # (fresh=True: also the rows absent from prev, from the same pass -- lists take
+            # the one-table path, other sequences the general one)
+            at, unique, got = row_map(a, b, identity=True, fresh=True)
+            assert (at.tolist(), unique) == ref and got.dtype == np.int64 and got.tolist() == fresh
+    with pytest.raises(ValueError, match="fresh=True is for identity=True"):
+        row_map([1], [1], fresh=True)
     ids = [f"r{i}" for i in range(6)]
     assert row_map(ids, ids[::-1])[0].tolist() == [5, 4, 3, 2, 1, 0]
     assert row_map(ids, ids + ["r0"]) [1] is False

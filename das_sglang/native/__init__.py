@@ -41,7 +41,8 @@ finished length, ``build`` from columns, ``query`` rows): src/length_index.h.
 ``index_versions(indices)`` is every index's ``version`` in one call (uint64 array; None reads 0).
 ``mutation_epoch()`` is bumped with every index's version, process-wide: unchanged, no index changed.
 ``row_map(prev, new, identity=False)`` is, per item of ``new``, the index of its last equal item in
-``prev`` (-1: none) plus whether ``new`` holds each item once (``identity``: equal = the same object); ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
+``prev`` (-1: none) plus whether ``new`` holds each item once (``identity``: equal = the same object;
+with ``fresh=True`` also the rows of ``new`` absent from ``prev``); ``gather_list(src, at, fill)`` is ``[src[j] if j >= 0 else
 fill for j in at]``: the per-step parts gather their latest rows' values through them.
 ``clip_budgets(budgets, cap)`` is the drafter's per-row budgets (int64) as int32 at most ``cap``:
 ``(-1, array)``, or ``(the first negative row, None)``.

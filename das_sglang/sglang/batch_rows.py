@@ -163,10 +163,10 @@ class BatchRows:
         prev, n = self.reqs, len(reqs)
         self.kept = None
         if prev and n >= ROWMAP_MIN_ROWS:
-            back, unique = row_map(prev, reqs, identity=True)
+            # (fresh: the new rows, from the same native pass)
+            back, unique, fresh = row_map(prev, reqs, identity=True, fresh=True)
             back.flags.writeable = False
             self.kept = (self.rids, back, unique)
-            fresh = (back < 0).nonzero()[0]
             rids = gather_list(self.rids, back, None)
             outs = gather_list(self._outs, back, None)
             for i in fresh.tolist():
