@@ -1506,3 +1506,24 @@ def test_same_ints_is_array_equal_for_integer_arrays_of_one_dtype():
     c = a.copy()
     c[300] += 1
     assert not same_ints(a, c) and same_ints(a[::2], a[::2].copy())  # (a strided view too)
+
+
+def test_placeholders_are_filled_in_place_and_none_while_one_is_unknown():
+    """The feedback after a plan with deferred starts fills the memo's placeholders in its
+    own lists (``_fill_rows``: nothing holds them past the plan), and an unknown one raises,
+    naming it, before any row is filled."""
+    d, rids, rng = _drafter(requests=80)
+    batch = rids[:40] + ["n0"] + rids[40:79] + ["n1"]
+    d.speculate_flat(batch, 4, skip={"n0", "n1"})
+    d.start_request("n0", "p0", rng.integers(0, 12, 30))
+    d._rows(batch, {"n0", "n1"})  # (with skip: placeholders, built afresh)
+    memo = d._rows_memo
+    with pytest.raises(ValueError, match="unknown req_id='n1'"):
+        d._rows(list(batch))
+    assert memo[2][40] is None and memo[3][40] == -1  # (n0's row not filled either)
+    d.start_request("n1", "p1", rng.integers(0, 12, 30))
+    lives, idx, seq_ids = d._rows(list(batch))
+    assert idx is memo[2] and seq_ids is memo[3] and idx[40] is not None and seq_ids[80] >= 0
+    d._rows_memo = None
+    fresh = d._rows(list(batch))
+    assert lives == fresh[0] and idx == fresh[1] and seq_ids.tolist() == fresh[2].tolist()
