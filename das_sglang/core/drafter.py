@@ -250,6 +250,12 @@ def _flat_tokens(rows: Sequence[object]) -> np.ndarray | None:
     return arr.astype(np.int32)
 
 
+
+def _versions(indices) -> np.ndarray:
+    """``native.index_versions`` of a row list (a sequence made a list; a placeholder's
+    None reads version 0)."""
+    return index_versions(indices if type(indices) is list else list(indices))
+
 class SuffixDrafter:
     _mix_memo: tuple | None = None  # (config, its native mix tuple): _mix
 
@@ -296,7 +302,6 @@ class SuffixDrafter:
         self._evicting: set[int] = set()
         self._next_seq_id = 0
         self._predrafted: tuple | None = None  # see predraft
-        self._predrafted_idx: tuple | None = None  # (its trees, the job's rows' indexes)
         self._reused: tuple | None = None  # (the latest reuse of its trees by row: predrafted_rows)
         self._boundary_trees = False  # the kept trees are the ones from before a boundary
         self._weights = (np.zeros(0, np.int64), np.zeros(0, np.float64))
@@ -882,9 +887,9 @@ class SuffixDrafter:
             # (rows: the job's seq_ids array; a plan of the very same rows -- _rows' memo --
             # reads the trees in order, any other looks its rows up by seq_id; probs_ok: the
             # job checked the node probabilities, DraftBatch.probs_in_range)
+            # (idx: the rows' indexes, for predraft_current where the epoch moved)
             self._predrafted = (seq_ids, DraftBatch(*arrays, probs_ok), versions, token, b.astype(np.int64),
-                                mutation_epoch())
-            self._predrafted_idx = (self._predrafted[1], idx)  # (its rows' indexes: predraft_current)
+                                mutation_epoch(), idx)
             self._boundary_trees = False
 
         return args, keep
@@ -910,11 +915,8 @@ class SuffixDrafter:
             return False
         if kept[5] == mutation_epoch():
             return True
-        own = self._predrafted_idx
-        if own is None or own[0] is not kept[1]:  # (trees the plan drafted itself: no row list)
-            return False
-        idx = own[1]
-        return bool((kept[2] == index_versions(idx if type(idx) is list else list(idx))).all())
+        idx = kept[6]  # (None for trees predraft drafted: no row list)
+        return idx is not None and bool((kept[2] == _versions(idx)).all())
 
     def predrafted_rows(self, drafts: DraftBatch) -> np.ndarray | None:
         """Where ``drafts`` (what :meth:`speculate_flat` returned last) is the latest
@@ -1166,7 +1168,7 @@ class SuffixDrafter:
         indices = self._indices
         versions = np.fromiter((indices[lv.problem_id].version for lv in lives), np.uint64, len(lives))
         self._predrafted = (dict(zip(seq_ids, range(len(seq_ids)))), out, versions, self._weights,
-                            self._budget_array(seq_ids, int(budget)).astype(np.int64), mutation_epoch())
+                            self._budget_array(seq_ids, int(budget)).astype(np.int64), mutation_epoch(), None)
 
     def _same_weights(self, token) -> bool:
         """Every step the weights ``token`` (an earlier ``_weights``) and the current ones
@@ -1186,7 +1188,7 @@ class SuffixDrafter:
                           holes: bool = False) -> DraftBatch | None:
         """``speculate_flat`` from the :meth:`predraft` trees that are still exact (the
         others drafted now; with ``holes``, rows with seq_id -1 empty); None when none is."""
-        rows, kept, versions, weights, budgets, epoch = self._predrafted
+        rows, kept, versions, weights, budgets, epoch, _ = self._predrafted
         boundary, self._boundary_trees = self._boundary_trees, False
         self._reused = None
         # No index changed at all since the trees' versions were read (the usual case at a
@@ -1196,7 +1198,7 @@ class SuffixDrafter:
         current = epoch == mutation_epoch()
 
         def versions_now() -> np.ndarray:  # (a placeholder's None index reads version 0)
-            return index_versions(idx if type(idx) is list else list(idx))
+            return _versions(idx)
 
         if weights is not self._weights and not boundary and not self._same_weights(weights):
             self._predrafted = None  # a step advanced since: every step's weight changed

@@ -1387,7 +1387,7 @@ class DasSession:
             self._rows_dead.add(req_id)  # (its memo row, if any, is stale now: see _rows_from)
         self._root_only.discard(req_id)
         if not isinstance(output, (list, tuple, np.ndarray, array)):
-            output = list(output)  # (any iterable: held until the work below runs)
+            output = list(output)  # (any iterable; held until the work below runs)
         if self.DEFER_FINISH_WORK and self.live and self.shards is None:
             self._finish_work.append((req_id, live, prompt, output))
             return
@@ -1428,8 +1428,8 @@ class DasSession:
         defer = self.DEFER_FINISHES and self._updates is not None and self.shards is None
         if not defer:
             self._release_deferred()  # (its own start, if still deferred, comes first)
-        if not isinstance(output, (list, tuple, np.ndarray, array)):
-            output = list(output)  # (any iterable; SGLang's array("q") and lists are sliced as they are)
+        # (``finished`` made any other iterable a list; SGLang's array("q") and lists are
+        # sliced as they are)
         output = output[: live.max_new_tokens]
         what = f"text of req_id={req_id!r}"
         head = live.prompt
