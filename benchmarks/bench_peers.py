@@ -562,6 +562,36 @@ def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set
     return runs
 
 
+def run_leave_one_out(peers: list[Peer], rollouts: list[ds.Rollout], budget: int, log) -> dict[str, PeerRun]:
+    """Leave-one-out (``verl_gsm8k.leave_one_out``): every target decoded alone, on fresh peer
+    state, with its group's other members' whole texts (prompt + response) as the problem's
+    history of the step before. It stands in for an RL run's next epoch of the same problem
+    (the earlier samples of the problem finished, no live siblings), and it is the protocol
+    behind issue 11's verl figures: DAS without the wide tree (``--das mixture=false``) scores
+    the issue's 3.123 tokens per step to the digit, and NGRAM 3.26 vs the issue's 3.226."""
+    by_ps: dict[tuple[str, int], list[ds.Rollout]] = {}
+    for r in rollouts:
+        by_ps.setdefault((r.problem_id, r.step), []).append(r)
+    runs = {}
+    for proto in peers:
+        run = runs[proto.name] = PeerRun()
+        t0 = time.perf_counter()
+        load0 = MachineLoad.now()
+        server, proto.server = proto.server, False  # (per-target state: sized to what it holds)
+        try:
+            peer = proto.fresh()
+        finally:
+            proto.server = server
+        for (p, s), members in by_ps.items():
+            whole = [np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int32) for r in members]
+            for i, r in enumerate(members):
+                hist = [(s - 1, w) for j, w in enumerate(whole) if j != i]
+                run_group(peer, p, s, hist, [r], budget, run)  # (begin resets an isolated peer)
+        run.machine = {k: None if v is None else round(v, 3) for k, v in MachineLoad.now().since(load0).items()}
+        log(f"  {proto.name}: {len(rollouts)} targets leave-one-out in {time.perf_counter() - t0:.1f}s")
+    return runs
+
+
 def slice_report(runs: dict[str, PeerRun], keep) -> dict:
     out = {name: summarize(run, keep) for name, run in runs.items()}
     if "das" in out and "sglang_ngram" in out:
@@ -640,6 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="with --env-prefill: DAS serves each turn as a request of its own whose prompt "
                          "is the whole conversation so far (as verl's ToolAgentLoop sends it; the "
                          "earlier turn finishes as history), not as one request extended")
+    ap.add_argument("--no-leave-one-out", dest="leave_one_out", action="store_false",
+                    help="verl: skip the leave-one-out slice (each target alone, its siblings' whole "
+                         "texts as the step before's history: the protocol of issue 11's verl figures; "
+                         "~2 min with every peer)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
     if args.budget < 1:
@@ -722,6 +756,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if env is not None:  # (the environment's tokens, in every peer's context, decoded by none)
             out["env_prefilled_tokens"] = {"verl_gsm8k": sum(t.prefilled for t in next(iter(runs.values())).targets)}
         machine_runs["verl_gsm8k"] = {name: run.machine for name, run in runs.items()}
+        if args.leave_one_out and env is None:
+            log("verl_gsm8k leave-one-out: each target alone, its siblings' whole texts as history")
+            loo = run_leave_one_out(peers, rollouts, args.budget, log)
+            out["datasets"]["verl_gsm8k"]["leave_one_out"] = slice_report(loo, lambda t: True)
+            machine_runs["verl_gsm8k_leave_one_out"] = {name: run.machine for name, run in loo.items()}
     out["wall_s"] = round(time.perf_counter() - t_all, 1)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,8 @@ def test_verl_run_writes_the_issue_keys_and_the_machine_load(tmp_path):
     assert das["targets"] == 1024 and das["tokens_per_step"] > 1.0
     assert 0.0 < das["p50_us"] <= das["p99_us"]
     assert "sglang_ngram" not in d["datasets"]["verl_gsm8k"]["all"]
+    loo = d["datasets"]["verl_gsm8k"]["leave_one_out"]["das"]  # (more slices are welcome)
+    assert loo["targets"] == 1024 and loo["tokens_per_step"] > das["tokens_per_step"]
     run = d["machine"]["runs"]["verl_gsm8k"]["das"]
     assert run["wall_s"] > 0.0 and run["own_cpu_s"] > 0.0
     assert d["machine"]["cpus"] >= 1
@@ -112,6 +114,26 @@ def test_sequential_siblings_see_the_earlier_siblings_whole_and_need_the_server_
     assert per[True]["a"].steps == per[False]["a"].steps  # a: no sibling ahead of it either way
     assert bp.main(["--json", "/dev/null", "--sequential", "--isolated"]) == 1
     assert "--sequential needs the server protocol" in capsys.readouterr().err
+
+
+def test_leave_one_out_decodes_each_target_from_its_siblings_whole_texts_never_its_own():
+    """verl_gsm8k.leave_one_out: a target alone, on fresh state, its group's other members'
+    whole texts as the step before's history. a and b share their text, c's is its own: a
+    and b draft it from each other from the first token on, c never sees its own text (one
+    token per step), and no target's state leaks into the next (c decoded first or last alike)."""
+    rng = np.random.default_rng(1)
+    shared = [int(x) for x in rng.integers(10, 500, 60)]
+    own = [int(x) for x in rng.integers(500, 990, 60)]
+    members = [rollout("a", 3, [1, 2], shared), rollout("b", 3, [1, 2], shared), rollout("c", 3, [1, 2], own)]
+    per = {}
+    for order in (members, members[::-1]):
+        runs = bp.run_leave_one_out([bp.DasPeer(DrafterConfig(max_budget=16, window_steps=1))], order, 16,
+                                    lambda msg: None)
+        per[order[0].req_id] = t = {x.req_id: x for x in runs["das"].targets}
+        assert {r: x.tokens for r, x in t.items()} == {"a": 60, "b": 60, "c": 60}
+        assert t["a"].tokens_per_step > 8 and t["b"].tokens_per_step > 8
+        assert t["c"].tokens_per_step == 1.0
+    assert per["a"]["c"].steps == per["c"]["c"].steps
 
 
 def test_env_prefill_puts_the_environments_turns_in_the_context_without_decoding_them(tmp_path):
