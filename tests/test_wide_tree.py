@@ -210,3 +210,74 @@ def test_bad_min_ratio_is_rejected_naming_it():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="mix_min_ratio"):
             DrafterConfig(mix_min_ratio=bad)
+
+
+SKIP = (2.0, 0.0, 1, 64, 0.0, 0.0, 0.0, True)  # skip_unseen on
+
+
+def test_unseen_last_token_drafts_what_followed_its_context_with_another_token_there():
+    # "= 24 ." / "= 15 ." / "= 15 x": after "= 99" (99 never seen) the context without 99
+    # ("=") went on with 24 (once) and 15 (twice): anchors after them, raw 1 and 2.
+    seqs = [[3, 7, 24, 8], [4, 7, 15, 8], [5, 7, 15, 6]]
+    tokens, parents, probs, m = both(seqs, [2, 7, 99], 4, SKIP)
+    assert m == 0  # no match of the context itself
+    roots = {int(t): float(p) for t, p, q in zip(tokens, probs, parents) if q == -1}
+    # P(8) = 1/3 * 1 + 2/3 * 1/2, P(6) = 2/3 * 1/2
+    assert roots == pytest.approx({8: 2 / 3, 6: 1 / 3})
+    # off: nothing, as before
+    assert both(seqs, [2, 7, 99], 4, SKIP[:7])[0].tolist() == []
+    assert both(seqs, [2, 7, 99], 4, (*SKIP[:7], False))[0].tolist() == []
+    # a context with a match drafts as without the flag
+    with_match = both(seqs, [2, 7, 15], 4, SKIP)
+    assert with_match[0].tolist() == both(seqs, [2, 7, 15], 4, SKIP[:7])[0].tolist() and with_match[3] == 2
+
+
+def test_unseen_last_token_takes_the_longest_context_also_for_a_stored_sequence():
+    # "1 2 ?" went on with 5 after 9, "2 ?" also with 6 after 8: the longest suffix of the
+    # context without x ("1 2") wins. Stored as a sequence of the index (the drafter's
+    # rows), the context's own "1 2 3" (x then its end) is no anchor: the same tree.
+    seqs = [[1, 2, 9, 5, 5], [0, 2, 8, 6, 6]]
+    tokens, parents, probs, m = both(seqs, [1, 2, 3], 3, SKIP)
+    assert tokens.tolist() == [5, 5] and m == 0
+    ix, ref = SuffixIndex(8), ReferenceIndex(8)
+    for k, seq in enumerate(seqs + [[7, 1, 2, 3]]):
+        ix.add_sequence(k, arr(seq), 0)
+        ref.add_sequence(k, seq, 0)
+    n = ix.draft_for_sequence(2, 3, 0.0, {0: 1.0}, False, 7, SKIP)
+    r = ref.draft_for_sequence(2, 3, 0.0, {0: 1.0}, False, 7, SKIP)
+    assert n[0].tolist() == r[0] == [5, 5] and n[3] == r[3] == 0
+    # nothing went on after any suffix of the context without x: nothing drafted
+    assert both([[2, 3]], [1, 2, 4], 3, SKIP)[0].tolist() == []
+
+
+def test_drafter_skips_an_unseen_token_by_default_and_the_flag_turns_it_off():
+    def drafter(**kw):
+        d = SuffixDrafter(DrafterConfig(window_steps=1, min_token_prob=0.0, **kw))
+        d.advance_step(0)
+        d.add_history("p", 0, [3, 7, 24, 8, 1])
+        d.start_request("r", "p", [5, 7, 99])
+        return d.speculate("r", budget=4)
+
+    on, off = drafter(), drafter(skip_unseen=False)
+    assert on.tokens.tolist()[:2] == [8, 1] and on.match_len == 0
+    assert len(off) == 0
+
+
+def test_fallback_only_shared_index_still_fills_a_row_with_no_own_match():
+    # shared_weight 0: the shared index drafts only rows whose own tree is empty; an unseen
+    # last token in the own index must leave the row to it (another problem's text went on
+    # after 99), not to the own index's stand-in tree.
+    def drafter(**kw):
+        d = SuffixDrafter(DrafterConfig(window_steps=1, min_token_prob=0.0, **kw))
+        d.advance_step(0)
+        d.add_history("p", 0, [3, 7, 24, 8, 1])
+        d.add_history("q", 0, [99, 40, 41])
+        d.start_request("r", "p", [5, 7, 99])
+        return d.speculate("r", budget=4)
+
+    fallback = drafter(shared_weight=0.0)
+    assert fallback.tokens.tolist()[:2] == [40, 41]
+    mixed = drafter()  # mixed in: the shared index's match is a match, no stand-in either
+    assert mixed.tokens.tolist()[:2] == [40, 41] and mixed.match_len == 1
+    alone = drafter(global_shard=False)  # no shared index: the stand-in
+    assert alone.tokens.tolist()[:2] == [8, 1] and alone.match_len == 0

@@ -1053,9 +1053,13 @@ class SuffixDrafter:
         memo = self._mix_memo
         if memo is not None and memo[0] is cfg:  # (the config is frozen: one tuple per config)
             return memo[1]
+        # skip_unseen only where the shared index (if any) is mixed into every draft: the
+        # fallback-only one fills a row whose own tree is empty with a real match, which a
+        # stand-in tree of the own index would pre-empt.
+        skip = cfg.skip_unseen and (self._global is None or self._mixes_shared())
         mix = None if not cfg.mixture else (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match,
                                             cfg.mix_max_fanout, cfg.mix_recency, cfg.mix_match_half,
-                                            cfg.mix_min_ratio)
+                                            cfg.mix_min_ratio, skip)
         self._mix_memo = (cfg, mix)
         return mix
 

@@ -118,6 +118,8 @@ class ReferenceIndex:
             if node is not None and self._weighted_children(node, step_weights)[1] > 0.0:
                 break
         else:
+            if mix is not None and not chain and len(mix) == 8 and mix[7]:
+                return (*self._skip(context, budget, min_prob, step_weights, mix, max_match_len), 0)
             return [], [], [], 0
         if mix is not None and not chain:
             return (*self._mixture(context, m, budget, min_prob, step_weights, mix), m)
@@ -153,7 +155,36 @@ class ReferenceIndex:
             push(c, -neg_q, len(tokens) - 1)
         return tokens, parents, probs
 
-    def _mixture(self, context, longest, budget, min_prob, w, mix, own=None, shared=None):
+    def _skip(self, context, budget, min_prob, w, mix, max_match_len):
+        """Unseen last token x (no suffix of ``context`` has a weighted continuation): the
+        longest suffix s of context[:-1] (<= max_match_len, <= max_depth - 2) with a child
+        c != x of weight > 0 whose own children weigh > 0; unless s has more than
+        max_fanout weighted children, each such c is an anchor (node s + c, raw W(c)),
+        in token order, expanded as ``_mixture`` under match length len(s)."""
+        if len(context) < 2:
+            return [], [], []
+        x, head = context[-1], context[:-1]
+
+        def anchors_at(node):
+            out = []
+            for t, c, wc in sorted(self._weighted_children(node, w)[0], key=lambda k: k[0]):
+                cont = self._weighted_children(c, w)[1]
+                if t != x and cont > 0.0:
+                    out.append([c, cont, wc, self])
+            return out
+
+        top = min(max_match_len, len(head), self.max_depth - 2)
+        for m in range(top, 0, -1):
+            node = self._find(head[len(head) - m :])
+            if node is not None and anchors_at(node):
+                break
+        else:
+            return [], [], []
+        if len(self._weighted_children(node, w)[0]) > mix[3]:
+            return [], [], []
+        return self._mixture(context, m, budget, min_prob, w, mix, anchors=anchors_at(node))
+
+    def _mixture(self, context, longest, budget, min_prob, w, mix, own=None, shared=None, anchors=None):
         """Wide tree. Anchors: the match nodes of context suffixes m = longest .. min_match
         (stop at the first with more than max_fanout children of weight > 0). An anchor's continuation
         weight C = sum of its children's W; anchors with C = 0 are skipped; an anchor whose C
@@ -172,12 +203,14 @@ class ReferenceIndex:
         alpha, escape, min_match, max_fanout = mix[:4]
         recency, half = mix[4:6] if len(mix) >= 6 else (0.0, 0.0)
         # shortest anchor: min_match, and min_ratio (7th) of the draft's match length
-        ratio = mix[6] if len(mix) == 7 else 0.0
+        ratio = mix[6] if len(mix) >= 7 else 0.0
         floor = max(1, min_match, math.ceil(ratio * longest) if ratio > 0.0 else 1)
-        anchors = []  # [node, C, raw, index]
         sources = [(self, longest if own is None else own, 1.0)]
         if shared is not None:  # a shared index's anchors come after the own ones
             sources.append(shared)
+        if anchors is not None:  # given (_skip's)
+            sources = []
+        anchors = [] if anchors is None else anchors  # [node, C, raw, index]
         for ix, top, factor in sources:
             for m in range(top, floor - 1, -1):
                 node = ix._find(context[len(context) - m :])
@@ -285,6 +318,9 @@ class ReferenceIndex:
         own = self._longest(context, max_match_len, step_weights)
         other = shared._longest(context, max_match_len, step_weights)
         if own == 0 and other == 0:
+            if len(mix) == 8 and mix[7]:
+                return (*self._skip([int(t) for t in context], budget, min_prob, step_weights, mix,
+                                    max_match_len), 0)
             return [], [], [], 0
         longest = max(own, other)
         tokens, parents, probs = self._mixture([int(t) for t in context], longest, budget, min_prob,

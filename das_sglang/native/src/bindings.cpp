@@ -125,9 +125,10 @@ DraftParams params(const SuffixIndex& idx, int budget, double min_prob, nb::dict
 // match_half]): DraftParams (recency and match_half default to 0: off).
 void set_mix(DraftParams& p, nb::handle mix) {
   if (mix.is_none()) return;
-  if (!nb::isinstance<nb::tuple>(mix) || (nb::len(mix) != 4 && nb::len(mix) != 6 && nb::len(mix) != 7))
+  const size_t len = nb::isinstance<nb::tuple>(mix) ? nb::len(mix) : 0;
+  if (len != 4 && len != 6 && len != 7 && len != 8)
     throw nb::value_error(("invalid mix: expected None or (alpha, escape, min_match, max_fanout"
-                           "[, recency, match_half[, min_ratio]]), got " + describe(mix)).c_str());
+                           "[, recency, match_half[, min_ratio[, skip_unseen]]]), got " + describe(mix)).c_str());
   nb::tuple t = nb::borrow<nb::tuple>(mix);
   p.mixture = true;
   p.mix_alpha = nb::cast<double>(t[0]);
@@ -138,7 +139,8 @@ void set_mix(DraftParams& p, nb::handle mix) {
     p.mix_recency = nb::cast<double>(t[4]);
     p.mix_match_half = nb::cast<double>(t[5]);
   }
-  if (nb::len(mix) == 7) {
+  if (len == 8) p.skip_unseen = nb::cast<bool>(t[7]);
+  if (len >= 7) {
     p.mix_min_ratio = nb::cast<double>(t[6]);
     if (!(p.mix_min_ratio >= 0.0 && p.mix_min_ratio < 1.0))
       throw nb::value_error(("invalid mix=(..., min_ratio=" + std::to_string(p.mix_min_ratio) +

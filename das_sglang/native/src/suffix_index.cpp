@@ -618,7 +618,10 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
     --out.match_len;
     if (out.match_len > 0 && !walk(ctx + n - out.match_len, size_t(out.match_len), pos)) out.match_len = 0;
   }
-  if (out.match_len == 0) return;
+  if (out.match_len == 0) {
+    if (p.mixture && !p.chain && p.skip_unseen) skip_draft(ctx, n, p, out);
+    return;
+  }
   if (p.mixture && !p.chain) {
     thread_local std::vector<Anchor> anchors;
     anchors.clear();
@@ -686,7 +689,10 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
                                      p.shared_slot_weight);
     }
   }
-  if (lo == 0 && lo2 == 0) return;
+  if (lo == 0 && lo2 == 0) {
+    if (mix && p.skip_unseen) skip_draft(st.tokens.data(), st.tokens.size(), p, out);
+    return;
+  }
   out.match_len = std::max(lo, lo2);
   if (mix) {
     thread_local std::vector<Anchor> anchors;
@@ -869,6 +875,76 @@ bool SuffixIndex::add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m
   }
   anchors.push_back({pos, cont, raw, m, src});
   return true;
+}
+
+bool SuffixIndex::skip_anchors(const Pos& pos, int32_t x, int m, const DraftParams& p,
+                               std::vector<Anchor>* anchors) const {
+  const Node& at = nodes_[pos.node];
+  const double* w = p.slot_weight;
+  if (pos.off < at.label_len) {  // one continuation: the label's next token
+    if (label_token(at, pos.off) == x || weight_of(at, w) <= 0.0) return false;
+    const Pos after{pos.node, pos.off + 1};
+    const double cont = continuation_weight(after, w);
+    if (cont <= 0.0) return false;
+    if (anchors != nullptr) anchors->push_back({after, cont, weight_of(at, w), m, 0});
+    return true;
+  }
+  bool any = false;
+  for (uint32_t c = at.first_child; c != kNil; c = nodes_[c].next_sibling) {
+    const Node& y = nodes_[c];
+    const double wc = y.token == x ? 0.0 : weight_of(y, w);
+    if (wc <= 0.0) continue;
+    const Pos after{c, 1};
+    const double cont = continuation_weight(after, w);
+    if (cont <= 0.0) continue;
+    if (anchors == nullptr) return true;
+    anchors->push_back({after, cont, wc, m, 0});
+    any = true;
+  }
+  return any;
+}
+
+void SuffixIndex::skip_draft(const int32_t* ctx, size_t n, const DraftParams& p, Draft& out) const {
+  if (n < 2 || p.budget <= 0) return;
+  const int32_t x = ctx[n - 1];
+  const size_t k = n - 1;  // the context without x
+  // The suffix and the token in x's place must fit below max_depth with one more after.
+  int hi = int(std::min<size_t>(k, size_t(std::max(0, std::min(p.max_match_len, max_depth_ - 2)))));
+  int lo = 0;
+  Pos best{kRoot, 0};
+  while (lo < hi) {  // "has such a continuation" is monotone in the suffix length
+    const int mid = (lo + hi + 1) / 2;
+    Pos at;
+    if (walk(ctx + k - mid, size_t(mid), at) && skip_anchors(at, x, mid, p, nullptr)) {
+      lo = mid;
+      best = at;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  if (lo == 0) return;
+  const Node& at = nodes_[best.node];
+  const uint32_t cap = uint32_t(std::max(0, p.mix_max_fanout));
+  if (best.off >= at.label_len && at.fanout > cap && weighted_fanout(at, p.slot_weight, cap) > cap) return;
+  thread_local std::vector<Anchor> anchors;
+  thread_local std::vector<std::pair<int32_t, size_t>> order;
+  anchors.clear();
+  skip_anchors(best, x, lo, p, &anchors);
+  if (anchors.size() > 1) {  // token order (the oracle's; the sums below run in it)
+    order.clear();
+    for (size_t i = 0; i < anchors.size(); ++i) {
+      const Pos& a = anchors[i].pos;
+      order.push_back({nodes_[a.node].token, i});  // (several: children, each at Pos{c, 1})
+    }
+    std::sort(order.begin(), order.end());
+    thread_local std::vector<Anchor> sorted;
+    sorted.clear();
+    for (const auto& o : order) sorted.push_back(anchors[o.second]);
+    anchors.swap(sorted);
+  }
+  out.match_len = lo;  // the expansion's order reads it (match_half)
+  expand_mixture(anchors, p, out);
+  out.match_len = 0;
 }
 
 double SuffixIndex::recency_of(uint32_t x) const {

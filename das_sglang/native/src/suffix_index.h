@@ -331,6 +331,14 @@ struct DraftParams {
     const int r = mix_min_ratio > 0.0 ? int(std::ceil(mix_min_ratio * double(match_len))) : 1;
     return std::max({1, mix_min_match, r});
   }
+  // Unseen last token (docs/design.md "Unseen last token"): with a mixture tree, where no
+  // suffix of the context has a weighted continuation (its last token x never went on
+  // anywhere: a new number, a rare word), draft what followed the context *without* x
+  // with one token in x's place: the longest suffix of context[:-1] with a weighted
+  // continuation c != x that itself goes on; every such c is an anchor at the position
+  // after it, raw weight W(c) (anchors in token order), expanded as a mixture under that
+  // suffix's length. The tree reports match length 0 (no match of the context itself).
+  bool skip_unseen = false;
   // m^mix_alpha for m < kMixPow (std::pow's own results, filled by set_mix from a table it
   // keeps per alpha; add_anchor reads them instead of calling pow per anchor: 5 % of a
   // draft's time). Unset (a DraftParams not made by set_mix): add_anchor calls pow.
@@ -467,6 +475,11 @@ class SuffixIndex {
   bool add_anchor(std::vector<Anchor>& anchors, const Pos& pos, int m, const DraftParams& p,
                   int src) const;
   void expand_mixture(const std::vector<Anchor>& anchors, const DraftParams& p, Draft& out) const;
+  // DraftParams::skip_unseen's tree for the context ctx[0, n) (out empty on entry).
+  void skip_draft(const int32_t* ctx, size_t n, const DraftParams& p, Draft& out) const;
+  // The weighted continuations c != x at pos that go on (skip_draft's anchors); with
+  // `anchors` null, only whether there is one.
+  bool skip_anchors(const Pos& pos, int32_t x, int m, const DraftParams& p, std::vector<Anchor>* anchors) const;
 
   int max_depth_;
   MappedArray<Node> nodes_;             // nodes_[kRoot] is the root
