@@ -800,6 +800,7 @@ def plot(out: dict, png: Path) -> None:
                 labels.append(f"{dname}\n{sname}")
                 for p in ("das", "sglang_ngram", "arctic", "corpus_bound"):
                     vals.setdefault(p, []).append(sl[p]["tokens_per_step"] if p in sl else 0.0)
+    vals = {p: v for p, v in vals.items() if any(v)}  # (peers in no slice: no legend entry)
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(labels))
     w = 0.8 / max(len(vals), 1)
