@@ -1,0 +1,226 @@
+"""DAS on bench_peers' verl leave-one-out slice: side by side with NGRAM, and an alignment pointer.
+
+    python benchmarks/studies/loo_verl.py oracle            # ~2 min: DAS and NGRAM on the same states
+    python benchmarks/studies/loo_verl.py pointer [MODE..]  # ~45 s a mode: base, m<c>[k<K>]
+
+Protocol as ``bench_peers.run_leave_one_out``: each target alone on fresh state, its
+siblings' whole texts as the step before's history (the protocol of issue 11's verl figures).
+
+``oracle``: DAS drafts and drives the decoding; at every step SGLang's NGRAM corpus (fed the
+same history and accepted tokens) drafts too, and both trees are scored against the
+recording: accepted drafts per step for each, the per-step better of the two (an oracle no
+drafter can be), and both by DAS's match length.
+
+``pointer``: an alignment pointer -- the sibling text the request follows, re-synced each
+step at the longest backward match of its context (ties: the current sibling, nearest its
+expected position); its next 16 tokens are a chain. Scored alone and as an oracle with DAS;
+mode ``m<c>[k<K>]`` merges its first c tokens into DAS's tree (DAS redrafted with as many
+fewer nodes as the chain adds) where the alignment is at least K tokens long.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import numpy as np  # noqa: E402
+
+import bench_peers as bp  # noqa: E402
+from das_sglang.core.config import DrafterConfig  # noqa: E402
+from das_sglang.core.draft_tree import DraftTree  # noqa: E402
+from das_sglang.core.tokenize import TextTokenizer  # noqa: E402
+from das_sglang.replay import datasets as ds  # noqa: E402
+
+CFG = DrafterConfig(max_budget=16, min_token_prob=0.0, mix_escape=0.5)  # bench_peers' DAS peer
+MAXK = 12
+
+
+def accepted(tree: DraftTree, truth: list[int]) -> int:
+    return tree.accept_length(truth) if len(tree) else 0
+
+
+def leave_one_out(peer) -> bp.PeerRun:
+    rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), TextTokenizer())
+    by_p: dict[str, list] = {}
+    for r in rollouts:
+        by_p.setdefault(r.problem_id, []).append(r)
+    run = bp.PeerRun()
+    for p, members in by_p.items():
+        whole = [np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int32) for r in members]
+        for i, r in enumerate(members):
+            hist = [(r.step - 1, w) for j, w in enumerate(whole) if j != i]
+            bp.run_group(peer, p, r.step, hist, [r], 16, run)
+    return run
+
+
+class SideBySide(bp.Peer):
+    name = "side_by_side"
+    needs_truth = True
+    server = False
+
+    def __init__(self) -> None:
+        self.das, self.ngram = bp.DasPeer(CFG, server=False), bp.NgramPeer(16, server=False)
+        self.rows: list[tuple[int, int, int]] = []  # (DAS accepted, NGRAM accepted, DAS match length)
+
+    def begin(self, problem_id, step, history, members):
+        self.das.begin(problem_id, step, history, members)
+        self.ngram.begin(problem_id, step, history, members)
+
+    def reveal(self, truth):
+        self.truth = truth
+
+    def propose(self, rids, budget):
+        trees = self.das.propose(rids, budget)
+        for r, d, g in zip(rids, trees, self.ngram.propose(rids, budget)):
+            t = self.truth[r].tolist()
+            self.rows.append((accepted(d, t), accepted(g, t), int(d.match_len) if len(d) else -1))
+        return trees
+
+    def extend(self, rid, context, new):
+        self.das.extend(rid, context, new)
+        self.ngram.extend(rid, context, new)
+
+    def end(self):
+        self.das.end()
+        self.ngram.end()
+
+
+def oracle() -> None:
+    peer = SideBySide()
+    t0 = time.perf_counter()
+    run = leave_one_out(peer)
+    R = np.asarray(peer.rows, dtype=np.float64)
+    d, g, ml = R[:, 0], R[:, 1], R[:, 2]
+    s = bp.summarize(run, lambda t: True)
+    print(f"DAS tokens/step {s['tokens_per_step']:.4f}; {len(R)} steps ({time.perf_counter() - t0:.0f}s)")
+    print(f"accepted drafts/step: DAS {d.mean():.4f}  NGRAM {g.mean():.4f}  better of the two {np.maximum(d, g).mean():.4f}"
+          f"  (NGRAM ahead at {np.mean(g > d):.1%} of steps, DAS at {np.mean(d > g):.1%})")
+    for lo, hi in [(-1, 0), (0, 1), (1, 2), (2, 3), (3, 5), (5, 9), (9, 17), (17, 10**6)]:  # -1 empty, 0 stand-in
+        m = (ml >= lo) & (ml < hi)
+        if m.any():
+            print(f"  DAS match [{lo},{hi}): {m.mean():.1%} of steps, DAS {d[m].mean():.3f}  NGRAM {g[m].mean():.3f}")
+
+
+def best_alignment(C: np.ndarray, sources: list[np.ndarray], lead: int | None, expected: int | None):
+    """(source, q, k): sources[s][q-k:q] == C[-k:], k maximal (<= MAXK); ties: the lead
+    source nearest ``expected``, else the latest position. (None, None, 0) if none."""
+    best, best_key = (None, None, 0), None
+    for si, S in enumerate(sources):
+        if len(S) < 2:
+            continue
+        qs = np.flatnonzero(S[:-1] == C[-1]) + 1
+        if not len(qs):
+            continue
+        k = np.ones(len(qs), np.int64)
+        alive = np.ones(len(qs), bool)
+        for j in range(2, min(MAXK, len(C)) + 1):
+            ok = alive & (qs - j >= 0)
+            ok &= S[np.where(ok, qs - j, 0)] == C[-j]
+            k[ok] = j
+            alive = ok
+            if not alive.any():
+                break
+        cand = qs[k == k.max()]
+        if si == lead and expected is not None:
+            dist = np.abs(cand - expected)
+            q, pri = int(cand[dist.argmin()]), 2 - min(int(dist.min()), 50) / 100
+        else:
+            q, pri = int(cand[-1]), 0
+        key = (int(k.max()), pri)
+        if best_key is None or key > best_key:
+            best, best_key = (si, q, int(k.max())), key
+    return best
+
+
+class Pointer(bp.DasPeer):
+    needs_truth = True
+
+    def __init__(self, mode: str) -> None:
+        super().__init__(CFG, server=False)
+        self.mode = mode
+        self.stats = {"n": 0, "das": 0, "ptr": 0, "oracle": 0, "merged": 0}
+
+    def begin(self, problem_id, step, history, members):
+        super().begin(problem_id, step, history, members)
+        self.text = {rid: np.asarray(p, np.int32) for rid, p in members}
+        self.hist = [np.asarray(s, np.int32) for _, s in history]
+        self.lead: dict[str, tuple | None] = {rid: None for rid, _ in members}
+
+    def reveal(self, truth):
+        self.truth = truth
+
+    def chain(self, rid: str) -> tuple[list[int], int]:
+        keys = [k for k in self.text if k != rid] + [("h", i) for i in range(len(self.hist))]
+        srcs = [self.hist[k[1]] if isinstance(k, tuple) else self.text[k] for k in keys]
+        lead = self.lead.get(rid)
+        li, exp = (keys.index(lead[0]), lead[1]) if lead is not None and lead[0] in keys else (None, None)
+        si, q, k = best_alignment(self.text[rid], srcs, li, exp)
+        self.lead[rid] = None if q is None else (keys[si], q)
+        return ([], 0) if q is None else (srcs[si][q:q + 16].tolist(), k)
+
+    def merge(self, rid: str, tree: DraftTree, chain: list[int], k: int) -> DraftTree:
+        c, _, kmin = self.mode[1:].partition("k")
+        chain = chain[:int(c)]
+        if not chain or k < int(kmin or 0):
+            return tree
+        for b in range(16, -1, -1):  # DAS redrafted with fewer nodes until the union fits
+            t = tree if b == 16 else (self.d.speculate_batch([self._as[rid]], [b])[0] if b else DraftTree.empty())
+            toks, par, probs = t.tokens.tolist(), t.parents.tolist(), t.probs.tolist()
+            node = -1
+            for x in chain:
+                nxt = [i for i, (tk, pp) in enumerate(zip(toks, par)) if pp == node and tk == x]
+                if nxt:
+                    node = nxt[0]
+                    continue
+                toks.append(x)
+                par.append(node)
+                probs.append(0.5)
+                node = len(toks) - 1
+            if len(toks) <= 16:
+                self.stats["merged"] += 1
+                return DraftTree(np.asarray(toks, np.int32), np.asarray(par, np.int32),
+                                 np.asarray(probs, np.float32), t.match_len)
+        return tree
+
+    def propose(self, rids, budget):
+        out = []
+        for rid, tree in zip(rids, super().propose(rids, budget)):
+            chain, k = self.chain(rid)
+            truth = self.truth[rid].tolist()
+            a_d = accepted(tree, truth)
+            a_p = next((i for i, (x, y) in enumerate(zip(chain, truth)) if x != y), min(len(chain), len(truth)))
+            st = self.stats
+            st["n"] += 1
+            st["das"] += a_d
+            st["ptr"] += a_p
+            st["oracle"] += max(a_d, a_p)
+            out.append(tree if self.mode == "base" else self.merge(rid, tree, chain, k))
+        return out
+
+    def extend(self, rid, context, new):
+        super().extend(rid, context, new)
+        self.text[rid] = np.concatenate([self.text[rid], np.asarray(new, np.int32)])
+
+
+def pointer(modes: list[str]) -> None:
+    for mode in modes or ["base"]:
+        peer = Pointer(mode)
+        t0 = time.perf_counter()
+        s = bp.summarize(leave_one_out(peer), lambda t: True)
+        st = peer.stats
+        n = st["n"]
+        print(f"{mode:8s} tokens/step {s['tokens_per_step']:.4f}; accepted drafts/step DAS {st['das'] / n:.4f} "
+              f"pointer {st['ptr'] / n:.4f} better of the two {st['oracle'] / n:.4f}; merged {st['merged'] / n:.1%} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "oracle"
+    if what == "oracle":
+        oracle()
+    elif what == "pointer":
+        pointer(sys.argv[2:])
+    else:
+        raise SystemExit(f"unknown study {what!r}: oracle or pointer")
