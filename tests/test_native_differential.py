@@ -144,7 +144,7 @@ def mixes():
                   st.sampled_from([0.0, 0.2, 0.3, 0.5, 0.9]))
         .map(lambda t: (*t[0], t[1], t[2], t[3])),
         st.tuples(base, st.sampled_from([0.0, 0.25, 1.0]), st.sampled_from([0.0, 4.0]),
-                  st.sampled_from([0.0, 0.3]), st.booleans())  # skip_unseen
+                  st.sampled_from([0.0, 0.3]), st.sampled_from([False, True, 0.25, 0.5]))  # skip_unseen
         .map(lambda t: (*t[0], t[1], t[2], t[3], t[4])),
     )
 

@@ -281,3 +281,31 @@ def test_fallback_only_shared_index_still_fills_a_row_with_no_own_match():
     assert mixed.tokens.tolist()[:2] == [40, 41] and mixed.match_len == 1
     alone = drafter(global_shard=False)  # no shared index: the stand-in
     assert alone.tokens.tolist()[:2] == [8, 1] and alone.match_len == 0
+
+
+def test_stand_in_probs_are_scaled_and_cut_after_scaling():
+    seqs = [[3, 7, 24, 8], [4, 7, 15, 8], [5, 7, 15, 6]]
+    half = (*SKIP[:7], 0.5)
+    tokens, parents, probs, m = both(seqs, [2, 7, 99], 4, half)
+    assert dict(zip(tokens.tolist(), probs.tolist())) == pytest.approx({8: 1 / 3, 6: 1 / 6})
+    # min_prob reads the scaled probs: 0.2 keeps 8 (1/3), drops 6 (1/6; 1/3 unscaled)
+    ix = SuffixIndex(8)
+    for k, s in enumerate(seqs):
+        ix.add_sequence(k, arr(s), 0)
+    assert ix.draft(arr([2, 7, 99]), 4, 0.2, {0: 1.0}, False, 7, half)[0].tolist() == [8]
+    for bad in (-0.5, 1.5):
+        with pytest.raises(ValueError, match="skip_unseen"):
+            ix.draft(arr([2, 7, 99]), 4, 0.0, {0: 1.0}, False, 7, (*SKIP[:7], bad))
+    with pytest.raises(ValueError, match="skip_discount"):
+        DrafterConfig(skip_discount=0.0)
+    # the drafter scales by DrafterConfig.skip_discount
+    def stand_in(discount):
+        d = SuffixDrafter(DrafterConfig(window_steps=1, min_token_prob=0.0, skip_discount=discount))
+        d.advance_step(0)
+        d.add_history("p", 0, [3, 7, 24, 8, 1])
+        d.start_request("r", "p", [5, 7, 99])
+        return d.speculate("r", budget=4)
+
+    full, half = stand_in(1.0), stand_in(0.5)
+    assert half.tokens.tolist() == full.tokens.tolist() == [8, 1]
+    np.testing.assert_allclose(half.probs, 0.5 * full.probs, rtol=1e-6)

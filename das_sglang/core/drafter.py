@@ -1056,7 +1056,7 @@ class SuffixDrafter:
         # skip_unseen only where the shared index (if any) is mixed into every draft: the
         # fallback-only one fills a row whose own tree is empty with a real match, which a
         # stand-in tree of the own index would pre-empt.
-        skip = cfg.skip_unseen and (self._global is None or self._mixes_shared())
+        skip = cfg.skip_discount if cfg.skip_unseen and (self._global is None or self._mixes_shared()) else 0.0
         mix = None if not cfg.mixture else (cfg.mix_alpha, cfg.mix_escape, cfg.mix_min_match,
                                             cfg.mix_max_fanout, cfg.mix_recency, cfg.mix_match_half,
                                             cfg.mix_min_ratio, skip)

@@ -160,7 +160,8 @@ class ReferenceIndex:
         longest suffix s of context[:-1] (<= max_match_len, <= max_depth - 2) with a child
         c != x of weight > 0 whose own children weigh > 0; unless s has more than
         max_fanout weighted children, each such c is an anchor (node s + c, raw W(c)),
-        in token order, expanded as ``_mixture`` under match length len(s)."""
+        in token order, expanded as ``_mixture`` under match length len(s); probs scaled
+        by mix[7] (min_prob applies to the scaled ones)."""
         if len(context) < 2:
             return [], [], []
         x, head = context[-1], context[:-1]
@@ -182,7 +183,12 @@ class ReferenceIndex:
             return [], [], []
         if len(self._weighted_children(node, w)[0]) > mix[3]:
             return [], [], []
-        return self._mixture(context, m, budget, min_prob, w, mix, anchors=anchors_at(node))
+        scale = float(mix[7])  # probs scaled by it; the cut on the scaled probs
+        if scale == 1.0:
+            return self._mixture(context, m, budget, min_prob, w, mix, anchors=anchors_at(node))
+        tokens, parents, probs = self._mixture(context, m, budget, min_prob / scale, w, mix,
+                                               anchors=anchors_at(node))
+        return tokens, parents, [x * scale for x in probs]
 
     def _mixture(self, context, longest, budget, min_prob, w, mix, own=None, shared=None, anchors=None):
         """Wide tree. Anchors: the match nodes of context suffixes m = longest .. min_match

@@ -139,7 +139,12 @@ void set_mix(DraftParams& p, nb::handle mix) {
     p.mix_recency = nb::cast<double>(t[4]);
     p.mix_match_half = nb::cast<double>(t[5]);
   }
-  if (len == 8) p.skip_unseen = nb::cast<bool>(t[7]);
+  if (len == 8) {
+    p.skip_unseen = nb::cast<double>(t[7]);  // (a bool reads as 0 / 1)
+    if (!(p.skip_unseen >= 0.0 && p.skip_unseen <= 1.0))
+      throw nb::value_error(("invalid mix=(..., skip_unseen=" + std::to_string(p.skip_unseen) +
+                             "): must be in [0, 1] (0: off; else the stand-in tree's prob scale)").c_str());
+  }
   if (len >= 7) {
     p.mix_min_ratio = nb::cast<double>(t[6]);
     if (!(p.mix_min_ratio >= 0.0 && p.mix_min_ratio < 1.0))

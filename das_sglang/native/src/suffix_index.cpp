@@ -619,7 +619,7 @@ void SuffixIndex::draft(const int32_t* ctx, size_t n, const DraftParams& p, Draf
     if (out.match_len > 0 && !walk(ctx + n - out.match_len, size_t(out.match_len), pos)) out.match_len = 0;
   }
   if (out.match_len == 0) {
-    if (p.mixture && !p.chain && p.skip_unseen) skip_draft(ctx, n, p, out);
+    if (p.mixture && !p.chain && p.skip_unseen > 0.0) skip_draft(ctx, n, p, out);
     return;
   }
   if (p.mixture && !p.chain) {
@@ -690,7 +690,7 @@ void SuffixIndex::draft_for_sequence(int64_t seq_id, const DraftParams& p, Draft
     }
   }
   if (lo == 0 && lo2 == 0) {
-    if (mix && p.skip_unseen) skip_draft(st.tokens.data(), st.tokens.size(), p, out);
+    if (mix && p.skip_unseen > 0.0) skip_draft(st.tokens.data(), st.tokens.size(), p, out);
     return;
   }
   out.match_len = std::max(lo, lo2);
@@ -943,7 +943,15 @@ void SuffixIndex::skip_draft(const int32_t* ctx, size_t n, const DraftParams& p,
     anchors.swap(sorted);
   }
   out.match_len = lo;  // the expansion's order reads it (match_half)
-  expand_mixture(anchors, p, out);
+  const double scale = p.skip_unseen;
+  if (scale == 1.0) {
+    expand_mixture(anchors, p, out);
+  } else {  // the cut on the scaled probs: prob * scale >= min_prob
+    DraftParams q = p;
+    q.min_prob = p.min_prob / scale;
+    expand_mixture(anchors, q, out);
+    for (auto& x : out.probs) x = x * scale;
+  }
   out.match_len = 0;
 }
 

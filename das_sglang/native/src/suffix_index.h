@@ -338,7 +338,9 @@ struct DraftParams {
   // continuation c != x that itself goes on; every such c is an anchor at the position
   // after it, raw weight W(c) (anchors in token order), expanded as a mixture under that
   // suffix's length. The tree reports match length 0 (no match of the context itself).
-  bool skip_unseen = false;
+  // 0: off; else its probs are scaled by this (such a tree is right far less often than
+  // its counts say; min_prob applies to the scaled probs, the order is unchanged).
+  double skip_unseen = 0.0;
   // m^mix_alpha for m < kMixPow (std::pow's own results, filled by set_mix from a table it
   // keeps per alpha; add_anchor reads them instead of calling pow per anchor: 5 % of a
   // draft's time). Unset (a DraftParams not made by set_mix): add_anchor calls pow.
