@@ -950,7 +950,7 @@ void SuffixIndex::skip_draft(const int32_t* ctx, size_t n, const DraftParams& p,
     DraftParams q = p;
     q.min_prob = p.min_prob / scale;
     expand_mixture(anchors, q, out);
-    for (auto& x : out.probs) x = x * scale;
+    for (auto& v : out.probs) v = v * scale;
   }
   out.match_len = 0;
 }
