@@ -250,11 +250,11 @@ def _flat_tokens(rows: Sequence[object]) -> np.ndarray | None:
     return arr.astype(np.int32)
 
 
-
 def _versions(indices) -> np.ndarray:
     """``native.index_versions`` of a row list (a sequence made a list; a placeholder's
     None reads version 0)."""
     return index_versions(indices if type(indices) is list else list(indices))
+
 
 class SuffixDrafter:
     _mix_memo: tuple | None = None  # (config, its native mix tuple): _mix

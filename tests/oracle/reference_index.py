@@ -184,11 +184,32 @@ class ReferenceIndex:
         if len(self._weighted_children(node, w)[0]) > mix[3]:
             return [], [], []
         scale = float(mix[7])  # probs scaled by it; the cut on the scaled probs
-        if scale == 1.0:
-            return self._mixture(context, m, budget, min_prob, w, mix, anchors=anchors_at(node))
         tokens, parents, probs = self._mixture(context, m, budget, min_prob / scale, w, mix,
                                                anchors=anchors_at(node))
         return tokens, parents, [x * scale for x in probs]
+
+    def _anchors(self, context, longest, w, alpha, max_fanout, floor, own, shared) -> list:
+        """``_mixture``'s anchors, [node, C, raw, index] each: this index's (from ``own``,
+        default ``longest``, down to ``floor``), then the shared index's."""
+        sources = [(self, longest if own is None else own, 1.0)]
+        if shared is not None:  # a shared index's anchors come after the own ones
+            sources.append(shared)
+        anchors: list = []
+        for ix, top, factor in sources:
+            for m in range(top, floor - 1, -1):
+                node = ix._find(context[len(context) - m :])
+                if len(ix._weighted_children(node, w)[0]) > max_fanout:
+                    break
+                _, c = ix._weighted_children(node, w)
+                if c <= 0.0:
+                    continue
+                raw = float(m) ** alpha * factor
+                if anchors and anchors[-1][3] is ix and anchors[-1][1] == c:
+                    anchors[-1][0] = node
+                    anchors[-1][2] += raw
+                else:
+                    anchors.append([node, c, raw, ix])
+        return anchors
 
     def _mixture(self, context, longest, budget, min_prob, w, mix, own=None, shared=None, anchors=None):
         """Wide tree. Anchors: the match nodes of context suffixes m = longest .. min_match
@@ -211,26 +232,8 @@ class ReferenceIndex:
         # shortest anchor: min_match, and min_ratio (7th) of the draft's match length
         ratio = mix[6] if len(mix) >= 7 else 0.0
         floor = max(1, min_match, math.ceil(ratio * longest) if ratio > 0.0 else 1)
-        sources = [(self, longest if own is None else own, 1.0)]
-        if shared is not None:  # a shared index's anchors come after the own ones
-            sources.append(shared)
-        if anchors is not None:  # given (_skip's)
-            sources = []
-        anchors = [] if anchors is None else anchors  # [node, C, raw, index]
-        for ix, top, factor in sources:
-            for m in range(top, floor - 1, -1):
-                node = ix._find(context[len(context) - m :])
-                if len(ix._weighted_children(node, w)[0]) > max_fanout:
-                    break
-                _, c = ix._weighted_children(node, w)
-                if c <= 0.0:
-                    continue
-                raw = float(m) ** alpha * factor
-                if anchors and anchors[-1][3] is ix and anchors[-1][1] == c:
-                    anchors[-1][0] = node
-                    anchors[-1][2] += raw
-                else:
-                    anchors.append([node, c, raw, ix])
+        if anchors is None:  # (given: _skip's)
+            anchors = self._anchors(context, longest, w, alpha, max_fanout, floor, own, shared)
         if not anchors or budget <= 0:
             return [], [], []
         total = 0.0

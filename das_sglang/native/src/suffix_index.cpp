@@ -927,31 +927,19 @@ void SuffixIndex::skip_draft(const int32_t* ctx, size_t n, const DraftParams& p,
   const uint32_t cap = uint32_t(std::max(0, p.mix_max_fanout));
   if (best.off >= at.label_len && at.fanout > cap && weighted_fanout(at, p.slot_weight, cap) > cap) return;
   thread_local std::vector<Anchor> anchors;
-  thread_local std::vector<std::pair<int32_t, size_t>> order;
   anchors.clear();
   skip_anchors(best, x, lo, p, &anchors);
-  if (anchors.size() > 1) {  // token order (the oracle's; the sums below run in it)
-    order.clear();
-    for (size_t i = 0; i < anchors.size(); ++i) {
-      const Pos& a = anchors[i].pos;
-      order.push_back({nodes_[a.node].token, i});  // (several: children, each at Pos{c, 1})
-    }
-    std::sort(order.begin(), order.end());
-    thread_local std::vector<Anchor> sorted;
-    sorted.clear();
-    for (const auto& o : order) sorted.push_back(anchors[o.second]);
-    anchors.swap(sorted);
-  }
+  // token order (the oracle's; the sums below run in it): several anchors are children,
+  // each at Pos{c, 1}, their tokens distinct
+  std::sort(anchors.begin(), anchors.end(), [this](const Anchor& a, const Anchor& b) {
+    return nodes_[a.pos.node].token < nodes_[b.pos.node].token;
+  });
   out.match_len = lo;  // the expansion's order reads it (match_half)
-  const double scale = p.skip_unseen;
-  if (scale == 1.0) {
-    expand_mixture(anchors, p, out);
-  } else {  // the cut on the scaled probs: prob * scale >= min_prob
-    DraftParams q = p;
-    q.min_prob = p.min_prob / scale;
-    expand_mixture(anchors, q, out);
-    for (auto& v : out.probs) v = v * scale;
-  }
+  // probs scaled by skip_unseen, the cut on the scaled probs: prob * scale >= min_prob
+  DraftParams q = p;
+  q.min_prob = p.min_prob / p.skip_unseen;
+  expand_mixture(anchors, q, out);
+  for (auto& v : out.probs) v = v * p.skip_unseen;
   out.match_len = 0;
 }
 
