@@ -45,6 +45,17 @@ gets one trie per problem sized to hold everything. Its output is a fixed-size B
 is stripped (a real token-0 root child at the very end would be stripped with it: rare and
 against NGRAM only by that one node).
 
+verl slices (the dump is ONE training step: 64 problems x 16 GRPO samples, so a problem's
+history of earlier steps is formed from its group, as issue 11's figures were): ``all`` --
+leave-one-out, each target decoded alone with its 15 siblings' whole texts as the step
+before's history (an RL run's next epoch of the problem), under the run's protocol: server,
+one state per fold (fold f: every group's member f is its target) across all groups, so
+the other problems' text is there too, as in an engine; ``lockstep`` -- the group decoding
+together with no history of the problem (a first epoch; ``sequential`` under
+``--sequential``); ``leave_one_out`` -- ``all`` on a fresh state per target holding only
+that history (the exact protocol of issue 11's figures). ``verl_gsm8k_slices`` in the JSON
+says the same.
+
 ``--bound`` adds ``corpus_bound`` (``CorpusBound``): not a drafter, the ceiling of any drafter
 that proposes stored text after a match, from the same text (``das_vs_corpus_bound`` per slice).
 
@@ -55,8 +66,9 @@ how much (per dataset and peer, the CPU other tasks and DAMON's kdamond took and
 while that peer ran; ``machine_load.py``).
 
 Default run: all 30 SkyThought problems, target steps 7-10 (every target has a full 4-step
-window of history), plus the whole verl dump: ~4 minutes on 2 cores, most of it NGRAM's trie
-inserts. ``--full``: target steps 1-10 (~10 minutes). The DAS peer drafts with ``min_token_prob=0`` and
+window of history), plus the whole verl dump in its three slices: ~15 minutes on 2 cores
+with every peer, most of it NGRAM's trie inserts (``all`` puts every group's history into
+each of its 16 folds' states). ``--full``: target steps 1-10 (~10 minutes). The DAS peer drafts with ``min_token_prob=0`` and
 ``mix_escape=0.5`` (fixed budget, like NGRAM, which always fills its 16 slots), every other
 field at its ``DrafterConfig`` default (the product's: wide tree, recency, match-length
 order, step decay); ``--das FIELD=VALUE`` overrides any DrafterConfig field. The parameters
@@ -90,6 +102,19 @@ NGRAM_DEPTH = 18  # SGLang's speculative_ngram_max_trie_depth default
 NGRAM_MIN_BFS, NGRAM_MAX_BFS = 1, 10  # SGLang's defaults
 NGRAM_CAPACITY = 10 * 1000 * 1000  # SGLang's speculative_ngram_capacity default
 
+# What each verl_gsm8k slice is (written into the JSON as ``verl_gsm8k_slices``).
+VERL_SLICES = {
+    "all": "leave-one-out under the run's protocol (server: one state per fold across all groups): each "
+           "target decoded alone, its group's other 15 members' whole texts as the problem's history "
+           "of the step before (run_leave_one_out)",
+    "lockstep": "a group's 16 members decoding together in lockstep, no history of the problem "
+                "(a first epoch: live siblings and, server protocol, the other problems)",
+    "sequential": "a group's members decoding one after another, each from the earlier ones' whole "
+                  "texts, no history of the problem (--sequential)",
+    "leave_one_out": "all's leave-one-out on a fresh state per target holding only that history "
+                     "(the protocol of issue 11's verl figures)",
+}
+
 
 # ---------------------------------------------------------------------------- peers
 
@@ -101,7 +126,10 @@ class Peer:
     server = False  # one state across all groups (a serving engine) vs fresh per group
     needs_truth = False  # shown the recorded continuations (``reveal``) before each propose
 
-    def fresh(self) -> "Peer": ...
+    def fresh(self, server: bool | None = None) -> "Peer":
+        """A new peer with empty state, configured as this one (``server``: that protocol
+        instead of this peer's)."""
+        ...
 
     def begin(self, problem_id: str, step: int, history: list[tuple[int, np.ndarray]],
               members: list[tuple[str, np.ndarray]]) -> None: ...
@@ -147,8 +175,8 @@ class DasPeer(Peer):
         self._as = {rid: rid for rid in self.members}
         self._problem = problem_id
 
-    def fresh(self) -> "DasPeer":
-        return DasPeer(self.config, self.server, self.turn_requests)
+    def fresh(self, server=None) -> "DasPeer":
+        return DasPeer(self.config, self.server if server is None else server, self.turn_requests)
 
     def propose(self, rids, budget):
         return self.d.speculate_batch([self._as[r] for r in rids], [budget] * len(rids))
@@ -188,8 +216,8 @@ class NgramPeer(Peer):
         self.corpus = self._make(NGRAM_CAPACITY) if server else None
         self._lens: dict[str, int] = {}
 
-    def fresh(self) -> "NgramPeer":
-        return NgramPeer(self.budget, self.match_type, self.server)
+    def fresh(self, server=None) -> "NgramPeer":
+        return NgramPeer(self.budget, self.match_type, self.server if server is None else server)
 
     def _make(self, capacity: int):
         return self._cls(
@@ -252,8 +280,8 @@ class CorpusBound(Peer):
         self.seqs: dict[str, list[int]] = {}
         self.truth: dict[str, np.ndarray] = {}
 
-    def fresh(self) -> "CorpusBound":
-        return CorpusBound(self.budget, self.server)
+    def fresh(self, server=None) -> "CorpusBound":
+        return CorpusBound(self.budget, self.server if server is None else server)
 
     def _add(self, seq: list[int], start: int) -> None:
         grams, m = self.grams, self.max_n
@@ -325,8 +353,8 @@ class ArcticPeer(Peer):
         self.cache = self._cls(max_tree_depth=64, max_cached_requests=100000) if server else None
         self._n = 0
 
-    def fresh(self) -> "ArcticPeer":
-        return ArcticPeer(self.budget, self.server)
+    def fresh(self, server=None) -> "ArcticPeer":
+        return ArcticPeer(self.budget, self.server if server is None else server)
 
     def begin(self, problem_id, step, history, members):
         if not self.server:
@@ -562,33 +590,49 @@ def run_dataset(peers: list[Peer], rollouts: list[ds.Rollout], target_steps: set
     return runs
 
 
-def run_leave_one_out(peers: list[Peer], rollouts: list[ds.Rollout], budget: int, log) -> dict[str, PeerRun]:
-    """Leave-one-out (``verl_gsm8k.leave_one_out``): every target decoded alone, on fresh peer
-    state, with its group's other members' whole texts (prompt + response) as the problem's
-    history of the step before. It stands in for an RL run's next epoch of the same problem
-    (the earlier samples of the problem finished, no live siblings), and it is the protocol
-    behind issue 11's verl figures: DAS without the wide tree (``--das mixture=false``) scores
-    the issue's 3.123 tokens per step to the digit, and NGRAM 3.26 vs the issue's 3.226."""
+def run_leave_one_out(peers: list[Peer], rollouts: list[ds.Rollout], budget: int, log, server: bool = False,
+                      env: dict | None = None) -> dict[str, PeerRun]:
+    """Leave-one-out: every target decoded alone with its group's other members' whole texts
+    (prompt + response) as the problem's history of the step before -- an RL run's next
+    epoch of the same problem, whose earlier samples finished (no live siblings).
+
+    ``server=False`` (``verl_gsm8k.leave_one_out``, the protocol behind issue 11's verl
+    figures: DAS without the wide tree, ``--das mixture=false``, scores the issue's 3.123
+    tokens per step to the digit, NGRAM 3.26 vs the issue's 3.226): a fresh peer state per
+    target, holding that history and nothing else.
+
+    ``server=True`` (``verl_gsm8k.all``): as one engine serving the epoch holds it. In fold
+    ``f`` every group's member ``f`` is its target and the other members its history; one
+    peer state per fold takes the groups in step order, so the peer also holds every earlier
+    group's history and decoded target (other problems: DAS's shared index, NGRAM's one
+    corpus, Arctic's global cache), as in the ``server`` protocol of the other slices. No
+    target's text is in any state before it is decoded: within a fold a group's history
+    never holds its target, and another group's text is another rollout. Results are in
+    fold order."""
     by_ps: dict[tuple[str, int], list[ds.Rollout]] = {}
     for r in rollouts:
         by_ps.setdefault((r.problem_id, r.step), []).append(r)
+    groups = sorted(by_ps, key=lambda g: g[1])  # (stable: dataset order within a step)
+    whole = {g: [np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int32) for r in by_ps[g]]
+             for g in groups}
+    folds = max((len(m) for m in by_ps.values()), default=0) if server else 1
     runs = {}
     for proto in peers:
         run = runs[proto.name] = PeerRun()
         t0 = time.perf_counter()
         load0 = MachineLoad.now()
-        server, proto.server = proto.server, False  # (per-target state: sized to what it holds)
-        try:
-            peer = proto.fresh()
-        finally:
-            proto.server = server
-        for (p, s), members in by_ps.items():
-            whole = [np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int32) for r in members]
-            for i, r in enumerate(members):
-                hist = [(s - 1, w) for j, w in enumerate(whole) if j != i]
-                run_group(peer, p, s, hist, [r], budget, run)  # (begin resets an isolated peer)
+        for f in range(folds):
+            peer = proto.fresh(server=server)  # an isolated peer resets itself in begin
+            for p, s in groups:
+                members = by_ps[(p, s)]
+                for i, r in enumerate(members):
+                    if server and i != f:
+                        continue
+                    hist = [(s - 1, w) for j, w in enumerate(whole[(p, s)]) if j != i]
+                    run_group(peer, p, s, hist, [r], budget, run, env)
         run.machine = {k: None if v is None else round(v, 3) for k, v in MachineLoad.now().since(load0).items()}
-        log(f"  {proto.name}: {len(rollouts)} targets leave-one-out in {time.perf_counter() - t0:.1f}s")
+        how = f"server state, {folds} folds" if server else "fresh state per target"
+        log(f"  {proto.name}: {len(rollouts)} targets leave-one-out ({how}) in {time.perf_counter() - t0:.1f}s")
     return runs
 
 
@@ -671,9 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "is the whole conversation so far (as verl's ToolAgentLoop sends it; the "
                          "earlier turn finishes as history), not as one request extended")
     ap.add_argument("--no-leave-one-out", dest="leave_one_out", action="store_false",
-                    help="verl: skip the leave-one-out slice (each target alone, its siblings' whole "
-                         "texts as the step before's history: the protocol of issue 11's verl figures; "
-                         "~2 min with every peer)")
+                    help="verl: skip the leave_one_out slice (all's leave-one-out on a fresh state per "
+                         "target: the protocol of issue 11's verl figures; ~2 min with every peer)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
     if args.budget < 1:
@@ -750,17 +793,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.env_prefill:
             rollouts, env = env_turns(texts, rollouts, tok)
         log(f"verl_gsm8k: {len(ds.problem_ids(rollouts))} groups, {len(rollouts)} rollouts")
-        runs = run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log,
-                           args.sequential, env)
-        out["datasets"]["verl_gsm8k"] = {"all": slice_report(runs, lambda t: True)}
+        verl: dict = {}
+        out["datasets"]["verl_gsm8k"] = verl
+        # all: leave-one-out under the run's protocol (the dump is one training step, so a
+        # problem's history is formed from its group, as issue 11's figures were)
+        proto = "isolated" if args.isolated else "server"
+        log(f"verl_gsm8k all: leave-one-out, {proto} protocol")
+        runs = run_leave_one_out(peers, rollouts, args.budget, log, server=not args.isolated, env=env)
+        verl["all"] = slice_report(runs, lambda t: True)
+        machine_runs["verl_gsm8k"] = {name: run.machine for name, run in runs.items()}
         if env is not None:  # (the environment's tokens, in every peer's context, decoded by none)
             out["env_prefilled_tokens"] = {"verl_gsm8k": sum(t.prefilled for t in next(iter(runs.values())).targets)}
-        machine_runs["verl_gsm8k"] = {name: run.machine for name, run in runs.items()}
-        if args.leave_one_out and env is None:
-            log("verl_gsm8k leave-one-out: each target alone, its siblings' whole texts as history")
-            loo = run_leave_one_out(peers, rollouts, args.budget, log)
-            out["datasets"]["verl_gsm8k"]["leave_one_out"] = slice_report(loo, lambda t: True)
-            machine_runs["verl_gsm8k_leave_one_out"] = {name: run.machine for name, run in loo.items()}
+        # the group decoding together, no history of the problem (a first epoch)
+        live = "sequential" if args.sequential else "lockstep"
+        log(f"verl_gsm8k {live}: each group's members decoding together, no history of the problem")
+        runs = run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log,
+                           args.sequential, env)
+        verl[live] = slice_report(runs, lambda t: True)
+        machine_runs[f"verl_gsm8k_{live}"] = {name: run.machine for name, run in runs.items()}
+        if args.leave_one_out and not args.isolated:
+            log("verl_gsm8k leave_one_out: as all, a fresh state per target (issue 11's protocol)")
+            runs = run_leave_one_out(peers, rollouts, args.budget, log, server=False, env=env)
+            verl["leave_one_out"] = slice_report(runs, lambda t: True)
+            machine_runs["verl_gsm8k_leave_one_out"] = {name: run.machine for name, run in runs.items()}
+        out["verl_gsm8k_slices"] = {k: VERL_SLICES[k] for k in verl}
     out["wall_s"] = round(time.perf_counter() - t_all, 1)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

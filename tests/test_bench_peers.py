@@ -80,20 +80,27 @@ def test_corpus_bound_accepts_the_longest_stored_continuation_and_bounds_das():
 
 def test_verl_run_writes_the_issue_keys_and_the_machine_load(tmp_path):
     """DAS alone on the bundled verl dump through main(): the slice and keys issue 11's check
-    reads, and what else the machine did while it ran."""
+    reads (all: server-state leave-one-out), the other two slices, what each is, and what
+    else the machine did while it ran."""
     import json
 
     out = tmp_path / "peers.json"
     assert bp.main(["--json", str(out), "--datasets", "verl_gsm8k", "--skip", "sglang_ngram,arctic"]) == 0
     d = json.loads(out.read_text())
-    das = d["datasets"]["verl_gsm8k"]["all"]["das"]
+    verl = d["datasets"]["verl_gsm8k"]
+    das = verl["all"]["das"]
     assert das["targets"] == 1024 and das["tokens_per_step"] > 1.0
     assert 0.0 < das["p50_us"] <= das["p99_us"]
-    assert "sglang_ngram" not in d["datasets"]["verl_gsm8k"]["all"]
-    loo = d["datasets"]["verl_gsm8k"]["leave_one_out"]["das"]  # (more slices are welcome)
-    assert loo["targets"] == 1024 and loo["tokens_per_step"] > das["tokens_per_step"]
+    assert "sglang_ngram" not in verl["all"]
+    assert set(verl) == set(d["verl_gsm8k_slices"]) == {"all", "lockstep", "leave_one_out"}
+    lock, loo = verl["lockstep"]["das"], verl["leave_one_out"]["das"]
+    assert lock["targets"] == loo["targets"] == 1024
+    # the problem's history (15 whole samples) beats live siblings only; the other problems'
+    # text in the engine's state (shared index) adds to it
+    assert lock["tokens_per_step"] < loo["tokens_per_step"] < das["tokens_per_step"]
     run = d["machine"]["runs"]["verl_gsm8k"]["das"]
     assert run["wall_s"] > 0.0 and run["own_cpu_s"] > 0.0
+    assert set(d["machine"]["runs"]) == {"verl_gsm8k", "verl_gsm8k_lockstep", "verl_gsm8k_leave_one_out"}
     assert d["machine"]["cpus"] >= 1
 
 
@@ -134,6 +141,30 @@ def test_leave_one_out_decodes_each_target_from_its_siblings_whole_texts_never_i
         assert t["a"].tokens_per_step > 8 and t["b"].tokens_per_step > 8
         assert t["c"].tokens_per_step == 1.0
     assert per["a"]["c"].steps == per["c"]["c"].steps
+
+
+def test_server_leave_one_out_holds_the_other_problems_text_but_never_the_target():
+    """verl_gsm8k.all: leave-one-out on one peer state per fold. a (problem p) and c (problem
+    q) happen to write the same text X; b, d write their own. Fold 0 decodes a, then c: c
+    drafts X from a's decoded text (another problem's rollout, in the engine's state), which
+    a fresh state per target never has; a, b, d never see their own text (one token per step)."""
+    rng = np.random.default_rng(2)
+    text = {k: [int(x) for x in rng.choice(np.arange(lo, lo + 200), 60, replace=False)]  # (no repeats)
+            for k, lo in (("X", 10), ("Y", 300), ("Z", 600))}
+    members = [Rollout("a", "p", 3, np.asarray([1, 2], np.int32), np.asarray(text["X"], np.int32), 60, False),
+               Rollout("b", "p", 3, np.asarray([1, 2], np.int32), np.asarray(text["Y"], np.int32), 60, False),
+               Rollout("c", "q", 3, np.asarray([1, 2], np.int32), np.asarray(text["X"], np.int32), 60, False),
+               Rollout("d", "q", 3, np.asarray([1, 2], np.int32), np.asarray(text["Z"], np.int32), 60, False)]
+    per = {}
+    for server in (True, False):
+        runs = bp.run_leave_one_out([bp.DasPeer(DrafterConfig(max_budget=16, window_steps=1))], members, 16,
+                                    lambda msg: None, server=server)
+        per[server] = {t.req_id: t for t in runs["das"].targets}
+        assert [t.req_id for t in runs["das"].targets] == (["a", "c", "b", "d"] if server else ["a", "b", "c", "d"])
+        assert {r: t.tokens for r, t in per[server].items()} == {k: 60 for k in "abcd"}
+        for r in "abd":
+            assert per[server][r].tokens_per_step == 1.0, (server, r)
+    assert per[True]["c"].tokens_per_step > 4 and per[False]["c"].tokens_per_step == 1.0
 
 
 def test_env_prefill_puts_the_environments_turns_in_the_context_without_decoding_them(tmp_path):

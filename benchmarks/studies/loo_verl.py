@@ -3,7 +3,7 @@
     python benchmarks/studies/loo_verl.py oracle            # ~2 min: DAS and NGRAM on the same states
     python benchmarks/studies/loo_verl.py pointer [MODE..]  # ~45 s a mode: base, m<c>[k<K>]
 
-Protocol as ``bench_peers.run_leave_one_out``: each target alone on fresh state, its
+Protocol as ``bench_peers.run_leave_one_out(server=False)``: each target alone on fresh state, its
 siblings' whole texts as the step before's history (the protocol of issue 11's verl figures).
 
 ``oracle``: DAS drafts and drives the decoding; at every step SGLang's NGRAM corpus (fed the
