@@ -66,9 +66,9 @@ how much (per dataset and peer, the CPU other tasks and DAMON's kdamond took and
 while that peer ran; ``machine_load.py``).
 
 Default run: all 30 SkyThought problems, target steps 7-10 (every target has a full 4-step
-window of history), plus the whole verl dump in its three slices: ~15 minutes on 2 cores
+window of history), plus the whole verl dump in its three slices: ~10 minutes on 2 cores
 with every peer, most of it NGRAM's trie inserts (``all`` puts every group's history into
-each of its 16 folds' states). ``--full``: target steps 1-10 (~10 minutes). The DAS peer drafts with ``min_token_prob=0`` and
+each of its 16 folds' states). ``--full``: SkyThought target steps 1-10 (~6 minutes more). The DAS peer drafts with ``min_token_prob=0`` and
 ``mix_escape=0.5`` (fixed budget, like NGRAM, which always fills its 16 slots), every other
 field at its ``DrafterConfig`` default (the product's: wide tree, recency, match-length
 order, step decay); ``--das FIELD=VALUE`` overrides any DrafterConfig field. The parameters

@@ -2,6 +2,8 @@
 
     python benchmarks/studies/loo_verl.py oracle            # ~2 min: DAS and NGRAM on the same states
     python benchmarks/studies/loo_verl.py pointer [MODE..]  # ~45 s a mode: base, m<c>[k<K>]
+    python benchmarks/studies/loo_verl.py affinity          # ~2 min: the siblings most like the target first
+    python benchmarks/studies/loo_verl.py rerank            # ~4 min: 16 of 64 nodes by calibrated estimates
 
 Protocol as ``bench_peers.run_leave_one_out(server=False)``: each target alone on fresh state, its
 siblings' whole texts as the step before's history (the protocol of issue 11's verl figures).
@@ -16,6 +18,18 @@ step at the longest backward match of its context (ties: the current sibling, ne
 expected position); its next 16 tokens are a chain. Scored alone and as an oracle with DAS;
 mode ``m<c>[k<K>]`` merges its first c tokens into DAS's tree (DAS redrafted with as many
 fewer nodes as the chain adds) where the alignment is at least K tokens long.
+
+``affinity``: an upper bound for weighting siblings by how alike they are. It ranks a
+target's siblings by the share of the target's *whole* response's 4-grams each holds (it
+knows the future: no drafter can) and puts the top k in the newest step slot, the rest
+``gap`` steps older (``step_decay``'s down-weighting).
+
+``rerank``: does a calibrated estimate pick better 16 nodes? DAS drafts 64-node trees on
+the leave-one-out states and on the lockstep (server) run; per node, P(accepted | parent
+accepted) is fitted by bins of (conditional prob, depth, match length) on one protocol, and
+the 16 nodes best by the calibrated path products (best first from the root) are scored
+against the recording on the leave-one-out states -- fitted on lockstep, and on the
+leave-one-out states themselves (in-sample: a bound for the calibration).
 """
 from __future__ import annotations
 
@@ -216,11 +230,130 @@ def pointer(modes: list[str]) -> None:
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
+def affinity() -> None:
+    rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), TextTokenizer())
+    by_p: dict[str, list] = {}
+    for r in rollouts:
+        by_p.setdefault(r.problem_id, []).append(r)
+
+    def grams(x: list[int]) -> set:
+        return set(zip(x, x[1:], x[2:], x[3:]))
+
+    for k, gap, decay in [(15, 0, 0.7), (3, 1, 0.7), (5, 1, 0.7), (3, 3, 0.7), (5, 2, 0.5), (1, 1, 0.5)]:
+        peer = bp.DasPeer(DrafterConfig(max_budget=16, min_token_prob=0.0, mix_escape=0.5, step_decay=decay),
+                          server=False)
+        run = bp.PeerRun()
+        for p, members in by_p.items():
+            whole = [np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int32) for r in members]
+            g = [grams(r.response_ids.tolist()) for r in members]
+            for i, r in enumerate(members):
+                sims = sorted(((len(g[i] & g[j]) / max(1, len(g[i])), j) for j in range(len(members)) if j != i),
+                              reverse=True)
+                hist = [(10 + r.step - 1 - (0 if n < k else gap), whole[j]) for n, (_, j) in enumerate(sims)]
+                bp.run_group(peer, p, 10 + r.step, hist, [r], 16, run)
+        s = bp.summarize(run, lambda t: True)
+        print(f"top {k:2d} newest, the rest {gap} steps older (decay {decay}): tokens/step {s['tokens_per_step']:.4f}",
+              flush=True)
+
+
+class Nodes(bp.DasPeer):
+    """Drafts 64 nodes; keeps each step's tree and recording; drives with its first 16."""
+
+    needs_truth = True
+
+    def __init__(self, server: bool) -> None:
+        super().__init__(DrafterConfig(max_budget=64, min_token_prob=0.0, mix_escape=0.5), server=server)
+        self.rows: list = []
+
+    def fresh(self, server=None) -> "Nodes":
+        peer = Nodes(self.server if server is None else server)
+        peer.rows = self.rows
+        return peer
+
+    def reveal(self, truth):
+        self.truth = truth
+
+    def propose(self, rids, budget):
+        out = []
+        for r, t in zip(rids, self.d.speculate_batch([self._as[r] for r in rids], [64] * len(rids))):
+            depth = np.zeros(len(t), np.int64)
+            acc = np.zeros(len(t), bool)
+            cond = np.zeros(len(t))
+            truth = self.truth[r].tolist()
+            for i, (x, p) in enumerate(zip(t.tokens.tolist(), t.parents.tolist())):
+                depth[i] = 1 if p < 0 else depth[p] + 1
+                acc[i] = (p < 0 or acc[p]) and depth[i] <= len(truth) and x == truth[depth[i] - 1]
+                pp = 1.0 if p < 0 else t.probs[p]
+                cond[i] = t.probs[i] / pp if pp > 0 else 0.0
+            self.rows.append((t.parents.copy(), depth, acc, cond, int(t.match_len)))
+            out.append(t.truncate(16) if len(t) > 16 else t)
+        return out
+
+
+EDGES = np.arange(1, 20) / 20
+L_EDGES = [1, 2, 4, 8, 16]
+
+
+def node_bin(c: float, d: int, m: int) -> tuple:
+    return int(np.searchsorted(EDGES, c, side="right")), min(d, 6), int(np.searchsorted(L_EDGES, m, side="right"))
+
+
+def fit(rows) -> dict:
+    num: dict = {}
+    den: dict = {}
+    for par, depth, acc, cond, m in rows:
+        for i, p in enumerate(par.tolist()):
+            if (p < 0 or acc[p]) and depth[i] <= 15:
+                b = node_bin(cond[i], depth[i], m)
+                num[b] = num.get(b, 0) + int(acc[i])
+                den[b] = den.get(b, 0) + 1
+    return {b: (num[b] + 1) / (den[b] + 2) for b in den}
+
+
+def accepted_16(rows, table: dict | None) -> float:
+    import heapq
+
+    total = 0
+    for par, depth, acc, cond, m in rows:
+        if table is None:
+            total += int(max((depth[i] for i in range(min(16, len(par))) if acc[i]), default=0))
+            continue
+        f = [table.get(node_bin(cond[i], depth[i], m), cond[i]) for i in range(len(par))]
+        kids: dict = {}
+        for i, p in enumerate(par.tolist()):
+            kids.setdefault(p, []).append(i)
+        heap = [(-f[i], i) for i in kids.get(-1, [])]
+        heapq.heapify(heap)
+        best = taken = 0
+        while heap and taken < 16:
+            q, i = heapq.heappop(heap)
+            taken += 1
+            best = max(best, int(depth[i])) if acc[i] else best
+            for j in kids.get(i, []):
+                heapq.heappush(heap, (q * f[j], j))
+        total += best
+    return total / max(len(rows), 1)
+
+
+def rerank() -> None:
+    loo, lock = Nodes(False), Nodes(True)
+    leave_one_out(loo)
+    rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), TextTokenizer())
+    bp.run_dataset([lock], rollouts, set(ds.steps_of(rollouts)), 4, 16, lambda m: None)
+    print(f"leave-one-out, accepted drafts per step (16 nodes): DAS's order {accepted_16(loo.rows, None):.4f}; "
+          f"calibrated on lockstep {accepted_16(loo.rows, fit(lock.rows)):.4f}; "
+          f"on itself (in-sample) {accepted_16(loo.rows, fit(loo.rows)):.4f}")
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "oracle"
     if what == "oracle":
         oracle()
     elif what == "pointer":
         pointer(sys.argv[2:])
+    elif what == "affinity":
+        affinity()
+    elif what == "rerank":
+        rerank()
     else:
-        raise SystemExit(f"unknown study {what!r}: oracle or pointer")
+        raise SystemExit(f"unknown study {what!r}: oracle, pointer, affinity or rerank")
