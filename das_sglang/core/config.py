@@ -88,8 +88,9 @@ class DrafterConfig:
                    what followed the context *without* x with another token in x's place
                    (the longest such suffix, every continuation weighted by its count; the
                    tree reports match length 0). bench_peers tokens per step: verl
-                   3.258 -> 3.267, verl leave-one-out 3.418 -> 3.447, SkyThought 3.635 /
-                   9.025 -> 3.642 / 9.033 (docs/design.md "Unseen last token").
+                   3.610 -> 3.619 (all), 3.258 -> 3.267 (lockstep), 3.418 -> 3.447
+                   (fresh-state leave-one-out), SkyThought 3.635 / 9.025 -> 3.642 / 9.033
+                   (docs/design.md "Unseen last token").
     skip_discount  the stand-in tree's probs are scaled by this (the policy's budget and
                    ``min_token_prob`` read them): such trees are right far less often than
                    their counts say -- accepted / summed probs 0.13 (verl) to 0.20
