@@ -177,15 +177,15 @@ class ReferenceIndex:
         top = min(max_match_len, len(head), self.max_depth - 2)
         for m in range(top, 0, -1):
             node = self._find(head[len(head) - m :])
-            if node is not None and anchors_at(node):
+            anchors = anchors_at(node) if node is not None else []
+            if anchors:
                 break
         else:
             return [], [], []
         if len(self._weighted_children(node, w)[0]) > mix[3]:
             return [], [], []
         scale = float(mix[7])  # probs scaled by it; the cut on the scaled probs
-        tokens, parents, probs = self._mixture(context, m, budget, min_prob / scale, w, mix,
-                                               anchors=anchors_at(node))
+        tokens, parents, probs = self._mixture(context, m, budget, min_prob / scale, w, mix, anchors=anchors)
         return tokens, parents, [x * scale for x in probs]
 
     def _anchors(self, context, longest, w, alpha, max_fanout, floor, own, shared) -> list:
