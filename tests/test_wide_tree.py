@@ -250,15 +250,20 @@ def test_unseen_last_token_takes_the_longest_context_also_for_a_stored_sequence(
     assert both([[2, 3]], [1, 2, 4], 3, SKIP)[0].tolist() == []
 
 
-def test_drafter_skips_an_unseen_token_by_default_and_the_flag_turns_it_off():
-    def drafter(**kw):
-        d = SuffixDrafter(DrafterConfig(window_steps=1, min_token_prob=0.0, **kw))
-        d.advance_step(0)
-        d.add_history("p", 0, [3, 7, 24, 8, 1])
-        d.start_request("r", "p", [5, 7, 99])
-        return d.speculate("r", budget=4)
+def unseen_last_token_draft(other_problem=None, **config):
+    """A drafter's tree for a request whose last token (99) its problem's history never
+    had ("7" went on with 24 there); ``other_problem``: another problem's history."""
+    d = SuffixDrafter(DrafterConfig(window_steps=1, min_token_prob=0.0, **config))
+    d.advance_step(0)
+    d.add_history("p", 0, [3, 7, 24, 8, 1])
+    if other_problem is not None:
+        d.add_history("q", 0, other_problem)
+    d.start_request("r", "p", [5, 7, 99])
+    return d.speculate("r", budget=4)
 
-    on, off = drafter(), drafter(skip_unseen=False)
+
+def test_drafter_skips_an_unseen_token_by_default_and_the_flag_turns_it_off():
+    on, off = unseen_last_token_draft(), unseen_last_token_draft(skip_unseen=False)
     assert on.tokens.tolist()[:2] == [8, 1] and on.match_len == 0
     assert len(off) == 0
 
@@ -267,19 +272,12 @@ def test_fallback_only_shared_index_still_fills_a_row_with_no_own_match():
     # shared_weight 0: the shared index drafts only rows whose own tree is empty; an unseen
     # last token in the own index must leave the row to it (another problem's text went on
     # after 99), not to the own index's stand-in tree.
-    def drafter(**kw):
-        d = SuffixDrafter(DrafterConfig(window_steps=1, min_token_prob=0.0, **kw))
-        d.advance_step(0)
-        d.add_history("p", 0, [3, 7, 24, 8, 1])
-        d.add_history("q", 0, [99, 40, 41])
-        d.start_request("r", "p", [5, 7, 99])
-        return d.speculate("r", budget=4)
-
-    fallback = drafter(shared_weight=0.0)
+    q = [99, 40, 41]
+    fallback = unseen_last_token_draft(q, shared_weight=0.0)
     assert fallback.tokens.tolist()[:2] == [40, 41]
-    mixed = drafter()  # mixed in: the shared index's match is a match, no stand-in either
+    mixed = unseen_last_token_draft(q)  # mixed in: the shared index's match is a match, no stand-in either
     assert mixed.tokens.tolist()[:2] == [40, 41] and mixed.match_len == 1
-    alone = drafter(global_shard=False)  # no shared index: the stand-in
+    alone = unseen_last_token_draft(q, global_shard=False)  # no shared index: the stand-in
     assert alone.tokens.tolist()[:2] == [8, 1] and alone.match_len == 0
 
 
@@ -299,13 +297,6 @@ def test_stand_in_probs_are_scaled_and_cut_after_scaling():
     with pytest.raises(ValueError, match="skip_discount"):
         DrafterConfig(skip_discount=0.0)
     # the drafter scales by DrafterConfig.skip_discount
-    def stand_in(discount):
-        d = SuffixDrafter(DrafterConfig(window_steps=1, min_token_prob=0.0, skip_discount=discount))
-        d.advance_step(0)
-        d.add_history("p", 0, [3, 7, 24, 8, 1])
-        d.start_request("r", "p", [5, 7, 99])
-        return d.speculate("r", budget=4)
-
-    full, half = stand_in(1.0), stand_in(0.5)
+    full, half = unseen_last_token_draft(skip_discount=1.0), unseen_last_token_draft(skip_discount=0.5)
     assert half.tokens.tolist() == full.tokens.tolist() == [8, 1]
     np.testing.assert_allclose(half.probs, 0.5 * full.probs, rtol=1e-6)
