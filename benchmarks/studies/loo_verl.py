@@ -33,6 +33,7 @@ leave-one-out states themselves (in-sample: a bound for the calibration).
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -55,18 +56,14 @@ def accepted(tree: DraftTree, truth: list[int]) -> int:
     return tree.accept_length(truth) if len(tree) else 0
 
 
+@functools.cache
+def verl_rollouts() -> list:
+    return ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), TextTokenizer())
+
+
 def leave_one_out(peer) -> bp.PeerRun:
-    rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), TextTokenizer())
-    by_p: dict[str, list] = {}
-    for r in rollouts:
-        by_p.setdefault(r.problem_id, []).append(r)
-    run = bp.PeerRun()
-    for p, members in by_p.items():
-        whole = [np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int32) for r in members]
-        for i, r in enumerate(members):
-            hist = [(r.step - 1, w) for j, w in enumerate(whole) if j != i]
-            bp.run_group(peer, p, r.step, hist, [r], 16, run)
-    return run
+    """``peer`` over bench_peers' fresh-state leave-one-out (``run_leave_one_out``)."""
+    return bp.run_leave_one_out([peer], verl_rollouts(), 16, lambda msg: None)[peer.name]
 
 
 class SideBySide(bp.Peer):
@@ -77,6 +74,9 @@ class SideBySide(bp.Peer):
     def __init__(self) -> None:
         self.das, self.ngram = bp.DasPeer(CFG, server=False), bp.NgramPeer(16, server=False)
         self.rows: list[tuple[int, int, int]] = []  # (DAS accepted, NGRAM accepted, DAS match length)
+
+    def fresh(self, server=None) -> "SideBySide":
+        return self  # (isolated: begin resets both peers' state; the rows accumulate here)
 
     def begin(self, problem_id, step, history, members):
         self.das.begin(problem_id, step, history, members)
@@ -156,6 +156,9 @@ class Pointer(bp.DasPeer):
         self.mode = mode
         self.stats = {"n": 0, "das": 0, "ptr": 0, "oracle": 0, "merged": 0}
 
+    def fresh(self, server=None) -> "Pointer":
+        return self  # (isolated: begin resets the drafter and the texts; the stats accumulate here)
+
     def begin(self, problem_id, step, history, members):
         super().begin(problem_id, step, history, members)
         self.text = {rid: np.asarray(p, np.int32) for rid, p in members}
@@ -231,9 +234,8 @@ def pointer(modes: list[str]) -> None:
 
 
 def affinity() -> None:
-    rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), TextTokenizer())
     by_p: dict[str, list] = {}
-    for r in rollouts:
+    for r in verl_rollouts():
         by_p.setdefault(r.problem_id, []).append(r)
 
     def grams(x: list[int]) -> set:
@@ -338,7 +340,7 @@ def accepted_16(rows, table: dict | None) -> float:
 def rerank() -> None:
     loo, lock = Nodes(False), Nodes(True)
     leave_one_out(loo)
-    rollouts = ds.tokenize_rollouts(ds.load_verl([ds.VERL_SAMPLE]), TextTokenizer())
+    rollouts = verl_rollouts()
     bp.run_dataset([lock], rollouts, set(ds.steps_of(rollouts)), 4, 16, lambda m: None)
     print(f"leave-one-out, accepted drafts per step (16 nodes): DAS's order {accepted_16(loo.rows, None):.4f}; "
           f"calibrated on lockstep {accepted_16(loo.rows, fit(lock.rows)):.4f}; "
