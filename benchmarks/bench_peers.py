@@ -795,27 +795,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"verl_gsm8k: {len(ds.problem_ids(rollouts))} groups, {len(rollouts)} rollouts")
         verl: dict = {}
         out["datasets"]["verl_gsm8k"] = verl
+
+        def put(name: str, runs: dict[str, PeerRun]) -> None:
+            verl[name] = slice_report(runs, lambda t: True)
+            machine_runs["verl_gsm8k" if name == "all" else f"verl_gsm8k_{name}"] = {
+                peer: run.machine for peer, run in runs.items()}
+
         # all: leave-one-out under the run's protocol (the dump is one training step, so a
         # problem's history is formed from its group, as issue 11's figures were)
         proto = "isolated" if args.isolated else "server"
         log(f"verl_gsm8k all: leave-one-out, {proto} protocol")
         runs = run_leave_one_out(peers, rollouts, args.budget, log, server=not args.isolated, env=env)
-        verl["all"] = slice_report(runs, lambda t: True)
-        machine_runs["verl_gsm8k"] = {name: run.machine for name, run in runs.items()}
+        put("all", runs)
         if env is not None:  # (the environment's tokens, in every peer's context, decoded by none)
             out["env_prefilled_tokens"] = {"verl_gsm8k": sum(t.prefilled for t in next(iter(runs.values())).targets)}
         # the group decoding together, no history of the problem (a first epoch)
         live = "sequential" if args.sequential else "lockstep"
         log(f"verl_gsm8k {live}: each group's members decoding together, no history of the problem")
-        runs = run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log,
-                           args.sequential, env)
-        verl[live] = slice_report(runs, lambda t: True)
-        machine_runs[f"verl_gsm8k_{live}"] = {name: run.machine for name, run in runs.items()}
+        put(live, run_dataset(peers, rollouts, set(ds.steps_of(rollouts)), cfg.window_steps, args.budget, log,
+                              args.sequential, env))
         if args.leave_one_out and not args.isolated:
             log("verl_gsm8k leave_one_out: as all, a fresh state per target (issue 11's protocol)")
-            runs = run_leave_one_out(peers, rollouts, args.budget, log, server=False, env=env)
-            verl["leave_one_out"] = slice_report(runs, lambda t: True)
-            machine_runs["verl_gsm8k_leave_one_out"] = {name: run.machine for name, run in runs.items()}
+            put("leave_one_out", run_leave_one_out(peers, rollouts, args.budget, log, server=False, env=env))
         out["verl_gsm8k_slices"] = {k: VERL_SLICES[k] for k in verl}
     out["wall_s"] = round(time.perf_counter() - t_all, 1)
     path = Path(args.json)
